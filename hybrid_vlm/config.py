@@ -1,0 +1,108 @@
+"""HybridConfig: what to cut, where, and how. Parsed from arguments or from the environment."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+FASTV_K_FORMS = (
+    "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
+    "a decimal in [0, 1) (prune that fraction of each sample's visual tokens, e.g. 0.7 removes 70%), "
+    "or unset/empty for no pruning"
+)
+POSITION_MODES = ("logical", "renumbered")
+SCORING_MODES = ("row", "eager")
+
+
+def parse_fastv_k(text: str | None) -> int | float | None:
+    """Parse a FASTV_K setting. Integers keep top-n; decimals in [0, 1) prune that fraction."""
+    if text is None or text.strip() == "":
+        return None
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    if re.fullmatch(r"\d*\.\d+|\d+\.\d*", text):
+        value = float(text)
+        if 0.0 <= value < 1.0:
+            return value
+    raise ValueError(f"FASTV_K={text!r} is not valid: use {FASTV_K_FORMS}.")
+
+
+def parse_fastv_layer(text: str | None) -> int:
+    if text is None or text.strip() == "":
+        return 2
+    if re.fullmatch(r"\s*\d+\s*", text) and int(text) >= 1:
+        return int(text)
+    raise ValueError(
+        f"FASTV_LAYER={text!r} is not valid: use an integer >= 1 (the first LLM layer that sees only kept tokens; "
+        "scores come from the layer before it). Default 2."
+    )
+
+
+def visual_keep_count(num_visual: int, fastv_k: int | float | None) -> int:
+    """How many of `num_visual` visual tokens FastV keeps for one sample."""
+    if fastv_k is None:
+        return num_visual
+    if isinstance(fastv_k, int):
+        return min(fastv_k, num_visual)
+    return min(num_visual, math.floor((1.0 - fastv_k) * num_visual + 0.5))
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Settings of the hybrid engine.
+
+    fastv_k: None (no pruning), an int n >= 0 (keep top-n visual tokens per sample) or a float in
+        [0, 1) (prune that fraction of each sample's visual tokens).
+    fastv_layer: the first LLM layer that runs on kept tokens only; layer fastv_layer - 1 scores.
+    position_mode: "logical" keeps every token's original position id (the design); "renumbered"
+        gives kept tokens consecutive positions after pruning (an ablation only).
+    scoring: "row" computes only the last prompt token's attention row beside SDPA (the design);
+        "eager" materialises the scoring layer's full attention matrix (a speed ablation only).
+    """
+
+    fastv_k: int | float | None = None
+    fastv_layer: int = 2
+    position_mode: str = "logical"
+    scoring: str = "row"
+
+    def __post_init__(self) -> None:
+        k = self.fastv_k
+        valid_k = k is None or (
+            not isinstance(k, bool)
+            and ((isinstance(k, int) and k >= 0) or (isinstance(k, float) and 0.0 <= k < 1.0))
+        )
+        if not valid_k:
+            raise ValueError(f"FASTV_K={k!r} is not valid: use {FASTV_K_FORMS}.")
+        if isinstance(self.fastv_layer, bool) or not isinstance(self.fastv_layer, int) or self.fastv_layer < 1:
+            raise ValueError(f"FASTV_LAYER={self.fastv_layer!r} is not valid: use an integer >= 1.")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode={self.position_mode!r} is not valid: use one of {POSITION_MODES}.")
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring={self.scoring!r} is not valid: use one of {SCORING_MODES}.")
+
+    @property
+    def prunes(self) -> bool:
+        return self.fastv_k is not None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
+        """Read FASTV_K and FASTV_LAYER (default 2); keyword overrides win."""
+        env = os.environ if environ is None else environ
+        values = dict(
+            fastv_k=parse_fastv_k(env.get("FASTV_K")),
+            fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def describe(self) -> str:
+        """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2'."""
+        if self.fastv_k is None:
+            return "nofastv"
+        k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k:g}"
+        extra = "" if self.position_mode == "logical" else f"-{self.position_mode}"
+        extra += "" if self.scoring == "row" else f"-{self.scoring}"
+        return f"fastv-{k}-l{self.fastv_layer}{extra}"

@@ -1,0 +1,65 @@
+"""FastV as small pure tensor functions: score visual tokens, choose the kept ones, gather.
+
+All functions are free of host syncs: no `.item()`, no boolean-mask indexing (which sizes its
+output from tensor values), no Python branch on tensor values. Output shapes depend only on
+input shapes and Python ints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the True entries of `mask` [B, L], in order, as [B, count].
+
+    Each row must hold exactly `count` True entries (callers assert that separately). A stable sort
+    of position keys replaces `nonzero`, which would need the count from the device.
+    """
+    length = mask.shape[1]
+    positions = torch.arange(length, device=mask.device).expand_as(mask)
+    keys = torch.where(mask, positions, positions + length)
+    return keys.sort(dim=1).values[:, :count]
+
+
+def last_query_attention(
+    query_states: torch.Tensor,  # [B, H, Q, D] rotated queries of the scoring layer
+    key_states: torch.Tensor,  # [B, H, K, D] rotated keys (KV heads already repeated)
+    attention_mask: torch.Tensor,  # [B, 1, Q, K] bool, True = may attend
+    query_index: torch.Tensor,  # [B] long, which query row scores (the last prompt token)
+    scale: float,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of one query per sample: [B, K] in float32.
+
+    This is the single row of the scoring layer's attention matrix that FastV needs; computing it
+    beside SDPA avoids running that layer in eager mode.
+    """
+    batch, heads, _, dim = query_states.shape
+    query_row = query_states.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, heads, 1, dim))
+    mask_row = attention_mask.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, 1, 1, attention_mask.shape[-1]))
+    logits = torch.matmul(query_row.float(), key_states.float().transpose(-1, -2)) * scale  # [B, H, 1, K]
+    logits = logits.masked_fill(~mask_row, float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def select_kept_positions(
+    scores: torch.Tensor,  # [B, L] attention of the scoring query to every prompt position
+    visual_positions: torch.Tensor,  # [B, V] positions of the visual tokens in the prompt
+    keep: int,  # visual tokens kept per sample
+) -> torch.Tensor:
+    """Prompt positions that survive pruning, in original order: [B, L - V + keep].
+
+    Every non-visual position survives; of the visual ones, the `keep` highest-scoring do.
+    """
+    batch, length = scores.shape
+    visual_scores = scores.gather(1, visual_positions)
+    top_visual = visual_positions.gather(1, visual_scores.topk(keep, dim=1).indices)
+    survives = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
+    survives = survives.scatter(1, visual_positions, False).scatter(1, top_visual, True)
+    return true_positions(survives, length - visual_positions.shape[1] + keep)
+
+
+def gather_tokens(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Select positions [B, N] along dim 1 of a [B, L, ...] tensor."""
+    index = positions.view(*positions.shape, *([1] * (tensor.dim() - 2)))
+    return tensor.gather(1, index.expand(*positions.shape, *tensor.shape[2:]))

@@ -1,0 +1,128 @@
+"""transformers internals used by the LLaVA / Llama side: module names, RoPE, cache, outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import DynamicCache, LlavaForConditionalGeneration
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+__all__ = [
+    "Cache",
+    "DynamicCache",
+    "LlavaCausalLMOutputWithPast",
+    "LlavaForConditionalGeneration",
+    "LlavaParts",
+    "apply_rotary_pos_emb",
+    "llama_layer_forward",
+    "llava_parts",
+    "new_cache",
+    "repeat_kv",
+    "stock_image_features",
+]
+
+
+@dataclass(frozen=True)
+class LlavaParts:
+    """The submodules of a llava-hf LlavaForConditionalGeneration that the hybrid forward drives."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList  # LlamaDecoderLayer: input_layernorm, self_attn, post_attention_layernorm, mlp
+    norm: nn.Module
+    rotary_emb: nn.Module  # (x, position_ids [B, L]) -> (cos, sin) each [B, L, head_dim]
+    lm_head: nn.Linear
+    image_token_id: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def llava_parts(model: LlavaForConditionalGeneration) -> LlavaParts:
+    language_model = model.model.language_model
+    text_config = model.config.text_config
+    attention = language_model.layers[0].self_attn
+    return LlavaParts(
+        embed_tokens=language_model.embed_tokens,
+        layers=language_model.layers,
+        norm=language_model.norm,
+        rotary_emb=language_model.rotary_emb,
+        lm_head=model.lm_head,
+        image_token_id=model.config.image_token_id,
+        num_heads=text_config.num_attention_heads,
+        num_kv_heads=text_config.num_key_value_heads,
+        head_dim=attention.head_dim,
+    )
+
+
+def stock_image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image features exactly as stock LLaVA computes them: [num_images, tokens_per_image, hidden]."""
+    outputs = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        return_dict=True,
+    )
+    return torch.stack(list(outputs.pooler_output))
+
+
+def new_cache(model: LlavaForConditionalGeneration) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def llama_layer_forward(
+    layer: nn.Module,  # LlamaDecoderLayer
+    hidden_states: torch.Tensor,  # [B, Q, hidden]
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [B, Q, head_dim]
+    attention_mask: torch.Tensor,  # [B, 1, Q, K] bool, True = may attend (K = cached + Q)
+    cache: Cache | None,
+    layer_idx: int,
+    score_query_index: torch.Tensor | None = None,  # [B]: also return this query's attention row
+    eager_scoring: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One LlamaDecoderLayer, as transformers runs it, but with SDPA under an explicit boolean mask.
+
+    When `score_query_index` is given the layer also returns the head-averaged attention row
+    [B, K] of that query (FastV's score), computed from the same rotated queries and keys; with
+    `eager_scoring` the full attention matrix is materialised instead (an ablation).
+    """
+    from ..fastv import last_query_attention
+
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    head_shape = (batch, length, -1, attention.head_dim)
+
+    residual = hidden_states
+    normed = layer.input_layernorm(hidden_states)
+    query_states = attention.q_proj(normed).view(head_shape).transpose(1, 2)  # [B, H, Q, D]
+    key_states = attention.k_proj(normed).view(head_shape).transpose(1, 2)  # [B, Hkv, Q, D]
+    value_states = attention.v_proj(normed).view(head_shape).transpose(1, 2)
+    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *cos_sin)
+    if cache is not None:
+        key_states, value_states = cache.update(key_states, value_states, layer_idx)
+    key_states = repeat_kv(key_states, attention.num_key_value_groups)  # [B, H, K, D]
+    value_states = repeat_kv(value_states, attention.num_key_value_groups)
+
+    scores = None
+    if score_query_index is not None and eager_scoring:
+        logits = torch.matmul(query_states, key_states.transpose(-1, -2)) * attention.scaling
+        probs = logits.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+        attn_output = torch.matmul(probs.to(value_states.dtype), value_states)
+        index = score_query_index.view(batch, 1, 1, 1).expand(batch, probs.shape[1], 1, probs.shape[-1])
+        scores = probs.gather(2, index).mean(dim=1)[:, 0]
+    else:
+        attn_output = torch.nn.functional.scaled_dot_product_attention(
+            query_states, key_states, value_states, attn_mask=attention_mask, scale=attention.scaling
+        )
+        if score_query_index is not None:
+            scores = last_query_attention(
+                query_states, key_states, attention_mask, score_query_index, attention.scaling
+            )
+    attn_output = attn_output.transpose(1, 2).reshape(batch, length, -1)
+    hidden_states = residual + attention.o_proj(attn_output)
+    hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+    return hidden_states, scores

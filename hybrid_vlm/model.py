@@ -1,0 +1,261 @@
+"""apply_hybrid(model, config): turn a loaded llava-hf LLaVA-1.5 into the FastV one, in place.
+
+The forward below is one straight decoder loop over the stock modules:
+
+    embed -> scatter image features -> layers [0, fastv_layer) on every token
+          -> (layer fastv_layer - 1 also returns the last prompt token's attention row)
+          -> keep all text + top-k visual tokens, gathered with their original position ids
+          -> layers [fastv_layer, N) on the kept tokens only -> norm -> lm_head
+
+Dropped tokens never reach the KV cache of layers >= fastv_layer, so the cache holds two groups of
+different lengths. Their key-validity masks (padding, kept tokens) travel on the cache object as
+`PruneState`, which is what makes decoding after pruning, left padding and batching exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import HybridConfig, visual_keep_count
+from .fastv import gather_tokens, select_kept_positions, true_positions
+from .hf_compat import (
+    Cache,
+    LlavaCausalLMOutputWithPast,
+    LlavaForConditionalGeneration,
+    llama_layer_forward,
+    llava_parts,
+    new_cache,
+    stock_image_features,
+)
+
+
+@dataclass
+class PruneState:
+    """What a cache must remember between forward calls about the tokens it holds."""
+
+    full_key_valid: torch.Tensor  # [B, K_full] bool: cached keys of layers < prune_layer that are real tokens
+    pruned_key_valid: torch.Tensor  # [B, K_pruned] bool: the same for layers >= prune_layer
+    prune_layer: int  # first layer whose cache holds only kept tokens; num_layers if nothing was pruned
+    next_position: torch.Tensor  # [B] long: position id of the next token, when none is passed
+    prompt_tokens: torch.Tensor  # [B] long: real tokens that entered the LLM in the first forward
+    prompt_tokens_kept: torch.Tensor  # [B] long: of those, the ones layers >= prune_layer saw
+
+
+@dataclass
+class HybridLlavaOutput(LlavaCausalLMOutputWithPast):
+    """LLaVA's output plus where the visual tokens were and which prompt positions survived FastV.
+
+    logits: [B, L_kept, vocab] when this forward pruned (one row per surviving prompt position, in
+        order), else [B, L, vocab] as in stock transformers.
+    kept_positions: [B, L_kept] prompt positions whose tokens reach layers >= fastv_layer.
+    visual_positions: [B, V] prompt positions of the image tokens.
+    """
+
+    kept_positions: torch.Tensor | None = None
+    visual_positions: torch.Tensor | None = None
+
+
+def attention_mask_4d(key_valid: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Causal boolean mask [B, 1, Q, K] for the last Q of K keys, hiding invalid keys.
+
+    Each query may always attend to itself, so padding rows are never fully masked (their outputs
+    are discarded, but a fully masked row could turn into NaNs that reach real tokens via values).
+    """
+    key_length = key_valid.shape[1]
+    query_at = torch.arange(query_length, device=key_valid.device)[:, None] + (key_length - query_length)
+    key_at = torch.arange(key_length, device=key_valid.device)[None, :]
+    allowed = (key_at <= query_at) & key_valid[:, None, None, :]
+    return allowed | (key_at == query_at)
+
+
+def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
+    """Every sample must hold `expected` image placeholders: a ValueError on CPU, a device assert elsewhere."""
+    counts = is_visual.sum(dim=1)
+    if counts.device.type == "cpu":
+        if not bool((counts == expected).all()):
+            raise ValueError(
+                f"each prompt must contain {expected} image placeholder tokens for the images passed "
+                f"(pixel_values has one image per sample x tokens per image); found {counts.tolist()}. "
+                "Build prompts with the LlavaProcessor and one '<image>' per image, and do not mix "
+                "text-only and image prompts in one batch."
+            )
+    else:
+        torch._assert_async((counts == expected).all())
+
+
+class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LlavaForConditionalGeneration whose forward runs hybrid_vlm's decoder loop.
+
+    Changes from stock: image features are scattered by index (no host syncs); every layer runs
+    SDPA under an explicit mask; with FastV on, layer `fastv_layer - 1` also returns the last
+    prompt token's attention row and layers from `fastv_layer` on see only the kept tokens, at
+    their original position ids. Weights, config, generate() and the processor stay stock.
+    """
+
+    hybrid_config: HybridConfig
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        labels: torch.LongTensor | None = None,
+        fastv_query_index: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> HybridLlavaOutput:
+        """As stock LLaVA. `fastv_query_index` ([B] or int) picks the token whose attention scores
+        the visual tokens; default: each sample's last real token (the last prompt token)."""
+        if labels is not None:
+            raise NotImplementedError("hybrid_vlm is inference-only: labels/loss are not supported.")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError("pixel_values need input_ids: image placeholders are located by token id")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("hybrid_vlm takes a 2-D attention_mask [batch, tokens] (1 = real token, 0 = padding)")
+
+        config = self.hybrid_config
+        parts = llava_parts(self)
+        num_layers = len(parts.layers)
+        if inputs_embeds is None:
+            inputs_embeds = parts.embed_tokens(input_ids)
+        batch, length, hidden_size = inputs_embeds.shape
+        device = inputs_embeds.device
+        if use_cache is None:
+            use_cache = self.config.text_config.use_cache
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = new_cache(self)
+        state: PruneState | None = getattr(cache, "hybrid_state", None) if cache is not None else None
+        if state is None and cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
+
+        new_valid = (
+            attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+            if attention_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        renumber_decode = config.position_mode == "renumbered" and state is not None
+        if position_ids is None or renumber_decode:
+            start = state.next_position if state is not None else torch.zeros(batch, dtype=torch.long, device=device)
+            position_ids = (start[:, None] + new_valid.long().cumsum(dim=1) - 1).clamp_min(0)
+        position_ids = position_ids.to(device=device, dtype=torch.long).expand(batch, length)
+        next_position = position_ids[:, -1] + 1
+
+        visual_positions = None
+        keep = 0
+        if pixel_values is not None:
+            if state is not None:
+                raise NotImplementedError("images are only supported in the first forward over a cache")
+            features = stock_image_features(self, pixel_values.to(self.dtype))  # [images, T, hidden]
+            num_images, tokens_per_image = features.shape[:2]
+            if num_images % batch:
+                raise ValueError(f"{num_images} images for {batch} prompts: every prompt needs the same number of images")
+            num_visual = num_images // batch * tokens_per_image
+            is_visual = input_ids == parts.image_token_id
+            check_visual_counts(is_visual, num_visual)
+            visual_positions = true_positions(is_visual, num_visual)  # [B, V]
+            inputs_embeds = inputs_embeds.scatter(
+                1,
+                visual_positions[..., None].expand(batch, num_visual, hidden_size),
+                features.reshape(batch, num_visual, hidden_size).to(inputs_embeds.dtype),
+            )
+            keep = visual_keep_count(num_visual, config.fastv_k)
+        prune_now = visual_positions is not None and keep < visual_positions.shape[1]
+
+        if state is None:
+            full_key_valid, pruned_key_valid, prune_layer = new_valid, new_valid, num_layers
+        else:
+            full_key_valid = torch.cat([state.full_key_valid, new_valid], dim=1)
+            pruned_key_valid = torch.cat([state.pruned_key_valid, new_valid], dim=1)
+            prune_layer = state.prune_layer
+
+        score_query_index = None
+        if prune_now:
+            if fastv_query_index is None:
+                steps = torch.arange(length, device=device)
+                score_query_index = (new_valid.long() * steps).amax(dim=1)
+            else:
+                score_query_index = torch.as_tensor(fastv_query_index, device=device).long().expand(batch)
+
+        hidden_states = inputs_embeds
+        cos, sin = parts.rotary_emb(hidden_states, position_ids)
+        mask = attention_mask_4d(full_key_valid, length)
+        kept_positions = scores = None
+        for layer_idx, layer in enumerate(parts.layers):
+            if prune_now and layer_idx == config.fastv_layer:
+                kept_positions = select_kept_positions(scores, visual_positions, keep)  # [B, L_kept]
+                hidden_states = gather_tokens(hidden_states, kept_positions)
+                pruned_key_valid = gather_tokens(new_valid, kept_positions)
+                if config.position_mode == "renumbered":
+                    kept_position_ids = (pruned_key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
+                    cos, sin = parts.rotary_emb(hidden_states, kept_position_ids)
+                    next_position = kept_position_ids[:, -1] + 1
+                else:
+                    cos, sin = gather_tokens(cos, kept_positions), gather_tokens(sin, kept_positions)
+                mask = attention_mask_4d(pruned_key_valid, kept_positions.shape[1])
+                prune_layer = layer_idx
+            elif layer_idx == prune_layer:
+                mask = attention_mask_4d(pruned_key_valid, length)
+            scoring_here = prune_now and layer_idx == config.fastv_layer - 1
+            hidden_states, row = llama_layer_forward(
+                layer,
+                hidden_states,
+                (cos, sin),
+                mask,
+                cache,
+                layer_idx,
+                score_query_index=score_query_index if scoring_here else None,
+                eager_scoring=config.scoring == "eager",
+            )
+            if scoring_here:
+                scores = row
+
+        if cache is not None:
+            if state is None:
+                prompt_tokens = new_valid.sum(dim=1)
+                prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_now else prompt_tokens
+            else:
+                prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
+            cache.hybrid_state = PruneState(
+                full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept
+            )
+
+        hidden_states = parts.norm(hidden_states)
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        return HybridLlavaOutput(
+            logits=parts.lm_head(hidden_states),
+            past_key_values=cache if use_cache else None,
+            kept_positions=kept_positions,
+            visual_positions=visual_positions,
+        )
+
+
+def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | None = None):
+    """Patch a loaded llava-hf LlavaForConditionalGeneration in place (ToMe style) and return it.
+
+    `config` defaults to HybridConfig.from_env() (FASTV_K, FASTV_LAYER). Calling it again replaces
+    the settings.
+    """
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"apply_hybrid expects a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
+    if type(model) not in (LlavaForConditionalGeneration, HybridLlavaForConditionalGeneration):
+        raise TypeError(f"apply_hybrid patches LlavaForConditionalGeneration itself, not the subclass {type(model).__name__}")
+    config = HybridConfig.from_env() if config is None else config
+    num_layers = len(llava_parts(model).layers)
+    if config.prunes and config.fastv_layer >= num_layers:
+        raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for a {num_layers}-layer LLM: use 1..{num_layers - 1}")
+    model.__class__ = HybridLlavaForConditionalGeneration
+    model.hybrid_config = config
+    return model

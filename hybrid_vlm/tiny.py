@@ -1,0 +1,176 @@
+"""A tiny LLaVA-1.5 built offline: real llava-hf layout and processor, toy sizes, random weights.
+
+It has LLaVA-1.5's geometry where it matters (336 px images, 14 px patches, 576 visual tokens,
+vision_feature_layer -2, "default" feature selection) and toy widths everywhere else. Linear
+weights are drawn with a large gain so attention is peaked and greedy decoding is not constant,
+which tests of pruning and caching need. The tokenizer is a byte-level BPE trained here on a
+built-in corpus. Nothing is downloaded; `ensure_tiny_llava()` saves it with `save_pretrained`
+so everything downstream exercises the real `from_pretrained` path.
+
+    python -m hybrid_vlm.tiny --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_VERSION = "v1"
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_CORPUS_WORDS = (
+    "what is shown in the image answer with the option's letter from the given choices directly "
+    "describe this picture briefly a photo of cat dog car tree house person red green blue yellow "
+    "black white big small left right top bottom center one two three many there are is the of on "
+    "question hint options A B C D which color shape circle square triangle background sky water "
+    "USER ASSISTANT please provide short caption for it"
+).split()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HYBRID_VLM_CACHE", Path.home() / ".cache" / "hybrid_vlm"))
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on a built-in corpus, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(_CORPUS_WORDS, size=12)) for _ in range(2000)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    fast.add_bos_token = True
+    return fast
+
+
+def build_processor(tokenizer=None):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava_config(tokenizer, text_layers: int = 4, kv_heads: int = 4, vision_layers: int = 3, text_hidden: int = 128):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=336, patch_size=14, projection_dim=64,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+    )
+
+
+@torch.no_grad()
+def scale_weights(model: torch.nn.Module, gain: float = 3.0, seed: int = 0) -> None:
+    """Redraw linear weights as N(0, gain^2 / fan_in) and embeddings as N(0, 1): peaked attention."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            std = gain / math.sqrt(module.in_features)
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+        elif isinstance(module, torch.nn.Embedding):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+
+
+def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **config_overrides):
+    """(model, processor): a tiny LlavaForConditionalGeneration in eval mode, float32, on CPU."""
+    from transformers import LlavaForConditionalGeneration
+
+    processor = build_processor()
+    config = tiny_llava_config(processor.tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    scale_weights(model, seed=seed)
+    model.config._attn_implementation = attn_implementation
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub._attn_implementation = attn_implementation
+    return model.eval(), processor
+
+
+def ensure_tiny_llava(path: str | Path | None = None) -> Path:
+    """Save the tiny model (and its processor) once with save_pretrained; return the directory."""
+    path = Path(path) if path is not None else default_cache_dir() / f"tiny-llava-{TINY_VERSION}"
+    if (path / "config.json").exists() and (path / "processor_config.json").exists():
+        return path
+    model, processor = build_tiny_llava()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def synthetic_image(seed: int, size: int = 336) -> Image.Image:
+    """A deterministic picture of a few coloured shapes on a gradient: varied content, no download."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = rng.uniform(0, 255, 3)
+    pixels = np.stack([base[c] * (0.5 + 0.5 * (x if c % 2 else y)) for c in range(3)], axis=-1)
+    for _ in range(rng.integers(2, 6)):
+        cx, cy, radius = rng.uniform(0.1, 0.9, 2).tolist() + [rng.uniform(0.05, 0.3)]
+        inside = (x - cx) ** 2 + (y - cy) ** 2 < radius**2 if rng.random() < 0.5 else (
+            (abs(x - cx) < radius) & (abs(y - cy) < radius)
+        )
+        pixels[inside] = rng.uniform(0, 255, 3)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="directory (default: the hybrid_vlm cache)")
+    print(ensure_tiny_llava(parser.parse_args().out))
+
+
+if __name__ == "__main__":
+    main()
