@@ -61,12 +61,15 @@ class HybridConfig:
         gives kept tokens consecutive positions after pruning (an ablation only).
     scoring: "row" computes only the last prompt token's attention row beside SDPA (the design);
         "eager" materialises the scoring layer's full attention matrix (a speed ablation only).
+    dymu: None, or the path of a DyMU threshold file (made by `python -m hybrid_vlm.calibrate`):
+        merge visual tokens in the CLIP tower before they reach the LLM.
     """
 
     fastv_k: int | float | None = None
     fastv_layer: int = 2
     position_mode: str = "logical"
     scoring: str = "row"
+    dymu: str | None = None
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -89,20 +92,26 @@ class HybridConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
-        """Read FASTV_K and FASTV_LAYER (default 2); keyword overrides win."""
+        """Read FASTV_K, FASTV_LAYER (default 2) and DYMU_THRESHOLDS (a path); keyword overrides win."""
         env = os.environ if environ is None else environ
         values = dict(
             fastv_k=parse_fastv_k(env.get("FASTV_K")),
             fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
+            dymu=env.get("DYMU_THRESHOLDS") or None,
         )
         values.update(overrides)
         return cls(**values)
 
     def describe(self) -> str:
-        """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2'."""
-        if self.fastv_k is None:
-            return "nofastv"
-        k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k:g}"
-        extra = "" if self.position_mode == "logical" else f"-{self.position_mode}"
-        extra += "" if self.scoring == "row" else f"-{self.scoring}"
-        return f"fastv-{k}-l{self.fastv_layer}{extra}"
+        """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'."""
+        parts = []
+        if self.dymu is not None:
+            parts.append("dymu-" + re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(self.dymu))[0]))
+        if self.fastv_k is not None:
+            k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k:g}"
+            parts.append(f"fastv-{k}-l{self.fastv_layer}")
+        if self.position_mode != "logical":
+            parts.append(self.position_mode)
+        if self.scoring != "row":
+            parts.append(f"scoring-{self.scoring}")
+        return "_".join(parts) or "vanilla"

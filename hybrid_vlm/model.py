@@ -253,6 +253,8 @@ def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | No
     if type(model) not in (LlavaForConditionalGeneration, HybridLlavaForConditionalGeneration):
         raise TypeError(f"apply_hybrid patches LlavaForConditionalGeneration itself, not the subclass {type(model).__name__}")
     config = HybridConfig.from_env() if config is None else config
+    if config.dymu is not None:
+        raise NotImplementedError("DyMU merging is not wired into the engine yet")
     num_layers = len(llava_parts(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for a {num_layers}-layer LLM: use 1..{num_layers - 1}")
