@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny LLaVA models built offline and prompts from the real LlavaProcessor."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+QUESTIONS = [
+    "What is shown in the image?",
+    "Describe this picture briefly, which color is on the left?",
+    "Which shape is in the center?",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor): the tiny LLaVA, unpatched. Tests patch deep copies."""
+    torch.manual_seed(0)
+    return build_tiny_llava()
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa():
+    """The tiny LLaVA with grouped-query attention (4 query heads, 2 KV heads)."""
+    return build_tiny_llava(seed=1, kv_heads=2)
+
+
+def hybrid_copy(model, **settings):
+    return apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
+
+
+def chat_prompt(processor, question: str, with_image: bool = True) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def image_inputs(processor, questions=QUESTIONS[:1], seeds=None):
+    """Left-padded batch straight from the processor: one synthetic image per prompt."""
+    seeds = list(range(len(questions))) if seeds is None else seeds
+    prompts = [chat_prompt(processor, q) for q in questions]
+    images = [synthetic_image(s) for s in seeds]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers' generate() makes them: cumsum of the mask, padding at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

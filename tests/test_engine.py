@@ -1,0 +1,363 @@
+"""The FastV engine against independent references.
+
+- unpatched transformers (no pruning must change nothing);
+- a masked-attention reference built from the stock decoder layers in eager mode: every token
+  stays, dropped keys are masked in layers >= fastv_layer, RoPE positions are the original ones,
+  and the kept set is chosen here from the stock eager attention weights;
+- a cache-free recomputation of greedy decoding;
+- each sample alone vs the left-padded batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.hf_compat import llama_layer_forward
+from hybrid_vlm.model import attention_mask_4d
+
+from conftest import QUESTIONS, chat_prompt, generation_positions, hybrid_copy, image_inputs
+
+NEW_TOKENS = 8
+# Eager attention (the reference) and SDPA differ by ~1.7e-5 x the logit scale on this tiny model
+# with NOTHING pruned (measured: 2.4e-4 on a scale of 14.4), so the reference comparison allows 3x
+# that; the renumbered-positions variant must miss the reference by at least 1e-2 x the scale.
+REFERENCE_RTOL = 5e-5
+
+
+def eager_copy(model):
+    reference = copy.deepcopy(model)
+    for config in (reference.config, reference.config.text_config, reference.config.vision_config):
+        config._attn_implementation = "eager"
+    return reference
+
+
+@torch.no_grad()
+def masked_reference(model, inputs, keep: int, fastv_layer: int):
+    """Stock modules, all tokens, original positions; dropped keys masked from `fastv_layer` on.
+
+    Returns (logits [B, L, V], kept [B, L] bool). The kept set is chosen from the stock eager
+    attention weights of layer fastv_layer - 1 (last prompt token, head-averaged) with NumPy.
+    """
+    reference = eager_copy(model)
+    language_model = reference.model.language_model
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    batch, length = input_ids.shape
+    is_visual = input_ids == reference.config.image_token_id
+
+    embeds = language_model.embed_tokens(input_ids)
+    features = torch.cat(list(reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output))
+    embeds = embeds.masked_scatter(is_visual[..., None].expand_as(embeds), features)
+    positions = generation_positions(attention_mask)
+    cos_sin = language_model.rotary_emb(embeds, positions)
+
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    kept = torch.ones(batch, length, dtype=torch.bool)
+    captured = {}
+    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(weights=output[1])
+    )
+    hidden = embeds
+    for layer_idx, layer in enumerate(language_model.layers):
+        if layer_idx == fastv_layer:
+            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
+            for b in range(batch):
+                visual = np.flatnonzero(is_visual[b].numpy())
+                order = np.argsort(-row[b, visual], kind="stable")
+                kept[b, visual] = False
+                kept[b, visual[order[:keep]]] = True
+        layer_allowed = allowed & kept[:, None, :] if layer_idx >= fastv_layer else allowed
+        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
+        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=positions)
+    hook.remove()
+    return reference.lm_head(language_model.norm(hidden)), kept
+
+
+@torch.no_grad()
+def vanilla_logits(model, inputs):
+    return model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
+
+
+# --- no pruning: identical to unpatched transformers ---------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [{}, {"fastv_k": 576}, {"fastv_k": 10_000}, {"fastv_k": 0.0}])
+@pytest.mark.parametrize("batched", [False, True])
+def test_keep_all_matches_vanilla(tiny, settings, batched):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS if batched else QUESTIONS[:1])
+    expected = vanilla_logits(model, inputs)
+    with torch.no_grad():
+        actual = hybrid_copy(model, **settings)(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert actual.shape == expected.shape
+    assert (actual - expected)[real].abs().max() <= 1e-5 * expected.abs().max()
+    if not batched:
+        assert torch.equal(actual, expected)
+
+
+def test_text_only_prompt_runs_as_vanilla(tiny):
+    model, processor = tiny
+    prompts = [chat_prompt(processor, q, with_image=False) for q in QUESTIONS[:2]]
+    inputs = processor.tokenizer(prompts, return_tensors="pt", padding=True)
+    hybrid = hybrid_copy(model, fastv_k=8)
+    expected = vanilla_logits(model, inputs)
+    with torch.no_grad():
+        actual = hybrid(**inputs).logits
+        real = inputs["attention_mask"].bool()
+        assert (actual - expected)[real].abs().max() <= 1e-5 * expected.abs().max()
+        assert torch.equal(
+            hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False),
+            model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False),
+        )
+
+
+# --- pruning: equal to the masked reference --------------------------------------------------------
+
+
+@pytest.mark.parametrize("fastv_k,keep", [(64, 64), (1, 1), (0.75, 144), (0.5, 288)])
+@pytest.mark.parametrize("fastv_layer", [1, 2, 3])
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_gqa"])
+def test_pruned_forward_matches_masked_reference(request, model_name, fastv_k, keep, fastv_layer):
+    model, processor = request.getfixturevalue(model_name)
+    inputs = image_inputs(processor, QUESTIONS)  # left-padded batch of 3
+    reference_logits, reference_kept = masked_reference(model, inputs, keep, fastv_layer)
+    with torch.no_grad():
+        out = hybrid_copy(model, fastv_k=fastv_k, fastv_layer=fastv_layer)(**inputs)
+
+    batch, length = inputs["input_ids"].shape
+    assert out.kept_positions.shape == (batch, length - 576 + keep)
+    engine_kept = torch.zeros(batch, length, dtype=torch.bool).scatter(1, out.kept_positions, True)
+    assert torch.equal(engine_kept, reference_kept)
+    expected = reference_logits.gather(1, out.kept_positions[..., None].expand(-1, -1, reference_logits.shape[-1]))
+    real = inputs["attention_mask"].bool().gather(1, out.kept_positions)
+    assert (out.logits - expected)[real].abs().max() <= REFERENCE_RTOL * expected.abs().max()
+
+
+def test_renumbered_positions_differ_from_logical(tiny):
+    """The ablation must really change something, or the logical-RoPE test proves nothing."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    reference_logits, _ = masked_reference(model, inputs, keep=64, fastv_layer=2)
+    with torch.no_grad():
+        logical = hybrid_copy(model, fastv_k=64)(**inputs).logits[:, -1]
+        renumbered = hybrid_copy(model, fastv_k=64, position_mode="renumbered")(**inputs).logits[:, -1]
+    scale = reference_logits[:, -1].abs().max()
+    assert (logical - reference_logits[:, -1]).abs().max() <= REFERENCE_RTOL * scale
+    assert (renumbered - reference_logits[:, -1]).abs().max() >= 1e-2 * scale
+
+
+def test_scoring_row_equals_eager_attention_weights(tiny_gqa):
+    """The one attention row computed beside SDPA is the stock eager layer's attention row."""
+    model, processor = tiny_gqa
+    inputs = image_inputs(processor, QUESTIONS)
+    reference = eager_copy(model)
+    with torch.no_grad():
+        out = reference(**inputs, position_ids=generation_positions(inputs["attention_mask"]),
+                        output_attentions=True, output_hidden_states=True)
+        for layer_idx in (0, 1, 2):
+            layer = model.model.language_model.layers[layer_idx]
+            hidden_in = out.hidden_states[layer_idx]
+            cos_sin = model.model.language_model.rotary_emb(hidden_in, generation_positions(inputs["attention_mask"]))
+            mask = attention_mask_4d(inputs["attention_mask"].bool(), hidden_in.shape[1])
+            last = torch.full((hidden_in.shape[0],), hidden_in.shape[1] - 1)
+            _, row = llama_layer_forward(layer, hidden_in, cos_sin, mask, None, layer_idx, score_query_index=last)
+            expected = out.attentions[layer_idx][:, :, -1, :].mean(dim=1)
+            torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_scoring_ablation_gives_same_result(tiny):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        row = hybrid_copy(model, fastv_k=64)(**inputs)
+        eager = hybrid_copy(model, fastv_k=64, scoring="eager")(**inputs)
+    assert torch.equal(row.kept_positions, eager.kept_positions)
+    torch.testing.assert_close(row.logits, eager.logits, rtol=1e-4, atol=1e-4)
+
+
+# --- generation: KV cache == recomputation, batch == per sample ------------------------------------
+
+
+@torch.no_grad()
+def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
+    """Recompute the whole pruned model at every step, scoring with the last prompt token."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    last_prompt_token = input_ids.shape[1] - 1
+    for _ in range(steps):
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+            use_cache=False, fastv_query_index=last_prompt_token,
+        ).logits
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        input_ids = torch.cat([input_ids, next_token], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    return input_ids
+
+
+@pytest.mark.parametrize("fastv_k", [0, 1, 64, 0.7, None])
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_gqa"])
+def test_cached_generation_equals_recomputation(request, model_name, fastv_k):
+    model, processor = request.getfixturevalue(model_name)
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = hybrid_copy(model, fastv_k=fastv_k)
+    with torch.no_grad():
+        cached = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    assert torch.equal(cached, greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+
+
+def test_pruning_changes_generation(tiny):
+    """Guards the generation tests: the tiny model's output must depend on what is pruned."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        outputs = {k: hybrid_copy(model, fastv_k=k).generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+                   for k in (None, 64, 1)}
+    assert not torch.equal(outputs[None], outputs[64])
+    assert not torch.equal(outputs[64], outputs[1])
+    assert len(set(outputs[64][0, -NEW_TOKENS:].tolist())) > 2
+
+
+@pytest.mark.parametrize("fastv_k", [64, 0.5])
+def test_batched_generation_equals_each_sample_alone(tiny, fastv_k):
+    model, processor = tiny
+    hybrid = hybrid_copy(model, fastv_k=fastv_k)
+    batch_inputs = image_inputs(processor, QUESTIONS)
+    assert (batch_inputs["attention_mask"] == 0).any(), "the batch must exercise left padding"
+    with torch.no_grad():
+        batched = hybrid.generate(**batch_inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+        for i, question in enumerate(QUESTIONS):
+            alone = hybrid.generate(**image_inputs(processor, [question], seeds=[i]), max_new_tokens=NEW_TOKENS,
+                                    do_sample=False, min_new_tokens=NEW_TOKENS)
+            assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+
+
+def test_generation_without_pruning_equals_vanilla(tiny):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        actual = hybrid_copy(model).generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+def test_cache_records_token_counts(tiny):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        out = hybrid_copy(model, fastv_k=72).generate(**inputs, max_new_tokens=2, do_sample=False,
+                                                     return_dict_in_generate=True)
+    state = out.past_key_values.hybrid_state
+    real_tokens = inputs["attention_mask"].sum(dim=1)
+    assert torch.equal(state.prompt_tokens, real_tokens)
+    assert torch.equal(state.prompt_tokens_kept, real_tokens - 576 + 72)
+    layer_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    length = inputs["input_ids"].shape[1] + 1  # the last generated token is not cached yet
+    assert layer_lengths == [length] * 2 + [length - 576 + 72] * 2
+
+
+# --- loading and bad input -------------------------------------------------------------------------
+
+
+def test_from_pretrained_roundtrip(tiny, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from hybrid_vlm.tiny import ensure_tiny_llava
+
+    path = ensure_tiny_llava(tmp_path / "tiny-llava")
+    loaded = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    model, _ = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    apply_hybrid(loaded, HybridConfig(fastv_k=64))
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False),
+            hybrid_copy(model, fastv_k=64).generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False),
+        )
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "1.5", "nan", "1.0", "0.5.1", "inf", "3e2"])
+def test_bad_fastv_k_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=r"FASTV_K=.*integer n >= 0.*decimal in \[0, 1\)"):
+        HybridConfig.from_env({"FASTV_K": value})
+
+
+@pytest.mark.parametrize("value,expected", [("72", 72), ("0", 0), ("0.7", 0.7), (".5", 0.5), ("", None)])
+def test_fastv_k_forms(value, expected):
+    assert HybridConfig.from_env({"FASTV_K": value}).fastv_k == expected
+
+
+@pytest.mark.parametrize("settings", [{"fastv_k": -1}, {"fastv_k": 1.5}, {"fastv_k": True}, {"fastv_layer": 0}])
+def test_bad_config_values_are_rejected(settings):
+    with pytest.raises(ValueError, match="FASTV_"):
+        HybridConfig(**settings)
+
+
+def test_fastv_layer_beyond_the_model_is_rejected(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="FASTV_LAYER=4 .* 1..3"):
+        hybrid_copy(model, fastv_k=8, fastv_layer=4)
+    with pytest.raises(ValueError, match="FASTV_LAYER"):
+        HybridConfig.from_env({"FASTV_LAYER": "two"})
+
+
+def test_image_without_placeholder_is_a_clear_error(tiny):
+    model, processor = tiny
+    image = image_inputs(processor)
+    text = processor.tokenizer([chat_prompt(processor, "hi", with_image=False)], return_tensors="pt")
+    with pytest.raises(ValueError, match="image placeholder"), torch.no_grad():
+        hybrid_copy(model, fastv_k=8)(**text, pixel_values=image["pixel_values"])
+
+
+# --- zero host syncs -------------------------------------------------------------------------------
+
+
+def prefill_and_decode(model, inputs, device):
+    from hybrid_vlm.hf_compat import new_cache
+
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache, use_cache=True)
+        batch = inputs["input_ids"].shape[0]
+        next_token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_token)], dim=1)
+        return model(input_ids=next_token, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+def test_meta_device_rejects_host_syncs():
+    """The mechanism the next test relies on: tensors without data cannot be read by the host."""
+    with pytest.raises(RuntimeError):
+        torch.ones(3, device="meta").sum().item()
+    with pytest.raises(RuntimeError):
+        bool((torch.ones(3, device="meta") > 0).all())
+    with pytest.raises(NotImplementedError):
+        torch.ones(3, device="meta").nonzero()
+
+
+@pytest.mark.parametrize("fastv_k", [64, 0.5, None])
+def test_forward_has_no_host_syncs(tiny, fastv_k):
+    """Prefill with pruning and a decode step run on the meta device: no value is ever read back."""
+    model, processor = tiny
+    meta_model = hybrid_copy(model, fastv_k=fastv_k).to("meta")
+    out = prefill_and_decode(meta_model, image_inputs(processor, QUESTIONS), "meta")
+    assert out.logits.shape == (3, 1, model.config.text_config.vocab_size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forward_has_no_host_syncs_on_cuda(tiny):
+    model, processor = tiny
+    cuda_model = hybrid_copy(model, fastv_k=64).cuda()
+    inputs = image_inputs(processor, QUESTIONS)
+    prefill_and_decode(cuda_model, inputs, "cuda")  # warm-up: lazy init may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        prefill_and_decode(cuda_model, inputs, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
