@@ -43,20 +43,39 @@ def last_query_attention(
 
 
 def select_kept_positions(
-    scores: torch.Tensor,  # [B, L] attention of the scoring query to every prompt position
+    scores: torch.Tensor,  # [B, L] score of every prompt position (only visual ones are read)
     visual_positions: torch.Tensor,  # [B, V] positions of the visual tokens in the prompt
-    keep: int,  # visual tokens kept per sample
-) -> torch.Tensor:
-    """Prompt positions that survive pruning, in original order: [B, L - V + keep].
+    keep: int,  # visual tokens kept per sample (static: sizes the output)
+    keep_per_sample: torch.Tensor | None = None,  # [B] <= keep: how many of them stay real
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt positions that survive pruning, in original order, [B, L - V + keep], and which of
+    them stay real tokens ([B, L - V + keep] bool, or None when every sample keeps `keep`).
 
-    Every non-visual position survives; of the visual ones, the `keep` highest-scoring do.
+    Every non-visual position survives; of the visual ones, the `keep` highest-scoring do. With
+    `keep_per_sample`, sample b's visual tokens ranked `keep_per_sample[b]` or lower still occupy a
+    slot (shapes stay static, no host sync) but are marked not real, so attention masks them out.
     """
     batch, length = scores.shape
     visual_scores = scores.gather(1, visual_positions)
-    top_visual = visual_positions.gather(1, visual_scores.topk(keep, dim=1).indices)
+    top_visual = visual_positions.gather(1, visual_scores.topk(keep, dim=1).indices)  # best first
     survives = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
     survives = survives.scatter(1, visual_positions, False).scatter(1, top_visual, True)
-    return true_positions(survives, length - visual_positions.shape[1] + keep)
+    kept = true_positions(survives, length - visual_positions.shape[1] + keep)
+    if keep_per_sample is None:
+        return kept, None
+    beyond_quota = torch.arange(keep, device=scores.device)[None, :] >= keep_per_sample[:, None]  # [B, keep]
+    padding = torch.zeros(batch, length, dtype=torch.bool, device=scores.device).scatter(1, top_visual, beyond_quota)
+    return kept, ~padding.gather(1, kept)
+
+
+def visual_keep_counts(num_visual: torch.Tensor, fastv_k: int | float | None) -> torch.Tensor:
+    """Per-sample `config.visual_keep_count` for a [B] tensor of visual-token counts."""
+    if fastv_k is None:
+        return num_visual
+    if isinstance(fastv_k, int):
+        return num_visual.clamp(max=fastv_k)
+    rounded = ((1.0 - fastv_k) * num_visual.double() + 0.5).floor().long()
+    return torch.minimum(rounded, num_visual)
 
 
 def gather_tokens(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@ The forward below is one straight decoder loop over the stock modules:
           -> keep all text + top-k visual tokens, gathered with their original position ids
           -> layers [fastv_layer, N) on the kept tokens only -> norm -> lm_head
 
+With DyMU on, the CLIP tower merges patches first; each merged token takes the placeholder of its
+representative patch (and so that patch's position id) and the other placeholders are dropped
+before layer 0.
+
 Dropped tokens never reach the KV cache of layers >= fastv_layer, so the cache holds two groups of
 different lengths. Their key-validity masks (padding, kept tokens) travel on the cache object as
 `PruneState`, which is what makes decoding after pruning, left padding and batching exact.
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import HybridConfig, visual_keep_count
-from .fastv import gather_tokens, select_kept_positions, true_positions
+from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
 from .hf_compat import (
     Cache,
     LlavaCausalLMOutputWithPast,
@@ -39,18 +43,20 @@ class PruneState:
     pruned_key_valid: torch.Tensor  # [B, K_pruned] bool: the same for layers >= prune_layer
     prune_layer: int  # first layer whose cache holds only kept tokens; num_layers if nothing was pruned
     next_position: torch.Tensor  # [B] long: position id of the next token, when none is passed
-    prompt_tokens: torch.Tensor  # [B] long: real tokens that entered the LLM in the first forward
-    prompt_tokens_kept: torch.Tensor  # [B] long: of those, the ones layers >= prune_layer saw
+    prompt_tokens: torch.Tensor  # [B] long: real tokens entering LLM layer 0 in the first forward (after DyMU)
+    prompt_tokens_kept: torch.Tensor  # [B] long: of those, the ones the last layer saw (after FastV)
 
 
 @dataclass
 class HybridLlavaOutput(LlavaCausalLMOutputWithPast):
     """LLaVA's output plus where the visual tokens were and which prompt positions survived FastV.
 
-    logits: [B, L_kept, vocab] when this forward pruned (one row per surviving prompt position, in
-        order), else [B, L, vocab] as in stock transformers.
-    kept_positions: [B, L_kept] prompt positions whose tokens reach layers >= fastv_layer.
-    visual_positions: [B, V] prompt positions of the image tokens.
+    logits: [B, L_kept, vocab] when this forward merged or pruned (one row per surviving prompt
+        position, in order), else [B, L, vocab] as in stock transformers.
+    kept_positions: [B, L_kept] prompt positions whose tokens reach the last layer (a position of a
+        merged DyMU token is its representative patch's placeholder). Rows of a sample with fewer
+        merged tokens than the batch's largest count end in slots that are padding.
+    visual_positions: [B, V] prompt positions of the image tokens (without DyMU).
     """
 
     kept_positions: torch.Tensor | None = None
@@ -137,11 +143,13 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if state is None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
 
+        # Which of this chunk's tokens are real (not padding); DyMU later also unmarks merged-away slots.
         new_valid = (
             attention_mask[:, -length:].to(device=device, dtype=torch.bool)
             if attention_mask is not None
             else torch.ones(batch, length, dtype=torch.bool, device=device)
         )
+        # Logical positions: counted over the prompt as written, all 576 placeholders per image.
         renumber_decode = config.position_mode == "renumbered" and state is not None
         if position_ids is None or renumber_decode:
             start = state.next_position if state is not None else torch.zeros(batch, dtype=torch.long, device=device)
@@ -149,12 +157,18 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         position_ids = position_ids.to(device=device, dtype=torch.long).expand(batch, length)
         next_position = position_ids[:, -1] + 1
 
-        visual_positions = None
-        keep = 0
+        visual_positions = None  # [B, V]: where the visual tokens sit in the (possibly compacted) sequence
+        entered_positions = None  # [B, L0]: prompt positions entering layer 0, when DyMU compacted them
         if pixel_values is not None:
             if state is not None:
                 raise NotImplementedError("images are only supported in the first forward over a cache")
-            features = stock_image_features(self, pixel_values.to(self.dtype))  # [images, T, hidden]
+            if config.dymu is not None:
+                from .hf_compat.clip import dymu_image_features
+
+                merged = dymu_image_features(self, pixel_values.to(self.dtype), self.hybrid_thresholds.to(device))
+                features, slot_valid = merged.features, merged.valid  # [images, 576, hidden], [images, 576]
+            else:
+                features, slot_valid = stock_image_features(self, pixel_values.to(self.dtype)), None
             num_images, tokens_per_image = features.shape[:2]
             if num_images % batch:
                 raise ValueError(f"{num_images} images for {batch} prompts: every prompt needs the same number of images")
@@ -167,23 +181,46 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 visual_positions[..., None].expand(batch, num_visual, hidden_size),
                 features.reshape(batch, num_visual, hidden_size).to(inputs_embeds.dtype),
             )
-            keep = visual_keep_count(num_visual, config.fastv_k)
-        prune_now = visual_positions is not None and keep < visual_positions.shape[1]
+            if slot_valid is not None:
+                # DyMU: a merged token sits at the placeholder of its representative patch, so it carries
+                # that patch's position id; the placeholders of patches merged into it are dropped here,
+                # before layer 0. Sizing the compacted sequence needs the batch's largest merged count:
+                # the engine's one host read, and only with DyMU (the count is data-dependent by design).
+                slot_valid = slot_valid.reshape(batch, num_visual) & new_valid.gather(1, visual_positions)
+                merged_slots = int(slot_valid.sum(dim=1).max())
+                slot_scores = torch.zeros(batch, length, device=device).scatter(1, visual_positions, slot_valid.float())
+                entered_positions, _ = select_kept_positions(slot_scores, visual_positions, merged_slots)
+                new_valid = new_valid.scatter(1, visual_positions, slot_valid)
+                inputs_embeds = gather_tokens(inputs_embeds, entered_positions)
+                new_valid = gather_tokens(new_valid, entered_positions)
+                position_ids = gather_tokens(position_ids, entered_positions)
+                if config.position_mode == "renumbered":
+                    position_ids = (new_valid.long().cumsum(dim=1) - 1).clamp_min(0)
+                    next_position = position_ids[:, -1] + 1
+                is_visual = gather_tokens(is_visual, entered_positions)
+                visual_positions = true_positions(is_visual, merged_slots)
+                length, num_visual = inputs_embeds.shape[1], merged_slots
+        prune_now = visual_positions is not None and visual_keep_count(num_visual, config.fastv_k) < num_visual
 
         if state is None:
-            full_key_valid, pruned_key_valid, prune_layer = new_valid, new_valid, num_layers
+            full_key_valid, pruned_key_valid = new_valid, new_valid
+            prune_layer = 0 if entered_positions is not None else num_layers
         else:
             full_key_valid = torch.cat([state.full_key_valid, new_valid], dim=1)
             pruned_key_valid = torch.cat([state.pruned_key_valid, new_valid], dim=1)
             prune_layer = state.prune_layer
 
-        score_query_index = None
+        score_query_index = keep_per_sample = None
         if prune_now:
             if fastv_query_index is None:
                 steps = torch.arange(length, device=device)
                 score_query_index = (new_valid.long() * steps).amax(dim=1)
-            else:
+            elif entered_positions is None:
                 score_query_index = torch.as_tensor(fastv_query_index, device=device).long().expand(batch)
+            else:
+                raise NotImplementedError("fastv_query_index is not supported together with DyMU")
+            if entered_positions is not None:
+                keep_per_sample = visual_keep_counts(new_valid.gather(1, visual_positions).sum(dim=1), config.fastv_k)
 
         hidden_states = inputs_embeds
         cos, sin = parts.rotary_emb(hidden_states, position_ids)
@@ -191,9 +228,13 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         kept_positions = scores = None
         for layer_idx, layer in enumerate(parts.layers):
             if prune_now and layer_idx == config.fastv_layer:
-                kept_positions = select_kept_positions(scores, visual_positions, keep)  # [B, L_kept]
+                scores = scores.masked_fill(~new_valid, -1.0)  # merged-away slots rank after every real token
+                keep = visual_keep_count(num_visual, config.fastv_k)
+                kept_positions, kept_real = select_kept_positions(scores, visual_positions, keep, keep_per_sample)
                 hidden_states = gather_tokens(hidden_states, kept_positions)
                 pruned_key_valid = gather_tokens(new_valid, kept_positions)
+                if kept_real is not None:
+                    pruned_key_valid = pruned_key_valid & kept_real
                 if config.position_mode == "renumbered":
                     kept_position_ids = (pruned_key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
                     cos, sin = parts.rotary_emb(hidden_states, kept_position_ids)
@@ -221,13 +262,15 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cache is not None:
             if state is None:
                 prompt_tokens = new_valid.sum(dim=1)
-                prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_now else prompt_tokens
+                prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_layer < num_layers else prompt_tokens
             else:
                 prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
             cache.hybrid_state = PruneState(
                 full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept
             )
 
+        if entered_positions is not None:
+            kept_positions = entered_positions if kept_positions is None else entered_positions.gather(1, kept_positions)
         hidden_states = parts.norm(hidden_states)
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
@@ -238,7 +281,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             logits=parts.lm_head(hidden_states),
             past_key_values=cache if use_cache else None,
             kept_positions=kept_positions,
-            visual_positions=visual_positions,
+            visual_positions=visual_positions if entered_positions is None else None,
         )
 
 
@@ -254,7 +297,9 @@ def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | No
         raise TypeError(f"apply_hybrid patches LlavaForConditionalGeneration itself, not the subclass {type(model).__name__}")
     config = HybridConfig.from_env() if config is None else config
     if config.dymu is not None:
-        raise NotImplementedError("DyMU merging is not wired into the engine yet")
+        from .dymu import load_thresholds
+
+        model.hybrid_thresholds = load_thresholds(config.dymu, model)  # [merging layers], validated for this model
     num_layers = len(llava_parts(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for a {num_layers}-layer LLM: use 1..{num_layers - 1}")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs hybrid-vlm and what its evaluation needs into the current Python environment.
+# VLMEvalKit (ms-vlmeval) is installed with --no-deps: its full dependency list is ~7 GB, and
+# requirements-eval.txt names the runtime dependencies run.py, MCQ and captioning really use.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+"$PYTHON" -m pip install --quiet -e ".[test,report]"
+if [ -f requirements-eval.txt ]; then
+  "$PYTHON" -m pip install --quiet -r requirements-eval.txt
+  "$PYTHON" -m pip install --quiet --no-deps "ms-vlmeval==0.0.20"
+fi
+"$PYTHON" -c "import hybrid_vlm, torch, transformers; print('hybrid_vlm', hybrid_vlm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
