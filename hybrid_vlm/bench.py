@@ -1,0 +1,712 @@
+"""Speed benchmark: vanilla vs FastV (vs DyMU / hybrid) in one process, measured beside theory.
+
+For every configuration it measures, on one synthetic image plus a prompt padded to
+--text-tokens with the real processor (batch --batch-size, identical samples, no padding):
+
+- vision_ms: forward start until the first LLM layer starts (CLIP tower + projector + embedding
+  and scatter). The split point is a pre-hook on LLM layer 0's input norm, so it holds for the
+  stock forward, the hybrid engine and a DyMU tower alike, within one forward.
+- llm_prefill_ms: from there to the logits of the last prompt token (logits_to_keep=1).
+- prefill_ms: the whole prefill forward (= time to first token without sampling).
+- decode_ms_per_token: --decode-tokens greedy steps over the cache, mean per step.
+- peak memory, in a separate untimed pass: on CUDA torch.cuda.max_memory_allocated() minus the
+  allocation before the pass (activations + KV cache; the weights are excluded; peak_mem_abs_mb
+  has the absolute peak); on CPU the peak resident set size (sampled from /proc/self/statm every
+  ~1 ms by a thread, after malloc_trim) minus the RSS before the pass: an approximation.
+- tokens entering the LLM and kept after FastV (from the cache's hybrid_state), and the
+  theoretical MACs of each stage from hybrid_vlm.flops for those very counts (per batch).
+- ratios vs the baseline ("vanilla": the hybrid engine with no reduction) for measured times and
+  theoretical MACs, and their difference.
+
+Timing: torch.inference_mode; --warmup runs per configuration, then --repeats rounds that visit
+every configuration in turn (interleaved, so drift hits all alike); the median is reported (min
+and max too). On CUDA the stages are timed with CUDA events after a synchronize.
+
+    python -m hybrid_vlm.bench --preset mid --fastv-k 288 144 64 --repeats 5 --out runs/bench-mid
+    python -m hybrid_vlm.bench --preset tiny --fastv-layer 1 2 3 --fastv-k 144      # layer ablation
+    python -m hybrid_vlm.bench --preset tiny --fastv-k 144 --scoring row eager        # scorer ablation
+    python -m hybrid_vlm.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
+
+Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
+6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), llava-1.5-7b
+(CLIP ViT-L/14-336 + Llama-7B shapes, random weights; CUDA only). --model DIR loads a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESETS = ("tiny", "mid", "llava-1.5-7b")
+CSV_COLUMNS = (
+    "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu",
+    "batch_size", "text_tokens", "visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept",
+    "vision_ms", "llm_prefill_ms", "prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_ms_per_token",
+    "peak_mem_mb", "peak_mem_abs_mb", "mem_kind", "kv_cache_mb_theory",
+    "vision_gmacs", "llm_prefill_gmacs", "prefill_gmacs", "decode_gmacs_per_token",
+    "prefill_ratio", "prefill_theory_ratio", "prefill_ratio_minus_theory",
+    "llm_prefill_ratio", "llm_prefill_theory_ratio", "llm_prefill_ratio_minus_theory",
+    "decode_ratio", "decode_theory_ratio", "llm_prefill_gmacs_per_s", "sync_debug", "note",
+)  # fmt: skip
+PROMPT_WORDS = (
+    "describe what is shown in the image and answer with the option's letter from the given choices "
+    "which color is the big shape on the left of the picture a photo of a cat dog car tree house"
+).split()
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def preset_config(preset: str, tokenizer):
+    """LlavaConfig of a preset; builds no weights. The tokenizer fixes the special-token ids."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from .tiny import IMAGE_TOKEN, tiny_llava_config
+
+    if preset == "tiny":
+        return tiny_llava_config(tokenizer)
+    if preset == "mid":
+        vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, projection_dim=384)
+        text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, vocab_size=len(tokenizer))
+    elif preset == "llava-1.5-7b":
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, rms_norm_eps=1e-5)
+    else:
+        raise ValueError(f"unknown preset {preset!r}: use one of {PRESETS}")
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
+        text_config=LlamaConfig(
+            max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **text,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+    )  # fmt: skip
+
+
+def build_model(args, device, dtype):
+    """(model, processor) in eval mode on `device`; random weights unless --model."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .tiny import build_processor, build_tiny_llava
+
+    if args.model:
+        processor = AutoProcessor.from_pretrained(args.model)
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+        return model.to(device).eval(), processor
+    if args.preset == "tiny":
+        model, processor = build_tiny_llava(seed=args.seed)
+        return model.to(device=device, dtype=dtype).eval(), processor
+    processor = build_processor()
+    config = preset_config(args.preset, processor.tokenizer)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval(), processor
+
+
+def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, device):
+    """Processor inputs for `batch_size` copies of one synthetic image + a prompt whose non-image
+    tokens number `text_tokens` (or just above: words are added until the count is reached)."""
+    from .tiny import synthetic_image
+
+    image = synthetic_image(image_seed)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def encode(words: int):
+        text = " ".join(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(words))
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[image] * batch_size, text=[prompt] * batch_size, return_tensors="pt")
+        return inputs, int((inputs["input_ids"][0] != image_id).sum())
+
+    words = 0
+    inputs, count = encode(words)
+    while count < text_tokens:
+        words += max(1, (text_tokens - count) // 2)
+        inputs, count = encode(words)
+    return {k: v.to(device) for k, v in inputs.items()}, count
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    method: str  # stock | vanilla | fastv | dymu | hybrid
+    hybrid: object | None = None  # HybridConfig; None for the stock forward
+    status: str = "ok"
+    note: str = ""
+    runs: list = field(default_factory=list)  # dicts of stage times (ms)
+    counts: dict = field(default_factory=dict)
+    row: dict = field(default_factory=dict)
+
+
+def build_configs(args) -> list[BenchConfig]:
+    """[stock], vanilla, FastV (k x layer x scoring x position mode), DyMU per threshold file, and
+    hybrid = each DyMU file x each FastV setting."""
+    from itertools import product
+
+    from .config import HybridConfig, parse_fastv_k
+
+    fastv = [
+        dict(fastv_k=parse_fastv_k(k), fastv_layer=layer, scoring=scoring, position_mode=mode)
+        for k, layer, scoring, mode in product(args.fastv_k, args.fastv_layer, args.scoring, args.position_mode)
+    ]
+    settings = [("vanilla", {})] + [("fastv", f) for f in fastv]
+    for dymu in args.dymu:
+        settings += [("dymu", dict(dymu=dymu))] + [("hybrid", dict(f, dymu=dymu)) for f in fastv]
+    configs = [BenchConfig("stock", "stock")] if args.stock else []
+    seen = {c.name for c in configs}
+    for method, kwargs in settings:
+        hybrid = HybridConfig(**kwargs)
+        if hybrid.describe() not in seen:
+            seen.add(hybrid.describe())
+            configs.append(BenchConfig(hybrid.describe(), method, hybrid))
+    return configs
+
+
+def activate(model, config: BenchConfig):
+    """Switch the (shared) model to this configuration's forward."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .model import apply_hybrid
+
+    if config.hybrid is None:
+        model.__class__ = LlavaForConditionalGeneration  # undo apply_hybrid: the stock forward
+        return model
+    return apply_hybrid(model, config.hybrid)
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Timestamps on the host (CPU) or CUDA events (GPU): mark() now, elapsed(a, b) in ms later."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def mark(self):
+        if self.cuda:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed(self, start, end) -> float:
+        if self.cuda:
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+
+class LlmStartMark:
+    """Forward pre-hook on LLM layer 0's input norm: marks when the LLM starts, once per arming."""
+
+    def __init__(self, model, clock: Clock):
+        from .hf_compat import llava_parts
+
+        self.clock, self.armed, self.stamp = clock, False, None
+        self.handle = llava_parts(model).layers[0].input_layernorm.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        if self.armed:
+            self.stamp, self.armed = self.clock.mark(), False
+
+    def arm(self):
+        self.armed, self.stamp = True, None
+
+    def remove(self):
+        self.handle.remove()
+
+
+def prefill(model, inputs):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def decode(model, output, attention_mask, steps: int):
+    """Greedy decode `steps` tokens after a prefill; no host syncs."""
+    import torch
+
+    cache = output.past_key_values
+    token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+    for _ in range(steps):
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        out = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    return token
+
+
+def timed_run(model, inputs, clock: Clock, mark: LlmStartMark, decode_tokens: int):
+    """One prefill + decode, timed by stage (ms). Returns (times, prefill output)."""
+    clock.sync()
+    mark.arm()
+    start = clock.mark()
+    output = prefill(model, inputs)
+    end = clock.mark()
+    llm_start = mark.stamp
+    decode_start = clock.mark()
+    if decode_tokens:
+        decode(model, output, inputs["attention_mask"], decode_tokens)
+    decode_end = clock.mark()
+    clock.sync()
+    times = dict(prefill_ms=clock.elapsed(start, end))
+    if llm_start is not None:
+        times["vision_ms"] = clock.elapsed(start, llm_start)
+        times["llm_prefill_ms"] = clock.elapsed(llm_start, end)
+    if decode_tokens:
+        times["decode_ms_per_token"] = clock.elapsed(decode_start, decode_end) / decode_tokens
+    return times, output
+
+
+# ----------------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_memory(model, inputs, device, decode_tokens: int) -> tuple[float, float, str]:
+    """(peak above the start in MiB, absolute peak in MiB, what was measured) for one prefill+decode."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        output = prefill(model, inputs)
+        if decode_tokens:
+            decode(model, output, inputs["attention_mask"], decode_tokens)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del output
+        return (peak - before) / 2**20, peak / 2**20, "cuda_max_allocated"
+    if _rss_bytes() is None:
+        return float("nan"), float("nan"), "unavailable"
+    _malloc_trim()
+    before = _rss_bytes()
+    peak, stop = [before], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        output = prefill(model, inputs)
+        if decode_tokens:
+            decode(model, output, inputs["attention_mask"], decode_tokens)
+        peak[0] = max(peak[0], _rss_bytes())
+    finally:
+        stop.set()
+        thread.join()
+    del output
+    return (peak[0] - before) / 2**20, peak[0] / 2**20, "cpu_rss_delta_sampled"
+
+
+def sync_debug_check(model, inputs, device) -> str:
+    """One prefill under torch.cuda.set_sync_debug_mode('error'): 'pass' or 'fail: <first line>'."""
+    import torch
+
+    if device.type != "cuda":
+        return "skipped (cpu)"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        prefill(model, inputs)
+        result = "pass"
+    except RuntimeError as error:
+        result = "fail: " + (str(error).strip().splitlines() or ["RuntimeError"])[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return result
+
+
+# ----------------------------------------------------------------------------------- counts
+
+
+def token_counts(model, inputs, output, config: BenchConfig) -> dict:
+    """Per-sample tokens (lists over the batch): text, visual entering the LLM (after DyMU), visual
+    kept after FastV, and with DyMU the CLIP tokens leaving each merging layer (None otherwise)."""
+    image_id = model.config.image_token_id
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    text = ((ids != image_id) & mask).sum(dim=1).tolist()
+    visual = ((ids == image_id) & mask).sum(dim=1).tolist()
+    state = getattr(output.past_key_values, "hybrid_state", None)
+    if state is not None:
+        visual = [e - t for e, t in zip(state.prompt_tokens.tolist(), text)]
+        visual_kept = [k - t for k, t in zip(state.prompt_tokens_kept.tolist(), text)]
+    else:
+        visual_kept = list(visual)
+    vit_counts = None
+    if config.hybrid is not None and config.hybrid.dymu is not None:
+        vit_counts = getattr(output, "vision_layer_counts", None)  # [B, merging layers], if the engine reports it
+        if vit_counts is not None:
+            vit_counts = vit_counts.tolist()
+        else:
+            vit_counts = dymu_layer_counts(model, inputs["pixel_values"])
+    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts)
+
+
+def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
+    """CLIP tokens (CLS included) leaving each merging layer, per image, from an untimed re-run of the
+    engine's merging loop with the model's thresholds; None when that is not possible."""
+    try:
+        import torch
+
+        from .dymu import threshold_merge_mask
+        from .hf_compat.clip import merging_vision_forward
+
+        thresholds = model.hybrid_thresholds
+        counts = []
+
+        def select(index, node_max, state):
+            if index > 0:
+                counts.append(state.counts())  # after layer index - 1's merge: its MLP ran at this count
+            return threshold_merge_mask(node_max, thresholds[index].to(node_max.device))
+
+        _, state, _ = merging_vision_forward(model, pixel_values.to(model.dtype), select)
+        counts.append(state.counts())
+        return torch.stack(counts, dim=1).tolist()
+    except Exception:  # the DyMU internals moved: vision MACs fall back to unmerged counts
+        return None
+
+
+def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: int, bytes_per_element: int) -> dict:
+    """Theoretical MACs (summed over the batch) and KV-cache size for the measured token counts."""
+    from . import flops
+
+    hybrid = config.hybrid
+    fastv_layer = hybrid.fastv_layer if hybrid is not None else 2
+    scoring = hybrid.scoring if hybrid is not None else None
+    totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0)
+    dymu = hybrid is not None and hybrid.dymu is not None
+    for i in range(len(counts["text"])):
+        text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
+        vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
+        macs = flops.prefill_macs(
+            shape, text, visual, kept if kept < visual else None, fastv_layer=fastv_layer,
+            vit_counts=vit_counts, scoring=scoring, vit_layers_run=shape.vit_layers_read if dymu else None,
+        )  # fmt: skip
+        totals["vision"] += macs.vision_total
+        totals["llm"] += macs.llm_total
+        totals["prefill"] += macs.total
+        if decode_tokens:
+            totals["decode"] += flops.llm_decode_macs_mean(
+                shape.llm, text + visual, text + kept, steps=decode_tokens, fastv_layer=fastv_layer
+            )
+        totals["kv"] += flops.kv_cache_bytes(
+            shape.llm, text + visual + decode_tokens, text + kept + decode_tokens, fastv_layer, bytes_per_element
+        )
+    return totals
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def environment(device, args) -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", None
+    env = dict(
+        device=str(device), torch=torch.__version__, transformers=transformers.__version__, hybrid_vlm=__version__,
+        python=platform.python_version(), platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(), git_commit=commit, git_dirty=dirty,
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv[1:],
+    )  # fmt: skip
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return env
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(configs, baseline_name: str) -> list[dict]:
+    rows = [config.row for config in configs]
+    base = next((r for r in rows if r["config"] == baseline_name and r["status"] == "ok"), None)
+    for row in rows:
+        for measured, theoretical, key in (
+            ("prefill_ms", "prefill_gmacs", "prefill"),
+            ("llm_prefill_ms", "llm_prefill_gmacs", "llm_prefill"),
+            ("decode_ms_per_token", "decode_gmacs_per_token", "decode"),
+        ):
+            ok = base is not None and row["status"] == "ok"
+            r = row.get(measured, math.nan) / base[measured] if ok and base.get(measured) else math.nan
+            t = row.get(theoretical, math.nan) / base[theoretical] if ok and base.get(theoretical) else math.nan
+            row[f"{key}_ratio"], row[f"{key}_theory_ratio"] = r, t
+            if key != "decode":
+                row[f"{key}_ratio_minus_theory"] = r - t
+    return rows
+
+
+def _fmt(value, spec):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def print_table(rows, file=sys.stdout):
+    header = ("config", "vis in→kept", "vision ms", "LLM ms", "prefill ms", "ratio", "theory", "ratio−th", "LLM ratio", "LLM th", "decode ms/tok", "peak MB")
+    lines = [header]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append((r["config"], f"{r['status']}: {(r.get('note') or '')[:100]}", *[""] * (len(header) - 2)))
+            continue
+        lines.append((
+            r["config"], f"{_fmt(r['visual_in'], '.0f')}→{_fmt(r['visual_kept'], '.0f')}",
+            _fmt(r["vision_ms"], ".1f"), _fmt(r["llm_prefill_ms"], ".1f"), _fmt(r["prefill_ms"], ".1f"),
+            _fmt(r["prefill_ratio"], ".3f"), _fmt(r["prefill_theory_ratio"], ".3f"),
+            _fmt(r["prefill_ratio_minus_theory"], "+.3f"), _fmt(r["llm_prefill_ratio"], ".3f"),
+            _fmt(r["llm_prefill_theory_ratio"], ".3f"), _fmt(r.get("decode_ms_per_token"), ".2f"),
+            _fmt(r["peak_mem_mb"], ".0f"),
+        ))  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip(), file=file)
+
+
+def write_outputs(out_dir: Path, rows, meta) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def clean(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    with open(out_dir / "bench.json", "w") as f:
+        json.dump({"meta": meta, "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}, f, indent=2)
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m hybrid_vlm.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=PRESETS, default="tiny", help="random-weight model shape (default tiny)")
+    source.add_argument("--model", default=None, help="a llava-hf checkpoint directory instead of a preset")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction; none given = no FastV rows")
+    parser.add_argument("--fastv-layer", nargs="+", type=int, default=[2], help="FastV layers K to sweep (default 2)")
+    parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=["row"], help="FastV scorers to compare")
+    parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=["logical"])
+    parser.add_argument("--dymu", nargs="*", default=[], help="DyMU threshold files: adds DyMU and DyMU+FastV (hybrid) rows")
+    parser.add_argument("--stock", action="store_true", help="also time the unpatched transformers forward")
+    parser.add_argument("--baseline", default="vanilla", help="row the ratios divide by (default vanilla = engine, no reduction)")
+    parser.add_argument("--text-tokens", type=int, default=60, help="non-image prompt tokens (default 60: LLaVA's 5 + 55)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed after each prefill (0 = none)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--sync-debug", action="store_true", help="CUDA: one prefill per config under set_sync_debug_mode('error')")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="directory for bench.csv and bench.json")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.decode_tokens < 0:
+        parser.error("--repeats and --batch-size must be >= 1, --warmup and --decode-tokens >= 0")
+    return args, parser
+
+
+def main(argv=None) -> list[dict]:
+    args, parser = parse_args(argv)
+    import torch
+    from tqdm import tqdm
+
+    from . import flops
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, memory stats and sync-debug act on the current device
+    if args.preset == "llava-1.5-7b" and not args.model and device.type != "cuda":
+        parser.error(
+            "preset llava-1.5-7b allocates ~7B random weights (~14 GB in bf16, ~28 GB in fp32) and runs "
+            "2 x 4 TMAC prefills: it is meant for a GPU. Pass --device cuda on a CUDA machine, or use "
+            "--preset mid on CPU."
+        )
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        configs = build_configs(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+    torch.set_grad_enabled(False)
+    model, processor = build_model(args, device, dtype)
+    shape = flops.shape_from_config(model.config)
+    inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed, device)
+    clock = Clock(device)
+    mark = LlmStartMark(model, clock)
+    bytes_per_element = torch.finfo(dtype).bits // 8
+
+    for config in configs:
+        try:  # a configuration the engine cannot run (yet) is reported, not fatal
+            activate(model, config)
+        except Exception as error:
+            config.status, config.note = "skipped", f"{type(error).__name__}: {error}"
+    runnable = [c for c in configs if c.status == "ok"]
+    steps = len(runnable) * (args.warmup + args.repeats)
+    bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=args.no_progress)
+    with torch.inference_mode():
+        for config in runnable:  # warm-up per configuration, and the token counts
+            activate(model, config)
+            bar.set_postfix_str(config.name)
+            for _ in range(args.warmup):
+                timed_run(model, inputs, clock, mark, args.decode_tokens)
+                bar.update()
+            output = prefill(model, inputs)
+            config.counts = token_counts(model, inputs, output, config)
+            del output
+        for _ in range(args.repeats):  # interleaved rounds
+            for config in runnable:
+                activate(model, config)
+                bar.set_postfix_str(config.name)
+                times, output = timed_run(model, inputs, clock, mark, args.decode_tokens)
+                del output
+                config.runs.append(times)
+                bar.update()
+        bar.close()
+        for config in configs:
+            hybrid = config.hybrid
+            row = dict(
+                config=config.name, status=config.status, method=config.method, note=config.note,
+                fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=getattr(hybrid, "fastv_layer", None) if getattr(hybrid, "prunes", False) else None,
+                scoring=getattr(hybrid, "scoring", None) if getattr(hybrid, "prunes", False) else None,
+                position_mode=getattr(hybrid, "position_mode", None), dymu=getattr(hybrid, "dymu", None),
+                batch_size=args.batch_size, text_tokens=text_tokens, repeats=len(config.runs),
+            )  # fmt: skip
+            config.row = row
+            if config.status != "ok":
+                continue
+            activate(model, config)
+            for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
+                row[key] = _median([run[key] for run in config.runs if key in run])
+            prefill_times = [run["prefill_ms"] for run in config.runs]
+            row.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=config.runs)
+            counts = config.counts
+            row.update(
+                visual_in=statistics.mean(counts["visual"]), visual_kept=statistics.mean(counts["visual_kept"]),
+                llm_tokens_in=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual"])),
+                llm_tokens_kept=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
+                per_sample_counts=dict(counts),
+            )  # fmt: skip
+            macs = theory(shape, counts, config, args.decode_tokens, args.batch_size, bytes_per_element)
+            row.update(
+                vision_gmacs=macs["vision"] / 1e9, llm_prefill_gmacs=macs["llm"] / 1e9, prefill_gmacs=macs["prefill"] / 1e9,
+                decode_gmacs_per_token=macs["decode"] / 1e9 if args.decode_tokens else math.nan,
+                kv_cache_mb_theory=macs["kv"] / 2**20,
+                llm_prefill_gmacs_per_s=macs["llm"] / 1e9 / (row["llm_prefill_ms"] / 1e3) if row.get("llm_prefill_ms") else math.nan,
+            )  # fmt: skip
+            if config.hybrid is not None and config.hybrid.dymu:
+                row["note"] = (
+                    "vision MACs at the merged per-layer CLIP counts (ideal: a static-shape tower computes every slot)"
+                    if counts["vit_counts"] is not None
+                    else "vision MACs counted unmerged: no per-layer CLIP counts available"
+                )
+            if not args.no_memory:
+                row["peak_mem_mb"], row["peak_mem_abs_mb"], row["mem_kind"] = measure_memory(
+                    model, inputs, device, args.decode_tokens
+                )
+            else:
+                row["peak_mem_mb"] = row["peak_mem_abs_mb"] = math.nan
+                row["mem_kind"] = "skipped"
+            row["sync_debug"] = sync_debug_check(model, inputs, device) if args.sync_debug else "not run"
+    mark.remove()
+
+    rows = summarize(configs, args.baseline)
+    for row in rows:
+        for column in CSV_COLUMNS:
+            row.setdefault(column, math.nan if column.endswith(("_ms", "_mb", "_ratio", "_theory", "_gmacs")) else None)
+    meta = environment(device, args)
+    meta.update(
+        preset=None if args.model else args.preset, model=args.model, dtype=str(dtype).replace("torch.", ""),
+        batch_size=args.batch_size, text_tokens=text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        warmup=args.warmup, baseline=args.baseline, shape=_shape_dict(shape),
+        conventions="MACs per batch; causal attention (n(n+1)/2 pairs); lm_head on the last prompt token; see hybrid_vlm.flops",
+    )  # fmt: skip
+    print(
+        f"# {meta['device']} {meta.get('gpu') or meta['cpu']} | torch {meta['torch']} transformers {meta['transformers']} "
+        f"| threads {meta['torch_threads']} | {meta['preset'] or meta['model']} {meta['dtype']} batch {args.batch_size} "
+        f"| text {text_tokens} tokens | median of {args.repeats} after {args.warmup} warm-up"
+    )
+    print_table(rows)
+    if args.out:
+        write_outputs(Path(args.out), rows, meta)
+        print(f"# wrote {Path(args.out) / 'bench.csv'} and bench.json")
+    return rows
+
+
+def _shape_dict(shape) -> dict:
+    from dataclasses import asdict
+
+    return asdict(shape)
+
+
+if __name__ == "__main__":
+    main()

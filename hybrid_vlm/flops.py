@@ -1,0 +1,408 @@
+"""Theoretical multiply-accumulates (MACs) of LLaVA-1.5 with and without visual-token reduction.
+
+Pure arithmetic: ints and floats in, ints or floats out; no torch, no model. One MAC = one
+multiply-add = 2 FLOPs (multiply by 2 to compare with FLOP counters such as
+`torch.utils.flop_counter.FlopCounterMode`, which reports FLOPs).
+
+Conventions (kept consistent with /work/shared/notes/facts.md, "Llama MACs per layer ~ 4nd^2 +
+3ndm + n^2 d"):
+
+- Only matrix products count: Q/K/V/O and MLP projections, attention scores (Q K^T) and the
+  weighted sum (P V), the CLIP patch-embedding convolution, the projector, the lm_head. Norms,
+  RoPE, softmax, activations, residual adds, embeddings lookups and gathers count zero.
+- Llama layer, n new tokens over c cached keys, hidden d, MLP width m, query width d_q = heads x
+  head_dim, key/value width d_kv = kv_heads x head_dim (GQA; d_q = d_kv = d for MHA):
+      q, o: 2 n d d_q      k, v: 2 n d d_kv      gated MLP (gate, up, down): 3 n d m
+      attention: 2 d_q x (query-key pairs)   (Q K^T and P V, d_q MACs per pair each)
+  With attention="causal" (the default, the theoretical count) the pairs are the causal triangle:
+  n c + n (n + 1) / 2, so a prefill costs ~ n^2 d_q, which is the facts file's "n^2 d" term, and
+  prefill(n) + decode(one token over n cached) == prefill(n + 1) exactly.
+  With attention="dense" the pairs are n (c + n): what a masked SDPA kernel actually multiplies
+  (it does not skip the masked half) and what FlopCounterMode counts for SDPA's math path.
+- CLIP ViT layer (bidirectional, no mask, non-gated MLP), n tokens (576 patches + CLS):
+      q, k, v, o: 4 n D^2      MLP: 2 n D M      attention: 2 n^2 D   (all n^2 pairs are needed)
+  plus the patch embedding (a 14 x 14 x 3 -> D convolution per patch). Stock LLaVA runs all 24
+  CLIP layers although it reads hidden_states[-2]: `vit_macs` counts every layer that runs.
+  DyMU merges inside a layer after attention and before the MLP: the layer's attention and Q/K/V/O
+  run at its input count, its MLP at its output count. DyMU's matching (a (n/2)^2 x head_dim
+  similarity per layer) is not counted.
+- Projector (LLaVA-1.5 mlp2x_gelu): n_visual (D d + d^2).
+- lm_head: on the last prompt token only, as generate() does (logits_to_keep=1), per sample.
+- FastV: layers < fastv_layer run at all n prompt tokens, layers >= fastv_layer at the kept n'.
+  The "row" scorer adds one attention row at layer fastv_layer - 1 (n d_q MACs; Q K^T only);
+  "eager" scoring materialises the whole matrix, which is the dense count (no extra term).
+- Decode: one new token per sample per step; each layer attends to its own cache plus the new
+  token (layers >= fastv_layer hold only the kept tokens).
+- Batches: every count is per sample; multiply by the batch size (padding is not modelled).
+
+    python -m hybrid_vlm.flops      # prints the LLaVA-1.5-7B check against the facts file
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+ATTENTION_CONVENTIONS = ("causal", "dense")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int | None = None  # default hidden // heads
+    vocab: int = 32064
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden // self.heads
+
+    @property
+    def d_q(self) -> int:
+        return self.heads * self.dim_head
+
+    @property
+    def d_kv(self) -> int:
+        return self.kv_heads * self.dim_head
+
+
+@dataclass(frozen=True)
+class VitShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    image_size: int = 336
+    patch_size: int = 14
+    channels: int = 3
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens(self) -> int:  # patches + CLS
+        return self.patches + 1
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    llm: LlamaShape
+    vit: VitShape
+    vision_feature_layer: int = -2  # which CLIP hidden state LLaVA reads (informational)
+
+    @property
+    def visual_tokens(self) -> int:  # "default" feature selection drops the CLS token
+        return self.vit.patches
+
+    @property
+    def vit_layers_read(self) -> int:
+        """CLIP layers up to the one LLaVA reads (23 of 24 for LLaVA-1.5; DyMU's loop runs only these)."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vit.layers + 1 + layer
+
+
+LLAVA_15_7B = LlavaShape(
+    llm=LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32064),
+    vit=VitShape(hidden=1024, intermediate=4096, layers=24, heads=16, image_size=336, patch_size=14),
+)
+LLAVA_15_13B = LlavaShape(
+    llm=LlamaShape(hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40, vocab=32064),
+    vit=LLAVA_15_7B.vit,
+)
+
+
+def shape_from_config(config) -> LlavaShape:
+    """LlavaShape of a transformers LlavaConfig (or anything with the same attributes)."""
+    text, vision = config.text_config, config.vision_config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None)
+    return LlavaShape(
+        llm=LlamaShape(
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=None if head_dim in (None, text.hidden_size // heads) else head_dim,
+            vocab=text.vocab_size,
+        ),
+        vit=VitShape(
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            layers=vision.num_hidden_layers,
+            heads=vision.num_attention_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            channels=getattr(vision, "num_channels", 3),
+        ),
+        vision_feature_layer=getattr(config, "vision_feature_layer", -2),
+    )
+
+
+# ----------------------------------------------------------------------------------------- LLM
+
+
+def attention_pairs(n: int, cached: int = 0, attention: str = "causal") -> int:
+    """Query-key pairs of n new queries over `cached` earlier keys plus themselves."""
+    if attention == "causal":
+        return n * cached + n * (n + 1) // 2
+    if attention == "dense":
+        return n * (cached + n)
+    raise ValueError(f"attention={attention!r}: use one of {ATTENTION_CONVENTIONS}")
+
+
+def llama_linear_macs(n: int, shape: LlamaShape) -> int:
+    """Q/K/V/O + gated MLP of one Llama layer for n tokens (no attention term)."""
+    d = shape.hidden
+    return n * (2 * d * shape.d_q + 2 * d * shape.d_kv + 3 * d * shape.intermediate)
+
+
+def llama_layer_macs(n: int, shape: LlamaShape, cached: int = 0, attention: str = "causal") -> int:
+    """One Llama decoder layer on n new tokens with `cached` keys already in its cache.
+
+    For MHA and attention="causal" with no cache: 4 n d^2 + 3 n d m + n (n + 1) d.
+    """
+    return llama_linear_macs(n, shape) + 2 * shape.d_q * attention_pairs(n, cached, attention)
+
+
+def lm_head_macs(shape: LlamaShape, tokens: int = 1) -> int:
+    return tokens * shape.hidden * shape.vocab
+
+
+def llm_prefill_macs(
+    shape: LlamaShape,
+    tokens: int,
+    kept: int | None = None,
+    fastv_layer: int = 2,
+    attention: str = "causal",
+    scoring: str | None = "row",
+    lm_head_tokens: int = 1,
+) -> int:
+    """Prefill of the LLM for one sample with `tokens` prompt tokens (text + visual entering it).
+
+    kept: tokens that layers >= fastv_layer see (None or == tokens: no FastV pruning).
+    scoring: "row" adds FastV's one attention row at layer fastv_layer - 1 when pruning; "eager"
+        or None add nothing (see the module docstring).
+    lm_head_tokens: 1 = generate()'s logits_to_keep=1; 0 to leave the head out.
+    """
+    prunes = kept is not None and kept < tokens
+    if not prunes:
+        total = shape.layers * llama_layer_macs(tokens, shape, attention=attention)
+    else:
+        if not 1 <= fastv_layer < shape.layers:
+            raise ValueError(f"fastv_layer={fastv_layer} outside 1..{shape.layers - 1}")
+        total = fastv_layer * llama_layer_macs(tokens, shape, attention=attention)
+        total += (shape.layers - fastv_layer) * llama_layer_macs(kept, shape, attention=attention)
+        if scoring == "row":
+            total += tokens * shape.d_q
+    return total + lm_head_macs(shape, lm_head_tokens)
+
+
+def llm_decode_macs(
+    shape: LlamaShape,
+    cache_tokens: int,
+    cache_tokens_kept: int | None = None,
+    fastv_layer: int = 2,
+    attention: str = "causal",
+    lm_head: bool = True,
+) -> int:
+    """One decode step (one new token per sample) over per-layer caches.
+
+    Layers < fastv_layer hold `cache_tokens` keys, layers >= fastv_layer `cache_tokens_kept`
+    (default: the same). Attention pairs are cache + 1 in both conventions.
+    """
+    kept = cache_tokens if cache_tokens_kept is None else cache_tokens_kept
+    split = fastv_layer if kept != cache_tokens else shape.layers
+    total = split * llama_layer_macs(1, shape, cached=cache_tokens, attention=attention)
+    total += (shape.layers - split) * llama_layer_macs(1, shape, cached=kept, attention=attention)
+    return total + (lm_head_macs(shape, 1) if lm_head else 0)
+
+
+def llm_decode_macs_mean(
+    shape: LlamaShape,
+    prompt_tokens: int,
+    prompt_tokens_kept: int | None = None,
+    steps: int = 1,
+    fastv_layer: int = 2,
+    attention: str = "causal",
+) -> float:
+    """Mean MACs per decode step over `steps` steps after a prefill (caches grow by one each step)."""
+    kept = prompt_tokens if prompt_tokens_kept is None else prompt_tokens_kept
+    total = sum(
+        llm_decode_macs(shape, prompt_tokens + t, kept + t, fastv_layer=fastv_layer, attention=attention)
+        for t in range(steps)
+    )
+    return total / steps
+
+
+def kv_cache_bytes(
+    shape: LlamaShape,
+    cache_tokens: int,
+    cache_tokens_kept: int | None = None,
+    fastv_layer: int = 2,
+    bytes_per_element: int = 2,
+    batch: int = 1,
+) -> int:
+    """Size of the K and V caches: layers < fastv_layer hold cache_tokens, the rest the kept count."""
+    kept = cache_tokens if cache_tokens_kept is None else cache_tokens_kept
+    split = fastv_layer if kept != cache_tokens else shape.layers
+    tokens = split * cache_tokens + (shape.layers - split) * kept
+    return 2 * tokens * shape.d_kv * bytes_per_element * batch
+
+
+# ------------------------------------------------------------------------------------ vision
+
+
+def vit_layer_macs(n_in: int, shape: VitShape, n_out: int | None = None) -> int:
+    """One CLIP encoder layer: attention at n_in tokens, MLP at n_out (DyMU merges in between)."""
+    n_out = n_in if n_out is None else n_out
+    d = shape.hidden
+    return 4 * n_in * d * d + 2 * n_in * n_in * d + 2 * n_out * d * shape.intermediate
+
+
+def patch_embed_macs(shape: VitShape) -> int:
+    return shape.patches * shape.channels * shape.patch_size**2 * shape.hidden
+
+
+def vit_macs(
+    shape: VitShape,
+    counts: Sequence[int] | None = None,
+    layers_run: int | None = None,
+    patch_embed: bool = True,
+) -> int:
+    """The CLIP tower for one image.
+
+    counts: tokens (CLS included) leaving each layer, as DyMU reports them; None = no merging.
+    layers_run: encoder layers that run (default all: stock LLaVA runs the last one too, unused).
+    """
+    layers_run = shape.layers if layers_run is None else layers_run
+    if counts is not None and len(counts) < layers_run:
+        raise ValueError(f"{len(counts)} per-layer counts for {layers_run} layers")
+    total = patch_embed_macs(shape) if patch_embed else 0
+    n = shape.tokens
+    for layer in range(layers_run):
+        n_out = n if counts is None else int(counts[layer])
+        total += vit_layer_macs(n, shape, n_out)
+        n = n_out
+    return total
+
+
+def projector_macs(visual_tokens: int, vision_hidden: int, text_hidden: int) -> int:
+    return visual_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
+
+
+# ------------------------------------------------------------------------------- whole model
+
+
+@dataclass(frozen=True)
+class PrefillMacs:
+    """Per-sample prefill MACs by stage (one image per sample)."""
+
+    vision: int  # CLIP tower incl. patch embedding
+    projector: int
+    llm: int  # decoder layers (+ FastV scoring row)
+    lm_head: int
+
+    @property
+    def vision_total(self) -> int:  # what runs before the LLM
+        return self.vision + self.projector
+
+    @property
+    def llm_total(self) -> int:
+        return self.llm + self.lm_head
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm + self.lm_head
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vision=self.vision, projector=self.projector, llm=self.llm, lm_head=self.lm_head, total=self.total)
+
+
+def prefill_macs(
+    shape: LlavaShape,
+    text_tokens: int,
+    visual_tokens: int | None = None,
+    visual_kept: int | None = None,
+    fastv_layer: int = 2,
+    vit_counts: Sequence[int] | None = None,
+    attention: str = "causal",
+    scoring: str | None = "row",
+    lm_head_tokens: int = 1,
+    vit_layers_run: int | None = None,
+) -> PrefillMacs:
+    """Prefill of one sample, any method:
+
+    - vanilla: visual_tokens=None (576), visual_kept=None
+    - FastV:   visual_kept = kept visual tokens (layers >= fastv_layer see text + kept)
+    - DyMU:    visual_tokens = merged count entering the LLM (all layers run at it), vit_counts =
+               per-layer CLIP counts (None: the tower is counted unmerged), vit_layers_run =
+               shape.vit_layers_read (DyMU's loop skips the last, unread layer)
+    - hybrid:  both
+    vit_layers_run: CLIP layers that run (default all, as stock LLaVA does).
+    """
+    attention_check(attention)
+    visual = shape.visual_tokens if visual_tokens is None else visual_tokens
+    tokens = text_tokens + visual
+    kept = None if visual_kept is None else text_tokens + visual_kept
+    llm = llm_prefill_macs(
+        shape.llm, tokens, kept, fastv_layer=fastv_layer, attention=attention, scoring=scoring, lm_head_tokens=0
+    )
+    return PrefillMacs(
+        vision=vit_macs(shape.vit, vit_counts, vit_layers_run),
+        projector=projector_macs(visual, shape.vit.hidden, shape.llm.hidden),
+        llm=llm,
+        lm_head=lm_head_macs(shape.llm, lm_head_tokens),
+    )
+
+
+def attention_check(attention: str) -> None:
+    if attention not in ATTENTION_CONVENTIONS:
+        raise ValueError(f"attention={attention!r}: use one of {ATTENTION_CONVENTIONS}")
+
+
+def ratio(value: float, baseline: float) -> float:
+    """value / baseline (nan when the baseline is zero)."""
+    return value / baseline if baseline else float("nan")
+
+
+def facts_check(shape: LlavaShape = LLAVA_15_7B, keeps: Sequence[int] = (288, 144, 64)) -> dict:
+    """The facts-file numbers: LLaVA-1.5-7B, 636 tokens (5 + 576 + 55), FastV at layer 2."""
+    text = 60
+    vanilla = prefill_macs(shape, text)
+    out = {
+        "vanilla_llm_tmacs": vanilla.llm_total / 1e12,
+        "vanilla_total_tmacs": vanilla.total / 1e12,
+        "clip_share_of_prefill": vit_macs(shape.vit, patch_embed=False)
+        / (vit_macs(shape.vit, patch_embed=False) + vanilla.llm_total),
+        "vision_share_of_prefill": vanilla.vision_total / vanilla.total,
+        "llm_ratio": {},
+        "total_ratio": {},
+    }
+    for keep in keeps:
+        fastv = prefill_macs(shape, text, visual_kept=keep)
+        out["llm_ratio"][keep] = ratio(fastv.llm_total, vanilla.llm_total)
+        out["total_ratio"][keep] = ratio(fastv.total, vanilla.total)
+    return out
+
+
+def main() -> None:
+    check = facts_check()
+    print("LLaVA-1.5-7B, 60 text + 576 visual tokens, causal attention, lm_head on the last token")
+    print(f"  vanilla LLM prefill  {check['vanilla_llm_tmacs']:.3f} TMACs")
+    print(f"  vanilla prefill      {check['vanilla_total_tmacs']:.3f} TMACs (with CLIP, patch embed, projector)")
+    print(f"  CLIP encoder share   {check['clip_share_of_prefill']:.2%} (24 layers, of encoder + LLM)")
+    print(f"  vision share         {check['vision_share_of_prefill']:.2%} (encoder + patch embed + projector)")
+    for keep in check["llm_ratio"]:
+        print(
+            f"  FastV K=2 keep {keep:3d}: LLM ratio {check['llm_ratio'][keep]:.3f}, "
+            f"with vision {check['total_ratio'][keep]:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

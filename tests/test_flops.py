@@ -1,0 +1,151 @@
+"""hybrid_vlm.flops against an independent count (FlopCounterMode on real modules) and the facts file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from hybrid_vlm import HybridConfig, apply_hybrid, flops
+from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+# ----------------------------------------------------------------------------- pure arithmetic
+
+
+def test_facts_file_fastv_ratios():
+    """facts.md: LLaVA-1.5-7B, 636 tokens, FastV K=2 keeping 288/144/64 -> 0.573 / 0.361 / 0.243."""
+    check = flops.facts_check()
+    for keep, expected in {288: 0.573, 144: 0.361, 64: 0.243}.items():
+        assert check["llm_ratio"][keep] == pytest.approx(expected, abs=5e-4)
+    # facts.md: "the CLIP tower is ~4.4% of prefill MACs" (24 bidirectional layers of encoder + LLM)
+    assert check["clip_share_of_prefill"] == pytest.approx(0.044, abs=1e-3)
+
+
+def test_llama_layer_matches_the_facts_formula():
+    shape = flops.LLAVA_15_7B.llm
+    d, m = shape.hidden, shape.intermediate
+    for n in (1, 60, 636):
+        assert flops.llama_layer_macs(n, shape) == 4 * n * d * d + 3 * n * d * m + n * (n + 1) * d
+        assert flops.llama_layer_macs(n, shape, attention="dense") == 4 * n * d * d + 3 * n * d * m + 2 * n * n * d
+
+
+def test_gqa_projection_widths():
+    shape = flops.LlamaShape(hidden=256, intermediate=512, layers=2, heads=8, kv_heads=2)
+    n = 10
+    assert flops.llama_linear_macs(n, shape) == n * (2 * 256 * 256 + 2 * 256 * 64 + 3 * 256 * 512)
+
+
+def test_prefill_plus_decode_is_a_longer_prefill():
+    shape = flops.LLAVA_15_7B.llm
+    n = 636
+    one_step = flops.llm_decode_macs(shape, n, lm_head=False)
+    assert flops.llm_prefill_macs(shape, n, lm_head_tokens=0) + one_step == flops.llm_prefill_macs(
+        shape, n + 1, lm_head_tokens=0
+    )
+
+
+def test_method_orderings_and_dymu_counts():
+    shape = flops.LLAVA_15_7B
+    vanilla = flops.prefill_macs(shape, 60)
+    fastv = flops.prefill_macs(shape, 60, visual_kept=144)
+    dymu = flops.prefill_macs(shape, 60, visual_tokens=195, vit_counts=[577 - 16 * (i + 1) for i in range(24)])
+    hybrid = flops.prefill_macs(shape, 60, visual_tokens=195, visual_kept=64, vit_counts=[577 - 16 * (i + 1) for i in range(24)])
+    assert hybrid.total < dymu.total < vanilla.total and fastv.total < vanilla.total
+    assert dymu.vision < vanilla.vision and fastv.vision == vanilla.vision
+    assert flops.vit_macs(shape.vit, [577] * 24) == flops.vit_macs(shape.vit)
+    # DyMU merges after attention: layer 0 attends at 577 tokens, its MLP runs at the merged count
+    assert flops.vit_layer_macs(577, shape.vit, 300) < flops.vit_layer_macs(577, shape.vit)
+    # decode: pruned layers hold shorter caches
+    assert flops.llm_decode_macs(shape.llm, 636, 124) < flops.llm_decode_macs(shape.llm, 636)
+    assert flops.kv_cache_bytes(shape.llm, 636, 124) < flops.kv_cache_bytes(shape.llm, 636)
+
+
+# ---------------------------------------------------------------- against FlopCounterMode
+# FlopCounterMode counts FLOPs (2 per MAC) of mm/bmm/addmm/convolution. On CPU it counts nothing
+# for SDPA's fused kernel (aten._scaled_dot_product_flash_attention_for_cpu has no formula), so
+# the count runs under the MATH backend, which decomposes attention into bmm's over every
+# query-key pair: that is the formula's attention="dense" convention. The LLM part is the total
+# minus the vision tower and projector modules (the hybrid forward calls layer internals directly).
+
+ROOT = "HybridLlavaForConditionalGeneration"
+
+
+def counted_macs(model, **forward_kwargs) -> tuple[dict, object]:
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, depth=None) as counter:
+        output = model(**forward_kwargs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+
+    def module(name):
+        return sum(counts.get(f"{root}.{name}", {}).values()) // 2
+
+    total = counter.get_total_flops() // 2
+    vision, projector = module("model.vision_tower"), module("model.multi_modal_projector")
+    return dict(vision=vision, projector=projector, llm=total - vision - projector), output
+
+
+_MODELS: dict = {}
+
+
+def tiny_model(**shape):
+    """A tiny LLaVA (built once per shape), its inputs, the text-token count and its LlavaShape."""
+    key = tuple(sorted(shape.items()))
+    if key not in _MODELS:
+        model, processor = build_tiny_llava(**shape)
+        prompt = "USER: <image>\n" + "describe this picture briefly " * 8 + "ASSISTANT:"
+        inputs = processor(images=[synthetic_image(0)], text=[prompt], return_tensors="pt")
+        text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+        _MODELS[key] = model, inputs, text, flops.shape_from_config(model.config)
+    return _MODELS[key]
+
+
+GQA = dict(text_layers=4, kv_heads=2)  # grouped-query attention, head_dim 32
+WIDER = dict(text_layers=6, kv_heads=4, text_hidden=192)  # MHA, head_dim 48
+
+
+@pytest.mark.parametrize(
+    "dims, hybrid",
+    [
+        (GQA, None),
+        (GQA, HybridConfig()),
+        (GQA, HybridConfig(fastv_k=64)),
+        (GQA, HybridConfig(fastv_k=0.5, fastv_layer=1, scoring="eager")),
+        (WIDER, HybridConfig(fastv_k=144, fastv_layer=3)),
+    ],
+    ids=["stock", "vanilla", "fastv-k64", "fastv-r0.5-l1-eager", "wider-fastv-k144-l3"],
+)
+def test_prefill_and_decode_match_flop_counter(dims, hybrid):
+    model, inputs, text, shape = tiny_model(**dims)
+    if hybrid is not None:
+        apply_hybrid(model, hybrid)
+    else:
+        from transformers import LlavaForConditionalGeneration
+
+        model.__class__ = LlavaForConditionalGeneration
+    counted, output = counted_macs(model, **inputs, use_cache=True, logits_to_keep=1)
+
+    keep = None
+    if hybrid is not None and hybrid.prunes:
+        state = output.past_key_values.hybrid_state
+        keep = int(state.prompt_tokens_kept[0]) - text
+        assert keep == (hybrid.fastv_k if isinstance(hybrid.fastv_k, int) else 288)
+    expected = flops.prefill_macs(
+        shape, text, visual_kept=keep, fastv_layer=getattr(hybrid, "fastv_layer", 2), attention="dense",
+        scoring=getattr(hybrid, "scoring", None),
+    )  # fmt: skip
+    assert counted["vision"] == expected.vision
+    assert counted["projector"] == expected.projector
+    assert counted["llm"] == pytest.approx(expected.llm_total, rel=1e-9)
+
+    # one decode step over the (per-layer) caches
+    token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+    counted_step, _ = counted_macs(
+        model, input_ids=token, attention_mask=mask, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1
+    )
+    prompt = text + 576
+    kept = prompt if keep is None else text + keep
+    step = flops.llm_decode_macs(shape.llm, prompt, kept, fastv_layer=getattr(hybrid, "fastv_layer", 2), attention="dense")
+    assert counted_step["llm"] == step
+    assert counted_step["vision"] == 0
