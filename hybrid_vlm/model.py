@@ -28,6 +28,7 @@ from .hf_compat import (
     Cache,
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
+    dymu_image_features,
     llama_layer_forward,
     llava_parts,
     new_cache,
@@ -163,8 +164,6 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if state is not None:
                 raise NotImplementedError("images are only supported in the first forward over a cache")
             if config.dymu is not None:
-                from .hf_compat.clip import dymu_image_features
-
                 merged = dymu_image_features(self, pixel_values.to(self.dtype), self.hybrid_thresholds.to(device))
                 features, slot_valid = merged.features, merged.valid  # [images, 576, hidden], [images, 576]
             else:
@@ -215,10 +214,10 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if fastv_query_index is None:
                 steps = torch.arange(length, device=device)
                 score_query_index = (new_valid.long() * steps).amax(dim=1)
-            elif entered_positions is None:
-                score_query_index = torch.as_tensor(fastv_query_index, device=device).long().expand(batch)
             else:
-                raise NotImplementedError("fastv_query_index is not supported together with DyMU")
+                score_query_index = torch.as_tensor(fastv_query_index, device=device).long().expand(batch)
+                if entered_positions is not None:  # a prompt position -> its index after DyMU compaction
+                    score_query_index = (entered_positions == score_query_index[:, None]).long().argmax(dim=1)
             if entered_positions is not None:
                 keep_per_sample = visual_keep_counts(new_valid.gather(1, visual_positions).sum(dim=1), config.fastv_k)
 
@@ -297,7 +296,7 @@ def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | No
         raise TypeError(f"apply_hybrid patches LlavaForConditionalGeneration itself, not the subclass {type(model).__name__}")
     config = HybridConfig.from_env() if config is None else config
     if config.dymu is not None:
-        from .dymu import load_thresholds
+        from .calibrate import load_thresholds
 
         model.hybrid_thresholds = load_thresholds(config.dymu, model)  # [merging layers], validated for this model
     num_layers = len(llava_parts(model).layers)

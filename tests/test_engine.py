@@ -186,15 +186,19 @@ def test_eager_scoring_ablation_gives_same_result(tiny):
 
 @torch.no_grad()
 def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
-    """Recompute the whole pruned model at every step, scoring with the last prompt token."""
+    """Recompute the whole pruned model at every step, scoring with the last prompt token.
+
+    End-of-sequence is suppressed, as generate(min_new_tokens=steps) does on the cached side.
+    """
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     last_prompt_token = input_ids.shape[1] - 1
     for _ in range(steps):
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
             use_cache=False, fastv_query_index=last_prompt_token,
-        ).logits
-        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        ).logits[:, -1]
+        logits[:, model.generation_config.eos_token_id] = float("-inf")
+        next_token = logits.argmax(dim=-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_token], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
     return input_ids

@@ -31,6 +31,7 @@ def check_transformers_version(version: str | None = None) -> None:
 
 check_transformers_version()
 
+from .clip import DymuImageFeatures, dymu_image_features, vision_fingerprint  # noqa: E402
 from .llava import (  # noqa: E402
     Cache,
     DynamicCache,
@@ -46,13 +47,16 @@ from .llava import (  # noqa: E402
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "Cache",
+    "DymuImageFeatures",
     "DynamicCache",
     "LlavaCausalLMOutputWithPast",
     "LlavaForConditionalGeneration",
     "LlavaParts",
     "check_transformers_version",
+    "dymu_image_features",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
     "stock_image_features",
+    "vision_fingerprint",
 ]

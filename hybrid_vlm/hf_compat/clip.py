@@ -1,0 +1,329 @@
+"""transformers internals used by the vision side: the CLIP tower LLaVA reads, driven layer by layer
+with DyMU merging (`hybrid_vlm.dymu` holds the maths; this file knows the module names).
+
+`dymu_image_features(model, pixel_values, thresholds)` replaces `model.model.get_image_features`:
+it runs the CLIP layers up to the one LLaVA reads (never the unused last layer) and, in each, merges
+tokens after attention and before the MLP. Static shapes and no host syncs unless `compact=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transformers import LlavaForConditionalGeneration
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
+
+from ..dymu import (
+    MergeState,
+    attention_bias,
+    bipartite_scores,
+    compact as compact_slots,
+    merge_tokens,
+    place_tokens,
+    threshold_merge_mask,
+)
+
+__all__ = [
+    "DymuImageFeatures",
+    "VisionParts",
+    "bench_vision",
+    "clip_layer_attention",
+    "clip_layer_mlp",
+    "dymu_image_features",
+    "merging_layer_count",
+    "merging_vision_forward",
+    "vision_fingerprint",
+    "vision_parts",
+]
+
+# select(layer_index, node_max [B, N], state) -> merge mask [B, N] bool
+MergeSelector = Callable[[int, torch.Tensor, MergeState], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VisionParts:
+    """The modules of a llava-hf LLaVA's CLIP tower that the merging loop drives."""
+
+    embeddings: nn.Module  # CLIPVisionEmbeddings: pixel_values -> [B, 1 + P, C] (CLS first)
+    pre_layernorm: nn.LayerNorm
+    layers: list[CLIPEncoderLayer]  # only the layers LLaVA reads, in order
+    projector: nn.Module  # LlavaMultiModalProjector, per token
+    grid_width: int  # patches per row (24 for 336 px / 14 px)
+    num_patches: int
+    prefix: int  # tokens before the patches (CLS): 1
+
+
+def vision_parts(model: LlavaForConditionalGeneration) -> VisionParts:
+    tower = model.model.vision_tower
+    if not isinstance(tower, CLIPVisionModel):
+        raise TypeError(f"DyMU merging supports a CLIPVisionModel vision tower, found {type(tower).__name__}")
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise NotImplementedError(f"DyMU merging needs a single vision_feature_layer, found {layer!r}")
+    if model.config.vision_feature_select_strategy != "default":
+        raise NotImplementedError(
+            f"DyMU merging supports vision_feature_select_strategy='default' (CLS dropped), "
+            f"found {model.config.vision_feature_select_strategy!r}"
+        )
+    all_layers = list(tower.encoder.layers)
+    # hidden_states[k] is the input of layer k (k = 0: the embeddings after pre_layrnorm), so
+    # hidden_states[layer] is the output of the first `used` layers.
+    used = layer if layer >= 0 else len(all_layers) + 1 + layer
+    if not 1 <= used <= len(all_layers):
+        raise ValueError(f"vision_feature_layer={layer} selects no CLIP layer output ({len(all_layers)} layers)")
+    config = tower.config
+    grid_width = config.image_size // config.patch_size
+    return VisionParts(
+        embeddings=tower.embeddings,
+        pre_layernorm=tower.pre_layrnorm,
+        layers=all_layers[:used],
+        projector=model.model.multi_modal_projector,
+        grid_width=grid_width,
+        num_patches=grid_width * grid_width,
+        prefix=1,
+    )
+
+
+def merging_layer_count(model: LlavaForConditionalGeneration) -> int:
+    """How many CLIP layers run (and merge) before the layer LLaVA reads: the thresholds' length."""
+    return len(vision_parts(model).layers)
+
+
+def clip_layer_attention(
+    layer: CLIPEncoderLayer, hidden_states: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half of a CLIPEncoderLayer under an additive SDPA mask (proportional attention).
+
+    hidden_states: [B, N, C]; bias: [B, 1, 1 or N, N] added to the scaled logits, or None. Returns
+    (hidden states after the residual add, merge metric [B, N, head_dim] = keys averaged over heads).
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    head_shape = (batch, length, attention.num_heads, attention.head_dim)
+    normed = layer.layer_norm1(hidden_states)
+    queries = attention.q_proj(normed).view(head_shape).transpose(1, 2)
+    keys = attention.k_proj(normed).view(head_shape).transpose(1, 2)
+    values = attention.v_proj(normed).view(head_shape).transpose(1, 2)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=bias, scale=attention.scale
+    )
+    output = attention.out_proj(output.transpose(1, 2).reshape(batch, length, -1))
+    return hidden_states + output, keys.mean(dim=1)
+
+
+def clip_layer_mlp(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+def merging_vision_forward(
+    model: LlavaForConditionalGeneration,
+    pixel_values: torch.Tensor,
+    select: MergeSelector | None,
+    compact: bool = False,
+) -> tuple[torch.Tensor, MergeState, VisionParts]:
+    """Run the CLIP layers LLaVA reads, merging after each attention with `select`'s mask.
+
+    select None: a plain loop (no scores, no bias, no merging; a timing baseline). compact: after
+    each merge, drop invalid slots down to the batch's longest image (one host read per layer).
+    Returns (hidden states of the read layer [B, N, C], merge state, parts).
+    """
+    parts = vision_parts(model)
+    dtype = parts.embeddings.patch_embedding.weight.dtype
+    hidden_states = parts.pre_layernorm(parts.embeddings(pixel_values.to(dtype)))
+    batch, tokens, _ = hidden_states.shape
+    state = MergeState.initial(batch, tokens, hidden_states.device)
+    for index, layer in enumerate(parts.layers):
+        bias = attention_bias(state, hidden_states.dtype) if select is not None and index > 0 else None
+        hidden_states, metric = clip_layer_attention(layer, hidden_states, bias)
+        if select is not None:
+            node_max, node_idx = bipartite_scores(metric, state.valid, protected=parts.prefix)
+            merge = select(index, node_max, state)
+            hidden_states, state = merge_tokens(hidden_states, state, merge, node_idx)
+            if compact:
+                hidden_states, state = compact_slots(hidden_states, state)
+        hidden_states = clip_layer_mlp(layer, hidden_states)
+    return hidden_states, state, parts
+
+
+@dataclass
+class DymuImageFeatures:
+    """Merged image features on the patch grid (CLS excluded), P = 576 for LLaVA-1.5.
+
+    features: [num_images, P, text_hidden], the projected feature of each surviving token at the
+        slot of its representative patch, zeros elsewhere.
+    valid: [num_images, P] bool, the slot holds a surviving token.
+    sizes: [num_images, P] long, patches covered by the token at that slot (0 where invalid); each
+        row sums to P.
+    coverage: [num_images, P] long, for every patch the slot of the token that covers it (for
+        virtual unmerging or visualisation).
+    num_tokens: [num_images] long, surviving tokens per image (valid.sum(1)).
+    """
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    sizes: torch.Tensor
+    coverage: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def dymu_image_features(
+    model: LlavaForConditionalGeneration,
+    pixel_values: torch.Tensor,
+    thresholds: torch.Tensor,
+    compact: bool = False,
+) -> DymuImageFeatures:
+    """DyMU's merged visual tokens for LLaVA: thresholds [num_merging_layers] float (+inf = never merge).
+
+    With every threshold +inf this equals `model.model.get_image_features` (all slots valid, sizes 1).
+    No host syncs unless `compact` (which physically drops merged tokens after each layer).
+    """
+    parts = vision_parts(model)
+    if thresholds.dim() != 1 or thresholds.shape[0] != len(parts.layers):
+        raise ValueError(
+            f"thresholds must be a 1-D tensor of {len(parts.layers)} values (one per CLIP layer up to the one "
+            f"LLaVA reads), got shape {tuple(thresholds.shape)}"
+        )
+    hidden_device = parts.embeddings.patch_embedding.weight.device
+    thresholds = thresholds.to(device=hidden_device, dtype=torch.float32)
+
+    def select(index: int, node_max: torch.Tensor, state: MergeState) -> torch.Tensor:
+        return threshold_merge_mask(node_max, thresholds[index])
+
+    hidden_states, state, parts = merging_vision_forward(model, pixel_values, select, compact=compact)
+    placed = place_tokens(state, parts.grid_width, parts.prefix)
+    projected = parts.projector(hidden_states[:, parts.prefix:])  # [B, slots - prefix, text_hidden]
+    gather_at = (placed.slot - parts.prefix).clamp_min(0)
+    features = projected.gather(1, gather_at[..., None].expand(-1, -1, projected.shape[-1]))
+    features = features.masked_fill(~placed.valid[..., None], 0.0)
+    return DymuImageFeatures(
+        features=features,
+        valid=placed.valid,
+        sizes=placed.sizes,
+        coverage=placed.coverage,
+        num_tokens=placed.valid.sum(dim=1),
+    )
+
+
+FINGERPRINT_CONFIG_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
+    """Identify the vision tower thresholds were calibrated on: config fields, the layer LLaVA reads,
+    and a SHA-256 over weights that decide merging (embeddings, pre-norm, and in every merging layer
+    layer_norm1, q/k projections). Weights are rounded to bfloat16 on the CPU before hashing, so the
+    same checkpoint loaded in float32, float16 or bfloat16, on any device, gives the same value.
+    (Host syncs: not for forwards.)"""
+    parts = vision_parts(model)
+    config = model.model.vision_tower.config
+    fields = {name: getattr(config, name, None) for name in FINGERPRINT_CONFIG_FIELDS}
+    fields["vision_feature_layer"] = model.config.vision_feature_layer
+    fields["vision_feature_select_strategy"] = model.config.vision_feature_select_strategy
+    fields["merging_layers"] = len(parts.layers)
+    tensors: list[tuple[str, torch.Tensor]] = [
+        ("class_embedding", parts.embeddings.class_embedding),
+        ("patch_embedding", parts.embeddings.patch_embedding.weight),
+        ("position_embedding", parts.embeddings.position_embedding.weight),
+        ("pre_layernorm.weight", parts.pre_layernorm.weight),
+        ("pre_layernorm.bias", parts.pre_layernorm.bias),
+    ]
+    for index, layer in enumerate(parts.layers):
+        tensors += [
+            (f"{index}.layer_norm1.weight", layer.layer_norm1.weight),
+            (f"{index}.layer_norm1.bias", layer.layer_norm1.bias),
+            (f"{index}.k_proj.weight", layer.self_attn.k_proj.weight),
+            (f"{index}.k_proj.bias", layer.self_attn.k_proj.bias),
+            (f"{index}.q_proj.weight", layer.self_attn.q_proj.weight),
+        ]
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        data = tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
+        digest.update(name.encode())
+        digest.update(str(tuple(data.shape)).encode())
+        digest.update(data.numpy().tobytes())
+    shape = "clip-h{hidden_size}-l{num_hidden_layers}-a{num_attention_heads}-i{image_size}-p{patch_size}".format(**fields)
+    fingerprint = f"{shape}-read{fields['merging_layers']}-sha256:{digest.hexdigest()[:20]}"
+    name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "(unnamed model)"
+    return {"name": str(name), "fingerprint": fingerprint, "config": fields}
+
+
+@torch.no_grad()
+def bench_vision(
+    model: LlavaForConditionalGeneration,
+    pixel_values: torch.Tensor,
+    thresholds: torch.Tensor,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict:
+    """Wall-clock time of the vision side (CLIP tower + projector) with and without DyMU merging.
+
+    stock_s: model.model.get_image_features (runs every CLIP layer, the unused last one included).
+    plain_loop_s: this module's loop without merging (layers up to the one LLaVA reads).
+    dymu_static_s: dymu_image_features, static shapes (the default path; no host syncs).
+    dymu_compact_s: dymu_image_features(compact=True), merged tokens dropped after each layer.
+    merge_ops_s: the merging maths alone (scores, merge, bias, placement) on tensors of the real
+        shapes, for every merging layer; merge_overhead_share = merge_ops_s / plain_loop_s.
+    Times are medians of `repeats` runs after `warmup`; noisy on a shared CPU.
+    """
+    from ..dymu import time_call
+
+    parts = vision_parts(model)
+    device = parts.embeddings.patch_embedding.weight.device
+    dtype = parts.embeddings.patch_embedding.weight.dtype
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    thresholds = thresholds.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def stock() -> None:
+        model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
+
+    def plain() -> None:
+        hidden_states, _, _ = merging_vision_forward(model, pixel_values, None)
+        parts.projector(hidden_states[:, parts.prefix:])
+
+    batch = pixel_values.shape[0]
+    tokens = parts.num_patches + parts.prefix
+    hidden = torch.randn(batch, tokens, parts.embeddings.embed_dim, device=device, dtype=dtype)
+    metric = torch.randn(batch, tokens, parts.layers[0].self_attn.head_dim, device=device, dtype=dtype)
+
+    def merge_ops() -> None:
+        state = MergeState.initial(batch, tokens, device)
+        x = hidden
+        for index in range(len(parts.layers)):
+            attention_bias(state, dtype)
+            node_max, node_idx = bipartite_scores(metric, state.valid, protected=parts.prefix)
+            x, state = merge_tokens(x, state, threshold_merge_mask(node_max, thresholds[index]), node_idx)
+        place_tokens(state, parts.grid_width, parts.prefix)
+
+    result = {
+        "batch": batch,
+        "merging_layers": len(parts.layers),
+        "stock_s": time_call(stock, repeats, warmup, sync)["median_s"],
+        "plain_loop_s": time_call(plain, repeats, warmup, sync)["median_s"],
+        "dymu_static_s": time_call(lambda: dymu_image_features(model, pixel_values, thresholds), repeats, warmup, sync)["median_s"],
+        "dymu_compact_s": time_call(
+            lambda: dymu_image_features(model, pixel_values, thresholds, compact=True), repeats, warmup, sync
+        )["median_s"],
+        "merge_ops_s": time_call(merge_ops, repeats, warmup, sync)["median_s"],
+    }
+    counts = dymu_image_features(model, pixel_values, thresholds).num_tokens.float()
+    result["tokens_mean"] = float(counts.mean())
+    result["merge_overhead_share"] = result["merge_ops_s"] / result["plain_loop_s"]
+    return result

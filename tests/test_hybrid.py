@@ -1,0 +1,180 @@
+"""DyMU and DyMU + FastV (the hybrid) through the LLM, against independent references.
+
+The vision side (merging maths, thresholds, calibration) is tested in test_dymu.py. Here the
+merged tokens produced by `dymu_image_features` are the given input, and the question is whether
+the engine's LLM treats them right: a masked-attention reference built from the stock decoder
+layers in eager mode keeps every placeholder slot (merged-away slots and FastV-dropped tokens are
+masked as keys; every token keeps the position id of its placeholder), and the engine, which
+physically drops those slots, must match it. Plus cache == recomputation and batch == per image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.calibrate import calibrate_thresholds
+from hybrid_vlm.config import visual_keep_count
+from hybrid_vlm.dymu import write_threshold_file
+from hybrid_vlm.hf_compat import dymu_image_features, new_cache
+
+from conftest import QUESTIONS, generation_positions, image_inputs
+from test_engine import NEW_TOKENS, REFERENCE_RTOL, eager_copy, greedy_without_cache
+
+import copy
+
+
+@pytest.fixture(scope="module")
+def tiny_thresholds(tiny, tmp_path_factory):
+    """A threshold file for the tiny model, calibrated on synthetic images for ~200 tokens."""
+    model, processor = tiny
+    images = [image_inputs(processor, QUESTIONS[:1], seeds=[seed])["pixel_values"] for seed in range(100, 108)]
+    payload = calibrate_thresholds(model, [torch.cat(images)], target=200, progress=False)
+    path = tmp_path_factory.mktemp("dymu") / "tiny-200.json"
+    write_threshold_file(path, payload)
+    return path
+
+
+def dymu_copy(model, thresholds, **settings):
+    return apply_hybrid(copy.deepcopy(model), HybridConfig(dymu=str(thresholds), **settings))
+
+
+@torch.no_grad()
+def masked_hybrid_reference(model, inputs, thresholds: torch.Tensor, fastv_k, fastv_layer: int):
+    """Stock eager layers over every placeholder slot. Returns (logits [B, L, V], real_kept [B, L])."""
+    reference = eager_copy(model)
+    language_model = reference.model.language_model
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    batch, length = input_ids.shape
+    merged = dymu_image_features(reference, inputs["pixel_values"], thresholds)
+
+    embeds = language_model.embed_tokens(input_ids)
+    is_visual = (input_ids == reference.config.image_token_id).numpy()
+    real = attention_mask.bool().clone()
+    for b in range(batch):
+        slots = np.flatnonzero(is_visual[b])
+        embeds[b, slots] = merged.features[b]
+        real[b, slots] &= merged.valid[b]
+    positions = generation_positions(attention_mask)  # the placeholders' positions: logical RoPE
+    cos_sin = language_model.rotary_emb(embeds, positions)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, None, :]
+
+    kept = real.clone()
+    captured = {}
+    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(weights=output[1])
+    )
+    hidden = embeds
+    for layer_idx, layer in enumerate(language_model.layers):
+        if fastv_k is not None and layer_idx == fastv_layer:
+            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()
+            for b in range(batch):
+                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy())
+                keep = visual_keep_count(len(visual_real), fastv_k)
+                order = np.argsort(-row[b, visual_real], kind="stable")
+                kept[b, visual_real[order[keep:]]] = False
+        layer_allowed = allowed & kept[:, None, :] if fastv_k is not None and layer_idx >= fastv_layer else allowed
+        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
+        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=positions)
+    hook.remove()
+    return reference.lm_head(language_model.norm(hidden)), kept
+
+
+@torch.no_grad()
+def engine_prefill(model, inputs):
+    """(output, real [B, L_kept]): which of the engine's output rows are real tokens."""
+    cache = new_cache(model)
+    out = model(**inputs, past_key_values=cache, use_cache=True)
+    return out, cache.hybrid_state.pruned_key_valid
+
+
+@pytest.mark.parametrize("fastv_k,fastv_layer", [(None, 2), (64, 2), (0.5, 1), (0.75, 3), (300, 2)])
+def test_hybrid_prefill_matches_masked_reference(tiny, tiny_thresholds, fastv_k, fastv_layer):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = dymu_copy(model, tiny_thresholds, fastv_k=fastv_k, fastv_layer=fastv_layer)
+    reference_logits, reference_kept = masked_hybrid_reference(model, inputs, hybrid.hybrid_thresholds, fastv_k, fastv_layer)
+    out, real = engine_prefill(hybrid, inputs)
+
+    engine_kept = torch.zeros_like(reference_kept).scatter(1, out.kept_positions, real)
+    assert torch.equal(engine_kept, reference_kept)
+    expected = reference_logits.gather(1, out.kept_positions[..., None].expand(-1, -1, reference_logits.shape[-1]))
+    assert (out.logits - expected)[real].abs().max() <= REFERENCE_RTOL * expected.abs().max()
+
+
+def test_merged_counts_differ_per_image(tiny, tiny_thresholds):
+    """Guards the batch tests below: the images must merge to different counts."""
+    model, processor = tiny
+    hybrid = dymu_copy(model, tiny_thresholds)
+    merged = dymu_image_features(hybrid, image_inputs(processor, QUESTIONS)["pixel_values"], hybrid.hybrid_thresholds)
+    counts = merged.valid.sum(dim=1).tolist()
+    assert len(set(counts)) == len(counts), counts
+    assert all(100 < c < 400 for c in counts), counts
+
+
+def test_no_merging_thresholds_give_vanilla_logits(tiny, tiny_thresholds):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = dymu_copy(model, tiny_thresholds)
+    hybrid.hybrid_thresholds = torch.full_like(hybrid.hybrid_thresholds, float("inf"))
+    with torch.no_grad():
+        expected = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
+        actual = hybrid(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert actual.shape == expected.shape
+    assert (actual - expected)[real].abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("fastv_k", [None, 64, 0.5])
+def test_hybrid_cached_generation_equals_recomputation(tiny, tiny_thresholds, fastv_k):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = dymu_copy(model, tiny_thresholds, fastv_k=fastv_k)
+    with torch.no_grad():
+        cached = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("fastv_k", [None, 64, 0.5])
+def test_hybrid_batched_generation_equals_each_image_alone(tiny, tiny_thresholds, fastv_k):
+    model, processor = tiny
+    hybrid = dymu_copy(model, tiny_thresholds, fastv_k=fastv_k)
+    with torch.no_grad():
+        batched = hybrid.generate(**image_inputs(processor, QUESTIONS), max_new_tokens=NEW_TOKENS,
+                                  min_new_tokens=NEW_TOKENS, do_sample=False)
+        for i, question in enumerate(QUESTIONS):
+            alone = hybrid.generate(**image_inputs(processor, [question], seeds=[i]), max_new_tokens=NEW_TOKENS,
+                                    min_new_tokens=NEW_TOKENS, do_sample=False)
+            assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+
+
+def test_hybrid_token_counts_on_the_cache(tiny, tiny_thresholds):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = dymu_copy(model, tiny_thresholds, fastv_k=64)
+    merged = dymu_image_features(hybrid, inputs["pixel_values"], hybrid.hybrid_thresholds)
+    _, real = engine_prefill(hybrid, inputs)
+    with torch.no_grad():
+        state = hybrid.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).past_key_values.hybrid_state
+    text_tokens = inputs["attention_mask"].sum(dim=1) - 576
+    assert torch.equal(state.prompt_tokens, text_tokens + merged.valid.sum(dim=1))
+    assert torch.equal(state.prompt_tokens_kept, text_tokens + 64)
+
+
+def test_logical_positions_matter_for_merged_tokens(tiny, tiny_thresholds):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        logical = dymu_copy(model, tiny_thresholds)(**inputs).logits[:, -1]
+        renumbered = dymu_copy(model, tiny_thresholds, position_mode="renumbered")(**inputs).logits[:, -1]
+    assert (logical - renumbered).abs().max() >= 1e-2 * logical.abs().max()
+
+
+def test_threshold_file_for_another_model_is_rejected(tiny_thresholds):
+    from hybrid_vlm.tiny import build_tiny_llava
+
+    other, _ = build_tiny_llava(seed=5)
+    with pytest.raises(ValueError, match="threshold"):
+        apply_hybrid(other, HybridConfig(dymu=str(tiny_thresholds)))
