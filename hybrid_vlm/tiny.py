@@ -7,7 +7,7 @@ which tests of pruning and caching need. The tokenizer is a byte-level BPE train
 built-in corpus. Nothing is downloaded; `ensure_tiny_llava()` saves it with `save_pretrained`
 so everything downstream exercises the real `from_pretrained` path.
 
-    python -m hybrid_vlm.tiny --out DIR
+    python -m hybrid_vlm.tiny --out DIR     # the model, its processor, and DyMU thresholds (mid)
 """
 
 from __future__ import annotations
@@ -151,6 +151,30 @@ def ensure_tiny_llava(path: str | Path | None = None) -> Path:
     return path
 
 
+def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "mid") -> Path:
+    """Calibrate DyMU thresholds for the tiny model once (16 synthetic images) and return the file.
+
+    The same calibration as `python -m hybrid_vlm.calibrate`, without image files on disk.
+    """
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    from .calibrate import calibrate_thresholds, count_summary, measure_token_counts
+    from .dymu import write_threshold_file
+
+    model_dir = ensure_tiny_llava(model_dir)
+    path = model_dir / f"dymu-{target}.json"
+    if path.exists():
+        return path
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    pixel_values = image_processor([synthetic_image(seed) for seed in range(1000, 1016)], return_tensors="pt").pixel_values
+    payload = calibrate_thresholds(model, [pixel_values], target, progress=False)
+    thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
+    payload["achieved"] = count_summary(measure_token_counts(model, [pixel_values], thresholds, progress=False))
+    write_threshold_file(path, payload)
+    return path
+
+
 def synthetic_image(seed: int, size: int = 336) -> Image.Image:
     """A deterministic picture of a few coloured shapes on a gradient: varied content, no download."""
     rng = np.random.default_rng(seed)
@@ -169,7 +193,8 @@ def synthetic_image(seed: int, size: int = 336) -> Image.Image:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory (default: the hybrid_vlm cache)")
-    print(ensure_tiny_llava(parser.parse_args().out))
+    path = ensure_tiny_llava(parser.parse_args().out)
+    print(path, ensure_tiny_thresholds(path), sep="\n")
 
 
 if __name__ == "__main__":
