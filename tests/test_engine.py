@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import copy
-
-import numpy as np
 import pytest
 import torch
 
@@ -21,61 +18,13 @@ from hybrid_vlm.hf_compat import llama_layer_forward
 from hybrid_vlm.model import attention_mask_4d
 
 from conftest import QUESTIONS, chat_prompt, generation_positions, hybrid_copy, image_inputs
+from reference import eager_copy, greedy_without_cache, masked_reference
 
 NEW_TOKENS = 8
 # Eager attention (the reference) and SDPA differ by ~1.7e-5 x the logit scale on this tiny model
 # with NOTHING pruned (measured: 2.4e-4 on a scale of 14.4), so the reference comparison allows 3x
 # that; the renumbered-positions variant must miss the reference by at least 1e-2 x the scale.
 REFERENCE_RTOL = 5e-5
-
-
-def eager_copy(model):
-    reference = copy.deepcopy(model)
-    for config in (reference.config, reference.config.text_config, reference.config.vision_config):
-        config._attn_implementation = "eager"
-    return reference
-
-
-@torch.no_grad()
-def masked_reference(model, inputs, keep: int, fastv_layer: int):
-    """Stock modules, all tokens, original positions; dropped keys masked from `fastv_layer` on.
-
-    Returns (logits [B, L, V], kept [B, L] bool). The kept set is chosen from the stock eager
-    attention weights of layer fastv_layer - 1 (last prompt token, head-averaged) with NumPy.
-    """
-    reference = eager_copy(model)
-    language_model = reference.model.language_model
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    batch, length = input_ids.shape
-    is_visual = input_ids == reference.config.image_token_id
-
-    embeds = language_model.embed_tokens(input_ids)
-    features = torch.cat(list(reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output))
-    embeds = embeds.masked_scatter(is_visual[..., None].expand_as(embeds), features)
-    positions = generation_positions(attention_mask)
-    cos_sin = language_model.rotary_emb(embeds, positions)
-
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal[None] & attention_mask.bool()[:, None, :]
-    kept = torch.ones(batch, length, dtype=torch.bool)
-    captured = {}
-    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
-        lambda module, args, output: captured.update(weights=output[1])
-    )
-    hidden = embeds
-    for layer_idx, layer in enumerate(language_model.layers):
-        if layer_idx == fastv_layer:
-            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
-            for b in range(batch):
-                visual = np.flatnonzero(is_visual[b].numpy())
-                order = np.argsort(-row[b, visual], kind="stable")
-                kept[b, visual] = False
-                kept[b, visual[order[:keep]]] = True
-        layer_allowed = allowed & kept[:, None, :] if layer_idx >= fastv_layer else allowed
-        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
-        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=positions)
-    hook.remove()
-    return reference.lm_head(language_model.norm(hidden)), kept
 
 
 @torch.no_grad()
@@ -126,13 +75,13 @@ def test_text_only_prompt_runs_as_vanilla(tiny):
 def test_pruned_forward_matches_masked_reference(request, model_name, fastv_k, keep, fastv_layer):
     model, processor = request.getfixturevalue(model_name)
     inputs = image_inputs(processor, QUESTIONS)  # left-padded batch of 3
-    reference_logits, reference_kept = masked_reference(model, inputs, keep, fastv_layer)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, fastv_layer)
     with torch.no_grad():
         out = hybrid_copy(model, fastv_k=fastv_k, fastv_layer=fastv_layer)(**inputs)
 
     batch, length = inputs["input_ids"].shape
     assert out.kept_positions.shape == (batch, length - 576 + keep)
-    engine_kept = torch.zeros(batch, length, dtype=torch.bool).scatter(1, out.kept_positions, True)
+    engine_kept = torch.zeros(batch, length, dtype=torch.bool).scatter(1, out.kept_positions, True) & inputs["attention_mask"].bool()
     assert torch.equal(engine_kept, reference_kept)
     expected = reference_logits.gather(1, out.kept_positions[..., None].expand(-1, -1, reference_logits.shape[-1]))
     real = inputs["attention_mask"].bool().gather(1, out.kept_positions)
@@ -143,7 +92,7 @@ def test_renumbered_positions_differ_from_logical(tiny):
     """The ablation must really change something, or the logical-RoPE test proves nothing."""
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS[:1])
-    reference_logits, _ = masked_reference(model, inputs, keep=64, fastv_layer=2)
+    reference_logits, _ = masked_reference(model, inputs, fastv_k=64, fastv_layer=2)
     with torch.no_grad():
         logical = hybrid_copy(model, fastv_k=64)(**inputs).logits[:, -1]
         renumbered = hybrid_copy(model, fastv_k=64, position_mode="renumbered")(**inputs).logits[:, -1]
@@ -182,26 +131,6 @@ def test_eager_scoring_ablation_gives_same_result(tiny):
 
 
 # --- generation: KV cache == recomputation, batch == per sample ------------------------------------
-
-
-@torch.no_grad()
-def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
-    """Recompute the whole pruned model at every step, scoring with the last prompt token.
-
-    End-of-sequence is suppressed, as generate(min_new_tokens=steps) does on the cached side.
-    """
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    last_prompt_token = input_ids.shape[1] - 1
-    for _ in range(steps):
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
-            use_cache=False, fastv_query_index=last_prompt_token,
-        ).logits[:, -1]
-        logits[:, model.generation_config.eos_token_id] = float("-inf")
-        next_token = logits.argmax(dim=-1, keepdim=True)
-        input_ids = torch.cat([input_ids, next_token], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
-    return input_ids
 
 
 @pytest.mark.parametrize("fastv_k", [0, 1, 64, 0.7, None])

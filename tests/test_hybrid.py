@@ -10,20 +10,19 @@ physically drops those slots, must match it. Plus cache == recomputation and bat
 
 from __future__ import annotations
 
-import numpy as np
+import copy
+
 import pytest
 import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds
-from hybrid_vlm.config import visual_keep_count
 from hybrid_vlm.dymu import write_threshold_file
 from hybrid_vlm.hf_compat import dymu_image_features, new_cache
 
 from conftest import QUESTIONS, generation_positions, image_inputs
-from test_engine import NEW_TOKENS, REFERENCE_RTOL, eager_copy, greedy_without_cache
-
-import copy
+from reference import greedy_without_cache, masked_reference
+from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -42,47 +41,6 @@ def dymu_copy(model, thresholds, **settings):
 
 
 @torch.no_grad()
-def masked_hybrid_reference(model, inputs, thresholds: torch.Tensor, fastv_k, fastv_layer: int):
-    """Stock eager layers over every placeholder slot. Returns (logits [B, L, V], real_kept [B, L])."""
-    reference = eager_copy(model)
-    language_model = reference.model.language_model
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    batch, length = input_ids.shape
-    merged = dymu_image_features(reference, inputs["pixel_values"], thresholds)
-
-    embeds = language_model.embed_tokens(input_ids)
-    is_visual = (input_ids == reference.config.image_token_id).numpy()
-    real = attention_mask.bool().clone()
-    for b in range(batch):
-        slots = np.flatnonzero(is_visual[b])
-        embeds[b, slots] = merged.features[b]
-        real[b, slots] &= merged.valid[b]
-    positions = generation_positions(attention_mask)  # the placeholders' positions: logical RoPE
-    cos_sin = language_model.rotary_emb(embeds, positions)
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, None, :]
-
-    kept = real.clone()
-    captured = {}
-    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
-        lambda module, args, output: captured.update(weights=output[1])
-    )
-    hidden = embeds
-    for layer_idx, layer in enumerate(language_model.layers):
-        if fastv_k is not None and layer_idx == fastv_layer:
-            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()
-            for b in range(batch):
-                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy())
-                keep = visual_keep_count(len(visual_real), fastv_k)
-                order = np.argsort(-row[b, visual_real], kind="stable")
-                kept[b, visual_real[order[keep:]]] = False
-        layer_allowed = allowed & kept[:, None, :] if fastv_k is not None and layer_idx >= fastv_layer else allowed
-        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
-        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=positions)
-    hook.remove()
-    return reference.lm_head(language_model.norm(hidden)), kept
-
-
-@torch.no_grad()
 def engine_prefill(model, inputs):
     """(output, real [B, L_kept]): which of the engine's output rows are real tokens."""
     cache = new_cache(model)
@@ -95,7 +53,7 @@ def test_hybrid_prefill_matches_masked_reference(tiny, tiny_thresholds, fastv_k,
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS)
     hybrid = dymu_copy(model, tiny_thresholds, fastv_k=fastv_k, fastv_layer=fastv_layer)
-    reference_logits, reference_kept = masked_hybrid_reference(model, inputs, hybrid.hybrid_thresholds, fastv_k, fastv_layer)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, fastv_layer, hybrid.hybrid_thresholds)
     out, real = engine_prefill(hybrid, inputs)
 
     engine_kept = torch.zeros_like(reference_kept).scatter(1, out.kept_positions, real)
