@@ -92,12 +92,17 @@ class HybridConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
-        """Read FASTV_K, FASTV_LAYER (default 2) and DYMU_THRESHOLDS (a path); keyword overrides win."""
+        """Read FASTV_K, FASTV_LAYER (default 2), DYMU_THRESHOLDS (a path) and HYBRID_POSITIONS
+        (logical | renumbered, default logical); keyword overrides win."""
         env = os.environ if environ is None else environ
+        positions = (env.get("HYBRID_POSITIONS") or "logical").strip()
+        if positions not in POSITION_MODES:
+            raise ValueError(f"HYBRID_POSITIONS={positions!r} is not valid: use one of {', '.join(POSITION_MODES)}.")
         values = dict(
             fastv_k=parse_fastv_k(env.get("FASTV_K")),
             fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
             dymu=env.get("DYMU_THRESHOLDS") or None,
+            position_mode=positions,
         )
         values.update(overrides)
         return cls(**values)

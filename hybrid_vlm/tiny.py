@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +147,14 @@ def ensure_tiny_llava(path: str | Path | None = None) -> Path:
     if (path / "config.json").exists() and (path / "processor_config.json").exists():
         return path
     model, processor = build_tiny_llava()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    try:  # atomic: torchrun ranks may race to create it
+        staging.rename(path)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -162,7 +169,7 @@ def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "m
     from .dymu import write_threshold_file
 
     model_dir = ensure_tiny_llava(model_dir)
-    path = model_dir / f"dymu-{target}.json"
+    path = model_dir / f"tiny-{target}.json"
     if path.exists():
         return path
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -171,7 +178,9 @@ def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "m
     payload = calibrate_thresholds(model, [pixel_values], target, progress=False)
     thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
     payload["achieved"] = count_summary(measure_token_counts(model, [pixel_values], thresholds, progress=False))
-    write_threshold_file(path, payload)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    write_threshold_file(staging, payload)
+    os.replace(staging, path)  # atomic, as above
     return path
 
 

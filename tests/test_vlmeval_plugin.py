@@ -1,0 +1,326 @@
+"""run.py end to end on the tiny LLaVA and the bundled Tiny* sets, offline, on CPU.
+
+Every VLMEvalKit run is a subprocess: `import vlmeval` switches autograd off and reseeds torch for
+the whole process, which must not leak into the rest of the test session. The unit tests at the top
+import only the vlmeval-free modules (settings, stats, tiny_data, hybrid_vlm.sweep).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hybrid_vlm import HybridConfig, visual_keep_count
+from vlmeval_plugin import settings, stats
+from vlmeval_plugin.tiny_data import CIRCULAR_OFFSET, build_caption_table, build_mcq_table, ensure_tiny_sets
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_PY = str(REPO / "run.py")
+needs_vlmeval = pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None, reason="ms-vlmeval is not installed")
+MCQ_ROWS = 20  # TinyMMBench: 8 questions, circular copies expanded
+CAPTION_ROWS = 8
+FASTV_R05 = "llava_v1.5_7b_fastv__fastv-r0.5-l2"
+FASTV_K72 = "llava_v1.5_7b_fastv__fastv-k72-l2"
+
+
+# ---- unit tests: no vlmeval -------------------------------------------------------------------
+def test_names_have_fixed_semantics_and_distinct_folders(tmp_path):
+    assert settings.hybrid_config_for("llava_v1.5_7b", {"FASTV_K": "72"}) is None  # nothing patched
+    fastv_default = settings.hybrid_config_for("llava_v1.5_7b_fastv", {})
+    assert fastv_default == HybridConfig(fastv_k=0.5, fastv_layer=2)
+    fastv_72 = settings.hybrid_config_for("llava_v1.5_7b_fastv", {"FASTV_K": "72", "DYMU_THRESHOLDS": "ignored.json"})
+    assert fastv_72 == HybridConfig(fastv_k=72, fastv_layer=2)  # the fastv name never turns DyMU on
+    names = {
+        settings.effective_name("llava_v1.5_7b_fastv", settings.hybrid_config_for("llava_v1.5_7b_fastv", {"FASTV_K": k}))
+        for k in ("576", "72", "0.5", "0.75")
+    }
+    assert names == {
+        "llava_v1.5_7b_fastv__fastv-k576-l2",
+        FASTV_K72,
+        FASTV_R05,
+        "llava_v1.5_7b_fastv__fastv-r0.75-l2",
+    }
+    thresholds = tmp_path / "mid.json"
+    thresholds.write_text("{}")
+    dymu = settings.hybrid_config_for("llava_v1.5_7b_dymu", {"DYMU_THRESHOLDS": str(thresholds), "FASTV_K": "72"})
+    assert dymu == HybridConfig(fastv_k=None, dymu=str(thresholds))
+    hybrid = settings.hybrid_config_for("llava_v1.5_7b_hybrid", {"DYMU_THRESHOLDS": str(thresholds)})
+    assert settings.effective_name("llava_v1.5_7b_hybrid", hybrid) == "llava_v1.5_7b_hybrid__dymu-mid_fastv-r0.5-l2"
+    with pytest.raises(settings.PluginError, match="hybrid_vlm.calibrate"):
+        settings.hybrid_config_for("llava_v1.5_7b_dymu", {})
+    with pytest.raises(settings.PluginError, match="FASTV_K='1.5' is not valid"):
+        settings.hybrid_config_for("llava_v1.5_7b_fastv", {"FASTV_K": "1.5"})
+
+
+def test_missing_checkpoint_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv(settings.MODEL_PATH_ENV, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(settings.PluginError) as raised:
+        settings.resolve_checkpoint(None)
+    message = str(raised.value)
+    assert f"the Hugging Face cache {tmp_path / 'hub'}" in message and "hf download llava-hf/llava-1.5-7b-hf" in message
+    with pytest.raises(settings.PluginError, match=r"/no/such/llava \(does not exist\)"):
+        settings.resolve_checkpoint("/no/such/llava")
+    monkeypatch.setenv(settings.MODEL_PATH_ENV, str(tmp_path))
+    with pytest.raises(settings.PluginError, match=r"(?s)\$HYBRID_VLM_MODEL_PATH .*\(has no config.json"):
+        settings.resolve_checkpoint(None)
+
+
+def test_stats_sidecar_survives_a_torn_line(tmp_path):
+    path = tmp_path / "m_d_stats.jsonl"
+    stats.append_record(path, {"index": "1", "prediction": "A", "tokens_in": 10})
+    with open(path, "a") as handle:
+        handle.write('{"index": "2", "predic')  # a writer killed mid-line
+    stats.append_record(path, {"index": "3", "prediction": "C", "tokens_in": 12})
+    stats.append_record(path, {"index": "1", "prediction": "B", "tokens_in": 11})
+    records = stats.read_records(path)
+    assert sorted(records) == ["1", "3"]
+    assert records["1"]["prediction"] == "B"  # the later line wins
+
+
+def test_tiny_sets_follow_mmbench_and_coco_layouts(tmp_path):
+    mcq = build_mcq_table()
+    assert len(mcq) == MCQ_ROWS
+    assert list(mcq.columns[:8]) == ["index", "question", "hint", "A", "B", "C", "D", "answer"]
+    for base in mcq[mcq["index"] < CIRCULAR_OFFSET].itertuples():
+        copies = mcq[mcq["index"] % CIRCULAR_OFFSET == base.index]
+        options = [getattr(base, letter) for letter in "ABC" if isinstance(getattr(base, letter), str)]
+        assert len(copies) == len(options)  # one circular copy per rotation
+        correct_text = getattr(base, base.answer)
+        for copy in copies.itertuples():
+            assert getattr(copy, copy.answer) == correct_text  # the answer letter follows its option
+            if copy.index != base.index:
+                assert copy.image == str(base.index)  # copies point at the base row's image
+    captions = build_caption_table()
+    assert len(captions) == CAPTION_ROWS and list(captions.columns) == ["index", "image", "answer"]
+    assert all(isinstance(eval(answer), list) for answer in captions["answer"])
+    written = ensure_tiny_sets(tmp_path)
+    assert [path.name for path in written] == ["TinyMMBench.tsv", "TinyCOCO.tsv"]
+    assert len(pd.read_csv(written[0], sep="\t")) == MCQ_ROWS
+
+
+def test_sweep_rejects_a_malformed_setting_before_running_anything(capsys):
+    from hybrid_vlm import sweep
+
+    assert sweep.main(["--data", "TinyCOCO", "--fastv-k", "72", "7x"]) == 2
+    assert "FASTV_K='7x' is not valid" in capsys.readouterr().err
+
+
+# ---- end to end: subprocesses -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A temporary LMUData, hybrid_vlm cache (tiny checkpoint) and HF cache; no judge keys."""
+    root = tmp_path_factory.mktemp("vlmeval_plugin")
+    env = {key: value for key, value in os.environ.items() if key not in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM", "MMEVAL_ROOT", "PRED_FORMAT", "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", settings.MODEL_PATH_ENV)}
+    (root / "LMUData").mkdir()
+    env.update(
+        LMUData=str(root / "LMUData"),
+        HYBRID_VLM_CACHE=str(root / "cache"),
+        HF_HOME=str(root / "hf"),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
+    from hybrid_vlm.tiny import TINY_VERSION, ensure_tiny_llava
+
+    checkpoint = ensure_tiny_llava(root / "cache" / f"tiny-llava-{TINY_VERSION}")  # the path llava_tiny will use
+    return dict(root=root, env=env, checkpoint=str(checkpoint))
+
+
+def run_py(sandbox, args, extra_env=None, cwd=None, timeout=300):
+    env = dict(sandbox["env"], **(extra_env or {}))
+    return subprocess.run(
+        [sys.executable, RUN_PY, *args], env=env, cwd=cwd or sandbox["root"], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sidecar(work_dir: Path, model: str, dataset: str) -> list[dict]:
+    path = stats.stats_path(work_dir / model, model, dataset)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def predictions(work_dir: Path, model: str, dataset: str) -> pd.DataFrame:
+    return pd.read_excel(work_dir / model / f"{model}_{dataset}.xlsx")
+
+
+@needs_vlmeval
+def test_default_run_is_the_tiny_demo_with_metrics_and_stats(sandbox):
+    """`python run.py` with no arguments: tiny LLaVA, vanilla and hybrid, TinyMMBench and TinyCOCO."""
+    demo_dir = sandbox["root"] / "demo"
+    demo_dir.mkdir()
+    started = time.perf_counter()
+    result = run_py(sandbox, [], cwd=demo_dir)
+    seconds = time.perf_counter() - started
+    print(f"demo wall time {seconds:.1f} s")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (Path(sandbox["env"]["LMUData"]) / "TinyMMBench.tsv").exists()  # generated on demand
+    work_dir = demo_dir / "outputs"
+    hybrid = "llava_tiny_hybrid__" + settings.tiny_hybrid_config().describe()
+    for model in ("llava_tiny", hybrid):
+        mcq = predictions(work_dir, model, "TinyMMBench")
+        assert len(mcq) == MCQ_ROWS  # a prediction row for every dataset row
+        accuracy = pd.read_csv(work_dir / model / f"{model}_TinyMMBench_acc.csv")
+        assert 0.0 <= accuracy["Overall"].iloc[0] <= 1.0
+        judged = pd.read_excel(work_dir / model / f"{model}_TinyMMBench_exact_matching_result.xlsx")
+        assert len(judged) == 8  # circular evaluation: one verdict per base question
+        captions = predictions(work_dir, model, "TinyCOCO")
+        assert len(captions) == CAPTION_ROWS
+        scores = json.loads((work_dir / model / f"{model}_TinyCOCO_score.json").read_text())
+        assert len(scores["Bleu"]) == 4 and "CIDEr" in scores and "ROUGE_L" in scores
+        for dataset, rows in (("TinyMMBench", MCQ_ROWS), ("TinyCOCO", CAPTION_ROWS)):
+            records = sidecar(work_dir, model, dataset)
+            predicted = set(predictions(work_dir, model, dataset)["index"].astype(str))
+            assert len(records) == rows and {r["index"] for r in records} == predicted  # one record per row
+            assert all(r["prefill_s"] > 0 and r["tokens_in"] > 576 and r["batch_size"] == 1 for r in records)
+        assert str((work_dir / model).resolve()) in result.stdout  # prints where the results are
+    vanilla = sidecar(work_dir, "llava_tiny", "TinyCOCO")
+    assert all(r["tokens_kept"] == r["tokens_in"] for r in vanilla)
+    pruned = sidecar(work_dir, hybrid, "TinyCOCO")
+    config = settings.tiny_hybrid_config()
+    if config.dymu is None:  # FastV alone: exactly the pruned visual tokens disappear
+        dropped = 576 - visual_keep_count(576, config.fastv_k)
+        assert all(r["tokens_in"] - r["tokens_kept"] == dropped for r in pruned)
+    else:
+        assert all(r["tokens_kept"] < r["tokens_in"] < vanilla[0]["tokens_in"] for r in pruned)
+
+
+@needs_vlmeval
+def test_interrupted_run_resumes_without_redoing_rows(sandbox):
+    """Kill a run mid-way (SIGKILL), run it again: every row generated exactly once, none lost."""
+    work_dir = sandbox["root"] / "sweep"
+    args = ["--data", "TinyMMBench", "--model", "llava_v1.5_7b_fastv", "--model-path", sandbox["checkpoint"],
+            "--max-new-tokens", "4", "--work-dir", str(work_dir)]
+    env = dict(sandbox["env"], FASTV_K="0.5")
+    path = stats.stats_path(work_dir / FASTV_R05, FASTV_R05, "TinyMMBench")
+    process = subprocess.Popen([sys.executable, RUN_PY, *args], env=env, cwd=sandbox["root"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = stats.read_records(path)
+    assert 12 <= len(finished) < MCQ_ROWS, f"the run was not interrupted mid-way ({len(finished)} rows)"
+    assert (work_dir / FASTV_R05 / "01_TinyMMBench.pkl").exists()  # VLMEvalKit's own checkpoint (every 10 rows)
+
+    result = subprocess.run([sys.executable, RUN_PY, *args], env=env, cwd=sandbox["root"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(finished)} rows of TinyMMBench already generated" in result.stdout
+    lines = path.read_text().splitlines()
+    indices = [json.loads(line)["index"] for line in lines]
+    assert len(indices) == MCQ_ROWS and len(set(indices)) == MCQ_ROWS  # one generate per row, ever
+    final = predictions(work_dir, FASTV_R05, "TinyMMBench")
+    assert len(final) == MCQ_ROWS
+    resumed = stats.read_records(path)
+    assert all(resumed[index]["prediction"] == record["prediction"] for index, record in finished.items())
+    assert (work_dir / FASTV_R05 / f"{FASTV_R05}_TinyMMBench_acc.csv").exists()
+
+
+@needs_vlmeval
+def test_fastv_settings_get_distinct_folders(sandbox):
+    """Another FASTV_K under the same name and work dir lands in its own folder, leaving 0.5's alone."""
+    work_dir = sandbox["root"] / "sweep"
+    before = sorted(path.name for path in work_dir.glob(f"{FASTV_R05}/*"))
+    result = run_py(
+        sandbox,
+        ["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", "--model-path", sandbox["checkpoint"],
+         "--max-new-tokens", "4", "--work-dir", str(work_dir), "--mode", "infer", "--limit", "3"],
+        extra_env={"FASTV_K": "72"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = sidecar(work_dir, FASTV_K72, "TinyCOCO")
+    assert len(records) == 3 and all(r["tokens_in"] - r["tokens_kept"] == 576 - 72 for r in records)
+    assert len(predictions(work_dir, FASTV_K72, "TinyCOCO")) == 3
+    if before:  # the interrupted-run test filled the 0.5 folder first
+        assert sorted(path.name for path in work_dir.glob(f"{FASTV_R05}/*")) == before
+
+
+@needs_vlmeval
+def test_two_process_gloo_run_matches_one_process(sandbox):
+    """torchrun --nproc-per-node=2 on CPU: ranks take alternating rows, rank 0 merges and evaluates."""
+    work_dir = sandbox["root"] / "torchrun"
+    env = dict(sandbox["env"], FASTV_K="0.5")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", RUN_PY,
+               "--data", "TinyMMBench", "--model", "llava_v1.5_7b_fastv", "--model-path", sandbox["checkpoint"],
+               "--max-new-tokens", "4", "--work-dir", str(work_dir)]
+    result = subprocess.run(command, env=env, cwd=sandbox["root"], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = sidecar(work_dir, FASTV_R05, "TinyMMBench")
+    assert len(records) == MCQ_ROWS and {r["rank"] for r in records} == {0, 1}
+    merged = predictions(work_dir, FASTV_R05, "TinyMMBench")
+    assert len(merged) == MCQ_ROWS
+    assert (work_dir / FASTV_R05 / f"{FASTV_R05}_TinyMMBench_acc.csv").exists()
+    single_path = stats.stats_path(sandbox["root"] / "sweep" / FASTV_R05, FASTV_R05, "TinyMMBench")
+    if single_path.exists():  # same setting, one process (the interrupted-and-resumed run)
+        single = stats.read_records(single_path)
+        assert {r["index"]: r["prediction"] for r in records} == {k: v["prediction"] for k, v in single.items()}
+
+
+@needs_vlmeval
+def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
+    checkpoint = ["--model-path", sandbox["checkpoint"]]
+    cases = {
+        "unknown model": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_turbo"], {}),
+        "malformed FASTV_K": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", *checkpoint], {"FASTV_K": "7x"}),
+        "missing checkpoint": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b"], {}),
+    }
+    processes = {
+        case: subprocess.Popen([sys.executable, RUN_PY, *args], env=dict(sandbox["env"], **extra), cwd=sandbox["root"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for case, (args, extra) in cases.items()
+    }
+    outcomes = {case: (process.wait(timeout=300), process.communicate()[1]) for case, process in processes.items()}
+    for case, (code, stderr) in outcomes.items():
+        assert code == 2, f"{case}: exit {code}\n{stderr[-2000:]}"
+    assert "unknown model name(s) 'llava_v1.5_7b_turbo'" in outcomes["unknown model"][1]
+    assert "llava_v1.5_7b_fastv" in outcomes["unknown model"][1]  # lists what exists
+    assert "FASTV_K='7x' is not valid: use an integer n >= 0" in outcomes["malformed FASTV_K"][1]
+    missing = outcomes["missing checkpoint"][1]
+    assert "llava-hf/llava-1.5-7b-hf" in missing and str(Path(sandbox["env"]["HF_HOME"]) / "hub") in missing
+    assert "hf download llava-hf/llava-1.5-7b-hf" in missing
+    assert not any((sandbox["root"] / "outputs").glob("llava_v1.5_7b*"))  # nothing ran
+
+
+@needs_vlmeval
+def test_prompts_match_vlmevalkit_llava(sandbox):
+    """The MCQ text and the conversation string equal VLMEvalKit's own LLaVA wrapper's."""
+    ensure_tiny_sets(sandbox["env"]["LMUData"])
+    script = r"""
+import inspect, sys
+import pandas as pd
+from vlmeval.vlm.llava.llava import LLaVA
+from vlmeval_plugin.model import SYSTEM_PROMPT, HybridLLaVA, llava_mcq_prompt
+
+class Stub:
+    def use_custom_prompt(self, dataset):
+        return True
+    def dump_image(self, line, dataset):
+        return [f"/images/{line['index']}.png"]
+
+data = pd.read_csv(sys.argv[1], sep="\t")
+for _, line in data.iterrows():
+    upstream = LLaVA.build_prompt(Stub(), line, dataset="TinyMMBench")
+    assert upstream[-1]["value"] == llava_mcq_prompt(line), (upstream, llava_mcq_prompt(line))
+    content, images = LLaVA.concat_tilist(None, upstream)
+    ours, our_images = HybridLLaVA.conversation(None, upstream)
+    assert ours == SYSTEM_PROMPT + "USER: " + content + " ASSISTANT: " and our_images == images
+source = inspect.getsource(LLaVA.__init__)
+assert all(part in source for part in SYSTEM_PROMPT.split("assistant. ")), "system prompt drifted"
+print("ok", len(data))
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(Path(sandbox["env"]["LMUData"]) / "TinyMMBench.tsv")],
+                            env=sandbox["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and f"ok {MCQ_ROWS}" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,7 @@
+"""`python -m vlmeval_plugin ...` is `python run.py ...` (used by hybrid_vlm.sweep and torchrun -m)."""
+
+import sys
+
+from vlmeval_plugin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,263 @@
+"""`python run.py ...`: VLMEvalKit's run.py with the hybrid-vlm models registered.
+
+    python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid
+    FASTV_K=72 python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
+    torchrun --nproc-per-node=8 run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
+    python run.py          # no arguments: the bundled demo (tiny LLaVA, TinyMMBench + TinyCOCO, CPU)
+
+Every VLMEvalKit flag is accepted and passed on unchanged; the plugin adds
+    --model-path PATH      llava-hf checkpoint (a directory or a hub id already in the HF cache);
+                           default $HYBRID_VLM_MODEL_PATH, else llava-hf/llava-1.5-7b-hf from the cache
+    --batch-size N         rows per generate call (default 1; see vlmeval_plugin/model.py)
+    --max-new-tokens N     per row (default 2048 as VLMEvalKit's LLaVA; tiny models: 8)
+What it changes before handing over to vlmeval.run: plugin names become their effective names
+(one results folder per setting), the judge defaults to exact matching when no judge API key is
+configured, the bundled Tiny* sets are written into LMUData when requested and missing, local
+caption TSVs are registered, and under torchrun on a machine without CUDA the process group uses
+gloo instead of VLMEvalKit's hard-coded nccl. Afterwards rank 0 prints a results table and where
+the files are, and the exit status is 1 if any model x dataset failed or was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+from . import settings, stats
+from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
+
+DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", "llava_tiny", "llava_tiny_hybrid", "--judge", "exact_matching"]
+JUDGE_KEY_ENVS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM")
+FAILED_SKIPS = ("invalid_dataset", "Incomplete infer result", "No infer result found")
+
+
+def plugin_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: VLMEvalKit's --model must never be read as an abbreviation of --model-path.
+    parser = argparse.ArgumentParser(prog="run.py", add_help=False, allow_abbrev=False)
+    group = parser.add_argument_group("hybrid-vlm plugin options (all other flags go to VLMEvalKit)")
+    group.add_argument("--model-path", default=None, help="llava-hf checkpoint dir or cached hub id")
+    group.add_argument("--batch-size", type=int, default=1, help="rows per generate call (default 1)")
+    group.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (tiny models: 8)")
+    return parser
+
+
+def peek_parser() -> argparse.ArgumentParser:
+    """The few VLMEvalKit flags needed to fail fast, before importing vlmeval (about 10 s)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model", nargs="+", default=[])
+    return parser
+
+
+class PluginModel:
+    """What one requested plugin name resolves to."""
+
+    def __init__(self, requested: str, model_path: str | None):
+        base = requested.split(settings.NAME_SEPARATOR)[0]
+        self.requested = requested
+        self.variant = settings.VARIANTS[base]
+        self.config = settings.hybrid_config_for(base)
+        self.name = settings.effective_name(base, self.config)
+        if requested != base and requested != self.name:
+            raise settings.PluginError(
+                f"model {requested!r} names a setting the environment does not give: FASTV_K / FASTV_LAYER / "
+                f"DYMU_THRESHOLDS describe {self.name!r}. Pass the base name {base!r} and set the environment."
+            )
+        if self.variant.tiny:
+            from hybrid_vlm.tiny import ensure_tiny_llava
+
+            self.checkpoint = ensure_tiny_llava()
+        else:
+            self.checkpoint = settings.resolve_checkpoint(model_path)
+
+
+def is_plugin_name(name: str) -> bool:
+    return name.split(settings.NAME_SEPARATOR)[0] in settings.VARIANTS
+
+
+def fail(message: str) -> int:
+    print(f"run.py: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def register_models(plugin_models: list[PluginModel], work_dir: str, options) -> None:
+    from vlmeval.config import supported_VLM
+
+    from .model import HybridLLaVA
+
+    for item in plugin_models:
+        max_new_tokens = options.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = settings.TINY_MAX_NEW_TOKENS if item.variant.tiny else settings.DEFAULT_MAX_NEW_TOKENS
+        supported_VLM[item.name] = partial(
+            HybridLLaVA,
+            checkpoint=str(item.checkpoint),
+            hybrid=item.config,
+            stats_dir=os.path.join(work_dir, item.name),
+            model_name=item.name,
+            batch_size=options.batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+
+
+def register_caption_sets(data_names: list[str]) -> list[str]:
+    """Unknown dataset names whose LMUData TSV looks like COCO_VAL (index, image, answer; no question,
+    no options) become ImageCaptionDataset sets. VLMEvalKit would otherwise reject them (its custom-set
+    fallback needs a question column). No md5 is registered, so the local file is used as it is."""
+    import pandas as pd
+    from vlmeval.dataset import DATASET_CLASSES, ImageCaptionDataset
+    from vlmeval.smp import LMUDataRoot
+
+    registered = []
+    for name in data_names:
+        if any(name in cls.supported_datasets() for cls in DATASET_CLASSES):
+            continue
+        path = Path(LMUDataRoot()) / f"{name}.tsv"
+        if not path.exists():
+            continue
+        columns = set(pd.read_csv(path, sep="\t", nrows=0).columns)
+        if "answer" in columns and not {"question", "A"} & columns and {"image", "image_path"} & columns:
+            ImageCaptionDataset.DATASET_URL[name] = f"{name}.tsv"
+            registered.append(name)
+    return registered
+
+
+def use_gloo_without_cuda() -> None:
+    """VLMEvalKit's run_local_mode calls init_process_group(backend='nccl') when WORLD_SIZE > 1; nccl
+    needs CUDA. On a machine without CUDA (CPU tests) swap in gloo; on GPUs nothing changes."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        return
+    original = dist.init_process_group
+    print("run.py: no CUDA here: torch.distributed will use gloo instead of VLMEvalKit's nccl", flush=True)
+
+    def init_process_group(*args, **kwargs):
+        kwargs["backend"] = "gloo"
+        return original(*args[1:], **kwargs) if args else original(**kwargs)
+
+    dist.init_process_group = init_process_group
+
+
+def judge_key_configured(vargs) -> bool:
+    return bool(vargs.judge_key or vargs.judge_base_url or any(os.environ.get(name) for name in JUDGE_KEY_ENVS))
+
+
+def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode: str, started: datetime.datetime) -> list[str]:
+    """What went wrong in this run, from VLMEvalKit's status.json and the files it should have written.
+    (VLMEvalKit logs a failed model x dataset and carries on; its exit status stays 0.)"""
+    problems = []
+    for model in models:
+        status_file = Path(work_dir) / model / "status.json"
+        run_status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        for dataset in datasets:
+            entry = run_status.get("datasets", {}).get(dataset, {})
+            fresh = False
+            if entry.get("updated_at"):
+                fresh = datetime.datetime.fromisoformat(entry["updated_at"]) >= started
+            if fresh and entry.get("error_message"):
+                problems.append(f"{model} x {dataset}: {entry['error_message']}")
+            elif fresh and entry.get("skip_reason") in FAILED_SKIPS:
+                problems.append(f"{model} x {dataset}: skipped ({entry['skip_reason']})")
+            elif mode != "eval" and stats.prediction_file(Path(work_dir) / model, model, dataset) is None:
+                problems.append(f"{model} x {dataset}: no prediction file (see VLMEvalKit's log above)")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    demo = not argv
+    if demo:
+        argv = list(DEMO_ARGS)
+        print(
+            "run.py: no arguments, running the bundled demo: tiny random LLaVA on TinyMMBench + TinyCOCO, "
+            "vanilla (llava_tiny) and hybrid (llava_tiny_hybrid), on CPU.\n"
+            "For the real thing: python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid",
+            flush=True,
+        )
+    if "-h" in argv or "--help" in argv:
+        plugin_parser().print_help()
+        print("\nplugin model names:\n" + "".join(f"  {v.name:24s} {v.description}\n" for v in settings.VARIANTS.values()))
+        print("VLMEvalKit's own options follow.\n", flush=True)
+    options, rest = plugin_parser().parse_known_args(argv)
+    if options.batch_size < 1:
+        return fail(f"--batch-size must be >= 1, got {options.batch_size}")
+
+    # Fail fast on our own names: settings and checkpoints, before vlmeval is imported.
+    peeked, _ = peek_parser().parse_known_args(rest)
+    plugin_models: dict[str, PluginModel] = {}
+    try:
+        for requested in peeked.model:
+            if is_plugin_name(requested) and requested not in plugin_models:
+                plugin_models[requested] = PluginModel(requested, options.model_path)
+    except settings.PluginError as error:
+        return fail(str(error))
+
+    # Importing vlmeval.run narrows CUDA_VISIBLE_DEVICES per torchrun rank: it must come before
+    # anything queries CUDA in this process (importing hybrid_vlm/transformers and resolving the
+    # checkpoints above do not: checked by counting torch's device-count calls).
+    sys.argv = [sys.argv[0] if sys.argv else "run.py"] + rest
+    import vlmeval.run as vlmeval_run
+    from vlmeval.config import supported_VLM
+    from vlmeval.smp import LMUDataRoot
+
+    vargs = vlmeval_run.parse_args()
+    rank = int(os.environ.get("RANK", 0))
+    work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
+
+    if vargs.model is not None:
+        try:
+            for requested in vargs.model:
+                if is_plugin_name(requested) and requested not in plugin_models:
+                    plugin_models[requested] = PluginModel(requested, options.model_path)
+        except settings.PluginError as error:
+            return fail(str(error))
+        unknown = [name for name in vargs.model if not is_plugin_name(name) and name not in supported_VLM]
+        if unknown:
+            return fail(
+                f"unknown model name(s) {', '.join(map(repr, unknown))}. Plugin names: {', '.join(settings.VARIANTS)}; "
+                "any other name must be one of vlmeval.config.supported_VLM."
+            )
+        vargs.model = [plugin_models[name].name if name in plugin_models else name for name in vargs.model]
+        register_models(list(plugin_models.values()), work_dir, options)
+        for item in plugin_models.values():
+            print(f"run.py: {item.requested} -> {item.name}  (checkpoint {item.checkpoint}, results {Path(work_dir) / item.name})", flush=True)
+
+    data_names = list(vargs.data or [])
+    bundled = [name for name in data_names if name in BUNDLED_SETS]
+    if bundled:
+        ensure_tiny_sets(LMUDataRoot(), bundled)
+    register_caption_sets(data_names)
+
+    if vargs.judge is None and not judge_key_configured(vargs):
+        vargs.judge = "exact_matching"
+        print("run.py: no judge API key configured (OPENAI_API_KEY, --judge-key, ...): using --judge exact_matching", flush=True)
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        use_gloo_without_cuda()
+
+    started = datetime.datetime.now().astimezone()
+    vlmeval_run.run_task(vargs)
+
+    if rank != 0 or vargs.model is None or vargs.api_mode:
+        return 0
+    summaries = [stats.summarise(work_dir, model, dataset) for model in vargs.model for dataset in data_names]
+    print("\n" + stats.format_table(summaries), flush=True)
+    print("\nResults:", flush=True)
+    for item in summaries:
+        print(f"  {item['model']} x {item['dataset']}: {item['folder']}", flush=True)
+        for path in [item["prediction_file"], *item["metric_files"]]:
+            if path:
+                print(f"      {Path(path).name}", flush=True)
+        if item["stats_rows"]:
+            print(f"      {stats.stats_path(item['folder'], item['model'], item['dataset']).name}  (per-row tokens and prefill time)", flush=True)
+    problems = outcome_problems(work_dir, vargs.model, data_names, vargs.mode, started)
+    if problems:
+        print("\nrun.py: these model x dataset combinations failed:\n" + "".join(f"  {p}\n" for p in problems), file=sys.stderr, flush=True)
+        return 1
+    return 0

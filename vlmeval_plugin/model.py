@@ -1,0 +1,319 @@
+"""HybridLLaVA: a VLMEvalKit BaseModel around the llava-hf LLaVA-1.5 and the hybrid_vlm engine.
+
+Prompts match VLMEvalKit's own LLaVA wrapper (vlmeval/vlm/llava/llava.py, class LLaVA): for MCQ
+sets the hint, question, lettered options and "Answer with the option's letter from the given
+choices directly."; every other set uses the dataset's default prompt (COCO: "Please describe this
+image in general. ..."); the conversation is
+    "<system> USER: <content, ' <image> ' per image> ASSISTANT: "
+and images are padded to a square with the processor's mean colour ("pad" aspect ratio), greedy.
+
+Why the wrapper builds every image prompt itself (use_custom_prompt is True for all image sets):
+`build_prompt` receives the dataset row, so each generate call knows its row index. That index keys
+the per-row statistics (vlmeval_plugin.stats), lets an interrupted run answer finished rows from
+them instead of generating again, and lets `batch_size > 1` look ahead in VLMEvalKit's row order.
+
+Batching: VLMEvalKit 0.0.20 has no batch API: its loop (vlmeval.inference.infer_data) calls
+generate() once per row, in a fixed order (rows rank, rank + world_size, ...). With batch_size B the
+wrapper answers a call for row r by generating r and the next B - 1 unfinished rows of this rank's
+share in one left-padded `model.generate`, records them all, and serves the following calls from
+those records. Rows in one batch have the same number of images. Predictions and the loop are
+VLMEvalKit's; only the grouping of the forward passes changes (prefill_s is then per batch).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from vlmeval.dataset import DATASET_TYPE
+from vlmeval.smp import cn_string, get_rank_and_world_size
+from vlmeval.vlm.base import BaseModel
+
+from . import stats
+
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+)
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's "pad" preprocessing: centre the image on a square of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def llava_mcq_prompt(line) -> str:
+    """VLMEvalKit LLaVA.build_prompt's text: hint, question, options, answer instruction."""
+    import string
+
+    import pandas as pd
+
+    question = line["question"]
+    hint = line["hint"] if ("hint" in line and not pd.isna(line["hint"])) else None
+    if hint is not None:
+        question = hint + "\n" + question
+    options = {
+        letter: line[letter] for letter in string.ascii_uppercase if letter in line and not pd.isna(line[letter])
+    }
+    for letter, text in options.items():
+        question += f"\n{letter}. {text}"
+    prompt = question
+    if len(options):
+        prompt += (
+            "\n请直接回答选项字母。" if cn_string(prompt) else "\nAnswer with the option's letter from the given choices directly."
+        )
+    else:
+        prompt += "\n请直接回答问题。" if cn_string(prompt) else "\nAnswer the question directly."
+    return prompt
+
+
+class HybridLLaVA(BaseModel):
+    """LLaVA-1.5 (llava-hf layout) for VLMEvalKit, stock or patched with hybrid_vlm.apply_hybrid.
+
+    checkpoint: local directory of a llava-hf checkpoint (vlmeval_plugin.settings.resolve_checkpoint).
+    hybrid: None = the stock model, nothing patched; else the HybridConfig given to apply_hybrid.
+    stats_dir / model_name: where the per-row stats sidecar goes (<stats_dir>/<model_name>_<dataset>_stats.jsonl);
+        None = keep records in memory only.
+    batch_size: rows per generate call (see the module docstring). max_new_tokens: per row.
+    """
+
+    INSTALL_REQ = False
+    INTERLEAVE = True
+
+    def __init__(
+        self,
+        checkpoint: str,
+        hybrid: HybridConfig | None = None,
+        stats_dir: str | None = None,
+        model_name: str | None = None,
+        batch_size: int = 1,
+        max_new_tokens: int = 2048,
+        **generate_kwargs,
+    ):
+        super().__init__()
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.checkpoint = str(checkpoint)
+        self.hybrid = hybrid
+        self.setting = hybrid.describe() if hybrid is not None else "stock"
+        self.stats_dir = stats_dir
+        self.model_name = model_name
+        self.batch_size = batch_size
+        # Under torchrun VLMEvalKit has already narrowed CUDA_VISIBLE_DEVICES to this rank's GPUs.
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32  # fp16 as VLMEvalKit's LLaVA
+        self.processor = AutoProcessor.from_pretrained(self.checkpoint)
+        self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
+        model = LlavaForConditionalGeneration.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa")
+        model = model.to(self.device).eval()
+        if hybrid is not None:
+            model = apply_hybrid(model, hybrid)
+        self.model = model
+        self.image_background = tuple(int(value * 255) for value in self.processor.image_processor.image_mean)
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True)
+        self.generate_kwargs.update(generate_kwargs)
+
+        # Prefill timing: generate's first forward call is the prefill; hooks run outside forward.
+        self._forward_calls = 0
+        self._prefill_started = 0.0
+        self._prefill_seconds = None
+        self.model.register_forward_pre_hook(self._before_forward)
+        self.model.register_forward_hook(self._after_forward)
+
+        self._records: dict[str, dict[str, dict]] = {}  # dataset -> row index (str) -> stats record
+        self._pending = None  # (row index, message) from build_prompt, consumed by generate_inner
+        self.rows_generated = 0
+        self.rows_from_records = 0
+
+    # ---- timing -------------------------------------------------------------------------------
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _before_forward(self, module, args):
+        if self._forward_calls == 0:
+            self._synchronize()
+            self._prefill_started = time.perf_counter()
+
+    def _after_forward(self, module, args, output):
+        if self._forward_calls == 0:
+            self._synchronize()
+            self._prefill_seconds = time.perf_counter() - self._prefill_started
+        self._forward_calls += 1
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def _dataset_object(self, dataset_name):
+        """The dataset VLMEvalKit is running: infer_data hands us its bound `dataset.dump_image`."""
+        owner = getattr(self.dump_image_func, "__self__", None)
+        if owner is not None and getattr(owner, "dataset_name", None) == dataset_name:
+            return owner
+        return None
+
+    def use_custom_prompt(self, dataset):
+        owner = self._dataset_object(dataset)
+        if owner is None:
+            # Called outside infer_data's loop: VLMEvalKit's LLaVA rule.
+            return DATASET_TYPE(dataset) == "MCQ"
+        return getattr(owner, "MODALITY", "IMAGE") == "IMAGE" and getattr(owner, "TYPE", None) != "MT"
+
+    def _message_for(self, line, dataset):
+        if DATASET_TYPE(dataset) == "MCQ":
+            image_paths = self.dump_image(line, dataset)
+            message = [dict(type="image", value=path) for path in image_paths]
+            message.append(dict(type="text", value=llava_mcq_prompt(line)))
+            return message
+        owner = self._dataset_object(dataset)
+        return owner.build_prompt(line)  # exactly what infer_data would have done without us
+
+    def build_prompt(self, line, dataset=None):
+        message = self._message_for(line, dataset)
+        self._pending = (line["index"], message)
+        return message
+
+    def conversation(self, message) -> tuple[str, list[str]]:
+        """VLMEvalKit LLaVA's prompt string (' <image> ' where each image goes) and image paths."""
+        content, image_paths = "", []
+        for item in message:
+            if item["type"] == "text":
+                content += item["value"]
+            elif item["type"] == "image":
+                content += " <image> "
+                image_paths.append(item["value"])
+        return SYSTEM_PROMPT + "USER: " + content + " ASSISTANT: ", image_paths
+
+    # ---- records (the stats sidecar) ----------------------------------------------------------
+    def _stats_file(self, dataset) -> Path | None:
+        if self.stats_dir is None or self.model_name is None:
+            return None
+        return stats.stats_path(self.stats_dir, self.model_name, dataset)
+
+    def _records_for(self, dataset) -> dict[str, dict]:
+        if dataset not in self._records:
+            path = self._stats_file(dataset)
+            self._records[dataset] = stats.read_records(path) if path is not None else {}
+            if self._records[dataset]:
+                print(
+                    f"[hybrid-vlm] {len(self._records[dataset])} rows of {dataset} already generated in {path}: "
+                    "answering them from there (delete the model's results folder to recompute)",
+                    flush=True,
+                )
+        return self._records[dataset]
+
+    def _keep(self, dataset, record) -> None:
+        self._records_for(dataset)[record["index"]] = record
+        path = self._stats_file(dataset)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stats.append_record(path, record)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def _lookahead(self, index, dataset, message) -> list[tuple[object, list]]:
+        """The next unfinished rows of this rank's share after `index`, for one batch."""
+        owner = self._dataset_object(dataset)
+        if self.batch_size <= 1 or owner is None:
+            return []
+        rank, world_size = get_rank_and_world_size()
+        share = owner.data.iloc[list(range(rank, len(owner.data), world_size))]
+        indices = [str(value) for value in share["index"]]
+        if str(index) not in indices:
+            return []
+        records = self._records_for(dataset)
+        images_wanted = sum(item["type"] == "image" for item in message)
+        extra = []
+        for position in range(indices.index(str(index)) + 1, len(indices)):
+            if len(extra) == self.batch_size - 1:
+                break
+            if indices[position] in records:
+                continue
+            line = share.iloc[position]
+            candidate = self.preproc_content(self._message_for(line, dataset))
+            if sum(item["type"] == "image" for item in candidate) != images_wanted:
+                break  # the engine wants the same image count in every row of a batch
+            extra.append((line["index"], candidate))
+        return extra
+
+    @torch.no_grad()
+    def generate_batch(self, messages: list[list[dict]]) -> list[dict]:
+        """One left-padded generate over several messages; a stats dict (with prediction) per message."""
+        prompts, images = [], []
+        for message in messages:
+            prompt, image_paths = self.conversation(message)
+            prompts.append(prompt)
+            for path in image_paths:
+                images.append(expand_to_square(Image.open(path).convert("RGB"), self.image_background))
+        inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+
+        self._forward_calls = 0
+        self._prefill_seconds = None
+        self._synchronize()
+        started = time.perf_counter()
+        output = self.model.generate(
+            **inputs,
+            return_dict_in_generate=True,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+            **self.generate_kwargs,
+        )
+        self._synchronize()
+        generate_seconds = time.perf_counter() - started
+
+        prompt_length = inputs["input_ids"].shape[1]
+        new_tokens = output.sequences[:, prompt_length:]
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        state = getattr(output.past_key_values, "hybrid_state", None)
+        if state is not None:
+            tokens_in = state.prompt_tokens.tolist()
+            tokens_kept = state.prompt_tokens_kept.tolist()
+        else:  # the stock model: every real prompt token reaches every layer
+            tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
+            tokens_kept = list(tokens_in)
+        new_token_counts = (new_tokens != self.processor.tokenizer.pad_token_id).sum(dim=1).tolist()
+        rank, _ = get_rank_and_world_size()
+        return [
+            dict(
+                prediction=texts[row].strip(),
+                tokens_in=int(tokens_in[row]),
+                tokens_kept=int(tokens_kept[row]),
+                prefill_s=round(self._prefill_seconds, 6) if self._prefill_seconds is not None else None,
+                generate_s=round(generate_seconds, 6),
+                new_tokens=int(new_token_counts[row]),
+                batch_size=len(messages),
+                rank=rank,
+                setting=self.setting,
+            )
+            for row in range(len(messages))
+        ]
+
+    def generate_inner(self, message, dataset=None):
+        index = None
+        if self._pending is not None and self._pending[1] is message:
+            index = self._pending[0]
+        self._pending = None
+        if index is None:  # not from infer_data's loop (e.g. a direct call): no row, no records
+            self.rows_generated += 1
+            return self.generate_batch([message])[0]["prediction"]
+
+        records = self._records_for(dataset)
+        if str(index) in records:
+            self.rows_from_records += 1
+            return records[str(index)]["prediction"]
+        batch = [(index, message)] + self._lookahead(index, dataset, message)
+        results = self.generate_batch([item_message for _, item_message in batch])
+        for (row_index, _), result in zip(batch, results):
+            self._keep(dataset, dict(index=str(row_index), **result))
+        self.rows_generated += len(batch)
+        return results[0]["prediction"]

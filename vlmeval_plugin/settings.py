@@ -1,0 +1,157 @@
+"""Model names, what each one patches, where its results go, and where its checkpoint is.
+
+Nothing here imports vlmeval or loads weights, so `run.py` can reject a bad name, a malformed
+FASTV_K or a missing checkpoint in a second, before anything heavy happens.
+
+Names and their fixed meaning:
+    llava_v1.5_7b          the stock llava-hf model, nothing patched (FASTV_K / DYMU_THRESHOLDS ignored)
+    llava_v1.5_7b_fastv    FastV only: FASTV_K (default 0.5 = prune half), FASTV_LAYER (default 2)
+    llava_v1.5_7b_dymu     DyMU only: DYMU_THRESHOLDS required, FastV off
+    llava_v1.5_7b_hybrid   DyMU + FastV: DYMU_THRESHOLDS required, FASTV_K (default 0.5), FASTV_LAYER
+    llava_tiny             the bundled tiny random LLaVA, nothing patched (the `python run.py` demo)
+    llava_tiny_hybrid      the tiny LLaVA with the demo's hybrid setting (see tiny_hybrid_config)
+
+VLMEvalKit writes results to <work-dir>/<model name>/ and silently reuses whatever it finds there,
+so every patched name runs under an effective name that carries its setting:
+`llava_v1.5_7b_fastv__fastv-k72-l2`, `llava_v1.5_7b_hybrid__dymu-mid_fastv-r0.5-l2`, ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hybrid_vlm.config import HybridConfig
+
+CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
+MODEL_PATH_ENV = "HYBRID_VLM_MODEL_PATH"
+DEFAULT_FASTV_K = 0.5  # FastV's published operating point: K=2, R=50%
+DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at </s> long before
+TINY_MAX_NEW_TOKENS = 8  # the random tiny model rarely emits </s>: keep the demo fast
+NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the effective name
+CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
+
+
+class PluginError(Exception):
+    """A problem with the user's request (name, setting, checkpoint): printed, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    fastv: bool  # reads FASTV_K / FASTV_LAYER
+    dymu: bool  # needs DYMU_THRESHOLDS
+    tiny: bool = False  # runs the bundled tiny checkpoint instead of llava-1.5-7b
+    description: str = ""
+
+
+VARIANTS = {
+    variant.name: variant
+    for variant in (
+        Variant("llava_v1.5_7b", fastv=False, dymu=False, description="stock llava-hf LLaVA-1.5-7B, nothing patched"),
+        Variant("llava_v1.5_7b_fastv", fastv=True, dymu=False, description="FastV (FASTV_K, FASTV_LAYER)"),
+        Variant("llava_v1.5_7b_dymu", fastv=False, dymu=True, description="DyMU (DYMU_THRESHOLDS)"),
+        Variant("llava_v1.5_7b_hybrid", fastv=True, dymu=True, description="DyMU + FastV"),
+        Variant("llava_tiny", fastv=False, dymu=False, tiny=True, description="bundled tiny LLaVA, nothing patched"),
+        Variant("llava_tiny_hybrid", fastv=False, dymu=False, tiny=True, description="bundled tiny LLaVA, demo hybrid"),
+    )
+}
+
+
+def tiny_hybrid_config() -> HybridConfig:
+    """What "hybrid" means for the bundled tiny model: DyMU (its "mid" thresholds, calibrated once
+    on synthetic images) and FastV pruning half of the merged tokens at layer 2."""
+    from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+    return HybridConfig(fastv_k=0.5, fastv_layer=2, dymu=str(ensure_tiny_thresholds()))
+
+
+def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
+    """The engine setting of a registered name, read from the environment; None = nothing patched.
+
+    Raises PluginError for an unknown name, a malformed FASTV_K/FASTV_LAYER or a missing DyMU file.
+    """
+    env = os.environ if environ is None else environ
+    if name not in VARIANTS:
+        raise PluginError(f"unknown model name {name!r}: the plugin registers {', '.join(VARIANTS)}")
+    variant = VARIANTS[name]
+    if variant.name == "llava_tiny_hybrid":
+        return tiny_hybrid_config()
+    if not variant.fastv and not variant.dymu:
+        return None
+    dymu = None
+    if variant.dymu:
+        dymu = env.get("DYMU_THRESHOLDS") or None
+        if dymu is None:
+            raise PluginError(
+                f"{name} needs DYMU_THRESHOLDS=<threshold file>. Make one with:\n    {CALIBRATE_HINT}"
+            )
+        if not Path(dymu).is_file():
+            raise PluginError(
+                f"DYMU_THRESHOLDS={dymu!r} is not a file. Make one with:\n    {CALIBRATE_HINT}"
+            )
+    try:
+        if variant.fastv:
+            config = HybridConfig.from_env(env, dymu=dymu)
+            if config.fastv_k is None:
+                config = replace(config, fastv_k=DEFAULT_FASTV_K)
+        else:
+            # FastV off: FASTV_K is ignored, FASTV_LAYER is irrelevant without pruning.
+            config = HybridConfig(fastv_k=None, dymu=dymu)
+    except ValueError as error:
+        raise PluginError(f"{name}: {error}") from None
+    return config
+
+
+def effective_name(name: str, config: HybridConfig | None) -> str:
+    """The model name VLMEvalKit sees, and so the results folder: one per (name, setting)."""
+    if config is None:
+        return name
+    return f"{name}{NAME_SEPARATOR}{config.describe()}"
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (
+        any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or (folder / "model.safetensors.index.json").is_file()
+    )
+
+
+def resolve_checkpoint(model_path: str | None = None) -> Path:
+    """A local llava-hf checkpoint directory: `model_path`, else $HYBRID_VLM_MODEL_PATH, else the
+    Hugging Face cache copy of llava-hf/llava-1.5-7b-hf. Nothing is downloaded.
+
+    Raises PluginError saying where it looked and how to get the checkpoint.
+    """
+    requested = model_path or os.environ.get(MODEL_PATH_ENV) or CHECKPOINT_ID
+    source = "--model-path" if model_path else (f"${MODEL_PATH_ENV}" if os.environ.get(MODEL_PATH_ENV) else "default")
+    looked = []
+    if _looks_like_hub_id(requested):
+        from huggingface_hub import constants, snapshot_download
+
+        try:
+            folder = Path(snapshot_download(requested, local_files_only=True))
+            if _has_weights(folder):
+                return folder
+            looked.append(f"{folder} (incomplete snapshot: no config.json or no weights)")
+        except Exception:  # LocalEntryNotFoundError and friends: nothing usable in the cache
+            looked.append(f"the Hugging Face cache {constants.HF_HUB_CACHE} (no snapshot of {requested})")
+    else:
+        folder = Path(requested).expanduser()
+        if _has_weights(folder):
+            return folder
+        reason = "does not exist" if not folder.exists() else "has no config.json or no weights"
+        looked.append(f"{folder} ({reason})")
+    repo = requested if _looks_like_hub_id(requested) else CHECKPOINT_ID
+    raise PluginError(
+        f"no LLaVA checkpoint found for {source} {requested!r}. Looked in:\n"
+        + "".join(f"    {place}\n" for place in looked)
+        + "Get it with\n"
+        + f"    hf download {repo}        (older huggingface_hub: huggingface-cli download {repo})\n"
+        + f"or point --model-path / ${MODEL_PATH_ENV} at a local llava-hf checkpoint directory."
+    )
