@@ -44,6 +44,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -535,6 +536,31 @@ def write_outputs(out_dir: Path, rows, meta) -> None:
 # --------------------------------------------------------------------------------------- main
 
 
+def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype) -> list[str]:
+    """DyMU thresholds for this very model, by DyMU's calibration on 32 synthetic images.
+
+    On random weights the merge scores say nothing about real images; what matters for timing is
+    that the thresholds reach the requested token counts (recorded in each file's "achieved").
+    """
+    import torch
+
+    from .calibrate import calibrate_thresholds, count_summary, measure_token_counts
+    from .dymu import write_threshold_file
+    from .tiny import synthetic_image
+
+    images = [synthetic_image(seed) for seed in range(2000, 2032)]
+    pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
+    paths = []
+    for target in targets:
+        payload = calibrate_thresholds(model, [pixel_values], target, progress=False)
+        thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32, device=device)
+        payload["achieved"] = count_summary(measure_token_counts(model, [pixel_values], thresholds, progress=False))
+        path = out_dir / f"{target}.json"
+        write_threshold_file(path, payload)
+        paths.append(str(path))
+    return paths
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m hybrid_vlm.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -550,6 +576,11 @@ def parse_args(argv=None):
     parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=["row"], help="FastV scorers to compare")
     parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=["logical"])
     parser.add_argument("--dymu", nargs="*", default=[], help="DyMU threshold files: adds DyMU and DyMU+FastV (hybrid) rows")
+    parser.add_argument(
+        "--dymu-target", nargs="*", default=[],
+        help="calibrate DyMU thresholds for the benchmarked model itself (low|mid|high|N tokens) on 32 synthetic "
+        "images, then add their rows as --dymu does: random-weight presets have no threshold files",
+    )
     parser.add_argument("--stock", action="store_true", help="also time the unpatched transformers forward")
     parser.add_argument("--baseline", default="vanilla", help="row the ratios divide by (default vanilla = engine, no reduction)")
     parser.add_argument("--text-tokens", type=int, default=60, help="non-image prompt tokens (default 60: LLaVA's 5 + 55)")
@@ -601,6 +632,10 @@ def main(argv=None) -> list[dict]:
     model, processor = build_model(args, device, dtype)
     shape = flops.shape_from_config(model.config)
     inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed, device)
+    if args.dymu_target:
+        threshold_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dymu-"))
+        args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype)
+        configs = build_configs(args)
     clock = Clock(device)
     mark = LlmStartMark(model, clock)
     bytes_per_element = torch.finfo(dtype).bits // 8
