@@ -28,7 +28,8 @@ and max too). On CUDA the stages are timed with CUDA events after a synchronize.
     python -m hybrid_vlm.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
-6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), llava-1.5-7b
+6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
+real CLIP ViT-L/14-336 tower in front of mid's LLM: vision-tower timings on CPU), llava-1.5-7b
 (CLIP ViT-L/14-336 + Llama-7B shapes, random weights; CUDA only). --model DIR loads a checkpoint.
 """
 
@@ -50,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRESETS = ("tiny", "mid", "llava-1.5-7b")
+PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b")
 CSV_COLUMNS = (
     "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu",
     "batch_size", "text_tokens", "visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept",
@@ -78,11 +79,15 @@ def preset_config(preset: str, tokenizer):
 
     if preset == "tiny":
         return tiny_llava_config(tokenizer)
+    vit_l = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    mid_text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, vocab_size=len(tokenizer))
     if preset == "mid":
         vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, projection_dim=384)
-        text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, vocab_size=len(tokenizer))
+        text = mid_text
+    elif preset == "vit-l":  # the real CLIP ViT-L/14-336 tower in front of the mid LLM: vision timings on CPU
+        vision, text = vit_l, mid_text
     elif preset == "llava-1.5-7b":
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        vision = vit_l
         text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, rms_norm_eps=1e-5)
     else:
         raise ValueError(f"unknown preset {preset!r}: use one of {PRESETS}")
@@ -536,8 +541,8 @@ def write_outputs(out_dir: Path, rows, meta) -> None:
 # --------------------------------------------------------------------------------------- main
 
 
-def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype) -> list[str]:
-    """DyMU thresholds for this very model, by DyMU's calibration on 32 synthetic images.
+def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype, num_images: int = 32) -> list[str]:
+    """DyMU thresholds for this very model, by DyMU's calibration on synthetic images.
 
     On random weights the merge scores say nothing about real images; what matters for timing is
     that the thresholds reach the requested token counts (recorded in each file's "achieved").
@@ -548,7 +553,7 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype)
     from .dymu import write_threshold_file
     from .tiny import synthetic_image
 
-    images = [synthetic_image(seed) for seed in range(2000, 2032)]
+    images = [synthetic_image(seed) for seed in range(2000, 2000 + num_images)]
     pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
     paths = []
     for target in targets:
@@ -578,9 +583,10 @@ def parse_args(argv=None):
     parser.add_argument("--dymu", nargs="*", default=[], help="DyMU threshold files: adds DyMU and DyMU+FastV (hybrid) rows")
     parser.add_argument(
         "--dymu-target", nargs="*", default=[],
-        help="calibrate DyMU thresholds for the benchmarked model itself (low|mid|high|N tokens) on 32 synthetic "
+        help="calibrate DyMU thresholds for the benchmarked model itself (low|mid|high|N tokens) on synthetic "
         "images, then add their rows as --dymu does: random-weight presets have no threshold files",
     )
+    parser.add_argument("--dymu-images", type=int, default=32, help="synthetic images for --dymu-target (default 32)")
     parser.add_argument("--stock", action="store_true", help="also time the unpatched transformers forward")
     parser.add_argument("--baseline", default="vanilla", help="row the ratios divide by (default vanilla = engine, no reduction)")
     parser.add_argument("--text-tokens", type=int, default=60, help="non-image prompt tokens (default 60: LLaVA's 5 + 55)")
@@ -634,7 +640,9 @@ def main(argv=None) -> list[dict]:
     inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed, device)
     if args.dymu_target:
         threshold_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dymu-"))
-        args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype)
+        args.dymu = list(args.dymu) + calibrate_for_bench(
+            model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images
+        )
         configs = build_configs(args)
     clock = Clock(device)
     mark = LlmStartMark(model, clock)
