@@ -43,7 +43,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -454,6 +453,7 @@ def environment(device, args) -> dict:
     import transformers
 
     from . import __version__
+    from .provenance import git_state
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -461,12 +461,7 @@ def environment(device, args) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", None
+    commit, dirty = git_state()
     env = dict(
         device=str(device), torch=torch.__version__, transformers=transformers.__version__, hybrid_vlm=__version__,
         python=platform.python_version(), platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),

@@ -1,17 +1,44 @@
-"""Sweep FASTV_K through VLMEvalKit and print one results table.
+"""Sweeps and ablations through VLMEvalKit, one command each, ending with one results table.
 
     python -m hybrid_vlm.sweep --data MMBench_DEV_EN --fastv-k 576 288 144 72 36 0.5 0.75
     python -m hybrid_vlm.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla \\
         --launcher "torchrun --nproc-per-node=8" -- --work-dir outputs --batch-size 8
 
-Each setting is one `run.py` process (`python -m vlmeval_plugin`) with FASTV_K set, so each lands
-in its own results folder (<work-dir>/<model>__fastv-k72-l2/, ...) and settings never share
-predictions; a setting whose folder is complete is not recomputed (VLMEvalKit's reuse). Flags this
-command does not know (--work-dir, --model-path, --judge, --limit, --batch-size, ...) go to every
-run unchanged. At the end: one table (metric, mean tokens in / kept, mean prefill ms per row) and
-the same as CSV in <work-dir>/sweep_<model>.csv.
+Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --positions to change its grid):
 
-The equivalent shell loop:
+    --ablation fastv-layer      FastV at layers 1, 2, 3 (FASTV_K 0.5 unless --fastv-k)
+    --ablation fastv-k          FASTV_K 576 288 144 72 36 (unless --fastv-k)
+    --ablation dymu-level       DyMU alone per --dymu file (e.g. low.json mid.json high.json)
+    --ablation hybrid-vs-alone  FastV alone, DyMU alone and DyMU+FastV with the same --dymu file and K
+    --ablation positions        HYBRID_POSITIONS logical vs renumbered (FastV, and the hybrid with --dymu)
+Every ablation also runs the vanilla model (the reference); `--ablation scoring` (row vs eager
+scoring layer) is a speed-only ablation: `python -m hybrid_vlm.bench --scoring row eager`.
+
+The grid: for each --model (plugin names or the short forms vanilla / fastv / dymu / hybrid) the
+product of the settings that model reads: FastV models FASTV_K (--fastv-k) x FASTV_LAYER
+(--fastv-layer) x HYBRID_POSITIONS (--positions); DyMU models DYMU_THRESHOLDS (--dymu) x
+HYBRID_POSITIONS; the hybrid all of them; vanilla nothing. Default --model: fastv; with --dymu:
+hybrid if --fastv-k is given, else dymu. An axis not given keeps the environment's value (else the
+plugin's default: FASTV_K 0.5, FASTV_LAYER 2, logical positions).
+
+--dymu takes threshold files; with --calibrate-images DIR an entry that is no file but a target
+(low / mid / high / a token count) is calibrated first (`python -m hybrid_vlm.calibrate`, on the
+checkpoint given by --model-path or the plugin's default) into <work-dir>/dymu/<target>.json,
+unless that file exists.
+
+Each setting is one `run.py` process (`python -m vlmeval_plugin`) with its environment, so it lands
+in its own results folder (<work-dir>/<model>__<setting>/) and settings never share predictions; a
+setting whose folder is complete is not recomputed (VLMEvalKit's reuse). Two settings that map to
+the same folder (an axis the model ignores) run once. Flags this command does not know
+(--work-dir, --model-path, --judge, --limit, --batch-size, ...) go to every run unchanged.
+
+At the end: one table (metric, Δ vs vanilla when the vanilla folder exists, mean tokens in / kept,
+median prefill ms per row), the same as CSV in <work-dir>/sweep_<tag>.csv, and the record of what
+ran (commands, environments, exit statuses, versions, git commit) in <work-dir>/sweep_<tag>.json,
+which `python -m hybrid_vlm.report` reads for provenance. --report NAME then writes
+reports/NAME/report.md from this sweep's folders.
+
+The equivalent shell loop of the first example:
     for k in 576 288 144 72 36 0.5 0.75; do FASTV_K=$k python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv; done
 
 This module does not import vlmeval: the runs are subprocesses.
@@ -20,13 +47,52 @@ This module does not import vlmeval: the runs are subprocesses.
 from __future__ import annotations
 
 import argparse
+import datetime
+import itertools
+import json
 import os
 import shlex
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import parse_fastv_k
+from .config import POSITION_MODES, parse_fastv_k, parse_fastv_layer
+from .provenance import git_state, package_versions
+
+SHORT_NAMES = {
+    "vanilla": "llava_v1.5_7b",
+    "fastv": "llava_v1.5_7b_fastv",
+    "dymu": "llava_v1.5_7b_dymu",
+    "hybrid": "llava_v1.5_7b_hybrid",
+}
+VANILLA = SHORT_NAMES["vanilla"]
+ABLATIONS = {
+    # name: (models, default axes)
+    "fastv-layer": (["fastv"], dict(fastv_layer=["1", "2", "3"], fastv_k=["0.5"])),
+    "fastv-k": (["fastv"], dict(fastv_k=["576", "288", "144", "72", "36"])),
+    "dymu-level": (["dymu"], {}),
+    "hybrid-vs-alone": (["fastv", "dymu", "hybrid"], {}),
+    "positions": (["fastv"], dict(positions=list(POSITION_MODES))),
+    "scoring": (None, {}),
+}
+SCORING_HINT = (
+    "the row vs eager scoring-layer ablation is about speed only (both score the same tokens): run\n"
+    "    python -m hybrid_vlm.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
+    "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
+)
+ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS")
+DYMU_TARGETS = ("low", "mid", "high")
+
+
+@dataclass
+class Run:
+    label: str  # what the table calls it
+    model: str  # name given to run.py
+    folder: str  # effective name = results folder
+    env: dict  # the full environment of the run
+    settings: dict  # the ENV_KEYS this run sets (None = left to the environment)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--data", nargs="+", required=True, help="VLMEvalKit dataset names")
-    parser.add_argument("--fastv-k", nargs="+", required=True, help="FASTV_K values: integers keep top-n, decimals prune a fraction")
-    parser.add_argument("--model", default="llava_v1.5_7b_fastv", help="plugin name that reads FASTV_K (default llava_v1.5_7b_fastv)")
-    parser.add_argument("--fastv-layer", type=int, default=None, help="FASTV_LAYER for every run (default: the environment's, else 2)")
+    parser.add_argument("--model", nargs="+", default=None, help="plugin names or vanilla / fastv / dymu / hybrid (default: see above)")
+    parser.add_argument("--fastv-k", nargs="+", default=None, help="FASTV_K values: integers keep top-n, decimals prune a fraction")
+    parser.add_argument("--fastv-layer", nargs="+", default=None, help="FASTV_LAYER values (default: the environment's, else 2)")
+    parser.add_argument("--dymu", nargs="+", default=None, metavar="FILE", help="DYMU_THRESHOLDS files (or targets with --calibrate-images)")
+    parser.add_argument("--positions", nargs="+", default=None, choices=POSITION_MODES, help="HYBRID_POSITIONS values")
+    parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
     parser.add_argument("--vanilla", action="store_true", help="also run llava_v1.5_7b (nothing patched) as the reference")
+    parser.add_argument("--calibrate-images", default=None, metavar="DIR", help="calibrate --dymu targets (low/mid/high/N) on these images first")
     parser.add_argument("--launcher", default=None, help='e.g. "torchrun --nproc-per-node=8" (default: this Python)')
     parser.add_argument("--work-dir", default="./outputs", help="VLMEvalKit --work-dir (default ./outputs)")
+    parser.add_argument("--report", default=None, metavar="NAME", help="then write reports/NAME/report.md from this sweep's folders")
+    parser.add_argument("--report-out", default="reports", metavar="DIR", help="parent folder for --report (default reports)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
     return parser
 
 
@@ -52,74 +125,213 @@ def run_command(launcher: str | None, run_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "vlmeval_plugin"] + run_args
 
 
+def fail(message: str) -> int:
+    print(f"hybrid_vlm.sweep: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def passthrough_value(passthrough: list[str], flag: str) -> str | None:
+    for index, item in enumerate(passthrough):
+        if item == flag and index + 1 < len(passthrough):
+            return passthrough[index + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def calibrate_targets(entries: list[str], images: str | None, work_dir: str, passthrough: list[str], settings, dry_run=False) -> list[str]:
+    """--dymu entries as files: existing files stay, targets are calibrated (or reused) with --calibrate-images."""
+    files = []
+    for entry in entries:
+        if Path(entry).is_file():
+            files.append(entry)
+            continue
+        is_target = entry in DYMU_TARGETS or entry.isdigit()
+        if not is_target:
+            raise settings.PluginError(f"--dymu {entry}: no such file (a target such as low / mid / high needs --calibrate-images DIR)")
+        out = Path(work_dir) / "dymu" / f"{entry}.json"
+        if out.is_file():
+            print(f"hybrid_vlm.sweep: DyMU target {entry}: reusing {out}", flush=True)
+            files.append(str(out))
+            continue
+        if not images:
+            raise settings.PluginError(f"--dymu {entry}: a calibration target needs --calibrate-images DIR (or give a threshold file)")
+        if dry_run:
+            raise settings.PluginError(f"--dymu {entry}: not calibrated yet ({out} does not exist); --dry-run calibrates nothing")
+        checkpoint = settings.resolve_checkpoint(passthrough_value(passthrough, "--model-path"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "hybrid_vlm.calibrate", "--model", str(checkpoint), "--images", images, "--target", entry,
+                   "--out", str(out), "--no-progress"]  # fmt: skip
+        print(f"\n=== calibrating DyMU target {entry} ===\n$ {shlex.join(command)}", flush=True)
+        if subprocess.run(command).returncode != 0 or not out.is_file():
+            raise settings.PluginError(f"calibrating DyMU target {entry} failed (command above)")
+        files.append(str(out))
+    return files
+
+
+def plan_runs(args, base_env: dict, settings) -> tuple[list[Run], list[str]]:
+    """Every run of the grid, in order, deduplicated by results folder; and notes on what was merged."""
+    models = [SHORT_NAMES.get(name, name) for name in args.model]
+    for model in models:
+        if model not in settings.VARIANTS or settings.VARIANTS[model].tiny:
+            usable = [n for n, v in settings.VARIANTS.items() if not v.tiny]
+            raise settings.PluginError(f"--model {model}: use one of {', '.join(usable)} or {', '.join(SHORT_NAMES)}")
+    for text in args.fastv_k or []:
+        parse_fastv_k(text)
+    for text in args.fastv_layer or []:
+        parse_fastv_layer(text)
+    runs: list[Run] = []
+    notes: list[str] = []
+    seen: dict[str, Run] = {}
+    for model in models:
+        variant = settings.VARIANTS[model]
+        axes = {
+            "FASTV_K": (args.fastv_k if variant.fastv else None) or [None],
+            "FASTV_LAYER": (args.fastv_layer if variant.fastv else None) or [None],
+            "DYMU_THRESHOLDS": (args.dymu if variant.dymu else None) or [None],
+            "HYBRID_POSITIONS": (args.positions if (variant.fastv or variant.dymu) else None) or [None],
+        }
+        if variant.dymu and axes["DYMU_THRESHOLDS"] == [None] and not base_env.get("DYMU_THRESHOLDS"):
+            raise settings.PluginError(f"{model} needs DyMU thresholds: pass --dymu FILE... (or set DYMU_THRESHOLDS)")
+        for values in itertools.product(*axes.values()):
+            chosen = dict(zip(axes, values))
+            env = dict(base_env)
+            env.update({key: value for key, value in chosen.items() if value is not None})
+            folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
+            label = "vanilla" if model == VANILLA else f"{_short(model)}: {folder.split(settings.NAME_SEPARATOR, 1)[-1]}"
+            if folder in seen:
+                given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
+                notes.append(f"{model} with {given} is the same setting as {seen[folder].label} ({folder}): run once")
+                continue
+            run = Run(label, model, folder, env, {key: env.get(key) for key in ENV_KEYS if chosen.get(key) is not None})
+            seen[folder] = run
+            runs.append(run)
+    return runs, notes
+
+
+def _short(model: str) -> str:
+    return next((short for short, name in SHORT_NAMES.items() if name == model), model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     passthrough = [item for item in passthrough if item != "--"]
-    from vlmeval_plugin import settings, stats  # no vlmeval import in either
+    from vlmeval_plugin import settings  # no vlmeval import
 
-    # Every setting is checked before the first (long) run starts.
-    base_env = dict(os.environ)
-    if args.fastv_layer is not None:
-        base_env["FASTV_LAYER"] = str(args.fastv_layer)
-    runs = []  # (label, model name given to run.py, effective folder name, environment)
-    if args.vanilla:
-        runs.append(("vanilla", "llava_v1.5_7b", "llava_v1.5_7b", base_env))
-    try:
-        for text in args.fastv_k:
-            parse_fastv_k(text)
-            env = dict(base_env, FASTV_K=text)
-            name = settings.effective_name(args.model, settings.hybrid_config_for(args.model, env))
-            runs.append((f"FASTV_K={text}", args.model, name, env))
-    except (ValueError, settings.PluginError) as error:
-        print(f"hybrid_vlm.sweep: error: {error}", file=sys.stderr)
+    if args.ablation == "scoring":
+        print(f"hybrid_vlm.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
-    if not settings.VARIANTS[args.model].fastv:
-        print(f"hybrid_vlm.sweep: error: {args.model} does not read FASTV_K; use a _fastv or _hybrid name", file=sys.stderr)
-        return 2
+    models = args.model
+    if args.ablation:
+        preset_models, defaults = ABLATIONS[args.ablation]
+        for key, values in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, list(values))
+        if args.ablation == "positions" and args.dymu and models is None:
+            models = ["fastv", "hybrid"]
+        if args.ablation == "dymu-level" and not args.dymu:
+            return fail("--ablation dymu-level needs --dymu FILE... (e.g. low.json mid.json high.json, or low mid high with --calibrate-images DIR)")
+        if args.ablation == "hybrid-vs-alone" and (not args.dymu or len(args.dymu) != 1):
+            return fail("--ablation hybrid-vs-alone needs exactly one --dymu FILE (the DyMU setting of the hybrid)")
+        models = ["vanilla"] + [m for m in (models or preset_models) if SHORT_NAMES.get(m, m) != VANILLA]
+    elif models is None:
+        models = ["hybrid" if args.fastv_k else "dymu"] if args.dymu else ["fastv"]
+        if models == ["fastv"] and not args.fastv_k and not args.fastv_layer and not args.positions:
+            return fail("nothing to sweep: give --fastv-k, --fastv-layer, --dymu, --positions or --ablation")
+    if args.vanilla and VANILLA not in [SHORT_NAMES.get(m, m) for m in models]:
+        models = ["vanilla"] + list(models)
+    args.model = models
 
     work_dir = os.environ.get("MMEVAL_ROOT", args.work_dir)
+    base_env = dict(os.environ)
+    # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
+    try:
+        if args.dymu:
+            args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, settings, args.dry_run)
+        runs, notes = plan_runs(args, base_env, settings)
+    except (ValueError, settings.PluginError) as error:
+        return fail(str(error))
+    swept = [SHORT_NAMES.get(m, m) for m in models if SHORT_NAMES.get(m, m) != VANILLA] or [VANILLA]
+    # sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept (as before), else the models
+    tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m) for m in swept))
+
+    for note in notes:
+        print(f"hybrid_vlm.sweep: note: {note}", flush=True)
+    print(f"hybrid_vlm.sweep: {len(runs)} run(s) into {work_dir}:", flush=True)
+    commands = []
+    for run in runs:
+        command = run_command(args.launcher, ["--data", *args.data, "--model", run.model, "--work-dir", work_dir, *passthrough])
+        commands.append(command)
+        setting = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in run.settings.items())
+        print(f"  {run.folder}\n      {setting + ' ' if setting else ''}{shlex.join(command)}", flush=True)
+    if args.dry_run:
+        return 0
+
+    commit, dirty = git_state()
+    manifest = {
+        "command": shlex.join(["python", "-m", "hybrid_vlm.sweep", *(sys.argv[1:] if argv is None else argv)]),
+        "cwd": os.getcwd(),
+        "python": sys.executable,
+        "work_dir": work_dir,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "runs": [],
+    }
+    manifest_path = Path(work_dir) / f"sweep_{tag}.json"
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
     failed = []
-    for label, model, folder_name, env in runs:
-        command = run_command(args.launcher, ["--data", *args.data, "--model", model, "--work-dir", work_dir, *passthrough])
-        print(f"\n=== {label}: {folder_name} ===\n$ {shlex.join(command)}", flush=True)
-        result = subprocess.run(command, env=env)
+    for run, command in zip(runs, commands):
+        print(f"\n=== {run.label}: {run.folder} ===\n$ {shlex.join(command)}", flush=True)
+        started, clock = datetime.datetime.now().astimezone().isoformat(timespec="seconds"), time.monotonic()
+        result = subprocess.run(command, env=run.env)
         if result.returncode != 0:
-            failed.append(f"{label} (exit status {result.returncode})")
+            failed.append(f"{run.label} (exit status {result.returncode})")
+        shown = command if args.launcher else ["python", *command[1:]]  # "python" = manifest["python"]
+        manifest["runs"].append({
+            "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
+            "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": result.returncode,
+        })  # fmt: skip
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # after every run: an interrupted sweep keeps its record
 
-    rows = []
-    for label, _, folder_name, _ in runs:
-        for dataset in args.data:
-            summary = stats.summarise(work_dir, folder_name, dataset)
-            summary["setting"] = label
-            rows.append(summary)
-    print("\n" + stats.format_table(rows), flush=True)
+    from . import report
 
-    import pandas as pd
-
-    table = pd.DataFrame(
-        [
-            {
-                "setting": row["setting"],
-                "model": row["model"],
-                "dataset": row["dataset"],
-                "rows": row["rows"],
-                **row["metrics"],
-                "tokens_in": row["tokens_in"],
-                "tokens_kept": row["tokens_kept"],
-                "prefill_ms": row["prefill_ms"],
-                "folder": row["folder"],
-            }
-            for row in rows
-        ]
-    )
-    csv_path = Path(work_dir) / f"sweep_{args.model}.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv_path, index=False)
-    print(f"\nSweep table: {csv_path}", flush=True)
+    labels = {run.folder: run.label for run in runs}
+    configs = report.collect(work_dir, [run.folder for run in runs])
+    order = {run.folder: index for index, run in enumerate(runs)}
+    configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
+    print("\n" + report.text_table(configs, labels), flush=True)
+    write_csv(Path(work_dir) / f"sweep_{tag}.csv", configs, labels)
+    print(f"\nSweep table: {Path(work_dir) / f'sweep_{tag}.csv'}\nSweep record: {manifest_path}", flush=True)
+    status = 0
     if failed:
         print("hybrid_vlm.sweep: these runs failed: " + ", ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    if args.report:
+        patterns = [run.folder for run in runs]
+        code = report.main([work_dir, "--name", args.report, "--out", args.report_out, "--models", *patterns])
+        status = status or code
+    return status
+
+
+def write_csv(path: Path, configs, labels: dict[str, str]) -> None:
+    import pandas as pd
+
+    rows = []
+    for config in configs:
+        for dataset, entry in config.entries.items():
+            ref = entry.reference if entry.reference is not entry else None
+            rows.append({
+                "setting": labels.get(config.name, config.tag), "model": config.name, "dataset": dataset,
+                "rows": entry.rows, **entry.metrics,
+                **{f"delta_{k}": (v - ref.metrics[k]) for k, v in entry.metrics.items() if ref is not None and k in ref.metrics},
+                "tokens_in": entry.tokens_in, "tokens_kept": entry.tokens_kept,
+                "prefill_ms": entry.prefill_ms_mean, "prefill_ms_median": entry.prefill_ms,
+                "folder": str(config.folder.resolve()),
+            })  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
 
 
 if __name__ == "__main__":

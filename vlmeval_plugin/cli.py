@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 from functools import partial
 from pathlib import Path
@@ -169,8 +170,49 @@ def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode
     return problems
 
 
+RUN_INFO_ENVS = (
+    "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", settings.MODEL_PATH_ENV, "MMEVAL_ROOT",
+    "LMUData", "PRED_FORMAT", "EVAL_FORMAT", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES",
+)  # fmt: skip
+
+
+def write_run_info(work_dir: str, models: list[str], plugin_models: dict, command: list[str], demo: bool, vargs, options) -> None:
+    """Append this run to <work_dir>/<model>/run_info.json ({"runs": [...]}): the command as typed,
+    the settings read from the environment, the checkpoint, versions and the git commit.
+    VLMEvalKit's status.json keeps only its own argv; hybrid_vlm.report reads this for provenance."""
+    from dataclasses import asdict
+
+    from hybrid_vlm.provenance import git_state, package_versions
+
+    commit, dirty = git_state()
+    by_name = {item.name: item for item in plugin_models.values()}
+    for model in models:
+        item = by_name.get(model)
+        record = {
+            "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(command), "argv": command, "demo": demo, "cwd": os.getcwd(),
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)), "model": model,
+            "requested": item.requested if item else model,
+            "setting": (item.config.describe() if item.config is not None else "stock") if item else None,
+            "hybrid_config": asdict(item.config) if item and item.config is not None else None,
+            "checkpoint": str(item.checkpoint) if item else None,
+            "env": {key: os.environ[key] for key in RUN_INFO_ENVS if key in os.environ},
+            "options": {"model_path": options.model_path, "batch_size": options.batch_size, "max_new_tokens": options.max_new_tokens},
+            "data": list(vargs.data or []), "mode": vargs.mode, "judge": vargs.judge,
+            "versions": package_versions(), "git": {"commit": commit, "dirty": dirty},
+        }  # fmt: skip
+        path = Path(work_dir) / model / "run_info.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+        except (json.JSONDecodeError, AttributeError):
+            runs = []
+        path.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = ["python", "run.py", *argv]  # as typed (python -m vlmeval_plugin is the same program)
     demo = not argv
     if demo:
         argv = list(DEMO_ARGS)
@@ -240,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         use_gloo_without_cuda()
+
+    if rank == 0 and vargs.model is not None and not vargs.api_mode:
+        write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options)
 
     started = datetime.datetime.now().astimezone()
     vlmeval_run.run_task(vargs)

@@ -97,8 +97,9 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
             if config.fastv_k is None:
                 config = replace(config, fastv_k=DEFAULT_FASTV_K)
         else:
-            # FastV off: FASTV_K is ignored, FASTV_LAYER is irrelevant without pruning.
-            config = HybridConfig(fastv_k=None, dymu=dymu)
+            # FastV off: FASTV_K is ignored, FASTV_LAYER is irrelevant without pruning. HYBRID_POSITIONS
+            # still applies: merged tokens keep their representative patch's position id, or are renumbered.
+            config = HybridConfig.from_env({k: env[k] for k in ("HYBRID_POSITIONS",) if k in env}, dymu=dymu)
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
     return config

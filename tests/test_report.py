@@ -1,0 +1,257 @@
+"""`python -m hybrid_vlm.report` on work dirs written in VLMEvalKit's exact file formats.
+
+The fake work dirs use the formats VLMEvalKit 0.0.20 writes (checked against a real `python run.py`
+run; the committed reports/tiny-demo/raw/ holds such a run): `<model>_<dataset>_acc.csv` is
+report_acc's table dumped with csv.QUOTE_ALL (fractions), `<model>_<dataset>_score.json` the COCO
+scorer's dict (x100, indent 4), predictions as .xlsx, status.json as upsert_run_status writes it, and
+the plugin's `<model>_<dataset>_stats.jsonl`. The expected numbers are read back from those raw
+files here, with the csv/json modules, independently of the report's own readers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import shutil
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from hybrid_vlm import report
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "reports" / "tiny-demo"
+MMB, COCO = "MMBench_DEV_EN", "COCO_VAL"
+TINY_BANNER = "Tiny random-weight model, not LLaVA-1.5-7B"
+
+# model -> (MCQ accuracy per category (fractions; Overall first), caption scores, visual tokens kept, prefill seconds)
+SEVEN_B = {
+    "llava_v1.5_7b": ({"Overall": 0.6425, "AR": 0.70, "CP": 0.55}, {"Bleu": [72.1, 55.3, 41.0, 29.9], "ROUGE_L": 55.2, "CIDEr": 110.42}, 576, 0.210),
+    "llava_v1.5_7b_fastv__fastv-k72-l2": ({"Overall": 0.6013, "AR": 0.66, "CP": 0.52}, {"Bleu": [70.0, 52.2, 38.1, 27.35], "ROUGE_L": 53.9, "CIDEr": 101.07}, 72, 0.121),
+    "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2": ({"Overall": 0.6188, "AR": 0.68, "CP": 0.51}, {"Bleu": [70.9, 53.0, 39.2, 28.1], "ROUGE_L": 54.4, "CIDEr": 104.9}, 64, 0.098),
+}
+TINY = {
+    "llava_tiny": ({"Overall": 0.25, "CP": 0.25}, {"Bleu": [1.0, 0.5, 0.2, 0.1], "ROUGE_L": 3.0, "CIDEr": 0.4}, 576, 0.030),
+    "llava_tiny_hybrid__dymu-tiny-mid_fastv-r0.5-l2": ({"Overall": 0.125, "CP": 0.125}, {"Bleu": [0.9, 0.4, 0.1, 0.0], "ROUGE_L": 2.5, "CIDEr": 0.1}, 103, 0.024),
+}
+ROWS = 12
+
+
+def write_config(work_dir: Path, model: str, acc: dict | None, scores: dict | None, visual_kept: int, prefill: float) -> None:
+    folder = work_dir / model
+    folder.mkdir(parents=True)
+    setting = model.split("__", 1)[1] if "__" in model else "stock"
+    datasets = {}
+    for dataset in (MMB, COCO):
+        records = []
+        for row in range(ROWS):
+            text = 60 + row % 5
+            visual_in = 576 if "dymu" not in model else 190 + 7 * row
+            kept = min(visual_kept, visual_in)
+            records.append({
+                "index": str(row), "prediction": "A", "tokens_in": text + visual_in, "tokens_kept": text + kept,
+                "prefill_s": round(prefill * (1 + 0.03 * ((row * 7) % 5)), 6), "generate_s": prefill * 3,
+                "new_tokens": 2, "batch_size": 1, "rank": 0, "setting": setting,
+            })  # fmt: skip
+        with open(folder / f"{model}_{dataset}_stats.jsonl", "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        table = pd.DataFrame({"index": range(ROWS), "question": "q", "answer": "A", "prediction": "A"})
+        table.to_excel(folder / f"{model}_{dataset}.xlsx", index=False)
+        datasets[dataset] = {"status": "done", "prediction_file": f"{folder}/{model}_{dataset}.xlsx"}
+    if acc is not None:
+        pd.DataFrame({"split": ["dev"], **{k: [v] for k, v in acc.items()}}).to_csv(
+            folder / f"{model}_{MMB}_acc.csv", index=False, encoding="utf-8", quoting=csv.QUOTE_ALL
+        )
+    if scores is not None:
+        with open(folder / f"{model}_{COCO}_score.json", "w") as handle:
+            json.dump(scores, handle, indent=4)
+    status = {
+        "schema_version": "1.0", "eval_id": "T20260101-000000", "created_at": "2026-01-01T00:00:00+00:00",
+        "datasets": datasets, "model_name": model, "commit": "f6a5b409",
+        "argv": ["run.py", "--data", MMB, COCO, "--model", model.split("__")[0]], "mode": "all",
+    }  # fmt: skip
+    (folder / "status.json").write_text(json.dumps(status, indent=2))
+
+
+def make_work_dir(root: Path, configs: dict, infer_only: str | None = None) -> Path:
+    for model, (acc, scores, kept, prefill) in configs.items():
+        write_config(root, model, acc, scores, kept, prefill)
+    if infer_only:  # predictions and sidecars, no evaluation yet (run.py --mode infer)
+        write_config(root, infer_only, None, None, 36, 0.090)
+    return root
+
+
+# ---- independent readers of the raw files ---------------------------------------------------------
+def raw_overall_percent(work_dir: Path, model: str) -> float:
+    with open(work_dir / model / f"{model}_{MMB}_acc.csv", newline="") as handle:
+        return 100.0 * float(next(csv.DictReader(handle))["Overall"])
+
+
+def raw_caption(work_dir: Path, model: str) -> dict:
+    scores = json.loads((work_dir / model / f"{model}_{COCO}_score.json").read_text())
+    return {"CIDEr": scores["CIDEr"], "BLEU-4": scores["Bleu"][3], "ROUGE_L": scores["ROUGE_L"], "BLEU-1": scores["Bleu"][0]}
+
+
+def raw_stats(work_dir: Path, model: str, dataset: str) -> dict:
+    lines = (work_dir / model / f"{model}_{dataset}_stats.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {
+        "tokens_in": statistics.fmean(r["tokens_in"] for r in records),
+        "tokens_kept": statistics.fmean(r["tokens_kept"] for r in records),
+        "prefill_ms": 1000 * statistics.median(r["prefill_s"] for r in records),
+    }
+
+
+def table_row(markdown: str, section: str, label: str) -> list[str]:
+    """Cells of the first table row for `label` after the heading that starts with `section`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(section))
+    for line in lines[start:]:
+        if line.startswith(f"| `{label}`"):
+            return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+    raise AssertionError(f"no row for {label} under {section}")
+
+
+def row_text(markdown: str, section: str, label: str) -> str:
+    return " | ".join(table_row(markdown, section, label))
+
+
+def check_png(path: Path) -> None:
+    assert path.is_file() and 0 < path.stat().st_size < 200_000, path
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG"
+
+
+def run_report(*args) -> int:
+    return report.main([str(a) for a in args])
+
+
+# ---- tests ------------------------------------------------------------------------------------------
+def test_7b_report_deltas_equal_raw_differences_and_no_bench(tmp_path):
+    work = make_work_dir(tmp_path / "outputs", SEVEN_B, infer_only="llava_v1.5_7b_fastv__fastv-k36-l2")
+    assert run_report(work, "--name", "seven", "--out", tmp_path / "reports") == 0
+    out = tmp_path / "reports" / "seven"
+    markdown = (out / "report.md").read_text()
+    data = json.loads((out / "report.json").read_text())
+
+    models = [*SEVEN_B, "llava_v1.5_7b_fastv__fastv-k36-l2"]
+    for model in models:  # every configuration, in every dataset table and in the provenance
+        assert markdown.count(f"| `{model}`") >= 2 and f"#### `{model}`" in markdown
+        assert {e["model"] for e in data["datasets"][MMB]} >= {model}
+    vanilla = "llava_v1.5_7b"
+    for model in SEVEN_B:
+        mcq = next(e for e in data["datasets"][MMB] if e["model"] == model)
+        caption = next(e for e in data["datasets"][COCO] if e["model"] == model)
+        assert mcq["metrics"]["Overall"] == pytest.approx(raw_overall_percent(work, model))
+        for key, value in raw_caption(work, model).items():
+            assert caption["metrics"][key] == pytest.approx(value)
+        for entry, dataset in ((mcq, MMB), (caption, COCO)):
+            stats = raw_stats(work, model, dataset)
+            assert entry["tokens_in_mean"] == pytest.approx(stats["tokens_in"])
+            assert entry["tokens_kept_mean"] == pytest.approx(stats["tokens_kept"])
+            assert entry["prefill_ms_median"] == pytest.approx(stats["prefill_ms"])
+        if model == vanilla:
+            assert mcq["vanilla"] and mcq["delta"] == {}
+            assert table_row(markdown, f"### {MMB}", model)[2] == "ref"
+            continue
+        assert mcq["reference"] == vanilla and caption["reference"] == vanilla
+        overall_delta = raw_overall_percent(work, model) - raw_overall_percent(work, vanilla)
+        assert mcq["delta"]["Overall"] == pytest.approx(overall_delta)
+        raw, raw_vanilla = raw_caption(work, model), raw_caption(work, vanilla)
+        for key in raw:
+            assert caption["delta"][key] == pytest.approx(raw[key] - raw_vanilla[key])
+        kept_ratio = raw_stats(work, model, MMB)["tokens_kept"] / raw_stats(work, vanilla, MMB)["tokens_kept"]
+        assert mcq["tokens_kept_ratio"] == pytest.approx(kept_ratio)
+        # ... and the markdown shows those very numbers
+        row = table_row(markdown, f"### {MMB}", model)
+        assert row[1] == f"{raw_overall_percent(work, model):.1f}" and row[2] == f"{overall_delta:+.1f}"
+        assert row[5] == f"{kept_ratio:.3f}×"
+        row = table_row(markdown, f"### {COCO}", model)
+        assert row[1] == f"{raw['CIDEr']:.1f}" and row[2] == f"{raw['CIDEr'] - raw_vanilla['CIDEr']:+.1f}"
+        assert f"[metric](../../outputs/{model}/{model}_{MMB}_acc.csv)" in row_text(markdown, f"### {MMB}", model)
+
+    infer_only = next(e for e in data["datasets"][MMB] if e["model"] == "llava_v1.5_7b_fastv__fastv-k36-l2")
+    assert infer_only["metrics"] == {} and infer_only["tokens_kept_mean"] is not None  # listed, metric "–"
+    assert table_row(markdown, f"### {MMB}", "llava_v1.5_7b_fastv__fastv-k36-l2")[1] == "–"
+
+    for dataset in (MMB, COCO):
+        check_png(out / "figures" / f"{dataset}.png")
+        assert f"(figures/{dataset}.png)" in markdown
+    assert TINY_BANNER not in markdown and "Evaluation model: LLaVA-1.5-7B" in markdown
+    assert "No bench results given" in markdown and "| config | method |" not in markdown
+    assert "not recorded (no `run_info.json`" in markdown  # provenance says what is missing
+    assert "python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b" in markdown  # status.json's argv
+
+
+def test_tiny_banner_bench_table_and_run_info(tmp_path):
+    work = make_work_dir(tmp_path / "tiny", TINY)
+    record = {"command": "python run.py", "env": {"MMEVAL_ROOT": "/x"}, "checkpoint": "/c/tiny-llava-v1",
+              "versions": {"torch": "2.14.1"}, "git": {"commit": "abc123", "dirty": False}}  # fmt: skip
+    (work / "llava_tiny" / "run_info.json").write_text(json.dumps({"runs": [record]}))
+    bench = DEMO / "raw" / "bench"
+    assert run_report(work, "--bench", bench, "--name", "tiny", "--out", tmp_path / "reports") == 0
+    markdown = (tmp_path / "reports" / "tiny" / "report.md").read_text()
+    assert TINY_BANNER in markdown and markdown.index(TINY_BANNER) < markdown.index("## Regenerate")
+    assert "MMEVAL_ROOT=/x python run.py    # run_info.json" in markdown  # the recorded command, top of the report
+    assert "git commit abc123" in markdown
+    rows = json.loads((bench / "bench.json").read_text())["rows"]
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        cells = table_row(markdown, "## Speed and FLOPs", row["config"])
+        assert cells[7] == f"{row['prefill_ratio']:.3f}" and cells[8] == f"{row['prefill_theory_ratio']:.3f}"
+        assert cells[10] == f"{row['llm_prefill_ratio']:.3f}" and cells[11] == f"{row['llm_prefill_theory_ratio']:.3f}"
+    assert "python -m hybrid_vlm.bench --preset tiny" in markdown
+
+    # LLaVA-1.5-7B evaluation runs with a tiny bench: the banner names the bench only
+    seven = make_work_dir(tmp_path / "seven", SEVEN_B)
+    assert run_report(seven, "--bench", bench / "bench.json", "--name", "mixed", "--out", tmp_path / "reports") == 0
+    mixed = (tmp_path / "reports" / "mixed" / "report.md").read_text()
+    assert TINY_BANNER in mixed and "The speed benchmark uses" in mixed and "Evaluation model: LLaVA-1.5-7B" in mixed
+
+
+def test_selection_snapshot_and_bad_inputs(tmp_path):
+    work = make_work_dir(tmp_path / "outputs", SEVEN_B)
+    out = tmp_path / "reports"
+    assert run_report(work, "--models", "*hybrid*", "--name", "sel", "--out", out, "--snapshot") == 0
+    data = json.loads((out / "sel" / "report.json").read_text())
+    assert {c["name"] for c in data["configurations"]} == {"llava_v1.5_7b", "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2"}
+    raw = out / "sel" / "raw" / "outputs"
+    assert sorted(p.name for p in raw.iterdir()) == ["llava_v1.5_7b", "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2"]
+    assert all(e["sources"]["metrics"][0].startswith("raw/outputs/") for e in data["datasets"][MMB])
+
+    assert run_report(work, "--vanilla", "llava_v1.5_7b_fastv__fastv-k72-l2", "--name", "ref", "--out", out) == 0
+    forced = json.loads((out / "ref" / "report.json").read_text())
+    hybrid = next(e for e in forced["datasets"][MMB] if e["model"].startswith("llava_v1.5_7b_hybrid"))
+    assert hybrid["reference"] == "llava_v1.5_7b_fastv__fastv-k72-l2"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_report(empty, "--out", out) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        run_report(tmp_path / "missing", "--out", out)
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        run_report(work, "--bench", tmp_path / "no-bench", "--out", out)
+
+
+def test_committed_tiny_demo_regenerates_from_its_raw_files(tmp_path, monkeypatch):
+    """reports/tiny-demo/report.md is exactly what its printed command makes from reports/tiny-demo/raw/."""
+    committed = (DEMO / "report.md").read_text()
+    assert TINY_BANNER in committed.split("## Regenerate")[0]
+    for png in (DEMO / "figures").glob("*.png"):
+        check_png(png)
+    block = committed.split("This report, from the raw files it read:", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    command = shlex.split(block)
+    assert command[:3] == ["python", "-m", "hybrid_vlm.report"]
+    copy = tmp_path / "reports" / "tiny-demo"
+    shutil.copytree(DEMO / "raw", copy / "raw")
+    shutil.copy2(DEMO / "regenerate.sh", copy / "regenerate.sh")
+    monkeypatch.chdir(tmp_path)
+    assert report.main(command[3:]) == 0
+    assert (copy / "report.md").read_text() == committed

@@ -1,0 +1,139 @@
+"""`python -m hybrid_vlm.sweep`: the grids of the one-command ablations, and one real sweep on the tiny model.
+
+The grid tests use --dry-run (nothing runs, no vlmeval import). The end-to-end test runs two
+settings through run.py on the tiny LLaVA (a few captions each) and checks the table, the CSV, the
+sweep record and the report it writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from hybrid_vlm import sweep
+from vlmeval_plugin import settings
+
+needs_vlmeval = pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None, reason="ms-vlmeval is not installed")
+VANILLA = "llava_v1.5_7b"
+
+
+def planned(capsys, *argv) -> list[str]:
+    """The results folders a dry run plans, in order."""
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    return re.findall(r"^  (\S+)$", output, flags=re.M)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", "MMEVAL_ROOT"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def thresholds(tmp_path):
+    path = tmp_path / "mid.json"
+    path.write_text("{}")  # the plan only needs the file to exist; its stem names the setting
+    return str(path)
+
+
+def test_existing_fastv_k_sweep_is_unchanged(capsys, clean_env):
+    assert planned(capsys, "--data", "X", "--fastv-k", "576", "72", "0.5", "--vanilla") == [
+        VANILLA, "llava_v1.5_7b_fastv__fastv-k576-l2", "llava_v1.5_7b_fastv__fastv-k72-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l2",
+    ]  # fmt: skip
+
+
+def test_fastv_layer_and_k_ablations(capsys, clean_env):
+    assert planned(capsys, "--data", "X", "--ablation", "fastv-layer") == [
+        VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l1", "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l3",
+    ]  # fmt: skip
+    assert planned(capsys, "--data", "X", "--fastv-layer", "1", "3", "--fastv-k", "64") == [
+        "llava_v1.5_7b_fastv__fastv-k64-l1", "llava_v1.5_7b_fastv__fastv-k64-l3",
+    ]  # fmt: skip
+    assert planned(capsys, "--data", "X", "--ablation", "fastv-k")[1:] == [
+        f"llava_v1.5_7b_fastv__fastv-k{k}-l2" for k in (576, 288, 144, 72, 36)
+    ]
+
+
+def test_dymu_hybrid_and_position_ablations(capsys, clean_env, thresholds, tmp_path):
+    low, high = tmp_path / "low.json", tmp_path / "high.json"
+    low.write_text("{}")
+    high.write_text("{}")
+    assert planned(capsys, "--data", "X", "--ablation", "dymu-level", "--dymu", str(low), thresholds, str(high)) == [
+        VANILLA, "llava_v1.5_7b_dymu__dymu-low", "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_dymu__dymu-high",
+    ]  # fmt: skip
+    assert planned(capsys, "--data", "X", "--ablation", "hybrid-vs-alone", "--dymu", thresholds, "--fastv-k", "64") == [
+        VANILLA, "llava_v1.5_7b_fastv__fastv-k64-l2", "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2",
+    ]  # fmt: skip
+    folders = planned(capsys, "--data", "X", "--ablation", "positions", "--dymu", thresholds)
+    assert folders == [
+        VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l2_renumbered",
+        "llava_v1.5_7b_hybrid__dymu-mid_fastv-r0.5-l2", "llava_v1.5_7b_hybrid__dymu-mid_fastv-r0.5-l2_renumbered",
+    ]  # fmt: skip
+    # DyMU alone: one run per distinct setting, whether or not the plugin's dymu name reads HYBRID_POSITIONS
+    folders = planned(capsys, "--data", "X", "--ablation", "positions", "--model", "dymu", "--dymu", thresholds)
+    expected = {
+        settings.effective_name("llava_v1.5_7b_dymu", settings.hybrid_config_for("llava_v1.5_7b_dymu", {"DYMU_THRESHOLDS": thresholds, "HYBRID_POSITIONS": mode}))
+        for mode in ("logical", "renumbered")
+    }  # fmt: skip
+    assert folders[0] == VANILLA and sorted(folders[1:]) == sorted(expected)
+
+
+def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):
+    cases = [
+        (["--ablation", "dymu-level"], "needs --dymu"),
+        (["--ablation", "hybrid-vs-alone", "--dymu", thresholds, thresholds], "exactly one --dymu"),
+        (["--ablation", "scoring"], "python -m hybrid_vlm.bench"),
+        (["--dymu", "low"], "--calibrate-images"),
+        (["--dymu", "nofile.json"], "no such file"),
+        (["--model", "dymu"], "needs DyMU thresholds"),
+        (["--model", "llava_tiny"], "--model llava_tiny"),
+        (["--fastv-layer", "0"], "FASTV_LAYER='0' is not valid"),
+        ([], "nothing to sweep"),
+    ]
+    for extra, message in cases:
+        assert sweep.main(["--data", "X", *extra, "--dry-run"]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+
+
+@needs_vlmeval
+def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, monkeypatch, capsys):
+    from hybrid_vlm.tiny import TINY_VERSION, ensure_tiny_llava
+
+    for key in ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", "MMEVAL_ROOT", "OPENAI_API_KEY", "PRED_FORMAT", settings.MODEL_PATH_ENV):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "LMUData").mkdir()
+    for key, value in dict(LMUData=tmp_path / "LMUData", HYBRID_VLM_CACHE=tmp_path / "cache", HF_HOME=tmp_path / "hf", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(key, str(value))
+    checkpoint = ensure_tiny_llava(tmp_path / "cache" / f"tiny-llava-{TINY_VERSION}")
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    status = sweep.main([
+        "--data", "TinyCOCO", "--fastv-k", "72", "--vanilla", "--work-dir", str(work), "--report", "tiny-sweep",
+        "--", "--model-path", str(checkpoint), "--max-new-tokens", "4", "--limit", "2",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert status == 0, output[-3000:]
+    fastv = "llava_v1.5_7b_fastv__fastv-k72-l2"
+    final_table = output[output.rindex("Δ vs vanilla"):]
+    assert re.search(rf"^fastv: fastv-k72-l2 +{fastv} +TinyCOCO +CIDEr", final_table, flags=re.M), final_table
+
+    table = pd.read_csv(work / "sweep_tiny-sweep.csv")
+    assert list(table["model"]) == [VANILLA, fastv] and set(table["dataset"]) == {"TinyCOCO"}
+    rows = {row.model: row for row in table.itertuples()}
+    assert rows[VANILLA].tokens_in == rows[VANILLA].tokens_kept
+    assert rows[fastv].tokens_in - rows[fastv].tokens_kept == pytest.approx(576 - 72)  # FastV kept 72 visual tokens
+
+    record = json.loads((work / "sweep_tiny-sweep.json").read_text())
+    assert [run["folder"] for run in record["runs"]] == [VANILLA, fastv]
+    assert all(run["returncode"] == 0 for run in record["runs"])
+    assert record["runs"][1]["env"] == {"FASTV_K": "72"} and record["versions"]["transformers"]
+
+    markdown = (tmp_path / "reports" / "tiny-sweep" / "report.md").read_text()
+    assert "Tiny random-weight model, not LLaVA-1.5-7B" in markdown  # --model-path is the tiny checkpoint
+    assert f"FASTV_K=72 python -m vlmeval_plugin --data TinyCOCO --model llava_v1.5_7b_fastv --work-dir {work}" in markdown
+    assert (tmp_path / "reports" / "tiny-sweep" / "figures" / "TinyCOCO.png").is_file()
