@@ -21,11 +21,14 @@ def package_versions() -> dict:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """(commit, has uncommitted changes) of the checkout hybrid_vlm runs from; (None, None) outside git."""
+    """(commit, tracked files changed since it) of the checkout hybrid_vlm runs from; (None, None) outside git.
+
+    Untracked files (outputs, reports being written) do not count: they do not change what ran.
+    """
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None, None
     return (commit, bool(dirty)) if commit else (None, None)
