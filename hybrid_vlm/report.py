@@ -98,20 +98,10 @@ def read_json(path: Path):
 
 
 def read_stats(path: Path) -> dict[str, dict]:
-    """The plugin's sidecar: index -> record; later lines win, torn lines are skipped
-    (vlmeval_plugin.stats.read_records, repeated here so the report needs no plugin import)."""
-    records: dict[str, dict] = {}
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "index" in record and "prediction" in record:
-                records[str(record["index"])] = record
-    return records
+    """The plugin's per-row sidecar: index -> record (its own reader; it imports no vlmeval)."""
+    from vlmeval_plugin.stats import read_records
+
+    return read_records(path)
 
 
 def _is_number(value) -> bool:

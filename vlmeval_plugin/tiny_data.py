@@ -69,23 +69,13 @@ def mcq_question(seed: int, pixels: np.ndarray) -> dict:
             category="image_color",
             l2="coarse_perception",
         )
-    if kind == 1:
-        options = ["The top half", "The bottom half"]
+    if kind in (1, 2):
+        axis = kind - 1  # 0: top vs bottom, 1: left vs right
         return dict(
             question="Which half of the image is brighter?",
             hint=None,
-            options=options,
-            answer=brighter_half(pixels, axis=0),
-            category="spatial_brightness",
-            l2="fine-grained_perception",
-        )
-    if kind == 2:
-        options = ["The left half", "The right half"]
-        return dict(
-            question="Which half of the image is brighter?",
-            hint=None,
-            options=options,
-            answer=brighter_half(pixels, axis=1),
+            options=[["The top half", "The bottom half"], ["The left half", "The right half"]][axis],
+            answer=brighter_half(pixels, axis=axis),
             category="spatial_brightness",
             l2="fine-grained_perception",
         )
