@@ -78,15 +78,9 @@ TINY_BANNER = (
 
 
 def load_table(path: Path):
-    import pandas as pd
+    from vlmeval_plugin.stats import load_table as load_vlmeval_table  # xlsx / tsv / csv / json
 
-    if path.suffix == ".xlsx":
-        return pd.read_excel(path)
-    if path.suffix == ".tsv":
-        return pd.read_csv(path, sep="\t")
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    return pd.read_json(path)
+    return load_vlmeval_table(path)
 
 
 def read_json(path: Path):
