@@ -199,7 +199,8 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 is_visual = gather_tokens(is_visual, entered_positions)
                 visual_positions = true_positions(is_visual, merged_slots)
                 length, num_visual = inputs_embeds.shape[1], merged_slots
-        prune_now = visual_positions is not None and visual_keep_count(num_visual, config.fastv_k) < num_visual
+        keep = visual_keep_count(num_visual, config.fastv_k) if visual_positions is not None else 0
+        prune_now = visual_positions is not None and keep < num_visual
 
         if state is None:
             full_key_valid, pruned_key_valid = new_valid, new_valid
@@ -228,7 +229,6 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for layer_idx, layer in enumerate(parts.layers):
             if prune_now and layer_idx == config.fastv_layer:
                 scores = scores.masked_fill(~new_valid, -1.0)  # merged-away slots rank after every real token
-                keep = visual_keep_count(num_visual, config.fastv_k)
                 kept_positions, kept_real = select_kept_positions(scores, visual_positions, keep, keep_per_sample)
                 hidden_states = gather_tokens(hidden_states, kept_positions)
                 pruned_key_valid = gather_tokens(new_valid, kept_positions)

@@ -210,6 +210,17 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         path.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
 
 
+def resolve_plugin_models(names, plugin_models: dict, model_path: str | None) -> str | None:
+    """Add a PluginModel for every plugin name not resolved yet; the first problem as text, else None."""
+    try:
+        for requested in names or []:
+            if is_plugin_name(requested) and requested not in plugin_models:
+                plugin_models[requested] = PluginModel(requested, model_path)
+    except settings.PluginError as error:
+        return str(error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = ["python", "run.py", *argv]  # as typed (python -m vlmeval_plugin is the same program)
@@ -233,12 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     # Fail fast on our own names: settings and checkpoints, before vlmeval is imported.
     peeked, _ = peek_parser().parse_known_args(rest)
     plugin_models: dict[str, PluginModel] = {}
-    try:
-        for requested in peeked.model:
-            if is_plugin_name(requested) and requested not in plugin_models:
-                plugin_models[requested] = PluginModel(requested, options.model_path)
-    except settings.PluginError as error:
-        return fail(str(error))
+    problem = resolve_plugin_models(peeked.model, plugin_models, options.model_path)
+    if problem:
+        return fail(problem)
 
     # Importing vlmeval.run narrows CUDA_VISIBLE_DEVICES per torchrun rank: it must come before
     # anything queries CUDA in this process (importing hybrid_vlm/transformers and resolving the
@@ -253,12 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
 
     if vargs.model is not None:
-        try:
-            for requested in vargs.model:
-                if is_plugin_name(requested) and requested not in plugin_models:
-                    plugin_models[requested] = PluginModel(requested, options.model_path)
-        except settings.PluginError as error:
-            return fail(str(error))
+        problem = resolve_plugin_models(vargs.model, plugin_models, options.model_path)
+        if problem:
+            return fail(problem)
         unknown = [name for name in vargs.model if not is_plugin_name(name) and name not in supported_VLM]
         if unknown:
             return fail(
