@@ -5,7 +5,7 @@
 """
 
 from .config import HybridConfig, parse_fastv_k, visual_keep_count
-from .model import HybridLlavaForConditionalGeneration, HybridLlavaOutput, apply_hybrid
+from .model import HybridLlavaForConditionalGeneration, HybridLlavaOutput, apply_hybrid, remove_hybrid
 
 __all__ = [
     "HybridConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "HybridLlavaOutput",
     "apply_hybrid",
     "parse_fastv_k",
+    "remove_hybrid",
     "visual_keep_count",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ a hash of weights that decide merging); `load_thresholds(path, model)` refuses o
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import warnings
@@ -35,14 +36,12 @@ import torch
 
 from .dymu import (
     PRESETS,
-    MergeState,
     SCHEDULES,
+    MergeState,
     nominal_counts,
     r_schedule,
-    read_threshold_file,
     resolve_target,
     top_r_merge_mask,
-    write_threshold_file,
 )
 from .hf_compat.clip import (
     LlavaForConditionalGeneration,
@@ -51,8 +50,40 @@ from .hf_compat.clip import (
     vision_fingerprint,
     vision_parts,
 )
+from .runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+THRESHOLD_FORMAT = "hybrid-vlm/dymu-thresholds/v1"
+
+
+def write_threshold_file(path: str | Path, payload: dict) -> None:
+    payload = {"format": THRESHOLD_FORMAT, **payload}
+    payload["thresholds"] = [None if not math.isfinite(v) else float(v) for v in payload["thresholds"]]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def read_threshold_file(path: str | Path, fingerprint: str, model_name: str = "this model") -> tuple[torch.Tensor, dict]:
+    """Thresholds [L] float32 from a file made by `hybrid_vlm.calibrate`, after checking that it was
+    made for the model whose vision-tower fingerprint is `fingerprint` (null = +inf = never merge)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DyMU threshold file {path} does not exist: make one with `python -m hybrid_vlm.calibrate`") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DyMU threshold file {path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != THRESHOLD_FORMAT:
+        raise ValueError(f"{path} is not a DyMU threshold file of format {THRESHOLD_FORMAT!r}")
+    model = payload.get("model", {})
+    if model.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"DyMU threshold file {path} was calibrated for model {model.get('name')!r} "
+            f"(vision fingerprint {model.get('fingerprint')}), but it is being loaded into {model_name!r} "
+            f"(vision fingerprint {fingerprint}). Thresholds are specific to a vision tower's weights: "
+            "run `python -m hybrid_vlm.calibrate` for this model."
+        )
+    values = [math.inf if v is None else float(v) for v in payload["thresholds"]]
+    return torch.tensor(values, dtype=torch.float32), payload
 
 
 def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration) -> torch.Tensor:
@@ -99,7 +130,7 @@ def calibrate_thresholds(
     for pixel_values in bar:
         cutoffs = torch.zeros(layers, dtype=torch.float64)
 
-        def select(index: int, node_max: torch.Tensor, state: MergeState) -> torch.Tensor:
+        def select(index: int, node_max: torch.Tensor, state: MergeState, cutoffs=cutoffs) -> torch.Tensor:
             merge, cutoff = top_r_merge_mask(node_max, rs[index], state.counts(), protected=parts.prefix)
             cutoffs[index] = float(cutoff)
             return merge
@@ -194,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="r per layer schedule (DyMU default: constant)")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float16 on cuda, float32 on cpu")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -203,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from transformers import AutoImageProcessor
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     files = find_images(args.images, args.max_images)
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)

@@ -46,17 +46,11 @@ collide with another token's position. Distances are compared exactly in integer
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 NEG_INF = float("-inf")
-THRESHOLD_FORMAT = "hybrid-vlm/dymu-thresholds/v1"
 
 # DyMU's released ViT-L/14-336 settings: "72out", "192out", "384out" (constant schedule) remove
 # 21 / 16 / 8 tokens in each of the 24 CLIP blocks. LLaVA reads the output of block 23, so the
@@ -322,55 +316,3 @@ def nominal_counts(tokens: int, rs: list[int], protected: int = 1) -> list[int]:
         tokens -= min(r, (tokens - protected) // 2)
         counts.append(tokens)
     return counts
-
-
-def write_threshold_file(path: str | Path, payload: dict) -> None:
-    payload = {"format": THRESHOLD_FORMAT, **payload}
-    payload["thresholds"] = [None if not math.isfinite(v) else float(v) for v in payload["thresholds"]]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def read_threshold_file(path: str | Path, fingerprint: str, model_name: str = "this model") -> tuple[torch.Tensor, dict]:
-    """Thresholds [L] float32 from a file made by `hybrid_vlm.calibrate`, after checking that it was
-    made for the model whose vision-tower fingerprint is `fingerprint` (null = +inf = never merge)."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"DyMU threshold file {path} does not exist: make one with `python -m hybrid_vlm.calibrate`") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"DyMU threshold file {path} is not valid JSON: {error}") from None
-    if not isinstance(payload, dict) or payload.get("format") != THRESHOLD_FORMAT:
-        raise ValueError(f"{path} is not a DyMU threshold file of format {THRESHOLD_FORMAT!r}")
-    model = payload.get("model", {})
-    if model.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"DyMU threshold file {path} was calibrated for model {model.get('name')!r} "
-            f"(vision fingerprint {model.get('fingerprint')}), but it is being loaded into {model_name!r} "
-            f"(vision fingerprint {fingerprint}). Thresholds are specific to a vision tower's weights: "
-            "run `python -m hybrid_vlm.calibrate` for this model."
-        )
-    values = [math.inf if v is None else float(v) for v in payload["thresholds"]]
-    return torch.tensor(values, dtype=torch.float32), payload
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------
-
-
-def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, sync: Callable[[], None] | None = None) -> dict:
-    """Wall-clock seconds of fn(): median, min and all runs after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    if sync is not None:
-        sync()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        runs.append(time.perf_counter() - start)
-    ordered = sorted(runs)
-    return {"median_s": ordered[len(ordered) // 2], "min_s": ordered[0], "runs_s": runs}

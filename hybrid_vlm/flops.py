@@ -4,8 +4,12 @@ Pure arithmetic: ints and floats in, ints or floats out; no torch, no model. One
 multiply-add = 2 FLOPs (multiply by 2 to compare with FLOP counters such as
 `torch.utils.flop_counter.FlopCounterMode`, which reports FLOPs).
 
-Conventions (kept consistent with /work/shared/notes/facts.md, "Llama MACs per layer ~ 4nd^2 +
-3ndm + n^2 d"):
+Conventions. The per-layer cost is FastV's (Chen et al., "An Image is Worth 1/2 Tokens After
+Layer 2", ECCV 2024: 4nd^2 + 2n^2 d + 2ndm per layer, for dense attention and a
+two-matrix MLP), here in MACs for Llama's gated MLP (3ndm) and causal attention (~n^2 d); the
+model is LLaVA-1.5 as Liu et al. describe it ("Improved Baselines with Visual Instruction
+Tuning", CVPR 2024): CLIP ViT-L/14-336 read at its penultimate layer, an mlp2x_gelu projector,
+a Vicuna/Llama decoder. So a Llama layer costs ~ 4nd^2 + 3ndm + n^2 d MACs:
 
 - Only matrix products count: Q/K/V/O and MLP projections, attention scores (Q K^T) and the
   weighted sum (P V), the CLIP patch-embedding convolution, the projector, the lm_head. Norms,
@@ -15,7 +19,7 @@ Conventions (kept consistent with /work/shared/notes/facts.md, "Llama MACs per l
       q, o: 2 n d d_q      k, v: 2 n d d_kv      gated MLP (gate, up, down): 3 n d m
       attention: 2 d_q x (query-key pairs)   (Q K^T and P V, d_q MACs per pair each)
   With attention="causal" (the default, the theoretical count) the pairs are the causal triangle:
-  n c + n (n + 1) / 2, so a prefill costs ~ n^2 d_q, which is the facts file's "n^2 d" term, and
+  n c + n (n + 1) / 2, so a prefill costs ~ n^2 d_q (the n^2 d term above), and
   prefill(n) + decode(one token over n cached) == prefill(n + 1) exactly.
   With attention="dense" the pairs are n (c + n): what a masked SDPA kernel actually multiplies
   (it does not skip the masked half) and what FlopCounterMode counts for SDPA's math path.
@@ -108,10 +112,6 @@ class LlavaShape:
 LLAVA_15_7B = LlavaShape(
     llm=LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32064),
     vit=VitShape(hidden=1024, intermediate=4096, layers=24, heads=16, image_size=336, patch_size=14),
-)
-LLAVA_15_13B = LlavaShape(
-    llm=LlamaShape(hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40, vocab=32064),
-    vit=LLAVA_15_7B.vit,
 )
 
 

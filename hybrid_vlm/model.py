@@ -305,3 +305,13 @@ def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | No
     model.__class__ = HybridLlavaForConditionalGeneration
     model.hybrid_config = config
     return model
+
+
+def remove_hybrid(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Undo `apply_hybrid` in place: the stock forward, no hybrid settings left on the model."""
+    if type(model) is HybridLlavaForConditionalGeneration:
+        model.__class__ = LlavaForConditionalGeneration
+    for attribute in ("hybrid_config", "hybrid_thresholds"):
+        if attribute in model.__dict__:
+            delattr(model, attribute)
+    return model

@@ -1,8 +1,11 @@
-"""What made a number: package versions and the git state of this checkout (bench, sweep, run.py)."""
+"""What made a number: package versions, the git state of this checkout, and paths written so that
+provenance names no machine (bench, sweep, run.py)."""
 
 from __future__ import annotations
 
+import os
 import platform
+import shlex
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -32,3 +35,46 @@ def git_state() -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return (commit, bool(dirty)) if commit else (None, None)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as committed provenance may hold it: relative to the current directory or to this
+    checkout when it lies below one of them, under `~` when below the home directory, else only
+    its last component after "…/" (the rest names a machine, not a result)."""
+    text = str(path)
+    candidate = Path(text)
+    if not candidate.is_absolute():
+        return text
+    candidate = Path(os.path.normpath(candidate))
+    for base in (Path.cwd(), REPO_ROOT):
+        if candidate.is_relative_to(base):
+            return candidate.relative_to(base).as_posix() or "."
+    home = Path.home()
+    if candidate.is_relative_to(home):
+        return "~/" + candidate.relative_to(home).as_posix()
+    return "…/" + candidate.name
+
+
+def portable(value):
+    """`value` (JSON-like: dicts, lists, strings) with every absolute path made portable, also in
+    `--flag=/abs/path` and `KEY=/abs/path` strings."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item) for item in value]
+    if not isinstance(value, str):
+        return value
+    if value.startswith("/"):
+        return portable_path(value)
+    prefix, separator, rest = value.partition("=")
+    if separator and rest.startswith("/") and " " not in prefix:
+        return f"{prefix}={portable_path(rest)}"
+    return value
+
+
+def shell_join(argv) -> str:
+    """shlex.join, except that a leading `~/` stays unquoted so the shell still expands it."""
+    return " ".join("~/" + shlex.quote(a[2:]) if a.startswith("~/") and a[2:] else shlex.quote(a) for a in map(str, argv))

@@ -135,9 +135,7 @@ def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **config_
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     scale_weights(model, seed=seed)
-    model.config._attn_implementation = attn_implementation
-    for sub in (model.config.text_config, model.config.vision_config):
-        sub._attn_implementation = attn_implementation
+    model.set_attn_implementation(attn_implementation)  # public API: dispatches to the text and vision configs
     return model.eval(), processor
 
 
@@ -165,8 +163,7 @@ def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "m
     """
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-    from .calibrate import calibrate_thresholds, count_summary, measure_token_counts
-    from .dymu import write_threshold_file
+    from .calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 
     model_dir = ensure_tiny_llava(model_dir)
     path = model_dir / f"tiny-{target}.json"

@@ -1,4 +1,4 @@
-"""Smoke tests of `python -m hybrid_vlm.bench`: it runs and writes its files. Speed is never asserted."""
+"""Smoke tests of `python -m hybrid_tools.bench`: it runs and writes its files. Speed is never asserted."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from hybrid_vlm import bench, flops
-from hybrid_vlm.tiny import build_tokenizer
+from hybrid_tools import bench
+from hybrid_vlm import flops
+from hybrid_vlm.calibrate import load_thresholds, measure_token_counts
+from hybrid_vlm.tiny import build_tiny_llava, build_tokenizer
 
 
 def test_tiny_cli_writes_csv_and_json(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "hybrid_vlm.bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--out", str(out)],
+        [sys.executable, "-m", "hybrid_tools.bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fastv-k64-l2" in result.stdout and "theory" in result.stdout
 
@@ -46,26 +49,40 @@ def test_tiny_cli_writes_csv_and_json(tmp_path):
     assert len(data["rows"][0]["runs"]) == 1
 
 
-def test_theory_columns_match_flops(tmp_path):
+def test_theory_columns_match_flops_and_dymu_rows_run(tmp_path):
+    """FastV, DyMU and hybrid rows all run; their counts match the vision tower's own count, their
+    theory columns hybrid_vlm.flops, and the sync check passes for FastV."""
+    out = tmp_path / "bench"
     rows = bench.main(
         ["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-memory", "--no-progress",
-         "--fastv-k", "0.5", "--fastv-layer", "1", "--scoring", "row", "eager", "--dymu", str(tmp_path / "none.json"),
-         "--stock", "--sync-debug"]
-    )  # fmt: skip
+         "--fastv-k", "0.5", "--fastv-layer", "1", "--scoring", "row", "eager", "--dymu-target", "200", "--dymu-images", "4",
+         "--stock", "--sync-debug", "--out", str(out)]
+    )
     by_name = {row["config"]: row for row in rows}
     assert set(by_name) >= {"stock", "vanilla", "fastv-r0.5-l1", "fastv-r0.5-l1_scoring-eager"}
-    dymu_rows = [row for row in rows if row["method"] in ("dymu", "hybrid")]
-    assert len(dymu_rows) == 3 and all(row["status"] in ("ok", "skipped") for row in dymu_rows)
-    assert by_name["stock"]["sync_debug"].startswith("skipped")
+    assert all(row["status"] == "ok" for row in rows), [(r["config"], r["note"]) for r in rows if r["status"] != "ok"]
+    dymu = [row for row in rows if row["method"] == "dymu"]
+    hybrids = [row for row in rows if row["method"] == "hybrid"]
+    assert len(dymu) == 1 and len(hybrids) == 2
 
-    from hybrid_vlm.tiny import build_tiny_llava
+    # the merged count the engine put into the LLM == the vision tower's own count (calibrate's compacting path)
+    model, processor = build_tiny_llava()
+    thresholds = load_thresholds(out / "200.json", model)
+    inputs, _ = bench.build_inputs(processor, 60, 1, 0, torch.device("cpu"))
+    merged = measure_token_counts(model, [inputs["pixel_values"]], thresholds, progress=False)[0]
+    assert 0 < merged < 576 and dymu[0]["visual_in"] == merged
+    for row in hybrids:  # FastV prunes half of the merged tokens, rounded
+        assert row["visual_in"] == merged and row["visual_kept"] == int(merged * 0.5 + 0.5)
+    assert "merged per-layer CLIP counts" in dymu[0]["note"]
+    assert dymu[0]["prefill_theory_ratio"] < 1
 
-    shape = flops.shape_from_config(build_tiny_llava()[0].config)
+    shape = flops.shape_from_config(model.config)
     expected = flops.prefill_macs(shape, 60, visual_kept=288, fastv_layer=1, scoring="row")
     assert by_name["fastv-r0.5-l1"]["prefill_gmacs"] == pytest.approx(expected.total / 1e9)
-    assert by_name["fastv-r0.5-l1"]["prefill_theory_ratio"] == pytest.approx(
-        expected.total / flops.prefill_macs(shape, 60).total
-    )
+    assert by_name["fastv-r0.5-l1"]["prefill_theory_ratio"] == pytest.approx(expected.total / flops.prefill_macs(shape, 60).total)
+
+    assert by_name["fastv-r0.5-l1"]["sync_debug"] == "pass" and by_name["vanilla"]["sync_debug"] == "pass"
+    assert dymu[0]["sync_debug"].startswith("not applicable")
 
 
 def test_7b_preset_config_and_cpu_refusal(capsys):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, load_thresholds, main as calibrate_main, measure_token_counts
+from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, load_thresholds, measure_token_counts
+from hybrid_vlm.calibrate import main as calibrate_main
 from hybrid_vlm.dymu import (
     PRESETS,
     MergeState,
@@ -141,7 +142,7 @@ def test_merging_is_size_weighted_average_of_covered_tokens():
     x = x0.clone()
     state = MergeState.initial(batch, slots, "cpu")
     groups = [{s: [s] for s in range(slots)} for _ in range(batch)]
-    for step in range(3):
+    for _ in range(3):
         metric = torch.randn(batch, slots, 4, generator=generator)
         node_max, node_idx = bipartite_scores(metric, state.valid)
         merge = threshold_merge_mask(node_max, 0.0)

@@ -133,7 +133,7 @@ def test_prefill_and_decode_match_flop_counter(dims, hybrid):
     expected = flops.prefill_macs(
         shape, text, visual_kept=keep, fastv_layer=getattr(hybrid, "fastv_layer", 2), attention="dense",
         scoring=getattr(hybrid, "scoring", None),
-    )  # fmt: skip
+    )
     assert counted["vision"] == expected.vision
     assert counted["projector"] == expected.projector
     assert counted["llm"] == pytest.approx(expected.llm_total, rel=1e-9)

@@ -14,15 +14,14 @@ import copy
 
 import pytest
 import torch
+from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
 from hybrid_vlm import HybridConfig, apply_hybrid
-from hybrid_vlm.calibrate import calibrate_thresholds
-from hybrid_vlm.dymu import write_threshold_file
+from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
 from hybrid_vlm.hf_compat import dymu_image_features, new_cache
 
 from conftest import QUESTIONS, generation_positions, image_inputs
 from reference import greedy_without_cache, masked_reference
-from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`python -m hybrid_vlm.report` on work dirs written in VLMEvalKit's exact file formats.
+"""`python -m hybrid_tools.report` on work dirs written in VLMEvalKit's exact file formats.
 
 The fake work dirs use the formats VLMEvalKit 0.0.20 writes (checked against a real `python run.py`
 run; the committed reports/tiny-demo/raw/ holds such a run): `<model>_<dataset>_acc.csv` is
@@ -21,18 +21,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hybrid_vlm import report
+from hybrid_tools.report import cli as report
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "reports" / "tiny-demo"
 MMB, COCO = "MMBench_DEV_EN", "COCO_VAL"
 TINY_BANNER = "Tiny random-weight model, not LLaVA-1.5-7B"
 
-# model -> (MCQ accuracy per category (fractions; Overall first), caption scores, visual tokens kept, prefill seconds)
-SEVEN_B = {
-    "llava_v1.5_7b": ({"Overall": 0.6425, "AR": 0.70, "CP": 0.55}, {"Bleu": [72.1, 55.3, 41.0, 29.9], "ROUGE_L": 55.2, "CIDEr": 110.42}, 576, 0.210),
-    "llava_v1.5_7b_fastv__fastv-k72-l2": ({"Overall": 0.6013, "AR": 0.66, "CP": 0.52}, {"Bleu": [70.0, 52.2, 38.1, 27.35], "ROUGE_L": 53.9, "CIDEr": 101.07}, 72, 0.121),
-    "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2": ({"Overall": 0.6188, "AR": 0.68, "CP": 0.51}, {"Bleu": [70.9, 53.0, 39.2, 28.1], "ROUGE_L": 54.4, "CIDEr": 104.9}, 64, 0.098),
+# model -> (MCQ accuracy per category (fractions; Overall first), caption scores, visual tokens kept, prefill seconds).
+# Made-up round numbers under the plugin's real folder names: not results of any model.
+SYNTHETIC_7B = {
+    "llava_v1.5_7b": ({"Overall": 0.5, "AR": 0.6, "CP": 0.4}, {"Bleu": [40.0, 30.0, 20.0, 10.0], "ROUGE_L": 50.0, "CIDEr": 100.0}, 576, 0.5),
+    "llava_v1.5_7b_fastv__fastv-k72-l2": ({"Overall": 0.4, "AR": 0.5, "CP": 0.3}, {"Bleu": [30.0, 20.0, 10.0, 5.0], "ROUGE_L": 40.0, "CIDEr": 80.0}, 72, 0.25),
+    "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2": ({"Overall": 0.45, "AR": 0.55, "CP": 0.35}, {"Bleu": [35.0, 25.0, 15.0, 7.5], "ROUGE_L": 45.0, "CIDEr": 90.0}, 64, 0.2),
 }
 TINY = {
     "llava_tiny": ({"Overall": 0.25, "CP": 0.25}, {"Bleu": [1.0, 0.5, 0.2, 0.1], "ROUGE_L": 3.0, "CIDEr": 0.4}, 576, 0.030),
@@ -56,7 +57,7 @@ def write_config(work_dir: Path, model: str, acc: dict | None, scores: dict | No
                 "index": str(row), "prediction": "A", "tokens_in": text + visual_in, "tokens_kept": text + kept,
                 "prefill_s": round(prefill * (1 + 0.03 * ((row * 7) % 5)), 6), "generate_s": prefill * 3,
                 "new_tokens": 2, "batch_size": 1, "rank": 0, "setting": setting,
-            })  # fmt: skip
+            })
         with open(folder / f"{model}_{dataset}_stats.jsonl", "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in records)
         table = pd.DataFrame({"index": range(ROWS), "question": "q", "answer": "A", "prediction": "A"})
@@ -73,7 +74,7 @@ def write_config(work_dir: Path, model: str, acc: dict | None, scores: dict | No
         "schema_version": "1.0", "eval_id": "T20260101-000000", "created_at": "2026-01-01T00:00:00+00:00",
         "datasets": datasets, "model_name": model, "commit": "f6a5b409",
         "argv": ["run.py", "--data", MMB, COCO, "--model", model.split("__")[0]], "mode": "all",
-    }  # fmt: skip
+    }
     (folder / "status.json").write_text(json.dumps(status, indent=2))
 
 
@@ -133,18 +134,18 @@ def run_report(*args) -> int:
 
 # ---- tests ------------------------------------------------------------------------------------------
 def test_7b_report_deltas_equal_raw_differences_and_no_bench(tmp_path):
-    work = make_work_dir(tmp_path / "outputs", SEVEN_B, infer_only="llava_v1.5_7b_fastv__fastv-k36-l2")
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B, infer_only="llava_v1.5_7b_fastv__fastv-k36-l2")
     assert run_report(work, "--name", "seven", "--out", tmp_path / "reports") == 0
     out = tmp_path / "reports" / "seven"
     markdown = (out / "report.md").read_text()
     data = json.loads((out / "report.json").read_text())
 
-    models = [*SEVEN_B, "llava_v1.5_7b_fastv__fastv-k36-l2"]
+    models = [*SYNTHETIC_7B, "llava_v1.5_7b_fastv__fastv-k36-l2"]
     for model in models:  # every configuration, in every dataset table and in the provenance
         assert markdown.count(f"| `{model}`") >= 2 and f"#### `{model}`" in markdown
         assert {e["model"] for e in data["datasets"][MMB]} >= {model}
     vanilla = "llava_v1.5_7b"
-    for model in SEVEN_B:
+    for model in SYNTHETIC_7B:
         mcq = next(e for e in data["datasets"][MMB] if e["model"] == model)
         caption = next(e for e in data["datasets"][COCO] if e["model"] == model)
         assert mcq["metrics"]["Overall"] == pytest.approx(raw_overall_percent(work, model))
@@ -191,7 +192,7 @@ def test_7b_report_deltas_equal_raw_differences_and_no_bench(tmp_path):
 def test_tiny_banner_bench_table_and_run_info(tmp_path):
     work = make_work_dir(tmp_path / "tiny", TINY)
     record = {"command": "python run.py", "env": {"MMEVAL_ROOT": "/x"}, "checkpoint": "/c/tiny-llava-v1",
-              "versions": {"torch": "2.14.1"}, "git": {"commit": "abc123", "dirty": False}}  # fmt: skip
+              "versions": {"torch": "2.14.1"}, "git": {"commit": "abc123", "dirty": False}}
     (work / "llava_tiny" / "run_info.json").write_text(json.dumps({"runs": [record]}))
     bench = DEMO / "raw" / "bench"
     assert run_report(work, "--bench", bench, "--name", "tiny", "--out", tmp_path / "reports") == 0
@@ -206,17 +207,17 @@ def test_tiny_banner_bench_table_and_run_info(tmp_path):
         cells = table_row(markdown, "## Speed and FLOPs", row["config"])
         assert cells[7] == f"{row['prefill_ratio']:.3f}" and cells[8] == f"{row['prefill_theory_ratio']:.3f}"
         assert cells[10] == f"{row['llm_prefill_ratio']:.3f}" and cells[11] == f"{row['llm_prefill_theory_ratio']:.3f}"
-    assert "python -m hybrid_vlm.bench --preset tiny" in markdown
+    assert "python -m hybrid_tools.bench --preset tiny" in markdown
 
     # LLaVA-1.5-7B evaluation runs with a tiny bench: the banner names the bench only
-    seven = make_work_dir(tmp_path / "seven", SEVEN_B)
+    seven = make_work_dir(tmp_path / "seven", SYNTHETIC_7B)
     assert run_report(seven, "--bench", bench / "bench.json", "--name", "mixed", "--out", tmp_path / "reports") == 0
     mixed = (tmp_path / "reports" / "mixed" / "report.md").read_text()
     assert TINY_BANNER in mixed and "The speed benchmark uses" in mixed and "Evaluation model: LLaVA-1.5-7B" in mixed
 
 
 def test_selection_snapshot_and_bad_inputs(tmp_path):
-    work = make_work_dir(tmp_path / "outputs", SEVEN_B)
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
     out = tmp_path / "reports"
     assert run_report(work, "--models", "*hybrid*", "--name", "sel", "--out", out, "--snapshot") == 0
     data = json.loads((out / "sel" / "report.json").read_text())
@@ -248,7 +249,7 @@ def test_committed_tiny_demo_regenerates_from_its_raw_files(tmp_path, monkeypatc
         check_png(png)
     block = committed.split("This report, from the raw files it read:", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
     command = shlex.split(block)
-    assert command[:3] == ["python", "-m", "hybrid_vlm.report"]
+    assert command[:3] == ["python", "-m", "hybrid_tools.report"]
     copy = tmp_path / "reports" / "tiny-demo"
     shutil.copytree(DEMO / "raw", copy / "raw")
     shutil.copy2(DEMO / "regenerate.sh", copy / "regenerate.sh")

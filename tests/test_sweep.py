@@ -1,4 +1,4 @@
-"""`python -m hybrid_vlm.sweep`: the grids of the one-command ablations, and one real sweep on the tiny model.
+"""`python -m hybrid_tools.sweep`: the grids of the one-command ablations, and one real sweep on the tiny model.
 
 The grid tests use --dry-run (nothing runs, no vlmeval import). The end-to-end test runs two
 settings through run.py on the tiny LLaVA (a few captions each) and checks the table, the CSV, the
@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from hybrid_vlm import sweep
+from hybrid_tools import sweep
 from vlmeval_plugin import settings
 
 needs_vlmeval = pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None, reason="ms-vlmeval is not installed")
@@ -44,16 +46,16 @@ def thresholds(tmp_path):
 def test_existing_fastv_k_sweep_is_unchanged(capsys, clean_env):
     assert planned(capsys, "--data", "X", "--fastv-k", "576", "72", "0.5", "--vanilla") == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-k576-l2", "llava_v1.5_7b_fastv__fastv-k72-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l2",
-    ]  # fmt: skip
+    ]
 
 
 def test_fastv_layer_and_k_ablations(capsys, clean_env):
     assert planned(capsys, "--data", "X", "--ablation", "fastv-layer") == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l1", "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l3",
-    ]  # fmt: skip
+    ]
     assert planned(capsys, "--data", "X", "--fastv-layer", "1", "3", "--fastv-k", "64") == [
         "llava_v1.5_7b_fastv__fastv-k64-l1", "llava_v1.5_7b_fastv__fastv-k64-l3",
-    ]  # fmt: skip
+    ]
     assert planned(capsys, "--data", "X", "--ablation", "fastv-k")[1:] == [
         f"llava_v1.5_7b_fastv__fastv-k{k}-l2" for k in (576, 288, 144, 72, 36)
     ]
@@ -65,29 +67,25 @@ def test_dymu_hybrid_and_position_ablations(capsys, clean_env, thresholds, tmp_p
     high.write_text("{}")
     assert planned(capsys, "--data", "X", "--ablation", "dymu-level", "--dymu", str(low), thresholds, str(high)) == [
         VANILLA, "llava_v1.5_7b_dymu__dymu-low", "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_dymu__dymu-high",
-    ]  # fmt: skip
+    ]
     assert planned(capsys, "--data", "X", "--ablation", "hybrid-vs-alone", "--dymu", thresholds, "--fastv-k", "64") == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-k64-l2", "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2",
-    ]  # fmt: skip
+    ]
     folders = planned(capsys, "--data", "X", "--ablation", "positions", "--dymu", thresholds)
     assert folders == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l2_renumbered",
         "llava_v1.5_7b_hybrid__dymu-mid_fastv-r0.5-l2", "llava_v1.5_7b_hybrid__dymu-mid_fastv-r0.5-l2_renumbered",
-    ]  # fmt: skip
-    # DyMU alone: one run per distinct setting, whether or not the plugin's dymu name reads HYBRID_POSITIONS
+    ]
+    # DyMU alone reads HYBRID_POSITIONS too: merged tokens keep their representative patch's position or are renumbered
     folders = planned(capsys, "--data", "X", "--ablation", "positions", "--model", "dymu", "--dymu", thresholds)
-    expected = {
-        settings.effective_name("llava_v1.5_7b_dymu", settings.hybrid_config_for("llava_v1.5_7b_dymu", {"DYMU_THRESHOLDS": thresholds, "HYBRID_POSITIONS": mode}))
-        for mode in ("logical", "renumbered")
-    }  # fmt: skip
-    assert folders[0] == VANILLA and sorted(folders[1:]) == sorted(expected)
+    assert folders == [VANILLA, "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_dymu__dymu-mid_renumbered"]
 
 
 def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):
     cases = [
         (["--ablation", "dymu-level"], "needs --dymu"),
         (["--ablation", "hybrid-vs-alone", "--dymu", thresholds, thresholds], "exactly one --dymu"),
-        (["--ablation", "scoring"], "python -m hybrid_vlm.bench"),
+        (["--ablation", "scoring"], "python -m hybrid_tools.bench"),
         (["--dymu", "low"], "--calibrate-images"),
         (["--dymu", "nofile.json"], "no such file"),
         (["--model", "dymu"], "needs DyMU thresholds"),
@@ -100,8 +98,18 @@ def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):
         assert message in capsys.readouterr().err, extra
 
 
+def raw_numbers(work: Path, model: str, dataset: str) -> tuple[float, float]:
+    """(CIDEr, median prefill ms) read straight from the raw files with json and statistics."""
+    folder = work / model
+    cider = json.loads((folder / f"{model}_{dataset}_score.json").read_text())["CIDEr"]
+    lines = (folder / f"{model}_{dataset}_stats.jsonl").read_text().splitlines()
+    return cider, 1000 * statistics.median(json.loads(line)["prefill_s"] for line in lines)
+
+
 @needs_vlmeval
-def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, monkeypatch, capsys):
+def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, monkeypatch, capfd):
+    """One sweep of two settings; run.py's summaries, the sweep table, its CSV and the report all
+    show the metric and median prefill time that the raw files hold."""
     from hybrid_vlm.tiny import TINY_VERSION, ensure_tiny_llava
 
     for key in ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", "MMEVAL_ROOT", "OPENAI_API_KEY", "PRED_FORMAT", settings.MODEL_PATH_ENV):
@@ -113,27 +121,38 @@ def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "work"
     status = sweep.main([
-        "--data", "TinyCOCO", "--fastv-k", "72", "--vanilla", "--work-dir", str(work), "--report", "tiny-sweep",
-        "--", "--model-path", str(checkpoint), "--max-new-tokens", "4", "--limit", "2",
-    ])  # fmt: skip
-    output = capsys.readouterr().out
+        "--data", "TinyCOCO", "--fastv-k", "72", "--vanilla", "--work-dir", "work", "--report", "tiny-sweep",
+        "--", "--model-path", str(checkpoint), "--max-new-tokens", "4", "--limit", "3",
+    ])
+    output = capfd.readouterr().out
     assert status == 0, output[-3000:]
     fastv = "llava_v1.5_7b_fastv__fastv-k72-l2"
     final_table = output[output.rindex("Δ vs vanilla"):]
+    csv_rows = {row.model: row for row in pd.read_csv(work / "sweep_tiny-sweep.csv").itertuples()}
+    report_rows = {e["model"]: e for e in json.loads((tmp_path / "reports" / "tiny-sweep" / "report.json").read_text())["datasets"]["TinyCOCO"]}
+    assert list(csv_rows) == [VANILLA, fastv] and sorted(report_rows) == sorted(csv_rows)
+    for model in (VANILLA, fastv):
+        cider, prefill_ms = raw_numbers(work, model, "TinyCOCO")
+        summary = re.search(rf"^{re.escape(model)} +TinyCOCO +3 +CIDEr (\S+) +\S+ +\S+ +(\S+)$", output, flags=re.M)
+        assert summary, output[-3000:]  # run.py's own end-of-run table
+        assert (summary.group(1), summary.group(2)) == (f"{cider:.1f}", f"{prefill_ms:.2f}")
+        sweep_line = re.search(rf"^.+ +{re.escape(model)} +TinyCOCO +CIDEr (\S+) +\S+ +\S+ +\S+ +(\S+)$", final_table, flags=re.M)
+        assert sweep_line, final_table
+        assert (sweep_line.group(1), sweep_line.group(2)) == (f"{cider:.1f}", f"{prefill_ms:.2f}")
+        assert csv_rows[model].CIDEr == pytest.approx(cider) and csv_rows[model].prefill_ms_median == pytest.approx(prefill_ms)
+        assert report_rows[model]["metrics"]["CIDEr"] == pytest.approx(cider)
+        assert report_rows[model]["prefill_ms_median"] == pytest.approx(prefill_ms)
     assert re.search(rf"^fastv: fastv-k72-l2 +{fastv} +TinyCOCO +CIDEr", final_table, flags=re.M), final_table
-
-    table = pd.read_csv(work / "sweep_tiny-sweep.csv")
-    assert list(table["model"]) == [VANILLA, fastv] and set(table["dataset"]) == {"TinyCOCO"}
-    rows = {row.model: row for row in table.itertuples()}
-    assert rows[VANILLA].tokens_in == rows[VANILLA].tokens_kept
-    assert rows[fastv].tokens_in - rows[fastv].tokens_kept == pytest.approx(576 - 72)  # FastV kept 72 visual tokens
+    assert csv_rows[VANILLA].tokens_in_mean == csv_rows[VANILLA].tokens_kept_mean
+    assert csv_rows[fastv].tokens_in_mean - csv_rows[fastv].tokens_kept_mean == pytest.approx(576 - 72)  # FastV kept 72 visual tokens
 
     record = json.loads((work / "sweep_tiny-sweep.json").read_text())
     assert [run["folder"] for run in record["runs"]] == [VANILLA, fastv]
     assert all(run["returncode"] == 0 for run in record["runs"])
     assert record["runs"][1]["env"] == {"FASTV_K": "72"} and record["versions"]["transformers"]
+    assert str(tmp_path) not in json.dumps(record)  # provenance names no machine path
 
     markdown = (tmp_path / "reports" / "tiny-sweep" / "report.md").read_text()
     assert "Tiny random-weight model, not LLaVA-1.5-7B" in markdown  # --model-path is the tiny checkpoint
-    assert f"FASTV_K=72 python -m vlmeval_plugin --data TinyCOCO --model llava_v1.5_7b_fastv --work-dir {work}" in markdown
+    assert "FASTV_K=72 python -m vlmeval_plugin --data TinyCOCO --model llava_v1.5_7b_fastv --work-dir work" in markdown
     assert (tmp_path / "reports" / "tiny-sweep" / "figures" / "TinyCOCO.png").is_file()

@@ -2,7 +2,7 @@
 
 Every VLMEvalKit run is a subprocess: `import vlmeval` switches autograd off and reseeds torch for
 the whole process, which must not leak into the rest of the test session. The unit tests at the top
-import only the vlmeval-free modules (settings, stats, tiny_data, hybrid_vlm.sweep).
+import only the vlmeval-free modules (settings, stats, tiny_data, hybrid_tools.sweep).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_tiny_sets_follow_mmbench_and_coco_layouts(tmp_path):
 
 
 def test_sweep_rejects_a_malformed_setting_before_running_anything(capsys):
-    from hybrid_vlm import sweep
+    from hybrid_tools import sweep
 
     assert sweep.main(["--data", "TinyCOCO", "--fastv-k", "72", "7x"]) == 2
     assert "FASTV_K='7x' is not valid" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m vlmeval_plugin ...` is `python run.py ...` (used by hybrid_vlm.sweep and torchrun -m)."""
+"""`python -m vlmeval_plugin ...` is `python run.py ...` (used by hybrid_tools.sweep and torchrun -m)."""
 
 import sys
 

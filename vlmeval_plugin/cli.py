@@ -24,12 +24,11 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 from functools import partial
 from pathlib import Path
 
-from . import settings, stats
+from . import results, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
 
 DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", "llava_tiny", "llava_tiny_hybrid", "--judge", "exact_matching"]
@@ -58,7 +57,7 @@ class PluginModel:
     """What one requested plugin name resolves to."""
 
     def __init__(self, requested: str, model_path: str | None):
-        base = requested.split(settings.NAME_SEPARATOR)[0]
+        base = settings.base_name(requested)
         self.requested = requested
         self.variant = settings.VARIANTS[base]
         self.config = settings.hybrid_config_for(base)
@@ -77,7 +76,7 @@ class PluginModel:
 
 
 def is_plugin_name(name: str) -> bool:
-    return name.split(settings.NAME_SEPARATOR)[0] in settings.VARIANTS
+    return settings.base_name(name) in settings.VARIANTS
 
 
 def fail(message: str) -> int:
@@ -165,7 +164,7 @@ def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode
                 problems.append(f"{model} x {dataset}: {entry['error_message']}")
             elif fresh and entry.get("skip_reason") in FAILED_SKIPS:
                 problems.append(f"{model} x {dataset}: skipped ({entry['skip_reason']})")
-            elif mode != "eval" and stats.prediction_file(Path(work_dir) / model, model, dataset) is None:
+            elif mode != "eval" and results.prediction_file(Path(work_dir) / model, model, dataset) is None:
                 problems.append(f"{model} x {dataset}: no prediction file (see VLMEvalKit's log above)")
     return problems
 
@@ -173,16 +172,17 @@ def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode
 RUN_INFO_ENVS = (
     "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", settings.MODEL_PATH_ENV, "MMEVAL_ROOT",
     "LMUData", "PRED_FORMAT", "EVAL_FORMAT", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES",
-)  # fmt: skip
+)
 
 
 def write_run_info(work_dir: str, models: list[str], plugin_models: dict, command: list[str], demo: bool, vargs, options) -> None:
     """Append this run to <work_dir>/<model>/run_info.json ({"runs": [...]}): the command as typed,
-    the settings read from the environment, the checkpoint, versions and the git commit.
-    VLMEvalKit's status.json keeps only its own argv; hybrid_vlm.report reads this for provenance."""
+    the settings read from the environment, the checkpoint, versions and the git commit; paths as
+    hybrid_vlm.provenance.portable writes them.
+    VLMEvalKit's status.json keeps only its own argv; hybrid_tools.report reads this for provenance."""
     from dataclasses import asdict
 
-    from hybrid_vlm.provenance import git_state, package_versions
+    from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
 
     commit, dirty = git_state()
     by_name = {item.name: item for item in plugin_models.values()}
@@ -190,7 +190,7 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         item = by_name.get(model)
         record = {
             "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": shlex.join(command), "argv": command, "demo": demo, "cwd": os.getcwd(),
+            "command": shell_join(portable(command)), "argv": command, "demo": demo,
             "world_size": int(os.environ.get("WORLD_SIZE", 1)), "model": model,
             "requested": item.requested if item else model,
             "setting": (item.config.describe() if item.config is not None else "stock") if item else None,
@@ -200,7 +200,8 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
             "options": {"model_path": options.model_path, "batch_size": options.batch_size, "max_new_tokens": options.max_new_tokens},
             "data": list(vargs.data or []), "mode": vargs.mode, "judge": vargs.judge,
             "versions": package_versions(), "git": {"commit": commit, "dirty": dirty},
-        }  # fmt: skip
+        }
+        record = portable(record)  # no machine-specific absolute paths in what may be committed
         path = Path(work_dir) / model / "run_info.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -208,6 +209,19 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         except (json.JSONDecodeError, AttributeError):
             runs = []
         path.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
+
+
+def print_summary(work_dir: str, models: list[str], datasets: list[str]) -> None:
+    """The end-of-run table and where each model x dataset's files are."""
+    found = [results.read_dataset(Path(work_dir) / model, model, dataset) for model in models for dataset in datasets]
+    print("\n" + results.summary_table(found) + "\n\nResults:", flush=True)
+    for result in found:
+        print(f"  {result.model} x {result.dataset}: {(Path(work_dir) / result.model).resolve()}", flush=True)
+        for path in [result.prediction_file, *result.metric_files]:
+            if path is not None:
+                print(f"      {path.name}", flush=True)
+        if result.stats_file is not None:
+            print(f"      {result.stats_file.name}  (per-row tokens and prefill time)", flush=True)
 
 
 def resolve_plugin_models(names, plugin_models: dict, model_path: str | None) -> str | None:
@@ -296,16 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank != 0 or vargs.model is None or vargs.api_mode:
         return 0
-    summaries = [stats.summarise(work_dir, model, dataset) for model in vargs.model for dataset in data_names]
-    print("\n" + stats.format_table(summaries), flush=True)
-    print("\nResults:", flush=True)
-    for item in summaries:
-        print(f"  {item['model']} x {item['dataset']}: {item['folder']}", flush=True)
-        for path in [item["prediction_file"], *item["metric_files"]]:
-            if path:
-                print(f"      {Path(path).name}", flush=True)
-        if item["stats_rows"]:
-            print(f"      {stats.stats_path(item['folder'], item['model'], item['dataset']).name}  (per-row tokens and prefill time)", flush=True)
+    print_summary(work_dir, vargs.model, data_names)
     problems = outcome_problems(work_dir, vargs.model, data_names, vargs.mode, started)
     if problems:
         print("\nrun.py: these model x dataset combinations failed:\n" + "".join(f"  {p}\n" for p in problems), file=sys.stderr, flush=True)

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-
-from hybrid_vlm import HybridConfig, apply_hybrid
 from vlmeval.dataset import DATASET_TYPE
 from vlmeval.smp import cn_string, get_rank_and_world_size
 from vlmeval.vlm.base import BaseModel
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
 
@@ -112,8 +113,8 @@ class HybridLLaVA(BaseModel):
         self.model_name = model_name
         self.batch_size = batch_size
         # Under torchrun VLMEvalKit has already narrowed CUDA_VISIBLE_DEVICES to this rank's GPUs.
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32  # fp16 as VLMEvalKit's LLaVA
+        self.device = resolve_device()
+        dtype = resolve_dtype("auto", self.device)
         self.processor = AutoProcessor.from_pretrained(self.checkpoint)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
         model = LlavaForConditionalGeneration.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa")

@@ -43,7 +43,12 @@ class Variant:
     fastv: bool  # reads FASTV_K / FASTV_LAYER
     dymu: bool  # needs DYMU_THRESHOLDS
     tiny: bool = False  # runs the bundled tiny checkpoint instead of llava-1.5-7b
+    fixed_setting: bool = False  # patched with a setting of its own, not read from the environment
     description: str = ""
+
+    @property
+    def patched(self) -> bool:
+        return self.fastv or self.dymu or self.fixed_setting
 
 
 VARIANTS = {
@@ -54,9 +59,27 @@ VARIANTS = {
         Variant("llava_v1.5_7b_dymu", fastv=False, dymu=True, description="DyMU (DYMU_THRESHOLDS)"),
         Variant("llava_v1.5_7b_hybrid", fastv=True, dymu=True, description="DyMU + FastV"),
         Variant("llava_tiny", fastv=False, dymu=False, tiny=True, description="bundled tiny LLaVA, nothing patched"),
-        Variant("llava_tiny_hybrid", fastv=False, dymu=False, tiny=True, description="bundled tiny LLaVA, demo hybrid"),
+        Variant("llava_tiny_hybrid", fastv=False, dymu=False, tiny=True, fixed_setting=True, description="bundled tiny LLaVA, demo hybrid"),
     )
 }
+VANILLA_NAMES = tuple(name for name, variant in VARIANTS.items() if not variant.patched)
+VANILLA = "llava_v1.5_7b"
+# The sweep's short forms of the LLaVA-1.5-7B names: vanilla, fastv, dymu, hybrid.
+SHORT_NAMES = {
+    (name.removeprefix(VANILLA + "_") if name != VANILLA else "vanilla"): name
+    for name, variant in VARIANTS.items()
+    if not variant.tiny
+}
+
+
+def base_name(name: str) -> str:
+    """The registered name inside an effective name (`llava_v1.5_7b_fastv__fastv-k72-l2` -> `llava_v1.5_7b_fastv`)."""
+    return name.split(NAME_SEPARATOR)[0]
+
+
+def setting_tag(name: str) -> str | None:
+    """The setting part of an effective name, None for a bare registered name."""
+    return name.split(NAME_SEPARATOR, 1)[1] if NAME_SEPARATOR in name else None
 
 
 def tiny_hybrid_config() -> HybridConfig:
@@ -76,7 +99,7 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if name not in VARIANTS:
         raise PluginError(f"unknown model name {name!r}: the plugin registers {', '.join(VARIANTS)}")
     variant = VARIANTS[name]
-    if variant.name == "llava_tiny_hybrid":
+    if variant.fixed_setting:
         return tiny_hybrid_config()
     if not variant.fastv and not variant.dymu:
         return None

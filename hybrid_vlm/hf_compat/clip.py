@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers import LlavaForConditionalGeneration
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
 
@@ -22,20 +21,20 @@ from ..dymu import (
     MergeState,
     attention_bias,
     bipartite_scores,
-    compact as compact_slots,
     merge_tokens,
     place_tokens,
     threshold_merge_mask,
+)
+from ..dymu import (
+    compact as compact_slots,
 )
 
 __all__ = [
     "DymuImageFeatures",
     "VisionParts",
-    "bench_vision",
     "clip_layer_attention",
     "clip_layer_mlp",
     "dymu_image_features",
-    "merging_layer_count",
     "merging_vision_forward",
     "vision_fingerprint",
     "vision_parts",
@@ -87,11 +86,6 @@ def vision_parts(model: LlavaForConditionalGeneration) -> VisionParts:
         num_patches=grid_width * grid_width,
         prefix=1,
     )
-
-
-def merging_layer_count(model: LlavaForConditionalGeneration) -> int:
-    """How many CLIP layers run (and merge) before the layer LLaVA reads: the thresholds' length."""
-    return len(vision_parts(model).layers)
 
 
 def clip_layer_attention(
@@ -258,72 +252,3 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
     fingerprint = f"{shape}-read{fields['merging_layers']}-sha256:{digest.hexdigest()[:20]}"
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "(unnamed model)"
     return {"name": str(name), "fingerprint": fingerprint, "config": fields}
-
-
-@torch.no_grad()
-def bench_vision(
-    model: LlavaForConditionalGeneration,
-    pixel_values: torch.Tensor,
-    thresholds: torch.Tensor,
-    repeats: int = 3,
-    warmup: int = 1,
-) -> dict:
-    """Wall-clock time of the vision side (CLIP tower + projector) with and without DyMU merging.
-
-    stock_s: model.model.get_image_features (runs every CLIP layer, the unused last one included).
-    plain_loop_s: this module's loop without merging (layers up to the one LLaVA reads).
-    dymu_static_s: dymu_image_features, static shapes (the default path; no host syncs).
-    dymu_compact_s: dymu_image_features(compact=True), merged tokens dropped after each layer.
-    merge_ops_s: the merging maths alone (scores, merge, bias, placement) on tensors of the real
-        shapes, for every merging layer; merge_overhead_share = merge_ops_s / plain_loop_s.
-    Times are medians of `repeats` runs after `warmup`; noisy on a shared CPU.
-    """
-    from ..dymu import time_call
-
-    parts = vision_parts(model)
-    device = parts.embeddings.patch_embedding.weight.device
-    dtype = parts.embeddings.patch_embedding.weight.dtype
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
-    thresholds = thresholds.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-
-    def stock() -> None:
-        model.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-
-    def plain() -> None:
-        hidden_states, _, _ = merging_vision_forward(model, pixel_values, None)
-        parts.projector(hidden_states[:, parts.prefix:])
-
-    batch = pixel_values.shape[0]
-    tokens = parts.num_patches + parts.prefix
-    hidden = torch.randn(batch, tokens, parts.embeddings.embed_dim, device=device, dtype=dtype)
-    metric = torch.randn(batch, tokens, parts.layers[0].self_attn.head_dim, device=device, dtype=dtype)
-
-    def merge_ops() -> None:
-        state = MergeState.initial(batch, tokens, device)
-        x = hidden
-        for index in range(len(parts.layers)):
-            attention_bias(state, dtype)
-            node_max, node_idx = bipartite_scores(metric, state.valid, protected=parts.prefix)
-            x, state = merge_tokens(x, state, threshold_merge_mask(node_max, thresholds[index]), node_idx)
-        place_tokens(state, parts.grid_width, parts.prefix)
-
-    result = {
-        "batch": batch,
-        "merging_layers": len(parts.layers),
-        "stock_s": time_call(stock, repeats, warmup, sync)["median_s"],
-        "plain_loop_s": time_call(plain, repeats, warmup, sync)["median_s"],
-        "dymu_static_s": time_call(lambda: dymu_image_features(model, pixel_values, thresholds), repeats, warmup, sync)["median_s"],
-        "dymu_compact_s": time_call(
-            lambda: dymu_image_features(model, pixel_values, thresholds, compact=True), repeats, warmup, sync
-        )["median_s"],
-        "merge_ops_s": time_call(merge_ops, repeats, warmup, sync)["median_s"],
-    }
-    counts = dymu_image_features(model, pixel_values, thresholds).num_tokens.float()
-    result["tokens_mean"] = float(counts.mean())
-    result["merge_overhead_share"] = result["merge_ops_s"] / result["plain_loop_s"]
-    return result

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -19,6 +18,7 @@ __all__ = [
     "LlavaForConditionalGeneration",
     "LlavaParts",
     "apply_rotary_pos_emb",
+    "first_llm_module",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
@@ -126,3 +126,9 @@ def llama_layer_forward(
     hidden_states = residual + attention.o_proj(attn_output)
     hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
     return hidden_states, scores
+
+
+def first_llm_module(model: LlavaForConditionalGeneration) -> nn.Module:
+    """The first module the LLM runs on the prompt, in the stock forward and in the hybrid loop alike
+    (which calls the layers' submodules, not the layers): a pre-hook here marks where vision ends."""
+    return llava_parts(model).layers[0].input_layernorm

@@ -22,10 +22,10 @@ Timing: torch.inference_mode; --warmup runs per configuration, then --repeats ro
 every configuration in turn (interleaved, so drift hits all alike); the median is reported (min
 and max too). On CUDA the stages are timed with CUDA events after a synchronize.
 
-    python -m hybrid_vlm.bench --preset mid --fastv-k 288 144 64 --repeats 5 --out runs/bench-mid
-    python -m hybrid_vlm.bench --preset tiny --fastv-layer 1 2 3 --fastv-k 144      # layer ablation
-    python -m hybrid_vlm.bench --preset tiny --fastv-k 144 --scoring row eager        # scorer ablation
-    python -m hybrid_vlm.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
+    python -m hybrid_tools.bench --preset mid --fastv-k 288 144 64 --repeats 5 --out runs/bench-mid
+    python -m hybrid_tools.bench --preset tiny --fastv-layer 1 2 3 --fastv-k 144      # layer ablation
+    python -m hybrid_tools.bench --preset tiny --fastv-k 144 --scoring row eager        # scorer ablation
+    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
@@ -47,8 +47,22 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
+from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
+from hybrid_vlm.dymu import threshold_merge_mask
+from hybrid_vlm.hf_compat import first_llm_module
+from hybrid_vlm.hf_compat.clip import merging_vision_forward
+from hybrid_vlm.provenance import git_state, portable
+from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
+from hybrid_vlm.syncs import check_no_host_syncs
+from hybrid_vlm.tiny import IMAGE_TOKEN, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
+from vlmeval_plugin.results import number_text, text_table
 
 PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b")
 CSV_COLUMNS = (
@@ -60,7 +74,8 @@ CSV_COLUMNS = (
     "prefill_ratio", "prefill_theory_ratio", "prefill_ratio_minus_theory",
     "llm_prefill_ratio", "llm_prefill_theory_ratio", "llm_prefill_ratio_minus_theory",
     "decode_ratio", "decode_theory_ratio", "llm_prefill_gmacs_per_s", "sync_debug", "note",
-)  # fmt: skip
+)
+SYNC_CHECK_DECODE_STEPS = 8
 PROMPT_WORDS = (
     "describe what is shown in the image and answer with the option's letter from the given choices "
     "which color is the big shape on the left of the picture a photo of a cat dog car tree house"
@@ -74,7 +89,6 @@ def preset_config(preset: str, tokenizer):
     """LlavaConfig of a preset; builds no weights. The tokenizer fixes the special-token ids."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    from .tiny import IMAGE_TOKEN, tiny_llava_config
 
     if preset == "tiny":
         return tiny_llava_config(tokenizer)
@@ -98,15 +112,13 @@ def preset_config(preset: str, tokenizer):
         ),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
-    )  # fmt: skip
+    )
 
 
 def build_model(args, device, dtype):
     """(model, processor) in eval mode on `device`; random weights unless --model."""
-    import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from .tiny import build_processor, build_tiny_llava
 
     if args.model:
         processor = AutoProcessor.from_pretrained(args.model)
@@ -126,7 +138,6 @@ def build_model(args, device, dtype):
 def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, device):
     """Processor inputs for `batch_size` copies of one synthetic image + a prompt whose non-image
     tokens number `text_tokens` (or just above: words are added until the count is reached)."""
-    from .tiny import synthetic_image
 
     image = synthetic_image(image_seed)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -166,7 +177,6 @@ def build_configs(args) -> list[BenchConfig]:
     hybrid = each DyMU file x each FastV setting."""
     from itertools import product
 
-    from .config import HybridConfig, parse_fastv_k
 
     fastv = [
         dict(fastv_k=parse_fastv_k(k), fastv_layer=layer, scoring=scoring, position_mode=mode)
@@ -187,13 +197,8 @@ def build_configs(args) -> list[BenchConfig]:
 
 def activate(model, config: BenchConfig):
     """Switch the (shared) model to this configuration's forward."""
-    from transformers import LlavaForConditionalGeneration
-
-    from .model import apply_hybrid
-
     if config.hybrid is None:
-        model.__class__ = LlavaForConditionalGeneration  # undo apply_hybrid: the stock forward
-        return model
+        return remove_hybrid(model)
     return apply_hybrid(model, config.hybrid)
 
 
@@ -204,7 +209,6 @@ class Clock:
     """Timestamps on the host (CPU) or CUDA events (GPU): mark() now, elapsed(a, b) in ms later."""
 
     def __init__(self, device):
-        import torch
 
         self.cuda = device.type == "cuda"
         self.torch = torch
@@ -227,13 +231,11 @@ class Clock:
 
 
 class LlmStartMark:
-    """Forward pre-hook on LLM layer 0's input norm: marks when the LLM starts, once per arming."""
+    """Forward pre-hook on the LLM's first module: marks when the LLM starts, once per arming."""
 
     def __init__(self, model, clock: Clock):
-        from .hf_compat import llava_parts
-
         self.clock, self.armed, self.stamp = clock, False, None
-        self.handle = llava_parts(model).layers[0].input_layernorm.register_forward_pre_hook(self._hook)
+        self.handle = first_llm_module(model).register_forward_pre_hook(self._hook)
 
     def _hook(self, module, inputs):
         if self.armed:
@@ -252,7 +254,6 @@ def prefill(model, inputs):
 
 def decode(model, output, attention_mask, steps: int):
     """Greedy decode `steps` tokens after a prefill; no host syncs."""
-    import torch
 
     cache = output.past_key_values
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -307,7 +308,6 @@ def measure_memory(model, inputs, device, decode_tokens: int) -> tuple[float, fl
     """(peak above the start in MiB, absolute peak in MiB, what was measured) for one prefill+decode."""
     import gc
 
-    import torch
 
     gc.collect()
     if device.type == "cuda":
@@ -347,25 +347,6 @@ def measure_memory(model, inputs, device, decode_tokens: int) -> tuple[float, fl
     return (peak[0] - before) / 2**20, peak[0] / 2**20, "cpu_rss_delta_sampled"
 
 
-def sync_debug_check(model, inputs, device) -> str:
-    """One prefill under torch.cuda.set_sync_debug_mode('error'): 'pass' or 'fail: <first line>'."""
-    import torch
-
-    if device.type != "cuda":
-        return "skipped (cpu)"
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        prefill(model, inputs)
-        result = "pass"
-    except RuntimeError as error:
-        result = "fail: " + (str(error).strip().splitlines() or ["RuntimeError"])[0][:200]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
-    return result
-
-
 # ----------------------------------------------------------------------------------- counts
 
 
@@ -384,11 +365,7 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
         visual_kept = list(visual)
     vit_counts = None
     if config.hybrid is not None and config.hybrid.dymu is not None:
-        vit_counts = getattr(output, "vision_layer_counts", None)  # [B, merging layers], if the engine reports it
-        if vit_counts is not None:
-            vit_counts = vit_counts.tolist()
-        else:
-            vit_counts = dymu_layer_counts(model, inputs["pixel_values"])
+        vit_counts = dymu_layer_counts(model, inputs["pixel_values"])
     return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts)
 
 
@@ -396,10 +373,7 @@ def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
     """CLIP tokens (CLS included) leaving each merging layer, per image, from an untimed re-run of the
     engine's merging loop with the model's thresholds; None when that is not possible."""
     try:
-        import torch
 
-        from .dymu import threshold_merge_mask
-        from .hf_compat.clip import merging_vision_forward
 
         thresholds = model.hybrid_thresholds
         counts = []
@@ -418,7 +392,6 @@ def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
 
 def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: int, bytes_per_element: int) -> dict:
     """Theoretical MACs (summed over the batch) and KV-cache size for the measured token counts."""
-    from . import flops
 
     hybrid = config.hybrid
     fastv_layer = hybrid.fastv_layer if hybrid is not None else 2
@@ -431,7 +404,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         macs = flops.prefill_macs(
             shape, text, visual, kept if kept < visual else None, fastv_layer=fastv_layer,
             vit_counts=vit_counts, scoring=scoring, vit_layers_run=shape.vit_layers_read if dymu else None,
-        )  # fmt: skip
+        )
         totals["vision"] += macs.vision_total
         totals["llm"] += macs.llm_total
         totals["prefill"] += macs.total
@@ -449,11 +422,8 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
 
 
 def environment(device, args) -> dict:
-    import torch
     import transformers
 
-    from . import __version__
-    from .provenance import git_state
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -466,8 +436,8 @@ def environment(device, args) -> dict:
         device=str(device), torch=torch.__version__, transformers=transformers.__version__, hybrid_vlm=__version__,
         python=platform.python_version(), platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(), git_commit=commit, git_dirty=dirty,
-        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv[1:],
-    )  # fmt: skip
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=portable(sys.argv[1:]),
+    )
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     return env
@@ -495,28 +465,28 @@ def summarize(configs, baseline_name: str) -> list[dict]:
     return rows
 
 
-def _fmt(value, spec):
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+TABLE_HEADER = (
+    "config", "vis in→kept", "vision ms", "LLM ms", "prefill ms", "ratio", "theory", "ratio−th", "LLM ratio", "LLM th",
+    "decode ms/tok", "peak MB",
+)
 
 
 def print_table(rows, file=sys.stdout):
-    header = ("config", "vis in→kept", "vision ms", "LLM ms", "prefill ms", "ratio", "theory", "ratio−th", "LLM ratio", "LLM th", "decode ms/tok", "peak MB")
-    lines = [header]
+    """The terminal table; times are medians over the repeats."""
+    lines = []
     for r in rows:
         if r["status"] != "ok":
-            lines.append((r["config"], f"{r['status']}: {(r.get('note') or '')[:100]}", *[""] * (len(header) - 2)))
+            lines.append((r["config"], f"{r['status']}: {(r.get('note') or '')[:100]}", *[""] * (len(TABLE_HEADER) - 2)))
             continue
         lines.append((
-            r["config"], f"{_fmt(r['visual_in'], '.0f')}→{_fmt(r['visual_kept'], '.0f')}",
-            _fmt(r["vision_ms"], ".1f"), _fmt(r["llm_prefill_ms"], ".1f"), _fmt(r["prefill_ms"], ".1f"),
-            _fmt(r["prefill_ratio"], ".3f"), _fmt(r["prefill_theory_ratio"], ".3f"),
-            _fmt(r["prefill_ratio_minus_theory"], "+.3f"), _fmt(r["llm_prefill_ratio"], ".3f"),
-            _fmt(r["llm_prefill_theory_ratio"], ".3f"), _fmt(r.get("decode_ms_per_token"), ".2f"),
-            _fmt(r["peak_mem_mb"], ".0f"),
-        ))  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip(), file=file)
+            r["config"], f"{number_text(r['visual_in'], '.0f')}→{number_text(r['visual_kept'], '.0f')}",
+            number_text(r["vision_ms"]), number_text(r["llm_prefill_ms"]), number_text(r["prefill_ms"]),
+            number_text(r["prefill_ratio"], ".3f"), number_text(r["prefill_theory_ratio"], ".3f"),
+            number_text(r["prefill_ratio_minus_theory"], "+.3f"), number_text(r["llm_prefill_ratio"], ".3f"),
+            number_text(r["llm_prefill_theory_ratio"], ".3f"), number_text(r.get("decode_ms_per_token"), ".2f"),
+            number_text(r["peak_mem_mb"], ".0f"),
+        ))
+    print(text_table(TABLE_HEADER, lines), file=file)
 
 
 def write_outputs(out_dir: Path, rows, meta) -> None:
@@ -542,11 +512,7 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype,
     On random weights the merge scores say nothing about real images; what matters for timing is
     that the thresholds reach the requested token counts (recorded in each file's "achieved").
     """
-    import torch
 
-    from .calibrate import calibrate_thresholds, count_summary, measure_token_counts
-    from .dymu import write_threshold_file
-    from .tiny import synthetic_image
 
     images = [synthetic_image(seed) for seed in range(2000, 2000 + num_images)]
     pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
@@ -563,13 +529,13 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype,
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m hybrid_vlm.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m hybrid_tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=PRESETS, default="tiny", help="random-weight model shape (default tiny)")
     source.add_argument("--model", default=None, help="a llava-hf checkpoint directory instead of a preset")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: float16 on CUDA, float32 on CPU (hybrid_vlm.runtime)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction; none given = no FastV rows")
     parser.add_argument("--fastv-layer", nargs="+", type=int, default=[2], help="FastV layers K to sweep (default 2)")
@@ -590,7 +556,11 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--sync-debug", action="store_true", help="CUDA: one prefill per config under set_sync_debug_mode('error')")
+    parser.add_argument(
+        "--sync-debug", action="store_true",
+        help=f"check each config's prefill + {SYNC_CHECK_DECODE_STEPS} decode steps for host syncs (hybrid_vlm.syncs: "
+        "CUDA sync-debug mode on GPU, the meta device on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for bench.csv and bench.json")
@@ -601,133 +571,46 @@ def parse_args(argv=None):
     return args, parser
 
 
+@dataclass
+class BenchRun:
+    """What every measurement of one bench run shares."""
+
+    args: argparse.Namespace
+    model: object
+    inputs: dict
+    text_tokens: int
+    device: torch.device
+    dtype: torch.dtype
+    clock: Clock
+    mark: LlmStartMark
+
+
 def main(argv=None) -> list[dict]:
     args, parser = parse_args(argv)
-    import torch
-    from tqdm import tqdm
-
-    from . import flops
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # events, memory stats and sync-debug act on the current device
-    if args.preset == "llava-1.5-7b" and not args.model and device.type != "cuda":
-        parser.error(
-            "preset llava-1.5-7b allocates ~7B random weights (~14 GB in bf16, ~28 GB in fp32) and runs "
-            "2 x 4 TMAC prefills: it is meant for a GPU. Pass --device cuda on a CUDA machine, or use "
-            "--preset mid on CPU."
-        )
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device, dtype = checked_device_dtype(args, parser)
     try:
         configs = build_configs(args)
     except ValueError as error:
         parser.error(str(error))
-
     torch.set_grad_enabled(False)
     model, processor = build_model(args, device, dtype)
-    shape = flops.shape_from_config(model.config)
     inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed, device)
     if args.dymu_target:
         threshold_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dymu-"))
-        args.dymu = list(args.dymu) + calibrate_for_bench(
-            model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images
-        )
+        args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
         configs = build_configs(args)
     clock = Clock(device)
-    mark = LlmStartMark(model, clock)
-    bytes_per_element = torch.finfo(dtype).bits // 8
-
-    for config in configs:
-        try:  # a configuration the engine cannot run (yet) is reported, not fatal
-            activate(model, config)
-        except Exception as error:
-            config.status, config.note = "skipped", f"{type(error).__name__}: {error}"
-    runnable = [c for c in configs if c.status == "ok"]
-    steps = len(runnable) * (args.warmup + args.repeats)
-    bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr, disable=args.no_progress)
+    bench = BenchRun(args, model, inputs, text_tokens, device, dtype, clock, LlmStartMark(model, clock))
     with torch.inference_mode():
-        for config in runnable:  # warm-up per configuration, and the token counts
-            activate(model, config)
-            bar.set_postfix_str(config.name)
-            for _ in range(args.warmup):
-                timed_run(model, inputs, clock, mark, args.decode_tokens)
-                bar.update()
-            output = prefill(model, inputs)
-            config.counts = token_counts(model, inputs, output, config)
-            del output
-        for _ in range(args.repeats):  # interleaved rounds
-            for config in runnable:
-                activate(model, config)
-                bar.set_postfix_str(config.name)
-                times, output = timed_run(model, inputs, clock, mark, args.decode_tokens)
-                del output
-                config.runs.append(times)
-                bar.update()
-        bar.close()
+        time_configs(bench, configs)
         for config in configs:
-            hybrid = config.hybrid
-            row = dict(
-                config=config.name, status=config.status, method=config.method, note=config.note,
-                fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=getattr(hybrid, "fastv_layer", None) if getattr(hybrid, "prunes", False) else None,
-                scoring=getattr(hybrid, "scoring", None) if getattr(hybrid, "prunes", False) else None,
-                position_mode=getattr(hybrid, "position_mode", None), dymu=getattr(hybrid, "dymu", None),
-                batch_size=args.batch_size, text_tokens=text_tokens, repeats=len(config.runs),
-            )  # fmt: skip
-            config.row = row
-            if config.status != "ok":
-                continue
-            activate(model, config)
-            for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
-                row[key] = _median([run[key] for run in config.runs if key in run])
-            prefill_times = [run["prefill_ms"] for run in config.runs]
-            row.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=config.runs)
-            counts = config.counts
-            row.update(
-                visual_in=statistics.mean(counts["visual"]), visual_kept=statistics.mean(counts["visual_kept"]),
-                llm_tokens_in=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual"])),
-                llm_tokens_kept=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
-                per_sample_counts=dict(counts),
-            )  # fmt: skip
-            macs = theory(shape, counts, config, args.decode_tokens, args.batch_size, bytes_per_element)
-            row.update(
-                vision_gmacs=macs["vision"] / 1e9, llm_prefill_gmacs=macs["llm"] / 1e9, prefill_gmacs=macs["prefill"] / 1e9,
-                decode_gmacs_per_token=macs["decode"] / 1e9 if args.decode_tokens else math.nan,
-                kv_cache_mb_theory=macs["kv"] / 2**20,
-                llm_prefill_gmacs_per_s=macs["llm"] / 1e9 / (row["llm_prefill_ms"] / 1e3) if row.get("llm_prefill_ms") else math.nan,
-            )  # fmt: skip
-            if config.hybrid is not None and config.hybrid.dymu:
-                row["note"] = (
-                    "vision MACs at the merged per-layer CLIP counts (ideal: a static-shape tower computes every slot)"
-                    if counts["vit_counts"] is not None
-                    else "vision MACs counted unmerged: no per-layer CLIP counts available"
-                )
-            if not args.no_memory:
-                row["peak_mem_mb"], row["peak_mem_abs_mb"], row["mem_kind"] = measure_memory(
-                    model, inputs, device, args.decode_tokens
-                )
-            else:
-                row["peak_mem_mb"] = row["peak_mem_abs_mb"] = math.nan
-                row["mem_kind"] = "skipped"
-            row["sync_debug"] = sync_debug_check(model, inputs, device) if args.sync_debug else "not run"
-    mark.remove()
-
+            config.row = measured_row(bench, config)
+    bench.mark.remove()
     rows = summarize(configs, args.baseline)
     for row in rows:
         for column in CSV_COLUMNS:
             row.setdefault(column, math.nan if column.endswith(("_ms", "_mb", "_ratio", "_theory", "_gmacs")) else None)
-    meta = environment(device, args)
-    meta.update(
-        preset=None if args.model else args.preset, model=args.model, dtype=str(dtype).replace("torch.", ""),
-        batch_size=args.batch_size, text_tokens=text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-        warmup=args.warmup, baseline=args.baseline, shape=_shape_dict(shape),
-        conventions="MACs per batch; causal attention (n(n+1)/2 pairs); lm_head on the last prompt token; see hybrid_vlm.flops",
-    )  # fmt: skip
+    meta = bench_meta(bench)
     print(
         f"# {meta['device']} {meta.get('gpu') or meta['cpu']} | torch {meta['torch']} transformers {meta['transformers']} "
         f"| threads {meta['torch_threads']} | {meta['preset'] or meta['model']} {meta['dtype']} batch {args.batch_size} "
@@ -740,10 +623,114 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def _shape_dict(shape) -> dict:
-    from dataclasses import asdict
+def checked_device_dtype(args, parser) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, memory stats and sync-debug act on the current device
+    if args.preset == "llava-1.5-7b" and not args.model and device.type != "cuda":
+        parser.error(
+            "preset llava-1.5-7b allocates ~7B random weights (~14 GB in bf16, ~28 GB in fp32) and runs "
+            "2 x 4 TMAC prefills: it is meant for a GPU. Pass --device cuda on a CUDA machine, or use "
+            "--preset mid on CPU."
+        )
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return device, resolve_dtype(args.dtype, device)
 
-    return asdict(shape)
+
+def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
+    """Warm-up and token counts per configuration, then --repeats interleaved timed rounds."""
+    args, model, inputs = bench.args, bench.model, bench.inputs
+    for config in configs:
+        try:  # a configuration the engine cannot run (yet) is reported, not fatal
+            activate(model, config)
+        except Exception as error:
+            config.status, config.note = "skipped", f"{type(error).__name__}: {error}"
+    runnable = [c for c in configs if c.status == "ok"]
+    bar = tqdm(total=len(runnable) * (args.warmup + args.repeats), desc="bench", unit="run", file=sys.stderr, disable=args.no_progress)
+    for config in runnable:
+        activate(model, config)
+        bar.set_postfix_str(config.name)
+        for _ in range(args.warmup):
+            timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)
+            bar.update()
+        config.counts = token_counts(model, inputs, prefill(model, inputs), config)
+    for _ in range(args.repeats):
+        for config in runnable:
+            activate(model, config)
+            bar.set_postfix_str(config.name)
+            config.runs.append(timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)[0])  # the output is freed at once
+            bar.update()
+    bar.close()
+
+
+def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
+    """One configuration's row: setting, median times, token counts, theory, memory and syncs."""
+    args, hybrid = bench.args, config.hybrid
+    prunes = getattr(hybrid, "prunes", False)
+    row = dict(
+        config=config.name, status=config.status, method=config.method, note=config.note,
+        fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if prunes else None,
+        scoring=hybrid.scoring if prunes else None, position_mode=getattr(hybrid, "position_mode", None),
+        dymu=portable(getattr(hybrid, "dymu", None)), batch_size=args.batch_size, text_tokens=bench.text_tokens,
+        repeats=len(config.runs),
+    )
+    if config.status != "ok":
+        return row
+    activate(bench.model, config)
+    for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
+        row[key] = _median([run[key] for run in config.runs if key in run])
+    prefill_times = [run["prefill_ms"] for run in config.runs]
+    row.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=config.runs)
+    row.update(count_columns(config.counts))
+    row.update(theory_columns(bench, config, row))
+    if hybrid is not None and hybrid.dymu:
+        row["note"] = (
+            "vision MACs at the merged per-layer CLIP counts (ideal: a static-shape tower computes every slot)"
+            if config.counts["vit_counts"] is not None
+            else "vision MACs counted unmerged: no per-layer CLIP counts available"
+        )
+    if args.no_memory:
+        row.update(peak_mem_mb=math.nan, peak_mem_abs_mb=math.nan, mem_kind="skipped")
+    else:
+        row["peak_mem_mb"], row["peak_mem_abs_mb"], row["mem_kind"] = measure_memory(bench.model, bench.inputs, bench.device, args.decode_tokens)
+    row["sync_debug"] = check_no_host_syncs(bench.model, bench.inputs, SYNC_CHECK_DECODE_STEPS) if args.sync_debug else "not run"
+    return row
+
+
+def count_columns(counts: dict) -> dict:
+    return dict(
+        visual_in=statistics.mean(counts["visual"]), visual_kept=statistics.mean(counts["visual_kept"]),
+        llm_tokens_in=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual"])),
+        llm_tokens_kept=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
+        per_sample_counts=dict(counts),
+    )
+
+
+def theory_columns(bench: BenchRun, config: BenchConfig, row: dict) -> dict:
+    shape, args = flops.shape_from_config(bench.model.config), bench.args
+    macs = theory(shape, config.counts, config, args.decode_tokens, args.batch_size, torch.finfo(bench.dtype).bits // 8)
+    return dict(
+        vision_gmacs=macs["vision"] / 1e9, llm_prefill_gmacs=macs["llm"] / 1e9, prefill_gmacs=macs["prefill"] / 1e9,
+        decode_gmacs_per_token=macs["decode"] / 1e9 if args.decode_tokens else math.nan,
+        kv_cache_mb_theory=macs["kv"] / 2**20,
+        llm_prefill_gmacs_per_s=macs["llm"] / 1e9 / (row["llm_prefill_ms"] / 1e3) if row.get("llm_prefill_ms") else math.nan,
+    )
+
+
+def bench_meta(bench: BenchRun) -> dict:
+    args = bench.args
+    meta = environment(bench.device, args)
+    meta.update(
+        preset=None if args.model else args.preset, model=portable(args.model), dtype=str(bench.dtype).replace("torch.", ""),
+        batch_size=args.batch_size, text_tokens=bench.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        warmup=args.warmup, baseline=args.baseline, shape=asdict(flops.shape_from_config(bench.model.config)),
+        conventions="MACs per batch; causal attention (n(n+1)/2 pairs); lm_head on the last prompt token; see hybrid_vlm.flops",
+    )
+    return meta
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Sweeps and ablations through VLMEvalKit, one command each, ending with one results table.
 
-    python -m hybrid_vlm.sweep --data MMBench_DEV_EN --fastv-k 576 288 144 72 36 0.5 0.75
-    python -m hybrid_vlm.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla \\
+    python -m hybrid_tools.sweep --data MMBench_DEV_EN --fastv-k 576 288 144 72 36 0.5 0.75
+    python -m hybrid_tools.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla \\
         --launcher "torchrun --nproc-per-node=8" -- --work-dir outputs --batch-size 8
 
 Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --positions to change its grid):
@@ -12,7 +12,7 @@ Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --positions to c
     --ablation hybrid-vs-alone  FastV alone, DyMU alone and DyMU+FastV with the same --dymu file and K
     --ablation positions        HYBRID_POSITIONS logical vs renumbered (FastV, and the hybrid with --dymu)
 Every ablation also runs the vanilla model (the reference); `--ablation scoring` (row vs eager
-scoring layer) is a speed-only ablation: `python -m hybrid_vlm.bench --scoring row eager`.
+scoring layer) is a speed-only ablation: `python -m hybrid_tools.bench --scoring row eager`.
 
 The grid: for each --model (plugin names or the short forms vanilla / fastv / dymu / hybrid) the
 product of the settings that model reads: FastV models FASTV_K (--fastv-k) x FASTV_LAYER
@@ -35,7 +35,7 @@ the same folder (an axis the model ignores) run once. Flags this command does no
 At the end: one table (metric, Δ vs vanilla when the vanilla folder exists, mean tokens in / kept,
 median prefill ms per row), the same as CSV in <work-dir>/sweep_<tag>.csv, and the record of what
 ran (commands, environments, exit statuses, versions, git commit) in <work-dir>/sweep_<tag>.json,
-which `python -m hybrid_vlm.report` reads for provenance. --report NAME then writes
+which `python -m hybrid_tools.report` reads for provenance. --report NAME then writes
 reports/NAME/report.md from this sweep's folders.
 
 The equivalent shell loop of the first example:
@@ -58,16 +58,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import POSITION_MODES, parse_fastv_k, parse_fastv_layer
-from .provenance import git_state, package_versions
+from hybrid_vlm.config import POSITION_MODES, parse_fastv_k, parse_fastv_layer
+from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
+from vlmeval_plugin import settings
+from vlmeval_plugin.results import metric_text, number_text, text_table
+from vlmeval_plugin.settings import SHORT_NAMES, VANILLA
 
-SHORT_NAMES = {
-    "vanilla": "llava_v1.5_7b",
-    "fastv": "llava_v1.5_7b_fastv",
-    "dymu": "llava_v1.5_7b_dymu",
-    "hybrid": "llava_v1.5_7b_hybrid",
-}
-VANILLA = SHORT_NAMES["vanilla"]
+from . import configs as comparison
+
 ABLATIONS = {
     # name: (models, default axes)
     "fastv-layer": (["fastv"], dict(fastv_layer=["1", "2", "3"], fastv_k=["0.5"])),
@@ -79,7 +77,7 @@ ABLATIONS = {
 }
 SCORING_HINT = (
     "the row vs eager scoring-layer ablation is about speed only (both score the same tokens): run\n"
-    "    python -m hybrid_vlm.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
+    "    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
     "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
 )
 ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS")
@@ -97,7 +95,7 @@ class Run:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hybrid_vlm.sweep",
+        prog="python -m hybrid_tools.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -126,7 +124,7 @@ def run_command(launcher: str | None, run_args: list[str]) -> list[str]:
 
 
 def fail(message: str) -> int:
-    print(f"hybrid_vlm.sweep: error: {message}", file=sys.stderr, flush=True)
+    print(f"hybrid_tools.sweep: error: {message}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -139,7 +137,7 @@ def passthrough_value(passthrough: list[str], flag: str) -> str | None:
     return None
 
 
-def calibrate_targets(entries: list[str], images: str | None, work_dir: str, passthrough: list[str], settings, dry_run=False) -> list[str]:
+def calibrate_targets(entries: list[str], images: str | None, work_dir: str, passthrough: list[str], dry_run=False) -> list[str]:
     """--dymu entries as files: existing files stay, targets are calibrated (or reused) with --calibrate-images."""
     files = []
     for entry in entries:
@@ -151,7 +149,7 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
             raise settings.PluginError(f"--dymu {entry}: no such file (a target such as low / mid / high needs --calibrate-images DIR)")
         out = Path(work_dir) / "dymu" / f"{entry}.json"
         if out.is_file():
-            print(f"hybrid_vlm.sweep: DyMU target {entry}: reusing {out}", flush=True)
+            print(f"hybrid_tools.sweep: DyMU target {entry}: reusing {out}", flush=True)
             files.append(str(out))
             continue
         if not images:
@@ -161,7 +159,7 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
         checkpoint = settings.resolve_checkpoint(passthrough_value(passthrough, "--model-path"))
         out.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "hybrid_vlm.calibrate", "--model", str(checkpoint), "--images", images, "--target", entry,
-                   "--out", str(out), "--no-progress"]  # fmt: skip
+                   "--out", str(out), "--no-progress"]
         print(f"\n=== calibrating DyMU target {entry} ===\n$ {shlex.join(command)}", flush=True)
         if subprocess.run(command).returncode != 0 or not out.is_file():
             raise settings.PluginError(f"calibrating DyMU target {entry} failed (command above)")
@@ -169,7 +167,7 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
     return files
 
 
-def plan_runs(args, base_env: dict, settings) -> tuple[list[Run], list[str]]:
+def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
     """Every run of the grid, in order, deduplicated by results folder; and notes on what was merged."""
     models = [SHORT_NAMES.get(name, name) for name in args.model]
     for model in models:
@@ -198,7 +196,7 @@ def plan_runs(args, base_env: dict, settings) -> tuple[list[Run], list[str]]:
             env = dict(base_env)
             env.update({key: value for key, value in chosen.items() if value is not None})
             folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
-            label = "vanilla" if model == VANILLA else f"{_short(model)}: {folder.split(settings.NAME_SEPARATOR, 1)[-1]}"
+            label = "vanilla" if model == VANILLA else f"{_short(model)}: {settings.setting_tag(folder) or folder}"
             if folder in seen:
                 given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
                 notes.append(f"{model} with {given} is the same setting as {seen[folder].label} ({folder}): run once")
@@ -216,10 +214,8 @@ def _short(model: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     passthrough = [item for item in passthrough if item != "--"]
-    from vlmeval_plugin import settings  # no vlmeval import
-
     if args.ablation == "scoring":
-        print(f"hybrid_vlm.sweep: {SCORING_HINT}", file=sys.stderr)
+        print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
     models = args.model
     if args.ablation:
@@ -247,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
         if args.dymu:
-            args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, settings, args.dry_run)
-        runs, notes = plan_runs(args, base_env, settings)
+            args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run)
+        runs, notes = plan_runs(args, base_env)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
     swept = [SHORT_NAMES.get(m, m) for m in models if SHORT_NAMES.get(m, m) != VANILLA] or [VANILLA]
@@ -256,30 +252,50 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m) for m in swept))
 
     for note in notes:
-        print(f"hybrid_vlm.sweep: note: {note}", flush=True)
-    print(f"hybrid_vlm.sweep: {len(runs)} run(s) into {work_dir}:", flush=True)
+        print(f"hybrid_tools.sweep: note: {note}", flush=True)
+    print(f"hybrid_tools.sweep: {len(runs)} run(s) into {work_dir}:", flush=True)
     commands = []
     for run in runs:
         command = run_command(args.launcher, ["--data", *args.data, "--model", run.model, "--work-dir", work_dir, *passthrough])
         commands.append(command)
-        setting = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in run.settings.items())
+        setting = " ".join(f"{k}={shell_join([v])}" for k, v in run.settings.items())
         print(f"  {run.folder}\n      {setting + ' ' if setting else ''}{shlex.join(command)}", flush=True)
     if args.dry_run:
         return 0
 
+    manifest_path = Path(work_dir) / f"sweep_{tag}.json"
+    failed = run_all(runs, commands, args, argv, work_dir, manifest_path)
+    configs = comparison.collect(work_dir, [run.folder for run in runs])
+    order = {run.folder: index for index, run in enumerate(runs)}
+    configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
+    labels = {run.folder: run.label for run in runs}
+    print("\n" + sweep_table(configs, labels), flush=True)
+    write_csv(Path(work_dir) / f"sweep_{tag}.csv", configs, labels)
+    print(f"\nSweep table: {Path(work_dir) / f'sweep_{tag}.csv'}\nSweep record: {manifest_path}", flush=True)
+    status = 0
+    if failed:
+        print("hybrid_tools.sweep: these runs failed: " + ", ".join(failed), file=sys.stderr)
+        status = 1
+    if args.report:
+        from .report.cli import main as report_main
+
+        code = report_main([work_dir, "--name", args.report, "--out", args.report_out, "--models", *[run.folder for run in runs]])
+        status = status or code
+    return status
+
+
+def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: str, manifest_path: Path) -> list[str]:
+    """Run every setting in turn, recording each in the sweep record as it ends; the failed ones."""
     commit, dirty = git_state()
     manifest = {
-        "command": shlex.join(["python", "-m", "hybrid_vlm.sweep", *(sys.argv[1:] if argv is None else argv)]),
-        "cwd": os.getcwd(),
-        "python": sys.executable,
-        "work_dir": work_dir,
+        "command": shell_join(["python", "-m", "hybrid_tools.sweep", *portable(sys.argv[1:] if argv is None else argv)]),
+        "work_dir": portable(work_dir),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": package_versions(),
         "git_commit": commit,
         "git_dirty": dirty,
         "runs": [],
     }
-    manifest_path = Path(work_dir) / f"sweep_{tag}.json"
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     failed = []
     for run, command in zip(runs, commands):
@@ -288,48 +304,48 @@ def main(argv: list[str] | None = None) -> int:
         result = subprocess.run(command, env=run.env)
         if result.returncode != 0:
             failed.append(f"{run.label} (exit status {result.returncode})")
-        shown = command if args.launcher else ["python", *command[1:]]  # "python" = manifest["python"]
-        manifest["runs"].append({
+        shown = command if args.launcher else ["python", *command[1:]]
+        manifest["runs"].append(portable({
             "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
             "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": result.returncode,
-        })  # fmt: skip
+        }))
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # after every run: an interrupted sweep keeps its record
-
-    from . import report
-
-    labels = {run.folder: run.label for run in runs}
-    configs = report.collect(work_dir, [run.folder for run in runs])
-    order = {run.folder: index for index, run in enumerate(runs)}
-    configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
-    print("\n" + report.text_table(configs, labels), flush=True)
-    write_csv(Path(work_dir) / f"sweep_{tag}.csv", configs, labels)
-    print(f"\nSweep table: {Path(work_dir) / f'sweep_{tag}.csv'}\nSweep record: {manifest_path}", flush=True)
-    status = 0
-    if failed:
-        print("hybrid_vlm.sweep: these runs failed: " + ", ".join(failed), file=sys.stderr)
-        status = 1
-    if args.report:
-        patterns = [run.folder for run in runs]
-        code = report.main([work_dir, "--name", args.report, "--out", args.report_out, "--models", *patterns])
-        status = status or code
-    return status
+    return failed
 
 
-def write_csv(path: Path, configs, labels: dict[str, str]) -> None:
+SWEEP_HEADER = ("setting", "model folder", "dataset", "metric", "Δ vs vanilla", "tokens in (mean)", "tokens kept (mean)", "prefill ms (median)")
+
+
+def sweep_table(configs: list, labels: dict[str, str]) -> str:
+    """The plain-text table at the end of a sweep: one line per setting x dataset."""
+    rows = []
+    for config in configs:
+        for dataset, entry in config.entries.items():
+            main = entry.main_metric
+            change = "ref" if config.vanilla else number_text(comparison.delta(entry, main), "+.1f") if main else "-"
+            rows.append((
+                labels.get(config.name, config.tag), config.name, dataset, metric_text(entry), change,
+                number_text(entry.tokens_in_mean), number_text(entry.tokens_kept_mean), number_text(entry.prefill_ms_median, ".2f"),
+            ))
+    return text_table(SWEEP_HEADER, rows)
+
+
+def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
+    """The sweep table as CSV: every metric and its delta, tokens (means) and prefill ms (median and mean)."""
     import pandas as pd
 
     rows = []
     for config in configs:
         for dataset, entry in config.entries.items():
-            ref = entry.reference if entry.reference is not entry else None
+            reference = comparison.comparison_reference(entry)
+            deltas = {f"delta_{k}": comparison.delta(entry, k) for k in entry.metrics} if reference is not None else {}
             rows.append({
                 "setting": labels.get(config.name, config.tag), "model": config.name, "dataset": dataset,
-                "rows": entry.rows, **entry.metrics,
-                **{f"delta_{k}": (v - ref.metrics[k]) for k, v in entry.metrics.items() if ref is not None and k in ref.metrics},
-                "tokens_in": entry.tokens_in, "tokens_kept": entry.tokens_kept,
-                "prefill_ms": entry.prefill_ms_mean, "prefill_ms_median": entry.prefill_ms,
-                "folder": str(config.folder.resolve()),
-            })  # fmt: skip
+                "rows": entry.rows, **entry.metrics, **deltas,
+                "tokens_in_mean": entry.tokens_in_mean, "tokens_kept_mean": entry.tokens_kept_mean,
+                "prefill_ms_median": entry.prefill_ms_median, "prefill_ms_mean": entry.prefill_ms_mean,
+                "folder": portable(str(config.folder.resolve())),
+            })
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)
 

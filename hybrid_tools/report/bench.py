@@ -1,0 +1,82 @@
+"""Bench results in a report: reading bench.json (`python -m hybrid_tools.bench --out DIR`) and its table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrid_vlm.provenance import shell_join
+from vlmeval_plugin.results import read_json
+
+from .markdown import fmt, md_table
+
+
+@dataclass
+class Bench:
+    path: Path
+    meta: dict
+    rows: list
+    csv_path: Path | None = None
+
+
+def resolve_bench(path: Path) -> Path | None:
+    if path.is_dir():
+        return path / "bench.json" if (path / "bench.json").exists() else None
+    return path if path.is_file() else None
+
+
+def read_bench(path: Path) -> Bench:
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path} is not a hybrid_tools.bench bench.json (no 'rows')")
+    csv_path = path.with_name("bench.csv")
+    return Bench(path=path, meta=data.get("meta") or {}, rows=data["rows"], csv_path=csv_path if csv_path.exists() else None)
+
+
+BENCH_HEADER = [
+    "config", "method", "visual in→kept", "vision ms", "LLM prefill ms", "prefill ms", "prefill GMACs",
+    "prefill ratio", "theory", "ratio − theory", "LLM prefill ratio", "theory", "decode ms/token",
+    "decode ratio", "theory", "peak MB",
+]
+
+
+def bench_table(bench: Bench) -> str:
+    rows = []
+    for r in bench.rows:
+        if r.get("status") != "ok":
+            rows.append([f"`{r.get('config')}`", str(r.get("method") or ""), f"{r.get('status')}: {(r.get('note') or '')[:120]}"] + [""] * (len(BENCH_HEADER) - 3))
+            continue
+        rows.append([
+            f"`{r.get('config')}`", str(r.get("method") or ""),
+            f"{fmt(r.get('visual_in'), '.0f')}→{fmt(r.get('visual_kept'), '.0f')}",
+            fmt(r.get("vision_ms"), ".2f"), fmt(r.get("llm_prefill_ms"), ".2f"), fmt(r.get("prefill_ms"), ".2f"),
+            fmt(r.get("prefill_gmacs"), ".3f"),
+            fmt(r.get("prefill_ratio"), ".3f"), fmt(r.get("prefill_theory_ratio"), ".3f"),
+            fmt(r.get("prefill_ratio_minus_theory"), "+.3f"),
+            fmt(r.get("llm_prefill_ratio"), ".3f"), fmt(r.get("llm_prefill_theory_ratio"), ".3f"),
+            fmt(r.get("decode_ms_per_token"), ".2f"), fmt(r.get("decode_ratio"), ".3f"), fmt(r.get("decode_theory_ratio"), ".3f"),
+            fmt(r.get("peak_mem_mb"), ".0f"),
+        ])
+    return md_table(BENCH_HEADER, rows, align="ll" + "r" * (len(BENCH_HEADER) - 2))
+
+
+def bench_command(meta: dict) -> str | None:
+    argv = meta.get("argv")
+    if not isinstance(argv, list):
+        return None
+    return "python -m hybrid_tools.bench " + shell_join(argv)
+
+
+def bench_setup(meta: dict) -> str:
+    source = f"preset `{meta['preset']}` (random weights)" if meta.get("preset") else f"checkpoint `{meta.get('model')}`"
+    device = meta.get("gpu") or meta.get("cpu") or "?"
+    commit = meta.get("git_commit") or "not recorded"
+    if meta.get("git_dirty"):
+        commit += " (uncommitted changes)"
+    return (
+        f"{source}, {meta.get('dtype', '?')}, batch {meta.get('batch_size', '?')}, {meta.get('text_tokens', '?')} text tokens, "
+        f"{meta.get('decode_tokens', '?')} decode steps; {meta.get('device', '?')} ({device}), "
+        f"{meta.get('torch_threads', '?')} torch threads; median of {meta.get('repeats', '?')} interleaved rounds after "
+        f"{meta.get('warmup', '?')} warm-up; torch {meta.get('torch', '?')}, transformers {meta.get('transformers', '?')}, "
+        f"hybrid_vlm {meta.get('hybrid_vlm', '?')}, Python {meta.get('python', '?')}; git commit {commit}; at {meta.get('time', '?')}"
+    )

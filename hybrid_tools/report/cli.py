@@ -1,0 +1,145 @@
+"""`python -m hybrid_tools.report`: arguments, which files to read, and where the report goes."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from .. import report as report_package
+from ..configs import assign_references, configurations, is_vanilla, label_configurations, order_configurations
+from .bench import read_bench, resolve_bench
+from .markdown import Linker, display_path
+from .render import ReportInput, render
+from .snapshot import snapshot
+
+DEFAULT_OUT = "reports"
+report_doc = report_package.__doc__
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hybrid_tools.report", description=report_doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="VLMEvalKit work dirs (run.py --work-dir; default ./outputs), or bench output dirs")
+    parser.add_argument("--bench", nargs="+", default=[], metavar="DIR_OR_JSON", help="hybrid_tools.bench --out dirs or bench.json files")
+    parser.add_argument("--name", default=None, help="report name: reports/<name>/ (default: the first work dir's name)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"parent folder of the report (default {DEFAULT_OUT})")
+    parser.add_argument("--models", nargs="+", default=None, metavar="PATTERN", help="only model folders matching these glob patterns (vanilla references are kept)")
+    parser.add_argument("--vanilla", default=None, metavar="NAME", help="the reference folder name (default: detected)")
+    parser.add_argument("--snapshot", action="store_true", help="copy the raw files read into reports/<name>/raw/ and read them from there")
+    parser.add_argument("--recipe", default=None, metavar="FILE", help="shell script that made the raw outputs: shown verbatim at the top")
+    parser.add_argument("--title", default=None, help="report title (default: Report: <name>)")
+    return parser
+
+
+def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
+    """The command that regenerates this very report from the files it read."""
+    parts = ["python", "-m", "hybrid_tools.report", *[display_path(p) for p in work_dirs]]
+    if benches:
+        parts += ["--bench", *[display_path(p.parent if p.name == "bench.json" else p) for p in benches]]
+    parts += ["--name", args.name]
+    if args.out != DEFAULT_OUT:
+        parts += ["--out", args.out]
+    if args.models:
+        parts += ["--models", *args.models]
+    if args.vanilla:
+        parts += ["--vanilla", args.vanilla]
+    if args.recipe:
+        parts += ["--recipe", display_path(Path(args.recipe))]
+    if args.title:
+        parts += ["--title", args.title]
+    return shlex.join(parts)
+
+
+def parse_sources(parser, args) -> tuple[list[Path], list[Path]]:
+    """(work dirs, bench.json files) named on the command line; a parser error for a bad one."""
+    work_dirs, benches = [], []
+    for text in args.work_dirs:
+        path = Path(text)
+        if not path.is_dir():
+            parser.error(f"{text} is not a directory")
+        if (path / "bench.json").exists() and not any(p.is_dir() and p.name != "logs" for p in path.iterdir()):
+            benches.append(path / "bench.json")  # a bench --out dir given as a work dir
+        else:
+            work_dirs.append(path)
+    for text in args.bench:
+        path = resolve_bench(Path(text))
+        if path is None:
+            parser.error(f"--bench {text}: no bench.json there (python -m hybrid_tools.bench ... --out DIR writes one)")
+        benches.append(path)
+    return work_dirs, benches
+
+
+def select(configs, patterns: list[str] | None, vanilla: str | None):
+    """The configurations matching `patterns` (all without), and the references they need."""
+    if not patterns:
+        return configs
+    chosen = [c for c in configs if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    references = [c for c in configs if c not in chosen and (c.name == vanilla or (not vanilla and is_vanilla(c)))]
+    return references + chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    work_dirs, benches = parse_sources(parser, args)
+    args.name = args.name or (work_dirs[0] if work_dirs else benches[0].parent).resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+        parser.error(f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
+    report_dir = Path(args.out) / args.name
+    recipe = None
+    if args.recipe:
+        try:
+            recipe = Path(args.recipe).read_text(encoding="utf-8")
+        except OSError as error:
+            parser.error(f"--recipe: {error}")
+    configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
+    if args.snapshot:
+        try:
+            work_dirs, benches = snapshot(work_dirs, configs, benches, report_dir / "raw")
+        except ValueError as error:
+            parser.error(str(error))
+        configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
+    if not configs and not benches:
+        return fail(f"no results in {', '.join(args.work_dirs)} (expected <work_dir>/<model>/<model>_<dataset>_*)")
+    try:
+        bench_data = [read_bench(path) for path in benches]
+    except ValueError as error:
+        return fail(str(error))
+    if args.vanilla and not any(c.name == args.vanilla for c in configs):
+        return fail(f"--vanilla {args.vanilla}: no such model folder")
+    assign_references(configs, args.vanilla)
+    configs = order_configurations(configs)
+    label_configurations(configs, {w: display_path(w) for w in work_dirs})
+    report = ReportInput(
+        name=args.name, title=args.title or f"Report: {args.name}", command=canonical_command(args, work_dirs, benches),
+        configs=configs, benches=bench_data, linker=Linker(report_dir), figures=report_dir / "figures",
+        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe,
+    )
+    write(report, report_dir)
+    print(f"hybrid_tools.report: wrote {report_dir / 'report.md'}")
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"hybrid_tools.report: error: {message}", file=sys.stderr)
+    return 2
+
+
+def write(report: ReportInput, report_dir: Path) -> None:
+    """report.md, report.json and figures/ (made afresh) in report_dir."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if report.figures.exists():
+        shutil.rmtree(report.figures)
+    markdown, summary = render(report)
+    (report_dir / "report.md").write_text(markdown, encoding="utf-8")
+    with open(report_dir / "report.json", "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2, default=str)
+        handle.write("\n")

@@ -1,0 +1,50 @@
+"""Markdown pieces of a report: numbers, cells, tables, and links to raw files that work on GitHub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlmeval_plugin.results import number_text
+
+
+def fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    """A number as tables show it ("–" when missing), with `suffix` (e.g. "×") after it."""
+    text = number_text(None if value is None else float(value), spec)
+    return text if text == "–" else text + suffix
+
+
+def cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": "---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Linker:
+    """Markdown links to raw files, relative to the report's folder (they work on GitHub)."""
+
+    def __init__(self, report_dir: Path):
+        self.report_dir = report_dir.resolve()
+
+    def rel(self, path: Path | str) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), self.report_dir)).as_posix()
+
+    def link(self, text: str, path: Path | str | None) -> str:
+        return f"[{text}]({self.rel(path)})" if path else "–"
+
+
+def display_path(path: Path | str) -> str:
+    """A path as the user would type it: relative to the current directory when below it."""
+    path = Path(path)
+    try:
+        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix() if path.resolve().is_relative_to(Path.cwd()) else str(path)
+    except (OSError, ValueError):
+        return str(path)
+
+

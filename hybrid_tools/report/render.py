@@ -1,0 +1,319 @@
+"""The Markdown and JSON of a report, one function per section: banner, regenerate, metrics, speed, provenance."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrid_vlm import __version__
+
+from ..configs import Configuration, Entry, comparison_reference, delta, ratio
+from .bench import bench_command, bench_setup, bench_table
+from .markdown import Linker, display_path, fmt, md_table
+from .plots import plot_dataset
+from .provenance import provenance_block, run_commands, status_argv
+
+CAPTION_KEYS = ("CIDEr", "BLEU-4", "ROUGE_L", "BLEU-1")
+TINY_BANNER = (
+    "> [!WARNING]\n"
+    "> **Tiny random-weight model, not LLaVA-1.5-7B.** {what} the bundled tiny LLaVA "
+    "(`hybrid_vlm/tiny.py`: LLaVA-1.5's 336 px / 576-token geometry, toy widths, a 4-layer LLM, "
+    "**random weights**). Its accuracies and caption scores are noise and say nothing about "
+    "LLaVA-1.5-7B; its timings are those of a toy model on this machine. This report shows what the "
+    "pipeline produces, end to end."
+)
+METRICS_INTRO = (
+    "Per configuration (one VLMEvalKit model folder) and dataset: the metric from VLMEvalKit's evaluation file, its "
+    "difference from the vanilla configuration (Δ), mean tokens entering the LLM per row (text + visual) and "
+    "mean tokens kept after pruning, the median prefill time per row (vision tower + LLM prefill, from the "
+    "plugin's stats sidecar), and ratios to vanilla. `raw files` links each row's sources."
+)
+SPEED_NOTE = (
+    "Ratios divide by the `{baseline}` row (the hybrid engine with no reduction), measured in one "
+    "process; `theory` is the same ratio of theoretical MACs (`hybrid_vlm/flops.py`: {conventions}); "
+    "`ratio − theory` > 0 means less speed-up than the MACs promise. Peak memory: activations + KV cache "
+    "above the weights (CUDA), or the sampled RSS increase (CPU: approximate)."
+)
+
+
+@dataclass
+class ReportInput:
+    """Everything one report is made of."""
+
+    name: str
+    title: str
+    command: str  # the command that regenerates this report
+    configs: list  # [Configuration], referenced, ordered and labelled
+    benches: list  # [Bench]
+    linker: Linker
+    figures: Path
+    recipe_path: str | None = None
+    recipe: str | None = None
+
+    @property
+    def eval_tiny(self) -> bool:
+        return any(c.tiny for c in self.configs)
+
+    @property
+    def bench_tiny(self) -> bool:
+        return any(b.meta.get("preset") == "tiny" for b in self.benches)
+
+    @property
+    def datasets(self) -> list[str]:
+        names: list[str] = []
+        for config in self.configs:
+            names += [d for d in config.entries if d not in names]
+        return names
+
+
+def render(report: ReportInput) -> tuple[str, dict]:
+    """(report.md, report.json's content)."""
+    datasets_md, datasets_json = metrics_section(report)
+    speed_md, bench_json = speed_section(report)
+    lines = [
+        f"# {report.title}", "",
+        *banner_section(report), *regenerate_section(report), *datasets_md, *speed_md, *provenance_section(report),
+    ]
+    summary = {
+        "name": report.name, "tiny": report.eval_tiny or report.bench_tiny, "command": report.command,
+        "datasets": datasets_json, "bench": bench_json, "configurations": [configuration_json(c, report.linker) for c in report.configs],
+    }
+    return "\n".join(lines), summary
+
+
+def banner_section(report: ReportInput) -> list[str]:
+    """Which model the numbers are about: the tiny-model warning, or the checkpoint and bench notes."""
+    lines = []
+    if report.eval_tiny or report.bench_tiny:
+        what = {
+            (True, True): "Every evaluation run and the speed benchmark use",
+            (True, False): "The evaluation runs use",
+            (False, True): "The speed benchmark uses",
+        }[(report.eval_tiny, report.bench_tiny)]
+        lines += [TINY_BANNER.format(what=what), ""]
+    notes = []
+    if report.configs and not report.eval_tiny:
+        checkpoints = sorted({c.checkpoint for c in report.configs if c.checkpoint})
+        family = "LLaVA-1.5-7B" if all(c.name.startswith("llava_v1.5_7b") for c in report.configs) else "see the configuration names"
+        recorded = ", ".join(f"`{p}`" for p in checkpoints) if checkpoints else "not recorded (no run_info.json)"
+        notes.append(f"Evaluation model: {family}; checkpoint: {recorded}.")
+    for bench in report.benches:
+        meta, source = bench.meta, report.linker.rel(bench.path)
+        if meta.get("preset") and meta["preset"] != "tiny":
+            notes.append(
+                f"Speed benchmark `{source}`: preset `{meta['preset']}` has **random weights** with that preset's "
+                "shapes: its timings and MACs are meaningful, it has no accuracy."
+            )
+        elif meta.get("model"):
+            notes.append(f"Speed benchmark `{source}`: checkpoint `{meta['model']}`.")
+    if notes:
+        lines += ["> [!NOTE]", *[f"> {note}" for note in notes], ""]
+    return lines
+
+
+def recorded_commands(report: ReportInput) -> list[tuple[str, str]]:
+    """(command, where it was recorded) that made the raw outputs, without repeats."""
+    recorded = []
+    for config in report.configs:
+        argv = status_argv(config)
+        for command, source in run_commands(config) or ([(argv, "status.json argv")] if argv else []):
+            if command and (command, source) not in recorded:
+                recorded.append((command, source))
+    for bench in report.benches:
+        command = bench_command(bench.meta)
+        if command and (command, "bench.json") not in recorded:
+            recorded.append((command, "bench.json"))
+    return recorded
+
+
+def regenerate_section(report: ReportInput) -> list[str]:
+    lines = ["## Regenerate", ""]
+    if report.recipe is not None:
+        lines += [f"The raw outputs were made with `{report.recipe_path}`:", "", "```bash", report.recipe.rstrip("\n"), "```", ""]
+    recorded = recorded_commands(report)
+    if recorded:
+        lines += ["Commands recorded with the raw outputs (per configuration below):", "", "```bash"]
+        lines += [f"{command}    # {source}" for command, source in recorded] + ["```", ""]
+    return lines + ["This report, from the raw files it read:", "", "```bash", report.command, "```", ""]
+
+
+def metrics_section(report: ReportInput) -> tuple[list[str], dict]:
+    """One table (plus figure and details) per dataset; and report.json's "datasets"."""
+    lines = ["## Accuracy and caption metrics", "", METRICS_INTRO, ""] if report.configs else []
+    summary = {}
+    for dataset in report.datasets:
+        entries = [c.entries[dataset] for c in report.configs if dataset in c.entries]
+        lines += dataset_section(report, dataset, entries)
+        summary[dataset] = [entry_json(e, report.linker) for e in entries]
+    return lines, summary
+
+
+def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> list[str]:
+    kinds = sorted({e.kind for e in entries if e.kind != "none"})
+    kind = kinds[0] if len(kinds) == 1 else "other"
+    table, keys = dataset_table(dataset, entries, report.linker)
+    label = {"mcq": "multiple choice", "caption": "captions"}.get(kind, "")
+    splits = sorted({e.split for e in entries if e.split})
+    unit = metric_unit(kind) + (f"; split {', '.join(splits)}" if splits else "")
+    lines = [f"### {dataset}" + (f" ({label})" if label else ""), ""]
+    lines += [f"Metric: {', '.join(keys) or 'none (no metric file: run with --mode all or eval)'} — {unit}.", "", table, ""]
+    batched = sorted({b for e in entries for b in e.batch_sizes if b > 1})
+    if batched:
+        lines += [f"Rows were generated in batches ({', '.join(map(str, batched))}): prefill times are per batch.", ""]
+    missing = [e.config.label for e in entries if e.reference is None]
+    if missing and any(not e.config.vanilla for e in entries):
+        lines += [f"No vanilla reference for: {', '.join(f'`{m}`' for m in missing)} (Δ and ratios shown as –).", ""]
+    figure = report.figures / (re.sub(r"[^A-Za-z0-9._-]+", "_", dataset) + ".png")
+    if plot_dataset(dataset, entries, figure, tiny=report.eval_tiny):
+        main = entries[0].main_metric if entries else ""
+        lines += [f"![{dataset}: {main} vs tokens kept and prefill time]({report.linker.rel(figure)})", ""]
+    details = details_table(entries)
+    if details:
+        lines += ["<details><summary>All metrics (Δ vs vanilla in parentheses)</summary>", "", details, "", "</details>", ""]
+    return lines
+
+
+def speed_section(report: ReportInput) -> tuple[list[str], list]:
+    """The bench tables; and report.json's "bench"."""
+    lines = ["## Speed and FLOPs (`python -m hybrid_tools.bench`)", ""]
+    if not report.benches:
+        lines += ["No bench results given (`--bench DIR`): make them with `python -m hybrid_tools.bench --out DIR`.", ""]
+    summary = []
+    for bench in report.benches:
+        meta, linker = bench.meta, report.linker
+        csv_link = f" ({linker.link('csv', bench.csv_path)})" if bench.csv_path else ""
+        lines += [f"From {linker.link(display_path(bench.path), bench.path)}{csv_link}:", "", bench_setup(meta) + ".", ""]
+        lines += ["```bash", bench_command(meta) or "# bench command not recorded", "```", "", bench_table(bench), ""]
+        note = SPEED_NOTE.format(baseline=meta.get("baseline", "vanilla"), conventions=meta.get("conventions", "see hybrid_vlm.flops"))
+        lines += [note, ""]
+        rows = [{k: v for k, v in row.items() if k not in ("runs", "per_sample_counts")} for row in bench.rows]
+        summary.append({"source": linker.rel(bench.path), "meta": meta, "rows": rows})
+    return lines, summary
+
+
+def provenance_section(report: ReportInput) -> list[str]:
+    lines = ["## Provenance", ""]
+    lines += [
+        "Every number above is read by the command under *Regenerate* from the files linked in its row. "
+        "What each configuration's files record about how they were made:",
+        "",
+    ]
+    for config in report.configs:
+        lines += [provenance_block(config, report.linker), ""]
+    for bench in report.benches:
+        command = bench_command(bench.meta) or "not recorded"
+        lines += [f"#### bench {display_path(bench.path)}", "", f"- command: `{command}`", f"- {bench_setup(bench.meta)}", ""]
+    return lines + [f"Written by `hybrid_tools.report` (hybrid_vlm {__version__}); machine-readable: [report.json](report.json).", ""]
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def metric_unit(kind: str) -> str:
+    return {"mcq": "accuracy, % (Δ in percentage points)", "caption": "VLMEvalKit's COCO scorer, ×100"}.get(kind, "as in the metric file")
+
+
+def sources_cell(entry: Entry, linker: Linker) -> str:
+    parts = [linker.link("metric", path) for path in entry.metric_files]
+    if entry.stats_file:
+        parts.append(linker.link("stats", entry.stats_file))
+    if entry.prediction_file:
+        parts.append(linker.link("pred", entry.prediction_file))
+    return " · ".join(parts) or "–"
+
+
+def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[str, list[str]]:
+    """(markdown, metric keys shown) for one dataset."""
+    kinds = {e.kind for e in entries if e.kind != "none"}
+    kind = kinds.pop() if len(kinds) == 1 else ("other" if kinds else "none")
+    if kind == "caption":
+        keys = [k for k in CAPTION_KEYS if any(k in e.metrics for e in entries)]
+    else:
+        mains = [e.main_metric for e in entries if e.main_metric]
+        keys = [mains[0]] if mains else []
+    header = ["configuration"]
+    for key in keys:
+        header += [key, "Δ"]
+    header += ["tokens in", "tokens kept", "kept vs vanilla", "prefill ms (median)", "prefill vs vanilla", "rows", "raw files"]
+    rows = []
+    for entry in entries:
+        config = entry.config
+        ref = comparison_reference(entry)
+        row = [f"`{config.label}`" + (" (vanilla)" if config.vanilla else "")]
+        for key in keys:
+            row += [fmt(entry.metrics.get(key)), "ref" if config.vanilla and key in entry.metrics else fmt(delta(entry, key), "+.1f")]
+        rows_text = str(entry.rows) if entry.rows is not None else (f"{entry.stats_rows} (stats only)" if entry.stats_rows else "–")
+        row += [
+            fmt(entry.tokens_in_mean),
+            fmt(entry.tokens_kept_mean),
+            fmt(ratio(entry.tokens_kept_mean, ref.tokens_kept_mean if ref else None), ".3f", "×") if not config.vanilla else "1×",
+            fmt(entry.prefill_ms_median, ".2f"),
+            fmt(ratio(entry.prefill_ms_median, ref.prefill_ms_median if ref else None), ".3f", "×") if not config.vanilla else "1×",
+            rows_text,
+            sources_cell(entry, linker),
+        ]
+        rows.append(row)
+    return md_table(header, rows, align="l" + "r" * (len(header) - 2) + "l"), keys
+
+
+def details_table(entries: list[Entry]) -> str | None:
+    """Every metric of every configuration (MCQ categories, all BLEU orders), value and Δ."""
+    keys: list[str] = []
+    for entry in entries:
+        keys += [k for k in entry.metrics if k not in keys]
+    if len(keys) <= 1:
+        return None
+    header = ["metric"] + [f"`{e.config.label}`" for e in entries]
+    rows = []
+    for key in keys:
+        row = [key]
+        for entry in entries:
+            value = entry.metrics.get(key)
+            change = delta(entry, key)
+            row.append(fmt(value) + (f" ({fmt(change, '+.1f')})" if change is not None else ""))
+        rows.append(row)
+    return md_table(header, rows)
+
+
+# --------------------------------------------------------------------------------------- JSON
+
+
+def entry_json(entry: Entry, linker: Linker) -> dict:
+    ref = comparison_reference(entry)
+    return {
+        "configuration": entry.config.label,
+        "model": entry.config.name,
+        "vanilla": entry.config.vanilla,
+        "reference": ref.config.label if ref else None,
+        "kind": entry.kind,
+        "main_metric": entry.main_metric,
+        "split": entry.split,
+        "metrics": entry.metrics,
+        "delta": {k: delta(entry, k) for k in entry.metrics} if ref else {},
+        "rows": entry.rows,
+        "stats_rows": entry.stats_rows,
+        "tokens_in_mean": entry.tokens_in_mean,
+        "tokens_kept_mean": entry.tokens_kept_mean,
+        "prefill_ms_median": entry.prefill_ms_median,
+        "prefill_ms_mean": entry.prefill_ms_mean,
+        "new_tokens_mean": entry.new_tokens_mean,
+        "tokens_kept_ratio": ratio(entry.tokens_kept_mean, ref.tokens_kept_mean) if ref else None,
+        "prefill_ratio": ratio(entry.prefill_ms_median, ref.prefill_ms_median) if ref else None,
+        "batch_sizes": entry.batch_sizes,
+        "settings": entry.settings,
+        "sources": {
+            "metrics": [linker.rel(p) for p in entry.metric_files],
+            "stats": linker.rel(entry.stats_file) if entry.stats_file else None,
+            "predictions": linker.rel(entry.prediction_file) if entry.prediction_file else None,
+        },
+    }
+
+
+def configuration_json(config: Configuration, linker: Linker) -> dict:
+    return {
+        "label": config.label, "name": config.name, "work_dir": linker.rel(config.work_dir), "vanilla": config.vanilla,
+        "reference": config.reference.label if config.reference else None, "tiny": config.tiny,
+        "run_info": config.run_info[-1] if config.run_info else None, "commands": [cmd for cmd, _ in run_commands(config)],
+        "status_argv": status_argv(config),
+    }

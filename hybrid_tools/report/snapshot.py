@@ -1,0 +1,65 @@
+"""--snapshot: copy the raw files a report reads into reports/<name>/raw/, so they are committed with it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from ..configs import Configuration
+
+
+def _unique_label(path: Path, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().name) or "dir"
+    label, number = base, 2
+    while label in taken:
+        label, number = f"{base}-{number}", number + 1
+    taken.add(label)
+    return label
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def snapshot(work_dirs: list[Path], configs: list[Configuration], benches: list[Path], raw_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Copy what the report reads into raw_dir; return the work dirs and bench files to read instead."""
+    sources = work_dirs + benches
+    if all(_inside(p, raw_dir) for p in sources):
+        return work_dirs, benches  # regenerating from a snapshot: read it as it is
+    if any(_inside(p, raw_dir) for p in sources):
+        raise ValueError(f"--snapshot: mix of sources inside and outside {raw_dir}; give either")
+    if raw_dir.exists():
+        shutil.rmtree(raw_dir)
+    taken: set[str] = set()
+    new_work_dirs = []
+    for work_dir in work_dirs:
+        target = raw_dir / _unique_label(work_dir, taken)
+        target.mkdir(parents=True)
+        for config in [c for c in configs if c.work_dir == work_dir]:
+            files = [config.status_file, config.run_info_file]
+            for entry in config.entries.values():
+                files += [*entry.metric_files, entry.stats_file, entry.prediction_file]
+            (target / config.name).mkdir()
+            for path in files:
+                if path is not None:
+                    shutil.copy2(path, target / config.name / path.name)
+        manifests = {m for c in configs if c.work_dir == work_dir for m, _ in c.sweep_runs}
+        for manifest in manifests:
+            shutil.copy2(manifest, target / manifest.name)
+            csv_path = manifest.with_suffix(".csv")
+            if csv_path.exists():
+                shutil.copy2(csv_path, target / csv_path.name)
+        new_work_dirs.append(target)
+    new_benches = []
+    for bench in benches:
+        target = raw_dir / _unique_label(bench.parent, taken)
+        target.mkdir(parents=True)
+        shutil.copy2(bench, target / "bench.json")
+        if bench.with_name("bench.csv").exists():
+            shutil.copy2(bench.with_name("bench.csv"), target / "bench.csv")
+        new_benches.append(target / "bench.json")
+    return new_work_dirs, new_benches

@@ -1,0 +1,31 @@
+"""Where and in what precision models run: one rule for the plugin, calibration and the bench.
+
+Default: the first CUDA device when there is one, else the CPU; float16 on CUDA (LLaVA-1.5's
+released dtype, and what VLMEvalKit's LLaVA wrapper uses), float32 on CPU (CPU half-precision
+kernels are slow or missing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """`requested` ("cpu", "cuda", "cuda:1"), else cuda if available, else cpu; a clear error for
+    a CUDA device on a machine without CUDA."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} asked for CUDA, but CUDA is not available here: use --device cpu")
+    return device
+
+
+def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """`requested` (one of DTYPE_CHOICES; None = "auto") for `device`."""
+    if requested in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise ValueError(f"dtype {requested!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[requested]
