@@ -48,10 +48,20 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm import tqdm
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
@@ -87,8 +97,6 @@ PROMPT_WORDS = (
 
 def preset_config(preset: str, tokenizer):
     """LlavaConfig of a preset; builds no weights. The tokenizer fixes the special-token ids."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
 
     if preset == "tiny":
         return tiny_llava_config(tokenizer)
@@ -117,9 +125,6 @@ def preset_config(preset: str, tokenizer):
 
 def build_model(args, device, dtype):
     """(model, processor) in eval mode on `device`; random weights unless --model."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-
     if args.model:
         processor = AutoProcessor.from_pretrained(args.model)
         model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
@@ -131,7 +136,7 @@ def build_model(args, device, dtype):
     config = preset_config(args.preset, processor.tokenizer)
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), processor
 
 
@@ -175,8 +180,6 @@ class BenchConfig:
 def build_configs(args) -> list[BenchConfig]:
     """[stock], vanilla, FastV (k x layer x scoring x position mode), DyMU per threshold file, and
     hybrid = each DyMU file x each FastV setting."""
-    from itertools import product
-
 
     fastv = [
         dict(fastv_k=parse_fastv_k(k), fastv_layer=layer, scoring=scoring, position_mode=mode)
@@ -422,8 +425,6 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
 
 
 def environment(device, args) -> dict:
-    import transformers
-
 
     cpu = platform.processor() or platform.machine()
     try:
