@@ -256,3 +256,20 @@ def test_committed_tiny_demo_regenerates_from_its_raw_files(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert report.main(command[3:]) == 0
     assert (copy / "report.md").read_text() == committed
+
+
+def test_readme_speed_table_quotes_the_committed_cpu_bench():
+    """Every number of the README's CPU speed table is in reports/cpu-mid-bench/raw/bench/bench.json."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- cpu-mid-bench:begin -->", 1)[1].split("<!-- cpu-mid-bench:end -->", 1)[0]
+    rows = json.loads((REPO / "reports" / "cpu-mid-bench" / "raw" / "bench" / "bench.json").read_text())["rows"]
+    by_config = {row["config"]: row for row in rows}
+    quoted = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(quoted) >= 3
+    for line in quoted:
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        row = by_config[cells[0].strip("`")]
+        assert cells[1] == f"{row['visual_in']:.0f} → {row['visual_kept']:.0f}"
+        assert cells[2] == f"{row['prefill_ms']:.1f}"
+        assert cells[3] == f"{row['prefill_ratio']:.3f}" and cells[4] == f"{row['prefill_theory_ratio']:.3f}"
+        assert cells[5] == f"{row['prefill_ratio_minus_theory']:+.3f}"
