@@ -16,6 +16,7 @@ import torch
 
 from . import HybridConfig, apply_hybrid
 from .config import parse_fastv_k
+from .hf_compat import output_cache
 from .tiny import ensure_tiny_llava, synthetic_image
 
 
@@ -44,7 +45,7 @@ def main() -> None:
             model(**inputs)
             prefill_ms = (time.perf_counter() - start) * 1e3
             out = model.generate(**inputs, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-        state = getattr(out.past_key_values, "hybrid_state", None)
+        state = getattr(output_cache(out), "hybrid_state", None)
         tokens_in = inputs["attention_mask"].sum().item()
         tokens_kept = state.prompt_tokens_kept.item() if state is not None else tokens_in
         answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

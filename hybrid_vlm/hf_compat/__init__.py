@@ -14,49 +14,53 @@ wrong logits, not an exception.
 
 from __future__ import annotations
 
-import transformers
-
-SUPPORTED_TRANSFORMERS = "5.23"
-
-
-def check_transformers_version(version: str | None = None) -> None:
-    version = transformers.__version__ if version is None else version
-    if not version.startswith(SUPPORTED_TRANSFORMERS + "."):
-        raise ImportError(
-            f"hybrid-vlm supports transformers {SUPPORTED_TRANSFORMERS}.x only, found {version}. "
-            f"Install it with: pip install 'transformers=={SUPPORTED_TRANSFORMERS}.*'. "
-            "Porting to another release means re-checking every item in hybrid_vlm/hf_compat/."
-        )
-
+from .versions import (
+    SUPPORTED_TRANSFORMERS,
+    TRANSFORMERS_RELEASE,
+    UNTESTED_TRANSFORMERS_ENV,
+    check_transformers_version,
+    is_supported_transformers,
+)
 
 check_transformers_version()
 
 from .clip import DymuImageFeatures, dymu_image_features, vision_fingerprint  # noqa: E402
 from .llava import (  # noqa: E402
+    CACHE_NAME,
     Cache,
     DynamicCache,
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
     LlavaParts,
+    cache_argument,
+    cache_kwarg,
     llama_layer_forward,
     llava_parts,
     new_cache,
+    output_cache,
     stock_image_features,
 )
 
 __all__ = [
+    "CACHE_NAME",
     "SUPPORTED_TRANSFORMERS",
+    "TRANSFORMERS_RELEASE",
+    "UNTESTED_TRANSFORMERS_ENV",
     "Cache",
     "DymuImageFeatures",
     "DynamicCache",
     "LlavaCausalLMOutputWithPast",
     "LlavaForConditionalGeneration",
     "LlavaParts",
+    "cache_argument",
+    "cache_kwarg",
     "check_transformers_version",
     "dymu_image_features",
+    "is_supported_transformers",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
+    "output_cache",
     "stock_image_features",
     "vision_fingerprint",
 ]
