@@ -62,7 +62,14 @@ def test_declared_range_matches_the_gate(source):
         assert not requirement.specifier.contains(version), (source, str(requirement), version)
 
 
-def test_install_script_defaults_to_the_newest_supported_release():
-    default = re.search(r"^TRANSFORMERS=\$\{TRANSFORMERS:-([^}]+)\}$", (REPO / "install.sh").read_text(), re.M)
-    assert default is not None, "install.sh must set TRANSFORMERS=${TRANSFORMERS:-<default>}"
-    assert default.group(1) == f"{SUPPORTED_TRANSFORMERS[-1]}.*"
+def shell_assignment(path: Path, pattern: str) -> str:
+    found = re.search(pattern, path.read_text(), re.M)
+    assert found is not None, f"{path.name}: no line matching {pattern}"
+    return found.group(1)
+
+
+def test_install_and_ci_use_both_ends_of_the_range():
+    """install.sh defaults to the newest supported release; .ci/run also tests the oldest."""
+    oldest, newest = SUPPORTED_TRANSFORMERS
+    assert shell_assignment(REPO / "install.sh", r"^TRANSFORMERS=\$\{TRANSFORMERS:-([^}]+)\}$") == f"{newest}.*"
+    assert shell_assignment(REPO / ".ci" / "run", r"^OLDEST_TRANSFORMERS=(\S+)$") == f"{oldest}.*"

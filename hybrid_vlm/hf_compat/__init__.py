@@ -1,15 +1,19 @@
-"""Every reach into transformers internals lives in this package, pinned to one transformers release.
+"""Every reach into transformers internals lives in this package, checked against a tested range of releases.
 
 hybrid-vlm drives the stock llava-hf modules with its own loops (the LLM decoder loop in
 `hybrid_vlm.model`, the merging CLIP loop for DyMU). Those loops need module attribute names,
-helpers and the cache API of one specific transformers release; they are collected here so that a
+helpers and the cache API of specific transformers releases; they are collected here so that a
 transformers upgrade means reading this package (and `patches/README.md`), not grepping the project.
 
-- `llava.py`: LlavaForConditionalGeneration / LlamaModel / LlamaDecoderLayer / DynamicCache.
+- `versions.py`: the supported range (SUPPORTED_TRANSFORMERS) and the import gate.
+- `llava.py`: LlavaForConditionalGeneration / LlamaModel / LlamaDecoderLayer / DynamicCache, and the
+  cache-name shim (5.24 renamed `past_key_values` to `cache`).
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
 
-Importing it on any other transformers release raises at once: a silent mismatch here would give
-wrong logits, not an exception.
+One code path where the releases agree; a small shim keyed on TRANSFORMERS_RELEASE where they do
+not. Importing it on a release outside the range raises at once (a silent mismatch here would give
+wrong logits, not an exception) unless HYBRID_VLM_ALLOW_UNTESTED_TRANSFORMERS=1, which exists to
+run the test suite against a candidate release.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def check_transformers_version(version: str | None = None, environ: dict | None 
         f"hybrid-vlm supports transformers {oldest}.x to {newest}.x only, found {version}. "
         f"Install a supported release with: pip install 'transformers>={oldest},<{next_minor(newest)}'. "
         "Porting to another release means re-checking every item in hybrid_vlm/hf_compat/ "
-        "(checklist in patches/README.md)."
+        f"(checklist in patches/README.md; {UNTESTED_TRANSFORMERS_ENV}=1 imports it anyway, for that only)."
     )
 
 
