@@ -66,7 +66,7 @@ from transformers import (
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 from hybrid_vlm.dymu import threshold_merge_mask
-from hybrid_vlm.hf_compat import first_llm_module
+from hybrid_vlm.hf_compat import cache_kwarg, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
 from hybrid_vlm.provenance import git_state, portable
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
@@ -258,11 +258,11 @@ def prefill(model, inputs):
 def decode(model, output, attention_mask, steps: int):
     """Greedy decode `steps` tokens after a prefill; no host syncs."""
 
-    cache = output.past_key_values
+    cache = output_cache(output)
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
     for _ in range(steps):
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        out = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     return token
 
@@ -360,7 +360,7 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     text = ((ids != image_id) & mask).sum(dim=1).tolist()
     visual = ((ids == image_id) & mask).sum(dim=1).tolist()
-    state = getattr(output.past_key_values, "hybrid_state", None)
+    state = getattr(output_cache(output), "hybrid_state", None)
     if state is not None:
         visual = [e - t for e, t in zip(state.prompt_tokens.tolist(), text)]
         visual_kept = [k - t for k, t in zip(state.prompt_tokens_kept.tolist(), text)]

@@ -28,6 +28,8 @@ from .hf_compat import (
     Cache,
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
+    cache_argument,
+    cache_kwarg,
     dymu_image_features,
     llama_layer_forward,
     llava_parts,
@@ -115,10 +117,12 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         logits_to_keep: int | torch.Tensor = 0,
         labels: torch.LongTensor | None = None,
         fastv_query_index: int | torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> HybridLlavaOutput:
         """As stock LLaVA. `fastv_query_index` ([B] or int) picks the token whose attention scores
-        the visual tokens; default: each sample's last real token (the last prompt token)."""
+        the visual tokens; default: each sample's last real token (the last prompt token). The cache
+        is accepted as `past_key_values` or `cache` on every supported transformers release."""
         if labels is not None:
             raise NotImplementedError("hybrid_vlm is inference-only: labels/loss are not supported.")
         if (input_ids is None) == (inputs_embeds is None):
@@ -137,7 +141,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         device = inputs_embeds.device
         if use_cache is None:
             use_cache = self.config.text_config.use_cache
-        cache = past_key_values
+        cache = cache_argument(past_key_values, cache)
         if use_cache and cache is None:
             cache = new_cache(self)
         state: PruneState | None = getattr(cache, "hybrid_state", None) if cache is not None else None
@@ -278,7 +282,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             hidden_states = hidden_states[:, logits_to_keep]
         return HybridLlavaOutput(
             logits=parts.lm_head(hidden_states),
-            past_key_values=cache if use_cache else None,
+            **cache_kwarg(cache if use_cache else None),
             kept_positions=kept_positions,
             visual_positions=visual_positions if entered_positions is None else None,
         )

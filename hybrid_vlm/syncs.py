@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .hf_compat import LlavaForConditionalGeneration, new_cache
+from .hf_compat import LlavaForConditionalGeneration, cache_kwarg, new_cache
 from .model import HybridLlavaForConditionalGeneration, apply_hybrid
 
 NOT_APPLICABLE_DYMU = "not applicable: DyMU reads one count per batch by design"
@@ -26,12 +26,12 @@ def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     inputs = {key: value.to(device) for key, value in inputs.items()}
     cache = new_cache(model)
     with torch.no_grad():
-        output = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        output = model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
         attention_mask = inputs["attention_mask"]
         for _ in range(decode_steps):
             token = torch.zeros(attention_mask.shape[0], 1, dtype=torch.long, device=device)
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-            output = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            output = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
     return output
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
-from hybrid_vlm.hf_compat import llama_layer_forward
+from hybrid_vlm.hf_compat import llama_layer_forward, new_cache, output_cache
 from hybrid_vlm.model import attention_mask_4d
 from hybrid_vlm.syncs import check_no_host_syncs
 
@@ -180,17 +180,60 @@ def test_generation_without_pruning_equals_vanilla(tiny):
     assert torch.equal(actual, expected)
 
 
+def test_generate_feeds_every_step_the_same_growing_cache(tiny):
+    """generate() must hand the forward its cache, and the forward must use it: with a cache
+    argument the forward does not recognise (5.24 renamed past_key_values to cache), each step
+    starts a fresh cache and tokens drift only a few steps later. This fails at the cause."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = hybrid_copy(model, fastv_k=64)
+    caches = []
+    hybrid.register_forward_hook(lambda module, args, output: caches.append(output_cache(output)))
+    with torch.no_grad():
+        hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    assert len(caches) == NEW_TOKENS and caches[0] is not None
+    assert all(cache is caches[0] for cache in caches), "generate() passed the forward a cache it did not use"
+    assert caches[0].get_seq_length() == inputs["input_ids"].shape[1] + NEW_TOKENS - 1
+
+
+def test_output_holds_the_cache_where_stock_llava_does(tiny):
+    """Same output field as stock LLaVA on this release, so generate() and callers find the cache."""
+    from transformers.cache_utils import Cache
+
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        stock = model(**inputs, use_cache=True)
+        hybrid = hybrid_copy(model, fastv_k=64)(**inputs, use_cache=True)
+    stock_fields = [name for name, value in stock.items() if isinstance(value, Cache)]
+    assert [name for name, value in hybrid.items() if isinstance(value, Cache)] == stock_fields
+    assert output_cache(stock) is stock[stock_fields[0]]
+
+
+def test_cache_is_accepted_under_both_names(tiny):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    hybrid = hybrid_copy(model, fastv_k=64)
+    with torch.no_grad():
+        for name in ("past_key_values", "cache"):
+            cache = new_cache(hybrid)
+            assert output_cache(hybrid(**inputs, use_cache=True, **{name: cache})) is cache
+            assert cache.get_seq_length() == inputs["input_ids"].shape[1]
+        with pytest.raises(ValueError, match="two different caches"):
+            hybrid(**inputs, past_key_values=new_cache(hybrid), cache=new_cache(hybrid))
+
+
 def test_cache_records_token_counts(tiny):
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS)
     with torch.no_grad():
         out = hybrid_copy(model, fastv_k=72).generate(**inputs, max_new_tokens=2, do_sample=False,
                                                      return_dict_in_generate=True)
-    state = out.past_key_values.hybrid_state
+    state = output_cache(out).hybrid_state
     real_tokens = inputs["attention_mask"].sum(dim=1)
     assert torch.equal(state.prompt_tokens, real_tokens)
     assert torch.equal(state.prompt_tokens_kept, real_tokens - 576 + 72)
-    layer_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    layer_lengths = [layer.keys.shape[-2] for layer in output_cache(out).layers]
     length = inputs["input_ids"].shape[1] + 1  # the last generated token is not cached yet
     assert layer_lengths == [length] * 2 + [length - 576 + 72] * 2
 

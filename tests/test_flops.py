@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hybrid_vlm import HybridConfig, apply_hybrid, flops
+from hybrid_vlm.hf_compat import cache_kwarg, output_cache
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
 # ----------------------------------------------------------------------------- pure arithmetic
@@ -127,7 +128,7 @@ def test_prefill_and_decode_match_flop_counter(dims, hybrid):
 
     keep = None
     if hybrid is not None and hybrid.prunes:
-        state = output.past_key_values.hybrid_state
+        state = output_cache(output).hybrid_state
         keep = int(state.prompt_tokens_kept[0]) - text
         assert keep == (hybrid.fastv_k if isinstance(hybrid.fastv_k, int) else 288)
     expected = flops.prefill_macs(
@@ -142,7 +143,7 @@ def test_prefill_and_decode_match_flop_counter(dims, hybrid):
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
     counted_step, _ = counted_macs(
-        model, input_ids=token, attention_mask=mask, past_key_values=output.past_key_values, use_cache=True, logits_to_keep=1
+        model, input_ids=token, attention_mask=mask, use_cache=True, **cache_kwarg(output_cache(output)), logits_to_keep=1
     )
     prompt = text + 576
     kept = prompt if keep is None else text + keep

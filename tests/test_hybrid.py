@@ -14,14 +14,14 @@ import copy
 
 import pytest
 import torch
-from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
-from hybrid_vlm.hf_compat import dymu_image_features, new_cache
+from hybrid_vlm.hf_compat import dymu_image_features, new_cache, output_cache
 
 from conftest import QUESTIONS, generation_positions, image_inputs
 from reference import greedy_without_cache, masked_reference
+from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,8 @@ def test_hybrid_token_counts_on_the_cache(tiny, tiny_thresholds):
     merged = dymu_image_features(hybrid, inputs["pixel_values"], hybrid.hybrid_thresholds)
     _, real = engine_prefill(hybrid, inputs)
     with torch.no_grad():
-        state = hybrid.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True).past_key_values.hybrid_state
+        out = hybrid.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    state = output_cache(out).hybrid_state
     text_tokens = inputs["attention_mask"].sum(dim=1) - 576
     assert torch.equal(state.prompt_tokens, text_tokens + merged.valid.sum(dim=1))
     assert torch.equal(state.prompt_tokens_kept, text_tokens + 64)

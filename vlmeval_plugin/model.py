@@ -32,6 +32,7 @@ from vlmeval.smp import cn_string, get_rank_and_world_size
 from vlmeval.vlm.base import BaseModel
 
 from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
@@ -275,7 +276,7 @@ class HybridLLaVA(BaseModel):
         prompt_length = inputs["input_ids"].shape[1]
         new_tokens = output.sequences[:, prompt_length:]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        state = getattr(output.past_key_values, "hybrid_state", None)
+        state = getattr(output_cache(output), "hybrid_state", None)
         if state is not None:
             tokens_in = state.prompt_tokens.tolist()
             tokens_kept = state.prompt_tokens_kept.tolist()

@@ -1,64 +1,72 @@
-"""Every reach into transformers internals lives in this package, pinned to one transformers release.
+"""Every reach into transformers internals lives in this package, checked against a tested range of releases.
 
 hybrid-vlm drives the stock llava-hf modules with its own loops (the LLM decoder loop in
 `hybrid_vlm.model`, the merging CLIP loop for DyMU). Those loops need module attribute names,
-helpers and the cache API of one specific transformers release; they are collected here so that a
+helpers and the cache API of specific transformers releases; they are collected here so that a
 transformers upgrade means reading this package (and `patches/README.md`), not grepping the project.
 
-- `llava.py`: LlavaForConditionalGeneration / LlamaModel / LlamaDecoderLayer / DynamicCache.
+- `versions.py`: the supported range (SUPPORTED_TRANSFORMERS) and the import gate.
+- `llava.py`: LlavaForConditionalGeneration / LlamaModel / LlamaDecoderLayer / DynamicCache, and the
+  cache-name shim (5.24 renamed `past_key_values` to `cache`).
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
 
-Importing it on any other transformers release raises at once: a silent mismatch here would give
-wrong logits, not an exception.
+One code path where the releases agree; a small shim keyed on TRANSFORMERS_RELEASE where they do
+not. Importing it on a release outside the range raises at once (a silent mismatch here would give
+wrong logits, not an exception) unless HYBRID_VLM_ALLOW_UNTESTED_TRANSFORMERS=1, which exists to
+run the test suite against a candidate release.
 """
 
 from __future__ import annotations
 
-import transformers
-
-SUPPORTED_TRANSFORMERS = "5.23"
-
-
-def check_transformers_version(version: str | None = None) -> None:
-    version = transformers.__version__ if version is None else version
-    if not version.startswith(SUPPORTED_TRANSFORMERS + "."):
-        raise ImportError(
-            f"hybrid-vlm supports transformers {SUPPORTED_TRANSFORMERS}.x only, found {version}. "
-            f"Install it with: pip install 'transformers=={SUPPORTED_TRANSFORMERS}.*'. "
-            "Porting to another release means re-checking every item in hybrid_vlm/hf_compat/."
-        )
-
+from .versions import (
+    SUPPORTED_TRANSFORMERS,
+    TRANSFORMERS_RELEASE,
+    UNTESTED_TRANSFORMERS_ENV,
+    check_transformers_version,
+    is_supported_transformers,
+)
 
 check_transformers_version()
 
 from .clip import DymuImageFeatures, dymu_image_features, vision_fingerprint  # noqa: E402
 from .llava import (  # noqa: E402
+    CACHE_NAME,
     Cache,
     DynamicCache,
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
     LlavaParts,
+    cache_argument,
+    cache_kwarg,
     first_llm_module,
     llama_layer_forward,
     llava_parts,
     new_cache,
+    output_cache,
     stock_image_features,
 )
 
 __all__ = [
+    "CACHE_NAME",
     "SUPPORTED_TRANSFORMERS",
+    "TRANSFORMERS_RELEASE",
+    "UNTESTED_TRANSFORMERS_ENV",
     "Cache",
     "DymuImageFeatures",
     "DynamicCache",
     "LlavaCausalLMOutputWithPast",
     "LlavaForConditionalGeneration",
     "LlavaParts",
+    "cache_argument",
+    "cache_kwarg",
     "check_transformers_version",
     "dymu_image_features",
     "first_llm_module",
+    "is_supported_transformers",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
+    "output_cache",
     "stock_image_features",
     "vision_fingerprint",
 ]

@@ -11,17 +11,23 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
+from .versions import TRANSFORMERS_RELEASE
+
 __all__ = [
+    "CACHE_NAME",
     "Cache",
     "DynamicCache",
     "LlavaCausalLMOutputWithPast",
     "LlavaForConditionalGeneration",
     "LlavaParts",
     "apply_rotary_pos_emb",
+    "cache_argument",
+    "cache_kwarg",
     "first_llm_module",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
+    "output_cache",
     "repeat_kv",
     "stock_image_features",
 ]
@@ -68,6 +74,30 @@ def stock_image_features(model: LlavaForConditionalGeneration, pixel_values: tor
         return_dict=True,
     )
     return torch.stack(list(outputs.pooler_output))
+
+
+# 5.24 renamed the cache everywhere from `past_key_values` to `cache`: generate() passes `cache=` to
+# forward and reads `outputs.cache`, and output classes declare `cache` (the old name survives only as
+# a deprecated alias). A forward that takes only `past_key_values` silently gets no cache from 5.24's
+# generate() and starts a fresh one at every step.
+CACHE_NAME = "cache" if TRANSFORMERS_RELEASE >= (5, 24) else "past_key_values"
+
+
+def cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The cache a forward was given under either name (generate() uses CACHE_NAME; callers may use either)."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("two different caches given: pass one, as cache= or as past_key_values=")
+    return cache if cache is not None else past_key_values
+
+
+def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:
+    """The cache as the keyword this release's stock forwards take and its output classes declare."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(output) -> Cache | None:
+    """The cache of a forward's output or of generate(..., return_dict_in_generate=True)."""
+    return getattr(output, CACHE_NAME, None)
 
 
 def new_cache(model: LlavaForConditionalGeneration) -> DynamicCache:

@@ -1,0 +1,75 @@
+"""The transformers release gate: which releases import, and the bypass for porting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from hybrid_vlm.hf_compat import (
+    SUPPORTED_TRANSFORMERS,
+    UNTESTED_TRANSFORMERS_ENV,
+    check_transformers_version,
+    is_supported_transformers,
+)
+from hybrid_vlm.hf_compat.versions import next_minor
+
+
+@pytest.mark.parametrize("version", ["5.23.0", "5.23.4", "5.24.0", "5.24.1", "5.24.0.dev0"])
+def test_tested_releases_import(version):
+    assert is_supported_transformers(version)
+    check_transformers_version(version, environ={})
+
+
+@pytest.mark.parametrize("version", ["5.22.2", "5.25.0", "5.25.0.dev0", "6.0.0", "4.57.6", "5.2.0", "5.230.0"])
+def test_other_releases_are_refused_with_the_range(version):
+    with pytest.raises(ImportError, match=r"supports transformers 5\.23\.x to 5\.24\.x only, found " + version.replace(".", r"\.")) as error:
+        check_transformers_version(version, environ={})
+    assert "pip install 'transformers>=5.23,<5.25'" in str(error.value)
+    assert "patches/README.md" in str(error.value)
+
+
+def test_bypass_imports_an_untested_release_with_a_warning():
+    with pytest.warns(UserWarning, match=r"5\.25\.0 because HYBRID_VLM_ALLOW_UNTESTED_TRANSFORMERS=1"):
+        check_transformers_version("5.25.0", environ={UNTESTED_TRANSFORMERS_ENV: "1"})
+    with pytest.raises(ImportError):
+        check_transformers_version("5.25.0", environ={UNTESTED_TRANSFORMERS_ENV: "0"})
+
+
+REPO = Path(__file__).parents[1]
+
+
+def declared_transformers(requirements: list[str]) -> Requirement:
+    (requirement,) = [Requirement(line) for line in requirements if line.startswith("transformers")]
+    return requirement
+
+
+@pytest.mark.parametrize("source", ["pyproject.toml", "requirements-eval.txt"])
+def test_declared_range_matches_the_gate(source):
+    """pip must keep every release the import gate accepts, and install nothing it refuses."""
+    text = (REPO / source).read_text()
+    if source == "pyproject.toml":
+        tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+        requirement = declared_transformers(tomllib.loads(text)["project"]["dependencies"])
+    else:
+        requirement = declared_transformers([line.strip() for line in text.splitlines()])
+    oldest, newest = SUPPORTED_TRANSFORMERS
+    for version in (f"{oldest}.0", f"{newest}.0", f"{newest}.3"):
+        assert requirement.specifier.contains(version), (source, str(requirement), version)
+    for version in ("5.22.2", f"{next_minor(newest)}.0", "6.0.0"):
+        assert not requirement.specifier.contains(version), (source, str(requirement), version)
+
+
+def shell_assignment(path: Path, pattern: str) -> str:
+    found = re.search(pattern, path.read_text(), re.M)
+    assert found is not None, f"{path.name}: no line matching {pattern}"
+    return found.group(1)
+
+
+def test_install_and_ci_use_both_ends_of_the_range():
+    """install.sh defaults to the newest supported release; .ci/run also tests the oldest."""
+    oldest, newest = SUPPORTED_TRANSFORMERS
+    assert shell_assignment(REPO / "install.sh", r"^TRANSFORMERS=\$\{TRANSFORMERS:-([^}]+)\}$") == f"{newest}.*"
+    assert shell_assignment(REPO / ".ci" / "run", r"^OLDEST_TRANSFORMERS=(\S+)$") == f"{oldest}.*"
