@@ -4,27 +4,33 @@
     python -m hybrid_tools.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla \\
         --launcher "torchrun --nproc-per-node=8" -- --work-dir outputs --batch-size 8
 
-Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --positions to change its grid):
+Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --dymu-split / --positions to change its grid):
 
     --ablation fastv-layer      FastV at layers 1, 2, 3 (FASTV_K 0.5 unless --fastv-k)
     --ablation fastv-k          FASTV_K 576 288 144 72 36 (unless --fastv-k)
     --ablation dymu-level       DyMU alone per --dymu file (e.g. low.json mid.json high.json)
     --ablation hybrid-vs-alone  FastV alone, DyMU alone and DyMU+FastV with the same --dymu file and K
     --ablation positions        HYBRID_POSITIONS logical vs renumbered (FastV, and the hybrid with --dymu)
+    --ablation dymu-split       DyMU alone with DYMU_SPLIT official vs slot, per --dymu file
 Every ablation also runs the vanilla model (the reference); `--ablation scoring` (row vs eager
 scoring layer) is a speed-only ablation: `python -m hybrid_tools.bench --scoring row eager`.
 
 The grid: for each --model (plugin names or the short forms vanilla / fastv / dymu / hybrid) the
 product of the settings that model reads: FastV models FASTV_K (--fastv-k) x FASTV_LAYER
 (--fastv-layer) x HYBRID_POSITIONS (--positions); DyMU models DYMU_THRESHOLDS (--dymu) x
-HYBRID_POSITIONS; the hybrid all of them; vanilla nothing. Default --model: fastv; with --dymu:
-hybrid if --fastv-k is given, else dymu. An axis not given keeps the environment's value (else the
-plugin's default: FASTV_K 0.5, FASTV_LAYER 2, logical positions).
+DYMU_SPLIT (--dymu-split) x HYBRID_POSITIONS; the hybrid all of them; vanilla nothing. Default
+--model: fastv; with --dymu: hybrid if --fastv-k is given, else dymu. An axis not given keeps the
+environment's value (else the plugin's default: FASTV_K 0.5, FASTV_LAYER 2, DYMU_SPLIT official,
+logical positions). A threshold file records the split it was calibrated with; run under the other
+split it still works (with a warning) but its token counts drift from the calibrated ones, which is
+part of what the dymu-split ablation shows; for matched counts, calibrate one file per split
+(`python -m hybrid_vlm.calibrate --split slot`).
 
 --dymu takes threshold files; with --calibrate-images DIR an entry that is no file but a target
 (low / mid / high / a token count) is calibrated first (`python -m hybrid_vlm.calibrate`, on the
-checkpoint given by --model-path or the plugin's default) into <work-dir>/dymu/<target>.json,
-unless that file exists.
+checkpoint given by --model-path or the plugin's default, with the official split) into
+<work-dir>/dymu/<target>.json, unless that file exists. Targets are DyMU's: low / mid / high,
+config names such as 72out or 192out-linear, or an integer (tokens after the tower's last block).
 
 Each setting is one `run.py` process (`python -m vlmeval_plugin`) with its environment, so it lands
 in its own results folder (<work-dir>/<model>__<setting>/) and settings never share predictions; a
@@ -58,7 +64,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_vlm.config import POSITION_MODES, parse_fastv_k, parse_fastv_layer
+from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, parse_fastv_k, parse_fastv_layer
+from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.results import metric_text, number_text, text_table
@@ -73,6 +80,7 @@ ABLATIONS = {
     "dymu-level": (["dymu"], {}),
     "hybrid-vs-alone": (["fastv", "dymu", "hybrid"], {}),
     "positions": (["fastv"], dict(positions=list(POSITION_MODES))),
+    "dymu-split": (["dymu"], dict(dymu_split=list(DYMU_SPLITS))),
     "scoring": (None, {}),
 }
 SCORING_HINT = (
@@ -80,7 +88,7 @@ SCORING_HINT = (
     "    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
     "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
 )
-ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS")
+ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS")
 DYMU_TARGETS = ("low", "mid", "high")
 
 
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fastv-k", nargs="+", default=None, help="FASTV_K values: integers keep top-n, decimals prune a fraction")
     parser.add_argument("--fastv-layer", nargs="+", default=None, help="FASTV_LAYER values (default: the environment's, else 2)")
     parser.add_argument("--dymu", nargs="+", default=None, metavar="FILE", help="DYMU_THRESHOLDS files (or targets with --calibrate-images)")
+    parser.add_argument("--dymu-split", nargs="+", default=None, choices=DYMU_SPLITS, help="DYMU_SPLIT values (DyMU models only)")
     parser.add_argument("--positions", nargs="+", default=None, choices=POSITION_MODES, help="HYBRID_POSITIONS values")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
     parser.add_argument("--vanilla", action="store_true", help="also run llava_v1.5_7b (nothing patched) as the reference")
@@ -144,9 +153,11 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
         if Path(entry).is_file():
             files.append(entry)
             continue
-        is_target = entry in DYMU_TARGETS or entry.isdigit()
+        is_target = entry in DYMU_TARGETS or entry.isdigit() or OFFICIAL_NAME.fullmatch(entry) is not None
         if not is_target:
-            raise settings.PluginError(f"--dymu {entry}: no such file (a target such as low / mid / high needs --calibrate-images DIR)")
+            raise settings.PluginError(
+                f"--dymu {entry}: no such file (a target such as low / mid / high / 192out needs --calibrate-images DIR)"
+            )
         out = Path(work_dir) / "dymu" / f"{entry}.json"
         if out.is_file():
             print(f"hybrid_tools.sweep: DyMU target {entry}: reusing {out}", flush=True)
@@ -187,6 +198,7 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
             "FASTV_K": (args.fastv_k if variant.fastv else None) or [None],
             "FASTV_LAYER": (args.fastv_layer if variant.fastv else None) or [None],
             "DYMU_THRESHOLDS": (args.dymu if variant.dymu else None) or [None],
+            "DYMU_SPLIT": (args.dymu_split if variant.dymu else None) or [None],
             "HYBRID_POSITIONS": (args.positions if (variant.fastv or variant.dymu) else None) or [None],
         }
         if variant.dymu and axes["DYMU_THRESHOLDS"] == [None] and not base_env.get("DYMU_THRESHOLDS"):
@@ -225,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(args, key, list(values))
         if args.ablation == "positions" and args.dymu and models is None:
             models = ["fastv", "hybrid"]
+        if args.ablation == "dymu-split" and not args.dymu:
+            return fail("--ablation dymu-split needs --dymu FILE... (the thresholds both splits run with)")
         if args.ablation == "dymu-level" and not args.dymu:
             return fail("--ablation dymu-level needs --dymu FILE... (e.g. low.json mid.json high.json, or low mid high with --calibrate-images DIR)")
         if args.ablation == "hybrid-vs-alone" and (not args.dymu or len(args.dymu) != 1):
             return fail("--ablation hybrid-vs-alone needs exactly one --dymu FILE (the DyMU setting of the hybrid)")
         models = ["vanilla"] + [m for m in (models or preset_models) if SHORT_NAMES.get(m, m) != VANILLA]
     elif models is None:
+        if args.dymu_split and not args.dymu:
+            return fail("--dymu-split needs --dymu FILE... (DyMU's split order only matters with DyMU thresholds)")
         models = ["hybrid" if args.fastv_k else "dymu"] if args.dymu else ["fastv"]
         if models == ["fastv"] and not args.fastv_k and not args.fastv_layer and not args.positions:
             return fail("nothing to sweep: give --fastv-k, --fastv-layer, --dymu, --positions or --ablation")

@@ -1,22 +1,32 @@
 """Calibrate DyMU merge thresholds for a LLaVA checkpoint's vision tower.
 
-    python -m hybrid_vlm.calibrate --model PATH --images DIR --target mid --out thresholds/mid.json
+    python -m hybrid_vlm.calibrate --model PATH --images DIR --target 192out --out thresholds/mid.json
 
 Method (DyMU's threshold finding, `batch_level_bipartite_soft_matching` in their open_clip fork):
-images go through the CLIP layers LLaVA reads in batches; in every layer the bipartite merge
-scores of all images of the batch are ranked together, the top r_l·B pairs are merged (so counts
-already vary per image) and the score of the best pair left unmerged, clamped at 0, is that batch's
-cutoff for the layer. A layer's threshold is the mean of its cutoffs over batches. At inference every
-pair scoring above the threshold merges. The thresholds are then re-run on the calibration images
-and the token count they achieve is reported (mean ± std).
+images go through the CLIP layers LLaVA reads in batches (64 images each by default, as DyMU's
+shipped `threshold_finding.sh` runs per GPU); in every layer the bipartite merge scores of all
+images of the batch are ranked together, the top r_l·B pairs are merged (so counts already vary per
+image) and the score of the best pair left unmerged, clamped at 0, is that batch's cutoff for the
+layer. A layer's threshold is the mean of its cutoffs over batches. At inference every pair scoring
+above the threshold merges. The thresholds are then re-run on the calibration images and the token
+count they achieve is reported (mean ± std).
 
-Target convention: the number of patch tokens (CLS excluded) at the layer LLaVA reads
-(vision_feature_layer, -2 = the 23rd of ViT-L's 24 layers); the last, unused layer never runs.
-r_total = 576 - target is spread over the merging layers with DyMU's constant schedule (the
-remainder on the first layers): r_l tokens go per layer, at most half of the layer's tokens.
-Presets low / mid / high = 93 / 208 / 392 tokens are DyMU's released ViT-L-14-336 "72out",
-"192out" and "384out" settings (r = 21 / 16 / 8 in every layer); with those DyMU reports
-89±27 / 195±47 / 394±57 tokens on LLaVA-1.5's images.
+Targets and schedules follow DyMU's configs (see `hybrid_vlm.dymu.PRESETS`): `--target 72out`
+(or `192out-linear`, ...) removes r_total = 576 - 72 patch tokens over all 24 blocks of ViT-L with
+DyMU's schedule, and the 23 blocks LLaVA reads (vision_feature_layer -2) take the first 23 entries,
+so the nominal count at the read layer is 93 for 72out and 72 for 72out-linear. An integer target
+counts the same way (tokens after the tower's last block). Presets low / mid / high are 72out /
+192out / 384out; DyMU reports 89±27 / 195±47 / 394±57 tokens with them on LLaVA-1.5's images. A
+block whose r is 0 never merges (its threshold is +inf, `null` in the file), as in DyMU. The
+read_* schedules keep this project's former mapping: r_total = 576 - target over the blocks LLaVA
+reads (target = nominal tokens at the read layer).
+
+The bipartite split (`--split`, default official) must be the one inference uses; the file records it.
+
+Numerics: cutoffs are summed in float64. DyMU's finder keeps a running mean in the model's bf16
+(`threshold_running_avg` under `precision='bf16'`), which stops absorbing new batches once
+threshold·count passes 256 and decays towards 0 over the shipped script's ~2000 batches; its
+published thresholds therefore cannot be expected to match a float64 calibration on the same data.
 
 The output JSON names the model it belongs to (a fingerprint of the vision tower: config fields and
 a hash of weights that decide merging); `load_thresholds(path, model)` refuses other models.
@@ -35,12 +45,13 @@ from pathlib import Path
 import torch
 
 from .dymu import (
+    ALL_SCHEDULES,
     PRESETS,
-    SCHEDULES,
+    SPLITS,
     MergeState,
+    check_split,
     nominal_counts,
-    r_schedule,
-    resolve_target,
+    plan_merging,
     top_r_merge_mask,
 )
 from .hf_compat.clip import (
@@ -53,7 +64,10 @@ from .hf_compat.clip import (
 from .runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-THRESHOLD_FORMAT = "hybrid-vlm/dymu-thresholds/v1"
+THRESHOLD_FORMAT = "hybrid-vlm/dymu-thresholds/v2"
+# v1 files predate the "split" field; every one of them was calibrated with the slot split.
+READABLE_FORMATS = {THRESHOLD_FORMAT: None, "hybrid-vlm/dymu-thresholds/v1": "slot"}
+DEFAULT_BATCH_SIZE = 64  # DyMU's threshold_finding.sh: BATCH_SIZE=64 per GPU (the argparse default is 128)
 
 
 def write_threshold_file(path: str | Path, payload: dict) -> None:
@@ -72,8 +86,9 @@ def read_threshold_file(path: str | Path, fingerprint: str, model_name: str = "t
         raise FileNotFoundError(f"DyMU threshold file {path} does not exist: make one with `python -m hybrid_vlm.calibrate`") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"DyMU threshold file {path} is not valid JSON: {error}") from None
-    if not isinstance(payload, dict) or payload.get("format") != THRESHOLD_FORMAT:
-        raise ValueError(f"{path} is not a DyMU threshold file of format {THRESHOLD_FORMAT!r}")
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path} is not a DyMU threshold file of format {' or '.join(map(repr, READABLE_FORMATS))}")
+    payload.setdefault("split", READABLE_FORMATS[payload["format"]])
     model = payload.get("model", {})
     if model.get("fingerprint") != fingerprint:
         raise ValueError(
@@ -86,11 +101,20 @@ def read_threshold_file(path: str | Path, fingerprint: str, model_name: str = "t
     return torch.tensor(values, dtype=torch.float32), payload
 
 
-def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration) -> torch.Tensor:
+def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration, split: str | None = None) -> torch.Tensor:
     """Thresholds [num_merging_layers] float32 on the vision tower's device, from a file made by
-    this module for this very model (a ValueError naming both models otherwise)."""
+    this module for this very model (a ValueError naming both models otherwise). With `split`, a
+    file calibrated under another bipartite split gets a warning: it still runs, but its token
+    counts will not be the calibrated ones."""
     identity = vision_fingerprint(model)
     thresholds, payload = read_threshold_file(path, identity["fingerprint"], identity["name"])
+    if split is not None and payload["split"] != check_split(split):
+        warnings.warn(
+            f"DyMU threshold file {path} was calibrated with DYMU_SPLIT={payload['split']}, but DYMU_SPLIT={split} "
+            f"merges with it: token counts will differ from the calibration's. Recalibrate with "
+            f"`python -m hybrid_vlm.calibrate --split {split}` (or set DYMU_SPLIT={payload['split']}).",
+            stacklevel=2,
+        )
     layers = len(vision_parts(model).layers)
     if thresholds.shape[0] != layers:
         raise ValueError(f"DyMU threshold file {path} has {thresholds.shape[0]} thresholds, this model merges in {layers} layers")
@@ -103,23 +127,26 @@ def calibrate_thresholds(
     model: LlavaForConditionalGeneration,
     batches: Iterable[torch.Tensor],
     target: int | str,
-    schedule: str = "constant",
+    schedule: str | None = None,
+    split: str = "official",
     progress: bool = True,
     total_batches: int | None = None,
 ) -> dict:
     """DyMU threshold finding over `batches` of pixel values; returns the threshold file's payload
-    (without the achieved counts: see `measure_token_counts`)."""
+    (without the achieved counts: see `measure_token_counts`). schedule None: the one a DyMU config
+    name carries, else constant; split: the bipartite split order (`dymu.SPLITS`)."""
     from tqdm.auto import tqdm
 
+    check_split(split)
     parts = vision_parts(model)
     layers = len(parts.layers)
-    target_count, preset = resolve_target(target, parts.num_patches)
-    rs = r_schedule(layers, parts.num_patches - target_count, schedule)
+    plan = plan_merging(target, schedule, parts.tower_layers, layers, parts.num_patches)
+    rs = plan.r_per_layer
     nominal = [c - parts.prefix for c in nominal_counts(parts.num_patches + parts.prefix, rs, parts.prefix)]
-    if nominal[-1] != target_count:
+    if nominal[-1] != parts.num_patches - sum(rs):
         warnings.warn(
-            f"target {target_count} tokens is out of reach: at most half the tokens can merge per layer, so "
-            f"r/layer {rs} over {layers} layers leaves {nominal[-1]}; the thresholds aim at that instead",
+            f"target {target} is out of reach: at most half the tokens can merge per layer, so r/layer {rs} over "
+            f"{layers} layers leaves {nominal[-1]}, not {parts.num_patches - sum(rs)}; the thresholds aim at that instead",
             stacklevel=3,
         )
     sums = torch.zeros(layers, dtype=torch.float64)
@@ -131,11 +158,14 @@ def calibrate_thresholds(
         cutoffs = torch.zeros(layers, dtype=torch.float64)
 
         def select(index: int, node_max: torch.Tensor, state: MergeState, cutoffs=cutoffs) -> torch.Tensor:
+            if rs[index] == 0:  # DyMU skips merging in such a block: no cutoff, +inf threshold
+                cutoffs[index] = math.inf
+                return torch.zeros_like(state.valid)
             merge, cutoff = top_r_merge_mask(node_max, rs[index], state.counts(), protected=parts.prefix)
             cutoffs[index] = float(cutoff)
             return merge
 
-        _, state, _ = merging_vision_forward(model, pixel_values, select, compact=True)
+        _, state, _ = merging_vision_forward(model, pixel_values, select, compact=True, split=split)
         sums += cutoffs
         num_batches += 1
         num_images += pixel_values.shape[0]
@@ -146,20 +176,28 @@ def calibrate_thresholds(
         raise ValueError("no calibration images")
     thresholds = (sums / num_batches).tolist()
     identity = vision_fingerprint(model)
+    if plan.schedule.startswith("read_"):
+        convention = "patch tokens (CLS excluded) at the CLIP layer LLaVA reads (vision_feature_layer)"
+    else:
+        convention = (
+            f"patch tokens (CLS excluded) after the tower's last block, as in DyMU's config names: r_total over "
+            f"all {parts.tower_layers} blocks, the {layers} blocks LLaVA reads take the first entries"
+        )
     return {
         "model": identity,
+        "split": split,
         "target": {
-            "tokens": target_count,
-            "preset": preset,
-            "convention": "patch tokens (CLS excluded) at the CLIP layer LLaVA reads (vision_feature_layer)",
-            "schedule": schedule,
+            "tokens": plan.tokens,
+            "preset": plan.name,
+            "convention": convention,
+            "schedule": plan.schedule,
             "r_per_layer": rs,
             "nominal_tokens_per_layer": nominal,
         },
         "thresholds": thresholds,
         "calibration": {
             "method": "DyMU batch-level DToMe: per layer, merge the top r*B scores of the batch; "
-            "threshold = mean over batches of the best unmerged score (clamped at 0)",
+            "threshold = mean over batches of the best unmerged score (clamped at 0); r = 0: never merge",
             "images": num_images,
             "batches": num_batches,
             "batch_size": largest_batch,
@@ -171,14 +209,14 @@ def calibrate_thresholds(
 @torch.no_grad()
 def measure_token_counts(
     model: LlavaForConditionalGeneration, batches: Iterable[torch.Tensor], thresholds: torch.Tensor, progress: bool = True,
-    total_batches: int | None = None,
+    total_batches: int | None = None, split: str = "official",
 ) -> list[int]:
     """Surviving patch tokens (CLS excluded) per image with `thresholds`, as inference computes them."""
     from tqdm.auto import tqdm
 
     counts: list[int] = []
     for pixel_values in tqdm(batches, total=total_batches, desc="measuring token counts", unit="batch", disable=not progress):
-        counts += dymu_image_features(model, pixel_values, thresholds, compact=True).num_tokens.tolist()
+        counts += dymu_image_features(model, pixel_values, thresholds, compact=True, split=split).num_tokens.tolist()
     return counts
 
 
@@ -218,11 +256,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, help="directory of calibration images (searched recursively)")
     parser.add_argument(
         "--target", default="mid",
-        help=f"patch tokens (CLS excluded) at the layer LLaVA reads, or a preset: {', '.join(f'{k}={v}' for k, v in PRESETS.items())}",
+        help="a DyMU config name (72out, 192out, 384out, 192out-linear, ...), an integer (patch tokens after the "
+        f"tower's last block; at the read layer with the read_* schedules), or a preset: "
+        f"{', '.join(f'{k}={v}' for k, v in PRESETS.items())}",
     )
     parser.add_argument("--out", required=True, help="threshold JSON file to write")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per calibration batch (DyMU: 128)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="r per layer schedule (DyMU default: constant)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        help=f"images per calibration batch (default {DEFAULT_BATCH_SIZE}, as DyMU's threshold_finding.sh per GPU)",
+    )
+    parser.add_argument(
+        "--schedule", choices=ALL_SCHEDULES, default=None,
+        help="r per layer schedule (default: the one a DyMU config name carries, else constant)",
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="official",
+        help="bipartite split order: official (DyMU's, default) or slot (ablation); inference must use the same DYMU_SPLIT",
+    )
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float16 on cuda, float32 on cpu")
@@ -245,16 +295,20 @@ def main(argv: list[str] | None = None) -> dict:
         return pixel_batches(files, image_processor, args.batch_size, device, dtype)
 
     payload = calibrate_thresholds(
-        model, batches(), args.target, schedule=args.schedule, progress=not args.no_progress, total_batches=total
+        model, batches(), args.target, schedule=args.schedule, split=args.split, progress=not args.no_progress,
+        total_batches=total,
     )
     thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
-    counts = measure_token_counts(model, batches(), thresholds, progress=not args.no_progress, total_batches=total)
+    counts = measure_token_counts(
+        model, batches(), thresholds, progress=not args.no_progress, total_batches=total, split=args.split
+    )
     payload["achieved"] = {**count_summary(counts), "note": "re-run of the thresholds on the calibration images"}
     write_threshold_file(args.out, payload)
     achieved = payload["achieved"]
     layers = len(payload["thresholds"])
     print(
-        f"DyMU thresholds for {payload['model']['name']} ({layers} merging layers, target {payload['target']['tokens']}"
+        f"DyMU thresholds for {payload['model']['name']} ({layers} merging layers, split {payload['split']}, "
+        f"target {payload['target']['tokens']}"
         f"{' = ' + payload['target']['preset'] if payload['target']['preset'] else ''}, r/layer {payload['target']['r_per_layer']}):\n"
         f"  {', '.join(f'{t:.4f}' for t in payload['thresholds'])}\n"
         f"  tokens at the read layer (CLS excluded) on {achieved['images']} calibration images: "

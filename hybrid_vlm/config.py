@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
+
+from .dymu import SPLITS as DYMU_SPLITS
 
 FASTV_K_FORMS = (
     "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
@@ -41,13 +42,29 @@ def parse_fastv_layer(text: str | None) -> int:
     )
 
 
+def parse_dymu_split(text: str | None) -> str:
+    if text is None or text.strip() == "":
+        return "official"
+    if text.strip() in DYMU_SPLITS:
+        return text.strip()
+    raise ValueError(
+        f"DYMU_SPLIT={text!r} is not valid: use one of {', '.join(DYMU_SPLITS)} (official: DyMU's split over the "
+        "current token order, the default; slot: over the original patch order, an ablation)."
+    )
+
+
 def visual_keep_count(num_visual: int, fastv_k: int | float | None) -> int:
-    """How many of `num_visual` visual tokens FastV keeps for one sample."""
+    """How many of `num_visual` visual tokens FastV keeps for one sample.
+
+    A ratio keeps `round(V * (1 - R))` with Python's half-to-even rounding, as the official
+    llava-hf FastV does (`topk(round(FASTV_image_token_length*(1-FASTV_r)))`): with DyMU's odd
+    counts, V = 201 and R = 0.5 keep 100, not 101. `fastv.visual_keep_counts` is the same rule on
+    device."""
     if fastv_k is None:
         return num_visual
     if isinstance(fastv_k, int):
         return min(fastv_k, num_visual)
-    return min(num_visual, math.floor((1.0 - fastv_k) * num_visual + 0.5))
+    return min(num_visual, round(num_visual * (1.0 - fastv_k)))
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,9 @@ class HybridConfig:
         "eager" materialises the scoring layer's full attention matrix (a speed ablation only).
     dymu: None, or the path of a DyMU threshold file (made by `python -m hybrid_vlm.calibrate`):
         merge visual tokens in the CLIP tower before they reach the LLM.
+    dymu_split: DyMU's bipartite split order (see `hybrid_vlm.dymu`): "official" alternates A/B
+        over the current token order as DyMU's code does (the default: DyMU as published);
+        "slot" alternates over the original patch order (an ablation).
     """
 
     fastv_k: int | float | None = None
@@ -70,6 +90,7 @@ class HybridConfig:
     position_mode: str = "logical"
     scoring: str = "row"
     dymu: str | None = None
+    dymu_split: str = "official"
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -85,6 +106,8 @@ class HybridConfig:
             raise ValueError(f"position_mode={self.position_mode!r} is not valid: use one of {POSITION_MODES}.")
         if self.scoring not in SCORING_MODES:
             raise ValueError(f"scoring={self.scoring!r} is not valid: use one of {SCORING_MODES}.")
+        if self.dymu_split not in DYMU_SPLITS:
+            raise ValueError(f"DYMU_SPLIT={self.dymu_split!r} is not valid: use one of {', '.join(DYMU_SPLITS)}.")
 
     @property
     def prunes(self) -> bool:
@@ -92,8 +115,9 @@ class HybridConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
-        """Read FASTV_K, FASTV_LAYER (default 2), DYMU_THRESHOLDS (a path) and HYBRID_POSITIONS
-        (logical | renumbered, default logical); keyword overrides win."""
+        """Read FASTV_K, FASTV_LAYER (default 2), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official |
+        slot, default official) and HYBRID_POSITIONS (logical | renumbered, default logical);
+        keyword overrides win."""
         env = os.environ if environ is None else environ
         positions = (env.get("HYBRID_POSITIONS") or "logical").strip()
         if positions not in POSITION_MODES:
@@ -102,16 +126,20 @@ class HybridConfig:
             fastv_k=parse_fastv_k(env.get("FASTV_K")),
             fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
             dymu=env.get("DYMU_THRESHOLDS") or None,
+            dymu_split=parse_dymu_split(env.get("DYMU_SPLIT")),
             position_mode=positions,
         )
         values.update(overrides)
         return cls(**values)
 
     def describe(self) -> str:
-        """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'."""
+        """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'
+        (a non-default DyMU split adds e.g. 'dymu-mid_split-slot')."""
         parts = []
         if self.dymu is not None:
             parts.append("dymu-" + re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(self.dymu))[0]))
+            if self.dymu_split != "official":
+                parts.append(f"split-{self.dymu_split}")
         if self.fastv_k is not None:
             k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k:g}"
             parts.append(f"fastv-{k}-l{self.fastv_layer}")

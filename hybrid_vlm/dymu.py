@@ -23,13 +23,22 @@ it; the weighted average is a `scatter_add`. Nothing here reads a tensor value o
 
 Order of the bipartite split
 ----------------------------
-DyMU alternates tokens by their position in its compacted sequence, whose order after a merge is
-[CLS, unmerged A tokens, B tokens] (or an unstable argsort of the padding mask). We alternate by
-the rank of each valid slot in slot order (raster order of the slot's original patch), with CLS at
-rank 0. Layer 0 is identical to DyMU (A = CLS + odd patches, B = even patches); later layers keep
-A and B spatially interleaved instead of pairing leftovers of A among themselves. Calibration uses
-the same split, so thresholds and inference agree. Dropping invalid slots while keeping the order
-(the optional compacting path) gives the same split, hence the same merges.
+ToMe splits the current token sequence alternately into A (even positions, CLS first) and B (odd
+positions). Which order that sequence has after a merge is a choice, and two are implemented
+(`SPLITS`), selected by `split`:
+
+- "official" (the default: DyMU as published). DyMU's `bipartite_soft_matching` rebuilds the
+  sequence after every merge as [CLS and the unmerged A tokens, then all B tokens], each group in
+  its previous order; a layer that merges nothing in an image leaves its order unchanged. Here
+  every slot keeps that position as a rank (`MergeState.order`), and A/B alternate by rank;
+  nothing moves physically. Ranks are per image, so batched == alone.
+- "slot" (an ablation). Valid slots alternate by their rank in slot order, i.e. the raster order
+  of each slot's original patch: A and B stay spatially interleaved at every layer.
+
+Layer 0 is the same in both (A = CLS + odd patches, B = even patches); from layer 1 on the
+partitions differ. Calibration uses the same split as inference, so thresholds and inference agree;
+a threshold file records its split. Dropping invalid slots (the optional compacting path) keeps
+every rank, hence the same merges.
 
 Representative position
 -----------------------
@@ -46,20 +55,33 @@ collide with another token's position. Distances are compared exactly in integer
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 NEG_INF = float("-inf")
 
-# DyMU's released ViT-L/14-336 settings: "72out", "192out", "384out" (constant schedule) remove
-# 21 / 16 / 8 tokens in each of the 24 CLIP blocks. LLaVA reads the output of block 23, so the
-# nominal patch count there is 576 - 23 * r = 93 / 208 / 392; DyMU reports 89±27 / 195±47 /
-# 394±57 tokens achieved with the calibrated thresholds. A preset is the nominal count at the
-# layer LLaVA reads (CLS excluded), which reproduces DyMU's r per layer exactly on ViT-L/14-336.
-PRESETS = {"low": 93, "mid": 208, "high": 392}
+# DyMU's released ViT-L/14-336 configs (open_clip `model_configs/ViT-L-14-336-tome-<name>.json`):
+# "<N>out[-linear|-reverse-linear]" removes r_total = 576 - N patch tokens over all 24 CLIP blocks
+# with DyMU's `_get_rs` schedule (constant by default). LLaVA reads block 23's output, so the last
+# block's r never reaches the LLM: "72out" (21 per block) gives a nominal 576 - 23·21 = 93 tokens
+# there, and DyMU reports 89±27 / 195±47 / 394±57 tokens achieved for 72out / 192out / 384out.
+# The presets low / mid / high are those three configs.
+PRESETS = {"low": "72out", "mid": "192out", "high": "384out"}
 PRESET_REFERENCE_PATCHES = 576
+OFFICIAL_NAME = re.compile(r"(\d+)out(-linear|-reverse-linear)?")
+NAME_SCHEDULES = {None: "constant", "-linear": "linear", "-reverse-linear": "reverse_linear"}
+# DyMU's mapping: r_total = P - target over every block of the tower (target = tokens after its last
+# block, as in DyMU's config names), the blocks LLaVA reads take the first entries of that list.
 SCHEDULES = ("constant", "linear", "reverse_linear")
+# This project's former mapping, kept as an option: r_total = P - target over the blocks LLaVA reads
+# (target = nominal tokens at the read layer). With the constant schedule and the presets it gives
+# DyMU's r per block exactly; with linear schedules it does not (72out-linear: 93 tokens, not 72).
+READ_SCHEDULES = tuple(f"read_{name}" for name in SCHEDULES)
+READ_PRESETS = {"low": 93, "mid": 208, "high": 392}  # read_constant equivalents of PRESETS on ViT-L/14-336
+ALL_SCHEDULES = SCHEDULES + READ_SCHEDULES
+SPLITS = ("official", "slot")  # bipartite split order: see the module doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,18 +96,24 @@ class MergeState:
     size: float32, original tokens covered by the token in each slot (0 where merged away).
     valid: bool, slot holds a token.
     owner: long [B, N_orig], for each original token (CLS first) the slot that now holds it.
+    order: long, position of the slot's token in the current token sequence (0 = CLS); the valid
+        slots of an image hold 0..count-1, invalid slots hold stale values that nothing reads. The
+        bipartite split alternates A/B by it.
     """
 
     size: torch.Tensor
     valid: torch.Tensor
     owner: torch.Tensor
+    order: torch.Tensor
 
     @classmethod
     def initial(cls, batch: int, tokens: int, device: torch.device | str) -> MergeState:
+        slots = torch.arange(tokens, device=device).expand(batch, tokens)
         return cls(
             size=torch.ones(batch, tokens, dtype=torch.float32, device=device),
             valid=torch.ones(batch, tokens, dtype=torch.bool, device=device),
-            owner=torch.arange(tokens, device=device).expand(batch, tokens).contiguous(),
+            owner=slots.contiguous(),
+            order=slots.contiguous(),
         )
 
     def counts(self) -> torch.Tensor:
@@ -100,25 +128,41 @@ def attention_bias(state: MergeState, dtype: torch.dtype) -> torch.Tensor:
     return bias.to(dtype)[:, None, None, :]
 
 
-def bipartite_scores(metric: torch.Tensor, valid: torch.Tensor, protected: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"DyMU split {split!r} is not valid: use one of {', '.join(SPLITS)}")
+    return split
+
+
+def slot_order(valid: torch.Tensor) -> torch.Tensor:
+    """The "slot" split's sequence order: the rank of every valid slot in slot order."""
+    return valid.long().cumsum(dim=1) - 1
+
+
+def bipartite_scores(
+    metric: torch.Tensor, valid: torch.Tensor, order: torch.Tensor | None = None, protected: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe/DyMU bipartite matching scores on static slots.
 
-    metric: [B, N, D] (head-averaged keys); valid: [B, N] bool. Valid slots alternate A, B, A, ...
-    by rank in slot order (rank 0 = CLS = A). Returns (node_max, node_idx), both [B, N]: for every
-    mergeable A slot its best cosine similarity to a B slot and that B slot; -inf (and an arbitrary
-    index) for B slots, invalid slots and the first `protected` ranks (CLS).
+    metric: [B, N, D] (head-averaged keys); valid: [B, N] bool; order: [B, N] long, each valid
+    slot's position in the current sequence (`MergeState.order`; None: slot order). Valid slots
+    alternate A, B, A, ... by that position (0 = CLS = A). Returns (node_max, node_idx), both
+    [B, N]: for every mergeable A slot its best cosine similarity to a B slot and that B slot;
+    -inf (and an arbitrary index) for B slots, invalid slots and the first `protected` positions.
+    Ties between B slots go to the first in sequence order, as `max` does in DyMU.
 
-    A and B are gathered into fixed-size lists first (ceil(N/2) and floor(N/2) entries, padded), so
-    the similarity matrix is a quarter of N x N and shapes stay static.
+    A and B are gathered into fixed-size lists first (ceil(N/2) and floor(N/2) entries, padded, in
+    sequence order), so the similarity matrix is a quarter of N x N and shapes stay static.
     """
     batch, slots, dim = metric.shape
-    m = metric.float()
+    m = metric.to(torch.promote_types(metric.dtype, torch.float32))  # half precision scores in float32
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    rank = valid.long().cumsum(dim=1) - 1
+    rank = slot_order(valid) if order is None else order
     in_a = valid & (rank % 2 == 0) & (rank >= protected)
     in_b = valid & (rank % 2 == 1)
-    a_slots = torch.sort((~in_a).to(torch.uint8), dim=1, stable=True).indices[:, : (slots + 1) // 2]
-    b_slots = torch.sort((~in_b).to(torch.uint8), dim=1, stable=True).indices[:, : slots // 2]
+    # members first, by sequence position; the rest after them (ties keep slot order: stable)
+    a_slots = torch.sort(torch.where(in_a, rank, slots), dim=1, stable=True).indices[:, : (slots + 1) // 2]
+    b_slots = torch.sort(torch.where(in_b, rank, slots), dim=1, stable=True).indices[:, : slots // 2]
     a_metric = m.gather(1, a_slots[..., None].expand(-1, -1, dim))
     b_metric = m.gather(1, b_slots[..., None].expand(-1, -1, dim))
     similarity = torch.matmul(a_metric, b_metric.transpose(1, 2))  # [B, ceil(N/2), floor(N/2)]
@@ -157,16 +201,35 @@ def top_r_merge_mask(node_max: torch.Tensor, r: int, counts: torch.Tensor, prote
     return merge, cutoff
 
 
+def official_order(order: torch.Tensor, valid: torch.Tensor, merge: torch.Tensor) -> torch.Tensor:
+    """DyMU's sequence order after a merge step: [CLS and unmerged A tokens, then B tokens], each
+    group in its previous order (`torch.cat([unm, dst])` in DyMU's `bipartite_soft_matching`, with
+    `unm_idx` sorted); an image that merges nothing keeps its order (DyMU returns `do_nothing`).
+
+    order, valid: [B, N] before the merge; merge: [B, N] bool. Returns the new order [B, N]: the
+    surviving slots of each image get 0..count-1, merged-away slots stale values.
+    """
+    slots = order.shape[1]
+    survives = valid & ~merge
+    in_b = order % 2 == 1
+    key = torch.where(survives, in_b.long() * slots + order, 2 * slots)  # A before B, then by old position
+    by_key = torch.sort(key, dim=1, stable=True).indices
+    positions = torch.arange(slots, device=order.device).expand_as(by_key)
+    reordered = torch.empty_like(by_key).scatter_(1, by_key, positions)
+    return torch.where(merge.any(dim=1, keepdim=True), reordered, order)
+
+
 def merge_tokens(
-    x: torch.Tensor, state: MergeState, merge: torch.Tensor, node_idx: torch.Tensor
+    x: torch.Tensor, state: MergeState, merge: torch.Tensor, node_idx: torch.Tensor, split: str = "official"
 ) -> tuple[torch.Tensor, MergeState]:
     """Merge every slot flagged in `merge` into slot `node_idx` (size-weighted average), statically.
 
     x: [B, N, C]; merge: [B, N] bool (only A slots, never CLS); node_idx: [B, N] destination slots.
     Slots that absorb nothing keep their values bit for bit; merged-away slots keep stale values
     with size 0 and valid False (masked out of attention, never output); `owner` follows every
-    original token to its new slot.
+    original token to its new slot; `order` moves on as `split` says (see the module doc).
     """
+    check_split(split)
     batch, slots, channels = x.shape
     here = torch.arange(slots, device=x.device)
     dest = torch.where(merge, node_idx, here)  # [B, N]
@@ -180,12 +243,15 @@ def merge_tokens(
     averaged = summed.div_(new_size.clamp_min(1.0).to(accumulate)[..., None])
     x = torch.where(absorbed[..., None], averaged.to(x.dtype), x)
     owner = dest.gather(1, state.owner)
-    return x, MergeState(size=new_size, valid=state.valid & ~merge, owner=owner)
+    valid = state.valid & ~merge
+    order = official_order(state.order, state.valid, merge) if split == "official" else slot_order(valid)
+    return x, MergeState(size=new_size, valid=valid, owner=owner, order=order)
 
 
 def compact(x: torch.Tensor, state: MergeState) -> tuple[torch.Tensor, MergeState]:
-    """Optional compacting path (host sync): drop invalid slots, keeping slot order (so the
-    bipartite split is unchanged), down to the batch's longest image."""
+    """Optional compacting path (host sync): drop invalid slots, keeping slot order and every
+    token's sequence position (so the bipartite split is unchanged), down to the batch's longest
+    image."""
     longest = int(state.valid.sum(dim=1).max())
     order = torch.sort((~state.valid).to(torch.uint8), dim=1, stable=True).indices  # valid first, in order
     keep = order[:, :longest]
@@ -195,6 +261,7 @@ def compact(x: torch.Tensor, state: MergeState) -> tuple[torch.Tensor, MergeStat
         size=state.size.gather(1, keep),
         valid=state.valid.gather(1, keep),
         owner=new_position.gather(1, state.owner),
+        order=state.order.gather(1, keep),
     )
     return x, state
 
@@ -265,25 +332,67 @@ def place_tokens(state: MergeState, grid_width: int, prefix: int = 1) -> PlacedT
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_target(target: str | int, num_patches: int) -> tuple[int, str | None]:
-    """(nominal patch count at the layer the VLM reads, CLS excluded; preset name or None)."""
-    if isinstance(target, str) and target.strip().lower() in PRESETS:
-        name = target.strip().lower()
-        count = PRESETS[name]
+@dataclass(frozen=True)
+class MergePlan:
+    """How many tokens each merging layer removes, from a target and a schedule.
+
+    tokens: the count the target names: patch tokens (CLS excluded) after the tower's last block
+        for DyMU's schedules, at the layer LLaVA reads for the read_* schedules.
+    name: the preset or DyMU config name given (low / mid / high, "72out", ...), else None.
+    schedule: one of ALL_SCHEDULES.
+    r_per_layer: one entry per block LLaVA reads; 0 = that block never merges (as in DyMU, whose
+        blocks with r = 0 skip merging whatever their threshold).
+    """
+
+    tokens: int
+    name: str | None
+    schedule: str
+    r_per_layer: list[int]
+
+
+def _target_error(target) -> ValueError:
+    return ValueError(
+        f"--target {target!r} is not valid: use an integer token count, a DyMU config name such as 72out, "
+        f"192out-linear or 192out-reverse-linear, or one of {', '.join(PRESETS)}"
+    )
+
+
+def plan_merging(target: str | int, schedule: str | None, tower_layers: int, read_layers: int, num_patches: int) -> MergePlan:
+    """The merge plan for `target` (integer, preset or DyMU config name) and `schedule` (None: the
+    one the name carries, else constant). tower_layers: CLIP blocks of the tower (DyMU spreads
+    r_total over all of them); read_layers: the blocks LLaVA reads, which are the merging layers."""
+    if schedule is not None and schedule not in ALL_SCHEDULES:
+        raise ValueError(f"--schedule {schedule!r} is not valid: use one of {', '.join(ALL_SCHEDULES)}")
+    text = str(target).strip().lower()
+    named = OFFICIAL_NAME.fullmatch(text)
+    if named and schedule is not None and schedule != NAME_SCHEDULES[named.group(2)]:
+        raise ValueError(
+            f"--target {target!r} names DyMU's {NAME_SCHEDULES[named.group(2)]} schedule, but --schedule is {schedule!r}: "
+            "drop one of them"
+        )
+    schedule = NAME_SCHEDULES[named.group(2)] if named else (schedule or "constant")
+    read_mapping = schedule in READ_SCHEDULES
+    name = text if (named or text in PRESETS) else None
+    if text in PRESETS:
+        count = READ_PRESETS[text] if read_mapping else int(OFFICIAL_NAME.fullmatch(PRESETS[text]).group(1))
         if num_patches != PRESET_REFERENCE_PATCHES:
             count = max(1, round(count * num_patches / PRESET_REFERENCE_PATCHES))
-        return count, name
-    try:
-        count = int(target)
-    except (TypeError, ValueError):
-        raise ValueError(f"--target {target!r} is not valid: use an integer token count or one of {sorted(PRESETS)}") from None
+    elif named or re.fullmatch(r"\d+", text):
+        count = int(named.group(1) if named else text)
+    else:
+        raise _target_error(target)
     if not 1 <= count <= num_patches:
-        raise ValueError(f"--target {count} is not valid: use 1..{num_patches} (patch tokens, CLS excluded)")
-    return count, None
+        raise ValueError(f"--target {target!r} is not valid: use 1..{num_patches} patch tokens (CLS excluded)")
+    if read_mapping:
+        rs = r_schedule(read_layers, num_patches - count, schedule.removeprefix("read_"))
+    else:
+        rs = r_schedule(tower_layers, num_patches - count, schedule)[:read_layers]
+    return MergePlan(tokens=count, name=name, schedule=schedule, r_per_layer=rs)
 
 
 def r_schedule(num_layers: int, r_total: int, schedule: str = "constant") -> list[int]:
-    """Tokens to remove per merging layer, summing to r_total (DyMU's `_get_rs` semantics).
+    """Tokens to remove per layer, summing to r_total (DyMU's `_get_rs`, equal to it wherever that
+    terminates; it loops forever for some linear cases, e.g. 24 layers and r_total = 96).
 
     constant: r_total // L everywhere, the remainder on the first layers. linear: decreasing from
     about 2·r_total/L, ending with zeros; reverse_linear: the same reversed.

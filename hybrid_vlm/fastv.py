@@ -69,12 +69,15 @@ def select_kept_positions(
 
 
 def visual_keep_counts(num_visual: torch.Tensor, fastv_k: int | float | None) -> torch.Tensor:
-    """Per-sample `config.visual_keep_count` for a [B] tensor of visual-token counts."""
+    """Per-sample `config.visual_keep_count` for a [B] tensor of visual-token counts, on device.
+
+    The product is formed in float64 exactly as Python forms V * (1 - R), and `torch.round` rounds
+    half to even like Python's `round`, so both paths keep the same count without a host read."""
     if fastv_k is None:
         return num_visual
     if isinstance(fastv_k, int):
         return num_visual.clamp(max=fastv_k)
-    rounded = ((1.0 - fastv_k) * num_visual.double() + 0.5).floor().long()
+    rounded = torch.round(num_visual.double() * (1.0 - fastv_k)).long()
     return torch.minimum(rounded, num_visual)
 
 

@@ -168,7 +168,9 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if state is not None:
                 raise NotImplementedError("images are only supported in the first forward over a cache")
             if config.dymu is not None:
-                merged = dymu_image_features(self, pixel_values.to(self.dtype), self.hybrid_thresholds.to(device))
+                merged = dymu_image_features(
+                    self, pixel_values.to(self.dtype), self.hybrid_thresholds.to(device), split=config.dymu_split
+                )
                 features, slot_valid = merged.features, merged.valid  # [images, 576, hidden], [images, 576]
             else:
                 features, slot_valid = stock_image_features(self, pixel_values.to(self.dtype)), None
@@ -302,7 +304,7 @@ def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | No
     if config.dymu is not None:
         from .calibrate import load_thresholds
 
-        model.hybrid_thresholds = load_thresholds(config.dymu, model)  # [merging layers], validated for this model
+        model.hybrid_thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
     num_layers = len(llava_parts(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for a {num_layers}-layer LLM: use 1..{num_layers - 1}")

@@ -24,6 +24,9 @@ import torch
 from PIL import Image
 
 TINY_VERSION = "v1"
+# Bumped whenever calibration changes what a threshold file holds (v2: DyMU's official split and
+# schedule mapping), so a cached file from an older calibration is never picked up.
+TINY_THRESHOLDS_VERSION = "v2"
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
@@ -156,7 +159,13 @@ def ensure_tiny_llava(path: str | Path | None = None) -> Path:
     return path
 
 
-def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "mid") -> Path:
+def tiny_thresholds_path(model_dir: Path, target: str = "mid", split: str = "official") -> Path:
+    """Where the tiny model's cached thresholds live: versioned folder, stable file name (the file
+    name is what a setting's tag shows, e.g. `dymu-tiny-mid`)."""
+    return model_dir / f"dymu-thresholds-{TINY_THRESHOLDS_VERSION}-{split}" / f"tiny-{target}.json"
+
+
+def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "mid", split: str = "official") -> Path:
     """Calibrate DyMU thresholds for the tiny model once (16 synthetic images) and return the file.
 
     The same calibration as `python -m hybrid_vlm.calibrate`, without image files on disk.
@@ -166,15 +175,16 @@ def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "m
     from .calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 
     model_dir = ensure_tiny_llava(model_dir)
-    path = model_dir / f"tiny-{target}.json"
+    path = tiny_thresholds_path(model_dir, target, split)
     if path.exists():
         return path
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     pixel_values = image_processor([synthetic_image(seed) for seed in range(1000, 1016)], return_tensors="pt").pixel_values
-    payload = calibrate_thresholds(model, [pixel_values], target, progress=False)
+    payload = calibrate_thresholds(model, [pixel_values], target, split=split, progress=False)
     thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
-    payload["achieved"] = count_summary(measure_token_counts(model, [pixel_values], thresholds, progress=False))
+    payload["achieved"] = count_summary(measure_token_counts(model, [pixel_values], thresholds, progress=False, split=split))
+    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     write_threshold_file(staging, payload)
     os.replace(staging, path)  # atomic, as above

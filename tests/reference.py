@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
 
-from hybrid_vlm.config import visual_keep_count
-
 from conftest import generation_positions
+
+
+def official_keep_count(num_visual: int, fastv_k: int | float) -> int:
+    """FastV's kept count as the official llava-hf code writes it: top-n, or
+    `round(FASTV_image_token_length * (1 - FASTV_r))` (Python's round: half to even)."""
+    if isinstance(fastv_k, int):
+        return min(fastv_k, num_visual)
+    return round(num_visual * (1 - fastv_k))
 
 
 def eager_copy(model):
@@ -20,13 +27,14 @@ def eager_copy(model):
 
 
 @torch.no_grad()
-def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch.Tensor | None = None):
+def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch.Tensor | None = None, split: str = "official"):
     """Stock eager decoder layers over every prompt token, at the original position ids.
 
     Nothing is ever removed: padding, DyMU's merged-away placeholder slots (when `thresholds` is
     given; merged tokens sit at their representative placeholders) and, from `fastv_layer` on, the
     visual tokens FastV drops are masked as keys. The kept set is chosen here, with NumPy, from the
-    stock eager attention weights of layer fastv_layer - 1 (last prompt token, head-averaged).
+    stock eager attention weights of layer fastv_layer - 1 (last prompt token, head-averaged), and
+    its size by the official rule (`official_keep_count`). `split`: DyMU's split order.
     Returns (logits [B, L, V], kept [B, L] bool: real tokens that the last layer attends to).
     """
     reference = eager_copy(model)
@@ -43,7 +51,7 @@ def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch
     else:
         from hybrid_vlm.hf_compat import dymu_image_features
 
-        merged = dymu_image_features(reference, inputs["pixel_values"], thresholds)
+        merged = dymu_image_features(reference, inputs["pixel_values"], thresholds, split=split)
         features, slot_valid = merged.features, merged.valid
     for b in range(batch):
         slots = np.flatnonzero(is_visual[b])
@@ -64,7 +72,7 @@ def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch
             row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
             for b in range(batch):
                 visual_real = np.flatnonzero(is_visual[b] & real[b].numpy())
-                keep = visual_keep_count(len(visual_real), fastv_k)
+                keep = official_keep_count(len(visual_real), fastv_k)
                 order = np.argsort(-row[b, visual_real], kind="stable")
                 kept[b, visual_real[order[keep:]]] = False
         pruned = fastv_k is not None and layer_idx >= fastv_layer
@@ -93,3 +101,100 @@ def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
         input_ids = torch.cat([input_ids, next_token], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
     return input_ids
+
+
+# ------------------------------------------------------------------------------------------------
+# DyMU as its official code runs it at inference, one image at a time
+# ------------------------------------------------------------------------------------------------
+
+
+def _official_block_attention(layer, x, size):
+    """One ToMEResidualAttentionBlock's attention half (DyMU's transformer.py): eager softmax over
+    the physical sequence x [T, C], log(size) added to every key's logit from layer 1 on (size is
+    None at layer 0). Returns (x after the residual add, metric = keys averaged over heads)."""
+    attention = layer.self_attn
+    heads, head_dim = attention.num_heads, attention.head_dim
+    normed = layer.layer_norm1(x)
+    q, k, v = (proj(normed).view(-1, heads, head_dim).transpose(0, 1) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+    logits = q @ k.transpose(1, 2) * head_dim**-0.5
+    if size is not None:
+        logits = logits + size.log()[None, None, :]
+    out = (logits.softmax(dim=-1) @ v).transpose(0, 1).reshape(x.shape[0], -1)
+    return x + attention.out_proj(out), k.mean(dim=0)
+
+
+def _official_merge(x, size, members, metric, threshold):
+    """DyMU's bipartite_soft_matching(class_token=True, specified_threshold) + merge_wavg, batch 1.
+
+    A = even positions of the current sequence, B = odd ones; CLS (position 0) never merges; every A
+    token whose best cosine to a B token exceeds the threshold merges into that B token (first
+    best in B order); the new sequence is [unmerged A tokens, then B tokens], each in its previous
+    order. Nothing over the threshold: the sequence is returned as it was (DyMU's do_nothing)."""
+    normed = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = list(range(0, x.shape[0], 2)), list(range(1, x.shape[0], 2))
+    scores = normed[a] @ normed[b].T
+    scores[0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    merged = [i for i in range(len(a)) if node_max[i] > threshold]
+    if not merged:
+        return x, size, members
+    total_x, total_size = (x * size[:, None])[b].clone(), size[b].clone()
+    new_members = [list(members[j]) for j in b]
+    for i in merged:
+        j = int(node_idx[i])
+        total_x[j] += x[a[i]] * size[a[i]]
+        total_size[j] += size[a[i]]
+        new_members[j] += members[a[i]]
+    kept = [a[i] for i in range(len(a)) if i not in set(merged)]
+    x = torch.cat([x[kept], total_x / total_size[:, None]])
+    size = torch.cat([size[kept], total_size])
+    return x, size, [members[i] for i in kept] + new_members
+
+
+@torch.no_grad()
+def official_dymu_partitions(model, pixel_values, thresholds) -> list[list[set[frozenset[int]]]]:
+    """For each image of pixel_values [B, 3, H, W], run alone, the partition of the original tokens
+    (CLS = 0, patches 1..P) after every CLIP layer LLaVA reads, as DyMU's official code merges them
+    (in float64; +inf thresholds never merge). Returns [image][layer] -> set of frozensets."""
+    from hybrid_vlm.hf_compat.clip import vision_parts
+
+    reference = copy.deepcopy(model).double()
+    parts = vision_parts(reference)  # only to find the stock modules; the maths is all here
+    results = []
+    for image in pixel_values.double():
+        x = parts.pre_layernorm(parts.embeddings(image[None]))[0]
+        size, members, partitions = None, [[t] for t in range(x.shape[0])], []
+        for layer, threshold in zip(parts.layers, thresholds.tolist()):
+            x, metric = _official_block_attention(layer, x, size)
+            size = torch.ones(x.shape[0], dtype=x.dtype) if size is None else size
+            if math.isfinite(threshold):
+                x, size, members = _official_merge(x, size, members, metric, threshold)
+            x = x + layer.mlp(layer.layer_norm2(x))
+            partitions.append({frozenset(m) for m in members})
+        results.append(partitions)
+    return results
+
+
+def official_get_rs(num_layers: int, r_total: int, r_schedule: str = "constant") -> list[int] | None:
+    """DyMU's `ToMEOpenAITransformer._get_rs` (open_clip transformer.py), transcribed; None where
+    the official loop would never end (it appends non-positive values forever for some linear
+    cases), detected by a bound on its length."""
+    if r_total == 0:
+        return [0] * num_layers
+    if r_schedule == "constant":
+        base, remainder = divmod(r_total, num_layers)
+        return [base + (1 if i < remainder else 0) for i in range(num_layers)]
+    r0 = (2 * r_total) // num_layers
+    step = r0 / num_layers
+    s: list[int] = []
+    while sum(s) + int(r0 - len(s) * step) < r_total:
+        s.append(int(r0 - len(s) * step))
+        if len(s) > 4 * num_layers + r_total:
+            return None
+    if sum(s) < r_total:
+        s.append(r_total - sum(s))
+    while len(s) < num_layers:
+        s.append(0)
+    if len(s) != num_layers or sum(s) != r_total:  # the official asserts
+        return None
+    return s if r_schedule == "linear" else s[::-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,14 +13,15 @@ import torch
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, load_thresholds, measure_token_counts
 from hybrid_vlm.calibrate import main as calibrate_main
 from hybrid_vlm.dymu import (
-    PRESETS,
+    SPLITS,
     MergeState,
     attention_bias,
     bipartite_scores,
     merge_tokens,
+    official_order,
+    plan_merging,
     r_schedule,
     representative_slots,
-    resolve_target,
     threshold_merge_mask,
 )
 from hybrid_vlm.hf_compat import stock_image_features
@@ -31,6 +33,8 @@ from hybrid_vlm.hf_compat.clip import (
     vision_parts,
 )
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+from reference import official_dymu_partitions, official_get_rs
 
 INF = float("inf")
 NUM_IMAGES = 6
@@ -69,11 +73,12 @@ def layers_of(model) -> int:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("compact", [False, True])
-def test_infinite_thresholds_equal_stock_image_features(tiny, pixels, compact):
+def test_infinite_thresholds_equal_stock_image_features(tiny, pixels, compact, split):
     model, _ = tiny
     reference = stock_image_features(model, pixels)  # get_image_features, layer -2, CLS dropped
-    out = dymu_image_features(model, pixels, torch.full((layers_of(model),), INF), compact=compact)
+    out = dymu_image_features(model, pixels, torch.full((layers_of(model),), INF), compact=compact, split=split)
     assert layers_of(model) == model.config.vision_config.num_hidden_layers - 1  # last layer never runs
     assert out.features.shape == reference.shape == (NUM_IMAGES, 576, model.config.text_config.hidden_size)
     assert (out.features - reference).abs().max().item() <= 1e-6 * max(1.0, reference.abs().max().item())
@@ -84,16 +89,22 @@ def test_infinite_thresholds_equal_stock_image_features(tiny, pixels, compact):
 
 
 @torch.no_grad()
-def test_static_path_has_no_host_reads(tiny):
+@pytest.mark.parametrize("split", SPLITS)
+def test_static_path_has_no_host_reads(tiny, split):
     """On the meta device any .item(), bool(tensor), nonzero or boolean-mask indexing raises."""
     model, _ = tiny
     meta_model = build_tiny_llava()[0].to("meta")
     pixels = torch.empty(2, 3, 336, 336, device="meta")
     thresholds = torch.full((layers_of(model),), 0.7, device="meta")
-    out = dymu_image_features(meta_model, pixels, thresholds)
+    out = dymu_image_features(meta_model, pixels, thresholds, split=split)
     assert out.features.shape == (2, 576, model.config.text_config.hidden_size)
     with pytest.raises(RuntimeError):  # the optional compacting path reads the batch max on the host
-        dymu_image_features(meta_model, pixels, thresholds, compact=True)
+        dymu_image_features(meta_model, pixels, thresholds, compact=True, split=split)
+
+
+def test_unknown_split_is_rejected(tiny, pixels):
+    with pytest.raises(ValueError, match="official, slot"):
+        dymu_image_features(tiny[0], pixels[:1], torch.full((layers_of(tiny[0]),), INF), split="raster")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,13 +112,16 @@ def test_static_path_has_no_host_reads(tiny):
 # ------------------------------------------------------------------------------------------------
 
 
-def numpy_bipartite(metric: np.ndarray, valid: np.ndarray):
-    """Plain loop: valid slots alternate A/B by rank; rank 0 (CLS) is protected."""
+def numpy_bipartite(metric: np.ndarray, valid: np.ndarray, order: np.ndarray | None = None):
+    """Plain loop: valid slots, listed by `order` (default: slot order), alternate A/B; the first
+    (CLS) is protected; the best B is the first maximum in that listing."""
     batch, slots, _ = metric.shape
     node_max = np.full((batch, slots), -np.inf)
     node_idx = np.full((batch, slots), -1)
     for b in range(batch):
         live = [s for s in range(slots) if valid[b, s]]
+        if order is not None:
+            live.sort(key=lambda s: order[b, s])
         set_a, set_b = live[2::2], live[1::2]  # live[0] is CLS
         for a in set_a:
             best, best_j = -np.inf, -1
@@ -132,6 +146,59 @@ def test_bipartite_scores_match_numpy_loop():
     assert (node_idx.numpy()[finite] == ref_idx[finite]).all()
 
 
+def test_bipartite_scores_follow_the_sequence_order():
+    """The official split: A/B alternate by each valid slot's sequence position, not by slot index;
+    equal best scores go to the B token first in sequence order."""
+    generator = torch.Generator().manual_seed(4)
+    batch, slots = 3, 15
+    metric = torch.randn(batch, slots, 6, generator=generator)
+    metric[:, 9] = metric[:, 4]  # two B candidates with identical keys: a tie for some A tokens
+    valid = torch.rand(batch, slots, generator=generator) > 0.2
+    valid[:, [0, 4, 9]] = True
+    order = torch.zeros(batch, slots, dtype=torch.long)
+    for b in range(batch):  # CLS first, the other valid slots in a random sequence order
+        live = [s for s in range(1, slots) if valid[b, s]]
+        shuffled = [live[i] for i in torch.randperm(len(live), generator=generator).tolist()]
+        order[b, [0] + shuffled] = torch.arange(len(shuffled) + 1)
+    node_max, node_idx = bipartite_scores(metric, valid, order)
+    ref_max, ref_idx = numpy_bipartite(metric.double().numpy(), valid.numpy(), order.numpy())
+    finite = np.isfinite(ref_max)
+    assert (torch.isfinite(node_max).numpy() == finite).all()
+    np.testing.assert_allclose(node_max.numpy()[finite], ref_max[finite], atol=1e-6)
+    assert (node_idx.numpy()[finite] == ref_idx[finite]).all()
+    slot_max, _ = bipartite_scores(metric, valid)
+    assert not torch.equal(torch.isfinite(slot_max), torch.isfinite(node_max))  # the order really matters here
+
+
+def test_official_order_after_a_merge():
+    """[CLS and unmerged A tokens, then B tokens], each in its previous order, as a Python list;
+    an image that merges nothing keeps its order."""
+    generator = torch.Generator().manual_seed(5)
+    batch, slots = 4, 17
+    valid = torch.rand(batch, slots, generator=generator) > 0.25
+    valid[:, 0] = True
+    order = torch.zeros(batch, slots, dtype=torch.long)
+    sequences = []
+    for b in range(batch):
+        live = [s for s in range(1, slots) if valid[b, s]]
+        sequence = [0] + [live[i] for i in torch.randperm(len(live), generator=generator).tolist()]
+        order[b, sequence] = torch.arange(len(sequence))
+        sequences.append(sequence)
+    merge = torch.zeros(batch, slots, dtype=torch.bool)
+    for b, sequence in enumerate(sequences[:3]):  # the last image merges nothing
+        a_tokens = sequence[2::2]
+        merge[b, a_tokens[:: 2 if b else 1]] = True
+    new_order = official_order(order, valid, merge)
+    for b, sequence in enumerate(sequences):
+        if merge[b].any():
+            a_side, b_side = sequence[0::2], sequence[1::2]
+            expected = [s for s in a_side if not merge[b, s]] + b_side
+        else:
+            expected = sequence
+        assert [s for s in sorted(expected, key=lambda s: int(new_order[b, s]))] == expected
+        assert sorted(int(new_order[b, s]) for s in expected) == list(range(len(expected)))
+
+
 def test_merging_is_size_weighted_average_of_covered_tokens():
     """Several merge steps on a small random token set: every surviving token equals the plain mean
     of the original tokens it covers (= size-weighted average of what merged into it), with
@@ -144,7 +211,7 @@ def test_merging_is_size_weighted_average_of_covered_tokens():
     groups = [{s: [s] for s in range(slots)} for _ in range(batch)]
     for _ in range(3):
         metric = torch.randn(batch, slots, 4, generator=generator)
-        node_max, node_idx = bipartite_scores(metric, state.valid)
+        node_max, node_idx = bipartite_scores(metric, state.valid, state.order)
         merge = threshold_merge_mask(node_max, 0.0)
         before = state.valid.sum(dim=1)
         # independent check of one weighted-average step for non-unit sizes
@@ -263,21 +330,101 @@ def test_higher_thresholds_never_give_fewer_tokens(tiny, pixels):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("compact", [False, True])
-def test_batched_equals_per_image(tiny, pixels, compact):
+def test_batched_equals_per_image(tiny, pixels, compact, split):
     model, _ = tiny
     thresholds = torch.tensor([0.72, 0.7])
-    batched = dymu_image_features(model, pixels, thresholds, compact=compact)
+    batched = dymu_image_features(model, pixels, thresholds, compact=compact, split=split)
     assert len(set(batched.num_tokens.tolist())) > 1  # the images really have different counts
     for b in range(NUM_IMAGES):
-        single = dymu_image_features(model, pixels[b : b + 1], thresholds, compact=compact)
+        single = dymu_image_features(model, pixels[b : b + 1], thresholds, compact=compact, split=split)
         assert torch.equal(single.valid[0], batched.valid[b])
         assert torch.equal(single.sizes[0], batched.sizes[b])
         assert torch.equal(single.coverage[0], batched.coverage[b])
         scale = batched.features[b].abs().max()
         assert (single.features[0] - batched.features[b]).abs().max() <= 1e-5 * scale
-    static = dymu_image_features(model, pixels, thresholds, compact=not compact)
+    static = dymu_image_features(model, pixels, thresholds, compact=not compact, split=split)
     assert torch.equal(static.valid, batched.valid)  # compacting keeps the bipartite split
+
+
+# ------------------------------------------------------------------------------------------------
+# The official split order, against DyMU's merging loop re-implemented in tests/reference.py
+# ------------------------------------------------------------------------------------------------
+
+DEEP_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def deep_tower():
+    """A tiny CLIP with ViT-L's depth (24 layers, 23 merging), thresholds calibrated for DyMU's
+    192out with the official split, the model in float64 (so no score lands within rounding noise
+    of a threshold: the tests compare merge decisions, not float32 rounding), and 8 test images."""
+    model, processor = build_tiny_llava(vision_layers=24)
+    calibration = processor.image_processor([synthetic_image(300 + s) for s in range(8)], return_tensors="pt").pixel_values
+    thresholds = torch.tensor(calibrate_thresholds(model, [calibration], "192out", progress=False)["thresholds"])
+    images = processor.image_processor([synthetic_image(s) for s in range(DEEP_IMAGES)], return_tensors="pt").pixel_values
+    return model.double(), images.double(), thresholds.double()
+
+
+def engine_partitions(model, pixels, thresholds, split) -> list[list[set[frozenset[int]]]]:
+    """[image][layer]: the engine's partition of the original tokens after every merging layer."""
+    owners = []
+
+    def select(index, node_max, state):
+        if index > 0:
+            owners.append(state.owner.clone())  # after layer index - 1
+        return threshold_merge_mask(node_max, thresholds[index])
+
+    _, state, _ = merging_vision_forward(model, pixels, select, split=split)
+    owners.append(state.owner)
+    partitions = []
+    for b in range(pixels.shape[0]):
+        per_layer = []
+        for owner in owners:
+            groups: dict[int, set[int]] = {}
+            for token, slot in enumerate(owner[b].tolist()):
+                groups.setdefault(slot, set()).add(token)
+            per_layer.append({frozenset(group) for group in groups.values()})
+        partitions.append(per_layer)
+    return partitions
+
+
+@torch.no_grad()
+def test_official_split_gives_dymu_partitions_at_every_layer(deep_tower):
+    model, images, thresholds = deep_tower
+    reference = official_dymu_partitions(model, images, thresholds)  # each image alone, tokens reordered physically
+    engine = engine_partitions(model, images, thresholds, "official")  # batched, static slots
+    assert len(engine[0]) == len(reference[0]) == 23
+    for b in range(DEEP_IMAGES):
+        for layer in range(23):
+            assert engine[b][layer] == reference[b][layer], f"image {b}, layer {layer}"
+    counts = [len(reference[b][-1]) - 1 for b in range(DEEP_IMAGES)]
+    assert len(set(counts)) > 1 and all(50 < c < 500 for c in counts), counts  # real, image-dependent merging
+
+
+@torch.no_grad()
+def test_slot_split_really_differs_from_the_official(deep_tower):
+    """Guards the test above: on this tower the two splits must disagree, or it proves nothing."""
+    model, images, thresholds = deep_tower
+    official = engine_partitions(model, images, thresholds, "official")
+    slot = engine_partitions(model, images, thresholds, "slot")
+    for b in range(DEEP_IMAGES):
+        assert official[b][0] == slot[b][0]  # layer 0 is the same split
+        assert official[b][-1] != slot[b][-1]
+    assert sum(len(official[b][-1]) != len(slot[b][-1]) for b in range(DEEP_IMAGES)) >= DEEP_IMAGES // 2
+
+
+@torch.no_grad()
+def test_official_split_batched_equals_alone_on_the_deep_tower(deep_tower):
+    model, images, thresholds = deep_tower
+    batched = dymu_image_features(model, images, thresholds, split="official")
+    for b in range(DEEP_IMAGES):
+        alone = dymu_image_features(model, images[b : b + 1], thresholds, split="official")
+        assert torch.equal(alone.valid[0], batched.valid[b])
+        assert torch.equal(alone.sizes[0], batched.sizes[b])
+        assert torch.equal(alone.coverage[0], batched.coverage[b])
+        assert (alone.features[0] - batched.features[b]).abs().max() <= 1e-9 * batched.features[b].abs().max()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +439,7 @@ def test_proportional_attention_adds_log_size(tiny):
     batch, tokens, channels = 2, 9, model.config.vision_config.hidden_size
     hidden = torch.randn(batch, tokens, channels, generator=generator)
     size = torch.tensor([[1, 3, 0, 1, 2, 5, 1, 0, 4], [1, 1, 1, 7, 0, 2, 1, 1, 1]], dtype=torch.float32)
-    state = MergeState(size=size, valid=size > 0, owner=torch.zeros(batch, tokens, dtype=torch.long))
+    state = MergeState(size=size, valid=size > 0, owner=torch.zeros(batch, tokens, dtype=torch.long), order=torch.zeros(batch, tokens, dtype=torch.long))
     with torch.no_grad():
         out, metric = clip_layer_attention(layer, hidden, attention_bias(state, hidden.dtype))
         plain, _ = clip_layer_attention(layer, hidden, None)
@@ -326,39 +473,112 @@ def test_proportional_attention_adds_log_size(tiny):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_r_schedule_and_presets():
-    assert r_schedule(24, 504) == [21] * 24  # DyMU ViT-L-14-336-tome-72out
-    assert r_schedule(23, 576 - PRESETS["low"]) == [21] * 23
-    assert r_schedule(23, 576 - PRESETS["mid"]) == [16] * 23
-    assert r_schedule(23, 576 - PRESETS["high"]) == [8] * 23
-    assert r_schedule(23, 381) == [17] * 13 + [16] * 10
-    for schedule in ("linear", "reverse_linear"):
-        values = r_schedule(24, 504, schedule)
-        assert sum(values) == 504 and len(values) == 24
-    assert resolve_target("mid", 576) == (208, "mid")
-    assert resolve_target(195, 576) == (195, None)
-    with pytest.raises(ValueError):
-        resolve_target("medium", 576)
+# DyMU's released ViT-L-14-336 configs: name -> (r_total over 24 blocks, schedule), from
+# open_clip/model_configs/ViT-L-14-336-tome-*.json.
+OFFICIAL_CONFIGS = {
+    "72out": (504, "constant"), "192out": (384, "constant"), "384out": (192, "constant"), "480out": (96, "constant"),
+    "72out-linear": (504, "linear"), "192out-linear": (384, "linear"), "192out-reverse-linear": (384, "reverse_linear"),
+}
+
+
+def test_r_schedule_equals_dymu_get_rs_wherever_that_terminates():
+    compared = 0
+    for layers in (3, 6, 23, 24):
+        for r_total in range(0, 577, 7):
+            for schedule in ("constant", "linear", "reverse_linear"):
+                official = official_get_rs(layers, r_total, schedule)
+                if official is not None:
+                    assert r_schedule(layers, r_total, schedule) == official, (layers, r_total, schedule)
+                    compared += 1
+    assert compared > 500
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CONFIGS))
+def test_official_config_names_give_dymu_r_per_layer(name):
+    r_total, schedule = OFFICIAL_CONFIGS[name]
+    official = official_get_rs(24, r_total, schedule)
+    plan = plan_merging(name, None, tower_layers=24, read_layers=23, num_patches=576)
+    assert plan.schedule == schedule and plan.tokens == 576 - r_total
+    assert plan.r_per_layer == official[:23]  # LLaVA reads block 23: the 24th r never applies
+
+
+def test_72out_linear_is_dymus_list():
+    """The numbers DyMU's own code prints for ViT-L-14-336-tome-72out-linear, and the nominal count
+    LLaVA sees: its last blocks remove nothing, so 72 tokens reach the read layer (93 with the
+    former read-layer mapping)."""
+    plan = plan_merging("72out-linear", None, tower_layers=24, read_layers=23, num_patches=576)
+    assert plan.r_per_layer[:6] == [42, 40, 38, 36, 35, 33]
+    assert plan.r_per_layer[-2:] == [0, 0]
+    assert 576 - sum(plan.r_per_layer) == 72
+    former = plan_merging("low", "read_linear", tower_layers=24, read_layers=23, num_patches=576)  # what "low" + linear was
+    assert former.r_per_layer[:6] == [42, 40, 38, 36, 34, 32] and 576 - sum(former.r_per_layer) == 93
+
+
+def test_presets_and_target_errors():
+    for preset, name, per_layer in (("low", "72out", 21), ("mid", "192out", 16), ("high", "384out", 8)):
+        plan = plan_merging(preset, None, tower_layers=24, read_layers=23, num_patches=576)
+        assert plan.r_per_layer == [per_layer] * 23 == plan_merging(name, None, 24, 23, 576).r_per_layer
+        assert plan_merging(preset, "read_constant", 24, 23, 576).r_per_layer == [per_layer] * 23  # same r, other mapping
+    assert plan_merging(195, None, 24, 23, 576).r_per_layer == official_get_rs(24, 381)[:23]
+    assert plan_merging(195, "read_constant", 24, 23, 576).r_per_layer == [17] * 13 + [16] * 10
+    with pytest.raises(ValueError, match="--target 'medium'"):
+        plan_merging("medium", None, 24, 23, 576)
+    with pytest.raises(ValueError, match="--schedule 'cosine'.*read_constant"):
+        plan_merging("mid", "cosine", 24, 23, 576)
+    with pytest.raises(ValueError, match="linear schedule"):
+        plan_merging("72out-linear", "constant", 24, 23, 576)
+    with pytest.raises(ValueError, match="1..576"):
+        plan_merging("700out", None, 24, 23, 576)
 
 
 CALIBRATION_TOLERANCE = 0.10  # mean achieved count within 10% of the target on the calibration images
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("vision_layers,target", [(3, 200), (6, 100)])
-def test_calibration_hits_target(tiny, vision_layers, target):
+@pytest.mark.parametrize(
+    "vision_layers,target,schedule,read_count",
+    [
+        (3, 200, None, 576 - sum(official_get_rs(3, 376)[:2])),  # DyMU's mapping: r_total over all 3 blocks
+        (6, 100, None, 576 - sum(official_get_rs(6, 476)[:5])),
+        (3, 200, "read_constant", 200),  # the former mapping: 200 at the read layer
+    ],
+)
+def test_calibration_hits_target(tiny, vision_layers, target, schedule, read_count):
     # 3 CLIP layers merge in 2 (reachable down to 576/4 = 144 tokens); 6 layers merge in 5
     model = tiny[0] if vision_layers == 3 else build_tiny_llava(vision_layers=vision_layers)[0]
     processor = tiny[1]
     images = [synthetic_image(100 + seed) for seed in range(12)]
     pixels = processor.image_processor(images, return_tensors="pt").pixel_values
     batches = [pixels[:6], pixels[6:]]
-    payload = calibrate_thresholds(model, batches, target, progress=False)
-    assert payload["calibration"]["tokens_during_calibration_mean"] == target  # exactly r*B merged per layer
+    payload = calibrate_thresholds(model, batches, target, schedule=schedule, progress=False)
+    assert payload["calibration"]["tokens_during_calibration_mean"] == read_count  # exactly r*B merged per layer
+    assert payload["split"] == "official"
     thresholds = torch.tensor(payload["thresholds"])
     summary = count_summary(measure_token_counts(model, batches, thresholds, progress=False))
-    assert abs(summary["tokens_mean"] - target) <= CALIBRATION_TOLERANCE * target, summary
+    assert abs(summary["tokens_mean"] - read_count) <= CALIBRATION_TOLERANCE * read_count, summary
     assert summary["tokens_std"] > 0  # counts vary per image
+
+
+@torch.no_grad()
+def test_layers_with_r_zero_never_merge(tiny):
+    """DyMU skips merging in a block whose r is 0 (`if r > 0` in its block's forward): in
+    calibration and at inference. reverse_linear on 6 blocks starts with r = 0."""
+    model = build_tiny_llava(vision_layers=6)[0]
+    processor = tiny[1]
+    pixels = processor.image_processor([synthetic_image(100 + s) for s in range(6)], return_tensors="pt").pixel_values
+    rs = official_get_rs(6, 376, "reverse_linear")[:5]
+    assert rs[0] == 0 and all(r > 0 for r in rs[1:])
+    payload = calibrate_thresholds(model, [pixels], 200, schedule="reverse_linear", progress=False)
+    assert payload["target"]["r_per_layer"] == rs
+    assert payload["thresholds"][0] == INF and all(math.isfinite(t) for t in payload["thresholds"][1:])
+    counts = []
+
+    def select(index, node_max, state):
+        counts.append(state.counts())  # before layer `index` merges
+        return threshold_merge_mask(node_max, torch.tensor(payload["thresholds"])[index])
+
+    _, state, _ = merging_vision_forward(model, pixels, select)
+    assert (counts[1] == 577).all() and (state.counts() < 577).all()  # nothing merged in layer 0, later layers did
 
 
 def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
@@ -376,7 +596,9 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     saved = json.loads(out.read_text())
     assert saved["target"]["tokens"] == 200 and len(saved["thresholds"]) == 2
     assert saved["model"]["fingerprint"] == payload["model"]["fingerprint"]
-    assert abs(saved["achieved"]["tokens_mean"] - 200) <= CALIBRATION_TOLERANCE * 200
+    assert saved["split"] == "official" and saved["calibration"]["batch_size"] == 4
+    read_count = 576 - sum(official_get_rs(3, 376)[:2])  # 200 after all 3 blocks: 325 at the read layer
+    assert abs(saved["achieved"]["tokens_mean"] - read_count) <= CALIBRATION_TOLERANCE * read_count
 
     from transformers import LlavaForConditionalGeneration
 
@@ -393,3 +615,27 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     message = str(error.value)
     assert saved["model"]["fingerprint"] in message and other_print in message
     assert str(model_dir) in message and "calibrated for model" in message
+
+
+def test_threshold_file_split_is_checked(tmp_path, tiny):
+    """A file records its split; one made before the field existed (format v1) was calibrated with
+    the slot split. Using a file under another split warns (counts would not be the calibrated ones)."""
+    from hybrid_vlm.calibrate import DEFAULT_BATCH_SIZE, parse_args, write_threshold_file
+
+    model, processor = tiny
+    pixels = processor.image_processor([synthetic_image(s) for s in range(4)], return_tensors="pt").pixel_values
+    payload = calibrate_thresholds(model, [pixels], 300, split="slot", progress=False)
+    path = tmp_path / "slot.json"
+    write_threshold_file(path, payload)
+    with pytest.warns(UserWarning, match="DYMU_SPLIT=slot, but DYMU_SPLIT=official"):
+        load_thresholds(path, model, "official")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching split loads silently
+        load_thresholds(path, model, "slot")
+    old = json.loads(path.read_text())
+    old["format"] = "hybrid-vlm/dymu-thresholds/v1"
+    del old["split"]
+    path.write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="calibrated with DYMU_SPLIT=slot"):
+        load_thresholds(path, model, "official")
+    assert DEFAULT_BATCH_SIZE == 64 == parse_args(["--model", "m", "--images", "i", "--out", "o"]).batch_size

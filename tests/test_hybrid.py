@@ -17,22 +17,34 @@ import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
+from hybrid_vlm.config import visual_keep_count
+from hybrid_vlm.dymu import SPLITS
+from hybrid_vlm.fastv import visual_keep_counts
 from hybrid_vlm.hf_compat import dymu_image_features, new_cache, output_cache
 
 from conftest import QUESTIONS, generation_positions, image_inputs
-from reference import greedy_without_cache, masked_reference
+from reference import greedy_without_cache, masked_reference, official_keep_count
 from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
 
 @pytest.fixture(scope="module")
-def tiny_thresholds(tiny, tmp_path_factory):
-    """A threshold file for the tiny model, calibrated on synthetic images for ~200 tokens."""
+def split_thresholds(tiny, tmp_path_factory):
+    """Threshold files for the tiny model, one per DyMU split, calibrated on synthetic images with
+    that split (200 tokens after the 3-block tower: 325 nominal at the read layer)."""
     model, processor = tiny
     images = [image_inputs(processor, QUESTIONS[:1], seeds=[seed])["pixel_values"] for seed in range(100, 108)]
-    payload = calibrate_thresholds(model, [torch.cat(images)], target=200, progress=False)
-    path = tmp_path_factory.mktemp("dymu") / "tiny-200.json"
-    write_threshold_file(path, payload)
-    return path
+    folder = tmp_path_factory.mktemp("dymu")
+    paths = {}
+    for split in SPLITS:
+        payload = calibrate_thresholds(model, [torch.cat(images)], target=200, split=split, progress=False)
+        paths[split] = folder / f"tiny-200-{split}.json"
+        write_threshold_file(paths[split], payload)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_thresholds(split_thresholds):
+    return split_thresholds["official"]
 
 
 def dymu_copy(model, thresholds, **settings):
@@ -47,12 +59,13 @@ def engine_prefill(model, inputs):
     return out, cache.hybrid_state.pruned_key_valid
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("fastv_k,fastv_layer", [(None, 2), (64, 2), (0.5, 1), (0.75, 3), (300, 2)])
-def test_hybrid_prefill_matches_masked_reference(tiny, tiny_thresholds, fastv_k, fastv_layer):
+def test_hybrid_prefill_matches_masked_reference(tiny, split_thresholds, fastv_k, fastv_layer, split):
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS)
-    hybrid = dymu_copy(model, tiny_thresholds, fastv_k=fastv_k, fastv_layer=fastv_layer)
-    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, fastv_layer, hybrid.hybrid_thresholds)
+    hybrid = dymu_copy(model, split_thresholds[split], fastv_k=fastv_k, fastv_layer=fastv_layer, dymu_split=split)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, fastv_layer, hybrid.hybrid_thresholds, split)
     out, real = engine_prefill(hybrid, inputs)
 
     engine_kept = torch.zeros_like(reference_kept).scatter(1, out.kept_positions, real)
@@ -136,3 +149,34 @@ def test_threshold_file_for_another_model_is_rejected(tiny_thresholds):
     other, _ = build_tiny_llava(seed=5)
     with pytest.raises(ValueError, match="threshold"):
         apply_hybrid(other, HybridConfig(dymu=str(tiny_thresholds)))
+
+
+# --- FastV's ratio on DyMU's odd counts: the official llava-hf rounding -------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.75, 0.3, 0.7, 0.9])
+def test_fastv_ratio_keep_count_is_round_half_to_even(ratio):
+    """Both engine paths (the Python count and the per-sample device count) against the official
+    `round(V * (1 - R))`, for every odd V up to 576."""
+    odd = list(range(1, 577, 2))
+    on_device = visual_keep_counts(torch.tensor(odd), ratio).tolist()
+    assert on_device == [visual_keep_count(v, ratio) for v in odd] == [official_keep_count(v, ratio) for v in odd]
+
+
+def test_fastv_keeps_100_of_201_at_half():
+    assert [visual_keep_count(v, 0.5) for v in (201, 203, 1, 3)] == [100, 102, 0, 2]  # not 101, 102, 1, 2
+    assert visual_keep_counts(torch.tensor([201, 203, 1, 3]), 0.5).tolist() == [100, 102, 0, 2]
+
+
+def test_fastv_ratio_on_merged_counts_rounds_half_to_even(tiny, tiny_thresholds):
+    """DyMU leaves odd visual counts; FastV's ratio then keeps round(V*(1-R)) half to even per
+    sample (the engine's on-device keep_per_sample path), as the official llava-hf FastV."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = dymu_copy(model, tiny_thresholds, fastv_k=0.5)
+    merged = dymu_image_features(hybrid, inputs["pixel_values"], hybrid.hybrid_thresholds).valid.sum(dim=1).tolist()
+    assert any(v % 4 == 1 for v in merged), merged  # V/2 = even + 0.5: half-to-even and half-up disagree here
+    with torch.no_grad():
+        state = output_cache(hybrid.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)).hybrid_state
+    text_tokens = inputs["attention_mask"].sum(dim=1) - 576
+    assert (state.prompt_tokens_kept - text_tokens).tolist() == [official_keep_count(v, 0.5) for v in merged]

@@ -32,7 +32,7 @@ def planned(capsys, *argv) -> list[str]:
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", "MMEVAL_ROOT"):
+    for key in ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "MMEVAL_ROOT"):
         monkeypatch.delenv(key, raising=False)
 
 
@@ -79,6 +79,25 @@ def test_dymu_hybrid_and_position_ablations(capsys, clean_env, thresholds, tmp_p
     # DyMU alone reads HYBRID_POSITIONS too: merged tokens keep their representative patch's position or are renumbered
     folders = planned(capsys, "--data", "X", "--ablation", "positions", "--model", "dymu", "--dymu", thresholds)
     assert folders == [VANILLA, "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_dymu__dymu-mid_renumbered"]
+
+
+def test_dymu_split_axis_and_ablation(capsys, clean_env, thresholds):
+    assert planned(capsys, "--data", "X", "--ablation", "dymu-split", "--dymu", thresholds) == [
+        VANILLA, "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_dymu__dymu-mid_split-slot",
+    ]
+    # the axis crosses the others; FastV alone ignores it (one run)
+    assert planned(capsys, "--data", "X", "--model", "fastv", "hybrid", "--dymu", thresholds, "--dymu-split", "official", "slot",
+                   "--fastv-k", "64") == [
+        "llava_v1.5_7b_fastv__fastv-k64-l2", "llava_v1.5_7b_hybrid__dymu-mid_fastv-k64-l2",
+        "llava_v1.5_7b_hybrid__dymu-mid_split-slot_fastv-k64-l2",
+    ]
+    assert sweep.main(["--data", "X", "--dymu-split", "slot", "--dry-run"]) == 2
+    assert "--dymu-split needs --dymu" in capsys.readouterr().err
+    assert sweep.main(["--data", "X", "--ablation", "dymu-split", "--dry-run"]) == 2
+    assert "needs --dymu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the accepted values
+        sweep.main(["--data", "X", "--dymu", thresholds, "--dymu-split", "raster", "--dry-run"])
+    assert "official" in capsys.readouterr().err
 
 
 def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):

@@ -61,6 +61,20 @@ def test_names_have_fixed_semantics_and_distinct_folders(tmp_path):
         settings.hybrid_config_for("llava_v1.5_7b_fastv", {"FASTV_K": "1.5"})
 
 
+def test_dymu_split_is_read_by_the_dymu_names_only(tmp_path):
+    thresholds = tmp_path / "mid.json"
+    thresholds.write_text("{}")
+    for name in ("llava_v1.5_7b_dymu", "llava_v1.5_7b_hybrid"):
+        env = {"DYMU_THRESHOLDS": str(thresholds), "DYMU_SPLIT": "slot"}
+        config = settings.hybrid_config_for(name, env)
+        assert config.dymu_split == "slot" and "dymu-mid_split-slot" in settings.effective_name(name, config)
+        assert settings.hybrid_config_for(name, {"DYMU_THRESHOLDS": str(thresholds)}).dymu_split == "official"
+        with pytest.raises(settings.PluginError, match="DYMU_SPLIT='raster' is not valid: use one of official, slot"):
+            settings.hybrid_config_for(name, {**env, "DYMU_SPLIT": "raster"})
+    fastv = settings.hybrid_config_for("llava_v1.5_7b_fastv", {"DYMU_SPLIT": "slot"})
+    assert settings.effective_name("llava_v1.5_7b_fastv", fastv) == FASTV_R05  # no DyMU, no split in the name
+
+
 def test_missing_checkpoint_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

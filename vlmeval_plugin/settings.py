@@ -6,8 +6,8 @@ FASTV_K or a missing checkpoint in a second, before anything heavy happens.
 Names and their fixed meaning:
     llava_v1.5_7b          the stock llava-hf model, nothing patched (FASTV_K / DYMU_THRESHOLDS ignored)
     llava_v1.5_7b_fastv    FastV only: FASTV_K (default 0.5 = prune half), FASTV_LAYER (default 2)
-    llava_v1.5_7b_dymu     DyMU only: DYMU_THRESHOLDS required, FastV off
-    llava_v1.5_7b_hybrid   DyMU + FastV: DYMU_THRESHOLDS required, FASTV_K (default 0.5), FASTV_LAYER
+    llava_v1.5_7b_dymu     DyMU only: DYMU_THRESHOLDS required, DYMU_SPLIT (default official), FastV off
+    llava_v1.5_7b_hybrid   DyMU + FastV: DYMU_THRESHOLDS required, DYMU_SPLIT, FASTV_K (default 0.5), FASTV_LAYER
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the `python run.py` demo)
     llava_tiny_hybrid      the tiny LLaVA with the demo's hybrid setting (see tiny_hybrid_config)
 
@@ -121,8 +121,9 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
                 config = replace(config, fastv_k=DEFAULT_FASTV_K)
         else:
             # FastV off: FASTV_K is ignored, FASTV_LAYER is irrelevant without pruning. HYBRID_POSITIONS
-            # still applies: merged tokens keep their representative patch's position id, or are renumbered.
-            config = HybridConfig.from_env({k: env[k] for k in ("HYBRID_POSITIONS",) if k in env}, dymu=dymu)
+            # still applies (merged tokens keep their representative patch's position id, or are
+            # renumbered), and so does DYMU_SPLIT (DyMU's bipartite split order).
+            config = HybridConfig.from_env({k: env[k] for k in ("HYBRID_POSITIONS", "DYMU_SPLIT") if k in env}, dymu=dymu)
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
     return config

@@ -1,9 +1,11 @@
 """transformers internals used by the vision side: the CLIP tower LLaVA reads, driven layer by layer
 with DyMU merging (`hybrid_vlm.dymu` holds the maths; this file knows the module names).
 
-`dymu_image_features(model, pixel_values, thresholds)` replaces `model.model.get_image_features`:
-it runs the CLIP layers up to the one LLaVA reads (never the unused last layer) and, in each, merges
-tokens after attention and before the MLP. Static shapes and no host syncs unless `compact=True`.
+`dymu_image_features(model, pixel_values, thresholds, split=...)` replaces
+`model.model.get_image_features`: it runs the CLIP layers up to the one LLaVA reads (never the
+unused last layer) and, in each, merges tokens after attention and before the MLP. Static shapes
+and no host syncs unless `compact=True`. `split` is the bipartite split order (`dymu.SPLITS`:
+"official", DyMU's, by default; "slot" as an ablation).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..dymu import (
     MergeState,
     attention_bias,
     bipartite_scores,
+    check_split,
     merge_tokens,
     place_tokens,
     threshold_merge_mask,
@@ -51,6 +54,7 @@ class VisionParts:
     embeddings: nn.Module  # CLIPVisionEmbeddings: pixel_values -> [B, 1 + P, C] (CLS first)
     pre_layernorm: nn.LayerNorm
     layers: list[CLIPEncoderLayer]  # only the layers LLaVA reads, in order
+    tower_layers: int  # all layers of the tower (DyMU's schedules spread r_total over every one)
     projector: nn.Module  # LlavaMultiModalProjector, per token
     grid_width: int  # patches per row (24 for 336 px / 14 px)
     num_patches: int
@@ -81,6 +85,7 @@ def vision_parts(model: LlavaForConditionalGeneration) -> VisionParts:
         embeddings=tower.embeddings,
         pre_layernorm=tower.pre_layrnorm,
         layers=all_layers[:used],
+        tower_layers=len(all_layers),
         projector=model.model.multi_modal_projector,
         grid_width=grid_width,
         num_patches=grid_width * grid_width,
@@ -119,13 +124,16 @@ def merging_vision_forward(
     pixel_values: torch.Tensor,
     select: MergeSelector | None,
     compact: bool = False,
+    split: str = "official",
 ) -> tuple[torch.Tensor, MergeState, VisionParts]:
     """Run the CLIP layers LLaVA reads, merging after each attention with `select`'s mask.
 
     select None: a plain loop (no scores, no bias, no merging; a timing baseline). compact: after
     each merge, drop invalid slots down to the batch's longest image (one host read per layer).
-    Returns (hidden states of the read layer [B, N, C], merge state, parts).
+    split: the bipartite split order (`dymu.SPLITS`). Returns (hidden states of the read layer
+    [B, N, C], merge state, parts).
     """
+    check_split(split)
     parts = vision_parts(model)
     dtype = parts.embeddings.patch_embedding.weight.dtype
     hidden_states = parts.pre_layernorm(parts.embeddings(pixel_values.to(dtype)))
@@ -135,9 +143,9 @@ def merging_vision_forward(
         bias = attention_bias(state, hidden_states.dtype) if select is not None and index > 0 else None
         hidden_states, metric = clip_layer_attention(layer, hidden_states, bias)
         if select is not None:
-            node_max, node_idx = bipartite_scores(metric, state.valid, protected=parts.prefix)
+            node_max, node_idx = bipartite_scores(metric, state.valid, state.order, protected=parts.prefix)
             merge = select(index, node_max, state)
-            hidden_states, state = merge_tokens(hidden_states, state, merge, node_idx)
+            hidden_states, state = merge_tokens(hidden_states, state, merge, node_idx, split)
             if compact:
                 hidden_states, state = compact_slots(hidden_states, state)
         hidden_states = clip_layer_mlp(layer, hidden_states)
@@ -170,11 +178,14 @@ def dymu_image_features(
     pixel_values: torch.Tensor,
     thresholds: torch.Tensor,
     compact: bool = False,
+    split: str = "official",
 ) -> DymuImageFeatures:
     """DyMU's merged visual tokens for LLaVA: thresholds [num_merging_layers] float (+inf = never merge).
 
     With every threshold +inf this equals `model.model.get_image_features` (all slots valid, sizes 1).
-    No host syncs unless `compact` (which physically drops merged tokens after each layer).
+    No host syncs unless `compact` (which physically drops merged tokens after each layer). split:
+    the bipartite split order (`dymu.SPLITS`), which should be the one the thresholds were
+    calibrated with.
     """
     parts = vision_parts(model)
     if thresholds.dim() != 1 or thresholds.shape[0] != len(parts.layers):
@@ -188,7 +199,7 @@ def dymu_image_features(
     def select(index: int, node_max: torch.Tensor, state: MergeState) -> torch.Tensor:
         return threshold_merge_mask(node_max, thresholds[index])
 
-    hidden_states, state, parts = merging_vision_forward(model, pixel_values, select, compact=compact)
+    hidden_states, state, parts = merging_vision_forward(model, pixel_values, select, compact=compact, split=split)
     placed = place_tokens(state, parts.grid_width, parts.prefix)
     projected = parts.projector(hidden_states[:, parts.prefix:])  # [B, slots - prefix, text_hidden]
     gather_at = (placed.slot - parts.prefix).clamp_min(0)
