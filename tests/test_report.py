@@ -241,18 +241,21 @@ def test_selection_snapshot_and_bad_inputs(tmp_path):
         run_report(work, "--bench", tmp_path / "no-bench", "--out", out)
 
 
-def test_committed_tiny_demo_regenerates_from_its_raw_files(tmp_path, monkeypatch):
-    """reports/tiny-demo/report.md is exactly what its printed command makes from reports/tiny-demo/raw/."""
-    committed = (DEMO / "report.md").read_text()
-    assert TINY_BANNER in committed.split("## Regenerate")[0]
-    for png in (DEMO / "figures").glob("*.png"):
+@pytest.mark.parametrize("name", ["tiny-demo", "cpu-mid-bench"])
+def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, name):
+    """reports/<name>/report.md is exactly what its printed command makes from reports/<name>/raw/."""
+    folder = REPO / "reports" / name
+    committed = (folder / "report.md").read_text()
+    if name == "tiny-demo":
+        assert TINY_BANNER in committed.split("## Regenerate")[0]
+    for png in (folder / "figures").glob("*.png"):
         check_png(png)
     block = committed.split("This report, from the raw files it read:", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
     command = shlex.split(block)
     assert command[:3] == ["python", "-m", "hybrid_tools.report"]
-    copy = tmp_path / "reports" / "tiny-demo"
-    shutil.copytree(DEMO / "raw", copy / "raw")
-    shutil.copy2(DEMO / "regenerate.sh", copy / "regenerate.sh")
+    copy = tmp_path / "reports" / name
+    shutil.copytree(folder / "raw", copy / "raw")
+    shutil.copy2(folder / "regenerate.sh", copy / "regenerate.sh")
     monkeypatch.chdir(tmp_path)
     assert report.main(command[3:]) == 0
     assert (copy / "report.md").read_text() == committed

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hybrid_tools.report", description=report_doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="VLMEvalKit work dirs (run.py --work-dir; default ./outputs), or bench output dirs")
+    parser.add_argument("work_dirs", nargs="*", metavar="WORK_DIR", help="VLMEvalKit work dirs (run.py --work-dir; default ./outputs), or bench output dirs")
     parser.add_argument("--bench", nargs="+", default=[], metavar="DIR_OR_JSON", help="hybrid_tools.bench --out dirs or bench.json files")
     parser.add_argument("--name", default=None, help="report name: reports/<name>/ (default: the first work dir's name)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"parent folder of the report (default {DEFAULT_OUT})")
@@ -60,6 +60,8 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
 
 def parse_sources(parser, args) -> tuple[list[Path], list[Path]]:
     """(work dirs, bench.json files) named on the command line; a parser error for a bad one."""
+    if not args.work_dirs and not args.bench:
+        parser.error("give a WORK_DIR (VLMEvalKit's --work-dir, or a bench --out dir) or --bench DIR")
     work_dirs, benches = [], []
     for text in args.work_dirs:
         path = Path(text)
