@@ -62,6 +62,7 @@ class DatasetResult:
     new_tokens_mean: float | None = None
     batch_sizes: list = field(default_factory=list)
     settings: list = field(default_factory=list)  # the sidecar's "setting" values
+    failed_rows: list = field(default_factory=list)  # (index, reason) of rows whose latest record failed
 
     @property
     def main_value(self) -> float | None:
@@ -198,6 +199,7 @@ def _read_row_stats(result: DatasetResult, folder: Path) -> None:
         values = column(key)
         return statistics.fmean(values) if values else None
 
+    result.failed_rows = [(str(r["index"]), str(r["error"])) for r in records if r.get("error")]
     prefill_s = column("prefill_s")
     result.stats_file, result.stats_rows = path, len(records)
     result.tokens_in_mean, result.tokens_kept_mean, result.new_tokens_mean = mean("tokens_in"), mean("tokens_kept"), mean("new_tokens")
