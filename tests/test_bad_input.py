@@ -34,19 +34,21 @@ def jpeg_base64(image: Image.Image, keep_bytes: int | None = None) -> str:
 
 
 def real_world_table(good_image: str) -> pd.DataFrame:
-    """MMBench layout: good row, CMYK JPEG, truncated JPEG, empty image, dangling reference, good row."""
-    base = build_mcq_table(num_questions=6)
-    rows = base[base["index"] < 6].reset_index(drop=True).copy()  # base questions only: no circular copies
+    """MMBench layout: good row, CMYK JPEG, truncated JPEG, empty image, dangling reference, good row,
+    and a row with an image but an empty question."""
+    base = build_mcq_table(num_questions=7)
+    rows = base[base["index"] < 7].reset_index(drop=True).copy()  # base questions only: no circular copies
     picture = Image.new("RGB", (48, 32), (200, 40, 40))
     rows.loc[1, "image"] = jpeg_base64(picture.convert("CMYK"))
     rows.loc[2, "image"] = jpeg_base64(picture, keep_bytes=300)
     rows.loc[3, "image"] = None
     rows.loc[4, "image"] = "999"
     rows.loc[5, "image"] = good_image
+    rows.loc[6, "question"] = " "
     return rows
 
 
-BAD_ROWS = {"2": "cannot be decoded", "3": "the image cell is empty", "4": "refers to row 999"}
+BAD_ROWS = {"2": "cannot be decoded", "3": "the image cell is empty", "4": "refers to row 999", "6": "unusable text field(s) question"}
 
 
 def write_set(sandbox, name: str, table: pd.DataFrame) -> Path:  # noqa: F811
@@ -108,7 +110,7 @@ def test_bad_rows_fail_alone_and_a_fixed_rerun_regenerates_only_them(sandbox):  
     assert "Did not detect the .env file" not in output  # quiet start-up
     predicted = pd.read_excel(work_dir / MODEL / f"{MODEL}_RealWorldMCQ.xlsx")
     by_index = dict(zip(predicted["index"].astype(str), predicted["prediction"].astype(str)))
-    assert sorted(by_index) == [str(i) for i in range(6)]  # every row is in the prediction file
+    assert sorted(by_index) == [str(i) for i in range(7)]  # every row is in the prediction file
     for index in ("0", "1", "5"):  # the good rows and the CMYK one (converted, not failed)
         assert not by_index[index].startswith(FAIL_PREFIX), by_index[index]
     for index, reason in BAD_ROWS.items():
@@ -122,8 +124,9 @@ def test_bad_rows_fail_alone_and_a_fixed_rerun_regenerates_only_them(sandbox):  
     assert {r["index"] for r in first if "error" in r} == set(BAD_ROWS)
 
     fixed = table.copy()
-    for index in BAD_ROWS:
+    for index in ("2", "3", "4"):
         fixed.loc[int(index), "image"] = good_image
+    fixed.loc[6, "question"] = table.loc[0, "question"]
     write_set(sandbox, "RealWorldMCQ", fixed)
     rerun = run_py(sandbox, args)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]

@@ -28,7 +28,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from . import layouts, results, robust, settings
+from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
 
 DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", "llava_tiny", "llava_tiny_hybrid", "--judge", "exact_matching"]
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     # checkpoints above do not: checked by counting torch's device-count calls).
     sys.argv = [sys.argv[0] if sys.argv else "run.py"] + rest
     robust.install()  # quiet import, bad rows fail alone (must precede building any dataset)
+    caption_scores.install()  # METEOR and PTB-tokenized scores beside VLMEvalKit's caption scores
     import vlmeval.run as vlmeval_run
     from vlmeval.config import supported_VLM
     from vlmeval.smp import LMUDataRoot
