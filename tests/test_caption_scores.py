@@ -1,7 +1,7 @@
 """COCO METEOR (and PTB-tokenized scores) beside VLMEvalKit's caption scores, checked against
 pycocoevalcap called directly on the same captions; without Java, the "not computed" note.
 
-One tiny TinyCOCO run each (3 rows, 2 new tokens) in the sandbox of test_vlmeval_plugin.
+One tiny TinyCOCO run each (8 rows or 3, 2 new tokens) in the sandbox of test_vlmeval_plugin.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from hybrid_tools.report import cli as report
 from tests.test_vlmeval_plugin import needs_vlmeval, run_py, sandbox  # noqa: F401 (sandbox is a fixture)
 
 MODEL = "llava_tiny"
-ROWS = 3
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH (CI installs one)")
 
 
-def tiny_coco_run(sandbox, work_dir: Path, extra_env=None) -> dict:  # noqa: F811
-    args = ["--data", "TinyCOCO", "--model", MODEL, "--max-new-tokens", "2", "--limit", str(ROWS), "--work-dir", str(work_dir)]
+def tiny_coco_run(sandbox, work_dir: Path, extra_env=None, mode: str = "all", limit: list[str] = ()) -> dict:  # noqa: F811
+    args = ["--data", "TinyCOCO", "--model", MODEL, "--max-new-tokens", "2", *limit, "--work-dir", str(work_dir), "--mode", mode]
     result = run_py(sandbox, args, extra_env=extra_env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return json.loads((work_dir / MODEL / f"{MODEL}_TinyCOCO_score.json").read_text())
+    score_file = work_dir / MODEL / f"{MODEL}_TinyCOCO_score.json"
+    return json.loads(score_file.read_text()) if mode != "infer" else {}
 
 
 def report_markdown(work_dir: Path, out: Path) -> str:
@@ -42,17 +42,27 @@ def test_meteor_equals_pycocoevalcap_direct_and_reaches_the_report(sandbox, tmp_
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     work_dir = sandbox["root"] / "meteor"
-    scores = tiny_coco_run(sandbox, work_dir)
-    predicted = pd.read_excel(work_dir / MODEL / f"{MODEL}_TinyCOCO.xlsx")
+    tiny_coco_run(sandbox, work_dir, mode="infer")  # all 8 rows: --mode eval checks the whole set
+    # The tiny random model's captions score 0 on everything; to compare non-zero scores, replace
+    # them by shortened references (a different one per row) and evaluate again.
+    prediction_file = work_dir / MODEL / f"{MODEL}_TinyCOCO.xlsx"
+    predicted = pd.read_excel(prediction_file)
+    predicted["prediction"] = [" ".join(eval(answer)[i % 2].split()[:6]) for i, answer in enumerate(predicted["answer"])]
+    predicted.to_excel(prediction_file, index=False)
+    assert not (work_dir / MODEL / f"{MODEL}_TinyCOCO_score.json").exists()
+    scores = tiny_coco_run(sandbox, work_dir, mode="eval")
     res = {str(i): [str(p)] for i, p in enumerate(predicted["prediction"])}
     gts = {str(i): eval(answer) for i, answer in enumerate(predicted["answer"])}
     direct = Meteor().compute_score(gts, res)[0] * 100
-    assert scores["METEOR"] == pytest.approx(direct, abs=1e-9)
+    print(f"METEOR plugin {scores['METEOR']!r}, pycocoevalcap direct {direct!r}")
+    assert direct > 1.0 and scores["METEOR"] == pytest.approx(direct, abs=1e-9)
     tokenizer = PTBTokenizer()  # the COCO caption server's pipeline, as in pycocoevalcap.eval.COCOEvalCap
     gts_tok = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
     res_tok = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
     assert scores["PTB_METEOR"] == pytest.approx(Meteor().compute_score(gts_tok, res_tok)[0] * 100, abs=1e-9)
-    assert scores["PTB_CIDEr"] == pytest.approx(Cider().compute_score(gts_tok, res_tok)[0] * 100, abs=1e-9)
+    ptb_cider = Cider().compute_score(gts_tok, res_tok)[0] * 100
+    print(f"PTB CIDEr plugin {scores['PTB_CIDEr']!r}, direct {ptb_cider!r}; PTB METEOR plugin {scores['PTB_METEOR']!r}")
+    assert ptb_cider > 1.0 and scores["PTB_CIDEr"] == pytest.approx(ptb_cider, abs=1e-9)
     assert scores["PTB_Bleu"] == pytest.approx([b * 100 for b in Bleu(4).compute_score(gts_tok, res_tok, verbose=0)[0]])
     untokenized_cider = Cider().compute_score(gts, res)[0] * 100
     assert scores["CIDEr"] == pytest.approx(untokenized_cider, abs=1e-9)  # VLMEvalKit's own CIDEr is left as it was
@@ -69,7 +79,7 @@ def test_without_java_the_score_file_and_report_say_meteor_was_not_computed(sand
     no_java = tmp_path / "bin"  # a PATH with no java on it (run.py is started by absolute path)
     no_java.mkdir()
     work_dir = sandbox["root"] / "no_java"
-    scores = tiny_coco_run(sandbox, work_dir, extra_env={"PATH": str(no_java)})
+    scores = tiny_coco_run(sandbox, work_dir, extra_env={"PATH": str(no_java)}, limit=["--limit", "3"])
     assert "METEOR" not in scores and "CIDEr" in scores  # VLMEvalKit's scores are still there
     assert "METEOR: not computed (no java on PATH)" in scores["notes"]
     markdown = report_markdown(work_dir, tmp_path / "reports")
