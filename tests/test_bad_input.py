@@ -187,3 +187,36 @@ def test_a_set_missing_a_column_fails_before_any_model_loads(sandbox):  # noqa: 
     assert f"{path}: missing column(s) question" in result.stderr and "MCQ (MMBench layout)" in result.stderr
     assert not (work_dir / MODEL / f"{MODEL}_NoQuestionMCQ.xlsx").exists()
     assert "Infer " not in result.stderr + result.stdout  # VLMEvalKit's inference loop never started
+
+
+SPLIT_SCRIPT = r"""
+import json
+import torch
+from vlmeval_plugin.model import HybridLLaVA
+
+model = HybridLLaVA.__new__(HybridLLaVA)  # no checkpoint: only the retry logic is exercised
+model.device, model.setting = torch.device("cpu"), "stock"
+sizes = []
+
+def generate_batch(messages):
+    sizes.append(len(messages))
+    if len(messages) > 2 or "bad" in messages:
+        raise RuntimeError("injected")
+    return [dict(prediction=message.upper()) for message in messages]
+
+model.generate_batch = generate_batch
+outcomes = model._generate_or_split([(i, "bad" if i == 3 else f"row{i}") for i in range(6)])
+print(json.dumps({"sizes": sizes, "outcomes": outcomes}))
+"""
+
+
+@needs_vlmeval
+def test_only_a_row_that_fails_on_its_own_becomes_a_failed_row(sandbox):  # noqa: F811
+    result = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], env=sandbox["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    outcomes = {index: record for index, record in report["outcomes"]}
+    assert sorted(outcomes) == list(range(6))  # every row answered once, in order
+    assert outcomes[3]["prediction"].startswith(FAIL_PREFIX) and "generate failed: RuntimeError: injected" in outcomes[3]["error"]
+    assert all(outcomes[i] == {"prediction": f"ROW{i}"} for i in (0, 1, 2, 4, 5))
+    assert report["sizes"][0] == 6 and max(report["sizes"][1:]) <= 3 and report["sizes"].count(1) >= 1

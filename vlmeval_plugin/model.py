@@ -18,6 +18,11 @@ wrapper answers a call for row r by generating r and the next B - 1 unfinished r
 share in one left-padded `model.generate`, records them all, and serves the following calls from
 those records. Rows in one batch have the same number of images. Predictions and the loop are
 VLMEvalKit's; only the grouping of the forward passes changes (prefill_s is then per batch).
+
+Failures stay with their rows: a row whose prompt cannot be built (bad image, unusable text; see
+vlmeval_plugin.robust) is answered with VLMEvalKit's failure marker and an "error" stats record; a
+generate call that raises is retried on halves of its batch down to single rows, and only a single
+row that still raises fails. Failed records are not reused, so a rerun generates those rows again.
 """
 
 from __future__ import annotations
