@@ -28,7 +28,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from . import results, settings
+from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
 
 DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", "llava_tiny", "llava_tiny_hybrid", "--judge", "exact_matching"]
@@ -104,17 +104,23 @@ def register_models(plugin_models: list[PluginModel], work_dir: str, options) ->
         )
 
 
+def is_registered_set(name: str) -> bool:
+    from vlmeval.dataset import DATASET_CLASSES
+
+    return any(name in cls.supported_datasets() for cls in DATASET_CLASSES)
+
+
 def register_caption_sets(data_names: list[str]) -> list[str]:
     """Unknown dataset names whose LMUData TSV looks like COCO_VAL (index, image, answer; no question,
     no options) become ImageCaptionDataset sets. VLMEvalKit would otherwise reject them (its custom-set
     fallback needs a question column). No md5 is registered, so the local file is used as it is."""
     import pandas as pd
-    from vlmeval.dataset import DATASET_CLASSES, ImageCaptionDataset
+    from vlmeval.dataset import ImageCaptionDataset
     from vlmeval.smp import LMUDataRoot
 
     registered = []
     for name in data_names:
-        if any(name in cls.supported_datasets() for cls in DATASET_CLASSES):
+        if is_registered_set(name):
             continue
         path = Path(LMUDataRoot()) / f"{name}.tsv"
         if not path.exists():
@@ -211,8 +217,8 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         path.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
 
 
-def print_summary(work_dir: str, models: list[str], datasets: list[str]) -> None:
-    """The end-of-run table and where each model x dataset's files are."""
+def print_summary(work_dir: str, models: list[str], datasets: list[str]) -> list:
+    """The end-of-run table and where each model x dataset's files are; the results read."""
     found = [results.read_dataset(Path(work_dir) / model, model, dataset) for model in models for dataset in datasets]
     print("\n" + results.summary_table(found) + "\n\nResults:", flush=True)
     for result in found:
@@ -222,6 +228,16 @@ def print_summary(work_dir: str, models: list[str], datasets: list[str]) -> None
                 print(f"      {path.name}", flush=True)
         if result.stats_file is not None:
             print(f"      {result.stats_file.name}  (per-row tokens and prefill time)", flush=True)
+    return found
+
+
+def failed_row_problems(found: list) -> list[str]:
+    """One line per failed row (its prediction is VLMEvalKit's failure marker; the rest was scored)."""
+    return [
+        f"{result.model} x {result.dataset}: row {index} failed: {reason}"
+        for result in found
+        for index, reason in result.failed_rows
+    ]
 
 
 def resolve_plugin_models(names, plugin_models: dict, model_path: str | None) -> str | None:
@@ -266,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     # anything queries CUDA in this process (importing hybrid_vlm/transformers and resolving the
     # checkpoints above do not: checked by counting torch's device-count calls).
     sys.argv = [sys.argv[0] if sys.argv else "run.py"] + rest
+    robust.install()  # quiet import, bad rows fail alone (must precede building any dataset)
+    caption_scores.install()  # METEOR and PTB-tokenized scores beside VLMEvalKit's caption scores
     import vlmeval.run as vlmeval_run
     from vlmeval.config import supported_VLM
     from vlmeval.smp import LMUDataRoot
@@ -293,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     bundled = [name for name in data_names if name in BUNDLED_SETS]
     if bundled:
         ensure_tiny_sets(LMUDataRoot(), bundled)
+    problem = layouts.check_local_sets([name for name in data_names if not is_registered_set(name)], LMUDataRoot())
+    if problem:
+        return fail(problem)
     register_caption_sets(data_names)
 
     if vargs.judge is None and not judge_key_configured(vargs):
@@ -310,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank != 0 or vargs.model is None or vargs.api_mode:
         return 0
-    print_summary(work_dir, vargs.model, data_names)
-    problems = outcome_problems(work_dir, vargs.model, data_names, vargs.mode, started)
+    found = print_summary(work_dir, vargs.model, data_names)
+    problems = outcome_problems(work_dir, vargs.model, data_names, vargs.mode, started) + failed_row_problems(found)
     if problems:
-        print("\nrun.py: these model x dataset combinations failed:\n" + "".join(f"  {p}\n" for p in problems), file=sys.stderr, flush=True)
+        print("\nrun.py: these model x dataset combinations or rows failed (a failed row's prediction is VLMEvalKit's "
+              "failure marker, counted in infer_fail_rate; fix the input and rerun to regenerate only failed rows):\n" + "".join(f"  {p}\n" for p in problems), file=sys.stderr, flush=True)
         return 1
     return 0

@@ -18,6 +18,11 @@ wrapper answers a call for row r by generating r and the next B - 1 unfinished r
 share in one left-padded `model.generate`, records them all, and serves the following calls from
 those records. Rows in one batch have the same number of images. Predictions and the loop are
 VLMEvalKit's; only the grouping of the forward passes changes (prefill_s is then per batch).
+
+Failures stay with their rows: a row whose prompt cannot be built (bad image, unusable text; see
+vlmeval_plugin.robust) is answered with VLMEvalKit's failure marker and an "error" stats record; a
+generate call that raises is retried on halves of its batch down to single rows, and only a single
+row that still raises fails. Failed records are not reused, so a rerun generates those rows again.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
+from .robust import RowError
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -52,6 +58,39 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
+
+
+FAILED_ROW_TEXT = "(hybrid-vlm: this row failed before generation)"
+
+
+def failure_marker(reason: str) -> str:
+    """The prediction of a failed row: VLMEvalKit's INFER_FAIL_MSG, so infer_fail_rate counts it."""
+    from vlmeval.smp.file import INFER_FAIL_MSG
+
+    return f"{INFER_FAIL_MSG}: {reason}"
+
+
+def row_error_text(error: Exception) -> str:
+    if isinstance(error, RowError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _blank(value) -> bool:
+    import pandas as pd
+
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or bool(pd.isna(value))  # numbers (an option "3" read as int) are usable
+
+
+def check_text_fields(line, dataset) -> None:
+    """MCQ rows need a question and at least options A and B to make a prompt."""
+    if DATASET_TYPE(dataset) != "MCQ":
+        return
+    unusable = [name for name in ("question", "A", "B") if name not in line or _blank(line[name])]
+    if unusable:
+        raise RowError(f"unusable text field(s) {', '.join(unusable)}: an MCQ row needs a question and options A and B")
 
 
 def llava_mcq_prompt(line) -> str:
@@ -180,8 +219,16 @@ class HybridLLaVA(BaseModel):
         return owner.build_prompt(line)  # exactly what infer_data would have done without us
 
     def build_prompt(self, line, dataset=None):
-        message = self._message_for(line, dataset)
-        self._pending = (line["index"], message)
+        """The row's message; a row whose prompt cannot be built becomes a failed row (a text-only
+        stand-in message, answered by generate_inner with the failure marker), never a failed set."""
+        try:
+            check_text_fields(line, dataset)
+            message = self._message_for(line, dataset)
+        except Exception as error:
+            message = [dict(type="text", value=FAILED_ROW_TEXT)]
+            self._pending = (line["index"], message, row_error_text(error))
+            return message
+        self._pending = (line["index"], message, None)
         return message
 
     def conversation(self, message) -> tuple[str, list[str]]:
@@ -202,9 +249,12 @@ class HybridLLaVA(BaseModel):
         return stats.stats_path(self.stats_dir, self.model_name, dataset)
 
     def _records_for(self, dataset) -> dict[str, dict]:
+        """Rows answered from records: finished rows from the sidecar, plus every row of this run.
+        Rows that failed in an earlier run are left out, so a rerun generates them again."""
         if dataset not in self._records:
             path = self._stats_file(dataset)
-            self._records[dataset] = stats.read_records(path) if path is not None else {}
+            found = stats.read_records(path) if path is not None else {}
+            self._records[dataset] = {index: record for index, record in found.items() if "error" not in record}
             if self._records[dataset]:
                 print(
                     f"[hybrid-vlm] {len(self._records[dataset])} rows of {dataset} already generated in {path}: "
@@ -240,7 +290,11 @@ class HybridLLaVA(BaseModel):
             if indices[position] in records:
                 continue
             line = share.iloc[position]
-            candidate = self.preproc_content(self._message_for(line, dataset))
+            try:
+                check_text_fields(line, dataset)
+                candidate = self.preproc_content(self._message_for(line, dataset))
+            except Exception:
+                continue  # a bad row fails on its own turn, with its reason
             if sum(item["type"] == "image" for item in candidate) != images_wanted:
                 break  # the engine wants the same image count in every row of a batch
             extra.append((line["index"], candidate))
@@ -300,22 +354,49 @@ class HybridLLaVA(BaseModel):
             for row in range(len(messages))
         ]
 
+    def _generate_or_split(self, batch: list[tuple[object, list]]) -> list[tuple[object, dict]]:
+        """Generate a batch; if generate raises (e.g. CUDA out of memory), retry its rows in halves,
+        down to single rows. A single row that still raises becomes a failed row."""
+        try:
+            results = self.generate_batch([message for _, message in batch])
+            return [(index, result) for (index, _), result in zip(batch, results)]
+        except Exception as error:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                return [(batch[0][0], self._failed_record(f"generate failed: {row_error_text(error)}"))]
+            half = (len(batch) + 1) // 2
+            print(f"[hybrid-vlm] generate failed for a batch of {len(batch)} rows ({type(error).__name__}: {error}); "
+                  f"retrying them {half} at a time", flush=True)
+            return self._generate_or_split(batch[:half]) + self._generate_or_split(batch[half:])
+
+    def _failed_record(self, reason: str) -> dict:
+        rank, _ = get_rank_and_world_size()
+        return dict(prediction=failure_marker(reason), error=reason, rank=rank, setting=self.setting)
+
     def generate_inner(self, message, dataset=None):
-        index = None
+        index, failure = None, None
         if self._pending is not None and self._pending[1] is message:
-            index = self._pending[0]
+            index, _, failure = self._pending
         self._pending = None
         if index is None:  # not from infer_data's loop (e.g. a direct call): no row, no records
             self.rows_generated += 1
             return self.generate_batch([message])[0]["prediction"]
+        if failure is not None:
+            record = dict(index=str(index), **self._failed_record(failure))
+            self._keep(dataset, record)
+            print(f"[hybrid-vlm] {dataset} row {index} failed: {failure}", flush=True)
+            return record["prediction"]
 
         records = self._records_for(dataset)
-        if str(index) in records:
+        if str(index) in records:  # finished earlier, or generated (or failed) in this run's batches
             self.rows_from_records += 1
             return records[str(index)]["prediction"]
         batch = [(index, message)] + self._lookahead(index, dataset, message)
-        results = self.generate_batch([item_message for _, item_message in batch])
-        for (row_index, _), result in zip(batch, results):
+        outcomes = self._generate_or_split(batch)
+        for row_index, result in outcomes:
             self._keep(dataset, dict(index=str(row_index), **result))
+            if "error" in result:
+                print(f"[hybrid-vlm] {dataset} row {row_index} failed: {result['error']}", flush=True)
         self.rows_generated += len(batch)
-        return results[0]["prediction"]
+        return outcomes[0][1]["prediction"]

@@ -62,6 +62,8 @@ class DatasetResult:
     new_tokens_mean: float | None = None
     batch_sizes: list = field(default_factory=list)
     settings: list = field(default_factory=list)  # the sidecar's "setting" values
+    failed_rows: list = field(default_factory=list)  # (index, reason) of rows whose latest record failed
+    notes: list = field(default_factory=list)  # the score file's notes (e.g. "METEOR: not computed (...)")
 
     @property
     def main_value(self) -> float | None:
@@ -144,8 +146,9 @@ def read_mcq_metrics(path: Path) -> tuple[dict, str | None]:
 
 
 def read_score_metrics(path: Path) -> tuple[dict, str]:
-    """A caption `_score.json` (BLEU-1..4 from its "Bleu" list, ROUGE_L, CIDEr) or another score
-    file's numeric fields -> (metrics, kind)."""
+    """A caption `_score.json` (BLEU-1..4 from its "Bleu" list, ROUGE_L, CIDEr; the plugin's METEOR,
+    and "PTB BLEU-1..4" from "PTB_Bleu", PTB_CIDEr, PTB_METEOR, PTB_SPICE: see
+    vlmeval_plugin.caption_scores) or another score file's numeric fields -> (metrics, kind)."""
     if path.suffix != ".json":
         table = load_table(path)
         if len(table) == 0:
@@ -156,11 +159,20 @@ def read_score_metrics(path: Path) -> tuple[dict, str]:
     if not isinstance(scores, dict):
         return {}, "other"
     metrics = {}
-    if isinstance(scores.get("Bleu"), list):
-        metrics.update({f"BLEU-{order}": float(v) for order, v in enumerate(scores["Bleu"], start=1) if is_number(v)})
-    metrics.update({str(k): float(v) for k, v in scores.items() if k != "Bleu" and is_number(v)})
+    for key, prefix in (("Bleu", "BLEU"), ("PTB_Bleu", "PTB BLEU")):
+        if isinstance(scores.get(key), list):
+            metrics.update({f"{prefix}-{order}": float(v) for order, v in enumerate(scores[key], start=1) if is_number(v)})
+    metrics.update({str(k).replace("_", " ", 1) if str(k).startswith("PTB_") else str(k): float(v)
+                    for k, v in scores.items() if is_number(v)})
     kind = "caption" if CAPTION_MAIN_METRIC in metrics or "BLEU-4" in metrics else "other"
     return metrics, kind
+
+
+def read_score_notes(path: Path) -> list[str]:
+    """The plugin's notes on caption metrics that were not computed (and why)."""
+    scores = read_json(path) if path.suffix == ".json" else None
+    notes = scores.get("notes") if isinstance(scores, dict) else None
+    return [str(note) for note in notes] if isinstance(notes, list) else []
 
 
 def _read_metric_file(result: DatasetResult, folder: Path) -> None:
@@ -177,6 +189,7 @@ def _read_metric_file(result: DatasetResult, folder: Path) -> None:
         if path.exists():
             result.metrics, result.kind = read_score_metrics(path)
             result.metric_files = [path]
+            result.notes = read_score_notes(path)
             main = CAPTION_MAIN_METRIC if CAPTION_MAIN_METRIC in result.metrics else next(iter(result.metrics), None)
             result.main_metric = main
             return
@@ -198,6 +211,7 @@ def _read_row_stats(result: DatasetResult, folder: Path) -> None:
         values = column(key)
         return statistics.fmean(values) if values else None
 
+    result.failed_rows = [(str(r["index"]), str(r["error"])) for r in records if r.get("error")]
     prefill_s = column("prefill_s")
     result.stats_file, result.stats_rows = path, len(records)
     result.tokens_in_mean, result.tokens_kept_mean, result.new_tokens_mean = mean("tokens_in"), mean("tokens_kept"), mean("new_tokens")

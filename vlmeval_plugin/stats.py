@@ -11,6 +11,8 @@ padding); tokens_kept: of those, the ones that reach the layers after pruning (=
 nothing prunes); prefill_s: wall time of generate's first forward (vision tower + LLM prefill) for
 the batch this row was in; generate_s: wall time of the whole generate call of that batch;
 new_tokens: generated tokens including </s>; batch_size: rows in that generate call.
+A failed row's record has only index, prediction (VLMEvalKit's failure marker), error (the reason),
+rank and setting; the plugin generates such a row again on the next run.
 
 A line is appended (under an exclusive lock, so torchrun ranks can share the file) as soon as its
 row is generated, so an interrupted run keeps every finished row; the plugin answers rows found

@@ -14,7 +14,7 @@ from .markdown import Linker, display_path, fmt, md_table
 from .plots import plot_dataset
 from .provenance import provenance_block, run_commands, status_argv
 
-CAPTION_KEYS = ("CIDEr", "BLEU-4", "ROUGE_L", "BLEU-1")
+CAPTION_KEYS = ("CIDEr", "BLEU-4", "ROUGE_L", "BLEU-1", "METEOR", "PTB CIDEr", "PTB BLEU-4", "PTB METEOR", "PTB SPICE")
 TINY_BANNER = (
     "> [!WARNING]\n"
     "> **Tiny random-weight model, not LLaVA-1.5-7B.** {what} the bundled tiny LLaVA "
@@ -158,6 +158,8 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
     unit = metric_unit(kind) + (f"; split {', '.join(splits)}" if splits else "")
     lines = [f"### {dataset}" + (f" ({label})" if label else ""), ""]
     lines += [f"Metric: {', '.join(keys) or 'none (no metric file: run with --mode all or eval)'} — {unit}.", "", table, ""]
+    if kind == "caption":
+        lines += caption_notes(entries)
     batched = sorted({b for e in entries for b in e.batch_sizes if b > 1})
     if batched:
         lines += [f"Rows were generated in batches ({', '.join(map(str, batched))}): prefill times are per batch.", ""]
@@ -212,6 +214,19 @@ def provenance_section(report: ReportInput) -> list[str]:
 
 def metric_unit(kind: str) -> str:
     return {"mcq": "accuracy, % (Δ in percentage points)", "caption": "VLMEvalKit's COCO scorer, ×100"}.get(kind, "as in the metric file")
+
+
+def caption_notes(entries: list[Entry]) -> list[str]:
+    """Which caption metrics are VLMEvalKit's and which were not computed (from the score files).
+    Score files written before the plugin added METEOR have neither: nothing to say then."""
+    notes = sorted({note for entry in entries for note in entry.notes})
+    if not notes and not any("METEOR" in entry.metrics for entry in entries):
+        return []
+    lines = ["BLEU, ROUGE_L and CIDEr are VLMEvalKit's (untokenized captions, comparable with its leaderboards); "
+             "METEOR is METEOR 1.5 on the same captions; PTB columns are COCO-standard, after PTB tokenization.", ""]
+    for note in notes:
+        lines += [f"- {note}"]
+    return lines + ([""] if notes else [])
 
 
 def sources_cell(entry: Entry, linker: Linker) -> str:

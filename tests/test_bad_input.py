@@ -1,0 +1,222 @@
+"""Bad input: bad rows fail alone, failed batches are retried smaller, malformed sets fail fast.
+
+The end-to-end runs are subprocesses of run.py in the sandbox of test_vlmeval_plugin (temporary
+LMUData, tiny checkpoint, HF offline), kept tiny: few rows, two new tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.test_vlmeval_plugin import RUN_PY, needs_vlmeval, run_py, sandbox  # noqa: F401 (sandbox is a fixture)
+from vlmeval_plugin import layouts, robust, stats
+from vlmeval_plugin.tiny_data import build_mcq_table, image_to_base64
+
+FAIL_PREFIX = "Failed to obtain answer"  # VLMEvalKit's INFER_FAIL_MSG, written out as the reference
+MODEL = "llava_tiny"
+TOKENS = ["--max-new-tokens", "2"]
+
+
+def jpeg_base64(image: Image.Image, keep_bytes: int | None = None) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    return base64.b64encode(data[:keep_bytes] if keep_bytes else data).decode("ascii")
+
+
+def real_world_table(good_image: str) -> pd.DataFrame:
+    """MMBench layout: good row, CMYK JPEG, truncated JPEG, empty image, dangling reference, good row,
+    and a row with an image but an empty question."""
+    base = build_mcq_table(num_questions=7)
+    rows = base[base["index"] < 7].reset_index(drop=True).copy()  # base questions only: no circular copies
+    picture = Image.new("RGB", (48, 32), (200, 40, 40))
+    rows.loc[1, "image"] = jpeg_base64(picture.convert("CMYK"))
+    rows.loc[2, "image"] = jpeg_base64(picture, keep_bytes=300)
+    rows.loc[3, "image"] = None
+    rows.loc[4, "image"] = "999"
+    rows.loc[5, "image"] = good_image
+    rows.loc[6, "question"] = " "
+    return rows
+
+
+BAD_ROWS = {"2": "cannot be decoded", "3": "the image cell is empty", "4": "refers to row 999", "6": "unusable text field(s) question"}
+
+
+def write_set(sandbox, name: str, table: pd.DataFrame) -> Path:  # noqa: F811
+    path = Path(sandbox["env"]["LMUData"]) / f"{name}.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+# ---- unit tests -------------------------------------------------------------------------------
+def test_bad_image_cells_become_placeholders_with_reasons():
+    good = image_to_base64(Image.new("RGB", (8, 8)))
+    data = pd.DataFrame({"index": [1, 2, 3, 4, 5], "image": [good, "1", "7", None, "4"]})
+    marked = robust.mark_bad_image_cells(data, keep_empty_rows=True)
+    reasons = [robust.bad_cell_reason(cell) for cell in marked["image"]]
+    assert reasons[:2] == [None, None]  # a full image and a valid reference stay as they are
+    assert "refers to row 7" in reasons[2] and reasons[3] == "the image cell is empty"
+    assert "refers to row 4" in reasons[4]  # a reference to a row without an image
+    assert all(len(cell) > 64 for cell in marked["image"][2:])  # VLMEvalKit must not read them as references
+    official = robust.mark_bad_image_cells(data, keep_empty_rows=False)
+    assert pd.isna(official["image"][3])  # official sets keep VLMEvalKit's own row selection
+
+
+def test_cmyk_is_converted_and_truncated_data_is_a_row_error(tmp_path):
+    picture = Image.new("RGB", (16, 16), (10, 200, 30))
+    target = tmp_path / "cmyk.png"
+    robust.decode_base64_to_image_file(jpeg_base64(picture.convert("CMYK")), str(target))
+    saved = Image.open(target)
+    assert saved.mode == "RGB" and max(abs(a - b) for a, b in zip(saved.getpixel((8, 8)), (10, 200, 30))) < 12
+    with pytest.raises(robust.RowError, match="cannot be decoded"):
+        robust.decode_base64_to_image_file(jpeg_base64(picture, keep_bytes=200), str(tmp_path / "cut.png"))
+    assert not (tmp_path / "cut.png").exists()  # no broken file left for VLMEvalKit's read_ok to accept
+
+
+def test_malformed_headers_name_file_column_and_layout(tmp_path):
+    path = tmp_path / "Mine.tsv"
+    pd.DataFrame({"index": [1], "A": ["x"], "B": ["y"], "answer": ["A"], "image": ["..."]}).to_csv(path, sep="\t", index=False)
+    message = layouts.check_tsv(path)
+    assert str(path) in message and "missing column(s) question" in message and "MCQ (MMBench layout)" in message
+    pd.DataFrame({"index": [1], "answer": ["['a cat']"]}).to_csv(path, sep="\t", index=False)
+    message = layouts.check_tsv(path)
+    assert "image or image_path" in message and "caption (COCO_VAL layout)" in message
+    pd.DataFrame({"index": [1], "question": ["q"], "A": ["x"], "B": ["y"], "answer": ["A"], "image_path": ["a.png"]}).to_csv(
+        path, sep="\t", index=False
+    )
+    assert layouts.check_tsv(path) is None
+
+
+# ---- end to end -------------------------------------------------------------------------------
+@needs_vlmeval
+def test_bad_rows_fail_alone_and_a_fixed_rerun_regenerates_only_them(sandbox):  # noqa: F811
+    good_image = build_mcq_table(num_questions=2)["image"][0]
+    table = real_world_table(good_image)
+    write_set(sandbox, "RealWorldMCQ", table)
+    work_dir = sandbox["root"] / "bad_rows"
+    args = ["--data", "RealWorldMCQ", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir)]
+    result = run_py(sandbox, args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    assert "Did not detect the .env file" not in output  # quiet start-up
+    predicted = pd.read_excel(work_dir / MODEL / f"{MODEL}_RealWorldMCQ.xlsx")
+    by_index = dict(zip(predicted["index"].astype(str), predicted["prediction"].astype(str)))
+    assert sorted(by_index) == [str(i) for i in range(7)]  # every row is in the prediction file
+    for index in ("0", "1", "5"):  # the good rows and the CMYK one (converted, not failed)
+        assert not by_index[index].startswith(FAIL_PREFIX), by_index[index]
+    for index, reason in BAD_ROWS.items():
+        assert by_index[index].startswith(FAIL_PREFIX) and reason in by_index[index]
+        assert f"{MODEL} x RealWorldMCQ: row {index} failed: " in result.stderr and reason in result.stderr
+    judged = pd.read_excel(work_dir / MODEL / f"{MODEL}_RealWorldMCQ_exact_matching_result.xlsx")
+    assert {"0", "1", "5"} <= set(judged["index"].astype(str))  # the good rows were scored
+    assert (work_dir / MODEL / f"{MODEL}_RealWorldMCQ_acc.csv").exists()
+    path = stats.stats_path(work_dir / MODEL, MODEL, "RealWorldMCQ")
+    first = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {r["index"] for r in first if "error" in r} == set(BAD_ROWS)
+
+    fixed = table.copy()
+    for index in ("2", "3", "4"):
+        fixed.loc[int(index), "image"] = good_image
+    fixed.loc[6, "question"] = table.loc[0, "question"]
+    write_set(sandbox, "RealWorldMCQ", fixed)
+    rerun = run_py(sandbox, args)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
+    added = [json.loads(line) for line in path.read_text().splitlines()][len(first):]
+    assert sorted(r["index"] for r in added) == sorted(BAD_ROWS) and not any("error" in r for r in added)
+    again = pd.read_excel(work_dir / MODEL / f"{MODEL}_RealWorldMCQ.xlsx")
+    again_by_index = dict(zip(again["index"].astype(str), again["prediction"].astype(str)))
+    assert all(again_by_index[i] == by_index[i] for i in ("0", "1", "5"))  # finished rows kept as they were
+    assert not any(value.startswith(FAIL_PREFIX) for value in again_by_index.values())
+
+
+FAULTY_RUN = r"""
+import sys
+import transformers
+
+original = transformers.LlavaForConditionalGeneration.generate
+
+def generate(self, *args, **kwargs):
+    if kwargs["input_ids"].shape[0] > 2:
+        raise RuntimeError("CUDA out of memory (injected for batches larger than 2)")
+    return original(self, *args, **kwargs)
+
+transformers.LlavaForConditionalGeneration.generate = generate
+from vlmeval_plugin.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_vlmeval
+def test_failed_batches_are_retried_at_half_size_and_match_batch_one(sandbox):  # noqa: F811
+    base = ["--data", "TinyCOCO", "--model", MODEL, *TOKENS, "--mode", "infer", "--limit", "5"]
+    clean_dir, faulty_dir = sandbox["root"] / "batch1", sandbox["root"] / "faulty"
+    clean = run_py(sandbox, [*base, "--work-dir", str(clean_dir)])
+    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-3000:]
+    faulty = subprocess.run(
+        [sys.executable, "-c", FAULTY_RUN, *base, "--batch-size", "4", "--work-dir", str(faulty_dir)],
+        env=sandbox["env"], cwd=sandbox["root"], capture_output=True, text=True, timeout=300,
+    )
+    assert faulty.returncode == 0, (faulty.stdout + faulty.stderr)[-3000:]
+    assert "generate failed for a batch of 4 rows" in faulty.stdout
+    records = stats.read_records(stats.stats_path(faulty_dir / MODEL, MODEL, "TinyCOCO"))
+    assert len(records) == 5 and not any("error" in r for r in records.values())
+    assert {r["batch_size"] for r in records.values()} <= {1, 2}  # every row came from a retried, smaller batch
+    reference = stats.read_records(stats.stats_path(clean_dir / MODEL, MODEL, "TinyCOCO"))
+    assert {i: r["prediction"] for i, r in records.items()} == {i: r["prediction"] for i, r in reference.items()}
+    assert pd.read_excel(faulty_dir / MODEL / f"{MODEL}_TinyCOCO.xlsx")["prediction"].tolist() == (
+        pd.read_excel(clean_dir / MODEL / f"{MODEL}_TinyCOCO.xlsx")["prediction"].tolist()
+    )
+
+
+@needs_vlmeval
+def test_a_set_missing_a_column_fails_before_any_model_loads(sandbox):  # noqa: F811
+    table = build_mcq_table(num_questions=2).drop(columns=["question"])
+    path = write_set(sandbox, "NoQuestionMCQ", table)
+    work_dir = sandbox["root"] / "malformed"
+    result = run_py(sandbox, ["--data", "NoQuestionMCQ", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir)])
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert f"{path}: missing column(s) question" in result.stderr and "MCQ (MMBench layout)" in result.stderr
+    assert not (work_dir / MODEL / f"{MODEL}_NoQuestionMCQ.xlsx").exists()
+    assert "Infer " not in result.stderr + result.stdout  # VLMEvalKit's inference loop never started
+
+
+SPLIT_SCRIPT = r"""
+import json
+import torch
+from vlmeval_plugin.model import HybridLLaVA
+
+model = HybridLLaVA.__new__(HybridLLaVA)  # no checkpoint: only the retry logic is exercised
+model.device, model.setting = torch.device("cpu"), "stock"
+sizes = []
+
+def generate_batch(messages):
+    sizes.append(len(messages))
+    if len(messages) > 2 or "bad" in messages:
+        raise RuntimeError("injected")
+    return [dict(prediction=message.upper()) for message in messages]
+
+model.generate_batch = generate_batch
+outcomes = model._generate_or_split([(i, "bad" if i == 3 else f"row{i}") for i in range(6)])
+print(json.dumps({"sizes": sizes, "outcomes": outcomes}))
+"""
+
+
+@needs_vlmeval
+def test_only_a_row_that_fails_on_its_own_becomes_a_failed_row(sandbox):  # noqa: F811
+    result = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], env=sandbox["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    outcomes = {index: record for index, record in report["outcomes"]}
+    assert sorted(outcomes) == list(range(6))  # every row answered once, in order
+    assert outcomes[3]["prediction"].startswith(FAIL_PREFIX) and "generate failed: RuntimeError: injected" in outcomes[3]["error"]
+    assert all(outcomes[i] == {"prediction": f"ROW{i}"} for i in (0, 1, 2, 4, 5))
+    assert report["sizes"][0] == 6 and max(report["sizes"][1:]) <= 3 and report["sizes"].count(1) >= 1

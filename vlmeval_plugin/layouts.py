@@ -1,0 +1,69 @@
+"""Fail fast on a local TSV that lacks a column its layout needs, before any model loads.
+
+VLMEvalKit reads a custom set's columns only deep inside inference or evaluation (a KeyError after
+the model has loaded and, for a missing `answer`, after every row has been generated). The layout is
+decided the way VLMEvalKit and the plugin decide it: option columns A/B make an MCQ set (VLMEvalKit's
+CustomMCQDataset), a question without options a VQA set (CustomVQADataset), neither a caption set
+(vlmeval_plugin.cli.register_caption_sets). Nothing here imports vlmeval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+IMAGE_COLUMNS = ("image", "image_path")
+LAYOUTS = {
+    "MCQ (MMBench layout)": ("index", "question", "A", "B", "answer"),
+    "VQA": ("index", "question", "answer"),
+    "caption (COCO_VAL layout)": ("index", "answer"),
+}
+
+
+def layout_of(columns: set[str]) -> str:
+    if {"A", "B"} & columns:
+        return "MCQ (MMBench layout)"
+    if "question" in columns:
+        return "VQA"
+    return "caption (COCO_VAL layout)"
+
+
+def missing_columns(columns: set[str]) -> tuple[str, list[str]]:
+    """The layout these columns describe and the columns it needs but lacks."""
+    layout = layout_of(columns)
+    missing = [name for name in LAYOUTS[layout] if name not in columns]
+    if not set(IMAGE_COLUMNS) & columns:
+        missing.append("image or image_path")
+    return layout, missing
+
+
+def needs_text(layout: str) -> str:
+    return ", ".join(LAYOUTS[layout]) + " and image (base64) or image_path"
+
+
+def check_tsv(path: Path) -> str | None:
+    """None when the TSV's header has what its layout needs, else the error to show."""
+    try:
+        columns = {str(name) for name in pd.read_csv(path, sep="\t", nrows=0).columns}
+    except Exception as error:
+        return f"{path}: cannot read its header as a TSV ({type(error).__name__}: {error})"
+    layout, missing = missing_columns(columns)
+    if not missing:
+        return None
+    return (
+        f"{path}: missing column(s) {', '.join(missing)}. It reads as a {layout} set, which needs the columns "
+        f"{needs_text(layout)}; it has {', '.join(sorted(columns)) or 'none'}."
+    )
+
+
+def check_local_sets(custom_names: list[str], lmu_root: str | Path) -> str | None:
+    """The first problem among the custom (unregistered) sets' TSVs in LMUData, else None.
+    A name without a TSV is left to VLMEvalKit (it reports unknown sets itself)."""
+    for name in custom_names:
+        path = Path(lmu_root) / f"{name}.tsv"
+        if path.exists():
+            problem = check_tsv(path)
+            if problem:
+                return problem
+    return None

@@ -1,0 +1,177 @@
+"""Row-level failures instead of set-level ones, and a quiet start-up: the plugin's reaches into
+VLMEvalKit 0.0.20 internals, all in this one module (nothing in VLMEvalKit's files is changed).
+
+Upstream, one bad row takes the whole set down:
+- `ImageBaseDataset.__init__` asserts that every short image cell (a reference to another row's
+  image) names an existing row, and silently drops rows whose image cell is empty;
+- `vlmeval.smp.vlm.decode_base64_to_image_file` saves every image as PNG, which fails for CMYK and
+  other modes PNG cannot hold, and raises on truncated data; the error reaches `infer_data`'s loop
+  and ends the set.
+Here a bad image cell is replaced, at load time, by a placeholder that carries the reason; the
+model wrapper (vlmeval_plugin.model) turns such a row, and any row whose prompt cannot be built,
+into a failed row whose prediction starts with VLMEvalKit's INFER_FAIL_MSG.
+
+`install()` must run in every process that builds datasets, before the first one is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+
+import pandas as pd
+
+# A placeholder longer than 64 characters, so VLMEvalKit does not read it as a row reference.
+BAD_CELL_PREFIX = "hybrid-vlm unusable image cell: "
+PLACEHOLDER_WIDTH = 80
+ENV_FILE_MESSAGE = "Did not detect the .env file"
+PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
+class RowError(Exception):
+    """A row that cannot be answered; the message is the reason shown to the user."""
+
+
+def bad_cell_reason(cell) -> str | None:
+    """The reason carried by a placeholder cell, else None."""
+    if isinstance(cell, str) and cell.startswith(BAD_CELL_PREFIX):
+        return cell[len(BAD_CELL_PREFIX):].strip()
+    return None
+
+
+def placeholder(reason: str) -> str:
+    return (BAD_CELL_PREFIX + reason).ljust(PLACEHOLDER_WIDTH)
+
+
+def _is_empty(cell) -> bool:
+    return cell is None or (isinstance(cell, float) and pd.isna(cell)) or (isinstance(cell, str) and not cell.strip())
+
+
+def mark_bad_image_cells(data: pd.DataFrame, keep_empty_rows: bool) -> pd.DataFrame:
+    """Replace dangling image references (and, when keep_empty_rows, empty cells) by placeholders.
+
+    Empty cells are left alone for registered (official) sets: VLMEvalKit drops those rows on
+    purpose there (text-only rows), and their row set must stay VLMEvalKit's."""
+    if "image" not in data:
+        return data
+    data = data.copy()
+    indices = [str(value) for value in data["index"]]
+    cells = dict(zip(indices, data["image"]))
+    fixed = []
+    for cell in data["image"]:
+        if _is_empty(cell):
+            fixed.append(placeholder("the image cell is empty") if keep_empty_rows else cell)
+            continue
+        text = str(cell)
+        if len(text) <= 64 and not _is_full_image(cells.get(text)):
+            fixed.append(placeholder(f"the image cell refers to row {text}, which does not exist or has no image"))
+            continue
+        fixed.append(cell)
+    data["image"] = fixed
+    return data
+
+
+def _is_full_image(cell) -> bool:
+    return not _is_empty(cell) and len(str(cell)) > 64
+
+
+def decode_image(base64_string: str):
+    """VLMEvalKit's decode_base64_to_image, plus a full decode so truncated data fails here."""
+    from PIL import Image
+
+    reason = bad_cell_reason(base64_string)
+    if reason is not None:
+        raise RowError(reason)
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(base64_string)))
+        image.load()
+    except Exception as error:
+        raise RowError(f"the image cannot be decoded ({type(error).__name__}: {error})") from error
+    if image.mode in ("RGBA", "P", "LA"):
+        image = image.convert("RGB")  # as VLMEvalKit does
+    if image.mode not in PNG_MODES:
+        image = image.convert("RGB")  # CMYK, YCbCr, ...: PNG cannot hold them; RGB answers the same question
+    return image
+
+
+def decode_base64_to_image_file(base64_string, image_path, target_size=-1):
+    """Drop-in for vlmeval.smp.vlm.decode_base64_to_image_file that never writes a broken file."""
+    image = decode_image(base64_string)
+    if target_size > 0:
+        image.thumbnail((target_size, target_size))
+    os.makedirs(os.path.dirname(image_path) or ".", exist_ok=True)
+    try:
+        image.save(image_path)
+    except Exception as error:
+        if os.path.exists(image_path):
+            os.remove(image_path)
+        raise RowError(f"the image cannot be saved as {image_path} ({type(error).__name__}: {error})") from error
+
+
+def _patch_dataset_loading() -> None:
+    """Wrap every image dataset's load_data (through the instance, so subclasses' overrides are
+    covered) with mark_bad_image_cells, before VLMEvalKit's reference check runs."""
+    from vlmeval.dataset.image_base import ImageBaseDataset
+
+    original_init = ImageBaseDataset.__init__
+    if getattr(original_init, "_hybrid_vlm", False):
+        return
+
+    def __init__(self, dataset="MMBench", *args, **kwargs):
+        load_data = self.load_data
+        official = dataset in getattr(self, "DATASET_MD5", {})
+
+        def checked_load_data(name, *load_args, **load_kwargs):
+            return mark_bad_image_cells(load_data(name, *load_args, **load_kwargs), keep_empty_rows=not official)
+
+        self.load_data = checked_load_data
+        try:
+            original_init(self, dataset, *args, **kwargs)
+        finally:
+            del self.load_data
+
+    __init__._hybrid_vlm = True
+    ImageBaseDataset.__init__ = __init__
+
+
+def _patch_image_dumping() -> None:
+    """dump_image looks decode_base64_to_image_file up in vlmeval.dataset.image_base's globals."""
+    import vlmeval.dataset.image_base as image_base
+
+    image_base.decode_base64_to_image_file = decode_base64_to_image_file
+
+
+def _retry_failed_rows() -> None:
+    """infer_data_job drops earlier predictions containing vlmeval.inference.FAIL_MSG ('Failed to
+    obtain answer via API.') before resuming; INFER_FAIL_MSG ('Failed to obtain answer') is its
+    prefix, so with it the rerun also regenerates the wrapper's failed rows (and API failures)."""
+    import vlmeval.inference as inference
+    from vlmeval.smp.file import INFER_FAIL_MSG
+
+    inference.FAIL_MSG = INFER_FAIL_MSG
+
+
+class _DropEnvFileError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return ENV_FILE_MESSAGE not in str(record.msg)
+
+
+def import_vlmeval_quietly() -> None:
+    """`import vlmeval` logs an ERROR when VLMEvalKit's optional .env file (API keys) is missing,
+    which users read as a failure. Drop that one record while importing; everything else passes."""
+    root = logging.getLogger()
+    quiet = _DropEnvFileError()
+    root.addFilter(quiet)
+    try:
+        import vlmeval  # noqa: F401
+    finally:
+        root.removeFilter(quiet)
+
+
+def install() -> None:
+    import_vlmeval_quietly()
+    _patch_dataset_loading()
+    _patch_image_dumping()
+    _retry_failed_rows()
