@@ -41,7 +41,7 @@ from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
-from .robust import RowError
+from .robust import RowError, is_blank
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -76,19 +76,11 @@ def row_error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _blank(value) -> bool:
-    import pandas as pd
-
-    if isinstance(value, str):
-        return not value.strip()
-    return value is None or bool(pd.isna(value))  # numbers (an option "3" read as int) are usable
-
-
 def check_text_fields(line, dataset) -> None:
     """MCQ rows need a question and at least options A and B to make a prompt."""
     if DATASET_TYPE(dataset) != "MCQ":
         return
-    unusable = [name for name in ("question", "A", "B") if name not in line or _blank(line[name])]
+    unusable = [name for name in ("question", "A", "B") if name not in line or is_blank(line[name])]
     if unusable:
         raise RowError(f"unusable text field(s) {', '.join(unusable)}: an MCQ row needs a question and options A and B")
 

@@ -45,8 +45,11 @@ def placeholder(reason: str) -> str:
     return (BAD_CELL_PREFIX + reason).ljust(PLACEHOLDER_WIDTH)
 
 
-def _is_empty(cell) -> bool:
-    return cell is None or (isinstance(cell, float) and pd.isna(cell)) or (isinstance(cell, str) and not cell.strip())
+def is_blank(cell) -> bool:
+    """An empty table cell: None, NaN/NA, or only white space (a number such as option "3" read as int is not)."""
+    if isinstance(cell, str):
+        return not cell.strip()
+    return cell is None or bool(pd.isna(cell))
 
 
 def mark_bad_image_cells(data: pd.DataFrame, keep_empty_rows: bool) -> pd.DataFrame:
@@ -61,7 +64,7 @@ def mark_bad_image_cells(data: pd.DataFrame, keep_empty_rows: bool) -> pd.DataFr
     cells = dict(zip(indices, data["image"]))
     fixed = []
     for cell in data["image"]:
-        if _is_empty(cell):
+        if is_blank(cell):
             fixed.append(placeholder("the image cell is empty") if keep_empty_rows else cell)
             continue
         text = str(cell)
@@ -74,7 +77,7 @@ def mark_bad_image_cells(data: pd.DataFrame, keep_empty_rows: bool) -> pd.DataFr
 
 
 def _is_full_image(cell) -> bool:
-    return not _is_empty(cell) and len(str(cell)) > 64
+    return not is_blank(cell) and len(str(cell)) > 64
 
 
 def decode_image(base64_string: str):
