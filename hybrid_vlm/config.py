@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from .baselines import SELECTIONS, pool_sides
 from .dymu import SPLITS as DYMU_SPLITS
 
 FASTV_K_FORMS = (
@@ -53,6 +54,38 @@ def parse_dymu_split(text: str | None) -> str:
     )
 
 
+def parse_fastv_select(text: str | None) -> str:
+    if text is None or text.strip() == "":
+        return "attention"
+    if text.strip() in SELECTIONS:
+        return text.strip()
+    raise ValueError(
+        f"FASTV_SELECT={text!r} is not valid: use attention (FastV: the last prompt token's attention ranks the "
+        "visual tokens, the default) or random (K visual tokens drawn at random per image, a baseline)."
+    )
+
+
+def parse_visual_pool(text: str | None) -> int | None:
+    """VISUAL_POOL: unset for none, or the block side s ('2' or '2x2')."""
+    if text is None or text.strip() == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+)(?:x(\d+))?\s*", text)
+    if match and (match.group(2) is None or match.group(2) == match.group(1)) and int(match.group(1)) in pool_sides():
+        return int(match.group(1))
+    raise ValueError(
+        f"VISUAL_POOL={text!r} is not valid: use the side of square blocks that tile the 24 x 24 patch grid, "
+        f"one of {', '.join(map(str, pool_sides()))} (or written 2x2, 3x3, ...), or unset for no pooling."
+    )
+
+
+def parse_select_seed(text: str | None) -> int:
+    if text is None or text.strip() == "":
+        return 0
+    if re.fullmatch(r"\s*\d+\s*", text):
+        return int(text)
+    raise ValueError(f"SELECT_SEED={text!r} is not valid: use an integer >= 0 (the seed of FASTV_SELECT=random). Default 0.")
+
+
 def visual_keep_count(num_visual: int, fastv_k: int | float | None) -> int:
     """How many of `num_visual` visual tokens FastV keeps for one sample.
 
@@ -83,6 +116,10 @@ class HybridConfig:
     dymu_split: DyMU's bipartite split order (see `hybrid_vlm.dymu`): "official" alternates A/B
         over the current token order as DyMU's code does (the default: DyMU as published);
         "slot" alternates over the original patch order (an ablation).
+    fastv_select: "attention" (FastV) or "random": which K visual tokens the pruning keeps
+        (`hybrid_vlm.baselines`); `select_seed` seeds the random draw.
+    visual_pool: None, or s: average the 24 x 24 grid of image features in s x s blocks before
+        layer 0, each pooled token at its block's central patch (a baseline; not with DyMU).
     """
 
     fastv_k: int | float | None = None
@@ -91,6 +128,9 @@ class HybridConfig:
     scoring: str = "row"
     dymu: str | None = None
     dymu_split: str = "official"
+    fastv_select: str = "attention"
+    select_seed: int = 0
+    visual_pool: int | None = None
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -108,6 +148,17 @@ class HybridConfig:
             raise ValueError(f"scoring={self.scoring!r} is not valid: use one of {SCORING_MODES}.")
         if self.dymu_split not in DYMU_SPLITS:
             raise ValueError(f"DYMU_SPLIT={self.dymu_split!r} is not valid: use one of {', '.join(DYMU_SPLITS)}.")
+        if self.fastv_select not in SELECTIONS:
+            raise ValueError(f"FASTV_SELECT={self.fastv_select!r} is not valid: use one of {', '.join(SELECTIONS)}.")
+        if self.fastv_select == "random" and self.fastv_k is None:
+            raise ValueError("FASTV_SELECT=random needs FASTV_K (how many visual tokens to keep at random).")
+        if isinstance(self.select_seed, bool) or not isinstance(self.select_seed, int) or self.select_seed < 0:
+            raise ValueError(f"SELECT_SEED={self.select_seed!r} is not valid: use an integer >= 0.")
+        if self.visual_pool is not None:
+            if isinstance(self.visual_pool, bool) or self.visual_pool not in pool_sides():
+                raise ValueError(f"VISUAL_POOL={self.visual_pool!r} is not valid: use one of {', '.join(map(str, pool_sides()))}.")
+            if self.dymu is not None:
+                raise ValueError("VISUAL_POOL and DYMU_THRESHOLDS cannot be combined: both decide the tokens entering layer 0.")
 
     @property
     def prunes(self) -> bool:
@@ -115,14 +166,17 @@ class HybridConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
-        """Read FASTV_K, FASTV_LAYER (default 2), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official |
-        slot, default official) and HYBRID_POSITIONS (logical | renumbered, default logical);
-        keyword overrides win."""
+        """Read FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED,
+        VISUAL_POOL (a block side), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official | slot, default
+        official) and HYBRID_POSITIONS (logical | renumbered, default logical); keyword overrides win."""
         env = os.environ if environ is None else environ
         positions = (env.get("HYBRID_POSITIONS") or "logical").strip()
         if positions not in POSITION_MODES:
             raise ValueError(f"HYBRID_POSITIONS={positions!r} is not valid: use one of {', '.join(POSITION_MODES)}.")
         values = dict(
+            fastv_select=parse_fastv_select(env.get("FASTV_SELECT")),
+            select_seed=parse_select_seed(env.get("SELECT_SEED")),
+            visual_pool=parse_visual_pool(env.get("VISUAL_POOL")),
             fastv_k=parse_fastv_k(env.get("FASTV_K")),
             fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
             dymu=env.get("DYMU_THRESHOLDS") or None,
@@ -136,13 +190,17 @@ class HybridConfig:
         """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'
         (a non-default DyMU split adds e.g. 'dymu-mid_split-slot')."""
         parts = []
+        if self.visual_pool is not None:
+            parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")
         if self.dymu is not None:
             parts.append("dymu-" + re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.splitext(os.path.basename(self.dymu))[0]))
             if self.dymu_split != "official":
                 parts.append(f"split-{self.dymu_split}")
         if self.fastv_k is not None:
             k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k:g}"
-            parts.append(f"fastv-{k}-l{self.fastv_layer}")
+            method = "fastv" if self.fastv_select == "attention" else "random"
+            seed = f"-s{self.select_seed}" if self.fastv_select == "random" and self.select_seed else ""
+            parts.append(f"{method}-{k}-l{self.fastv_layer}{seed}")
         if self.position_mode != "logical":
             parts.append(self.position_mode)
         if self.scoring != "row":

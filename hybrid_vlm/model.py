@@ -18,10 +18,12 @@ different lengths. Their key-validity masks (padding, kept tokens) travel on the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from .baselines import pool_grid, random_slot_scores
 from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
 from .hf_compat import (
@@ -167,13 +169,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if pixel_values is not None:
             if state is not None:
                 raise NotImplementedError("images are only supported in the first forward over a cache")
-            if config.dymu is not None:
-                merged = dymu_image_features(
-                    self, pixel_values.to(self.dtype), self.hybrid_thresholds.to(device), split=config.dymu_split
-                )
-                features, slot_valid = merged.features, merged.valid  # [images, 576, hidden], [images, 576]
-            else:
-                features, slot_valid = stock_image_features(self, pixel_values.to(self.dtype)), None
+            features, slot_valid, pooled_slots = self._image_features(pixel_values)  # [images, 576, hidden], [images, 576]
             num_images, tokens_per_image = features.shape[:2]
             if num_images % batch:
                 raise ValueError(f"{num_images} images for {batch} prompts: every prompt needs the same number of images")
@@ -181,6 +177,9 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             is_visual = input_ids == parts.image_token_id
             check_visual_counts(is_visual, num_visual)
             visual_positions = true_positions(is_visual, num_visual)  # [B, V]
+            if config.fastv_select == "random":
+                slot_scores = random_slot_scores(pixel_values, num_images // batch, tokens_per_image, config.select_seed)
+                random_scores = torch.zeros(batch, length, dtype=slot_scores.dtype, device=device).scatter(1, visual_positions, slot_scores)
             inputs_embeds = inputs_embeds.scatter(
                 1,
                 visual_positions[..., None].expand(batch, num_visual, hidden_size),
@@ -190,15 +189,18 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 # DyMU: a merged token sits at the placeholder of its representative patch, so it carries
                 # that patch's position id; the placeholders of patches merged into it are dropped here,
                 # before layer 0. Sizing the compacted sequence needs the batch's largest merged count:
-                # the engine's one host read, and only with DyMU (the count is data-dependent by design).
+                # the engine's one host read, and only with DyMU (the count is data-dependent by design;
+                # pooling's count is static).
                 slot_valid = slot_valid.reshape(batch, num_visual) & new_valid.gather(1, visual_positions)
-                merged_slots = int(slot_valid.sum(dim=1).max())
+                merged_slots = pooled_slots * (num_images // batch) if pooled_slots else int(slot_valid.sum(dim=1).max())
                 slot_scores = torch.zeros(batch, length, device=device).scatter(1, visual_positions, slot_valid.float())
                 entered_positions, _ = select_kept_positions(slot_scores, visual_positions, merged_slots)
                 new_valid = new_valid.scatter(1, visual_positions, slot_valid)
                 inputs_embeds = gather_tokens(inputs_embeds, entered_positions)
                 new_valid = gather_tokens(new_valid, entered_positions)
                 position_ids = gather_tokens(position_ids, entered_positions)
+                if config.fastv_select == "random":
+                    random_scores = gather_tokens(random_scores, entered_positions)
                 if config.position_mode == "renumbered":
                     position_ids = (new_valid.long().cumsum(dim=1) - 1).clamp_min(0)
                     next_position = position_ids[:, -1] + 1
@@ -234,6 +236,8 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         kept_positions = scores = None
         for layer_idx, layer in enumerate(parts.layers):
             if prune_now and layer_idx == config.fastv_layer:
+                if config.fastv_select == "random":
+                    scores = random_scores
                 scores = scores.masked_fill(~new_valid, -1.0)  # merged-away slots rank after every real token
                 kept_positions, kept_real = select_kept_positions(scores, visual_positions, keep, keep_per_sample)
                 hidden_states = gather_tokens(hidden_states, kept_positions)
@@ -250,7 +254,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 prune_layer = layer_idx
             elif layer_idx == prune_layer:
                 mask = attention_mask_4d(pruned_key_valid, length)
-            scoring_here = prune_now and layer_idx == config.fastv_layer - 1
+            scoring_here = prune_now and layer_idx == config.fastv_layer - 1 and config.fastv_select == "attention"
             hidden_states, row = llama_layer_forward(
                 layer,
                 hidden_states,
@@ -288,6 +292,20 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             kept_positions=kept_positions,
             visual_positions=visual_positions if entered_positions is None else None,
         )
+
+    def _image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """(features [images, 576, hidden], which slots hold a token [images, 576] or None, and the
+        static count of such slots per image when it does not depend on the data)."""
+        config = self.hybrid_config
+        pixel_values = pixel_values.to(self.dtype)
+        if config.dymu is not None:
+            merged = dymu_image_features(self, pixel_values, self.hybrid_thresholds.to(pixel_values.device), split=config.dymu_split)
+            return merged.features, merged.valid, None
+        features = stock_image_features(self, pixel_values)
+        if config.visual_pool is not None:
+            pooled, valid = pool_grid(features, config.visual_pool)
+            return pooled, valid, (math.isqrt(features.shape[1]) // config.visual_pool) ** 2
+        return features, None, None
 
 
 def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | None = None):

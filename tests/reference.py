@@ -26,8 +26,42 @@ def eager_copy(model):
     return reference
 
 
+def numpy_random_scores(pixel_values: torch.Tensor, seed: int, slots: int = 576) -> np.ndarray:
+    """The random baseline's draw (hybrid_vlm.baselines' spec), in NumPy, one image at a time: [N, slots]."""
+    modulus = 2**31
+    scores = []
+    for image in pixel_values.float().numpy():
+        quantised = np.round(image.reshape(-1) * np.float32(16)).astype(np.int64)
+        weights = (np.arange(quantised.size, dtype=np.int64) * 40503 + 1) % 65536
+        key = int((quantised * weights).sum()) % modulus
+        state = (key * 1_000_003 + np.arange(slots, dtype=np.int64) * 7919 + seed * 104_729) % modulus
+        for _ in range(4):
+            state = (state * 1_103_515_245 + 12_345) % modulus
+            state ^= state >> 13
+        scores.append(state / modulus)
+    return np.stack(scores)
+
+
+def numpy_pooled_features(features: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatial pooling in NumPy: block means of the 24 x 24 grid at each block's central patch."""
+    images, tokens, hidden = features.shape
+    grid = int(round(tokens**0.5))
+    placed = np.zeros((images, tokens, hidden), dtype=np.float64)
+    valid = np.zeros((images, tokens), dtype=bool)
+    values = features.double().numpy().reshape(images, grid, grid, hidden)
+    for top in range(0, grid, side):
+        for left in range(0, grid, side):
+            centre = (top + side // 2) * grid + left + side // 2
+            placed[:, centre] = values[:, top : top + side, left : left + side].mean(axis=(1, 2))
+            valid[:, centre] = True
+    return torch.from_numpy(placed).to(features.dtype), torch.from_numpy(valid)
+
+
 @torch.no_grad()
-def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch.Tensor | None = None, split: str = "official"):
+def masked_reference(
+    model, inputs, fastv_k, fastv_layer: int, thresholds: torch.Tensor | None = None, split: str = "official",
+    select: str = "attention", select_seed: int = 0, pool: int | None = None,
+):
     """Stock eager decoder layers over every prompt token, at the original position ids.
 
     Nothing is ever removed: padding, DyMU's merged-away placeholder slots (when `thresholds` is
@@ -35,6 +69,8 @@ def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch
     visual tokens FastV drops are masked as keys. The kept set is chosen here, with NumPy, from the
     stock eager attention weights of layer fastv_layer - 1 (last prompt token, head-averaged), and
     its size by the official rule (`official_keep_count`). `split`: DyMU's split order.
+    select="random": the kept set is the top of `numpy_random_scores` instead. pool=s: the image
+    features are pooled by `numpy_pooled_features` and the other placeholders masked.
     Returns (logits [B, L, V], kept [B, L] bool: real tokens that the last layer attends to).
     """
     reference = eager_copy(model)
@@ -48,6 +84,8 @@ def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch
     if thresholds is None:
         features = reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
         slot_valid = torch.ones(batch, is_visual.sum(axis=1).max(), dtype=torch.bool)
+        if pool is not None:
+            features, slot_valid = numpy_pooled_features(torch.stack(list(features)), pool)
     else:
         from hybrid_vlm.hf_compat import dymu_image_features
 
@@ -70,6 +108,11 @@ def masked_reference(model, inputs, fastv_k, fastv_layer: int, thresholds: torch
     for layer_idx, layer in enumerate(language_model.layers):
         if fastv_k is not None and layer_idx == fastv_layer:
             row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
+            if select == "random":
+                row = np.zeros((batch, length))
+                random_scores = numpy_random_scores(inputs["pixel_values"], select_seed)
+                for b in range(batch):
+                    row[b, np.flatnonzero(is_visual[b])] = random_scores[b]
             for b in range(batch):
                 visual_real = np.flatnonzero(is_visual[b] & real[b].numpy())
                 keep = official_keep_count(len(visual_real), fastv_k)

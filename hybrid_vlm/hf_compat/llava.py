@@ -27,6 +27,7 @@ __all__ = [
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
+    "packed_decoder_states",
     "output_cache",
     "repeat_kv",
     "stock_image_features",
@@ -162,3 +163,16 @@ def first_llm_module(model: LlavaForConditionalGeneration) -> nn.Module:
     """The first module the LLM runs on the prompt, in the stock forward and in the hybrid loop alike
     (which calls the layers' submodules, not the layers): a pre-hook here marks where vision ends."""
     return llava_parts(model).layers[0].input_layernorm
+
+
+def packed_decoder_states(
+    model: LlavaForConditionalGeneration,
+    inputs_embeds: torch.Tensor,  # [B, T, D]
+    attention_mask: torch.Tensor,  # [B, 1, T, T] bool, True = may attend
+    position_ids: torch.Tensor,  # [B, T]
+) -> torch.Tensor:
+    """The LLM's final hidden states [B, T, D] under a custom 4-D mask (testbed training packs several
+    questions after one image). masking_utils in 5.23 and 5.24 passes a 4-D mask through as-is."""
+    return model.model.language_model(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state

@@ -1,0 +1,68 @@
+"""The two baselines every token-reduction number needs beside it, as pure, sync-free tensor functions.
+
+Random selection (`FASTV_SELECT=random`): at FastV's layer, keep K visual tokens drawn uniformly at
+random instead of the K with the highest attention. The draw is a hash of the image's pixels, the
+slot and the seed, computed on device: the same image keeps the same tokens in any batch, every
+image gets its own draw, and no host sync is needed. The key is computed from the pixel values as
+given (quantised to 1/16), so an fp16 and an fp32 copy of one image draw differently; the spec is
+`image_keys` / `slot_hash`, transcribed in NumPy by the tests' reference.
+
+Spatial pooling (`VISUAL_POOL=s`): before LLM layer 0, the 24 x 24 grid of projected image
+features is averaged in s x s blocks; each pooled token takes the placeholder of its block's
+central patch, the patch at offset (s // 2, s // 2) in the block (for even s the lower right of the
+four central patches), and so that patch's position id (logical RoPE, like DyMU's merged tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SELECTIONS = ("attention", "random")
+_MODULUS = 2**31
+
+
+def image_keys(pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N] int64 in [0, 2^31): sum of quantised pixels times fixed per-element weights."""
+    quantised = torch.round(pixel_values.float().flatten(1) * 16).long()  # [N, C*H*W], |q| < 64
+    index = torch.arange(quantised.shape[1], device=pixel_values.device)
+    weights = (index * 40503 + 1) % 65536
+    return (quantised * weights).sum(dim=1) % _MODULUS
+
+
+def slot_hash(keys: torch.Tensor, num_slots: int, seed: int) -> torch.Tensor:
+    """[N] keys -> [N, num_slots] float64 in [0, 1): a few rounds of an LCG and xorshift, in int64."""
+    slots = torch.arange(num_slots, device=keys.device)
+    state = (keys[:, None] * 1_000_003 + slots[None, :] * 7919 + seed * 104_729) % _MODULUS
+    for _ in range(4):
+        state = (state * 1_103_515_245 + 12_345) % _MODULUS
+        state = state ^ (state >> 13)
+    return state.double() / _MODULUS
+
+
+def random_slot_scores(pixel_values: torch.Tensor, images_per_sample: int, tokens_per_image: int, seed: int) -> torch.Tensor:
+    """[B * images_per_sample, C, H, W] -> [B, images_per_sample * tokens_per_image] random scores."""
+    scores = slot_hash(image_keys(pixel_values), tokens_per_image, seed)  # [N, T]
+    return scores.reshape(-1, images_per_sample * tokens_per_image)
+
+
+def pool_sides(grid: int = 24) -> tuple[int, ...]:
+    return tuple(side for side in range(2, grid + 1) if grid % side == 0)
+
+
+def pool_grid(features: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, G*G, D] patch features -> ([N, G*G, D], [N, G*G] bool): the s x s block means placed at
+    each block's central slot, and which slots hold a pooled token ((G / s)^2 per image)."""
+    images, tokens, hidden = features.shape
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens or grid % side:
+        raise ValueError(f"VISUAL_POOL={side} does not tile a {grid} x {grid} grid: use one of {pool_sides(grid)}")
+    blocks = grid // side
+    pooled = features.reshape(images, blocks, side, blocks, side, hidden).mean(dim=(2, 4))  # [N, g, g, D]
+    centre = torch.arange(blocks, device=features.device) * side + side // 2
+    slots = (centre[:, None] * grid + centre[None, :]).reshape(-1)  # [g*g] row-major block order
+    placed = torch.zeros_like(features).index_copy(1, slots, pooled.reshape(images, blocks * blocks, hidden))
+    valid = torch.zeros(images, tokens, dtype=torch.bool, device=features.device)
+    valid[:, slots] = True
+    return placed, valid

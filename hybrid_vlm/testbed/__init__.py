@@ -1,0 +1,116 @@
+"""The testbed: a small LLaVA-1.5-shaped model trained here on generated scenes, so that accuracy
+against tokens kept means something on a laptop.
+
+LLaVA-1.5's geometry where the methods act: a CLIP-layout ViT at 336 px with 14 px patches (576
+patches + CLS, features from the second-to-last of 6 layers), a 2-layer GELU MLP projector, an
+8-layer Llama with RoPE, the LLaVA-1.5 conversation, its own byte-level BPE tokenizer. It is a
+stock `LlavaForConditionalGeneration`; the trained weights ship in `checkpoint/` (see its README).
+
+    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~50 min on 2 CPU cores)
+    python -m hybrid_vlm.testbed calibrate               # DyMU thresholds low/mid/high for the shipped weights
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+THRESHOLDS_DIR = CHECKPOINT_DIR / "dymu-thresholds"
+VOCAB_SIZE = 640
+TOKENIZER_SCENES = 3000
+
+
+def _tokenizer_corpus() -> list[str]:
+    from . import scenes
+    from .prompts import CAPTION_PROMPT, conversation
+
+    lines = [conversation(CAPTION_PROMPT)] * 100
+    for index in range(TOKENIZER_SCENES):
+        lines += [conversation(text) + target if text else target for text, target, _ in _text_segments(index)]
+    lines += [" ".join(words) for words in (scenes.COLOURS, scenes.SHAPES, scenes.SIZES, scenes.BACKGROUNDS, scenes.NUMBER_WORDS)]
+    return lines
+
+
+def _text_segments(index: int):
+    """The text of training scene `index` without rendering it (the tokenizer needs words only)."""
+    from . import scenes
+    from .prompts import LETTERS, mcq_text
+
+    scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
+    segments = []
+    for kind in scenes.QUESTION_KINDS:
+        question = scenes.ask(scene, kind, rng)
+        if question is not None:
+            segments.append((mcq_text(question.question, question.options), LETTERS[question.answer], 1.0))
+    segments += [("", caption, 1.0) for caption in scenes.captions(scene)]
+    return segments
+
+
+def build_tokenizer():
+    """Byte-level BPE (any text encodes) trained on the testbed's prompts, questions and captions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..tiny import IMAGE_TOKEN
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+    )
+    fast.add_bos_token = True
+    return fast
+
+
+def testbed_config(tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from ..tiny import IMAGE_TOKEN
+
+    vision = CLIPVisionConfig(
+        hidden_size=96, intermediate_size=384, num_hidden_layers=6, num_attention_heads=3,
+        image_size=336, patch_size=14, projection_dim=96,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
+        projector_hidden_act="gelu",
+    )
+
+
+def build_untrained(seed: int = 0):
+    """(model, processor): the testbed architecture with transformers' default initialisation."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from ..tiny import build_processor
+
+    processor = build_processor(build_tokenizer())
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(testbed_config(processor.tokenizer))
+    model.set_attn_implementation("sdpa")
+    return model, processor
+
+
+def testbed_checkpoint() -> Path:
+    """The shipped checkpoint directory; a clear error if it is missing."""
+    if not (CHECKPOINT_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"the testbed checkpoint is missing from {CHECKPOINT_DIR}: it ships with the repository "
+            "(git checkout it) or is made by `python -m hybrid_vlm.testbed train --out that directory`"
+        )
+    return CHECKPOINT_DIR

@@ -1,0 +1,63 @@
+"""Command line of the testbed: train it, calibrate DyMU thresholds for it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import CHECKPOINT_DIR, THRESHOLDS_DIR, build_untrained
+from .train import TrainSettings, train
+
+
+def train_command(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings(steps=args.steps, batch_images=args.batch_images, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = build_untrained(settings.seed)
+    started = time.perf_counter()
+    log = train(model, processor, settings, out / "train_log.jsonl", progress=not args.quiet)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    summary = dict(
+        settings=asdict(settings), threads=args.threads, torch=torch.__version__, machine=platform.processor() or platform.machine(),
+        train_seconds=round(time.perf_counter() - started, 1), images_seen=settings.steps * settings.batch_images,
+        final_loss_mean_last_50=round(sum(r["loss"] for r in log[-50:]) / len(log[-50:]), 4),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+def calibrate_command(args: argparse.Namespace) -> None:
+    from .calibration import calibrate_testbed
+
+    for path in calibrate_testbed(Path(args.model), Path(args.out), args.targets, args.images):
+        print(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hybrid_vlm.testbed", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    trainer = commands.add_parser("train", help="train the testbed from scratch")
+    trainer.add_argument("--out", required=True, help="directory for the checkpoint, processor and loss log")
+    trainer.add_argument("--steps", type=int, default=TrainSettings.steps)
+    trainer.add_argument("--batch-images", type=int, default=TrainSettings.batch_images)
+    trainer.add_argument("--seed", type=int, default=TrainSettings.seed)
+    trainer.add_argument("--threads", type=int, default=2)
+    trainer.add_argument("--quiet", action="store_true", help="no progress bar")
+    trainer.set_defaults(run=train_command)
+    calibrator = commands.add_parser("calibrate", help="DyMU thresholds for the testbed (training-distribution images)")
+    calibrator.add_argument("--model", default=str(CHECKPOINT_DIR))
+    calibrator.add_argument("--out", default=str(THRESHOLDS_DIR))
+    calibrator.add_argument("--targets", nargs="+", default=["low", "mid", "high"])
+    calibrator.add_argument("--images", type=int, default=256)
+    calibrator.set_defaults(run=calibrate_command)
+    args = parser.parse_args(argv)
+    args.run(args)

@@ -1,0 +1,216 @@
+"""Train the testbed from scratch on generated scenes: seeded, reproducible, CPU-sized.
+
+Each training image carries several questions and one caption in a single packed sequence: the
+shared prefix (system prompt, "USER: ", the 576 image tokens) comes once, then every question and
+the caption follow as segments that attend to the prefix and to themselves only, each with the
+positions it would have alone. One ViT pass and one prefix then serve ~9 supervised answers;
+tests/test_testbed.py checks a packed segment's logits against the stock forward of that prompt alone.
+
+Loss: cross-entropy on the answer tokens (the option letter and </s>; the caption and </s>),
+averaged within a segment, then over segments (a caption counts `CAPTION_WEIGHT` questions).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features
+from . import scenes
+from .prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
+
+CAPTION_WEIGHT = 2.0
+EXTRA_QUESTIONS = 3  # beyond one of each kind
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 900
+    batch_images: int = 8
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+@dataclass
+class PackedImage:
+    input_ids: list[int]  # prefix (image token expanded) then segments
+    positions: list[int]
+    segment_ids: list[int]  # 0 = shared prefix, 1.. = segment
+    target_positions: list[int]  # index of the logit that predicts each target token
+    target_ids: list[int]
+    target_weights: list[float]
+    letter_positions: list[int]  # logits that predict an option letter (for the running accuracy)
+
+
+def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]]]:
+    """The image of training scene `index` and its (prompt text, target, weight) segments."""
+    scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
+    kinds = list(scenes.QUESTION_KINDS) + [str(k) for k in rng.choice(scenes.QUESTION_KINDS, EXTRA_QUESTIONS)]
+    segments = []
+    for kind in kinds:
+        question = scenes.ask(scene, kind, rng)
+        if question is not None:
+            segments.append((mcq_text(question.question, question.options), LETTERS[question.answer], 1.0))
+    references = scenes.captions(scene)
+    segments.append((CAPTION_PROMPT, references[int(rng.integers(len(references)))], CAPTION_WEIGHT))
+    return scenes.render(scene), segments
+
+
+def jpeg_roundtrip(image: Image.Image) -> Image.Image:
+    """The evaluation TSVs store JPEG at quality 95; train on the same artefacts."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[tuple[str, str, float]]) -> PackedImage:
+    prompts = [tokenizer(conversation(text))["input_ids"] for text, _, _ in segments]
+    cut = prompts[0].index(image_token_id) + 1
+    prefix = prompts[0][: cut - 1] + [image_token_id] * image_tokens
+    packed = PackedImage(list(prefix), list(range(len(prefix))), [0] * len(prefix), [], [], [], [])
+    for number, (prompt, (_, target, weight)) in enumerate(zip(prompts, segments), start=1):
+        if prompt[:cut] != prompts[0][:cut]:
+            raise ValueError("segments of one packed image must share the tokens up to the image")
+        answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        tokens = prompt[cut:] + answer
+        start = len(packed.input_ids)
+        packed.input_ids += tokens
+        packed.positions += list(range(len(prefix), len(prefix) + len(tokens)))
+        packed.segment_ids += [number] * len(tokens)
+        first_target = start + len(prompt) - cut
+        packed.target_positions += list(range(first_target - 1, first_target - 1 + len(answer)))
+        packed.target_ids += answer
+        packed.target_weights += [weight / len(answer)] * len(answer)
+        if target in LETTERS:
+            packed.letter_positions.append(first_target - 1)
+    return packed
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] segment ids (-1 = padding) -> [B, 1, T, T] bool: causal, and a segment sees only the
+    shared prefix (id 0) and itself. Padding rows see padding only (never an all-False row)."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    visible = (key == 0) & (query >= 0) | (key == query)
+    return (causal & visible)[:, None]
+
+
+def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(p.input_ids) for p in packed)
+    batch = len(packed)
+    input_ids = torch.full((batch, length), pad_id)
+    positions = torch.zeros(batch, length, dtype=torch.long)
+    segment_ids = torch.full((batch, length), -1)
+    rows, columns, targets, weights, letter_rows, letter_columns = [], [], [], [], [], []
+    for row, item in enumerate(packed):
+        n = len(item.input_ids)
+        input_ids[row, :n] = torch.tensor(item.input_ids)
+        positions[row, :n] = torch.tensor(item.positions)
+        segment_ids[row, :n] = torch.tensor(item.segment_ids)
+        rows += [row] * len(item.target_positions)
+        columns += item.target_positions
+        targets += item.target_ids
+        weights += item.target_weights
+        letter_rows += [row] * len(item.letter_positions)
+        letter_columns += item.letter_positions
+    return dict(
+        input_ids=input_ids, position_ids=positions, attention_mask=packed_attention_mask(segment_ids),
+        target_rows=torch.tensor(rows), target_columns=torch.tensor(columns),
+        target_ids=torch.tensor(targets), target_weights=torch.tensor(weights),
+        letter_rows=torch.tensor(letter_rows, dtype=torch.long), letter_columns=torch.tensor(letter_columns, dtype=torch.long),
+    )
+
+
+def packed_logits(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Logits [N, vocab] at (rows, columns) of the packed batch: stock image features placed at the
+    image tokens, the LLM under the packed mask."""
+    parts = llava_parts(model)
+    embeds = parts.embed_tokens(batch["input_ids"])  # [B, T, D]
+    features = stock_image_features(model, pixel_values)  # [B, 576, D]
+    image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+    hidden = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"])
+    return parts.lm_head(hidden[rows, columns])  # the LLM's output is already final-normed
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_batch(step: int, settings: TrainSettings, processor, image_token_id: int, image_tokens: int):
+    images, packed = [], []
+    for offset in range(settings.batch_images):
+        image, segments = training_segments(step * settings.batch_images + offset)
+        images.append(jpeg_roundtrip(image))
+        packed.append(pack(processor.tokenizer, image_token_id, image_tokens, segments))
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return pixel_values, collate(packed, processor.tokenizer.pad_token_id)
+
+
+def train(model, processor, settings: TrainSettings, log_path: Path, progress: bool = True) -> list[dict]:
+    """Train `model` in place; one JSON line per step in `log_path`; returns the log."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(settings.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate, betas=(0.9, 0.98),
+    )
+    image_token_id = model.config.image_token_id
+    image_tokens = model.config.image_seq_length
+    model.train()
+    log, started = [], time.perf_counter()
+    bar = tqdm(range(settings.steps), desc="testbed train", disable=not progress)
+    with log_path.open("w") as log_file:
+        for step in bar:
+            pixel_values, batch = training_batch(step, settings, processor, image_token_id, image_tokens)
+            logits = packed_logits(model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
+            losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
+            weights = batch["target_weights"]
+            loss = (losses * weights).sum() / weights.sum()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, settings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            record = dict(step=step, loss=round(loss.item(), 5), lr=optimizer.param_groups[0]["lr"],
+                          letter_accuracy=round(_letter_accuracy(logits, batch), 4),
+                          seconds=round(time.perf_counter() - started, 1))
+            log.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['letter_accuracy']:.2f}")
+    model.eval()
+    return log
+
+
+def _letter_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """Share of option-letter targets whose logit argmax is the right letter (training batch)."""
+    keys = batch["target_rows"] * 100_000 + batch["target_columns"]
+    letter_keys = batch["letter_rows"] * 100_000 + batch["letter_columns"]
+    is_letter = torch.isin(keys, letter_keys)
+    if not bool(is_letter.any()):
+        return float("nan")
+    return float((logits[is_letter].argmax(-1) == batch["target_ids"][is_letter]).float().mean())
+
+
+def seeded_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
