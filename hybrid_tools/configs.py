@@ -12,6 +12,7 @@ configuration / vanilla.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,25 @@ class Configuration(ModelFolder):
     def tag(self) -> str:
         """The setting part of the name ("vanilla" for a vanilla folder)."""
         return "vanilla" if self.vanilla else (setting_tag(self.name) or self.name)
+
+    @property
+    def method(self) -> str:
+        """What a plot draws one line for: the setting without its budget ('FastV L2', 'random L2',
+        'DyMU', 'DyMU + FastV L2', 'pooling', 'vanilla'), so each line varies only the budget."""
+        if self.vanilla:
+            return "vanilla"
+        names = []
+        for part in self.tag.split("_"):
+            if part.startswith("pool-"):
+                names.append("pooling")
+            elif part.startswith("dymu-"):
+                names.append("DyMU")
+            elif part.startswith(("fastv-", "random-")):
+                layer = re.search(r"-l(\d+)", part)
+                names.append(("FastV" if part.startswith("fastv-") else "random") + (f" L{layer.group(1)}" if layer else ""))
+            else:  # renumbered, split-slot, scoring-eager, a seed: part of the method, not the budget
+                names.append(part)
+        return " + ".join(names) or self.tag
 
     @property
     def checkpoint(self) -> str | None:

@@ -4,6 +4,13 @@
     python -m hybrid_tools.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla \\
         --launcher "torchrun --nproc-per-node=8" -- --work-dir outputs --batch-size 8
 
+Baselines and other models:
+
+    --select attention random   FastV's selection (attention) and/or random selection (FASTV_SELECT) at the same K
+    --model pool --pool 2 3 4   spatial pooling before layer 0 (VISUAL_POOL: 144 / 64 / 36 tokens)
+    --family testbed            the names of the bundled trained testbed (llava_testbed*): short forms and
+                                --vanilla mean its names, and --dymu low / mid / high its shipped thresholds
+
 Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --dymu-split / --positions to change its grid):
 
     --ablation fastv-layer      FastV at layers 1, 2, 3 (FASTV_K 0.5 unless --fastv-k)
@@ -64,12 +71,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, parse_fastv_k, parse_fastv_layer
+from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fastv_k, parse_fastv_layer, parse_visual_pool
 from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.results import metric_text, number_text, text_table
-from vlmeval_plugin.settings import SHORT_NAMES, VANILLA
 
 from . import configs as comparison
 
@@ -88,7 +94,7 @@ SCORING_HINT = (
     "    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
     "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
 )
-ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS")
+ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS")
 DYMU_TARGETS = ("low", "mid", "high")
 
 
@@ -115,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dymu", nargs="+", default=None, metavar="FILE", help="DYMU_THRESHOLDS files (or targets with --calibrate-images)")
     parser.add_argument("--dymu-split", nargs="+", default=None, choices=DYMU_SPLITS, help="DYMU_SPLIT values (DyMU models only)")
     parser.add_argument("--positions", nargs="+", default=None, choices=POSITION_MODES, help="HYBRID_POSITIONS values")
+    parser.add_argument("--select", nargs="+", default=None, choices=SELECTIONS, help="FASTV_SELECT values (FastV and pool models)")
+    parser.add_argument("--pool", nargs="+", default=None, help="VISUAL_POOL values (pool models)")
+    parser.add_argument("--family", default="llava_v1.5_7b", choices=sorted(settings.FAMILY_VANILLA), help="whose names the short forms and --vanilla mean")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
-    parser.add_argument("--vanilla", action="store_true", help="also run llava_v1.5_7b (nothing patched) as the reference")
+    parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (llava_v1.5_7b; nothing patched) as the reference")
     parser.add_argument("--calibrate-images", default=None, metavar="DIR", help="calibrate --dymu targets (low/mid/high/N) on these images first")
     parser.add_argument("--launcher", default=None, help='e.g. "torchrun --nproc-per-node=8" (default: this Python)')
     parser.add_argument("--work-dir", default="./outputs", help="VLMEvalKit --work-dir (default ./outputs)")
@@ -146,11 +155,12 @@ def passthrough_value(passthrough: list[str], flag: str) -> str | None:
     return None
 
 
-def calibrate_targets(entries: list[str], images: str | None, work_dir: str, passthrough: list[str], dry_run=False) -> list[str]:
-    """--dymu entries as files: existing files stay, targets are calibrated (or reused) with --calibrate-images."""
+def calibrate_targets(entries: list[str], images: str | None, work_dir: str, passthrough: list[str], dry_run=False, family="llava_v1.5_7b") -> list[str]:
+    """--dymu entries as files: existing files stay, targets are calibrated (or reused) with --calibrate-images;
+    the testbed's low / mid / high stay names (the plugin resolves them to its shipped thresholds)."""
     files = []
     for entry in entries:
-        if Path(entry).is_file():
+        if Path(entry).is_file() or (family == "testbed" and entry in settings.TESTBED_LEVELS):
             files.append(entry)
             continue
         is_target = entry in DYMU_TARGETS or entry.isdigit() or OFFICIAL_NAME.fullmatch(entry) is not None
@@ -180,35 +190,41 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
 
 def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
     """Every run of the grid, in order, deduplicated by results folder; and notes on what was merged."""
-    models = [SHORT_NAMES.get(name, name) for name in args.model]
+    short = settings.short_names(args.family)
+    models = [short.get(name, name) for name in args.model]
     for model in models:
         if model not in settings.VARIANTS or settings.VARIANTS[model].tiny:
             usable = [n for n, v in settings.VARIANTS.items() if not v.tiny]
-            raise settings.PluginError(f"--model {model}: use one of {', '.join(usable)} or {', '.join(SHORT_NAMES)}")
+            raise settings.PluginError(f"--model {model}: use one of {', '.join(usable)} or {', '.join(short)}")
     for text in args.fastv_k or []:
         parse_fastv_k(text)
     for text in args.fastv_layer or []:
         parse_fastv_layer(text)
+    for text in args.pool or []:
+        parse_visual_pool(text)
     runs: list[Run] = []
     notes: list[str] = []
     seen: dict[str, Run] = {}
     for model in models:
         variant = settings.VARIANTS[model]
+        prunes = variant.fastv or variant.pool
         axes = {
-            "FASTV_K": (args.fastv_k if variant.fastv else None) or [None],
-            "FASTV_LAYER": (args.fastv_layer if variant.fastv else None) or [None],
+            "FASTV_K": (args.fastv_k if prunes else None) or [None],
+            "FASTV_LAYER": (args.fastv_layer if prunes else None) or [None],
+            "FASTV_SELECT": (args.select if prunes else None) or [None],
+            "VISUAL_POOL": (args.pool if variant.pool else None) or [None],
             "DYMU_THRESHOLDS": (args.dymu if variant.dymu else None) or [None],
             "DYMU_SPLIT": (args.dymu_split if variant.dymu else None) or [None],
-            "HYBRID_POSITIONS": (args.positions if (variant.fastv or variant.dymu) else None) or [None],
+            "HYBRID_POSITIONS": (args.positions if variant.patched else None) or [None],
         }
-        if variant.dymu and axes["DYMU_THRESHOLDS"] == [None] and not base_env.get("DYMU_THRESHOLDS"):
+        if variant.dymu and variant.family != "testbed" and axes["DYMU_THRESHOLDS"] == [None] and not base_env.get("DYMU_THRESHOLDS"):
             raise settings.PluginError(f"{model} needs DyMU thresholds: pass --dymu FILE... (or set DYMU_THRESHOLDS)")
         for values in itertools.product(*axes.values()):
             chosen = dict(zip(axes, values))
             env = dict(base_env)
             env.update({key: value for key, value in chosen.items() if value is not None})
             folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
-            label = "vanilla" if model == VANILLA else f"{_short(model)}: {settings.setting_tag(folder) or folder}"
+            label = "vanilla" if not variant.patched else f"{_short(model, args.family)}: {settings.setting_tag(folder) or folder}"
             if folder in seen:
                 given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
                 notes.append(f"{model} with {given} is the same setting as {seen[folder].label} ({folder}): run once")
@@ -219,8 +235,8 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
     return runs, notes
 
 
-def _short(model: str) -> str:
-    return next((short for short, name in SHORT_NAMES.items() if name == model), model)
+def _short(model: str, family: str = "llava_v1.5_7b") -> str:
+    return next((short for short, name in settings.short_names(family).items() if name == model), model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
     models = args.model
+    short = settings.short_names(args.family)
+    vanilla_name = settings.FAMILY_VANILLA[args.family]
     if args.ablation:
         preset_models, defaults = ABLATIONS[args.ablation]
         for key, values in defaults.items():
@@ -243,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             return fail("--ablation dymu-level needs --dymu FILE... (e.g. low.json mid.json high.json, or low mid high with --calibrate-images DIR)")
         if args.ablation == "hybrid-vs-alone" and (not args.dymu or len(args.dymu) != 1):
             return fail("--ablation hybrid-vs-alone needs exactly one --dymu FILE (the DyMU setting of the hybrid)")
-        models = ["vanilla"] + [m for m in (models or preset_models) if SHORT_NAMES.get(m, m) != VANILLA]
+        models = ["vanilla"] + [m for m in (models or preset_models) if short.get(m, m) != vanilla_name]
     elif models is None:
         if args.dymu_split and not args.dymu:
             return fail("--dymu-split needs --dymu FILE... (DyMU's split order only matters with DyMU thresholds)")
-        models = ["hybrid" if args.fastv_k else "dymu"] if args.dymu else ["fastv"]
-        if models == ["fastv"] and not args.fastv_k and not args.fastv_layer and not args.positions:
-            return fail("nothing to sweep: give --fastv-k, --fastv-layer, --dymu, --positions or --ablation")
-    if args.vanilla and VANILLA not in [SHORT_NAMES.get(m, m) for m in models]:
+        models = ["hybrid" if args.fastv_k else "dymu"] if args.dymu else ["pool"] if args.pool else ["fastv"]
+        if models == ["fastv"] and not (args.fastv_k or args.fastv_layer or args.positions or args.select):
+            return fail("nothing to sweep: give --fastv-k, --fastv-layer, --select, --pool, --dymu, --positions or --ablation")
+    if args.vanilla and vanilla_name not in [short.get(m, m) for m in models]:
         models = ["vanilla"] + list(models)
     args.model = models
 
@@ -259,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
         if args.dymu:
-            args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run)
+            args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
         runs, notes = plan_runs(args, base_env)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
-    swept = [SHORT_NAMES.get(m, m) for m in models if SHORT_NAMES.get(m, m) != VANILLA] or [VANILLA]
+    swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]
     # sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept (as before), else the models
-    tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m) for m in swept))
+    tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m, args.family) for m in swept))
 
     for note in notes:
         print(f"hybrid_tools.sweep: note: {note}", flush=True)

@@ -3,13 +3,13 @@
     python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid
     FASTV_K=72 python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
     torchrun --nproc-per-node=8 run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
-    python run.py          # no arguments: the bundled demo (tiny LLaVA, TinyMMBench + TinyCOCO, CPU)
+    python run.py          # no arguments: the bundled demo (trained testbed, TinyMMBench + TinyCOCO, CPU)
 
 Every VLMEvalKit flag is accepted and passed on unchanged; the plugin adds
     --model-path PATH      llava-hf checkpoint (a directory or a hub id already in the HF cache);
                            default $HYBRID_VLM_MODEL_PATH, else llava-hf/llava-1.5-7b-hf from the cache
     --batch-size N         rows per generate call (default 1; see vlmeval_plugin/model.py)
-    --max-new-tokens N     per row (default 2048 as VLMEvalKit's LLaVA; tiny models: 8)
+    --max-new-tokens N     per row (default 2048 as VLMEvalKit's LLaVA; testbed: 64; tiny random model: 8)
 What it changes before handing over to vlmeval.run: plugin names become their effective names
 (one results folder per setting), the judge defaults to exact matching when no judge API key is
 configured, the bundled Tiny* sets are written into LMUData when requested and missing, local
@@ -31,7 +31,11 @@ from pathlib import Path
 from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
 
-DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", "llava_tiny", "llava_tiny_hybrid", "--judge", "exact_matching"]
+DEMO_MODELS = ["llava_testbed", "llava_testbed_fastv", "llava_testbed_hybrid"]
+DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", *DEMO_MODELS, "--judge", "exact_matching", "--batch-size", "8"]
+# What the demo's names mean, whatever the environment says: FastV K=64 at layer 2 alone, and after DyMU mid.
+DEMO_ENV = {"FASTV_K": "64", "FASTV_LAYER": "2", "DYMU_THRESHOLDS": "mid"}
+DEMO_IGNORED_ENV = ("FASTV_SELECT", "SELECT_SEED", "VISUAL_POOL", "DYMU_SPLIT", "HYBRID_POSITIONS")
 JUDGE_KEY_ENVS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM")
 FAILED_SKIPS = ("invalid_dataset", "Incomplete infer result", "No infer result found")
 
@@ -71,6 +75,13 @@ class PluginModel:
             from hybrid_vlm.tiny import ensure_tiny_llava
 
             self.checkpoint = ensure_tiny_llava()
+        elif self.variant.family == "testbed":
+            from hybrid_vlm.testbed import testbed_checkpoint
+
+            try:
+                self.checkpoint = testbed_checkpoint()
+            except FileNotFoundError as error:
+                raise settings.PluginError(str(error)) from None
         else:
             self.checkpoint = settings.resolve_checkpoint(model_path)
 
@@ -92,7 +103,7 @@ def register_models(plugin_models: list[PluginModel], work_dir: str, options) ->
     for item in plugin_models:
         max_new_tokens = options.max_new_tokens
         if max_new_tokens is None:
-            max_new_tokens = settings.TINY_MAX_NEW_TOKENS if item.variant.tiny else settings.DEFAULT_MAX_NEW_TOKENS
+            max_new_tokens = settings.max_new_tokens_for(item.variant)
         supported_VLM[item.name] = partial(
             HybridLLaVA,
             checkpoint=str(item.checkpoint),
@@ -257,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = not argv
     if demo:
         argv = list(DEMO_ARGS)
+        for key in DEMO_IGNORED_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(DEMO_ENV)
         print(
-            "run.py: no arguments, running the bundled demo: tiny random LLaVA on TinyMMBench + TinyCOCO, "
-            "vanilla (llava_tiny) and hybrid (llava_tiny_hybrid), on CPU.\n"
+            "run.py: no arguments, running the bundled demo: the trained testbed (hybrid_vlm.testbed) on its held-out "
+            "TinyMMBench + TinyCOCO, vanilla, FastV K=64 at layer 2, and DyMU mid then FastV K=64, on CPU.\n"
             "For the real thing: python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid",
             flush=True,
         )

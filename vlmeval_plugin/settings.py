@@ -5,11 +5,16 @@ FASTV_K or a missing checkpoint in a second, before anything heavy happens.
 
 Names and their fixed meaning:
     llava_v1.5_7b          the stock llava-hf model, nothing patched (FASTV_K / DYMU_THRESHOLDS ignored)
-    llava_v1.5_7b_fastv    FastV only: FASTV_K (default 0.5 = prune half), FASTV_LAYER (default 2)
+    llava_v1.5_7b_fastv    FastV only: FASTV_K (default 0.5 = prune half), FASTV_LAYER (default 2),
+                           FASTV_SELECT (attention, or random: the random-selection baseline), SELECT_SEED
     llava_v1.5_7b_dymu     DyMU only: DYMU_THRESHOLDS required, DYMU_SPLIT (default official), FastV off
     llava_v1.5_7b_hybrid   DyMU + FastV: DYMU_THRESHOLDS required, DYMU_SPLIT, FASTV_K (default 0.5), FASTV_LAYER
-    llava_tiny             the bundled tiny random LLaVA, nothing patched (the `python run.py` demo)
-    llava_tiny_hybrid      the tiny LLaVA with the demo's hybrid setting (see tiny_hybrid_config)
+    llava_v1.5_7b_pool     spatial pooling before layer 0: VISUAL_POOL (2, 3, 4 ...; default 2), optional FASTV_K
+    llava_testbed{,_fastv,_dymu,_hybrid,_pool}
+                           the same five on the bundled trained testbed (hybrid_vlm.testbed); DYMU_THRESHOLDS
+                           may also be low / mid / high (the shipped thresholds; default mid)
+    llava_tiny             the bundled tiny random LLaVA, nothing patched (exactness tests)
+    llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
 
 VLMEvalKit writes results to <work-dir>/<model name>/ and silently reuses whatever it finds there,
 so every patched name runs under an effective name that carries its setting:
@@ -19,7 +24,7 @@ so every patched name runs under an effective name that carries its setting:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_vlm.config import HybridConfig
@@ -28,7 +33,8 @@ CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
 MODEL_PATH_ENV = "HYBRID_VLM_MODEL_PATH"
 DEFAULT_FASTV_K = 0.5  # FastV's published operating point: K=2, R=50%
 DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at </s> long before
-TINY_MAX_NEW_TOKENS = 8  # the random tiny model rarely emits </s>: keep the demo fast
+TINY_MAX_NEW_TOKENS = 8  # the random tiny model rarely emits </s>: keep its runs fast
+TESTBED_MAX_NEW_TOKENS = 64  # the testbed's longest caption is ~45 tokens, and it ends with </s>
 NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the effective name
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
@@ -37,39 +43,69 @@ class PluginError(Exception):
     """A problem with the user's request (name, setting, checkpoint): printed, exit status 2."""
 
 
+FAMILIES = ("llava_v1.5_7b", "testbed", "tiny")
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
-    fastv: bool  # reads FASTV_K / FASTV_LAYER
+    fastv: bool  # reads FASTV_K / FASTV_LAYER / FASTV_SELECT
     dymu: bool  # needs DYMU_THRESHOLDS
-    tiny: bool = False  # runs the bundled tiny checkpoint instead of llava-1.5-7b
+    family: str = "llava_v1.5_7b"  # which checkpoint: LLaVA-1.5-7B, the bundled testbed, the tiny random model
     fixed_setting: bool = False  # patched with a setting of its own, not read from the environment
+    pool: bool = False  # reads VISUAL_POOL (and FASTV_K, without a default)
     description: str = ""
 
     @property
     def patched(self) -> bool:
-        return self.fastv or self.dymu or self.fixed_setting
+        return self.fastv or self.dymu or self.pool or self.fixed_setting
+
+    @property
+    def tiny(self) -> bool:
+        return self.family == "tiny"
+
+
+def _family_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
+    return (
+        Variant(prefix, fastv=False, dymu=False, family=family, description=f"{what}, nothing patched"),
+        Variant(f"{prefix}_fastv", fastv=True, dymu=False, family=family, description=f"{what}: FastV (FASTV_K, FASTV_LAYER, FASTV_SELECT)"),
+        Variant(f"{prefix}_dymu", fastv=False, dymu=True, family=family, description=f"{what}: DyMU (DYMU_THRESHOLDS)"),
+        Variant(f"{prefix}_hybrid", fastv=True, dymu=True, family=family, description=f"{what}: DyMU + FastV"),
+        Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL)"),
+    )
 
 
 VARIANTS = {
     variant.name: variant
     for variant in (
-        Variant("llava_v1.5_7b", fastv=False, dymu=False, description="stock llava-hf LLaVA-1.5-7B, nothing patched"),
-        Variant("llava_v1.5_7b_fastv", fastv=True, dymu=False, description="FastV (FASTV_K, FASTV_LAYER)"),
-        Variant("llava_v1.5_7b_dymu", fastv=False, dymu=True, description="DyMU (DYMU_THRESHOLDS)"),
-        Variant("llava_v1.5_7b_hybrid", fastv=True, dymu=True, description="DyMU + FastV"),
-        Variant("llava_tiny", fastv=False, dymu=False, tiny=True, description="bundled tiny LLaVA, nothing patched"),
-        Variant("llava_tiny_hybrid", fastv=False, dymu=False, tiny=True, fixed_setting=True, description="bundled tiny LLaVA, demo hybrid"),
+        *_family_variants("llava_v1.5_7b", "llava_v1.5_7b", "stock llava-hf LLaVA-1.5-7B"),
+        *_family_variants("llava_testbed", "testbed", "bundled trained testbed"),
+        Variant("llava_tiny", fastv=False, dymu=False, family="tiny", description="bundled tiny random LLaVA, nothing patched"),
+        Variant("llava_tiny_hybrid", fastv=False, dymu=False, family="tiny", fixed_setting=True, description="bundled tiny random LLaVA, fixed hybrid"),
     )
 }
 VANILLA_NAMES = tuple(name for name, variant in VARIANTS.items() if not variant.patched)
 VANILLA = "llava_v1.5_7b"
-# The sweep's short forms of the LLaVA-1.5-7B names: vanilla, fastv, dymu, hybrid.
-SHORT_NAMES = {
-    (name.removeprefix(VANILLA + "_") if name != VANILLA else "vanilla"): name
-    for name, variant in VARIANTS.items()
-    if not variant.tiny
-}
+TESTBED = "llava_testbed"
+FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED}
+DEFAULT_POOL = 2
+
+
+def short_names(family: str = "llava_v1.5_7b") -> dict[str, str]:
+    """The sweep's short forms of a family's names: vanilla, fastv, dymu, hybrid, pool."""
+    vanilla = FAMILY_VANILLA[family]
+    return {
+        (name.removeprefix(vanilla + "_") if name != vanilla else "vanilla"): name
+        for name, variant in VARIANTS.items()
+        if variant.family == family
+    }
+
+
+SHORT_NAMES = short_names()
+
+
+def max_new_tokens_for(variant: Variant) -> int:
+    return {"tiny": TINY_MAX_NEW_TOKENS, "testbed": TESTBED_MAX_NEW_TOKENS}.get(variant.family, DEFAULT_MAX_NEW_TOKENS)
 
 
 def base_name(name: str) -> str:
@@ -90,10 +126,32 @@ def tiny_hybrid_config() -> HybridConfig:
     return HybridConfig(fastv_k=0.5, fastv_layer=2, dymu=str(ensure_tiny_thresholds()))
 
 
+TESTBED_LEVELS = ("low", "mid", "high")
+
+
+def testbed_thresholds(level: str) -> Path:
+    from hybrid_vlm.testbed import THRESHOLDS_DIR
+
+    return THRESHOLDS_DIR / f"testbed-{level}.json"
+
+
+def dymu_file(name: str, variant: Variant, env) -> str:
+    """DYMU_THRESHOLDS as a file path; for the testbed also low / mid / high (default mid)."""
+    dymu = env.get("DYMU_THRESHOLDS") or None
+    if variant.family == "testbed" and (dymu is None or dymu in TESTBED_LEVELS):
+        return str(testbed_thresholds(dymu or "mid"))
+    if dymu is None:
+        raise PluginError(f"{name} needs DYMU_THRESHOLDS=<threshold file>. Make one with:\n    {CALIBRATE_HINT}")
+    if not Path(dymu).is_file():
+        raise PluginError(f"DYMU_THRESHOLDS={dymu!r} is not a file. Make one with:\n    {CALIBRATE_HINT}")
+    return dymu
+
+
 def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     """The engine setting of a registered name, read from the environment; None = nothing patched.
 
-    Raises PluginError for an unknown name, a malformed FASTV_K/FASTV_LAYER or a missing DyMU file.
+    Raises PluginError for an unknown name, a malformed FASTV_K/FASTV_LAYER/FASTV_SELECT/VISUAL_POOL
+    or a missing DyMU file.
     """
     env = os.environ if environ is None else environ
     if name not in VARIANTS:
@@ -101,29 +159,26 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     variant = VARIANTS[name]
     if variant.fixed_setting:
         return tiny_hybrid_config()
-    if not variant.fastv and not variant.dymu:
+    if not variant.patched:
         return None
-    dymu = None
+    dymu = dymu_file(name, variant, env) if variant.dymu else None
+    # Every name ignores the settings it does not read: the fastv name never turns DyMU or pooling
+    # on, the dymu name never prunes. HYBRID_POSITIONS applies to all of them.
+    reads = ["HYBRID_POSITIONS"]
+    if variant.fastv or variant.pool:
+        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED"]
     if variant.dymu:
-        dymu = env.get("DYMU_THRESHOLDS") or None
-        if dymu is None:
-            raise PluginError(
-                f"{name} needs DYMU_THRESHOLDS=<threshold file>. Make one with:\n    {CALIBRATE_HINT}"
-            )
-        if not Path(dymu).is_file():
-            raise PluginError(
-                f"DYMU_THRESHOLDS={dymu!r} is not a file. Make one with:\n    {CALIBRATE_HINT}"
-            )
+        reads += ["DYMU_SPLIT"]
+    if variant.pool:
+        reads += ["VISUAL_POOL"]
+    read_env = {key: env[key] for key in reads if key in env}
+    defaults: dict = dict(dymu=dymu)
+    if variant.fastv and not read_env.get("FASTV_K", "").strip():
+        defaults["fastv_k"] = DEFAULT_FASTV_K
+    if variant.pool and not read_env.get("VISUAL_POOL", "").strip():
+        defaults["visual_pool"] = DEFAULT_POOL
     try:
-        if variant.fastv:
-            config = HybridConfig.from_env(env, dymu=dymu)
-            if config.fastv_k is None:
-                config = replace(config, fastv_k=DEFAULT_FASTV_K)
-        else:
-            # FastV off: FASTV_K is ignored, FASTV_LAYER is irrelevant without pruning. HYBRID_POSITIONS
-            # still applies (merged tokens keep their representative patch's position id, or are
-            # renumbered), and so does DYMU_SPLIT (DyMU's bipartite split order).
-            config = HybridConfig.from_env({k: env[k] for k in ("HYBRID_POSITIONS", "DYMU_SPLIT") if k in env}, dymu=dymu)
+        config = HybridConfig.from_env(read_env, **defaults)
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
     return config

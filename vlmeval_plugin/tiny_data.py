@@ -1,8 +1,10 @@
 """Bundled evaluation sets, made offline: TinyMMBench (MMBench format) and TinyCOCO (COCO_VAL format).
 
-Images come from `hybrid_vlm.tiny.synthetic_image` (coloured shapes on a gradient), so nothing is
-downloaded. Questions and captions are computed from the pixels (which colour channel dominates,
-which half is brighter), so a real LLaVA can answer them and a random one scores at chance.
+Both are held-out scenes of the testbed (`hybrid_vlm.testbed.scenes`), drawn from random streams
+that training never uses: TinyMMBench has 100 base questions, 20 of each kind (the colour of a
+shape, the shape of a colour, how many objects, where one object is relative to another, is there
+a given object), circular copies expanded; TinyCOCO has 40 scenes with 4 reference captions each.
+The trained testbed answers them; the random tiny LLaVA scores at chance.
 
     python -m vlmeval_plugin.tiny_data --out DIR      # writes DIR/TinyMMBench.tsv, DIR/TinyCOCO.tsv
 
@@ -19,19 +21,18 @@ import base64
 import io
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+from hybrid_vlm.testbed import scenes
 
 TINY_MCQ_NAME = "TinyMMBench"
 TINY_CAPTION_NAME = "TinyCOCO"
 BUNDLED_SETS = (TINY_MCQ_NAME, TINY_CAPTION_NAME)
 
-MCQ_QUESTIONS = 8
-CAPTION_IMAGES = 8
-MCQ_SEED_OFFSET = 1000
-CAPTION_SEED_OFFSET = 2000
+MCQ_QUESTIONS = 100
+CAPTION_IMAGES = 40
 CIRCULAR_OFFSET = 1_000_000  # MMBench convention: copy k of question i has index i + k * 1e6
-COLOUR_NAMES = ("Red", "Green", "Blue")
+ATTEMPTS_PER_QUESTION = 64  # scenes tried for a question kind that needs two well-separated objects
 
 MMBENCH_COLUMNS = [
     "index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
@@ -45,59 +46,15 @@ def image_to_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def dominant_colour(pixels: np.ndarray) -> str:
-    return COLOUR_NAMES[int(pixels.reshape(-1, 3).mean(axis=0).argmax())]
-
-
-def brighter_half(pixels: np.ndarray, axis: int) -> int:
-    """0 if the first half (top / left) is brighter on average, else 1."""
-    luminance = pixels.astype(np.float64).mean(axis=2)
-    first, second = np.array_split(luminance, 2, axis=axis)
-    return 0 if first.mean() >= second.mean() else 1
-
-
-def mcq_question(seed: int, pixels: np.ndarray) -> dict:
-    """One MMBench-style question about the synthetic image, with its options and answer letter."""
-    kind = seed % 4
-    if kind == 0:
-        options = list(COLOUR_NAMES)
-        return dict(
-            question="Which colour dominates this image?",
-            hint=None,
-            options=options,
-            answer=options.index(dominant_colour(pixels)),
-            category="image_color",
-            l2="coarse_perception",
-        )
-    if kind in (1, 2):
-        axis = kind - 1  # 0: top vs bottom, 1: left vs right
-        return dict(
-            question="Which half of the image is brighter?",
-            hint=None,
-            options=[["The top half", "The bottom half"], ["The left half", "The right half"]][axis],
-            answer=brighter_half(pixels, axis=axis),
-            category="spatial_brightness",
-            l2="fine-grained_perception",
-        )
-    options = list(COLOUR_NAMES)
-    left_half = np.array_split(pixels, 2, axis=1)[0]
-    return dict(
-        question="Which colour dominates the left half of the image?",
-        hint="The picture was drawn by a program: a colour gradient with a few flat shapes on top.",
-        options=options,
-        answer=options.index(dominant_colour(left_half)),
-        category="image_color",
-        l2="fine-grained_perception",
-    )
-
-
-def mcq_image(seed: int):
-    """synthetic_image brightens towards the bottom right; every other group of four is turned
-    upside down so that "which half is brighter" has both answers."""
-    from hybrid_vlm.tiny import synthetic_image
-
-    image = synthetic_image(seed)
-    return image.rotate(180) if (seed // 4) % 2 else image
+def held_out_question(base_index: int):
+    """(image, question) of TinyMMBench's base question `base_index`: kinds in turn."""
+    kind = scenes.QUESTION_KINDS[base_index % len(scenes.QUESTION_KINDS)]
+    for attempt in range(ATTEMPTS_PER_QUESTION):
+        scene, rng = scenes.scene_for(scenes.MCQ_STREAM, base_index * ATTEMPTS_PER_QUESTION + attempt)
+        question = scenes.ask(scene, kind, rng)
+        if question is not None:
+            return scenes.render(scene), question
+    raise RuntimeError(f"no scene with a {kind} question in {ATTEMPTS_PER_QUESTION} attempts")
 
 
 def build_mcq_table(num_questions: int = MCQ_QUESTIONS) -> pd.DataFrame:
@@ -105,22 +62,20 @@ def build_mcq_table(num_questions: int = MCQ_QUESTIONS) -> pd.DataFrame:
     copy k rotates the options by k and stores the base question's index in `image` (saves space)."""
     rows = []
     for base_index in range(num_questions):
-        seed = MCQ_SEED_OFFSET + base_index
-        image = mcq_image(seed)
-        item = mcq_question(seed, np.asarray(image))
-        options = item["options"]
+        image, item = held_out_question(base_index)
+        options = list(item.options)
+        category, l2_category = scenes.CATEGORIES[item.kind]
         for shift in range(len(options)):
             rotated = options[shift:] + options[:shift]
-            answer_text = options[item["answer"]]
             row = {
                 "index": base_index + shift * CIRCULAR_OFFSET,
-                "question": item["question"],
-                "hint": item["hint"],
-                "answer": "ABCD"[rotated.index(answer_text)],
-                "category": item["category"],
+                "question": item.question,
+                "hint": None,
+                "answer": "ABCD"[rotated.index(options[item.answer])],
+                "category": category,
                 "image": image_to_base64(image) if shift == 0 else str(base_index),
-                "source": "synthetic",
-                "l2-category": item["l2"],
+                "source": "testbed-scenes",
+                "l2-category": l2_category,
                 "comment": None,
                 "split": "dev",
             }
@@ -132,20 +87,10 @@ def build_mcq_table(num_questions: int = MCQ_QUESTIONS) -> pd.DataFrame:
 
 def build_caption_table(num_images: int = CAPTION_IMAGES) -> pd.DataFrame:
     """COCO_VAL layout: index, image (base64), answer (a Python list literal of reference captions)."""
-    from hybrid_vlm.tiny import synthetic_image
-
     rows = []
     for index in range(num_images):
-        image = synthetic_image(CAPTION_SEED_OFFSET + index)
-        pixels = np.asarray(image)
-        colour = dominant_colour(pixels).lower()
-        brightness = "bright" if pixels.mean() >= 127.5 else "dark"
-        captions = [
-            f"a {brightness} {colour} picture with a few simple shapes",
-            f"some flat shapes on a {colour} gradient background",
-            f"a synthetic image of circles and squares in {colour} tones",
-        ]
-        rows.append({"index": index, "image": image_to_base64(image), "answer": repr(captions)})
+        scene, _ = scenes.scene_for(scenes.CAPTION_STREAM, index)
+        rows.append({"index": index, "image": image_to_base64(scenes.render(scene)), "answer": repr(scenes.captions(scene))})
     return pd.DataFrame(rows, columns=["index", "image", "answer"])
 
 

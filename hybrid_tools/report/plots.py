@@ -1,4 +1,5 @@
-"""Figures of a report: each dataset's main metric against tokens kept and against prefill time."""
+"""Figures of a report: each dataset's main metric against tokens kept and against prefill time,
+one line per method (`Configuration.method`: the setting without its budget)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,15 @@ def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> 
     metric = points[0].main_metric
     unit = " (%)" if points[0].kind == "mcq" else ""
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
-    bases = sorted({e.config.base for e in points})
-    colours = {base: plt.cm.tab10(i % 10) for i, base in enumerate(bases)}
+    methods = sorted({e.config.method for e in points}, key=lambda m: (m != "vanilla", m))
+    colours = {method: plt.cm.tab10(i % 10) for i, method in enumerate(methods)}
     for ax, attribute, xlabel in (
         (axes[0], "tokens_kept_mean", "mean tokens kept after pruning (text + visual)"),
         (axes[1], "prefill_ms_median", "median prefill ms per row (vision + LLM)"),
     ):
-        for base in bases:
+        for method in methods:
             series = sorted(
-                ((getattr(e, attribute), e.main_value, e) for e in points if e.config.base == base and getattr(e, attribute) is not None),
+                ((getattr(e, attribute), e.main_value, e) for e in points if e.config.method == method and getattr(e, attribute) is not None),
                 key=lambda item: item[0],
             )
             if not series:
@@ -36,12 +37,12 @@ def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> 
             xs, ys = [s[0] for s in series], [s[1] for s in series]
             vanilla = all(s[2].config.vanilla for s in series)
             ax.plot(xs, ys, marker="*" if vanilla else "o", markersize=11 if vanilla else 6, linestyle="-" if len(xs) > 1 else "",
-                    color=colours[base], label=base, alpha=0.85)
+                    color=colours[method], label=method, alpha=0.85)
             for x, y, entry in series:
                 ax.annotate(entry.config.tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for entry in points:
             if entry.config.vanilla:
-                ax.axhline(entry.main_value, color=colours[entry.config.base], linestyle="--", linewidth=0.8, alpha=0.6)
+                ax.axhline(entry.main_value, color=colours[entry.config.method], linestyle="--", linewidth=0.8, alpha=0.6)
         ax.margins(x=0.18, y=0.12)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(f"{metric}{unit}", fontsize=8)
