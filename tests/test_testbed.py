@@ -1,0 +1,197 @@
+"""The trained testbed: its scenes, its training input, and the committed checkpoint's behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.testbed import CHECKPOINT_DIR, build_untrained, scenes
+from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
+from hybrid_vlm.testbed.train import collate, pack, packed_logits, training_segments
+from vlmeval_plugin.tiny_data import held_out_question
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What the committed checkpoint must still score on the first 40 held-out base questions (8 per
+# kind), circular: the card's figure on this subset, less a margin for numerics across platforms.
+CHECKPOINT_MIN_CIRCULAR_ACCURACY = 0.80
+SUBSET_QUESTIONS = 40
+
+
+# ---- scenes ----------------------------------------------------------------------------------
+def test_answers_follow_from_the_scene_description():
+    """Each question's answer is recomputed here from the objects, independently of `ask`."""
+    for index in range(200):
+        scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
+        by_shape = {o.shape: o for o in scene.objects}
+        by_colour = {o.colour: o for o in scene.objects}
+        for kind in scenes.QUESTION_KINDS:
+            question = scenes.ask(scene, kind, rng)
+            if question is None:
+                continue
+            answer = question.options[question.answer]
+            words = question.question.rstrip("?").split()
+            assert len(set(question.options)) == len(question.options)
+            if kind == "colour":
+                assert by_shape[words[-1]].colour == answer
+            elif kind == "shape":
+                assert by_colour[words[-2]].shape == answer
+            elif kind == "count":
+                assert answer == ["one", "two", "three", "four"][len(scene.objects) - 1]
+            elif kind == "relation":
+                first, second = by_shape[words[4]], by_shape[words[-1]]
+                dx, dy = first.center[0] - second.center[0], first.center[1] - second.center[1]
+                expected = ("to the left" if dx < 0 else "to the right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+                assert answer == expected
+            else:
+                colour, shape = words[3], words[4]
+                present = shape in by_shape and by_shape[shape].colour == colour
+                assert answer == ("yes" if present else "no")
+
+
+def test_small_objects_cover_one_or_two_patches_and_are_drawn():
+    small = total = 0
+    for index in range(100):
+        scene, _ = scenes.scene_for(scenes.TRAIN_STREAM, index)
+        pixels = np.asarray(scenes.render(scene)).astype(int)
+        for item in scene.objects:
+            total += 1
+            if item.size == "small":
+                small += 1
+                assert item.extent <= 2 * 14 - 6
+            x, y = (int(round(c)) for c in item.center)
+            if item.shape != "triangle":  # a triangle's centre can sit on its edge
+                assert np.abs(pixels[y, x] - np.array(scenes.COLOURS[item.colour])).max() <= 16
+    assert 0.3 <= small / total <= 0.5
+
+
+def test_held_out_scenes_are_never_training_scenes():
+    training = {np.asarray(scenes.render(scenes.scene_for(scenes.TRAIN_STREAM, i)[0])).tobytes() for i in range(300)}
+    for index in range(20):
+        image, _ = held_out_question(index)
+        assert np.asarray(image).tobytes() not in training
+
+
+# ---- training input --------------------------------------------------------------------------
+def test_prompts_are_the_plugins(tmp_path):
+    """The strings the testbed is trained on are those the VLMEvalKit plugin sends (in a subprocess:
+    importing vlmeval changes torch's global state)."""
+    script = (
+        "import json, pandas as pd\n"
+        "from vlmeval_plugin.model import HybridLLaVA, llava_mcq_prompt\n"
+        "row = pd.Series({'question': 'What colour is the cross?', 'hint': None, 'A': 'red', 'B': 'blue', 'C': 'green', 'D': None})\n"
+        "mcq, _ = HybridLLaVA.conversation(None, [{'type': 'image', 'value': 'x.jpg'}, {'type': 'text', 'value': llava_mcq_prompt(row)}])\n"
+        "from vlmeval.dataset.image_caption import ImageCaptionDataset\n"
+        "import inspect; source = inspect.getsource(ImageCaptionDataset.load_data)\n"
+        "print(json.dumps({'mcq': mcq, 'caption_source': source}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plugin = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plugin["mcq"] == conversation(mcq_text("What colour is the cross?", ("red", "blue", "green")))
+    assert "Please describe this image in general. Directly provide the description, '" in plugin["caption_source"]
+    assert CAPTION_PROMPT.startswith("Please describe this image in general. Directly provide the description, ")
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    model, processor = build_untrained(seed=3)
+    return model.eval(), processor
+
+
+def test_packed_segments_equal_each_prompt_alone(untrained):
+    """A packed training sequence gives every segment the logits the stock forward gives that prompt alone."""
+    model, processor = untrained
+    image, segments = training_segments(5)
+    segments = segments[:3] + segments[-1:]
+    packed = pack(processor.tokenizer, model.config.image_token_id, model.config.image_seq_length, segments)
+    batch = collate([packed], processor.tokenizer.pad_token_id)
+    pixel_values = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = packed_logits(model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
+        start = 0
+        for text, target, _ in segments:
+            answer = processor.tokenizer(target, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+            inputs = processor(images=[image], text=[conversation(text)], return_tensors="pt")
+            prompt_length = inputs["input_ids"].shape[1]
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([answer[:-1]])], dim=1)
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            expected = model(**inputs).logits[0, prompt_length - 1 :]  # the logits that predict each answer token
+            got = logits[start : start + len(answer)]
+            assert got.shape == expected.shape
+            assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+            start += len(answer)
+
+
+# ---- the committed checkpoint ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def testbed():
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR).eval()
+    return model, AutoProcessor.from_pretrained(CHECKPOINT_DIR)
+
+
+def circular_prompts(count: int):
+    rows = []  # (base index, image, prompt, answer letter)
+    for base in range(count):
+        image, question = held_out_question(base)
+        options = list(question.options)
+        for shift in range(len(options)):
+            rotated = options[shift:] + options[:shift]
+            rows.append((base, image, conversation(mcq_text(question.question, tuple(rotated))), LETTERS[rotated.index(options[question.answer])]))
+    return rows
+
+
+def greedy_letters(model, processor, rows, batch_size: int = 16) -> tuple[list[str], list[torch.Tensor]]:
+    letters, sequences = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        inputs = processor(images=[r[1] for r in chunk], text=[r[2] for r in chunk], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+        new = output[:, inputs["input_ids"].shape[1] :]
+        sequences += list(new)
+        letters += [text.strip()[:1] for text in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return letters, sequences
+
+
+def test_checkpoint_loads_with_stock_classes_and_answers(testbed):
+    model, processor = testbed
+    assert type(model) is LlavaForConditionalGeneration
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+    assert model.config.vision_feature_layer == -2 and model.config.text_config.num_hidden_layers == 8
+    rows = circular_prompts(SUBSET_QUESTIONS)
+    letters, _ = greedy_letters(model, processor, rows)
+    correct: dict[int, bool] = {}
+    for (base, _, _, answer), letter in zip(rows, letters):
+        correct[base] = correct.get(base, True) and letter == answer
+    accuracy = sum(correct.values()) / len(correct)
+    assert accuracy >= CHECKPOINT_MIN_CIRCULAR_ACCURACY, f"circular accuracy {accuracy:.3f} on {len(correct)} held-out questions"
+
+
+def test_fastv_pruning_nothing_gives_vanilla_predictions(testbed):
+    import copy
+
+    model, processor = testbed
+    rows = circular_prompts(10)
+    _, vanilla = greedy_letters(model, processor, rows)
+    _, nothing_pruned = greedy_letters(apply_hybrid(copy.deepcopy(model), HybridConfig(fastv_k=576)), processor, rows)
+    assert all(torch.equal(a, b) for a, b in zip(vanilla, nothing_pruned))
+
+
+def test_shipped_thresholds_belong_to_the_checkpoint(testbed):
+    from hybrid_vlm.calibrate import load_thresholds
+    from vlmeval_plugin.settings import TESTBED_LEVELS, testbed_thresholds
+
+    model, _ = testbed
+    for level in TESTBED_LEVELS:
+        assert load_thresholds(testbed_thresholds(level), model).ndim == 1  # refuses a file of another model
