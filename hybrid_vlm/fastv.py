@@ -25,7 +25,7 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
 def last_query_attention(
     query_states: torch.Tensor,  # [B, H, Q, D] rotated queries of the scoring layer
     key_states: torch.Tensor,  # [B, H, K, D] rotated keys (KV heads already repeated)
-    attention_mask: torch.Tensor,  # [B, 1, Q, K] bool, True = may attend
+    attention_mask: torch.Tensor | None,  # [B, 1, Q, K] bool, True = may attend; None = causal, every key real
     query_index: torch.Tensor,  # [B] long, which query row scores (the last prompt token)
     scale: float,
 ) -> torch.Tensor:
@@ -34,9 +34,14 @@ def last_query_attention(
     This is the single row of the scoring layer's attention matrix that FastV needs; computing it
     beside SDPA avoids running that layer in eager mode.
     """
-    batch, heads, _, dim = query_states.shape
+    batch, heads, queries, dim = query_states.shape
+    keys = key_states.shape[2]
     query_row = query_states.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, heads, 1, dim))
-    mask_row = attention_mask.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, 1, 1, attention_mask.shape[-1]))
+    if attention_mask is None:  # the queries are the last Q of K keys
+        key_at = torch.arange(keys, device=query_states.device)
+        mask_row = (key_at[None, :] <= (query_index + keys - queries)[:, None]).view(batch, 1, 1, keys)
+    else:
+        mask_row = attention_mask.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, 1, 1, attention_mask.shape[-1]))
     logits = torch.matmul(query_row.float(), key_states.float().transpose(-1, -2)) * scale  # [B, H, 1, K]
     logits = logits.masked_fill(~mask_row, float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]

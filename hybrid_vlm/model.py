@@ -50,6 +50,7 @@ class PruneState:
     next_position: torch.Tensor  # [B] long: position id of the next token, when none is passed
     prompt_tokens: torch.Tensor  # [B] long: real tokens entering LLM layer 0 in the first forward (after DyMU)
     prompt_tokens_kept: torch.Tensor  # [B] long: of those, the ones the last layer saw (after FastV)
+    dense: bool = False  # every cached key of both groups is a real token (decided once, in Python)
 
 
 @dataclass
@@ -81,6 +82,23 @@ def attention_mask_4d(key_valid: torch.Tensor, query_length: int) -> torch.Tenso
     return allowed | (key_at == query_at)
 
 
+def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, dymu: bool) -> bool:
+    """Whether every key of this prompt, before and after pruning, is a real token, decided from
+    what Python knows (no host sync): no mask was passed, or the batch is one prompt (which the
+    processor never pads) without DyMU padding slots, which only batches of DyMU have. A batch-1
+    mask with a zero is refused: a ValueError on CPU, a device assert elsewhere."""
+    if attention_mask is None:
+        return not (dymu and batch > 1)
+    if batch != 1:
+        return False
+    if attention_mask.device.type == "cpu":
+        if not bool(attention_mask.all()):
+            raise ValueError("a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
+    else:
+        torch._assert_async(attention_mask.bool().all())
+    return True
+
+
 def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
     """Every sample must hold `expected` image placeholders: a ValueError on CPU, a device assert elsewhere."""
     counts = is_visual.sum(dim=1)
@@ -100,7 +118,8 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LlavaForConditionalGeneration whose forward runs hybrid_vlm's decoder loop.
 
     Changes from stock: image features are scattered by index (no host syncs); every layer runs
-    SDPA under an explicit mask; with FastV on, layer `fastv_layer - 1` also returns the last
+    SDPA, under an explicit mask only where a key may be padding (`prompt_is_dense`: otherwise
+    causal for a prefill and unmasked for a decode step, as stock runs an unpadded prompt); with FastV on, layer `fastv_layer - 1` also returns the last
     prompt token's attention row and layers from `fastv_layer` on see only the kept tokens, at
     their original position ids. Weights, config, generate() and the processor stay stock.
     """
@@ -210,6 +229,14 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         keep = visual_keep_count(num_visual, config.fastv_k) if visual_positions is not None else 0
         prune_now = visual_positions is not None and keep < num_visual
 
+        # Dense: no layer needs a mask (see prompt_is_dense); SDPA then runs causal for a prefill from an
+        # empty cache and unmasked for a one-token step. A chunk over a filled cache keeps its mask.
+        dense = prompt_is_dense(attention_mask, batch, config.dymu is not None) if state is None else state.dense
+        unmasked = dense and (state is None or length == 1)
+
+        def layer_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor | None:
+            return None if unmasked else attention_mask_4d(key_valid, query_length)
+
         if state is None:
             full_key_valid, pruned_key_valid = new_valid, new_valid
             prune_layer = 0 if entered_positions is not None else num_layers
@@ -232,7 +259,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         hidden_states = inputs_embeds
         cos, sin = parts.rotary_emb(hidden_states, position_ids)
-        mask = attention_mask_4d(full_key_valid, length)
+        mask = layer_mask(full_key_valid, length)
         kept_positions = scores = None
         for layer_idx, layer in enumerate(parts.layers):
             if prune_now and layer_idx == config.fastv_layer:
@@ -250,10 +277,10 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     next_position = kept_position_ids[:, -1] + 1
                 else:
                     cos, sin = gather_tokens(cos, kept_positions), gather_tokens(sin, kept_positions)
-                mask = attention_mask_4d(pruned_key_valid, kept_positions.shape[1])
+                mask = layer_mask(pruned_key_valid, kept_positions.shape[1])
                 prune_layer = layer_idx
             elif layer_idx == prune_layer:
-                mask = attention_mask_4d(pruned_key_valid, length)
+                mask = layer_mask(pruned_key_valid, length)
             scoring_here = prune_now and layer_idx == config.fastv_layer - 1 and config.fastv_select == "attention"
             hidden_states, row = llama_layer_forward(
                 layer,
@@ -275,7 +302,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             else:
                 prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
             cache.hybrid_state = PruneState(
-                full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept
+                full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept, dense
             )
 
         if entered_positions is not None:

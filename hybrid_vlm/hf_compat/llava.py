@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention
 from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -109,13 +110,17 @@ def llama_layer_forward(
     layer: nn.Module,  # LlamaDecoderLayer
     hidden_states: torch.Tensor,  # [B, Q, hidden]
     cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [B, Q, head_dim]
-    attention_mask: torch.Tensor,  # [B, 1, Q, K] bool, True = may attend (K = cached + Q)
+    attention_mask: torch.Tensor | None,  # [B, 1, Q, K] bool, True = may attend (K = cached + Q); None: see below
     cache: Cache | None,
     layer_idx: int,
     score_query_index: torch.Tensor | None = None,  # [B]: also return this query's attention row
     eager_scoring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One LlamaDecoderLayer, as transformers runs it, but with SDPA under an explicit boolean mask.
+    """One LlamaDecoderLayer, as transformers runs it, with SDPA under an explicit boolean mask, or
+    with none where the caller knows every key is a real token and the queries are either the whole
+    sequence (a prefill from an empty cache: `is_causal=True`, what stock passes without padding)
+    or one new token (a decode step: no mask at all). Those are the calls that keep SDPA's fastest
+    kernels available; flash attention refuses an explicit mask.
 
     When `score_query_index` is given the layer also returns the head-averaged attention row
     [B, K] of that query (FastV's score), computed from the same rotated queries and keys; with
@@ -140,14 +145,18 @@ def llama_layer_forward(
 
     scores = None
     if score_query_index is not None and eager_scoring:
+        if attention_mask is None:
+            keys = key_states.shape[2]
+            attention_mask = torch.ones(length, keys, dtype=torch.bool, device=hidden_states.device).tril(keys - length)[None, None]
         logits = torch.matmul(query_states, key_states.transpose(-1, -2)) * attention.scaling
         probs = logits.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
         attn_output = torch.matmul(probs.to(value_states.dtype), value_states)
         index = score_query_index.view(batch, 1, 1, 1).expand(batch, probs.shape[1], 1, probs.shape[-1])
         scores = probs.gather(2, index).mean(dim=1)[:, 0]
     else:
-        attn_output = torch.nn.functional.scaled_dot_product_attention(
-            query_states, key_states, value_states, attn_mask=attention_mask, scale=attention.scaling
+        attn_output = scaled_dot_product_attention(
+            query_states, key_states, value_states, attn_mask=attention_mask, scale=attention.scaling,
+            is_causal=attention_mask is None and length > 1,
         )
         if score_query_index is not None:
             scores = last_query_attention(

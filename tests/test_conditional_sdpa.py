@@ -1,0 +1,124 @@
+"""Conditional SDPA: no mask where every key is real, the same numbers as the masked path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import QUESTIONS, hybrid_copy, image_inputs
+
+import hybrid_vlm.hf_compat.llava as llava_compat
+import hybrid_vlm.model as engine
+from hybrid_vlm.hf_compat import cache_kwarg, new_cache
+from hybrid_vlm.syncs import check_no_host_syncs
+from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+NEW_TOKENS = 5
+SETTINGS = [dict(), dict(fastv_k=64), dict(fastv_k=0.5, fastv_layer=1), dict(visual_pool=3, fastv_k=16), dict(fastv_k=32, fastv_select="random")]
+
+
+class SdpaSpy:
+    """Counts the LLM layers' SDPA calls by whether they carried a mask, passing every call through
+    (DyMU's ViT calls SDPA with its size bias elsewhere)."""
+
+    def __init__(self, monkeypatch):
+        self.masked = self.unmasked = self.causal = 0
+        original = llava_compat.scaled_dot_product_attention
+
+        def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+            if attn_mask is None:
+                self.unmasked += 1
+                self.causal += bool(is_causal)
+            else:
+                self.masked += 1
+            return original(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+        monkeypatch.setattr(llava_compat, "scaled_dot_product_attention", spy)
+
+
+def prefill_then_decode(model, inputs, steps: int = 2) -> list[torch.Tensor]:
+    cache = new_cache(model)
+    with torch.no_grad():
+        out = model(**inputs, **cache_kwarg(cache), use_cache=True)
+        logits = [out.logits[:, -1]]
+        mask = inputs["attention_mask"]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            logits.append(model(input_ids=token, attention_mask=mask, **cache_kwarg(cache), use_cache=True).logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=str)
+def test_unmasked_path_equals_masked_path(tiny, monkeypatch, settings):
+    """Batch 1 takes the fast path; forcing the explicit mask must give the same logits and tokens."""
+    model, processor = tiny
+    hybrid = hybrid_copy(model, **settings)
+    inputs = image_inputs(processor, QUESTIONS[1:2])
+    fast = prefill_then_decode(hybrid, inputs)
+    fast_tokens = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    monkeypatch.setattr(engine, "prompt_is_dense", lambda *args: False)
+    masked = prefill_then_decode(hybrid, inputs)
+    masked_tokens = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    for a, b in zip(fast, masked):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert torch.equal(fast_tokens, masked_tokens)
+
+
+def test_dymu_batch_of_one_takes_the_fast_path_exactly(tiny, monkeypatch):
+    model, processor = tiny
+    hybrid = hybrid_copy(model, fastv_k=0.5, dymu=str(ensure_tiny_thresholds()))
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    spy = SdpaSpy(monkeypatch)
+    fast = prefill_then_decode(hybrid, inputs)
+    assert spy.masked == 0 and spy.unmasked > 0
+    monkeypatch.setattr(engine, "prompt_is_dense", lambda *args: False)
+    masked = prefill_then_decode(hybrid, inputs)
+    for a, b in zip(fast, masked):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("fastv_k", [None, 64])
+def test_unpadded_batch_of_one_runs_sdpa_without_a_mask(tiny, monkeypatch, fastv_k):
+    """Prefill: every layer causal, no mask; each decode step: every layer without a mask."""
+    model, processor = tiny
+    hybrid = hybrid_copy(model, fastv_k=fastv_k)
+    layers = model.config.text_config.num_hidden_layers
+    spy = SdpaSpy(monkeypatch)
+    prefill_then_decode(hybrid, image_inputs(processor, QUESTIONS[:1]), steps=2)
+    assert spy.masked == 0
+    assert spy.causal == layers  # the prefill
+    assert spy.unmasked == 3 * layers  # prefill + 2 decode steps
+
+
+def test_padded_batch_keeps_the_mask(tiny, monkeypatch):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    assert (inputs["attention_mask"] == 0).any()
+    spy = SdpaSpy(monkeypatch)
+    prefill_then_decode(hybrid_copy(model, fastv_k=64), inputs, steps=1)
+    assert spy.unmasked == 0 and spy.masked == 2 * model.config.text_config.num_hidden_layers
+
+
+def test_no_mask_passed_is_dense_for_a_batch(tiny, monkeypatch):
+    model, processor = tiny
+    inputs = image_inputs(processor, [QUESTIONS[0], QUESTIONS[0]], seeds=[0, 1])  # same length: no padding
+    assert bool(inputs["attention_mask"].all())
+    del inputs["attention_mask"]
+    spy = SdpaSpy(monkeypatch)
+    with torch.no_grad():
+        hybrid_copy(model, fastv_k=64)(**inputs)
+    assert spy.masked == 0 and spy.causal == model.config.text_config.num_hidden_layers
+
+
+def test_a_batch_of_one_with_padding_is_refused(tiny):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    inputs["attention_mask"][0, 0] = 0
+    with pytest.raises(ValueError, match="all-ones attention_mask"), torch.no_grad():
+        hybrid_copy(model, fastv_k=64)(**inputs)
+
+
+@pytest.mark.parametrize("fastv_k", [64, None])
+def test_batch_of_one_has_no_host_syncs(tiny, fastv_k):
+    model, processor = tiny
+    assert check_no_host_syncs(hybrid_copy(model, fastv_k=fastv_k), image_inputs(processor, QUESTIONS[:1]), decode_steps=2) == "pass"
