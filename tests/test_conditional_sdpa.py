@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUESTIONS, hybrid_copy, image_inputs
 
 import hybrid_vlm.hf_compat.llava as llava_compat
 import hybrid_vlm.model as engine
 from hybrid_vlm.hf_compat import cache_kwarg, new_cache
 from hybrid_vlm.syncs import check_no_host_syncs
 from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+from conftest import QUESTIONS, hybrid_copy, image_inputs
 
 NEW_TOKENS = 5
 SETTINGS = [dict(), dict(fastv_k=64), dict(fastv_k=0.5, fastv_layer=1), dict(visual_pool=3, fastv_k=16), dict(fastv_k=32, fastv_select="random")]
