@@ -112,7 +112,7 @@ def untrained():
 def test_packed_segments_equal_each_prompt_alone(untrained):
     """A packed training sequence gives every segment the logits the stock forward gives that prompt alone."""
     model, processor = untrained
-    image, segments = training_segments(5)
+    image, segments, _ = training_segments(5)
     segments = segments[:3] + segments[-1:]
     packed = pack(processor.tokenizer, model.config.image_token_id, model.config.image_seq_length, segments)
     batch = collate([packed], processor.tokenizer.pad_token_id)

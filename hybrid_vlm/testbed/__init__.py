@@ -24,7 +24,9 @@ def _tokenizer_corpus() -> list[str]:
     from . import scenes
     from .prompts import CAPTION_PROMPT, conversation
 
-    lines = [conversation(CAPTION_PROMPT)] * 100
+    from .train import DIRECT_INSTRUCTION
+
+    lines = [conversation(CAPTION_PROMPT)] * 100 + [conversation(DIRECT_INSTRUCTION)] * 100
     for index in range(TOKENIZER_SCENES):
         lines += [conversation(text) + target if text else target for text, target, _ in _text_segments(index)]
     lines += [" ".join(words) for words in (scenes.COLOURS, scenes.SHAPES, scenes.SIZES, scenes.BACKGROUNDS, scenes.NUMBER_WORDS)]

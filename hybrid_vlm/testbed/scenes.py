@@ -130,7 +130,7 @@ def _background_pixels(scene: Scene) -> np.ndarray:
     return pixels
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, item: SceneObject, colour: tuple[int, int, int]) -> None:
+def _draw_object(draw: ImageDraw.ImageDraw, item: SceneObject, colour) -> None:
     cx, cy = item.center
     half = item.extent / 2
     box = (cx - half, cy - half, cx + half, cy + half)
@@ -154,6 +154,25 @@ def render(scene: Scene) -> Image.Image:
         colour = tuple(int(c) for c in np.clip(np.array(COLOURS[item.colour]) + rng.integers(-15, 16, 3), 0, 255))
         _draw_object(draw, item, colour)
     return image
+
+
+PATCH = 14
+GRID = IMAGE_SIZE // PATCH
+MIN_PATCH_COVER = 0.15  # share of a patch an object must cover to label it
+
+
+def patch_objects(scene: Scene) -> np.ndarray:
+    """[576] int: for each 14 px patch (row-major), 1 + the index of the object covering most of it
+    (at least 15%), else 0. The training-time auxiliary target; never an input."""
+    labels = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(labels)
+    for number, item in enumerate(scene.objects, start=1):
+        _draw_object(draw, item, number)
+    pixels = np.asarray(labels).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+    counts = np.stack([(pixels == number).sum(axis=1) for number in range(len(scene.objects) + 1)], axis=1)
+    counts[:, 0] = 0
+    best = counts.argmax(axis=1)
+    return np.where(counts.max(axis=1) >= MIN_PATCH_COVER * PATCH * PATCH, best, 0)
 
 
 # ---- questions ---------------------------------------------------------------------------------

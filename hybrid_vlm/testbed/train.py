@@ -6,8 +6,16 @@ the caption follow as segments that attend to the prefix and to themselves only,
 positions it would have alone. One ViT pass and one prefix then serve ~9 supervised answers;
 tests/test_testbed.py checks a packed segment's logits against the stock forward of that prompt alone.
 
-Loss: cross-entropy on the answer tokens (the option letter and </s>; the caption and </s>),
-averaged within a segment, then over segments (a caption counts `CAPTION_WEIGHT` questions).
+Segments per image: one multiple-choice question of each kind plus `EXTRA_QUESTIONS` more (the
+plugin's MCQ prompt, answered with the letter), `DIRECT_QUESTIONS` questions answered in words
+(VLMEvalKit's "Answer the question directly." prompt) and one caption (the COCO prompt).
+
+Loss: cross-entropy on the answer tokens (the option letter and </s>; the words and </s>; the
+caption and </s>), averaged within a segment, then over segments (a caption counts
+`CAPTION_WEIGHT` questions); plus `PROBE_WEIGHT` times an auxiliary loss that only training uses:
+a linear probe on every projected image token predicts the colour and the shape of the object
+covering that patch (`scenes.patch_objects`). The probe makes the ViT's features useful within a
+CPU budget; it is not part of the saved model.
 """
 
 from __future__ import annotations
@@ -23,17 +31,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features
+from ..hf_compat.llava import llava_parts, packed_decoder_states, vision_and_projected_features
 from . import scenes
 from .prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
 
 CAPTION_WEIGHT = 2.0
 EXTRA_QUESTIONS = 3  # beyond one of each kind
+DIRECT_QUESTIONS = 3
+DIRECT_INSTRUCTION = "Answer the question directly."
+PROBE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 900
+    steps: int = 640
     batch_images: int = 8
     learning_rate: float = 2e-3
     warmup_steps: int = 100
@@ -52,8 +63,9 @@ class PackedImage:
     letter_positions: list[int]  # logits that predict an option letter (for the running accuracy)
 
 
-def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]]]:
-    """The image of training scene `index` and its (prompt text, target, weight) segments."""
+def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]], np.ndarray]:
+    """The image of training scene `index`, its (prompt text, target, weight) segments, and the
+    probe's targets [576, 2] (colour class, shape class; 0 = no object)."""
     scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
     kinds = list(scenes.QUESTION_KINDS) + [str(k) for k in rng.choice(scenes.QUESTION_KINDS, EXTRA_QUESTIONS)]
     segments = []
@@ -61,9 +73,42 @@ def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, flo
         question = scenes.ask(scene, kind, rng)
         if question is not None:
             segments.append((mcq_text(question.question, question.options), LETTERS[question.answer], 1.0))
+    for kind in rng.choice(scenes.QUESTION_KINDS, DIRECT_QUESTIONS):
+        question = scenes.ask(scene, str(kind), rng)
+        if question is not None:
+            segments.append((question.question + "\n" + DIRECT_INSTRUCTION, question.options[question.answer], 1.0))
     references = scenes.captions(scene)
     segments.append((CAPTION_PROMPT, references[int(rng.integers(len(references)))], CAPTION_WEIGHT))
-    return scenes.render(scene), segments
+    return scenes.render(scene), segments, probe_targets(scene)
+
+
+COLOUR_CLASSES = {name: number for number, name in enumerate(scenes.COLOURS, start=1)}
+SHAPE_CLASSES = {name: number for number, name in enumerate(scenes.SHAPES, start=1)}
+
+
+def probe_targets(scene: scenes.Scene) -> np.ndarray:
+    owner = scenes.patch_objects(scene)  # [576], 0 = background
+    colours = np.array([0] + [COLOUR_CLASSES[o.colour] for o in scene.objects])
+    shapes = np.array([0] + [SHAPE_CLASSES[o.shape] for o in scene.objects])
+    return np.stack([colours[owner], shapes[owner]], axis=1)
+
+
+class PatchProbe(torch.nn.Module):
+    """Training-only linear heads on the projected image tokens: colour and shape of each patch's object."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, len(COLOUR_CLASSES) + 1)
+        self.shape = torch.nn.Linear(hidden, len(SHAPE_CLASSES) + 1)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """features [N, 576, D], targets [N, 576, 2] -> (mean CE of both heads, shape accuracy on object patches)."""
+        colour_logits, shape_logits = self.colour(features), self.shape(features)
+        loss = torch.nn.functional.cross_entropy(colour_logits.flatten(0, 1), targets[..., 0].flatten())
+        loss = loss + torch.nn.functional.cross_entropy(shape_logits.flatten(0, 1), targets[..., 1].flatten())
+        on_object = targets[..., 1] > 0
+        accuracy = float((shape_logits.argmax(-1) == targets[..., 1])[on_object].float().mean()) if bool(on_object.any()) else float("nan")
+        return loss / 2, accuracy
 
 
 def jpeg_roundtrip(image: Image.Image) -> Image.Image:
@@ -132,16 +177,20 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
     )
 
 
-def packed_logits(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Logits [N, vocab] at (rows, columns) of the packed batch: stock image features placed at the
-    image tokens, the LLM under the packed mask."""
+def packed_forward(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor):
+    """(logits [N, vocab] at (rows, columns) of the packed batch, projected image features
+    [B, 576, D]): stock image features placed at the image tokens, the LLM under the packed mask."""
     parts = llava_parts(model)
     embeds = parts.embed_tokens(batch["input_ids"])  # [B, T, D]
-    features = stock_image_features(model, pixel_values)  # [B, 576, D]
+    _, features = vision_and_projected_features(model, pixel_values)  # [B, 576, D]
     image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
     hidden = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"])
-    return parts.lm_head(hidden[rows, columns])  # the LLM's output is already final-normed
+    return parts.lm_head(hidden[rows, columns]), features  # the LLM's output is already final-normed
+
+
+def packed_logits(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    return packed_forward(model, pixel_values, batch, rows, columns)[0]
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -152,13 +201,14 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 
 def training_batch(step: int, settings: TrainSettings, processor, image_token_id: int, image_tokens: int):
-    images, packed = [], []
+    images, packed, targets = [], [], []
     for offset in range(settings.batch_images):
-        image, segments = training_segments(step * settings.batch_images + offset)
+        image, segments, probe = training_segments(step * settings.batch_images + offset)
         images.append(jpeg_roundtrip(image))
         packed.append(pack(processor.tokenizer, image_token_id, image_tokens, segments))
+        targets.append(torch.from_numpy(probe))
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return pixel_values, collate(packed, processor.tokenizer.pad_token_id)
+    return pixel_values, collate(packed, processor.tokenizer.pad_token_id), torch.stack(targets)
 
 
 def train(model, processor, settings: TrainSettings, log_path: Path, progress: bool = True) -> list[dict]:
@@ -166,8 +216,10 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
     from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    probe = PatchProbe(model.config.text_config.hidden_size)
+    named = list(model.named_parameters()) + list(probe.named_parameters(prefix="probe"))
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.learning_rate, betas=(0.9, 0.98),
@@ -179,18 +231,22 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
     bar = tqdm(range(settings.steps), desc="testbed train", disable=not progress)
     with log_path.open("w") as log_file:
         for step in bar:
-            pixel_values, batch = training_batch(step, settings, processor, image_token_id, image_tokens)
-            logits = packed_logits(model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
+            pixel_values, batch, probe_target = training_batch(step, settings, processor, image_token_id, image_tokens)
+            logits, features = packed_forward(model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
             losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
             weights = batch["target_weights"]
-            loss = (losses * weights).sum() / weights.sum()
+            answer_loss = (losses * weights).sum() / weights.sum()
+            probe_loss, probe_accuracy = probe.loss(features.float(), probe_target)
+            loss = answer_loss + PROBE_WEIGHT * probe_loss
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             optimizer.step()
-            record = dict(step=step, loss=round(loss.item(), 5), lr=optimizer.param_groups[0]["lr"],
+            record = dict(step=step, loss=round(loss.item(), 5), answer_loss=round(answer_loss.item(), 5),
+                          probe_loss=round(probe_loss.item(), 5), probe_shape_accuracy=round(probe_accuracy, 4),
+                          lr=optimizer.param_groups[0]["lr"],
                           letter_accuracy=round(_letter_accuracy(logits, batch), 4),
                           seconds=round(time.perf_counter() - started, 1))
             log.append(record)
