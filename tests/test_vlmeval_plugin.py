@@ -21,13 +21,25 @@ import pytest
 
 from hybrid_vlm import HybridConfig, visual_keep_count
 from vlmeval_plugin import settings, stats
-from vlmeval_plugin.tiny_data import CIRCULAR_OFFSET, build_caption_table, build_mcq_table, ensure_tiny_sets
+from vlmeval_plugin.tiny_data import (
+    CAPTION_IMAGES,
+    CIRCULAR_OFFSET,
+    MCQ_QUESTIONS,
+    build_caption_table,
+    build_mcq_table,
+    ensure_tiny_sets,
+    write_tsv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = str(REPO / "run.py")
 needs_vlmeval = pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None, reason="ms-vlmeval is not installed")
-MCQ_ROWS = 20  # TinyMMBench: 8 questions, circular copies expanded
-CAPTION_ROWS = 8
+# The end-to-end runs use short copies of the bundled sets (same generator, first questions and
+# scenes) written into their sandbox's LMUData: the full sets are what `python run.py` evaluates.
+SANDBOX_QUESTIONS = 10  # two of each kind: 4 circular copies each, 2 for the yes/no kind
+SANDBOX_CAPTIONS = 8
+MCQ_ROWS = len(build_mcq_table(SANDBOX_QUESTIONS))
+CAPTION_ROWS = SANDBOX_CAPTIONS
 FASTV_R05 = "llava_v1.5_7b_fastv__fastv-r0.5-l2"
 FASTV_K72 = "llava_v1.5_7b_fastv__fastv-k72-l2"
 
@@ -105,11 +117,13 @@ def test_stats_sidecar_survives_a_torn_line(tmp_path):
 
 def test_tiny_sets_follow_mmbench_and_coco_layouts(tmp_path):
     mcq = build_mcq_table()
-    assert len(mcq) == MCQ_ROWS
+    base_questions = mcq[mcq["index"] < CIRCULAR_OFFSET]
+    assert len(base_questions) == MCQ_QUESTIONS >= 100
+    assert base_questions["category"].value_counts().min() == MCQ_QUESTIONS // 5  # every kind equally
     assert list(mcq.columns[:8]) == ["index", "question", "hint", "A", "B", "C", "D", "answer"]
     for base in mcq[mcq["index"] < CIRCULAR_OFFSET].itertuples():
         copies = mcq[mcq["index"] % CIRCULAR_OFFSET == base.index]
-        options = [getattr(base, letter) for letter in "ABC" if isinstance(getattr(base, letter), str)]
+        options = [getattr(base, letter) for letter in "ABCD" if isinstance(getattr(base, letter), str)]
         assert len(copies) == len(options)  # one circular copy per rotation
         correct_text = getattr(base, base.answer)
         for copy in copies.itertuples():
@@ -117,11 +131,18 @@ def test_tiny_sets_follow_mmbench_and_coco_layouts(tmp_path):
             if copy.index != base.index:
                 assert copy.image == str(base.index)  # copies point at the base row's image
     captions = build_caption_table()
-    assert len(captions) == CAPTION_ROWS and list(captions.columns) == ["index", "image", "answer"]
-    assert all(isinstance(eval(answer), list) for answer in captions["answer"])
+    assert len(captions) == CAPTION_IMAGES >= 40 and list(captions.columns) == ["index", "image", "answer"]
+    assert all(len(eval(answer)) >= 3 for answer in captions["answer"])  # several references per image
     written = ensure_tiny_sets(tmp_path)
     assert [path.name for path in written] == ["TinyMMBench.tsv", "TinyCOCO.tsv"]
-    assert len(pd.read_csv(written[0], sep="\t")) == MCQ_ROWS
+    assert len(pd.read_csv(written[0], sep="\t")) == len(mcq)
+    write_tsv(build_mcq_table(2), written[0])  # a short copy of the current set is kept as it is
+    stale = captions.copy()
+    stale["answer"] = repr(["a picture"])  # an older generator's set under the same name is replaced
+    write_tsv(stale, written[1])
+    ensure_tiny_sets(tmp_path)
+    assert len(pd.read_csv(written[0], sep="\t")) == len(build_mcq_table(2))
+    assert len(pd.read_csv(written[1], sep="\t")) == len(captions) and pd.read_csv(written[1], sep="\t")["answer"][0] == captions["answer"][0]
 
 
 def test_sweep_rejects_a_malformed_setting_before_running_anything(capsys):
@@ -138,6 +159,8 @@ def sandbox(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlmeval_plugin")
     env = {key: value for key, value in os.environ.items() if key not in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM", "MMEVAL_ROOT", "PRED_FORMAT", "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", settings.MODEL_PATH_ENV)}
     (root / "LMUData").mkdir()
+    write_tsv(build_mcq_table(SANDBOX_QUESTIONS), root / "LMUData" / "TinyMMBench.tsv")
+    write_tsv(build_caption_table(SANDBOX_CAPTIONS), root / "LMUData" / "TinyCOCO.tsv")
     env.update(
         LMUData=str(root / "LMUData"),
         HYBRID_VLM_CACHE=str(root / "cache"),
@@ -169,25 +192,30 @@ def predictions(work_dir: Path, model: str, dataset: str) -> pd.DataFrame:
 
 
 @needs_vlmeval
-def test_default_run_is_the_tiny_demo_with_metrics_and_stats(sandbox):
-    """`python run.py` with no arguments: tiny LLaVA, vanilla and hybrid, TinyMMBench and TinyCOCO."""
+def test_default_run_is_the_testbed_demo_with_metrics_and_stats(sandbox):
+    """`python run.py` with no arguments: the trained testbed, vanilla, FastV and the hybrid, on
+    TinyMMBench and TinyCOCO (here the sandbox's short copies), whatever FASTV_K the caller set."""
+    from vlmeval_plugin.cli import DEMO_ENV, DEMO_MODELS
+
     demo_dir = sandbox["root"] / "demo"
     demo_dir.mkdir()
     started = time.perf_counter()
-    result = run_py(sandbox, [], cwd=demo_dir)
+    result = run_py(sandbox, [], cwd=demo_dir, extra_env={"FASTV_K": "7", "VISUAL_POOL": "2"})
     seconds = time.perf_counter() - started
     print(f"demo wall time {seconds:.1f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (Path(sandbox["env"]["LMUData"]) / "TinyMMBench.tsv").exists()  # generated on demand
     work_dir = demo_dir / "outputs"
-    hybrid = "llava_tiny_hybrid__" + settings.tiny_hybrid_config().describe()
-    for model in ("llava_tiny", hybrid):
+    models = [settings.effective_name(name, settings.hybrid_config_for(name, DEMO_ENV)) for name in DEMO_MODELS]
+    assert models == ["llava_testbed", "llava_testbed_fastv__fastv-k64-l2", "llava_testbed_hybrid__dymu-testbed-mid_fastv-k64-l2"]
+    for model in models:
         mcq = predictions(work_dir, model, "TinyMMBench")
         assert len(mcq) == MCQ_ROWS  # a prediction row for every dataset row
         accuracy = pd.read_csv(work_dir / model / f"{model}_TinyMMBench_acc.csv")
         assert 0.0 <= accuracy["Overall"].iloc[0] <= 1.0
+        if model == "llava_testbed":
+            assert accuracy["Overall"].iloc[0] >= 0.5  # the trained model answers (chance is ~1% circular)
         judged = pd.read_excel(work_dir / model / f"{model}_TinyMMBench_exact_matching_result.xlsx")
-        assert len(judged) == 8  # circular evaluation: one verdict per base question
+        assert len(judged) == SANDBOX_QUESTIONS  # circular evaluation: one verdict per base question
         captions = predictions(work_dir, model, "TinyCOCO")
         assert len(captions) == CAPTION_ROWS
         scores = json.loads((work_dir / model / f"{model}_TinyCOCO_score.json").read_text())
@@ -196,7 +224,7 @@ def test_default_run_is_the_tiny_demo_with_metrics_and_stats(sandbox):
             records = sidecar(work_dir, model, dataset)
             predicted = set(predictions(work_dir, model, dataset)["index"].astype(str))
             assert len(records) == rows and {r["index"] for r in records} == predicted  # one record per row
-            assert all(r["prefill_s"] > 0 and r["tokens_in"] > 0 and r["batch_size"] == 1 for r in records)
+            assert all(r["prefill_s"] > 0 and r["tokens_in"] > 0 and 1 <= r["batch_size"] <= 8 for r in records)
         assert str((work_dir / model).resolve()) in result.stdout  # prints where the results are
     vanilla = sidecar(work_dir, "llava_tiny", "TinyCOCO")
     assert all(r["tokens_kept"] == r["tokens_in"] for r in vanilla)

@@ -101,15 +101,28 @@ def write_tsv(table: pd.DataFrame, path: Path) -> None:
     temporary.replace(path)
 
 
+def is_current(name: str, path: Path) -> bool:
+    """Whether a bundled set on disk was written by this generator (its first row matches): a file
+    left by an earlier version of the project (same name, other scenes) is rewritten, not reused."""
+    builders = {TINY_MCQ_NAME: build_mcq_table, TINY_CAPTION_NAME: build_caption_table}
+    expected = builders[name](1).iloc[0]
+    try:
+        found = pd.read_csv(path, sep="\t", nrows=1).iloc[0]
+    except Exception:  # unreadable or empty: not ours
+        return False
+    columns = ("question", "answer", "source") if name == TINY_MCQ_NAME else ("answer",)
+    return all(column in found and str(found[column]) == str(expected[column]) for column in columns)
+
+
 def ensure_tiny_sets(lmu_data: str | Path, names=BUNDLED_SETS, force: bool = False) -> list[Path]:
-    """Write the bundled sets that are missing from `lmu_data`; return their paths."""
+    """Write the bundled sets that are missing from `lmu_data` (or stale: see `is_current`); return their paths."""
     root = Path(lmu_data)
     root.mkdir(parents=True, exist_ok=True)
     builders = {TINY_MCQ_NAME: build_mcq_table, TINY_CAPTION_NAME: build_caption_table}
     written = []
     for name in names:
         path = root / f"{name}.tsv"
-        if force or not path.exists():
+        if force or not path.exists() or not is_current(name, path):
             write_tsv(builders[name](), path)
         written.append(path)
     return written

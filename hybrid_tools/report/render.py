@@ -29,8 +29,9 @@ METRICS_INTRO = (
     "mean tokens kept after pruning, the median prefill time per row (vision tower + LLM prefill, from the "
     "plugin's stats sidecar), and ratios to vanilla. `raw files` links each row's sources."
 )
+BASELINE_MEANINGS = {"vanilla": "the hybrid engine with no reduction", "stock": "unpatched transformers, SDPA"}
 SPEED_NOTE = (
-    "Ratios divide by the `{baseline}` row (the hybrid engine with no reduction), measured in one "
+    "Ratios divide by the `{baseline}` row ({baseline_meaning}), measured in one "
     "process; `theory` is the same ratio of theoretical MACs (`hybrid_vlm/flops.py`: {conventions}); "
     "`ratio − theory` > 0 means less speed-up than the MACs promise. Peak memory: activations + KV cache "
     "above the weights (CUDA), or the sampled RSS increase (CPU: approximate)."
@@ -187,7 +188,9 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         csv_link = f" ({linker.link('csv', bench.csv_path)})" if bench.csv_path else ""
         lines += [f"From {linker.link(display_path(bench.path), bench.path)}{csv_link}:", "", bench_setup(meta) + ".", ""]
         lines += ["```bash", bench_command(meta) or "# bench command not recorded", "```", "", bench_table(bench), ""]
-        note = SPEED_NOTE.format(baseline=meta.get("baseline", "vanilla"), conventions=meta.get("conventions", "see hybrid_vlm.flops"))
+        baseline = meta.get("baseline", "vanilla")
+        meaning = BASELINE_MEANINGS.get(baseline, "a configuration of this bench")
+        note = SPEED_NOTE.format(baseline=baseline, baseline_meaning=meaning, conventions=meta.get("conventions", "see hybrid_vlm.flops"))
         lines += [note, ""]
         rows = [{k: v for k, v in row.items() if k not in ("runs", "per_sample_counts")} for row in bench.rows]
         summary.append({"source": linker.rel(bench.path), "meta": meta, "rows": rows})
