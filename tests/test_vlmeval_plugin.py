@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hybrid_vlm import HybridConfig, visual_keep_count
+from hybrid_vlm import HybridConfig
 from vlmeval_plugin import settings, stats
 from vlmeval_plugin.tiny_data import (
     CAPTION_IMAGES,
@@ -226,19 +226,15 @@ def test_default_run_is_the_testbed_demo_with_metrics_and_stats(sandbox):
             assert len(records) == rows and {r["index"] for r in records} == predicted  # one record per row
             assert all(r["prefill_s"] > 0 and r["tokens_in"] > 0 and 1 <= r["batch_size"] <= 8 for r in records)
         assert str((work_dir / model).resolve()) in result.stdout  # prints where the results are
-    vanilla = sidecar(work_dir, "llava_tiny", "TinyCOCO")
+    vanilla = sidecar(work_dir, "llava_testbed", "TinyCOCO")
     assert all(r["tokens_kept"] == r["tokens_in"] for r in vanilla)
-    pruned = sidecar(work_dir, hybrid, "TinyCOCO")
-    config = settings.tiny_hybrid_config()
-    if config.dymu is None:  # FastV alone: exactly the pruned visual tokens disappear
-        dropped = 576 - visual_keep_count(576, config.fastv_k)
-        assert all(r["tokens_in"] - r["tokens_kept"] == dropped for r in pruned)
-    else:  # DyMU then FastV: FastV's quota applies to each row's merged count
-        text_tokens = {r["index"]: r["tokens_in"] - 576 for r in vanilla}
-        for r in pruned:
-            merged = r["tokens_in"] - text_tokens[r["index"]]
-            assert 0 < merged < 576
-            assert r["tokens_kept"] - text_tokens[r["index"]] == visual_keep_count(merged, config.fastv_k)
+    text_tokens = {r["index"]: r["tokens_in"] - 576 for r in vanilla}
+    fastv = sidecar(work_dir, models[1], "TinyCOCO")
+    assert all(r["tokens_in"] == r["tokens_in"] and r["tokens_kept"] - text_tokens[r["index"]] == 64 for r in fastv)
+    for r in sidecar(work_dir, models[2], "TinyCOCO"):  # DyMU, then FastV's quota on each row's merged count
+        merged = r["tokens_in"] - text_tokens[r["index"]]
+        assert 64 < merged < 576
+        assert r["tokens_kept"] - text_tokens[r["index"]] == 64
 
 
 @needs_vlmeval

@@ -8,6 +8,7 @@ stock `LlavaForConditionalGeneration`; the trained weights ship in `checkpoint/`
 
     python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~50 min on 2 CPU cores)
     python -m hybrid_vlm.testbed calibrate               # DyMU thresholds low/mid/high for the shipped weights
+    python -m hybrid_vlm.testbed card                    # its card, from the committed log, thresholds and report
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ TOKENIZER_SCENES = 3000
 def _tokenizer_corpus() -> list[str]:
     from . import scenes
     from .prompts import CAPTION_PROMPT, conversation
-
     from .train import DIRECT_INSTRUCTION
 
     lines = [conversation(CAPTION_PROMPT)] * 100 + [conversation(DIRECT_INSTRUCTION)] * 100

@@ -1,4 +1,4 @@
-"""Command line of the testbed: train it, calibrate DyMU thresholds for it."""
+"""Command line of the testbed: train it, calibrate DyMU thresholds for it, write its card."""
 
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def calibrate_command(args: argparse.Namespace) -> None:
         print(path)
 
 
+def card_command(args: argparse.Namespace) -> None:
+    from .card import write_card
+
+    print(write_card())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hybrid_vlm.testbed", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,5 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     calibrator.add_argument("--targets", nargs="+", default=["low", "mid", "high"])
     calibrator.add_argument("--images", type=int, default=256)
     calibrator.set_defaults(run=calibrate_command)
+    carder = commands.add_parser("card", help="rewrite checkpoint/README.md from the committed training log, thresholds and report")
+    carder.set_defaults(run=card_command)
     args = parser.parse_args(argv)
     args.run(args)

@@ -1,0 +1,102 @@
+"""The testbed's card (checkpoint/README.md), written from committed files only:
+
+- checkpoint/train_summary.json and train_log.jsonl (what `python -m hybrid_vlm.testbed train` wrote),
+- checkpoint/dymu-thresholds/testbed-*.json (`python -m hybrid_vlm.testbed calibrate`),
+- reports/testbed/report.json and shuffled_captions.json (`bash reports/testbed/regenerate.sh`).
+
+    python -m hybrid_vlm.testbed card        # rewrites hybrid_vlm/testbed/checkpoint/README.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import CHECKPOINT_DIR, THRESHOLDS_DIR
+
+REPORT_DIR = CHECKPOINT_DIR.parents[2] / "reports" / "testbed"
+
+
+def _vanilla(report: dict, dataset: str) -> dict:
+    return next(entry for entry in report["datasets"][dataset] if entry["vanilla"])
+
+
+def _loss_line(log: list[dict], start: int, end: int) -> str:
+    window = log[start:end]
+    answer = sum(r["answer_loss"] for r in window) / len(window)
+    letters = [r["letter_accuracy"] for r in window if r["letter_accuracy"] == r["letter_accuracy"]]
+    return f"| {window[0]['step']}–{window[-1]['step']} | {answer:.3f} | {sum(letters) / max(1, len(letters)):.3f} |"
+
+
+def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) -> str:
+    summary = json.loads((checkpoint / "train_summary.json").read_text())
+    log = [json.loads(line) for line in (checkpoint / "train_log.jsonl").read_text().splitlines()]
+    report = json.loads((report_dir / "report.json").read_text())
+    shuffled = json.loads((report_dir / "shuffled_captions.json").read_text())
+    mcq, coco = _vanilla(report, "TinyMMBench"), _vanilla(report, "TinyCOCO")
+    settings = summary["settings"]
+    thresholds = sorted(THRESHOLDS_DIR.glob("testbed-*.json"))
+    step = max(1, len(log) // 8)
+    lines = [
+        "# The hybrid-vlm testbed",
+        "",
+        "A stock `LlavaForConditionalGeneration` (transformers 5.23 / 5.24) with LLaVA-1.5's geometry where token",
+        "reduction acts, trained from scratch on generated scenes (`hybrid_vlm/testbed/scenes.py`). Not a",
+        "general model: it knows six colours, four shapes, three sizes, four backgrounds, and the plugin's prompts.",
+        "",
+        "## Architecture",
+        "",
+        "- ViT: CLIP layout, 336 px, 14 px patches (576 + CLS), width 96, 6 layers, 3 heads; LLaVA reads layer -2.",
+        "- Projector: 2-layer MLP, GELU.",
+        "- LLM: Llama, width 128, 8 layers, 4 heads, MLP 384, RoPE; byte-level BPE tokenizer of "
+        f"{json.loads((checkpoint / 'config.json').read_text())['text_config']['vocab_size']} tokens trained on the testbed's texts.",
+        f"- {summary['parameters']:,} parameters, float32 safetensors.",
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        f"python -m hybrid_vlm.testbed train --out DIR --steps {settings['steps']} --batch-images {settings['batch_images']} --seed {settings['seed']}",
+        "python -m hybrid_vlm.testbed calibrate --model DIR --out DIR/dymu-thresholds",
+        "```",
+        "",
+        f"{settings['steps']} AdamW steps of {settings['batch_images']} scenes each ({summary['images_seen']:,} training scenes, "
+        f"peak learning rate {settings['learning_rate']:g}, {settings['warmup_steps']} warm-up steps, cosine to 10%), "
+        f"{summary['train_seconds'] / 60:.1f} min on {summary['threads']} CPU threads ({summary['machine']}, torch {summary['torch']}); "
+        "no GPU. Each scene carries one multiple-choice question of each kind plus three more (the plugin's MCQ prompt,",
+        "options shuffled, answered with the letter), three short-answer questions and one COCO-prompt caption, packed",
+        "after one shared image prefix. A training-only linear probe (not saved) predicts each patch's object colour and",
+        "shape from the projected features. Answer loss and training-batch letter accuracy over the run (`train_log.jsonl`):",
+        "",
+        "| steps | answer loss (mean) | letter accuracy (mean) |",
+        "|---|---:|---:|",
+        *[_loss_line(log, start, min(len(log), start + step)) for start in range(0, len(log), step)],
+        "",
+        "## What it scores (held-out, never drawn in training)",
+        "",
+        f"- TinyMMBench, {mcq['rows']} rows (every question with its circular copies), circular accuracy (Overall): "
+        f"**{100 * mcq['metrics']['Overall']:.1f}%**; by kind: "
+        + ", ".join(f"{key} {100 * value:.1f}%" for key, value in mcq["metrics"].items() if key != "Overall") + ".",
+        f"- TinyCOCO, {coco['rows']} scenes: CIDEr **{coco['metrics']['CIDEr']:.1f}**; the same captions scored against the "
+        f"references of the wrong images (shuffled): CIDEr {shuffled['cider_shuffled']:.1f} "
+        f"(recomputed matched: {shuffled['cider_matched']:.1f}).",
+        "- Every method at matched budgets: [`reports/testbed/report.md`](../../../reports/testbed/report.md).",
+        "",
+        "## DyMU thresholds (`dymu-thresholds/`)",
+        "",
+        "Calibrated on 256 training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of 64:",
+        "",
+        "| file | target | visual tokens (mean ± std, calibration scenes) |",
+        "|---|---|---:|",
+    ]
+    for path in thresholds:
+        payload = json.loads(path.read_text())
+        achieved = payload["achieved"]
+        lines.append(f"| `{path.name}` | {payload['target']['preset']} | {achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} |")
+    lines += ["", "This card is written by `python -m hybrid_vlm.testbed card` from the files above.", ""]
+    return "\n".join(lines)
+
+
+def write_card() -> Path:
+    path = CHECKPOINT_DIR / "README.md"
+    path.write_text(card_text())
+    return path
