@@ -230,11 +230,12 @@ def test_default_run_is_the_testbed_demo_with_metrics_and_stats(sandbox):
     assert all(r["tokens_kept"] == r["tokens_in"] for r in vanilla)
     text_tokens = {r["index"]: r["tokens_in"] - 576 for r in vanilla}
     fastv = sidecar(work_dir, models[1], "TinyCOCO")
-    assert all(r["tokens_in"] == r["tokens_in"] and r["tokens_kept"] - text_tokens[r["index"]] == 64 for r in fastv)
+    vanilla_in = {r["index"]: r["tokens_in"] for r in vanilla}
+    assert all(r["tokens_in"] == vanilla_in[r["index"]] and r["tokens_kept"] - text_tokens[r["index"]] == 64 for r in fastv)
     for r in sidecar(work_dir, models[2], "TinyCOCO"):  # DyMU, then FastV's quota on each row's merged count
         merged = r["tokens_in"] - text_tokens[r["index"]]
-        assert 64 < merged < 576
-        assert r["tokens_kept"] - text_tokens[r["index"]] == 64
+        assert 0 < merged < 576
+        assert r["tokens_kept"] - text_tokens[r["index"]] == min(64, merged)
 
 
 @needs_vlmeval
