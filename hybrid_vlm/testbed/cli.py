@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from .train import TrainSettings, train
 
 def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    settings = TrainSettings(steps=args.steps, batch_images=args.batch_images, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, batch_images=args.batch_images, seed=args.seed, vision_steps=args.vision_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(settings.seed)
@@ -28,7 +29,7 @@ def train_command(args: argparse.Namespace) -> None:
     summary = dict(
         settings=asdict(settings), threads=args.threads, torch=torch.__version__, machine=platform.processor() or platform.machine(),
         train_seconds=round(time.perf_counter() - started, 1), images_seen=settings.steps * settings.batch_images,
-        final_loss_mean_last_50=round(sum(r["loss"] for r in log[-50:]) / len(log[-50:]), 4),
+        answer_loss_mean_last_50=round(statistics.mean(r["answer_loss"] for r in log[-50:] if "answer_loss" in r), 4),
         parameters=sum(p.numel() for p in model.parameters()),
     )
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--steps", type=int, default=TrainSettings.steps)
     trainer.add_argument("--batch-images", type=int, default=TrainSettings.batch_images)
     trainer.add_argument("--seed", type=int, default=TrainSettings.seed)
+    trainer.add_argument("--vision-steps", type=int, default=TrainSettings.vision_steps, help="steps of the vision phase")
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")
     trainer.set_defaults(run=train_command)

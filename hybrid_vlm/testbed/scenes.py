@@ -1,8 +1,8 @@
 """Generated scenes for the testbed: objects, backgrounds, questions and captions, all from a seed.
 
 A scene is 1 to 4 objects (each with a shape, colour and size unique in its scene) on a plain,
-gradient, textured or striped background, drawn at 336 x 336 px. A third of the objects are
-small (14 to 22 px, one or two 14 px patches), so a method that drops the wrong visual tokens
+gradient, textured or striped background, drawn at 336 x 336 px. Objects are small (14 to 22 px,
+one or two 14 px patches; 40% of them), medium (26 to 36 px) or large (40 to 56 px), so a method that drops the wrong visual tokens
 loses the answer. Questions (what colour is the triangle, what shape is the red object, how many
 objects, where is one object relative to another, is there a blue square) and captions (objects,
 sizes and where they are) are computed from the scene description, not from the pixels.
@@ -29,7 +29,7 @@ COLOURS = {
     "orange": (245, 130, 30),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = {"small": (14, 22), "medium": (34, 50), "large": (64, 90)}
+SIZES = {"small": (14, 22), "medium": (26, 36), "large": (40, 56)}
 SIZE_WEIGHTS = (0.4, 0.35, 0.25)
 BACKGROUNDS = ("plain", "gradient", "textured", "striped")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
