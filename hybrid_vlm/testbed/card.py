@@ -21,11 +21,23 @@ def _vanilla(report: dict, dataset: str) -> dict:
     return next(entry for entry in report["datasets"][dataset] if entry["vanilla"])
 
 
-def _loss_line(log: list[dict], start: int, end: int) -> str:
-    window = log[start:end]
-    answer = sum(r["answer_loss"] for r in window) / len(window)
-    letters = [r["letter_accuracy"] for r in window if r["letter_accuracy"] == r["letter_accuracy"]]
-    return f"| {window[0]['step']}–{window[-1]['step']} | {answer:.3f} | {sum(letters) / max(1, len(letters)):.3f} |"
+def _mean(window: list[dict], key: str) -> str:
+    values = [r[key] for r in window if key in r and r[key] == r[key]]  # NaN: no such target in the batch
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
+def _log_table(log: list[dict], rows: int = 8) -> list[str]:
+    lines = ["| phase | steps | answer loss | letter accuracy | probe colour accuracy | probe shape accuracy |", "|---|---|---:|---:|---:|---:|"]
+    for phase in ("vision", "all"):
+        records = [r for r in log if r.get("phase") == phase]
+        step = max(1, -(-len(records) // rows))
+        for start in range(0, len(records), step):
+            window = records[start : start + step]
+            lines.append(
+                f"| {phase} | {window[0]['step']}–{window[-1]['step']} | {_mean(window, 'answer_loss')} | {_mean(window, 'letter_accuracy')} "
+                f"| {_mean(window, 'probe_colour_accuracy')} | {_mean(window, 'probe_shape_accuracy')} |"
+            )
+    return lines
 
 
 def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) -> str:
@@ -36,7 +48,6 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
     mcq, coco = _vanilla(report, "TinyMMBench"), _vanilla(report, "TinyCOCO")
     settings = summary["settings"]
     thresholds = sorted(THRESHOLDS_DIR.glob("testbed-*.json"))
-    step = max(1, len(log) // 8)
     lines = [
         "# The hybrid-vlm testbed",
         "",
@@ -55,21 +66,22 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "## How it was made",
         "",
         "```bash",
-        f"python -m hybrid_vlm.testbed train --out DIR --steps {settings['steps']} --batch-images {settings['batch_images']} --seed {settings['seed']}",
+        f"python -m hybrid_vlm.testbed train --out DIR --vision-steps {settings['vision_steps']} --steps {settings['steps']} "
+        f"--batch-images {settings['batch_images']} --seed {settings['seed']}",
         "python -m hybrid_vlm.testbed calibrate --model DIR --out DIR/dymu-thresholds",
         "```",
         "",
-        f"{settings['steps']} AdamW steps of {settings['batch_images']} scenes each ({summary['images_seen']:,} training scenes, "
-        f"peak learning rate {settings['learning_rate']:g}, {settings['warmup_steps']} warm-up steps, cosine to 10%), "
-        f"{summary['train_seconds'] / 60:.1f} min on {summary['threads']} CPU threads ({summary['machine']}, torch {summary['torch']}); "
-        "no GPU. Each scene carries one multiple-choice question of each kind plus three more (the plugin's MCQ prompt,",
-        "options shuffled, answered with the letter), three short-answer questions and one COCO-prompt caption, packed",
-        "after one shared image prefix. A training-only linear probe (not saved) predicts each patch's object colour and",
-        "shape from the projected features. Answer loss and training-batch letter accuracy over the run (`train_log.jsonl`):",
+        f"From scratch, {summary['train_seconds'] / 60:.1f} min on {summary['threads']} CPU threads ({summary['machine']}, "
+        f"torch {summary['torch']}); no GPU. Phase 1 (vision): {settings['vision_steps']} AdamW steps of "
+        f"{settings['vision_batch_images']} scenes, a training-only linear probe (not saved) on the projected features "
+        "predicting the colour and shape of each patch's object. Phase 2 (all): "
+        f"{settings['steps']} steps of {settings['batch_images']} scenes, each scene carrying one multiple-choice question "
+        "of each kind plus three more (the plugin's MCQ prompt, options shuffled, answered with the letter), three "
+        "short-answer questions and one COCO-prompt caption, packed after one shared image prefix, plus the probe loss. "
+        f"Peak learning rate {settings['learning_rate']:g}, linear warm-up, cosine to 10% in each phase; seed {settings['seed']}. "
+        "Means over the training batches (`train_log.jsonl`; accuracies on object patches and option letters):",
         "",
-        "| steps | answer loss (mean) | letter accuracy (mean) |",
-        "|---|---:|---:|",
-        *[_loss_line(log, start, min(len(log), start + step)) for start in range(0, len(log), step)],
+        *_log_table(log),
         "",
         "## What it scores (held-out, never drawn in training)",
         "",
