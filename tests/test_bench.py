@@ -29,8 +29,8 @@ def test_tiny_cli_writes_csv_and_json(tmp_path):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == bench.CSV_COLUMNS
         rows = {row["config"]: row for row in reader}
-    assert list(rows) == ["vanilla", "fastv-k288-l2", "fastv-k144-l2", "fastv-k64-l2"]
-    for name, kept in [("vanilla", 576), ("fastv-k288-l2", 288), ("fastv-k144-l2", 144), ("fastv-k64-l2", 64)]:
+    assert list(rows) == ["stock", "vanilla", "fastv-k288-l2", "fastv-k144-l2", "fastv-k64-l2"]  # stock is always timed
+    for name, kept in [("stock", 576), ("vanilla", 576), ("fastv-k288-l2", 288), ("fastv-k144-l2", 144), ("fastv-k64-l2", 64)]:
         row = rows[name]
         assert row["status"] == "ok"
         assert float(row["visual_in"]) == 576 and float(row["visual_kept"]) == kept
@@ -38,7 +38,8 @@ def test_tiny_cli_writes_csv_and_json(tmp_path):
         for column in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token", "prefill_gmacs", "prefill_ratio"):
             assert float(row[column]) > 0, column
         assert row["sync_debug"] == "not run"
-    assert float(rows["vanilla"]["prefill_theory_ratio"]) == 1.0
+    assert float(rows["stock"]["prefill_ratio"]) == 1.0 and json.loads((out / "bench.json").read_text())["meta"]["baseline"] == "stock"
+    assert float(rows["vanilla"]["prefill_theory_ratio"]) == 1.0  # the engine with nothing cut: the same MACs as stock
     assert float(rows["fastv-k64-l2"]["prefill_theory_ratio"]) < float(rows["fastv-k144-l2"]["prefill_theory_ratio"]) < 1
 
     data = json.loads((out / "bench.json").read_text())

@@ -175,3 +175,17 @@ def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, mo
     assert "Tiny random-weight model, not LLaVA-1.5-7B" in markdown  # --model-path is the tiny checkpoint
     assert "FASTV_K=72 python -m vlmeval_plugin --data TinyCOCO --model llava_v1.5_7b_fastv --work-dir work" in markdown
     assert (tmp_path / "reports" / "tiny-sweep" / "figures" / "TinyCOCO.png").is_file()
+
+
+def test_baselines_and_the_testbed_family_in_the_plan(capsys, clean_env, monkeypatch):
+    for key in ("FASTV_SELECT", "VISUAL_POOL", "SELECT_SEED"):
+        monkeypatch.delenv(key, raising=False)
+    assert planned(capsys, "--data", "X", "--fastv-k", "64", "--select", "attention", "random", "--vanilla") == [
+        "llava_v1.5_7b", "llava_v1.5_7b_fastv__fastv-k64-l2", "llava_v1.5_7b_fastv__random-k64-l2",
+    ]
+    assert planned(capsys, "--data", "X", "--pool", "2", "3x3") == ["llava_v1.5_7b_pool__pool-2x2", "llava_v1.5_7b_pool__pool-3x3"]
+    assert planned(capsys, "--data", "X", "--family", "testbed", "--model", "vanilla", "dymu", "--dymu", "low", "high") == [
+        "llava_testbed", "llava_testbed_dymu__dymu-testbed-low", "llava_testbed_dymu__dymu-testbed-high",
+    ]
+    assert sweep.main(["--data", "X", "--pool", "5", "--dry-run"]) == 2
+    assert "VISUAL_POOL='5' is not valid" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The trained testbed: its scenes, its training input, and the committed checkpoint's behaviour."""
+"""The testbed: its scenes and its training input (no trained checkpoint ships yet: see reports/testbed-attempts)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from hybrid_vlm import HybridConfig, apply_hybrid
-from hybrid_vlm.testbed import CHECKPOINT_DIR, build_untrained, scenes
-from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
+from hybrid_vlm.testbed import build_untrained, scenes
+from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, conversation, mcq_text
 from hybrid_vlm.testbed.train import collate, pack, packed_logits, training_segments
 from vlmeval_plugin.tiny_data import held_out_question
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What the committed checkpoint must still score on the first 40 held-out base questions (8 per
-# kind), circular: the card's figure on this subset, less a margin for numerics across platforms.
-CHECKPOINT_MIN_CIRCULAR_ACCURACY = 0.80
-SUBSET_QUESTIONS = 40
 
 
 # ---- scenes ----------------------------------------------------------------------------------
@@ -131,67 +125,3 @@ def test_packed_segments_equal_each_prompt_alone(untrained):
             assert got.shape == expected.shape
             assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
             start += len(answer)
-
-
-# ---- the committed checkpoint ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def testbed():
-    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR).eval()
-    return model, AutoProcessor.from_pretrained(CHECKPOINT_DIR)
-
-
-def circular_prompts(count: int):
-    rows = []  # (base index, image, prompt, answer letter)
-    for base in range(count):
-        image, question = held_out_question(base)
-        options = list(question.options)
-        for shift in range(len(options)):
-            rotated = options[shift:] + options[:shift]
-            rows.append((base, image, conversation(mcq_text(question.question, tuple(rotated))), LETTERS[rotated.index(options[question.answer])]))
-    return rows
-
-
-def greedy_letters(model, processor, rows, batch_size: int = 16) -> tuple[list[str], list[torch.Tensor]]:
-    letters, sequences = [], []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        inputs = processor(images=[r[1] for r in chunk], text=[r[2] for r in chunk], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-        new = output[:, inputs["input_ids"].shape[1] :]
-        sequences += list(new)
-        letters += [text.strip()[:1] for text in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return letters, sequences
-
-
-def test_checkpoint_loads_with_stock_classes_and_answers(testbed):
-    model, processor = testbed
-    assert type(model) is LlavaForConditionalGeneration
-    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
-    assert model.config.vision_feature_layer == -2 and model.config.text_config.num_hidden_layers == 8
-    rows = circular_prompts(SUBSET_QUESTIONS)
-    letters, _ = greedy_letters(model, processor, rows)
-    correct: dict[int, bool] = {}
-    for (base, _, _, answer), letter in zip(rows, letters):
-        correct[base] = correct.get(base, True) and letter == answer
-    accuracy = sum(correct.values()) / len(correct)
-    assert accuracy >= CHECKPOINT_MIN_CIRCULAR_ACCURACY, f"circular accuracy {accuracy:.3f} on {len(correct)} held-out questions"
-
-
-def test_fastv_pruning_nothing_gives_vanilla_predictions(testbed):
-    import copy
-
-    model, processor = testbed
-    rows = circular_prompts(10)
-    _, vanilla = greedy_letters(model, processor, rows)
-    _, nothing_pruned = greedy_letters(apply_hybrid(copy.deepcopy(model), HybridConfig(fastv_k=576)), processor, rows)
-    assert all(torch.equal(a, b) for a, b in zip(vanilla, nothing_pruned))
-
-
-def test_shipped_thresholds_belong_to_the_checkpoint(testbed):
-    from hybrid_vlm.calibrate import load_thresholds
-    from vlmeval_plugin.settings import TESTBED_LEVELS, testbed_thresholds
-
-    model, _ = testbed
-    for level in TESTBED_LEVELS:
-        assert load_thresholds(testbed_thresholds(level), model).ndim == 1  # refuses a file of another model

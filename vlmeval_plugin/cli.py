@@ -3,7 +3,7 @@
     python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid
     FASTV_K=72 python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
     torchrun --nproc-per-node=8 run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
-    python run.py          # no arguments: the bundled demo (trained testbed, TinyMMBench + TinyCOCO, CPU)
+    python run.py          # no arguments: the bundled demo (tiny LLaVA, TinyMMBench + TinyCOCO, CPU)
 
 Every VLMEvalKit flag is accepted and passed on unchanged; the plugin adds
     --model-path PATH      llava-hf checkpoint (a directory or a hub id already in the HF cache);
@@ -31,11 +31,8 @@ from pathlib import Path
 from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
 
-DEMO_MODELS = ["llava_testbed", "llava_testbed_fastv", "llava_testbed_hybrid"]
+DEMO_MODELS = ["llava_tiny", "llava_tiny_hybrid"]
 DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", *DEMO_MODELS, "--judge", "exact_matching", "--batch-size", "8"]
-# What the demo's names mean, whatever the environment says: FastV K=64 at layer 2 alone, and after DyMU mid.
-DEMO_ENV = {"FASTV_K": "64", "FASTV_LAYER": "2", "DYMU_THRESHOLDS": "mid"}
-DEMO_IGNORED_ENV = ("FASTV_SELECT", "SELECT_SEED", "VISUAL_POOL", "DYMU_SPLIT", "HYBRID_POSITIONS")
 JUDGE_KEY_ENVS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM")
 FAILED_SKIPS = ("invalid_dataset", "Incomplete infer result", "No infer result found")
 
@@ -268,12 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = not argv
     if demo:
         argv = list(DEMO_ARGS)
-        for key in DEMO_IGNORED_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(DEMO_ENV)
         print(
-            "run.py: no arguments, running the bundled demo: the trained testbed (hybrid_vlm.testbed) on its held-out "
-            "TinyMMBench + TinyCOCO, vanilla, FastV K=64 at layer 2, and DyMU mid then FastV K=64, on CPU.\n"
+            "run.py: no arguments, running the bundled demo: tiny random LLaVA on TinyMMBench + TinyCOCO, "
+            "vanilla (llava_tiny) and hybrid (llava_tiny_hybrid), on CPU, batch size 8.\n"
             "For the real thing: python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid",
             flush=True,
         )

@@ -11,9 +11,9 @@ Names and their fixed meaning:
     llava_v1.5_7b_hybrid   DyMU + FastV: DYMU_THRESHOLDS required, DYMU_SPLIT, FASTV_K (default 0.5), FASTV_LAYER
     llava_v1.5_7b_pool     spatial pooling before layer 0: VISUAL_POOL (2, 3, 4 ...; default 2), optional FASTV_K
     llava_testbed{,_fastv,_dymu,_hybrid,_pool}
-                           the same five on the bundled trained testbed (hybrid_vlm.testbed); DYMU_THRESHOLDS
-                           may also be low / mid / high (the shipped thresholds; default mid)
-    llava_tiny             the bundled tiny random LLaVA, nothing patched (exactness tests)
+                           the same five on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
+                           DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
+    llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
     llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
 
 VLMEvalKit writes results to <work-dir>/<model name>/ and silently reuses whatever it finds there,
@@ -34,7 +34,7 @@ MODEL_PATH_ENV = "HYBRID_VLM_MODEL_PATH"
 DEFAULT_FASTV_K = 0.5  # FastV's published operating point: K=2, R=50%
 DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at </s> long before
 TINY_MAX_NEW_TOKENS = 8  # the random tiny model rarely emits </s>: keep its runs fast
-TESTBED_MAX_NEW_TOKENS = 64  # the testbed's longest caption is ~45 tokens, and it ends with </s>
+TESTBED_MAX_NEW_TOKENS = 64  # the testbed's longest reference caption is ~45 tokens
 NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the effective name
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
@@ -79,7 +79,7 @@ VARIANTS = {
     variant.name: variant
     for variant in (
         *_family_variants("llava_v1.5_7b", "llava_v1.5_7b", "stock llava-hf LLaVA-1.5-7B"),
-        *_family_variants("llava_testbed", "testbed", "bundled trained testbed"),
+        *_family_variants("llava_testbed", "testbed", "testbed checkpoint (hybrid_vlm/testbed)"),
         Variant("llava_tiny", fastv=False, dymu=False, family="tiny", description="bundled tiny random LLaVA, nothing patched"),
         Variant("llava_tiny_hybrid", fastv=False, dymu=False, family="tiny", fixed_setting=True, description="bundled tiny random LLaVA, fixed hybrid"),
     )

@@ -4,9 +4,9 @@ against tokens kept means something on a laptop.
 LLaVA-1.5's geometry where the methods act: a CLIP-layout ViT at 336 px with 14 px patches (576
 patches + CLS, features from the second-to-last of 6 layers), a 2-layer GELU MLP projector, an
 8-layer Llama with RoPE, the LLaVA-1.5 conversation, its own byte-level BPE tokenizer. It is a
-stock `LlavaForConditionalGeneration`; the trained weights ship in `checkpoint/` (see its README).
+stock `LlavaForConditionalGeneration`; trained weights belong in `checkpoint/` (none ship yet: see reports/testbed-attempts/).
 
-    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~50 min on 2 CPU cores)
+    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~55 min on 2 idle CPU cores)
     python -m hybrid_vlm.testbed calibrate               # DyMU thresholds low/mid/high for the shipped weights
     python -m hybrid_vlm.testbed card                    # its card, from the committed log, thresholds and report
 """
@@ -112,7 +112,8 @@ def testbed_checkpoint() -> Path:
     """The shipped checkpoint directory; a clear error if it is missing."""
     if not (CHECKPOINT_DIR / "config.json").exists():
         raise FileNotFoundError(
-            f"the testbed checkpoint is missing from {CHECKPOINT_DIR}: it ships with the repository "
-            "(git checkout it) or is made by `python -m hybrid_vlm.testbed train --out that directory`"
+            f"the testbed checkpoint is missing from {CHECKPOINT_DIR} "
+            "(none ships yet: see reports/testbed-attempts/); make one with `python -m hybrid_vlm.testbed train --out DIR` "
+            "and copy DIR there"
         )
     return CHECKPOINT_DIR

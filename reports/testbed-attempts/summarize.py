@@ -1,0 +1,36 @@
+"""Summarise the testbed training attempts from their raw logs: python reports/testbed-attempts/summarize.py
+
+Prints, per run, means over windows of steps of the answer loss, the letter accuracy on the
+training batches' option letters, and the probe's colour / shape accuracy on object patches.
+"""
+
+import json
+import math
+from pathlib import Path
+
+RAW = Path(__file__).resolve().parent / "raw"
+WINDOW = 40
+
+
+def mean(records, key):
+    values = [r[key] for r in records if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
+def main():
+    print("| run | phase | steps | answer loss | letter accuracy | probe colour acc. | probe shape acc. | seconds at end |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for path in sorted(RAW.glob("run*_train_log.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for phase in dict.fromkeys(r.get("phase", "all") for r in records):
+            rows = [r for r in records if r.get("phase", "all") == phase]
+            for start in range(0, len(rows), WINDOW):
+                window = rows[start : start + WINDOW]
+                answer = mean(window, "answer_loss") if "answer_loss" in window[0] else mean(window, "loss")
+                print(f"| {path.name.split('_')[0]} | {phase} | {window[0]['step']}–{window[-1]['step']} | {answer} | "
+                      f"{mean(window, 'letter_accuracy')} | {mean(window, 'probe_colour_accuracy')} | "
+                      f"{mean(window, 'probe_shape_accuracy')} | {window[-1]['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
