@@ -50,3 +50,15 @@ def image_inputs(processor, questions=QUESTIONS[:1], seeds=None):
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as transformers' generate() makes them: cumsum of the mask, padding at 0."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def assert_batched_generation_equals_each_alone(hybrid, processor, new_tokens: int) -> None:
+    """Greedy tokens of the left-padded batch of QUESTIONS equal each prompt generated alone."""
+    batch_inputs = image_inputs(processor, QUESTIONS)
+    assert (batch_inputs["attention_mask"] == 0).any(), "the batch must exercise left padding"
+    with torch.no_grad():
+        batched = hybrid.generate(**batch_inputs, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+        for i, question in enumerate(QUESTIONS):
+            alone = hybrid.generate(**image_inputs(processor, [question], seeds=[i]), max_new_tokens=new_tokens,
+                                    do_sample=False, min_new_tokens=new_tokens)
+            assert torch.equal(batched[i, -new_tokens:], alone[0, -new_tokens:])

@@ -10,7 +10,7 @@ from hybrid_vlm import HybridConfig
 from hybrid_vlm.baselines import random_slot_scores
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, hybrid_copy, image_inputs
+from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, hybrid_copy, image_inputs
 from reference import masked_reference, numpy_random_scores
 
 REFERENCE_RTOL = 1e-4
@@ -94,14 +94,7 @@ def test_pooling_then_fastv_matches_masked_reference(tiny):
 @pytest.mark.parametrize("settings", [dict(fastv_k=64, fastv_select="random"), dict(visual_pool=2), dict(visual_pool=4, fastv_k=8)])
 def test_baselines_batched_generation_equals_each_sample_alone(tiny, settings):
     model, processor = tiny
-    hybrid = hybrid_copy(model, **settings)
-    batch_inputs = image_inputs(processor, QUESTIONS)
-    with torch.no_grad():
-        batched = hybrid.generate(**batch_inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-        for i, question in enumerate(QUESTIONS):
-            alone = hybrid.generate(**image_inputs(processor, [question], seeds=[i]), max_new_tokens=NEW_TOKENS,
-                                    do_sample=False, min_new_tokens=NEW_TOKENS)
-            assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+    assert_batched_generation_equals_each_alone(hybrid_copy(model, **settings), processor, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("settings", [dict(fastv_k=64, fastv_select="random"), dict(visual_pool=2, fastv_k=32)])

@@ -18,7 +18,7 @@ from hybrid_vlm.hf_compat import llama_layer_forward, new_cache, output_cache
 from hybrid_vlm.model import attention_mask_4d
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, chat_prompt, generation_positions, hybrid_copy, image_inputs
+from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, chat_prompt, generation_positions, hybrid_copy, image_inputs
 from reference import eager_copy, greedy_without_cache, masked_reference
 
 NEW_TOKENS = 8
@@ -160,15 +160,7 @@ def test_pruning_changes_generation(tiny):
 @pytest.mark.parametrize("fastv_k", [64, 0.5])
 def test_batched_generation_equals_each_sample_alone(tiny, fastv_k):
     model, processor = tiny
-    hybrid = hybrid_copy(model, fastv_k=fastv_k)
-    batch_inputs = image_inputs(processor, QUESTIONS)
-    assert (batch_inputs["attention_mask"] == 0).any(), "the batch must exercise left padding"
-    with torch.no_grad():
-        batched = hybrid.generate(**batch_inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
-        for i, question in enumerate(QUESTIONS):
-            alone = hybrid.generate(**image_inputs(processor, [question], seeds=[i]), max_new_tokens=NEW_TOKENS,
-                                    do_sample=False, min_new_tokens=NEW_TOKENS)
-            assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+    assert_batched_generation_equals_each_alone(hybrid_copy(model, fastv_k=fastv_k), processor, NEW_TOKENS)
 
 
 def test_generation_without_pruning_equals_vanilla(tiny):
