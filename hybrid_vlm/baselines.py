@@ -51,6 +51,11 @@ def pool_sides(grid: int = 24) -> tuple[int, ...]:
     return tuple(side for side in range(2, grid + 1) if grid % side == 0)
 
 
+def pooled_token_count(tokens: int, side: int) -> int:
+    """Pooled tokens per image of a square grid of `tokens` patches in side x side blocks: (G / s)^2."""
+    return (math.isqrt(tokens) // side) ** 2
+
+
 def pool_grid(features: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, G*G, D] patch features -> ([N, G*G, D], [N, G*G] bool): the s x s block means placed at
     each block's central slot, and which slots hold a pooled token ((G / s)^2 per image)."""

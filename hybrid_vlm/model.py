@@ -18,12 +18,12 @@ different lengths. Their key-validity masks (padding, kept tokens) travel on the
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .baselines import pool_grid, random_slot_scores
+from .baselines import pool_grid, pooled_token_count, random_slot_scores
 from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
 from .hf_compat import (
@@ -82,36 +82,39 @@ def attention_mask_4d(key_valid: torch.Tensor, query_length: int) -> torch.Tenso
     return allowed | (key_at == query_at)
 
 
+def require(condition: torch.Tensor, message: Callable[[], str]) -> None:
+    """A 0-d bool tensor that must be true: a ValueError with `message()` on CPU (reading it is
+    free), a device assert elsewhere (no host sync)."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message())
+    else:
+        torch._assert_async(condition)
+
+
 def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, dymu: bool) -> bool:
     """Whether every key of this prompt, before and after pruning, is a real token, decided from
     what Python knows (no host sync): no mask was passed, or the batch is one prompt (which the
     processor never pads) without DyMU padding slots, which only batches of DyMU have. A batch-1
-    mask with a zero is refused: a ValueError on CPU, a device assert elsewhere."""
+    mask with a zero is refused (`require`)."""
     if attention_mask is None:
         return not (dymu and batch > 1)
     if batch != 1:
         return False
-    if attention_mask.device.type == "cpu":
-        if not bool(attention_mask.all()):
-            raise ValueError("a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
-    else:
-        torch._assert_async(attention_mask.bool().all())
+    require(attention_mask.bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
     return True
 
 
 def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
-    """Every sample must hold `expected` image placeholders: a ValueError on CPU, a device assert elsewhere."""
+    """Every sample must hold `expected` image placeholders (`require`)."""
     counts = is_visual.sum(dim=1)
-    if counts.device.type == "cpu":
-        if not bool((counts == expected).all()):
-            raise ValueError(
-                f"each prompt must contain {expected} image placeholder tokens for the images passed "
-                f"(pixel_values has one image per sample x tokens per image); found {counts.tolist()}. "
-                "Build prompts with the LlavaProcessor and one '<image>' per image, and do not mix "
-                "text-only and image prompts in one batch."
-            )
-    else:
-        torch._assert_async((counts == expected).all())
+    require(
+        (counts == expected).all(),
+        lambda: f"each prompt must contain {expected} image placeholder tokens for the images passed "
+        f"(pixel_values has one image per sample x tokens per image); found {counts.tolist()}. "
+        "Build prompts with the LlavaProcessor and one '<image>' per image, and do not mix "
+        "text-only and image prompts in one batch.",
+    )
 
 
 class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -331,7 +334,7 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         features = stock_image_features(self, pixel_values)
         if config.visual_pool is not None:
             pooled, valid = pool_grid(features, config.visual_pool)
-            return pooled, valid, (math.isqrt(features.shape[1]) // config.visual_pool) ** 2
+            return pooled, valid, pooled_token_count(features.shape[1], config.visual_pool)
         return features, None, None
 
 

@@ -43,9 +43,6 @@ class PluginError(Exception):
     """A problem with the user's request (name, setting, checkpoint): printed, exit status 2."""
 
 
-FAMILIES = ("llava_v1.5_7b", "testbed", "tiny")
-
-
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -99,9 +96,6 @@ def short_names(family: str = "llava_v1.5_7b") -> dict[str, str]:
         for name, variant in VARIANTS.items()
         if variant.family == family
     }
-
-
-SHORT_NAMES = short_names()
 
 
 def max_new_tokens_for(variant: Variant) -> int:

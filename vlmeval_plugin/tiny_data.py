@@ -4,7 +4,7 @@ Both are held-out scenes of the testbed (`hybrid_vlm.testbed.scenes`), drawn fro
 that training never uses: TinyMMBench has 100 base questions, 20 of each kind (the colour of a
 shape, the shape of a colour, how many objects, where one object is relative to another, is there
 a given object), circular copies expanded; TinyCOCO has 40 scenes with 4 reference captions each.
-The trained testbed answers them; the random tiny LLaVA scores at chance.
+A trained testbed would answer them (none ships yet); the random tiny LLaVA scores at chance.
 
     python -m vlmeval_plugin.tiny_data --out DIR      # writes DIR/TinyMMBench.tsv, DIR/TinyCOCO.tsv
 
@@ -101,11 +101,13 @@ def write_tsv(table: pd.DataFrame, path: Path) -> None:
     temporary.replace(path)
 
 
+BUILDERS = {TINY_MCQ_NAME: build_mcq_table, TINY_CAPTION_NAME: build_caption_table}
+
+
 def is_current(name: str, path: Path) -> bool:
     """Whether a bundled set on disk was written by this generator (its first row matches): a file
     left by an earlier version of the project (same name, other scenes) is rewritten, not reused."""
-    builders = {TINY_MCQ_NAME: build_mcq_table, TINY_CAPTION_NAME: build_caption_table}
-    expected = builders[name](1).iloc[0]
+    expected = BUILDERS[name](1).iloc[0]
     try:
         found = pd.read_csv(path, sep="\t", nrows=1).iloc[0]
     except Exception:  # unreadable or empty: not ours
@@ -118,12 +120,11 @@ def ensure_tiny_sets(lmu_data: str | Path, names=BUNDLED_SETS, force: bool = Fal
     """Write the bundled sets that are missing from `lmu_data` (or stale: see `is_current`); return their paths."""
     root = Path(lmu_data)
     root.mkdir(parents=True, exist_ok=True)
-    builders = {TINY_MCQ_NAME: build_mcq_table, TINY_CAPTION_NAME: build_caption_table}
     written = []
     for name in names:
         path = root / f"{name}.tsv"
         if force or not path.exists() or not is_current(name, path):
-            write_tsv(builders[name](), path)
+            write_tsv(BUILDERS[name](), path)
         written.append(path)
     return written
 

@@ -32,7 +32,6 @@ __all__ = [
     "output_cache",
     "repeat_kv",
     "stock_image_features",
-    "vision_and_projected_features",
 ]
 
 
@@ -77,14 +76,6 @@ def stock_image_features(model: LlavaForConditionalGeneration, pixel_values: tor
         return_dict=True,
     )
     return torch.stack(list(outputs.pooler_output))
-
-
-def vision_and_projected_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the ViT features LLaVA reads [N, 576, vision hidden], their projection [N, 576, hidden]), the
-    same computation as `stock_image_features` ("default" selection: CLS dropped), for training."""
-    hidden_states = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-    features = hidden_states[model.config.vision_feature_layer][:, 1:]
-    return features, model.model.multi_modal_projector(features)
 
 
 # 5.24 renamed the cache everywhere from `past_key_values` to `cache`: generate() passes `cache=` to

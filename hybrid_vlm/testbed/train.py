@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..hf_compat.llava import llava_parts, packed_decoder_states, vision_and_projected_features
+from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features
 from . import scenes
 from .prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
 
@@ -195,7 +195,7 @@ def packed_forward(model, pixel_values: torch.Tensor, batch: dict[str, torch.Ten
     [B, 576, D]): stock image features placed at the image tokens, the LLM under the packed mask."""
     parts = llava_parts(model)
     embeds = parts.embed_tokens(batch["input_ids"])  # [B, T, D]
-    _, features = vision_and_projected_features(model, pixel_values)  # [B, 576, D]
+    features = stock_image_features(model, pixel_values)  # [B, 576, D]
     image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
     hidden = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"])
@@ -271,7 +271,7 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
 
         for step in tqdm(range(settings.vision_steps), desc="testbed train: vision", disable=not progress):
             pixel_values, probe_target = vision_batch(step, settings, processor)
-            _, features = vision_and_projected_features(model, pixel_values)
+            features = stock_image_features(model, pixel_values)
             probe_loss, accuracy = probe.loss(features.float(), probe_target)
             rate = learning_rate(step, settings.learning_rate, settings.vision_warmup_steps, settings.vision_steps)
             optimize(probe_loss, rate)
@@ -302,7 +302,3 @@ def _letter_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> fl
         return float("nan")
     return float((logits[is_letter].argmax(-1) == batch["target_ids"][is_letter]).float().mean())
 
-
-def seeded_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
