@@ -425,3 +425,25 @@ def nominal_counts(tokens: int, rs: list[int], protected: int = 1) -> list[int]:
         tokens -= min(r, (tokens - protected) // 2)
         counts.append(tokens)
     return counts
+
+
+def place_on_cropped_grid(
+    coverage: torch.Tensor,  # [crops, P] long: for every patch, the patch whose slot holds its token (per crop)
+    source: torch.Tensor,  # [T] long: the grid's patches in raster order, as crop * P + patch
+    grid_width: int,  # patches per row of that grid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-place merged tokens on a grid assembled from parts of several crops (LLaVA-NeXT's unpadded
+    crop grid), where some patches of a crop are gone: returns (slot [T], valid [T]).
+
+    Every token keeps the patches it covers that the grid still holds; it sits at the one of them
+    nearest their centroid (the module's rule, on this grid), so every grid patch is covered by
+    exactly one placed token and a token whose representative was cut away moves to a patch it
+    still covers; a token covering only cut patches disappears. slot[t] is the flat index
+    (crop * P + patch) where that token's feature lives, valid[t] whether grid patch t places it.
+    """
+    patches = coverage.shape[1]
+    crop = source // patches
+    owner = crop * patches + coverage.reshape(-1)[source]  # [T]: the flat slot of each patch's token
+    best = representative_slots(owner[None], coverage.numel(), grid_width, prefix=0)[0]  # per token: grid index
+    valid = best.gather(0, owner) == torch.arange(source.shape[0], device=source.device)
+    return owner, valid

@@ -23,21 +23,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .baselines import pool_grid, pooled_token_count, random_slot_scores
+from .adapters import check_supported, llava_image_slots, llava_next_image_slots
 from .config import HybridConfig, visual_keep_count
-from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
+from .fastv import gather_tokens, select_kept_positions, visual_keep_counts
 from .hf_compat import (
     Cache,
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
     cache_argument,
     cache_kwarg,
-    dymu_image_features,
     llama_layer_forward,
     llava_parts,
     new_cache,
-    stock_image_features,
 )
+from .hf_compat.llava_next import LlavaNextForConditionalGeneration
+from .placement import PlacedPrompt, place_images
 
 
 @dataclass
@@ -92,13 +92,14 @@ def require(condition: torch.Tensor, message: Callable[[], str]) -> None:
         torch._assert_async(condition)
 
 
-def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, dymu: bool) -> bool:
+def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_padding: bool) -> bool:
     """Whether every key of this prompt, before and after pruning, is a real token, decided from
     what Python knows (no host sync): no mask was passed, or the batch is one prompt (which the
-    processor never pads) without DyMU padding slots, which only batches of DyMU have. A batch-1
-    mask with a zero is refused (`require`)."""
+    processor never pads), and no slot can be empty (`slot_padding`: DyMU's merged-away slots, or
+    fillers for prompts with fewer image placeholders). A batch-1 mask with a zero is refused
+    (`require`)."""
     if attention_mask is None:
-        return not (dymu and batch > 1)
+        return not (slot_padding and batch > 1)
     if batch != 1:
         return False
     require(attention_mask.bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
@@ -112,22 +113,117 @@ def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
         (counts == expected).all(),
         lambda: f"each prompt must contain {expected} image placeholder tokens for the images passed "
         f"(pixel_values has one image per sample x tokens per image); found {counts.tolist()}. "
-        "Build prompts with the LlavaProcessor and one '<image>' per image, and do not mix "
+        "Build prompts with the model's processor and one '<image>' per image, and do not mix "
         "text-only and image prompts in one batch.",
     )
 
 
-class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """LlavaForConditionalGeneration whose forward runs hybrid_vlm's decoder loop.
+def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels) -> None:
+    if labels is not None:
+        raise NotImplementedError("hybrid_vlm is inference-only: labels/loss are not supported.")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if pixel_values is not None and input_ids is None:
+        raise ValueError("pixel_values need input_ids: image placeholders are located by token id")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("hybrid_vlm takes a 2-D attention_mask [batch, tokens] (1 = real token, 0 = padding)")
 
-    Changes from stock: image features are scattered by index (no host syncs); every layer runs
-    SDPA, under an explicit mask only where a key may be padding (`prompt_is_dense`: otherwise
-    causal for a prefill and unmasked for a decode step, as stock runs an unpadded prompt); with FastV on, layer `fastv_layer - 1` also returns the last
-    prompt token's attention row and layers from `fastv_layer` on see only the kept tokens, at
-    their original position ids. Weights, config, generate() and the processor stay stock.
+
+def renumber(valid: torch.Tensor) -> torch.Tensor:
+    """Consecutive positions over the real tokens (the renumbered ablation)."""
+    return (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def chunk_positions(attention_mask, position_ids, state, config, batch, length, device):
+    """(new_valid [B, L]: real tokens of this chunk, position_ids [B, L], next_position [B]).
+
+    Logical positions: counted over the prompt as written, every image placeholder included."""
+    new_valid = (
+        attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        if attention_mask is not None
+        else torch.ones(batch, length, dtype=torch.bool, device=device)
+    )
+    if position_ids is None or (config.position_mode == "renumbered" and state is not None):
+        start = state.next_position if state is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        position_ids = (start[:, None] + new_valid.long().cumsum(dim=1) - 1).clamp_min(0)
+    position_ids = position_ids.to(device=device, dtype=torch.long).expand(batch, length)
+    return new_valid, position_ids, position_ids[:, -1] + 1
+
+
+@dataclass
+class PrunePlan:
+    """What FastV does in this forward: keep `keep` visual slots per sample (of them only
+    `keep_per_sample` real ones where samples differ), scored by `query_index`'s attention row."""
+
+    keep: int
+    visual_positions: torch.Tensor  # [B, V]
+    query_index: torch.Tensor  # [B] index in this forward's sequence of the scoring query
+    keep_per_sample: torch.Tensor | None  # [B], or None when every visual slot is real
+    slot_scores: torch.Tensor | None  # [B, L0] scores that replace attention (random selection)
+
+
+def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_index) -> PrunePlan | None:
+    """The scoring query and quotas, or None when nothing is pruned in this forward."""
+    if placed is None or config.fastv_k is None:
+        return None
+    num_visual = placed.visual_positions.shape[1]
+    keep = visual_keep_count(num_visual, config.fastv_k)
+    if keep >= num_visual:
+        return None
+    valid, entered = placed.new_valid, placed.entered_positions
+    if fastv_query_index is None:
+        steps = torch.arange(valid.shape[1], device=valid.device)
+        query_index = (valid.long() * steps).amax(dim=1)  # each sample's last real token
+    else:
+        query_index = torch.as_tensor(fastv_query_index, device=valid.device).long().expand(valid.shape[0])
+        if entered is not None:  # a prompt position -> its index in the placed sequence
+            query_index = (entered == query_index[:, None]).long().argmax(dim=1)
+    keep_per_sample = None
+    if entered is not None:
+        keep_per_sample = visual_keep_counts(valid.gather(1, placed.visual_positions).sum(dim=1), config.fastv_k)
+    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores)
+
+
+@dataclass
+class Pruned:
+    """The sequence after FastV at its layer."""
+
+    hidden_states: torch.Tensor  # [B, L_kept, hidden]
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    kept_positions: torch.Tensor  # [B, L_kept] indices into the pre-pruning sequence
+    key_valid: torch.Tensor  # [B, L_kept] kept slots that are real tokens
+    next_position: torch.Tensor | None  # [B] only when positions were renumbered
+
+
+def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_mode: str, rotary_emb) -> Pruned:
+    """Keep every text token and the top `plan.keep` visual slots, at their position ids."""
+    scores = plan.slot_scores if plan.slot_scores is not None else scores
+    scores = scores.masked_fill(~new_valid, -1.0)  # empty slots rank after every real token
+    kept_positions, kept_real = select_kept_positions(scores, plan.visual_positions, plan.keep, plan.keep_per_sample)
+    hidden_states = gather_tokens(hidden_states, kept_positions)
+    key_valid = gather_tokens(new_valid, kept_positions)
+    if kept_real is not None:
+        key_valid = key_valid & kept_real
+    if position_mode == "renumbered":
+        kept_position_ids = renumber(key_valid)
+        return Pruned(hidden_states, rotary_emb(hidden_states, kept_position_ids), kept_positions, key_valid, kept_position_ids[:, -1] + 1)
+    cos, sin = (gather_tokens(t, kept_positions) for t in cos_sin)
+    return Pruned(hidden_states, (cos, sin), kept_positions, key_valid, None)
+
+
+class HybridDecoder:
+    """The forward shared by every patched model class (a mixin placed before the stock class).
+
+    Changes from stock: image features come from the model's adapter (`image_slots`) and are placed
+    by index (no host syncs); every layer runs SDPA, under an explicit mask only where a key may be
+    padding (`prompt_is_dense`: otherwise causal for a prefill and unmasked for a decode step, as
+    stock runs an unpadded prompt); with FastV on, layer `fastv_layer - 1` also returns the last
+    prompt token's attention row and layers from `fastv_layer` on see only the kept tokens, at their
+    original position ids. Weights, config, generate() and the processor stay stock.
     """
 
     hybrid_config: HybridConfig
+    image_slots: Callable  # (model, pixel_values, image_sizes, batch) -> ImageSlots
 
     def forward(
         self,
@@ -142,29 +238,19 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         labels: torch.LongTensor | None = None,
         fastv_query_index: int | torch.Tensor | None = None,
         cache: Cache | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> HybridLlavaOutput:
-        """As stock LLaVA. `fastv_query_index` ([B] or int) picks the token whose attention scores
-        the visual tokens; default: each sample's last real token (the last prompt token). The cache
-        is accepted as `past_key_values` or `cache` on every supported transformers release."""
-        if labels is not None:
-            raise NotImplementedError("hybrid_vlm is inference-only: labels/loss are not supported.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and input_ids is None:
-            raise ValueError("pixel_values need input_ids: image placeholders are located by token id")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("hybrid_vlm takes a 2-D attention_mask [batch, tokens] (1 = real token, 0 = padding)")
-
-        config = self.hybrid_config
-        parts = llava_parts(self)
-        num_layers = len(parts.layers)
+        """As stock. `fastv_query_index` ([B] or int) picks the token whose attention scores the
+        visual tokens; default: each sample's last real token (the last prompt token). The cache is
+        accepted as `past_key_values` or `cache` on every supported transformers release.
+        `image_sizes` (LLaVA-NeXT) is read on the host: pass it on the CPU, as the processor makes it."""
+        check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels)
+        config, parts = self.hybrid_config, llava_parts(self)
         if inputs_embeds is None:
             inputs_embeds = parts.embed_tokens(input_ids)
-        batch, length, hidden_size = inputs_embeds.shape
-        device = inputs_embeds.device
-        if use_cache is None:
-            use_cache = self.config.text_config.use_cache
+        batch, length, _ = inputs_embeds.shape
+        use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
         cache = cache_argument(past_key_values, cache)
         if use_cache and cache is None:
             cache = new_cache(self)
@@ -172,199 +258,151 @@ class HybridLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if state is None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
 
-        # Which of this chunk's tokens are real (not padding); DyMU later also unmarks merged-away slots.
-        new_valid = (
-            attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-            if attention_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=device)
-        )
-        # Logical positions: counted over the prompt as written, all 576 placeholders per image.
-        renumber_decode = config.position_mode == "renumbered" and state is not None
-        if position_ids is None or renumber_decode:
-            start = state.next_position if state is not None else torch.zeros(batch, dtype=torch.long, device=device)
-            position_ids = (start[:, None] + new_valid.long().cumsum(dim=1) - 1).clamp_min(0)
-        position_ids = position_ids.to(device=device, dtype=torch.long).expand(batch, length)
-        next_position = position_ids[:, -1] + 1
-
-        visual_positions = None  # [B, V]: where the visual tokens sit in the (possibly compacted) sequence
-        entered_positions = None  # [B, L0]: prompt positions entering layer 0, when DyMU compacted them
+        new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
+        placed = slots = None
         if pixel_values is not None:
             if state is not None:
                 raise NotImplementedError("images are only supported in the first forward over a cache")
-            features, slot_valid, pooled_slots = self._image_features(pixel_values)  # [images, 576, hidden], [images, 576]
-            num_images, tokens_per_image = features.shape[:2]
-            if num_images % batch:
-                raise ValueError(f"{num_images} images for {batch} prompts: every prompt needs the same number of images")
-            num_visual = num_images // batch * tokens_per_image
-            is_visual = input_ids == parts.image_token_id
-            check_visual_counts(is_visual, num_visual)
-            visual_positions = true_positions(is_visual, num_visual)  # [B, V]
-            if config.fastv_select == "random":
-                slot_scores = random_slot_scores(pixel_values, num_images // batch, tokens_per_image, config.select_seed)
-                random_scores = torch.zeros(batch, length, dtype=slot_scores.dtype, device=device).scatter(1, visual_positions, slot_scores)
-            inputs_embeds = inputs_embeds.scatter(
-                1,
-                visual_positions[..., None].expand(batch, num_visual, hidden_size),
-                features.reshape(batch, num_visual, hidden_size).to(inputs_embeds.dtype),
-            )
-            if slot_valid is not None:
-                # DyMU: a merged token sits at the placeholder of its representative patch, so it carries
-                # that patch's position id; the placeholders of patches merged into it are dropped here,
-                # before layer 0. Sizing the compacted sequence needs the batch's largest merged count:
-                # the engine's one host read, and only with DyMU (the count is data-dependent by design;
-                # pooling's count is static).
-                slot_valid = slot_valid.reshape(batch, num_visual) & new_valid.gather(1, visual_positions)
-                merged_slots = pooled_slots * (num_images // batch) if pooled_slots else int(slot_valid.sum(dim=1).max())
-                slot_scores = torch.zeros(batch, length, device=device).scatter(1, visual_positions, slot_valid.float())
-                entered_positions, _ = select_kept_positions(slot_scores, visual_positions, merged_slots)
-                new_valid = new_valid.scatter(1, visual_positions, slot_valid)
-                inputs_embeds = gather_tokens(inputs_embeds, entered_positions)
-                new_valid = gather_tokens(new_valid, entered_positions)
-                position_ids = gather_tokens(position_ids, entered_positions)
-                if config.fastv_select == "random":
-                    random_scores = gather_tokens(random_scores, entered_positions)
-                if config.position_mode == "renumbered":
-                    position_ids = (new_valid.long().cumsum(dim=1) - 1).clamp_min(0)
-                    next_position = position_ids[:, -1] + 1
-                is_visual = gather_tokens(is_visual, entered_positions)
-                visual_positions = true_positions(is_visual, merged_slots)
-                length, num_visual = inputs_embeds.shape[1], merged_slots
-        keep = visual_keep_count(num_visual, config.fastv_k) if visual_positions is not None else 0
-        prune_now = visual_positions is not None and keep < num_visual
+            slots = self.image_slots(self, pixel_values, image_sizes, batch)
+            placed = place_images(slots, input_ids == parts.image_token_id, inputs_embeds, new_valid, position_ids, check_visual_counts)
+            inputs_embeds, new_valid, position_ids = placed.inputs_embeds, placed.new_valid, placed.position_ids
+            if config.position_mode == "renumbered" and placed.entered_positions is not None:
+                position_ids = renumber(new_valid)
+                next_position = position_ids[:, -1] + 1
+        entered = placed.entered_positions if placed is not None else None
+        plan = prune_plan(config, placed, fastv_query_index)
+        # Dense: no layer needs a mask (see prompt_is_dense). A chunk over a filled cache keeps its mask.
+        slot_padding = slots is not None and (slots.fillers or (slots.compact and slots.valid_count is None))
+        dense = prompt_is_dense(attention_mask, batch, slot_padding) if state is None else state.dense
+        hidden_states, pruned, key_valid = self._decoder_layers(
+            parts, inputs_embeds, position_ids, new_valid, state, cache, plan, dense, prune_from_start=entered is not None
+        )
+        if pruned is not None and pruned.next_position is not None:
+            next_position = pruned.next_position
+        if cache is not None:
+            cache.hybrid_state = self._next_state(state, key_valid, next_position, dense)
 
-        # Dense: no layer needs a mask (see prompt_is_dense); SDPA then runs causal for a prefill from an
-        # empty cache and unmasked for a one-token step. A chunk over a filled cache keeps its mask.
-        dense = prompt_is_dense(attention_mask, batch, config.dymu is not None) if state is None else state.dense
-        unmasked = dense and (state is None or length == 1)
+        kept_positions = pruned.kept_positions if pruned is not None else None
+        if entered is not None:
+            if kept_positions is None and not slots.compact:
+                hidden_states = hidden_states[:, hidden_states.shape[1] - length :]  # fillers only: stock's rows
+            else:
+                kept_positions = entered if kept_positions is None else entered.gather(1, kept_positions)
+        return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
+
+    def _decoder_layers(self, parts, hidden_states, position_ids, new_valid, state, cache, plan, dense, prune_from_start):
+        """Run every layer; FastV prunes at `fastv_layer`. Returns (hidden, Pruned or None, key validity
+        (full_key_valid, pruned_key_valid, prune_layer) for the cache state)."""
+        config, num_layers, length = self.hybrid_config, len(parts.layers), hidden_states.shape[1]
+        unmasked = dense and (state is None or length == 1)  # causal prefill, or a one-token step
 
         def layer_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor | None:
             return None if unmasked else attention_mask_4d(key_valid, query_length)
 
         if state is None:
-            full_key_valid, pruned_key_valid = new_valid, new_valid
-            prune_layer = 0 if entered_positions is not None else num_layers
+            full_key_valid = pruned_key_valid = new_valid
+            prune_layer = 0 if prune_from_start else num_layers
         else:
             full_key_valid = torch.cat([state.full_key_valid, new_valid], dim=1)
             pruned_key_valid = torch.cat([state.pruned_key_valid, new_valid], dim=1)
             prune_layer = state.prune_layer
-
-        score_query_index = keep_per_sample = None
-        if prune_now:
-            if fastv_query_index is None:
-                steps = torch.arange(length, device=device)
-                score_query_index = (new_valid.long() * steps).amax(dim=1)
-            else:
-                score_query_index = torch.as_tensor(fastv_query_index, device=device).long().expand(batch)
-                if entered_positions is not None:  # a prompt position -> its index after DyMU compaction
-                    score_query_index = (entered_positions == score_query_index[:, None]).long().argmax(dim=1)
-            if entered_positions is not None:
-                keep_per_sample = visual_keep_counts(new_valid.gather(1, visual_positions).sum(dim=1), config.fastv_k)
-
-        hidden_states = inputs_embeds
-        cos, sin = parts.rotary_emb(hidden_states, position_ids)
+        cos_sin = parts.rotary_emb(hidden_states, position_ids)
         mask = layer_mask(full_key_valid, length)
-        kept_positions = scores = None
+        pruned = scores = None
         for layer_idx, layer in enumerate(parts.layers):
-            if prune_now and layer_idx == config.fastv_layer:
-                if config.fastv_select == "random":
-                    scores = random_scores
-                scores = scores.masked_fill(~new_valid, -1.0)  # merged-away slots rank after every real token
-                kept_positions, kept_real = select_kept_positions(scores, visual_positions, keep, keep_per_sample)
-                hidden_states = gather_tokens(hidden_states, kept_positions)
-                pruned_key_valid = gather_tokens(new_valid, kept_positions)
-                if kept_real is not None:
-                    pruned_key_valid = pruned_key_valid & kept_real
-                if config.position_mode == "renumbered":
-                    kept_position_ids = (pruned_key_valid.long().cumsum(dim=1) - 1).clamp_min(0)
-                    cos, sin = parts.rotary_emb(hidden_states, kept_position_ids)
-                    next_position = kept_position_ids[:, -1] + 1
-                else:
-                    cos, sin = gather_tokens(cos, kept_positions), gather_tokens(sin, kept_positions)
-                mask = layer_mask(pruned_key_valid, kept_positions.shape[1])
-                prune_layer = layer_idx
+            if plan is not None and layer_idx == config.fastv_layer:
+                pruned = prune(plan, scores, hidden_states, cos_sin, new_valid, config.position_mode, parts.rotary_emb)
+                hidden_states, cos_sin, pruned_key_valid, prune_layer = pruned.hidden_states, pruned.cos_sin, pruned.key_valid, layer_idx
+                mask = layer_mask(pruned_key_valid, hidden_states.shape[1])
             elif layer_idx == prune_layer:
                 mask = layer_mask(pruned_key_valid, length)
-            scoring_here = prune_now and layer_idx == config.fastv_layer - 1 and config.fastv_select == "attention"
+            scoring_here = plan is not None and plan.slot_scores is None and layer_idx == config.fastv_layer - 1
             hidden_states, row = llama_layer_forward(
-                layer,
-                hidden_states,
-                (cos, sin),
-                mask,
-                cache,
-                layer_idx,
-                score_query_index=score_query_index if scoring_here else None,
+                layer, hidden_states, cos_sin, mask, cache, layer_idx,
+                score_query_index=plan.query_index if scoring_here else None,
                 eager_scoring=config.scoring == "eager",
             )
             if scoring_here:
                 scores = row
+        return hidden_states, pruned, (full_key_valid, pruned_key_valid, prune_layer)
 
-        if cache is not None:
-            if state is None:
-                prompt_tokens = new_valid.sum(dim=1)
-                prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_layer < num_layers else prompt_tokens
-            else:
-                prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
-            cache.hybrid_state = PruneState(
-                full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept, dense
-            )
+    def _next_state(self, state, key_valid, next_position, dense) -> PruneState:
+        full_key_valid, pruned_key_valid, prune_layer = key_valid
+        if state is None:
+            prompt_tokens = full_key_valid.sum(dim=1)
+            prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_layer < len(llava_parts(self).layers) else prompt_tokens
+        else:
+            prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
+        return PruneState(full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept, dense)
 
-        if entered_positions is not None:
-            kept_positions = entered_positions if kept_positions is None else entered_positions.gather(1, kept_positions)
+    def _output(self, parts, hidden_states, logits_to_keep, cache, kept_positions, placed) -> HybridLlavaOutput:
         hidden_states = parts.norm(hidden_states)
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
                 hidden_states = hidden_states[:, -logits_to_keep:]
         else:
             hidden_states = hidden_states[:, logits_to_keep]
+        visual_positions = placed.visual_positions if placed is not None and placed.entered_positions is None else None
         return HybridLlavaOutput(
-            logits=parts.lm_head(hidden_states),
-            **cache_kwarg(cache if use_cache else None),
-            kept_positions=kept_positions,
-            visual_positions=visual_positions if entered_positions is None else None,
+            logits=parts.lm_head(hidden_states), **cache_kwarg(cache), kept_positions=kept_positions, visual_positions=visual_positions
         )
 
-    def _image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-        """(features [images, 576, hidden], which slots hold a token [images, 576] or None, and the
-        static count of such slots per image when it does not depend on the data)."""
-        config = self.hybrid_config
-        pixel_values = pixel_values.to(self.dtype)
-        if config.dymu is not None:
-            merged = dymu_image_features(self, pixel_values, self.hybrid_thresholds.to(pixel_values.device), split=config.dymu_split)
-            return merged.features, merged.valid, None
-        features = stock_image_features(self, pixel_values)
-        if config.visual_pool is not None:
-            pooled, valid = pool_grid(features, config.visual_pool)
-            return pooled, valid, pooled_token_count(features.shape[1], config.visual_pool)
-        return features, None, None
+
+class HybridLlavaForConditionalGeneration(HybridDecoder, LlavaForConditionalGeneration):
+    """LlavaForConditionalGeneration (LLaVA-1.5) whose forward runs hybrid_vlm's decoder loop."""
+
+    image_slots = staticmethod(llava_image_slots)
 
 
-def apply_hybrid(model: LlavaForConditionalGeneration, config: HybridConfig | None = None):
-    """Patch a loaded llava-hf LlavaForConditionalGeneration in place (ToMe style) and return it.
+class HybridLlavaNextForConditionalGeneration(HybridDecoder, LlavaNextForConditionalGeneration):
+    """LlavaNextForConditionalGeneration (LLaVA-NeXT, anyres) whose forward runs hybrid_vlm's decoder loop."""
+
+    image_slots = staticmethod(llava_next_image_slots)
+
+
+# stock class -> its patched class
+HYBRID_CLASSES = {
+    LlavaForConditionalGeneration: HybridLlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration: HybridLlavaNextForConditionalGeneration,
+}
+STOCK_CLASSES = {hybrid: stock for stock, hybrid in HYBRID_CLASSES.items()}
+
+
+def stock_class(model) -> type:
+    """The transformers class a (patched or stock) model is an instance of."""
+    return STOCK_CLASSES.get(type(model), type(model))
+
+
+def apply_hybrid(model, config: HybridConfig | None = None):
+    """Patch a loaded llava-hf LlavaForConditionalGeneration or LlavaNextForConditionalGeneration in
+    place (ToMe style) and return it.
 
     `config` defaults to HybridConfig.from_env() (FASTV_K, FASTV_LAYER). Calling it again replaces
     the settings.
     """
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"apply_hybrid expects a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
-    if type(model) not in (LlavaForConditionalGeneration, HybridLlavaForConditionalGeneration):
-        raise TypeError(f"apply_hybrid patches LlavaForConditionalGeneration itself, not the subclass {type(model).__name__}")
+    base = stock_class(model)
+    if base not in HYBRID_CLASSES:
+        names = " or ".join(cls.__name__ for cls in HYBRID_CLASSES)
+        if isinstance(model, tuple(HYBRID_CLASSES)):
+            raise TypeError(f"apply_hybrid patches {names} itself, not the subclass {type(model).__name__}")
+        raise TypeError(f"apply_hybrid expects a transformers {names}, got {type(model).__name__}")
     config = HybridConfig.from_env() if config is None else config
+    check_supported(model, config)
     if config.dymu is not None:
         from .calibrate import load_thresholds
 
         model.hybrid_thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
     num_layers = len(llava_parts(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
-        raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for a {num_layers}-layer LLM: use 1..{num_layers - 1}")
-    model.__class__ = HybridLlavaForConditionalGeneration
+        raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
+    model.__class__ = HYBRID_CLASSES[base]
     model.hybrid_config = config
     return model
 
 
-def remove_hybrid(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+def remove_hybrid(model):
     """Undo `apply_hybrid` in place: the stock forward, no hybrid settings left on the model."""
-    if type(model) is HybridLlavaForConditionalGeneration:
-        model.__class__ = LlavaForConditionalGeneration
+    model.__class__ = stock_class(model)
     for attribute in ("hybrid_config", "hybrid_thresholds"):
         if attribute in model.__dict__:
             delattr(model, attribute)

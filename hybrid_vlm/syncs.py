@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .hf_compat import LlavaForConditionalGeneration, cache_kwarg, new_cache
-from .model import HybridLlavaForConditionalGeneration, apply_hybrid
+from .hf_compat import cache_kwarg, new_cache
+from .model import HybridDecoder, apply_hybrid, stock_class
 
 NOT_APPLICABLE_DYMU = "not applicable: DyMU reads one count per batch by design"
 
@@ -23,7 +23,8 @@ NOT_APPLICABLE_DYMU = "not applicable: DyMU reads one count per batch by design"
 def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     """Prefill, then `decode_steps` greedy-shaped steps (token 0) over the cache; the last output."""
     device = next(model.parameters()).device
-    inputs = {key: value.to(device) for key, value in inputs.items()}
+    # image_sizes is layout metadata the engine reads on the host: it stays on the CPU.
+    inputs = {key: value if key == "image_sizes" else value.to(device) for key, value in inputs.items()}
     cache = new_cache(model)
     with torch.no_grad():
         output = model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
@@ -38,15 +39,15 @@ def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
 def meta_copy(model):
     """The same architecture and engine setting on the meta device (no weights are copied)."""
     with torch.device("meta"):
-        copy = LlavaForConditionalGeneration(model.config)
-    if isinstance(model, HybridLlavaForConditionalGeneration):
+        copy = stock_class(model)(model.config)
+    if isinstance(model, HybridDecoder):
         apply_hybrid(copy, model.hybrid_config)
     return copy.eval()
 
 
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     """"pass", "fail: <first line of the error>", or why the check does not apply."""
-    if isinstance(model, HybridLlavaForConditionalGeneration) and model.hybrid_config.dymu is not None:
+    if isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None:
         return NOT_APPLICABLE_DYMU
     device = next(model.parameters()).device
     try:

@@ -145,9 +145,63 @@ def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **config_
 def ensure_tiny_llava(path: str | Path | None = None) -> Path:
     """Save the tiny model (and its processor) once with save_pretrained; return the directory."""
     path = Path(path) if path is not None else default_cache_dir() / f"tiny-llava-{TINY_VERSION}"
+    return _save_once(path, build_tiny_llava)
+
+
+# Small anyres grids of 336 px crops: a base image plus 2 crops (1:2 and 2:1) or 4 (square).
+TINY_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
+
+
+def build_next_processor(tokenizer=None):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=TINY_NEXT_PINPOINTS,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,  # llava-v1.6-vicuna's: "USER: <image>\n... ASSISTANT:"
+    )
+
+
+def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", **config_overrides):
+    """(model, processor): a tiny LlavaNextForConditionalGeneration (anyres, TINY_NEXT_PINPOINTS),
+    the same toy widths as the tiny LLaVA-1.5, eval mode, float32, on CPU."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    processor = build_next_processor()
+    base = tiny_llava_config(processor.tokenizer, **config_overrides)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_index=base.image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=TINY_NEXT_PINPOINTS,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    scale_weights(model, seed=seed)
+    with torch.no_grad():
+        model.model.image_newline.normal_(generator=torch.Generator().manual_seed(seed))
+    model.set_attn_implementation(attn_implementation)
+    return model.eval(), processor
+
+
+def ensure_tiny_llava_next(path: str | Path | None = None) -> Path:
+    """Save the tiny LLaVA-NeXT (and its processor) once with save_pretrained; return the directory."""
+    path = Path(path) if path is not None else default_cache_dir() / f"tiny-llava-next-{TINY_VERSION}"
+    return _save_once(path, build_tiny_llava_next)
+
+
+def _save_once(path: Path, build) -> Path:
     if (path / "config.json").exists() and (path / "processor_config.json").exists():
         return path
-    model, processor = build_tiny_llava()
+    model, processor = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     model.save_pretrained(staging)

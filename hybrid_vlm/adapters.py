@@ -1,0 +1,131 @@
+"""Model adapters: what differs between LLaVA-1.5 and LLaVA-NeXT before LLM layer 0.
+
+An adapter turns a forward's pixels into `ImageSlots` (one feature per image placeholder, in prompt
+order). Everything after that (placement, the position rule, the decoder loop, FastV) is shared and
+lives in `hybrid_vlm.placement` and `hybrid_vlm.model`; the methods that act in the ViT (DyMU) or
+before layer 0 (pooling) run here, because their output is laid out the model's way.
+
+- LLaVA-1.5: 576 placeholders per image, features straight from the tower (or merged, or pooled).
+- LLaVA-NeXT: a base image plus anyres crops, unpadded and packed with a newline per row
+  (`hf_compat.llava_next`); the placeholder count differs per image. With DyMU every crop merges on
+  its own, and tokens are re-placed on the unpadded grid (`dymu.place_on_cropped_grid`) so every
+  patch that reaches the LLM is covered by exactly one token, at a patch it covers. Newline tokens
+  are never merged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .baselines import pool_grid, pooled_token_count, random_slot_scores
+from .dymu import place_on_cropped_grid
+from .hf_compat import dymu_image_features, stock_image_features
+from .hf_compat.llava_next import NEWLINE, AnyresLayout, anyres_layouts, crop_features, crop_pixels, image_newline
+from .placement import ImageSlots
+
+
+def images_per_sample(num_images: int, batch: int) -> int:
+    if num_images % batch:
+        raise ValueError(f"{num_images} images for {batch} prompts: every prompt needs the same number of images")
+    return num_images // batch
+
+
+def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int) -> ImageSlots:
+    """LLaVA-1.5: [images, 576] features per image, merged (DyMU) or pooled when asked."""
+    config = model.hybrid_config
+    pixel_values = pixel_values.to(model.dtype)
+    per_sample = images_per_sample(pixel_values.shape[0], batch)
+    valid, valid_count = None, None
+    if config.dymu is not None:
+        merged = dymu_image_features(model, pixel_values, model.hybrid_thresholds.to(pixel_values.device), split=config.dymu_split)
+        features, valid = merged.features, merged.valid
+    else:
+        features = stock_image_features(model, pixel_values)
+        if config.visual_pool is not None:
+            valid_count = pooled_token_count(features.shape[1], config.visual_pool) * per_sample
+            features, valid = pool_grid(features, config.visual_pool)
+    tokens = features.shape[1]
+    scores = random_slot_scores(pixel_values, per_sample, tokens, config.select_seed) if config.fastv_select == "random" else None
+    return ImageSlots(
+        features=features.reshape(batch, per_sample * tokens, -1),
+        valid=None if valid is None else valid.reshape(batch, per_sample * tokens),
+        compact=valid is not None,
+        valid_count=valid_count,
+        scores=scores,
+    )
+
+
+def pack_image(
+    layout: AnyresLayout,
+    features: torch.Tensor,  # [crops, P, hidden] this image's crop features
+    newline: torch.Tensor,  # [hidden]
+    merged_valid: torch.Tensor | None,  # [crops, P] DyMU: slot holds a token
+    coverage: torch.Tensor | None,  # [crops, P] DyMU: the patch whose slot holds each patch's token
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed features [V, hidden], valid [V]) in the prompt's order for one image."""
+    patches = features.shape[1]
+    source = layout.source.to(features.device)
+    is_newline = source == NEWLINE
+    slot = source.clamp_min(0)
+    valid = torch.ones_like(is_newline)
+    if merged_valid is not None:
+        base, grid = slot[:patches], slot[patches:][~is_newline[patches:]]  # grid patches in raster order
+        grid_slot, grid_valid = place_on_cropped_grid(coverage, grid, layout.grid_width)
+        slot = torch.cat([base, slot[patches:].masked_scatter(~is_newline[patches:], grid_slot)])
+        grid_part = torch.ones_like(is_newline[patches:]).masked_scatter(~is_newline[patches:], grid_valid)
+        valid = torch.cat([merged_valid[0], grid_part])
+    packed = features.reshape(-1, features.shape[-1]).index_select(0, slot)
+    packed = torch.where(is_newline[:, None], newline.to(packed.dtype), packed)
+    return packed, valid
+
+
+def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, batch: int) -> ImageSlots:
+    """LLaVA-NeXT: packed anyres features per image (base, unpadded crop grid, newlines)."""
+    config = model.hybrid_config
+    if image_sizes is None:
+        raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
+    layouts = anyres_layouts(model, image_sizes)
+    per_sample = images_per_sample(len(layouts), batch)
+    crops = crop_pixels(pixel_values, layouts).to(model.dtype)
+    merged_valid = coverage = None
+    if config.dymu is not None:
+        merged = dymu_image_features(model, crops, model.hybrid_thresholds.to(crops.device), split=config.dymu_split)
+        features, merged_valid, coverage = merged.features, merged.valid, merged.coverage
+    else:
+        features = crop_features(model, crops)
+    newline = image_newline(model)
+    packed, valid, start = [], [], 0
+    for layout in layouts:
+        end = start + layout.num_crops
+        crop_slice = slice(start, end)
+        image_features, image_valid = pack_image(
+            layout, features[crop_slice], newline,
+            None if merged_valid is None else merged_valid[crop_slice], None if coverage is None else coverage[crop_slice],
+        )
+        packed.append(image_features)
+        valid.append(image_valid)
+        start = end
+    samples = [torch.cat(packed[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
+    sample_valid = [torch.cat(valid[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
+    counts = [len(sample) for sample in samples]
+    most = max(counts)
+    # Left-padded to the largest count: the fillers come first in every sample's visual slots.
+    features_bsd = torch.stack([torch.nn.functional.pad(s, (0, 0, most - len(s), 0)) for s in samples])
+    valid_bs = torch.stack([torch.nn.functional.pad(v, (most - len(v), 0), value=False) for v in sample_valid])
+    return ImageSlots(
+        features=features_bsd,
+        valid=valid_bs,
+        placeholders=counts,
+        compact=config.dymu is not None,
+    )
+
+
+def check_supported(model, config) -> None:
+    """Refuse settings an adapter does not implement, before any forward."""
+    from .hf_compat.llava_next import LlavaNextForConditionalGeneration
+
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        if config.fastv_select != "attention":
+            raise ValueError(f"FASTV_SELECT={config.fastv_select} is not implemented for LLaVA-NeXT yet: use attention (FastV)")
+        if config.visual_pool is not None:
+            raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")

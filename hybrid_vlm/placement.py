@@ -1,0 +1,131 @@
+"""Placing image features into the prompt before LLM layer 0: the same for every model.
+
+A model adapter (`hybrid_vlm.adapters`) turns pixels into `ImageSlots`: one feature per image
+placeholder of each prompt, in prompt order, and which of them hold a token. `place_images` then
+
+1. equalises the visual slot count across the batch when prompts hold different numbers of
+   placeholders (LLaVA-NeXT's anyres: the count depends on the aspect ratio): a sample with fewer
+   placeholders gets filler slots prepended on the left, invisible to attention like padding, so
+   every sample has S visual slots and FastV's per-sample quotas work as they do for DyMU;
+2. scatters the features onto the placeholders, by index (no host sync);
+3. with DyMU or pooling, drops the slots that hold no token (a merged token sits at the placeholder
+   of its representative patch), down to the batch's largest token count.
+
+Real tokens keep the position ids they had in the prompt as written (logical positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .fastv import gather_tokens, select_kept_positions, true_positions
+
+FILLER = -1  # entered position of a slot that is not in the prompt (a filler)
+
+
+@dataclass
+class ImageSlots:
+    """A model adapter's image features, sample by sample.
+
+    features: [B, S, hidden], S = the largest number of image placeholders of a prompt; a sample
+        with V_b < S placeholders has its V_b features last (the first S - V_b go to its fillers).
+    valid: [B, S] bool, slot holds a token (None: all do): False for DyMU's merged-away and
+        pooling's empty slots and for fillers.
+    placeholders: per-sample placeholder counts (host ints) when they differ across the batch, else None.
+    compact: drop invalid slots before layer 0 (DyMU, pooling).
+    valid_count: tokens per sample when static (pooling); None: read once from `valid` (DyMU).
+    scores: [B, S] per-slot scores for a selection that does not read attention (random), or None.
+    """
+
+    features: torch.Tensor
+    valid: torch.Tensor | None = None
+    placeholders: list[int] | None = None
+    compact: bool = False
+    valid_count: int | None = None
+    scores: torch.Tensor | None = None
+
+    @property
+    def fillers(self) -> bool:
+        return self.placeholders is not None and min(self.placeholders) != max(self.placeholders)
+
+
+@dataclass
+class PlacedPrompt:
+    """The first forward's tokens as layer 0 sees them (length L0; L0 != L with fillers or DyMU).
+
+    entered_positions: [B, L0] prompt position of every slot (FILLER for fillers), or None when the
+        slots are the prompt's tokens one to one.
+    visual_positions: [B, V] where the V visual slots of each sample sit in the L0 sequence.
+    slot_scores: [B, L0] the adapter's per-slot scores (random selection), else None.
+    """
+
+    inputs_embeds: torch.Tensor
+    new_valid: torch.Tensor
+    position_ids: torch.Tensor
+    visual_positions: torch.Tensor
+    entered_positions: torch.Tensor | None
+    slot_scores: torch.Tensor | None
+
+
+def prepend_fillers(placeholders: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entered [B, L + E], is_filler [B, L + E]) with E = max - min placeholders: sample b gets
+    max - V_b fillers just before its prompt, and V_b - min plain padding slots before those."""
+    most, extra = max(placeholders), max(placeholders) - min(placeholders)
+    prompt = torch.arange(length)
+    rows, fillers = [], []
+    for count in placeholders:
+        lead = torch.full((extra,), FILLER)
+        is_filler = torch.zeros(extra + length, dtype=torch.bool)
+        is_filler[extra - (most - count) : extra] = True
+        rows.append(torch.cat([lead, prompt]))
+        fillers.append(is_filler)
+    return torch.stack(rows).to(device), torch.stack(fillers).to(device)
+
+
+def gather_or_zero(tensor: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
+    """`tensor` [B, L, ...] at `entered` [B, L0] positions, zeros at FILLER slots."""
+    gathered = gather_tokens(tensor, entered.clamp_min(0))
+    keep = (entered != FILLER).view(*entered.shape, *([1] * (tensor.dim() - 2)))
+    return torch.where(keep, gathered, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
+def place_images(
+    slots: ImageSlots,
+    is_visual: torch.Tensor,  # [B, L] bool: image placeholders
+    inputs_embeds: torch.Tensor,  # [B, L, hidden]
+    new_valid: torch.Tensor,  # [B, L] bool: real tokens (not padding)
+    position_ids: torch.Tensor,  # [B, L] long: logical positions
+    check_counts,  # (is_visual [B, L0], count) -> None: refuses prompts whose placeholders do not match
+) -> PlacedPrompt:
+    batch, num_slots, hidden = slots.features.shape
+    entered = None
+    if slots.fillers:
+        entered, is_filler = prepend_fillers(slots.placeholders, is_visual.shape[1], is_visual.device)
+        is_visual = gather_or_zero(is_visual, entered) | is_filler
+        inputs_embeds, new_valid, position_ids = (gather_or_zero(t, entered) for t in (inputs_embeds, new_valid, position_ids))
+    check_counts(is_visual, num_slots)
+    visual_positions = true_positions(is_visual, num_slots)  # [B, S]
+    inputs_embeds = inputs_embeds.scatter(
+        1, visual_positions[..., None].expand(batch, num_slots, hidden), slots.features.to(inputs_embeds.dtype)
+    )
+    length = inputs_embeds.shape[1]
+    slot_scores = None
+    if slots.scores is not None:
+        slot_scores = torch.zeros(batch, length, dtype=slots.scores.dtype, device=is_visual.device).scatter(1, visual_positions, slots.scores)
+    if slots.valid is not None:
+        slot_valid = slots.valid & new_valid.gather(1, visual_positions)
+        new_valid = new_valid.scatter(1, visual_positions, slot_valid)
+    if slots.compact:
+        # Sizing the compacted sequence needs the batch's largest token count: the engine's one host
+        # read, with DyMU only (its count is data-dependent by design; pooling's is static).
+        count = slots.valid_count if slots.valid_count is not None else int(slot_valid.sum(dim=1).max())
+        valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, visual_positions, slot_valid.float())
+        kept, _ = select_kept_positions(valid_scores, visual_positions, count)
+        inputs_embeds, new_valid, position_ids, is_visual = (gather_tokens(t, kept) for t in (inputs_embeds, new_valid, position_ids, is_visual))
+        if slot_scores is not None:
+            slot_scores = gather_tokens(slot_scores, kept)
+        entered = kept if entered is None else entered.gather(1, kept)
+        visual_positions = true_positions(is_visual, count)
+    return PlacedPrompt(inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores)
