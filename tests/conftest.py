@@ -62,3 +62,24 @@ def assert_batched_generation_equals_each_alone(hybrid, processor, new_tokens: i
             alone = hybrid.generate(**image_inputs(processor, [question], seeds=[i]), max_new_tokens=new_tokens,
                                     do_sample=False, min_new_tokens=new_tokens)
             assert torch.equal(batched[i, -new_tokens:], alone[0, -new_tokens:])
+
+
+# LLaVA-NeXT: images of different aspect ratios give different packed counts (1560, 1776, 1176 on
+# the tiny model's pinpoints).
+NEXT_SIZES = [(336, 200), (250, 500), (336, 336)]  # (width, height)
+
+
+@pytest.fixture(scope="session")
+def tiny_next():
+    """(model, processor): the tiny LLaVA-NeXT, unpatched."""
+    from hybrid_vlm.tiny import build_tiny_llava_next
+
+    return build_tiny_llava_next()
+
+
+def next_inputs(processor, questions=QUESTIONS[:1], indices=None):
+    """Left-padded LLaVA-NeXT batch: prompt i gets synthetic image i at NEXT_SIZES[i]."""
+    indices = list(range(len(questions))) if indices is None else indices
+    images = [synthetic_image(i).resize(NEXT_SIZES[i]) for i in indices]
+    prompts = [chat_prompt(processor, q) for q in questions]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)

@@ -81,7 +81,9 @@ def masked_reference(
 
     embeds = language_model.embed_tokens(input_ids)
     real = attention_mask.bool().clone()
-    if thresholds is None:
+    if "image_sizes" in inputs:  # LLaVA-NeXT: packed anyres features, one image per prompt
+        features, slot_valid = next_reference_features(reference, inputs, thresholds, split)
+    elif thresholds is None:
         features = reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
         slot_valid = torch.ones(batch, is_visual.sum(axis=1).max(), dtype=torch.bool)
         if pool is not None:
@@ -126,6 +128,46 @@ def masked_reference(
     return reference.lm_head(language_model.norm(hidden)), kept
 
 
+def next_reference_features(model, inputs, thresholds, split):
+    """LLaVA-NeXT image features per prompt as the reference places them: ([V_b, hidden] each,
+    [V_b] bool each). Without thresholds: stock `get_image_features`. With thresholds: every crop
+    merged by `dymu_image_features` (tested against DyMU's official merging in test_dymu.py), then,
+    per image, stock packing of the patch map and a NumPy loop that re-places each token at the
+    real patch it covers nearest to the centroid of its real patches (ties to the earliest)."""
+    if thresholds is None:
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True).pooler_output
+        return list(features), [torch.ones(f.shape[0], dtype=torch.bool) for f in features]
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from hybrid_vlm.hf_compat import dymu_image_features
+
+    config = model.config
+    features, valid = [], []
+    for pixels, size in zip(inputs["pixel_values"], inputs["image_sizes"].tolist()):
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        merged = dymu_image_features(model, pixels[:crops], thresholds, split=split)
+        patches = merged.valid.shape[1]
+        owner = (torch.arange(crops)[:, None] * patches + merged.coverage).double()[..., None]  # [crops, P, 1]
+        packed, _ = model.model.pack_image_features([owner], torch.tensor([size]), "default", image_newline=torch.tensor([-1.0], dtype=torch.float64))
+        owner = packed[0][:, 0].long().numpy()
+        placed = np.zeros(len(owner), dtype=bool)
+        placed[:patches] = merged.valid[0].numpy()
+        placed[patches:] = owner[patches:] < 0  # newlines
+        grid = np.flatnonzero(owner[patches:] >= 0)  # grid patches in raster order of the unpadded grid
+        width = (len(owner) - patches - (owner[patches:] < 0).sum()) // max((owner[patches:] < 0).sum(), 1)
+        grid_owner = owner[patches:][grid]
+        for token in np.unique(grid_owner):
+            members = np.flatnonzero(grid_owner == token)  # raster index on the unpadded grid (newlines skipped)
+            rows, cols, n = members // width, members % width, len(members)
+            distance = (n * rows - rows.sum()) ** 2 + (n * cols - cols.sum()) ** 2  # exact: n^2 x squared distance
+            placed[patches + grid[members[np.argmin(distance)]]] = True  # argmin: the first, i.e. earliest, of ties
+        flat = merged.features.reshape(-1, merged.features.shape[-1])
+        rows = torch.where(torch.from_numpy(owner)[:, None] < 0, model.model.image_newline, flat[torch.from_numpy(owner).clamp_min(0)])
+        features.append(rows)
+        valid.append(torch.from_numpy(placed))
+    return features, valid
+
+
 @torch.no_grad()
 def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
     """Recompute the whole pruned model at every step, scoring with the last prompt token.
@@ -135,9 +177,9 @@ def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     last_prompt_token = input_ids.shape[1] - 1
     for _ in range(steps):
+        images = {key: inputs[key] for key in ("pixel_values", "image_sizes") if key in inputs}
         logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
-            use_cache=False, fastv_query_index=last_prompt_token,
+            input_ids=input_ids, attention_mask=attention_mask, **images, use_cache=False, fastv_query_index=last_prompt_token,
         ).logits[:, -1]
         logits[:, model.generation_config.eos_token_id] = float("-inf")
         next_token = logits.argmax(dim=-1, keepdim=True)

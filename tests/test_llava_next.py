@@ -1,0 +1,245 @@
+"""LLaVA-NeXT (anyres) through the engine, against the same independent references as LLaVA-1.5:
+stock transformers, the masked-attention reference (stock eager layers, nothing removed, dropped
+keys masked), cache-free recomputation, and each prompt alone. The batches mix aspect ratios, so
+every sample has a different number of visual tokens even without DyMU."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.adapters import llava_next_image_slots
+from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
+from hybrid_vlm.dymu import place_on_cropped_grid
+from hybrid_vlm.hf_compat import dymu_image_features, new_cache
+from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, stock_next_image_features
+from hybrid_vlm.syncs import check_no_host_syncs
+
+from conftest import QUESTIONS, generation_positions, next_inputs
+from reference import greedy_without_cache, masked_reference
+from test_engine import NEW_TOKENS, REFERENCE_RTOL
+
+
+def next_copy(model, **settings):
+    return apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
+
+
+@torch.no_grad()
+def engine_prefill(model, inputs):
+    """(output, real [B, L_kept]): which output rows are real tokens."""
+    cache = new_cache(model)
+    out = model(**inputs, past_key_values=cache, use_cache=True)
+    return out, cache.hybrid_state.pruned_key_valid
+
+
+def assert_matches_reference(out, real, reference_logits, reference_kept):
+    """The engine's real rows sit at the prompt positions the reference keeps, with its logits."""
+    batch, length = reference_kept.shape
+    positions = torch.where(real, out.kept_positions, length)  # fillers and empty slots to a spare column
+    engine_kept = torch.zeros(batch, length + 1, dtype=torch.bool).scatter(1, positions, True)[:, :length]
+    assert torch.equal(engine_kept, reference_kept)
+    expected = reference_logits.gather(1, out.kept_positions.clamp_min(0)[..., None].expand(-1, -1, reference_logits.shape[-1]))
+    assert (out.logits - expected)[real].abs().max() <= REFERENCE_RTOL * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def next_thresholds(tiny_next, tmp_path_factory):
+    """DyMU thresholds calibrated on the tiny NeXT tower's crops (200 tokens per crop)."""
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    crops = crop_pixels(inputs["pixel_values"], anyres_layouts(model, inputs["image_sizes"]))
+    path = tmp_path_factory.mktemp("dymu-next") / "tiny-next-200.json"
+    write_threshold_file(path, calibrate_thresholds(model, [crops], target=200, progress=False))
+    return path
+
+
+# --- packing and no pruning: stock transformers ----------------------------------------------------
+
+
+def test_packing_equals_stock_and_counts_differ(tiny_next):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        stock = stock_next_image_features(model, inputs["pixel_values"], inputs["image_sizes"])
+        slots = llava_next_image_slots(next_copy(model), inputs["pixel_values"], inputs["image_sizes"], len(QUESTIONS))
+    counts = [f.shape[0] for f in stock]
+    assert len(set(counts)) == len(counts), counts
+    assert counts == (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+    assert slots.placeholders == counts
+    for b, features in enumerate(stock):
+        fillers = max(counts) - counts[b]
+        assert torch.equal(slots.features[b, fillers:], features)
+        assert torch.equal(slots.valid[b], torch.arange(max(counts)) >= fillers)
+
+
+def test_five_crop_layout_equals_stock(tiny_next):
+    model, processor = tiny_next
+    from hybrid_vlm.tiny import synthetic_image
+
+    image = synthetic_image(7).resize((700, 690))
+    inputs = processor(images=[image], text=["USER: <image>\nWhat is it? ASSISTANT:"], return_tensors="pt")
+    layout = anyres_layouts(model, inputs["image_sizes"])[0]
+    assert layout.num_crops == 5
+    with torch.no_grad():
+        stock = stock_next_image_features(model, inputs["pixel_values"], inputs["image_sizes"])[0]
+        slots = llava_next_image_slots(next_copy(model), inputs["pixel_values"], inputs["image_sizes"], 1)
+    assert torch.equal(slots.features[0], stock)
+
+
+@pytest.mark.parametrize("settings", [{}, {"fastv_k": 10_000}, {"fastv_k": 0.0}])
+def test_keep_all_matches_vanilla(tiny_next, settings):
+    model, processor = tiny_next
+    hybrid = next_copy(model, **settings)
+    with torch.no_grad():
+        alone = next_inputs(processor, QUESTIONS[1:2], indices=[1])
+        assert torch.equal(hybrid(**alone).logits, model(**alone).logits)
+        batch = next_inputs(processor, QUESTIONS)
+        expected = model(**batch, position_ids=generation_positions(batch["attention_mask"])).logits
+        actual = hybrid(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert actual.shape == expected.shape
+    assert (actual - expected)[real].abs().max() <= 1e-5 * expected.abs().max()
+
+
+# --- pruning: the masked reference ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fastv_k,fastv_layer", [(64, 2), (0.5, 1), (0.9, 3), (1, 2)])
+def test_pruned_forward_matches_masked_reference(tiny_next, fastv_k, fastv_layer):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, fastv_layer)
+    out, real = engine_prefill(next_copy(model, fastv_k=fastv_k, fastv_layer=fastv_layer), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+
+
+@pytest.mark.parametrize("fastv_k", [64, 0.7, None])
+def test_cached_generation_equals_recomputation(tiny_next, fastv_k):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    hybrid = next_copy(model, fastv_k=fastv_k)
+    with torch.no_grad():
+        cached = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+
+
+def assert_batch_equals_each_alone(hybrid, processor):
+    with torch.no_grad():
+        batched = hybrid.generate(**next_inputs(processor, QUESTIONS), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        for i, question in enumerate(QUESTIONS):
+            alone = hybrid.generate(**next_inputs(processor, [question], indices=[i]), max_new_tokens=NEW_TOKENS,
+                                    min_new_tokens=NEW_TOKENS, do_sample=False)
+            assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+
+
+@pytest.mark.parametrize("fastv_k", [64, 0.5, None])
+def test_batch_of_aspect_ratios_equals_each_alone(tiny_next, fastv_k):
+    model, processor = tiny_next
+    assert_batch_equals_each_alone(next_copy(model, fastv_k=fastv_k), processor)
+
+
+def test_ratio_quota_is_per_sample(tiny_next):
+    """FASTV_K=0.5 keeps half of each image's own count (newlines included), not of the batch's largest."""
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    _, real = engine_prefill(next_copy(model, fastv_k=0.5), inputs)
+    visual = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1)
+    text = inputs["attention_mask"].sum(dim=1) - visual
+    assert torch.equal(real.sum(dim=1), text + torch.round(visual.double() * 0.5).long())
+
+
+@pytest.mark.parametrize("fastv_k", [64, None])
+def test_forward_has_no_host_syncs(tiny_next, fastv_k):
+    model, processor = tiny_next
+    assert check_no_host_syncs(next_copy(model, fastv_k=fastv_k), dict(next_inputs(processor, QUESTIONS)), decode_steps=2) == "pass"
+
+
+def test_unsupported_baselines_are_refused(tiny_next):
+    model, _ = tiny_next
+    with pytest.raises(ValueError, match="FASTV_SELECT=random is not implemented for LLaVA-NeXT"):
+        next_copy(model, fastv_k=64, fastv_select="random")
+    with pytest.raises(ValueError, match="VISUAL_POOL is not implemented for LLaVA-NeXT"):
+        next_copy(model, visual_pool=2)
+
+
+def test_missing_image_sizes_is_a_clear_error(tiny_next):
+    model, processor = tiny_next
+    inputs = dict(next_inputs(processor))
+    del inputs["image_sizes"]
+    with pytest.raises(ValueError, match="LLaVA-NeXT needs image_sizes"):
+        next_copy(model, fastv_k=64)(**inputs)
+
+
+# --- DyMU per crop ------------------------------------------------------------------------------------
+
+
+def test_infinite_thresholds_are_bit_exact(tiny_next, next_thresholds):
+    model, processor = tiny_next
+    hybrid = next_copy(model, dymu=str(next_thresholds))
+    hybrid.hybrid_thresholds = torch.full_like(hybrid.hybrid_thresholds, float("inf"))
+    alone = next_inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        assert torch.equal(hybrid(**alone).logits, model(**alone).logits)
+
+
+def test_every_real_patch_is_covered_once(tiny_next, next_thresholds):
+    """After unpadding, each grid patch's token enters the LLM exactly once, at a patch it covers."""
+    model, processor = tiny_next
+    hybrid = next_copy(model, dymu=str(next_thresholds))
+    inputs = next_inputs(processor, QUESTIONS)
+    layouts = anyres_layouts(model, inputs["image_sizes"])
+    merged = dymu_image_features(hybrid, crop_pixels(inputs["pixel_values"], layouts), hybrid.hybrid_thresholds)
+    start, moved = 0, 0
+    for layout in layouts:
+        coverage = merged.coverage[start : start + layout.num_crops]
+        grid = layout.source[576:][layout.source[576:] >= 0]
+        owner, valid = place_on_cropped_grid(coverage, grid, layout.grid_width)
+        for token in owner.unique():
+            assert valid[owner == token].sum() == 1  # one placement per token, at a patch of its own
+        old_rep = owner  # a token's slot is its representative before unpadding
+        moved += int((~torch.isin(old_rep[valid], grid)).sum())
+        start += layout.num_crops
+    assert moved > 0, "no token lost its representative to unpadding: the test exercises nothing"
+
+
+@pytest.mark.parametrize("fastv_k,fastv_layer", [(None, 2), (64, 2), (0.5, 1)])
+def test_dymu_prefill_matches_masked_reference(tiny_next, next_thresholds, fastv_k, fastv_layer):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    hybrid = next_copy(model, dymu=str(next_thresholds), fastv_k=fastv_k, fastv_layer=fastv_layer)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, fastv_layer, hybrid.hybrid_thresholds)
+    out, real = engine_prefill(hybrid, inputs)
+    merged_real = real.sum(dim=1)
+    assert (merged_real < inputs["attention_mask"].sum(dim=1)).all()
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+
+
+@pytest.mark.parametrize("fastv_k", [None, 0.5])
+def test_dymu_cache_and_batch(tiny_next, next_thresholds, fastv_k):
+    model, processor = tiny_next
+    hybrid = next_copy(model, dymu=str(next_thresholds), fastv_k=fastv_k)
+    inputs = next_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        cached = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+    assert_batch_equals_each_alone(hybrid, processor)
+
+
+def test_from_pretrained_roundtrip(tiny_next, tmp_path):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from hybrid_vlm.tiny import ensure_tiny_llava_next
+
+    path = ensure_tiny_llava_next(tmp_path / "tiny-next")
+    loaded = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    inputs = next_inputs(processor, QUESTIONS[:2])
+    fresh, _ = tiny_next
+    with torch.no_grad():
+        a = next_copy(loaded, fastv_k=64).generate(**inputs, max_new_tokens=4, do_sample=False)
+        b = next_copy(fresh, fastv_k=64).generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)
