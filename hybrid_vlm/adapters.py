@@ -120,12 +120,33 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
     )
 
 
+# Decoder layers the engine drives (`hf_compat.llama_layer_forward`): pre-norm, q/k/v/o attention
+# with RoPE, a gated MLP. Mistral's layer is Llama's plus an optional sliding window.
+SUPPORTED_TEXT_MODELS = ("llama", "mistral")
+
+
 def check_supported(model, config) -> None:
-    """Refuse settings an adapter does not implement, before any forward."""
+    """Refuse models and settings the engine does not implement, before any forward."""
     from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 
+    text_type = getattr(model.config.text_config, "model_type", None)
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise TypeError(
+            f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
+        )
     if isinstance(model, LlavaNextForConditionalGeneration):
         if config.fastv_select != "attention":
             raise ValueError(f"FASTV_SELECT={config.fastv_select} is not implemented for LLaVA-NeXT yet: use attention (FastV)")
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
+
+
+def check_sliding_window(model, sequence_length: int) -> None:
+    """Mistral's sliding window: the engine attends to every earlier key, which equals the window only
+    while the sequence as written fits in it (a host-known length: no sync)."""
+    window = getattr(model.config.text_config, "sliding_window", None)
+    if window is not None and sequence_length > window:
+        raise NotImplementedError(
+            f"this LLM attends within a sliding window of {window} tokens and the sequence is {sequence_length} tokens: "
+            "hybrid_vlm does not implement windowed attention (every sequence up to the window length is exact)"
+        )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import check_supported, llava_image_slots, llava_next_image_slots
+from .adapters import check_sliding_window, check_supported, llava_image_slots, llava_next_image_slots
 from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, visual_keep_counts
 from .hf_compat import (
@@ -258,6 +258,8 @@ class HybridDecoder:
         if state is None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
 
+        cached = cache.get_seq_length() if cache is not None else 0  # a shape: no host sync
+        check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else cached + length)
         new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
         placed = slots = None
         if pixel_values is not None:

@@ -172,15 +172,23 @@ def build_next_processor(tokenizer=None):
     )
 
 
-def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", **config_overrides):
+def build_tiny_llava_next(
+    seed: int = 0, attn_implementation: str = "sdpa", text_model: str = "llama", sliding_window: int | None = None, **config_overrides
+):
     """(model, processor): a tiny LlavaNextForConditionalGeneration (anyres, TINY_NEXT_PINPOINTS),
-    the same toy widths as the tiny LLaVA-1.5, eval mode, float32, on CPU."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    the same toy widths as the tiny LLaVA-1.5, eval mode, float32, on CPU. text_model "mistral"
+    gives a Mistral LLM (llava-v1.6-mistral's layout) with `sliding_window`."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
     processor = build_next_processor()
     base = tiny_llava_config(processor.tokenizer, **config_overrides)
+    text_config = base.text_config
+    if text_model == "mistral":
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+        text_config = MistralConfig(**{name: getattr(text_config, name) for name in fields}, sliding_window=sliding_window)
     config = LlavaNextConfig(
-        vision_config=base.vision_config, text_config=base.text_config, image_token_index=base.image_token_id,
+        vision_config=base.vision_config, text_config=text_config, image_token_index=base.image_token_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=TINY_NEXT_PINPOINTS,
     )
     torch.manual_seed(seed)

@@ -243,3 +243,28 @@ def test_from_pretrained_roundtrip(tiny_next, tmp_path):
         a = next_copy(loaded, fastv_k=64).generate(**inputs, max_new_tokens=4, do_sample=False)
         b = next_copy(fresh, fastv_k=64).generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b)
+
+
+# --- llava-v1.6-mistral's layout: Mistral decoder layers ---------------------------------------------
+
+
+def test_mistral_llm_matches_stock_and_reference():
+    from hybrid_vlm.tiny import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=2, text_model="mistral", kv_heads=2)
+    assert type(model.model.language_model).__name__ == "MistralModel"
+    alone = next_inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        assert torch.equal(next_copy(model)(**alone).logits, model(**alone).logits)
+    inputs = next_inputs(processor, QUESTIONS)
+    reference_logits, reference_kept = masked_reference(model, inputs, 64, 2)
+    out, real = engine_prefill(next_copy(model, fastv_k=64), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused():
+    from hybrid_vlm.tiny import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=2, text_model="mistral", sliding_window=512)
+    with pytest.raises(NotImplementedError, match="sliding window of 512 tokens"):
+        next_copy(model, fastv_k=64)(**next_inputs(processor, QUESTIONS[:1]))
