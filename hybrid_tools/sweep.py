@@ -177,7 +177,7 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
             raise settings.PluginError(f"--dymu {entry}: a calibration target needs --calibrate-images DIR (or give a threshold file)")
         if dry_run:
             raise settings.PluginError(f"--dymu {entry}: not calibrated yet ({out} does not exist); --dry-run calibrates nothing")
-        checkpoint = settings.resolve_checkpoint(passthrough_value(passthrough, "--model-path"))
+        checkpoint = settings.resolve_checkpoint(passthrough_value(passthrough, "--model-path"), settings.FAMILY_CHECKPOINTS.get(family, settings.CHECKPOINT_ID))
         out.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "hybrid_vlm.calibrate", "--model", str(checkpoint), "--images", images, "--target", entry,
                    "--out", str(out), "--no-progress"]

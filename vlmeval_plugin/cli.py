@@ -80,7 +80,7 @@ class PluginModel:
             except FileNotFoundError as error:
                 raise settings.PluginError(str(error)) from None
         else:
-            self.checkpoint = settings.resolve_checkpoint(model_path)
+            self.checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS[self.variant.family])
 
 
 def is_plugin_name(name: str) -> bool:
@@ -95,14 +95,14 @@ def fail(message: str) -> int:
 def register_models(plugin_models: list[PluginModel], work_dir: str, options) -> None:
     from vlmeval.config import supported_VLM
 
-    from .model import HybridLLaVA
+    from .model import HybridLLaVA, HybridLLaVANext
 
     for item in plugin_models:
         max_new_tokens = options.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = settings.max_new_tokens_for(item.variant)
         supported_VLM[item.name] = partial(
-            HybridLLaVA,
+            HybridLLaVANext if item.variant.next else HybridLLaVA,
             checkpoint=str(item.checkpoint),
             hybrid=item.config,
             stats_dir=os.path.join(work_dir, item.name),

@@ -122,6 +122,7 @@ class HybridLLaVA(BaseModel):
 
     INSTALL_REQ = False
     INTERLEAVE = True
+    MODEL_CLASS = "LlavaForConditionalGeneration"
 
     def __init__(
         self,
@@ -134,7 +135,8 @@ class HybridLLaVA(BaseModel):
         **generate_kwargs,
     ):
         super().__init__()
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,7 +151,8 @@ class HybridLLaVA(BaseModel):
         dtype = resolve_dtype("auto", self.device)
         self.processor = AutoProcessor.from_pretrained(self.checkpoint)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
-        model = LlavaForConditionalGeneration.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa")
+        model_class = getattr(transformers, self.MODEL_CLASS)
+        model = model_class.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa")
         model = model.to(self.device).eval()
         if hybrid is not None:
             model = apply_hybrid(model, hybrid)
@@ -234,6 +237,10 @@ class HybridLLaVA(BaseModel):
                 image_paths.append(item["value"])
         return SYSTEM_PROMPT + "USER: " + content + " ASSISTANT: ", image_paths
 
+    def load_image(self, path: str) -> Image.Image:
+        """LLaVA-1.5's "pad": the image centred on a square of the processor's mean colour."""
+        return expand_to_square(Image.open(path).convert("RGB"), self.image_background)
+
     # ---- records (the stats sidecar) ----------------------------------------------------------
     def _stats_file(self, dataset) -> Path | None:
         if self.stats_dir is None or self.model_name is None:
@@ -299,10 +306,12 @@ class HybridLLaVA(BaseModel):
         for message in messages:
             prompt, image_paths = self.conversation(message)
             prompts.append(prompt)
-            for path in image_paths:
-                images.append(expand_to_square(Image.open(path).convert("RGB"), self.image_background))
+            images += [self.load_image(path) for path in image_paths]
         inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+        image_sizes = inputs.get("image_sizes")
         inputs = inputs.to(self.device)
+        if image_sizes is not None:  # LLaVA-NeXT: read on the host by the engine, so it stays there
+            inputs["image_sizes"] = image_sizes
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
 
@@ -392,3 +401,27 @@ class HybridLLaVA(BaseModel):
                 print(f"[hybrid-vlm] {dataset} row {row_index} failed: {result['error']}", flush=True)
         self.rows_generated += len(batch)
         return outcomes[0][1]["prediction"]
+
+
+class HybridLLaVANext(HybridLLaVA):
+    """LLaVA-NeXT (llava-hf v1.6, anyres) for VLMEvalKit, as VLMEvalKit's `LLaVA_Next` wrapper runs it:
+    the same MCQ prompt as LLaVA-1.5, the checkpoint's own chat template over the message's items
+    in order (text items as text, each image as an image item), images as RGB with no padding (the
+    processor tiles them), greedy. Attention is SDPA: VLMEvalKit's wrapper switches to
+    flash-attention-2 when flash_attn is installed; this one never does."""
+
+    MODEL_CLASS = "LlavaNextForConditionalGeneration"
+
+    def conversation(self, message) -> tuple[str, list[str]]:
+        content, image_paths = [], []
+        for item in message:
+            if item["type"] == "text":
+                content.append({"type": "text", "text": item["value"]})
+            else:
+                content.append({"type": "image"})
+                image_paths.append(item["value"])
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return prompt, image_paths
+
+    def load_image(self, path: str) -> Image.Image:
+        return Image.open(path).convert("RGB")

@@ -13,6 +13,9 @@ Names and their fixed meaning:
     llava_testbed{,_fastv,_dymu,_hybrid,_pool}
                            the same five on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
                            DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
+    llava_next_vicuna_7b{,_fastv,_dymu,_hybrid}
+    llava_next_mistral_7b{,_fastv,_dymu,_hybrid}
+                           the same four on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
     llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
 
@@ -30,6 +33,13 @@ from pathlib import Path
 from hybrid_vlm.config import HybridConfig
 
 CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
+# family -> the llava-hf checkpoint its names load by default (VLMEvalKit's model paths)
+FAMILY_CHECKPOINTS = {
+    "llava_v1.5_7b": CHECKPOINT_ID,
+    "llava_next_vicuna_7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava_next_mistral_7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+}
+NEXT_FAMILIES = ("llava_next_vicuna_7b", "llava_next_mistral_7b")
 MODEL_PATH_ENV = "HYBRID_VLM_MODEL_PATH"
 DEFAULT_FASTV_K = 0.5  # FastV's published operating point: K=2, R=50%
 DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at </s> long before
@@ -61,15 +71,21 @@ class Variant:
     def tiny(self) -> bool:
         return self.family == "tiny"
 
+    @property
+    def next(self) -> bool:
+        """A LLaVA-NeXT (anyres) checkpoint: loaded as LlavaNextForConditionalGeneration."""
+        return self.family in NEXT_FAMILIES
 
-def _family_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
-    return (
+
+def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> tuple[Variant, ...]:
+    variants = (
         Variant(prefix, fastv=False, dymu=False, family=family, description=f"{what}, nothing patched"),
         Variant(f"{prefix}_fastv", fastv=True, dymu=False, family=family, description=f"{what}: FastV (FASTV_K, FASTV_LAYER, FASTV_SELECT)"),
         Variant(f"{prefix}_dymu", fastv=False, dymu=True, family=family, description=f"{what}: DyMU (DYMU_THRESHOLDS)"),
         Variant(f"{prefix}_hybrid", fastv=True, dymu=True, family=family, description=f"{what}: DyMU + FastV"),
         Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL)"),
     )
+    return variants if pool else variants[:4]
 
 
 VARIANTS = {
@@ -77,6 +93,8 @@ VARIANTS = {
     for variant in (
         *_family_variants("llava_v1.5_7b", "llava_v1.5_7b", "stock llava-hf LLaVA-1.5-7B"),
         *_family_variants("llava_testbed", "testbed", "testbed checkpoint (hybrid_vlm/testbed)"),
+        *_family_variants("llava_next_vicuna_7b", "llava_next_vicuna_7b", "stock llava-hf LLaVA-NeXT-Vicuna-7B", pool=False),
+        *_family_variants("llava_next_mistral_7b", "llava_next_mistral_7b", "stock llava-hf LLaVA-NeXT-Mistral-7B", pool=False),
         Variant("llava_tiny", fastv=False, dymu=False, family="tiny", description="bundled tiny random LLaVA, nothing patched"),
         Variant("llava_tiny_hybrid", fastv=False, dymu=False, family="tiny", fixed_setting=True, description="bundled tiny random LLaVA, fixed hybrid"),
     )
@@ -84,7 +102,7 @@ VARIANTS = {
 VANILLA_NAMES = tuple(name for name, variant in VARIANTS.items() if not variant.patched)
 VANILLA = "llava_v1.5_7b"
 TESTBED = "llava_testbed"
-FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED}
+FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED, **{family: family for family in NEXT_FAMILIES}}
 DEFAULT_POOL = 2
 
 
@@ -196,13 +214,13 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
-def resolve_checkpoint(model_path: str | None = None) -> Path:
+def resolve_checkpoint(model_path: str | None = None, default_id: str = CHECKPOINT_ID) -> Path:
     """A local llava-hf checkpoint directory: `model_path`, else $HYBRID_VLM_MODEL_PATH, else the
-    Hugging Face cache copy of llava-hf/llava-1.5-7b-hf. Nothing is downloaded.
+    Hugging Face cache copy of `default_id` (llava-hf/llava-1.5-7b-hf). Nothing is downloaded.
 
     Raises PluginError saying where it looked and how to get the checkpoint.
     """
-    requested = model_path or os.environ.get(MODEL_PATH_ENV) or CHECKPOINT_ID
+    requested = model_path or os.environ.get(MODEL_PATH_ENV) or default_id
     source = "--model-path" if model_path else (f"${MODEL_PATH_ENV}" if os.environ.get(MODEL_PATH_ENV) else "default")
     looked = []
     if _looks_like_hub_id(requested):
@@ -221,7 +239,7 @@ def resolve_checkpoint(model_path: str | None = None) -> Path:
             return folder
         reason = "does not exist" if not folder.exists() else "has no config.json or no weights"
         looked.append(f"{folder} ({reason})")
-    repo = requested if _looks_like_hub_id(requested) else CHECKPOINT_ID
+    repo = requested if _looks_like_hub_id(requested) else default_id
     raise PluginError(
         f"no LLaVA checkpoint found for {source} {requested!r}. Looked in:\n"
         + "".join(f"    {place}\n" for place in looked)

@@ -1,0 +1,151 @@
+"""The LLaVA-NeXT names through run.py and the sweep, on a tiny LLaVA-NeXT saved to disk, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hybrid_vlm import HybridConfig, visual_keep_count
+from vlmeval_plugin import settings
+
+from test_vlmeval_plugin import CAPTION_ROWS, MCQ_ROWS, needs_vlmeval, run_py, sandbox, sidecar  # noqa: F401  (sandbox: fixture)
+
+NEXT_NAMES = ["llava_next_vicuna_7b", "llava_next_vicuna_7b_fastv", "llava_next_vicuna_7b_dymu", "llava_next_vicuna_7b_hybrid"]
+
+
+def test_next_names_are_registered_with_their_checkpoints(tmp_path):
+    for family in settings.NEXT_FAMILIES:
+        names = [name for name, variant in settings.VARIANTS.items() if variant.family == family]
+        assert names == [family, f"{family}_fastv", f"{family}_dymu", f"{family}_hybrid"]  # no pooling name
+        assert all(settings.VARIANTS[name].next for name in names)
+    assert settings.FAMILY_CHECKPOINTS["llava_next_vicuna_7b"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    assert settings.hybrid_config_for("llava_next_vicuna_7b_fastv", {"FASTV_K": "320"}) == HybridConfig(fastv_k=320)
+    with pytest.raises(settings.PluginError, match="FASTV_K='-3' is not valid"):
+        settings.hybrid_config_for("llava_next_mistral_7b_fastv", {"FASTV_K": "-3"})
+    with pytest.raises(settings.PluginError, match="llava-v1.6-mistral-7b-hf"):
+        settings.resolve_checkpoint(None, settings.FAMILY_CHECKPOINTS["llava_next_mistral_7b"])
+
+
+@pytest.fixture(scope="module")
+def next_checkpoint(sandbox):  # noqa: F811
+    """A tiny LLaVA-NeXT on disk, and DyMU thresholds calibrated on its crops."""
+    import torch
+
+    from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
+    from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels
+    from hybrid_vlm.tiny import build_next_processor, ensure_tiny_llava_next, synthetic_image
+
+    path = ensure_tiny_llava_next(sandbox["root"] / "tiny-next")
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    processor = build_next_processor()
+    images = [synthetic_image(seed).resize((336, 220 + 20 * seed)) for seed in range(4)]
+    inputs = processor(images=images, text=["USER: <image>\nx ASSISTANT:"] * 4, return_tensors="pt", padding=True)
+    crops = crop_pixels(inputs["pixel_values"], anyres_layouts(model, inputs["image_sizes"]))
+    thresholds = sandbox["root"] / "next-thresholds" / "next-200.json"
+    with torch.no_grad():
+        write_threshold_file(thresholds, calibrate_thresholds(model, [crops], target=200, progress=False))
+    return path, thresholds
+
+
+@needs_vlmeval
+def test_next_hybrid_runs_end_to_end_batched(sandbox, next_checkpoint):  # noqa: F811
+    path, thresholds = next_checkpoint
+    work = sandbox["root"] / "next-work"
+    result = run_py(
+        sandbox,
+        ["--model", "llava_next_vicuna_7b_hybrid", "--model-path", str(path), "--data", "TinyMMBench", "TinyCOCO",
+         "--work-dir", str(work), "--batch-size", "4", "--max-new-tokens", "4"],
+        extra_env={"DYMU_THRESHOLDS": str(thresholds), "FASTV_K": "0.5"},
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = "llava_next_vicuna_7b_hybrid__dymu-next-200_fastv-r0.5-l2"
+    for dataset, rows in (("TinyMMBench", MCQ_ROWS), ("TinyCOCO", CAPTION_ROWS)):
+        records = sidecar(work, name, dataset)
+        assert len(records) == rows and not any("error" in r for r in records)
+        assert max(r["batch_size"] for r in records) > 1
+        for record in records:  # FastV keeps half of each row's merged visual tokens (text stays)
+            assert record["tokens_kept"] < record["tokens_in"]
+    assert (work / name / f"{name}_TinyCOCO_score.json").is_file()
+
+
+@needs_vlmeval
+def test_next_fastv_sweep(sandbox, next_checkpoint, tmp_path):  # noqa: F811
+    path, _ = next_checkpoint
+    command = [sys.executable, "-m", "hybrid_tools.sweep", "--family", "llava_next_vicuna_7b", "--data", "TinyCOCO",
+               "--fastv-k", "64", "320", "--vanilla", "--work-dir", str(tmp_path / "work"),
+               "--", "--model-path", str(path), "--max-new-tokens", "3", "--limit", "2"]
+    result = subprocess.run(command, env=sandbox["env"], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    table = pd.read_csv(next((tmp_path / "work").glob("sweep_*.csv")))
+    rows = {row.model: row for row in table.itertuples()}
+    assert list(rows) == ["llava_next_vicuna_7b", "llava_next_vicuna_7b_fastv__fastv-k64-l2", "llava_next_vicuna_7b_fastv__fastv-k320-l2"]
+    vanilla_visual = rows["llava_next_vicuna_7b"].tokens_in_mean - rows["llava_next_vicuna_7b"].tokens_kept_mean
+    assert vanilla_visual == 0
+    for k in (64, 320):
+        fastv = rows[f"llava_next_vicuna_7b_fastv__fastv-k{k}-l2"]
+        assert fastv.tokens_kept_mean < fastv.tokens_in_mean
+
+
+@needs_vlmeval
+def test_prompts_match_vlmevalkit_llava_next(sandbox, next_checkpoint):  # noqa: F811
+    """MCQ text and the chat-templated prompt equal what VLMEvalKit's LLaVA_Next builds, row by row:
+    its generate_inner runs up to the processor call, which a stub captures."""
+    from vlmeval_plugin.tiny_data import ensure_tiny_sets
+
+    ensure_tiny_sets(sandbox["env"]["LMUData"])
+    path, _ = next_checkpoint
+    script = r"""
+import inspect, sys
+import pandas as pd
+from PIL import Image
+from transformers import AutoProcessor
+from vlmeval.vlm.llava.llava import LLaVA_Next
+from vlmeval_plugin.model import HybridLLaVANext, llava_mcq_prompt
+
+processor = AutoProcessor.from_pretrained(sys.argv[2])
+Image.new("RGB", (40, 30)).save("probe.png")
+
+class Captured(Exception):
+    pass
+
+class Processor:
+    def apply_chat_template(self, *args, **kwargs):
+        return processor.apply_chat_template(*args, **kwargs)
+    def __call__(self, prompt, images, **kwargs):
+        raise Captured(prompt)
+
+class Stub:
+    processor = Processor()
+    def use_custom_prompt(self, dataset):
+        return True
+    def dump_image(self, line, dataset):
+        return ["probe.png"]
+
+class Ours:
+    processor = processor
+
+data = pd.read_csv(sys.argv[1], sep="\t")
+for _, line in data.iterrows():
+    upstream = LLaVA_Next.build_prompt(Stub(), line, dataset="TinyMMBench")
+    assert upstream[-1]["value"] == llava_mcq_prompt(line)
+    try:
+        LLaVA_Next.generate_inner(Stub(), upstream)
+    except Captured as captured:
+        prompt = captured.args[0]
+    ours, images = HybridLLaVANext.conversation(Ours(), upstream)
+    assert ours == prompt and images == ["probe.png"], (ours, prompt)
+assert ".convert(\"RGB\")" in inspect.getsource(LLaVA_Next.generate_inner)
+assert "max_new_tokens=2048" in inspect.getsource(LLaVA_Next.__init__)
+print("ok", len(data))
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(Path(sandbox["env"]["LMUData"]) / "TinyMMBench.tsv"), str(path)],
+                            env=sandbox["env"], cwd=sandbox["root"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
