@@ -27,6 +27,11 @@ and max too). On CUDA the stages are timed with CUDA events after a synchronize.
     python -m hybrid_tools.bench --preset tiny --fastv-layer 1 2 3 --fastv-k 144      # layer ablation
     python -m hybrid_tools.bench --preset tiny --fastv-k 144 --scoring row eager        # scorer ablation
     python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
+    python -m hybrid_tools.bench --preset next-mid --fastv-k 576 288 144 --dymu-target mid   # LLaVA-NeXT, CPU
+    python -m hybrid_tools.bench --preset llava-next-7b --device cuda                  # NeXT real shapes
+
+LLaVA-NeXT presets (next-mid, llava-next-7b) bench one 640 x 480 image, which anyres turns into a
+base image + 4 crops and 2,340 visual tokens (576 base, 36 x 48 unpadded grid, 36 newlines).
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
@@ -62,6 +67,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
 )
 
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
@@ -72,10 +78,16 @@ from hybrid_vlm.hf_compat.clip import merging_vision_forward
 from hybrid_vlm.provenance import git_state, portable
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from hybrid_vlm.syncs import check_no_host_syncs
-from hybrid_vlm.tiny import IMAGE_TOKEN, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
+from hybrid_vlm.hf_compat.llava_next import LlavaNextForConditionalGeneration, anyres_layouts, crop_pixels
+from hybrid_vlm.tiny import IMAGE_TOKEN, build_next_processor, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
 from vlmeval_plugin.results import number_text, text_table
 
-PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b")
+PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b", "next-mid", "llava-next-7b")
+NEXT_PRESETS = ("next-mid", "llava-next-7b")
+GPU_PRESETS = ("llava-1.5-7b", "llava-next-7b")
+# llava-hf/llava-v1.6-vicuna-7b-hf's anyres resolutions, and the bench image for NeXT presets
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+NEXT_IMAGE_SIZE = (640, 480)  # width, height
 CSV_COLUMNS = (
     "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu",
     "batch_size", "text_tokens", "visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept",
@@ -103,17 +115,17 @@ def preset_config(preset: str, tokenizer):
         return tiny_llava_config(tokenizer)
     vit_l = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
     mid_text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, vocab_size=len(tokenizer))
-    if preset == "mid":
+    if preset in ("mid", "next-mid"):
         vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, projection_dim=384)
         text = mid_text
     elif preset == "vit-l":  # the real CLIP ViT-L/14-336 tower in front of the mid LLM: vision timings on CPU
         vision, text = vit_l, mid_text
-    elif preset == "llava-1.5-7b":
+    elif preset in ("llava-1.5-7b", "llava-next-7b"):
         vision = vit_l
         text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, rms_norm_eps=1e-5)
     else:
         raise ValueError(f"unknown preset {preset!r}: use one of {PRESETS}")
-    return LlavaConfig(
+    common = dict(
         vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
         text_config=LlamaConfig(
             max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -122,18 +134,23 @@ def preset_config(preset: str, tokenizer):
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=576,
     )
+    if preset in NEXT_PRESETS:
+        return LlavaNextConfig(image_grid_pinpoints=NEXT_PINPOINTS, **common)
+    return LlavaConfig(**common)
 
 
 def build_model(args, device, dtype):
     """(model, processor) in eval mode on `device`; random weights unless --model."""
     if args.model:
         processor = AutoProcessor.from_pretrained(args.model)
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+        if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
+            raise SystemExit(f"--model {args.model}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed, got {type(model).__name__}")
         return model.to(device).eval(), processor
     if args.preset == "tiny":
         model, processor = build_tiny_llava(seed=args.seed)
         return model.to(device=device, dtype=dtype).eval(), processor
-    processor = build_processor()
+    processor = build_next_processor(pinpoints=NEXT_PINPOINTS) if args.preset in NEXT_PRESETS else build_processor()
     config = preset_config(args.preset, processor.tokenizer)
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -146,6 +163,8 @@ def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, 
     tokens number `text_tokens` (or just above: words are added until the count is reached)."""
 
     image = synthetic_image(image_seed)
+    if hasattr(processor.image_processor, "image_grid_pinpoints"):
+        image = image.resize(NEXT_IMAGE_SIZE)  # LLaVA-NeXT: a typical 4:3 photo
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def encode(words: int):
@@ -160,7 +179,8 @@ def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, 
     while count < text_tokens:
         words += max(1, (text_tokens - count) // 2)
         inputs, count = encode(words)
-    return {k: v.to(device) for k, v in inputs.items()}, count
+    # image_sizes (LLaVA-NeXT) stays on the host, where the engine reads it
+    return {k: v if k == "image_sizes" else v.to(device) for k, v in inputs.items()}, count
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -367,10 +387,19 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
         visual_kept = [k - t for k, t in zip(state.prompt_tokens_kept.tolist(), text)]
     else:
         visual_kept = list(visual)
+    crops = [1] * len(text)
+    pixel_values = inputs["pixel_values"]
+    if "image_sizes" in inputs:  # LLaVA-NeXT: the tower sees every crop
+        layouts = anyres_layouts(model, inputs["image_sizes"])
+        crops = [layout.num_crops for layout in layouts]
+        pixel_values = crop_pixels(pixel_values, layouts)
     vit_counts = None
     if config.hybrid is not None and config.hybrid.dymu is not None:
-        vit_counts = dymu_layer_counts(model, inputs["pixel_values"])
-    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts)
+        vit_counts = dymu_layer_counts(model, pixel_values)
+        if vit_counts is not None and "image_sizes" in inputs:  # one per-layer list per crop, grouped per sample
+            starts = [sum(crops[:i]) for i in range(len(crops))]
+            vit_counts = [vit_counts[start : start + n] for start, n in zip(starts, crops)]
+    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, crops=crops)
 
 
 def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
@@ -408,6 +437,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         macs = flops.prefill_macs(
             shape, text, visual, kept if kept < visual else None, fastv_layer=fastv_layer,
             vit_counts=vit_counts, scoring=scoring, vit_layers_run=shape.vit_layers_read if dymu else None,
+            crops=counts["crops"][i],
         )
         totals["vision"] += macs.vision_total
         totals["llm"] += macs.llm_total
@@ -517,7 +547,11 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype,
 
 
     images = [synthetic_image(seed) for seed in range(2000, 2000 + num_images)]
-    pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
+    processed = processor.image_processor(images, return_tensors="pt")
+    pixel_values = processed.pixel_values
+    if "image_sizes" in processed:  # LLaVA-NeXT: thresholds are calibrated on the crops the tower sees
+        pixel_values = crop_pixels(pixel_values, anyres_layouts(model, processed["image_sizes"]))
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
     paths = []
     for target in targets:
         payload = calibrate_thresholds(model, [pixel_values], target, progress=False)
@@ -632,11 +666,11 @@ def checked_device_dtype(args, parser) -> tuple[torch.device, torch.dtype]:
         parser.error(str(error))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, memory stats and sync-debug act on the current device
-    if args.preset == "llava-1.5-7b" and not args.model and device.type != "cuda":
+    if args.preset in GPU_PRESETS and not args.model and device.type != "cuda":
         parser.error(
-            "preset llava-1.5-7b allocates ~7B random weights (~14 GB in bf16, ~28 GB in fp32) and runs "
+            f"preset {args.preset} allocates ~7B random weights (~14 GB in bf16, ~28 GB in fp32) and runs "
             "2 x 4 TMAC prefills: it is meant for a GPU. Pass --device cuda on a CUDA machine, or use "
-            "--preset mid on CPU."
+            "--preset mid (or next-mid) on CPU."
         )
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)

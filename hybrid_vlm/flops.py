@@ -329,11 +329,12 @@ def prefill_macs(
     visual_tokens: int | None = None,
     visual_kept: int | None = None,
     fastv_layer: int = 2,
-    vit_counts: Sequence[int] | None = None,
+    vit_counts: Sequence[int] | Sequence[Sequence[int]] | None = None,
     attention: str = "causal",
     scoring: str | None = "row",
     lm_head_tokens: int = 1,
     vit_layers_run: int | None = None,
+    crops: int = 1,
 ) -> PrefillMacs:
     """Prefill of one sample, any method:
 
@@ -343,6 +344,9 @@ def prefill_macs(
                per-layer CLIP counts (None: the tower is counted unmerged), vit_layers_run =
                shape.vit_layers_read (DyMU's loop skips the last, unread layer)
     - hybrid:  both
+    - LLaVA-NeXT: crops = images the tower sees (base + anyres crops), visual_tokens = the packed
+               count (unpadded grid + newlines); the projector runs on every crop's patches, before
+               packing; with DyMU vit_counts is one per-layer list per crop.
     vit_layers_run: CLIP layers that run (default all, as stock LLaVA does).
     """
     attention_check(attention)
@@ -352,9 +356,10 @@ def prefill_macs(
     llm = llm_prefill_macs(
         shape.llm, tokens, kept, fastv_layer=fastv_layer, attention=attention, scoring=scoring, lm_head_tokens=0
     )
+    per_crop = vit_counts if crops > 1 and vit_counts is not None else [vit_counts] * crops
     return PrefillMacs(
-        vision=vit_macs(shape.vit, vit_counts, vit_layers_run),
-        projector=projector_macs(visual, shape.vit.hidden, shape.llm.hidden),
+        vision=sum(vit_macs(shape.vit, counts, vit_layers_run) for counts in per_crop),
+        projector=projector_macs(visual if crops == 1 else crops * shape.vit.patches, shape.vit.hidden, shape.llm.hidden),
         llm=llm,
         lm_head=lm_head_macs(shape.llm, lm_head_tokens),
     )

@@ -152,13 +152,13 @@ def ensure_tiny_llava(path: str | Path | None = None) -> Path:
 TINY_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
 
 
-def build_next_processor(tokenizer=None):
+def build_next_processor(tokenizer=None, pinpoints=None):
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
-        image_grid_pinpoints=TINY_NEXT_PINPOINTS,
+        image_grid_pinpoints=pinpoints or TINY_NEXT_PINPOINTS,
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
