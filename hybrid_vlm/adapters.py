@@ -94,7 +94,7 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
     else:
         features = crop_features(model, crops)
     newline = image_newline(model)
-    packed, valid, start = [], [], 0
+    packed, valid, newlines, start = [], [], [], 0
     for layout in layouts:
         end = start + layout.num_crops
         crop_slice = slice(start, end)
@@ -104,19 +104,26 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         )
         packed.append(image_features)
         valid.append(image_valid)
+        newlines.append(layout.source.to(image_valid.device) == NEWLINE)
         start = end
-    samples = [torch.cat(packed[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
-    sample_valid = [torch.cat(valid[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
+    def per_sample(items):
+        return [torch.cat(items[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
+
+    samples, sample_valid, sample_newlines = per_sample(packed), per_sample(valid), per_sample(newlines)
     counts = [len(sample) for sample in samples]
     most = max(counts)
-    # Left-padded to the largest count: the fillers come first in every sample's visual slots.
-    features_bsd = torch.stack([torch.nn.functional.pad(s, (0, 0, most - len(s), 0)) for s in samples])
-    valid_bs = torch.stack([torch.nn.functional.pad(v, (most - len(v), 0), value=False) for v in sample_valid])
+
+    def left_pad(rows, value=0):  # to the largest count: the fillers come first in every sample's visual slots
+        return torch.stack([torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (most - len(r), 0), value=value) for r in rows])
+
+    keep_newlines = config.fastv_newlines == "keep"
     return ImageSlots(
-        features=features_bsd,
-        valid=valid_bs,
+        features=left_pad(samples),
+        valid=left_pad(sample_valid, value=False),
         placeholders=counts,
         compact=config.dymu is not None,
+        protected=left_pad(sample_newlines, value=False) if keep_newlines else None,
+        protected_max=max(sum(int((layout.source == NEWLINE).sum()) for layout in layouts[b * per_sample : (b + 1) * per_sample]) for b in range(batch)) if keep_newlines else 0,
     )
 
 

@@ -236,15 +236,22 @@ def find_images(directory: str | Path, limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def pixel_batches(files: list[Path], image_processor, batch_size: int, device, dtype) -> Iterator[torch.Tensor]:
+def pixel_batches(files: list[Path], image_processor, batch_size: int, device, dtype, model=None) -> Iterator[torch.Tensor]:
+    """[N, 3, H, W] batches of what the tower sees: for LLaVA-NeXT (anyres) every crop of
+    `batch_size` images (base image and grid crops; more than batch_size rows)."""
     from PIL import Image
+
+    from .hf_compat.llava_next import LlavaNextForConditionalGeneration, anyres_layouts, crop_pixels
 
     for start in range(0, len(files), batch_size):
         images = []
         for path in files[start : start + batch_size]:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        pixel_values = image_processor(images, return_tensors="pt").pixel_values
+        processed = image_processor(images, return_tensors="pt")
+        pixel_values = processed.pixel_values
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            pixel_values = crop_pixels(pixel_values, anyres_layouts(model, processed["image_sizes"]))
         yield pixel_values.to(device=device, dtype=dtype)
 
 
@@ -252,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hybrid_vlm.calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="llava-hf LLaVA-1.5 checkpoint directory or hub id")
+    parser.add_argument("--model", required=True, help="llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint directory or hub id (NeXT: calibrated on every crop)")
     parser.add_argument("--images", required=True, help="directory of calibration images (searched recursively)")
     parser.add_argument(
         "--target", default="mid",
@@ -282,17 +289,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files = find_images(args.images, args.max_images)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
+        raise SystemExit(f"--model {args.model}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed, got {type(model).__name__}")
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     total = math.ceil(len(files) / args.batch_size)
 
     def batches() -> Iterator[torch.Tensor]:
-        return pixel_batches(files, image_processor, args.batch_size, device, dtype)
+        return pixel_batches(files, image_processor, args.batch_size, device, dtype, model)
 
     payload = calibrate_thresholds(
         model, batches(), args.target, schedule=args.schedule, split=args.split, progress=not args.no_progress,

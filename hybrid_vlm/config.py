@@ -15,6 +15,7 @@ FASTV_K_FORMS = (
     "or unset/empty for no pruning"
 )
 POSITION_MODES = ("logical", "renumbered")
+NEWLINE_RULES = ("prune", "keep")
 SCORING_MODES = ("row", "eager")
 
 
@@ -78,6 +79,17 @@ def parse_visual_pool(text: str | None) -> int | None:
     )
 
 
+def parse_fastv_newlines(text: str | None) -> str:
+    if text is None or text.strip() == "":
+        return "prune"
+    if text.strip() in NEWLINE_RULES:
+        return text.strip()
+    raise ValueError(
+        f"FASTV_NEWLINES={text!r} is not valid: use prune (LLaVA-NeXT's newline tokens are FastV candidates like "
+        "every visual token, the default) or keep (they are always kept and FASTV_K counts the other visual tokens)."
+    )
+
+
 def parse_select_seed(text: str | None) -> int:
     if text is None or text.strip() == "":
         return 0
@@ -120,6 +132,9 @@ class HybridConfig:
         (`hybrid_vlm.baselines`); `select_seed` seeds the random draw.
     visual_pool: None, or s: average the 24 x 24 grid of image features in s x s blocks before
         layer 0, each pooled token at its block's central patch (a baseline; not with DyMU).
+    fastv_newlines: LLaVA-NeXT's `image_newline` tokens under FastV: "prune" (candidates like every
+        visual token, counted in the budget: the default) or "keep" (always kept, not counted; an
+        ablation). No effect on LLaVA-1.5, which has none.
     """
 
     fastv_k: int | float | None = None
@@ -131,6 +146,7 @@ class HybridConfig:
     fastv_select: str = "attention"
     select_seed: int = 0
     visual_pool: int | None = None
+    fastv_newlines: str = "prune"
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -154,6 +170,8 @@ class HybridConfig:
             raise ValueError("FASTV_SELECT=random needs FASTV_K (how many visual tokens to keep at random).")
         if isinstance(self.select_seed, bool) or not isinstance(self.select_seed, int) or self.select_seed < 0:
             raise ValueError(f"SELECT_SEED={self.select_seed!r} is not valid: use an integer >= 0.")
+        if self.fastv_newlines not in NEWLINE_RULES:
+            raise ValueError(f"FASTV_NEWLINES={self.fastv_newlines!r} is not valid: use one of {', '.join(NEWLINE_RULES)}.")
         if self.visual_pool is not None:
             if isinstance(self.visual_pool, bool) or self.visual_pool not in pool_sides():
                 raise ValueError(f"VISUAL_POOL={self.visual_pool!r} is not valid: use one of {', '.join(map(str, pool_sides()))}.")
@@ -166,7 +184,7 @@ class HybridConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
-        """Read FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED,
+        """Read FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED, FASTV_NEWLINES,
         VISUAL_POOL (a block side), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official | slot, default
         official) and HYBRID_POSITIONS (logical | renumbered, default logical); keyword overrides win."""
         env = os.environ if environ is None else environ
@@ -179,6 +197,7 @@ class HybridConfig:
             visual_pool=parse_visual_pool(env.get("VISUAL_POOL")),
             fastv_k=parse_fastv_k(env.get("FASTV_K")),
             fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
+            fastv_newlines=parse_fastv_newlines(env.get("FASTV_NEWLINES")),
             dymu=env.get("DYMU_THRESHOLDS") or None,
             dymu_split=parse_dymu_split(env.get("DYMU_SPLIT")),
             position_mode=positions,
@@ -201,6 +220,8 @@ class HybridConfig:
             method = "fastv" if self.fastv_select == "attention" else "random"
             seed = f"-s{self.select_seed}" if self.fastv_select == "random" and self.select_seed else ""
             parts.append(f"{method}-{k}-l{self.fastv_layer}{seed}")
+            if self.fastv_newlines != "prune":
+                parts.append(f"newlines-{self.fastv_newlines}")
         if self.position_mode != "logical":
             parts.append(self.position_mode)
         if self.scoring != "row":

@@ -1,8 +1,9 @@
-"""apply_hybrid(model, config): turn a loaded llava-hf LLaVA-1.5 into the FastV one, in place.
+"""apply_hybrid(model, config): turn a loaded llava-hf LLaVA-1.5 or LLaVA-NeXT into the FastV one, in place.
 
-The forward below is one straight decoder loop over the stock modules:
+The forward below is one straight decoder loop over the stock modules, the same for both models
+(a model's adapter, `hybrid_vlm.adapters`, only supplies the image features per placeholder):
 
-    embed -> scatter image features -> layers [0, fastv_layer) on every token
+    embed -> place image features (`hybrid_vlm.placement`) -> layers [0, fastv_layer) on every token
           -> (layer fastv_layer - 1 also returns the last prompt token's attention row)
           -> keep all text + top-k visual tokens, gathered with their original position ids
           -> layers [fastv_layer, N) on the kept tokens only -> norm -> lm_head
@@ -160,14 +161,18 @@ class PrunePlan:
     query_index: torch.Tensor  # [B] index in this forward's sequence of the scoring query
     keep_per_sample: torch.Tensor | None  # [B], or None when every visual slot is real
     slot_scores: torch.Tensor | None  # [B, L0] scores that replace attention (random selection)
+    protected: torch.Tensor | None = None  # [B, L0] slots kept whatever their score
 
 
 def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_index) -> PrunePlan | None:
-    """The scoring query and quotas, or None when nothing is pruned in this forward."""
+    """The scoring query and quotas, or None when nothing is pruned in this forward.
+
+    Protected slots (LLaVA-NeXT's newlines with FASTV_NEWLINES=keep) rank first and are not counted:
+    a sample keeps its quota of the other visual tokens plus all of its protected ones."""
     if placed is None or config.fastv_k is None:
         return None
     num_visual = placed.visual_positions.shape[1]
-    keep = visual_keep_count(num_visual, config.fastv_k)
+    keep = min(num_visual, visual_keep_count(num_visual, config.fastv_k) + placed.protected_max)
     if keep >= num_visual:
         return None
     valid, entered = placed.new_valid, placed.entered_positions
@@ -179,9 +184,15 @@ def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_in
         if entered is not None:  # a prompt position -> its index in the placed sequence
             query_index = (entered == query_index[:, None]).long().argmax(dim=1)
     keep_per_sample = None
-    if entered is not None:
-        keep_per_sample = visual_keep_counts(valid.gather(1, placed.visual_positions).sum(dim=1), config.fastv_k)
-    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores)
+    if entered is not None or placed.protected is not None:
+        real_visual = valid.gather(1, placed.visual_positions)
+        protected = placed.protected.gather(1, placed.visual_positions) & real_visual if placed.protected is not None else None
+        if protected is None:
+            keep_per_sample = visual_keep_counts(real_visual.sum(dim=1), config.fastv_k)
+        else:
+            protected_count = protected.sum(dim=1)
+            keep_per_sample = visual_keep_counts(real_visual.sum(dim=1) - protected_count, config.fastv_k) + protected_count
+    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores, placed.protected)
 
 
 @dataclass
@@ -198,6 +209,8 @@ class Pruned:
 def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_mode: str, rotary_emb) -> Pruned:
     """Keep every text token and the top `plan.keep` visual slots, at their position ids."""
     scores = plan.slot_scores if plan.slot_scores is not None else scores
+    if plan.protected is not None:
+        scores = scores.masked_fill(plan.protected, 2.0)  # above every probability: kept first
     scores = scores.masked_fill(~new_valid, -1.0)  # empty slots rank after every real token
     kept_positions, kept_real = select_kept_positions(scores, plan.visual_positions, plan.keep, plan.keep_per_sample)
     hidden_states = gather_tokens(hidden_states, kept_positions)

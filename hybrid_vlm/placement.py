@@ -37,6 +37,8 @@ class ImageSlots:
     compact: drop invalid slots before layer 0 (DyMU, pooling).
     valid_count: tokens per sample when static (pooling); None: read once from `valid` (DyMU).
     scores: [B, S] per-slot scores for a selection that does not read attention (random), or None.
+    protected: [B, S] bool, slots FastV always keeps when asked to (LLaVA-NeXT's newlines), or None;
+        protected_max: the largest number of them in a sample (a host int).
     """
 
     features: torch.Tensor
@@ -45,6 +47,8 @@ class ImageSlots:
     compact: bool = False
     valid_count: int | None = None
     scores: torch.Tensor | None = None
+    protected: torch.Tensor | None = None
+    protected_max: int = 0
 
     @property
     def fillers(self) -> bool:
@@ -59,6 +63,7 @@ class PlacedPrompt:
         slots are the prompt's tokens one to one.
     visual_positions: [B, V] where the V visual slots of each sample sit in the L0 sequence.
     slot_scores: [B, L0] the adapter's per-slot scores (random selection), else None.
+    protected: [B, L0] bool, the adapter's protected slots (see ImageSlots), else None.
     """
 
     inputs_embeds: torch.Tensor
@@ -67,6 +72,8 @@ class PlacedPrompt:
     visual_positions: torch.Tensor
     entered_positions: torch.Tensor | None
     slot_scores: torch.Tensor | None
+    protected: torch.Tensor | None = None
+    protected_max: int = 0
 
 
 def prepend_fillers(placeholders: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +118,11 @@ def place_images(
         1, visual_positions[..., None].expand(batch, num_slots, hidden), slots.features.to(inputs_embeds.dtype)
     )
     length = inputs_embeds.shape[1]
-    slot_scores = None
+    slot_scores = protected = None
     if slots.scores is not None:
         slot_scores = torch.zeros(batch, length, dtype=slots.scores.dtype, device=is_visual.device).scatter(1, visual_positions, slots.scores)
+    if slots.protected is not None:
+        protected = torch.zeros(batch, length, dtype=torch.bool, device=is_visual.device).scatter(1, visual_positions, slots.protected)
     if slots.valid is not None:
         slot_valid = slots.valid & new_valid.gather(1, visual_positions)
         new_valid = new_valid.scatter(1, visual_positions, slot_valid)
@@ -124,8 +133,7 @@ def place_images(
         valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, visual_positions, slot_valid.float())
         kept, _ = select_kept_positions(valid_scores, visual_positions, count)
         inputs_embeds, new_valid, position_ids, is_visual = (gather_tokens(t, kept) for t in (inputs_embeds, new_valid, position_ids, is_visual))
-        if slot_scores is not None:
-            slot_scores = gather_tokens(slot_scores, kept)
+        slot_scores, protected = (None if t is None else gather_tokens(t, kept) for t in (slot_scores, protected))
         entered = kept if entered is None else entered.gather(1, kept)
         visual_positions = true_positions(is_visual, count)
-    return PlacedPrompt(inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores)
+    return PlacedPrompt(inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_max)

@@ -60,7 +60,7 @@ def numpy_pooled_features(features: torch.Tensor, side: int) -> tuple[torch.Tens
 @torch.no_grad()
 def masked_reference(
     model, inputs, fastv_k, fastv_layer: int, thresholds: torch.Tensor | None = None, split: str = "official",
-    select: str = "attention", select_seed: int = 0, pool: int | None = None,
+    select: str = "attention", select_seed: int = 0, pool: int | None = None, newlines: str = "prune",
 ):
     """Stock eager decoder layers over every prompt token, at the original position ids.
 
@@ -71,6 +71,7 @@ def masked_reference(
     its size by the official rule (`official_keep_count`). `split`: DyMU's split order.
     select="random": the kept set is the top of `numpy_random_scores` instead. pool=s: the image
     features are pooled by `numpy_pooled_features` and the other placeholders masked.
+    newlines="keep" (LLaVA-NeXT): newline tokens are always kept and the budget counts the others.
     Returns (logits [B, L, V], kept [B, L] bool: real tokens that the last layer attends to).
     """
     reference = eager_copy(model)
@@ -81,8 +82,13 @@ def masked_reference(
 
     embeds = language_model.embed_tokens(input_ids)
     real = attention_mask.bool().clone()
+    protected = np.zeros((batch, length), dtype=bool)
     if "image_sizes" in inputs:  # LLaVA-NeXT: packed anyres features, one image per prompt
         features, slot_valid = next_reference_features(reference, inputs, thresholds, split)
+        if newlines == "keep":
+            newline = reference.model.image_newline
+            for b in range(batch):
+                protected[b, np.flatnonzero(is_visual[b])] = (features[b] == newline).all(dim=-1).numpy()
     elif thresholds is None:
         features = reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
         slot_valid = torch.ones(batch, is_visual.sum(axis=1).max(), dtype=torch.bool)
@@ -116,7 +122,7 @@ def masked_reference(
                 for b in range(batch):
                     row[b, np.flatnonzero(is_visual[b])] = random_scores[b]
             for b in range(batch):
-                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy())
+                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy() & ~protected[b])
                 keep = official_keep_count(len(visual_real), fastv_k)
                 order = np.argsort(-row[b, visual_real], kind="stable")
                 kept[b, visual_real[order[keep:]]] = False

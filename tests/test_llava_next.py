@@ -6,6 +6,7 @@ every sample has a different number of visual tokens even without DyMU."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -268,3 +269,45 @@ def test_sliding_window_shorter_than_the_sequence_is_refused():
     model, processor = build_tiny_llava_next(seed=2, text_model="mistral", sliding_window=512)
     with pytest.raises(NotImplementedError, match="sliding window of 512 tokens"):
         next_copy(model, fastv_k=64)(**next_inputs(processor, QUESTIONS[:1]))
+
+
+def test_calibrate_cli_splits_images_into_crops(tmp_path):
+    from hybrid_vlm.calibrate import load_thresholds, main as calibrate_main
+    from hybrid_vlm.tiny import build_tiny_llava, ensure_tiny_llava_next, synthetic_image
+    from transformers import LlavaNextForConditionalGeneration
+
+    model_dir = ensure_tiny_llava_next(tmp_path / "tiny-next")
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, size in enumerate([(336, 200), (250, 500), (400, 400), (500, 300)]):
+        synthetic_image(300 + seed).resize(size).save(images / f"{seed}.png")
+    out = tmp_path / "next.json"
+    calibrate_main(["--model", str(model_dir), "--images", str(images), "--target", "200", "--out", str(out), "--batch-size", "2", "--no-progress"])
+    saved = json.loads(out.read_text())
+    assert saved["achieved"]["images"] == 12  # 4 images x (base + 2 crops): every crop the tower sees
+    model = LlavaNextForConditionalGeneration.from_pretrained(model_dir).eval()
+    torch.testing.assert_close(load_thresholds(out, model), torch.tensor(saved["thresholds"]))
+    other, _ = build_tiny_llava(seed=1)
+    with pytest.raises(ValueError, match="calibrated for model"):
+        load_thresholds(out, other)
+
+
+# --- the budget rule's ablation: newline tokens always kept ---------------------------------------------
+
+
+@pytest.mark.parametrize("fastv_k", [64, 0.5])
+def test_kept_newlines_match_the_reference(tiny_next, fastv_k):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, 2, newlines="keep")
+    out, real = engine_prefill(next_copy(model, fastv_k=fastv_k, fastv_newlines="keep"), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+    default_kept = masked_reference(model, inputs, fastv_k, 2)[1]
+    assert (reference_kept.sum(dim=1) > default_kept.sum(dim=1)).all()  # the rule really keeps more
+
+
+def test_newline_rule_setting():
+    assert HybridConfig(fastv_k=64, fastv_newlines="keep").describe() == "fastv-k64-l2_newlines-keep"
+    assert HybridConfig.from_env({"FASTV_K": "64", "FASTV_NEWLINES": "keep"}).fastv_newlines == "keep"
+    with pytest.raises(ValueError, match="FASTV_NEWLINES='drop' is not valid: use prune"):
+        HybridConfig.from_env({"FASTV_NEWLINES": "drop"})

@@ -178,7 +178,7 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     # on, the dymu name never prunes. HYBRID_POSITIONS applies to all of them.
     reads = ["HYBRID_POSITIONS"]
     if variant.fastv or variant.pool:
-        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED"]
+        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
     if variant.dymu:
         reads += ["DYMU_SPLIT"]
     if variant.pool:

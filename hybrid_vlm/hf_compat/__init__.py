@@ -8,6 +8,7 @@ transformers upgrade means reading this package (and `patches/README.md`), not g
 - `versions.py`: the supported range (SUPPORTED_TRANSFORMERS) and the import gate.
 - `llava.py`: LlavaForConditionalGeneration / LlamaModel / LlamaDecoderLayer / DynamicCache, and the
   cache-name shim (5.24 renamed `past_key_values` to `cache`).
+- `llava_next.py`: LLaVA-NeXT's anyres layout (crops, unpadding, `image_newline`), learned from stock packing.
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
 
 One code path where the releases agree; a small shim keyed on TRANSFORMERS_RELEASE where they do
