@@ -15,6 +15,7 @@ before layer 0 (pooling) run here, because their output is laid out the model's 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .baselines import pool_grid, pooled_token_count, random_slot_scores
@@ -106,10 +107,10 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         valid.append(image_valid)
         newlines.append(layout.source.to(image_valid.device) == NEWLINE)
         start = end
-    def per_sample(items):
+    def by_sample(items):
         return [torch.cat(items[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
 
-    samples, sample_valid, sample_newlines = per_sample(packed), per_sample(valid), per_sample(newlines)
+    samples, sample_valid, sample_newlines = by_sample(packed), by_sample(valid), by_sample(newlines)
     counts = [len(sample) for sample in samples]
     most = max(counts)
 
@@ -117,13 +118,14 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         return torch.stack([torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (most - len(r), 0), value=value) for r in rows])
 
     keep_newlines = config.fastv_newlines == "keep"
+    newline_counts = np.array([int((layout.source == NEWLINE).sum()) for layout in layouts])  # layouts live on the host
     return ImageSlots(
         features=left_pad(samples),
         valid=left_pad(sample_valid, value=False),
         placeholders=counts,
         compact=config.dymu is not None,
         protected=left_pad(sample_newlines, value=False) if keep_newlines else None,
-        protected_max=max(sum(int((layout.source == NEWLINE).sum()) for layout in layouts[b * per_sample : (b + 1) * per_sample]) for b in range(batch)) if keep_newlines else 0,
+        protected_max=max(newline_counts[b * per_sample : (b + 1) * per_sample].sum() for b in range(batch)) if keep_newlines else 0,
     )
 
 

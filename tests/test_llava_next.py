@@ -279,12 +279,18 @@ def test_calibrate_cli_splits_images_into_crops(tmp_path):
     model_dir = ensure_tiny_llava_next(tmp_path / "tiny-next")
     images = tmp_path / "images"
     images.mkdir()
-    for seed, size in enumerate([(336, 200), (250, 500), (400, 400), (500, 300)]):
+    sizes = [(336, 200), (250, 500), (400, 400), (500, 300)]  # (width, height)
+    for seed, size in enumerate(sizes):
         synthetic_image(300 + seed).resize(size).save(images / f"{seed}.png")
     out = tmp_path / "next.json"
     calibrate_main(["--model", str(model_dir), "--images", str(images), "--target", "200", "--out", str(out), "--batch-size", "2", "--no-progress"])
     saved = json.loads(out.read_text())
-    assert saved["achieved"]["images"] == 12  # 4 images x (base + 2 crops): every crop the tower sees
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from hybrid_vlm.tiny import TINY_NEXT_PINPOINTS
+
+    crops = [image_size_to_num_patches((h, w), TINY_NEXT_PINPOINTS, 336) for w, h in sizes]
+    assert crops == [3, 3, 5, 3] and saved["achieved"]["images"] == sum(crops)  # every crop the tower sees
     model = LlavaNextForConditionalGeneration.from_pretrained(model_dir).eval()
     torch.testing.assert_close(load_thresholds(out, model), torch.tensor(saved["thresholds"]))
     other, _ = build_tiny_llava(seed=1)
