@@ -75,10 +75,10 @@ from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_to
 from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
+from hybrid_vlm.hf_compat.llava_next import LlavaNextForConditionalGeneration, anyres_layouts, crop_pixels
 from hybrid_vlm.provenance import git_state, portable
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from hybrid_vlm.syncs import check_no_host_syncs
-from hybrid_vlm.hf_compat.llava_next import LlavaNextForConditionalGeneration, anyres_layouts, crop_pixels
 from hybrid_vlm.tiny import IMAGE_TOKEN, build_next_processor, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
 from vlmeval_plugin.results import number_text, text_table
 

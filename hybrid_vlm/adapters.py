@@ -15,7 +15,6 @@ before layer 0 (pooling) run here, because their output is laid out the model's 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .baselines import pool_grid, pooled_token_count, random_slot_scores
@@ -80,52 +79,48 @@ def pack_image(
     return packed, valid
 
 
+def next_crop_features(model, crops: torch.Tensor):
+    """(features [crops, P, hidden], merged valid [crops, P] or None, coverage [crops, P] or None):
+    every crop through the tower, merging with DyMU's thresholds when they are set."""
+    config = model.hybrid_config
+    if config.dymu is None:
+        return crop_features(model, crops), None, None
+    merged = dymu_image_features(model, crops, model.hybrid_thresholds.to(crops.device), split=config.dymu_split)
+    return merged.features, merged.valid, merged.coverage
+
+
+def left_padded(rows: list[torch.Tensor], value=0) -> torch.Tensor:
+    """[B, max length, ...] with each row's entries last: a sample's fillers come first."""
+    most = max(len(row) for row in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (most - len(r), 0), value=value) for r in rows])
+
+
 def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, batch: int) -> ImageSlots:
     """LLaVA-NeXT: packed anyres features per image (base, unpadded crop grid, newlines)."""
-    config = model.hybrid_config
     if image_sizes is None:
         raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
     layouts = anyres_layouts(model, image_sizes)
     per_sample = images_per_sample(len(layouts), batch)
-    crops = crop_pixels(pixel_values, layouts).to(model.dtype)
-    merged_valid = coverage = None
-    if config.dymu is not None:
-        merged = dymu_image_features(model, crops, model.hybrid_thresholds.to(crops.device), split=config.dymu_split)
-        features, merged_valid, coverage = merged.features, merged.valid, merged.coverage
-    else:
-        features = crop_features(model, crops)
-    newline = image_newline(model)
-    packed, valid, newlines, start = [], [], [], 0
+    features, merged_valid, coverage = next_crop_features(model, crop_pixels(pixel_values, layouts).to(model.dtype))
+    packed, valid, start = [], [], 0
     for layout in layouts:
-        end = start + layout.num_crops
-        crop_slice = slice(start, end)
-        image_features, image_valid = pack_image(
-            layout, features[crop_slice], newline,
-            None if merged_valid is None else merged_valid[crop_slice], None if coverage is None else coverage[crop_slice],
-        )
+        crop_slice = slice(start, start + layout.num_crops)
+        merge_rows = (None if t is None else t[crop_slice] for t in (merged_valid, coverage))
+        image_features, image_valid = pack_image(layout, features[crop_slice], image_newline(model), *merge_rows)
         packed.append(image_features)
         valid.append(image_valid)
-        newlines.append(layout.source.to(image_valid.device) == NEWLINE)
-        start = end
-    def by_sample(items):
-        return [torch.cat(items[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
-
-    samples, sample_valid, sample_newlines = by_sample(packed), by_sample(valid), by_sample(newlines)
-    counts = [len(sample) for sample in samples]
-    most = max(counts)
-
-    def left_pad(rows, value=0):  # to the largest count: the fillers come first in every sample's visual slots
-        return torch.stack([torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (most - len(r), 0), value=value) for r in rows])
-
-    keep_newlines = config.fastv_newlines == "keep"
-    newline_counts = np.array([int((layout.source == NEWLINE).sum()) for layout in layouts])  # layouts live on the host
+        start = crop_slice.stop
+    sample_images = [slice(b * per_sample, (b + 1) * per_sample) for b in range(batch)]
+    samples = [torch.cat(packed[images]) for images in sample_images]
+    keep_newlines = model.hybrid_config.fastv_newlines == "keep"
+    newlines = [torch.cat([layout.source == NEWLINE for layout in layouts[images]]) for images in sample_images]  # host
     return ImageSlots(
-        features=left_pad(samples),
-        valid=left_pad(sample_valid, value=False),
-        placeholders=counts,
-        compact=config.dymu is not None,
-        protected=left_pad(sample_newlines, value=False) if keep_newlines else None,
-        protected_max=max(newline_counts[b * per_sample : (b + 1) * per_sample].sum() for b in range(batch)) if keep_newlines else 0,
+        features=left_padded(samples),
+        valid=left_padded([torch.cat(valid[images]) for images in sample_images], value=False),
+        placeholders=[len(sample) for sample in samples],
+        compact=merged_valid is not None,
+        protected=left_padded(newlines, value=False).to(features.device) if keep_newlines else None,
+        protected_max=max(int(rows.sum()) for rows in newlines) if keep_newlines else 0,
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -272,9 +271,11 @@ def test_sliding_window_shorter_than_the_sequence_is_refused():
 
 
 def test_calibrate_cli_splits_images_into_crops(tmp_path):
-    from hybrid_vlm.calibrate import load_thresholds, main as calibrate_main
-    from hybrid_vlm.tiny import build_tiny_llava, ensure_tiny_llava_next, synthetic_image
     from transformers import LlavaNextForConditionalGeneration
+
+    from hybrid_vlm.calibrate import load_thresholds
+    from hybrid_vlm.calibrate import main as calibrate_main
+    from hybrid_vlm.tiny import build_tiny_llava, ensure_tiny_llava_next, synthetic_image
 
     model_dir = ensure_tiny_llava_next(tmp_path / "tiny-next")
     images = tmp_path / "images"
@@ -317,3 +318,19 @@ def test_newline_rule_setting():
     assert HybridConfig.from_env({"FASTV_K": "64", "FASTV_NEWLINES": "keep"}).fastv_newlines == "keep"
     with pytest.raises(ValueError, match="FASTV_NEWLINES='drop' is not valid: use prune"):
         HybridConfig.from_env({"FASTV_NEWLINES": "drop"})
+
+
+@pytest.mark.parametrize("fastv_k", [None, 320])
+def test_unpadded_prompt_runs_sdpa_without_a_mask(tiny_next, monkeypatch, fastv_k):
+    """One NeXT prompt: every layer causal and mask-free in the prefill, as stock runs it; the
+    padded batch of aspect ratios keeps its mask."""
+    from test_conditional_sdpa import SdpaSpy, prefill_then_decode
+
+    model, processor = tiny_next
+    layers = model.config.text_config.num_hidden_layers
+    spy = SdpaSpy(monkeypatch)
+    prefill_then_decode(next_copy(model, fastv_k=fastv_k), next_inputs(processor, QUESTIONS[:1]), steps=2)
+    assert (spy.masked, spy.causal, spy.unmasked) == (0, layers, 3 * layers)
+    spy = SdpaSpy(monkeypatch)
+    prefill_then_decode(next_copy(model, fastv_k=fastv_k), next_inputs(processor, QUESTIONS), steps=1)
+    assert spy.unmasked == 0 and spy.masked == 2 * layers

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hybrid_vlm import HybridConfig, visual_keep_count
+from hybrid_vlm import HybridConfig
 from vlmeval_plugin import settings
 
 from test_vlmeval_plugin import CAPTION_ROWS, MCQ_ROWS, needs_vlmeval, run_py, sandbox, sidecar  # noqa: F401  (sandbox: fixture)
@@ -23,6 +22,7 @@ def test_next_names_are_registered_with_their_checkpoints(tmp_path):
         names = [name for name, variant in settings.VARIANTS.items() if variant.family == family]
         assert names == [family, f"{family}_fastv", f"{family}_dymu", f"{family}_hybrid"]  # no pooling name
         assert all(settings.VARIANTS[name].next for name in names)
+    assert [n for n, v in settings.VARIANTS.items() if v.family == "llava_next_vicuna_7b"] == NEXT_NAMES
     assert settings.FAMILY_CHECKPOINTS["llava_next_vicuna_7b"] == "llava-hf/llava-v1.6-vicuna-7b-hf"
     assert settings.hybrid_config_for("llava_next_vicuna_7b_fastv", {"FASTV_K": "320"}) == HybridConfig(fastv_k=320)
     with pytest.raises(settings.PluginError, match="FASTV_K='-3' is not valid"):

@@ -241,7 +241,7 @@ def test_selection_snapshot_and_bad_inputs(tmp_path):
         run_report(work, "--bench", tmp_path / "no-bench", "--out", out)
 
 
-@pytest.mark.parametrize("name", ["tiny-demo", "cpu-mid-bench"])
+@pytest.mark.parametrize("name", ["tiny-demo", "cpu-mid-bench", "cpu-next-bench"])
 def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, name):
     """reports/<name>/report.md is exactly what its printed command makes from reports/<name>/raw/."""
     folder = REPO / "reports" / name
@@ -261,11 +261,12 @@ def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, 
     assert (copy / "report.md").read_text() == committed
 
 
-def test_readme_speed_table_quotes_the_committed_cpu_bench():
-    """Every number of the README's CPU speed table is in reports/cpu-mid-bench/raw/bench/bench.json."""
+@pytest.mark.parametrize("name", ["cpu-mid-bench", "cpu-next-bench"])
+def test_readme_speed_table_quotes_the_committed_cpu_bench(name):
+    """Every number of the README's CPU speed tables is in reports/<name>/raw/bench/bench.json."""
     readme = (REPO / "README.md").read_text()
-    table = readme.split("<!-- cpu-mid-bench:begin -->", 1)[1].split("<!-- cpu-mid-bench:end -->", 1)[0]
-    rows = json.loads((REPO / "reports" / "cpu-mid-bench" / "raw" / "bench" / "bench.json").read_text())["rows"]
+    table = readme.split(f"<!-- {name}:begin -->", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
+    rows = json.loads((REPO / "reports" / name / "raw" / "bench" / "bench.json").read_text())["rows"]
     by_config = {row["config"]: row for row in rows}
     quoted = [line for line in table.splitlines() if line.startswith("| `")]
     assert len(quoted) >= 3
@@ -276,3 +277,5 @@ def test_readme_speed_table_quotes_the_committed_cpu_bench():
         assert cells[2] == f"{row['prefill_ms']:.1f}"
         assert cells[3] == f"{row['prefill_ratio']:.3f}" and cells[4] == f"{row['prefill_theory_ratio']:.3f}"
         assert cells[5] == f"{row['prefill_ratio_minus_theory']:+.3f}"
+        if len(cells) > 6:  # the NeXT table's decode and KV-cache columns
+            assert cells[6:] == [f"{row['decode_ms_per_token']:.1f}", f"{row['decode_ratio']:.3f}", f"{row['decode_theory_ratio']:.3f}", f"{row['kv_cache_mb_theory']:.1f}"]

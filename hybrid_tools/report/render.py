@@ -83,6 +83,13 @@ def render(report: ReportInput) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+FAMILY_LABELS = {
+    "llava_v1.5_7b": "LLaVA-1.5-7B",
+    "llava_next_vicuna_7b": "LLaVA-NeXT-Vicuna-7B",
+    "llava_next_mistral_7b": "LLaVA-NeXT-Mistral-7B",
+}
+
+
 def banner_section(report: ReportInput) -> list[str]:
     """Which model the numbers are about: the tiny-model warning, or the checkpoint and bench notes."""
     lines = []
@@ -96,7 +103,8 @@ def banner_section(report: ReportInput) -> list[str]:
     notes = []
     if report.configs and not report.eval_tiny:
         checkpoints = sorted({c.checkpoint for c in report.configs if c.checkpoint})
-        family = "LLaVA-1.5-7B" if all(c.name.startswith("llava_v1.5_7b") for c in report.configs) else "see the configuration names"
+        families = {next((label for prefix, label in FAMILY_LABELS.items() if c.name.startswith(prefix)), None) for c in report.configs}
+        family = families.pop() if len(families) == 1 and None not in families else "see the configuration names"
         recorded = ", ".join(f"`{p}`" for p in checkpoints) if checkpoints else "not recorded (no run_info.json)"
         notes.append(f"Evaluation model: {family}; checkpoint: {recorded}.")
     for bench in report.benches:
