@@ -78,24 +78,32 @@ def build_tokenizer():
     return fast
 
 
-def build_processor(tokenizer=None):
-    from transformers import CLIPImageProcessor, LlavaProcessor
+# CLIP ViT-L/14-336's preprocessing, as both llava-hf processors configure it
+CLIP_IMAGE_SETTINGS = dict(
+    size={"shortest_edge": 336},
+    crop_size={"height": 336, "width": 336},
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+)
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
+
+def processor_settings(tokenizer) -> dict:
+    """What a LlavaProcessor and a LlavaNextProcessor share: tokenizer, 14 px patches, CLS dropped,
+    the chat template ("USER: <image>\n... ASSISTANT:", llava-1.5's and llava-v1.6-vicuna's)."""
+    return dict(
         tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def build_processor(tokenizer=None):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(do_center_crop=True, **CLIP_IMAGE_SETTINGS)
+    return LlavaProcessor(image_processor=image_processor, **processor_settings(tokenizer))
 
 
 def tiny_llava_config(tokenizer, text_layers: int = 4, kv_heads: int = 4, vision_layers: int = 3, text_hidden: int = 128):
@@ -155,21 +163,8 @@ TINY_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
 def build_next_processor(tokenizer=None, pinpoints=None):
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_grid_pinpoints=pinpoints or TINY_NEXT_PINPOINTS,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,  # llava-v1.6-vicuna's: "USER: <image>\n... ASSISTANT:"
-    )
+    image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pinpoints or TINY_NEXT_PINPOINTS, **CLIP_IMAGE_SETTINGS)
+    return LlavaNextProcessor(image_processor=image_processor, **processor_settings(tokenizer))
 
 
 def build_tiny_llava_next(
