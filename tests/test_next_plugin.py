@@ -40,7 +40,7 @@ def next_checkpoint(sandbox):  # noqa: F811
     from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels
     from hybrid_vlm.tiny import build_next_processor, ensure_tiny_llava_next, synthetic_image
 
-    path = ensure_tiny_llava_next(sandbox["root"] / "tiny-next")
+    path = ensure_tiny_llava_next(sandbox["root"] / "cache" / "tiny-llava-next-v1")  # reports recognise "tiny-llava" paths
     from transformers import LlavaNextForConditionalGeneration
 
     model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
@@ -80,7 +80,7 @@ def test_next_hybrid_runs_end_to_end_batched(sandbox, next_checkpoint):  # noqa:
 def test_next_fastv_sweep(sandbox, next_checkpoint, tmp_path):  # noqa: F811
     path, _ = next_checkpoint
     command = [sys.executable, "-m", "hybrid_tools.sweep", "--family", "llava_next_vicuna_7b", "--data", "TinyCOCO",
-               "--fastv-k", "64", "320", "--vanilla", "--work-dir", str(tmp_path / "work"),
+               "--fastv-k", "64", "320", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "next-sweep",
                "--", "--model-path", str(path), "--max-new-tokens", "3", "--limit", "2"]
     result = subprocess.run(command, env=sandbox["env"], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -92,6 +92,8 @@ def test_next_fastv_sweep(sandbox, next_checkpoint, tmp_path):  # noqa: F811
     for k in (64, 320):
         fastv = rows[f"llava_next_vicuna_7b_fastv__fastv-k{k}-l2"]
         assert fastv.tokens_kept_mean < fastv.tokens_in_mean
+    report = (tmp_path / "reports" / "next-sweep" / "report.md").read_text()
+    assert "llava_next_vicuna_7b_fastv__fastv-k64-l2" in report and "Tiny random-weight model" in report
 
 
 @needs_vlmeval

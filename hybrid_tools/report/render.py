@@ -17,11 +17,11 @@ from .provenance import provenance_block, run_commands, status_argv
 CAPTION_KEYS = ("CIDEr", "BLEU-4", "ROUGE_L", "BLEU-1", "METEOR", "PTB CIDEr", "PTB BLEU-4", "PTB METEOR", "PTB SPICE")
 TINY_BANNER = (
     "> [!WARNING]\n"
-    "> **Tiny random-weight model, not LLaVA-1.5-7B.** {what} the bundled tiny LLaVA "
-    "(`hybrid_vlm/tiny.py`: LLaVA-1.5's 336 px / 576-token geometry, toy widths, a 4-layer LLM, "
-    "**random weights**). Its accuracies and caption scores are noise and say nothing about "
-    "LLaVA-1.5-7B; its timings are those of a toy model on this machine. This report shows what the "
-    "pipeline produces, end to end."
+    "> **Tiny random-weight model, not LLaVA-1.5-7B or LLaVA-NeXT-7B.** {what} a bundled tiny LLaVA "
+    "(`hybrid_vlm/tiny.py`: LLaVA-1.5's 336 px / 576-token geometry, or LLaVA-NeXT's anyres on small grids; "
+    "toy widths, a 4-layer LLM, **random weights**). Its accuracies and caption scores are noise and say "
+    "nothing about the real models; its timings are those of a toy model on this machine. This report shows "
+    "what the pipeline produces, end to end."
 )
 METRICS_INTRO = (
     "Per configuration (one VLMEvalKit model folder) and dataset: the metric from VLMEvalKit's evaluation file, its "
