@@ -10,14 +10,14 @@ before layer 0 (pooling) run here, because their output is laid out the model's 
   (`hf_compat.llava_next`); the placeholder count differs per image. With DyMU every crop merges on
   its own, and tokens are re-placed on the unpadded grid (`dymu.place_on_cropped_grid`) so every
   patch that reaches the LLM is covered by exactly one token, at a patch it covers. Newline tokens
-  are never merged.
+  are never merged. Random selection draws per packed token from a hash of the base crop.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .baselines import pool_grid, pooled_token_count, random_slot_scores
+from .baselines import image_keys, pool_grid, pooled_token_count, random_slot_scores, slot_hash
 from .dymu import place_on_cropped_grid
 from .hf_compat import dymu_image_features, stock_image_features
 from .hf_compat.llava_next import NEWLINE, AnyresLayout, anyres_layouts, crop_features, crop_pixels, image_newline
@@ -101,7 +101,8 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
     layouts = anyres_layouts(model, image_sizes)
     per_sample = images_per_sample(len(layouts), batch)
-    features, merged_valid, coverage = next_crop_features(model, crop_pixels(pixel_values, layouts).to(model.dtype))
+    crops = crop_pixels(pixel_values, layouts).to(model.dtype)
+    features, merged_valid, coverage = next_crop_features(model, crops)
     packed, valid, start = [], [], 0
     for layout in layouts:
         crop_slice = slice(start, start + layout.num_crops)
@@ -121,7 +122,18 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         compact=merged_valid is not None,
         protected=left_padded(newlines, value=False).to(features.device) if keep_newlines else None,
         protected_max=max(int(rows.sum()) for rows in newlines) if keep_newlines else 0,
+        scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if model.hybrid_config.fastv_select == "random" else None,
     )
+
+
+def next_random_scores(model, crops: torch.Tensor, layouts: list[AnyresLayout], sample_images: list[slice]) -> list[torch.Tensor]:
+    """FASTV_SELECT=random on LLaVA-NeXT: per image, the baselines' hash keyed on its base crop's
+    pixels, one draw per packed token (newlines included, as FastV's candidates); [V_b] per sample."""
+    base_index = torch.tensor([0] + [layout.num_crops for layout in layouts[:-1]]).cumsum(0)
+    keys = image_keys(crops[base_index.to(crops.device)])  # [images]
+    seed = model.hybrid_config.select_seed
+    per_image = [slot_hash(keys[i : i + 1], layout.num_tokens, seed)[0] for i, layout in enumerate(layouts)]
+    return [torch.cat(per_image[images]) for images in sample_images]
 
 
 # Decoder layers the engine drives (`hf_compat.llama_layer_forward`): pre-norm, q/k/v/o attention
@@ -139,8 +151,6 @@ def check_supported(model, config) -> None:
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
     if isinstance(model, LlavaNextForConditionalGeneration):
-        if config.fastv_select != "attention":
-            raise ValueError(f"FASTV_SELECT={config.fastv_select} is not implemented for LLaVA-NeXT yet: use attention (FastV)")
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
 

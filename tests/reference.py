@@ -118,9 +118,12 @@ def masked_reference(
             row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
             if select == "random":
                 row = np.zeros((batch, length))
-                random_scores = numpy_random_scores(inputs["pixel_values"], select_seed)
                 for b in range(batch):
-                    row[b, np.flatnonzero(is_visual[b])] = random_scores[b]
+                    slots = np.flatnonzero(is_visual[b])
+                    if "image_sizes" in inputs:  # LLaVA-NeXT: keyed on the base crop, one draw per packed token
+                        row[b, slots] = numpy_random_scores(inputs["pixel_values"][b : b + 1, 0], select_seed, len(slots))[0]
+                    else:
+                        row[b, slots] = numpy_random_scores(inputs["pixel_values"][b : b + 1], select_seed)[0]
             for b in range(batch):
                 visual_real = np.flatnonzero(is_visual[b] & real[b].numpy() & ~protected[b])
                 keep = official_keep_count(len(visual_real), fastv_k)

@@ -152,18 +152,32 @@ def test_ratio_quota_is_per_sample(tiny_next):
     assert torch.equal(real.sum(dim=1), text + torch.round(visual.double() * 0.5).long())
 
 
-@pytest.mark.parametrize("fastv_k", [64, None])
-def test_forward_has_no_host_syncs(tiny_next, fastv_k):
+@pytest.mark.parametrize("settings", [dict(fastv_k=64), dict(), dict(fastv_k=64, fastv_select="random"), dict(fastv_k=0.5, fastv_newlines="keep")])
+def test_forward_has_no_host_syncs(tiny_next, settings):
     model, processor = tiny_next
-    assert check_no_host_syncs(next_copy(model, fastv_k=fastv_k), dict(next_inputs(processor, QUESTIONS)), decode_steps=2) == "pass"
+    assert check_no_host_syncs(next_copy(model, **settings), dict(next_inputs(processor, QUESTIONS)), decode_steps=2) == "pass"
 
 
-def test_unsupported_baselines_are_refused(tiny_next):
+def test_pooling_is_refused(tiny_next):
     model, _ = tiny_next
-    with pytest.raises(ValueError, match="FASTV_SELECT=random is not implemented for LLaVA-NeXT"):
-        next_copy(model, fastv_k=64, fastv_select="random")
     with pytest.raises(ValueError, match="VISUAL_POOL is not implemented for LLaVA-NeXT"):
         next_copy(model, visual_pool=2)
+
+
+@pytest.mark.parametrize("fastv_k,seed", [(64, 0), (0.5, 3)])
+def test_random_selection_matches_the_reference(tiny_next, fastv_k, seed):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, 2, select="random", select_seed=seed)
+    out, real = engine_prefill(next_copy(model, fastv_k=fastv_k, fastv_select="random", select_seed=seed), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+    attention_kept = masked_reference(model, inputs, fastv_k, 2)[1]
+    assert not torch.equal(reference_kept, attention_kept)  # the draw is not FastV's choice
+
+
+def test_random_selection_batched_equals_alone(tiny_next):
+    model, processor = tiny_next
+    assert_batch_equals_each_alone(next_copy(model, fastv_k=64, fastv_select="random"), processor)
 
 
 def test_missing_image_sizes_is_a_clear_error(tiny_next):
