@@ -22,6 +22,7 @@ from .dymu import place_on_cropped_grid
 from .hf_compat import dymu_image_features, stock_image_features
 from .hf_compat.llava_next import NEWLINE, AnyresLayout, anyres_layouts, crop_features, crop_pixels, image_newline
 from .placement import ImageSlots
+from .runtime import host_to_device
 
 
 def images_per_sample(num_images: int, batch: int) -> int:
@@ -33,18 +34,19 @@ def images_per_sample(num_images: int, batch: int) -> int:
 def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int) -> ImageSlots:
     """LLaVA-1.5: [images, 576] features per image, merged (DyMU) or pooled when asked."""
     config = model.hybrid_config
-    pixel_values = pixel_values.to(model.dtype)
+    pixels = pixel_values.to(model.dtype)
     per_sample = images_per_sample(pixel_values.shape[0], batch)
     valid, valid_count = None, None
     if config.dymu is not None:
-        merged = dymu_image_features(model, pixel_values, model.hybrid_thresholds.to(pixel_values.device), split=config.dymu_split)
+        merged = dymu_image_features(model, pixels, model.hybrid_thresholds.to(pixels.device), split=config.dymu_split)
         features, valid = merged.features, merged.valid
     else:
-        features = stock_image_features(model, pixel_values)
+        features = stock_image_features(model, pixels)
         if config.visual_pool is not None:
             valid_count = pooled_token_count(features.shape[1], config.visual_pool) * per_sample
             features, valid = pool_grid(features, config.visual_pool)
     tokens = features.shape[1]
+    # the random draw hashes the pixels as given (before the cast), as documented in `baselines`
     scores = random_slot_scores(pixel_values, per_sample, tokens, config.select_seed) if config.fastv_select == "random" else None
     return ImageSlots(
         features=features.reshape(batch, per_sample * tokens, -1),
@@ -62,20 +64,20 @@ def pack_image(
     merged_valid: torch.Tensor | None,  # [crops, P] DyMU: slot holds a token
     coverage: torch.Tensor | None,  # [crops, P] DyMU: the patch whose slot holds each patch's token
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed features [V, hidden], valid [V]) in the prompt's order for one image."""
-    patches = features.shape[1]
-    source = layout.source.to(features.device)
-    is_newline = source == NEWLINE
-    slot = source.clamp_min(0)
-    valid = torch.ones_like(is_newline)
+    """(packed features [V, hidden], valid [V]) in the prompt's order for one image. The index maps
+    are built on the host (the layout lives there) and copied without a sync."""
+    patches, device = features.shape[1], features.device
+    is_newline = layout.source == NEWLINE  # host
+    slot = host_to_device(layout.source.clamp_min(0), device)
+    valid = torch.ones(layout.num_tokens, dtype=torch.bool, device=device)
     if merged_valid is not None:
-        base, grid = slot[:patches], slot[patches:][~is_newline[patches:]]  # grid patches in raster order
-        grid_slot, grid_valid = place_on_cropped_grid(coverage, grid, layout.grid_width)
-        slot = torch.cat([base, slot[patches:].masked_scatter(~is_newline[patches:], grid_slot)])
-        grid_part = torch.ones_like(is_newline[patches:]).masked_scatter(~is_newline[patches:], grid_valid)
-        valid = torch.cat([merged_valid[0], grid_part])
+        grid_at = patches + torch.nonzero(~is_newline[patches:]).flatten()  # host: grid patches in raster order
+        grid_at, grid_source = host_to_device(grid_at, device), host_to_device(layout.source[grid_at], device)
+        grid_slot, grid_valid = place_on_cropped_grid(coverage, grid_source, layout.grid_width)
+        slot = slot.scatter(0, grid_at, grid_slot)
+        valid = valid.scatter(0, grid_at, grid_valid).scatter(0, torch.arange(patches, device=device), merged_valid[0])
     packed = features.reshape(-1, features.shape[-1]).index_select(0, slot)
-    packed = torch.where(is_newline[:, None], newline.to(packed.dtype), packed)
+    packed = torch.where(host_to_device(is_newline, device)[:, None], newline.to(packed.dtype), packed)
     return packed, valid
 
 
@@ -101,8 +103,8 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
     layouts = anyres_layouts(model, image_sizes)
     per_sample = images_per_sample(len(layouts), batch)
-    crops = crop_pixels(pixel_values, layouts).to(model.dtype)
-    features, merged_valid, coverage = next_crop_features(model, crops)
+    crops = crop_pixels(pixel_values, layouts)  # as given: the random draw hashes them before the cast
+    features, merged_valid, coverage = next_crop_features(model, crops.to(model.dtype))
     packed, valid, start = [], [], 0
     for layout in layouts:
         crop_slice = slice(start, start + layout.num_crops)
@@ -120,8 +122,8 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         valid=left_padded([torch.cat(valid[images]) for images in sample_images], value=False),
         placeholders=[len(sample) for sample in samples],
         compact=merged_valid is not None,
-        protected=left_padded(newlines, value=False).to(features.device) if keep_newlines else None,
-        protected_max=max(int(rows.sum()) for rows in newlines) if keep_newlines else 0,
+        protected=host_to_device(left_padded(newlines, value=False), features.device) if keep_newlines else None,
+        protected_counts=[int(rows.sum()) for rows in newlines] if keep_newlines else None,
         scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if model.hybrid_config.fastv_select == "random" else None,
     )
 
@@ -130,7 +132,7 @@ def next_random_scores(model, crops: torch.Tensor, layouts: list[AnyresLayout], 
     """FASTV_SELECT=random on LLaVA-NeXT: per image, the baselines' hash keyed on its base crop's
     pixels, one draw per packed token (newlines included, as FastV's candidates); [V_b] per sample."""
     base_index = torch.tensor([0] + [layout.num_crops for layout in layouts[:-1]]).cumsum(0)
-    keys = image_keys(crops[base_index.to(crops.device)])  # [images]
+    keys = image_keys(crops[host_to_device(base_index, crops.device)])  # [images]
     seed = model.hybrid_config.select_seed
     per_image = [slot_hash(keys[i : i + 1], layout.num_tokens, seed)[0] for i, layout in enumerate(layouts)]
     return [torch.cat(per_image[images]) for images in sample_images]

@@ -62,7 +62,8 @@ class HybridLlavaOutput(LlavaCausalLMOutputWithPast):
         position, in order), else [B, L, vocab] as in stock transformers.
     kept_positions: [B, L_kept] prompt positions whose tokens reach the last layer (a position of a
         merged DyMU token is its representative patch's placeholder). Rows of a sample with fewer
-        merged tokens than the batch's largest count end in slots that are padding.
+        merged tokens than the batch's largest count end in slots that are padding; the filler slots
+        of a LLaVA-NeXT batch with unequal visual counts show as -1 (`placement.FILLER`).
     visual_positions: [B, V] prompt positions of the image tokens (without DyMU).
     """
 
@@ -119,7 +120,14 @@ def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
     )
 
 
-def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels) -> None:
+# stock keywords with no meaning here: refused rather than silently ignored
+UNSUPPORTED_INPUTS = ("mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy", "output_attentions", "output_hidden_states")
+
+
+def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, extra: dict) -> None:
+    given = [name for name in UNSUPPORTED_INPUTS if extra.get(name) not in (None, False)]
+    if given:
+        raise NotImplementedError(f"hybrid_vlm's forward does not support {', '.join(given)}: pass pixel_values (and image_sizes) instead")
     if labels is not None:
         raise NotImplementedError("hybrid_vlm is inference-only: labels/loss are not supported.")
     if (input_ids is None) == (inputs_embeds is None):
@@ -162,18 +170,30 @@ class PrunePlan:
     keep_per_sample: torch.Tensor | None  # [B], or None when every visual slot is real
     slot_scores: torch.Tensor | None  # [B, L0] scores that replace attention (random selection)
     protected: torch.Tensor | None = None  # [B, L0] slots kept whatever their score
+    uniform: bool = True  # every sample keeps `keep` real tokens (known in Python)
+
+
+def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool, bool]:
+    """(keep: visual slots kept per sample, static; uniform: every sample keeps `keep` real tokens;
+    prunes: some sample loses a token), from host counts where Python has them, else a bound.
+
+    Protected slots (LLaVA-NeXT's newlines with FASTV_NEWLINES=keep) are not counted: a sample keeps
+    its quota of the other visual tokens plus all of its protected ones."""
+    num_visual = placed.visual_positions.shape[1]
+    protected = placed.protected_counts or [0] * placed.visual_positions.shape[0]
+    if placed.visual_counts is None:  # DyMU batch: a bound, per-sample quotas on the device
+        keep = min(num_visual, visual_keep_count(num_visual, config.fastv_k) + max(protected))
+        return keep, False, keep < num_visual
+    quotas = [visual_keep_count(v - p, config.fastv_k) + p for v, p in zip(placed.visual_counts, protected)]
+    return max(quotas), len(set(quotas)) == 1, any(q < v for q, v in zip(quotas, placed.visual_counts))
 
 
 def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_index) -> PrunePlan | None:
-    """The scoring query and quotas, or None when nothing is pruned in this forward.
-
-    Protected slots (LLaVA-NeXT's newlines with FASTV_NEWLINES=keep) rank first and are not counted:
-    a sample keeps its quota of the other visual tokens plus all of its protected ones."""
+    """The scoring query and quotas, or None when nothing is pruned in this forward."""
     if placed is None or config.fastv_k is None:
         return None
-    num_visual = placed.visual_positions.shape[1]
-    keep = min(num_visual, visual_keep_count(num_visual, config.fastv_k) + placed.protected_max)
-    if keep >= num_visual:
+    keep, uniform, prunes = visual_quotas(config, placed)
+    if not prunes:
         return None
     valid, entered = placed.new_valid, placed.entered_positions
     if fastv_query_index is None:
@@ -184,15 +204,12 @@ def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_in
         if entered is not None:  # a prompt position -> its index in the placed sequence
             query_index = (entered == query_index[:, None]).long().argmax(dim=1)
     keep_per_sample = None
-    if entered is not None or placed.protected is not None:
+    if not uniform or entered is not None:
         real_visual = valid.gather(1, placed.visual_positions)
-        protected = placed.protected.gather(1, placed.visual_positions) & real_visual if placed.protected is not None else None
-        if protected is None:
-            keep_per_sample = visual_keep_counts(real_visual.sum(dim=1), config.fastv_k)
-        else:
-            protected_count = protected.sum(dim=1)
-            keep_per_sample = visual_keep_counts(real_visual.sum(dim=1) - protected_count, config.fastv_k) + protected_count
-    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores, placed.protected)
+        protected = torch.zeros_like(real_visual) if placed.protected is None else placed.protected.gather(1, placed.visual_positions) & real_visual
+        protected_count = protected.sum(dim=1)
+        keep_per_sample = visual_keep_counts(real_visual.sum(dim=1) - protected_count, config.fastv_k) + protected_count
+    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores, placed.protected, uniform)
 
 
 @dataclass
@@ -258,7 +275,7 @@ class HybridDecoder:
         visual tokens; default: each sample's last real token (the last prompt token). The cache is
         accepted as `past_key_values` or `cache` on every supported transformers release.
         `image_sizes` (LLaVA-NeXT) is read on the host: pass it on the CPU, as the processor makes it."""
-        check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels)
+        check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, kwargs)
         config, parts = self.hybrid_config, llava_parts(self)
         if inputs_embeds is None:
             inputs_embeds = parts.embed_tokens(input_ids)
@@ -289,6 +306,7 @@ class HybridDecoder:
         # Dense: no layer needs a mask (see prompt_is_dense). A chunk over a filled cache keeps its mask.
         slot_padding = slots is not None and (slots.fillers or (slots.compact and slots.valid_count is None))
         dense = prompt_is_dense(attention_mask, batch, slot_padding) if state is None else state.dense
+        dense = dense and (plan is None or plan.uniform)  # unequal quotas leave kept slots that are not real
         hidden_states, pruned, key_valid = self._decoder_layers(
             parts, inputs_embeds, position_ids, new_valid, state, cache, plan, dense, prune_from_start=entered is not None
         )
@@ -373,6 +391,10 @@ class HybridLlavaNextForConditionalGeneration(HybridDecoder, LlavaNextForConditi
     """LlavaNextForConditionalGeneration (LLaVA-NeXT, anyres) whose forward runs hybrid_vlm's decoder loop."""
 
     image_slots = staticmethod(llava_next_image_slots)
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs) -> HybridLlavaOutput:
+        """Stock LLaVA-NeXT's positional order (image_sizes third), then the shared loop."""
+        return HybridDecoder.forward(self, input_ids, pixel_values, attention_mask, image_sizes=image_sizes, **kwargs)
 
 
 # stock class -> its patched class

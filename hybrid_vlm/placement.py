@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .fastv import gather_tokens, select_kept_positions, true_positions
+from .runtime import host_to_device
 
 FILLER = -1  # entered position of a slot that is not in the prompt (a filler)
 
@@ -38,7 +39,7 @@ class ImageSlots:
     valid_count: tokens per sample when static (pooling); None: read once from `valid` (DyMU).
     scores: [B, S] per-slot scores for a selection that does not read attention (random), or None.
     protected: [B, S] bool, slots FastV always keeps when asked to (LLaVA-NeXT's newlines), or None;
-        protected_max: the largest number of them in a sample (a host int).
+        protected_counts: how many per sample (host ints).
     """
 
     features: torch.Tensor
@@ -48,7 +49,7 @@ class ImageSlots:
     valid_count: int | None = None
     scores: torch.Tensor | None = None
     protected: torch.Tensor | None = None
-    protected_max: int = 0
+    protected_counts: list[int] | None = None
 
     @property
     def fillers(self) -> bool:
@@ -64,6 +65,8 @@ class PlacedPrompt:
     visual_positions: [B, V] where the V visual slots of each sample sit in the L0 sequence.
     slot_scores: [B, L0] the adapter's per-slot scores (random selection), else None.
     protected: [B, L0] bool, the adapter's protected slots (see ImageSlots), else None.
+    visual_counts: real visual tokens per sample where Python knows them (host ints), else None
+        (DyMU batches: their merged counts live on the device).
     """
 
     inputs_embeds: torch.Tensor
@@ -73,7 +76,8 @@ class PlacedPrompt:
     entered_positions: torch.Tensor | None
     slot_scores: torch.Tensor | None
     protected: torch.Tensor | None = None
-    protected_max: int = 0
+    protected_counts: list[int] | None = None
+    visual_counts: list[int] | None = None
 
 
 def prepend_fillers(placeholders: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +92,7 @@ def prepend_fillers(placeholders: list[int], length: int, device: torch.device) 
         is_filler[extra - (most - count) : extra] = True
         rows.append(torch.cat([lead, prompt]))
         fillers.append(is_filler)
-    return torch.stack(rows).to(device), torch.stack(fillers).to(device)
+    return host_to_device(torch.stack(rows), device), host_to_device(torch.stack(fillers), device)
 
 
 def gather_or_zero(tensor: torch.Tensor, entered: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,7 @@ def place_images(
     if slots.valid is not None:
         slot_valid = slots.valid & new_valid.gather(1, visual_positions)
         new_valid = new_valid.scatter(1, visual_positions, slot_valid)
+    visual_counts = slots.placeholders or [num_slots] * batch
     if slots.compact:
         # Sizing the compacted sequence needs the batch's largest token count: the engine's one host
         # read, with DyMU only (its count is data-dependent by design; pooling's is static).
@@ -136,4 +141,7 @@ def place_images(
         slot_scores, protected = (None if t is None else gather_tokens(t, kept) for t in (slot_scores, protected))
         entered = kept if entered is None else entered.gather(1, kept)
         visual_positions = true_positions(is_visual, count)
-    return PlacedPrompt(inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_max)
+        visual_counts = [count] * batch if slots.valid_count is not None or batch == 1 else None
+    return PlacedPrompt(
+        inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts
+    )

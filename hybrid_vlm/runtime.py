@@ -29,3 +29,12 @@ def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     if requested not in DTYPES:
         raise ValueError(f"dtype {requested!r} is not one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[requested]
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host-built tensor (index maps, layouts) to `device` without a host sync: a plain
+    copy from pageable memory to CUDA waits for the stream; from pinned memory it is asynchronous."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -316,15 +316,19 @@ def test_calibrate_cli_splits_images_into_crops(tmp_path):
 # --- the budget rule's ablation: newline tokens always kept ---------------------------------------------
 
 
-@pytest.mark.parametrize("fastv_k", [64, 0.5])
-def test_kept_newlines_match_the_reference(tiny_next, fastv_k):
+@pytest.mark.parametrize("batch", [3, 1])
+@pytest.mark.parametrize("fastv_k", [64, 0.5, 0.01])
+def test_kept_newlines_match_the_reference(tiny_next, fastv_k, batch):
+    """Batched (masked) and alone (SDPA's mask-free path): with quotas from host counts, the kept
+    slots are exactly the reference's, also where a bound would keep more (a ratio) or prune nothing (0.01)."""
     model, processor = tiny_next
-    inputs = next_inputs(processor, QUESTIONS)
+    inputs = next_inputs(processor, QUESTIONS[:batch])
     reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, 2, newlines="keep")
     out, real = engine_prefill(next_copy(model, fastv_k=fastv_k, fastv_newlines="keep"), inputs)
     assert_matches_reference(out, real, reference_logits, reference_kept)
     default_kept = masked_reference(model, inputs, fastv_k, 2)[1]
-    assert (reference_kept.sum(dim=1) > default_kept.sum(dim=1)).all()  # the rule really keeps more
+    assert (reference_kept.sum(dim=1) >= default_kept.sum(dim=1)).all() and (reference_kept.sum(dim=1) > default_kept.sum(dim=1)).any()
+    assert (real.sum(dim=1) < inputs["attention_mask"].sum(dim=1)).all()  # and it still prunes
 
 
 def test_newline_rule_setting():
@@ -348,3 +352,26 @@ def test_unpadded_prompt_runs_sdpa_without_a_mask(tiny_next, monkeypatch, fastv_
     spy = SdpaSpy(monkeypatch)
     prefill_then_decode(next_copy(model, fastv_k=fastv_k), next_inputs(processor, QUESTIONS), steps=1)
     assert spy.unmasked == 0 and spy.masked == 2 * layers
+
+
+def test_a_checkpoint_of_the_other_family_is_refused(tmp_path):
+    from hybrid_vlm.tiny import ensure_tiny_llava, ensure_tiny_llava_next
+    from vlmeval_plugin import settings
+
+    llava, next_dir = ensure_tiny_llava(tmp_path / "llava"), ensure_tiny_llava_next(tmp_path / "next")
+    with pytest.raises(settings.PluginError, match="llava_next_vicuna_7b_fastv needs a llava_next checkpoint"):
+        settings.check_checkpoint_family(llava, settings.VARIANTS["llava_next_vicuna_7b_fastv"])
+    with pytest.raises(settings.PluginError, match="llava_v1.5_7b needs a llava checkpoint"):
+        settings.check_checkpoint_family(next_dir, settings.VARIANTS["llava_v1.5_7b"])
+    settings.check_checkpoint_family(next_dir, settings.VARIANTS["llava_next_mistral_7b"])  # the right family passes
+
+
+def test_stock_positional_order_and_unsupported_inputs(tiny_next):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS[:1])
+    hybrid = next_copy(model, fastv_k=64)
+    with torch.no_grad():
+        by_position = hybrid(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["attention_mask"]).logits
+        assert torch.equal(by_position, hybrid(**inputs).logits)
+    with pytest.raises(NotImplementedError, match="does not support mm_encoder_outputs"):
+        hybrid(**inputs, mm_encoder_outputs={"image": None})

@@ -81,6 +81,7 @@ class PluginModel:
                 raise settings.PluginError(str(error)) from None
         else:
             self.checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS[self.variant.family])
+            settings.check_checkpoint_family(self.checkpoint, self.variant)
 
 
 def is_plugin_name(name: str) -> bool:
@@ -184,7 +185,8 @@ def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode
 
 
 RUN_INFO_ENVS = (
-    "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", settings.MODEL_PATH_ENV, "MMEVAL_ROOT",
+    "FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES", "VISUAL_POOL", "DYMU_THRESHOLDS", "DYMU_SPLIT",
+    "HYBRID_POSITIONS", settings.MODEL_PATH_ENV, "MMEVAL_ROOT",
     "LMUData", "PRED_FORMAT", "EVAL_FORMAT", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES",
 )
 

@@ -214,6 +214,23 @@ def _has_weights(folder: Path) -> bool:
     )
 
 
+def check_checkpoint_family(folder: Path, variant: Variant) -> None:
+    """A LLaVA-1.5 name needs a `llava` checkpoint, a LLaVA-NeXT name a `llava_next` one (read from
+    its config.json): loading one into the other gives garbage, not an error."""
+    import json
+
+    wanted = "llava_next" if variant.next else "llava"
+    try:
+        found = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return  # resolve_checkpoint has checked that it exists; transformers will say what is wrong
+    if found != wanted:
+        raise PluginError(
+            f"{variant.name} needs a {wanted} checkpoint, but {folder} is model_type {found!r}: "
+            f"pass --model-path to a {wanted} checkpoint (or unset ${MODEL_PATH_ENV})"
+        )
+
+
 def resolve_checkpoint(model_path: str | None = None, default_id: str = CHECKPOINT_ID) -> Path:
     """A local llava-hf checkpoint directory: `model_path`, else $HYBRID_VLM_MODEL_PATH, else the
     Hugging Face cache copy of `default_id` (llava-hf/llava-1.5-7b-hf). Nothing is downloaded.
