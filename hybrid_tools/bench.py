@@ -66,7 +66,6 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
-    LlavaForConditionalGeneration,
     LlavaNextConfig,
 )
 
@@ -75,7 +74,8 @@ from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_to
 from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
-from hybrid_vlm.hf_compat.llava_next import LlavaNextForConditionalGeneration, anyres_layouts, crop_pixels
+from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_pixels
+from hybrid_vlm.model import load_supported_model
 from hybrid_vlm.provenance import git_state, portable
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from hybrid_vlm.syncs import check_no_host_syncs
@@ -143,9 +143,7 @@ def build_model(args, device, dtype):
     """(model, processor) in eval mode on `device`; random weights unless --model."""
     if args.model:
         processor = AutoProcessor.from_pretrained(args.model)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
-        if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
-            raise SystemExit(f"--model {args.model}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed, got {type(model).__name__}")
+        model = load_supported_model(args.model, dtype=dtype, attn_implementation="sdpa")
         return model.to(device).eval(), processor
     if args.preset == "tiny":
         model, processor = build_tiny_llava(seed=args.seed)
@@ -548,10 +546,8 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype,
 
     images = [synthetic_image(seed) for seed in range(2000, 2000 + num_images)]
     processed = processor.image_processor(images, return_tensors="pt")
-    pixel_values = processed.pixel_values
-    if "image_sizes" in processed:  # LLaVA-NeXT: thresholds are calibrated on the crops the tower sees
-        pixel_values = crop_pixels(pixel_values, anyres_layouts(model, processed["image_sizes"]))
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    # LLaVA-NeXT: thresholds are calibrated on the crops the tower sees
+    pixel_values = tower_pixels(model, processed.pixel_values, processed.get("image_sizes")).to(device=device, dtype=dtype)
     paths = []
     for target in targets:
         payload = calibrate_thresholds(model, [pixel_values], target, progress=False)

@@ -20,7 +20,15 @@ import torch
 from .baselines import image_keys, pool_grid, pooled_token_count, random_slot_scores, slot_hash
 from .dymu import place_on_cropped_grid
 from .hf_compat import dymu_image_features, stock_image_features
-from .hf_compat.llava_next import NEWLINE, AnyresLayout, anyres_layouts, crop_features, crop_pixels, image_newline
+from .hf_compat.llava_next import (
+    NEWLINE,
+    AnyresLayout,
+    LlavaNextForConditionalGeneration,
+    anyres_layouts,
+    crop_features,
+    crop_pixels,
+    image_newline,
+)
 from .placement import ImageSlots
 from .runtime import host_to_device
 
@@ -145,8 +153,6 @@ SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 
 def check_supported(model, config) -> None:
     """Refuse models and settings the engine does not implement, before any forward."""
-    from .hf_compat.llava_next import LlavaNextForConditionalGeneration
-
     text_type = getattr(model.config.text_config, "model_type", None)
     if text_type not in SUPPORTED_TEXT_MODELS:
         raise TypeError(

@@ -241,7 +241,7 @@ def pixel_batches(files: list[Path], image_processor, batch_size: int, device, d
     `batch_size` images (base image and grid crops; more than batch_size rows)."""
     from PIL import Image
 
-    from .hf_compat.llava_next import LlavaNextForConditionalGeneration, anyres_layouts, crop_pixels
+    from .hf_compat.llava_next import tower_pixels
 
     for start in range(0, len(files), batch_size):
         images = []
@@ -249,9 +249,7 @@ def pixel_batches(files: list[Path], image_processor, batch_size: int, device, d
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         processed = image_processor(images, return_tensors="pt")
-        pixel_values = processed.pixel_values
-        if isinstance(model, LlavaNextForConditionalGeneration):
-            pixel_values = crop_pixels(pixel_values, anyres_layouts(model, processed["image_sizes"]))
+        pixel_values = tower_pixels(model, processed.pixel_values, processed.get("image_sizes"))
         yield pixel_values.to(device=device, dtype=dtype)
 
 
@@ -289,16 +287,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+    from transformers import AutoImageProcessor
 
-    from .hf_compat.llava_next import LlavaNextForConditionalGeneration
+    from .model import load_supported_model
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files = find_images(args.images, args.max_images)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    if not isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
-        raise SystemExit(f"--model {args.model}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed, got {type(model).__name__}")
+    model = load_supported_model(args.model, dtype=dtype).to(device).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     total = math.ceil(len(files) / args.batch_size)
 

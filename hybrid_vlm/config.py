@@ -44,25 +44,29 @@ def parse_fastv_layer(text: str | None) -> int:
     )
 
 
-def parse_dymu_split(text: str | None) -> str:
+def parse_choice(name: str, text: str | None, choices: tuple[str, ...], usage: str) -> str:
+    """One of `choices` (unset or empty: the first, the default), else a ValueError naming the
+    setting, the value and `usage` (what is accepted)."""
     if text is None or text.strip() == "":
-        return "official"
-    if text.strip() in DYMU_SPLITS:
+        return choices[0]
+    if text.strip() in choices:
         return text.strip()
-    raise ValueError(
-        f"DYMU_SPLIT={text!r} is not valid: use one of {', '.join(DYMU_SPLITS)} (official: DyMU's split over the "
-        "current token order, the default; slot: over the original patch order, an ablation)."
+    raise ValueError(f"{name}={text!r} is not valid: use {usage}.")
+
+
+def parse_dymu_split(text: str | None) -> str:
+    return parse_choice(
+        "DYMU_SPLIT", text, DYMU_SPLITS,
+        f"one of {', '.join(DYMU_SPLITS)} (official: DyMU's split over the current token order, the default; "
+        "slot: over the original patch order, an ablation)",
     )
 
 
 def parse_fastv_select(text: str | None) -> str:
-    if text is None or text.strip() == "":
-        return "attention"
-    if text.strip() in SELECTIONS:
-        return text.strip()
-    raise ValueError(
-        f"FASTV_SELECT={text!r} is not valid: use attention (FastV: the last prompt token's attention ranks the "
-        "visual tokens, the default) or random (K visual tokens drawn at random per image, a baseline)."
+    return parse_choice(
+        "FASTV_SELECT", text, SELECTIONS,
+        "attention (FastV: the last prompt token's attention ranks the visual tokens, the default) or random "
+        "(K visual tokens drawn at random per image, a baseline)",
     )
 
 
@@ -80,13 +84,10 @@ def parse_visual_pool(text: str | None) -> int | None:
 
 
 def parse_fastv_newlines(text: str | None) -> str:
-    if text is None or text.strip() == "":
-        return "prune"
-    if text.strip() in NEWLINE_RULES:
-        return text.strip()
-    raise ValueError(
-        f"FASTV_NEWLINES={text!r} is not valid: use prune (LLaVA-NeXT's newline tokens are FastV candidates like "
-        "every visual token, the default) or keep (they are always kept and FASTV_K counts the other visual tokens)."
+    return parse_choice(
+        "FASTV_NEWLINES", text, NEWLINE_RULES,
+        "prune (LLaVA-NeXT's newline tokens are FastV candidates like every visual token, the default) or keep "
+        "(they are always kept and FASTV_K counts the other visual tokens)",
     )
 
 

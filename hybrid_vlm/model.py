@@ -410,6 +410,17 @@ def stock_class(model) -> type:
     return STOCK_CLASSES.get(type(model), type(model))
 
 
+def load_supported_model(path: str, **kwargs):
+    """`from_pretrained` of a checkpoint the engine patches (LLaVA-1.5 or LLaVA-NeXT), for the
+    command-line tools: anything else exits with the class it found."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if stock_class(model) not in HYBRID_CLASSES:
+        raise SystemExit(f"--model {path}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed, got {type(model).__name__}")
+    return model
+
+
 def apply_hybrid(model, config: HybridConfig | None = None):
     """Patch a loaded llava-hf LlavaForConditionalGeneration or LlavaNextForConditionalGeneration in
     place (ToMe style) and return it.

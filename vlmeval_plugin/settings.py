@@ -83,9 +83,10 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
         Variant(f"{prefix}_fastv", fastv=True, dymu=False, family=family, description=f"{what}: FastV (FASTV_K, FASTV_LAYER, FASTV_SELECT)"),
         Variant(f"{prefix}_dymu", fastv=False, dymu=True, family=family, description=f"{what}: DyMU (DYMU_THRESHOLDS)"),
         Variant(f"{prefix}_hybrid", fastv=True, dymu=True, family=family, description=f"{what}: DyMU + FastV"),
-        Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL)"),
     )
-    return variants if pool else variants[:4]
+    if not pool:  # LLaVA-NeXT: pooling is not implemented for its unpadded crop grid
+        return variants
+    return (*variants, Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL)"))
 
 
 VARIANTS = {

@@ -30,6 +30,7 @@ __all__ = [
     "crop_features",
     "image_newline",
     "stock_next_image_features",
+    "tower_pixels",
 ]
 
 NEWLINE = -1
@@ -88,6 +89,14 @@ def crop_pixels(pixel_values: torch.Tensor, layouts: list[AnyresLayout]) -> torc
     if pixel_values.dim() != 5:
         raise ValueError(f"LLaVA-NeXT pixel_values must be [images, crops, channels, height, width], got {tuple(pixel_values.shape)}")
     return torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts)])
+
+
+def tower_pixels(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+    """What the CLIP tower sees, [N, C, H, W]: for LLaVA-NeXT every crop of every image
+    (`crop_pixels`), for LLaVA-1.5 the images as they are."""
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        return crop_pixels(pixel_values, anyres_layouts(model, image_sizes))
+    return pixel_values
 
 
 def crop_features(model: LlavaNextForConditionalGeneration, crops: torch.Tensor) -> torch.Tensor:
