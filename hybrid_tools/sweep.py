@@ -11,6 +11,13 @@ Baselines and other models:
     --family testbed            the names of the bundled trained testbed (llava_testbed*): short forms and
                                 --vanilla mean its names, and --dymu low / mid / high its shipped thresholds
 
+Methods at matched budgets (each method's own budget rule: A, tokens entering the LLM, for the
+methods before it; B, kept after FASTV_LAYER, for fastv and random; the table shows all three counts):
+
+    --methods fastv visionzip vispruner divprune random pool --budgets 192 128 64
+                                one run per method x VISUAL_BUDGET, on the family's names
+                                (<family>_<method>); with --model llava_tiny, the bundled tiny model's
+
 Ablations (each also takes --fastv-k / --fastv-layer / --dymu / --dymu-split / --positions to change its grid):
 
     --ablation fastv-layer      FastV at layers 1, 2, 3 (FASTV_K 0.5 unless --fastv-k)
@@ -94,7 +101,8 @@ SCORING_HINT = (
     "    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
     "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
 )
-ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS")
+ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "VISUAL_BUDGET", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS")
+SWEEP_METHODS = ("fastv", "random", "pool", *settings.PRE_LLM_METHODS)
 DYMU_TARGETS = ("low", "mid", "high")
 
 
@@ -123,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--positions", nargs="+", default=None, choices=POSITION_MODES, help="HYBRID_POSITIONS values")
     parser.add_argument("--select", nargs="+", default=None, choices=SELECTIONS, help="FASTV_SELECT values (FastV and pool models)")
     parser.add_argument("--pool", nargs="+", default=None, help="VISUAL_POOL values (pool models)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=SWEEP_METHODS, help="methods to compare (their <family>_<method> names)")
+    parser.add_argument("--budgets", nargs="+", default=None, help="VISUAL_BUDGET values: visual tokens per image, by each method's rule")
     parser.add_argument("--family", default="llava_v1.5_7b", choices=sorted(settings.FAMILY_VANILLA), help="whose names the short forms and --vanilla mean")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
     parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (llava_v1.5_7b; nothing patched) as the reference")
@@ -193,9 +203,12 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
     short = settings.short_names(args.family)
     models = [short.get(name, name) for name in args.model]
     for model in models:
-        if model not in settings.VARIANTS or settings.VARIANTS[model].tiny:
-            usable = [n for n, v in settings.VARIANTS.items() if not v.tiny]
+        if model not in settings.VARIANTS or (settings.VARIANTS[model].tiny and args.family != "tiny"):
+            usable = [n for n, v in settings.VARIANTS.items() if not v.tiny or args.family == "tiny"]
             raise settings.PluginError(f"--model {model}: use one of {', '.join(usable)} or {', '.join(short)}")
+    for text in args.budgets or []:
+        if not text.isdigit() or int(text) < 1:
+            raise settings.PluginError(f"--budgets {text}: use integers >= 1 (visual tokens per image)")
     for text in args.fastv_k or []:
         parse_fastv_k(text)
     for text in args.fastv_layer or []:
@@ -213,6 +226,7 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
             "FASTV_LAYER": (args.fastv_layer if prunes else None) or [None],
             "FASTV_SELECT": (args.select if prunes else None) or [None],
             "VISUAL_POOL": (args.pool if variant.pool else None) or [None],
+            "VISUAL_BUDGET": (args.budgets if reads_budget(variant) else None) or [None],
             "DYMU_THRESHOLDS": (args.dymu if variant.dymu else None) or [None],
             "DYMU_SPLIT": (args.dymu_split if variant.dymu else None) or [None],
             "HYBRID_POSITIONS": (args.positions if variant.patched else None) or [None],
@@ -235,6 +249,19 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
     return runs, notes
 
 
+def reads_budget(variant) -> bool:
+    return variant.method is not None or variant.pool or (variant.fastv and not variant.dymu)
+
+
+def method_models(methods: list[str], family: str) -> list[str]:
+    """--methods as the family's names: fastv -> llava_v1.5_7b_fastv, visionzip -> llava_v1.5_7b_visionzip, ..."""
+    names = settings.short_names(family)
+    missing = [method for method in methods if method not in names]
+    if missing:
+        raise settings.PluginError(f"--methods {' '.join(missing)}: the {family} family has no such names ({', '.join(names)})")
+    return [names[method] for method in methods]
+
+
 def _short(model: str, family: str = "llava_v1.5_7b") -> str:
     return next((short for short, name in settings.short_names(family).items() if name == model), model)
 
@@ -246,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
     models = args.model
+    family_of = {vanilla: family for family, vanilla in settings.FAMILY_VANILLA.items()}
+    if args.methods and models and all(m in family_of for m in models):  # --model llava_tiny --methods ...: that family's names
+        args.family = family_of[models[0]]
     short = settings.short_names(args.family)
     vanilla_name = settings.FAMILY_VANILLA[args.family]
     if args.ablation:
@@ -262,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation == "hybrid-vs-alone" and (not args.dymu or len(args.dymu) != 1):
             return fail("--ablation hybrid-vs-alone needs exactly one --dymu FILE (the DyMU setting of the hybrid)")
         models = ["vanilla"] + [m for m in (models or preset_models) if short.get(m, m) != vanilla_name]
+    elif args.methods:
+        try:
+            models = list(models or []) + method_models(args.methods, args.family)
+        except settings.PluginError as error:
+            return fail(str(error))
     elif models is None:
         if args.dymu_split and not args.dymu:
             return fail("--dymu-split needs --dymu FILE... (DyMU's split order only matters with DyMU thresholds)")
@@ -347,7 +382,10 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
     return failed
 
 
-SWEEP_HEADER = ("setting", "model folder", "dataset", "metric", "Δ vs vanilla", "tokens in (mean)", "tokens kept (mean)", "prefill ms (median)")
+SWEEP_HEADER = (
+    "setting", "model folder", "dataset", "metric", "Δ vs vanilla", "visual in (A)", "visual kept (B)", "visual layer-avg (C)",
+    "prefill GMACs", "prefill ms (median)",
+)
 
 
 def sweep_table(configs: list, labels: dict[str, str]) -> str:
@@ -359,7 +397,8 @@ def sweep_table(configs: list, labels: dict[str, str]) -> str:
             change = "ref" if config.vanilla else number_text(comparison.delta(entry, main), "+.1f") if main else "-"
             rows.append((
                 labels.get(config.name, config.tag), config.name, dataset, metric_text(entry), change,
-                number_text(entry.tokens_in_mean), number_text(entry.tokens_kept_mean), number_text(entry.prefill_ms_median, ".2f"),
+                number_text(entry.visual_in_mean), number_text(entry.visual_kept_mean), number_text(entry.visual_layer_mean),
+                number_text(entry.prefill_gmacs_mean, ".2f"), number_text(entry.prefill_ms_median, ".2f"),
             ))
     return text_table(SWEEP_HEADER, rows)
 
@@ -377,6 +416,8 @@ def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
                 "setting": labels.get(config.name, config.tag), "model": config.name, "dataset": dataset,
                 "rows": entry.rows, **entry.metrics, **deltas,
                 "tokens_in_mean": entry.tokens_in_mean, "tokens_kept_mean": entry.tokens_kept_mean,
+                "visual_in_mean": entry.visual_in_mean, "visual_kept_mean": entry.visual_kept_mean,
+                "visual_layer_mean": entry.visual_layer_mean, "prefill_gmacs_mean": entry.prefill_gmacs_mean,
                 "prefill_ms_median": entry.prefill_ms_median, "prefill_ms_mean": entry.prefill_ms_mean,
                 "folder": portable(str(config.folder.resolve())),
             })

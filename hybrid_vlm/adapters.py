@@ -20,6 +20,7 @@ import torch
 from .baselines import image_keys, pool_grid, pooled_token_count, random_slot_scores, slot_hash
 from .dymu import place_on_cropped_grid
 from .hf_compat import dymu_image_features, stock_image_features
+from .hf_compat.clip import project_features, vision_reads
 from .hf_compat.llava_next import (
     NEWLINE,
     AnyresLayout,
@@ -29,6 +30,8 @@ from .hf_compat.llava_next import (
     crop_pixels,
     image_newline,
 )
+from .methods import Method, Read, Selection, VisualReads, check_budget, get_method
+from .methods.selection import place_selection
 from .placement import ImageSlots
 from .runtime import host_to_device
 
@@ -48,6 +51,9 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
     if config.dymu is not None:
         merged = dymu_image_features(model, pixels, model.hybrid_thresholds.to(pixels.device), split=config.dymu_split)
         features, valid = merged.features, merged.valid
+    elif config.visual_method is not None:
+        features, valid = reduce_before_llm(model, pixels, get_method(config.visual_method), config.visual_budget)
+        valid_count = config.visual_budget * per_sample
     else:
         features = stock_image_features(model, pixels)
         if config.visual_pool is not None:
@@ -63,6 +69,36 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
         valid_count=valid_count,
         scores=scores,
     )
+
+
+VIT_READS = (Read.VIT_FEATURES, Read.VIT_CLS_ATTENTION, Read.VIT_KEYS)
+
+
+def method_reads(model, pixels: torch.Tensor, method: Method) -> VisualReads:
+    """Compute only what `method` declares: the CLIP read layer (with its CLS row and keys only
+    when asked) and/or the projected features, per image in patch order."""
+    reads = VisualReads()
+    if any(read in method.reads for read in VIT_READS):
+        vision = vision_reads(model, pixels, attention=Read.VIT_CLS_ATTENTION in method.reads or Read.VIT_KEYS in method.reads)
+        reads.vit_features, reads.cls_attention, reads.vit_keys = vision.features, vision.cls_attention, vision.keys
+    if Read.PROJECTED_FEATURES in method.reads:
+        reads.projected = stock_image_features(model, pixels)
+    return reads
+
+
+def reduce_before_llm(model, pixels: torch.Tensor, method: Method, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A method acting before the LLM on LLaVA-1.5's patch grid: (features [N, P, hidden] with the
+    kept tokens at their patches' slots, valid [N, P]). Tokens chosen in CLIP space are projected
+    after the selection, so the projector runs only on them."""
+    reads = method_reads(model, pixels, method)
+    selection = method.select(reads, budget)
+    patches = (reads.projected if reads.projected is not None else reads.vit_features).shape[1]
+    if not method.selects_projected:
+        tokens = selection.features
+        if tokens is None:
+            tokens = reads.vit_features.gather(1, selection.kept[..., None].expand(-1, -1, reads.vit_features.shape[-1]))
+        selection = Selection(selection.kept, project_features(model, tokens), selection.sizes)
+    return place_selection(selection, patches, reads.projected)
 
 
 def pack_image(
@@ -161,6 +197,12 @@ def check_supported(model, config) -> None:
     if isinstance(model, LlavaNextForConditionalGeneration):
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
+        if config.visual_method is not None:
+            raise ValueError(f"VISUAL_METHOD={config.visual_method} is not implemented for LLaVA-NeXT yet: the methods before "
+                             "the LLM run on LLaVA-1.5 (FastV, random and DyMU run on both)")
+    elif config.visual_method is not None:
+        patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+        check_budget(get_method(config.visual_method), config.visual_budget, patches)
 
 
 def check_sliding_window(model, sequence_length: int) -> None:

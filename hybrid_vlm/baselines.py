@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .methods.selection import Selection, place_selection
+
 SELECTIONS = ("attention", "random")
 _MODULUS = 2**31
 
@@ -56,18 +58,51 @@ def pooled_token_count(tokens: int, side: int) -> int:
     return (math.isqrt(tokens) // side) ** 2
 
 
+def pool_shape(budget: int, grid: int = 24) -> tuple[int, int]:
+    """(rows, cols) of pooling windows giving `budget` tokens on a grid x grid patch grid: the
+    factor pair closest to square with both sides <= grid (192 -> 16 x 12, 128 -> 16 x 8, 64 ->
+    8 x 8). A budget with no such pair (a prime above the grid side) is refused."""
+    pairs = [(budget // cols, cols) for cols in range(1, grid + 1) if budget % cols == 0 and budget // cols <= grid and budget // cols >= cols]
+    if not pairs:
+        reachable = sorted({rows * cols for rows in range(1, grid + 1) for cols in range(1, rows + 1)})
+        nearby = [n for n in reachable if abs(n - budget) <= 8]
+        raise ValueError(
+            f"VISUAL_BUDGET={budget} is not reachable by pool: it needs rows x cols windows with both sides <= {grid}; "
+            f"nearby reachable budgets: {', '.join(map(str, nearby))}"
+        )
+    return max(pairs, key=lambda pair: pair[1])
+
+
+def window_bounds(size: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """adaptive_avg_pool's windows along one axis: [floor(i size / count), ceil((i + 1) size / count))."""
+    index = torch.arange(count, device=device)
+    return index * size // count, ((index + 1) * size + count - 1) // count
+
+
+def pool_selection(features: torch.Tensor, budget: int) -> Selection:
+    """[N, G*G, D] patch features -> the `budget` window means (torch's adaptive average pooling
+    over rows x cols windows, `pool_shape`), each at its window's central patch, the patch at
+    offset (h // 2, w // 2) in an h x w window."""
+    images, tokens, hidden = features.shape
+    grid = math.isqrt(tokens)
+    rows, cols = pool_shape(budget, grid)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(features.reshape(images, grid, grid, hidden).permute(0, 3, 1, 2), (rows, cols))
+    row_start, row_end = window_bounds(grid, rows, features.device)
+    col_start, col_end = window_bounds(grid, cols, features.device)
+    centre_row, centre_col = row_start + (row_end - row_start) // 2, col_start + (col_end - col_start) // 2
+    slots = (centre_row[:, None] * grid + centre_col[None, :]).reshape(-1)  # [rows*cols], ascending
+    sizes = ((row_end - row_start)[:, None] * (col_end - col_start)[None, :]).reshape(-1)
+    return Selection(
+        kept=slots.expand(images, -1),
+        features=pooled.permute(0, 2, 3, 1).reshape(images, rows * cols, hidden),
+        sizes=sizes.expand(images, -1),
+    )
+
+
 def pool_grid(features: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, G*G, D] patch features -> ([N, G*G, D], [N, G*G] bool): the s x s block means placed at
     each block's central slot, and which slots hold a pooled token ((G / s)^2 per image)."""
-    images, tokens, hidden = features.shape
-    grid = math.isqrt(tokens)
-    if grid * grid != tokens or grid % side:
+    grid = math.isqrt(features.shape[1])
+    if grid * grid != features.shape[1] or grid % side:
         raise ValueError(f"VISUAL_POOL={side} does not tile a {grid} x {grid} grid: use one of {pool_sides(grid)}")
-    blocks = grid // side
-    pooled = features.reshape(images, blocks, side, blocks, side, hidden).mean(dim=(2, 4))  # [N, g, g, D]
-    centre = torch.arange(blocks, device=features.device) * side + side // 2
-    slots = (centre[:, None] * grid + centre[None, :]).reshape(-1)  # [g*g] row-major block order
-    placed = torch.zeros_like(features).index_copy(1, slots, pooled.reshape(images, blocks * blocks, hidden))
-    valid = torch.zeros(images, tokens, dtype=torch.bool, device=features.device)
-    valid[:, slots] = True
-    return placed, valid
+    return place_selection(pool_selection(features, (grid // side) ** 2), features.shape[1])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .baselines import SELECTIONS, pool_sides
 from .dymu import SPLITS as DYMU_SPLITS
+from .methods import get_method, list_methods
 
 FASTV_K_FORMS = (
     "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
@@ -99,6 +100,46 @@ def parse_select_seed(text: str | None) -> int:
     raise ValueError(f"SELECT_SEED={text!r} is not valid: use an integer >= 0 (the seed of FASTV_SELECT=random). Default 0.")
 
 
+def parse_visual_budget(text: str | None) -> int | None:
+    if text is None or text.strip() == "":
+        return None
+    if re.fullmatch(r"\s*\d+\s*", text) and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"VISUAL_BUDGET={text!r} is not valid: use an integer >= 1 (visual tokens per image, by the method's own budget rule).")
+
+
+def method_settings(env, fastv_k: int | float | None) -> dict:
+    """VISUAL_METHOD / VISUAL_BUDGET as engine settings: fastv and random set FastV's K (rule B: kept
+    after FASTV_LAYER), the methods before the LLM their own budget (rule A: entering the LLM), dymu
+    reads DYMU_THRESHOLDS. A conflicting FASTV_K or FASTV_SELECT is refused, not overridden."""
+    name = (env.get("VISUAL_METHOD") or "").strip()
+    budget = parse_visual_budget(env.get("VISUAL_BUDGET"))
+    if not name:
+        if budget is not None:
+            raise ValueError(f"VISUAL_BUDGET={budget} needs VISUAL_METHOD (one of {', '.join(list_methods())}), or use FASTV_K for FastV.")
+        return {}
+    method = get_method(name)
+    select = (env.get("FASTV_SELECT") or "").strip()
+    if name in ("fastv", "random"):
+        if select and select != ("attention" if name == "fastv" else "random"):
+            raise ValueError(f"VISUAL_METHOD={name} conflicts with FASTV_SELECT={select}: unset FASTV_SELECT.")
+        if budget is not None and fastv_k is not None and fastv_k != budget:
+            raise ValueError(f"VISUAL_METHOD={name} VISUAL_BUDGET={budget} conflicts with FASTV_K={fastv_k}: set one of them.")
+        k = budget if budget is not None else fastv_k
+        if k is None:
+            raise ValueError(f"VISUAL_METHOD={name} needs VISUAL_BUDGET (visual tokens kept after FASTV_LAYER) or FASTV_K.")
+        return dict(fastv_k=k, fastv_select="attention" if name == "fastv" else "random")
+    if method.budget_rule == "thresholds":
+        if budget is not None:
+            raise ValueError("VISUAL_BUDGET does not apply to VISUAL_METHOD=dymu: its token count is set by DYMU_THRESHOLDS.")
+        if not env.get("DYMU_THRESHOLDS"):
+            raise ValueError("VISUAL_METHOD=dymu needs DYMU_THRESHOLDS=<threshold file> (python -m hybrid_vlm.calibrate).")
+        return {}
+    if budget is None:
+        raise ValueError(f"VISUAL_METHOD={name} needs VISUAL_BUDGET (visual tokens per image entering the LLM).")
+    return dict(visual_method=name, visual_budget=budget)
+
+
 def visual_keep_count(num_visual: int, fastv_k: int | float | None) -> int:
     """How many of `num_visual` visual tokens FastV keeps for one sample.
 
@@ -136,6 +177,9 @@ class HybridConfig:
     fastv_newlines: LLaVA-NeXT's `image_newline` tokens under FastV: "prune" (candidates like every
         visual token, counted in the budget: the default) or "keep" (always kept, not counted; an
         ablation). No effect on LLaVA-1.5, which has none.
+    visual_method, visual_budget: a registered method acting before the LLM (`hybrid_vlm.methods`:
+        visionzip, vispruner, divprune, pool) and the visual tokens per image it lets in (rule A).
+        FastV and random selection are `fastv_k` / `fastv_select`; DyMU is `dymu`.
     """
 
     fastv_k: int | float | None = None
@@ -148,6 +192,8 @@ class HybridConfig:
     select_seed: int = 0
     visual_pool: int | None = None
     fastv_newlines: str = "prune"
+    visual_method: str | None = None
+    visual_budget: int | None = None
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -178,6 +224,24 @@ class HybridConfig:
                 raise ValueError(f"VISUAL_POOL={self.visual_pool!r} is not valid: use one of {', '.join(map(str, pool_sides()))}.")
             if self.dymu is not None:
                 raise ValueError("VISUAL_POOL and DYMU_THRESHOLDS cannot be combined: both decide the tokens entering layer 0.")
+        if self.visual_method is not None:
+            self._check_visual_method()
+
+    def _check_visual_method(self) -> None:
+        before_llm = [name for name in list_methods() if get_method(name).before_llm]
+        if self.visual_method not in before_llm:
+            raise ValueError(f"visual_method={self.visual_method!r} is not valid: use one of {', '.join(before_llm)} "
+                             "(fastv and random are fastv_k / fastv_select, DyMU is dymu).")
+        budget = self.visual_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"VISUAL_BUDGET={budget!r} is not valid for {self.visual_method}: use an integer >= 1.")
+        # Every method before the LLM scores the full patch grid (CLS attention, keys, features,
+        # windows), which DyMU's merging has already changed, and its budget counts tokens out of it.
+        if self.dymu is not None:
+            raise ValueError(f"VISUAL_METHOD={self.visual_method} cannot follow DyMU (DYMU_THRESHOLDS): both decide the tokens "
+                             "entering layer 0, and its budget and signal are defined on the unmerged patch grid.")
+        if self.visual_pool is not None:
+            raise ValueError(f"VISUAL_METHOD={self.visual_method} and VISUAL_POOL cannot be combined: use VISUAL_METHOD=pool VISUAL_BUDGET=N.")
 
     @property
     def prunes(self) -> bool:
@@ -185,24 +249,26 @@ class HybridConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
-        """Read FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED, FASTV_NEWLINES,
+        """Read VISUAL_METHOD and VISUAL_BUDGET (`method_settings`), FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED, FASTV_NEWLINES,
         VISUAL_POOL (a block side), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official | slot, default
         official) and HYBRID_POSITIONS (logical | renumbered, default logical); keyword overrides win."""
         env = os.environ if environ is None else environ
         positions = (env.get("HYBRID_POSITIONS") or "logical").strip()
         if positions not in POSITION_MODES:
             raise ValueError(f"HYBRID_POSITIONS={positions!r} is not valid: use one of {', '.join(POSITION_MODES)}.")
+        fastv_k = parse_fastv_k(env.get("FASTV_K"))
         values = dict(
             fastv_select=parse_fastv_select(env.get("FASTV_SELECT")),
             select_seed=parse_select_seed(env.get("SELECT_SEED")),
             visual_pool=parse_visual_pool(env.get("VISUAL_POOL")),
-            fastv_k=parse_fastv_k(env.get("FASTV_K")),
+            fastv_k=fastv_k,
             fastv_layer=parse_fastv_layer(env.get("FASTV_LAYER")),
             fastv_newlines=parse_fastv_newlines(env.get("FASTV_NEWLINES")),
             dymu=env.get("DYMU_THRESHOLDS") or None,
             dymu_split=parse_dymu_split(env.get("DYMU_SPLIT")),
             position_mode=positions,
         )
+        values.update(method_settings(env, fastv_k))
         values.update(overrides)
         return cls(**values)
 
@@ -210,6 +276,8 @@ class HybridConfig:
         """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'
         (a non-default DyMU split adds e.g. 'dymu-mid_split-slot')."""
         parts = []
+        if self.visual_method is not None:
+            parts.append(f"{self.visual_method}-b{self.visual_budget}")
         if self.visual_pool is not None:
             parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")
         if self.dymu is not None:

@@ -39,11 +39,13 @@ a Vicuna/Llama decoder. So a Llama layer costs ~ 4nd^2 + 3ndm + n^2 d MACs:
   token (layers >= fastv_layer hold only the kept tokens).
 - Batches: every count is per sample; multiply by the batch size (padding is not modelled).
 
-    python -m hybrid_vlm.flops      # prints the LLaVA-1.5-7B check against the facts file
+    python -m hybrid_vlm.flops              # prints the LLaVA-1.5-7B check against the facts file
+    python -m hybrid_vlm.flops --methods    # every registered method at 192 / 128 / 64 tokens (README table)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -306,10 +308,11 @@ class PrefillMacs:
     projector: int
     llm: int  # decoder layers (+ FastV scoring row)
     lm_head: int
+    selection: int = 0  # a method's own scoring before the LLM (CLS row, similarities, greedy), which no paper counts
 
     @property
     def vision_total(self) -> int:  # what runs before the LLM
-        return self.vision + self.projector
+        return self.vision + self.projector + self.selection
 
     @property
     def llm_total(self) -> int:
@@ -317,10 +320,10 @@ class PrefillMacs:
 
     @property
     def total(self) -> int:
-        return self.vision + self.projector + self.llm + self.lm_head
+        return self.vision + self.projector + self.selection + self.llm + self.lm_head
 
     def as_dict(self) -> dict[str, int]:
-        return dict(vision=self.vision, projector=self.projector, llm=self.llm, lm_head=self.lm_head, total=self.total)
+        return dict(vision=self.vision, projector=self.projector, selection=self.selection, llm=self.llm, lm_head=self.lm_head, total=self.total)
 
 
 def prefill_macs(
@@ -335,6 +338,8 @@ def prefill_macs(
     lm_head_tokens: int = 1,
     vit_layers_run: int | None = None,
     crops: int = 1,
+    projector_tokens: int | None = None,
+    selection: int = 0,
 ) -> PrefillMacs:
     """Prefill of one sample, any method:
 
@@ -348,6 +353,9 @@ def prefill_macs(
                count (unpadded grid + newlines); the projector runs on every crop's patches, before
                packing; with DyMU vit_counts is one per-layer list per crop.
     vit_layers_run: CLIP layers that run (default all, as stock LLaVA does).
+    projector_tokens: tokens the projector runs on, when not the visual tokens entering the LLM (a
+               method that selects after the projector projects every patch).
+    selection: the method's own scoring MACs (`methods.Method.scoring_macs`).
     """
     attention_check(attention)
     visual = shape.visual_tokens if visual_tokens is None else visual_tokens
@@ -359,9 +367,49 @@ def prefill_macs(
     per_crop = vit_counts if crops > 1 and vit_counts is not None else [vit_counts] * crops
     return PrefillMacs(
         vision=sum(vit_macs(shape.vit, counts, vit_layers_run) for counts in per_crop),
-        projector=projector_macs(visual if crops == 1 else crops * shape.vit.patches, shape.vit.hidden, shape.llm.hidden),
+        projector=projector_macs(
+            projector_tokens if projector_tokens is not None else visual if crops == 1 else crops * shape.vit.patches,
+            shape.vit.hidden, shape.llm.hidden,
+        ),
         llm=llm,
         lm_head=lm_head_macs(shape.llm, lm_head_tokens),
+        selection=selection,
+    )
+
+
+def method_prefill_macs(
+    shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal",
+    visual_entered: int | None = None, visual_kept: int | None = None,
+) -> PrefillMacs:
+    """Prefill MACs of one LLaVA-1.5 sample under a HybridConfig whose visual counts are static: a
+    method before the LLM (`config.visual_method`, rule A), FastV or random selection, pooling, or
+    nothing. The method's scoring is counted (`selection`); DyMU's counts are data: use prefill_macs.
+    visual_entered / visual_kept: the counts a run recorded (else the ones the config implies)."""
+    from .config import visual_keep_count
+    from .methods import VitDims, get_method
+
+    if config.dymu is not None:
+        raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
+    patches, visual, projector, vit_layers, selection = shape.visual_tokens, None, None, None, 0
+    if config.visual_method is not None:
+        method = get_method(config.visual_method)
+        visual = config.visual_budget
+        dims = VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden)
+        selection = method.scoring_macs(config.visual_budget, dims)
+        if method.selects_projected:
+            projector = patches  # it selects among projected features: every patch is projected
+        else:
+            vit_layers = shape.vit_layers_read  # its own CLIP loop skips the unread last layer
+    elif config.visual_pool is not None:
+        visual, projector = (math.isqrt(patches) // config.visual_pool) ** 2, patches
+    visual = visual_entered if visual_entered is not None else visual
+    entering = patches if visual is None else visual
+    kept = visual_keep_count(entering, config.fastv_k) if config.fastv_k is not None else None
+    kept = visual_kept if visual_kept is not None and kept is not None else kept
+    return prefill_macs(
+        shape, text_tokens, visual, kept, fastv_layer=config.fastv_layer, attention=attention,
+        scoring="row" if config.fastv_k is not None and config.fastv_select == "attention" else None,
+        lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, projector_tokens=projector, selection=selection,
     )
 
 
@@ -395,7 +443,49 @@ def facts_check(shape: LlavaShape = LLAVA_15_7B, keeps: Sequence[int] = (288, 14
     return out
 
 
+def methods_table(shape: LlavaShape = LLAVA_15_7B, budgets: Sequence[int] = (192, 128, 64), text: int = 60) -> list[dict]:
+    """Each registered method at each budget, by its own rule, on one sample of `text` + 576 tokens:
+    the three visual counts, prefill MACs (the method's scoring included) and their ratio to vanilla."""
+    from .config import HybridConfig
+    from .methods import get_method, list_methods
+
+    vanilla = prefill_macs(shape, text)
+    rows = []
+    for name in list_methods():
+        method = get_method(name)
+        if method.budget_rule == "thresholds":
+            continue  # DyMU: counts are data; see the calibrate CLI and the bench
+        for budget in budgets:
+            if method.before_llm:
+                config = HybridConfig(visual_method=name, visual_budget=budget)
+                entered, kept, full_layers = budget, budget, 0
+            else:
+                config = HybridConfig(fastv_k=budget, fastv_select="attention" if name == "fastv" else "random")
+                entered, kept, full_layers = shape.visual_tokens, budget, config.fastv_layer
+            macs = method_prefill_macs(shape, config, text)
+            rows.append(dict(
+                method=name, rule=method.budget_rule, budget=budget, visual_in=entered, visual_kept=kept,
+                visual_layer_mean=(full_layers * entered + (shape.llm.layers - full_layers) * kept) / shape.llm.layers,
+                prefill_tmacs=macs.total / 1e12, scoring_gmacs=macs.selection / 1e9, ratio=ratio(macs.total, vanilla.total),
+            ))
+    return rows
+
+
+def print_methods_table() -> None:
+    print(f"LLaVA-1.5-7B, 60 text + 576 visual tokens; vanilla prefill {prefill_macs(LLAVA_15_7B, 60).total / 1e12:.3f} TMACs\n")
+    print("| method | rule | budget | visual in (A) | visual kept (B) | layer-avg (C) | prefill TMACs | of which selection before the LLM, GMACs | vs vanilla |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in methods_table():
+        print(f"| {row['method']} | {row['rule']} | {row['budget']} | {row['visual_in']} | {row['visual_kept']} | "
+              f"{row['visual_layer_mean']:.1f} | {row['prefill_tmacs']:.3f} | {row['scoring_gmacs']:.3f} | {row['ratio']:.3f} |")
+
+
 def main() -> None:
+    import sys
+
+    if "--methods" in sys.argv[1:]:
+        print_methods_table()
+        return
     check = facts_check()
     print("LLaVA-1.5-7B, 60 text + 576 visual tokens, causal attention, lm_head on the last token")
     print(f"  vanilla LLM prefill  {check['vanilla_llm_tmacs']:.3f} TMACs")

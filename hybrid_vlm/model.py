@@ -39,6 +39,7 @@ from .hf_compat import (
 )
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .placement import PlacedPrompt, place_images
+from .runtime import require
 
 
 @dataclass
@@ -52,6 +53,28 @@ class PruneState:
     prompt_tokens: torch.Tensor  # [B] long: real tokens entering LLM layer 0 in the first forward (after DyMU)
     prompt_tokens_kept: torch.Tensor  # [B] long: of those, the ones the last layer saw (after FastV)
     dense: bool = False  # every cached key of both groups is a real token (decided once, in Python)
+    visual_tokens: torch.Tensor | None = None  # [B] long: of prompt_tokens, the visual ones (None: no image)
+
+    def visual_counts(self, num_layers: int) -> VisualCounts:
+        """Per sample, the three visual-token counts every budget rule is one of, from what the
+        cache holds (not from the settings)."""
+        entered = self.visual_tokens if self.visual_tokens is not None else torch.zeros_like(self.prompt_tokens)
+        kept = entered - (self.prompt_tokens - self.prompt_tokens_kept)  # only visual tokens are ever dropped
+        full_layers = min(self.prune_layer, num_layers)  # layers that saw every entered token
+        layer_mean = (full_layers * entered + (num_layers - full_layers) * kept).double() / num_layers
+        return VisualCounts(entered.tolist(), kept.tolist(), layer_mean.tolist())
+
+
+@dataclass
+class VisualCounts:
+    """Visual tokens per sample under the three budget rules (host lists, read once after generation).
+
+    entered: entering LLM layer 0 (rule A); kept: after the last reduction, what the last layer
+    sees (rule B); layer_mean: averaged over the LLM's layers (rule C)."""
+
+    entered: list[int]
+    kept: list[int]
+    layer_mean: list[float]
 
 
 @dataclass
@@ -82,16 +105,6 @@ def attention_mask_4d(key_valid: torch.Tensor, query_length: int) -> torch.Tenso
     key_at = torch.arange(key_length, device=key_valid.device)[None, :]
     allowed = (key_at <= query_at) & key_valid[:, None, None, :]
     return allowed | (key_at == query_at)
-
-
-def require(condition: torch.Tensor, message: Callable[[], str]) -> None:
-    """A 0-d bool tensor that must be true: a ValueError with `message()` on CPU (reading it is
-    free), a device assert elsewhere (no host sync)."""
-    if condition.device.type == "cpu":
-        if not bool(condition):
-            raise ValueError(message())
-    else:
-        torch._assert_async(condition)
 
 
 def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_padding: bool) -> bool:
@@ -314,6 +327,8 @@ class HybridDecoder:
             next_position = pruned.next_position
         if cache is not None:
             cache.hybrid_state = self._next_state(state, key_valid, next_position, dense)
+            if placed is not None:
+                cache.hybrid_state.visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1)
 
         kept_positions = pruned.kept_positions if pruned is not None else None
         if entered is not None:
@@ -366,7 +381,8 @@ class HybridDecoder:
             prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_layer < len(llava_parts(self).layers) else prompt_tokens
         else:
             prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
-        return PruneState(full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept, dense)
+        visual_tokens = state.visual_tokens if state is not None else None
+        return PruneState(full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept, dense, visual_tokens)
 
     def _output(self, parts, hidden_states, logits_to_keep, cache, kept_positions, placed) -> HybridLlavaOutput:
         hidden_states = parts.norm(hidden_states)

@@ -7,6 +7,8 @@ kernels are slow or missing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,3 +40,13 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def require(condition: torch.Tensor, message: Callable[[], str]) -> None:
+    """A 0-d bool tensor that must be true: a ValueError with `message()` on CPU (reading it is
+    free), a device assert elsewhere (no host sync)."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message())
+    else:
+        torch._assert_async(condition)

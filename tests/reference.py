@@ -58,9 +58,51 @@ def numpy_pooled_features(features: torch.Tensor, side: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
+def stock_vision_reads(model, pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
+    """What the methods before the LLM read, from stock eager CLIP (attention weights returned by
+    transformers) and a hook on the read layer's k_proj, as float64 NumPy per image:
+    cls_attention [N, P] (head mean), keys [N, P, head_dim] (head mean), hidden [N, P, C] (the
+    read layer's output), projected [N, P, hidden] (stock get_image_features)."""
+    reference = eager_copy(model)
+    tower = reference.model.vision_tower
+    layers = tower.config.num_hidden_layers
+    read = layers + model.config.vision_feature_layer  # hidden_states[-2] is the output of layer index 22 of 24
+    captured = {}
+    hook = tower.encoder.layers[read].self_attn.k_proj.register_forward_hook(lambda m, a, out: captured.update(keys=out))
+    outputs = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    hook.remove()
+    heads = tower.config.num_attention_heads
+    keys = captured["keys"].reshape(*captured["keys"].shape[:2], heads, -1).mean(dim=2)
+    projected = torch.stack(list(reference.model.get_image_features(pixel_values, return_dict=True).pooler_output))
+    return dict(
+        cls_attention=outputs.attentions[read][:, :, 0, 1:].mean(dim=1).double().numpy(),
+        keys=keys[:, 1:].double().numpy(),
+        hidden=outputs.hidden_states[read + 1][:, 1:].double().numpy(),
+        projected=projected.double().numpy(),
+    )
+
+
+def numpy_adaptive_pool(features: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image [G*G, D] -> (kept slots, tokens): the mean of each adaptive window [floor(i G / n),
+    ceil((i + 1) G / n)) per axis, at the window's central patch (offset h // 2, w // 2)."""
+    grid = int(round(features.shape[0] ** 0.5))
+    values = features.reshape(grid, grid, -1)
+    slots, tokens = [], []
+    for i in range(rows):
+        top, bottom = (i * grid) // rows, -((-(i + 1) * grid) // rows)
+        for j in range(cols):
+            left, right = (j * grid) // cols, -((-(j + 1) * grid) // cols)
+            slots.append((top + (bottom - top) // 2) * grid + left + (right - left) // 2)
+            tokens.append(values[top:bottom, left:right].mean(axis=(0, 1)))
+    order = np.argsort(slots)
+    return np.asarray(slots)[order], np.stack(tokens)[order]
+
+
+@torch.no_grad()
 def masked_reference(
     model, inputs, fastv_k, fastv_layer: int, thresholds: torch.Tensor | None = None, split: str = "official",
     select: str = "attention", select_seed: int = 0, pool: int | None = None, newlines: str = "prune",
+    image_features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Stock eager decoder layers over every prompt token, at the original position ids.
 
@@ -72,6 +114,8 @@ def masked_reference(
     select="random": the kept set is the top of `numpy_random_scores` instead. pool=s: the image
     features are pooled by `numpy_pooled_features` and the other placeholders masked.
     newlines="keep" (LLaVA-NeXT): newline tokens are always kept and the budget counts the others.
+    image_features=(features [B, 576, hidden], slot_valid [B, 576]): the image tokens a method
+    before the LLM chose, computed by the caller (its placeholders without a token are masked).
     Returns (logits [B, L, V], kept [B, L] bool: real tokens that the last layer attends to).
     """
     reference = eager_copy(model)
@@ -89,6 +133,8 @@ def masked_reference(
             newline = reference.model.image_newline
             for b in range(batch):
                 protected[b, np.flatnonzero(is_visual[b])] = (features[b] == newline).all(dim=-1).numpy()
+    elif image_features is not None:
+        features, slot_valid = image_features
     elif thresholds is None:
         features = reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
         slot_valid = torch.ones(batch, is_visual.sum(axis=1).max(), dtype=torch.bool)

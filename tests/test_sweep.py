@@ -155,7 +155,8 @@ def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, mo
         summary = re.search(rf"^{re.escape(model)} +TinyCOCO +3 +CIDEr (\S+) +\S+ +\S+ +(\S+)$", output, flags=re.M)
         assert summary, output[-3000:]  # run.py's own end-of-run table
         assert (summary.group(1), summary.group(2)) == (f"{cider:.1f}", f"{prefill_ms:.2f}")
-        sweep_line = re.search(rf"^.+ +{re.escape(model)} +TinyCOCO +CIDEr (\S+) +\S+ +\S+ +\S+ +(\S+)$", final_table, flags=re.M)
+        # setting, folder, dataset, metric, delta, visual in / kept / layer-avg, GMACs, prefill ms
+        sweep_line = re.search(rf"^.+ +{re.escape(model)} +TinyCOCO +CIDEr (\S+) +\S+ +\S+ +\S+ +\S+ +\S+ +(\S+)$", final_table, flags=re.M)
         assert sweep_line, final_table
         assert (sweep_line.group(1), sweep_line.group(2)) == (f"{cider:.1f}", f"{prefill_ms:.2f}")
         assert csv_rows[model].CIDEr == pytest.approx(cider) and csv_rows[model].prefill_ms_median == pytest.approx(prefill_ms)
@@ -164,6 +165,12 @@ def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, mo
     assert re.search(rf"^fastv: fastv-k72-l2 +{fastv} +TinyCOCO +CIDEr", final_table, flags=re.M), final_table
     assert csv_rows[VANILLA].tokens_in_mean == csv_rows[VANILLA].tokens_kept_mean
     assert csv_rows[fastv].tokens_in_mean - csv_rows[fastv].tokens_kept_mean == pytest.approx(576 - 72)  # FastV kept 72 visual tokens
+    # the three budget rules from the cache state: 576 in, 72 kept after layer 2, (2 * 576 + L' * 72) / L averaged
+    layers = 4  # the tiny LLaVA's LLM
+    assert (csv_rows[fastv].visual_in_mean, csv_rows[fastv].visual_kept_mean) == (576, 72)
+    assert csv_rows[fastv].visual_layer_mean == pytest.approx((2 * 576 + (layers - 2) * 72) / layers)
+    assert csv_rows[VANILLA].visual_in_mean == csv_rows[VANILLA].visual_kept_mean == csv_rows[VANILLA].visual_layer_mean == 576
+    assert 0 < csv_rows[fastv].prefill_gmacs_mean < csv_rows[VANILLA].prefill_gmacs_mean
 
     record = json.loads((work / "sweep_tiny-sweep.json").read_text())
     assert [run["folder"] for run in record["runs"]] == [VANILLA, fastv]

@@ -36,8 +36,9 @@ from vlmeval.dataset import DATASET_TYPE
 from vlmeval.smp import cn_string, get_rank_and_world_size
 from vlmeval.vlm.base import BaseModel
 
-from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm import HybridConfig, apply_hybrid, flops
 from hybrid_vlm.hf_compat import output_cache
+from hybrid_vlm.model import VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
@@ -332,12 +333,16 @@ class HybridLLaVA(BaseModel):
         new_tokens = output.sequences[:, prompt_length:]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         state = getattr(output_cache(output), "hybrid_state", None)
+        num_layers = self.model.config.text_config.num_hidden_layers
         if state is not None:
             tokens_in = state.prompt_tokens.tolist()
             tokens_kept = state.prompt_tokens_kept.tolist()
+            visual = state.visual_counts(num_layers)
         else:  # the stock model: every real prompt token reaches every layer
             tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
             tokens_kept = list(tokens_in)
+            placeholders = ((inputs["input_ids"] == self.model.config.image_token_id) & inputs["attention_mask"].bool()).sum(dim=1).tolist()
+            visual = VisualCounts(placeholders, placeholders, [float(p) for p in placeholders])
         new_token_counts = (new_tokens != self.processor.tokenizer.pad_token_id).sum(dim=1).tolist()
         rank, _ = get_rank_and_world_size()
         return [
@@ -345,6 +350,10 @@ class HybridLLaVA(BaseModel):
                 prediction=texts[row].strip(),
                 tokens_in=int(tokens_in[row]),
                 tokens_kept=int(tokens_kept[row]),
+                visual_in=int(visual.entered[row]),
+                visual_kept=int(visual.kept[row]),
+                visual_layer_mean=round(float(visual.layer_mean[row]), 3),
+                prefill_gmacs=self._prefill_gmacs(int(tokens_in[row]) - int(visual.entered[row]), visual.entered[row], visual.kept[row]),
                 prefill_s=round(self._prefill_seconds, 6) if self._prefill_seconds is not None else None,
                 generate_s=round(generate_seconds, 6),
                 new_tokens=int(new_token_counts[row]),
@@ -354,6 +363,15 @@ class HybridLLaVA(BaseModel):
             )
             for row in range(len(messages))
         ]
+
+    def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int) -> float | None:
+        """Theoretical prefill GMACs of one row (`flops.method_prefill_macs`, the method's scoring
+        included); None where the counts are data-dependent (DyMU) or the model is not LLaVA-1.5."""
+        if self.MODEL_CLASS != "LlavaForConditionalGeneration" or (self.hybrid is not None and self.hybrid.dymu is not None):
+            return None
+        shape = flops.shape_from_config(self.model.config)
+        macs = flops.method_prefill_macs(shape, self.hybrid or HybridConfig(), text_tokens, visual_entered=entered, visual_kept=kept)
+        return round(macs.total / 1e9, 4)
 
     def _generate_or_split(self, batch: list[tuple[object, list]]) -> list[tuple[object, dict]]:
         """Generate a batch; if generate raises (e.g. CUDA out of memory), retry its rows in halves,

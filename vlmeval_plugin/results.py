@@ -15,7 +15,8 @@ One rule per quantity:
 - main metric: MCQ `Overall`; captions `CIDEr`; any other score file its first numeric field;
 - units: MCQ accuracy in percent, caption scores as VLMEvalKit writes them (x100);
 - prefill time: the median over rows, in ms (`prefill_ms_median`); the mean is kept beside it
-  as `prefill_ms_mean`; tokens in / kept and new tokens: means over rows.
+  as `prefill_ms_mean`; tokens in / kept, visual tokens in / kept / layer-averaged, theoretical
+  prefill GMACs and new tokens: means over rows.
 
 Nothing here imports vlmeval.
 """
@@ -57,6 +58,10 @@ class DatasetResult:
     stats_rows: int = 0
     tokens_in_mean: float | None = None
     tokens_kept_mean: float | None = None
+    visual_in_mean: float | None = None  # rule A: visual tokens entering the LLM
+    visual_kept_mean: float | None = None  # rule B: after the last reduction
+    visual_layer_mean: float | None = None  # rule C: averaged over the LLM's layers
+    prefill_gmacs_mean: float | None = None  # theoretical, the method's scoring included
     prefill_ms_median: float | None = None
     prefill_ms_mean: float | None = None
     new_tokens_mean: float | None = None
@@ -215,6 +220,8 @@ def _read_row_stats(result: DatasetResult, folder: Path) -> None:
     prefill_s = column("prefill_s")
     result.stats_file, result.stats_rows = path, len(records)
     result.tokens_in_mean, result.tokens_kept_mean, result.new_tokens_mean = mean("tokens_in"), mean("tokens_kept"), mean("new_tokens")
+    result.visual_in_mean, result.visual_kept_mean = mean("visual_in"), mean("visual_kept")
+    result.visual_layer_mean, result.prefill_gmacs_mean = mean("visual_layer_mean"), mean("prefill_gmacs")
     result.prefill_ms_median = 1000.0 * statistics.median(prefill_s) if prefill_s else None
     result.prefill_ms_mean = 1000.0 * statistics.fmean(prefill_s) if prefill_s else None
     result.batch_sizes = sorted({int(r["batch_size"]) for r in records if is_number(r.get("batch_size"))})

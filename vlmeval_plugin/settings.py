@@ -46,6 +46,10 @@ DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at
 TINY_MAX_NEW_TOKENS = 8  # the random tiny model rarely emits </s>: keep its runs fast
 TESTBED_MAX_NEW_TOKENS = 64  # the testbed's longest reference caption is ~45 tokens
 NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the effective name
+# the methods before the LLM with a name of their own, and their default VISUAL_BUDGET: VisionZip's
+# and VisPruner's published 64-token setting, DivPrune's default ratio 0.098 of 576 (56 tokens)
+PRE_LLM_METHODS = ("visionzip", "vispruner", "divprune")
+DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -62,10 +66,18 @@ class Variant:
     fixed_setting: bool = False  # patched with a setting of its own, not read from the environment
     pool: bool = False  # reads VISUAL_POOL (and FASTV_K, without a default)
     description: str = ""
+    method: str | None = None  # a registered method before the LLM, or random: reads VISUAL_BUDGET
 
     @property
     def patched(self) -> bool:
-        return self.fastv or self.dymu or self.pool or self.fixed_setting
+        return self.fastv or self.dymu or self.pool or self.fixed_setting or self.method is not None
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The VISUAL_METHOD values this name accepts (the name decides the method)."""
+        if self.method is not None:
+            return (self.method,)
+        return tuple(name for name, on in (("fastv", self.fastv and not self.dymu), ("dymu", self.dymu and not self.fastv), ("pool", self.pool)) if on)
 
     @property
     def tiny(self) -> bool:
@@ -84,9 +96,23 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
         Variant(f"{prefix}_dymu", fastv=False, dymu=True, family=family, description=f"{what}: DyMU (DYMU_THRESHOLDS)"),
         Variant(f"{prefix}_hybrid", fastv=True, dymu=True, family=family, description=f"{what}: DyMU + FastV"),
     )
-    if not pool:  # LLaVA-NeXT: pooling is not implemented for its unpadded crop grid
-        return variants
-    return (*variants, Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL)"))
+    random = Variant(f"{prefix}_random", fastv=False, dymu=False, family=family, method="random",
+                     description=f"{what}: random selection at FastV's layer (VISUAL_BUDGET or FASTV_K, SELECT_SEED)")
+    if not pool:  # LLaVA-NeXT: pooling and the methods before the LLM are not implemented for its crops
+        return (*variants, random)
+    return (
+        *variants,
+        Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL or VISUAL_BUDGET)"),
+        random,
+        *method_variants(prefix, family, what),
+    )
+
+
+def method_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
+    return tuple(
+        Variant(f"{prefix}_{method}", fastv=False, dymu=False, family=family, method=method, description=f"{what}: {method} (VISUAL_BUDGET)")
+        for method in PRE_LLM_METHODS
+    )
 
 
 VARIANTS = {
@@ -98,12 +124,16 @@ VARIANTS = {
         *_family_variants("llava_next_mistral_7b", "llava_next_mistral_7b", "stock llava-hf LLaVA-NeXT-Mistral-7B", pool=False),
         Variant("llava_tiny", fastv=False, dymu=False, family="tiny", description="bundled tiny random LLaVA, nothing patched"),
         Variant("llava_tiny_hybrid", fastv=False, dymu=False, family="tiny", fixed_setting=True, description="bundled tiny random LLaVA, fixed hybrid"),
+        Variant("llava_tiny_fastv", fastv=True, dymu=False, family="tiny", description="bundled tiny random LLaVA: FastV"),
+        Variant("llava_tiny_pool", fastv=False, dymu=False, family="tiny", pool=True, description="bundled tiny random LLaVA: spatial pooling"),
+        Variant("llava_tiny_random", fastv=False, dymu=False, family="tiny", method="random", description="bundled tiny random LLaVA: random selection"),
+        *method_variants("llava_tiny", "tiny", "bundled tiny random LLaVA"),
     )
 }
 VANILLA_NAMES = tuple(name for name, variant in VARIANTS.items() if not variant.patched)
 VANILLA = "llava_v1.5_7b"
 TESTBED = "llava_testbed"
-FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED, **{family: family for family in NEXT_FAMILIES}}
+FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED, "tiny": "llava_tiny", **{family: family for family in NEXT_FAMILIES}}
 DEFAULT_POOL = 2
 
 
@@ -170,10 +200,13 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if name not in VARIANTS:
         raise PluginError(f"unknown model name {name!r}: the plugin registers {', '.join(VARIANTS)}")
     variant = VARIANTS[name]
+    check_method_setting(name, variant, env)
     if variant.fixed_setting:
         return tiny_hybrid_config()
     if not variant.patched:
         return None
+    if variant.method is not None:
+        return method_config(name, variant, env)
     dymu = dymu_file(name, variant, env) if variant.dymu else None
     # Every name ignores the settings it does not read: the fastv name never turns DyMU or pooling
     # on, the dymu name never prunes. HYBRID_POSITIONS applies to all of them.
@@ -183,18 +216,53 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if variant.dymu:
         reads += ["DYMU_SPLIT"]
     if variant.pool:
-        reads += ["VISUAL_POOL"]
+        reads += ["VISUAL_POOL", "VISUAL_BUDGET"]
+    if variant.fastv and not variant.dymu:
+        reads += ["VISUAL_BUDGET"]
     read_env = {key: env[key] for key in reads if key in env}
+    if read_env.get("VISUAL_BUDGET", "").strip():
+        read_env["VISUAL_METHOD"] = "pool" if variant.pool else "fastv"
     defaults: dict = dict(dymu=dymu)
-    if variant.fastv and not read_env.get("FASTV_K", "").strip():
+    if variant.fastv and not read_env.get("FASTV_K", "").strip() and "VISUAL_METHOD" not in read_env:
         defaults["fastv_k"] = DEFAULT_FASTV_K
-    if variant.pool and not read_env.get("VISUAL_POOL", "").strip():
+    if variant.pool and not read_env.get("VISUAL_POOL", "").strip() and "VISUAL_METHOD" not in read_env:
         defaults["visual_pool"] = DEFAULT_POOL
     try:
         config = HybridConfig.from_env(read_env, **defaults)
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
     return config
+
+
+def check_method_setting(name: str, variant: Variant, env) -> None:
+    """The name decides the method: a VISUAL_METHOD naming another one is refused, and so is
+    VISUAL_BUDGET on a name that reads FASTV_K or thresholds instead."""
+    method = (env.get("VISUAL_METHOD") or "").strip()
+    if method and method not in variant.methods:
+        accepted = f"VISUAL_METHOD={variant.methods[0]} or unset" if variant.methods else "VISUAL_METHOD unset"
+        raise PluginError(f"{name}: VISUAL_METHOD={method} conflicts with the name, which decides the method ({accepted}); "
+                          f"use the name of that method instead, e.g. {FAMILY_VANILLA.get(variant.family, 'llava_v1.5_7b')}_{method}")
+    budget = (env.get("VISUAL_BUDGET") or "").strip()
+    if budget and variant.method is None and not (variant.pool or (variant.fastv and not variant.dymu)):
+        raise PluginError(f"{name}: VISUAL_BUDGET does not apply to this name (it reads {'DYMU_THRESHOLDS' if variant.dymu else 'nothing'}); unset it")
+
+
+def method_config(name: str, variant: Variant, env) -> HybridConfig:
+    """A method name's setting: VISUAL_BUDGET (default: the method's published one), HYBRID_POSITIONS;
+    random also FASTV_K (instead of VISUAL_BUDGET), FASTV_LAYER and SELECT_SEED."""
+    reads = ["VISUAL_BUDGET", "HYBRID_POSITIONS"]
+    if variant.method == "random":
+        reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"]
+    read_env = {key: env[key] for key in reads if key in env}
+    read_env["VISUAL_METHOD"] = variant.method
+    if not read_env.get("VISUAL_BUDGET", "").strip() and not read_env.get("FASTV_K", "").strip():
+        read_env["VISUAL_BUDGET"] = str(DEFAULT_BUDGETS.get(variant.method, "")) if variant.method != "random" else ""
+        if variant.method == "random":
+            read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
+    try:
+        return HybridConfig.from_env(read_env)
+    except ValueError as error:
+        raise PluginError(f"{name}: {error}") from None
 
 
 def effective_name(name: str, config: HybridConfig | None) -> str:

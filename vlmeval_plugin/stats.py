@@ -3,12 +3,17 @@
 VLMEvalKit keeps one prediction string per row. The plugin appends one JSON line per generated row
 to `<work-dir>/<model>/<model>_<dataset>_stats.jsonl`:
 
-    {"index": "17", "prediction": "B", "tokens_in": 636, "tokens_kept": 132, "prefill_s": 0.061,
+    {"index": "17", "prediction": "B", "tokens_in": 636, "tokens_kept": 132, "visual_in": 576,
+     "visual_kept": 72, "visual_layer_mean": 103.5, "prefill_gmacs": 1234.5, "prefill_s": 0.061,
      "generate_s": 0.094, "new_tokens": 2, "batch_size": 1, "rank": 0, "setting": "fastv-k72-l2"}
 
 index: the dataset row (as a string); tokens_in: real tokens entering the LLM (text + visual, no
 padding); tokens_kept: of those, the ones that reach the layers after pruning (= tokens_in when
-nothing prunes); prefill_s: wall time of generate's first forward (vision tower + LLM prefill) for
+nothing prunes); visual_in / visual_kept / visual_layer_mean: the visual tokens entering LLM
+layer 0, after the last reduction, and averaged over the LLM's layers (the three budget rules A, B
+and C), read from the engine's cache state; prefill_gmacs: theoretical prefill MACs of the row
+(`hybrid_vlm.flops.method_prefill_macs`, the method's own scoring included; null for DyMU, whose
+tower counts are not recorded, and for LLaVA-NeXT); prefill_s: wall time of generate's first forward (vision tower + LLM prefill) for
 the batch this row was in; generate_s: wall time of the whole generate call of that batch;
 new_tokens: generated tokens including </s>; batch_size: rows in that generate call.
 A failed row's record has only index, prediction (VLMEvalKit's failure marker), error (the reason),

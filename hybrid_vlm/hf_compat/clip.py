@@ -36,11 +36,16 @@ __all__ = [
     "DymuImageFeatures",
     "VisionParts",
     "clip_layer_attention",
+    "clip_layer_attention_qk",
     "clip_layer_mlp",
     "dymu_image_features",
     "merging_vision_forward",
     "vision_fingerprint",
     "vision_parts",
+    "vision_reads",
+    "VisionReads",
+    "project_features",
+    "cls_attention_row",
 ]
 
 # select(layer_index, node_max [B, N], state) -> merge mask [B, N] bool
@@ -101,6 +106,15 @@ def clip_layer_attention(
     hidden_states: [B, N, C]; bias: [B, 1, 1 or N, N] added to the scaled logits, or None. Returns
     (hidden states after the residual add, merge metric [B, N, head_dim] = keys averaged over heads).
     """
+    hidden_states, _, keys = clip_layer_attention_qk(layer, hidden_states, bias)
+    return hidden_states, keys.mean(dim=1)
+
+
+def clip_layer_attention_qk(
+    layer: CLIPEncoderLayer, hidden_states: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`clip_layer_attention`, returning (hidden states after the residual add, queries [B, H, N, d],
+    keys [B, H, N, d]) so that a caller can score from the same projections."""
     attention = layer.self_attn
     batch, length, _ = hidden_states.shape
     head_shape = (batch, length, attention.num_heads, attention.head_dim)
@@ -112,7 +126,7 @@ def clip_layer_attention(
         queries, keys, values, attn_mask=bias, scale=attention.scale
     )
     output = attention.out_proj(output.transpose(1, 2).reshape(batch, length, -1))
-    return hidden_states + output, keys.mean(dim=1)
+    return hidden_states + output, queries, keys
 
 
 def clip_layer_mlp(layer: CLIPEncoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -212,6 +226,51 @@ def dymu_image_features(
         coverage=placed.coverage,
         num_tokens=placed.valid.sum(dim=1),
     )
+
+
+@dataclass
+class VisionReads:
+    """What the methods acting on the CLIP tower read, from the layer LLaVA reads (CLS dropped).
+
+    features: [N, P, C] that layer's output at the patches (what stock LLaVA projects).
+    cls_attention: [N, P] float32 (float64 for a float64 model), the CLS query's attention probabilities over the patch keys in
+        that layer, averaged over heads (softmax over all 1 + P keys), or None when not asked.
+    keys: [N, P, head_dim] that layer's keys at the patches, averaged over heads, or None.
+    """
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor | None
+    keys: torch.Tensor | None
+
+
+def cls_attention_row(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, H, N, d] queries and keys -> [B, N] float32: the CLS (first) query's softmax row,
+    averaged over heads. One row from the layer's own projections: CLIP under SDPA returns no
+    attention weights, and eager attention would build all N x N rows."""
+    work = torch.promote_types(queries.dtype, torch.float32)
+    logits = torch.matmul(queries[:, :, :1].to(work), keys.to(work).transpose(-1, -2)) * scale  # [B, H, 1, N]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def vision_reads(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor, attention: bool) -> VisionReads:
+    """Run the CLIP layers LLaVA reads (SDPA, not the unused last layer) and return their output at
+    the patches, plus, when `attention`, the CLS row and the keys of the read layer."""
+    parts = vision_parts(model)
+    dtype = parts.embeddings.patch_embedding.weight.dtype
+    hidden_states = parts.pre_layernorm(parts.embeddings(pixel_values.to(dtype)))
+    cls_attention = patch_keys = None
+    for index, layer in enumerate(parts.layers):
+        hidden_states, queries, keys = clip_layer_attention_qk(layer, hidden_states, None)
+        if attention and index == len(parts.layers) - 1:
+            cls_attention = cls_attention_row(queries, keys, layer.self_attn.scale)[:, parts.prefix :]
+            patch_keys = keys.mean(dim=1)[:, parts.prefix :]
+        hidden_states = clip_layer_mlp(layer, hidden_states)
+    return VisionReads(hidden_states[:, parts.prefix :], cls_attention, patch_keys)
+
+
+def project_features(model: LlavaForConditionalGeneration, features: torch.Tensor) -> torch.Tensor:
+    """LLaVA's projector on CLIP features [..., C] -> [..., text_hidden]."""
+    return model.model.multi_modal_projector(features)
 
 
 FINGERPRINT_CONFIG_FIELDS = (

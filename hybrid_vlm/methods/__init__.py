@@ -1,0 +1,212 @@
+"""The registry of visual-token reduction methods: what each one is, where it acts, what it reads.
+
+A method is a small policy registered by name. It declares, as data, its `Stage` (inside the CLIP
+tower, before LLM layer 0, or inside the LLM at FASTV_LAYER), the `Read`s it needs, and its budget
+rule (A: tokens entering the LLM; B: tokens kept after its layer). The engine computes only the
+declared reads (an attention row from q.K^T, never an eager layer) and applies what a method
+returns through one step:
+
+- methods before the LLM return a typed `Selection` (kept slots per image, optional merged tokens
+  and sizes); `selection.place_selection` lays it on the placeholder slots and
+  `placement.place_images` drops the empty ones with the gather FastV's pruning uses;
+- methods inside the LLM score the visual slots (`fastv`: the attention row; `random`: a hash) and
+  the decoder loop's `prune` keeps the top of the budget;
+- `dymu` merges inside the tower under calibrated thresholds (its own budget rule).
+
+Methods never import a model: a model's adapter (`hybrid_vlm.adapters`) maps pixels to the reads
+and lays the selection on its own slots. `list_methods()` names them; `get_method(name)` refuses an
+unknown one with the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .divprune import divprune_select
+from .selection import Selection
+from .visionzip import contextual_targets, visionzip_select, visionzip_split
+from .vispruner import vispruner_select, vispruner_split
+
+
+class Stage(str, Enum):
+    VIT = "CLIP tower, read layer"
+    PRE_LLM = "after the projector, before LLM layer 0"
+    LLM = "inside the LLM, at FASTV_LAYER"
+    VIT_LAYERS = "every CLIP layer LLaVA reads"
+
+
+class Read(str, Enum):
+    VIT_FEATURES = "CLIP features of the read layer"
+    VIT_CLS_ATTENTION = "[CLS] attention row of the read CLIP layer"
+    VIT_KEYS = "head-averaged keys of the read CLIP layer"
+    PROJECTED_FEATURES = "projected visual features"
+    LLM_ATTENTION_ROW = "last prompt token's attention row at layer FASTV_LAYER - 1"
+    PIXELS = "pixel values (a hash)"
+    VIT_MERGE_KEYS = "keys of every CLIP layer (bipartite merging)"
+
+
+@dataclass
+class VisualReads:
+    """The declared reads, per image, in patch order (P = the read layer's patches)."""
+
+    vit_features: torch.Tensor | None = None  # [N, P, C_vit]
+    cls_attention: torch.Tensor | None = None  # [N, P] float32
+    vit_keys: torch.Tensor | None = None  # [N, P, head_dim]
+    projected: torch.Tensor | None = None  # [N, P, hidden]
+
+
+@dataclass(frozen=True)
+class VitDims:
+    """What the scoring-cost formulas need: patches P, CLIP width and heads, LLM width."""
+
+    patches: int
+    vit_hidden: int
+    vit_heads: int
+    text_hidden: int
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    stage: Stage
+    reads: tuple[Read, ...]
+    budget_rule: str  # "A" tokens entering the LLM, "B" kept after the layer, "thresholds" (DyMU)
+    signal: str
+    positions: str
+    deviations: str
+    select: Callable[[VisualReads, int], Selection] | None = None  # methods before the LLM
+    scoring_macs: Callable[[int, VitDims], int] = lambda budget, dims: 0  # per image
+    selects_projected: bool = False  # its Selection's tokens are in the LLM's space (else CLIP's)
+
+    @property
+    def before_llm(self) -> bool:
+        return self.select is not None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def list_methods() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"VISUAL_METHOD={name!r} is not valid: use one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def check_budget(method: Method, budget: int, patches: int) -> None:
+    """A budget the method cannot reach is an error, never a silent rounding."""
+    if method.budget_rule == "thresholds":
+        raise ValueError(f"VISUAL_BUDGET does not apply to {method.name}: its token count is set by DYMU_THRESHOLDS "
+                         "(calibrate with --target N to aim at N tokens)")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= patches:
+        raise ValueError(f"VISUAL_BUDGET={budget!r} is not reachable by {method.name}: use an integer 1..{patches} "
+                         f"(visual tokens per image of {patches} patches)")
+    if method.name == "pool":
+        from ..baselines import pool_shape
+
+        pool_shape(budget, round(patches**0.5))  # raises naming the budgets that tile the grid
+
+
+# ----------------------------------------------------------------------------- scoring costs
+
+
+def cls_row_macs(dims: VitDims) -> int:
+    return (dims.patches + 1) * dims.vit_hidden  # one query row against every key, all heads
+
+
+def visionzip_macs(budget: int, dims: VitDims) -> int:
+    dominant, contextual = visionzip_split(budget)
+    remaining = dims.patches - dominant
+    head_dim = dims.vit_hidden // dims.vit_heads
+    return cls_row_macs(dims) + remaining * contextual * (head_dim + dims.vit_hidden)  # similarities + member sums
+
+
+def vispruner_macs(budget: int, dims: VitDims) -> int:
+    total, residual, diverse = cls_row_macs(dims), dims.patches - vispruner_split(budget), budget - vispruner_split(budget)
+    while diverse > 0 and (drop := min(8, residual - diverse)) > 0:
+        total += ((residual + 1) // 2) * (residual // 2) * dims.vit_hidden
+        residual -= min(drop, (residual + 1) // 2)
+    return total
+
+
+def divprune_macs(budget: int, dims: VitDims) -> int:
+    return dims.patches * dims.patches * dims.text_hidden  # the cosine matrix; the greedy only compares
+
+
+# --------------------------------------------------------------------------------- the methods
+
+register(Method(
+    name="fastv", stage=Stage.LLM, reads=(Read.LLM_ATTENTION_ROW,), budget_rule="B",
+    signal="last prompt token's attention at layer K-1, head mean",
+    positions="original ids (logical)",
+    deviations="the attention row is computed from q.K^T beside SDPA, not an eager layer; batched, cache-correct",
+))
+register(Method(
+    name="random", stage=Stage.LLM, reads=(Read.PIXELS,), budget_rule="B",
+    signal="a seeded hash of the image's pixels and the slot (SELECT_SEED)",
+    positions="original ids (logical)",
+    deviations="no official code; kept at FastV's layer so it isolates FastV's signal",
+))
+register(Method(
+    name="pool", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
+    signal="2-D average pooling of the projected 24 x 24 grid (adaptive windows for non-square budgets)",
+    positions="each window's central patch",
+    deviations="no official code; windows as torch's adaptive_avg_pool2d",
+    select=lambda reads, budget: _pool(reads, budget), selects_projected=True,
+))
+register(Method(
+    name="visionzip", stage=Stage.VIT, reads=(Read.VIT_CLS_ATTENTION, Read.VIT_KEYS, Read.VIT_FEATURES), budget_rule="A",
+    signal="[CLS] attention (dominant) + key-similarity merging (contextual) at the CLIP layer LLaVA reads",
+    positions="dominant: own patch; contextual: its target patch",
+    deviations="[CLS] not kept (llava-hf drops it); split round(N*10/64) contextual; fp32; lower index wins ties",
+    select=lambda reads, budget: visionzip_select(reads.cls_attention, reads.vit_keys, reads.vit_features, *visionzip_split(budget)),
+    scoring_macs=visionzip_macs,
+))
+register(Method(
+    name="vispruner", stage=Stage.VIT, reads=(Read.VIT_CLS_ATTENTION, Read.VIT_FEATURES), budget_rule="A",
+    signal="[CLS] attention (important) + iterative bipartite de-duplication of CLIP features (diverse)",
+    positions="own patch",
+    deviations="important ratio 0.75 at <= 64 tokens else 0.5; odd residuals allowed; fp32; stable sorts",
+    select=lambda reads, budget: vispruner_select(reads.cls_attention, reads.vit_features, budget, vispruner_split(budget)),
+    scoring_macs=vispruner_macs,
+))
+register(Method(
+    name="divprune", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
+    signal="max-min diversity greedy on cosine distances of the projected features",
+    positions="own patch",
+    deviations="diagonal excluded explicitly and no token picked twice; fp32; lowest index wins ties",
+    select=lambda reads, budget: divprune_select(reads.projected, budget), scoring_macs=divprune_macs,
+    selects_projected=True,
+))
+register(Method(
+    name="dymu", stage=Stage.VIT_LAYERS, reads=(Read.VIT_MERGE_KEYS,), budget_rule="thresholds",
+    signal="bipartite merging by key similarity above calibrated per-layer thresholds",
+    positions="each merged token at its representative patch",
+    deviations="see hybrid_vlm.dymu (batched with static shapes; split order as official)",
+))
+
+
+def _pool(reads: VisualReads, budget: int) -> Selection:
+    from ..baselines import pool_selection
+
+    return pool_selection(reads.projected, budget)
+
+
+__all__ = [
+    "Method", "Read", "Selection", "Stage", "VisualReads", "VitDims", "check_budget", "contextual_targets",
+    "get_method", "list_methods", "register",
+]
