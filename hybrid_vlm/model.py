@@ -12,9 +12,12 @@ With DyMU on, the CLIP tower merges patches first; each merged token takes the p
 representative patch (and so that patch's position id) and the other placeholders are dropped
 before layer 0.
 
-Dropped tokens never reach the KV cache of layers >= fastv_layer, so the cache holds two groups of
-different lengths. Their key-validity masks (padding, kept tokens) travel on the cache object as
-`PruneState`, which is what makes decoding after pruning, left padding and batching exact.
+Dropped tokens never reach the KV cache of layers >= fastv_layer, so the cache holds one group of
+layers per reduction stage, of different lengths (`CacheGroup`: what entered layer 0, then one per
+stage inside the LLM). Their key-validity masks (padding, kept tokens) travel on the cache object as
+`PruneState`, which is what makes decoding after pruning, left padding and batching exact. The loop
+takes its stages as a map from layer to plan, so a method pruning at several layers adds entries,
+not code.
 """
 
 from __future__ import annotations
@@ -43,26 +46,54 @@ from .runtime import require
 
 
 @dataclass
+class CacheGroup:
+    """Layers from `first_layer` up to the next group's first layer cache the same tokens."""
+
+    first_layer: int
+    key_valid: torch.Tensor  # [B, K] bool: which of those cached keys are real tokens (not padding, fillers, dropped)
+
+
+@dataclass
 class PruneState:
-    """What a cache must remember between forward calls about the tokens it holds."""
+    """What a cache must remember between forward calls about the tokens it holds: one group per
+    reduction stage (the first holds what entered layer 0; each stage inside the LLM adds one from
+    its layer on), each with its own key-validity mask."""
 
-    full_key_valid: torch.Tensor  # [B, K_full] bool: cached keys of layers < prune_layer that are real tokens
-    pruned_key_valid: torch.Tensor  # [B, K_pruned] bool: the same for layers >= prune_layer
-    prune_layer: int  # first layer whose cache holds only kept tokens; num_layers if nothing was pruned
+    groups: list[CacheGroup]  # first_layer ascending; groups[0].first_layer == 0
+    num_layers: int
     next_position: torch.Tensor  # [B] long: position id of the next token, when none is passed
-    prompt_tokens: torch.Tensor  # [B] long: real tokens entering LLM layer 0 in the first forward (after DyMU)
-    prompt_tokens_kept: torch.Tensor  # [B] long: of those, the ones the last layer saw (after FastV)
-    dense: bool = False  # every cached key of both groups is a real token (decided once, in Python)
-    visual_tokens: torch.Tensor | None = None  # [B] long: of prompt_tokens, the visual ones (None: no image)
+    group_prompt_tokens: list[torch.Tensor]  # per group, [B] long: real prompt tokens its layers saw in the first forward
+    dense: bool = False  # every cached key of every group is a real token (decided once, in Python)
+    visual_tokens: torch.Tensor | None = None  # [B] long: of the prompt tokens entering layer 0, the visual ones (None: no image)
 
-    def visual_counts(self, num_layers: int) -> VisualCounts:
+    @property
+    def prompt_tokens(self) -> torch.Tensor:  # [B] real tokens entering LLM layer 0 (after any reduction before it)
+        return self.group_prompt_tokens[0]
+
+    @property
+    def prompt_tokens_kept(self) -> torch.Tensor:  # [B] of those, the ones the last layer saw
+        return self.group_prompt_tokens[-1]
+
+    @property
+    def pruned_key_valid(self) -> torch.Tensor:  # [B, K] the last layer's group
+        return self.groups[-1].key_valid
+
+    def group_layers(self) -> list[int]:
+        """How many layers each group spans."""
+        starts = [group.first_layer for group in self.groups] + [self.num_layers]
+        return [end - start for start, end in zip(starts, starts[1:])]
+
+    def kv_lengths(self) -> list[int]:
+        """Keys each layer caches (padding included: a shape, no host sync)."""
+        return [group.key_valid.shape[1] for group, span in zip(self.groups, self.group_layers()) for _ in range(span)]
+
+    def visual_counts(self) -> VisualCounts:
         """Per sample, the three visual-token counts every budget rule is one of, from what the
         cache holds (not from the settings)."""
         entered = self.visual_tokens if self.visual_tokens is not None else torch.zeros_like(self.prompt_tokens)
-        kept = entered - (self.prompt_tokens - self.prompt_tokens_kept)  # only visual tokens are ever dropped
-        full_layers = min(self.prune_layer, num_layers)  # layers that saw every entered token
-        layer_mean = (full_layers * entered + (num_layers - full_layers) * kept).double() / num_layers
-        return VisualCounts(entered.tolist(), kept.tolist(), layer_mean.tolist())
+        per_group = [entered - (self.prompt_tokens - tokens) for tokens in self.group_prompt_tokens]  # only visual tokens are dropped
+        layer_mean = sum(span * visual.double() for span, visual in zip(self.group_layers(), per_group)) / self.num_layers
+        return VisualCounts(entered.tolist(), per_group[-1].tolist(), layer_mean.tolist())
 
 
 @dataclass
@@ -320,15 +351,12 @@ class HybridDecoder:
         slot_padding = slots is not None and (slots.fillers or (slots.compact and slots.valid_count is None))
         dense = prompt_is_dense(attention_mask, batch, slot_padding) if state is None else state.dense
         dense = dense and (plan is None or plan.uniform)  # unequal quotas leave kept slots that are not real
-        hidden_states, pruned, key_valid = self._decoder_layers(
-            parts, inputs_embeds, position_ids, new_valid, state, cache, plan, dense, prune_from_start=entered is not None
-        )
+        hidden_states, pruned, groups = self._decoder_layers(parts, inputs_embeds, position_ids, new_valid, state, cache, plan, dense)
         if pruned is not None and pruned.next_position is not None:
             next_position = pruned.next_position
         if cache is not None:
-            cache.hybrid_state = self._next_state(state, key_valid, next_position, dense)
-            if placed is not None:
-                cache.hybrid_state.visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1)
+            visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
+            cache.hybrid_state = self._next_state(state, groups, next_position, dense, visual_tokens)
 
         kept_positions = pruned.kept_positions if pruned is not None else None
         if entered is not None:
@@ -338,51 +366,47 @@ class HybridDecoder:
                 kept_positions = entered if kept_positions is None else entered.gather(1, kept_positions)
         return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
 
-    def _decoder_layers(self, parts, hidden_states, position_ids, new_valid, state, cache, plan, dense, prune_from_start):
-        """Run every layer; FastV prunes at `fastv_layer`. Returns (hidden, Pruned or None, key validity
-        (full_key_valid, pruned_key_valid, prune_layer) for the cache state)."""
-        config, num_layers, length = self.hybrid_config, len(parts.layers), hidden_states.shape[1]
+    def _decoder_layers(self, parts, hidden_states, position_ids, new_valid, state, cache, plan, dense):
+        """Run every layer; a stage prunes at its layer (FastV: `fastv_layer`). Returns (hidden, the
+        last Pruned or None, the cache groups)."""
+        config, length = self.hybrid_config, hidden_states.shape[1]
         unmasked = dense and (state is None or length == 1)  # causal prefill, or a one-token step
 
         def layer_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor | None:
             return None if unmasked else attention_mask_4d(key_valid, query_length)
 
         if state is None:
-            full_key_valid = pruned_key_valid = new_valid
-            prune_layer = 0 if prune_from_start else num_layers
+            groups = [CacheGroup(0, new_valid)]
         else:
-            full_key_valid = torch.cat([state.full_key_valid, new_valid], dim=1)
-            pruned_key_valid = torch.cat([state.pruned_key_valid, new_valid], dim=1)
-            prune_layer = state.prune_layer
+            groups = [CacheGroup(group.first_layer, torch.cat([group.key_valid, new_valid], dim=1)) for group in state.groups]
+        group_at = {group.first_layer: group for group in groups}
+        stages = {} if plan is None else {config.fastv_layer: plan}  # layer -> what prunes there
         cos_sin = parts.rotary_emb(hidden_states, position_ids)
-        mask = layer_mask(full_key_valid, length)
-        pruned = scores = None
+        valid, pruned, scores, mask = new_valid, None, None, None
         for layer_idx, layer in enumerate(parts.layers):
-            if plan is not None and layer_idx == config.fastv_layer:
-                pruned = prune(plan, scores, hidden_states, cos_sin, new_valid, config.position_mode, parts.rotary_emb)
-                hidden_states, cos_sin, pruned_key_valid, prune_layer = pruned.hidden_states, pruned.cos_sin, pruned.key_valid, layer_idx
-                mask = layer_mask(pruned_key_valid, hidden_states.shape[1])
-            elif layer_idx == prune_layer:
-                mask = layer_mask(pruned_key_valid, length)
-            scoring_here = plan is not None and plan.slot_scores is None and layer_idx == config.fastv_layer - 1
+            if layer_idx in stages:
+                pruned = prune(stages[layer_idx], scores, hidden_states, cos_sin, valid, config.position_mode, parts.rotary_emb)
+                hidden_states, cos_sin, valid = pruned.hidden_states, pruned.cos_sin, pruned.key_valid
+                groups.append(CacheGroup(layer_idx, valid))
+                mask = layer_mask(valid, hidden_states.shape[1])
+            elif layer_idx in group_at:
+                mask = layer_mask(group_at[layer_idx].key_valid, length)
+            scorer = stages.get(layer_idx + 1)
+            scoring_here = scorer is not None and scorer.slot_scores is None
             hidden_states, row = llama_layer_forward(
                 layer, hidden_states, cos_sin, mask, cache, layer_idx,
-                score_query_index=plan.query_index if scoring_here else None,
+                score_query_index=scorer.query_index if scoring_here else None,
                 eager_scoring=config.scoring == "eager",
             )
             if scoring_here:
                 scores = row
-        return hidden_states, pruned, (full_key_valid, pruned_key_valid, prune_layer)
+        return hidden_states, pruned, groups
 
-    def _next_state(self, state, key_valid, next_position, dense) -> PruneState:
-        full_key_valid, pruned_key_valid, prune_layer = key_valid
-        if state is None:
-            prompt_tokens = full_key_valid.sum(dim=1)
-            prompt_tokens_kept = pruned_key_valid.sum(dim=1) if prune_layer < len(llava_parts(self).layers) else prompt_tokens
-        else:
-            prompt_tokens, prompt_tokens_kept = state.prompt_tokens, state.prompt_tokens_kept
-        visual_tokens = state.visual_tokens if state is not None else None
-        return PruneState(full_key_valid, pruned_key_valid, prune_layer, next_position, prompt_tokens, prompt_tokens_kept, dense, visual_tokens)
+    def _next_state(self, state, groups, next_position, dense, visual_tokens) -> PruneState:
+        if state is not None:
+            return PruneState(groups, state.num_layers, next_position, state.group_prompt_tokens, dense, state.visual_tokens)
+        prompt_tokens = [group.key_valid.sum(dim=1) for group in groups]
+        return PruneState(groups, len(llava_parts(self).layers), next_position, prompt_tokens, dense, visual_tokens)
 
     def _output(self, parts, hidden_states, logits_to_keep, cache, kept_positions, placed) -> HybridLlavaOutput:
         hidden_states = parts.norm(hidden_states)

@@ -215,3 +215,18 @@ def test_unreachable_budgets_and_bad_methods_are_refused(tiny, settings, message
     model, _ = tiny
     with pytest.raises(ValueError, match=message):
         apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
+
+
+def test_state_records_the_per_layer_kv_lengths_the_cache_holds(tiny):
+    """A method before the LLM and FastV after it: the state's groups (layer 0 on: the method's
+    tokens; FASTV_LAYER on: FastV's) and per-layer lengths are those of the cache's own tensors."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        out = hybrid_copy(model, visual_method="visionzip", visual_budget=64, fastv_k=16, fastv_layer=2)(**inputs, use_cache=True)
+    cache = out.past_key_values
+    held = [layer.keys.shape[2] for layer in cache.layers]
+    assert cache.hybrid_state.kv_lengths() == held
+    assert [group.first_layer for group in cache.hybrid_state.groups] == [0, 2]
+    length = inputs["input_ids"].shape[1]
+    assert held == [length - 576 + 64] * 2 + [length - 576 + 16] * (len(held) - 2)

@@ -157,7 +157,7 @@ def test_sweep_rejects_a_malformed_setting_before_running_anything(capsys):
 def sandbox(tmp_path_factory):
     """A temporary LMUData, hybrid_vlm cache (tiny checkpoint) and HF cache; no judge keys."""
     root = tmp_path_factory.mktemp("vlmeval_plugin")
-    env = {key: value for key, value in os.environ.items() if key not in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM", "MMEVAL_ROOT", "PRED_FORMAT", "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", settings.MODEL_PATH_ENV)}
+    env = {key: value for key, value in os.environ.items() if key not in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM", "MMEVAL_ROOT", "PRED_FORMAT", "FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "VISUAL_METHOD", "VISUAL_BUDGET", settings.MODEL_PATH_ENV)}
     (root / "LMUData").mkdir()
     write_tsv(build_mcq_table(SANDBOX_QUESTIONS), root / "LMUData" / "TinyMMBench.tsv")
     write_tsv(build_caption_table(SANDBOX_CAPTIONS), root / "LMUData" / "TinyCOCO.tsv")
@@ -321,6 +321,7 @@ def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
         "unknown model": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_turbo"], {}),
         "malformed FASTV_K": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", *checkpoint], {"FASTV_K": "7x"}),
         "missing checkpoint": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b"], {}),
+        "method conflicts with the name": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_visionzip", *checkpoint], {"VISUAL_METHOD": "divprune"}),
     }
     processes = {
         case: subprocess.Popen([sys.executable, RUN_PY, *args], env=dict(sandbox["env"], **extra), cwd=sandbox["root"],
@@ -336,6 +337,7 @@ def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
     missing = outcomes["missing checkpoint"][1]
     assert "llava-hf/llava-1.5-7b-hf" in missing and str(Path(sandbox["env"]["HF_HOME"]) / "hub") in missing
     assert "hf download llava-hf/llava-1.5-7b-hf" in missing
+    assert "VISUAL_METHOD=divprune conflicts with the name" in outcomes["method conflicts with the name"][1]
     assert not any((sandbox["root"] / "outputs").glob("llava_v1.5_7b*"))  # nothing ran
 
 

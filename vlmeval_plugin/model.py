@@ -333,11 +333,10 @@ class HybridLLaVA(BaseModel):
         new_tokens = output.sequences[:, prompt_length:]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         state = getattr(output_cache(output), "hybrid_state", None)
-        num_layers = self.model.config.text_config.num_hidden_layers
         if state is not None:
             tokens_in = state.prompt_tokens.tolist()
             tokens_kept = state.prompt_tokens_kept.tolist()
-            visual = state.visual_counts(num_layers)
+            visual = state.visual_counts()
         else:  # the stock model: every real prompt token reaches every layer
             tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
             tokens_kept = list(tokens_in)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_vlm.config import HybridConfig
+from hybrid_vlm.methods import check_budget, get_method
 
 CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
 # family -> the llava-hf checkpoint its names load by default (VLMEvalKit's model paths)
@@ -49,6 +50,7 @@ NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the ef
 # the methods before the LLM with a name of their own, and their default VISUAL_BUDGET: VisionZip's
 # and VisPruner's published 64-token setting, DivPrune's default ratio 0.098 of 576 (56 tokens)
 PRE_LLM_METHODS = ("visionzip", "vispruner", "divprune")
+LLAVA_15_PATCHES = 576
 DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
@@ -229,6 +231,8 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         defaults["visual_pool"] = DEFAULT_POOL
     try:
         config = HybridConfig.from_env(read_env, **defaults)
+        if config.visual_method is not None and not variant.next:
+            check_budget(get_method(config.visual_method), config.visual_budget, LLAVA_15_PATCHES)
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
     return config
@@ -260,7 +264,10 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
         if variant.method == "random":
             read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
     try:
-        return HybridConfig.from_env(read_env)
+        config = HybridConfig.from_env(read_env)
+        if config.visual_method is not None:  # every name of a method before the LLM is a LLaVA-1.5 one: 576 patches
+            check_budget(get_method(config.visual_method), config.visual_budget, LLAVA_15_PATCHES)
+        return config
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
 

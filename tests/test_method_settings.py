@@ -1,0 +1,99 @@
+"""VISUAL_METHOD / VISUAL_BUDGET: names decide the method, tags keep settings apart, bad requests
+name the setting and what is accepted, and the sweep plans one run per method x budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from hybrid_vlm import HybridConfig
+from hybrid_vlm.config import method_settings
+from vlmeval_plugin import settings
+
+
+@pytest.mark.parametrize(
+    "name,env,expected",
+    [
+        ("llava_v1.5_7b_visionzip", {}, dict(visual_method="visionzip", visual_budget=64)),
+        ("llava_v1.5_7b_divprune", {"VISUAL_BUDGET": "192"}, dict(visual_method="divprune", visual_budget=192)),
+        ("llava_v1.5_7b_divprune", {}, dict(visual_budget=56)),  # DivPrune's default ratio 0.098 of 576
+        ("llava_v1.5_7b_vispruner", {"VISUAL_METHOD": "vispruner", "VISUAL_BUDGET": "128"}, dict(visual_method="vispruner", visual_budget=128)),
+        ("llava_v1.5_7b_fastv", {"VISUAL_METHOD": "fastv", "VISUAL_BUDGET": "64"}, dict(fastv_k=64, fastv_select="attention")),
+        ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64"}, dict(fastv_k=64)),
+        ("llava_v1.5_7b_fastv", {"FASTV_K": "72"}, dict(fastv_k=72)),  # FASTV_K keeps working
+        ("llava_v1.5_7b_random", {"VISUAL_BUDGET": "64", "SELECT_SEED": "3"}, dict(fastv_k=64, fastv_select="random", select_seed=3)),
+        ("llava_v1.5_7b_random", {}, dict(fastv_k=0.5, fastv_select="random")),
+        ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "192"}, dict(visual_method="pool", visual_budget=192, visual_pool=None)),
+        ("llava_v1.5_7b_pool", {}, dict(visual_pool=2, visual_method=None)),
+        ("llava_tiny_visionzip", {"VISUAL_BUDGET": "128", "HYBRID_POSITIONS": "renumbered"}, dict(visual_budget=128, position_mode="renumbered")),
+    ],
+)
+def test_names_decide_the_method(name, env, expected):
+    config = settings.hybrid_config_for(name, env)
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
+
+
+@pytest.mark.parametrize(
+    "name,env,message",
+    [
+        ("llava_v1.5_7b_visionzip", {"VISUAL_METHOD": "divprune"}, "VISUAL_METHOD=divprune conflicts with the name"),
+        ("llava_v1.5_7b_fastv", {"VISUAL_METHOD": "visionzip"}, "conflicts with the name"),
+        ("llava_v1.5_7b", {"VISUAL_METHOD": "fastv"}, "conflicts with the name"),
+        ("llava_v1.5_7b_dymu", {"VISUAL_BUDGET": "64", "DYMU_THRESHOLDS": "x.json"}, "VISUAL_BUDGET does not apply to this name"),
+        ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64", "FASTV_K": "32"}, "conflicts with FASTV_K=32"),
+        ("llava_v1.5_7b_visionzip", {"VISUAL_BUDGET": "x"}, "VISUAL_BUDGET='x' is not valid"),
+        ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64", "FASTV_SELECT": "random"}, "conflicts with FASTV_SELECT=random"),
+        ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "193"}, "not reachable by pool: .* nearby reachable budgets: .*192"),
+        ("llava_v1.5_7b_divprune", {"VISUAL_BUDGET": "600"}, "not reachable by divprune: use an integer 1..576"),
+    ],
+)
+def test_conflicting_or_malformed_settings_are_refused(name, env, message):
+    with pytest.raises(settings.PluginError, match=message):
+        settings.hybrid_config_for(name, env)
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"VISUAL_METHOD": "zip", "VISUAL_BUDGET": "64"}, "VISUAL_METHOD='zip' is not valid: use one of fastv, random, pool, visionzip"),
+        ({"VISUAL_BUDGET": "64"}, "VISUAL_BUDGET=64 needs VISUAL_METHOD"),
+        ({"VISUAL_METHOD": "divprune"}, "VISUAL_METHOD=divprune needs VISUAL_BUDGET"),
+        ({"VISUAL_METHOD": "dymu", "VISUAL_BUDGET": "64"}, "VISUAL_BUDGET does not apply to VISUAL_METHOD=dymu"),
+        ({"VISUAL_METHOD": "visionzip", "VISUAL_BUDGET": "64", "DYMU_THRESHOLDS": "x.json"}, "cannot follow DyMU"),
+        ({"VISUAL_METHOD": "visionzip", "VISUAL_BUDGET": "64", "VISUAL_POOL": "2"}, "cannot be combined"),
+    ],
+)
+def test_engine_settings_name_what_is_accepted(env, message):
+    with pytest.raises(ValueError, match=message):
+        HybridConfig.from_env(env)
+
+
+def test_tags_carry_method_budget_positions_and_seed():
+    tags = {
+        HybridConfig(visual_method=m, visual_budget=b, position_mode=p).describe()
+        for m in ("visionzip", "vispruner", "divprune", "pool") for b in (64, 128) for p in ("logical", "renumbered")
+    }
+    assert len(tags) == 16
+    assert HybridConfig(visual_method="visionzip", visual_budget=64).describe() == "visionzip-b64"
+    assert HybridConfig(fastv_k=64, fastv_select="random", select_seed=2).describe() == "random-k64-l2-s2"
+    assert method_settings({}, None) == {}
+
+
+def test_sweep_plans_one_run_per_method_and_budget(capsys):
+    from hybrid_tools import sweep
+
+    methods = ["fastv", "visionzip", "vispruner", "divprune", "random", "pool"]
+    assert sweep.main(["--data", "TinyMMBench", "--model", "llava_tiny", "--methods", *methods, "--budgets", "192", "128", "64", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "19 run(s)" in out  # the vanilla reference + 6 methods x 3 budgets
+    for method in ("visionzip", "vispruner", "divprune", "pool"):
+        for budget in (192, 128, 64):
+            assert f"llava_tiny_{method}__{method}-b{budget}" in out
+    assert "llava_tiny_fastv__fastv-k64-l2" in out and "llava_tiny_random__random-k64-l2" in out
+
+
+def test_sweep_refuses_an_unreachable_budget_before_running(capsys):
+    from hybrid_tools import sweep
+
+    assert sweep.main(["--data", "TinyMMBench", "--model", "llava_tiny", "--methods", "visionzip", "--budgets", "0", "--dry-run"]) == 2
+    assert "--budgets 0" in capsys.readouterr().err
