@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from hybrid_vlm import HybridConfig, apply_hybrid, flops
+from hybrid_vlm import HybridConfig, apply_hybrid, flops, remove_hybrid
 from hybrid_vlm.hf_compat import cache_kwarg, output_cache
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
@@ -150,3 +150,42 @@ def test_prefill_and_decode_match_flop_counter(dims, hybrid):
     step = flops.llm_decode_macs(shape.llm, prompt, kept, fastv_layer=getattr(hybrid, "fastv_layer", 2), attention="dense")
     assert counted_step["llm"] == step
     assert counted_step["vision"] == 0
+
+
+def test_readme_methods_table_is_the_committed_command_output(capsys):
+    """The README's methods MACs table is `python -m hybrid_vlm.flops --methods`, verbatim."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quoted = readme.split("<!-- methods-macs:begin -->", 1)[1].split("<!-- methods-macs:end -->", 1)[0]
+    flops.print_methods_table()
+    assert quoted.strip() == capsys.readouterr().out.strip()
+
+
+def test_methods_table_counts_follow_each_budget_rule():
+    """Rule A methods let the budget in at every layer; rule B keeps it after layer 2 (of 32)."""
+    rows = {(row["method"], row["budget"]): row for row in flops.methods_table()}
+    assert rows[("visionzip", 64)]["visual_layer_mean"] == 64 and rows[("visionzip", 64)]["visual_in"] == 64
+    assert rows[("fastv", 64)]["visual_layer_mean"] == (2 * 576 + 30 * 64) / 32
+    assert rows[("divprune", 64)]["scoring_gmacs"] == 576 * 576 * 4096 / 1e9
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune", "pool"])
+@pytest.mark.parametrize("budget", [192, 64])
+def test_method_prefill_matches_flop_counter_with_its_scoring(method, budget):
+    """The whole prefill under a method before the LLM (its own CLIP loop or the stock tower, its
+    scoring matmuls, the projector on what it projects, the LLM at text + budget) equals
+    FlopCounterMode's count, and the scoring term is part of it."""
+    model, inputs, text, shape = tiny_model(**GQA)
+    config = HybridConfig(visual_method=method, visual_budget=budget)
+    apply_hybrid(model, config)
+    try:
+        counted, _ = counted_macs(model, **inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        remove_hybrid(model)
+    expected = flops.method_prefill_macs(shape, config, text, attention="dense")
+    assert sum(counted.values()) == expected.total
+    if method != "pool":
+        assert expected.selection > 0
+        without = flops.method_prefill_macs(shape, config, text, attention="dense")
+        assert sum(counted.values()) != expected.total - without.selection  # the count includes the scoring
