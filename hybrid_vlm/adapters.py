@@ -61,7 +61,7 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
             features, valid = pool_grid(features, config.visual_pool)
     tokens = features.shape[1]
     # the random draw hashes the pixels as given (before the cast), as documented in `baselines`
-    scores = random_slot_scores(pixel_values, per_sample, tokens, config.select_seed) if config.fastv_select == "random" else None
+    scores = random_slot_scores(pixel_values, per_sample, tokens, config.select_seed) if reads_pixel_hash(config) else None
     return ImageSlots(
         features=features.reshape(batch, per_sample * tokens, -1),
         valid=None if valid is None else valid.reshape(batch, per_sample * tokens),
@@ -72,6 +72,12 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
 
 
 VIT_READS = (Read.VIT_FEATURES, Read.VIT_CLS_ATTENTION, Read.VIT_KEYS)
+
+
+def reads_pixel_hash(config) -> bool:
+    """The method pruning inside the LLM scores slots from the pixels (random selection), which the
+    adapter computes, rather than from an attention row, which the decoder loop does."""
+    return config.llm_method is not None and Read.PIXELS in get_method(config.llm_method).reads
 
 
 def method_reads(model, pixels: torch.Tensor, method: Method) -> VisualReads:
@@ -168,7 +174,7 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         compact=merged_valid is not None,
         protected=host_to_device(left_padded(newlines, value=False), features.device) if keep_newlines else None,
         protected_counts=[int(rows.sum()) for rows in newlines] if keep_newlines else None,
-        scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if model.hybrid_config.fastv_select == "random" else None,
+        scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if reads_pixel_hash(model.hybrid_config) else None,
     )
 
 

@@ -247,6 +247,13 @@ class HybridConfig:
     def prunes(self) -> bool:
         return self.fastv_k is not None
 
+    @property
+    def llm_method(self) -> str | None:
+        """The registered method pruning inside the LLM at `fastv_layer` (fastv or random), or None."""
+        if self.fastv_k is None:
+            return None
+        return "fastv" if self.fastv_select == "attention" else "random"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
         """Read VISUAL_METHOD and VISUAL_BUDGET (`method_settings`), FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED, FASTV_NEWLINES,

@@ -41,6 +41,7 @@ from .hf_compat import (
     new_cache,
 )
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
+from .methods import Read, get_method
 from .placement import PlacedPrompt, place_images
 from .runtime import require
 
@@ -215,6 +216,7 @@ class PrunePlan:
     slot_scores: torch.Tensor | None  # [B, L0] scores that replace attention (random selection)
     protected: torch.Tensor | None = None  # [B, L0] slots kept whatever their score
     uniform: bool = True  # every sample keeps `keep` real tokens (known in Python)
+    reads_attention_row: bool = True  # the method declares Read.LLM_ATTENTION_ROW: the layer before scores
 
 
 def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool, bool]:
@@ -253,7 +255,10 @@ def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_in
         protected = torch.zeros_like(real_visual) if placed.protected is None else placed.protected.gather(1, placed.visual_positions) & real_visual
         protected_count = protected.sum(dim=1)
         keep_per_sample = visual_keep_counts(real_visual.sum(dim=1) - protected_count, config.fastv_k) + protected_count
-    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores, placed.protected, uniform)
+    reads_row = Read.LLM_ATTENTION_ROW in get_method(config.llm_method).reads
+    if not reads_row and placed.slot_scores is None:
+        raise RuntimeError(f"{config.llm_method} scores slots the adapter did not supply")
+    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores, placed.protected, uniform, reads_row)
 
 
 @dataclass
@@ -269,7 +274,7 @@ class Pruned:
 
 def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_mode: str, rotary_emb) -> Pruned:
     """Keep every text token and the top `plan.keep` visual slots, at their position ids."""
-    scores = plan.slot_scores if plan.slot_scores is not None else scores
+    scores = scores if plan.reads_attention_row else plan.slot_scores
     if plan.protected is not None:
         scores = scores.masked_fill(plan.protected, 2.0)  # above every probability: kept first
     scores = scores.masked_fill(~new_valid, -1.0)  # empty slots rank after every real token
@@ -392,7 +397,7 @@ class HybridDecoder:
             elif layer_idx in group_at:
                 mask = layer_mask(group_at[layer_idx].key_valid, length)
             scorer = stages.get(layer_idx + 1)
-            scoring_here = scorer is not None and scorer.slot_scores is None
+            scoring_here = scorer is not None and scorer.reads_attention_row  # only a declared read is computed
             hidden_states, row = llama_layer_forward(
                 layer, hidden_states, cos_sin, mask, cache, layer_idx,
                 score_query_index=scorer.query_index if scoring_here else None,

@@ -4,7 +4,7 @@ VLMEvalKit keeps one prediction string per row. The plugin appends one JSON line
 to `<work-dir>/<model>/<model>_<dataset>_stats.jsonl`:
 
     {"index": "17", "prediction": "B", "tokens_in": 636, "tokens_kept": 132, "visual_in": 576,
-     "visual_kept": 72, "visual_layer_mean": 103.5, "prefill_gmacs": 1234.5, "prefill_s": 0.061,
+     "visual_kept": 72, "visual_layer_mean": 103.5, "prefill_gmacs": 1267.4756, "prefill_s": 0.061,
      "generate_s": 0.094, "new_tokens": 2, "batch_size": 1, "rank": 0, "setting": "fastv-k72-l2"}
 
 index: the dataset row (as a string); tokens_in: real tokens entering the LLM (text + visual, no
