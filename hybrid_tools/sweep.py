@@ -236,6 +236,9 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
         for values in itertools.product(*axes.values()):
             chosen = dict(zip(axes, values))
             env = dict(base_env)
+            env.pop("VISUAL_METHOD", None)  # the name decides the method
+            if not reads_budget(variant):
+                env.pop("VISUAL_BUDGET", None)
             env.update({key: value for key, value in chosen.items() if value is not None})
             folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
             label = "vanilla" if not variant.patched else f"{_short(model, args.family)}: {settings.setting_tag(folder) or folder}"

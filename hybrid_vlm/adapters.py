@@ -15,6 +15,8 @@ before layer 0 (pooling) run here, because their output is laid out the model's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .baselines import image_keys, pool_grid, pooled_token_count, random_slot_scores, slot_hash
@@ -80,23 +82,23 @@ def reads_pixel_hash(config) -> bool:
     return config.llm_method is not None and Read.PIXELS in get_method(config.llm_method).reads
 
 
-def method_reads(model, pixels: torch.Tensor, method: Method) -> VisualReads:
+def method_reads(model, pixels: torch.Tensor, method: Method, projected: Callable[[], torch.Tensor]) -> VisualReads:
     """Compute only what `method` declares: the CLIP read layer (with its CLS row and keys only
-    when asked) and/or the projected features, per image in patch order."""
+    when asked) and/or the projected features (`projected()`, the model's own), per image or crop
+    in patch order."""
     reads = VisualReads()
     if any(read in method.reads for read in VIT_READS):
         vision = vision_reads(model, pixels, attention=Read.VIT_CLS_ATTENTION in method.reads or Read.VIT_KEYS in method.reads)
         reads.vit_features, reads.cls_attention, reads.vit_keys = vision.features, vision.cls_attention, vision.keys
     if Read.PROJECTED_FEATURES in method.reads:
-        reads.projected = stock_image_features(model, pixels)
+        reads.projected = projected()
     return reads
 
 
-def reduce_before_llm(model, pixels: torch.Tensor, method: Method, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A method acting before the LLM on LLaVA-1.5's patch grid: (features [N, P, hidden] with the
-    kept tokens at their patches' slots, valid [N, P]). Tokens chosen in CLIP space are projected
-    after the selection, so the projector runs only on them."""
-    reads = method_reads(model, pixels, method)
+def select_and_place(model, reads: VisualReads, method: Method, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [N, P, hidden] with the kept tokens at their slots, valid [N, P]) from `reads` over P
+    slots. Tokens chosen in CLIP space are projected after the selection, so the projector runs
+    only on them."""
     selection = method.select(reads, budget)
     patches = (reads.projected if reads.projected is not None else reads.vit_features).shape[1]
     if not method.selects_projected:
@@ -104,7 +106,44 @@ def reduce_before_llm(model, pixels: torch.Tensor, method: Method, budget: int) 
         if tokens is None:
             tokens = reads.vit_features.gather(1, selection.kept[..., None].expand(-1, -1, reads.vit_features.shape[-1]))
         selection = Selection(selection.kept, project_features(model, tokens), selection.sizes)
-    return place_selection(selection, patches, reads.projected)
+    return place_selection(selection, patches, budget, reads.projected)
+
+
+def reduce_before_llm(model, pixels: torch.Tensor, method: Method, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A method acting before the LLM on LLaVA-1.5's patch grid: (features [N, P, hidden], valid [N, P])."""
+    reads = method_reads(model, pixels, method, lambda: stock_image_features(model, pixels))
+    return select_and_place(model, reads, method, budget)
+
+
+def packed_reads(reads: VisualReads, at: torch.Tensor) -> VisualReads:
+    """Per-crop reads [crops, P, ...] -> one image's reads at its packed patch tokens [1, V_patches, ...]."""
+    def gather(tensor):
+        return None if tensor is None else tensor.flatten(0, 1).index_select(0, at)[None]
+
+    return VisualReads(gather(reads.vit_features), gather(reads.cls_attention), gather(reads.vit_keys), gather(reads.projected))
+
+
+def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayout], method: Method, budget: int):
+    """A method before the LLM on LLaVA-NeXT: per image, the crops' reads mapped to its packed
+    patch tokens (the base image, then the unpadded grid; newlines carry no CLIP signal and are
+    dropped), one selection of `budget` tokens over them, placed back on the packed layout. Returns
+    ([V_i, hidden] features, [V_i] valid) per image."""
+    reads = method_reads(model, crops, method, lambda: crop_features(model, crops))
+    patches = (reads.projected if reads.projected is not None else reads.vit_features).shape[1]
+    packed, valid, start = [], [], 0
+    for index, layout in enumerate(layouts):
+        is_patch = layout.source != NEWLINE  # host
+        available = int(is_patch.sum())
+        if budget > available:
+            raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for image {index}: it packs "
+                             f"{available} patch tokens (use a budget <= {available}, or a larger image)")
+        at = host_to_device(layout.source[is_patch] + start * patches, crops.device)
+        tokens, kept = select_and_place(model, packed_reads(reads, at), method, budget)  # [1, available, hidden]
+        positions = host_to_device(torch.nonzero(is_patch).flatten(), crops.device)
+        packed.append(tokens.new_zeros(layout.num_tokens, tokens.shape[-1]).index_copy(0, positions, tokens[0]))
+        valid.append(torch.zeros(layout.num_tokens, dtype=torch.bool, device=crops.device).index_copy(0, positions, kept[0]))
+        start += layout.num_crops
+    return packed, valid
 
 
 def pack_image(
@@ -154,15 +193,14 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
     layouts = anyres_layouts(model, image_sizes)
     per_sample = images_per_sample(len(layouts), batch)
     crops = crop_pixels(pixel_values, layouts)  # as given: the random draw hashes them before the cast
-    features, merged_valid, coverage = next_crop_features(model, crops.to(model.dtype))
-    packed, valid, start = [], [], 0
-    for layout in layouts:
-        crop_slice = slice(start, start + layout.num_crops)
-        merge_rows = (None if t is None else t[crop_slice] for t in (merged_valid, coverage))
-        image_features, image_valid = pack_image(layout, features[crop_slice], image_newline(model), *merge_rows)
-        packed.append(image_features)
-        valid.append(image_valid)
-        start = crop_slice.stop
+    config = model.hybrid_config
+    if config.visual_method is not None:
+        packed, valid = next_reduce_before_llm(model, crops.to(model.dtype), layouts, get_method(config.visual_method), config.visual_budget)
+        compact, valid_count = True, config.visual_budget * per_sample
+    else:
+        packed, valid, compact = next_packed_images(model, crops.to(model.dtype), layouts)
+        valid_count = None
+    device = packed[0].device
     sample_images = [slice(b * per_sample, (b + 1) * per_sample) for b in range(batch)]
     samples = [torch.cat(packed[images]) for images in sample_images]
     keep_newlines = model.hybrid_config.fastv_newlines == "keep"
@@ -171,11 +209,27 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         features=left_padded(samples),
         valid=left_padded([torch.cat(valid[images]) for images in sample_images], value=False),
         placeholders=[len(sample) for sample in samples],
-        compact=merged_valid is not None,
-        protected=host_to_device(left_padded(newlines, value=False), features.device) if keep_newlines else None,
+        compact=compact,
+        valid_count=valid_count,
+        protected=host_to_device(left_padded(newlines, value=False), device) if keep_newlines else None,
         protected_counts=[int(rows.sum()) for rows in newlines] if keep_newlines else None,
         scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if reads_pixel_hash(model.hybrid_config) else None,
     )
+
+
+def next_packed_images(model, crops: torch.Tensor, layouts: list[AnyresLayout]):
+    """([V_i, hidden] packed features, [V_i] valid) per image, merged by DyMU when asked; and
+    whether empty slots need compaction (DyMU)."""
+    features, merged_valid, coverage = next_crop_features(model, crops)
+    packed, valid, start = [], [], 0
+    for layout in layouts:
+        crop_slice = slice(start, start + layout.num_crops)
+        merge_rows = (None if t is None else t[crop_slice] for t in (merged_valid, coverage))
+        image_features, image_valid = pack_image(layout, features[crop_slice], image_newline(model), *merge_rows)
+        packed.append(image_features)
+        valid.append(image_valid)
+        start = crop_slice.stop
+    return packed, valid, merged_valid is not None
 
 
 def next_random_scores(model, crops: torch.Tensor, layouts: list[AnyresLayout], sample_images: list[slice]) -> list[torch.Tensor]:
@@ -203,9 +257,11 @@ def check_supported(model, config) -> None:
     if isinstance(model, LlavaNextForConditionalGeneration):
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
-        if config.visual_method is not None:
-            raise ValueError(f"VISUAL_METHOD={config.visual_method} is not implemented for LLaVA-NeXT yet: the methods before "
-                             "the LLM run on LLaVA-1.5 (FastV, random and DyMU run on both)")
+        if config.visual_method == "pool":
+            raise ValueError("VISUAL_METHOD=pool is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
+        if config.visual_method is not None and config.fastv_newlines == "keep":
+            raise ValueError(f"FASTV_NEWLINES=keep cannot follow VISUAL_METHOD={config.visual_method}: the methods before the LLM "
+                             "drop LLaVA-NeXT's newline tokens (they carry no CLIP signal), so none are left to keep")
     elif config.visual_method is not None:
         patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
         check_budget(get_method(config.visual_method), config.visual_budget, patches)

@@ -105,4 +105,4 @@ def pool_grid(features: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Te
     grid = math.isqrt(features.shape[1])
     if grid * grid != features.shape[1] or grid % side:
         raise ValueError(f"VISUAL_POOL={side} does not tile a {grid} x {grid} grid: use one of {pool_sides(grid)}")
-    return place_selection(pool_selection(features, (grid // side) ** 2), features.shape[1])
+    return place_selection(pool_selection(features, (grid // side) ** 2), features.shape[1], (grid // side) ** 2)

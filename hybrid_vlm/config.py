@@ -226,6 +226,8 @@ class HybridConfig:
                 raise ValueError("VISUAL_POOL and DYMU_THRESHOLDS cannot be combined: both decide the tokens entering layer 0.")
         if self.visual_method is not None:
             self._check_visual_method()
+        elif self.visual_budget is not None:
+            raise ValueError(f"visual_budget={self.visual_budget!r} needs visual_method (one of visionzip, vispruner, divprune, pool).")
 
     def _check_visual_method(self) -> None:
         before_llm = [name for name in list_methods() if get_method(name).before_llm]

@@ -390,6 +390,9 @@ def method_prefill_macs(
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
+    if visual_entered == 0:  # a text-only row: no tower, no projector, no selection
+        llm = llm_prefill_macs(shape.llm, text_tokens, attention=attention, lm_head_tokens=0)
+        return PrefillMacs(vision=0, projector=0, llm=llm, lm_head=lm_head_macs(shape.llm, lm_head_tokens))
     patches, visual, projector, vit_layers, selection = shape.visual_tokens, None, None, None, 0
     if config.visual_method is not None:
         method = get_method(config.visual_method)

@@ -82,6 +82,22 @@ def stock_vision_reads(model, pixel_values: torch.Tensor) -> dict[str, np.ndarra
     )
 
 
+@torch.no_grad()
+def next_packed_sources(model, inputs) -> list[np.ndarray]:
+    """LLaVA-NeXT: per prompt (one image each), for every packed token the index crop * P + patch
+    of the crop patch it is, or -1 for a newline: stock `pack_image_features` run on index features."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config, sources = model.config, []
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    for size in inputs["image_sizes"].tolist():
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        index = torch.arange(crops * patches, dtype=torch.float64).reshape(crops, patches, 1)
+        packed, _ = model.model.pack_image_features([index], torch.tensor([size]), "default", image_newline=torch.tensor([-1.0], dtype=torch.float64))
+        sources.append(packed[0][:, 0].long().numpy())
+    return sources
+
+
 def numpy_adaptive_pool(features: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """One image [G*G, D] -> (kept slots, tokens): the mean of each adaptive window [floor(i G / n),
     ceil((i + 1) G / n)) per axis, at the window's central patch (offset h // 2, w // 2)."""
@@ -114,8 +130,9 @@ def masked_reference(
     select="random": the kept set is the top of `numpy_random_scores` instead. pool=s: the image
     features are pooled by `numpy_pooled_features` and the other placeholders masked.
     newlines="keep" (LLaVA-NeXT): newline tokens are always kept and the budget counts the others.
-    image_features=(features [B, 576, hidden], slot_valid [B, 576]): the image tokens a method
-    before the LLM chose, computed by the caller (its placeholders without a token are masked).
+    image_features=(features [B, 576, hidden], slot_valid [B, 576]), or per-sample lists of [V_b, ...]:
+    the image tokens a method before the LLM chose, computed by the caller (its placeholders
+    without a token are masked).
     Returns (logits [B, L, V], kept [B, L] bool: real tokens that the last layer attends to).
     """
     reference = eager_copy(model)
@@ -127,14 +144,14 @@ def masked_reference(
     embeds = language_model.embed_tokens(input_ids)
     real = attention_mask.bool().clone()
     protected = np.zeros((batch, length), dtype=bool)
-    if "image_sizes" in inputs:  # LLaVA-NeXT: packed anyres features, one image per prompt
+    if image_features is not None:
+        features, slot_valid = image_features
+    elif "image_sizes" in inputs:  # LLaVA-NeXT: packed anyres features, one image per prompt
         features, slot_valid = next_reference_features(reference, inputs, thresholds, split)
         if newlines == "keep":
             newline = reference.model.image_newline
             for b in range(batch):
                 protected[b, np.flatnonzero(is_visual[b])] = (features[b] == newline).all(dim=-1).numpy()
-    elif image_features is not None:
-        features, slot_valid = image_features
     elif thresholds is None:
         features = reference.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
         slot_valid = torch.ones(batch, is_visual.sum(axis=1).max(), dtype=torch.bool)

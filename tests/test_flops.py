@@ -187,5 +187,10 @@ def test_method_prefill_matches_flop_counter_with_its_scoring(method, budget):
     assert sum(counted.values()) == expected.total
     if method != "pool":
         assert expected.selection > 0
-        without = flops.method_prefill_macs(shape, config, text, attention="dense")
-        assert sum(counted.values()) != expected.total - without.selection  # the count includes the scoring
+
+
+def test_a_text_only_row_counts_no_tower():
+    config = HybridConfig(visual_method="divprune", visual_budget=64)
+    macs = flops.method_prefill_macs(flops.LLAVA_15_7B, config, 60, visual_entered=0, visual_kept=0)
+    assert macs.vision == macs.projector == macs.selection == 0
+    assert macs.total == flops.llm_prefill_macs(flops.LLAVA_15_7B.llm, 60)

@@ -14,13 +14,14 @@ from vlmeval_plugin import settings
 
 from test_vlmeval_plugin import CAPTION_ROWS, MCQ_ROWS, needs_vlmeval, run_py, sandbox, sidecar  # noqa: F401  (sandbox: fixture)
 
-NEXT_NAMES = ["llava_next_vicuna_7b", "llava_next_vicuna_7b_fastv", "llava_next_vicuna_7b_dymu", "llava_next_vicuna_7b_hybrid"]
+METHOD_SUFFIXES = ["", "_fastv", "_dymu", "_hybrid", "_random", "_visionzip", "_vispruner", "_divprune"]
+NEXT_NAMES = [f"llava_next_vicuna_7b{suffix}" for suffix in METHOD_SUFFIXES]
 
 
 def test_next_names_are_registered_with_their_checkpoints(tmp_path):
     for family in settings.NEXT_FAMILIES:
         names = [name for name, variant in settings.VARIANTS.items() if variant.family == family]
-        assert names == [family, f"{family}_fastv", f"{family}_dymu", f"{family}_hybrid"]  # no pooling name
+        assert names == [f"{family}{suffix}" for suffix in METHOD_SUFFIXES]  # no pooling name
         assert all(settings.VARIANTS[name].next for name in names)
     assert [n for n, v in settings.VARIANTS.items() if v.family == "llava_next_vicuna_7b"] == NEXT_NAMES
     assert settings.FAMILY_CHECKPOINTS["llava_next_vicuna_7b"] == "llava-hf/llava-v1.6-vicuna-7b-hf"

@@ -9,13 +9,18 @@ Names and their fixed meaning:
                            FASTV_SELECT (attention, or random: the random-selection baseline), SELECT_SEED
     llava_v1.5_7b_dymu     DyMU only: DYMU_THRESHOLDS required, DYMU_SPLIT (default official), FastV off
     llava_v1.5_7b_hybrid   DyMU + FastV: DYMU_THRESHOLDS required, DYMU_SPLIT, FASTV_K (default 0.5), FASTV_LAYER
-    llava_v1.5_7b_pool     spatial pooling before layer 0: VISUAL_POOL (2, 3, 4 ...; default 2), optional FASTV_K
-    llava_testbed{,_fastv,_dymu,_hybrid,_pool}
-                           the same five on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
+    llava_v1.5_7b_pool     spatial pooling before layer 0: VISUAL_POOL (2, 3, 4 ...; default 2) or VISUAL_BUDGET, optional FASTV_K
+    llava_v1.5_7b_random   random selection at FastV's layer: VISUAL_BUDGET or FASTV_K (default 0.5), SELECT_SEED
+    llava_v1.5_7b_{visionzip,vispruner,divprune}
+                           the method before the LLM: VISUAL_BUDGET (default 64, 64, 56), HYBRID_POSITIONS
+    llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune}
+                           the same on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
                            DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
-    llava_next_vicuna_7b{,_fastv,_dymu,_hybrid}
-    llava_next_mistral_7b{,_fastv,_dymu,_hybrid}
-                           the same four on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
+    llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
+    llava_next_mistral_7b{...}
+                           the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
+    llava_tiny_{fastv,pool,random,visionzip,vispruner,divprune}
+                           the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
     llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
 
@@ -100,8 +105,8 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
     )
     random = Variant(f"{prefix}_random", fastv=False, dymu=False, family=family, method="random",
                      description=f"{what}: random selection at FastV's layer (VISUAL_BUDGET or FASTV_K, SELECT_SEED)")
-    if not pool:  # LLaVA-NeXT: pooling and the methods before the LLM are not implemented for its crops
-        return (*variants, random)
+    if not pool:  # LLaVA-NeXT: pooling is not implemented for its unpadded crop grid
+        return (*variants, random, *method_variants(prefix, family, what))
     return (
         *variants,
         Variant(f"{prefix}_pool", fastv=False, dymu=False, family=family, pool=True, description=f"{what}: spatial pooling (VISUAL_POOL or VISUAL_BUDGET)"),
@@ -210,8 +215,10 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if variant.method is not None:
         return method_config(name, variant, env)
     dymu = dymu_file(name, variant, env) if variant.dymu else None
-    # Every name ignores the settings it does not read: the fastv name never turns DyMU or pooling
-    # on, the dymu name never prunes. HYBRID_POSITIONS applies to all of them.
+    # Every name ignores the older settings it does not read: the fastv name never turns DyMU or
+    # pooling on, the dymu name never prunes. HYBRID_POSITIONS applies to all of them. VISUAL_METHOD
+    # naming another method, or VISUAL_BUDGET on a name without a budget, is refused instead
+    # (`check_method_setting`): the name decides the method.
     reads = ["HYBRID_POSITIONS"]
     if variant.fastv or variant.pool:
         reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
@@ -223,7 +230,10 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         reads += ["VISUAL_BUDGET"]
     read_env = {key: env[key] for key in reads if key in env}
     if read_env.get("VISUAL_BUDGET", "").strip():
-        read_env["VISUAL_METHOD"] = "pool" if variant.pool else "fastv"
+        random = (read_env.get("FASTV_SELECT") or "").strip() == "random"
+        read_env["VISUAL_METHOD"] = "pool" if variant.pool else "random" if random else "fastv"
+        if not variant.pool:
+            read_env.pop("FASTV_SELECT", None)
     defaults: dict = dict(dymu=dymu)
     if variant.fastv and not read_env.get("FASTV_K", "").strip() and "VISUAL_METHOD" not in read_env:
         defaults["fastv_k"] = DEFAULT_FASTV_K
@@ -257,6 +267,8 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
     reads = ["VISUAL_BUDGET", "HYBRID_POSITIONS"]
     if variant.method == "random":
         reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"]
+    if variant.next and variant.method == "random":
+        reads += ["FASTV_NEWLINES"]
     read_env = {key: env[key] for key in reads if key in env}
     read_env["VISUAL_METHOD"] = variant.method
     if not read_env.get("VISUAL_BUDGET", "").strip() and not read_env.get("FASTV_K", "").strip():
@@ -265,7 +277,7 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
             read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
     try:
         config = HybridConfig.from_env(read_env)
-        if config.visual_method is not None:  # every name of a method before the LLM is a LLaVA-1.5 one: 576 patches
+        if config.visual_method is not None and not variant.next:  # LLaVA-1.5: 576 patches (NeXT: checked per image)
             check_budget(get_method(config.visual_method), config.visual_budget, LLAVA_15_PATCHES)
         return config
     except ValueError as error:

@@ -53,13 +53,15 @@ def check_selection(selection: Selection, num_slots: int, budget: int) -> None:
         raise ValueError(f"a selection of {budget} tokens cannot come from {num_slots} slots")
 
 
-def place_selection(selection: Selection, num_slots: int, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def place_selection(
+    selection: Selection, num_slots: int, budget: int, features: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [N, P, C] with the kept tokens at their slots and zeros elsewhere, valid [N, P]).
 
     `features` [N, P, C] supplies the tokens of a selection without its own. Repeated indices are
     refused (`runtime.require`: a host check on CPU, a device assert elsewhere)."""
     kept = selection.kept
-    check_selection(selection, num_slots, kept.shape[1])
+    check_selection(selection, num_slots, budget)
     if selection.features is None:
         tokens = features.gather(1, kept[..., None].expand(-1, -1, features.shape[-1]))
     else:

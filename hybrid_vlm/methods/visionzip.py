@@ -12,9 +12,10 @@ Deviations from the official code, on purpose:
   projector; llava-hf LLaVA (like LLaVA-1.5 itself) drops [CLS] before the projector, which never
   saw it in training, and the prompt has no placeholder for it. Here all `dominant` tokens are
   patches, and the budget (rule A, tokens entering the LLM) is dominant + contextual.
-- Positions: each dominant token keeps its patch's placeholder and position id, each contextual
-  token its target's (logical positions); the official code renumbers. `HYBRID_POSITIONS=renumbered`
-  gives the official contiguous positions.
+- Positions and order: each dominant token keeps its patch's placeholder and position id, each
+  contextual token its target's (logical positions), so the tokens enter the LLM in patch order. The
+  official code orders them [dominant tokens ascending, then contextual tokens in target order] at
+  contiguous positions. `HYBRID_POSITIONS=renumbered` gives contiguous positions, still in patch order.
 - Scores, similarities and the merge run in float32 (official: the model dtype, fp16); ties go to
   the lower index (stable sorts; official `topk` leaves them unspecified).
 """
@@ -35,10 +36,11 @@ def visionzip_split(budget: int) -> tuple[int, int]:
     return budget - contextual, contextual
 
 
-def contextual_targets(remaining: int, contextual: int) -> torch.Tensor:
-    """Indices into the remaining patches of the contextual targets: 0, step, 2 step, ..."""
+def contextual_targets(remaining: int, contextual: int, device=None) -> torch.Tensor:
+    """Indices into the remaining patches of the contextual targets: 0, step, 2 step, ... (built on
+    `device`: a host-built index copied to CUDA would wait for the stream)."""
     step = max(1, remaining // contextual)
-    return torch.arange(contextual) * step
+    return torch.arange(contextual, device=device) * step
 
 
 def visionzip_select(
@@ -58,7 +60,7 @@ def visionzip_select(
     is_kept = torch.zeros(images, patches, dtype=torch.bool, device=hidden.device).scatter(1, dominant_slots, True)
     if contextual:
         remaining = sorted_slots(descending_order(cls_attention)[:, dominant:])  # [N, R] patch order
-        targets_at = contextual_targets(patches - dominant, contextual).to(hidden.device)  # [C]
+        targets_at = contextual_targets(patches - dominant, contextual, hidden.device)  # [C]
         rest_keys = torch.nn.functional.normalize(keys.to(work).gather(1, remaining[..., None].expand(-1, -1, keys.shape[-1])), dim=-1)
         rest_hidden = hidden.to(work).gather(1, remaining[..., None].expand(-1, -1, width))  # [N, R, C]
         similarity = rest_keys @ rest_keys[:, targets_at].transpose(1, 2)  # [N, R, C_targets]

@@ -1,0 +1,134 @@
+"""The methods before the LLM on LLaVA-NeXT, unchanged: the model maps each crop's CLIP reads to
+its packed patch tokens (newlines carry no CLIP signal and are dropped) and one selection of
+VISUAL_BUDGET tokens per image runs over them. Checked against the same references as on LLaVA-1.5:
+NumPy re-implementations fed by stock eager CLIP per crop and stock packing, the masked-attention
+reference, each prompt alone, cache-free recomputation, no host syncs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_llava_next import assert_batch_equals_each_alone, assert_matches_reference, engine_prefill, next_copy
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.methods.visionzip import visionzip_split
+from hybrid_vlm.methods.vispruner import vispruner_split
+from hybrid_vlm.syncs import check_no_host_syncs
+
+from conftest import QUESTIONS, next_inputs
+from method_reference import divprune_reference, visionzip_reference, vispruner_reference
+from reference import greedy_without_cache, masked_reference, next_packed_sources, stock_vision_reads
+
+METHODS = ("visionzip", "vispruner", "divprune")
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def next64(tiny_next):
+    """A float64 copy of the tiny LLaVA-NeXT (VisPruner's decisions hinge on every score gap; see
+    test_methods.reads) and its batch of three aspect ratios."""
+    model, processor = tiny_next
+    model = copy.deepcopy(model).double()
+    inputs = next_inputs(processor, QUESTIONS)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return model, processor, inputs
+
+
+def reference_image_tokens(model, inputs, method: str, budget: int):
+    """Per prompt: ([V_b, hidden] features with the chosen tokens at their packed slots, [V_b] valid)."""
+    projector = model.model.multi_modal_projector
+    features, valid = [], []
+    for b, source in enumerate(next_packed_sources(model, inputs)):
+        crops = int(source.max()) // 576 + 1
+        reads = stock_vision_reads(model, inputs["pixel_values"][b, :crops])
+        patch_slots = np.flatnonzero(source >= 0)
+        at = source[patch_slots]
+        flat = {k: v.reshape(-1, *v.shape[2:])[at] for k, v in reads.items()}
+        if method == "visionzip":
+            kept, tokens = visionzip_reference(flat["cls_attention"], flat["keys"], flat["hidden"], *visionzip_split(budget))
+            tokens = projector(torch.from_numpy(tokens))
+        elif method == "vispruner":
+            kept = vispruner_reference(flat["cls_attention"], flat["hidden"], budget, vispruner_split(budget))
+            tokens = projector(torch.from_numpy(flat["hidden"][kept]))
+        else:
+            kept = divprune_reference(flat["projected"], budget)
+            tokens = torch.from_numpy(flat["projected"][kept])
+        image = torch.zeros(len(source), model.config.text_config.hidden_size, dtype=torch.float64)
+        image[patch_slots[kept]] = tokens
+        mask = torch.zeros(len(source), dtype=torch.bool)
+        mask[patch_slots[kept]] = True
+        features.append(image)
+        valid.append(mask)
+    return features, valid
+
+
+@pytest.mark.parametrize("fastv_k", [None, 16])
+@pytest.mark.parametrize("method", METHODS)
+def test_kept_set_and_logits_match_the_references(next64, method, fastv_k):
+    model, _, inputs = next64
+    budget = 128
+    with torch.no_grad():
+        features, valid = reference_image_tokens(model, inputs, method, budget)
+    reference_logits, reference_kept = masked_reference(model, inputs, fastv_k, 2, image_features=(features, valid))
+    out, real = engine_prefill(next_copy(model, visual_method=method, visual_budget=budget, fastv_k=fastv_k), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+    visual = (inputs["input_ids"] == model.config.image_token_id) & reference_kept
+    assert visual.sum(dim=1).tolist() == [budget if fastv_k is None else fastv_k] * 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_aspect_ratios_equals_each_alone(tiny_next, method):
+    model, processor = tiny_next
+    assert_batch_equals_each_alone(next_copy(model, visual_method=method, visual_budget=96), processor)
+
+
+def test_cached_generation_equals_recomputation(tiny_next):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    hybrid = next_copy(model, visual_method="visionzip", visual_budget=96, fastv_k=32)
+    with torch.no_grad():
+        cached = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_has_no_host_syncs(tiny_next, method):
+    model, processor = tiny_next
+    hybrid = next_copy(model, visual_method=method, visual_budget=64, fastv_k=16)
+    assert check_no_host_syncs(hybrid, dict(next_inputs(processor, QUESTIONS)), decode_steps=2) == "pass"
+
+
+def test_token_counts_are_text_plus_budget(tiny_next):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS)
+    text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)).sum(dim=1)
+    with torch.no_grad():
+        out = next_copy(model, visual_method="divprune", visual_budget=200, fastv_k=50)(**inputs, use_cache=True)
+    state = out.past_key_values.hybrid_state
+    assert state.prompt_tokens.tolist() == (text + 200).tolist()
+    assert state.prompt_tokens_kept.tolist() == (text + 50).tolist()
+    assert state.visual_counts().entered == [200] * 3
+
+
+@pytest.mark.parametrize(
+    "settings,error,message",
+    [
+        (dict(visual_method="pool", visual_budget=64), ValueError, "VISUAL_METHOD=pool is not implemented for LLaVA-NeXT"),
+        (dict(visual_method="visionzip", visual_budget=64, fastv_k=16, fastv_newlines="keep"), ValueError, "FASTV_NEWLINES=keep cannot follow"),
+    ],
+)
+def test_unsupported_combinations_are_refused(tiny_next, settings, error, message):
+    model, _ = tiny_next
+    with pytest.raises(error, match=message):
+        apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
+
+
+def test_a_budget_above_an_image_is_refused(tiny_next):
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS[:1])
+    available = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad(), pytest.raises(ValueError, match="is not reachable by divprune for image 0"):
+        next_copy(model, visual_method="divprune", visual_budget=available)(**inputs)
