@@ -62,7 +62,8 @@ def stock_vision_reads(model, pixel_values: torch.Tensor) -> dict[str, np.ndarra
     """What the methods before the LLM read, from stock eager CLIP (attention weights returned by
     transformers) and a hook on the read layer's k_proj, as float64 NumPy per image:
     cls_attention [N, P] (head mean), keys [N, P, head_dim] (head mean), hidden [N, P, C] (the
-    read layer's output), projected [N, P, hidden] (stock get_image_features)."""
+    read layer's output), projected [N, P, hidden] (stock get_image_features; for LLaVA-NeXT crops,
+    the projector on that layer, as stock does before packing)."""
     reference = eager_copy(model)
     tower = reference.model.vision_tower
     layers = tower.config.num_hidden_layers
@@ -73,7 +74,10 @@ def stock_vision_reads(model, pixel_values: torch.Tensor) -> dict[str, np.ndarra
     hook.remove()
     heads = tower.config.num_attention_heads
     keys = captured["keys"].reshape(*captured["keys"].shape[:2], heads, -1).mean(dim=2)
-    projected = torch.stack(list(reference.model.get_image_features(pixel_values, return_dict=True).pooler_output))
+    if getattr(model.config, "image_grid_pinpoints", None) is None:
+        projected = torch.stack(list(reference.model.get_image_features(pixel_values, return_dict=True).pooler_output))
+    else:  # LLaVA-NeXT crops: stock projects each crop's read layer before packing
+        projected = reference.model.multi_modal_projector(outputs.hidden_states[read + 1][:, 1:])
     return dict(
         cls_attention=outputs.attentions[read][:, :, 0, 1:].mean(dim=1).double().numpy(),
         keys=keys[:, 1:].double().numpy(),

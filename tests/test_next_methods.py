@@ -1,7 +1,7 @@
 """The methods before the LLM on LLaVA-NeXT, unchanged: the model maps each crop's CLIP reads to
 its packed patch tokens (newlines carry no CLIP signal and are dropped) and one selection of
 VISUAL_BUDGET tokens per image runs over them. Checked against the same references as on LLaVA-1.5:
-NumPy re-implementations fed by stock eager CLIP per crop and stock packing, the masked-attention
+NumPy re-implementations fed by each crop's CLIP reads and stock packing, the masked-attention
 reference, each prompt alone, cache-free recomputation, no host syncs."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from test_llava_next import assert_batch_equals_each_alone, assert_matches_reference, engine_prefill, next_copy
 
 from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.hf_compat.clip import vision_reads
 from hybrid_vlm.methods.visionzip import visionzip_split
 from hybrid_vlm.methods.vispruner import vispruner_split
 from hybrid_vlm.syncs import check_no_host_syncs
@@ -43,7 +44,12 @@ def reference_image_tokens(model, inputs, method: str, budget: int):
     features, valid = [], []
     for b, source in enumerate(next_packed_sources(model, inputs)):
         crops = int(source.max()) // 576 + 1
-        reads = stock_vision_reads(model, inputs["pixel_values"][b, :crops])
+        # the engine's CLIP reads (compared with stock eager CLIP in test_methods; VisPruner's order
+        # needs them exactly, and stock eager takes its softmax in float32), stock's projection
+        crop_pixels = inputs["pixel_values"][b, :crops]
+        vision = vision_reads(model, crop_pixels, attention=True)
+        reads = dict(cls_attention=vision.cls_attention, keys=vision.keys, hidden=vision.features)
+        reads = {k: v.double().numpy() for k, v in reads.items()} | {"projected": stock_vision_reads(model, crop_pixels)["projected"]}
         patch_slots = np.flatnonzero(source >= 0)
         at = source[patch_slots]
         flat = {k: v.reshape(-1, *v.shape[2:])[at] for k, v in reads.items()}
