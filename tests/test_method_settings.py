@@ -22,6 +22,9 @@ from vlmeval_plugin import settings
         ("llava_v1.5_7b_fastv", {"FASTV_K": "72"}, dict(fastv_k=72)),  # FASTV_K keeps working
         ("llava_v1.5_7b_random", {"VISUAL_BUDGET": "64", "SELECT_SEED": "3"}, dict(fastv_k=64, fastv_select="random", select_seed=3)),
         ("llava_v1.5_7b_random", {}, dict(fastv_k=0.5, fastv_select="random")),
+        ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64", "FASTV_SELECT": "random"}, dict(fastv_k=64, fastv_select="random")),
+        ("llava_next_vicuna_7b_random", {"VISUAL_BUDGET": "64", "FASTV_NEWLINES": "keep"}, dict(fastv_k=64, fastv_newlines="keep")),
+        ("llava_next_vicuna_7b_visionzip", {"VISUAL_BUDGET": "640"}, dict(visual_method="visionzip", visual_budget=640)),
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "192"}, dict(visual_method="pool", visual_budget=192, visual_pool=None)),
         ("llava_v1.5_7b_pool", {}, dict(visual_pool=2, visual_method=None)),
         ("llava_tiny_visionzip", {"VISUAL_BUDGET": "128", "HYBRID_POSITIONS": "renumbered"}, dict(visual_budget=128, position_mode="renumbered")),
@@ -42,7 +45,7 @@ def test_names_decide_the_method(name, env, expected):
         ("llava_v1.5_7b_dymu", {"VISUAL_BUDGET": "64", "DYMU_THRESHOLDS": "x.json"}, "VISUAL_BUDGET does not apply to this name"),
         ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64", "FASTV_K": "32"}, "conflicts with FASTV_K=32"),
         ("llava_v1.5_7b_visionzip", {"VISUAL_BUDGET": "x"}, "VISUAL_BUDGET='x' is not valid"),
-        ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64", "FASTV_SELECT": "random"}, "conflicts with FASTV_SELECT=random"),
+        ("llava_v1.5_7b_fastv", {"VISUAL_METHOD": "fastv", "VISUAL_BUDGET": "64", "FASTV_SELECT": "random"}, "conflicts with FASTV_SELECT=random"),
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "193"}, "not reachable by pool: .* nearby reachable budgets: .*192"),
         ("llava_v1.5_7b_divprune", {"VISUAL_BUDGET": "600"}, "not reachable by divprune: use an integer 1..576"),
     ],

@@ -229,7 +229,10 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if variant.fastv and not variant.dymu:
         reads += ["VISUAL_BUDGET"]
     read_env = {key: env[key] for key in reads if key in env}
-    if read_env.get("VISUAL_BUDGET", "").strip():
+    explicit = (env.get("VISUAL_METHOD") or "").strip()
+    if read_env.get("VISUAL_BUDGET", "").strip() and explicit:
+        read_env["VISUAL_METHOD"] = explicit  # a conflicting FASTV_SELECT is then refused
+    elif read_env.get("VISUAL_BUDGET", "").strip():
         random = (read_env.get("FASTV_SELECT") or "").strip() == "random"
         read_env["VISUAL_METHOD"] = "pool" if variant.pool else "random" if random else "fastv"
         if not variant.pool:
