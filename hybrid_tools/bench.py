@@ -28,6 +28,7 @@ and max too). On CUDA the stages are timed with CUDA events after a synchronize.
     python -m hybrid_tools.bench --preset tiny --fastv-k 144 --scoring row eager        # scorer ablation
     python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
     python -m hybrid_tools.bench --preset next-mid --fastv-k 576 288 144 --dymu-target mid   # LLaVA-NeXT, CPU
+    python -m hybrid_tools.bench --preset mid --fastv-k --methods fastv visionzip vispruner divprune random pool --budgets 64
     python -m hybrid_tools.bench --preset llava-next-7b --device cuda                  # NeXT real shapes
 
 LLaVA-NeXT presets (next-mid, llava-next-7b) bench one 640 x 480 image, which anyres turns into a
@@ -187,13 +188,16 @@ def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, 
 @dataclass
 class BenchConfig:
     name: str
-    method: str  # stock | vanilla | fastv | dymu | hybrid
+    method: str  # stock | vanilla | fastv | dymu | hybrid | a registered method (--methods)
     hybrid: object | None = None  # HybridConfig; None for the stock forward
     status: str = "ok"
     note: str = ""
     runs: list = field(default_factory=list)  # dicts of stage times (ms)
     counts: dict = field(default_factory=dict)
     row: dict = field(default_factory=dict)
+
+
+BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune")
 
 
 def build_configs(args) -> list[BenchConfig]:
@@ -205,6 +209,8 @@ def build_configs(args) -> list[BenchConfig]:
         for k, layer, scoring, mode in product(args.fastv_k, args.fastv_layer, args.scoring, args.position_mode)
     ]
     settings = [("vanilla", {})] + [("fastv", f) for f in fastv]
+    for method, budget in product(args.methods, args.budgets):
+        settings.append((method, method_settings(method, budget, args.position_mode[0])))
     for dymu in args.dymu:
         settings += [("dymu", dict(dymu=dymu))] + [("hybrid", dict(f, dymu=dymu)) for f in fastv]
     configs = [BenchConfig("stock", "stock")]
@@ -215,6 +221,14 @@ def build_configs(args) -> list[BenchConfig]:
             seen.add(hybrid.describe())
             configs.append(BenchConfig(hybrid.describe(), method, hybrid))
     return configs
+
+
+def method_settings(method: str, budget: int, position_mode: str) -> dict:
+    """A registered method at a budget, by its own rule: fastv and random keep `budget` after
+    FASTV_LAYER (B); the methods before the LLM let `budget` in (A)."""
+    if method in ("fastv", "random"):
+        return dict(fastv_k=budget, fastv_select="attention" if method == "fastv" else "random", position_mode=position_mode)
+    return dict(visual_method=method, visual_budget=budget, position_mode=position_mode)
 
 
 def activate(model, config: BenchConfig):
@@ -432,11 +446,15 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
-        macs = flops.prefill_macs(
-            shape, text, visual, kept if kept < visual else None, fastv_layer=fastv_layer,
-            vit_counts=vit_counts, scoring=scoring, vit_layers_run=shape.vit_layers_read if dymu else None,
-            crops=counts["crops"][i],
-        )
+        if hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
+            # a method before the LLM: its own CLIP loop, what it projects and its scoring
+            macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
+        else:
+            macs = flops.prefill_macs(
+                shape, text, visual, kept if kept < visual else None, fastv_layer=fastv_layer,
+                vit_counts=vit_counts, scoring=scoring, vit_layers_run=shape.vit_layers_read if dymu else None,
+                crops=counts["crops"][i],
+            )
         totals["vision"] += macs.vision_total
         totals["llm"] += macs.llm_total
         totals["prefill"] += macs.total
@@ -580,6 +598,8 @@ def parse_args(argv=None):
         "images, then add their rows as --dymu does: random-weight presets have no threshold files",
     )
     parser.add_argument("--dymu-images", type=int, default=32, help="synthetic images for --dymu-target (default 32)")
+    parser.add_argument("--methods", nargs="*", default=[], choices=BENCH_METHODS, help="registered methods to time at each --budgets (their own budget rules)")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[64], help="visual tokens per image for --methods (default 64)")
     parser.add_argument("--stock", action="store_true", help="accepted for old command lines: the unpatched forward is always timed")
     parser.add_argument("--baseline", default="stock", help="row the ratios divide by (default stock = unpatched transformers; vanilla = the engine, nothing cut)")
     parser.add_argument("--text-tokens", type=int, default=60, help="non-image prompt tokens (default 60: LLaVA's 5 + 55)")

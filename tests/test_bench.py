@@ -94,3 +94,23 @@ def test_7b_preset_config_and_cpu_refusal(capsys):
         bench.main(["--preset", "llava-1.5-7b", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_methods_rows_use_each_budget_rule_and_count_the_scoring(tmp_path):
+    """--methods at a budget: rule A methods let the budget in, fastv and random keep it after layer 2,
+    and the theory of a method before the LLM includes its scoring (method_prefill_macs)."""
+    from hybrid_tools import bench
+
+    rows = bench.main(["--preset", "tiny", "--fastv-k", "--methods", "fastv", "divprune", "--budgets", "32", "--repeats", "1",
+                       "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    by_config = {row["config"]: row for row in rows}
+    assert (by_config["divprune-b32"]["visual_in"], by_config["divprune-b32"]["visual_kept"]) == (32, 32)
+    assert (by_config["fastv-k32-l2"]["visual_in"], by_config["fastv-k32-l2"]["visual_kept"]) == (576, 32)
+    from hybrid_vlm import HybridConfig, flops
+    from hybrid_vlm.tiny import build_tiny_llava
+
+    shape = flops.shape_from_config(build_tiny_llava()[0].config)
+    text = by_config["divprune-b32"]["llm_tokens_in"] - 32
+    expected = flops.method_prefill_macs(shape, HybridConfig(visual_method="divprune", visual_budget=32), int(text))
+    assert by_config["divprune-b32"]["prefill_gmacs"] == pytest.approx(expected.total / 1e9)
+    assert expected.selection > 0
