@@ -1,6 +1,6 @@
 """Independent NumPy references for the official token-selection methods (one image at a time).
 
-Written from /work/shared/notes/methods.md sections 5 (DivPrune), 6 (VisionZip) and 9 (VisPruner), not from the
+Written from ../shared/notes/methods.md sections 5 (DivPrune), 6 (VisionZip) and 9 (VisPruner), not from the
 engine in hybrid_vlm/methods/. All arithmetic is float64 and every tie goes to the lowest index (stable sorts and
 `np.argmax`'s first occurrence).
 
