@@ -446,7 +446,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
-        if hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
+        if hybrid is not None and (hybrid.pre_llm_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
             # a method before the LLM: its own CLIP loop, what it projects and its scoring
             macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
         else:

@@ -53,8 +53,8 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
     if config.dymu is not None:
         merged = dymu_image_features(model, pixels, model.hybrid_thresholds.to(pixels.device), split=config.dymu_split)
         features, valid = merged.features, merged.valid
-    elif config.visual_method is not None:
-        features, valid = reduce_before_llm(model, pixels, get_method(config.visual_method), config.visual_budget)
+    elif config.pre_llm_method is not None:
+        features, valid = reduce_before_llm(model, pixels, get_method(config.pre_llm_method), config.visual_budget)
         valid_count = config.visual_budget * per_sample
     else:
         features = stock_image_features(model, pixels)
@@ -194,8 +194,8 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
     per_sample = images_per_sample(len(layouts), batch)
     crops = crop_pixels(pixel_values, layouts)  # as given: the random draw hashes them before the cast
     config = model.hybrid_config
-    if config.visual_method is not None:
-        packed, valid = next_reduce_before_llm(model, crops.to(model.dtype), layouts, get_method(config.visual_method), config.visual_budget)
+    if config.pre_llm_method is not None:
+        packed, valid = next_reduce_before_llm(model, crops.to(model.dtype), layouts, get_method(config.pre_llm_method), config.visual_budget)
         compact, valid_count = True, config.visual_budget * per_sample
     else:
         packed, valid, compact = next_packed_images(model, crops.to(model.dtype), layouts)
@@ -255,16 +255,19 @@ def check_supported(model, config) -> None:
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
     if isinstance(model, LlavaNextForConditionalGeneration):
+        if config.llm_method in ("pdrop", "dart"):
+            raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} is implemented for LLaVA-1.5 only: LLaVA-NeXT's "
+                                      "per-sample visual counts differ, which its stages do not handle yet")
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
         if config.visual_method == "pool":
             raise ValueError("VISUAL_METHOD=pool is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
-        if config.visual_method is not None and config.fastv_newlines == "keep":
+        if config.pre_llm_method is not None and config.fastv_newlines == "keep":
             raise ValueError(f"FASTV_NEWLINES=keep cannot follow VISUAL_METHOD={config.visual_method}: the methods before the LLM "
                              "drop LLaVA-NeXT's newline tokens (they carry no CLIP signal), so none are left to keep")
-    elif config.visual_method is not None:
+    elif config.pre_llm_method is not None:
         patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-        check_budget(get_method(config.visual_method), config.visual_budget, patches)
+        check_budget(get_method(config.pre_llm_method), config.visual_budget, patches)
 
 
 def check_sliding_window(model, sequence_length: int) -> None:

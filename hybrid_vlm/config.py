@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .baselines import SELECTIONS, pool_sides
 from .dymu import SPLITS as DYMU_SPLITS
 from .methods import get_method, list_methods
+from .methods.dart import PIVOT_ORDERS as DART_PIVOT_ORDERS
 
 FASTV_K_FORMS = (
     "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
@@ -18,6 +19,15 @@ FASTV_K_FORMS = (
 POSITION_MODES = ("logical", "renumbered")
 NEWLINE_RULES = ("prune", "keep")
 SCORING_MODES = ("row", "eager")
+DART_QUOTAS = ("official", "matched")
+
+
+def parse_choice(name: str, text: str | None, choices: tuple[str, ...]) -> str:
+    """An environment setting that names one of `choices` (the first when unset)."""
+    value = (text or "").strip() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: use one of {', '.join(choices)} (default {choices[0]}).")
+    return value
 
 
 def parse_fastv_k(text: str | None) -> int | float | None:
@@ -136,7 +146,9 @@ def method_settings(env, fastv_k: int | float | None) -> dict:
             raise ValueError("VISUAL_METHOD=dymu needs DYMU_THRESHOLDS=<threshold file> (python -m hybrid_vlm.calibrate).")
         return {}
     if budget is None:
-        raise ValueError(f"VISUAL_METHOD={name} needs VISUAL_BUDGET (visual tokens per image entering the LLM).")
+        rule = "layer-averaged visual tokens per image" if method.budget_rule == "C" else (
+            "visual tokens per image kept after FASTV_LAYER" if method.inside_llm else "visual tokens per image entering the LLM")
+        raise ValueError(f"VISUAL_METHOD={name} needs VISUAL_BUDGET ({rule}).")
     return dict(visual_method=name, visual_budget=budget)
 
 
@@ -177,9 +189,12 @@ class HybridConfig:
     fastv_newlines: LLaVA-NeXT's `image_newline` tokens under FastV: "prune" (candidates like every
         visual token, counted in the budget: the default) or "keep" (always kept, not counted; an
         ablation). No effect on LLaVA-1.5, which has none.
-    visual_method, visual_budget: a registered method acting before the LLM (`hybrid_vlm.methods`:
-        visionzip, vispruner, divprune, pool) and the visual tokens per image it lets in (rule A).
-        FastV and random selection are `fastv_k` / `fastv_select`; DyMU is `dymu`.
+    visual_method, visual_budget: a registered method set by VISUAL_BUDGET (`hybrid_vlm.methods`):
+        before the LLM (visionzip, vispruner, divprune, pool: tokens entering it, rule A) or inside
+        it (dart at `fastv_layer`: tokens kept, rule B; pdrop at its stage layers: the layer-average,
+        rule C). FastV and random selection are `fastv_k` / `fastv_select`; DyMU is `dymu`.
+    dart_quota: "official" (4 + 8 * (budget // 8) kept, as published) or "matched" (exactly the budget).
+    dart_pivots: "sorted" (pivots visited by position, no host sync) or "official" (CPython set order).
     """
 
     fastv_k: int | float | None = None
@@ -194,6 +209,8 @@ class HybridConfig:
     fastv_newlines: str = "prune"
     visual_method: str | None = None
     visual_budget: int | None = None
+    dart_quota: str = "official"
+    dart_pivots: str = "sorted"
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -224,19 +241,26 @@ class HybridConfig:
                 raise ValueError(f"VISUAL_POOL={self.visual_pool!r} is not valid: use one of {', '.join(map(str, pool_sides()))}.")
             if self.dymu is not None:
                 raise ValueError("VISUAL_POOL and DYMU_THRESHOLDS cannot be combined: both decide the tokens entering layer 0.")
+        if self.dart_quota not in DART_QUOTAS:
+            raise ValueError(f"DART_QUOTA={self.dart_quota!r} is not valid: use one of {', '.join(DART_QUOTAS)}.")
+        if self.dart_pivots not in DART_PIVOT_ORDERS:
+            raise ValueError(f"DART_PIVOTS={self.dart_pivots!r} is not valid: use one of {', '.join(DART_PIVOT_ORDERS)}.")
+        budgeted = [name for name in list_methods() if get_method(name).budget_setting == "VISUAL_BUDGET"]
         if self.visual_method is not None:
-            self._check_visual_method()
+            self._check_visual_method(budgeted)
         elif self.visual_budget is not None:
-            raise ValueError(f"visual_budget={self.visual_budget!r} needs visual_method (one of visionzip, vispruner, divprune, pool).")
+            raise ValueError(f"visual_budget={self.visual_budget!r} needs visual_method (one of {', '.join(budgeted)}).")
 
-    def _check_visual_method(self) -> None:
-        before_llm = [name for name in list_methods() if get_method(name).before_llm]
-        if self.visual_method not in before_llm:
-            raise ValueError(f"visual_method={self.visual_method!r} is not valid: use one of {', '.join(before_llm)} "
+    def _check_visual_method(self, budgeted: list[str]) -> None:
+        if self.visual_method not in budgeted:
+            raise ValueError(f"visual_method={self.visual_method!r} is not valid: use one of {', '.join(budgeted)} "
                              "(fastv and random are fastv_k / fastv_select, DyMU is dymu).")
         budget = self.visual_budget
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"VISUAL_BUDGET={budget!r} is not valid for {self.visual_method}: use an integer >= 1.")
+        if get_method(self.visual_method).inside_llm:
+            self._check_llm_method()
+            return
         # Every method before the LLM scores the full patch grid (CLS attention, keys, features,
         # windows), which DyMU's merging has already changed, and its budget counts tokens out of it.
         if self.dymu is not None:
@@ -245,13 +269,28 @@ class HybridConfig:
         if self.visual_pool is not None:
             raise ValueError(f"VISUAL_METHOD={self.visual_method} and VISUAL_POOL cannot be combined: use VISUAL_METHOD=pool VISUAL_BUDGET=N.")
 
+    def _check_llm_method(self) -> None:
+        """pdrop and dart prune inside the LLM on LLaVA-1.5's full image: alone, for now."""
+        others = dict(FASTV_K=self.fastv_k, DYMU_THRESHOLDS=self.dymu, VISUAL_POOL=self.visual_pool)
+        given = [name for name, value in others.items() if value is not None]
+        if given:
+            raise ValueError(f"VISUAL_METHOD={self.visual_method} cannot be combined with {', '.join(given)}: it prunes "
+                             "inside the LLM from every visual token on its own (unset them)")
+
+    @property
+    def pre_llm_method(self) -> str | None:
+        """The registered method choosing the tokens that enter LLM layer 0, or None."""
+        return self.visual_method if self.visual_method is not None and get_method(self.visual_method).before_llm else None
+
     @property
     def prunes(self) -> bool:
-        return self.fastv_k is not None
+        return self.llm_method is not None
 
     @property
     def llm_method(self) -> str | None:
-        """The registered method pruning inside the LLM at `fastv_layer` (fastv or random), or None."""
+        """The registered method pruning inside the LLM (fastv, random, dart or pdrop), or None."""
+        if self.visual_method is not None and get_method(self.visual_method).inside_llm:
+            return self.visual_method
         if self.fastv_k is None:
             return None
         return "fastv" if self.fastv_select == "attention" else "random"
@@ -276,6 +315,8 @@ class HybridConfig:
             dymu=env.get("DYMU_THRESHOLDS") or None,
             dymu_split=parse_dymu_split(env.get("DYMU_SPLIT")),
             position_mode=positions,
+            dart_quota=parse_choice("DART_QUOTA", env.get("DART_QUOTA"), DART_QUOTAS),
+            dart_pivots=parse_choice("DART_PIVOTS", env.get("DART_PIVOTS"), DART_PIVOT_ORDERS),
         )
         values.update(method_settings(env, fastv_k))
         values.update(overrides)
@@ -285,7 +326,11 @@ class HybridConfig:
         """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'
         (a non-default DyMU split adds e.g. 'dymu-mid_split-slot')."""
         parts = []
-        if self.visual_method is not None:
+        if self.visual_method == "dart":
+            quota = "" if self.dart_quota == "official" else f"-{self.dart_quota}"
+            pivots = "" if self.dart_pivots == "sorted" else f"-pivots-{self.dart_pivots}"
+            parts.append(f"dart{quota}-b{self.visual_budget}-l{self.fastv_layer}{pivots}")
+        elif self.visual_method is not None:
             parts.append(f"{self.visual_method}-b{self.visual_budget}")
         if self.visual_pool is not None:
             parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")

@@ -390,6 +390,8 @@ def method_prefill_macs(
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
+    if config.llm_method in ("pdrop", "dart") and visual_entered != 0:
+        return staged_prefill_macs(shape, config, text_tokens, lm_head_tokens, attention)
     if visual_entered == 0:  # a text-only row: no tower, no projector, no selection
         llm = llm_prefill_macs(shape.llm, text_tokens, attention=attention, lm_head_tokens=0)
         return PrefillMacs(vision=0, projector=0, llm=llm, lm_head=lm_head_macs(shape.llm, lm_head_tokens))
@@ -414,6 +416,43 @@ def method_prefill_macs(
         scoring="row" if config.fastv_k is not None and config.fastv_select == "attention" else None,
         lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, projector_tokens=projector, selection=selection,
     )
+
+
+def stage_visual_counts(shape: LlavaShape, config) -> dict[int, int]:
+    """{first layer: visual tokens from it on} of a pdrop or dart run (layer 0: every patch)."""
+    from .methods import pdrop
+    from .methods.dart import kept_count, matched_quotas, official_quotas
+
+    patches, layers = shape.visual_tokens, shape.llm.layers
+    if config.llm_method == "pdrop":
+        return {0: patches, **pdrop.schedule(config.visual_budget, patches, layers)}
+    quotas = (official_quotas if config.dart_quota == "official" else matched_quotas)(config.visual_budget)
+    return {0: patches, config.fastv_layer: kept_count(quotas)}
+
+
+def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal") -> PrefillMacs:
+    """Prefill of one sample under pdrop (several stages) or dart (one), their scoring included in
+    `llm`: pdrop projects every pre-drop token's key and one query per stage and takes one row;
+    dart takes its keys' L1 norms and 8 pivots' cosines against the image tokens."""
+    llm_shape, counts = shape.llm, stage_visual_counts(shape, config)
+    starts = sorted(counts)
+    spans = [end - start for start, end in zip(starts, [*starts[1:], llm_shape.layers])]
+    llm = sum(span * llama_layer_macs(text_tokens + counts[start], llm_shape, attention=attention) for start, span in zip(starts, spans))
+    for before, start in zip(starts, starts[1:]):
+        tokens = text_tokens + counts[before]
+        if config.llm_method == "pdrop":
+            llm += tokens * llm_shape.hidden * llm_shape.d_kv + llm_shape.hidden * llm_shape.d_q + tokens * llm_shape.d_q
+        else:
+            llm += tokens * llm_shape.d_kv + 8 * counts[before] * llm_shape.hidden
+    stock = prefill_macs(shape, text_tokens, attention=attention, lm_head_tokens=lm_head_tokens)
+    return PrefillMacs(vision=stock.vision, projector=stock.projector, llm=llm, lm_head=stock.lm_head)
+
+
+def stage_layer_mean(shape: LlavaShape, config) -> float:
+    counts = stage_visual_counts(shape, config)
+    starts = sorted(counts)
+    ends = [*starts[1:], shape.llm.layers]
+    return sum((end - start) * counts[start] for start, end in zip(starts, ends)) / shape.llm.layers
 
 
 def attention_check(attention: str) -> None:
@@ -459,6 +498,20 @@ def methods_table(shape: LlavaShape = LLAVA_15_7B, budgets: Sequence[int] = (192
         if method.budget_rule == "thresholds":
             continue  # DyMU: counts are data; see the calibrate CLI and the bench
         for budget in budgets:
+            if name in ("pdrop", "dart"):
+                config = HybridConfig(visual_method=name, visual_budget=budget)
+                try:
+                    counts = stage_visual_counts(shape, config)
+                except ValueError:
+                    rows.append(dict(method=name, rule=method.budget_rule, budget=budget, unreachable=True))
+                    continue
+                macs = method_prefill_macs(shape, config, text)
+                rows.append(dict(
+                    method=name, rule=method.budget_rule, budget=budget, visual_in=shape.visual_tokens,
+                    visual_kept=counts[max(counts)], visual_layer_mean=stage_layer_mean(shape, config),
+                    prefill_tmacs=macs.total / 1e12, scoring_gmacs=0.0, ratio=ratio(macs.total, vanilla.total),
+                ))
+                continue
             if method.before_llm:
                 config = HybridConfig(visual_method=name, visual_budget=budget)
                 entered, kept, full_layers = budget, budget, 0
@@ -479,6 +532,9 @@ def print_methods_table() -> None:
     print("| method | rule | budget | visual in (A) | visual kept (B) | layer-avg (C) | prefill TMACs | of which selection before the LLM, GMACs | vs vanilla |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in methods_table():
+        if row.get("unreachable"):
+            print(f"| {row['method']} | {row['rule']} | {row['budget']} | unreachable | | | | | |")
+            continue
         print(f"| {row['method']} | {row['rule']} | {row['budget']} | {row['visual_in']} | {row['visual_kept']} | "
               f"{row['visual_layer_mean']:.1f} | {row['prefill_tmacs']:.3f} | {row['scoring_gmacs']:.3f} | {row['ratio']:.3f} |")
 

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import check_sliding_window, check_supported, llava_image_slots, llava_next_image_slots
-from .config import HybridConfig, visual_keep_count
-from .fastv import gather_tokens, select_kept_positions, visual_keep_counts
+from .config import HybridConfig
 from .hf_compat import (
     Cache,
     LlavaCausalLMOutputWithPast,
@@ -41,9 +40,9 @@ from .hf_compat import (
     new_cache,
 )
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
-from .methods import Read, get_method
-from .placement import PlacedPrompt, place_images
+from .placement import place_images
 from .runtime import require
+from .stages import StageInputs, after_stage, check_whole_image_budget, prune, renumber, stage_at, stage_plans, stage_scores
 
 
 @dataclass
@@ -62,10 +61,14 @@ class PruneState:
 
     groups: list[CacheGroup]  # first_layer ascending; groups[0].first_layer == 0
     num_layers: int
-    next_position: torch.Tensor  # [B] long: position id of the next token, when none is passed
+    next_positions: list[torch.Tensor]  # per group, [B] long: position id of its next token, when none is passed
     group_prompt_tokens: list[torch.Tensor]  # per group, [B] long: real prompt tokens its layers saw in the first forward
     dense: bool = False  # every cached key of every group is a real token (decided once, in Python)
     visual_tokens: torch.Tensor | None = None  # [B] long: of the prompt tokens entering layer 0, the visual ones (None: no image)
+
+    @property
+    def next_position(self) -> torch.Tensor:  # [B] the first group's (every group's, with logical positions)
+        return self.next_positions[0]
 
     @property
     def prompt_tokens(self) -> torch.Tensor:  # [B] real tokens entering LLM layer 0 (after any reduction before it)
@@ -183,11 +186,6 @@ def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask,
         raise ValueError("hybrid_vlm takes a 2-D attention_mask [batch, tokens] (1 = real token, 0 = padding)")
 
 
-def renumber(valid: torch.Tensor) -> torch.Tensor:
-    """Consecutive positions over the real tokens (the renumbered ablation)."""
-    return (valid.long().cumsum(dim=1) - 1).clamp_min(0)
-
-
 def chunk_positions(attention_mask, position_ids, state, config, batch, length, device):
     """(new_valid [B, L]: real tokens of this chunk, position_ids [B, L], next_position [B]).
 
@@ -205,89 +203,30 @@ def chunk_positions(attention_mask, position_ids, state, config, batch, length, 
 
 
 @dataclass
-class PrunePlan:
-    """What FastV does in this forward: keep `keep` visual slots per sample (of them only
-    `keep_per_sample` real ones where samples differ), scored by `query_index`'s attention row."""
-
-    keep: int
-    visual_positions: torch.Tensor  # [B, V]
-    query_index: torch.Tensor  # [B] index in this forward's sequence of the scoring query
-    keep_per_sample: torch.Tensor | None  # [B], or None when every visual slot is real
-    slot_scores: torch.Tensor | None  # [B, L0] scores that replace attention (random selection)
-    protected: torch.Tensor | None = None  # [B, L0] slots kept whatever their score
-    uniform: bool = True  # every sample keeps `keep` real tokens (known in Python)
-    reads_attention_row: bool = True  # the method declares Read.LLM_ATTENTION_ROW: the layer before scores
+class LoopResult:
+    hidden_states: torch.Tensor  # [B, L_kept, hidden] the last layer's outputs
+    kept_positions: torch.Tensor | None  # [B, L_kept] indices into the placed sequence (None: nothing pruned)
+    groups: list[CacheGroup]
+    next_positions: list[torch.Tensor]  # per group, [B]
 
 
-def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool, bool]:
-    """(keep: visual slots kept per sample, static; uniform: every sample keeps `keep` real tokens;
-    prunes: some sample loses a token), from host counts where Python has them, else a bound.
-
-    Protected slots (LLaVA-NeXT's newlines with FASTV_NEWLINES=keep) are not counted: a sample keeps
-    its quota of the other visual tokens plus all of its protected ones."""
-    num_visual = placed.visual_positions.shape[1]
-    protected = placed.protected_counts or [0] * placed.visual_positions.shape[0]
-    if placed.visual_counts is None:  # DyMU batch: a bound, per-sample quotas on the device
-        keep = min(num_visual, visual_keep_count(num_visual, config.fastv_k) + max(protected))
-        return keep, False, keep < num_visual
-    quotas = [visual_keep_count(v - p, config.fastv_k) + p for v, p in zip(placed.visual_counts, protected)]
-    return max(quotas), len(set(quotas)) == 1, any(q < v for q, v in zip(quotas, placed.visual_counts))
+def decode_positions(state: PruneState, new_valid: torch.Tensor, position_ids: torch.Tensor, position_mode: str) -> list[torch.Tensor]:
+    """Per cache group, the position ids of a chunk over a filled cache: the chunk's own (logical:
+    every group continues after the original length), or, renumbered, each group's from its own
+    next position (its cache length in real tokens)."""
+    if position_mode != "renumbered":
+        return [position_ids] * len(state.groups)
+    steps = new_valid.long().cumsum(dim=1) - 1
+    return [position_ids] + [(start[:, None] + steps).clamp_min(0) for start in state.next_positions[1:]]
 
 
-def prune_plan(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_index) -> PrunePlan | None:
-    """The scoring query and quotas, or None when nothing is pruned in this forward."""
-    if placed is None or config.fastv_k is None:
+def stage_inputs(stages: dict, placed) -> StageInputs | None:
+    """The sequence the first stage sees: its visual slots, scoring query and visual count."""
+    if not stages:
         return None
-    keep, uniform, prunes = visual_quotas(config, placed)
-    if not prunes:
-        return None
-    valid, entered = placed.new_valid, placed.entered_positions
-    if fastv_query_index is None:
-        steps = torch.arange(valid.shape[1], device=valid.device)
-        query_index = (valid.long() * steps).amax(dim=1)  # each sample's last real token
-    else:
-        query_index = torch.as_tensor(fastv_query_index, device=valid.device).long().expand(valid.shape[0])
-        if entered is not None:  # a prompt position -> its index in the placed sequence
-            query_index = (entered == query_index[:, None]).long().argmax(dim=1)
-    keep_per_sample = None
-    if not uniform or entered is not None:
-        real_visual = valid.gather(1, placed.visual_positions)
-        protected = torch.zeros_like(real_visual) if placed.protected is None else placed.protected.gather(1, placed.visual_positions) & real_visual
-        protected_count = protected.sum(dim=1)
-        keep_per_sample = visual_keep_counts(real_visual.sum(dim=1) - protected_count, config.fastv_k) + protected_count
-    reads_row = Read.LLM_ATTENTION_ROW in get_method(config.llm_method).reads
-    if not reads_row and placed.slot_scores is None:
-        raise RuntimeError(f"{config.llm_method} scores slots the adapter did not supply")
-    return PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample, placed.slot_scores, placed.protected, uniform, reads_row)
-
-
-@dataclass
-class Pruned:
-    """The sequence after FastV at its layer."""
-
-    hidden_states: torch.Tensor  # [B, L_kept, hidden]
-    cos_sin: tuple[torch.Tensor, torch.Tensor]
-    kept_positions: torch.Tensor  # [B, L_kept] indices into the pre-pruning sequence
-    key_valid: torch.Tensor  # [B, L_kept] kept slots that are real tokens
-    next_position: torch.Tensor | None  # [B] only when positions were renumbered
-
-
-def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_mode: str, rotary_emb) -> Pruned:
-    """Keep every text token and the top `plan.keep` visual slots, at their position ids."""
-    scores = scores if plan.reads_attention_row else plan.slot_scores
-    if plan.protected is not None:
-        scores = scores.masked_fill(plan.protected, 2.0)  # above every probability: kept first
-    scores = scores.masked_fill(~new_valid, -1.0)  # empty slots rank after every real token
-    kept_positions, kept_real = select_kept_positions(scores, plan.visual_positions, plan.keep, plan.keep_per_sample)
-    hidden_states = gather_tokens(hidden_states, kept_positions)
-    key_valid = gather_tokens(new_valid, kept_positions)
-    if kept_real is not None:
-        key_valid = key_valid & kept_real
-    if position_mode == "renumbered":
-        kept_position_ids = renumber(key_valid)
-        return Pruned(hidden_states, rotary_emb(hidden_states, kept_position_ids), kept_positions, key_valid, kept_position_ids[:, -1] + 1)
-    cos, sin = (gather_tokens(t, kept_positions) for t in cos_sin)
-    return Pruned(hidden_states, (cos, sin), kept_positions, key_valid, None)
+    first = stages[min(stages)]
+    is_visual = torch.zeros_like(placed.new_valid).scatter(1, placed.visual_positions, True)
+    return StageInputs(is_visual, first.query_index, placed.visual_positions.shape[1])
 
 
 class HybridDecoder:
@@ -351,19 +290,17 @@ class HybridDecoder:
                 position_ids = renumber(new_valid)
                 next_position = position_ids[:, -1] + 1
         entered = placed.entered_positions if placed is not None else None
-        plan = prune_plan(config, placed, fastv_query_index)
+        stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
         # Dense: no layer needs a mask (see prompt_is_dense). A chunk over a filled cache keeps its mask.
         slot_padding = slots is not None and (slots.fillers or (slots.compact and slots.valid_count is None))
         dense = prompt_is_dense(attention_mask, batch, slot_padding) if state is None else state.dense
-        dense = dense and (plan is None or plan.uniform)  # unequal quotas leave kept slots that are not real
-        hidden_states, pruned, groups = self._decoder_layers(parts, inputs_embeds, position_ids, new_valid, state, cache, plan, dense)
-        if pruned is not None and pruned.next_position is not None:
-            next_position = pruned.next_position
+        dense = dense and all(plan.uniform for plan in stages.values())  # unequal quotas leave kept slots that are not real
+        loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
         if cache is not None:
             visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
-            cache.hybrid_state = self._next_state(state, groups, next_position, dense, visual_tokens)
+            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens)
 
-        kept_positions = pruned.kept_positions if pruned is not None else None
+        hidden_states, kept_positions = loop.hidden_states, loop.kept_positions
         if entered is not None:
             if kept_positions is None and not slots.compact:
                 hidden_states = hidden_states[:, hidden_states.shape[1] - length :]  # fillers only: stock's rows
@@ -371,9 +308,9 @@ class HybridDecoder:
                 kept_positions = entered if kept_positions is None else entered.gather(1, kept_positions)
         return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
 
-    def _decoder_layers(self, parts, hidden_states, position_ids, new_valid, state, cache, plan, dense):
-        """Run every layer; a stage prunes at its layer (FastV: `fastv_layer`). Returns (hidden, the
-        last Pruned or None, the cache groups)."""
+    def _decoder_layers(self, parts, hidden_states, position_ids, next_position, new_valid, state, cache, stages, placed, dense) -> LoopResult:
+        """Run every layer; each stage in `stages` ({layer: PrunePlan}) prunes before its layer runs.
+        A decode step gives each cache group its own positions under renumbered positions."""
         config, length = self.hybrid_config, hidden_states.shape[1]
         unmasked = dense and (state is None or length == 1)  # causal prefill, or a one-token step
 
@@ -381,37 +318,46 @@ class HybridDecoder:
             return None if unmasked else attention_mask_4d(key_valid, query_length)
 
         if state is None:
-            groups = [CacheGroup(0, new_valid)]
+            groups, next_positions, group_positions = [CacheGroup(0, new_valid)], [next_position], [position_ids]
         else:
             groups = [CacheGroup(group.first_layer, torch.cat([group.key_valid, new_valid], dim=1)) for group in state.groups]
-        group_at = {group.first_layer: group for group in groups}
-        stages = {} if plan is None else {config.fastv_layer: plan}  # layer -> what prunes there
+            group_positions = decode_positions(state, new_valid, position_ids, config.position_mode)
+            next_positions = [positions[:, -1] + 1 for positions in group_positions]
+        group_at = {group.first_layer: index for index, group in enumerate(groups)}
         cos_sin = parts.rotary_emb(hidden_states, position_ids)
-        valid, pruned, scores, mask = new_valid, None, None, None
+        inputs = stage_inputs(stages, placed)
+        valid, previous, mask, kept_positions = new_valid, None, None, None
         for layer_idx, layer in enumerate(parts.layers):
             if layer_idx in stages:
-                pruned = prune(stages[layer_idx], scores, hidden_states, cos_sin, valid, config.position_mode, parts.rotary_emb)
+                plan = stage_at(stages[layer_idx], inputs)
+                scores = stage_scores(plan, layer, hidden_states, cos_sin, mask, previous, valid, inputs.is_visual, parts.norm)
+                pruned = prune(plan, scores, hidden_states, cos_sin, valid, config.position_mode, parts.rotary_emb)
+                inputs = after_stage(inputs, plan, pruned.kept_positions)
+                kept_positions = pruned.kept_positions if kept_positions is None else kept_positions.gather(1, pruned.kept_positions)
                 hidden_states, cos_sin, valid = pruned.hidden_states, pruned.cos_sin, pruned.key_valid
                 groups.append(CacheGroup(layer_idx, valid))
+                next_positions.append(next_positions[0] if pruned.next_position is None else pruned.next_position)
                 mask = layer_mask(valid, hidden_states.shape[1])
             elif layer_idx in group_at:
-                mask = layer_mask(group_at[layer_idx].key_valid, length)
-            scorer = stages.get(layer_idx + 1)
-            scoring_here = scorer is not None and scorer.reads_attention_row  # only a declared read is computed
+                group = group_at[layer_idx]
+                mask = layer_mask(groups[group].key_valid, length)
+                if group > 0 and group_positions[group] is not position_ids:
+                    cos_sin = parts.rotary_emb(hidden_states, group_positions[group])
+            upcoming = stages.get(layer_idx + 1)
+            row_query = upcoming.query_index if upcoming is not None and upcoming.score == "previous_row" else None
+            keys_out = [] if upcoming is not None and upcoming.score == "dart" else None
             hidden_states, row = llama_layer_forward(
                 layer, hidden_states, cos_sin, mask, cache, layer_idx,
-                score_query_index=scorer.query_index if scoring_here else None,
-                eager_scoring=config.scoring == "eager",
+                score_query_index=row_query, eager_scoring=config.scoring == "eager", keys_out=keys_out,
             )
-            if scoring_here:
-                scores = row
-        return hidden_states, pruned, groups
+            previous = row if row_query is not None else (keys_out[0] if keys_out else None)
+        return LoopResult(hidden_states, kept_positions, groups, next_positions)
 
-    def _next_state(self, state, groups, next_position, dense, visual_tokens) -> PruneState:
+    def _next_state(self, state, groups, next_positions, dense, visual_tokens) -> PruneState:
         if state is not None:
-            return PruneState(groups, state.num_layers, next_position, state.group_prompt_tokens, dense, state.visual_tokens)
+            return PruneState(groups, state.num_layers, next_positions, state.group_prompt_tokens, dense, state.visual_tokens)
         prompt_tokens = [group.key_valid.sum(dim=1) for group in groups]
-        return PruneState(groups, len(llava_parts(self).layers), next_position, prompt_tokens, dense, visual_tokens)
+        return PruneState(groups, len(llava_parts(self).layers), next_positions, prompt_tokens, dense, visual_tokens)
 
     def _output(self, parts, hidden_states, logits_to_keep, cache, kept_positions, placed) -> HybridLlavaOutput:
         hidden_states = parts.norm(hidden_states)
@@ -488,6 +434,9 @@ def apply_hybrid(model, config: HybridConfig | None = None):
     num_layers = len(llava_parts(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
+    if config.llm_method in ("pdrop", "dart"):
+        vision = model.config.vision_config
+        check_whole_image_budget(config, (vision.image_size // vision.patch_size) ** 2, num_layers)
     model.__class__ = HYBRID_CLASSES[base]
     model.hybrid_config = config
     return model

@@ -244,8 +244,8 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         defaults["visual_pool"] = DEFAULT_POOL
     try:
         config = HybridConfig.from_env(read_env, **defaults)
-        if config.visual_method is not None and not variant.next:
-            check_budget(get_method(config.visual_method), config.visual_budget, LLAVA_15_PATCHES)
+        if config.pre_llm_method is not None and not variant.next:
+            check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None
     return config
@@ -280,8 +280,8 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
             read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
     try:
         config = HybridConfig.from_env(read_env)
-        if config.visual_method is not None and not variant.next:  # LLaVA-1.5: 576 patches (NeXT: checked per image)
-            check_budget(get_method(config.visual_method), config.visual_budget, LLAVA_15_PATCHES)
+        if config.pre_llm_method is not None and not variant.next:  # LLaVA-1.5: 576 patches (NeXT: checked per image)
+            check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
         return config
     except ValueError as error:
         raise PluginError(f"{name}: {error}") from None

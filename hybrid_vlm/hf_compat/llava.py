@@ -25,6 +25,7 @@ __all__ = [
     "cache_argument",
     "cache_kwarg",
     "first_llm_module",
+    "layer_attention_row",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
@@ -115,6 +116,7 @@ def llama_layer_forward(
     layer_idx: int,
     score_query_index: torch.Tensor | None = None,  # [B]: also return this query's attention row
     eager_scoring: bool = False,
+    keys_out: list | None = None,  # when given, this chunk's rotated keys [B, Hkv, Q, D] are appended
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One LlamaDecoderLayer, as transformers runs it, with SDPA under an explicit boolean mask, or
     with none where the caller knows every key is a real token and the queries are either the whole
@@ -138,6 +140,8 @@ def llama_layer_forward(
     key_states = attention.k_proj(normed).view(head_shape).transpose(1, 2)  # [B, Hkv, Q, D]
     value_states = attention.v_proj(normed).view(head_shape).transpose(1, 2)
     query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *cos_sin)
+    if keys_out is not None:
+        keys_out.append(key_states)
     if cache is not None:
         key_states, value_states = cache.update(key_states, value_states, layer_idx)
     key_states = repeat_kv(key_states, attention.num_key_value_groups)  # [B, H, K, D]
@@ -166,6 +170,37 @@ def llama_layer_forward(
     hidden_states = residual + attention.o_proj(attn_output)
     hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
     return hidden_states, scores
+
+
+def layer_attention_row(
+    layer: nn.Module,  # LlamaDecoderLayer whose own attention scores, before it runs
+    hidden_states: torch.Tensor,  # [B, L, hidden] its input
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [B, L, head_dim], the input's positions
+    attention_mask: torch.Tensor | None,  # [B, 1, L, L] bool, or None: causal, every key real
+    query_index: torch.Tensor,  # [B] long
+) -> torch.Tensor:
+    """[B, L] float32: head-averaged attention of one query per sample, from this layer's own
+    input norm, q and k projections and RoPE (PyramidDrop's score), without running the layer.
+    Only the query row is projected by q_proj; every token by k_proj."""
+    from ..fastv import last_query_attention
+
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    normed = layer.input_layernorm(hidden_states)
+    query_normed = normed.gather(1, query_index.view(batch, 1, 1).expand(batch, 1, normed.shape[-1]))
+    query_states = attention.q_proj(query_normed).view(batch, 1, -1, attention.head_dim).transpose(1, 2)  # [B, H, 1, D]
+    key_states = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    query_cos_sin = tuple(t.gather(1, query_index.view(batch, 1, 1).expand(batch, 1, t.shape[-1])) for t in cos_sin)
+    query_states, _ = apply_rotary_pos_emb(query_states, query_states, *query_cos_sin)
+    _, key_states = apply_rotary_pos_emb(key_states, key_states, *cos_sin)
+    key_states = repeat_kv(key_states, attention.num_key_value_groups)
+    if attention_mask is None:
+        key_at = torch.arange(length, device=hidden_states.device)
+        attention_mask = (key_at[None, :] <= query_index[:, None]).view(batch, 1, 1, length)
+    else:
+        attention_mask = attention_mask.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, 1, 1, length))
+    zero = torch.zeros(batch, dtype=torch.long, device=hidden_states.device)
+    return last_query_attention(query_states, key_states, attention_mask, zero, attention.scaling)
 
 
 def first_llm_module(model: LlavaForConditionalGeneration) -> nn.Module:

@@ -36,6 +36,7 @@ class Stage(str, Enum):
     VIT = "CLIP tower, read layer"
     PRE_LLM = "after the projector, before LLM layer 0"
     LLM = "inside the LLM, at FASTV_LAYER"
+    LLM_STAGES = "inside the LLM, at several stage layers"
     VIT_LAYERS = "every CLIP layer LLaVA reads"
 
 
@@ -45,6 +46,9 @@ class Read(str, Enum):
     VIT_KEYS = "head-averaged keys of the read CLIP layer"
     PROJECTED_FEATURES = "projected visual features"
     LLM_ATTENTION_ROW = "last prompt token's attention row at layer FASTV_LAYER - 1"
+    LLM_OWN_ATTENTION_ROW = "last prompt token's attention row from the stage layer's own q and k, before it runs"
+    LLM_KEYS = "rotated keys of layer FASTV_LAYER - 1"
+    LLM_NORMED_OUTPUTS = "outputs of layer FASTV_LAYER - 1 through the final norm"
     PIXELS = "pixel values (a hash)"
     VIT_MERGE_KEYS = "keys of every CLIP layer (bipartite merging)"
 
@@ -74,17 +78,22 @@ class Method:
     name: str
     stage: Stage
     reads: tuple[Read, ...]
-    budget_rule: str  # "A" tokens entering the LLM, "B" kept after the layer, "thresholds" (DyMU)
+    budget_rule: str  # "A" tokens entering the LLM, "B" kept after the layer, "C" layer-averaged, "thresholds" (DyMU)
     signal: str
     positions: str
     deviations: str
     select: Callable[[VisualReads, int], Selection] | None = None  # methods before the LLM
     scoring_macs: Callable[[int, VitDims], int] = lambda budget, dims: 0  # per image
     selects_projected: bool = False  # its Selection's tokens are in the LLM's space (else CLIP's)
+    budget_setting: str = "VISUAL_BUDGET"  # what sets its budget: VISUAL_BUDGET, FASTV_K or DYMU_THRESHOLDS
 
     @property
     def before_llm(self) -> bool:
         return self.select is not None
+
+    @property
+    def inside_llm(self) -> bool:
+        return self.stage in (Stage.LLM, Stage.LLM_STAGES)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -154,12 +163,29 @@ register(Method(
     signal="last prompt token's attention at layer K-1, head mean",
     positions="original ids (logical)",
     deviations="the attention row is computed from q.K^T beside SDPA, not an eager layer; batched, cache-correct",
+    budget_setting="FASTV_K",
 ))
 register(Method(
     name="random", stage=Stage.LLM, reads=(Read.PIXELS,), budget_rule="B",
     signal="a seeded hash of the image's pixels and the slot (SELECT_SEED)",
     positions="original ids (logical)",
     deviations="no official code; kept at FastV's layer so it isolates FastV's signal",
+    budget_setting="FASTV_K",
+))
+register(Method(
+    name="pdrop", stage=Stage.LLM_STAGES, reads=(Read.LLM_OWN_ATTENTION_ROW,), budget_rule="C",
+    signal="last instruction token's attention from each stage layer's own q and k on the pre-drop states, head mean",
+    positions="renumbered per stage (official); logical by default here, HYBRID_POSITIONS=renumbered for the official rule",
+    deviations="one ratio solved on a 0.001 grid for the layer-average budget; stage layers [2, 8, 16] scaled to "
+               "shallower LLMs; head mean in fp32; batched with left padding",
+))
+register(Method(
+    name="dart", stage=Stage.LLM, reads=(Read.LLM_KEYS, Read.LLM_NORMED_OUTPUTS), budget_rule="B",
+    signal="4 image + 4 text pivots by the L1 norm of layer K-1's rotated keys; per pivot the least similar pool "
+           "tokens (cosine of layer K-1's outputs through the final norm)",
+    positions="original ids (logical, as official)",
+    deviations="pivots visited in ascending position (DART_PIVOTS=official: CPython set order, a host sync); "
+               "DART_QUOTA=official keeps 4 + 8 * (budget // 8), matched keeps the budget exactly; fp32; batched",
 ))
 register(Method(
     name="pool", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
@@ -197,6 +223,7 @@ register(Method(
     signal="bipartite merging by key similarity above calibrated per-layer thresholds",
     positions="each merged token at its representative patch",
     deviations="see hybrid_vlm.dymu (batched with static shapes; split order as official)",
+    budget_setting="DYMU_THRESHOLDS",
 ))
 
 

@@ -1,0 +1,85 @@
+"""DART as pure batched tensor functions: pivots by the L1 norm of rotated keys, then, per pivot,
+the pool tokens least similar to it.
+
+Official code (xqy1111111/DART@5a19452, `DART.get_retained_image_token`) runs at batch size 1: 4
+image and 4 text pivots by key L1 norm at layer K-1 (text: every token after the image), then for
+each pivot in CPython `set` iteration order the `M // 8` pool tokens (image tokens minus the image
+pivots) of lowest cosine similarity to it, on layer K-1's outputs through the final norm, each
+removed from the pool once taken. Kept visual tokens: 4 + 8 * (M // 8).
+
+Here the pivots are visited in ascending position (`order="sorted"`, no host sync) or in the
+official set order (`order="official"`, which needs the pivot positions on the host: one sync per
+prefill). `quotas` gives each pivot its own count: `official_quotas` or `matched_quotas`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_PIVOTS = 4
+TEXT_PIVOTS = 4
+PIVOT_ORDERS = ("sorted", "official")
+
+
+def official_quotas(budget: int) -> tuple[int, ...]:
+    """`max_num_trunction // 8` per pivot: 4 + 8 * (budget // 8) kept (192 -> 196, 64 -> 68)."""
+    return (budget // (IMAGE_PIVOTS + TEXT_PIVOTS),) * (IMAGE_PIVOTS + TEXT_PIVOTS)
+
+
+def matched_quotas(budget: int) -> tuple[int, ...]:
+    """Exactly `budget` kept: the budget minus the image pivots, spread over the 8 pivots, the
+    first ones in visiting order taking one more."""
+    pivots = IMAGE_PIVOTS + TEXT_PIVOTS
+    picks = budget - IMAGE_PIVOTS
+    return tuple(picks // pivots + (1 if index < picks % pivots else 0) for index in range(pivots))
+
+
+def kept_count(quotas: tuple[int, ...]) -> int:
+    return IMAGE_PIVOTS + sum(quotas)
+
+
+def key_l1_norms(rotated_keys: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, L, D] rotated keys -> [B, L] float32 L1 norm over every head (fp16 would overflow)."""
+    return rotated_keys.float().abs().sum(dim=(1, 3))
+
+
+def top_positions(scores: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count] positions of the highest `scores` [B, L] among `allowed` [B, L] (best first)."""
+    return scores.float().masked_fill(~allowed, float("-inf")).topk(count, dim=1).indices
+
+
+def official_pivot_order(pivots: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
+    """The order CPython iterates `set(image_pivots + text_pivots)` per sample, the positions
+    counted from the sample's first real token as the unpadded official prompt counts them (a
+    host sync)."""
+    offsets = first_real.tolist()
+    rows = [[position + offset for position in set(p - offset for p in row)] for row, offset in zip(pivots.tolist(), offsets)]
+    return torch.tensor(rows, device=pivots.device)
+
+
+def dart_keep_mask(
+    key_norms: torch.Tensor,  # [B, L] float32, layer K-1's rotated keys, L1 over heads
+    normed: torch.Tensor,  # [B, L, hidden] layer K-1's outputs through the final norm
+    is_image: torch.Tensor,  # [B, L] bool: real image tokens
+    is_text: torch.Tensor,  # [B, L] bool: real tokens after the image (the text pivot candidates)
+    quotas: tuple[int, ...],  # picks per pivot, in visiting order
+    order: str = "sorted",
+    first_real: torch.Tensor | None = None,  # [B] long, index of each sample's first real token (official order only)
+) -> torch.Tensor:
+    """[B, L] bool: the image tokens DART keeps (its image pivots and every pivot's picks)."""
+    image_pivots = top_positions(key_norms, is_image, IMAGE_PIVOTS)
+    text_pivots = top_positions(key_norms, is_text, TEXT_PIVOTS)
+    pivots = torch.cat([image_pivots, text_pivots], dim=1)  # [B, 8] in official insertion order
+    pivots = official_pivot_order(pivots, first_real) if order == "official" else pivots.sort(dim=1).values
+    unit = torch.nn.functional.normalize(normed.float(), dim=-1, eps=1e-8)
+    kept = torch.zeros_like(is_image).scatter(1, image_pivots, True)
+    pool = is_image & ~kept
+    for step, quota in enumerate(quotas):
+        if quota == 0:
+            continue
+        pivot = unit.gather(1, pivots[:, step, None, None].expand(-1, 1, unit.shape[-1]))  # [B, 1, hidden]
+        similarity = (unit * pivot).sum(dim=-1)  # [B, L]
+        picked = top_positions(-similarity, pool, quota)
+        kept = kept.scatter(1, picked, True)
+        pool = pool.scatter(1, picked, False)
+    return kept

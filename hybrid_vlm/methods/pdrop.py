@@ -1,0 +1,67 @@
+"""PyramidDrop's schedule as pure functions: where its stages start, how many tokens each keeps,
+and the one ratio lambda that meets a layer-averaged budget (rule C).
+
+The official code keeps `int(V * lambda**s)` visual tokens from stage layer s on (truncation, not
+rounding), at `layer_list = [2, 8, 16]` for the 32-layer LLaVA-1.5 when the budget is below its
+default schedule's floor (maintainer, Cooperx521/PyramidDrop issue #29). The score at each stage
+is the last instruction token's attention computed with that stage layer's own q and k on the
+states before the drop (`hf_compat.layer_attention_row`); the engine applies it.
+"""
+
+from __future__ import annotations
+
+OFFICIAL_LAYERS = (2, 8, 16)  # stage starts for a 32-layer LLM
+OFFICIAL_DEPTH = 32
+LAMBDA_STEP = 1000  # lambda is searched on a 0.001 grid, the precision the maintainer quotes
+
+
+def stage_layers(num_layers: int) -> tuple[int, ...]:
+    """The official stage layers scaled to `num_layers` in proportion (rounded, then pushed up to
+    stay strictly increasing and >= 1). 32 layers give the official (2, 8, 16)."""
+    layers: list[int] = []
+    for official in OFFICIAL_LAYERS:
+        scaled = max(round(official * num_layers / OFFICIAL_DEPTH), 1, layers[-1] + 1 if layers else 1)
+        layers.append(scaled)
+    if layers[-1] >= num_layers:
+        raise ValueError(f"PyramidDrop needs an LLM of at least {len(OFFICIAL_LAYERS) + 1} layers for its "
+                         f"{len(OFFICIAL_LAYERS)} stages; this one has {num_layers}")
+    return tuple(layers)
+
+
+def keep_counts(num_visual: int, ratio: float, num_stages: int) -> tuple[int, ...]:
+    """Visual tokens kept from each stage layer on: int(V * ratio**s), s = 1..num_stages."""
+    return tuple(int(num_visual * ratio**stage) for stage in range(1, num_stages + 1))
+
+
+def layer_mean(num_visual: int, counts: tuple[int, ...], layers: tuple[int, ...], num_layers: int) -> float:
+    """Visual tokens averaged over the LLM's layers (rule C) for a schedule."""
+    starts, held = (0, *layers), (num_visual, *counts)
+    ends = (*layers, num_layers)
+    return sum((end - start) * tokens for start, end, tokens in zip(starts, ends, held)) / num_layers
+
+
+def floor_budget(num_visual: int, layers: tuple[int, ...], num_layers: int) -> float:
+    """The smallest layer-average any ratio reaches: every token before the first stage."""
+    return layers[0] * num_visual / num_layers
+
+
+def solve_ratio(budget: int, num_visual: int, num_layers: int) -> float:
+    """The ratio on the 0.001 grid whose schedule's layer-average is nearest `budget` (the larger
+    ratio on a tie). A budget outside what the schedule reaches is an error naming the range."""
+    layers = stage_layers(num_layers)
+    low, high = floor_budget(num_visual, layers, num_layers), float(num_visual)
+    if not low < budget < high:
+        raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by pdrop on this {num_layers}-layer LLM with "
+                         f"{num_visual} visual tokens: its layer-average lies in ({low:g}, {high:g}) "
+                         f"(stages at layers {list(layers)})")
+    best = min(
+        range(1, LAMBDA_STEP),
+        key=lambda step: (abs(layer_mean(num_visual, keep_counts(num_visual, step / LAMBDA_STEP, len(layers)), layers, num_layers) - budget), -step),
+    )
+    return best / LAMBDA_STEP
+
+
+def schedule(budget: int, num_visual: int, num_layers: int) -> dict[int, int]:
+    """{stage layer: visual tokens kept from it on} for a layer-averaged budget."""
+    layers = stage_layers(num_layers)
+    return dict(zip(layers, keep_counts(num_visual, solve_ratio(budget, num_visual, num_layers), len(layers))))

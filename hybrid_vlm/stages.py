@@ -1,0 +1,216 @@
+"""Reduction stages inside the LLM: what each prunes, how it scores, and the pruning step itself.
+
+A stage is a `PrunePlan` at one decoder layer; the decoder loop (`model.HybridDecoder`) runs
+them in order. Methods differ only in the score a stage hands to `prune`:
+
+- "previous_row" (fastv): the last prompt token's attention row of the layer before the stage;
+- "own_row" (pdrop): the same row computed with the stage layer's own q and k on its input,
+  before the drop (`hf_compat.layer_attention_row`);
+- "dart": DART's pivots and picks from the previous layer's rotated keys and normed outputs;
+- "slots" (random): scores the adapter supplied per slot.
+
+Every stage keeps all text and the top `keep` visual slots, through the same gather, at original
+position ids (logical) or at consecutive ones per stage (renumbered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import HybridConfig, visual_keep_count
+from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
+from .hf_compat import layer_attention_row
+from .methods import Read, get_method, pdrop
+from .methods.dart import dart_keep_mask, key_l1_norms, kept_count, matched_quotas, official_quotas
+from .placement import PlacedPrompt
+
+SCORE_KINDS = ("previous_row", "own_row", "dart", "slots")
+
+
+@dataclass
+class PrunePlan:
+    """One stage: keep `keep` visual slots per sample (of them only `keep_per_sample` real ones
+    where samples differ), ranked by a score of kind `score`. A later stage of a multi-stage
+    method has `visual_positions` and `query_index` None until the stage before it has run."""
+
+    keep: int
+    visual_positions: torch.Tensor | None  # [B, V] in the sequence entering the stage
+    query_index: torch.Tensor | None  # [B] index in that sequence of the scoring query
+    keep_per_sample: torch.Tensor | None  # [B], or None when every visual slot is real
+    slot_scores: torch.Tensor | None  # [B, L0] scores that replace attention (random selection)
+    protected: torch.Tensor | None = None  # [B, L0] slots kept whatever their score
+    uniform: bool = True  # every sample keeps `keep` real tokens (known in Python)
+    score: str = "previous_row"  # one of SCORE_KINDS
+    dart_quotas: tuple[int, ...] = ()
+    dart_pivots: str = "sorted"
+
+    @property
+    def reads_previous_layer(self) -> bool:
+        """The layer before this stage must hand over its attention row or its keys."""
+        return self.score in ("previous_row", "dart")
+
+
+def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool, bool]:
+    """(keep: visual slots kept per sample, static; uniform: every sample keeps `keep` real tokens;
+    prunes: some sample loses a token), from host counts where Python has them, else a bound.
+
+    Protected slots (LLaVA-NeXT's newlines with FASTV_NEWLINES=keep) are not counted: a sample keeps
+    its quota of the other visual tokens plus all of its protected ones."""
+    num_visual = placed.visual_positions.shape[1]
+    protected = placed.protected_counts or [0] * placed.visual_positions.shape[0]
+    if placed.visual_counts is None:  # DyMU batch: a bound, per-sample quotas on the device
+        keep = min(num_visual, visual_keep_count(num_visual, config.fastv_k) + max(protected))
+        return keep, False, keep < num_visual
+    quotas = [visual_keep_count(v - p, config.fastv_k) + p for v, p in zip(placed.visual_counts, protected)]
+    return max(quotas), len(set(quotas)) == 1, any(q < v for q, v in zip(quotas, placed.visual_counts))
+
+
+def scoring_query(placed: PlacedPrompt, fastv_query_index) -> torch.Tensor:
+    """[B] index of the scoring query in the placed sequence: each sample's last real token, or
+    the prompt position the caller named."""
+    valid, entered = placed.new_valid, placed.entered_positions
+    if fastv_query_index is None:
+        steps = torch.arange(valid.shape[1], device=valid.device)
+        return (valid.long() * steps).amax(dim=1)
+    query_index = torch.as_tensor(fastv_query_index, device=valid.device).long().expand(valid.shape[0])
+    if entered is not None:  # a prompt position -> its index in the placed sequence
+        query_index = (entered == query_index[:, None]).long().argmax(dim=1)
+    return query_index
+
+
+def stage_plans(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_index, num_layers: int) -> dict[int, PrunePlan]:
+    """{layer: the stage that prunes before it runs}, empty when nothing is pruned in this forward."""
+    method = config.llm_method
+    if placed is None or method is None:
+        return {}
+    if method in ("pdrop", "dart"):
+        return whole_image_stages(config, placed, scoring_query(placed, fastv_query_index), num_layers)
+    keep, uniform, prunes = visual_quotas(config, placed)
+    if not prunes:
+        return {}
+    valid = placed.new_valid
+    keep_per_sample = None
+    if not uniform or placed.entered_positions is not None:
+        real_visual = valid.gather(1, placed.visual_positions)
+        protected = torch.zeros_like(real_visual) if placed.protected is None else placed.protected.gather(1, placed.visual_positions) & real_visual
+        protected_count = protected.sum(dim=1)
+        keep_per_sample = visual_keep_counts(real_visual.sum(dim=1) - protected_count, config.fastv_k) + protected_count
+    reads_row = Read.LLM_ATTENTION_ROW in get_method(method).reads
+    if not reads_row and placed.slot_scores is None:
+        raise RuntimeError(f"{method} scores slots the adapter did not supply")
+    plan = PrunePlan(keep, placed.visual_positions, scoring_query(placed, fastv_query_index), keep_per_sample,
+                     placed.slot_scores, placed.protected, uniform, "previous_row" if reads_row else "slots")
+    return {config.fastv_layer: plan}
+
+
+def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
+    """pdrop's stages or dart's one, on prompts whose samples all hold the same visual count."""
+    counts = placed.visual_counts
+    if counts is None or len(set(counts)) != 1 or placed.entered_positions is not None:
+        raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} needs every sample to hold the same number of visual "
+                                  "tokens in their placeholders (LLaVA-1.5 without DyMU)")
+    num_visual = counts[0]
+    if config.llm_method == "dart":
+        quotas = (official_quotas if config.dart_quota == "official" else matched_quotas)(config.visual_budget)
+        plan = PrunePlan(kept_count(quotas), placed.visual_positions, query_index, None, None,
+                         score="dart", dart_quotas=quotas, dart_pivots=config.dart_pivots)
+        return {config.fastv_layer: plan}
+    layers = pdrop.schedule(config.visual_budget, num_visual, num_layers)
+    plans = {}
+    for index, (layer, keep) in enumerate(layers.items()):
+        first = index == 0
+        plans[layer] = PrunePlan(keep, placed.visual_positions if first else None, query_index if first else None, None, None, score="own_row")
+    return plans
+
+
+def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: int) -> None:
+    """Refuse a pdrop or dart budget its rule cannot reach, before any forward."""
+    if config.llm_method == "pdrop":
+        pdrop.schedule(config.visual_budget, num_visual, num_layers)  # raises naming the reachable range
+    elif config.llm_method == "dart":
+        quotas = (official_quotas if config.dart_quota == "official" else matched_quotas)(config.visual_budget)
+        if min(quotas) < 0 or kept_count(quotas) > num_visual:
+            raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
+                             f"it keeps {kept_count(quotas)} of {num_visual} visual tokens; use 4..{num_visual}")
+        if config.fastv_layer >= num_layers:
+            raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for dart: use 1..{num_layers - 1}")
+
+
+@dataclass
+class StageInputs:
+    """What the sequence entering a stage looks like, tracked through the stages."""
+
+    is_visual: torch.Tensor  # [B, L] bool: visual slots of the current sequence
+    query_index: torch.Tensor  # [B] the scoring query's index in it
+    visual_count: int  # visual slots per sample in it (static)
+
+
+def stage_at(plan: PrunePlan, inputs: StageInputs) -> PrunePlan:
+    """A later stage's visual slots and query in the sequence the earlier stages left."""
+    if plan.visual_positions is not None:
+        return plan
+    return replace(plan, visual_positions=true_positions(inputs.is_visual, inputs.visual_count), query_index=inputs.query_index)
+
+
+def after_stage(inputs: StageInputs, plan: PrunePlan, kept_positions: torch.Tensor) -> StageInputs:
+    query_index = (kept_positions == inputs.query_index[:, None]).long().argmax(dim=1)  # text always survives
+    return StageInputs(gather_tokens(inputs.is_visual, kept_positions), query_index, plan.keep)
+
+
+def dart_scores(plan: PrunePlan, previous_keys: torch.Tensor, previous_normed: torch.Tensor, valid: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+    """[B, L] 1.0 on the visual slots DART keeps, 0.0 elsewhere (prune keeps the top `keep`)."""
+    steps = torch.arange(valid.shape[1], device=valid.device)
+    last_visual = (is_visual.long() * steps).amax(dim=1)
+    # text after the image up to the scoring query: the prompt's, never a generated token's
+    is_text = valid & ~is_visual & (steps[None, :] > last_visual[:, None]) & (steps[None, :] <= plan.query_index[:, None])
+    first_real = valid.long().argmax(dim=1)
+    kept = dart_keep_mask(key_l1_norms(previous_keys), previous_normed, is_visual & valid, is_text,
+                          plan.dart_quotas, plan.dart_pivots, first_real)
+    return kept.float()
+
+
+def stage_scores(plan: PrunePlan, layer, hidden_states, cos_sin, mask, previous, valid, is_visual, final_norm) -> torch.Tensor | None:
+    """The score `prune` ranks by, for this stage's kind. `previous`: what the layer before
+    handed over (its attention row, or its rotated keys for dart)."""
+    if plan.score == "previous_row":
+        return previous
+    if plan.score == "own_row":
+        return layer_attention_row(layer, hidden_states, cos_sin, mask, plan.query_index)
+    if plan.score == "dart":
+        return dart_scores(plan, previous, final_norm(hidden_states), valid, is_visual)
+    return plan.slot_scores
+
+
+@dataclass
+class Pruned:
+    """The sequence after one stage."""
+
+    hidden_states: torch.Tensor  # [B, L_kept, hidden]
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    kept_positions: torch.Tensor  # [B, L_kept] indices into the sequence entering the stage
+    key_valid: torch.Tensor  # [B, L_kept] kept slots that are real tokens
+    next_position: torch.Tensor | None  # [B] only when positions were renumbered
+
+
+def renumber(valid: torch.Tensor) -> torch.Tensor:
+    """Consecutive positions over the real tokens (the renumbered position mode)."""
+    return (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_mode: str, rotary_emb) -> Pruned:
+    """Keep every text token and the top `plan.keep` visual slots, at their position ids."""
+    if plan.protected is not None:
+        scores = scores.masked_fill(plan.protected, 2.0)  # above every probability: kept first
+    scores = scores.masked_fill(~new_valid, -1.0)  # empty slots rank after every real token
+    kept_positions, kept_real = select_kept_positions(scores, plan.visual_positions, plan.keep, plan.keep_per_sample)
+    hidden_states = gather_tokens(hidden_states, kept_positions)
+    key_valid = gather_tokens(new_valid, kept_positions)
+    if kept_real is not None:
+        key_valid = key_valid & kept_real
+    if position_mode == "renumbered":
+        kept_position_ids = renumber(key_valid)
+        return Pruned(hidden_states, rotary_emb(hidden_states, kept_position_ids), kept_positions, key_valid, kept_position_ids[:, -1] + 1)
+    cos, sin = (gather_tokens(t, kept_positions) for t in cos_sin)
+    return Pruned(hidden_states, (cos, sin), kept_positions, key_valid, None)
