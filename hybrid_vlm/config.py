@@ -22,13 +22,6 @@ SCORING_MODES = ("row", "eager")
 DART_QUOTAS = ("official", "matched")
 
 
-def parse_choice(name: str, text: str | None, choices: tuple[str, ...]) -> str:
-    """An environment setting that names one of `choices` (the first when unset)."""
-    value = (text or "").strip() or choices[0]
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid: use one of {', '.join(choices)} (default {choices[0]}).")
-    return value
-
 
 def parse_fastv_k(text: str | None) -> int | float | None:
     """Parse a FASTV_K setting. Integers keep top-n; decimals in [0, 1) prune that fraction."""
@@ -315,8 +308,10 @@ class HybridConfig:
             dymu=env.get("DYMU_THRESHOLDS") or None,
             dymu_split=parse_dymu_split(env.get("DYMU_SPLIT")),
             position_mode=positions,
-            dart_quota=parse_choice("DART_QUOTA", env.get("DART_QUOTA"), DART_QUOTAS),
-            dart_pivots=parse_choice("DART_PIVOTS", env.get("DART_PIVOTS"), DART_PIVOT_ORDERS),
+            dart_quota=parse_choice("DART_QUOTA", env.get("DART_QUOTA"), DART_QUOTAS,
+                                    "official (4 + 8 * (budget // 8) kept, as published: the default) or matched (exactly the budget)"),
+            dart_pivots=parse_choice("DART_PIVOTS", env.get("DART_PIVOTS"), DART_PIVOT_ORDERS,
+                                     "sorted (pivots visited by position, no host sync: the default) or official (CPython set order, one host read)"),
         )
         values.update(method_settings(env, fastv_k))
         values.update(overrides)

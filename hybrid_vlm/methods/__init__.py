@@ -173,21 +173,6 @@ register(Method(
     budget_setting="FASTV_K",
 ))
 register(Method(
-    name="pdrop", stage=Stage.LLM_STAGES, reads=(Read.LLM_OWN_ATTENTION_ROW,), budget_rule="C",
-    signal="last instruction token's attention from each stage layer's own q and k on the pre-drop states, head mean",
-    positions="renumbered per stage (official); logical by default here, HYBRID_POSITIONS=renumbered for the official rule",
-    deviations="one ratio solved on a 0.001 grid for the layer-average budget; stage layers [2, 8, 16] scaled to "
-               "shallower LLMs; head mean in fp32; batched with left padding",
-))
-register(Method(
-    name="dart", stage=Stage.LLM, reads=(Read.LLM_KEYS, Read.LLM_NORMED_OUTPUTS), budget_rule="B",
-    signal="4 image + 4 text pivots by the L1 norm of layer K-1's rotated keys; per pivot the least similar pool "
-           "tokens (cosine of layer K-1's outputs through the final norm)",
-    positions="original ids (logical, as official)",
-    deviations="pivots visited in ascending position (DART_PIVOTS=official: CPython set order, a host sync); "
-               "DART_QUOTA=official keeps 4 + 8 * (budget // 8), matched keeps the budget exactly; fp32; batched",
-))
-register(Method(
     name="pool", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
     signal="2-D average pooling of the projected 24 x 24 grid (adaptive windows for non-square budgets)",
     positions="each window's central patch",
@@ -217,6 +202,21 @@ register(Method(
     deviations="diagonal excluded explicitly and no token picked twice; fp32; lowest index wins ties",
     select=lambda reads, budget: divprune_select(reads.projected, budget), scoring_macs=divprune_macs,
     selects_projected=True,
+))
+register(Method(
+    name="pdrop", stage=Stage.LLM_STAGES, reads=(Read.LLM_OWN_ATTENTION_ROW,), budget_rule="C",
+    signal="last instruction token's attention from each stage layer's own q and k on the pre-drop states, head mean",
+    positions="renumbered per stage (official); logical by default here, HYBRID_POSITIONS=renumbered for the official rule",
+    deviations="one ratio solved on a 0.001 grid for the layer-average budget; stage layers [2, 8, 16] scaled to "
+               "shallower LLMs; head mean in fp32; batched with left padding",
+))
+register(Method(
+    name="dart", stage=Stage.LLM, reads=(Read.LLM_KEYS, Read.LLM_NORMED_OUTPUTS), budget_rule="B",
+    signal="4 image + 4 text pivots by the L1 norm of layer K-1's rotated keys; per pivot the least similar pool "
+           "tokens (cosine of layer K-1's outputs through the final norm)",
+    positions="original ids (logical, as official)",
+    deviations="pivots visited in ascending position (DART_PIVOTS=official: CPython set order, a host sync); "
+               "DART_QUOTA=official keeps 4 + 8 * (budget // 8), matched keeps the budget exactly; fp32; batched",
 ))
 register(Method(
     name="dymu", stage=Stage.VIT_LAYERS, reads=(Read.VIT_MERGE_KEYS,), budget_rule="thresholds",
