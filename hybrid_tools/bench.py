@@ -197,7 +197,7 @@ class BenchConfig:
     row: dict = field(default_factory=dict)
 
 
-BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune")
+BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune", "pdrop", "dart")
 
 
 def build_configs(args) -> list[BenchConfig]:
@@ -446,7 +446,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
-        if hybrid is not None and (hybrid.pre_llm_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
+        if hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
             # a method before the LLM: its own CLIP loop, what it projects and its scoring
             macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
         else:
@@ -458,6 +458,10 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         totals["vision"] += macs.vision_total
         totals["llm"] += macs.llm_total
         totals["prefill"] += macs.total
+        if hybrid is not None and hybrid.llm_method in ("pdrop", "dart"):  # one cache length per stage
+            totals["decode"] += flops.staged_decode_macs_mean(shape, hybrid, text, decode_tokens) if decode_tokens else 0.0
+            totals["kv"] += flops.staged_kv_cache_bytes(shape, hybrid, text, decode_tokens, bytes_per_element)
+            continue
         if decode_tokens:
             totals["decode"] += flops.llm_decode_macs_mean(
                 shape.llm, text + visual, text + kept, steps=decode_tokens, fastv_layer=fastv_layer

@@ -101,8 +101,8 @@ SCORING_HINT = (
     "    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --fastv-k 0.5 --scoring row eager --out runs/bench-scoring\n"
     "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
 )
-ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "VISUAL_BUDGET", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS")
-SWEEP_METHODS = ("fastv", "random", "pool", *settings.PRE_LLM_METHODS)
+ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "VISUAL_BUDGET", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "DART_QUOTA", "DART_PIVOTS")
+SWEEP_METHODS = ("fastv", "random", "pool", *settings.PRE_LLM_METHODS, *settings.LLM_METHODS)
 DYMU_TARGETS = ("low", "mid", "high")
 
 

@@ -448,6 +448,24 @@ def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tok
     return PrefillMacs(vision=stock.vision, projector=stock.projector, llm=llm, lm_head=stock.lm_head)
 
 
+def staged_layer_tokens(shape: LlavaShape, config, text_tokens: int) -> list[int]:
+    """Prompt tokens each LLM layer caches under pdrop or dart."""
+    counts = stage_visual_counts(shape, config)
+    starts = sorted(counts)
+    return [text_tokens + counts[max(start for start in starts if start <= layer)] for layer in range(shape.llm.layers)]
+
+
+def staged_decode_macs_mean(shape: LlavaShape, config, text_tokens: int, steps: int) -> float:
+    """Mean MACs per decode step over `steps` steps, each layer over its own cache."""
+    layers = staged_layer_tokens(shape, config, text_tokens)
+    total = sum(llama_layer_macs(1, shape.llm, cached=cached + t) for t in range(steps) for cached in layers)
+    return total / steps + lm_head_macs(shape.llm, 1)
+
+
+def staged_kv_cache_bytes(shape: LlavaShape, config, text_tokens: int, decode_tokens: int, bytes_per_element: int = 2) -> int:
+    return 2 * sum(tokens + decode_tokens for tokens in staged_layer_tokens(shape, config, text_tokens)) * shape.llm.d_kv * bytes_per_element
+
+
 def stage_layer_mean(shape: LlavaShape, config) -> float:
     counts = stage_visual_counts(shape, config)
     starts = sorted(counts)

@@ -13,13 +13,16 @@ Names and their fixed meaning:
     llava_v1.5_7b_random   random selection at FastV's layer: VISUAL_BUDGET or FASTV_K (default 0.5), SELECT_SEED
     llava_v1.5_7b_{visionzip,vispruner,divprune}
                            the method before the LLM: VISUAL_BUDGET (default 64, 64, 56), HYBRID_POSITIONS
-    llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune}
+    llava_v1.5_7b_{pdrop,dart}
+                           the method inside the LLM: VISUAL_BUDGET (pdrop: layer-averaged, default 64;
+                           dart: kept after FASTV_LAYER, default 128, DART_QUOTA, DART_PIVOTS), HYBRID_POSITIONS
+    llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune,_pdrop,_dart}
                            the same on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
                            DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
     llava_next_mistral_7b{...}
                            the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
-    llava_tiny_{fastv,pool,random,visionzip,vispruner,divprune}
+    llava_tiny_{fastv,pool,random,visionzip,vispruner,divprune,pdrop,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
     llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
@@ -56,7 +59,10 @@ NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the ef
 # and VisPruner's published 64-token setting, DivPrune's default ratio 0.098 of 576 (56 tokens)
 PRE_LLM_METHODS = ("visionzip", "vispruner", "divprune")
 LLAVA_15_PATCHES = 576
-DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56}
+# the methods inside the LLM with a name of their own (LLaVA-1.5 only): PyramidDrop's maintainer
+# recipe for 64 layer-averaged tokens, DART's README setting (128, which keeps 132 officially)
+LLM_METHODS = ("pdrop", "dart")
+DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "dart": 128}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -116,9 +122,10 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
 
 
 def method_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
+    methods = PRE_LLM_METHODS if family in NEXT_FAMILIES else PRE_LLM_METHODS + LLM_METHODS
     return tuple(
         Variant(f"{prefix}_{method}", fastv=False, dymu=False, family=family, method=method, description=f"{what}: {method} (VISUAL_BUDGET)")
-        for method in PRE_LLM_METHODS
+        for method in methods
     )
 
 
@@ -270,6 +277,8 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
     reads = ["VISUAL_BUDGET", "HYBRID_POSITIONS"]
     if variant.method == "random":
         reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"]
+    if variant.method == "dart":
+        reads += ["FASTV_LAYER", "DART_QUOTA", "DART_PIVOTS"]
     if variant.next and variant.method == "random":
         reads += ["FASTV_NEWLINES"]
     read_env = {key: env[key] for key in reads if key in env}
