@@ -438,7 +438,7 @@ def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tok
     starts = sorted(counts)
     spans = [end - start for start, end in zip(starts, [*starts[1:], llm_shape.layers])]
     llm = sum(span * llama_layer_macs(text_tokens + counts[start], llm_shape, attention=attention) for start, span in zip(starts, spans))
-    for before, start in zip(starts, starts[1:]):
+    for before in starts[:-1]:  # each stage scores the sequence before its drop
         tokens = text_tokens + counts[before]
         if config.llm_method == "pdrop":
             llm += tokens * llm_shape.hidden * llm_shape.d_kv + llm_shape.hidden * llm_shape.d_q + tokens * llm_shape.d_q
