@@ -23,7 +23,7 @@ from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop
-from .methods.dart import dart_keep_mask, key_l1_norms, kept_count, matched_quotas, official_quotas
+from .methods.dart import dart_keep_mask, kept_count, key_l1_norms, matched_quotas, official_quotas
 from .placement import PlacedPrompt
 
 SCORE_KINDS = ("previous_row", "own_row", "dart", "slots")
