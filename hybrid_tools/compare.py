@@ -1,0 +1,280 @@
+"""python -m hybrid_tools.compare WORK_DIR --bench BENCH_DIR --out reports/method-comparison
+
+The method comparison: every method at each budget, with bootstrap 95% intervals over questions
+and paired intervals against FastV and against random selection at the same budget.
+
+Two steps, the second a pure function of the first's files, so a test can regenerate the table:
+1. `collect`: from a VLMEvalKit work dir (made by `hybrid_tools.sweep`), per-question hits of each
+   run's MCQ predictions and per-run token counts, into OUT/raw/hits.csv and OUT/raw/runs.csv; the
+   bench's bench.json is copied to OUT/raw/bench.json.
+2. `render`: OUT/table.md (the main table), OUT/speed.md, OUT/figures/*.png, from OUT/raw only.
+   `python -m hybrid_tools.compare --render OUT` reruns this step alone.
+
+Hits: a circular MMBench question counts as answered when every rotation of it is (VLMEvalKit's
+rule); a rotation is right when the prediction, stripped, starts with the answer's letter (as a
+word) or equals the answer's option text. A run whose accuracy from these hits differs from
+VLMEvalKit's own `Overall` is flagged in the table. Intervals: percentile bootstrap, 2000 draws of
+the questions with replacement, NumPy seed 0; a paired interval resamples the same questions for
+both runs. A method is called better or worse only where its paired interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlmeval_plugin import settings
+from vlmeval_plugin.results import prediction_file, read_sweep_runs, read_work_dir
+
+DRAWS = 2000
+SEED = 0
+CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit's circular copies: index + k * 1e6
+RUN_COLUMNS = ("run", "method", "budget", "positions", "seed", "dataset", "status", "questions", "vlmeval_accuracy",
+               "visual_in", "visual_kept", "visual_layer_mean", "prefill_gmacs")
+
+
+# ----------------------------------------------------------------------------------- collect
+
+
+def run_identity(folder: str) -> dict:
+    """method, budget, positions and seed of a model folder, from its registered name and tag."""
+    model, tag = folder.split(settings.NAME_SEPARATOR, 1) if settings.NAME_SEPARATOR in folder else (folder, "")
+    variant = settings.VARIANTS.get(model)
+    if variant is None or not variant.patched:
+        method = "vanilla"
+    elif variant.fixed_setting or (variant.dymu and variant.fastv):
+        method = "hybrid"
+    else:
+        method = variant.method or ("dymu" if variant.dymu else "pool" if variant.pool else "fastv")
+    budget = re.search(r"-[bk](\d+)(?:-|_|$)", tag)
+    seed = re.search(r"-s(\d+)(?:_|$)", tag)
+    return dict(method=method, budget=int(budget.group(1)) if budget else None,
+                positions="renumbered" if "renumbered" in tag else "logical",
+                seed=int(seed.group(1)) if seed else 0 if method == "random" else None)
+
+
+def rotation_correct(row: pd.Series) -> bool:
+    prediction, answer = str(row["prediction"]).strip(), str(row["answer"]).strip()
+    if re.match(rf"\(?{re.escape(answer)}(?:[\W_]|$)", prediction):
+        return True
+    option = row.get(answer)
+    return isinstance(option, str) and prediction.lower() == option.strip().lower()
+
+
+def question_hits(predictions: pd.DataFrame) -> pd.Series:
+    """Per base question, 1 when every circular rotation is answered right, else 0."""
+    correct = predictions.apply(rotation_correct, axis=1)
+    base = predictions["index"].astype(int) % CIRCULAR_STRIDE
+    return correct.groupby(base).all().astype(int)
+
+
+def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
+    runs, hits = [], []
+    folders = {folder.name: folder for folder in read_work_dir(work_dir)}
+    planned = {run.get("folder"): run for _, run in read_sweep_runs(work_dir)}
+    for name in sorted(set(folders) | set(planned)):
+        identity = run_identity(name)
+        folder = folders.get(name)
+        results = folder.results if folder is not None else {}
+        if not results:
+            code = planned.get(name, {}).get("returncode")
+            runs.append(dict(run=name, **identity, dataset="", status=f"did not run (exit status {code})"))
+            continue
+        for dataset, result in results.items():
+            path = prediction_file(work_dir / name, name, dataset)
+            if result.kind != "mcq" or path is None:
+                continue
+            per_question = question_hits(pd.read_excel(path) if path.suffix == ".xlsx" else pd.read_csv(path, sep="\t"))
+            hits += [dict(run=name, dataset=dataset, question=int(q), hit=int(h)) for q, h in per_question.items()]
+            runs.append(dict(run=name, **identity, dataset=dataset, status="ok", questions=len(per_question),
+                             vlmeval_accuracy=result.main_value, visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean,
+                             visual_layer_mean=result.visual_layer_mean, prefill_gmacs=result.prefill_gmacs_mean))
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(runs, columns=list(RUN_COLUMNS)).to_csv(raw / "runs.csv", index=False)
+    pd.DataFrame(hits, columns=["run", "dataset", "question", "hit"]).to_csv(raw / "hits.csv", index=False)
+    if bench_dir is not None:
+        shutil.copy(bench_dir / "bench.json", raw / "bench.json")
+
+
+# ------------------------------------------------------------------------------- intervals
+
+
+def bootstrap_interval(values: np.ndarray, draws: int = DRAWS, seed: int = SEED) -> tuple[float, float]:
+    """Percentile 95% interval of the mean of `values` [n] over questions resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_interval(values: np.ndarray, reference: np.ndarray, draws: int = DRAWS, seed: int = SEED) -> tuple[float, float]:
+    """95% interval of mean(values - reference), the same questions drawn for both."""
+    return bootstrap_interval(values - reference, draws, seed)
+
+
+def verdict(interval: tuple[float, float]) -> str:
+    low, high = interval
+    return "better" if low > 0 else "worse" if high < 0 else "no difference shown"
+
+
+# ---------------------------------------------------------------------------------- render
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def interval_text(interval: tuple[float, float], signed: bool = False) -> str:
+    low, high = (f"{100 * v:+.1f}" if signed else percent(v) for v in interval)
+    return f"[{low}, {high}]"
+
+
+def hit_vectors(hits: pd.DataFrame, dataset: str) -> dict[str, np.ndarray]:
+    table = hits[hits["dataset"] == dataset].pivot(index="question", columns="run", values="hit").sort_index()
+    return {run: table[run].to_numpy(dtype=float) for run in table.columns if not table[run].isna().any()}
+
+
+def references(runs: pd.DataFrame, vectors: dict, budget, positions: str) -> dict[str, np.ndarray]:
+    """FastV's hits at this budget and positions, and random's mean over its seeds."""
+    same = runs[(runs["budget"] == budget) & (runs["positions"] == positions) & (runs["status"] == "ok")]
+    found = {}
+    fastv = [r for r in same[same["method"] == "fastv"]["run"] if r in vectors]
+    if fastv:
+        found["fastv"] = vectors[fastv[0]]
+    seeds = [vectors[r] for r in same[same["method"] == "random"]["run"] if r in vectors]
+    if seeds:
+        found["random"] = np.mean(seeds, axis=0)
+    return found
+
+
+TABLE_HEADER = ("| budget | method | positions | seed | visual layer-avg (C) | prefill GMACs | accuracy % [95% CI] "
+                "| vs FastV, points [95% CI] | vs random, points [95% CI] | note |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def run_row(run: pd.Series, vectors: dict, refs: dict) -> str:
+    if run["status"] != "ok":
+        return f"| {run['budget']} | {run['method']} | {run['positions']} | {seed_text(run)} | | | unreachable or failed | | | {run['status']} |"
+    values = vectors[run["run"]]
+    cells = []
+    for name in ("fastv", "random"):
+        if name not in refs or run["method"] == name:
+            cells.append("")
+            continue
+        interval = paired_interval(values, refs[name])
+        cells.append(f"{100 * (values.mean() - refs[name].mean()):+.1f} {interval_text(interval, signed=True)} {verdict(interval)}")
+    note = "" if abs(100 * values.mean() - float(run["vlmeval_accuracy"])) < 0.05 else f"VLMEvalKit Overall {float(run['vlmeval_accuracy']):.1f}"
+    return (f"| {budget_text(run)} | {run['method']} | {run['positions']} | {seed_text(run)} | {number(run['visual_layer_mean'])} "
+            f"| {number(run['prefill_gmacs'], '.2f')} | {percent(values.mean())} {interval_text(bootstrap_interval(values))} "
+            f"| {cells[0]} | {cells[1]} | {note} |")
+
+
+def number(value, spec: str = ".1f") -> str:
+    return "" if pd.isna(value) else format(float(value), spec)
+
+
+def budget_text(run: pd.Series) -> str:
+    return "" if pd.isna(run["budget"]) else str(int(run["budget"]))
+
+
+def seed_text(run: pd.Series) -> str:
+    return "" if pd.isna(run["seed"]) else str(int(run["seed"]))
+
+
+def main_table(raw: Path) -> str:
+    """The main table, from raw/runs.csv and raw/hits.csv only (byte-stable)."""
+    runs = pd.read_csv(raw / "runs.csv")
+    hits = pd.read_csv(raw / "hits.csv")
+    runs = runs.sort_values(["budget", "positions", "method", "seed", "run"], na_position="first", kind="stable")
+    sections = []
+    for dataset in sorted(d for d in runs["dataset"].dropna().unique() if d):
+        vectors = hit_vectors(hits, dataset)
+        chosen = runs[(runs["dataset"] == dataset) | (runs["status"] != "ok")]
+        lines = [f"### {dataset} ({len(next(iter(vectors.values()), []))} questions)\n", TABLE_HEADER]
+        for _, run in chosen.iterrows():
+            refs = references(runs[runs["dataset"].isin([dataset, ""]) | runs["dataset"].isna()], vectors, run["budget"], run["positions"])
+            lines.append(run_row(run, vectors, refs))
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill ratio vs stock | theory ratio | decode ms/token (median) "
+                "| KV cache MB (theory) |\n|---|---|---|---|---|---|---|")
+
+
+def speed_table(raw: Path) -> str:
+    if not (raw / "bench.json").is_file():
+        return "No bench.json: speed was not measured.\n"
+    bench = json.loads((raw / "bench.json").read_text())
+    lines = [SPEED_HEADER]
+    for row in bench.get("summary", bench.get("rows", [])):
+        if row.get("status") != "ok":
+            lines.append(f"| {row.get('config')} | | {row.get('status')} | | | | |")
+            continue
+        lines.append(f"| {row['config']} | {row['visual_in']} → {row['visual_kept']} | {row['prefill_ms']:.1f} | {row['prefill_ratio']:.3f} "
+                     f"| {row['prefill_theory_ratio']:.3f} | {row['decode_ms_per_token']:.2f} | {row['kv_cache_mb_theory']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(raw: Path, figures: Path) -> list[Path]:
+    """Accuracy against prefill GMACs and against the layer-averaged count, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = pd.read_csv(raw / "runs.csv")
+    runs = runs[(runs["status"] == "ok") & (runs["positions"] == "logical")].copy()
+    hits = pd.read_csv(raw / "hits.csv")
+    accuracy = hits.groupby(["run", "dataset"])["hit"].mean().mul(100).rename("accuracy").reset_index()
+    runs = runs.merge(accuracy, on=["run", "dataset"])
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in sorted(runs["dataset"].unique()):
+        for column, label in (("prefill_gmacs", "prefill GMACs (theory)"), ("visual_layer_mean", "visual tokens, layer-averaged")):
+            figure, axes = plt.subplots(figsize=(6, 4))
+            for method, group in runs[runs["dataset"] == dataset].groupby("method"):
+                group = group.groupby(column, as_index=False)["accuracy"].mean().sort_values(column)
+                axes.plot(group[column], group["accuracy"], marker="o", label=method)
+            axes.set_xlabel(label)
+            axes.set_ylabel(f"{dataset} accuracy %")
+            axes.legend(fontsize=7)
+            path = figures / f"{dataset}_accuracy_vs_{column}.png"
+            figure.tight_layout()
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            written.append(path)
+    return written
+
+
+def render(out: Path) -> None:
+    raw = out / "raw"
+    (out / "table.md").write_text(main_table(raw))
+    (out / "speed.md").write_text(speed_table(raw))
+    plots(raw, out / "figures")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hybrid_tools.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work_dir", nargs="?", help="the VLMEvalKit work dir of the sweeps")
+    parser.add_argument("--bench", default=None, help="a hybrid_tools.bench output folder (bench.json)")
+    parser.add_argument("--out", default="reports/method-comparison")
+    parser.add_argument("--render", action="store_true", help="only re-render OUT from OUT/raw")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not args.render:
+        if args.work_dir is None:
+            parser.error("give WORK_DIR, or --render to re-render OUT from its raw files")
+        collect(Path(args.work_dir), Path(args.bench) if args.bench else None, out)
+    render(out)
+    print(f"wrote {out / 'table.md'}, {out / 'speed.md'} and {out / 'figures'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
