@@ -252,11 +252,37 @@ def plots(raw: Path, figures: Path) -> list[Path]:
     return written
 
 
+REPORT_INTRO = """# Method comparison: every method at matched budgets, with intervals
+
+Made by `bash reports/method-comparison/regenerate.sh` (sweeps, bench, then `python -m hybrid_tools.compare`);
+every number below comes from `raw/` through `python -m hybrid_tools.compare --render --out reports/method-comparison`.
+
+**What this is.** A check of the harness, not a ranking. The model is the bundled tiny random-weight
+LLaVA (4 LLM layers), because the trained testbed has not landed (`reports/testbed-attempts/`). Its
+accuracies rank nothing and need not match real checkpoints. The same command with
+`FAMILY=llava_v1.5_7b` (or `llava_testbed`) gives the real table.
+
+Budgets are each method's own rule: A (entering the LLM) for pool, VisionZip, VisPruner and
+DivPrune; B (kept after the layer) for FastV, random and DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8));
+C (layer-averaged) for PyramidDrop, whose stages on 4 layers start at layer 1, so every budget
+below 144 is unreachable there. Random selection runs with seeds 0, 1 and 2; "vs random" is
+against their mean per question. Intervals: percentile bootstrap over questions (2000 draws,
+seed 0); paired intervals resample the same questions for both runs; "better"/"worse" only where
+the paired interval excludes 0. Runs that did not run are listed with their exit status.
+"""
+
+
 def render(out: Path) -> None:
     raw = out / "raw"
-    (out / "table.md").write_text(main_table(raw))
-    (out / "speed.md").write_text(speed_table(raw))
-    plots(raw, out / "figures")
+    table, speed = main_table(raw), speed_table(raw)
+    (out / "table.md").write_text(table)
+    (out / "speed.md").write_text(speed)
+    figures = plots(raw, out / "figures")
+    links = "\n".join(f"![{path.stem}](figures/{path.name})" for path in figures)
+    report = (f"{REPORT_INTRO}\n## Accuracy (TinyMMBench, circular)\n\n{table}\n"
+              f"## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against stock transformers)\n\n"
+              f"{speed}\n## Plots (logical positions)\n\n{links}\n")
+    (out / "report.md").write_text(report)
 
 
 def main(argv=None) -> int:

@@ -190,7 +190,7 @@ def test_per_row_token_counts_are_text_plus_budget(tiny, method):
 def test_every_method_declares_where_it_acts_and_what_it_reads():
     for name in list_methods():
         method = get_method(name)
-        assert method.reads and method.budget_rule in ("A", "B", "thresholds") and method.signal and method.deviations
+        assert method.reads and method.budget_rule in ("A", "B", "C", "thresholds") and method.signal and method.deviations
         assert method.before_llm == (method.budget_rule == "A"), name
 
 
