@@ -86,9 +86,14 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
             code = planned.get(name, {}).get("returncode")
             runs.append(dict(run=name, **identity, dataset="", status=f"did not run (exit status {code})"))
             continue
-        for dataset, result in results.items():
+        scored = [(dataset, result) for dataset, result in results.items() if result.kind == "mcq"]
+        if not scored:
+            code = planned.get(name, {}).get("returncode")
+            runs.append(dict(run=name, **identity, dataset="", status=f"no MCQ result (exit status {code})"))
+        for dataset, result in scored:
             path = prediction_file(work_dir / name, name, dataset)
-            if result.kind != "mcq" or path is None:
+            if path is None:
+                runs.append(dict(run=name, **identity, dataset=dataset, status="no prediction file"))
                 continue
             per_question = question_hits(pd.read_excel(path) if path.suffix == ".xlsx" else pd.read_csv(path, sep="\t"))
             hits += [dict(run=name, dataset=dataset, question=int(q), hit=int(h)) for q, h in per_question.items()]
@@ -159,7 +164,7 @@ TABLE_HEADER = ("| budget | method | positions | seed | visual layer-avg (C) | p
 
 def run_row(run: pd.Series, vectors: dict, refs: dict) -> str:
     if run["status"] != "ok":
-        return f"| {run['budget']} | {run['method']} | {run['positions']} | {seed_text(run)} | | | unreachable or failed | | | {run['status']} |"
+        return f"| {budget_text(run)} | {run['method']} | {run['positions']} | {seed_text(run)} | | | unreachable or failed | | | {run['status']} |"
     values = vectors[run["run"]]
     cells = []
     for name in ("fastv", "random"):
@@ -265,7 +270,8 @@ accuracies rank nothing and need not match real checkpoints. The same command wi
 Budgets are each method's own rule: A (entering the LLM) for pool, VisionZip, VisPruner and
 DivPrune; B (kept after the layer) for FastV, random and DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8));
 C (layer-averaged) for PyramidDrop, whose stages on 4 layers start at layer 1, so every budget
-below 144 is unreachable there. Random selection runs with seeds 0, 1 and 2; "vs random" is
+below 144 is unreachable there (its runs end with exit status 1 and the error naming that range);
+the speed table's "kept" for PyramidDrop is its last stage's count. Random selection runs with seeds 0, 1 and 2; "vs random" is
 against their mean per question. Intervals: percentile bootstrap over questions (2000 draws,
 seed 0); paired intervals resample the same questions for both runs; "better"/"worse" only where
 the paired interval excludes 0. Runs that did not run are listed with their exit status.
