@@ -3,21 +3,21 @@
 The forward below is one straight decoder loop over the stock modules, the same for both models
 (a model's adapter, `hybrid_vlm.adapters`, only supplies the image features per placeholder):
 
-    embed -> place image features (`hybrid_vlm.placement`) -> layers [0, fastv_layer) on every token
-          -> (layer fastv_layer - 1 also returns the last prompt token's attention row)
-          -> keep all text + top-k visual tokens, gathered with their original position ids
-          -> layers [fastv_layer, N) on the kept tokens only -> norm -> lm_head
+    embed -> place image features (`hybrid_vlm.placement`) -> layers, where each stage
+          (`hybrid_vlm.stages`: FastV or random at FASTV_LAYER, DART there, PyramidDrop at its
+          three stage layers) keeps all text and the top visual slots before its layer runs
+          -> norm -> lm_head
 
 With DyMU on, the CLIP tower merges patches first; each merged token takes the placeholder of its
 representative patch (and so that patch's position id) and the other placeholders are dropped
-before layer 0.
+before layer 0. A method before the LLM drops its placeholders the same way.
 
-Dropped tokens never reach the KV cache of layers >= fastv_layer, so the cache holds one group of
-layers per reduction stage, of different lengths (`CacheGroup`: what entered layer 0, then one per
-stage inside the LLM). Their key-validity masks (padding, kept tokens) travel on the cache object as
-`PruneState`, which is what makes decoding after pruning, left padding and batching exact. The loop
-takes its stages as a map from layer to plan, so a method pruning at several layers adds entries,
-not code.
+Dropped tokens never reach the KV cache of later layers, so the cache holds one group of layers
+per reduction stage, of different lengths (`CacheGroup`: what entered layer 0, then one per stage
+inside the LLM). Their key-validity masks (padding, kept tokens) and next positions travel on the
+cache object as `PruneState`, which is what makes decoding after pruning, left padding, batching
+and renumbered positions exact. The loop takes its stages as a map from layer to plan, so a
+method pruning at several layers adds entries, not code.
 """
 
 from __future__ import annotations
