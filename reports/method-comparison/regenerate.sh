@@ -13,7 +13,8 @@ sweep --methods fastv random pool visionzip vispruner divprune pdrop dart --budg
 SELECT_SEED=1 sweep --methods random --budgets 192 128 64 32 16
 SELECT_SEED=2 sweep --methods random --budgets 192 128 64 32 16
 sweep --methods fastv pool visionzip vispruner divprune pdrop dart --budgets 64 --positions renumbered
-# The hybrid as the tiny model fixes it (DyMU mid thresholds, then FastV halving at layer 2).
+# The hybrid as the tiny model fixes it (DyMU mid thresholds, then FastV halving at layer 2); with
+# another FAMILY, replace this line by a sweep of <family>_hybrid with its DYMU_THRESHOLDS.
 python -m vlmeval_plugin --data TinyMMBench --model llava_tiny_hybrid --work-dir "$work/outputs" --batch-size 8 --judge exact_matching || true
 # Speed at the mid shape, every method at 64, against stock transformers in one process.
 python -m hybrid_tools.bench --preset mid --fastv-k --methods fastv random pool visionzip vispruner divprune pdrop dart \
