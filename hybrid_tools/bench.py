@@ -458,7 +458,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         totals["vision"] += macs.vision_total
         totals["llm"] += macs.llm_total
         totals["prefill"] += macs.total
-        if hybrid is not None and hybrid.llm_method in ("pdrop", "dart"):  # one cache length per stage
+        if hybrid is not None and hybrid.staged_method is not None:  # one cache length per stage
             totals["decode"] += flops.staged_decode_macs_mean(shape, hybrid, text, decode_tokens) if decode_tokens else 0.0
             totals["kv"] += flops.staged_kv_cache_bytes(shape, hybrid, text, decode_tokens, bytes_per_element)
             continue

@@ -255,7 +255,7 @@ def check_supported(model, config) -> None:
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
     if isinstance(model, LlavaNextForConditionalGeneration):
-        if config.llm_method in ("pdrop", "dart"):
+        if config.staged_method is not None:
             raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} is implemented for LLaVA-1.5 only: LLaVA-NeXT's "
                                       "per-sample visual counts differ, which its stages do not handle yet")
         if config.visual_pool is not None:

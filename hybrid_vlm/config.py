@@ -276,14 +276,19 @@ class HybridConfig:
         return self.visual_method if self.visual_method is not None and get_method(self.visual_method).before_llm else None
 
     @property
+    def staged_method(self) -> str | None:
+        """The VISUAL_BUDGET method pruning inside the LLM (pdrop or dart), or None."""
+        return self.visual_method if self.visual_method is not None and get_method(self.visual_method).inside_llm else None
+
+    @property
     def prunes(self) -> bool:
         return self.llm_method is not None
 
     @property
     def llm_method(self) -> str | None:
         """The registered method pruning inside the LLM (fastv, random, dart or pdrop), or None."""
-        if self.visual_method is not None and get_method(self.visual_method).inside_llm:
-            return self.visual_method
+        if self.staged_method is not None:
+            return self.staged_method
         if self.fastv_k is None:
             return None
         return "fastv" if self.fastv_select == "attention" else "random"

@@ -390,7 +390,7 @@ def method_prefill_macs(
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
-    if config.llm_method in ("pdrop", "dart") and visual_entered != 0:
+    if config.staged_method is not None and visual_entered != 0:
         return staged_prefill_macs(shape, config, text_tokens, lm_head_tokens, attention)
     if visual_entered == 0:  # a text-only row: no tower, no projector, no selection
         llm = llm_prefill_macs(shape.llm, text_tokens, attention=attention, lm_head_tokens=0)
@@ -421,13 +421,12 @@ def method_prefill_macs(
 def stage_visual_counts(shape: LlavaShape, config) -> dict[int, int]:
     """{first layer: visual tokens from it on} of a pdrop or dart run (layer 0: every patch)."""
     from .methods import pdrop
-    from .methods.dart import kept_count, matched_quotas, official_quotas
+    from .methods.dart import kept_count, quotas_for
 
     patches, layers = shape.visual_tokens, shape.llm.layers
     if config.llm_method == "pdrop":
         return {0: patches, **pdrop.schedule(config.visual_budget, patches, layers)}
-    quotas = (official_quotas if config.dart_quota == "official" else matched_quotas)(config.visual_budget)
-    return {0: patches, config.fastv_layer: kept_count(quotas)}
+    return {0: patches, config.fastv_layer: kept_count(quotas_for(config.visual_budget, config.dart_quota))}
 
 
 def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal") -> PrefillMacs:
@@ -516,7 +515,7 @@ def methods_table(shape: LlavaShape = LLAVA_15_7B, budgets: Sequence[int] = (192
         if method.budget_rule == "thresholds":
             continue  # DyMU: counts are data; see the calibrate CLI and the bench
         for budget in budgets:
-            if name in ("pdrop", "dart"):
+            if method.inside_llm and method.budget_setting == "VISUAL_BUDGET":
                 config = HybridConfig(visual_method=name, visual_budget=budget)
                 try:
                     counts = stage_visual_counts(shape, config)

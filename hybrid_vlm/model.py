@@ -434,7 +434,7 @@ def apply_hybrid(model, config: HybridConfig | None = None):
     num_layers = len(llava_parts(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
-    if config.llm_method in ("pdrop", "dart"):
+    if config.staged_method is not None:
         vision = model.config.vision_config
         check_whole_image_budget(config, (vision.image_size // vision.patch_size) ** 2, num_layers)
     model.__class__ = HYBRID_CLASSES[base]

@@ -23,7 +23,7 @@ from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop
-from .methods.dart import dart_keep_mask, kept_count, key_l1_norms, matched_quotas, official_quotas
+from .methods.dart import dart_keep_mask, kept_count, key_l1_norms, quotas_for
 from .placement import PlacedPrompt
 
 SCORE_KINDS = ("previous_row", "own_row", "dart", "slots")
@@ -85,7 +85,7 @@ def stage_plans(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_i
     method = config.llm_method
     if placed is None or method is None:
         return {}
-    if method in ("pdrop", "dart"):
+    if config.staged_method is not None:
         return whole_image_stages(config, placed, scoring_query(placed, fastv_query_index), num_layers)
     keep, uniform, prunes = visual_quotas(config, placed)
     if not prunes:
@@ -113,7 +113,7 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
                                   "tokens in their placeholders (LLaVA-1.5 without DyMU)")
     num_visual = counts[0]
     if config.llm_method == "dart":
-        quotas = (official_quotas if config.dart_quota == "official" else matched_quotas)(config.visual_budget)
+        quotas = quotas_for(config.visual_budget, config.dart_quota)
         plan = PrunePlan(kept_count(quotas), placed.visual_positions, query_index, None, None,
                          score="dart", dart_quotas=quotas, dart_pivots=config.dart_pivots)
         return {config.fastv_layer: plan}
@@ -130,7 +130,7 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
     if config.llm_method == "pdrop":
         pdrop.schedule(config.visual_budget, num_visual, num_layers)  # raises naming the reachable range
     elif config.llm_method == "dart":
-        quotas = (official_quotas if config.dart_quota == "official" else matched_quotas)(config.visual_budget)
+        quotas = quotas_for(config.visual_budget, config.dart_quota)
         if min(quotas) < 0 or kept_count(quotas) > num_visual:
             raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
                              f"it keeps {kept_count(quotas)} of {num_visual} visual tokens; use 4..{num_visual}")

@@ -34,6 +34,11 @@ def matched_quotas(budget: int) -> tuple[int, ...]:
     return tuple(picks // pivots + (1 if index < picks % pivots else 0) for index in range(pivots))
 
 
+def quotas_for(budget: int, rule: str) -> tuple[int, ...]:
+    """Picks per pivot under DART_QUOTA `rule` ("official" or "matched")."""
+    return (official_quotas if rule == "official" else matched_quotas)(budget)
+
+
 def kept_count(quotas: tuple[int, ...]) -> int:
     return IMAGE_PIVOTS + sum(quotas)
 
