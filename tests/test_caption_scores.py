@@ -84,3 +84,32 @@ def test_without_java_the_score_file_and_report_say_meteor_was_not_computed(sand
     assert "METEOR: not computed (no java on PATH)" in scores["notes"]
     markdown = report_markdown(work_dir, tmp_path / "reports")
     assert "METEOR: not computed (no java on PATH)" in markdown
+
+
+@needs_java
+def test_a_caption_with_a_line_break_is_scored_like_the_same_words_on_one_line():
+    """The jar reads one caption per line: a raw newline in a prediction (the tiny random model
+    writes them) made the read fail and cost the dataset its score file."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from vlmeval_plugin.caption_scores import extra_scores
+
+    gts = {"0": ["a small red circle at the top left", "a red circle"], "1": ["a blue square in the center"]}
+    res = {"0": ["a red\ncircle at the\r\ntop"], "1": ["a blue ||| square"]}
+    one_line = {"0": ["a red circle at the top"], "1": ["a blue square"]}
+    scores = extra_scores(gts, res)
+    direct = Meteor().compute_score(gts, one_line)[0] * 100
+    assert direct > 1.0 and scores["METEOR"] == pytest.approx(direct, abs=1e-9)
+
+
+@needs_java
+def test_a_failing_extra_metric_becomes_a_note_and_costs_nothing_else(monkeypatch):
+    from vlmeval_plugin import caption_scores
+
+    def broken(*args):
+        raise ValueError("the jar answered out of step")
+
+    monkeypatch.setattr(caption_scores, "meteor", broken)
+    scores = caption_scores.extra_scores({"0": ["a red circle"]}, {"0": ["a red circle"]})
+    assert "METEOR" not in scores
+    assert scores["notes"] == ["METEOR and the PTB-tokenized scores: not computed (ValueError: the jar answered out of step)"]

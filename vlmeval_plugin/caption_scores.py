@@ -26,9 +26,19 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def meteor_line_safe(text: str) -> str:
+    """`text` as one line the METEOR jar can read. pycocoevalcap talks to the jar one line per
+    caption, fields split by " ||| ": a newline (or a carriage return) in a caption ends the line
+    early, the jar answers out of step, and the read fails. METEOR splits words on whitespace
+    anyway, so collapsing every run of it to one space and dropping "|||" changes no word."""
+    return " ".join(text.replace("|||", " ").split())
+
+
 def meteor(scorer, gts: dict, res: dict) -> float:
     """METEOR 1.5 x100 from a pycocoevalcap Meteor (one jar process, reused: it takes seconds to start)."""
-    score, _ = scorer.compute_score(gts, res)
+    safe_gts = {key: [meteor_line_safe(text) for text in texts] for key, texts in gts.items()}
+    safe_res = {key: [meteor_line_safe(text) for text in texts] for key, texts in res.items()}
+    score, _ = scorer.compute_score(safe_gts, safe_res)
     return 100.0 * float(score)
 
 
@@ -93,6 +103,8 @@ def extra_scores(gts: dict, res: dict) -> dict:
     try:
         scores = {"METEOR": meteor(scorer, gts, res)}
         ptb, notes = ptb_scores(scorer, gts, res)
+    except Exception as error:  # our extra metrics never cost the dataset VLMEvalKit's own scores
+        return {"notes": [f"METEOR and the PTB-tokenized scores: not computed ({type(error).__name__}: {error})"]}
     finally:
         del scorer  # its __del__ closes the jar process
     return {**scores, **ptb, "notes": notes}
