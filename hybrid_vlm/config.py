@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from .baselines import SELECTIONS, pool_sides
 from .dymu import SPLITS as DYMU_SPLITS
-from .methods import get_method, list_methods
+from .methods import get_method, list_methods, pdrop, sparsevlm
 from .methods.dart import PIVOT_ORDERS as DART_PIVOT_ORDERS
+
+STAGE_LAYERS = {"pdrop": pdrop.stage_layers, "sparsevlm": sparsevlm.stage_layers}  # multi-stage methods: their layers for a depth
 
 FASTV_K_FORMS = (
     "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
@@ -263,7 +265,7 @@ class HybridConfig:
             raise ValueError(f"VISUAL_METHOD={self.visual_method} and VISUAL_POOL cannot be combined: use VISUAL_METHOD=pool VISUAL_BUDGET=N.")
 
     def _check_llm_method(self) -> None:
-        """pdrop and dart prune inside the LLM on LLaVA-1.5's full image: alone, for now."""
+        """pdrop, sparsevlm and dart prune inside the LLM on LLaVA-1.5's full image: alone, for now."""
         others = dict(FASTV_K=self.fastv_k, DYMU_THRESHOLDS=self.dymu, VISUAL_POOL=self.visual_pool)
         given = [name for name, value in others.items() if value is not None]
         if given:
@@ -277,7 +279,7 @@ class HybridConfig:
 
     @property
     def staged_method(self) -> str | None:
-        """The VISUAL_BUDGET method pruning inside the LLM (pdrop or dart), or None."""
+        """The VISUAL_BUDGET method pruning inside the LLM (pdrop, sparsevlm or dart), or None."""
         return self.visual_method if self.visual_method is not None and get_method(self.visual_method).inside_llm else None
 
     @property
@@ -286,7 +288,7 @@ class HybridConfig:
 
     @property
     def llm_method(self) -> str | None:
-        """The registered method pruning inside the LLM (fastv, random, dart or pdrop), or None."""
+        """The registered method pruning inside the LLM (fastv, random, dart, pdrop or sparsevlm), or None."""
         if self.staged_method is not None:
             return self.staged_method
         if self.fastv_k is None:
@@ -322,14 +324,19 @@ class HybridConfig:
         values.update(overrides)
         return cls(**values)
 
-    def describe(self) -> str:
+    def describe(self, num_layers: int | None = None) -> str:
         """A short, filesystem-safe tag naming this setting, e.g. 'fastv-k72-l2' or 'dymu-mid_fastv-r0.5-l2'
-        (a non-default DyMU split adds e.g. 'dymu-mid_split-slot')."""
+        (a non-default DyMU split adds e.g. 'dymu-mid_split-slot'). Given the LLM's depth, pdrop's tag
+        names its stage layers, which scale with it: 'pdrop-b64-l2.8.16' on 32 layers, 'pdrop-b64-l1.4.8' on 16
+        (sparsevlm's the same way: 'sparsevlm-b64-l3.7.16', the first layer after each scoring layer)."""
         parts = []
         if self.visual_method == "dart":
             quota = "" if self.dart_quota == "official" else f"-{self.dart_quota}"
             pivots = "" if self.dart_pivots == "sorted" else f"-pivots-{self.dart_pivots}"
             parts.append(f"dart{quota}-b{self.visual_budget}-l{self.fastv_layer}{pivots}")
+        elif self.visual_method in STAGE_LAYERS and num_layers is not None:
+            layers = ".".join(map(str, STAGE_LAYERS[self.visual_method](num_layers)))
+            parts.append(f"{self.visual_method}-b{self.visual_budget}-l{layers}")
         elif self.visual_method is not None:
             parts.append(f"{self.visual_method}-b{self.visual_budget}")
         if self.visual_pool is not None:

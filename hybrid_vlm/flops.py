@@ -420,27 +420,40 @@ def method_prefill_macs(
 
 def stage_visual_counts(shape: LlavaShape, config) -> dict[int, int]:
     """{first layer: visual tokens from it on} of a pdrop or dart run (layer 0: every patch)."""
-    from .methods import pdrop
+    from .methods import pdrop, sparsevlm
     from .methods.dart import kept_count, quotas_for
 
     patches, layers = shape.visual_tokens, shape.llm.layers
     if config.llm_method == "pdrop":
         return {0: patches, **pdrop.schedule(config.visual_budget, patches, layers)}
+    if config.llm_method == "sparsevlm":
+        counts = sparsevlm.stage_counts(config.visual_budget, patches)
+        return {0: patches, **{layer: kept + clusters for layer, (kept, clusters) in zip(sparsevlm.stage_layers(layers), counts)}}
     return {0: patches, config.fastv_layer: kept_count(quotas_for(config.visual_budget, config.dart_quota))}
 
 
 def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal") -> PrefillMacs:
-    """Prefill of one sample under pdrop (several stages) or dart (one), their scoring included in
-    `llm`: pdrop projects every pre-drop token's key and one query per stage and takes one row;
-    dart takes its keys' L1 norms and 8 pivots' cosines against the image tokens."""
+    """Prefill of one sample under pdrop, sparsevlm (several stages) or dart (one), their scoring
+    included in `llm`: pdrop projects every pre-drop token's key and one query per stage and takes
+    one row; sparsevlm chooses its raters once (visual x text dot products), then per stage takes
+    every text row's logits against the keys and DPC-kNN's distance matrix over the recycled
+    candidates; dart takes its keys' L1 norms and 8 pivots' cosines against the image tokens."""
+    from .methods import sparsevlm
+
     llm_shape, counts = shape.llm, stage_visual_counts(shape, config)
     starts = sorted(counts)
     spans = [end - start for start, end in zip(starts, [*starts[1:], llm_shape.layers])]
     llm = sum(span * llama_layer_macs(text_tokens + counts[start], llm_shape, attention=attention) for start, span in zip(starts, spans))
-    for before in starts[:-1]:  # each stage scores the sequence before its drop
+    if config.llm_method == "sparsevlm":
+        llm += counts[0] * text_tokens * llm_shape.hidden
+        stage_counts = sparsevlm.stage_counts(config.visual_budget, counts[0])
+    for stage, before in enumerate(starts[:-1]):  # each stage scores the sequence before its drop
         tokens = text_tokens + counts[before]
         if config.llm_method == "pdrop":
             llm += tokens * llm_shape.hidden * llm_shape.d_kv + llm_shape.hidden * llm_shape.d_q + tokens * llm_shape.d_q
+        elif config.llm_method == "sparsevlm":
+            candidates, _ = sparsevlm.recycled_counts(counts[before] - stage_counts[stage][0])
+            llm += text_tokens * tokens * llm_shape.d_q + candidates * candidates * llm_shape.hidden
         else:
             llm += tokens * llm_shape.d_kv + 8 * counts[before] * llm_shape.hidden
     stock = prefill_macs(shape, text_tokens, attention=attention, lm_head_tokens=lm_head_tokens)

@@ -42,7 +42,18 @@ from .hf_compat import (
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .placement import place_images
 from .runtime import require
-from .stages import StageInputs, after_stage, check_whole_image_budget, prune, renumber, stage_at, stage_plans, stage_scores
+from .stages import (
+    StageInputs,
+    after_stage,
+    check_whole_image_budget,
+    first_inputs,
+    prune,
+    rater_rows,
+    renumber,
+    stage_at,
+    stage_plans,
+    stage_scores,
+)
 
 
 @dataclass
@@ -222,11 +233,7 @@ def decode_positions(state: PruneState, new_valid: torch.Tensor, position_ids: t
 
 def stage_inputs(stages: dict, placed) -> StageInputs | None:
     """The sequence the first stage sees: its visual slots, scoring query and visual count."""
-    if not stages:
-        return None
-    first = stages[min(stages)]
-    is_visual = torch.zeros_like(placed.new_valid).scatter(1, placed.visual_positions, True)
-    return StageInputs(is_visual, first.query_index, placed.visual_positions.shape[1])
+    return first_inputs(stages[min(stages)], placed) if stages else None
 
 
 class HybridDecoder:
@@ -344,13 +351,15 @@ class HybridDecoder:
                 if group > 0 and group_positions[group] is not position_ids:
                     cos_sin = parts.rotary_emb(hidden_states, group_positions[group])
             upcoming = stages.get(layer_idx + 1)
-            row_query = upcoming.query_index if upcoming is not None and upcoming.score == "previous_row" else None
-            keys_out = [] if upcoming is not None and upcoming.score == "dart" else None
+            reads = upcoming.score if upcoming is not None else None
+            row_query = upcoming.query_index if reads == "previous_row" else None
+            rows = rater_rows(inputs) if reads == "raters" else None
+            keys_out = [] if reads == "dart" else None
             hidden_states, row = llama_layer_forward(
                 layer, hidden_states, cos_sin, mask, cache, layer_idx,
-                score_query_index=row_query, eager_scoring=config.scoring == "eager", keys_out=keys_out,
+                score_query_index=row_query, eager_scoring=config.scoring == "eager", keys_out=keys_out, score_rows=rows,
             )
-            previous = row if row_query is not None else (keys_out[0] if keys_out else None)
+            previous = keys_out[0] if keys_out else row
         return LoopResult(hidden_states, kept_positions, groups, next_positions)
 
     def _next_state(self, state, groups, next_positions, dense, visual_tokens) -> PruneState:

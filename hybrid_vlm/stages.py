@@ -7,6 +7,8 @@ them in order. Methods differ only in the score a stage hands to `prune`:
 - "own_row" (pdrop): the same row computed with the stage layer's own q and k on its input,
   before the drop (`hf_compat.layer_attention_row`);
 - "dart": DART's pivots and picks from the previous layer's rotated keys and normed outputs;
+- "raters" (sparsevlm): the previous layer's attention rows of the text raters, averaged; the stage
+  also recycles `recycle` merged tokens from what it prunes (`prune`);
 - "slots" (random): scores the adapter supplied per slot.
 
 Every stage keeps all text and the top `keep` visual slots, through the same gather, at original
@@ -22,11 +24,11 @@ import torch
 from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
-from .methods import Read, get_method, pdrop
+from .methods import Read, get_method, pdrop, sparsevlm
 from .methods.dart import dart_keep_mask, kept_count, key_l1_norms, quotas_for
 from .placement import PlacedPrompt
 
-SCORE_KINDS = ("previous_row", "own_row", "dart", "slots")
+SCORE_KINDS = ("previous_row", "own_row", "dart", "raters", "slots")
 
 
 @dataclass
@@ -45,11 +47,12 @@ class PrunePlan:
     score: str = "previous_row"  # one of SCORE_KINDS
     dart_quotas: tuple[int, ...] = ()
     dart_pivots: str = "sorted"
+    recycle: int = 0  # of the `keep` visual slots, this many are clusters of pruned tokens (sparsevlm)
 
     @property
     def reads_previous_layer(self) -> bool:
-        """The layer before this stage must hand over its attention row or its keys."""
-        return self.score in ("previous_row", "dart")
+        """The layer before this stage must hand over its attention row(s) or its keys."""
+        return self.score in ("previous_row", "dart", "raters")
 
 
 def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool, bool]:
@@ -112,6 +115,14 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
         raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} needs every sample to hold the same number of visual "
                                   "tokens in their placeholders (LLaVA-1.5 without DyMU)")
     num_visual = counts[0]
+    if config.llm_method == "sparsevlm":
+        layers = sparsevlm.stage_layers(num_layers)
+        stage_counts = sparsevlm.stage_counts(config.visual_budget, num_visual)
+        return {
+            layer: PrunePlan(kept + clusters, placed.visual_positions if index == 0 else None, query_index if index == 0 else None,
+                             None, None, score="raters", recycle=clusters)
+            for index, (layer, (kept, clusters)) in enumerate(zip(layers, stage_counts))
+        }
     if config.llm_method == "dart":
         quotas = quotas_for(config.visual_budget, config.dart_quota)
         plan = PrunePlan(kept_count(quotas), placed.visual_positions, query_index, None, None,
@@ -129,6 +140,9 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
     """Refuse a pdrop or dart budget its rule cannot reach, before any forward."""
     if config.llm_method == "pdrop":
         pdrop.schedule(config.visual_budget, num_visual, num_layers)  # raises naming the reachable range
+    elif config.llm_method == "sparsevlm":
+        sparsevlm.stage_layers(num_layers)  # each raises naming what is accepted
+        sparsevlm.stage_counts(config.visual_budget, num_visual)
     elif config.llm_method == "dart":
         quotas = quotas_for(config.visual_budget, config.dart_quota)
         if min(quotas) < 0 or kept_count(quotas) > num_visual:
@@ -145,6 +159,34 @@ class StageInputs:
     is_visual: torch.Tensor  # [B, L] bool: visual slots of the current sequence
     query_index: torch.Tensor  # [B] the scoring query's index in it
     visual_count: int  # visual slots per sample in it (static)
+    is_rater: torch.Tensor | None = None  # [B, L] bool: sparsevlm's text raters in it
+
+
+def text_after_image(valid: torch.Tensor, is_visual: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the prompt's text after the image up to the scoring query, never a generated token."""
+    steps = torch.arange(valid.shape[1], device=valid.device)
+    last_visual = (is_visual.long() * steps).amax(dim=1)
+    return valid & ~is_visual & (steps[None, :] > last_visual[:, None]) & (steps[None, :] <= query_index[:, None])
+
+
+def first_inputs(plan: PrunePlan, placed: PlacedPrompt) -> StageInputs:
+    """The sequence the first stage sees; for sparsevlm also its raters, from the layer-0 embeddings."""
+    is_visual = torch.zeros_like(placed.new_valid).scatter(1, placed.visual_positions, True)
+    num_visual = placed.visual_positions.shape[1]
+    is_rater = None
+    if plan.score == "raters":
+        is_text = text_after_image(placed.new_valid, is_visual, plan.query_index)
+        non_visual = true_positions(~is_visual, is_visual.shape[1] - num_visual)
+        is_rater = sparsevlm.rater_mask(placed.inputs_embeds, placed.visual_positions, non_visual, is_text)
+    return StageInputs(is_visual, plan.query_index, num_visual, is_rater)
+
+
+def rater_rows(inputs: StageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [B, R], weights [B, R]) the layer before a sparsevlm stage reads: every non-visual slot
+    (a static superset of the raters), each rater weighted 1 / raters, the rest 0."""
+    rows = true_positions(~inputs.is_visual, inputs.is_visual.shape[1] - inputs.visual_count)
+    raters = inputs.is_rater.gather(1, rows).float()
+    return rows, raters / raters.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 def stage_at(plan: PrunePlan, inputs: StageInputs) -> PrunePlan:
@@ -156,15 +198,13 @@ def stage_at(plan: PrunePlan, inputs: StageInputs) -> PrunePlan:
 
 def after_stage(inputs: StageInputs, plan: PrunePlan, kept_positions: torch.Tensor) -> StageInputs:
     query_index = (kept_positions == inputs.query_index[:, None]).long().argmax(dim=1)  # text always survives
-    return StageInputs(gather_tokens(inputs.is_visual, kept_positions), query_index, plan.keep)
+    is_rater = None if inputs.is_rater is None else gather_tokens(inputs.is_rater, kept_positions)
+    return StageInputs(gather_tokens(inputs.is_visual, kept_positions), query_index, plan.keep, is_rater)
 
 
 def dart_scores(plan: PrunePlan, previous_keys: torch.Tensor, previous_normed: torch.Tensor, valid: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
     """[B, L] 1.0 on the visual slots DART keeps, 0.0 elsewhere (prune keeps the top `keep`)."""
-    steps = torch.arange(valid.shape[1], device=valid.device)
-    last_visual = (is_visual.long() * steps).amax(dim=1)
-    # text after the image up to the scoring query: the prompt's, never a generated token's
-    is_text = valid & ~is_visual & (steps[None, :] > last_visual[:, None]) & (steps[None, :] <= plan.query_index[:, None])
+    is_text = text_after_image(valid, is_visual, plan.query_index)
     first_real = valid.long().argmax(dim=1)
     kept = dart_keep_mask(key_l1_norms(previous_keys), previous_normed, is_visual & valid, is_text,
                           plan.dart_quotas, plan.dart_pivots, first_real)
@@ -174,7 +214,7 @@ def dart_scores(plan: PrunePlan, previous_keys: torch.Tensor, previous_normed: t
 def stage_scores(plan: PrunePlan, layer, hidden_states, cos_sin, mask, previous, valid, is_visual, final_norm) -> torch.Tensor | None:
     """The score `prune` ranks by, for this stage's kind. `previous`: what the layer before
     handed over (its attention row, or its rotated keys for dart)."""
-    if plan.score == "previous_row":
+    if plan.score in ("previous_row", "raters"):
         return previous
     if plan.score == "own_row":
         return layer_attention_row(layer, hidden_states, cos_sin, mask, plan.query_index)
@@ -204,8 +244,12 @@ def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_m
     if plan.protected is not None:
         scores = scores.masked_fill(plan.protected, 2.0)  # above every probability: kept first
     scores = scores.masked_fill(~new_valid, -1.0)  # empty slots rank after every real token
-    kept_positions, kept_real = select_kept_positions(scores, plan.visual_positions, plan.keep, plan.keep_per_sample)
-    hidden_states = gather_tokens(hidden_states, kept_positions)
+    if plan.recycle:
+        kept_positions, hidden_states = keep_and_recycle(plan, scores, hidden_states)
+        kept_real = None
+    else:
+        kept_positions, kept_real = select_kept_positions(scores, plan.visual_positions, plan.keep, plan.keep_per_sample)
+        hidden_states = gather_tokens(hidden_states, kept_positions)
     key_valid = gather_tokens(new_valid, kept_positions)
     if kept_real is not None:
         key_valid = key_valid & kept_real
@@ -214,3 +258,29 @@ def prune(plan: PrunePlan, scores, hidden_states, cos_sin, new_valid, position_m
         return Pruned(hidden_states, rotary_emb(hidden_states, kept_position_ids), kept_positions, key_valid, kept_position_ids[:, -1] + 1)
     cos, sin = (gather_tokens(t, kept_positions) for t in cos_sin)
     return Pruned(hidden_states, (cos, sin), kept_positions, key_valid, None)
+
+
+def keep_and_recycle(plan: PrunePlan, scores: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparsevlm's step: (kept positions [B, L - V + keep], their states). The top `keep - recycle`
+    visual slots by score stay in order; right after them come `recycle` clusters of the best pruned
+    slots (DPC-kNN on these states), each at its center's slot, so logical positions give it the
+    center's id. One descending stable ranking decides both (a higher score, then a lower index)."""
+    visual, kept_count, clusters = plan.visual_positions, plan.keep - plan.recycle, plan.recycle
+    batch, length = scores.shape
+    ranked = visual.gather(1, scores.gather(1, visual).sort(dim=1, descending=True, stable=True).indices)  # [B, V] best first
+    candidate_count, _ = sparsevlm.recycled_counts(visual.shape[1] - kept_count)
+    candidates = ranked[:, kept_count : kept_count + candidate_count]  # [B, m] best pruned first, as official
+    candidate_states = gather_tokens(hidden_states, candidates)
+    merged, centers = sparsevlm.dpc_knn_merge(candidate_states.to(sparsevlm.at_least_fp32(candidate_states.dtype)), clusters)
+    survives = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
+    survives = survives.scatter(1, visual, False).scatter(1, ranked[:, :kept_count], True)
+    kept = true_positions(survives, length - visual.shape[1] + kept_count)
+    at = visual[:, :1] + kept_count  # [B, 1] where the clusters go: after the kept visual block
+    slots = torch.arange(kept.shape[1] + clusters, device=scores.device)[None, :]
+    offset = slots - at
+    from_kept = kept.gather(1, torch.where(offset < 0, slots, slots - clusters).clamp_min(0))
+    from_centers = candidates.gather(1, centers).gather(1, offset.clamp(0, clusters - 1))
+    positions = torch.where((offset >= 0) & (offset < clusters), from_centers, from_kept)
+    states = gather_tokens(hidden_states, positions)
+    cluster_slots = (at + torch.arange(clusters, device=scores.device)[None, :])[..., None].expand(-1, -1, states.shape[-1])
+    return positions, states.scatter(1, cluster_slots, merged.to(states.dtype))

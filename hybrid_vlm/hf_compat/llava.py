@@ -117,6 +117,7 @@ def llama_layer_forward(
     score_query_index: torch.Tensor | None = None,  # [B]: also return this query's attention row
     eager_scoring: bool = False,
     keys_out: list | None = None,  # when given, this chunk's rotated keys [B, Hkv, Q, D] are appended
+    score_rows: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, R] query rows, [B, R] weights)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One LlamaDecoderLayer, as transformers runs it, with SDPA under an explicit boolean mask, or
     with none where the caller knows every key is a real token and the queries are either the whole
@@ -126,9 +127,12 @@ def llama_layer_forward(
 
     When `score_query_index` is given the layer also returns the head-averaged attention row
     [B, K] of that query (FastV's score), computed from the same rotated queries and keys; with
-    `eager_scoring` the full attention matrix is materialised instead (an ablation).
+    `eager_scoring` the full attention matrix is materialised instead (an ablation). With
+    `score_rows` it returns instead the weighted mean of those rows' head-averaged attention
+    (SparseVLM's raters), computed the same way.
     """
     from ..fastv import last_query_attention
+    from ..methods.sparsevlm import rater_attention
 
     attention = layer.self_attn
     batch, length, _ = hidden_states.shape
@@ -166,6 +170,8 @@ def llama_layer_forward(
             scores = last_query_attention(
                 query_states, key_states, attention_mask, score_query_index, attention.scaling
             )
+        elif score_rows is not None:
+            scores = rater_attention(query_states, key_states, attention_mask, *score_rows, attention.scaling)
     attn_output = attn_output.transpose(1, 2).reshape(batch, length, -1)
     hidden_states = residual + attention.o_proj(attn_output)
     hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))

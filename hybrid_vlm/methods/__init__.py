@@ -49,6 +49,9 @@ class Read(str, Enum):
     LLM_OWN_ATTENTION_ROW = "last prompt token's attention row from the stage layer's own q and k, before it runs"
     LLM_KEYS = "rotated keys of layer FASTV_LAYER - 1"
     LLM_NORMED_OUTPUTS = "outputs of layer FASTV_LAYER - 1 through the final norm"
+    LLM_EMBEDDINGS = "the embeddings entering LLM layer 0"
+    LLM_RATER_ROWS = "text raters' attention rows of the layer before each stage (full softmax, head mean)"
+    LLM_OUTPUTS = "outputs of the layer before each stage (the states merged into recycled tokens)"
     PIXELS = "pixel values (a hash)"
     VIT_MERGE_KEYS = "keys of every CLIP layer (bipartite merging)"
 
@@ -217,6 +220,15 @@ register(Method(
     positions="original ids (logical, as official)",
     deviations="pivots visited in ascending position (DART_PIVOTS=official: CPython set order, a host sync); "
                "DART_QUOTA=official keeps 4 + 8 * (budget // 8), matched keeps the budget exactly; fp32; batched",
+))
+register(Method(
+    name="sparsevlm", stage=Stage.LLM_STAGES, reads=(Read.LLM_EMBEDDINGS, Read.LLM_RATER_ROWS, Read.LLM_OUTPUTS), budget_rule="C",
+    signal="attention of the text raters (chosen once from the layer-0 embeddings) at the layer before each stage, "
+           "head mean, rater mean; the best 30% of the pruned merged into clusters by DPC-kNN (recycling)",
+    positions="renumbered per stage (official); logical by default here (a cluster at its center's id), "
+              "HYBRID_POSITIONS=renumbered for the official rule",
+    deviations="v1.5 schedules (192/128/64 only) at layers [2, 6, 15] scaled to shallower LLMs; no density noise "
+               "(deterministic: lower index wins ties); scores in fp32; only the text rows computed; batched",
 ))
 register(Method(
     name="dymu", stage=Stage.VIT_LAYERS, reads=(Read.VIT_MERGE_KEYS,), budget_rule="thresholds",

@@ -10,22 +10,15 @@ states before the drop (`hf_compat.layer_attention_row`); the engine applies it.
 
 from __future__ import annotations
 
+from .depth import scale_layers
+
 OFFICIAL_LAYERS = (2, 8, 16)  # stage starts for a 32-layer LLM
-OFFICIAL_DEPTH = 32
 LAMBDA_STEP = 1000  # lambda is searched on a 0.001 grid, the precision the maintainer quotes
 
 
 def stage_layers(num_layers: int) -> tuple[int, ...]:
-    """The official stage layers scaled to `num_layers` in proportion (rounded, then pushed up to
-    stay strictly increasing and >= 1). 32 layers give the official (2, 8, 16)."""
-    layers: list[int] = []
-    for official in OFFICIAL_LAYERS:
-        scaled = max(round(official * num_layers / OFFICIAL_DEPTH), 1, layers[-1] + 1 if layers else 1)
-        layers.append(scaled)
-    if layers[-1] >= num_layers:
-        raise ValueError(f"PyramidDrop needs an LLM of at least {len(OFFICIAL_LAYERS) + 1} layers for its "
-                         f"{len(OFFICIAL_LAYERS)} stages; this one has {num_layers}")
-    return tuple(layers)
+    """The official stage layers scaled to `num_layers`; 32 layers give the official (2, 8, 16)."""
+    return scale_layers(OFFICIAL_LAYERS, num_layers, "PyramidDrop")
 
 
 def keep_counts(num_visual: int, ratio: float, num_stages: int) -> tuple[int, ...]:
