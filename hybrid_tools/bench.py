@@ -197,7 +197,7 @@ class BenchConfig:
     row: dict = field(default_factory=dict)
 
 
-BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune", "pdrop", "dart")
+BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune", "pdrop", "sparsevlm", "dart")
 
 
 def build_configs(args) -> list[BenchConfig]:

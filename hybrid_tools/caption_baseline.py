@@ -22,12 +22,18 @@ from vlmeval_plugin.results import load_table, prediction_file
 
 
 def cider(predictions: list[str], references: list[list[str]]) -> float:
+    return float(sum(cider_per_image(predictions, references)) / len(predictions))
+
+
+def cider_per_image(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """Each caption's CIDEr x 100 within the set (document frequencies over all its references);
+    their mean is the set's CIDEr."""
     from pycocoevalcap.cider.cider import Cider
 
     candidates = {str(i): [text] for i, text in enumerate(predictions)}
     truth = {str(i): refs for i, refs in enumerate(references)}
-    score, _ = Cider().compute_score(truth, candidates)
-    return float(score) * 100
+    _, scores = Cider().compute_score(truth, candidates)
+    return [float(score) * 100 for score in scores]
 
 
 def caption_baseline(work_dir: Path, model: str, dataset: str) -> dict:

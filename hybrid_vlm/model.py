@@ -4,8 +4,9 @@ The forward below is one straight decoder loop over the stock modules, the same 
 (a model's adapter, `hybrid_vlm.adapters`, only supplies the image features per placeholder):
 
     embed -> place image features (`hybrid_vlm.placement`) -> layers, where each stage
-          (`hybrid_vlm.stages`: FastV or random at FASTV_LAYER, DART there, PyramidDrop at its
-          three stage layers) keeps all text and the top visual slots before its layer runs
+          (`hybrid_vlm.stages`: FastV or random at FASTV_LAYER, DART there, PyramidDrop and
+          SparseVLM at their three stage layers) keeps all text and the top visual slots before
+          its layer runs (SparseVLM adds its recycled clusters after them)
           -> norm -> lm_head
 
 With DyMU on, the CLIP tower merges patches first; each merged token takes the placeholder of its

@@ -12,7 +12,9 @@ them in order. Methods differ only in the score a stage hands to `prune`:
 - "slots" (random): scores the adapter supplied per slot.
 
 Every stage keeps all text and the top `keep` visual slots, through the same gather, at original
-position ids (logical) or at consecutive ones per stage (renumbered).
+position ids (logical) or at consecutive ones per stage (renumbered). A sparsevlm stage keeps the
+top `keep - recycle` and puts its `recycle` clusters in the slots of their centers, right after
+them (`keep_and_recycle`), so the same gather, positions and cache groups serve it.
 """
 
 from __future__ import annotations

@@ -64,6 +64,22 @@ def assert_batched_generation_equals_each_alone(hybrid, processor, new_tokens: i
             assert torch.equal(batched[i, -new_tokens:], alone[0, -new_tokens:])
 
 
+DEEP_LAYERS = 16  # deep enough for the three stages of PyramidDrop and SparseVLM at 64 tokens
+
+
+@pytest.fixture(scope="session")
+def deep():
+    """(model, processor): the tiny LLaVA with a 16-layer LLM, unpatched (methods inside the LLM)."""
+    return build_tiny_llava(text_layers=DEEP_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def deep64(deep):
+    """The same in float64, so near-ties cannot flip a kept set against a reference."""
+    model, processor = deep
+    return copy.deepcopy(model).double(), processor
+
+
 # LLaVA-NeXT: images of different aspect ratios give different packed counts (1560, 1776, 1176 on
 # the tiny model's pinpoints).
 NEXT_SIZES = [(336, 200), (250, 500), (336, 336)]  # (width, height)

@@ -16,26 +16,14 @@ from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.methods import pdrop
 from hybrid_vlm.methods.dart import dart_keep_mask, kept_count, matched_quotas, official_quotas
 from hybrid_vlm.syncs import check_no_host_syncs
-from hybrid_vlm.tiny import build_tiny_llava
 
+from conftest import DEEP_LAYERS as LAYERS
 from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, image_inputs
 from reference import greedy_without_cache
 from stage_reference import compacted_reference, pdrop_schedule_by_hand
 
-LAYERS = 16  # deep enough for PyramidDrop's three stages at 64 tokens (first stage at layer 1)
 STAGE_LAYERS = (1, 4, 8)  # by hand: round(2 * 16 / 32), round(8 * 16 / 32), round(16 * 16 / 32)
 NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def deep():
-    return build_tiny_llava(text_layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def deep64(deep):
-    model, processor = deep
-    return copy.deepcopy(model).double(), processor
 
 
 def patched(model, **settings):

@@ -15,27 +15,15 @@ import torch
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.methods import sparsevlm
 from hybrid_vlm.syncs import check_no_host_syncs
-from hybrid_vlm.tiny import build_tiny_llava
 
+from conftest import DEEP_LAYERS as LAYERS
 from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, image_inputs
 from reference import greedy_without_cache
 from sparsevlm_reference import dpc_knn_reference, raters_reference, recycled_by_hand, sparsevlm_reference
 
-LAYERS = 16
 STAGE_LAYERS = (2, 4, 8)  # by hand: the official boundaries 3, 7, 16 of 32, times 16 / 32, rounded (1.5 -> 2, 3.5 -> 4)
 SCORING_LAYERS = (1, 3, 7)  # the layer before each stage: its attention scores, its output is pruned
 NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def deep():
-    return build_tiny_llava(text_layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def deep64(deep):
-    model, processor = deep
-    return copy.deepcopy(model).double(), processor
 
 
 def patched(model, **settings):

@@ -371,3 +371,18 @@ print("ok", len(data))
     result = subprocess.run([sys.executable, "-c", script, str(Path(sandbox["env"]["LMUData"]) / "TinyMMBench.tsv")],
                             env=sandbox["env"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"ok {MCQ_ROWS}" in result.stdout, result.stderr[-3000:]
+
+
+@needs_vlmeval
+def test_sparsevlm_runs_through_the_plugin_and_its_rows_name_the_stage_layers(sandbox):
+    """llava_tiny_sparsevlm at 64 on the 4-layer tiny model: stages from layers 1 / 2 / 3 keep
+    66+16, 30+2 and 17+1 visual tokens (the published schedule), so every row records 576 in, 18
+    kept after the last stage and (576 + 82 + 32 + 18) / 4 = 177 layer-averaged."""
+    work_dir = sandbox["root"] / "sparsevlm"
+    result = run_py(sandbox, ["--data", "TinyMMBench", "--model", "llava_tiny_sparsevlm", "--max-new-tokens", "2",
+                              "--work-dir", str(work_dir)], extra_env=dict(VISUAL_BUDGET="64"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = sidecar(work_dir, "llava_tiny_sparsevlm__sparsevlm-b64", "TinyMMBench")
+    assert len(records) == MCQ_ROWS
+    assert {r["setting"] for r in records} == {"sparsevlm-b64-l1.2.3"}
+    assert {(r["visual_in"], r["visual_kept"], r["visual_layer_mean"]) for r in records} == {(576, 18, 177.0)}

@@ -157,6 +157,7 @@ class HybridLLaVA(BaseModel):
         model = model.to(self.device).eval()
         if hybrid is not None:
             model = apply_hybrid(model, hybrid)
+            self.setting = hybrid.describe(num_layers=model.config.text_config.num_hidden_layers)
         self.model = model
         self.image_background = tuple(int(value * 255) for value in self.processor.image_processor.image_mean)
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True)

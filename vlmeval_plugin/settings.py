@@ -13,19 +13,21 @@ Names and their fixed meaning:
     llava_v1.5_7b_random   random selection at FastV's layer: VISUAL_BUDGET or FASTV_K (default 0.5), SELECT_SEED
     llava_v1.5_7b_{visionzip,vispruner,divprune}
                            the method before the LLM: VISUAL_BUDGET (default 64, 64, 56), HYBRID_POSITIONS
-    llava_v1.5_7b_{pdrop,dart}
+    llava_v1.5_7b_{pdrop,sparsevlm,dart}
                            the method inside the LLM: VISUAL_BUDGET (pdrop: layer-averaged, default 64;
+                           sparsevlm: one of its schedules 192 / 128 / 64, default 64;
                            dart: kept after FASTV_LAYER, default 128, DART_QUOTA, DART_PIVOTS), HYBRID_POSITIONS
-    llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune,_pdrop,_dart}
+    llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune,_pdrop,_sparsevlm,_dart}
                            the same on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
                            DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
     llava_next_mistral_7b{...}
                            the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
-    llava_tiny_{fastv,pool,random,visionzip,vispruner,divprune,pdrop,dart}
+    llava_tiny_{fastv,dymu,pool,random,visionzip,vispruner,divprune,pdrop,sparsevlm,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
     llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
+    llava_tiny_dymu        the tiny LLaVA with DyMU alone (its mid thresholds unless DYMU_THRESHOLDS)
 
 VLMEvalKit writes results to <work-dir>/<model name>/ and silently reuses whatever it finds there,
 so every patched name runs under an effective name that carries its setting:
@@ -61,8 +63,8 @@ PRE_LLM_METHODS = ("visionzip", "vispruner", "divprune")
 LLAVA_15_PATCHES = 576
 # the methods inside the LLM with a name of their own (LLaVA-1.5 only): PyramidDrop's maintainer
 # recipe for 64 layer-averaged tokens, DART's README setting (128, which keeps 132 officially)
-LLM_METHODS = ("pdrop", "dart")
-DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "dart": 128}
+LLM_METHODS = ("pdrop", "sparsevlm", "dart")
+DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "sparsevlm": 64, "dart": 128}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -139,6 +141,7 @@ VARIANTS = {
         Variant("llava_tiny", fastv=False, dymu=False, family="tiny", description="bundled tiny random LLaVA, nothing patched"),
         Variant("llava_tiny_hybrid", fastv=False, dymu=False, family="tiny", fixed_setting=True, description="bundled tiny random LLaVA, fixed hybrid"),
         Variant("llava_tiny_fastv", fastv=True, dymu=False, family="tiny", description="bundled tiny random LLaVA: FastV"),
+        Variant("llava_tiny_dymu", fastv=False, dymu=True, family="tiny", description="bundled tiny random LLaVA: DyMU (its mid thresholds unless DYMU_THRESHOLDS)"),
         Variant("llava_tiny_pool", fastv=False, dymu=False, family="tiny", pool=True, description="bundled tiny random LLaVA: spatial pooling"),
         Variant("llava_tiny_random", fastv=False, dymu=False, family="tiny", method="random", description="bundled tiny random LLaVA: random selection"),
         *method_variants("llava_tiny", "tiny", "bundled tiny random LLaVA"),
@@ -197,6 +200,10 @@ def dymu_file(name: str, variant: Variant, env) -> str:
     dymu = env.get("DYMU_THRESHOLDS") or None
     if variant.family == "testbed" and (dymu is None or dymu in TESTBED_LEVELS):
         return str(testbed_thresholds(dymu or "mid"))
+    if variant.tiny and dymu is None:
+        from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+        return str(ensure_tiny_thresholds())
     if dymu is None:
         raise PluginError(f"{name} needs DYMU_THRESHOLDS=<threshold file>. Make one with:\n    {CALIBRATE_HINT}")
     if not Path(dymu).is_file():
