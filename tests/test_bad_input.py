@@ -220,3 +220,20 @@ def test_only_a_row_that_fails_on_its_own_becomes_a_failed_row(sandbox):  # noqa
     assert outcomes[3]["prediction"].startswith(FAIL_PREFIX) and "generate failed: RuntimeError: injected" in outcomes[3]["error"]
     assert all(outcomes[i] == {"prediction": f"ROW{i}"} for i in (0, 1, 2, 4, 5))
     assert report["sizes"][0] == 6 and max(report["sizes"][1:]) <= 3 and report["sizes"].count(1) >= 1
+
+
+def test_a_prediction_survives_vlmevalkits_xlsx_round_trip(tmp_path):
+    """What the tiny random model wrote on TinyCOCO: "= gUSER\\ufffd\\t\\x08*". VLMEvalKit stored it as
+    a formula and the control character made the file unreadable, costing the set its score."""
+    from vlmeval.smp import dump, load
+
+    from vlmeval_plugin.robust import storable_prediction
+
+    raw = ["= gUSER\ufffd\t\x08*", "B", "=5", "a red\ncircle", "\x00\x1f"]
+    broken = tmp_path / "raw.xlsx"
+    dump(pd.DataFrame(dict(index=range(5), prediction=raw)), str(broken))
+    with pytest.raises(Exception, match="not well-formed"):
+        load(str(broken))
+    stored = tmp_path / "stored.xlsx"
+    dump(pd.DataFrame(dict(index=range(5), prediction=[storable_prediction(text) for text in raw])), str(stored))
+    assert load(str(stored))["prediction"].fillna("").tolist() == [" = gUSER\ufffd\t*", "B", " =5", "a red\ncircle", ""]

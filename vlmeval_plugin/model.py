@@ -42,7 +42,7 @@ from hybrid_vlm.model import VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
-from .robust import RowError, is_blank
+from .robust import RowError, is_blank, storable_prediction
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -332,7 +332,7 @@ class HybridLLaVA(BaseModel):
 
         prompt_length = inputs["input_ids"].shape[1]
         new_tokens = output.sequences[:, prompt_length:]
-        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = [storable_prediction(text) for text in self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         state = getattr(output_cache(output), "hybrid_state", None)
         if state is not None:
             tokens_in = state.prompt_tokens.tolist()

@@ -20,6 +20,7 @@ import base64
 import io
 import logging
 import os
+import re
 
 import pandas as pd
 
@@ -178,3 +179,17 @@ def install() -> None:
     _patch_dataset_loading()
     _patch_image_dumping()
     _retry_failed_rows()
+
+
+XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def storable_prediction(text: str) -> str:
+    """`text` as VLMEvalKit's prediction file keeps it. It writes .xlsx with xlsxwriter, which
+    stores a string starting with "=" as a formula (the text is lost, and a control character
+    inside makes the whole file unreadable: "not well-formed (invalid token)"), and XML 1.0 has no
+    place for the C0 control characters other than tab and newline. So those characters go (no
+    answer or caption is made of them) and a leading "=" gets one space before it, which every
+    scorer strips."""
+    text = XML_ILLEGAL.sub("", text)
+    return " " + text if text.startswith("=") else text
