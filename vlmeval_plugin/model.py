@@ -332,7 +332,7 @@ class HybridLLaVA(BaseModel):
 
         prompt_length = inputs["input_ids"].shape[1]
         new_tokens = output.sequences[:, prompt_length:]
-        texts = [storable_prediction(text) for text in self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         state = getattr(output_cache(output), "hybrid_state", None)
         if state is not None:
             tokens_in = state.prompt_tokens.tolist()
@@ -347,7 +347,7 @@ class HybridLLaVA(BaseModel):
         rank, _ = get_rank_and_world_size()
         return [
             dict(
-                prediction=texts[row].strip(),
+                prediction=storable_prediction(texts[row].strip()),
                 tokens_in=int(tokens_in[row]),
                 tokens_kept=int(tokens_kept[row]),
                 visual_in=int(visual.entered[row]),
