@@ -1,26 +1,32 @@
 """python -m hybrid_tools.compare WORK_DIR --bench BENCH_DIR --out reports/method-comparison
 
 The method comparison: every method at each budget, with bootstrap 95% intervals over questions
-and paired intervals against FastV and against random selection at the same budget.
+(MCQ) or images (captions) and paired intervals against FastV and against random selection at the
+same budget.
 
 Two steps, the second a pure function of the first's files, so a test can regenerate the table:
 1. `collect`: from a VLMEvalKit work dir (made by `hybrid_tools.sweep`), per-question hits of each
-   run's MCQ predictions and per-run token counts, into OUT/raw/hits.csv and OUT/raw/runs.csv; the
-   bench's bench.json is copied to OUT/raw/bench.json.
+   run's MCQ predictions into OUT/raw/hits.csv, per-image CIDEr of its caption predictions into
+   OUT/raw/captions.csv, and per-run token counts into OUT/raw/runs.csv; the bench's bench.json is
+   copied to OUT/raw/bench.json.
 2. `render`: OUT/table.md (the main table), OUT/speed.md, OUT/figures/*.png, from OUT/raw only.
    `python -m hybrid_tools.compare --render OUT` reruns this step alone.
 
 Hits: a circular MMBench question counts as answered when every rotation of it is (VLMEvalKit's
 rule); a rotation is right when the prediction, stripped, starts with the answer's letter (as a
-word) or equals the answer's option text. A run whose accuracy from these hits differs from
-VLMEvalKit's own `Overall` is flagged in the table. Intervals: percentile bootstrap, 2000 draws of
-the questions with replacement, NumPy seed 0; a paired interval resamples the same questions for
-both runs. A method is called better or worse only where its paired interval excludes 0.
+word) or equals the answer's option text. CIDEr: pycocoevalcap's Cider (VLMEvalKit's scorer) over
+the whole run, x 100; its per-image scores, whose mean is the run's CIDEr, are what the bootstrap
+resamples (document frequencies stay those of the whole set). A run whose score from these items
+differs from VLMEvalKit's own `Overall` or `CIDEr` is flagged in the table. Intervals: percentile
+bootstrap, 2000 draws of the items with replacement, NumPy seed 0; a paired interval resamples the
+same items for both runs. A method is called better or worse only where its paired interval
+excludes 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import re
 import shutil
@@ -30,13 +36,14 @@ import numpy as np
 import pandas as pd
 
 from vlmeval_plugin import settings
-from vlmeval_plugin.results import prediction_file, read_sweep_runs, read_work_dir
+from vlmeval_plugin.results import load_table, prediction_file, read_sweep_runs, read_work_dir
 
 DRAWS = 2000
 SEED = 0
 CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit's circular copies: index + k * 1e6
-RUN_COLUMNS = ("run", "method", "budget", "positions", "seed", "dataset", "status", "questions", "vlmeval_accuracy",
-               "visual_in", "visual_kept", "visual_layer_mean", "prefill_gmacs")
+RUN_COLUMNS = ("run", "method", "budget", "positions", "seed", "dataset", "metric", "status", "items", "vlmeval_score",
+               "visual_in", "visual_kept", "visual_layer_mean", "prefill_gmacs", "setting")
+METRICS = {"mcq": "circular accuracy %", "caption": "CIDEr"}
 
 
 # ----------------------------------------------------------------------------------- collect
@@ -74,8 +81,17 @@ def question_hits(predictions: pd.DataFrame) -> pd.Series:
     return correct.groupby(base).all().astype(int)
 
 
+def image_ciders(predictions: pd.DataFrame) -> pd.Series:
+    """Per image (the `index` column), its CIDEr x 100 within the whole run's Cider."""
+    from hybrid_tools.caption_baseline import cider_per_image
+
+    references = [list(ast.literal_eval(str(text))) for text in predictions["answer"]]
+    scores = cider_per_image([str(text) for text in predictions["prediction"]], references)
+    return pd.Series(scores, index=predictions["index"].astype(int).to_numpy())
+
+
 def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
-    runs, hits = [], []
+    runs, hits, captions = [], [], []
     folders = {folder.name: folder for folder in read_work_dir(work_dir)}
     planned = {run.get("folder"): run for _, run in read_sweep_runs(work_dir)}
     for name in sorted(set(folders) | set(planned)):
@@ -86,24 +102,31 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
             code = planned.get(name, {}).get("returncode")
             runs.append(dict(run=name, **identity, dataset="", status=f"did not run (exit status {code})"))
             continue
-        scored = [(dataset, result) for dataset, result in results.items() if result.kind == "mcq"]
+        scored = [(dataset, result) for dataset, result in results.items() if result.kind in METRICS]
         if not scored:
             code = planned.get(name, {}).get("returncode")
-            runs.append(dict(run=name, **identity, dataset="", status=f"no MCQ result (exit status {code})"))
+            runs.append(dict(run=name, **identity, dataset="", status=f"no MCQ or caption result (exit status {code})"))
         for dataset, result in scored:
+            metric = METRICS[result.kind]
             path = prediction_file(work_dir / name, name, dataset)
             if path is None:
-                runs.append(dict(run=name, **identity, dataset=dataset, status="no prediction file"))
+                runs.append(dict(run=name, **identity, dataset=dataset, metric=metric, status="no prediction file"))
                 continue
-            per_question = question_hits(pd.read_excel(path) if path.suffix == ".xlsx" else pd.read_csv(path, sep="\t"))
-            hits += [dict(run=name, dataset=dataset, question=int(q), hit=int(h)) for q, h in per_question.items()]
-            runs.append(dict(run=name, **identity, dataset=dataset, status="ok", questions=len(per_question),
-                             vlmeval_accuracy=result.main_value, visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean,
-                             visual_layer_mean=result.visual_layer_mean, prefill_gmacs=result.prefill_gmacs_mean))
+            if result.kind == "mcq":
+                items = question_hits(load_table(path))
+                hits += [dict(run=name, dataset=dataset, question=int(q), hit=int(h)) for q, h in items.items()]
+            else:
+                items = image_ciders(load_table(path))
+                captions += [dict(run=name, dataset=dataset, image=int(i), cider=float(c)) for i, c in items.items()]
+            runs.append(dict(run=name, **identity, dataset=dataset, metric=metric, status="ok", items=len(items),
+                             vlmeval_score=result.main_value, visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean,
+                             visual_layer_mean=result.visual_layer_mean, prefill_gmacs=result.prefill_gmacs_mean,
+                             setting=";".join(result.settings)))
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs, columns=list(RUN_COLUMNS)).to_csv(raw / "runs.csv", index=False)
     pd.DataFrame(hits, columns=["run", "dataset", "question", "hit"]).to_csv(raw / "hits.csv", index=False)
+    pd.DataFrame(captions, columns=["run", "dataset", "image", "cider"]).to_csv(raw / "captions.csv", index=False)
     if bench_dir is not None:
         shutil.copy(bench_dir / "bench.json", raw / "bench.json")
 
@@ -131,22 +154,28 @@ def verdict(interval: tuple[float, float]) -> str:
 # ---------------------------------------------------------------------------------- render
 
 
-def percent(value: float) -> str:
-    return f"{100 * value:.1f}"
+def points(value: float) -> str:
+    return f"{value:.1f}"
 
 
 def interval_text(interval: tuple[float, float], signed: bool = False) -> str:
-    low, high = (f"{100 * v:+.1f}" if signed else percent(v) for v in interval)
+    low, high = (f"{v:+.1f}" if signed else points(v) for v in interval)
     return f"[{low}, {high}]"
 
 
-def hit_vectors(hits: pd.DataFrame, dataset: str) -> dict[str, np.ndarray]:
-    table = hits[hits["dataset"] == dataset].pivot(index="question", columns="run", values="hit").sort_index()
+def item_vectors(raw: Path, dataset: str) -> dict[str, np.ndarray]:
+    """Per run, its items' scores in the table's units: hits as 0 / 100 (percent), CIDEr x 100."""
+    hits = pd.read_csv(raw / "hits.csv").rename(columns={"question": "item", "hit": "value"})
+    hits["value"] *= 100
+    captions_path = raw / "captions.csv"
+    captions = pd.read_csv(captions_path).rename(columns={"image": "item", "cider": "value"}) if captions_path.is_file() else hits[:0]
+    items = pd.concat([hits, captions])
+    table = items[items["dataset"] == dataset].pivot(index="item", columns="run", values="value").sort_index()
     return {run: table[run].to_numpy(dtype=float) for run in table.columns if not table[run].isna().any()}
 
 
 def references(runs: pd.DataFrame, vectors: dict, budget, positions: str) -> dict[str, np.ndarray]:
-    """FastV's hits at this budget and positions, and random's mean over its seeds."""
+    """FastV's items at this budget and positions, and random's mean over its seeds."""
     same = runs[(runs["budget"] == budget) & (runs["positions"] == positions) & (runs["status"] == "ok")]
     found = {}
     fastv = [r for r in same[same["method"] == "fastv"]["run"] if r in vectors]
@@ -158,13 +187,15 @@ def references(runs: pd.DataFrame, vectors: dict, budget, positions: str) -> dic
     return found
 
 
-TABLE_HEADER = ("| budget | method | positions | seed | visual layer-avg (C) | prefill GMACs | accuracy % [95% CI] "
-                "| vs FastV, points [95% CI] | vs random, points [95% CI] | note |\n|---|---|---|---|---|---|---|---|---|---|")
+def table_header(metric: str) -> str:
+    return (f"| budget | method | tag | positions | seed | visual layer-avg (C) | prefill GMACs | {metric} [95% CI] "
+            "| vs FastV, points [95% CI] | vs random, points [95% CI] | note |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def run_row(run: pd.Series, vectors: dict, refs: dict) -> str:
     if run["status"] != "ok":
-        return f"| {budget_text(run)} | {run['method']} | {run['positions']} | {seed_text(run)} | | | unreachable or failed | | | {run['status']} |"
+        return (f"| {budget_text(run)} | {run['method']} | {tag_text(run)} | {run['positions']} | {seed_text(run)} | | "
+                f"| unreachable or failed | | | {run['status']} |")
     values = vectors[run["run"]]
     cells = []
     for name in ("fastv", "random"):
@@ -172,10 +203,10 @@ def run_row(run: pd.Series, vectors: dict, refs: dict) -> str:
             cells.append("")
             continue
         interval = paired_interval(values, refs[name])
-        cells.append(f"{100 * (values.mean() - refs[name].mean()):+.1f} {interval_text(interval, signed=True)} {verdict(interval)}")
-    note = "" if abs(100 * values.mean() - float(run["vlmeval_accuracy"])) < 0.05 else f"VLMEvalKit Overall {float(run['vlmeval_accuracy']):.1f}"
-    return (f"| {budget_text(run)} | {run['method']} | {run['positions']} | {seed_text(run)} | {number(run['visual_layer_mean'])} "
-            f"| {number(run['prefill_gmacs'], '.2f')} | {percent(values.mean())} {interval_text(bootstrap_interval(values))} "
+        cells.append(f"{values.mean() - refs[name].mean():+.1f} {interval_text(interval, signed=True)} {verdict(interval)}")
+    note = "" if abs(values.mean() - float(run["vlmeval_score"])) < 0.05 else f"VLMEvalKit says {float(run['vlmeval_score']):.1f}"
+    return (f"| {budget_text(run)} | {run['method']} | {tag_text(run)} | {run['positions']} | {seed_text(run)} | {number(run['visual_layer_mean'])} "
+            f"| {number(run['prefill_gmacs'], '.2f')} | {points(values.mean())} {interval_text(bootstrap_interval(values))} "
             f"| {cells[0]} | {cells[1]} | {note} |")
 
 
@@ -187,23 +218,32 @@ def budget_text(run: pd.Series) -> str:
     return "" if pd.isna(run["budget"]) else str(int(run["budget"]))
 
 
+def tag_text(run: pd.Series) -> str:
+    """The setting the rows ran (pdrop's names its stage layers), else the folder's tag."""
+    if isinstance(run.get("setting"), str) and run["setting"]:
+        return run["setting"]
+    return run["run"].split(settings.NAME_SEPARATOR, 1)[1] if settings.NAME_SEPARATOR in run["run"] else "vanilla"
+
+
 def seed_text(run: pd.Series) -> str:
     return "" if pd.isna(run["seed"]) else str(int(run["seed"]))
 
 
 def main_table(raw: Path) -> str:
-    """The main table, from raw/runs.csv and raw/hits.csv only (byte-stable)."""
+    """The main table, one section per dataset, from raw/ only (byte-stable)."""
     runs = pd.read_csv(raw / "runs.csv")
-    hits = pd.read_csv(raw / "hits.csv")
     runs = runs.sort_values(["budget", "positions", "method", "seed", "run"], na_position="first", kind="stable")
     sections = []
     for dataset in sorted(d for d in runs["dataset"].dropna().unique() if d):
-        vectors = hit_vectors(hits, dataset)
-        chosen = runs[(runs["dataset"] == dataset) | (runs["status"] != "ok")]
-        lines = [f"### {dataset} ({len(next(iter(vectors.values()), []))} questions)\n", TABLE_HEADER]
-        for _, run in chosen.iterrows():
-            refs = references(runs[runs["dataset"].isin([dataset, ""]) | runs["dataset"].isna()], vectors, run["budget"], run["positions"])
-            lines.append(run_row(run, vectors, refs))
+        vectors = item_vectors(raw, dataset)
+        mine = runs[runs["dataset"] == dataset]
+        metric = mine["metric"].iloc[0]
+        unit = "questions, circular" if metric.startswith("circular") else "images"
+        failed = runs[(runs["status"] != "ok") & (runs["dataset"].isna() | (runs["dataset"] == ""))]
+        lines = [f"### {dataset} ({len(next(iter(vectors.values()), []))} {unit})\n", table_header(metric)]
+        for _, run in pd.concat([mine, failed]).sort_values(["budget", "positions", "method", "seed", "run"],
+                                                            na_position="first", kind="stable").iterrows():
+            lines.append(run_row(run, vectors, references(mine, vectors, run["budget"], run["positions"])))
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
@@ -227,29 +267,30 @@ def speed_table(raw: Path) -> str:
 
 
 def plots(raw: Path, figures: Path) -> list[Path]:
-    """Accuracy against prefill GMACs and against the layer-averaged count, one line per method."""
+    """Accuracy and CIDEr against prefill GMACs and against the layer-averaged count, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = pd.read_csv(raw / "runs.csv")
-    runs = runs[(runs["status"] == "ok") & (runs["positions"] == "logical")].copy()
-    hits = pd.read_csv(raw / "hits.csv")
-    accuracy = hits.groupby(["run", "dataset"])["hit"].mean().mul(100).rename("accuracy").reset_index()
-    runs = runs.merge(accuracy, on=["run", "dataset"])
+    runs = runs[(runs["status"] == "ok") & (runs["positions"] == "logical")]
     figures.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted(runs["dataset"].unique()):
+        vectors = item_vectors(raw, dataset)
+        mine = runs[runs["dataset"] == dataset].copy()
+        mine["score"] = [vectors[run].mean() for run in mine["run"]]
+        metric = mine["metric"].iloc[0]
         for column, label in (("prefill_gmacs", "prefill GMACs (theory)"), ("visual_layer_mean", "visual tokens, layer-averaged")):
             figure, axes = plt.subplots(figsize=(6, 4))
-            for method, group in runs[runs["dataset"] == dataset].groupby("method"):
-                group = group.groupby(column, as_index=False)["accuracy"].mean().sort_values(column)
-                axes.plot(group[column], group["accuracy"], marker="o", label=method)
+            for number, (method, group) in enumerate(mine.groupby("method")):  # 12 methods: more than one colour cycle
+                group = group.groupby(column, as_index=False)["score"].mean().sort_values(column)
+                axes.plot(group[column], group["score"], marker="os^vD<>"[number % 7], color=plt.cm.tab20(number % 20), label=method)
             axes.set_xlabel(label)
-            axes.set_ylabel(f"{dataset} accuracy %")
+            axes.set_ylabel(f"{dataset} {metric}")
             axes.legend(fontsize=7)
-            path = figures / f"{dataset}_accuracy_vs_{column}.png"
+            path = figures / f"{dataset}_{'accuracy' if metric.startswith('circular') else 'cider'}_vs_{column}.png"
             figure.tight_layout()
             figure.savefig(path, dpi=100)
             plt.close(figure)
@@ -264,17 +305,25 @@ every number below comes from `raw/` through `python -m hybrid_tools.compare --r
 
 **What this is.** A check of the harness, not a ranking. The model is the bundled tiny random-weight
 LLaVA (4 LLM layers), because the trained testbed has not landed (`reports/testbed-attempts/`). Its
-accuracies rank nothing and need not match real checkpoints. The same command with
+accuracies and CIDEr rank nothing and need not match real checkpoints. The same command with
 `FAMILY=llava_v1.5_7b` (or `llava_testbed`) gives the real table.
 
-Budgets are each method's own rule: A (entering the LLM) for pool, VisionZip, VisPruner and
-DivPrune; B (kept after the layer) for FastV, random and DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8));
-C (layer-averaged) for PyramidDrop, whose stages on 4 layers start at layer 1, so every budget
-below 144 is unreachable there (its runs end with exit status 1 and the error naming that range);
-the speed table's "kept" for PyramidDrop is its last stage's count. Random selection runs with seeds 0, 1 and 2; "vs random" is
-against their mean per question. Intervals: percentile bootstrap over questions (2000 draws,
-seed 0); paired intervals resample the same questions for both runs; "better"/"worse" only where
-the paired interval excludes 0. Runs that did not run are listed with their exit status.
+Sets: TinyMMBench (circular accuracy: a question counts when every rotation is right) and TinyCOCO
+(CIDEr x 100, pycocoevalcap's scorer as VLMEvalKit uses it; its per-image scores, whose mean is the
+set's CIDEr, are what the intervals resample). Budgets are each method's own rule: A (entering the
+LLM) for pool, VisionZip, VisPruner and DivPrune; B (kept after the layer) for FastV, random and
+DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8)); C (layer-averaged) for PyramidDrop, whose
+stages on 4 layers start at layer 1, so every budget below 144 is unreachable there (its runs end
+with exit status 1 and the error naming that range); SparseVLM runs its published schedules only
+(192 / 128 / 64; 32 and 16 are refused), at stages from layers 1 / 2 / 3 on 4 layers, so its
+layer-average is far above its name here. DyMU alone and the hybrid run at the tiny model's mid
+thresholds; their per-row MACs are not recorded (DyMU's tower counts are data), so they appear in
+the layer-averaged plots only. The tag column is the setting the rows ran, with a multi-stage
+method's stage layers. The speed table's "kept" for PyramidDrop and SparseVLM is the last stage's
+count. Random selection runs with seeds 0, 1 and 2; "vs random" is against their mean per item.
+Intervals: percentile bootstrap over items (2000 draws, seed 0); paired intervals resample the same
+items for both runs; "better"/"worse" only where the paired interval excludes 0. Runs that did not
+run are listed with their exit status.
 """
 
 
@@ -285,7 +334,7 @@ def render(out: Path) -> None:
     (out / "speed.md").write_text(speed)
     figures = plots(raw, out / "figures")
     links = "\n".join(f"![{path.stem}](figures/{path.name})" for path in figures)
-    report = (f"{REPORT_INTRO}\n## Accuracy (TinyMMBench, circular)\n\n{table}\n"
+    report = (f"{REPORT_INTRO}\n## Accuracy (TinyMMBench, circular) and CIDEr (TinyCOCO)\n\n{table}\n"
               f"## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against stock transformers)\n\n"
               f"{speed}\n## Plots (logical positions)\n\n{links}\n")
     (out / "report.md").write_text(report)

@@ -75,6 +75,8 @@ def test_a_circular_question_counts_only_when_every_rotation_is_right():
     ("llava_tiny_pdrop__pdrop-b64_renumbered", dict(method="pdrop", budget=64, positions="renumbered", seed=None)),
     ("llava_tiny_dart__dart-matched-b64-l2", dict(method="dart", budget=64, positions="logical", seed=None)),
     ("llava_tiny_hybrid__dymu-tiny-mid_fastv-r0.5-l2", dict(method="hybrid", budget=None, positions="logical", seed=None)),
+    ("llava_tiny_dymu__dymu-tiny-mid", dict(method="dymu", budget=None, positions="logical", seed=None)),
+    ("llava_tiny_sparsevlm__sparsevlm-b64_renumbered", dict(method="sparsevlm", budget=64, positions="renumbered", seed=None)),
 ])
 def test_run_identity_reads_the_folder_name(folder, expected):
     assert compare.run_identity(folder) == expected
@@ -84,3 +86,51 @@ def test_the_committed_main_table_regenerates_byte_for_byte():
     raw = REPORT / "raw"
     assert (raw / "runs.csv").is_file() and (raw / "hits.csv").is_file(), "reports/method-comparison/raw is missing"
     assert compare.main_table(raw) == (REPORT / "table.md").read_text()
+
+
+CAPTIONS = pd.DataFrame(dict(
+    index=[3, 5, 9],
+    prediction=["a red circle at the top left", "two shapes on a plain background", "a blue square"],
+    answer=[str(["a small red circle at the top left", "a red circle on a striped background"]),
+            str(["two shapes on a plain background: a green cross and a red square", "a green cross and a red square"]),
+            str(["a large yellow triangle in the center", "a yellow triangle"])],
+))
+
+
+def test_per_image_cider_averages_to_pycocoevalcaps_corpus_score():
+    from pycocoevalcap.cider.cider import Cider
+
+    per_image = compare.image_ciders(CAPTIONS)
+    assert per_image.index.tolist() == [3, 5, 9]
+    gts = {str(i): eval(a) for i, a in enumerate(CAPTIONS["answer"])}
+    res = {str(i): [p] for i, p in enumerate(CAPTIONS["prediction"])}
+    corpus = Cider().compute_score(gts, res)[0] * 100
+    assert corpus > 1.0 and per_image.mean() == pytest.approx(corpus, rel=1e-12)
+    assert per_image[9] < per_image[3]  # the wrong object scores lower than the right one
+
+
+def write_raw(raw: Path, runs: list[dict], hits: list[dict], captions: list[dict]) -> None:
+    raw.mkdir(parents=True)
+    pd.DataFrame(runs, columns=list(compare.RUN_COLUMNS)).to_csv(raw / "runs.csv", index=False)
+    pd.DataFrame(hits, columns=["run", "dataset", "question", "hit"]).to_csv(raw / "hits.csv", index=False)
+    pd.DataFrame(captions, columns=["run", "dataset", "image", "cider"]).to_csv(raw / "captions.csv", index=False)
+
+
+def test_the_table_has_a_cider_section_with_intervals_in_cider_points(tmp_path):
+    """Two made-up runs on a made-up caption set: the section's unit is CIDEr (not x100 again),
+    the paired interval against FastV is in CIDEr points, and a mismatch with VLMEvalKit is flagged."""
+    common = dict(budget=64, positions="logical", seed=None, dataset="SetX", metric="CIDEr", status="ok", items=4,
+                  visual_in=576, visual_kept=64, visual_layer_mean=100.0, prefill_gmacs=1.0)
+    runs = [dict(run="m_fastv__fastv-k64-l2", method="fastv", vlmeval_score=20.0, setting="fastv-k64-l2", **common),
+            dict(run="m_pool__pool-b64", method="pool", vlmeval_score=99.0, setting="pool-b64", **common)]
+    fastv, pool = [10.0, 20.0, 30.0, 20.0], [40.0, 50.0, 60.0, 50.0]
+    captions = [dict(run=r, dataset="SetX", image=i, cider=v) for r, values in (("m_fastv__fastv-k64-l2", fastv), ("m_pool__pool-b64", pool))
+                for i, v in enumerate(values)]
+    write_raw(tmp_path / "raw", runs, [], captions)
+    table = compare.main_table(tmp_path / "raw")
+    assert "### SetX (4 images)" in table and "| CIDEr [95% CI] |" in table
+    pool_row = next(line for line in table.splitlines() if "| pool |" in line)
+    assert "| 50.0 [" in pool_row and "+30.0 [+30.0, +30.0] better" in pool_row
+    assert "VLMEvalKit says 99.0" in pool_row
+    fastv_row = next(line for line in table.splitlines() if "| fastv |" in line)
+    assert "VLMEvalKit says" not in fastv_row and "| fastv-k64-l2 |" in fastv_row

@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Regenerates reports/method-comparison/ on CPU (about 30 minutes on 2 cores). Run from the repository root.
+# Regenerates reports/method-comparison/ on CPU (about 90 minutes on 2 cores). Run from the repository root.
 # Every method at 192/128/64/32/16 visual tokens (each by its own budget rule), both position modes
-# at 64, random selection with 3 seeds, on the bundled tiny random-weight LLaVA (the testbed
+# at 64, random selection with 3 seeds, DyMU alone and the hybrid, on TinyMMBench (circular accuracy)
+# and TinyCOCO (CIDEr), with the bundled tiny random-weight LLaVA (the testbed
 # checkpoint has not landed: see reports/testbed-attempts/). Its accuracies check the harness and
 # rank nothing. With a real checkpoint, use --model <family> (llava_v1.5_7b, llava_testbed) instead.
 set -euo pipefail
 family=${FAMILY:-llava_tiny}
 work=runs/method-comparison  # inside the checkout (git-ignored), so every recorded path is relative
 rm -rf "$work"
-sweep() { python -m hybrid_tools.sweep --model "$family" --data TinyMMBench --work-dir "$work/outputs" "$@" -- --batch-size 8 --judge exact_matching || true; }
-sweep --methods fastv random pool visionzip vispruner divprune pdrop dart --budgets 192 128 64 32 16 --vanilla
+sweep() { python -m hybrid_tools.sweep --model "$family" --data TinyMMBench TinyCOCO --work-dir "$work/outputs" "$@" -- --batch-size 8 --judge exact_matching || true; }
+sweep --methods fastv random pool visionzip vispruner divprune pdrop sparsevlm dart --budgets 192 128 64 32 16 --vanilla
 SELECT_SEED=1 sweep --methods random --budgets 192 128 64 32 16
 SELECT_SEED=2 sweep --methods random --budgets 192 128 64 32 16
-sweep --methods fastv pool visionzip vispruner divprune pdrop dart --budgets 64 --positions renumbered
-# The hybrid as the tiny model fixes it (DyMU mid thresholds, then FastV halving at layer 2); with
-# another FAMILY, replace this line by a sweep of <family>_hybrid with its DYMU_THRESHOLDS.
-python -m vlmeval_plugin --data TinyMMBench --model llava_tiny_hybrid --work-dir "$work/outputs" --batch-size 8 --judge exact_matching || true
+sweep --methods fastv pool visionzip vispruner divprune pdrop sparsevlm dart --budgets 64 --positions renumbered
+# DyMU alone (the tiny model's mid thresholds) and the hybrid as the tiny model fixes it (those
+# thresholds, then FastV halving at layer 2); with another FAMILY, replace these two lines by sweeps
+# of <family>_dymu and <family>_hybrid with their DYMU_THRESHOLDS.
+for name in llava_tiny_dymu llava_tiny_hybrid; do
+    python -m vlmeval_plugin --data TinyMMBench TinyCOCO --model "$name" --work-dir "$work/outputs" --batch-size 8 --judge exact_matching || true
+done
 # Speed at the mid shape, every method at 64, against stock transformers in one process.
-python -m hybrid_tools.bench --preset mid --fastv-k --methods fastv random pool visionzip vispruner divprune pdrop dart \
+python -m hybrid_tools.bench --preset mid --fastv-k --methods fastv random pool visionzip vispruner divprune pdrop sparsevlm dart \
     --budgets 64 --repeats 3 --decode-tokens 8 --no-progress --out "$work/bench"
 # The report: raw per-question hits and per-run counts into raw/, then the tables and plots from them.
 python -m hybrid_tools.compare "$work/outputs" --bench "$work/bench" --out reports/method-comparison
