@@ -158,8 +158,13 @@ def points(value: float) -> str:
     return f"{value:.1f}"
 
 
+def signed_points(value: float) -> str:
+    """+0.0 for a difference that rounds to zero from either side (never "-0.0")."""
+    return f"{round(value, 1) + 0.0:+.1f}"
+
+
 def interval_text(interval: tuple[float, float], signed: bool = False) -> str:
-    low, high = (f"{v:+.1f}" if signed else points(v) for v in interval)
+    low, high = (signed_points(v) if signed else points(v) for v in interval)
     return f"[{low}, {high}]"
 
 
@@ -203,7 +208,7 @@ def run_row(run: pd.Series, vectors: dict, refs: dict) -> str:
             cells.append("")
             continue
         interval = paired_interval(values, refs[name])
-        cells.append(f"{values.mean() - refs[name].mean():+.1f} {interval_text(interval, signed=True)} {verdict(interval)}")
+        cells.append(f"{signed_points(values.mean() - refs[name].mean())} {interval_text(interval, signed=True)} {verdict(interval)}")
     note = "" if abs(values.mean() - float(run["vlmeval_score"])) < 0.05 else f"VLMEvalKit says {float(run['vlmeval_score']):.1f}"
     return (f"| {budget_text(run)} | {run['method']} | {tag_text(run)} | {run['positions']} | {seed_text(run)} | {number(run['visual_layer_mean'])} "
             f"| {number(run['prefill_gmacs'], '.2f')} | {points(values.mean())} {interval_text(bootstrap_interval(values))} "
