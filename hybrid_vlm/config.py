@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 from .baselines import SELECTIONS, pool_sides
 from .dymu import SPLITS as DYMU_SPLITS
-from .methods import get_method, list_methods, pdrop, sparsevlm
+from .methods import get_method, list_methods
 from .methods.dart import PIVOT_ORDERS as DART_PIVOT_ORDERS
-
-STAGE_LAYERS = {"pdrop": pdrop.stage_layers, "sparsevlm": sparsevlm.stage_layers}  # multi-stage methods: their layers for a depth
 
 FASTV_K_FORMS = (
     "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
@@ -334,8 +332,8 @@ class HybridConfig:
             quota = "" if self.dart_quota == "official" else f"-{self.dart_quota}"
             pivots = "" if self.dart_pivots == "sorted" else f"-pivots-{self.dart_pivots}"
             parts.append(f"dart{quota}-b{self.visual_budget}-l{self.fastv_layer}{pivots}")
-        elif self.visual_method in STAGE_LAYERS and num_layers is not None:
-            layers = ".".join(map(str, STAGE_LAYERS[self.visual_method](num_layers)))
+        elif self.visual_method is not None and num_layers is not None and get_method(self.visual_method).stage_layers:
+            layers = ".".join(map(str, get_method(self.visual_method).stage_layers(num_layers)))
             parts.append(f"{self.visual_method}-b{self.visual_budget}-l{layers}")
         elif self.visual_method is not None:
             parts.append(f"{self.visual_method}-b{self.visual_budget}")

@@ -35,16 +35,33 @@ def last_query_attention(
     beside SDPA avoids running that layer in eager mode.
     """
     batch, heads, queries, dim = query_states.shape
-    keys = key_states.shape[2]
     query_row = query_states.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, heads, 1, dim))
-    if attention_mask is None:  # the queries are the last Q of K keys
-        key_at = torch.arange(keys, device=query_states.device)
-        mask_row = (key_at[None, :] <= (query_index + keys - queries)[:, None]).view(batch, 1, 1, keys)
-    else:
-        mask_row = attention_mask.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, 1, 1, attention_mask.shape[-1]))
+    mask_row = mask_rows(attention_mask, query_index[:, None], queries, key_states.shape[2])
     logits = torch.matmul(query_row.float(), key_states.float().transpose(-1, -2)) * scale  # [B, H, 1, K]
     logits = logits.masked_fill(~mask_row, float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def mask_rows(
+    attention_mask: torch.Tensor | None,  # [B, 1, Q, K] bool, True = may attend; None = causal, every key real
+    rows: torch.Tensor,  # [B, R] long, query rows
+    queries: int,
+    keys: int,
+) -> torch.Tensor:
+    """[B, 1, R, K] bool: those query rows of the mask (built from causality when there is none:
+    the queries are then the last Q of K keys)."""
+    if attention_mask is None:
+        key_at = torch.arange(keys, device=rows.device)
+        return (key_at[None, None, :] <= (rows + keys - queries)[:, :, None])[:, None]
+    return attention_mask.gather(2, rows[:, None, :, None].expand(rows.shape[0], 1, rows.shape[1], keys))
+
+
+def surviving_positions(visual_positions: torch.Tensor, top_visual: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L - V + keep]: every non-visual position and the `top_visual` [B, keep] ones, in order."""
+    batch = visual_positions.shape[0]
+    survives = torch.ones(batch, length, dtype=torch.bool, device=visual_positions.device)
+    survives = survives.scatter(1, visual_positions, False).scatter(1, top_visual, True)
+    return true_positions(survives, length - visual_positions.shape[1] + top_visual.shape[1])
 
 
 def select_kept_positions(
@@ -63,9 +80,7 @@ def select_kept_positions(
     batch, length = scores.shape
     visual_scores = scores.gather(1, visual_positions)
     top_visual = visual_positions.gather(1, visual_scores.topk(keep, dim=1).indices)  # best first
-    survives = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
-    survives = survives.scatter(1, visual_positions, False).scatter(1, top_visual, True)
-    kept = true_positions(survives, length - visual_positions.shape[1] + keep)
+    kept = surviving_positions(visual_positions, top_visual, length)
     if keep_per_sample is None:
         return kept, None
     beyond_quota = torch.arange(keep, device=scores.device)[None, :] >= keep_per_sample[:, None]  # [B, keep]

@@ -44,7 +44,6 @@ from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .placement import place_images
 from .runtime import require
 from .stages import (
-    StageInputs,
     after_stage,
     check_whole_image_budget,
     first_inputs,
@@ -232,11 +231,6 @@ def decode_positions(state: PruneState, new_valid: torch.Tensor, position_ids: t
     return [position_ids] + [(start[:, None] + steps).clamp_min(0) for start in state.next_positions[1:]]
 
 
-def stage_inputs(stages: dict, placed) -> StageInputs | None:
-    """The sequence the first stage sees: its visual slots, scoring query and visual count."""
-    return first_inputs(stages[min(stages)], placed) if stages else None
-
-
 class HybridDecoder:
     """The forward shared by every patched model class (a mixin placed before the stock class).
 
@@ -333,7 +327,7 @@ class HybridDecoder:
             next_positions = [positions[:, -1] + 1 for positions in group_positions]
         group_at = {group.first_layer: index for index, group in enumerate(groups)}
         cos_sin = parts.rotary_emb(hidden_states, position_ids)
-        inputs = stage_inputs(stages, placed)
+        inputs = first_inputs(stages[min(stages)], placed) if stages else None
         valid, previous, mask, kept_positions = new_valid, None, None, None
         for layer_idx, layer in enumerate(parts.layers):
             if layer_idx in stages:

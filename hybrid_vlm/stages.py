@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import HybridConfig, visual_keep_count
-from .fastv import gather_tokens, select_kept_positions, true_positions, visual_keep_counts
+from .fastv import gather_tokens, select_kept_positions, surviving_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop, sparsevlm
 from .methods.dart import dart_keep_mask, kept_count, key_l1_norms, quotas_for
@@ -268,15 +268,13 @@ def keep_and_recycle(plan: PrunePlan, scores: torch.Tensor, hidden_states: torch
     slots (DPC-kNN on these states), each at its center's slot, so logical positions give it the
     center's id. One descending stable ranking decides both (a higher score, then a lower index)."""
     visual, kept_count, clusters = plan.visual_positions, plan.keep - plan.recycle, plan.recycle
-    batch, length = scores.shape
+    length = scores.shape[1]
     ranked = visual.gather(1, scores.gather(1, visual).sort(dim=1, descending=True, stable=True).indices)  # [B, V] best first
     candidate_count, _ = sparsevlm.recycled_counts(visual.shape[1] - kept_count)
     candidates = ranked[:, kept_count : kept_count + candidate_count]  # [B, m] best pruned first, as official
     candidate_states = gather_tokens(hidden_states, candidates)
     merged, centers = sparsevlm.dpc_knn_merge(candidate_states.to(sparsevlm.at_least_fp32(candidate_states.dtype)), clusters)
-    survives = torch.ones(batch, length, dtype=torch.bool, device=scores.device)
-    survives = survives.scatter(1, visual, False).scatter(1, ranked[:, :kept_count], True)
-    kept = true_positions(survives, length - visual.shape[1] + kept_count)
+    kept = surviving_positions(visual, ranked[:, :kept_count], length)
     at = visual[:, :1] + kept_count  # [B, 1] where the clusters go: after the kept visual block
     slots = torch.arange(kept.shape[1] + clusters, device=scores.device)[None, :]
     offset = slots - at

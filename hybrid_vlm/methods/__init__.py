@@ -26,6 +26,7 @@ from enum import Enum
 
 import torch
 
+from . import pdrop, sparsevlm
 from .divprune import divprune_select
 from .selection import Selection
 from .visionzip import contextual_targets, visionzip_select, visionzip_split
@@ -89,6 +90,7 @@ class Method:
     scoring_macs: Callable[[int, VitDims], int] = lambda budget, dims: 0  # per image
     selects_projected: bool = False  # its Selection's tokens are in the LLM's space (else CLIP's)
     budget_setting: str = "VISUAL_BUDGET"  # what sets its budget: VISUAL_BUDGET, FASTV_K or DYMU_THRESHOLDS
+    stage_layers: Callable[[int], tuple[int, ...]] | None = None  # a multi-stage method: its stage layers for an LLM depth
 
     @property
     def before_llm(self) -> bool:
@@ -212,6 +214,7 @@ register(Method(
     positions="renumbered per stage (official); logical by default here, HYBRID_POSITIONS=renumbered for the official rule",
     deviations="one ratio solved on a 0.001 grid for the layer-average budget; stage layers [2, 8, 16] scaled to "
                "shallower LLMs; head mean in fp32; batched with left padding",
+    stage_layers=pdrop.stage_layers,
 ))
 register(Method(
     name="dart", stage=Stage.LLM, reads=(Read.LLM_KEYS, Read.LLM_NORMED_OUTPUTS), budget_rule="B",
@@ -229,6 +232,7 @@ register(Method(
               "HYBRID_POSITIONS=renumbered for the official rule",
     deviations="v1.5 schedules (192/128/64 only) at layers [2, 6, 15] scaled to shallower LLMs; no density noise "
                "(deterministic: lower index wins ties); scores in fp32; only the text rows computed; batched",
+    stage_layers=sparsevlm.stage_layers,
 ))
 register(Method(
     name="dymu", stage=Stage.VIT_LAYERS, reads=(Read.VIT_MERGE_KEYS,), budget_rule="thresholds",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fastv import mask_rows
 from .depth import scale_layers
 
 SCORING_LAYERS = (2, 6, 15)  # official `pruning_loc` on 32 layers: these layers score, their outputs are pruned
@@ -89,13 +90,8 @@ def rater_attention(
     """[B, K] in float32 (float64 for a float64 model): the rater rows of the layer's attention probabilities (denominators over
     every key), head-averaged, then weighted over the rows. Only the R rows are computed."""
     batch, heads, queries, dim = query_states.shape
-    keys, count = key_states.shape[2], rows.shape[1]
-    picked = query_states.gather(2, rows[:, None, :, None].expand(batch, heads, count, dim))
-    if attention_mask is None:  # the queries are the last Q of K keys
-        key_at = torch.arange(keys, device=rows.device)
-        mask = (key_at[None, None, :] <= (rows + keys - queries)[:, :, None])[:, None]
-    else:
-        mask = attention_mask.gather(2, rows[:, None, :, None].expand(batch, 1, count, keys))
+    picked = query_states.gather(2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim))
+    mask = mask_rows(attention_mask, rows, queries, key_states.shape[2])
     mask = mask | ~mask.any(dim=-1, keepdim=True)  # a padding row with no key: finite, and weighted 0
     dtype = at_least_fp32(query_states.dtype)
     logits = (picked.to(dtype) @ key_states.to(dtype).transpose(-1, -2)) * scale  # [B, H, R, K]
