@@ -41,7 +41,10 @@ from .hf_compat import (
     new_cache,
 )
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
+from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
+from .mrope import next_position_ids
 from .placement import place_images
+from .qwen import check_qwen_supported, qwen_image_slots, qwen_prompt_positions
 from .runtime import require
 from .stages import (
     after_stage,
@@ -243,7 +246,13 @@ class HybridDecoder:
     """
 
     hybrid_config: HybridConfig
-    image_slots: Callable  # (model, pixel_values, image_sizes, batch) -> ImageSlots
+    image_slots: Callable  # (model, pixel_values, image_layout, batch) -> ImageSlots
+    parts_of = staticmethod(llava_parts)  # (model) -> LlavaParts: the modules the loop drives
+    check_model = staticmethod(check_supported)  # (model, config) -> None: refuses what the engine does not implement
+
+    def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
+        """The position rule for a prompt with images: LLaVA's are the 1-D logical ones, [B, L]."""
+        return position_ids
 
     def forward(
         self,
@@ -266,7 +275,7 @@ class HybridDecoder:
         accepted as `past_key_values` or `cache` on every supported transformers release.
         `image_sizes` (LLaVA-NeXT) is read on the host: pass it on the CPU, as the processor makes it."""
         check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, kwargs)
-        config, parts = self.hybrid_config, llava_parts(self)
+        config, parts = self.hybrid_config, self.parts_of(self)
         if inputs_embeds is None:
             inputs_embeds = parts.embed_tokens(input_ids)
         batch, length, _ = inputs_embeds.shape
@@ -286,6 +295,8 @@ class HybridDecoder:
             if state is not None:
                 raise NotImplementedError("images are only supported in the first forward over a cache")
             slots = self.image_slots(self, pixel_values, image_sizes, batch)
+            position_ids = self.prompt_positions(input_ids, new_valid, position_ids, image_sizes)
+            next_position = next_position_ids(position_ids)
             placed = place_images(slots, input_ids == parts.image_token_id, inputs_embeds, new_valid, position_ids, check_visual_counts)
             inputs_embeds, new_valid, position_ids = placed.inputs_embeds, placed.new_valid, placed.position_ids
             if config.position_mode == "renumbered" and placed.entered_positions is not None:
@@ -361,7 +372,7 @@ class HybridDecoder:
         if state is not None:
             return PruneState(groups, state.num_layers, next_positions, state.group_prompt_tokens, dense, state.visual_tokens)
         prompt_tokens = [group.key_valid.sum(dim=1) for group in groups]
-        return PruneState(groups, len(llava_parts(self).layers), next_positions, prompt_tokens, dense, visual_tokens)
+        return PruneState(groups, len(self.parts_of(self).layers), next_positions, prompt_tokens, dense, visual_tokens)
 
     def _output(self, parts, hidden_states, logits_to_keep, cache, kept_positions, placed) -> HybridLlavaOutput:
         hidden_states = parts.norm(hidden_states)
@@ -392,10 +403,45 @@ class HybridLlavaNextForConditionalGeneration(HybridDecoder, LlavaNextForConditi
         return HybridDecoder.forward(self, input_ids, pixel_values, attention_mask, image_sizes=image_sizes, **kwargs)
 
 
+class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2_5_VLForConditionalGeneration (images) whose forward runs hybrid_vlm's decoder loop.
+
+    Changes from stock, beyond the loop's: position ids are (t, h, w) M-RoPE ids computed from
+    `image_grid_thw` on the host (`hybrid_vlm.qwen`), kept per token through pruning, and decoding
+    continues at each sample's largest id + 1; `generate` passes no position ids (the stock override
+    would run `get_rope_index`, which syncs and sets the module-level `rope_deltas`)."""
+
+    image_slots = staticmethod(qwen_image_slots)
+    parts_of = staticmethod(qwen_parts)
+    check_model = staticmethod(check_qwen_supported)
+
+    def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
+        return qwen_prompt_positions(self, input_ids, new_valid, image_layout)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
+                video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None, logits_to_keep=0, **kwargs) -> HybridLlavaOutput:
+        """Stock Qwen2.5-VL's keywords, then the shared loop. `mm_token_type_ids` is redundant with the
+        image token id and is not read; videos are refused; `image_grid_thw` is read on the host."""
+        if pixel_values_videos is not None or video_grid_thw is not None or second_per_grid_ts is not None:
+            raise NotImplementedError("hybrid_vlm runs Qwen2.5-VL on images only: videos (pixel_values_videos) are not supported yet")
+        if position_ids is not None:
+            raise ValueError("hybrid_vlm computes Qwen2.5-VL's (t, h, w) position ids itself from input_ids and image_grid_thw: "
+                             "pass no position_ids")
+        return HybridDecoder.forward(
+            self, input_ids, pixel_values, attention_mask, None, past_key_values, inputs_embeds, use_cache, logits_to_keep,
+            labels, image_sizes=image_grid_thw, **kwargs,
+        )
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        return None  # the forward computes them: see the class docstring
+
+
 # stock class -> its patched class
 HYBRID_CLASSES = {
     LlavaForConditionalGeneration: HybridLlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration: HybridLlavaNextForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration: HybridQwen2_5_VLForConditionalGeneration,
 }
 STOCK_CLASSES = {hybrid: stock for stock, hybrid in HYBRID_CLASSES.items()}
 
@@ -412,7 +458,7 @@ def load_supported_model(path: str, **kwargs):
 
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if stock_class(model) not in HYBRID_CLASSES:
-        raise SystemExit(f"--model {path}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed, got {type(model).__name__}")
+        raise SystemExit(f"--model {path}: a llava-hf LLaVA-1.5 or LLaVA-NeXT or a Qwen2.5-VL checkpoint is needed, got {type(model).__name__}")
     return model
 
 
@@ -430,18 +476,19 @@ def apply_hybrid(model, config: HybridConfig | None = None):
             raise TypeError(f"apply_hybrid patches {names} itself, not the subclass {type(model).__name__}")
         raise TypeError(f"apply_hybrid expects a transformers {names}, got {type(model).__name__}")
     config = HybridConfig.from_env() if config is None else config
-    check_supported(model, config)
+    hybrid = HYBRID_CLASSES[base]
+    hybrid.check_model(model, config)
     if config.dymu is not None:
         from .calibrate import load_thresholds
 
         model.hybrid_thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
-    num_layers = len(llava_parts(model).layers)
+    num_layers = len(hybrid.parts_of(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
     if config.staged_method is not None:
         vision = model.config.vision_config
         check_whole_image_budget(config, (vision.image_size // vision.patch_size) ** 2, num_layers)
-    model.__class__ = HYBRID_CLASSES[base]
+    model.__class__ = hybrid
     model.hybrid_config = config
     return model
 

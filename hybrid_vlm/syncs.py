@@ -17,14 +17,15 @@ import torch
 from .hf_compat import cache_kwarg, new_cache
 from .model import HybridDecoder, apply_hybrid, stock_class
 
+HOST_INPUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's image layouts
 NOT_APPLICABLE_DYMU = "not applicable: DyMU reads one count per batch by design"
 
 
 def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     """Prefill, then `decode_steps` greedy-shaped steps (token 0) over the cache; the last output."""
     device = next(model.parameters()).device
-    # image_sizes is layout metadata the engine reads on the host: it stays on the CPU.
-    inputs = {key: value if key == "image_sizes" else value.to(device) for key, value in inputs.items()}
+    # image layouts are metadata the engine reads on the host: they stay on the CPU.
+    inputs = {key: value if key in HOST_INPUTS else value.to(device) for key, value in inputs.items()}
     cache = new_cache(model)
     with torch.no_grad():
         output = model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)

@@ -99,3 +99,25 @@ def next_inputs(processor, questions=QUESTIONS[:1], indices=None):
     images = [synthetic_image(i).resize(NEXT_SIZES[i]) for i in indices]
     prompts = [chat_prompt(processor, q) for q in questions]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+# Qwen2.5-VL: image sizes whose grids differ per sample (12x18 and its transpose 18x12 hold the same
+# 54 tokens with different ids; 18x8 holds 36), under a small pixel cap so the tiny tower is fast.
+QWEN_SIZES = [(300, 200), (200, 300), (120, 250)]
+QWEN_PIXELS = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    """(model, processor): the tiny Qwen2.5-VL, unpatched."""
+    from hybrid_vlm.tiny_qwen import build_tiny_qwen
+
+    return build_tiny_qwen(**QWEN_PIXELS)
+
+
+def qwen_inputs(processor, questions=QUESTIONS[:1], indices=None, sizes=QWEN_SIZES):
+    """Left-padded Qwen2.5-VL batch: prompt i gets synthetic image i at sizes[i]."""
+    indices = list(range(len(questions))) if indices is None else indices
+    images = [synthetic_image(i).resize(sizes[i]) for i in indices]
+    prompts = [chat_prompt(processor, q) for q in questions]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)

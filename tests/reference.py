@@ -253,7 +253,7 @@ def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     last_prompt_token = input_ids.shape[1] - 1
     for _ in range(steps):
-        images = {key: inputs[key] for key in ("pixel_values", "image_sizes") if key in inputs}
+        images = {key: inputs[key] for key in ("pixel_values", "image_sizes", "image_grid_thw") if key in inputs}
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, **images, use_cache=False, fastv_query_index=last_prompt_token,
         ).logits[:, -1]

@@ -1,0 +1,196 @@
+"""Qwen2.5-VL through the engine, against independent references: stock transformers (its
+`get_rope_index` ids, its forward and generate), the masked-attention reference over stock eager
+layers at the stock 3-D ids (`qwen_reference`), cache-free recomputation, and each prompt alone.
+The batches mix image sizes, so samples hold different visual counts and different grids."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.hf_compat import new_cache
+from hybrid_vlm.qwen import qwen_image_slots, qwen_prompt_positions
+from hybrid_vlm.syncs import check_no_host_syncs
+
+from conftest import QUESTIONS, qwen_inputs
+from qwen_reference import qwen_masked_reference, stock_positions
+from reference import greedy_without_cache
+from test_engine import NEW_TOKENS, REFERENCE_RTOL
+
+
+def qwen_copy(model, **settings):
+    return apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
+
+
+def generate(model, inputs, steps=NEW_TOKENS):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+
+
+# --- placement and positions: stock transformers ---------------------------------------------------
+
+
+def test_positions_equal_stock_and_transposed_grids_differ(tiny_qwen):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    grids = inputs["image_grid_thw"].tolist()
+    assert grids[0] == [1, 12, 18] and grids[1] == [1, 18, 12]  # the same 54 tokens, transposed
+    assert (inputs["attention_mask"] == 0).any()
+    mine = qwen_prompt_positions(model, inputs["input_ids"], inputs["attention_mask"].bool(), inputs["image_grid_thw"])
+    stock = stock_positions(model, inputs).permute(1, 2, 0)
+    real = inputs["attention_mask"].bool()
+    assert torch.equal(mine[real], stock[real])
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    first, second = (mine[b][is_image[b]] - mine[b][is_image[b]][0] for b in (0, 1))
+    assert not torch.equal(first, second)  # (row, column) swapped
+    assert torch.equal(first[:, [0, 2, 1]].sort(dim=0).values, second.sort(dim=0).values)
+
+
+def test_image_slots_equal_stock_features(tiny_qwen):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    with torch.no_grad():
+        stock = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        slots = qwen_image_slots(qwen_copy(model), inputs["pixel_values"], inputs["image_grid_thw"], len(QUESTIONS))
+    counts = [f.shape[0] for f in stock]
+    assert counts == [54, 54, 36] == slots.placeholders
+    for b, features in enumerate(stock):
+        assert torch.equal(slots.features[b, max(counts) - counts[b]:], features)
+
+
+@pytest.mark.parametrize("settings", [{}, {"fastv_k": 10_000}, {"fastv_k": 0.0}])
+def test_keep_all_matches_stock(tiny_qwen, settings):
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model, **settings)
+    with torch.no_grad():
+        for i in range(len(QUESTIONS)):
+            alone = qwen_inputs(processor, QUESTIONS[i : i + 1], indices=[i])
+            assert torch.equal(hybrid(**alone).logits, model(**alone).logits)
+        batch = qwen_inputs(processor, QUESTIONS)
+        expected, actual = model(**batch).logits, hybrid(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert (actual - expected)[real].abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_vanilla_generate_equals_stock_generate(tiny_qwen):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    assert torch.equal(generate(qwen_copy(model), inputs), generate(model, inputs))
+
+
+# --- pruning: the masked reference, the cache, the batch --------------------------------------------
+
+
+@torch.no_grad()
+def engine_prefill(model, inputs):
+    cache = new_cache(model)
+    out = model(**inputs, past_key_values=cache, use_cache=True)
+    return out, cache.hybrid_state.pruned_key_valid
+
+
+@pytest.mark.parametrize("fastv_k,fastv_layer", [(16, 2), (0.5, 1), (0.9, 3), (40, 2)])
+def test_pruned_forward_matches_masked_reference(tiny_qwen, fastv_k, fastv_layer):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    reference_logits, reference_kept = qwen_masked_reference(model, inputs, fastv_k, fastv_layer)
+    out, real = engine_prefill(qwen_copy(model, fastv_k=fastv_k, fastv_layer=fastv_layer), inputs)
+    batch, length = reference_kept.shape
+    positions = torch.where(real, out.kept_positions, length)  # fillers and dropped slots to a spare column
+    engine_kept = torch.zeros(batch, length + 1, dtype=torch.bool).scatter(1, positions, True)[:, :length]
+    assert torch.equal(engine_kept, reference_kept)
+    expected = reference_logits.gather(1, out.kept_positions.clamp_min(0)[..., None].expand(-1, -1, reference_logits.shape[-1]))
+    assert (out.logits - expected)[real].abs().max() <= REFERENCE_RTOL * expected.abs().max()
+
+
+def test_kept_counts_are_the_per_sample_quotas(tiny_qwen):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    _, real = engine_prefill(qwen_copy(model, fastv_k=40, fastv_layer=2), inputs)
+    text = inputs["attention_mask"].sum(dim=1) - torch.tensor([54, 54, 36])
+    assert torch.equal(real.sum(dim=1), text + torch.tensor([40, 40, 36]))  # capped at what a sample holds
+
+
+@pytest.mark.parametrize("fastv_k", [16, 0.7, None])
+def test_cached_generation_equals_recomputation(tiny_qwen, fastv_k):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    hybrid = qwen_copy(model, fastv_k=fastv_k)
+    assert torch.equal(generate(hybrid, inputs), greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("fastv_k", [16, 0.5, None])
+def test_batch_of_image_sizes_equals_each_alone(tiny_qwen, fastv_k):
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model, fastv_k=fastv_k)
+    batched = generate(hybrid, qwen_inputs(processor, QUESTIONS))
+    for i in range(len(QUESTIONS)):
+        alone = generate(hybrid, qwen_inputs(processor, QUESTIONS[i : i + 1], indices=[i]))
+        assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+
+
+def test_transposed_images_each_give_their_own_stock_result(tiny_qwen):
+    """The same picture at 300x200 and 200x300: equal token counts, transposed ids; each prompt's
+    vanilla logits equal stock's for that prompt alone, and the two differ."""
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model)
+    same_picture = [(300, 200), (200, 300)]
+    logits = []
+    with torch.no_grad():
+        for size in same_picture:
+            inputs = qwen_inputs(processor, QUESTIONS[:1], indices=[0], sizes=[size])
+            logits.append(hybrid(**inputs).logits)
+            assert torch.equal(logits[-1], model(**inputs).logits)
+    assert logits[0].shape == logits[1].shape and not torch.allclose(logits[0], logits[1])
+
+
+def test_calls_in_a_row_equal_each_call_alone(tiny_qwen):
+    """No state leaks from one call to the next (stock keeps `rope_deltas` on the module)."""
+    model, processor = tiny_qwen
+    first, second = qwen_inputs(processor, QUESTIONS), qwen_inputs(processor, QUESTIONS[2:], indices=[2])
+    fresh = qwen_copy(model, fastv_k=16)
+    fresh.model.rope_deltas = None
+    expected = generate(fresh, second)
+    hybrid = qwen_copy(model, fastv_k=16)
+    stale = hybrid.model.rope_deltas = torch.tensor([[1000], [-1000], [7]])  # what a stock call could have left
+    generate(hybrid, first)
+    assert torch.equal(generate(hybrid, second), expected)
+    assert hybrid.model.rope_deltas is stale  # neither read nor written
+
+
+@pytest.mark.parametrize("settings", [{"fastv_k": 16}, {"fastv_k": 0.5}, {}])
+def test_no_host_syncs_on_meta(tiny_qwen, settings):
+    model, processor = tiny_qwen
+    assert check_no_host_syncs(qwen_copy(model, **settings), qwen_inputs(processor, QUESTIONS), decode_steps=2) == "pass"
+
+
+def test_stock_path_does_sync(tiny_qwen):
+    """The check can fail: stock Qwen2.5-VL reads the grid and the ids back to the host."""
+    model, processor = tiny_qwen
+    assert check_no_host_syncs(model, qwen_inputs(processor, QUESTIONS)).startswith("fail")
+
+
+# --- refused settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"position_mode": "renumbered", "fastv_k": 16}, "POSITION_MODE"),
+    ({"visual_pool": 2}, "VISUAL_POOL"),
+    ({"fastv_k": 16, "fastv_select": "random"}, "FASTV_SELECT"),
+])
+def test_unsupported_settings_are_refused(tiny_qwen, settings, needle):
+    model, _ = tiny_qwen
+    with pytest.raises((ValueError, NotImplementedError), match=needle):
+        qwen_copy(model, **settings)
+
+
+def test_videos_and_position_ids_are_refused(tiny_qwen):
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model)
+    inputs = qwen_inputs(processor)
+    with pytest.raises(NotImplementedError, match="videos"):
+        hybrid(**inputs, pixel_values_videos=inputs["pixel_values"])
+    with pytest.raises(ValueError, match="position_ids"):
+        hybrid(**inputs, position_ids=torch.zeros_like(inputs["input_ids"]))
