@@ -30,9 +30,14 @@ and max too). On CUDA the stages are timed with CUDA events after a synchronize.
     python -m hybrid_tools.bench --preset next-mid --fastv-k 576 288 144 --dymu-target mid   # LLaVA-NeXT, CPU
     python -m hybrid_tools.bench --preset mid --fastv-k --methods fastv visionzip vispruner divprune random pool --budgets 64
     python -m hybrid_tools.bench --preset llava-next-7b --device cuda                  # NeXT real shapes
+    python -m hybrid_tools.bench --preset qwen-mid --fastv-k 640 320 160               # Qwen2.5-VL layout, CPU
+    python -m hybrid_tools.bench --preset qwen2.5-vl-7b --device cuda --fastv-k 640 320 160 --sync-debug
 
 LLaVA-NeXT presets (next-mid, llava-next-7b) bench one 640 x 480 image, which anyres turns into a
 base image + 4 crops and 2,340 visual tokens (576 base, 36 x 48 unpadded grid, 36 newlines).
+Qwen2.5-VL presets (qwen-mid: LLM 1024 x 16 layers, 16 query / 2 KV heads, ViT 384 x 8 blocks with
+full attention at 3 and 7; qwen2.5-vl-7b: Qwen2.5-VL-7B-Instruct's shape) bench one 1120 x 896
+image: 80 x 64 patches, 1,280 tokens; their MACs come from `hybrid_vlm.qwen_flops`.
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
@@ -76,16 +81,21 @@ from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_pixels
-from hybrid_vlm.model import load_supported_model
+from hybrid_vlm.hf_compat.qwen2_5_vl import stock_decode_positions
+from hybrid_vlm.model import HybridDecoder, load_supported_model
 from hybrid_vlm.provenance import git_state, portable
+from hybrid_vlm.qwen_flops import QwenShape, qwen_prefill_macs, qwen_shape_from_config
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
-from hybrid_vlm.syncs import check_no_host_syncs
+from hybrid_vlm.syncs import HOST_INPUTS, check_no_host_syncs
 from hybrid_vlm.tiny import IMAGE_TOKEN, build_next_processor, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
+from hybrid_vlm.tiny_qwen import build_qwen_processor
 from vlmeval_plugin.results import number_text, text_table
 
-PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b", "next-mid", "llava-next-7b")
+PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b", "next-mid", "llava-next-7b", "qwen-mid", "qwen2.5-vl-7b")
 NEXT_PRESETS = ("next-mid", "llava-next-7b")
-GPU_PRESETS = ("llava-1.5-7b", "llava-next-7b")
+QWEN_PRESETS = ("qwen-mid", "qwen2.5-vl-7b")
+GPU_PRESETS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
+QWEN_IMAGE_SIZE = (1120, 896)  # width, height: 40 x 32 merged units = 1,280 tokens, VLMEvalKit's minimum
 # llava-hf/llava-v1.6-vicuna-7b-hf's anyres resolutions, and the bench image for NeXT presets
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 NEXT_IMAGE_SIZE = (640, 480)  # width, height
@@ -114,6 +124,8 @@ def preset_config(preset: str, tokenizer):
 
     if preset == "tiny":
         return tiny_llava_config(tokenizer)
+    if preset in QWEN_PRESETS:
+        return qwen_preset_config(preset, tokenizer)
     vit_l = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
     mid_text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, vocab_size=len(tokenizer))
     if preset in ("mid", "next-mid"):
@@ -140,6 +152,34 @@ def preset_config(preset: str, tokenizer):
     return LlavaConfig(**common)
 
 
+def qwen_preset_config(preset: str, tokenizer):
+    """qwen2.5-vl-7b: Qwen/Qwen2.5-VL-7B-Instruct's shape (`hybrid_vlm.qwen_flops.QWEN25_VL_7B`); qwen-mid:
+    a CPU-sized one with the same layout (GQA, windowed ViT with full blocks, 2 x 2 merger)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from hybrid_vlm.tiny_qwen import tiny_qwen_config
+
+    ids = tiny_qwen_config(tokenizer).to_dict()
+    ids = {key: ids[key] for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    if preset == "qwen2.5-vl-7b":
+        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                    vocab_size=152064, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+    else:
+        text = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=2,
+                    vocab_size=len(tokenizer), rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
+        vision = dict(depth=8, hidden_size=384, intermediate_size=1024, num_heads=6, out_hidden_size=1024, fullatt_block_indexes=[3, 7])
+    text.update(max_position_embeddings=32768, bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision.update(window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def bench_shape(config):
+    """The MACs model's shape of a benchmarked model (`hybrid_vlm.flops` or `hybrid_vlm.qwen_flops`)."""
+    return qwen_shape_from_config(config) if config.model_type == "qwen2_5_vl" else flops.shape_from_config(config)
+
+
 def build_model(args, device, dtype):
     """(model, processor) in eval mode on `device`; random weights unless --model."""
     if args.model:
@@ -149,7 +189,10 @@ def build_model(args, device, dtype):
     if args.preset == "tiny":
         model, processor = build_tiny_llava(seed=args.seed)
         return model.to(device=device, dtype=dtype).eval(), processor
-    processor = build_next_processor(pinpoints=NEXT_PINPOINTS) if args.preset in NEXT_PRESETS else build_processor()
+    if args.preset in QWEN_PRESETS:
+        processor = build_qwen_processor()
+    else:
+        processor = build_next_processor(pinpoints=NEXT_PINPOINTS) if args.preset in NEXT_PRESETS else build_processor()
     config = preset_config(args.preset, processor.tokenizer)
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -164,6 +207,8 @@ def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, 
     image = synthetic_image(image_seed)
     if hasattr(processor.image_processor, "image_grid_pinpoints"):
         image = image.resize(NEXT_IMAGE_SIZE)  # LLaVA-NeXT: a typical 4:3 photo
+    elif hasattr(processor.image_processor, "merge_size"):
+        image = image.resize(QWEN_IMAGE_SIZE)  # Qwen2.5-VL: 1,280 tokens
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def encode(words: int):
@@ -178,8 +223,8 @@ def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, 
     while count < text_tokens:
         words += max(1, (text_tokens - count) // 2)
         inputs, count = encode(words)
-    # image_sizes (LLaVA-NeXT) stays on the host, where the engine reads it
-    return {k: v if k == "image_sizes" else v.to(device) for k, v in inputs.items()}, count
+    # image layouts (LLaVA-NeXT's image_sizes, Qwen's image_grid_thw) stay on the host, where the engine reads them
+    return {k: v if k in HOST_INPUTS else v.to(device) for k, v in inputs.items()}, count
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -295,9 +340,12 @@ def decode(model, output, attention_mask, steps: int):
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
     for _ in range(steps):
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        out = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1,
+                    **({} if isinstance(model, HybridDecoder) else stock_decode_positions(model, attention_mask)))
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     return token
+
+
 
 
 def timed_run(model, inputs, clock: Clock, mark: LlmStartMark, decode_tokens: int):
@@ -405,13 +453,17 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
         layouts = anyres_layouts(model, inputs["image_sizes"])
         crops = [layout.num_crops for layout in layouts]
         pixel_values = crop_pixels(pixel_values, layouts)
+    grids = None
+    if "image_grid_thw" in inputs:  # Qwen2.5-VL: each sample's image grids
+        per_sample = len(inputs["image_grid_thw"]) // len(text)
+        grids = [[tuple(g) for g in inputs["image_grid_thw"][b * per_sample : (b + 1) * per_sample].tolist()] for b in range(len(text))]
     vit_counts = None
     if config.hybrid is not None and config.hybrid.dymu is not None:
         vit_counts = dymu_layer_counts(model, pixel_values)
         if vit_counts is not None and "image_sizes" in inputs:  # one per-layer list per crop, grouped per sample
             starts = [sum(crops[:i]) for i in range(len(crops))]
             vit_counts = [vit_counts[start : start + n] for start, n in zip(starts, crops)]
-    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, crops=crops)
+    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, crops=crops, grids=grids)
 
 
 def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
@@ -446,7 +498,9 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
-        if hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
+        if isinstance(shape, QwenShape):
+            macs = qwen_prefill_macs(shape, counts["grids"][i], text, kept if kept < visual else None, fastv_layer=fastv_layer, scoring=scoring)
+        elif hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
             # a method before the LLM: its own CLIP loop, what it projects and its scoring
             macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
         else:
@@ -767,7 +821,7 @@ def count_columns(counts: dict) -> dict:
 
 
 def theory_columns(bench: BenchRun, config: BenchConfig, row: dict) -> dict:
-    shape, args = flops.shape_from_config(bench.model.config), bench.args
+    shape, args = bench_shape(bench.model.config), bench.args
     macs = theory(shape, config.counts, config, args.decode_tokens, args.batch_size, torch.finfo(bench.dtype).bits // 8)
     return dict(
         vision_gmacs=macs["vision"] / 1e9, llm_prefill_gmacs=macs["llm"] / 1e9, prefill_gmacs=macs["prefill"] / 1e9,
@@ -783,7 +837,7 @@ def bench_meta(bench: BenchRun) -> dict:
     meta.update(
         preset=None if args.model else args.preset, model=portable(args.model), dtype=str(bench.dtype).replace("torch.", ""),
         batch_size=args.batch_size, text_tokens=bench.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-        warmup=args.warmup, baseline=args.baseline, shape=asdict(flops.shape_from_config(bench.model.config)),
+        warmup=args.warmup, baseline=args.baseline, shape=asdict(bench_shape(bench.model.config)),
         conventions="MACs per batch; causal attention (n(n+1)/2 pairs); lm_head on the last prompt token; see hybrid_vlm.flops",
     )
     return meta

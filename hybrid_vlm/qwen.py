@@ -60,6 +60,11 @@ def qwen_prompt_positions(model, input_ids: torch.Tensor, new_valid: torch.Tenso
 
 def check_qwen_supported(model, config) -> None:
     """Refuse settings the engine does not implement for Qwen2.5-VL, before any forward."""
+    check_qwen_settings(config)
+
+
+def check_qwen_settings(config) -> None:
+    """What `check_qwen_supported` refuses, from the settings alone (the plugin asks before loading)."""
     if config.dymu is not None:
         raise ValueError("DYMU_THRESHOLDS is not implemented for Qwen2.5-VL: DyMU merges CLIP patches, and Qwen's windowed "
                          "ViT needs whole 2x2 merge units (see ../shared/notes/qwen_video.md A3)")

@@ -194,3 +194,37 @@ def test_videos_and_position_ids_are_refused(tiny_qwen):
         hybrid(**inputs, pixel_values_videos=inputs["pixel_values"])
     with pytest.raises(ValueError, match="position_ids"):
         hybrid(**inputs, position_ids=torch.zeros_like(inputs["input_ids"]))
+
+
+# --- theoretical MACs ------------------------------------------------------------------------------
+
+
+def test_window_lengths_equal_stock_window_segments(tiny_qwen):
+    from transformers.vision_utils import get_vision_window_index
+
+    from hybrid_vlm.qwen_flops import qwen_shape_from_config, window_lengths
+
+    model, _ = tiny_qwen
+    shape = qwen_shape_from_config(model.config).vit
+    for grid in [(1, 22, 36), (1, 16, 16), (1, 18, 12), (2, 10, 26)]:
+        _, bounds = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=2, window_size=112, patch_size=14)
+        assert window_lengths(grid, shape) == (bounds[1:] - bounds[:-1]).tolist()
+
+
+def test_vision_macs_equal_the_flop_counter_on_the_stock_tower(tiny_qwen):
+    """Every matrix product of the stock eager tower (patch embedding, windowed and full attention,
+    gated MLP, merger), counted by torch's FlopCounterMode, equals the model's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hybrid_vlm.qwen_flops import merger_macs, qwen_shape_from_config, qwen_vit_macs
+
+    from reference import eager_copy
+
+    model, processor = tiny_qwen
+    eager = eager_copy(model)
+    shape = qwen_shape_from_config(model.config).vit
+    inputs = qwen_inputs(processor, QUESTIONS[:1], sizes=[(500, 300)])
+    grid = tuple(inputs["image_grid_thw"][0].tolist())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eager.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    assert counter.get_total_flops() == 2 * (qwen_vit_macs(grid, shape) + merger_macs(grid, shape))

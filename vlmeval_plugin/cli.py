@@ -97,13 +97,14 @@ def register_models(plugin_models: list[PluginModel], work_dir: str, options) ->
     from vlmeval.config import supported_VLM
 
     from .model import HybridLLaVA, HybridLLaVANext
+    from .qwen import HybridQwen2VL
 
     for item in plugin_models:
         max_new_tokens = options.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = settings.max_new_tokens_for(item.variant)
         supported_VLM[item.name] = partial(
-            HybridLLaVANext if item.variant.next else HybridLLaVA,
+            HybridQwen2VL if item.variant.qwen else HybridLLaVANext if item.variant.next else HybridLLaVA,
             checkpoint=str(item.checkpoint),
             hybrid=item.config,
             stats_dir=os.path.join(work_dir, item.name),

@@ -40,6 +40,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid, flops
 from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.model import VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
+from hybrid_vlm.syncs import HOST_INPUTS
 
 from . import stats
 from .robust import RowError, is_blank, storable_prediction
@@ -301,19 +302,22 @@ class HybridLLaVA(BaseModel):
             extra.append((line["index"], candidate))
         return extra
 
-    @torch.no_grad()
-    def generate_batch(self, messages: list[list[dict]]) -> list[dict]:
-        """One left-padded generate over several messages; a stats dict (with prediction) per message."""
+    def processor_inputs(self, messages: list[list[dict]]):
+        """The processor's left-padded batch (on the CPU) for several messages."""
         prompts, images = [], []
         for message in messages:
             prompt, image_paths = self.conversation(message)
             prompts.append(prompt)
             images += [self.load_image(path) for path in image_paths]
-        inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
-        image_sizes = inputs.get("image_sizes")
+        return self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+
+    @torch.no_grad()
+    def generate_batch(self, messages: list[list[dict]]) -> list[dict]:
+        """One left-padded generate over several messages; a stats dict (with prediction) per message."""
+        inputs = self.processor_inputs(messages)
+        host_layouts = {key: inputs[key] for key in HOST_INPUTS if key in inputs}
         inputs = inputs.to(self.device)
-        if image_sizes is not None:  # LLaVA-NeXT: read on the host by the engine, so it stays there
-            inputs["image_sizes"] = image_sizes
+        inputs.update(host_layouts)  # image layouts are read on the host by the engine, so they stay there
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
 

@@ -23,6 +23,9 @@ Names and their fixed meaning:
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
     llava_next_mistral_7b{...}
                            the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
+    Qwen2.5-VL-7B-Instruct{,_fastv}
+                           Qwen/Qwen2.5-VL-7B-Instruct (VLMEvalKit's name): stock, or FastV (FASTV_K as a
+                           count per image prompt or a fraction, FASTV_LAYER), original (t, h, w) ids
     llava_tiny_{fastv,dymu,pool,random,visionzip,vispruner,divprune,pdrop,sparsevlm,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
@@ -49,8 +52,10 @@ FAMILY_CHECKPOINTS = {
     "llava_v1.5_7b": CHECKPOINT_ID,
     "llava_next_vicuna_7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava_next_mistral_7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 NEXT_FAMILIES = ("llava_next_vicuna_7b", "llava_next_mistral_7b")
+QWEN_FAMILIES = ("Qwen2.5-VL-7B-Instruct",)
 MODEL_PATH_ENV = "HYBRID_VLM_MODEL_PATH"
 DEFAULT_FASTV_K = 0.5  # FastV's published operating point: K=2, R=50%
 DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at </s> long before
@@ -103,6 +108,24 @@ class Variant:
         """A LLaVA-NeXT (anyres) checkpoint: loaded as LlavaNextForConditionalGeneration."""
         return self.family in NEXT_FAMILIES
 
+    @property
+    def qwen(self) -> bool:
+        """A Qwen2.5-VL checkpoint: loaded as Qwen2_5_VLForConditionalGeneration."""
+        return self.family in QWEN_FAMILIES
+
+    @property
+    def model_type(self) -> str:
+        """The `model_type` its checkpoint's config.json must declare."""
+        return "qwen2_5_vl" if self.qwen else "llava_next" if self.next else "llava"
+
+
+def qwen_variants(family: str) -> tuple[Variant, ...]:
+    """Stock and FastV: what the engine implements for Qwen2.5-VL so far."""
+    return (
+        Variant(family, fastv=False, dymu=False, family=family, description=f"stock {family}, nothing patched"),
+        Variant(f"{family}_fastv", fastv=True, dymu=False, family=family, description=f"{family}: FastV (FASTV_K, FASTV_LAYER)"),
+    )
+
 
 def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> tuple[Variant, ...]:
     variants = (
@@ -138,6 +161,7 @@ VARIANTS = {
         *_family_variants("llava_testbed", "testbed", "testbed checkpoint (hybrid_vlm/testbed)"),
         *_family_variants("llava_next_vicuna_7b", "llava_next_vicuna_7b", "stock llava-hf LLaVA-NeXT-Vicuna-7B", pool=False),
         *_family_variants("llava_next_mistral_7b", "llava_next_mistral_7b", "stock llava-hf LLaVA-NeXT-Mistral-7B", pool=False),
+        *(variant for family in QWEN_FAMILIES for variant in qwen_variants(family)),
         Variant("llava_tiny", fastv=False, dymu=False, family="tiny", description="bundled tiny random LLaVA, nothing patched"),
         Variant("llava_tiny_hybrid", fastv=False, dymu=False, family="tiny", fixed_setting=True, description="bundled tiny random LLaVA, fixed hybrid"),
         Variant("llava_tiny_fastv", fastv=True, dymu=False, family="tiny", description="bundled tiny random LLaVA: FastV"),
@@ -150,7 +174,7 @@ VARIANTS = {
 VANILLA_NAMES = tuple(name for name, variant in VARIANTS.items() if not variant.patched)
 VANILLA = "llava_v1.5_7b"
 TESTBED = "llava_testbed"
-FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED, "tiny": "llava_tiny", **{family: family for family in NEXT_FAMILIES}}
+FAMILY_VANILLA = {"llava_v1.5_7b": VANILLA, "testbed": TESTBED, "tiny": "llava_tiny", **{family: family for family in NEXT_FAMILIES + QWEN_FAMILIES}}
 DEFAULT_POOL = 2
 
 
@@ -258,9 +282,13 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         defaults["visual_pool"] = DEFAULT_POOL
     try:
         config = HybridConfig.from_env(read_env, **defaults)
-        if config.pre_llm_method is not None and not variant.next:
+        if variant.qwen:
+            from hybrid_vlm.qwen import check_qwen_settings
+
+            check_qwen_settings(config)
+        elif config.pre_llm_method is not None and not variant.next:
             check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
-    except ValueError as error:
+    except (ValueError, NotImplementedError) as error:
         raise PluginError(f"{name}: {error}") from None
     return config
 
@@ -322,11 +350,12 @@ def _has_weights(folder: Path) -> bool:
 
 
 def check_checkpoint_family(folder: Path, variant: Variant) -> None:
-    """A LLaVA-1.5 name needs a `llava` checkpoint, a LLaVA-NeXT name a `llava_next` one (read from
-    its config.json): loading one into the other gives garbage, not an error."""
+    """A LLaVA-1.5 name needs a `llava` checkpoint, a LLaVA-NeXT name a `llava_next` one, a Qwen2.5-VL
+    name a `qwen2_5_vl` one (read from its config.json): loading one into another gives garbage or
+    a confusing error."""
     import json
 
-    wanted = "llava_next" if variant.next else "llava"
+    wanted = variant.model_type
     try:
         found = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):

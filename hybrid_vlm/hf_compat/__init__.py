@@ -10,6 +10,8 @@ transformers upgrade means reading this package (and `patches/README.md`), not g
   cache-name shim (5.24 renamed `past_key_values` to `cache`).
 - `llava_next.py`: LLaVA-NeXT's anyres layout (crops, unpadding, `image_newline`), learned from stock packing.
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
+- `qwen2_5_vl.py`: Qwen2.5-VL's module names, its M-RoPE rotary with the axes last, and the vision
+  tower's grid-derived inputs precomputed on the host.
 
 One code path where the releases agree; a small shim keyed on TRANSFORMERS_RELEASE where they do
 not. Importing it on a release outside the range raises at once (a silent mismatch here would give

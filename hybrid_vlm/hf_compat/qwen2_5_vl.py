@@ -18,7 +18,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 from ..runtime import host_to_device
 from .llava import LlavaParts
 
-__all__ = ["Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "qwen_parts", "qwen_image_features", "host_grid"]
+__all__ = ["Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "host_grid", "qwen_image_features", "qwen_parts", "stock_decode_positions"]
 
 
 class AxesLastRotary(nn.Module):
@@ -90,3 +90,14 @@ def qwen_image_features(model: Qwen2_5_VLForConditionalGeneration, pixel_values:
     grid_tensor = torch.tensor(grid, dtype=torch.long)
     inputs = vision_inputs(model, grid_tensor, pixel_values.device)
     return visual(pixel_values.type(visual.dtype), grid_thw=grid_tensor, **inputs).pooler_output
+
+
+def stock_decode_positions(model, attention_mask: torch.Tensor) -> dict:
+    """Keywords a stock (unpatched) model needs for a decode step run by hand: for Qwen2.5-VL the new
+    token's ids, as generate passes them (real tokens so far - 1 + the prompt's `rope_deltas`, on all
+    three axes); without them its forward pairs the whole attention mask with the one new token.
+    Other models need none."""
+    if model.config.model_type != "qwen2_5_vl":
+        return {}
+    text_position = attention_mask.long().sum(dim=1, keepdim=True) - 1 + model.model.rope_deltas  # [B, 1]
+    return {"position_ids": text_position[None].expand(3, -1, -1)}

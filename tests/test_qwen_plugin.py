@@ -1,0 +1,165 @@
+"""The Qwen2.5-VL names through run.py and the sweep, on a tiny Qwen2.5-VL saved to disk, offline;
+and upstream Qwen2VLChat's prompt building and resizing beside ours, row by row."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hybrid_vlm import HybridConfig
+from vlmeval_plugin import settings
+
+from test_vlmeval_plugin import CAPTION_ROWS, MCQ_ROWS, needs_vlmeval, predictions, run_py, sandbox, sidecar  # noqa: F401  (sandbox: fixture)
+
+QWEN = "Qwen2.5-VL-7B-Instruct"
+FASTV = f"{QWEN}_fastv__fastv-r0.5-l2"
+
+
+def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
+    names = [name for name, variant in settings.VARIANTS.items() if variant.family == QWEN]
+    assert names == [QWEN, f"{QWEN}_fastv"] and all(settings.VARIANTS[name].qwen for name in names)
+    assert settings.FAMILY_CHECKPOINTS[QWEN] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert settings.hybrid_config_for(f"{QWEN}_fastv", {"FASTV_K": "320"}) == HybridConfig(fastv_k=320)
+    assert settings.hybrid_config_for(f"{QWEN}_fastv", {}) == HybridConfig(fastv_k=0.5)
+    with pytest.raises(settings.PluginError, match="POSITION_MODE=renumbered"):
+        settings.hybrid_config_for(f"{QWEN}_fastv", {"HYBRID_POSITIONS": "renumbered"})
+    with pytest.raises(settings.PluginError, match="FASTV_SELECT=random"):
+        settings.hybrid_config_for(f"{QWEN}_fastv", {"FASTV_SELECT": "random"})
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(sandbox):  # noqa: F811
+    from hybrid_vlm.tiny_qwen import ensure_tiny_qwen
+
+    return ensure_tiny_qwen(sandbox["root"] / "cache" / "tiny-qwen2.5-vl-v1")
+
+
+def expected_visual_tokens(lmu: Path, dataset: str) -> dict[str, int]:
+    """Per row, t*h*w/4 from qwen_vl_utils' smart_resize of the row's image at VLMEvalKit's pixel range
+    (an image is one temporal patch of 2 frames: t*h*w/4 = h'*w' / 28^2)."""
+    from PIL import Image
+    from qwen_vl_utils import smart_resize
+
+    table = pd.read_csv(lmu / f"{dataset}.tsv", sep="\t", dtype={"index": str, "image": str})
+    encoded = dict(zip(table["index"], table["image"]))
+    counts = {}
+    for row in table.itertuples():
+        data = encoded.get(row.image, row.image)  # a circular copy names the row that holds its image
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        height, width = smart_resize(image.height, image.width, 28, 1280 * 28 * 28, 16384 * 28 * 28)
+        counts[str(row.index)] = height * width // (28 * 28)
+    return counts
+
+
+@needs_vlmeval
+def test_qwen_fastv_runs_end_to_end_the_same_at_batch_1_and_4(sandbox, qwen_checkpoint):  # noqa: F811
+    from hybrid_vlm import visual_keep_count
+
+    lmu = Path(sandbox["env"]["LMUData"])
+    outputs = {}
+    for batch in (1, 4):
+        work = sandbox["root"] / f"qwen-work-{batch}"
+        result = run_py(sandbox, ["--model", f"{QWEN}_fastv", QWEN, "--model-path", str(qwen_checkpoint), "--data", "TinyMMBench",
+                                  "TinyCOCO", "--work-dir", str(work), "--batch-size", str(batch), "--max-new-tokens", "4"],
+                        extra_env={"FASTV_K": "0.5"}, timeout=1500)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[batch] = work
+    for dataset, rows in (("TinyMMBench", MCQ_ROWS), ("TinyCOCO", CAPTION_ROWS)):
+        visual = expected_visual_tokens(lmu, dataset)
+        for name in (FASTV, QWEN):
+            one, four = (predictions(outputs[b], name, dataset) for b in (1, 4))
+            assert one["prediction"].tolist() == four["prediction"].tolist()
+        stock = {r["index"]: r for r in sidecar(outputs[4], QWEN, dataset)}
+        records = sidecar(outputs[4], FASTV, dataset)
+        assert len(records) == rows and not any("error" in r for r in records)
+        assert max(r["batch_size"] for r in records) > 1
+        for record in records:
+            assert record["visual_in"] == visual[record["index"]] >= 1280
+            assert record["tokens_in"] == stock[record["index"]]["tokens_in"]  # text + sum of t*h*w/4
+            text = record["tokens_in"] - record["visual_in"]
+            assert record["tokens_kept"] == text + visual_keep_count(record["visual_in"], 0.5)
+
+
+@needs_vlmeval
+def test_qwen_fastv_sweep(sandbox, qwen_checkpoint, tmp_path):  # noqa: F811
+    command = [sys.executable, "-m", "hybrid_tools.sweep", "--family", QWEN, "--data", "TinyCOCO",
+               "--fastv-k", "64", "0.75", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "qwen-sweep",
+               "--", "--model-path", str(qwen_checkpoint), "--max-new-tokens", "3", "--limit", "2"]
+    result = subprocess.run(command, env=sandbox["env"], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    table = pd.read_csv(next((tmp_path / "work").glob("sweep_*.csv")))
+    rows = {row.model: row for row in table.itertuples()}
+    assert list(rows) == [QWEN, f"{QWEN}_fastv__fastv-k64-l2", f"{QWEN}_fastv__fastv-r0.75-l2"]
+    assert rows[QWEN].tokens_kept_mean == rows[QWEN].tokens_in_mean
+    for name in list(rows)[1:]:
+        assert rows[name].tokens_kept_mean < rows[name].tokens_in_mean
+    assert (tmp_path / "reports" / "qwen-sweep" / "report.md").is_file()
+
+
+UPSTREAM_SCRIPT = r"""
+import sys
+import torch
+import transformers
+from transformers import AutoProcessor
+from vlmeval.dataset import build_dataset
+from vlmeval.vlm.qwen2_vl.model import Qwen2VLChat
+from vlmeval_plugin.cli import register_caption_sets
+from vlmeval_plugin.qwen import HybridQwen2VL
+
+checkpoint = sys.argv[1]
+processor = AutoProcessor.from_pretrained(checkpoint)
+
+class Captured(Exception):
+    pass
+
+class CapturingModel:
+    def generate(self, **inputs):
+        raise Captured(inputs)
+
+# upstream's object without its __init__ (which asserts a GPU and loads flash-attention 2): the
+# attributes its __init__ sets for the Qwen2.5-VL-7B-Instruct entry of vlmeval/config.py
+upstream = object.__new__(Qwen2VLChat)
+upstream.__dict__.update(min_pixels=1280 * 28 * 28, max_pixels=16384 * 28 * 28, total_pixels=None, system_prompt=None,
+                         verbose=False, post_process=False, model_path=checkpoint, processor=processor, model=CapturingModel(),
+                         generate_kwargs={}, fps=2, nframe=128, use_vllm=False, use_lmdeploy=False)
+transformers.BatchFeature.to = lambda self, *args, **kwargs: self  # upstream moves the inputs to 'cuda'
+
+ours = object.__new__(HybridQwen2VL)
+ours.__dict__.update(processor=processor, min_pixels=1280 * 28 * 28, max_pixels=16384 * 28 * 28, _dataset=None)
+checked = 0
+register_caption_sets(["TinyCOCO"])
+for name in ("TinyMMBench", "TinyCOCO"):
+    dataset = build_dataset(name)
+    assert dataset is not None, name
+    ours._dataset, ours.dump_image_func = name, dataset.dump_image
+    for i in range(len(dataset.data)):
+        line = dataset.data.iloc[i]
+        message = dataset.build_prompt(line)  # use_custom_prompt=False upstream: the dataset's prompt
+        assert HybridQwen2VL._message_for(ours, line, name) == message
+        try:
+            upstream.generate_inner(message, dataset=name)
+        except Captured as captured:
+            expected = captured.args[0]
+        mine = HybridQwen2VL.processor_inputs(ours, [message])
+        assert torch.equal(mine["input_ids"], expected["input_ids"]), (name, i)
+        assert torch.equal(mine["image_grid_thw"], expected["image_grid_thw"]), (name, i)
+        assert torch.equal(mine["pixel_values"], expected["pixel_values"]), (name, i)
+        checked += 1
+print("ok", checked)
+"""
+
+
+@needs_vlmeval
+def test_prompts_and_resizing_match_upstream_qwen2vlchat(sandbox, qwen_checkpoint):  # noqa: F811
+    """Chat-templated text (as token ids), image_grid_thw and pixels equal what upstream's
+    Qwen2VLChat.generate_inner hands to model.generate, for every row of the bundled sets."""
+    result = subprocess.run([sys.executable, "-c", UPSTREAM_SCRIPT, str(qwen_checkpoint)], env=sandbox["env"], cwd=sandbox["root"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["ok", str(MCQ_ROWS + CAPTION_ROWS)]
