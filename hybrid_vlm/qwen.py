@@ -58,6 +58,9 @@ def qwen_prompt_positions(model, input_ids: torch.Tensor, new_valid: torch.Tenso
     return mrope_positions(is_image, new_valid, host_to_device(offsets, device), host_to_device(steps, device))
 
 
+NEEDS_CLS = ("visionzip", "vispruner")  # methods that read the CLIP [CLS] row
+
+
 def check_qwen_supported(model, config) -> None:
     """Refuse settings the engine does not implement for Qwen2.5-VL, before any forward."""
     check_qwen_settings(config)
@@ -68,6 +71,9 @@ def check_qwen_settings(config) -> None:
     if config.dymu is not None:
         raise ValueError("DYMU_THRESHOLDS is not implemented for Qwen2.5-VL: DyMU merges CLIP patches, and Qwen's windowed "
                          "ViT needs whole 2x2 merge units (see ../shared/notes/qwen_video.md A3)")
+    if config.visual_method in NEEDS_CLS:
+        raise ValueError(f"VISUAL_METHOD={config.visual_method} is not available for Qwen2.5-VL: it ranks patches by the "
+                         "[CLS] token's attention, and Qwen2.5-VL's ViT has no [CLS] token")
     if config.visual_pool is not None or config.visual_method is not None:
         what = "VISUAL_POOL" if config.visual_pool is not None else f"VISUAL_METHOD={config.visual_method}"
         raise NotImplementedError(f"{what} is not implemented for Qwen2.5-VL yet: FastV (FASTV_K, FASTV_LAYER) is")

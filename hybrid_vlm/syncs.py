@@ -24,8 +24,10 @@ NOT_APPLICABLE_DYMU = "not applicable: DyMU reads one count per batch by design"
 def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     """Prefill, then `decode_steps` greedy-shaped steps (token 0) over the cache; the last output."""
     device = next(model.parameters()).device
-    # image layouts are metadata the engine reads on the host: they stay on the CPU.
-    inputs = {key: value if key in HOST_INPUTS else value.to(device) for key, value in inputs.items()}
+    # image layouts are metadata the engine reads on the host: they stay on the CPU (a stock model gets
+    # them on the device, as users call it)
+    on_host = HOST_INPUTS if isinstance(model, HybridDecoder) else ()
+    inputs = {key: value if key in on_host else value.to(device) for key, value in inputs.items()}
     cache = new_cache(model)
     with torch.no_grad():
         output = model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
