@@ -9,10 +9,9 @@ prompt token, head-averaged), its size by the official rule.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from reference import eager_copy, official_keep_count
+from reference import eager_copy, masked_fastv_layers
 
 
 def stock_positions(model, inputs) -> torch.Tensor:
@@ -29,7 +28,6 @@ def qwen_masked_reference(model, inputs, fastv_k, fastv_layer: int):
     reference = eager_copy(model)
     language_model = reference.model.language_model
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    batch, length = input_ids.shape
     is_visual = (input_ids == reference.config.image_token_id).numpy()
 
     embeds = language_model.embed_tokens(input_ids)
@@ -37,26 +35,5 @@ def qwen_masked_reference(model, inputs, fastv_k, fastv_layer: int):
     embeds = embeds.masked_scatter(torch.from_numpy(is_visual)[..., None].expand_as(embeds), features)
     positions = stock_positions(reference, inputs)
     cos_sin = language_model.rotary_emb(embeds, positions)
-    real = attention_mask.bool()
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, None, :]
-
-    kept = real.clone()
-    captured = {}
-    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
-        lambda module, args, output: captured.update(weights=output[1])
-    )
-    hidden = embeds
-    for layer_idx, layer in enumerate(language_model.layers):
-        if fastv_k is not None and layer_idx == fastv_layer:
-            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
-            for b in range(batch):
-                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy())
-                keep = official_keep_count(len(visual_real), fastv_k)
-                order = np.argsort(-row[b, visual_real], kind="stable")
-                kept[b, visual_real[order[keep:]]] = False
-        pruned = fastv_k is not None and layer_idx >= fastv_layer
-        layer_allowed = allowed & kept[:, None, :] if pruned else allowed
-        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
-        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin)
-    hook.remove()
+    hidden, kept = masked_fastv_layers(language_model, embeds, cos_sin, attention_mask.bool(), is_visual, fastv_k, fastv_layer)
     return reference.lm_head(language_model.norm(hidden)), kept

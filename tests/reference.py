@@ -172,35 +172,17 @@ def masked_reference(
         real[b, slots] &= slot_valid[b]
     positions = generation_positions(attention_mask)
     cos_sin = language_model.rotary_emb(embeds, positions)
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, None, :]
-
-    kept = real.clone()
-    captured = {}
-    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
-        lambda module, args, output: captured.update(weights=output[1])
-    )
-    hidden = embeds
-    for layer_idx, layer in enumerate(language_model.layers):
-        if fastv_k is not None and layer_idx == fastv_layer:
-            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy()  # [B, L]
-            if select == "random":
-                row = np.zeros((batch, length))
-                for b in range(batch):
-                    slots = np.flatnonzero(is_visual[b])
-                    if "image_sizes" in inputs:  # LLaVA-NeXT: keyed on the base crop, one draw per packed token
-                        row[b, slots] = numpy_random_scores(inputs["pixel_values"][b : b + 1, 0], select_seed, len(slots))[0]
-                    else:
-                        row[b, slots] = numpy_random_scores(inputs["pixel_values"][b : b + 1], select_seed)[0]
-            for b in range(batch):
-                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy() & ~protected[b])
-                keep = official_keep_count(len(visual_real), fastv_k)
-                order = np.argsort(-row[b, visual_real], kind="stable")
-                kept[b, visual_real[order[keep:]]] = False
-        pruned = fastv_k is not None and layer_idx >= fastv_layer
-        layer_allowed = allowed & kept[:, None, :] if pruned else allowed
-        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
-        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=positions)
-    hook.remove()
+    slot_scores = None
+    if fastv_k is not None and select == "random":
+        slot_scores = np.zeros((batch, length))
+        for b in range(batch):
+            slots = np.flatnonzero(is_visual[b])
+            if "image_sizes" in inputs:  # LLaVA-NeXT: keyed on the base crop, one draw per packed token
+                slot_scores[b, slots] = numpy_random_scores(inputs["pixel_values"][b : b + 1, 0], select_seed, len(slots))[0]
+            else:
+                slot_scores[b, slots] = numpy_random_scores(inputs["pixel_values"][b : b + 1], select_seed)[0]
+    hidden, kept = masked_fastv_layers(language_model, embeds, cos_sin, real, is_visual, fastv_k, fastv_layer, slot_scores, protected,
+                                       position_ids=positions)
     return reference.lm_head(language_model.norm(hidden)), kept
 
 
@@ -245,6 +227,37 @@ def next_reference_features(model, inputs, thresholds, split):
 
 
 @torch.no_grad()
+def masked_fastv_layers(language_model, embeds, cos_sin, real, is_visual, fastv_k, fastv_layer, slot_scores=None, protected=None, **layer_kwargs):
+    """The stock eager decoder layers over every token, nothing removed: padding (`real` False) and,
+    from `fastv_layer` on, the visual tokens FastV drops are masked as keys. The kept set is chosen with
+    NumPy from layer fastv_layer - 1's eager attention weights (last prompt token, head-averaged), or
+    from `slot_scores` [B, L] when given, its size by the official rule; `protected` [B, L] slots are
+    always kept and not counted. Returns (hidden [B, L, D] after the last layer, kept [B, L] bool)."""
+    batch, length = real.shape
+    protected = np.zeros((batch, length), dtype=bool) if protected is None else protected
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, None, :]
+    kept = real.clone()
+    captured = {}
+    hook = language_model.layers[fastv_layer - 1].self_attn.register_forward_hook(
+        lambda module, args, output: captured.update(weights=output[1])
+    )
+    hidden = embeds
+    for layer_idx, layer in enumerate(language_model.layers):
+        if fastv_k is not None and layer_idx == fastv_layer:
+            row = captured["weights"][:, :, -1, :].mean(dim=1).numpy() if slot_scores is None else slot_scores  # [B, L]
+            for b in range(batch):
+                visual_real = np.flatnonzero(is_visual[b] & real[b].numpy() & ~protected[b])
+                keep = official_keep_count(len(visual_real), fastv_k)
+                order = np.argsort(-row[b, visual_real], kind="stable")
+                kept[b, visual_real[order[keep:]]] = False
+        pruned = fastv_k is not None and layer_idx >= fastv_layer
+        layer_allowed = allowed & kept[:, None, :] if pruned else allowed
+        additive = torch.zeros(batch, 1, length, length).masked_fill(~layer_allowed[:, None], torch.finfo(torch.float32).min)
+        hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, **layer_kwargs)
+    hook.remove()
+    return hidden, kept
+
+
 def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
     """Recompute the whole pruned model at every step, scoring with the last prompt token.
 

@@ -11,7 +11,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_llava_next import assert_batch_equals_each_alone, assert_matches_reference, engine_prefill, next_copy
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.hf_compat.clip import vision_reads
@@ -22,6 +21,7 @@ from hybrid_vlm.syncs import check_no_host_syncs
 from conftest import QUESTIONS, next_inputs
 from method_reference import divprune_reference, visionzip_reference, vispruner_reference
 from reference import greedy_without_cache, masked_reference, next_packed_sources, stock_vision_reads
+from test_llava_next import assert_batch_equals_each_alone, assert_matches_reference, engine_prefill, next_copy
 
 METHODS = ("visionzip", "vispruner", "divprune")
 NEW_TOKENS = 4

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
-from hybrid_vlm.hf_compat import new_cache
 from hybrid_vlm.qwen import qwen_image_slots, qwen_prompt_positions
 from hybrid_vlm.syncs import check_no_host_syncs
 
 from conftest import QUESTIONS, qwen_inputs
 from qwen_reference import qwen_masked_reference, stock_positions
 from reference import greedy_without_cache
-from test_engine import NEW_TOKENS, REFERENCE_RTOL
+from test_engine import NEW_TOKENS
+from test_llava_next import assert_matches_reference, engine_prefill
 
 
 def qwen_copy(model, **settings):
@@ -84,25 +84,13 @@ def test_vanilla_generate_equals_stock_generate(tiny_qwen):
 # --- pruning: the masked reference, the cache, the batch --------------------------------------------
 
 
-@torch.no_grad()
-def engine_prefill(model, inputs):
-    cache = new_cache(model)
-    out = model(**inputs, past_key_values=cache, use_cache=True)
-    return out, cache.hybrid_state.pruned_key_valid
-
-
 @pytest.mark.parametrize("fastv_k,fastv_layer", [(16, 2), (0.5, 1), (0.9, 3), (40, 2)])
 def test_pruned_forward_matches_masked_reference(tiny_qwen, fastv_k, fastv_layer):
     model, processor = tiny_qwen
     inputs = qwen_inputs(processor, QUESTIONS)
     reference_logits, reference_kept = qwen_masked_reference(model, inputs, fastv_k, fastv_layer)
     out, real = engine_prefill(qwen_copy(model, fastv_k=fastv_k, fastv_layer=fastv_layer), inputs)
-    batch, length = reference_kept.shape
-    positions = torch.where(real, out.kept_positions, length)  # fillers and dropped slots to a spare column
-    engine_kept = torch.zeros(batch, length + 1, dtype=torch.bool).scatter(1, positions, True)[:, :length]
-    assert torch.equal(engine_kept, reference_kept)
-    expected = reference_logits.gather(1, out.kept_positions.clamp_min(0)[..., None].expand(-1, -1, reference_logits.shape[-1]))
-    assert (out.logits - expected)[real].abs().max() <= REFERENCE_RTOL * expected.abs().max()
+    assert_matches_reference(out, real, reference_logits, reference_kept)
 
 
 def test_kept_counts_are_the_per_sample_quotas(tiny_qwen):
