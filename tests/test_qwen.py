@@ -221,3 +221,26 @@ def test_vision_macs_equal_the_flop_counter_on_the_stock_tower(tiny_qwen):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         eager.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     assert counter.get_total_flops() == 2 * (qwen_vit_macs(grid, shape) + merger_macs(grid, shape))
+
+
+def test_positions_and_logits_with_two_images_per_prompt(tiny_qwen):
+    """Two images per prompt (four grids over a left-padded batch of two): stock's ids and, with
+    nothing pruned, stock's logits; FastV keeps its quota of both images' tokens together."""
+    from hybrid_vlm.tiny import synthetic_image
+
+    model, processor = tiny_qwen
+    content = [{"type": "image"}, {"type": "text", "text": "left"}, {"type": "image"}, {"type": "text", "text": "which color?"}]
+    images = [synthetic_image(i).resize(size) for i, size in enumerate([(300, 200), (120, 250), (200, 300), (250, 120)])]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+               processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True).replace("left", "left one")]  # a longer prompt: the other is left-padded
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    real = inputs["attention_mask"].bool()
+    assert (~real).any()
+    mine = qwen_prompt_positions(model, inputs["input_ids"], real, inputs["image_grid_thw"])
+    assert torch.equal(mine[real], stock_positions(model, inputs).permute(1, 2, 0)[real])
+    with torch.no_grad():
+        expected, actual = model(**inputs).logits, qwen_copy(model)(**inputs).logits
+    assert (actual - expected)[real].abs().max() <= 1e-5 * expected.abs().max()
+    reference_logits, reference_kept = qwen_masked_reference(model, inputs, 0.5, 2)
+    out, kept = engine_prefill(qwen_copy(model, fastv_k=0.5), inputs)
+    assert_matches_reference(out, kept, reference_logits, reference_kept)
