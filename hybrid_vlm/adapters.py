@@ -32,10 +32,16 @@ from .hf_compat.llava_next import (
     crop_pixels,
     image_newline,
 )
-from .methods import Method, Read, Selection, VisualReads, check_budget, get_method
+from .methods import Method, Read, Selection, VisualReads, budget_tokens, check_budget, get_method
 from .methods.selection import place_selection
 from .placement import ImageSlots
 from .runtime import host_to_device
+
+
+def grid_patches(model) -> int:
+    """Patches of the CLIP grid of one image (576 for LLaVA-1.5 at 336 px)."""
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
 
 
 def images_per_sample(num_images: int, batch: int) -> int:
@@ -54,8 +60,10 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
         merged = dymu_image_features(model, pixels, model.hybrid_thresholds.to(pixels.device), split=config.dymu_split)
         features, valid = merged.features, merged.valid
     elif config.pre_llm_method is not None:
-        features, valid = reduce_before_llm(model, pixels, get_method(config.pre_llm_method), config.visual_budget)
-        valid_count = config.visual_budget * per_sample
+        method = get_method(config.pre_llm_method)
+        budget = check_budget(method, config.visual_budget, grid_patches(model))
+        features, valid = reduce_before_llm(model, pixels, method, budget)
+        valid_count = budget * per_sample
     else:
         features = stock_image_features(model, pixels)
         if config.visual_pool is not None:
@@ -68,7 +76,7 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
         features=features.reshape(batch, per_sample * tokens, -1),
         valid=None if valid is None else valid.reshape(batch, per_sample * tokens),
         compact=valid is not None,
-        valid_count=valid_count,
+        valid_counts=None if valid_count is None else [valid_count] * batch,
         scores=scores,
     )
 
@@ -126,24 +134,26 @@ def packed_reads(reads: VisualReads, at: torch.Tensor) -> VisualReads:
 def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayout], method: Method, budget: int):
     """A method before the LLM on LLaVA-NeXT: per image, the crops' reads mapped to its packed
     patch tokens (the base image, then the unpadded grid; newlines carry no CLIP signal and are
-    dropped), one selection of `budget` tokens over them, placed back on the packed layout. Returns
-    ([V_i, hidden] features, [V_i] valid) per image."""
+    dropped), one selection of `budget` tokens over them (a count, or a fraction of its patch tokens),
+    placed back on the packed layout. Returns ([V_i, hidden] features, [V_i] valid, tokens kept) per image."""
     reads = method_reads(model, crops, method, lambda: crop_features(model, crops))
     patches = (reads.projected if reads.projected is not None else reads.vit_features).shape[1]
-    packed, valid, start = [], [], 0
+    packed, valid, counts, start = [], [], [], 0
     for index, layout in enumerate(layouts):
         is_patch = layout.source != NEWLINE  # host
         available = int(is_patch.sum())
-        if budget > available:
+        count = budget_tokens(budget, available)
+        if count > available:
             raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for image {index}: it packs "
-                             f"{available} patch tokens (use a budget <= {available}, or a larger image)")
+                             f"{available} patch tokens (use a budget <= {available}, a fraction, or a larger image)")
         at = host_to_device(layout.source[is_patch] + start * patches, crops.device)
-        tokens, kept = select_and_place(model, packed_reads(reads, at), method, budget)  # [1, available, hidden]
+        tokens, kept = select_and_place(model, packed_reads(reads, at), method, count)  # [1, available, hidden]
         positions = host_to_device(torch.nonzero(is_patch).flatten(), crops.device)
         packed.append(tokens.new_zeros(layout.num_tokens, tokens.shape[-1]).index_copy(0, positions, tokens[0]))
         valid.append(torch.zeros(layout.num_tokens, dtype=torch.bool, device=crops.device).index_copy(0, positions, kept[0]))
+        counts.append(count)
         start += layout.num_crops
-    return packed, valid
+    return packed, valid, counts
 
 
 def pack_image(
@@ -195,11 +205,11 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
     crops = crop_pixels(pixel_values, layouts)  # as given: the random draw hashes them before the cast
     config = model.hybrid_config
     if config.pre_llm_method is not None:
-        packed, valid = next_reduce_before_llm(model, crops.to(model.dtype), layouts, get_method(config.pre_llm_method), config.visual_budget)
-        compact, valid_count = True, config.visual_budget * per_sample
+        packed, valid, kept = next_reduce_before_llm(model, crops.to(model.dtype), layouts, get_method(config.pre_llm_method), config.visual_budget)
+        compact, valid_counts = True, [sum(kept[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
     else:
         packed, valid, compact = next_packed_images(model, crops.to(model.dtype), layouts)
-        valid_count = None
+        valid_counts = None
     device = packed[0].device
     sample_images = [slice(b * per_sample, (b + 1) * per_sample) for b in range(batch)]
     samples = [torch.cat(packed[images]) for images in sample_images]
@@ -210,7 +220,7 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         valid=left_padded([torch.cat(valid[images]) for images in sample_images], value=False),
         placeholders=[len(sample) for sample in samples],
         compact=compact,
-        valid_count=valid_count,
+        valid_counts=valid_counts,
         protected=host_to_device(left_padded(newlines, value=False), device) if keep_newlines else None,
         protected_counts=[int(rows.sum()) for rows in newlines] if keep_newlines else None,
         scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if reads_pixel_hash(model.hybrid_config) else None,
@@ -266,8 +276,7 @@ def check_supported(model, config) -> None:
             raise ValueError(f"FASTV_NEWLINES=keep cannot follow VISUAL_METHOD={config.visual_method}: the methods before the LLM "
                              "drop LLaVA-NeXT's newline tokens (they carry no CLIP signal), so none are left to keep")
     elif config.pre_llm_method is not None:
-        patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-        check_budget(get_method(config.pre_llm_method), config.visual_budget, patches)
+        check_budget(get_method(config.pre_llm_method), config.visual_budget, grid_patches(model))
 
 
 def check_sliding_window(model, sequence_length: int) -> None:

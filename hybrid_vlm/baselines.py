@@ -79,18 +79,39 @@ def window_bounds(size: int, count: int, device) -> tuple[torch.Tensor, torch.Te
     return index * size // count, ((index + 1) * size + count - 1) // count
 
 
-def pool_selection(features: torch.Tensor, budget: int) -> Selection:
-    """[N, G*G, D] patch features -> the `budget` window means (torch's adaptive average pooling
-    over rows x cols windows, `pool_shape`), each at its window's central patch, the patch at
-    offset (h // 2, w // 2) in an h x w window."""
+def grid_pool_shape(budget: int, grid_rows: int, grid_cols: int) -> tuple[int, int]:
+    """(rows, cols) of pooling windows for at most `budget` tokens on a non-square grid (Qwen2.5-VL's
+    merged units): the most tokens whose window grid keeps the image's aspect within a factor of 2,
+    then the aspect closest to the image's (shapes within the grid only; if no shape stays within a
+    factor of 2, the closest aspect, then the most tokens; ties go to more rows). On a square grid it
+    is `pool_shape`'s answer wherever that one is within a factor of 2 of square."""
+    aspect = math.log(grid_rows / grid_cols)
+    shapes = [(rows, min(grid_cols, budget // rows)) for rows in range(1, min(grid_rows, budget) + 1)]
+    shapes += [(min(grid_rows, budget // cols), cols) for cols in range(1, min(grid_cols, budget) + 1)]
+
+    def skew(shape):  # rounded, so that equal skews in exact arithmetic tie
+        return round(abs(math.log(shape[0] / shape[1]) - aspect), 9)
+
+    banded = [shape for shape in shapes if skew(shape) <= round(math.log(2), 9)]
+    if banded:
+        return max(banded, key=lambda shape: (shape[0] * shape[1], -skew(shape), shape[0]))
+    return min(shapes, key=lambda shape: (skew(shape), -shape[0] * shape[1], -shape[0]))
+
+
+def pool_selection(features: torch.Tensor, budget: int, grid: tuple[int, int] | None = None) -> Selection:
+    """[N, R*C, D] patch features -> the window means (torch's adaptive average pooling over rows x
+    cols windows), each at its window's central patch, the patch at offset (h // 2, w // 2) in an
+    h x w window. A square grid (`grid` None) takes `pool_shape(budget)`, exactly `budget` tokens;
+    a given (R, C) grid `grid_pool_shape`, at most `budget`."""
     images, tokens, hidden = features.shape
-    grid = math.isqrt(tokens)
-    rows, cols = pool_shape(budget, grid)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(features.reshape(images, grid, grid, hidden).permute(0, 3, 1, 2), (rows, cols))
-    row_start, row_end = window_bounds(grid, rows, features.device)
-    col_start, col_end = window_bounds(grid, cols, features.device)
+    grid_rows, grid_cols = (math.isqrt(tokens),) * 2 if grid is None else grid
+    rows, cols = pool_shape(budget, grid_rows) if grid is None else grid_pool_shape(budget, grid_rows, grid_cols)
+    spatial = features.reshape(images, grid_rows, grid_cols, hidden).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(spatial, (rows, cols))
+    row_start, row_end = window_bounds(grid_rows, rows, features.device)
+    col_start, col_end = window_bounds(grid_cols, cols, features.device)
     centre_row, centre_col = row_start + (row_end - row_start) // 2, col_start + (col_end - col_start) // 2
-    slots = (centre_row[:, None] * grid + centre_col[None, :]).reshape(-1)  # [rows*cols], ascending
+    slots = (centre_row[:, None] * grid_cols + centre_col[None, :]).reshape(-1)  # [rows*cols], ascending
     sizes = ((row_end - row_start)[:, None] * (col_end - col_start)[None, :]).reshape(-1)
     return Selection(
         kept=slots.expand(images, -1),

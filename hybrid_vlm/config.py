@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .baselines import SELECTIONS, pool_sides
 from .dymu import SPLITS as DYMU_SPLITS
-from .methods import get_method, list_methods
+from .methods import get_method, is_budget, list_methods
 from .methods.dart import PIVOT_ORDERS as DART_PIVOT_ORDERS
 
 FASTV_K_FORMS = (
@@ -103,12 +103,21 @@ def parse_select_seed(text: str | None) -> int:
     raise ValueError(f"SELECT_SEED={text!r} is not valid: use an integer >= 0 (the seed of FASTV_SELECT=random). Default 0.")
 
 
-def parse_visual_budget(text: str | None) -> int | None:
+VISUAL_BUDGET_FORMS = (
+    "an integer n >= 1 (visual tokens per image, by the method's own budget rule) or a decimal in (0, 1) "
+    "(that fraction of each image's visual tokens, rounded half to even, at least 1)"
+)
+
+
+def parse_visual_budget(text: str | None) -> int | float | None:
     if text is None or text.strip() == "":
         return None
-    if re.fullmatch(r"\s*\d+\s*", text) and int(text) >= 1:
+    text = text.strip()
+    if re.fullmatch(r"\d+", text) and int(text) >= 1:
         return int(text)
-    raise ValueError(f"VISUAL_BUDGET={text!r} is not valid: use an integer >= 1 (visual tokens per image, by the method's own budget rule).")
+    if re.fullmatch(r"\d*\.\d+|\d+\.\d*", text) and 0.0 < float(text) < 1.0:
+        return float(text)
+    raise ValueError(f"VISUAL_BUDGET={text!r} is not valid: use {VISUAL_BUDGET_FORMS}.")
 
 
 def method_settings(env, fastv_k: int | float | None) -> dict:
@@ -126,9 +135,10 @@ def method_settings(env, fastv_k: int | float | None) -> dict:
     if name in ("fastv", "random"):
         if select and select != ("attention" if name == "fastv" else "random"):
             raise ValueError(f"VISUAL_METHOD={name} conflicts with FASTV_SELECT={select}: unset FASTV_SELECT.")
-        if budget is not None and fastv_k is not None and fastv_k != budget:
+        from_budget = budget if budget is None or isinstance(budget, int) else round(1.0 - budget, 9)  # kept fraction -> pruned
+        if from_budget is not None and fastv_k is not None and fastv_k != from_budget:
             raise ValueError(f"VISUAL_METHOD={name} VISUAL_BUDGET={budget} conflicts with FASTV_K={fastv_k}: set one of them.")
-        k = budget if budget is not None else fastv_k
+        k = from_budget if from_budget is not None else fastv_k
         if k is None:
             raise ValueError(f"VISUAL_METHOD={name} needs VISUAL_BUDGET (visual tokens kept after FASTV_LAYER) or FASTV_K.")
         return dict(fastv_k=k, fastv_select="attention" if name == "fastv" else "random")
@@ -249,8 +259,8 @@ class HybridConfig:
             raise ValueError(f"visual_method={self.visual_method!r} is not valid: use one of {', '.join(budgeted)} "
                              "(fastv and random are fastv_k / fastv_select, DyMU is dymu).")
         budget = self.visual_budget
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"VISUAL_BUDGET={budget!r} is not valid for {self.visual_method}: use an integer >= 1.")
+        if not is_budget(budget):
+            raise ValueError(f"VISUAL_BUDGET={budget!r} is not valid for {self.visual_method}: use {VISUAL_BUDGET_FORMS}.")
         if get_method(self.visual_method).inside_llm:
             self._check_llm_method()
             return
@@ -266,6 +276,9 @@ class HybridConfig:
         """pdrop, sparsevlm and dart prune inside the LLM on LLaVA-1.5's full image: alone, for now."""
         others = dict(FASTV_K=self.fastv_k, DYMU_THRESHOLDS=self.dymu, VISUAL_POOL=self.visual_pool)
         given = [name for name, value in others.items() if value is not None]
+        if isinstance(self.visual_budget, float):
+            raise ValueError(f"VISUAL_BUDGET={self.visual_budget} is not valid for {self.visual_method}: its schedules take a count "
+                             "of visual tokens (an integer >= 1), not a fraction")
         if given:
             raise ValueError(f"VISUAL_METHOD={self.visual_method} cannot be combined with {', '.join(given)}: it prunes "
                              "inside the LLM from every visual token on its own (unset them)")
@@ -336,7 +349,7 @@ class HybridConfig:
             layers = ".".join(map(str, get_method(self.visual_method).stage_layers(num_layers)))
             parts.append(f"{self.visual_method}-b{self.visual_budget}-l{layers}")
         elif self.visual_method is not None:
-            parts.append(f"{self.visual_method}-b{self.visual_budget}")
+            parts.append(f"{self.visual_method}-b{self.visual_budget:g}")
         if self.visual_pool is not None:
             parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")
         if self.dymu is not None:

@@ -386,7 +386,7 @@ def method_prefill_macs(
     nothing. The method's scoring is counted (`selection`); DyMU's counts are data: use prefill_macs.
     visual_entered / visual_kept: the counts a run recorded (else the ones the config implies)."""
     from .config import visual_keep_count
-    from .methods import VitDims, get_method
+    from .methods import VitDims, check_budget, get_method
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
@@ -398,9 +398,9 @@ def method_prefill_macs(
     patches, visual, projector, vit_layers, selection = shape.visual_tokens, None, None, None, 0
     if config.visual_method is not None:
         method = get_method(config.visual_method)
-        visual = config.visual_budget
+        visual = check_budget(method, config.visual_budget, patches)
         dims = VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden)
-        selection = method.scoring_macs(config.visual_budget, dims)
+        selection = method.scoring_macs(visual, dims)
         if method.selects_projected:
             projector = patches  # it selects among projected features: every patch is projected
         else:

@@ -305,7 +305,7 @@ class HybridDecoder:
         entered = placed.entered_positions if placed is not None else None
         stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
         # Dense: no layer needs a mask (see prompt_is_dense). A chunk over a filled cache keeps its mask.
-        slot_padding = slots is not None and (slots.fillers or (slots.compact and slots.valid_count is None))
+        slot_padding = slots is not None and (slots.fillers or (slots.compact and not slots.equal_counts))
         dense = prompt_is_dense(attention_mask, batch, slot_padding) if state is None else state.dense
         dense = dense and all(plan.uniform for plan in stages.values())  # unequal quotas leave kept slots that are not real
         loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)

@@ -36,7 +36,8 @@ class ImageSlots:
         pooling's empty slots and for fillers.
     placeholders: per-sample placeholder counts (host ints) when they differ across the batch, else None.
     compact: drop invalid slots before layer 0 (DyMU, pooling).
-    valid_count: tokens per sample when static (pooling); None: read once from `valid` (DyMU).
+    valid_counts: tokens per sample (host ints) when Python knows them (pooling, the methods before
+        the LLM); None: the largest is read once from `valid` (DyMU).
     scores: [B, S] per-slot scores for a selection that does not read attention (random), or None.
     protected: [B, S] bool, slots FastV always keeps when asked to (LLaVA-NeXT's newlines), or None;
         protected_counts: how many per sample (host ints).
@@ -46,7 +47,7 @@ class ImageSlots:
     valid: torch.Tensor | None = None
     placeholders: list[int] | None = None
     compact: bool = False
-    valid_count: int | None = None
+    valid_counts: list[int] | None = None
     scores: torch.Tensor | None = None
     protected: torch.Tensor | None = None
     protected_counts: list[int] | None = None
@@ -54,6 +55,11 @@ class ImageSlots:
     @property
     def fillers(self) -> bool:
         return self.placeholders is not None and min(self.placeholders) != max(self.placeholders)
+
+    @property
+    def equal_counts(self) -> bool:
+        """Every sample holds the same number of tokens, known in Python (no empty slot survives compaction)."""
+        return self.valid_counts is not None and len(set(self.valid_counts)) == 1
 
 
 @dataclass
@@ -133,15 +139,15 @@ def place_images(
     visual_counts = slots.placeholders or [num_slots] * batch
     if slots.compact:
         # Sizing the compacted sequence needs the batch's largest token count: the engine's one host
-        # read, with DyMU only (its count is data-dependent by design; pooling's is static).
-        count = slots.valid_count if slots.valid_count is not None else int(slot_valid.sum(dim=1).max())
+        # read, with DyMU only (its count is data-dependent by design; the others' are host-known).
+        count = max(slots.valid_counts) if slots.valid_counts is not None else int(slot_valid.sum(dim=1).max())
         valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, visual_positions, slot_valid.float())
         kept, _ = select_kept_positions(valid_scores, visual_positions, count)
         inputs_embeds, new_valid, position_ids, is_visual = (gather_tokens(t, kept) for t in (inputs_embeds, new_valid, position_ids, is_visual))
         slot_scores, protected = (None if t is None else gather_tokens(t, kept) for t in (slot_scores, protected))
         entered = kept if entered is None else entered.gather(1, kept)
         visual_positions = true_positions(is_visual, count)
-        visual_counts = [count] * batch if slots.valid_count is not None or batch == 1 else None
+        visual_counts = slots.valid_counts if slots.valid_counts is not None else [count] if batch == 1 else None
     return PlacedPrompt(
         inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts
     )

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import images_per_sample, left_padded
+from .adapters import images_per_sample, left_padded, reads_pixel_hash
+from .baselines import image_keys, slot_hash
 from .hf_compat.qwen2_5_vl import host_grid, qwen_image_features
+from .methods import VisualReads, budget_tokens, get_method
+from .methods.selection import place_selection
 from .mrope import batch_tables, mrope_positions
 from .placement import ImageSlots
 from .runtime import host_to_device, require
@@ -34,15 +37,62 @@ def merge_size(model) -> int:
 
 
 def qwen_image_slots(model, pixel_values: torch.Tensor, image_grid_thw, batch: int) -> ImageSlots:
-    """One merged 2x2-unit feature per image placeholder, per sample; counts from the host grid."""
+    """One merged 2x2-unit feature per image placeholder, per sample; counts from the host grid. A
+    method before the LLM keeps its budget of each image's units in their slots (`reduce_units`);
+    random selection gets its per-unit draw (`unit_random_scores`)."""
     if image_grid_thw is None:
         raise ValueError("Qwen2.5-VL needs image_grid_thw with pixel_values (the processor returns both)")
-    grids = sample_grids(image_grid_thw, batch)
-    unit = merge_size(model) ** 2
-    counts = [sum(t * h * w for t, h, w in sample) // unit for sample in grids]
-    features = qwen_image_features(model, pixel_values, [grid for sample in grids for grid in sample])  # [sum counts, hidden]
-    samples = torch.split(features, counts)
-    return ImageSlots(features=left_padded(list(samples)), placeholders=counts)
+    config, unit = model.hybrid_config, merge_size(model) ** 2
+    grids = [grid for sample in sample_grids(image_grid_thw, batch) for grid in sample]
+    units = [t * h * w // unit for t, h, w in grids]
+    images = list(torch.split(qwen_image_features(model, pixel_values, grids), units))  # [units_i, hidden] each
+    valid = kept = None
+    if config.pre_llm_method is not None:
+        images, valid, kept = reduce_units(images, grids, merge_size(model), get_method(config.pre_llm_method), config.visual_budget)
+    per_sample = images_per_sample(len(grids), batch)
+
+    def per_sample_rows(rows: list[torch.Tensor], value=0) -> torch.Tensor:
+        return left_padded([torch.cat(rows[b * per_sample : (b + 1) * per_sample]) for b in range(batch)], value)
+
+    scores = unit_random_scores(pixel_values, grids, units, config.select_seed) if reads_pixel_hash(config) else None
+    return ImageSlots(
+        features=per_sample_rows(images),
+        valid=None if valid is None else per_sample_rows(valid, value=False),
+        placeholders=[sum(units[b * per_sample : (b + 1) * per_sample]) for b in range(batch)],
+        compact=valid is not None,
+        valid_counts=None if kept is None else [sum(kept[b * per_sample : (b + 1) * per_sample]) for b in range(batch)],
+        scores=None if scores is None else per_sample_rows(scores),
+    )
+
+
+def unit_grid(grid: tuple[int, int, int], merge: int) -> tuple[int, int]:
+    """(rows, cols) of an image's merged units in placeholder (raster) order; frames stack as rows."""
+    t, h, w = grid
+    return t * h // merge, w // merge
+
+
+def reduce_units(images: list[torch.Tensor], grids, merge: int, method, budget: int | float):
+    """A method before the LLM on each image's merged units (the PatchMerger's output, which is what
+    the LLM reads): ([units_i, hidden] with the kept tokens at their units' slots, [units_i] valid,
+    tokens kept) per image. A count keeps at most that many per image (capped at its units), a
+    fraction that share of them; pooling may keep fewer (`baselines.grid_pool_shape`)."""
+    placed, valid, kept = [], [], []
+    for features, grid in zip(images, grids):
+        count = min(budget_tokens(budget, features.shape[0]), features.shape[0])
+        reads = VisualReads(projected=features[None], grid=unit_grid(grid, merge))
+        selection = method.select(reads, count)
+        tokens, slot_valid = place_selection(selection, features.shape[0], selection.kept.shape[1], reads.projected)
+        placed.append(tokens[0])
+        valid.append(slot_valid[0])
+        kept.append(selection.kept.shape[1])
+    return placed, valid, kept
+
+
+def unit_random_scores(pixel_values: torch.Tensor, grids, units: list[int], seed: int) -> list[torch.Tensor]:
+    """Random selection's draw per merged unit ([units_i] per image), keyed on each image's own
+    pixel rows (`baselines.image_keys` over its t*h*w patches as given) and the unit's slot."""
+    rows = torch.split(pixel_values, [t * h * w for t, h, w in grids])
+    return [slot_hash(image_keys(image[None]), count, seed)[0] for image, count in zip(rows, units)]
 
 
 def qwen_prompt_positions(model, input_ids: torch.Tensor, new_valid: torch.Tensor, image_grid_thw) -> torch.Tensor:
@@ -74,11 +124,12 @@ def check_qwen_settings(config) -> None:
     if config.visual_method in NEEDS_CLS:
         raise ValueError(f"VISUAL_METHOD={config.visual_method} is not available for Qwen2.5-VL: it ranks patches by the "
                          "[CLS] token's attention, and Qwen2.5-VL's ViT has no [CLS] token")
-    if config.visual_pool is not None or config.visual_method is not None:
-        what = "VISUAL_POOL" if config.visual_pool is not None else f"VISUAL_METHOD={config.visual_method}"
-        raise NotImplementedError(f"{what} is not implemented for Qwen2.5-VL yet: FastV (FASTV_K, FASTV_LAYER) is")
+    if config.visual_pool is not None:
+        raise ValueError("VISUAL_POOL is LLaVA-1.5's s x s blocks of its 24 x 24 grid: on Qwen2.5-VL use VISUAL_METHOD=pool "
+                         "with VISUAL_BUDGET (a count or a fraction of each image's merged units)")
+    if config.staged_method is not None:
+        raise NotImplementedError(f"VISUAL_METHOD={config.visual_method} is not implemented for Qwen2.5-VL yet: its stages "
+                                  "assume one visual count for every sample; fastv, random, divprune and pool are")
     if config.position_mode != "logical":
         raise ValueError(f"POSITION_MODE={config.position_mode} is not implemented for Qwen2.5-VL: its kept tokens keep their "
                          "original (t, h, w) ids (POSITION_MODE=logical)")
-    if config.fastv_select != "attention":
-        raise NotImplementedError(f"FASTV_SELECT={config.fastv_select} is not implemented for Qwen2.5-VL yet: use attention")

@@ -102,17 +102,18 @@ def next_packed_sources(model, inputs) -> list[np.ndarray]:
     return sources
 
 
-def numpy_adaptive_pool(features: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image [G*G, D] -> (kept slots, tokens): the mean of each adaptive window [floor(i G / n),
-    ceil((i + 1) G / n)) per axis, at the window's central patch (offset h // 2, w // 2)."""
-    grid = int(round(features.shape[0] ** 0.5))
-    values = features.reshape(grid, grid, -1)
+def numpy_adaptive_pool(features: np.ndarray, rows: int, cols: int, grid: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image [R*C, D] (square unless `grid` = (R, C)) -> (kept slots, tokens): the mean of each
+    adaptive window [floor(i R / n), ceil((i + 1) R / n)) per axis, at the window's central patch
+    (offset h // 2, w // 2)."""
+    grid_rows, grid_cols = (int(round(features.shape[0] ** 0.5)),) * 2 if grid is None else grid
+    values = features.reshape(grid_rows, grid_cols, -1)
     slots, tokens = [], []
     for i in range(rows):
-        top, bottom = (i * grid) // rows, -((-(i + 1) * grid) // rows)
+        top, bottom = (i * grid_rows) // rows, -((-(i + 1) * grid_rows) // rows)
         for j in range(cols):
-            left, right = (j * grid) // cols, -((-(j + 1) * grid) // cols)
-            slots.append((top + (bottom - top) // 2) * grid + left + (right - left) // 2)
+            left, right = (j * grid_cols) // cols, -((-(j + 1) * grid_cols) // cols)
+            slots.append((top + (bottom - top) // 2) * grid_cols + left + (right - left) // 2)
             tokens.append(values[top:bottom, left:right].mean(axis=(0, 1)))
     order = np.argsort(slots)
     return np.asarray(slots)[order], np.stack(tokens)[order]

@@ -166,13 +166,8 @@ def test_stock_path_does_sync(tiny_qwen):
 
 @pytest.mark.parametrize("settings,needle", [
     ({"position_mode": "renumbered", "fastv_k": 16}, "POSITION_MODE"),
-    ({"visual_pool": 2}, "VISUAL_POOL"),
-    ({"fastv_k": 16, "fastv_select": "random"}, "FASTV_SELECT"),
-    ({"visual_method": "visionzip", "visual_budget": 64}, r"no \[CLS\] token"),
-    ({"visual_method": "vispruner", "visual_budget": 64}, r"no \[CLS\] token"),
-    ({"visual_method": "divprune", "visual_budget": 64}, "not implemented for Qwen2.5-VL yet"),
-    ({"visual_method": "pdrop", "visual_budget": 64}, "not implemented for Qwen2.5-VL yet"),
-])
+    ({"dymu": "thresholds.json"}, "DYMU"),
+])  # the methods Qwen2.5-VL cannot run: test_qwen_methods
 def test_unsupported_settings_are_refused(tiny_qwen, settings, needle):
     model, _ = tiny_qwen
     with pytest.raises((ValueError, NotImplementedError), match=needle):

@@ -65,6 +65,7 @@ class VisualReads:
     cls_attention: torch.Tensor | None = None  # [N, P] float32
     vit_keys: torch.Tensor | None = None  # [N, P, head_dim]
     projected: torch.Tensor | None = None  # [N, P, hidden]
+    grid: tuple[int, int] | None = None  # (rows, cols) of the P patches in raster order; None: a square grid
 
 
 @dataclass(frozen=True)
@@ -121,18 +122,36 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
-def check_budget(method: Method, budget: int, patches: int) -> None:
-    """A budget the method cannot reach is an error, never a silent rounding."""
+def is_budget(value) -> bool:
+    """A count >= 1 or a fraction in (0, 1): what VISUAL_BUDGET accepts."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0.0 < value < 1.0)
+
+
+def budget_tokens(budget: int | float, available: int) -> int:
+    """Visual tokens an image of `available` keeps under a VISUAL_BUDGET: a count as given (the
+    caller refuses or caps one above `available`), a fraction `round(available * f)`, at least 1."""
+    if isinstance(budget, float):
+        return max(1, round(available * budget))
+    return budget
+
+
+def check_budget(method: Method, budget: int | float, patches: int) -> int:
+    """The tokens per image of `patches` that `budget` asks of a method before the LLM; a budget it
+    cannot reach is an error, never a silent rounding."""
     if method.budget_rule == "thresholds":
         raise ValueError(f"VISUAL_BUDGET does not apply to {method.name}: its token count is set by DYMU_THRESHOLDS "
                          "(calibrate with --target N to aim at N tokens)")
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= patches:
+    count = budget_tokens(budget, patches) if is_budget(budget) else budget
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= patches:
         raise ValueError(f"VISUAL_BUDGET={budget!r} is not reachable by {method.name}: use an integer 1..{patches} "
-                         f"(visual tokens per image of {patches} patches)")
+                         f"(visual tokens per image of {patches} patches) or a fraction in (0, 1)")
     if method.name == "pool":
         from ..baselines import pool_shape
 
-        pool_shape(budget, round(patches**0.5))  # raises naming the budgets that tile the grid
+        pool_shape(count, round(patches**0.5))  # raises naming the budgets that tile the grid
+    return count
 
 
 # ----------------------------------------------------------------------------- scoring costs
@@ -179,7 +198,7 @@ register(Method(
 ))
 register(Method(
     name="pool", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
-    signal="2-D average pooling of the projected 24 x 24 grid (adaptive windows for non-square budgets)",
+    signal="2-D average pooling of the projected patch grid (LLaVA's 24 x 24; Qwen2.5-VL's merged units), adaptive windows",
     positions="each window's central patch",
     deviations="no official code; windows as torch's adaptive_avg_pool2d",
     select=lambda reads, budget: _pool(reads, budget), selects_projected=True,
@@ -246,10 +265,11 @@ register(Method(
 def _pool(reads: VisualReads, budget: int) -> Selection:
     from ..baselines import pool_selection
 
-    return pool_selection(reads.projected, budget)
+    return pool_selection(reads.projected, budget, reads.grid)
 
 
 __all__ = [
-    "Method", "Read", "Selection", "Stage", "VisualReads", "VitDims", "check_budget", "contextual_targets",
+    "Method", "Read", "Selection", "Stage", "VisualReads", "VitDims", "budget_tokens", "check_budget", "contextual_targets",
+    "is_budget",
     "get_method", "list_methods", "register",
 ]

@@ -1,0 +1,225 @@
+"""The registry's methods on Qwen2.5-VL: DivPrune and pooling before the LLM on each image's merged
+2x2 units (the PatchMerger's output), random selection at FastV's layer, and FastV after either.
+Checked against independent references: NumPy re-implementations fed by stock transformers' image
+features, a brute-force enumeration of the pooling windows, the masked-attention reference at the
+stock 3-D ids of the kept units, each prompt alone, cache-free recomputation, no host syncs. The
+batches mix image sizes (54, 54 and 36 units), so every sample has its own count."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.baselines import grid_pool_shape, pool_shape
+from hybrid_vlm.syncs import check_no_host_syncs
+
+from conftest import QUESTIONS, qwen_inputs
+from method_reference import divprune_reference
+from qwen_reference import qwen_masked_reference
+from reference import greedy_without_cache, numpy_adaptive_pool, numpy_random_scores
+from test_llava_next import assert_matches_reference, engine_prefill
+
+NEW_TOKENS = 4
+UNITS = [54, 54, 36]  # per prompt of qwen_inputs(processor, QUESTIONS)
+
+
+def qwen_copy(model, **settings):
+    return apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
+
+
+def generate(model, inputs, steps=NEW_TOKENS):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+
+
+def enumerated_pool_shape(budget: int, grid_rows: int, grid_cols: int) -> tuple[int, int]:
+    """The pooling rule by enumeration of every rows x cols window grid inside the unit grid with at
+    most `budget` windows: the most windows among those whose aspect is within a factor of 2 of the
+    image's, then the closest aspect, then more rows; with none within a factor of 2, the closest
+    aspect, then the most windows, then more rows."""
+    aspect = math.log(grid_rows / grid_cols)
+    shapes = [(r, c) for r in range(1, grid_rows + 1) for c in range(1, grid_cols + 1) if r * c <= budget]
+    skew = {shape: abs(math.log(shape[0] / shape[1]) - aspect) for shape in shapes}
+    banded = [shape for shape in shapes if skew[shape] <= math.log(2) + 1e-12]
+    if banded:
+        return max(banded, key=lambda s: (s[0] * s[1], -round(skew[s], 9), s[0]))
+    return min(shapes, key=lambda s: (round(skew[s], 9), -s[0] * s[1], -s[0]))
+
+
+def per_image_count(budget, units: int) -> int:
+    """A count is kept per image, capped at its units; a fraction is that share, at least one."""
+    return min(budget, units) if isinstance(budget, int) else max(1, round(units * budget))
+
+
+def reference_unit_tokens(model, inputs, method: str, budget):
+    """Per prompt (one image each): ([V_b, hidden] features with the chosen tokens at their units'
+    slots, [V_b] valid), from stock `get_image_features` and the NumPy references."""
+    with torch.no_grad():
+        images = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    features, valid = [], []
+    for image, (t, h, w) in zip(images, inputs["image_grid_thw"].tolist()):
+        units = image.shape[0]
+        count = per_image_count(budget, units)
+        values = image.double().numpy()
+        if method == "divprune":
+            kept = divprune_reference(values, count)
+            tokens = values[kept]
+        else:
+            grid = (t * h // 2, w // 2)
+            kept, tokens = numpy_adaptive_pool(values, *enumerated_pool_shape(count, *grid), grid=grid)
+        placed = torch.zeros_like(image)
+        placed[kept] = torch.from_numpy(tokens).to(image.dtype)
+        mask = torch.zeros(units, dtype=torch.bool)
+        mask[kept] = True
+        features.append(placed)
+        valid.append(mask)
+    return features, valid
+
+
+def reference_random_scores(model, inputs, seed: int) -> np.ndarray:
+    """[B, L] the random draw at each prompt's image placeholders, keyed on its image's pixel rows."""
+    is_image = (inputs["input_ids"] == model.config.image_token_id).numpy()
+    rows = torch.split(inputs["pixel_values"], [t * h * w for t, h, w in inputs["image_grid_thw"].tolist()])
+    scores = np.zeros(is_image.shape)
+    for b, pixels in enumerate(rows):
+        slots = np.flatnonzero(is_image[b])
+        scores[b, slots] = numpy_random_scores(pixels[None], seed, len(slots))[0]
+    return scores
+
+
+@pytest.fixture(scope="module")
+def qwen64(tiny_qwen):
+    """A float64 copy of the tiny Qwen2.5-VL and its batch: float32 leaves the SDPA engine and the
+    eager reference about 5e-5 apart relative (the reference tolerance) on this model."""
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return copy.deepcopy(model).double(), inputs
+
+
+# --- the pooling windows: enumeration ---------------------------------------------------------------
+
+
+def test_pool_shape_is_the_enumerated_best_window_grid():
+    cases = [(budget, rows, cols) for rows in range(1, 13) for cols in range(1, 13) for budget in range(1, rows * cols + 1)]
+    cases += [(budget, rows, cols) for rows, cols in [(20, 16), (6, 9), (9, 4), (1, 50), (36, 22)] for budget in (1, 7, 16, 61, 64, 200)]
+    for budget, rows, cols in cases:
+        assert grid_pool_shape(budget, rows, cols) == enumerated_pool_shape(budget, rows, cols), (budget, rows, cols)
+
+
+def test_pool_shape_on_a_square_grid_is_llavas():
+    for budget in (192, 144, 128, 64, 36, 16):
+        assert grid_pool_shape(budget, 24, 24) == pool_shape(budget)
+
+
+# --- the kept set and the logits: the masked reference at the stock 3-D ids --------------------------
+
+
+@pytest.mark.parametrize("fastv_k", [None, 8])
+@pytest.mark.parametrize("method,budget", [("divprune", 20), ("divprune", 0.5), ("pool", 16), ("pool", 0.25), ("pool", 40)])
+def test_pre_llm_kept_set_and_logits_match_the_references(qwen64, method, budget, fastv_k):
+    model, inputs = qwen64
+    features, valid = reference_unit_tokens(model, inputs, method, budget)
+    reference_logits, reference_kept = qwen_masked_reference(model, inputs, fastv_k, 2, image_features=(features, valid))
+    out, real = engine_prefill(qwen_copy(model, visual_method=method, visual_budget=budget, fastv_k=fastv_k), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+    visual = ((inputs["input_ids"] == model.config.image_token_id) & reference_kept).sum(dim=1).tolist()
+    entered = [int(mask.sum()) for mask in valid]
+    assert visual == (entered if fastv_k is None else [min(fastv_k, n) for n in entered])
+
+
+@pytest.mark.parametrize("fastv_k,fastv_layer", [(16, 2), (0.5, 1), (40, 3)])
+def test_random_selection_matches_the_reference(qwen64, fastv_k, fastv_layer):
+    model, inputs = qwen64
+    scores = reference_random_scores(model, inputs, seed=3)
+    reference_logits, reference_kept = qwen_masked_reference(model, inputs, fastv_k, fastv_layer, slot_scores=scores)
+    hybrid = qwen_copy(model, fastv_k=fastv_k, fastv_layer=fastv_layer, fastv_select="random", select_seed=3)
+    out, real = engine_prefill(hybrid, inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+
+
+def test_counts_per_sample_are_capped_and_fractions_are_shares(tiny_qwen):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    text = (inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)).sum(dim=1)
+    for budget, entered in [(40, [40, 40, 36]), (0.5, [27, 27, 18]), (1000, UNITS)]:
+        with torch.no_grad():
+            out = qwen_copy(model, visual_method="divprune", visual_budget=budget, fastv_k=30)(**inputs, use_cache=True)
+        state = out.past_key_values.hybrid_state
+        assert state.visual_counts().entered == entered
+        assert state.prompt_tokens.tolist() == (text + torch.tensor(entered)).tolist()
+        assert state.prompt_tokens_kept.tolist() == (text + torch.tensor([min(30, n) for n in entered])).tolist()
+
+
+def test_two_images_per_prompt_each_get_their_budget(tiny_qwen):
+    from hybrid_vlm.tiny import synthetic_image
+
+    model, processor = tiny_qwen
+    content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "which color?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [synthetic_image(i).resize(size) for i, size in enumerate([(300, 200), (120, 250)])]
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = qwen_copy(model, visual_method="divprune", visual_budget=40)(**inputs, use_cache=True)
+    assert out.past_key_values.hybrid_state.visual_counts().entered == [40 + 36]
+
+
+# --- the batch, the cache, the host ------------------------------------------------------------------
+
+
+SETTINGS = [
+    dict(visual_method="divprune", visual_budget=20),
+    dict(visual_method="pool", visual_budget=0.25, fastv_k=6),
+    dict(fastv_k=16, fastv_select="random"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_batch_of_image_sizes_equals_each_alone(tiny_qwen, settings):
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model, **settings)
+    batched = generate(hybrid, qwen_inputs(processor, QUESTIONS))
+    for i in range(len(QUESTIONS)):
+        alone = generate(hybrid, qwen_inputs(processor, QUESTIONS[i : i + 1], indices=[i]))
+        assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_cached_generation_equals_recomputation(tiny_qwen, settings):
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    hybrid = qwen_copy(model, **settings)
+    assert torch.equal(generate(hybrid, inputs), greedy_without_cache(hybrid, inputs, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_no_host_syncs_on_meta(tiny_qwen, settings):
+    model, processor = tiny_qwen
+    assert check_no_host_syncs(qwen_copy(model, **settings), qwen_inputs(processor, QUESTIONS), decode_steps=2) == "pass"
+
+
+# --- refused settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings,error,needle", [
+    (dict(visual_method="visionzip", visual_budget=64), ValueError, r"no \[CLS\] token"),
+    (dict(visual_method="vispruner", visual_budget=64), ValueError, r"no \[CLS\] token"),
+    (dict(visual_method="pdrop", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
+    (dict(visual_method="dart", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
+    (dict(visual_pool=2), ValueError, "use VISUAL_METHOD=pool with VISUAL_BUDGET"),
+])
+def test_unavailable_methods_are_refused_with_the_reason(tiny_qwen, settings, error, needle):
+    model, _ = tiny_qwen
+    with pytest.raises(error, match=needle):
+        qwen_copy(model, **settings)
+
+
+@pytest.mark.parametrize("budget", [0, 1.0, 1.5, -0.25, True])
+def test_bad_budgets_name_the_setting_and_the_accepted_forms(budget):
+    with pytest.raises(ValueError, match=r"VISUAL_BUDGET=.* is not valid for divprune: use an integer n >= 1 .*fraction"):
+        HybridConfig(visual_method="divprune", visual_budget=budget)
