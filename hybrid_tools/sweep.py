@@ -78,7 +78,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fastv_k, parse_fastv_layer, parse_visual_pool
+from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fastv_k, parse_fastv_layer, parse_visual_budget, parse_visual_pool
 from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
 from vlmeval_plugin import settings
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--select", nargs="+", default=None, choices=SELECTIONS, help="FASTV_SELECT values (FastV and pool models)")
     parser.add_argument("--pool", nargs="+", default=None, help="VISUAL_POOL values (pool models)")
     parser.add_argument("--methods", nargs="+", default=None, choices=SWEEP_METHODS, help="methods to compare (their <family>_<method> names)")
-    parser.add_argument("--budgets", nargs="+", default=None, help="VISUAL_BUDGET values: visual tokens per image, by each method's rule")
+    parser.add_argument("--budgets", nargs="+", default=None, help="VISUAL_BUDGET values: visual tokens per image, by each method's rule, or fractions in (0, 1) of each image's tokens")
     parser.add_argument("--family", default="llava_v1.5_7b", choices=sorted(settings.FAMILY_VANILLA), help="whose names the short forms and --vanilla mean")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
     parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (llava_v1.5_7b; nothing patched) as the reference")
@@ -207,8 +207,10 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
             usable = [n for n, v in settings.VARIANTS.items() if not v.tiny or args.family == "tiny"]
             raise settings.PluginError(f"--model {model}: use one of {', '.join(usable)} or {', '.join(short)}")
     for text in args.budgets or []:
-        if not text.isdigit() or int(text) < 1:
-            raise settings.PluginError(f"--budgets {text}: use integers >= 1 (visual tokens per image)")
+        try:
+            parse_visual_budget(text)
+        except ValueError as error:
+            raise settings.PluginError(f"--budgets {text}: {error}") from None
     for text in args.fastv_k or []:
         parse_fastv_k(text)
     for text in args.fastv_layer or []:

@@ -23,14 +23,26 @@ FASTV = f"{QWEN}_fastv__fastv-r0.5-l2"
 
 def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
     names = [name for name, variant in settings.VARIANTS.items() if variant.family == QWEN]
-    assert names == [QWEN, f"{QWEN}_fastv"] and all(settings.VARIANTS[name].qwen for name in names)
+    assert names == [QWEN, f"{QWEN}_fastv", f"{QWEN}_random", f"{QWEN}_divprune", f"{QWEN}_pool"]
+    assert all(settings.VARIANTS[name].qwen for name in names)
     assert settings.FAMILY_CHECKPOINTS[QWEN] == "Qwen/Qwen2.5-VL-7B-Instruct"
-    assert settings.hybrid_config_for(f"{QWEN}_fastv", {"FASTV_K": "320"}) == HybridConfig(fastv_k=320)
-    assert settings.hybrid_config_for(f"{QWEN}_fastv", {}) == HybridConfig(fastv_k=0.5)
+    config = settings.hybrid_config_for
+    assert config(f"{QWEN}_fastv", {"FASTV_K": "320"}) == HybridConfig(fastv_k=320)
+    assert config(f"{QWEN}_fastv", {}) == HybridConfig(fastv_k=0.5)
+    assert config(f"{QWEN}_fastv", {"FASTV_SELECT": "random"}) == HybridConfig(fastv_k=0.5, fastv_select="random")
+    assert config(f"{QWEN}_random", {}) == HybridConfig(fastv_k=0.5, fastv_select="random")
+    assert config(f"{QWEN}_random", {"VISUAL_BUDGET": "0.25"}) == HybridConfig(fastv_k=0.75, fastv_select="random")
+    # Qwen's defaults are fractions of each image (its token count follows the resolution)
+    assert config(f"{QWEN}_divprune", {}) == HybridConfig(visual_method="divprune", visual_budget=0.098)
+    assert config(f"{QWEN}_pool", {}) == HybridConfig(visual_method="pool", visual_budget=0.25)
+    # a count above LLaVA-1.5's 576 patches is fine here: it is capped at each image's units
+    assert config(f"{QWEN}_divprune", {"VISUAL_BUDGET": "2000"}) == HybridConfig(visual_method="divprune", visual_budget=2000)
     with pytest.raises(settings.PluginError, match="POSITION_MODE=renumbered"):
-        settings.hybrid_config_for(f"{QWEN}_fastv", {"HYBRID_POSITIONS": "renumbered"})
-    with pytest.raises(settings.PluginError, match="FASTV_SELECT=random"):
-        settings.hybrid_config_for(f"{QWEN}_fastv", {"FASTV_SELECT": "random"})
+        config(f"{QWEN}_fastv", {"HYBRID_POSITIONS": "renumbered"})
+    with pytest.raises(settings.PluginError, match="VISUAL_METHOD=visionzip conflicts with the name"):
+        config(f"{QWEN}_divprune", {"VISUAL_METHOD": "visionzip"})
+    with pytest.raises(settings.PluginError, match="VISUAL_BUDGET='1.5' is not valid"):
+        config(f"{QWEN}_pool", {"VISUAL_BUDGET": "1.5"})
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +55,11 @@ def qwen_checkpoint(sandbox):  # noqa: F811
 def expected_visual_tokens(lmu: Path, dataset: str) -> dict[str, int]:
     """Per row, t*h*w/4 from qwen_vl_utils' smart_resize of the row's image at VLMEvalKit's pixel range
     (an image is one temporal patch of 2 frames: t*h*w/4 = h'*w' / 28^2)."""
+    return {index: rows * cols for index, (rows, cols) in expected_unit_grids(lmu, dataset).items()}
+
+
+def expected_unit_grids(lmu: Path, dataset: str) -> dict[str, tuple[int, int]]:
+    """Per row, the (rows, cols) of its image's merged 2x2 units: (h' / 28, w' / 28) after smart_resize."""
     from PIL import Image
     from qwen_vl_utils import smart_resize
 
@@ -53,7 +70,7 @@ def expected_visual_tokens(lmu: Path, dataset: str) -> dict[str, int]:
         data = encoded.get(row.image, row.image)  # a circular copy names the row that holds its image
         image = Image.open(io.BytesIO(base64.b64decode(data)))
         height, width = smart_resize(image.height, image.width, 28, 1280 * 28 * 28, 16384 * 28 * 28)
-        counts[str(row.index)] = height * width // (28 * 28)
+        counts[str(row.index)] = (height // 28, width // 28)
     return counts
 
 
@@ -84,6 +101,49 @@ def test_qwen_fastv_runs_end_to_end_the_same_at_batch_1_and_4(sandbox, qwen_chec
             assert record["tokens_in"] == stock[record["index"]]["tokens_in"]  # text + sum of t*h*w/4
             text = record["tokens_in"] - record["visual_in"]
             assert record["tokens_kept"] == text + visual_keep_count(record["visual_in"], 0.5)
+
+
+@needs_vlmeval
+def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sandbox, qwen_checkpoint):  # noqa: F811
+    """DivPrune and pooling on the merged units, and random selection: per row, the visual tokens
+    kept are the quota of that row's image (pooling's window grid by enumeration, test_qwen_methods),
+    and the tokens kept are its text plus them."""
+    from test_qwen_methods import enumerated_pool_shape
+
+    from hybrid_vlm import visual_keep_count
+
+    names = [f"{QWEN}_divprune", f"{QWEN}_pool", f"{QWEN}_random"]
+    effective = [f"{QWEN}_divprune__divprune-b0.098", f"{QWEN}_pool__pool-b0.25", f"{QWEN}_random__random-r0.5-l2"]
+    outputs = {}
+    for batch in (1, 4):
+        work = sandbox["root"] / f"qwen-methods-{batch}"
+        result = run_py(sandbox, ["--model", *names, "--model-path", str(qwen_checkpoint), "--data", "TinyMMBench", "--limit", "8",
+                                  "--work-dir", str(work), "--batch-size", str(batch), "--max-new-tokens", "3"], timeout=1500)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[batch] = work
+    grids = expected_unit_grids(Path(sandbox["env"]["LMUData"]), "TinyMMBench")
+
+    def quota(name: str, rows: int, cols: int) -> int:
+        units = rows * cols
+        if "divprune" in name:
+            return max(1, round(units * 0.098))
+        if "pool" in name:
+            shape = enumerated_pool_shape(max(1, round(units * 0.25)), rows, cols)
+            return shape[0] * shape[1]
+        return visual_keep_count(units, 0.5)
+
+    for name in effective:
+        one, four = (predictions(outputs[b], name, "TinyMMBench") for b in (1, 4))
+        assert one["prediction"].tolist() == four["prediction"].tolist()
+        records = sidecar(outputs[4], name, "TinyMMBench")
+        assert records and not any("error" in r for r in records) and max(r["batch_size"] for r in records) > 1
+        for record in records:
+            rows, cols = grids[record["index"]]
+            before_llm = "random" not in name  # what enters layer 0 is the quota (rule A), else every unit
+            assert record["visual_in"] == (quota(name, rows, cols) if before_llm else rows * cols), (name, record)
+            assert record["visual_kept"] == quota(name, rows, cols), (name, record)
+            text = record["tokens_in"] - record["visual_in"]
+            assert record["tokens_kept"] == text + record["visual_kept"], (name, record)
 
 
 @needs_vlmeval

@@ -196,3 +196,12 @@ def test_baselines_and_the_testbed_family_in_the_plan(capsys, clean_env, monkeyp
     ]
     assert sweep.main(["--data", "X", "--pool", "5", "--dry-run"]) == 2
     assert "VISUAL_POOL='5' is not valid" in capsys.readouterr().err
+
+
+def test_qwen_method_sweep_takes_counts_and_fractions(capsys, clean_env):
+    qwen = "Qwen2.5-VL-7B-Instruct"
+    assert planned(capsys, "--family", qwen, "--data", "X", "--methods", "divprune", "pool", "--budgets", "0.25", "40") == [
+        f"{qwen}_divprune__divprune-b0.25", f"{qwen}_divprune__divprune-b40", f"{qwen}_pool__pool-b0.25", f"{qwen}_pool__pool-b40",
+    ]
+    assert sweep.main(["--family", qwen, "--data", "X", "--methods", "divprune", "--budgets", "1.5", "--dry-run"]) == 2
+    assert "VISUAL_BUDGET='1.5' is not valid" in capsys.readouterr().err

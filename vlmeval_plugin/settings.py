@@ -23,9 +23,11 @@ Names and their fixed meaning:
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
     llava_next_mistral_7b{...}
                            the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
-    Qwen2.5-VL-7B-Instruct{,_fastv}
-                           Qwen/Qwen2.5-VL-7B-Instruct (VLMEvalKit's name): stock, or FastV (FASTV_K as a
-                           count per image prompt or a fraction, FASTV_LAYER), original (t, h, w) ids
+    Qwen2.5-VL-7B-Instruct{,_fastv,_random,_divprune,_pool}
+                           Qwen/Qwen2.5-VL-7B-Instruct (VLMEvalKit's name): stock; FastV or random selection
+                           (FASTV_K as a count per prompt or a fraction, FASTV_LAYER); DivPrune or pooling on
+                           the merged 2x2 units (VISUAL_BUDGET, a count per image or a fraction; default 0.098
+                           and 0.25); kept tokens keep their original (t, h, w) ids
     llava_tiny_{fastv,dymu,pool,random,visionzip,vispruner,divprune,pdrop,sparsevlm,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
@@ -70,6 +72,10 @@ LLAVA_15_PATCHES = 576
 # recipe for 64 layer-averaged tokens, DART's README setting (128, which keeps 132 officially)
 LLM_METHODS = ("pdrop", "sparsevlm", "dart")
 DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "sparsevlm": 64, "dart": 128}
+# Qwen2.5-VL's image token count follows the resolution, so its defaults are fractions of each image:
+# DivPrune's published ratio (0.098 kept) and pooling's 2 x 2 share (0.25 kept)
+QWEN_PRE_LLM_METHODS = ("divprune", "pool")
+QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -120,10 +126,16 @@ class Variant:
 
 
 def qwen_variants(family: str) -> tuple[Variant, ...]:
-    """Stock and FastV: what the engine implements for Qwen2.5-VL so far."""
+    """Stock, FastV, random selection, and the methods before the LLM that need no [CLS] token (on
+    the merged 2x2 units): what the engine implements for Qwen2.5-VL so far."""
     return (
         Variant(family, fastv=False, dymu=False, family=family, description=f"stock {family}, nothing patched"),
-        Variant(f"{family}_fastv", fastv=True, dymu=False, family=family, description=f"{family}: FastV (FASTV_K, FASTV_LAYER)"),
+        Variant(f"{family}_fastv", fastv=True, dymu=False, family=family, description=f"{family}: FastV (FASTV_K, FASTV_LAYER, FASTV_SELECT)"),
+        Variant(f"{family}_random", fastv=False, dymu=False, family=family, method="random",
+                description=f"{family}: random selection at FastV's layer (VISUAL_BUDGET or FASTV_K, SELECT_SEED)"),
+        *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
+                  description=f"{family}: {method} on the merged units (VISUAL_BUDGET, a count per image or a fraction)")
+          for method in QWEN_PRE_LLM_METHODS),
     )
 
 
@@ -282,15 +294,21 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         defaults["visual_pool"] = DEFAULT_POOL
     try:
         config = HybridConfig.from_env(read_env, **defaults)
-        if variant.qwen:
-            from hybrid_vlm.qwen import check_qwen_settings
-
-            check_qwen_settings(config)
-        elif config.pre_llm_method is not None and not variant.next:
-            check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
+        check_for_model(variant, config)
     except (ValueError, NotImplementedError) as error:
         raise PluginError(f"{name}: {error}") from None
     return config
+
+
+def check_for_model(variant: Variant, config: HybridConfig) -> None:
+    """What the name's model cannot run, refused before loading: Qwen2.5-VL's own limits; on
+    LLaVA-1.5 a budget out of its 576 patches (LLaVA-NeXT's and Qwen's budgets are checked per image)."""
+    if variant.qwen:
+        from hybrid_vlm.qwen import check_qwen_settings
+
+        check_qwen_settings(config)
+    elif config.pre_llm_method is not None and not variant.next:
+        check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
 
 
 def check_method_setting(name: str, variant: Variant, env) -> None:
@@ -319,15 +337,15 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
     read_env = {key: env[key] for key in reads if key in env}
     read_env["VISUAL_METHOD"] = variant.method
     if not read_env.get("VISUAL_BUDGET", "").strip() and not read_env.get("FASTV_K", "").strip():
-        read_env["VISUAL_BUDGET"] = str(DEFAULT_BUDGETS.get(variant.method, "")) if variant.method != "random" else ""
+        defaults = QWEN_DEFAULT_BUDGETS if variant.qwen else DEFAULT_BUDGETS
+        read_env["VISUAL_BUDGET"] = str(defaults.get(variant.method, "")) if variant.method != "random" else ""
         if variant.method == "random":
             read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
     try:
         config = HybridConfig.from_env(read_env)
-        if config.pre_llm_method is not None and not variant.next:  # LLaVA-1.5: 576 patches (NeXT: checked per image)
-            check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
+        check_for_model(variant, config)
         return config
-    except ValueError as error:
+    except (ValueError, NotImplementedError) as error:
         raise PluginError(f"{name}: {error}") from None
 
 
