@@ -266,8 +266,8 @@ def check_supported(model, config) -> None:
         )
     if isinstance(model, LlavaNextForConditionalGeneration):
         if config.staged_method is not None:
-            raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} is implemented for LLaVA-1.5 only: LLaVA-NeXT's "
-                                      "per-sample visual counts differ, which its stages do not handle yet")
+            raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} is not implemented for LLaVA-NeXT yet: its stages "
+                                      "have not been checked with LLaVA-NeXT's newline tokens")
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
         if config.visual_method == "pool":

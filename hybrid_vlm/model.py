@@ -250,6 +250,13 @@ class HybridDecoder:
     parts_of = staticmethod(llava_parts)  # (model) -> LlavaParts: the modules the loop drives
     check_model = staticmethod(check_supported)  # (model, config) -> None: refuses what the engine does not implement
 
+    @staticmethod
+    def fixed_visual_count(model) -> int | None:
+        """Visual tokens per image when the model fixes them (LLaVA's CLIP grid); None where they
+        follow the image (Qwen2.5-VL: a stage's budget is then checked per sample, at the forward)."""
+        vision = model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2
+
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         """The position rule for a prompt with images: LLaVA's are the 1-D logical ones, [B, L]."""
         return position_ids
@@ -414,6 +421,7 @@ class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForCondi
     image_slots = staticmethod(qwen_image_slots)
     parts_of = staticmethod(qwen_parts)
     check_model = staticmethod(check_qwen_supported)
+    fixed_visual_count = staticmethod(lambda model: None)
 
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         return qwen_prompt_positions(self, input_ids, new_valid, image_layout)
@@ -485,9 +493,8 @@ def apply_hybrid(model, config: HybridConfig | None = None):
     num_layers = len(hybrid.parts_of(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
-    if config.staged_method is not None:
-        vision = model.config.vision_config
-        check_whole_image_budget(config, (vision.image_size // vision.patch_size) ** 2, num_layers)
+    if config.staged_method is not None and hybrid.fixed_visual_count(model) is not None:
+        check_whole_image_budget(config, hybrid.fixed_visual_count(model), num_layers)
     model.__class__ = hybrid
     model.hybrid_config = config
     return model

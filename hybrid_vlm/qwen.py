@@ -120,16 +120,16 @@ def check_qwen_settings(config) -> None:
     """What `check_qwen_supported` refuses, from the settings alone (the plugin asks before loading)."""
     if config.dymu is not None:
         raise ValueError("DYMU_THRESHOLDS is not implemented for Qwen2.5-VL: DyMU merges CLIP patches, and Qwen's windowed "
-                         "ViT needs whole 2x2 merge units (see ../shared/notes/qwen_video.md A3)")
+                         "ViT needs whole 2x2 merge units")
     if config.visual_method in NEEDS_CLS:
         raise ValueError(f"VISUAL_METHOD={config.visual_method} is not available for Qwen2.5-VL: it ranks patches by the "
                          "[CLS] token's attention, and Qwen2.5-VL's ViT has no [CLS] token")
     if config.visual_pool is not None:
         raise ValueError("VISUAL_POOL is LLaVA-1.5's s x s blocks of its 24 x 24 grid: on Qwen2.5-VL use VISUAL_METHOD=pool "
                          "with VISUAL_BUDGET (a count or a fraction of each image's merged units)")
-    if config.staged_method is not None:
-        raise NotImplementedError(f"VISUAL_METHOD={config.visual_method} is not implemented for Qwen2.5-VL yet: its stages "
-                                  "assume one visual count for every sample; fastv, random, divprune and pool are")
+    if config.staged_method == "sparsevlm":
+        raise NotImplementedError("VISUAL_METHOD=sparsevlm is not implemented for Qwen2.5-VL yet: its recycled clusters assume "
+                                  "one visual count for every sample; fastv, random, divprune, pool, pdrop and dart run")
     if config.position_mode != "logical":
         raise ValueError(f"POSITION_MODE={config.position_mode} is not implemented for Qwen2.5-VL: its kept tokens keep their "
                          "original (t, h, w) ids (POSITION_MODE=logical)")

@@ -27,8 +27,9 @@ from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, surviving_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop, sparsevlm
-from .methods.dart import dart_keep_mask, kept_count, key_l1_norms, quotas_for
+from .methods.dart import IMAGE_PIVOTS, dart_keep_mask, kept_count, key_l1_norms, quotas_for
 from .placement import PlacedPrompt
+from .runtime import host_to_device
 
 SCORE_KINDS = ("previous_row", "own_row", "dart", "raters", "slots")
 
@@ -111,31 +112,56 @@ def stage_plans(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_i
 
 
 def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
-    """pdrop's stages or dart's one, on prompts whose samples all hold the same visual count."""
+    """pdrop's stages or dart's one, each sample by its own visual count (Qwen2.5-VL's image sizes
+    differ within a batch); sparsevlm's on prompts whose samples all hold the same count."""
     counts = placed.visual_counts
-    if counts is None or len(set(counts)) != 1 or placed.entered_positions is not None:
-        raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} needs every sample to hold the same number of visual "
-                                  "tokens in their placeholders (LLaVA-1.5 without DyMU)")
-    num_visual = counts[0]
+    if counts is None:
+        raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} needs each sample's visual token count on the host "
+                                  "(not after DyMU merging)")
     if config.llm_method == "sparsevlm":
-        layers = sparsevlm.stage_layers(num_layers)
-        stage_counts = sparsevlm.stage_counts(config.visual_budget, num_visual)
-        return {
-            layer: PrunePlan(kept + clusters, placed.visual_positions if index == 0 else None, query_index if index == 0 else None,
-                             None, None, score="raters", recycle=clusters)
-            for index, (layer, (kept, clusters)) in enumerate(zip(layers, stage_counts))
-        }
+        return sparsevlm_stages(config, placed, query_index, num_layers)
+    device = query_index.device
     if config.llm_method == "dart":
         quotas = quotas_for(config.visual_budget, config.dart_quota)
-        plan = PrunePlan(kept_count(quotas), placed.visual_positions, query_index, None, None,
+        check_dart_quotas(config, quotas)
+        keeps = [min(kept_count(quotas), count) for count in counts]  # a sample holding fewer keeps them all
+        plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
                          score="dart", dart_quotas=quotas, dart_pivots=config.dart_pivots)
         return {config.fastv_layer: plan}
-    layers = pdrop.schedule(config.visual_budget, num_visual, num_layers)
+    schedules = [pdrop_schedule_capped(config.visual_budget, count, num_layers) for count in counts]
     plans = {}
-    for index, (layer, keep) in enumerate(layers.items()):
+    for index, layer in enumerate(pdrop.stage_layers(num_layers)):
+        keeps = [schedule[layer] for schedule in schedules]
         first = index == 0
-        plans[layer] = PrunePlan(keep, placed.visual_positions if first else None, query_index if first else None, None, None, score="own_row")
+        plans[layer] = PrunePlan(max(keeps), placed.visual_positions if first else None, query_index if first else None,
+                                 per_sample(keeps, device), None, uniform=len(set(keeps)) == 1, score="own_row")
     return plans
+
+
+def per_sample(keeps: list[int], device) -> torch.Tensor | None:
+    """[B] per-sample quotas on the device where they differ (`select_kept_positions`), else None."""
+    return None if len(set(keeps)) == 1 else host_to_device(torch.tensor(keeps), device)
+
+
+def pdrop_schedule_capped(budget: int, num_visual: int, num_layers: int) -> dict[int, int]:
+    """PyramidDrop's schedule for one sample; a budget at or above its visual count keeps them all."""
+    if budget >= num_visual:
+        return dict.fromkeys(pdrop.stage_layers(num_layers), num_visual)
+    return pdrop.schedule(budget, num_visual, num_layers)
+
+
+def sparsevlm_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
+    counts = placed.visual_counts
+    if len(set(counts)) != 1 or placed.entered_positions is not None:
+        raise NotImplementedError("VISUAL_METHOD=sparsevlm needs every sample to hold the same number of visual tokens "
+                                  "(its recycled clusters are sized by the count); LLaVA-1.5 without DyMU does")
+    layers = sparsevlm.stage_layers(num_layers)
+    stage_counts = sparsevlm.stage_counts(config.visual_budget, counts[0])
+    return {
+        layer: PrunePlan(kept + clusters, placed.visual_positions if index == 0 else None, query_index if index == 0 else None,
+                         None, None, score="raters", recycle=clusters)
+        for index, (layer, (kept, clusters)) in enumerate(zip(layers, stage_counts))
+    }
 
 
 def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: int) -> None:
@@ -147,11 +173,18 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
         sparsevlm.stage_counts(config.visual_budget, num_visual)
     elif config.llm_method == "dart":
         quotas = quotas_for(config.visual_budget, config.dart_quota)
-        if min(quotas) < 0 or kept_count(quotas) > num_visual:
+        check_dart_quotas(config, quotas)
+        if kept_count(quotas) > num_visual:
             raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
                              f"it keeps {kept_count(quotas)} of {num_visual} visual tokens; use 4..{num_visual}")
         if config.fastv_layer >= num_layers:
             raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for dart: use 1..{num_layers - 1}")
+
+
+def check_dart_quotas(config: HybridConfig, quotas: tuple[int, ...]) -> None:
+    if min(quotas) < 0:
+        raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
+                         f"it needs at least its {IMAGE_PIVOTS} image pivots")
 
 
 @dataclass

@@ -70,7 +70,7 @@ def compacted_reference(model, sample: dict, method: str, stages: dict[int, int]
                         dart_quotas: list[int] | None = None, dart_order: str = "sorted"):
     """(logits of the last prompt token [vocab], kept prompt positions after the last stage).
 
-    sample: one unpadded prompt (batch 1). method: "pdrop" (score with the stage layer's own
+    sample: one unpadded prompt (batch 1; LLaVA-1.5, or Qwen2.5-VL with its `image_grid_thw`). method: "pdrop" (score with the stage layer's own
     attention), "fastv" (the previous layer's) or "dart". stages: {layer: visual tokens kept from it on}."""
     reference = copy.deepcopy(model)  # its layers run as stock runs them (SDPA: float64 stays float64)
     language_model = reference.model.language_model
@@ -78,10 +78,16 @@ def compacted_reference(model, sample: dict, method: str, stages: dict[int, int]
     input_ids = sample["input_ids"][0]
     is_visual = (input_ids == reference.config.image_token_id).numpy()
     hidden = language_model.embed_tokens(input_ids[None])
-    features = reference.model.get_image_features(sample["pixel_values"], return_dict=True).pooler_output
+    if "image_grid_thw" in sample:  # Qwen2.5-VL: stock features per grid, stock 3-D ids [3, 1, L]
+        from qwen_reference import stock_positions
+
+        features = reference.model.get_image_features(sample["pixel_values"], sample["image_grid_thw"]).pooler_output
+        positions = stock_positions(reference, sample)
+    else:
+        features = reference.model.get_image_features(sample["pixel_values"], return_dict=True).pooler_output
+        positions = torch.arange(len(input_ids))[None]
     hidden[0, torch.from_numpy(is_visual)] = torch.cat(list(features)).to(hidden.dtype)
     alive = np.arange(len(input_ids))  # prompt positions of the current sequence
-    positions = torch.arange(len(input_ids))[None]
     cos_sin = language_model.rotary_emb(hidden, positions)
     previous_input = None
     for layer_idx, layer in enumerate(language_model.layers):
@@ -95,7 +101,7 @@ def compacted_reference(model, sample: dict, method: str, stages: dict[int, int]
                 keep_image = np.sort(top_of(scores, image, stages[layer_idx]))
             survivors = np.sort(np.concatenate([np.flatnonzero(~is_visual[alive]), keep_image]))
             hidden, alive = hidden[:, survivors], alive[survivors]
-            positions = torch.arange(len(alive))[None] if position_mode == "renumbered" else positions[:, survivors]
+            positions = torch.arange(len(alive))[None] if position_mode == "renumbered" else positions[..., survivors]
             cos_sin = language_model.rotary_emb(hidden, positions)
         previous_input = hidden
         hidden = layer(hidden, attention_mask=causal_additive(hidden.shape[1], hidden.dtype), position_embeddings=cos_sin, position_ids=positions)

@@ -1,9 +1,11 @@
 """The registry's methods on Qwen2.5-VL: DivPrune and pooling before the LLM on each image's merged
-2x2 units (the PatchMerger's output), random selection at FastV's layer, and FastV after either.
-Checked against independent references: NumPy re-implementations fed by stock transformers' image
-features, a brute-force enumeration of the pooling windows, the masked-attention reference at the
-stock 3-D ids of the kept units, each prompt alone, cache-free recomputation, no host syncs. The
-batches mix image sizes (54, 54 and 36 units), so every sample has its own count."""
+2x2 units (the PatchMerger's output), random selection at FastV's layer, FastV after either, and
+PyramidDrop and DART inside the LLM on each sample's own span. Checked against independent
+references: NumPy re-implementations fed by stock transformers' image features, a brute-force
+enumeration of the pooling windows, the masked-attention reference at the stock 3-D ids of the kept
+units, the compacted-sequence forward of each prompt alone (stage_reference), each prompt alone,
+cache-free recomputation, no host syncs. The batches mix image sizes (54, 54 and 36 units), so
+every sample has its own count."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from conftest import QUESTIONS, qwen_inputs
 from method_reference import divprune_reference
 from qwen_reference import qwen_masked_reference
 from reference import greedy_without_cache, numpy_adaptive_pool, numpy_random_scores
+from stage_reference import compacted_reference, pdrop_schedule_by_hand
 from test_llava_next import assert_matches_reference, engine_prefill
 
 NEW_TOKENS = 4
@@ -169,6 +172,74 @@ def test_two_images_per_prompt_each_get_their_budget(tiny_qwen):
     assert out.past_key_values.hybrid_state.visual_counts().entered == [40 + 36]
 
 
+# --- inside the LLM: PyramidDrop and DART on each sample's own span ---------------------------------
+
+DEEP_LAYERS = 8
+DEEP_STAGE_LAYERS = (1, 2, 4)  # PyramidDrop's (2, 8, 16) of 32 layers, scaled to 8: round(0.5) = 0, raised to 1
+STAGE_CASES = {
+    "pdrop-20": (dict(visual_method="pdrop", visual_budget=20), "pdrop"),
+    "pdrop-40": (dict(visual_method="pdrop", visual_budget=40), "pdrop"),  # at or above the 36-unit image: all kept
+    "dart-20": (dict(visual_method="dart", visual_budget=20), "dart"),
+    "dart-40-matched-official-pivots": (dict(visual_method="dart", visual_budget=40, dart_quota="matched", dart_pivots="official"), "dart"),
+}
+
+
+@pytest.fixture(scope="module")
+def deep_qwen64():
+    """A tiny Qwen2.5-VL with an 8-layer LLM (three PyramidDrop stages), in float64, and its batch."""
+    from hybrid_vlm.tiny_qwen import build_tiny_qwen
+
+    from conftest import QWEN_PIXELS
+
+    model, processor = build_tiny_qwen(text_layers=DEEP_LAYERS, **QWEN_PIXELS)
+    inputs = qwen_inputs(processor, QUESTIONS)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return model.double(), processor, inputs
+
+
+def unpadded_sample(batch, b: int) -> dict:
+    """Prompt b of a left-padded batch of one image each, as it would be alone."""
+    pad = int((batch["attention_mask"][b] == 0).sum())
+    rows = [t * h * w for t, h, w in batch["image_grid_thw"].tolist()]
+    start = sum(rows[:b])
+    sample = {key: batch[key][b : b + 1, pad:] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return sample | dict(pixel_values=batch["pixel_values"][start : start + rows[b]], image_grid_thw=batch["image_grid_thw"][b : b + 1])
+
+
+def reference_stages(settings: dict, units: int) -> tuple[dict, list[int] | None]:
+    budget = settings["visual_budget"]
+    if settings["visual_method"] == "pdrop":
+        if budget >= units:
+            return dict.fromkeys(DEEP_STAGE_LAYERS, units), None
+        return pdrop_schedule_by_hand(budget, units, DEEP_STAGE_LAYERS, DEEP_LAYERS), None
+    if settings.get("dart_quota", "official") == "official":
+        return {2: None}, [budget // 8] * 8
+    picks = budget - 4
+    return {2: None}, [picks // 8 + (1 if i < picks % 8 else 0) for i in range(8)]
+
+
+@pytest.mark.parametrize("case", STAGE_CASES)
+def test_stages_equal_the_compacted_reference_per_sample(deep_qwen64, case):
+    """A left-padded batch of three image sizes; each sample against the compacted-sequence forward
+    of its unpadded prompt alone, at the stock 3-D ids, with the schedule of its own visual count."""
+    model, _, inputs = deep_qwen64
+    settings, method = STAGE_CASES[case]
+    out, real = engine_prefill(qwen_copy(model, **settings), inputs)
+    for b, units in enumerate(UNITS):
+        sample = unpadded_sample(inputs, b)
+        pad = inputs["input_ids"].shape[1] - sample["input_ids"].shape[1]
+        stages, quotas = reference_stages(settings, units)
+        logits, kept = compacted_reference(model, sample, method, stages, "logical", quotas, settings.get("dart_pivots", "sorted"))
+        assert np.array_equal(np.sort(out.kept_positions[b][real[b]].numpy() - pad), kept)
+        torch.testing.assert_close(out.logits[b, -1], logits, rtol=1e-9, atol=1e-9)
+
+
+def test_a_pdrop_budget_below_a_samples_floor_is_refused_naming_the_range(deep_qwen64):
+    model, _, inputs = deep_qwen64
+    with torch.no_grad(), pytest.raises(ValueError, match=r"VISUAL_BUDGET=5 is not reachable by pdrop .* 54 visual tokens"):
+        qwen_copy(model, visual_method="pdrop", visual_budget=5)(**inputs)
+
+
 # --- the batch, the cache, the host ------------------------------------------------------------------
 
 
@@ -176,6 +247,8 @@ SETTINGS = [
     dict(visual_method="divprune", visual_budget=20),
     dict(visual_method="pool", visual_budget=0.25, fastv_k=6),
     dict(fastv_k=16, fastv_select="random"),
+    dict(visual_method="pdrop", visual_budget=20),
+    dict(visual_method="dart", visual_budget=20),
 ]
 
 
@@ -209,8 +282,8 @@ def test_no_host_syncs_on_meta(tiny_qwen, settings):
 @pytest.mark.parametrize("settings,error,needle", [
     (dict(visual_method="visionzip", visual_budget=64), ValueError, r"no \[CLS\] token"),
     (dict(visual_method="vispruner", visual_budget=64), ValueError, r"no \[CLS\] token"),
-    (dict(visual_method="pdrop", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
-    (dict(visual_method="dart", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
+    (dict(visual_method="sparsevlm", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
+    (dict(visual_method="pdrop", visual_budget=0.5), ValueError, "its schedules take a count"),
     (dict(visual_pool=2), ValueError, "use VISUAL_METHOD=pool with VISUAL_BUDGET"),
 ])
 def test_unavailable_methods_are_refused_with_the_reason(tiny_qwen, settings, error, needle):
