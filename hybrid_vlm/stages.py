@@ -143,9 +143,9 @@ def per_sample(keeps: list[int], device) -> torch.Tensor | None:
     return None if len(set(keeps)) == 1 else host_to_device(torch.tensor(keeps), device)
 
 
-def pdrop_schedule_capped(budget: int, num_visual: int, num_layers: int) -> dict[int, int]:
-    """PyramidDrop's schedule for one sample; a budget at or above its visual count keeps them all."""
-    if budget >= num_visual:
+def pdrop_schedule_capped(budget: int | float, num_visual: int, num_layers: int) -> dict[int, int]:
+    """PyramidDrop's schedule for one sample; a count at or above its visual count keeps them all."""
+    if isinstance(budget, int) and budget >= num_visual:
         return dict.fromkeys(pdrop.stage_layers(num_layers), num_visual)
     return pdrop.schedule(budget, num_visual, num_layers)
 

@@ -179,6 +179,7 @@ DEEP_STAGE_LAYERS = (1, 2, 4)  # PyramidDrop's (2, 8, 16) of 32 layers, scaled t
 STAGE_CASES = {
     "pdrop-20": (dict(visual_method="pdrop", visual_budget=20), "pdrop"),
     "pdrop-40": (dict(visual_method="pdrop", visual_budget=40), "pdrop"),  # at or above the 36-unit image: all kept
+    "pdrop-0.3": (dict(visual_method="pdrop", visual_budget=0.3), "pdrop"),  # a layer average of 0.3 V_b per sample
     "dart-20": (dict(visual_method="dart", visual_budget=20), "dart"),
     "dart-40-matched-official-pivots": (dict(visual_method="dart", visual_budget=40, dart_quota="matched", dart_pivots="official"), "dart"),
 }
@@ -209,6 +210,8 @@ def unpadded_sample(batch, b: int) -> dict:
 def reference_stages(settings: dict, units: int) -> tuple[dict, list[int] | None]:
     budget = settings["visual_budget"]
     if settings["visual_method"] == "pdrop":
+        if isinstance(budget, float):
+            return pdrop_schedule_by_hand(budget * units, units, DEEP_STAGE_LAYERS, DEEP_LAYERS), None
         if budget >= units:
             return dict.fromkeys(DEEP_STAGE_LAYERS, units), None
         return pdrop_schedule_by_hand(budget, units, DEEP_STAGE_LAYERS, DEEP_LAYERS), None
@@ -283,7 +286,7 @@ def test_no_host_syncs_on_meta(tiny_qwen, settings):
     (dict(visual_method="visionzip", visual_budget=64), ValueError, r"no \[CLS\] token"),
     (dict(visual_method="vispruner", visual_budget=64), ValueError, r"no \[CLS\] token"),
     (dict(visual_method="sparsevlm", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
-    (dict(visual_method="pdrop", visual_budget=0.5), ValueError, "its schedules take a count"),
+    (dict(visual_method="dart", visual_budget=0.5), ValueError, "its schedules take a count"),
     (dict(visual_pool=2), ValueError, "use VISUAL_METHOD=pool with VISUAL_BUDGET"),
 ])
 def test_unavailable_methods_are_refused_with_the_reason(tiny_qwen, settings, error, needle):

@@ -23,7 +23,7 @@ FASTV = f"{QWEN}_fastv__fastv-r0.5-l2"
 
 def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
     names = [name for name, variant in settings.VARIANTS.items() if variant.family == QWEN]
-    assert names == [QWEN, f"{QWEN}_fastv", f"{QWEN}_random", f"{QWEN}_divprune", f"{QWEN}_pool"]
+    assert names == [QWEN, f"{QWEN}_fastv", f"{QWEN}_random", f"{QWEN}_divprune", f"{QWEN}_pool", f"{QWEN}_pdrop", f"{QWEN}_dart"]
     assert all(settings.VARIANTS[name].qwen for name in names)
     assert settings.FAMILY_CHECKPOINTS[QWEN] == "Qwen/Qwen2.5-VL-7B-Instruct"
     config = settings.hybrid_config_for
@@ -35,6 +35,10 @@ def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
     # Qwen's defaults are fractions of each image (its token count follows the resolution)
     assert config(f"{QWEN}_divprune", {}) == HybridConfig(visual_method="divprune", visual_budget=0.098)
     assert config(f"{QWEN}_pool", {}) == HybridConfig(visual_method="pool", visual_budget=0.25)
+    assert config(f"{QWEN}_pdrop", {}) == HybridConfig(visual_method="pdrop", visual_budget=0.11)
+    assert config(f"{QWEN}_dart", {"FASTV_LAYER": "3"}) == HybridConfig(visual_method="dart", visual_budget=128, fastv_layer=3)
+    with pytest.raises(settings.PluginError, match="dart: its schedules take a count"):
+        config(f"{QWEN}_dart", {"VISUAL_BUDGET": "0.2"})
     # a count above LLaVA-1.5's 576 patches is fine here: it is capped at each image's units
     assert config(f"{QWEN}_divprune", {"VISUAL_BUDGET": "2000"}) == HybridConfig(visual_method="divprune", visual_budget=2000)
     with pytest.raises(settings.PluginError, match="POSITION_MODE=renumbered"):
@@ -112,8 +116,8 @@ def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sa
 
     from hybrid_vlm import visual_keep_count
 
-    names = [f"{QWEN}_divprune", f"{QWEN}_pool", f"{QWEN}_random"]
-    effective = [f"{QWEN}_divprune__divprune-b0.098", f"{QWEN}_pool__pool-b0.25", f"{QWEN}_random__random-r0.5-l2"]
+    names = [f"{QWEN}_divprune", f"{QWEN}_pool", f"{QWEN}_random", f"{QWEN}_dart"]
+    effective = [f"{QWEN}_divprune__divprune-b0.098", f"{QWEN}_pool__pool-b0.25", f"{QWEN}_random__random-r0.5-l2", f"{QWEN}_dart__dart-b128-l2"]
     outputs = {}
     for batch in (1, 4):
         work = sandbox["root"] / f"qwen-methods-{batch}"
@@ -130,6 +134,8 @@ def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sa
         if "pool" in name:
             shape = enumerated_pool_shape(max(1, round(units * 0.25)), rows, cols)
             return shape[0] * shape[1]
+        if "dart" in name:
+            return min(4 + 8 * (128 // 8), units)  # the official quotas: 4 image pivots, 128 // 8 per pivot
         return visual_keep_count(units, 0.5)
 
     for name in effective:
@@ -139,11 +145,33 @@ def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sa
         assert records and not any("error" in r for r in records) and max(r["batch_size"] for r in records) > 1
         for record in records:
             rows, cols = grids[record["index"]]
-            before_llm = "random" not in name  # what enters layer 0 is the quota (rule A), else every unit
+            before_llm = "divprune" in name or "pool" in name  # what enters layer 0 is the quota (rule A), else every unit
             assert record["visual_in"] == (quota(name, rows, cols) if before_llm else rows * cols), (name, record)
             assert record["visual_kept"] == quota(name, rows, cols), (name, record)
             text = record["tokens_in"] - record["visual_in"]
             assert record["tokens_kept"] == text + record["visual_kept"], (name, record)
+
+
+@needs_vlmeval
+def test_qwen_pdrop_fraction_runs_the_same_at_batch_1_and_4(sandbox, qwen_checkpoint):  # noqa: F811
+    """PyramidDrop with a fraction: per row, the layer-averaged visual count (rule C) is within one
+    token-layer step of that share of the row's units (its ratio lives on a 0.001 grid)."""
+    name, effective = f"{QWEN}_pdrop", f"{QWEN}_pdrop__pdrop-b0.4"
+    outputs = {}
+    for batch in (1, 4):
+        work = sandbox["root"] / f"qwen-pdrop-{batch}"
+        result = run_py(sandbox, ["--model", name, "--model-path", str(qwen_checkpoint), "--data", "TinyMMBench", "--limit", "4",
+                                  "--work-dir", str(work), "--batch-size", str(batch), "--max-new-tokens", "3"],
+                        extra_env={"VISUAL_BUDGET": "0.4"}, timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[batch] = work
+    one, four = (predictions(outputs[b], effective, "TinyMMBench") for b in (1, 4))
+    assert one["prediction"].tolist() == four["prediction"].tolist()
+    grids = expected_unit_grids(Path(sandbox["env"]["LMUData"]), "TinyMMBench")
+    for record in sidecar(outputs[4], effective, "TinyMMBench"):
+        units = grids[record["index"]][0] * grids[record["index"]][1]
+        assert record["visual_in"] == units and record["visual_kept"] < units
+        assert abs(record["visual_layer_mean"] - 0.4 * units) <= units / 4 * 0.01 + 1, record  # 4 layers
 
 
 @needs_vlmeval

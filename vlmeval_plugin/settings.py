@@ -23,11 +23,13 @@ Names and their fixed meaning:
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
     llava_next_mistral_7b{...}
                            the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
-    Qwen2.5-VL-7B-Instruct{,_fastv,_random,_divprune,_pool}
+    Qwen2.5-VL-7B-Instruct{,_fastv,_random,_divprune,_pool,_pdrop,_dart}
                            Qwen/Qwen2.5-VL-7B-Instruct (VLMEvalKit's name): stock; FastV or random selection
                            (FASTV_K as a count per prompt or a fraction, FASTV_LAYER); DivPrune or pooling on
                            the merged 2x2 units (VISUAL_BUDGET, a count per image or a fraction; default 0.098
-                           and 0.25); kept tokens keep their original (t, h, w) ids
+                           and 0.25); PyramidDrop (VISUAL_BUDGET layer-averaged, a count or a fraction; default
+                           0.11) and DART (a count, default 128) on each sample's span; kept tokens keep their
+                           original (t, h, w) ids
     llava_tiny_{fastv,dymu,pool,random,visionzip,vispruner,divprune,pdrop,sparsevlm,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
@@ -72,10 +74,13 @@ LLAVA_15_PATCHES = 576
 # recipe for 64 layer-averaged tokens, DART's README setting (128, which keeps 132 officially)
 LLM_METHODS = ("pdrop", "sparsevlm", "dart")
 DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "sparsevlm": 64, "dart": 128}
-# Qwen2.5-VL's image token count follows the resolution, so its defaults are fractions of each image:
-# DivPrune's published ratio (0.098 kept) and pooling's 2 x 2 share (0.25 kept)
+# Qwen2.5-VL's image token count follows the resolution, so its defaults are fractions of each image
+# where the method takes one: DivPrune's published ratio (0.098 kept), pooling's 2 x 2 share (0.25),
+# PyramidDrop's LLaVA recipe as a share (64 of 576, 0.11, layer-averaged); DART takes a count (its
+# README's 128)
 QWEN_PRE_LLM_METHODS = ("divprune", "pool")
-QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25}
+QWEN_LLM_METHODS = ("pdrop", "dart")
+QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25, "pdrop": 0.11, "dart": 128}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -136,6 +141,9 @@ def qwen_variants(family: str) -> tuple[Variant, ...]:
         *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
                   description=f"{family}: {method} on the merged units (VISUAL_BUDGET, a count per image or a fraction)")
           for method in QWEN_PRE_LLM_METHODS),
+        *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
+                  description=f"{family}: {method} inside the LLM on each sample's span (VISUAL_BUDGET)")
+          for method in QWEN_LLM_METHODS),
     )
 
 

@@ -38,13 +38,13 @@ def floor_budget(num_visual: int, layers: tuple[int, ...], num_layers: int) -> f
     return layers[0] * num_visual / num_layers
 
 
-def solve_ratio(budget: int, num_visual: int, num_layers: int) -> float:
+def solve_ratio(budget: int | float, num_visual: int, num_layers: int) -> float:
     """The ratio on the 0.001 grid whose schedule's layer-average is nearest `budget` (the larger
     ratio on a tie). A budget outside what the schedule reaches is an error naming the range."""
     layers = stage_layers(num_layers)
     low, high = floor_budget(num_visual, layers, num_layers), float(num_visual)
     if not low < budget < high:
-        raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by pdrop on this {num_layers}-layer LLM with "
+        raise ValueError(f"VISUAL_BUDGET={budget:g} is not reachable by pdrop on this {num_layers}-layer LLM with "
                          f"{num_visual} visual tokens: its layer-average lies in ({low:g}, {high:g}) "
                          f"(stages at layers {list(layers)})")
     best = min(
@@ -54,7 +54,9 @@ def solve_ratio(budget: int, num_visual: int, num_layers: int) -> float:
     return best / LAMBDA_STEP
 
 
-def schedule(budget: int, num_visual: int, num_layers: int) -> dict[int, int]:
-    """{stage layer: visual tokens kept from it on} for a layer-averaged budget."""
+def schedule(budget: int | float, num_visual: int, num_layers: int) -> dict[int, int]:
+    """{stage layer: visual tokens kept from it on} for a layer-averaged budget: a count, or a
+    fraction of the image's `num_visual` tokens (Qwen2.5-VL's count follows the resolution)."""
     layers = stage_layers(num_layers)
-    return dict(zip(layers, keep_counts(num_visual, solve_ratio(budget, num_visual, num_layers), len(layers))))
+    target = budget * num_visual if isinstance(budget, float) else budget
+    return dict(zip(layers, keep_counts(num_visual, solve_ratio(target, num_visual, num_layers), len(layers))))
