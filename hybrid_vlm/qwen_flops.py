@@ -109,3 +109,45 @@ def qwen_prefill_macs(
         llm=llm_prefill_macs(shape.llm, text_tokens + visual, kept, fastv_layer=fastv_layer, scoring=scoring, lm_head_tokens=0),
         lm_head=lm_head_macs(shape.llm, lm_head_tokens),
     )
+
+
+def qwen_method_prefill_macs(
+    shape: QwenShape,
+    config,  # HybridConfig
+    grids: list[tuple[int, int, int]],  # this sample's images
+    text_tokens: int,
+    visual_entered: int | None = None,  # recorded: visual tokens entering LLM layer 0 (default: what the config implies)
+    visual_kept: int | None = None,  # recorded: kept after FASTV_LAYER
+    attention: str = "causal",
+    lm_head_tokens: int = 1,
+) -> PrefillMacs:
+    """Prefill of one sample under a HybridConfig: nothing cut, FastV or random selection, a method
+    before the LLM on each image's merged units (its scoring counted per image: DivPrune's cosine
+    matrix over the units at the LLM width), or FastV after one. The tower and the merger always run
+    whole. PyramidDrop's and DART's per-layer counts are refused (count them from their stages)."""
+    from .config import visual_keep_count
+    from .methods import VitDims, budget_tokens, get_method
+
+    if config.staged_method is not None:
+        raise ValueError(f"VISUAL_METHOD={config.staged_method}: its per-layer counts follow each image; not counted here")
+    units = [math.prod(grid) // shape.vit.merge**2 for grid in grids]
+    entered, selection = sum(units), 0
+    if config.pre_llm_method is not None:
+        method = get_method(config.pre_llm_method)
+        counts = [min(budget_tokens(config.visual_budget, n), n) for n in units]
+        dims = [VitDims(n, shape.vit.hidden, shape.vit.heads, shape.llm.hidden) for n in units]
+        selection = sum(method.scoring_macs(count, dim) for count, dim in zip(counts, dims))
+        entered = sum(counts)  # pooling may keep fewer: pass what the run recorded
+    entered = entered if visual_entered is None else visual_entered
+    kept = None
+    if config.fastv_k is not None:
+        kept = text_tokens + (visual_keep_count(entered, config.fastv_k) if visual_kept is None else visual_kept)
+    scoring = "row" if config.fastv_k is not None and config.fastv_select == "attention" else None
+    return PrefillMacs(
+        vision=sum(qwen_vit_macs(grid, shape.vit) for grid in grids),
+        projector=sum(merger_macs(grid, shape.vit) for grid in grids),
+        llm=llm_prefill_macs(shape.llm, text_tokens + entered, kept, fastv_layer=config.fastv_layer, attention=attention,
+                             scoring=scoring, lm_head_tokens=0),
+        lm_head=lm_head_macs(shape.llm, lm_head_tokens),
+        selection=selection,
+    )

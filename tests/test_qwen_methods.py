@@ -299,3 +299,33 @@ def test_unavailable_methods_are_refused_with_the_reason(tiny_qwen, settings, er
 def test_bad_budgets_name_the_setting_and_the_accepted_forms(budget):
     with pytest.raises(ValueError, match=r"VISUAL_BUDGET=.* is not valid for divprune: use an integer n >= 1 .*fraction"):
         HybridConfig(visual_method="divprune", visual_budget=budget)
+
+
+# --- theoretical MACs: FlopCounterMode -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [
+    {}, dict(fastv_k=16), dict(fastv_k=0.5, fastv_select="random"), dict(visual_method="divprune", visual_budget=20),
+    dict(visual_method="pool", visual_budget=0.25), dict(visual_method="divprune", visual_budget=20, fastv_k=8, fastv_layer=1),
+])
+def test_prefill_macs_equal_the_flop_counter(tiny_qwen, settings):
+    """The whole prefill of one unpadded prompt (windowed tower, merger, the method's scoring, the LLM
+    at the counts it kept) equals FlopCounterMode's count under SDPA's MATH backend (every
+    query-key pair: attention="dense"), per-row counts as the plugin records them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hybrid_vlm.qwen_flops import qwen_method_prefill_macs, qwen_shape_from_config
+
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model, **settings)
+    inputs = qwen_inputs(processor, QUESTIONS[:1])
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = hybrid(**inputs, use_cache=True, logits_to_keep=1)
+    counts = out.past_key_values.hybrid_state.visual_counts()
+    text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+    grids = [tuple(grid) for grid in inputs["image_grid_thw"].tolist()]
+    expected = qwen_method_prefill_macs(qwen_shape_from_config(model.config), hybrid.hybrid_config, grids, text,
+                                        counts.entered[0], counts.kept[0], attention="dense")
+    assert counter.get_total_flops() == 2 * expected.total
+    assert (expected.selection > 0) == ("divprune" in str(settings))

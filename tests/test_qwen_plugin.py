@@ -105,6 +105,7 @@ def test_qwen_fastv_runs_end_to_end_the_same_at_batch_1_and_4(sandbox, qwen_chec
             assert record["tokens_in"] == stock[record["index"]]["tokens_in"]  # text + sum of t*h*w/4
             text = record["tokens_in"] - record["visual_in"]
             assert record["tokens_kept"] == text + visual_keep_count(record["visual_in"], 0.5)
+            assert 0 < record["prefill_gmacs"] < stock[record["index"]]["prefill_gmacs"]  # qwen_flops, per row
 
 
 @needs_vlmeval
@@ -150,6 +151,7 @@ def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sa
             assert record["visual_kept"] == quota(name, rows, cols), (name, record)
             text = record["tokens_in"] - record["visual_in"]
             assert record["tokens_kept"] == text + record["visual_kept"], (name, record)
+            assert (record["prefill_gmacs"] is None) == ("dart" in name)  # DART's per-layer counts are not recorded
 
 
 @needs_vlmeval

@@ -349,6 +349,7 @@ class HybridLLaVA(BaseModel):
             visual = VisualCounts(placeholders, placeholders, [float(p) for p in placeholders])
         new_token_counts = (new_tokens != self.processor.tokenizer.pad_token_id).sum(dim=1).tolist()
         rank, _ = get_rank_and_world_size()
+        row_images = self._row_images(host_layouts, len(messages))
         return [
             dict(
                 prediction=storable_prediction(texts[row].strip()),
@@ -357,7 +358,8 @@ class HybridLLaVA(BaseModel):
                 visual_in=int(visual.entered[row]),
                 visual_kept=int(visual.kept[row]),
                 visual_layer_mean=round(float(visual.layer_mean[row]), 3),
-                prefill_gmacs=self._prefill_gmacs(int(tokens_in[row]) - int(visual.entered[row]), visual.entered[row], visual.kept[row]),
+                prefill_gmacs=self._prefill_gmacs(int(tokens_in[row]) - int(visual.entered[row]), visual.entered[row], visual.kept[row],
+                                                  row_images[row]),
                 prefill_s=round(self._prefill_seconds, 6) if self._prefill_seconds is not None else None,
                 generate_s=round(generate_seconds, 6),
                 new_tokens=int(new_token_counts[row]),
@@ -368,7 +370,11 @@ class HybridLLaVA(BaseModel):
             for row in range(len(messages))
         ]
 
-    def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int) -> float | None:
+    def _row_images(self, host_layouts: dict, batch: int) -> list:
+        """Per row, what the MACs model needs of its images beyond the counts (LLaVA-1.5: nothing)."""
+        return [None] * batch
+
+    def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int, images=None) -> float | None:
         """Theoretical prefill GMACs of one row (`flops.method_prefill_macs`, the method's scoring
         included); None where the counts are data-dependent (DyMU) or the model is not LLaVA-1.5."""
         if self.MODEL_CLASS != "LlavaForConditionalGeneration" or (self.hybrid is not None and self.hybrid.dymu is not None):

@@ -17,6 +17,8 @@ What differs: it runs on CPU and on GPU with SDPA (upstream asserts a GPU and lo
 
 from __future__ import annotations
 
+from hybrid_vlm.config import HybridConfig
+
 from .model import HybridLLaVA
 
 MIN_PIXELS, MAX_PIXELS = 1280 * 28 * 28, 16384 * 28 * 28  # VLMEvalKit's Qwen2.5-VL-7B-Instruct entry
@@ -62,6 +64,25 @@ class HybridQwen2VL(HybridLLaVA):
     def _message_for(self, line, dataset):
         self._dataset = dataset
         return self._dataset_object(dataset).build_prompt(line)  # the dataset's prompt, as upstream gets it
+
+    def _row_images(self, host_layouts: dict, batch: int) -> list:
+        """Per row, its images' (t, h, w) grids, from the host copy of image_grid_thw."""
+        from hybrid_vlm.qwen import sample_grids
+
+        grid = host_layouts.get("image_grid_thw")
+        return [[] for _ in range(batch)] if grid is None else sample_grids(grid, batch)
+
+    def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int, images=None) -> float | None:
+        """Theoretical prefill GMACs of one row (`qwen_flops.qwen_method_prefill_macs`: windowed tower,
+        merger, the method's scoring, the LLM); None for PyramidDrop and DART, whose per-layer counts
+        follow each image and are not recorded per row."""
+        from hybrid_vlm.qwen_flops import qwen_method_prefill_macs, qwen_shape_from_config
+
+        config = self.hybrid or HybridConfig()
+        if config.staged_method is not None:
+            return None
+        macs = qwen_method_prefill_macs(qwen_shape_from_config(self.model.config), config, images, text_tokens, int(entered), int(kept))
+        return round(macs.total / 1e9, 4)
 
     def processor_inputs(self, messages: list[list[dict]]):
         from qwen_vl_utils import process_vision_info
