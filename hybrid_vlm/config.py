@@ -276,9 +276,9 @@ class HybridConfig:
         """pdrop, sparsevlm and dart prune inside the LLM on LLaVA-1.5's full image: alone, for now."""
         others = dict(FASTV_K=self.fastv_k, DYMU_THRESHOLDS=self.dymu, VISUAL_POOL=self.visual_pool)
         given = [name for name, value in others.items() if value is not None]
-        if isinstance(self.visual_budget, float) and self.visual_method != "pdrop":
-            raise ValueError(f"VISUAL_BUDGET={self.visual_budget} is not valid for {self.visual_method}: its schedules take a count "
-                             "of visual tokens (an integer >= 1), not a fraction (pdrop takes either)")
+        if isinstance(self.visual_budget, float) and self.visual_method == "sparsevlm":
+            raise ValueError(f"VISUAL_BUDGET={self.visual_budget} is not valid for sparsevlm: it takes one of its schedules "
+                             "(a count of visual tokens), not a fraction (pdrop and dart take either)")
         if given:
             raise ValueError(f"VISUAL_METHOD={self.visual_method} cannot be combined with {', '.join(given)}: it prunes "
                              "inside the LLM from every visual token on its own (unset them)")

@@ -421,7 +421,7 @@ def method_prefill_macs(
 def stage_visual_counts(shape: LlavaShape, config) -> dict[int, int]:
     """{first layer: visual tokens from it on} of a pdrop or dart run (layer 0: every patch)."""
     from .methods import pdrop, sparsevlm
-    from .methods.dart import kept_count, quotas_for
+    from .methods.dart import image_quotas, kept_count
 
     patches, layers = shape.visual_tokens, shape.llm.layers
     if config.llm_method == "pdrop":
@@ -429,7 +429,7 @@ def stage_visual_counts(shape: LlavaShape, config) -> dict[int, int]:
     if config.llm_method == "sparsevlm":
         counts = sparsevlm.stage_counts(config.visual_budget, patches)
         return {0: patches, **{layer: kept + clusters for layer, (kept, clusters) in zip(sparsevlm.stage_layers(layers), counts)}}
-    return {0: patches, config.fastv_layer: kept_count(quotas_for(config.visual_budget, config.dart_quota))}
+    return {0: patches, config.fastv_layer: kept_count(image_quotas(config.visual_budget, config.dart_quota, patches))}
 
 
 def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal") -> PrefillMacs:

@@ -27,7 +27,7 @@ from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, surviving_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop, sparsevlm
-from .methods.dart import IMAGE_PIVOTS, dart_keep_mask, kept_count, key_l1_norms, quotas_for
+from .methods.dart import IMAGE_PIVOTS, dart_keep_mask, image_quotas, kept_count, key_l1_norms
 from .placement import PlacedPrompt
 from .runtime import host_to_device
 
@@ -50,6 +50,7 @@ class PrunePlan:
     score: str = "previous_row"  # one of SCORE_KINDS
     dart_quotas: tuple[int, ...] = ()
     dart_pivots: str = "sorted"
+    dart_sample_quotas: torch.Tensor | None = None  # [B, 8] each sample's picks per pivot, where they differ
     recycle: int = 0  # of the `keep` visual slots, this many are clusters of pruned tokens (sparsevlm)
 
     @property
@@ -122,11 +123,14 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
         return sparsevlm_stages(config, placed, query_index, num_layers)
     device = query_index.device
     if config.llm_method == "dart":
-        quotas = quotas_for(config.visual_budget, config.dart_quota)
-        check_dart_quotas(config, quotas)
-        keeps = [min(kept_count(quotas), count) for count in counts]  # a sample holding fewer keeps them all
+        quotas = [image_quotas(config.visual_budget, config.dart_quota, count) for count in counts]  # per sample
+        for sample in quotas:
+            check_dart_quotas(config, sample)
+        largest = tuple(map(max, zip(*quotas)))
+        keeps = [min(kept_count(sample), count) for sample, count in zip(quotas, counts)]  # a sample holding fewer keeps them all
+        sample_quotas = None if len(set(quotas)) == 1 else host_to_device(torch.tensor(quotas), device)
         plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
-                         score="dart", dart_quotas=quotas, dart_pivots=config.dart_pivots)
+                         score="dart", dart_quotas=largest, dart_pivots=config.dart_pivots, dart_sample_quotas=sample_quotas)
         return {config.fastv_layer: plan}
     schedules = [pdrop_schedule_capped(config.visual_budget, count, num_layers) for count in counts]
     plans = {}
@@ -172,7 +176,7 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
         sparsevlm.stage_layers(num_layers)  # each raises naming what is accepted
         sparsevlm.stage_counts(config.visual_budget, num_visual)
     elif config.llm_method == "dart":
-        quotas = quotas_for(config.visual_budget, config.dart_quota)
+        quotas = image_quotas(config.visual_budget, config.dart_quota, num_visual)
         check_dart_quotas(config, quotas)
         if kept_count(quotas) > num_visual:
             raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
@@ -242,7 +246,7 @@ def dart_scores(plan: PrunePlan, previous_keys: torch.Tensor, previous_normed: t
     is_text = text_after_image(valid, is_visual, plan.query_index)
     first_real = valid.long().argmax(dim=1)
     kept = dart_keep_mask(key_l1_norms(previous_keys), previous_normed, is_visual & valid, is_text,
-                          plan.dart_quotas, plan.dart_pivots, first_real)
+                          plan.dart_quotas, plan.dart_pivots, first_real, plan.dart_sample_quotas)
     return kept.float()
 
 

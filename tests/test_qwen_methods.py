@@ -182,6 +182,9 @@ STAGE_CASES = {
     "pdrop-0.3": (dict(visual_method="pdrop", visual_budget=0.3), "pdrop"),  # a layer average of 0.3 V_b per sample
     "dart-20": (dict(visual_method="dart", visual_budget=20), "dart"),
     "dart-40-matched-official-pivots": (dict(visual_method="dart", visual_budget=40, dart_quota="matched", dart_pivots="official"), "dart"),
+    # a fraction: the official Qwen2.5-VL rule, int(L * (1 - reduction_ratio) / 8) picks per pivot, per sample
+    "dart-0.3": (dict(visual_method="dart", visual_budget=0.3), "dart"),
+    "dart-0.3-matched": (dict(visual_method="dart", visual_budget=0.3, dart_quota="matched"), "dart"),
 }
 
 
@@ -216,8 +219,8 @@ def reference_stages(settings: dict, units: int) -> tuple[dict, list[int] | None
             return dict.fromkeys(DEEP_STAGE_LAYERS, units), None
         return pdrop_schedule_by_hand(budget, units, DEEP_STAGE_LAYERS, DEEP_LAYERS), None
     if settings.get("dart_quota", "official") == "official":
-        return {2: None}, [budget // 8] * 8
-    picks = budget - 4
+        return {2: None}, [int(units * budget / 8) if isinstance(budget, float) else budget // 8] * 8
+    picks = (round(units * budget) if isinstance(budget, float) else budget) - 4
     return {2: None}, [picks // 8 + (1 if i < picks % 8 else 0) for i in range(8)]
 
 
@@ -252,6 +255,7 @@ SETTINGS = [
     dict(fastv_k=16, fastv_select="random"),
     dict(visual_method="pdrop", visual_budget=20),
     dict(visual_method="dart", visual_budget=20),
+    dict(visual_method="dart", visual_budget=0.3),
 ]
 
 
@@ -286,7 +290,7 @@ def test_no_host_syncs_on_meta(tiny_qwen, settings):
     (dict(visual_method="visionzip", visual_budget=64), ValueError, r"no \[CLS\] token"),
     (dict(visual_method="vispruner", visual_budget=64), ValueError, r"no \[CLS\] token"),
     (dict(visual_method="sparsevlm", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
-    (dict(visual_method="dart", visual_budget=0.5), ValueError, "its schedules take a count"),
+    (dict(visual_method="sparsevlm", visual_budget=0.5), ValueError, "it takes one of its schedules"),
     (dict(visual_pool=2), ValueError, "use VISUAL_METHOD=pool with VISUAL_BUDGET"),
 ])
 def test_unavailable_methods_are_refused_with_the_reason(tiny_qwen, settings, error, needle):

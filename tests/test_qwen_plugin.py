@@ -36,9 +36,8 @@ def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
     assert config(f"{QWEN}_divprune", {}) == HybridConfig(visual_method="divprune", visual_budget=0.098)
     assert config(f"{QWEN}_pool", {}) == HybridConfig(visual_method="pool", visual_budget=0.25)
     assert config(f"{QWEN}_pdrop", {}) == HybridConfig(visual_method="pdrop", visual_budget=0.11)
-    assert config(f"{QWEN}_dart", {"FASTV_LAYER": "3"}) == HybridConfig(visual_method="dart", visual_budget=128, fastv_layer=3)
-    with pytest.raises(settings.PluginError, match="dart: its schedules take a count"):
-        config(f"{QWEN}_dart", {"VISUAL_BUDGET": "0.2"})
+    assert config(f"{QWEN}_dart", {"FASTV_LAYER": "3"}) == HybridConfig(visual_method="dart", visual_budget=0.222, fastv_layer=3)
+    assert config(f"{QWEN}_dart", {"VISUAL_BUDGET": "128"}) == HybridConfig(visual_method="dart", visual_budget=128)
     # a count above LLaVA-1.5's 576 patches is fine here: it is capped at each image's units
     assert config(f"{QWEN}_divprune", {"VISUAL_BUDGET": "2000"}) == HybridConfig(visual_method="divprune", visual_budget=2000)
     with pytest.raises(settings.PluginError, match="POSITION_MODE=renumbered"):
@@ -118,7 +117,7 @@ def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sa
     from hybrid_vlm import visual_keep_count
 
     names = [f"{QWEN}_divprune", f"{QWEN}_pool", f"{QWEN}_random", f"{QWEN}_dart"]
-    effective = [f"{QWEN}_divprune__divprune-b0.098", f"{QWEN}_pool__pool-b0.25", f"{QWEN}_random__random-r0.5-l2", f"{QWEN}_dart__dart-b128-l2"]
+    effective = [f"{QWEN}_divprune__divprune-b0.098", f"{QWEN}_pool__pool-b0.25", f"{QWEN}_random__random-r0.5-l2", f"{QWEN}_dart__dart-b0.222-l2"]
     outputs = {}
     for batch in (1, 4):
         work = sandbox["root"] / f"qwen-methods-{batch}"
@@ -136,7 +135,7 @@ def test_qwen_method_names_run_the_same_at_batch_1_and_4_and_keep_their_quota(sa
             shape = enumerated_pool_shape(max(1, round(units * 0.25)), rows, cols)
             return shape[0] * shape[1]
         if "dart" in name:
-            return min(4 + 8 * (128 // 8), units)  # the official quotas: 4 image pivots, 128 // 8 per pivot
+            return min(4 + 8 * int(units * 0.222 / 8), units)  # official Qwen code: 4 image pivots, int(L (1 - r) / 8) per pivot
         return visual_keep_count(units, 0.5)
 
     for name in effective:

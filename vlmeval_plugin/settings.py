@@ -28,8 +28,8 @@ Names and their fixed meaning:
                            (FASTV_K as a count per prompt or a fraction, FASTV_LAYER); DivPrune or pooling on
                            the merged 2x2 units (VISUAL_BUDGET, a count per image or a fraction; default 0.098
                            and 0.25); PyramidDrop (VISUAL_BUDGET layer-averaged, a count or a fraction; default
-                           0.11) and DART (a count, default 128) on each sample's span; kept tokens keep their
-                           original (t, h, w) ids
+                           0.11) and DART (a count, or a fraction as its official Qwen code; default 0.222) on
+                           each sample's span; kept tokens keep their original (t, h, w) ids
     llava_tiny_{fastv,dymu,pool,random,visionzip,vispruner,divprune,pdrop,sparsevlm,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
     llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
@@ -76,11 +76,11 @@ LLM_METHODS = ("pdrop", "sparsevlm", "dart")
 DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "sparsevlm": 64, "dart": 128}
 # Qwen2.5-VL's image token count follows the resolution, so its defaults are fractions of each image
 # where the method takes one: DivPrune's published ratio (0.098 kept), pooling's 2 x 2 share (0.25),
-# PyramidDrop's LLaVA recipe as a share (64 of 576, 0.11, layer-averaged); DART takes a count (its
-# README's 128)
+# PyramidDrop's LLaVA recipe as a share (64 of 576, 0.11, layer-averaged), DART's official Qwen2.5-VL
+# default (reduction_ratio 0.778: 0.222 kept, as int(L * 0.222 / 8) picks per pivot)
 QWEN_PRE_LLM_METHODS = ("divprune", "pool")
 QWEN_LLM_METHODS = ("pdrop", "dart")
-QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25, "pdrop": 0.11, "dart": 128}
+QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25, "pdrop": 0.11, "dart": 0.222}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 

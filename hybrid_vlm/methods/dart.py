@@ -7,6 +7,11 @@ each pivot in CPython `set` iteration order the `M // 8` pool tokens (image toke
 pivots) of lowest cosine similarity to it, on layer K-1's outputs through the final norm, each
 removed from the pool once taken. Kept visual tokens: 4 + 8 * (M // 8).
 
+The official Qwen2.5-VL code (xqy1111111/DART@d6a5af6, batch 1, transformers 4.55) sizes the picks by
+a ratio of the image's token count instead: `int(L * (1 - reduction_ratio) / 8)` per pivot (default
+reduction_ratio 0.778), at layer 2, kept tokens at their original 3-D ids; `image_quotas` takes that
+rule per sample for a fractional VISUAL_BUDGET (the kept share).
+
 Here the pivots are visited in ascending position (`order="sorted"`, no host sync) or in the
 official set order (`order="official"`, which needs the pivot positions on the host: one sync per
 prefill). `quotas` gives each pivot its own count: `official_quotas` or `matched_quotas`.
@@ -21,9 +26,10 @@ TEXT_PIVOTS = 4
 PIVOT_ORDERS = ("sorted", "official")
 
 
-def official_quotas(budget: int) -> tuple[int, ...]:
-    """`max_num_trunction // 8` per pivot: 4 + 8 * (budget // 8) kept (192 -> 196, 64 -> 68)."""
-    return (budget // (IMAGE_PIVOTS + TEXT_PIVOTS),) * (IMAGE_PIVOTS + TEXT_PIVOTS)
+def official_quotas(budget: int | float) -> tuple[int, ...]:
+    """`max_num_trunction // 8` per pivot: 4 + 8 * (budget // 8) kept (192 -> 196, 64 -> 68). A
+    fraction is the official Qwen2.5-VL rule's share already applied: `int(L * (1 - r) / 8)`."""
+    return (int(budget // (IMAGE_PIVOTS + TEXT_PIVOTS)),) * (IMAGE_PIVOTS + TEXT_PIVOTS)
 
 
 def matched_quotas(budget: int) -> tuple[int, ...]:
@@ -37,6 +43,17 @@ def matched_quotas(budget: int) -> tuple[int, ...]:
 def quotas_for(budget: int, rule: str) -> tuple[int, ...]:
     """Picks per pivot under DART_QUOTA `rule` ("official" or "matched")."""
     return (official_quotas if rule == "official" else matched_quotas)(budget)
+
+
+def image_quotas(budget: int | float, rule: str, num_visual: int) -> tuple[int, ...]:
+    """Picks per pivot for an image of `num_visual` tokens: a count as `quotas_for`; a fraction f
+    (the kept share, 1 - reduction_ratio) as the official Qwen2.5-VL code sizes it,
+    `int(num_visual * f / 8)` per pivot ("official"), or exactly round(num_visual * f) ("matched")."""
+    if not isinstance(budget, float):
+        return quotas_for(budget, rule)
+    if rule == "official":
+        return official_quotas(num_visual * budget)
+    return matched_quotas(max(IMAGE_PIVOTS, round(num_visual * budget)))
 
 
 def kept_count(quotas: tuple[int, ...]) -> int:
@@ -70,8 +87,11 @@ def dart_keep_mask(
     quotas: tuple[int, ...],  # picks per pivot, in visiting order
     order: str = "sorted",
     first_real: torch.Tensor | None = None,  # [B] long, index of each sample's first real token (official order only)
+    sample_quotas: torch.Tensor | None = None,  # [B, 8] long <= quotas: each sample's own picks per pivot
 ) -> torch.Tensor:
-    """[B, L] bool: the image tokens DART keeps (its image pivots and every pivot's picks)."""
+    """[B, L] bool: the image tokens DART keeps (its image pivots and every pivot's picks). With
+    `sample_quotas`, `quotas` is the batch's largest per pivot and sample b takes its best
+    sample_quotas[b, step] of them."""
     image_pivots = top_positions(key_norms, is_image, IMAGE_PIVOTS)
     text_pivots = top_positions(key_norms, is_text, TEXT_PIVOTS)
     pivots = torch.cat([image_pivots, text_pivots], dim=1)  # [B, 8] in official insertion order
@@ -84,7 +104,11 @@ def dart_keep_mask(
             continue
         pivot = unit.gather(1, pivots[:, step, None, None].expand(-1, 1, unit.shape[-1]))  # [B, 1, hidden]
         similarity = (unit * pivot).sum(dim=-1)  # [B, L]
-        picked = top_positions(-similarity, pool, quota)
-        kept = kept.scatter(1, picked, True)
-        pool = pool.scatter(1, picked, False)
+        picked = top_positions(-similarity, pool, quota)  # [B, quota] best first, distinct
+        if sample_quotas is None:
+            kept, pool = kept.scatter(1, picked, True), pool.scatter(1, picked, False)
+            continue
+        taken = torch.arange(quota, device=picked.device)[None, :] < sample_quotas[:, step, None]  # [B, quota]
+        chosen = torch.zeros_like(kept).scatter(1, picked, taken)
+        kept, pool = kept | chosen, pool & ~chosen
     return kept
