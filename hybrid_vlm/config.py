@@ -105,7 +105,8 @@ def parse_select_seed(text: str | None) -> int:
 
 VISUAL_BUDGET_FORMS = (
     "an integer n >= 1 (visual tokens per image, by the method's own budget rule) or a decimal in (0, 1) "
-    "(that fraction of each image's visual tokens, rounded half to even, at least 1)"
+    "(that fraction kept of each image's visual tokens, rounded half to even; fastv and random: of each "
+    "prompt's, as FASTV_K=1-f)"
 )
 
 
@@ -211,7 +212,7 @@ class HybridConfig:
     visual_pool: int | None = None
     fastv_newlines: str = "prune"
     visual_method: str | None = None
-    visual_budget: int | None = None
+    visual_budget: int | float | None = None
     dart_quota: str = "official"
     dart_pivots: str = "sorted"
 
@@ -273,12 +274,12 @@ class HybridConfig:
             raise ValueError(f"VISUAL_METHOD={self.visual_method} and VISUAL_POOL cannot be combined: use VISUAL_METHOD=pool VISUAL_BUDGET=N.")
 
     def _check_llm_method(self) -> None:
-        """pdrop, sparsevlm and dart prune inside the LLM on LLaVA-1.5's full image: alone, for now."""
+        """pdrop, sparsevlm and dart prune inside the LLM from every visual token: alone, for now."""
         others = dict(FASTV_K=self.fastv_k, DYMU_THRESHOLDS=self.dymu, VISUAL_POOL=self.visual_pool)
         given = [name for name, value in others.items() if value is not None]
         if isinstance(self.visual_budget, float) and self.visual_method == "sparsevlm":
             raise ValueError(f"VISUAL_BUDGET={self.visual_budget} is not valid for sparsevlm: it takes one of its schedules "
-                             "(a count of visual tokens), not a fraction (pdrop and dart take either)")
+                             "(a count of visual tokens), not a fraction (pdrop's layer average and dart's quotas take either)")
         if given:
             raise ValueError(f"VISUAL_METHOD={self.visual_method} cannot be combined with {', '.join(given)}: it prunes "
                              "inside the LLM from every visual token on its own (unset them)")
@@ -349,7 +350,7 @@ class HybridConfig:
             layers = ".".join(map(str, get_method(self.visual_method).stage_layers(num_layers)))
             parts.append(f"{self.visual_method}-b{self.visual_budget}-l{layers}")
         elif self.visual_method is not None:
-            parts.append(f"{self.visual_method}-b{self.visual_budget:g}")
+            parts.append(f"{self.visual_method}-b{self.visual_budget}")
         if self.visual_pool is not None:
             parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")
         if self.dymu is not None:

@@ -48,6 +48,7 @@ from .qwen import check_qwen_supported, qwen_image_slots, qwen_prompt_positions
 from .runtime import require
 from .stages import (
     after_stage,
+    check_per_image_budget,
     check_whole_image_budget,
     first_inputs,
     prune,
@@ -495,6 +496,8 @@ def apply_hybrid(model, config: HybridConfig | None = None):
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
     if config.staged_method is not None and hybrid.fixed_visual_count(model) is not None:
         check_whole_image_budget(config, hybrid.fixed_visual_count(model), num_layers)
+    elif config.staged_method is not None:
+        check_per_image_budget(config, num_layers)
     model.__class__ = hybrid
     model.hybrid_config = config
     return model

@@ -27,7 +27,7 @@ from .config import HybridConfig, visual_keep_count
 from .fastv import gather_tokens, select_kept_positions, surviving_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop, sparsevlm
-from .methods.dart import IMAGE_PIVOTS, dart_keep_mask, image_quotas, kept_count, key_l1_norms
+from .methods.dart import IMAGE_PIVOTS, dart_keep_mask, image_quotas, kept_count, key_l1_norms, quotas_for
 from .placement import PlacedPrompt
 from .runtime import host_to_device
 
@@ -181,6 +181,21 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
         if kept_count(quotas) > num_visual:
             raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
                              f"it keeps {kept_count(quotas)} of {num_visual} visual tokens; use 4..{num_visual}")
+        if config.fastv_layer >= num_layers:
+            raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for dart: use 1..{num_layers - 1}")
+
+
+def check_per_image_budget(config: HybridConfig, num_layers: int) -> None:
+    """What can be refused before any forward where each image has its own count (Qwen2.5-VL): a
+    pdrop fraction no image reaches, dart quotas below its pivots, a dart layer outside the LLM.
+    A pdrop count below one image's floor is refused at that image's forward."""
+    if config.llm_method == "pdrop" and isinstance(config.visual_budget, float):
+        pdrop.check_fraction(config.visual_budget, num_layers)
+    elif config.llm_method == "pdrop":
+        pdrop.stage_layers(num_layers)  # raises on an LLM too shallow for its stages
+    elif config.llm_method == "dart":
+        if not isinstance(config.visual_budget, float):
+            check_dart_quotas(config, quotas_for(config.visual_budget, config.dart_quota))
         if config.fastv_layer >= num_layers:
             raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for dart: use 1..{num_layers - 1}")
 

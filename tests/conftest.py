@@ -121,3 +121,12 @@ def qwen_inputs(processor, questions=QUESTIONS[:1], indices=None, sizes=QWEN_SIZ
     images = [synthetic_image(i).resize(sizes[i]) for i in indices]
     prompts = [chat_prompt(processor, q) for q in questions]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def qwen_two_image_inputs(processor):
+    """A left-padded Qwen2.5-VL batch of two prompts with two images each (four grids: 54, 36, 54
+    and 36 units), the second prompt longer by one word."""
+    content = [{"type": "image"}, {"type": "text", "text": "left"}, {"type": "image"}, {"type": "text", "text": "which color?"}]
+    images = [synthetic_image(i).resize(size) for i, size in enumerate([(300, 200), (120, 250), (200, 300), (250, 120)])]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(images=images, text=[prompt, prompt.replace("left", "left one")], return_tensors="pt", padding=True)

@@ -14,7 +14,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.qwen import qwen_image_slots, qwen_prompt_positions
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, qwen_inputs
+from conftest import QUESTIONS, qwen_inputs, qwen_two_image_inputs
 from qwen_reference import qwen_masked_reference, stock_positions
 from reference import greedy_without_cache
 from test_engine import NEW_TOKENS
@@ -221,14 +221,8 @@ def test_vision_macs_equal_the_flop_counter_on_the_stock_tower(tiny_qwen):
 def test_positions_and_logits_with_two_images_per_prompt(tiny_qwen):
     """Two images per prompt (four grids over a left-padded batch of two): stock's ids and, with
     nothing pruned, stock's logits; FastV keeps its quota of both images' tokens together."""
-    from hybrid_vlm.tiny import synthetic_image
-
     model, processor = tiny_qwen
-    content = [{"type": "image"}, {"type": "text", "text": "left"}, {"type": "image"}, {"type": "text", "text": "which color?"}]
-    images = [synthetic_image(i).resize(size) for i, size in enumerate([(300, 200), (120, 250), (200, 300), (250, 120)])]
-    prompts = [processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
-               processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True).replace("left", "left one")]  # a longer prompt: the other is left-padded
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = qwen_two_image_inputs(processor)
     real = inputs["attention_mask"].bool()
     assert (~real).any()
     mine = qwen_prompt_positions(model, inputs["input_ids"], real, inputs["image_grid_thw"])

@@ -20,7 +20,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.baselines import grid_pool_shape, pool_shape
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, qwen_inputs
+from conftest import QUESTIONS, qwen_inputs, qwen_two_image_inputs
 from method_reference import divprune_reference
 from qwen_reference import qwen_masked_reference
 from reference import greedy_without_cache, numpy_adaptive_pool, numpy_random_scores
@@ -60,8 +60,8 @@ def per_image_count(budget, units: int) -> int:
 
 
 def reference_unit_tokens(model, inputs, method: str, budget):
-    """Per prompt (one image each): ([V_b, hidden] features with the chosen tokens at their units'
-    slots, [V_b] valid), from stock `get_image_features` and the NumPy references."""
+    """Per prompt: ([V_b, hidden] features with each image's chosen tokens at their units' slots,
+    its images in order, [V_b] valid), from stock `get_image_features` and the NumPy references."""
     with torch.no_grad():
         images = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
     features, valid = [], []
@@ -81,7 +81,12 @@ def reference_unit_tokens(model, inputs, method: str, budget):
         mask[kept] = True
         features.append(placed)
         valid.append(mask)
-    return features, valid
+    per_prompt = len(features) // inputs["input_ids"].shape[0]
+
+    def by_prompt(rows):
+        return [torch.cat(rows[i : i + per_prompt]) for i in range(0, len(rows), per_prompt)]
+
+    return by_prompt(features), by_prompt(valid)
 
 
 def reference_random_scores(model, inputs, seed: int) -> np.ndarray:
@@ -103,6 +108,14 @@ def qwen64(tiny_qwen):
     inputs = qwen_inputs(processor, QUESTIONS)
     inputs["pixel_values"] = inputs["pixel_values"].double()
     return copy.deepcopy(model).double(), inputs
+
+
+@pytest.fixture(scope="module")
+def qwen64_two_images(qwen64, tiny_qwen):
+    model, _ = qwen64
+    inputs = qwen_two_image_inputs(tiny_qwen[1])
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return model, inputs
 
 
 # --- the pooling windows: enumeration ---------------------------------------------------------------
@@ -159,17 +172,17 @@ def test_counts_per_sample_are_capped_and_fractions_are_shares(tiny_qwen):
         assert state.prompt_tokens_kept.tolist() == (text + torch.tensor([min(30, n) for n in entered])).tolist()
 
 
-def test_two_images_per_prompt_each_get_their_budget(tiny_qwen):
-    from hybrid_vlm.tiny import synthetic_image
-
-    model, processor = tiny_qwen
-    content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "which color?"}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    images = [synthetic_image(i).resize(size) for i, size in enumerate([(300, 200), (120, 250)])]
-    inputs = processor(images=images, text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        out = qwen_copy(model, visual_method="divprune", visual_budget=40)(**inputs, use_cache=True)
-    assert out.past_key_values.hybrid_state.visual_counts().entered == [40 + 36]
+@pytest.mark.parametrize("method,budget,fastv_k", [("divprune", 40, None), ("divprune", 20, 0.5), ("pool", 0.25, None)])
+def test_two_images_per_prompt_each_get_their_budget(qwen64_two_images, method, budget, fastv_k):
+    """Two prompts of two images each (54 and 36 units): each image gets its own budget, and the
+    kept set and logits equal the masked reference (FastV's fraction over what entered)."""
+    model, inputs = qwen64_two_images
+    features, valid = reference_unit_tokens(model, inputs, method, budget)
+    reference_logits, reference_kept = qwen_masked_reference(model, inputs, fastv_k, 2, image_features=(features, valid))
+    out, real = engine_prefill(qwen_copy(model, visual_method=method, visual_budget=budget, fastv_k=fastv_k), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+    if method == "divprune" and fastv_k is None:
+        assert out.past_key_values.hybrid_state.visual_counts().entered == [40 + 36] * 2
 
 
 # --- inside the LLM: PyramidDrop and DART on each sample's own span ---------------------------------
@@ -291,6 +304,8 @@ def test_no_host_syncs_on_meta(tiny_qwen, settings):
     (dict(visual_method="vispruner", visual_budget=64), ValueError, r"no \[CLS\] token"),
     (dict(visual_method="sparsevlm", visual_budget=64), NotImplementedError, "not implemented for Qwen2.5-VL yet"),
     (dict(visual_method="sparsevlm", visual_budget=0.5), ValueError, "it takes one of its schedules"),
+    (dict(visual_method="pdrop", visual_budget=0.2), ValueError, r"VISUAL_BUDGET=0.2 is not reachable by pdrop on this 4-layer LLM"),
+    (dict(visual_method="dart", visual_budget=2, dart_quota="matched"), ValueError, "needs at least its 4 image pivots"),
     (dict(visual_pool=2), ValueError, "use VISUAL_METHOD=pool with VISUAL_BUDGET"),
 ])
 def test_unavailable_methods_are_refused_with_the_reason(tiny_qwen, settings, error, needle):

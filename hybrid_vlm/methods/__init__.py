@@ -150,7 +150,12 @@ def check_budget(method: Method, budget: int | float, patches: int) -> int:
     if method.name == "pool":
         from ..baselines import pool_shape
 
-        pool_shape(count, round(patches**0.5))  # raises naming the budgets that tile the grid
+        try:
+            pool_shape(count, round(patches**0.5))  # raises naming the budgets that tile the grid
+        except ValueError as error:
+            if count == budget:
+                raise
+            raise ValueError(f"VISUAL_BUDGET={budget} asks pool for {count} of {patches} patches: {error}") from None
     return count
 
 

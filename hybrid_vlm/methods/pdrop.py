@@ -38,13 +38,15 @@ def floor_budget(num_visual: int, layers: tuple[int, ...], num_layers: int) -> f
     return layers[0] * num_visual / num_layers
 
 
-def solve_ratio(budget: int | float, num_visual: int, num_layers: int) -> float:
+def solve_ratio(budget: int | float, num_visual: int, num_layers: int, given: str | None = None) -> float:
     """The ratio on the 0.001 grid whose schedule's layer-average is nearest `budget` (the larger
-    ratio on a tie). A budget outside what the schedule reaches is an error naming the range."""
+    ratio on a tie). A budget outside what the schedule reaches is an error naming the range and
+    the setting as the user gave it (`given`, e.g. a fraction)."""
     layers = stage_layers(num_layers)
     low, high = floor_budget(num_visual, layers, num_layers), float(num_visual)
     if not low < budget < high:
-        raise ValueError(f"VISUAL_BUDGET={budget:g} is not reachable by pdrop on this {num_layers}-layer LLM with "
+        setting = f"{budget:g}" if given is None else f"{given} ({budget:g} of {num_visual})"
+        raise ValueError(f"VISUAL_BUDGET={setting} is not reachable by pdrop on this {num_layers}-layer LLM with "
                          f"{num_visual} visual tokens: its layer-average lies in ({low:g}, {high:g}) "
                          f"(stages at layers {list(layers)})")
     best = min(
@@ -59,4 +61,14 @@ def schedule(budget: int | float, num_visual: int, num_layers: int) -> dict[int,
     fraction of the image's `num_visual` tokens (Qwen2.5-VL's count follows the resolution)."""
     layers = stage_layers(num_layers)
     target = budget * num_visual if isinstance(budget, float) else budget
-    return dict(zip(layers, keep_counts(num_visual, solve_ratio(target, num_visual, num_layers), len(layers))))
+    given = str(budget) if isinstance(budget, float) else None
+    return dict(zip(layers, keep_counts(num_visual, solve_ratio(target, num_visual, num_layers, given), len(layers))))
+
+
+def check_fraction(budget: float, num_layers: int) -> None:
+    """A fraction at or below the first stage's share (every token is held before it) is reachable
+    on no image: refused before any forward."""
+    floor = stage_layers(num_layers)[0] / num_layers
+    if budget <= floor:
+        raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by pdrop on this {num_layers}-layer LLM: every visual token "
+                         f"is held up to its first stage, so the layer-average share exceeds {floor:.4g}")
