@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import check_sliding_window, check_supported, llava_image_slots, llava_next_image_slots
+from .adapters import check_sliding_window, check_supported, grid_patches, llava_image_slots, llava_next_image_slots
 from .config import HybridConfig
 from .hf_compat import (
     Cache,
@@ -251,12 +251,9 @@ class HybridDecoder:
     parts_of = staticmethod(llava_parts)  # (model) -> LlavaParts: the modules the loop drives
     check_model = staticmethod(check_supported)  # (model, config) -> None: refuses what the engine does not implement
 
-    @staticmethod
-    def fixed_visual_count(model) -> int | None:
-        """Visual tokens per image when the model fixes them (LLaVA's CLIP grid); None where they
-        follow the image (Qwen2.5-VL: a stage's budget is then checked per sample, at the forward)."""
-        vision = model.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
+    # (model) -> visual tokens per image where the model fixes them (LLaVA's CLIP grid), None where they
+    # follow the image (Qwen2.5-VL: a stage's budget is then checked per sample, at the forward)
+    fixed_visual_count = staticmethod(grid_patches)
 
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         """The position rule for a prompt with images: LLaVA's are the 1-D logical ones, [B, L]."""
@@ -494,10 +491,12 @@ def apply_hybrid(model, config: HybridConfig | None = None):
     num_layers = len(hybrid.parts_of(model).layers)
     if config.prunes and config.fastv_layer >= num_layers:
         raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
-    if config.staged_method is not None and hybrid.fixed_visual_count(model) is not None:
-        check_whole_image_budget(config, hybrid.fixed_visual_count(model), num_layers)
-    elif config.staged_method is not None:
-        check_per_image_budget(config, num_layers)
+    if config.staged_method is not None:
+        visual_count = hybrid.fixed_visual_count(model)
+        if visual_count is not None:
+            check_whole_image_budget(config, visual_count, num_layers)
+        else:
+            check_per_image_budget(config, num_layers)
     model.__class__ = hybrid
     model.hybrid_config = config
     return model

@@ -54,13 +54,16 @@ def qwen_image_slots(model, pixel_values: torch.Tensor, image_grid_thw, batch: i
     def per_sample_rows(rows: list[torch.Tensor], value=0) -> torch.Tensor:
         return left_padded([torch.cat(rows[b * per_sample : (b + 1) * per_sample]) for b in range(batch)], value)
 
+    def per_sample_sums(counts: list[int]) -> list[int]:
+        return [sum(counts[b * per_sample : (b + 1) * per_sample]) for b in range(batch)]
+
     scores = unit_random_scores(pixel_values, grids, units, config.select_seed) if reads_pixel_hash(config) else None
     return ImageSlots(
         features=per_sample_rows(images),
         valid=None if valid is None else per_sample_rows(valid, value=False),
-        placeholders=[sum(units[b * per_sample : (b + 1) * per_sample]) for b in range(batch)],
+        placeholders=per_sample_sums(units),
         compact=valid is not None,
-        valid_counts=None if kept is None else [sum(kept[b * per_sample : (b + 1) * per_sample]) for b in range(batch)],
+        valid_counts=None if kept is None else per_sample_sums(kept),
         scores=None if scores is None else per_sample_rows(scores),
     )
 
@@ -71,6 +74,11 @@ def unit_grid(grid: tuple[int, int, int], merge: int) -> tuple[int, int]:
     return t * h // merge, w // merge
 
 
+def unit_budget(budget: int | float, units: int) -> int:
+    """Tokens an image of `units` merged units keeps before the LLM: the budget's count, capped at its units."""
+    return min(budget_tokens(budget, units), units)
+
+
 def reduce_units(images: list[torch.Tensor], grids, merge: int, method, budget: int | float):
     """A method before the LLM on each image's merged units (the PatchMerger's output, which is what
     the LLM reads): ([units_i, hidden] with the kept tokens at their units' slots, [units_i] valid,
@@ -78,7 +86,7 @@ def reduce_units(images: list[torch.Tensor], grids, merge: int, method, budget: 
     fraction that share of them; pooling may keep fewer (`baselines.grid_pool_shape`)."""
     placed, valid, kept = [], [], []
     for features, grid in zip(images, grids):
-        count = min(budget_tokens(budget, features.shape[0]), features.shape[0])
+        count = unit_budget(budget, features.shape[0])
         reads = VisualReads(projected=features[None], grid=unit_grid(grid, merge))
         selection = method.select(reads, count)
         tokens, slot_valid = place_selection(selection, features.shape[0], selection.kept.shape[1], reads.projected)

@@ -126,7 +126,8 @@ def qwen_method_prefill_macs(
     matrix over the units at the LLM width), or FastV after one. The tower and the merger always run
     whole. PyramidDrop's and DART's per-layer counts are refused (count them from their stages)."""
     from .config import visual_keep_count
-    from .methods import VitDims, budget_tokens, get_method
+    from .methods import VitDims, get_method
+    from .qwen import unit_budget
 
     if config.staged_method is not None:
         raise ValueError(f"VISUAL_METHOD={config.staged_method}: its per-layer counts follow each image; not counted here")
@@ -134,7 +135,7 @@ def qwen_method_prefill_macs(
     entered, selection = sum(units), 0
     if config.pre_llm_method is not None:
         method = get_method(config.pre_llm_method)
-        counts = [min(budget_tokens(config.visual_budget, n), n) for n in units]
+        counts = [unit_budget(config.visual_budget, n) for n in units]
         dims = [VitDims(n, shape.vit.hidden, shape.vit.heads, shape.llm.hidden) for n in units]
         selection = sum(method.scoring_macs(count, dim) for count, dim in zip(counts, dims))
         entered = sum(counts)  # pooling may keep fewer: pass what the run recorded

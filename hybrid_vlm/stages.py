@@ -128,7 +128,7 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
             check_dart_quotas(config, sample)
         largest = tuple(map(max, zip(*quotas)))
         keeps = [min(kept_count(sample), count) for sample, count in zip(quotas, counts)]  # a sample holding fewer keeps them all
-        sample_quotas = None if len(set(quotas)) == 1 else host_to_device(torch.tensor(quotas), device)
+        sample_quotas = per_sample(quotas, device)
         plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
                          score="dart", dart_quotas=largest, dart_pivots=config.dart_pivots, dart_sample_quotas=sample_quotas)
         return {config.fastv_layer: plan}
@@ -142,8 +142,8 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
     return plans
 
 
-def per_sample(keeps: list[int], device) -> torch.Tensor | None:
-    """[B] per-sample quotas on the device where they differ (`select_kept_positions`), else None."""
+def per_sample(keeps: list, device) -> torch.Tensor | None:
+    """Per-sample quotas ([B], or [B, 8] for dart's per pivot) on the device where they differ, else None."""
     return None if len(set(keeps)) == 1 else host_to_device(torch.tensor(keeps), device)
 
 
@@ -187,17 +187,14 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
 
 def check_per_image_budget(config: HybridConfig, num_layers: int) -> None:
     """What can be refused before any forward where each image has its own count (Qwen2.5-VL): a
-    pdrop fraction no image reaches, dart quotas below its pivots, a dart layer outside the LLM.
-    A pdrop count below one image's floor is refused at that image's forward."""
+    pdrop fraction no image reaches, dart quotas below its pivots (FASTV_LAYER is checked by
+    `apply_hybrid`). A pdrop count below one image's floor is refused at that image's forward."""
     if config.llm_method == "pdrop" and isinstance(config.visual_budget, float):
         pdrop.check_fraction(config.visual_budget, num_layers)
     elif config.llm_method == "pdrop":
         pdrop.stage_layers(num_layers)  # raises on an LLM too shallow for its stages
-    elif config.llm_method == "dart":
-        if not isinstance(config.visual_budget, float):
-            check_dart_quotas(config, quotas_for(config.visual_budget, config.dart_quota))
-        if config.fastv_layer >= num_layers:
-            raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for dart: use 1..{num_layers - 1}")
+    elif config.llm_method == "dart" and not isinstance(config.visual_budget, float):
+        check_dart_quotas(config, quotas_for(config.visual_budget, config.dart_quota))
 
 
 def check_dart_quotas(config: HybridConfig, quotas: tuple[int, ...]) -> None:

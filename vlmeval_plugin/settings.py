@@ -131,19 +131,17 @@ class Variant:
 
 
 def qwen_variants(family: str) -> tuple[Variant, ...]:
-    """Stock, FastV, random selection, and the methods before the LLM that need no [CLS] token (on
-    the merged 2x2 units): what the engine implements for Qwen2.5-VL so far."""
+    """Stock, FastV, random selection, the methods before the LLM that need no [CLS] token (on the
+    merged 2x2 units), PyramidDrop and DART: what the engine implements for Qwen2.5-VL so far."""
     return (
         Variant(family, fastv=False, dymu=False, family=family, description=f"stock {family}, nothing patched"),
         Variant(f"{family}_fastv", fastv=True, dymu=False, family=family, description=f"{family}: FastV (FASTV_K, FASTV_LAYER, FASTV_SELECT)"),
         Variant(f"{family}_random", fastv=False, dymu=False, family=family, method="random",
                 description=f"{family}: random selection at FastV's layer (VISUAL_BUDGET or FASTV_K, SELECT_SEED)"),
         *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
-                  description=f"{family}: {method} on the merged units (VISUAL_BUDGET, a count per image or a fraction)")
-          for method in QWEN_PRE_LLM_METHODS),
-        *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
-                  description=f"{family}: {method} inside the LLM on each sample's span (VISUAL_BUDGET)")
-          for method in QWEN_LLM_METHODS),
+                  description=f"{family}: {method} {where} (VISUAL_BUDGET, a count or a fraction)")
+          for methods, where in ((QWEN_PRE_LLM_METHODS, "on the merged units"), (QWEN_LLM_METHODS, "inside the LLM on each sample's span"))
+          for method in methods),
     )
 
 
