@@ -68,6 +68,11 @@ def llava_parts(model: LlavaForConditionalGeneration) -> LlavaParts:
     )
 
 
+def vision_tower(model: LlavaForConditionalGeneration) -> torch.nn.Module:
+    """The CLIP tower before the projector (the testbed's trainer freezes it for its language phase)."""
+    return model.model.vision_tower
+
+
 def stock_image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected image features exactly as stock LLaVA computes them: [num_images, tokens_per_image, hidden]."""
     outputs = model.model.get_image_features(

@@ -18,7 +18,9 @@ from .train import TrainSettings, train
 
 def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    settings = TrainSettings(steps=args.steps, batch_images=args.batch_images, seed=args.seed, vision_steps=args.vision_steps)
+    settings = TrainSettings(
+        steps=args.steps, batch_images=args.batch_images, seed=args.seed, vision_steps=args.vision_steps, bf16=not args.fp32
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(settings.seed)
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--seed", type=int, default=TrainSettings.seed)
     trainer.add_argument("--vision-steps", type=int, default=TrainSettings.vision_steps, help="steps of the vision phase")
     trainer.add_argument("--threads", type=int, default=2)
+    trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")
     trainer.set_defaults(run=train_command)
     calibrator = commands.add_parser("calibrate", help="DyMU thresholds for the testbed (training-distribution images)")

@@ -130,20 +130,28 @@ def _background_pixels(scene: Scene) -> np.ndarray:
     return pixels
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, item: SceneObject, colour) -> None:
+OUTLINE = (20, 20, 20)
+OUTLINE_WIDTH = 2
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, item: SceneObject, colour, outline=OUTLINE) -> None:
+    """One filled object with a dark outline: the outline is the same whatever the fill colour, so
+    a patch's edge pattern (straight, slanted, curved, a concave corner) says the shape on its own."""
     cx, cy = item.center
     half = item.extent / 2
     box = (cx - half, cy - half, cx + half, cy + half)
+    style = dict(fill=colour, outline=outline, width=OUTLINE_WIDTH)
     if item.shape == "circle":
-        draw.ellipse(box, fill=colour)
+        draw.ellipse(box, **style)
     elif item.shape == "square":
-        draw.rectangle(box, fill=colour)
+        draw.rectangle(box, **style)
     elif item.shape == "triangle":
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
-    else:  # cross: two bars a third of the extent wide
-        bar = item.extent / 6
-        draw.rectangle((cx - half, cy - bar, cx + half, cy + bar), fill=colour)
-        draw.rectangle((cx - bar, cy - half, cx + bar, cy + half), fill=colour)
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], **style)
+    else:  # cross: two bars 0.4 of the extent wide, as one outlined polygon
+        bar = item.extent / 5
+        points = [(bar, -half), (bar, -bar), (half, -bar), (half, bar), (bar, bar), (bar, half),
+                  (-bar, half), (-bar, bar), (-half, bar), (-half, -bar), (-bar, -bar), (-bar, -half)]
+        draw.polygon([(cx + x, cy + y) for x, y in points], **style)
 
 
 def render(scene: Scene) -> Image.Image:
@@ -167,7 +175,7 @@ def patch_objects(scene: Scene) -> np.ndarray:
     labels = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(labels)
     for number, item in enumerate(scene.objects, start=1):
-        _draw_object(draw, item, number)
+        _draw_object(draw, item, number, outline=number)
     pixels = np.asarray(labels).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
     counts = np.stack([(pixels == number).sum(axis=1) for number in range(len(scene.objects) + 1)], axis=1)
     counts[:, 0] = 0

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features
+from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features, vision_tower
 from . import scenes
 from .prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
 
 CAPTION_WEIGHT = 2.0
-EXTRA_QUESTIONS = 3  # beyond one of each kind
-DIRECT_QUESTIONS = 3
+EXTRA_QUESTIONS = 5  # beyond one of each kind
+DIRECT_QUESTIONS = 5
 DIRECT_INSTRUCTION = "Answer the question directly."
 PROBE_WEIGHT = 0.5
 BACKGROUND_WEIGHT = 0.25  # the probe's background patches (~95% of them) count this much of the object patches
@@ -49,15 +49,17 @@ VISION_SCENE_OFFSET = 10_000_000  # the vision phase draws training scenes from 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 540
+    steps: int = 1350
     batch_images: int = 8
     learning_rate: float = 2e-3
     warmup_steps: int = 100
-    vision_steps: int = 120
+    vision_steps: int = 300
     vision_batch_images: int = 32
     vision_warmup_steps: int = 20
     weight_decay: float = 0.01
     seed: int = 0
+    bf16: bool = True
+    freeze_vision: bool = False  # in the language phase (cheaper; the ViT then learns from the probe phase only)
 
 
 @dataclass
@@ -71,9 +73,9 @@ class PackedImage:
     letter_positions: list[int]  # logits that predict an option letter (for the running accuracy)
 
 
-def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]], np.ndarray]:
+def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]], "ProbeTargets"]:
     """The image of training scene `index`, its (prompt text, target, weight) segments, and the
-    probe's targets [576, 2] (colour class, shape class; 0 = no object)."""
+    probe's targets."""
     scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
     kinds = list(scenes.QUESTION_KINDS) + [str(k) for k in rng.choice(scenes.QUESTION_KINDS, EXTRA_QUESTIONS)]
     segments = []
@@ -90,38 +92,77 @@ def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, flo
     return scenes.render(scene), segments, probe_targets(scene)
 
 
-COLOUR_CLASSES = {name: number for number, name in enumerate(scenes.COLOURS, start=1)}
-SHAPE_CLASSES = {name: number for number, name in enumerate(scenes.SHAPES, start=1)}
+COLOUR_CLASSES = {name: number for number, name in enumerate(scenes.COLOURS)}
+SHAPE_CLASSES = {name: number for number, name in enumerate(scenes.SHAPES)}
+SIZE_CLASSES = {name: number for number, name in enumerate(scenes.SIZES)}
+MAX_OBJECTS = 4
 
 
-def probe_targets(scene: scenes.Scene) -> np.ndarray:
-    owner = scenes.patch_objects(scene)  # [576], 0 = background
-    colours = np.array([0] + [COLOUR_CLASSES[o.colour] for o in scene.objects])
-    shapes = np.array([0] + [SHAPE_CLASSES[o.shape] for o in scene.objects])
-    return np.stack([colours[owner], shapes[owner]], axis=1)
+@dataclass(frozen=True)
+class ProbeTargets:
+    owner: np.ndarray  # [576] 0 = background, 1 + object index
+    objects: np.ndarray  # [MAX_OBJECTS, 3] colour, shape, size class; -1 where no object
 
 
-class PatchProbe(torch.nn.Module):
-    """Training-only linear heads on the projected image tokens: colour and shape of each patch's object."""
+def probe_targets(scene: scenes.Scene) -> ProbeTargets:
+    objects = np.full((MAX_OBJECTS, 3), -1)
+    for number, item in enumerate(scene.objects):
+        objects[number] = (COLOUR_CLASSES[item.colour], SHAPE_CLASSES[item.shape], SIZE_CLASSES[item.size])
+    return ProbeTargets(scenes.patch_objects(scene), objects)
+
+
+def stack_targets(targets: list[ProbeTargets]) -> tuple[torch.Tensor, torch.Tensor]:
+    owner = torch.from_numpy(np.stack([t.owner for t in targets]))  # [N, 576]
+    return owner, torch.from_numpy(np.stack([t.objects for t in targets]))  # [N, MAX_OBJECTS, 3]
+
+
+class ObjectProbe(torch.nn.Module):
+    """Training-only linear heads on the projected image tokens, shaped like what one attention
+    head of the LLM can read: each patch's object colour and shape; the mean token of each object
+    (what attending to its patches averages) its colour, shape and size; the mean of all tokens
+    the object count; each token its grid row and column. Not part of the saved model."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.colour = torch.nn.Linear(hidden, len(COLOUR_CLASSES) + 1)
-        self.shape = torch.nn.Linear(hidden, len(SHAPE_CLASSES) + 1)
+        self.patch_colour = torch.nn.Linear(hidden, len(COLOUR_CLASSES) + 1)
+        self.patch_shape = torch.nn.Linear(hidden, len(SHAPE_CLASSES) + 1)
+        self.object_heads = torch.nn.ModuleList(
+            torch.nn.Linear(hidden, classes) for classes in (len(COLOUR_CLASSES), len(SHAPE_CLASSES), len(SIZE_CLASSES))
+        )
+        self.count = torch.nn.Linear(hidden, MAX_OBJECTS)
+        self.place = torch.nn.Linear(hidden, 2)
+        grid = torch.arange(scenes.GRID, dtype=torch.float32) / (scenes.GRID - 1) * 2 - 1
+        self.register_buffer("grid", torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2), persistent=False)
 
-    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """features [N, 576, D], targets [N, 576, 2] -> (CE of both heads, object patches weighted 1 and
-        background ones BACKGROUND_WEIGHT; accuracies of both heads on object patches)."""
-        on_object = targets[..., 1] > 0
+    def loss(self, features: torch.Tensor, owner: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """features [N, 576, D], owner [N, 576], objects [N, K, 3] -> (mean of the heads' losses, accuracies)."""
+        features = features.float()
+        on_object = owner > 0
         weights = torch.where(on_object, 1.0, BACKGROUND_WEIGHT).flatten()
-        loss, accuracy = 0.0, {}
-        for name, head, target in (("colour", self.colour, targets[..., 0]), ("shape", self.shape, targets[..., 1])):
-            logits = head(features)
-            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-            loss = loss + (losses * weights).sum() / weights.sum()
-            correct = (logits.argmax(-1) == target)[on_object]
-            accuracy[name] = float(correct.float().mean()) if correct.numel() else float("nan")
-        return loss / 2, accuracy
+        owned = objects.gather(1, (owner - 1).clamp(min=0)[..., None].expand(-1, -1, 3))  # [N, 576, 3]
+        patch_class = torch.where(on_object[..., None], owned + 1, 0)
+        losses, accuracy = [], {}
+        for name, head, target in (("patch_colour", self.patch_colour, patch_class[..., 0]), ("patch_shape", self.patch_shape, patch_class[..., 1])):
+            logits = head(features)  # [N, 576, C]
+            each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+            losses.append((each * weights).sum() / weights.sum())
+            accuracy[name] = _accuracy(logits[on_object], target[on_object])
+        membership = torch.nn.functional.one_hot(owner, MAX_OBJECTS + 1)[..., 1:].float()  # [N, 576, K]
+        object_means = membership.transpose(1, 2) @ features / membership.sum(1)[..., None].clamp(min=1)  # [N, K, D]
+        present = (objects[..., 0] >= 0) & (membership.sum(1) > 0)
+        for index, (name, head) in enumerate(zip(("object_colour", "object_shape", "object_size"), self.object_heads)):
+            logits, target = head(object_means[present]), objects[..., index][present]
+            losses.append(torch.nn.functional.cross_entropy(logits, target))
+            accuracy[name] = _accuracy(logits, target)
+        count_logits, count_target = self.count(features.mean(1)), (objects[..., 0] >= 0).sum(1) - 1
+        losses.append(torch.nn.functional.cross_entropy(count_logits, count_target))
+        accuracy["count"] = _accuracy(count_logits, count_target)
+        losses.append(torch.nn.functional.mse_loss(self.place(features), self.grid.expand(features.shape[0], -1, -1)))
+        return sum(losses) / len(losses), accuracy
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    return round(float((logits.argmax(-1) == target).float().mean()), 4) if target.numel() else float("nan")
 
 
 def jpeg_roundtrip(image: Image.Image) -> Image.Image:
@@ -214,13 +255,13 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def vision_batch(step: int, settings: TrainSettings, processor) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_batch(step: int, settings: TrainSettings, processor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     images, targets = [], []
     for offset in range(settings.vision_batch_images):
         scene, _ = scenes.scene_for(scenes.TRAIN_STREAM, VISION_SCENE_OFFSET + step * settings.vision_batch_images + offset)
         images.append(jpeg_roundtrip(scenes.render(scene)))
-        targets.append(torch.from_numpy(probe_targets(scene)))
-    return processor.image_processor(images, return_tensors="pt")["pixel_values"], torch.stack(targets)
+        targets.append(probe_targets(scene))
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"], stack_targets(targets)
 
 
 def training_batch(step: int, settings: TrainSettings, processor, image_token_id: int, image_tokens: int):
@@ -229,68 +270,87 @@ def training_batch(step: int, settings: TrainSettings, processor, image_token_id
         image, segments, probe = training_segments(step * settings.batch_images + offset)
         images.append(jpeg_roundtrip(image))
         packed.append(pack(processor.tokenizer, image_token_id, image_tokens, segments))
-        targets.append(torch.from_numpy(probe))
+        targets.append(probe)
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return pixel_values, collate(packed, processor.tokenizer.pad_token_id), torch.stack(targets)
+    return pixel_values, collate(packed, processor.tokenizer.pad_token_id), stack_targets(targets)
+
+
+class Trainer:
+    """One AdamW over the model and the probe; the JSON-lines log; bf16 autocast on CPU (5x fp32's
+    matmul throughput on CPUs with AVX-512 BF16; the weights and the optimizer stay fp32)."""
+
+    def __init__(self, model, probe: ObjectProbe, settings: TrainSettings, log_file):
+        self.model, self.probe, self.settings, self.log_file = model, probe, settings, log_file
+        named = list(model.named_parameters()) + list(probe.named_parameters(prefix="probe"))
+        self.parameters = [p for _, p in named]
+        decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.learning_rate, betas=(0.9, 0.98),
+        )
+        self.log, self.started = [], time.perf_counter()
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.bf16)
+
+    def optimize(self, loss: torch.Tensor, rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.parameters if p.grad is not None], 1.0)
+        self.optimizer.step()
+
+    def write(self, record: dict) -> None:
+        record["seconds"] = round(time.perf_counter() - self.started, 1)
+        self.log.append(record)
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+    def vision_step(self, step: int, processor) -> None:
+        pixel_values, (owner, objects) = vision_batch(step, self.settings, processor)
+        with self.autocast():
+            probe_loss, accuracy = self.probe.loss(stock_image_features(self.model, pixel_values), owner, objects)
+        rate = learning_rate(step, self.settings.learning_rate, self.settings.vision_warmup_steps, self.settings.vision_steps)
+        self.optimize(probe_loss, rate)
+        self.write(dict(phase="vision", step=step, probe_loss=round(probe_loss.item(), 5), lr=rate, **accuracy))
+
+    def language_step(self, step: int, processor) -> None:
+        config = self.model.config
+        pixel_values, batch, (owner, objects) = training_batch(step, self.settings, processor, config.image_token_id, config.image_seq_length)
+        with self.autocast():
+            logits, features = packed_forward(self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
+            probe_loss, accuracy = self.probe.loss(features, owner, objects)
+        losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
+        weights = batch["target_weights"]
+        answer_loss = (losses * weights).sum() / weights.sum()
+        rate = learning_rate(step, self.settings.learning_rate, self.settings.warmup_steps, self.settings.steps)
+        self.optimize(answer_loss + PROBE_WEIGHT * probe_loss, rate)
+        self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
+                        lr=rate, letter_accuracy=round(_letter_accuracy(logits, batch), 4), **accuracy))
 
 
 def train(model, processor, settings: TrainSettings, log_path: Path, progress: bool = True) -> list[dict]:
-    """Train `model` in place (the vision phase, then everything); one JSON line per step in
-    `log_path`; returns the log."""
+    """Train `model` in place: the vision phase (ViT and projector on the probe), then the language
+    phase (the ViT frozen; projector and LLM on the answers, the probe kept on the projector); one
+    JSON line per step in `log_path`; returns the log."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)
-    probe = PatchProbe(model.config.text_config.hidden_size)
-    named = list(model.named_parameters()) + list(probe.named_parameters(prefix="probe"))
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.learning_rate, betas=(0.9, 0.98),
-    )
-    image_token_id = model.config.image_token_id
-    image_tokens = model.config.image_seq_length
+    probe = ObjectProbe(model.config.text_config.hidden_size)
     model.train()
-    log, started = [], time.perf_counter()
-
-    def optimize(loss: torch.Tensor, rate: float) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        optimizer.step()
-
     with log_path.open("w") as log_file:
-
-        def write(record: dict) -> None:
-            record["seconds"] = round(time.perf_counter() - started, 1)
-            log.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
+        trainer = Trainer(model, probe, settings, log_file)
         for step in tqdm(range(settings.vision_steps), desc="testbed train: vision", disable=not progress):
-            pixel_values, probe_target = vision_batch(step, settings, processor)
-            features = stock_image_features(model, pixel_values)
-            probe_loss, accuracy = probe.loss(features.float(), probe_target)
-            rate = learning_rate(step, settings.learning_rate, settings.vision_warmup_steps, settings.vision_steps)
-            optimize(probe_loss, rate)
-            write(dict(phase="vision", step=step, probe_loss=round(probe_loss.item(), 5), lr=rate,
-                       probe_colour_accuracy=round(accuracy["colour"], 4), probe_shape_accuracy=round(accuracy["shape"], 4)))
-        for step in tqdm(range(settings.steps), desc="testbed train: all", disable=not progress):
-            pixel_values, batch, probe_target = training_batch(step, settings, processor, image_token_id, image_tokens)
-            logits, features = packed_forward(model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
-            losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
-            weights = batch["target_weights"]
-            answer_loss = (losses * weights).sum() / weights.sum()
-            probe_loss, accuracy = probe.loss(features.float(), probe_target)
-            rate = learning_rate(step, settings.learning_rate, settings.warmup_steps, settings.steps)
-            optimize(answer_loss + PROBE_WEIGHT * probe_loss, rate)
-            write(dict(phase="all", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
-                       lr=rate, probe_colour_accuracy=round(accuracy["colour"], 4), probe_shape_accuracy=round(accuracy["shape"], 4),
-                       letter_accuracy=round(_letter_accuracy(logits, batch), 4)))
+            trainer.vision_step(step, processor)
+        if settings.freeze_vision:
+            vision_tower(model).requires_grad_(False)  # autograd then records nothing before the projector
+        for step in tqdm(range(settings.steps), desc="testbed train: language", disable=not progress):
+            trainer.language_step(step, processor)
+    model.requires_grad_(True)
     model.eval()
-    return log
+    return trainer.log
 
 
 def _letter_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
@@ -301,4 +361,3 @@ def _letter_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> fl
     if not bool(is_letter.any()):
         return float("nan")
     return float((logits[is_letter].argmax(-1) == batch["target_ids"][is_letter]).float().mean())
-
