@@ -61,6 +61,7 @@ from .hf_compat.clip import (
     vision_fingerprint,
     vision_parts,
 )
+from .provenance import portable_path
 from .runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -184,7 +185,7 @@ def calibrate_thresholds(
             f"all {parts.tower_layers} blocks, the {layers} blocks LLaVA reads take the first entries"
         )
     return {
-        "model": identity,
+        "model": {**identity, "name": portable_path(identity["name"])},
         "split": split,
         "target": {
             "tokens": plan.tokens,

@@ -20,7 +20,9 @@ import pandas as pd
 import pytest
 
 from hybrid_vlm import HybridConfig, visual_keep_count
+from hybrid_vlm.testbed import CHECKPOINT_DIR as TESTBED_CHECKPOINT
 from vlmeval_plugin import settings, stats
+from vlmeval_plugin.cli import DEMO_MODELS
 from vlmeval_plugin.tiny_data import (
     CAPTION_IMAGES,
     CIRCULAR_OFFSET,
@@ -192,9 +194,10 @@ def predictions(work_dir: Path, model: str, dataset: str) -> pd.DataFrame:
 
 
 @needs_vlmeval
-def test_default_run_is_the_tiny_demo_with_metrics_and_stats(sandbox):
-    """`python run.py` with no arguments: tiny LLaVA, vanilla and hybrid, TinyMMBench and TinyCOCO
-    (here the sandbox's short copies), batch size 8."""
+@pytest.mark.skipif(not (TESTBED_CHECKPOINT / "config.json").exists(), reason="no testbed checkpoint committed")
+def test_default_run_is_the_testbed_demo_with_metrics_and_stats(sandbox):
+    """`python run.py` with no arguments: the trained testbed, vanilla, FastV and hybrid, on
+    TinyMMBench and TinyCOCO (here the sandbox's short copies), batch size 8."""
     demo_dir = sandbox["root"] / "demo"
     demo_dir.mkdir()
     started = time.perf_counter()
@@ -203,8 +206,9 @@ def test_default_run_is_the_tiny_demo_with_metrics_and_stats(sandbox):
     print(f"demo wall time {seconds:.1f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     work_dir = demo_dir / "outputs"
-    hybrid = "llava_tiny_hybrid__" + settings.tiny_hybrid_config().describe()
-    for model in ("llava_tiny", hybrid):
+    configs = {base: settings.hybrid_config_for(base, {}) for base in DEMO_MODELS}
+    names = {base: settings.effective_name(base, config) for base, config in configs.items()}
+    for model in names.values():
         mcq = predictions(work_dir, model, "TinyMMBench")
         assert len(mcq) == MCQ_ROWS  # a prediction row for every dataset row
         accuracy = pd.read_csv(work_dir / model / f"{model}_TinyMMBench_acc.csv")
@@ -221,14 +225,20 @@ def test_default_run_is_the_tiny_demo_with_metrics_and_stats(sandbox):
             assert len(records) == rows and {r["index"] for r in records} == predicted  # one record per row
             assert all(r["prefill_s"] > 0 and r["tokens_in"] > 0 and 1 <= r["batch_size"] <= 8 for r in records)
         assert str((work_dir / model).resolve()) in result.stdout  # prints where the results are
-    vanilla = sidecar(work_dir, "llava_tiny", "TinyCOCO")
+    vanilla_name = names["llava_testbed"]
+    vanilla_accuracy = pd.read_csv(work_dir / vanilla_name / f"{vanilla_name}_TinyMMBench_acc.csv")
+    assert vanilla_accuracy["Overall"].iloc[0] > 0  # trained weights: the counting questions are answered
+    vanilla = sidecar(work_dir, vanilla_name, "TinyCOCO")
     assert all(r["tokens_kept"] == r["tokens_in"] for r in vanilla)
     text_tokens = {r["index"]: r["tokens_in"] - 576 for r in vanilla}
-    config = settings.tiny_hybrid_config()
-    for r in sidecar(work_dir, hybrid, "TinyCOCO"):  # DyMU, then FastV's quota on each row's merged count
-        merged = r["tokens_in"] - text_tokens[r["index"]]
-        assert 0 < merged < 576
-        assert r["tokens_kept"] - text_tokens[r["index"]] == visual_keep_count(merged, config.fastv_k)
+    for base in ("llava_testbed_fastv", "llava_testbed_hybrid"):  # FastV's quota on each row's (merged) count
+        entering = {r["index"]: r["tokens_in"] - text_tokens[r["index"]] for r in sidecar(work_dir, names[base], "TinyCOCO")}
+        if configs[base].dymu is None:
+            assert set(entering.values()) == {576}
+        else:
+            assert all(0 < count <= 576 for count in entering.values()) and min(entering.values()) < 576
+        for r in sidecar(work_dir, names[base], "TinyCOCO"):
+            assert r["tokens_kept"] - text_tokens[r["index"]] == visual_keep_count(entering[r["index"]], configs[base].fastv_k)
 
 
 def test_testbed_names_without_a_checkpoint_are_a_clear_error(monkeypatch, tmp_path):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from hybrid_vlm.provenance import portable_path
+
 NO_JAVA = "no java on PATH"
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 CORENLP_URL = "http://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip"
@@ -79,7 +81,7 @@ def ptb_scores(meteor_scorer, gts: dict, res: dict) -> tuple[dict, list[str]]:
     missing = spice_missing()
     if missing:
         notes.append(
-            f"SPICE: not computed (needs Stanford CoreNLP 3.6.0: put {' and '.join(missing)} into {spice_lib()}; "
+            f"SPICE: not computed (needs Stanford CoreNLP 3.6.0: put {' and '.join(missing)} into {portable_path(spice_lib())}; "
             f"both are in {CORENLP_URL})"
         )
     else:

@@ -3,7 +3,7 @@
     python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid
     FASTV_K=72 python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
     torchrun --nproc-per-node=8 run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv
-    python run.py          # no arguments: the bundled demo (tiny LLaVA, TinyMMBench + TinyCOCO, CPU)
+    python run.py          # no arguments: the bundled demo (the trained testbed, TinyMMBench + TinyCOCO, CPU)
 
 Every VLMEvalKit flag is accepted and passed on unchanged; the plugin adds
     --model-path PATH      llava-hf checkpoint (a directory or a hub id already in the HF cache);
@@ -28,10 +28,12 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from hybrid_vlm.provenance import portable_path
+
 from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
 
-DEMO_MODELS = ["llava_tiny", "llava_tiny_hybrid"]
+DEMO_MODELS = ["llava_testbed", "llava_testbed_fastv", "llava_testbed_hybrid"]
 DEMO_ARGS = ["--data", "TinyMMBench", "TinyCOCO", "--model", *DEMO_MODELS, "--judge", "exact_matching", "--batch-size", "8"]
 JUDGE_KEY_ENVS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "LOCAL_LLM")
 FAILED_SKIPS = ("invalid_dataset", "Incomplete infer result", "No infer result found")
@@ -269,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if demo:
         argv = list(DEMO_ARGS)
         print(
-            "run.py: no arguments, running the bundled demo: tiny random LLaVA on TinyMMBench + TinyCOCO, "
-            "vanilla (llava_tiny) and hybrid (llava_tiny_hybrid), on CPU, batch size 8.\n"
+            "run.py: no arguments, running the bundled demo: the trained testbed on its held-out TinyMMBench + TinyCOCO, "
+            "vanilla, FastV and hybrid (" + ", ".join(DEMO_MODELS) + "), on CPU, batch size 8.\n"
             "For the real thing: python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid",
             flush=True,
         )
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     # Importing vlmeval.run narrows CUDA_VISIBLE_DEVICES per torchrun rank: it must come before
     # anything queries CUDA in this process (importing hybrid_vlm/transformers and resolving the
     # checkpoints above do not: checked by counting torch's device-count calls).
-    sys.argv = [sys.argv[0] if sys.argv else "run.py"] + rest
+    # VLMEvalKit copies sys.argv into status.json: no machine's absolute path in it.
+    sys.argv = [portable_path(sys.argv[0]) if sys.argv else "run.py"] + rest
     robust.install()  # quiet import, bad rows fail alone (must precede building any dataset)
     caption_scores.install()  # METEOR and PTB-tokenized scores beside VLMEvalKit's caption scores
     import vlmeval.run as vlmeval_run

@@ -4,7 +4,7 @@ Both are held-out scenes of the testbed (`hybrid_vlm.testbed.scenes`), drawn fro
 that training never uses: TinyMMBench has 100 base questions, 20 of each kind (the colour of a
 shape, the shape of a colour, how many objects, where one object is relative to another, is there
 a given object), circular copies expanded; TinyCOCO has 40 scenes with 4 reference captions each.
-A trained testbed would answer them (none ships yet); the random tiny LLaVA scores at chance.
+The shipped testbed (hybrid_vlm/testbed/checkpoint) answers them; the random tiny LLaVA scores at chance.
 
     python -m vlmeval_plugin.tiny_data --out DIR      # writes DIR/TinyMMBench.tsv, DIR/TinyCOCO.tsv
 

@@ -4,9 +4,9 @@ against tokens kept means something on a laptop.
 LLaVA-1.5's geometry where the methods act: a CLIP-layout ViT at 336 px with 14 px patches (576
 patches + CLS, features from the second-to-last of 6 layers), a 2-layer GELU MLP projector, an
 8-layer Llama with RoPE, the LLaVA-1.5 conversation, its own byte-level BPE tokenizer. It is a
-stock `LlavaForConditionalGeneration`; trained weights belong in `checkpoint/` (none ship yet: see reports/testbed-attempts/).
+stock `LlavaForConditionalGeneration`; the trained weights ship in `checkpoint/` (its README.md is the card).
 
-    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~55 min on 2 idle CPU cores)
+    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~49 min on 2 idle CPU cores)
     python -m hybrid_vlm.testbed calibrate               # DyMU thresholds low/mid/high for the shipped weights
     python -m hybrid_vlm.testbed card                    # its card, from the committed log, thresholds and report
 """
@@ -113,7 +113,7 @@ def testbed_checkpoint() -> Path:
     if not (CHECKPOINT_DIR / "config.json").exists():
         raise FileNotFoundError(
             f"the testbed checkpoint is missing from {CHECKPOINT_DIR} "
-            "(none ships yet: see reports/testbed-attempts/); make one with `python -m hybrid_vlm.testbed train --out DIR` "
-            "and copy DIR there"
+            "(it ships with the repository: restore it with `git checkout -- hybrid_vlm/testbed/checkpoint`), or make one with "
+            "`python -m hybrid_vlm.testbed train --out DIR` and copy DIR there"
         )
     return CHECKPOINT_DIR

@@ -13,8 +13,9 @@ plugin's MCQ prompt, answered with the letter), `DIRECT_QUESTIONS` questions ans
 Loss: cross-entropy on the answer tokens (the option letter and </s>; the words and </s>; the
 caption and </s>), averaged within a segment, then over segments (a caption counts
 `CAPTION_WEIGHT` questions); plus `PROBE_WEIGHT` times an auxiliary loss that only training uses:
-a linear probe on every projected image token predicts the colour and the shape of the object
-covering that patch (`scenes.patch_objects`). The probe makes the ViT's features useful within a
+linear heads on the projected image tokens (`ObjectProbe`: each patch's object colour and shape,
+each object's mean token its colour, shape and size, the object count, each token's grid place;
+`scenes.patch_objects` says which object covers a patch). The probe makes the ViT's features useful within a
 CPU budget; it is not part of the saved model.
 
 Two phases, both from scratch and in the one command: `vision_steps` steps of the probe loss alone
@@ -73,7 +74,7 @@ class PackedImage:
     letter_positions: list[int]  # logits that predict an option letter (for the running accuracy)
 
 
-def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]], "ProbeTargets"]:
+def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]], ProbeTargets]:
     """The image of training scene `index`, its (prompt text, target, weight) segments, and the
     probe's targets."""
     scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
@@ -333,8 +334,8 @@ class Trainer:
 
 def train(model, processor, settings: TrainSettings, log_path: Path, progress: bool = True) -> list[dict]:
     """Train `model` in place: the vision phase (ViT and projector on the probe), then the language
-    phase (the ViT frozen; projector and LLM on the answers, the probe kept on the projector); one
-    JSON line per step in `log_path`; returns the log."""
+    phase (everything on the answers plus the probe; the ViT frozen if `settings.freeze_vision`);
+    one JSON line per step in `log_path`; returns the log."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)

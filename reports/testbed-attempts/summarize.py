@@ -1,7 +1,8 @@
 """Summarise the testbed training attempts from their raw logs: python reports/testbed-attempts/summarize.py
 
 Prints, per run, means over windows of steps of the answer loss, the letter accuracy on the
-training batches' option letters, and the probe's colour / shape accuracy on object patches.
+training batches' option letters, and the probe's colour / shape accuracy on object patches (run4: its patch heads; the
+shipped checkpoint's log).
 """
 
 import json
@@ -9,6 +10,8 @@ import math
 from pathlib import Path
 
 RAW = Path(__file__).resolve().parent / "raw"
+SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run4
+RUN4_WINDOW = 150
 WINDOW = 40
 
 
@@ -20,16 +23,20 @@ def mean(records, key):
 def main():
     print("| run | phase | steps | answer loss | letter accuracy | probe colour acc. | probe shape acc. | seconds at end |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for path in sorted(RAW.glob("run*_train_log.jsonl")):
+    logs = [(path.name.split("_")[0], path, WINDOW) for path in sorted(RAW.glob("run*_train_log.jsonl"))]
+    if SHIPPED_LOG.exists():
+        logs.append(("run4 (shipped)", SHIPPED_LOG, RUN4_WINDOW))
+    for run, path, window_size in logs:
         records = [json.loads(line) for line in path.read_text().splitlines()]
         for phase in dict.fromkeys(r.get("phase", "all") for r in records):
             rows = [r for r in records if r.get("phase", "all") == phase]
-            for start in range(0, len(rows), WINDOW):
-                window = rows[start : start + WINDOW]
+            for start in range(0, len(rows), window_size):
+                window = rows[start : start + window_size]
                 answer = mean(window, "answer_loss") if "answer_loss" in window[0] else mean(window, "loss")
-                print(f"| {path.name.split('_')[0]} | {phase} | {window[0]['step']}–{window[-1]['step']} | {answer} | "
-                      f"{mean(window, 'letter_accuracy')} | {mean(window, 'probe_colour_accuracy')} | "
-                      f"{mean(window, 'probe_shape_accuracy')} | {window[-1]['seconds']} |")
+                colour = mean(window, "probe_colour_accuracy") if "probe_colour_accuracy" in window[0] else mean(window, "patch_colour")
+                shape = mean(window, "probe_shape_accuracy") if "probe_shape_accuracy" in window[0] else mean(window, "patch_shape")
+                print(f"| {run} | {phase} | {window[0]['step']}–{window[-1]['step']} | {answer} | "
+                      f"{mean(window, 'letter_accuracy')} | {colour} | {shape} | {window[-1]['seconds']} |")
 
 
 if __name__ == "__main__":
