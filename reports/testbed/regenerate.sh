@@ -2,8 +2,8 @@
 # Regenerates reports/testbed/ on CPU (about 20 minutes on 2 cores). Run from the repository root.
 # The trained testbed (hybrid_vlm/testbed/checkpoint) on its held-out TinyMMBench (100 base
 # questions, circular) and TinyCOCO (40 scenes), batch size 1 so each row's prefill time is its own.
-# Needs a trained checkpoint in hybrid_vlm/testbed/checkpoint/ (none ships yet: see reports/testbed-attempts/),
-# then `python -m hybrid_vlm.testbed calibrate` for its DyMU thresholds; afterwards `python -m hybrid_vlm.testbed card`.
+# Reads the shipped checkpoint in hybrid_vlm/testbed/checkpoint/ and its DyMU thresholds (after retraining, run
+# `python -m hybrid_vlm.testbed calibrate` first); afterwards `python -m hybrid_vlm.testbed card`.
 set -euo pipefail
 work=runs/testbed  # inside the checkout (git-ignored), so every recorded path is relative
 rm -rf "$work"
