@@ -32,6 +32,7 @@ from hybrid_vlm.hf_compat.clip import (
     vision_fingerprint,
     vision_parts,
 )
+from hybrid_vlm.provenance import portable_path
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
 from reference import official_dymu_partitions, official_get_rs
@@ -614,7 +615,7 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
         load_thresholds(out, other)
     message = str(error.value)
     assert saved["model"]["fingerprint"] in message and other_print in message
-    assert str(model_dir) in message and "calibrated for model" in message
+    assert portable_path(model_dir) in message and "calibrated for model" in message  # as recorded: no machine path
 
 
 def test_threshold_file_split_is_checked(tmp_path, tiny):

@@ -123,8 +123,9 @@ class ObjectProbe(torch.nn.Module):
     (what attending to its patches averages) its colour, shape and size; the mean of all tokens
     the object count; each token its grid row and column. Not part of the saved model."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, shape_weight: float = 1.0):
         super().__init__()
+        self.shape_weight = shape_weight  # of the two shape losses (reports/testbed-attempts tried 3)
         self.patch_colour = torch.nn.Linear(hidden, len(COLOUR_CLASSES) + 1)
         self.patch_shape = torch.nn.Linear(hidden, len(SHAPE_CLASSES) + 1)
         self.object_heads = torch.nn.ModuleList(
@@ -146,14 +147,14 @@ class ObjectProbe(torch.nn.Module):
         for name, head, target in (("patch_colour", self.patch_colour, patch_class[..., 0]), ("patch_shape", self.patch_shape, patch_class[..., 1])):
             logits = head(features)  # [N, 576, C]
             each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-            losses.append((each * weights).sum() / weights.sum())
+            losses.append((each * weights).sum() / weights.sum() * (self.shape_weight if name == "patch_shape" else 1.0))
             accuracy[name] = _accuracy(logits[on_object], target[on_object])
         membership = torch.nn.functional.one_hot(owner, MAX_OBJECTS + 1)[..., 1:].float()  # [N, 576, K]
         object_means = membership.transpose(1, 2) @ features / membership.sum(1)[..., None].clamp(min=1)  # [N, K, D]
         present = (objects[..., 0] >= 0) & (membership.sum(1) > 0)
         for index, (name, head) in enumerate(zip(("object_colour", "object_shape", "object_size"), self.object_heads)):
             logits, target = head(object_means[present]), objects[..., index][present]
-            losses.append(torch.nn.functional.cross_entropy(logits, target))
+            losses.append(torch.nn.functional.cross_entropy(logits, target) * (self.shape_weight if name == "object_shape" else 1.0))
             accuracy[name] = _accuracy(logits, target)
         count_logits, count_target = self.count(features.mean(1)), (objects[..., 0] >= 0).sum(1) - 1
         losses.append(torch.nn.functional.cross_entropy(count_logits, count_target))

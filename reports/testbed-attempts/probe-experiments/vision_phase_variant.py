@@ -1,9 +1,10 @@
 """The vision phase alone from scratch, one variant, N steps; prints the probe's accuracies averaged
 over the last 20 steps. Variants: base; gabor (oriented cosine filters in half the patch-embedding
 channels); sincos1 / sincos5 (2-D sin-cos position embeddings, scaled 1x / 5x); shape3 (the two
-shape losses weighted 3x, probe_patch.py).
+shape losses weighted 3x: ObjectProbe's shape_weight; run before it existed, through a patched copy of
+its loss, the same arithmetic).
 
-    PYTHONPATH=.:reports/testbed-attempts/probe-experiments python reports/testbed-attempts/probe-experiments/vision_phase_variant.py base 80 [LR]
+    PYTHONPATH=. python reports/testbed-attempts/probe-experiments/vision_phase_variant.py base 80 [LR]
 """
 import sys, json, math, statistics, torch, time
 from dataclasses import replace
@@ -34,15 +35,8 @@ if "sincos" in mode:
     pe=torch.cat([enc(gy),enc(gx)],1)
     emb[1:]=pe*emb[1:].norm(dim=1,keepdim=True).mean()/pe.norm(dim=1,keepdim=True).mean()*float(mode.split("sincos")[1][:1] or 1)
 torch.manual_seed(0)
-probe=T.ObjectProbe(128)
+probe=T.ObjectProbe(128, shape_weight=3.0 if "shape3" in mode else 1.0)
 model.train()
-if "shape3" in mode:
-    import probe_patch; probe.__class__=probe_patch.P
-if False:
-    orig=probe.loss
-    def loss(f,o,ob):
-        l,a=orig(f,o,ob); return l,a
-log=[]
 class F:
     def write(self,x): pass
     def flush(self): pass
