@@ -18,7 +18,7 @@ Names and their fixed meaning:
                            sparsevlm: one of its schedules 192 / 128 / 64, default 64;
                            dart: kept after FASTV_LAYER, default 128, DART_QUOTA, DART_PIVOTS), HYBRID_POSITIONS
     llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune,_pdrop,_sparsevlm,_dart}
-                           the same on the testbed checkpoint (hybrid_vlm.testbed; none ships yet);
+                           the same on the testbed checkpoint (hybrid_vlm.testbed, shipped);
                            DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
     llava_next_mistral_7b{...}
