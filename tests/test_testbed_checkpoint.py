@@ -18,7 +18,8 @@ import torch
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.testbed import CHECKPOINT_DIR, scenes
 from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
-from vlmeval_plugin.tiny_data import held_out_question
+from vlmeval_plugin.robust import decode_image
+from vlmeval_plugin.tiny_data import CIRCULAR_OFFSET, build_mcq_table
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "config.json").exists(), reason="no testbed checkpoint committed")
 
@@ -36,15 +37,15 @@ def shipped():
 
 
 def circular_prompts(num_questions: int):
-    """(base index, kind, image, prompt, right letter) for every rotation of each base question,
-    rotated as TinyMMBench rotates them."""
-    for base_index in range(num_questions):
-        image, question = held_out_question(base_index)
-        options = list(question.options)
-        for shift in range(len(options)):
-            rotated = options[shift:] + options[:shift]
-            right = LETTERS[rotated.index(options[question.answer])]
-            yield base_index, question.kind, image, conversation(mcq_text(question.question, rotated)), right
+    """(base index, kind, image, prompt, right letter) for every row of TinyMMBench's first
+    `num_questions` base questions: the bundled set's own rows (rotations, JPEG images)."""
+    table = build_mcq_table(num_questions)
+    kinds = {category: kind for kind, (category, _) in scenes.CATEGORIES.items()}
+    images = {int(row["index"]): decode_image(row["image"]) for _, row in table.iterrows() if int(row["index"]) < CIRCULAR_OFFSET}
+    for _, row in table.iterrows():
+        base_index = int(row["index"]) % CIRCULAR_OFFSET
+        options = [row[letter] for letter in LETTERS if isinstance(row[letter], str)]
+        yield base_index, kinds[row["category"]], images[base_index], conversation(mcq_text(row["question"], options)), row["answer"]
 
 
 @torch.no_grad()

@@ -232,12 +232,13 @@ def test_default_run_is_the_testbed_demo_with_metrics_and_stats(sandbox):
     assert all(r["tokens_kept"] == r["tokens_in"] for r in vanilla)
     text_tokens = {r["index"]: r["tokens_in"] - 576 for r in vanilla}
     for base in ("llava_testbed_fastv", "llava_testbed_hybrid"):  # FastV's quota on each row's (merged) count
-        entering = {r["index"]: r["tokens_in"] - text_tokens[r["index"]] for r in sidecar(work_dir, names[base], "TinyCOCO")}
+        records = sidecar(work_dir, names[base], "TinyCOCO")
+        entering = {r["index"]: r["tokens_in"] - text_tokens[r["index"]] for r in records}
         if configs[base].dymu is None:
             assert set(entering.values()) == {576}
         else:
             assert all(0 < count <= 576 for count in entering.values()) and min(entering.values()) < 576
-        for r in sidecar(work_dir, names[base], "TinyCOCO"):
+        for r in records:
             assert r["tokens_kept"] - text_tokens[r["index"]] == visual_keep_count(entering[r["index"]], configs[base].fastv_k)
 
 
