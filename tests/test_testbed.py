@@ -125,3 +125,52 @@ def test_packed_segments_equal_each_prompt_alone(untrained):
             assert got.shape == expected.shape
             assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
             start += len(answer)
+
+
+def test_window_features_are_the_stock_tower_on_that_window(untrained):
+    """A window's features equal stock CLIP run on the window alone with the full grid's position
+    embeddings at the window's patches (a stock CLIPVisionModel at 112 px given those rows)."""
+    from transformers import CLIPVisionModel
+
+    from hybrid_vlm.hf_compat.clip import window_image_features
+
+    model, processor = untrained
+    tower, config = model.model.vision_tower, model.config
+    pixel_values = processor.image_processor([scenes.render(scenes.scene_for(scenes.TRAIN_STREAM, 7)[0])], return_tensors="pt")["pixel_values"]
+    row, column, side = 5, 11, 8
+    window = pixel_values[:, :, row * 14 : (row + side) * 14, column * 14 : (column + side) * 14]
+    small = CLIPVisionModel(tower.config.__class__(**{**tower.config.to_dict(), "image_size": side * 14})).eval()
+    state = {k: v for k, v in tower.state_dict().items() if "position_embedding" not in k}
+    grid = torch.arange(24 * 24).reshape(24, 24)[row : row + side, column : column + side].flatten() + 1
+    state["embeddings.position_embedding.weight"] = tower.embeddings.position_embedding.weight[torch.cat([torch.zeros(1, dtype=torch.long), grid])]
+    small.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        hidden = small(window, output_hidden_states=True).hidden_states[config.vision_feature_layer][:, 1:]
+        expected = model.model.multi_modal_projector(hidden)
+        got = window_image_features(model, window, torch.tensor([[row, column]]))
+    assert got.shape == (1, side * side, config.text_config.hidden_size)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_each_window_holds_its_whole_object():
+    """object_windows places one window per labelled object, inside the grid, covering every patch
+    patch_objects gives that object; window_batch marks exactly those objects whole."""
+    from hybrid_vlm.testbed.train import WINDOW, TrainSettings, object_windows, window_batch
+
+    for index in range(40):
+        scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
+        owner = scenes.patch_objects(scene).reshape(24, 24)
+        origins = object_windows(owner.flatten(), rng)
+        labelled = [n for n in range(1, len(scene.objects) + 1) if (owner == n).any()]
+        assert len(origins) == len(labelled)
+        for number, (row, column) in zip(labelled, origins):
+            assert 0 <= row <= 24 - WINDOW and 0 <= column <= 24 - WINDOW
+            rows, columns = np.nonzero(owner == number)
+            assert rows.min() >= row and rows.max() < row + WINDOW and columns.min() >= column and columns.max() < column + WINDOW
+    _, processor = build_untrained(seed=3)
+    windows, origins, (owners, objects, whole) = window_batch(0, TrainSettings(window_batch_scenes=4), processor)
+    assert windows.shape[1:] == (3, WINDOW * 14, WINDOW * 14) and owners.shape[1] == WINDOW * WINDOW
+    for window_owner, is_whole in zip(owners, whole):
+        present = set(window_owner.unique().tolist()) - {0}
+        assert all(is_whole[n - 1] <= (n in present) for n in range(1, 5))
+        assert any(is_whole[n - 1] for n in present)  # its own object, at least

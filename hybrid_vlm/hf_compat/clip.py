@@ -43,6 +43,7 @@ __all__ = [
     "vision_fingerprint",
     "vision_parts",
     "vision_reads",
+    "window_image_features",
     "VisionReads",
     "project_features",
     "cls_attention_row",
@@ -322,3 +323,30 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
     fingerprint = f"{shape}-read{fields['merging_layers']}-sha256:{digest.hexdigest()[:20]}"
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "(unnamed model)"
     return {"name": str(name), "fingerprint": fingerprint, "config": fields}
+
+
+def window_image_features(model: LlavaForConditionalGeneration, pixel_windows: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
+    """Projected features of image windows, each embedded at its place in the full patch grid.
+
+    pixel_windows: [N, 3, h * patch, w * patch], cut from processed full images on patch borders;
+    origins: [N, 2] long, the (row, column) patch of each window's top-left corner. Returns
+    [N, h * w, text_hidden], the read layer's patch states through the projector. CLS keeps its own
+    position embedding and the patches the full grid's at their places, so what the tower learns on
+    windows (the testbed's cheap first training phase: 65 tokens instead of 577) is what it sees
+    in a whole image.
+    """
+    parts = vision_parts(model)
+    embeddings = parts.embeddings
+    dtype = embeddings.patch_embedding.weight.dtype
+    patches = embeddings.patch_embedding(pixel_windows.to(dtype))  # [N, C, h, w]
+    batch, _, rows, columns = patches.shape
+    grid_rows = origins[:, :1, None] + torch.arange(rows, device=origins.device)[None, :, None]  # [N, h, 1]
+    grid_columns = origins[:, 1:, None] + torch.arange(columns, device=origins.device)[None, None, :]  # [N, 1, w]
+    patch_positions = (parts.prefix + grid_rows * parts.grid_width + grid_columns).flatten(1)  # [N, h * w]
+    positions = torch.cat([torch.zeros_like(patch_positions[:, :1]), patch_positions], dim=1)
+    tokens = torch.cat([embeddings.class_embedding.expand(batch, 1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+    hidden_states = parts.pre_layernorm(tokens + embeddings.position_embedding(positions))
+    for layer in parts.layers:
+        hidden_states, _, _ = clip_layer_attention_qk(layer, hidden_states, None)
+        hidden_states = clip_layer_mlp(layer, hidden_states)
+    return parts.projector(hidden_states[:, parts.prefix :])

@@ -19,7 +19,7 @@ from .train import TrainSettings, train
 def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     settings = TrainSettings(
-        steps=args.steps, batch_images=args.batch_images, seed=args.seed, vision_steps=args.vision_steps, bf16=not args.fp32
+        steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps, bf16=not args.fp32
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--steps", type=int, default=TrainSettings.steps)
     trainer.add_argument("--batch-images", type=int, default=TrainSettings.batch_images)
     trainer.add_argument("--seed", type=int, default=TrainSettings.seed)
+    trainer.add_argument("--window-steps", type=int, default=TrainSettings.window_steps, help="steps of the window phase (first)")
     trainer.add_argument("--vision-steps", type=int, default=TrainSettings.vision_steps, help="steps of the vision phase")
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")

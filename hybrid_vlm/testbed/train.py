@@ -18,8 +18,13 @@ each object's mean token its colour, shape and size, the object count, each toke
 `scenes.patch_objects` says which object covers a patch). The probe makes the ViT's features useful within a
 CPU budget; it is not part of the saved model.
 
-Two phases, both from scratch and in the one command: `vision_steps` steps of the probe loss alone
-on the ViT and projector (cheap: no LLM, 32 scenes a step), then `steps` steps of everything.
+Three phases, from scratch and in the one command:
+1. windows: `window_steps` steps of the probe's patch and object heads on 8 x 8-patch windows cut
+   around each object (`hf_compat.clip.window_image_features`: 65 tokens instead of 577, every
+   patch with its full-grid position embedding). Shape is learned here: reports/testbed-attempts
+   has the runs where 300 whole-image steps left it near chance and 800 window steps did not;
+2. vision: `vision_steps` steps of the whole probe on whole images (ViT and projector; no LLM);
+3. language: `steps` steps of everything.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..hf_compat.clip import window_image_features
 from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features, vision_tower
 from . import scenes
 from .prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
@@ -46,6 +52,8 @@ DIRECT_INSTRUCTION = "Answer the question directly."
 PROBE_WEIGHT = 0.5
 BACKGROUND_WEIGHT = 0.25  # the probe's background patches (~95% of them) count this much of the object patches
 VISION_SCENE_OFFSET = 10_000_000  # the vision phase draws training scenes from here on
+WINDOW_SCENE_OFFSET = 20_000_000  # the window phase, from here on
+WINDOW = 8  # patches per side of a window-phase crop (the largest object spans 5)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class TrainSettings:
     batch_images: int = 8
     learning_rate: float = 2e-3
     warmup_steps: int = 100
+    window_steps: int = 1200
+    window_batch_scenes: int = 32  # each gives one window per object
     vision_steps: int = 300
     vision_batch_images: int = 32
     vision_warmup_steps: int = 20
@@ -136,31 +146,41 @@ class ObjectProbe(torch.nn.Module):
         grid = torch.arange(scenes.GRID, dtype=torch.float32) / (scenes.GRID - 1) * 2 - 1
         self.register_buffer("grid", torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2), persistent=False)
 
-    def loss(self, features: torch.Tensor, owner: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """features [N, 576, D], owner [N, 576], objects [N, K, 3] -> (mean of the heads' losses, accuracies)."""
+    def loss(self, features: torch.Tensor, owner: torch.Tensor, objects: torch.Tensor, whole: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """features [N, P, D], owner [N, P], objects [N, K, 3] -> (mean of the heads' losses, accuracies).
+
+        P = 576 for whole images. For windows (`whole` [N, K] bool: the object lies entirely inside
+        the window) the object heads read only the whole objects, and the count and place heads,
+        which need the full image, are skipped.
+        """
         features = features.float()
-        on_object = owner > 0
-        weights = torch.where(on_object, 1.0, BACKGROUND_WEIGHT).flatten()
-        owned = objects.gather(1, (owner - 1).clamp(min=0)[..., None].expand(-1, -1, 3))  # [N, 576, 3]
-        patch_class = torch.where(on_object[..., None], owned + 1, 0)
-        losses, accuracy = [], {}
-        for name, head, target in (("patch_colour", self.patch_colour, patch_class[..., 0]), ("patch_shape", self.patch_shape, patch_class[..., 1])):
-            logits = head(features)  # [N, 576, C]
-            each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-            losses.append((each * weights).sum() / weights.sum() * (self.shape_weight if name == "patch_shape" else 1.0))
-            accuracy[name] = _accuracy(logits[on_object], target[on_object])
-        membership = torch.nn.functional.one_hot(owner, MAX_OBJECTS + 1)[..., 1:].float()  # [N, 576, K]
+        losses, accuracy = self._patch_losses(features, owner, objects)
+        membership = torch.nn.functional.one_hot(owner, MAX_OBJECTS + 1)[..., 1:].float()  # [N, P, K]
         object_means = membership.transpose(1, 2) @ features / membership.sum(1)[..., None].clamp(min=1)  # [N, K, D]
-        present = (objects[..., 0] >= 0) & (membership.sum(1) > 0)
+        present = (objects[..., 0] >= 0) & (membership.sum(1) > 0) & (True if whole is None else whole)
         for index, (name, head) in enumerate(zip(("object_colour", "object_shape", "object_size"), self.object_heads)):
             logits, target = head(object_means[present]), objects[..., index][present]
             losses.append(torch.nn.functional.cross_entropy(logits, target) * (self.shape_weight if name == "object_shape" else 1.0))
             accuracy[name] = _accuracy(logits, target)
-        count_logits, count_target = self.count(features.mean(1)), (objects[..., 0] >= 0).sum(1) - 1
-        losses.append(torch.nn.functional.cross_entropy(count_logits, count_target))
-        accuracy["count"] = _accuracy(count_logits, count_target)
-        losses.append(torch.nn.functional.mse_loss(self.place(features), self.grid.expand(features.shape[0], -1, -1)))
+        if whole is None:
+            count_logits, count_target = self.count(features.mean(1)), (objects[..., 0] >= 0).sum(1) - 1
+            losses.append(torch.nn.functional.cross_entropy(count_logits, count_target))
+            accuracy["count"] = _accuracy(count_logits, count_target)
+            losses.append(torch.nn.functional.mse_loss(self.place(features), self.grid.expand(features.shape[0], -1, -1)))
         return sum(losses) / len(losses), accuracy
+
+    def _patch_losses(self, features: torch.Tensor, owner: torch.Tensor, objects: torch.Tensor) -> tuple[list, dict]:
+        on_object = owner > 0
+        weights = torch.where(on_object, 1.0, BACKGROUND_WEIGHT).flatten()
+        owned = objects.gather(1, (owner - 1).clamp(min=0)[..., None].expand(-1, -1, 3))  # [N, P, 3]
+        patch_class = torch.where(on_object[..., None], owned + 1, 0)
+        losses, accuracy = [], {}
+        for name, head, target in (("patch_colour", self.patch_colour, patch_class[..., 0]), ("patch_shape", self.patch_shape, patch_class[..., 1])):
+            logits = head(features)  # [N, P, C]
+            each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+            losses.append((each * weights).sum() / weights.sum() * (self.shape_weight if name == "patch_shape" else 1.0))
+            accuracy[name] = _accuracy(logits[on_object], target[on_object])
+        return losses, accuracy
 
 
 def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -266,6 +286,45 @@ def vision_batch(step: int, settings: TrainSettings, processor) -> tuple[torch.T
     return processor.image_processor(images, return_tensors="pt")["pixel_values"], stack_targets(targets)
 
 
+def object_windows(owner: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """owner [576] (`scenes.patch_objects`) -> one WINDOW x WINDOW window per labelled object,
+    placed at random among the places that hold the whole object: [(row, column) of its corner]."""
+    grid_owner = owner.reshape(scenes.GRID, scenes.GRID)
+    origins = []
+    for number in range(1, int(grid_owner.max()) + 1):
+        rows, columns = np.nonzero(grid_owner == number)
+        if rows.size:
+            origins.append(tuple(
+                int(rng.integers(max(0, cells.max() - WINDOW + 1), min(cells.min(), scenes.GRID - WINDOW) + 1)) for cells in (rows, columns)
+            ))
+    return origins
+
+
+def window_batch(step: int, settings: TrainSettings, processor):
+    """(pixel windows [W, 3, 112, 112], origins [W, 2], (owner [W, 64], objects [W, K, 3], whole [W, K]))."""
+    images, targets, places = [], [], []
+    for offset in range(settings.window_batch_scenes):
+        scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, WINDOW_SCENE_OFFSET + step * settings.window_batch_scenes + offset)
+        images.append(jpeg_roundtrip(scenes.render(scene)))
+        targets.append(probe_targets(scene))
+        places.append(object_windows(targets[-1].owner, rng))
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    windows, origins, owners, objects, whole = [], [], [], [], []
+    for image, target, image_places in zip(pixel_values, targets, places):
+        grid_owner = target.owner.reshape(scenes.GRID, scenes.GRID)
+        for row, column in image_places:
+            windows.append(image[:, row * scenes.PATCH : (row + WINDOW) * scenes.PATCH, column * scenes.PATCH : (column + WINDOW) * scenes.PATCH])
+            origins.append((row, column))
+            window_owner = grid_owner[row : row + WINDOW, column : column + WINDOW]
+            owners.append(window_owner.flatten())
+            objects.append(target.objects)
+            whole.append([0 < (window_owner == n).sum() == (grid_owner == n).sum() for n in range(1, MAX_OBJECTS + 1)])
+    return (
+        torch.stack(windows), torch.tensor(origins),
+        (torch.from_numpy(np.stack(owners)), torch.from_numpy(np.stack(objects)), torch.tensor(whole)),
+    )
+
+
 def training_batch(step: int, settings: TrainSettings, processor, image_token_id: int, image_tokens: int):
     images, packed, targets = [], [], []
     for offset in range(settings.batch_images):
@@ -310,6 +369,14 @@ class Trainer:
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
 
+    def window_step(self, step: int, processor) -> None:
+        windows, origins, (owner, objects, whole) = window_batch(step, self.settings, processor)
+        with self.autocast():
+            probe_loss, accuracy = self.probe.loss(window_image_features(self.model, windows, origins), owner, objects, whole)
+        rate = learning_rate(step, self.settings.learning_rate, self.settings.vision_warmup_steps, self.settings.window_steps)
+        self.optimize(probe_loss, rate)
+        self.write(dict(phase="window", step=step, windows=len(windows), probe_loss=round(probe_loss.item(), 5), lr=rate, **accuracy))
+
     def vision_step(self, step: int, processor) -> None:
         pixel_values, (owner, objects) = vision_batch(step, self.settings, processor)
         with self.autocast():
@@ -344,6 +411,8 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
     model.train()
     with log_path.open("w") as log_file:
         trainer = Trainer(model, probe, settings, log_file)
+        for step in tqdm(range(settings.window_steps), desc="testbed train: windows", disable=not progress):
+            trainer.window_step(step, processor)
         for step in tqdm(range(settings.vision_steps), desc="testbed train: vision", disable=not progress):
             trainer.vision_step(step, processor)
         if settings.freeze_vision:

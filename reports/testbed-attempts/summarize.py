@@ -1,8 +1,8 @@
 """Summarise the testbed training attempts from their raw logs: python reports/testbed-attempts/summarize.py
 
 Prints, per run, means over windows of steps of the answer loss, the letter accuracy on the
-training batches' option letters, and the probe's colour / shape accuracy on object patches (run4: its patch heads; the
-shipped checkpoint's log).
+training batches' option letters, and the probe's colour / shape accuracy on object patches (runs 4
+and 5: its patch heads; run5 is the shipped checkpoint's log).
 """
 
 import json
@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 
 RAW = Path(__file__).resolve().parent / "raw"
-SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run4
-RUN4_WINDOW = 150
+SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run5
+LONG_RUN_WINDOW = 150  # runs 4 and 5
 WINDOW = 40
 
 
@@ -23,9 +23,12 @@ def mean(records, key):
 def main():
     print("| run | phase | steps | answer loss | letter accuracy | probe colour acc. | probe shape acc. | seconds at end |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    logs = [(path.name.split("_")[0], path, WINDOW) for path in sorted(RAW.glob("run*_train_log.jsonl"))]
+    logs = []
+    for path in sorted(RAW.glob("run*_train_log.jsonl")):
+        run = path.name.split("_")[0]
+        logs.append((run, path, LONG_RUN_WINDOW if run == "run4" else WINDOW))
     if SHIPPED_LOG.exists():
-        logs.append(("run4 (shipped)", SHIPPED_LOG, RUN4_WINDOW))
+        logs.append(("run5 (shipped)", SHIPPED_LOG, LONG_RUN_WINDOW))
     for run, path, window_size in logs:
         records = [json.loads(line) for line in path.read_text().splitlines()]
         for phase in dict.fromkeys(r.get("phase", "all") for r in records):
