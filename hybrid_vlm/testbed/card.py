@@ -131,7 +131,7 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         f"its shape at {_mean(log[-100:], 'object_shape')} (four shapes: chance 0.25), its size at "
         f"{_mean(log[-100:], 'object_size')} and the object count at {_mean(log[-100:], 'count')}. "
         + _short_kinds(mcq["metrics"]) + " Every training run, the shipped one included, is recorded in "
-        "`reports/testbed-attempts/` with what it reached.",
+        "`reports/testbed-attempts/` with what it reached and, for the runs that miss, what was measured about why.",
         "",
         "## DyMU thresholds (`dymu-thresholds/`)",
         "",
