@@ -1,4 +1,4 @@
-"""The testbed: its scenes and its training input (no trained checkpoint ships yet: see reports/testbed-attempts)."""
+"""The testbed: its scenes, its training input and a few steps of its trainer (the shipped checkpoint: test_testbed_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -174,3 +174,26 @@ def test_each_window_holds_its_whole_object():
         present = set(window_owner.unique().tolist()) - {0}
         assert all(is_whole[n - 1] <= (n in present) for n in range(1, 5))
         assert any(is_whole[n - 1] for n in present)  # its own object, at least
+
+
+def test_training_is_seeded_and_runs_every_phase(tmp_path):
+    """Two runs of a few steps of every phase from the same seed give identical weights and logs;
+    the weights move, and what train() leaves loads with stock from_pretrained."""
+    from transformers import LlavaForConditionalGeneration
+
+    from hybrid_vlm.testbed.train import TrainSettings, train
+
+    settings = TrainSettings(window_steps=2, window_batch_scenes=2, vision_steps=1, vision_batch_images=2, steps=1, batch_images=2, warmup_steps=1)
+    runs = []
+    for number in range(2):
+        model, processor = build_untrained(settings.seed)
+        before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        log = train(model, processor, settings, tmp_path / f"log{number}.jsonl", progress=False)
+        runs.append((model.state_dict(), [{k: v for k, v in r.items() if k != "seconds"} for r in log]))
+    assert [r["phase"] for r in runs[0][1]] == ["window", "window", "vision", "language"]
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(runs[0][0][name], runs[1][0][name]) for name in runs[0][0])
+    assert not torch.equal(before["model.vision_tower.embeddings.patch_embedding.weight"], runs[1][0]["model.vision_tower.embeddings.patch_embedding.weight"])
+    model.save_pretrained(tmp_path / "checkpoint")
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "checkpoint")
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
