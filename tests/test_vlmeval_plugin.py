@@ -251,6 +251,25 @@ def test_testbed_names_without_a_checkpoint_are_a_clear_error(monkeypatch, tmp_p
         PluginModel("llava_testbed", None)
 
 
+def test_model_path_selects_a_retrained_testbed_and_is_refused_where_unused(tmp_path):
+    """--model-path points a llava_testbed name at a retrained testbed directory (not silently the
+    shipped one); a missing or non-LLaVA directory, or --model-path with a llava_tiny name, is a clear error."""
+    from vlmeval_plugin.cli import PluginModel
+
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    (retrained / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (retrained / "model.safetensors").write_bytes(b"")
+    assert PluginModel("llava_testbed", str(retrained)).checkpoint == retrained
+    with pytest.raises(settings.PluginError, match="--model-path"):
+        PluginModel("llava_testbed", str(tmp_path / "missing"))
+    (retrained / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(settings.PluginError, match="needs a llava checkpoint"):
+        PluginModel("llava_testbed_fastv", str(retrained))
+    with pytest.raises(settings.PluginError, match="not accepted with 'llava_tiny'"):
+        PluginModel("llava_tiny", str(retrained))
+
+
 @needs_vlmeval
 def test_interrupted_run_resumes_without_redoing_rows(sandbox):
     """Kill a run mid-way (SIGKILL), run it again: every row generated exactly once, none lost."""

@@ -6,7 +6,8 @@
     python run.py          # no arguments: the bundled demo (the trained testbed, TinyMMBench + TinyCOCO, CPU)
 
 Every VLMEvalKit flag is accepted and passed on unchanged; the plugin adds
-    --model-path PATH      llava-hf checkpoint (a directory or a hub id already in the HF cache);
+    --model-path PATH      llava-hf checkpoint (a directory or a hub id already in the HF cache; for the
+                           llava_testbed names a retrained testbed directory, else the shipped one);
                            default $HYBRID_VLM_MODEL_PATH, else llava-hf/llava-1.5-7b-hf from the cache
     --batch-size N         rows per generate call (default 1; see vlmeval_plugin/model.py)
     --max-new-tokens N     per row (default 2048 as VLMEvalKit's LLaVA; testbed: 64; tiny random model: 8)
@@ -71,16 +72,24 @@ class PluginModel:
                 f"DYMU_THRESHOLDS describe {self.name!r}. Pass the base name {base!r} and set the environment."
             )
         if self.variant.tiny:
+            if model_path is not None:
+                raise settings.PluginError(
+                    f"--model-path is not accepted with {requested!r}: the llava_tiny names build their own random model; "
+                    "drop --model-path, or use a llava_testbed or llava_v1.5_7b name with it"
+                )
             from hybrid_vlm.tiny import ensure_tiny_llava
 
             self.checkpoint = ensure_tiny_llava()
-        elif self.variant.family == "testbed":
+        elif self.variant.family == "testbed" and model_path is None:
             from hybrid_vlm.testbed import testbed_checkpoint
 
             try:
                 self.checkpoint = testbed_checkpoint()
             except FileNotFoundError as error:
                 raise settings.PluginError(str(error)) from None
+        elif self.variant.family == "testbed":  # a retrained testbed (`python -m hybrid_vlm.testbed train --out DIR`)
+            self.checkpoint = settings.resolve_checkpoint(model_path)
+            settings.check_checkpoint_family(self.checkpoint, self.variant)
         else:
             self.checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS[self.variant.family])
             settings.check_checkpoint_family(self.checkpoint, self.variant)
