@@ -409,7 +409,7 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
     torch.manual_seed(settings.seed)
     probe = ObjectProbe(model.config.text_config.hidden_size)
     model.train()
-    with log_path.open("w") as log_file:
+    with log_path.open("w") as log_file, torch.enable_grad():  # whatever grad mode the caller left on
         trainer = Trainer(model, probe, settings, log_file)
         for step in tqdm(range(settings.window_steps), desc="testbed train: windows", disable=not progress):
             trainer.window_step(step, processor)
