@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import CHECKPOINT_DIR, THRESHOLDS_DIR
+from . import CHECKPOINT_DIR, THRESHOLDS_DIR, scenes
 from .train import DIRECT_QUESTIONS, EXTRA_QUESTIONS, WINDOW
 
 REPORT_DIR = CHECKPOINT_DIR.parents[2] / "reports" / "testbed"
@@ -51,7 +51,7 @@ def _window_phase(settings: dict) -> str:
         return ""
     return (
         f"Window phase (first): {settings['window_steps']} steps on {WINDOW} x {WINDOW}-patch windows cut around each "
-        f"object of {settings['window_batch_scenes']} scenes a step (65 tokens instead of 577, each patch at its own "
+        f"object of {settings['window_batch_scenes']} scenes a step ({WINDOW * WINDOW + 1} tokens instead of {scenes.GRID * scenes.GRID + 1}, each patch at its own "
         "place in the full grid), the patch and object heads of the probe below. "
     )
 
@@ -60,7 +60,8 @@ TARGET_CIRCULAR = 85.0  # issue 8's target for vanilla circular accuracy
 
 
 def _short_kinds(metrics: dict) -> str:
-    kinds = [f"{name} {value:.1f}%" for name, value in metrics.items() if name.startswith(("object_", "spatial_")) and value < TARGET_CIRCULAR]
+    categories = {category for category, _ in scenes.CATEGORIES.values()}  # one per question kind, not the l2-categories
+    kinds = [f"{name} {value:.1f}%" for name, value in metrics.items() if name in categories and value < TARGET_CIRCULAR]
     if metrics["Overall"] >= TARGET_CIRCULAR and not kinds:
         return f"Every question kind is at or above {TARGET_CIRCULAR:.0f}% circular."
     return f"Below {TARGET_CIRCULAR:.0f}% circular (the target it was trained for): " + (", ".join(kinds) if kinds else f"Overall {metrics['Overall']:.1f}%") + "."
