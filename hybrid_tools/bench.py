@@ -470,8 +470,6 @@ def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
     """CLIP tokens (CLS included) leaving each merging layer, per image, from an untimed re-run of the
     engine's merging loop with the model's thresholds; None when that is not possible."""
     try:
-
-
         thresholds = model.hybrid_thresholds
         counts = []
 

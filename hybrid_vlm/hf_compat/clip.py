@@ -40,6 +40,8 @@ __all__ = [
     "clip_layer_mlp",
     "dymu_image_features",
     "merging_vision_forward",
+    "plain_read_layers",
+    "ReadLayerStates",
     "vision_fingerprint",
     "vision_parts",
     "vision_reads",
@@ -154,17 +156,37 @@ def merging_vision_forward(
     hidden_states = parts.pre_layernorm(parts.embeddings(pixel_values.to(dtype)))
     batch, tokens, _ = hidden_states.shape
     state = MergeState.initial(batch, tokens, hidden_states.device)
+    if select is None:
+        return plain_read_layers(parts, hidden_states).hidden_states, state, parts
     for index, layer in enumerate(parts.layers):
-        bias = attention_bias(state, hidden_states.dtype) if select is not None and index > 0 else None
+        bias = attention_bias(state, hidden_states.dtype) if index > 0 else None
         hidden_states, metric = clip_layer_attention(layer, hidden_states, bias)
-        if select is not None:
-            node_max, node_idx = bipartite_scores(metric, state.valid, state.order, protected=parts.prefix)
-            merge = select(index, node_max, state)
-            hidden_states, state = merge_tokens(hidden_states, state, merge, node_idx, split)
-            if compact:
-                hidden_states, state = compact_slots(hidden_states, state)
+        node_max, node_idx = bipartite_scores(metric, state.valid, state.order, protected=parts.prefix)
+        merge = select(index, node_max, state)
+        hidden_states, state = merge_tokens(hidden_states, state, merge, node_idx, split)
+        if compact:
+            hidden_states, state = compact_slots(hidden_states, state)
         hidden_states = clip_layer_mlp(layer, hidden_states)
     return hidden_states, state, parts
+
+
+@dataclass
+class ReadLayerStates:
+    """The plain (unmerged) CLIP loop's output: hidden_states [B, N, C] of the layer LLaVA reads
+    (CLS included), and that layer's queries and keys [B, H, N, d], for the methods that score with them."""
+
+    hidden_states: torch.Tensor
+    queries: torch.Tensor
+    keys: torch.Tensor
+
+
+def plain_read_layers(parts: VisionParts, hidden_states: torch.Tensor) -> ReadLayerStates:
+    """The CLIP layers LLaVA reads, unmasked SDPA, from the embedded tokens [B, N, C] (after
+    pre_layrnorm); the one loop shared by merging's baseline, the CLS-reading methods and windows."""
+    for layer in parts.layers:
+        hidden_states, queries, keys = clip_layer_attention_qk(layer, hidden_states, None)
+        hidden_states = clip_layer_mlp(layer, hidden_states)
+    return ReadLayerStates(hidden_states, queries, keys)
 
 
 @dataclass
@@ -258,15 +280,12 @@ def vision_reads(model: LlavaForConditionalGeneration, pixel_values: torch.Tenso
     the patches, plus, when `attention`, the CLS row and the keys of the read layer."""
     parts = vision_parts(model)
     dtype = parts.embeddings.patch_embedding.weight.dtype
-    hidden_states = parts.pre_layernorm(parts.embeddings(pixel_values.to(dtype)))
+    read = plain_read_layers(parts, parts.pre_layernorm(parts.embeddings(pixel_values.to(dtype))))
     cls_attention = patch_keys = None
-    for index, layer in enumerate(parts.layers):
-        hidden_states, queries, keys = clip_layer_attention_qk(layer, hidden_states, None)
-        if attention and index == len(parts.layers) - 1:
-            cls_attention = cls_attention_row(queries, keys, layer.self_attn.scale)[:, parts.prefix :]
-            patch_keys = keys.mean(dim=1)[:, parts.prefix :]
-        hidden_states = clip_layer_mlp(layer, hidden_states)
-    return VisionReads(hidden_states[:, parts.prefix :], cls_attention, patch_keys)
+    if attention:
+        cls_attention = cls_attention_row(read.queries, read.keys, parts.layers[-1].self_attn.scale)[:, parts.prefix :]
+        patch_keys = read.keys.mean(dim=1)[:, parts.prefix :]
+    return VisionReads(read.hidden_states[:, parts.prefix :], cls_attention, patch_keys)
 
 
 def project_features(model: LlavaForConditionalGeneration, features: torch.Tensor) -> torch.Tensor:
@@ -345,8 +364,5 @@ def window_image_features(model: LlavaForConditionalGeneration, pixel_windows: t
     patch_positions = (parts.prefix + grid_rows * parts.grid_width + grid_columns).flatten(1)  # [N, h * w]
     positions = torch.cat([torch.zeros_like(patch_positions[:, :1]), patch_positions], dim=1)
     tokens = torch.cat([embeddings.class_embedding.expand(batch, 1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
-    hidden_states = parts.pre_layernorm(tokens + embeddings.position_embedding(positions))
-    for layer in parts.layers:
-        hidden_states, _, _ = clip_layer_attention_qk(layer, hidden_states, None)
-        hidden_states = clip_layer_mlp(layer, hidden_states)
-    return parts.projector(hidden_states[:, parts.prefix :])
+    read = plain_read_layers(parts, parts.pre_layernorm(tokens + embeddings.position_embedding(positions)))
+    return parts.projector(read.hidden_states[:, parts.prefix :])
