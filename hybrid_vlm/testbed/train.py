@@ -58,13 +58,13 @@ WINDOW = 8  # patches per side of a window-phase crop (the largest object spans 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1350
+    steps: int = 1800
     batch_images: int = 8
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     window_steps: int = 1200
     window_batch_scenes: int = 32  # each gives one window per object
-    vision_steps: int = 300
+    vision_steps: int = 150
     vision_batch_images: int = 32
     vision_warmup_steps: int = 20
     weight_decay: float = 0.01

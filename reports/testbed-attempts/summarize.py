@@ -2,7 +2,7 @@
 
 Prints, per run, means over windows of steps of the answer loss, the letter accuracy on the
 training batches' option letters, and the probe's colour / shape accuracy on object patches (runs 4
-and 5: its patch heads; run5 is the shipped checkpoint's log).
+to 6: its patch heads; run6 is the shipped checkpoint's log).
 """
 
 import json
@@ -10,8 +10,9 @@ import math
 from pathlib import Path
 
 RAW = Path(__file__).resolve().parent / "raw"
-SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run5
-LONG_RUN_WINDOW = 150  # runs 4 and 5
+SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run6
+LONG_RUN_WINDOW = 150  # runs 4 to 6
+LONG_RUNS = ("run4", "run5", "run5-continued-600")
 WINDOW = 40
 
 
@@ -26,9 +27,9 @@ def main():
     logs = []
     for path in sorted(RAW.glob("run*_train_log.jsonl")):
         run = path.name.split("_")[0]
-        logs.append((run, path, LONG_RUN_WINDOW if run == "run4" else WINDOW))
+        logs.append((run, path, LONG_RUN_WINDOW if run in LONG_RUNS else WINDOW))
     if SHIPPED_LOG.exists():
-        logs.append(("run5 (shipped)", SHIPPED_LOG, LONG_RUN_WINDOW))
+        logs.append(("run6 (shipped)", SHIPPED_LOG, LONG_RUN_WINDOW))
     for run, path, window_size in logs:
         records = [json.loads(line) for line in path.read_text().splitlines()]
         for phase in dict.fromkeys(r.get("phase", "all") for r in records):
