@@ -40,6 +40,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -123,6 +124,58 @@ def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration, spli
     return thresholds.to(device)
 
 
+@dataclass
+class CutoffTally:
+    """Per-layer cutoffs summed over calibration batches (float64), and what the batches held."""
+
+    sums: torch.Tensor  # [L]
+    batches: int = 0
+    images: int = 0
+    largest_batch: int = 0
+    merged_counts: list[int] = field(default_factory=list)  # patch tokens left per image
+
+    def add(self, cutoffs: torch.Tensor, batch_size: int, counts: list[int]) -> None:
+        self.sums += cutoffs
+        self.batches += 1
+        self.images += batch_size
+        self.largest_batch = max(self.largest_batch, batch_size)
+        self.merged_counts += counts
+
+    def mean_tokens(self) -> float:
+        return sum(self.merged_counts) / len(self.merged_counts)
+
+
+def _checked_plan(target: int | str, schedule: str | None, parts) -> tuple:
+    """The merge plan and its nominal patch counts per layer, warning when the target is out of reach."""
+    layers = len(parts.layers)
+    plan = plan_merging(target, schedule, parts.tower_layers, layers, parts.num_patches)
+    nominal = [c - parts.prefix for c in nominal_counts(parts.num_patches + parts.prefix, plan.r_per_layer, parts.prefix)]
+    if nominal[-1] != parts.num_patches - sum(plan.r_per_layer):
+        warnings.warn(
+            f"target {target} is out of reach: at most half the tokens can merge per layer, so r/layer {plan.r_per_layer} over "
+            f"{layers} layers leaves {nominal[-1]}, not {parts.num_patches - sum(plan.r_per_layer)}; the thresholds aim at that instead",
+            stacklevel=4,
+        )
+    return plan, nominal
+
+
+def _batch_cutoffs(model, pixel_values: torch.Tensor, rs: list[int], prefix: int, split: str) -> tuple[torch.Tensor, MergeState]:
+    """One batch through the merging loop, each layer merging its top r*B pairs; that layer's cutoff
+    is the best unmerged score (+inf where r is 0: DyMU never merges there)."""
+    cutoffs = torch.zeros(len(rs), dtype=torch.float64)
+
+    def select(index: int, node_max: torch.Tensor, state: MergeState) -> torch.Tensor:
+        if rs[index] == 0:
+            cutoffs[index] = math.inf
+            return torch.zeros_like(state.valid)
+        merge, cutoff = top_r_merge_mask(node_max, rs[index], state.counts(), protected=prefix)
+        cutoffs[index] = float(cutoff)
+        return merge
+
+    _, state, _ = merging_vision_forward(model, pixel_values, select, compact=True, split=split)
+    return cutoffs, state
+
+
 @torch.no_grad()
 def calibrate_thresholds(
     model: LlavaForConditionalGeneration,
@@ -140,49 +193,26 @@ def calibrate_thresholds(
 
     check_split(split)
     parts = vision_parts(model)
-    layers = len(parts.layers)
-    plan = plan_merging(target, schedule, parts.tower_layers, layers, parts.num_patches)
-    rs = plan.r_per_layer
-    nominal = [c - parts.prefix for c in nominal_counts(parts.num_patches + parts.prefix, rs, parts.prefix)]
-    if nominal[-1] != parts.num_patches - sum(rs):
-        warnings.warn(
-            f"target {target} is out of reach: at most half the tokens can merge per layer, so r/layer {rs} over "
-            f"{layers} layers leaves {nominal[-1]}, not {parts.num_patches - sum(rs)}; the thresholds aim at that instead",
-            stacklevel=3,
-        )
-    sums = torch.zeros(layers, dtype=torch.float64)
-    merged_counts: list[int] = []
-    num_batches = num_images = 0
-    largest_batch = 0
+    plan, nominal = _checked_plan(target, schedule, parts)
+    tally = CutoffTally(torch.zeros(len(parts.layers), dtype=torch.float64))
     bar = tqdm(batches, total=total_batches, desc="calibrating DyMU thresholds", unit="batch", disable=not progress)
     for pixel_values in bar:
-        cutoffs = torch.zeros(layers, dtype=torch.float64)
-
-        def select(index: int, node_max: torch.Tensor, state: MergeState, cutoffs=cutoffs) -> torch.Tensor:
-            if rs[index] == 0:  # DyMU skips merging in such a block: no cutoff, +inf threshold
-                cutoffs[index] = math.inf
-                return torch.zeros_like(state.valid)
-            merge, cutoff = top_r_merge_mask(node_max, rs[index], state.counts(), protected=parts.prefix)
-            cutoffs[index] = float(cutoff)
-            return merge
-
-        _, state, _ = merging_vision_forward(model, pixel_values, select, compact=True, split=split)
-        sums += cutoffs
-        num_batches += 1
-        num_images += pixel_values.shape[0]
-        largest_batch = max(largest_batch, pixel_values.shape[0])
-        merged_counts += (state.counts() - parts.prefix).tolist()
-        bar.set_postfix(tokens=f"{sum(merged_counts) / len(merged_counts):.1f}")
-    if num_batches == 0:
+        cutoffs, state = _batch_cutoffs(model, pixel_values, plan.r_per_layer, parts.prefix, split)
+        tally.add(cutoffs, pixel_values.shape[0], (state.counts() - parts.prefix).tolist())
+        bar.set_postfix(tokens=f"{tally.mean_tokens():.1f}")
+    if tally.batches == 0:
         raise ValueError("no calibration images")
-    thresholds = (sums / num_batches).tolist()
+    return _threshold_payload(model, parts, plan, nominal, split, tally)
+
+
+def _threshold_payload(model, parts, plan, nominal: list[int], split: str, tally: CutoffTally) -> dict:
     identity = vision_fingerprint(model)
     if plan.schedule.startswith("read_"):
         convention = "patch tokens (CLS excluded) at the CLIP layer LLaVA reads (vision_feature_layer)"
     else:
         convention = (
             f"patch tokens (CLS excluded) after the tower's last block, as in DyMU's config names: r_total over "
-            f"all {parts.tower_layers} blocks, the {layers} blocks LLaVA reads take the first entries"
+            f"all {parts.tower_layers} blocks, the {len(parts.layers)} blocks LLaVA reads take the first entries"
         )
     return {
         "model": {**identity, "name": portable_path(identity["name"])},
@@ -192,17 +222,17 @@ def calibrate_thresholds(
             "preset": plan.name,
             "convention": convention,
             "schedule": plan.schedule,
-            "r_per_layer": rs,
+            "r_per_layer": plan.r_per_layer,
             "nominal_tokens_per_layer": nominal,
         },
-        "thresholds": thresholds,
+        "thresholds": (tally.sums / tally.batches).tolist(),
         "calibration": {
             "method": "DyMU batch-level DToMe: per layer, merge the top r*B scores of the batch; "
             "threshold = mean over batches of the best unmerged score (clamped at 0); r = 0: never merge",
-            "images": num_images,
-            "batches": num_batches,
-            "batch_size": largest_batch,
-            "tokens_during_calibration_mean": sum(merged_counts) / len(merged_counts),
+            "images": tally.images,
+            "batches": tally.batches,
+            "batch_size": tally.largest_batch,
+            "tokens_during_calibration_mean": tally.mean_tokens(),
         },
     }
 
