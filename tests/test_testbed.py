@@ -197,3 +197,16 @@ def test_training_is_seeded_and_runs_every_phase(tmp_path):
     model.save_pretrained(tmp_path / "checkpoint")
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "checkpoint")
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_language_learning_rate_sets_only_the_language_phase_peak(tmp_path):
+    from hybrid_vlm.testbed.train import TrainSettings, train
+
+    settings = TrainSettings(
+        window_steps=1, window_batch_scenes=2, vision_steps=1, vision_batch_images=2, vision_warmup_steps=1,
+        steps=1, batch_images=2, warmup_steps=1, learning_rate=2e-3, language_learning_rate=4e-4,
+    )
+    model, processor = build_untrained(settings.seed)
+    log = train(model, processor, settings, tmp_path / "log.jsonl", progress=False)
+    rates = {record["phase"]: record["lr"] for record in log}  # one step each: warm-up ends at the peak
+    assert rates == pytest.approx({"window": 2e-3, "vision": 2e-3, "language": 4e-4})

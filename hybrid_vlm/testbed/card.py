@@ -46,6 +46,16 @@ def _log_table(log: list[dict], rows: int = 8) -> list[str]:
     return lines
 
 
+def _language_lr_flag(settings: dict) -> str:
+    rate = settings.get("language_learning_rate")
+    return f" --language-lr {rate:g}" if rate else ""
+
+
+def _peak_rates(settings: dict) -> str:
+    rate = settings.get("language_learning_rate")
+    return f"{settings['learning_rate']:g} ({rate:g} in the language phase)" if rate else f"{settings['learning_rate']:g}"
+
+
 def _window_phase(settings: dict) -> str:
     if not settings.get("window_steps"):
         return ""
@@ -95,7 +105,8 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "```bash",
         f"python -m hybrid_vlm.testbed train --out DIR --window-steps {settings.get('window_steps', 0)} "
         f"--vision-steps {settings['vision_steps']} --steps {settings['steps']} "
-        f"--batch-images {settings['batch_images']} --seed {settings['seed']}" + ("" if settings["bf16"] else " --fp32"),
+        f"--batch-images {settings['batch_images']} --seed {settings['seed']}" + _language_lr_flag(settings)
+        + ("" if settings["bf16"] else " --fp32"),
         "python -m hybrid_vlm.testbed calibrate --model DIR --out DIR/dymu-thresholds",
         "```",
         "",
@@ -110,7 +121,7 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         f"multiple-choice question of each kind plus {EXTRA_QUESTIONS} more (the plugin's MCQ prompt, options shuffled, "
         f"answered with the letter), {DIRECT_QUESTIONS} short-answer questions and one COCO-prompt caption, packed after one "
         "shared image prefix, plus the probe loss. "
-        f"Peak learning rate {settings['learning_rate']:g}, linear warm-up, cosine to 10% in each phase; seed {settings['seed']}. "
+        f"Peak learning rate {_peak_rates(settings)}, linear warm-up, cosine to 10% in each phase; seed {settings['seed']}. "
         "Means over the training batches (`train_log.jsonl`; probe accuracies on object patches or objects, letter "
         "accuracy on the option letters):",
         "",

@@ -19,7 +19,8 @@ from .train import TrainSettings, train
 def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     settings = TrainSettings(
-        steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps, bf16=not args.fp32
+        steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps,
+        language_learning_rate=args.language_lr, bf16=not args.fp32,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--seed", type=int, default=TrainSettings.seed)
     trainer.add_argument("--window-steps", type=int, default=TrainSettings.window_steps, help="steps of the window phase (first)")
     trainer.add_argument("--vision-steps", type=int, default=TrainSettings.vision_steps, help="steps of the vision phase")
+    trainer.add_argument("--language-lr", type=float, default=None, help="peak learning rate of the language phase (default: that of every phase)")
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")

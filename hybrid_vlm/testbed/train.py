@@ -61,6 +61,7 @@ class TrainSettings:
     steps: int = 1800
     batch_images: int = 8
     learning_rate: float = 2e-3
+    language_learning_rate: float | None = None  # the language phase's peak; None: learning_rate
     warmup_steps: int = 100
     window_steps: int = 1200
     window_batch_scenes: int = 32  # each gives one window per object
@@ -394,7 +395,8 @@ class Trainer:
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
         weights = batch["target_weights"]
         answer_loss = (losses * weights).sum() / weights.sum()
-        rate = learning_rate(step, self.settings.learning_rate, self.settings.warmup_steps, self.settings.steps)
+        peak = self.settings.language_learning_rate or self.settings.learning_rate
+        rate = learning_rate(step, peak, self.settings.warmup_steps, self.settings.steps)
         self.optimize(answer_loss + PROBE_WEIGHT * probe_loss, rate)
         self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
                         lr=rate, letter_accuracy=round(_letter_accuracy(logits, batch), 4), **accuracy))
