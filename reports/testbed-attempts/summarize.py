@@ -2,7 +2,7 @@
 
 Prints, per run, means over windows of steps of the answer loss, the letter accuracy on the
 training batches' option letters, and the probe's colour / shape accuracy on object patches (runs 4
-to 6: its patch heads; run6 is the shipped checkpoint's log).
+to 7: its patch heads; run6 is the shipped checkpoint's log).
 """
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 
 RAW = Path(__file__).resolve().parent / "raw"
 SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run6
-LONG_RUN_WINDOW = 150  # runs 4 to 6
-LONG_RUNS = ("run4", "run5", "run5-continued-600")
+LONG_RUN_WINDOW = 150  # runs 4 to 7
+LONG_RUNS = ("run4", "run5", "run5-continued-600", "run7")
 WINDOW = 40
 
 
