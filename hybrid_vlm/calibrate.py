@@ -40,7 +40,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,17 +132,17 @@ class CutoffTally:
     batches: int = 0
     images: int = 0
     largest_batch: int = 0
-    merged_counts: list[int] = field(default_factory=list)  # patch tokens left per image
+    tokens_left: int = 0  # patch tokens left after merging, summed over images
 
-    def add(self, cutoffs: torch.Tensor, batch_size: int, counts: list[int]) -> None:
+    def add(self, cutoffs: torch.Tensor, tokens_left_per_image: torch.Tensor) -> None:
         self.sums += cutoffs
         self.batches += 1
-        self.images += batch_size
-        self.largest_batch = max(self.largest_batch, batch_size)
-        self.merged_counts += counts
+        self.images += tokens_left_per_image.shape[0]
+        self.largest_batch = max(self.largest_batch, tokens_left_per_image.shape[0])
+        self.tokens_left += int(tokens_left_per_image.sum())
 
     def mean_tokens(self) -> float:
-        return sum(self.merged_counts) / len(self.merged_counts)
+        return self.tokens_left / self.images
 
 
 def _checked_plan(target: int | str, schedule: str | None, parts) -> tuple:
@@ -198,7 +198,7 @@ def calibrate_thresholds(
     bar = tqdm(batches, total=total_batches, desc="calibrating DyMU thresholds", unit="batch", disable=not progress)
     for pixel_values in bar:
         cutoffs, state = _batch_cutoffs(model, pixel_values, plan.r_per_layer, parts.prefix, split)
-        tally.add(cutoffs, pixel_values.shape[0], (state.counts() - parts.prefix).tolist())
+        tally.add(cutoffs, state.counts() - parts.prefix)
         bar.set_postfix(tokens=f"{tally.mean_tokens():.1f}")
     if tally.batches == 0:
         raise ValueError("no calibration images")
