@@ -210,3 +210,11 @@ def test_language_learning_rate_sets_only_the_language_phase_peak(tmp_path):
     log = train(model, processor, settings, tmp_path / "log.jsonl", progress=False)
     rates = {record["phase"]: record["lr"] for record in log}  # one step each: warm-up ends at the peak
     assert rates == pytest.approx({"window": 2e-3, "vision": 2e-3, "language": 4e-4})
+
+
+@pytest.mark.parametrize("rate", [0.0, -1e-3])
+def test_a_non_positive_language_learning_rate_is_refused_by_name(rate):
+    from hybrid_vlm.testbed.train import TrainSettings
+
+    with pytest.raises(ValueError, match="--language-lr"):
+        TrainSettings(language_learning_rate=rate)

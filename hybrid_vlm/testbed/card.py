@@ -48,12 +48,12 @@ def _log_table(log: list[dict], rows: int = 8) -> list[str]:
 
 def _language_lr_flag(settings: dict) -> str:
     rate = settings.get("language_learning_rate")
-    return f" --language-lr {rate:g}" if rate else ""
+    return "" if rate is None else f" --language-lr {rate:g}"
 
 
 def _peak_rates(settings: dict) -> str:
     rate = settings.get("language_learning_rate")
-    return f"{settings['learning_rate']:g} ({rate:g} in the language phase)" if rate else f"{settings['learning_rate']:g}"
+    return f"{settings['learning_rate']:g}" if rate is None else f"{settings['learning_rate']:g} ({rate:g} in the language phase)"
 
 
 def _window_phase(settings: dict) -> str:

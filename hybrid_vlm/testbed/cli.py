@@ -18,10 +18,13 @@ from .train import TrainSettings, train
 
 def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    settings = TrainSettings(
-        steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps,
-        language_learning_rate=args.language_lr, bf16=not args.fp32,
-    )
+    try:
+        settings = TrainSettings(
+            steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps,
+            language_learning_rate=args.language_lr, bf16=not args.fp32,
+        )
+    except ValueError as error:
+        raise SystemExit(f"python -m hybrid_vlm.testbed train: {error}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(settings.seed)

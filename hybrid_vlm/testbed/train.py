@@ -73,6 +73,14 @@ class TrainSettings:
     bf16: bool = True
     freeze_vision: bool = False  # in the language phase (cheaper; the ViT then learns from the probe phase only)
 
+    def __post_init__(self):
+        if self.language_learning_rate is not None and not self.language_learning_rate > 0:
+            raise ValueError(f"language_learning_rate (--language-lr) must be a positive rate or unset, not {self.language_learning_rate}")
+
+    @property
+    def language_peak(self) -> float:
+        return self.learning_rate if self.language_learning_rate is None else self.language_learning_rate
+
 
 @dataclass
 class PackedImage:
@@ -395,8 +403,7 @@ class Trainer:
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
         weights = batch["target_weights"]
         answer_loss = (losses * weights).sum() / weights.sum()
-        peak = self.settings.language_learning_rate or self.settings.learning_rate
-        rate = learning_rate(step, peak, self.settings.warmup_steps, self.settings.steps)
+        rate = learning_rate(step, self.settings.language_peak, self.settings.warmup_steps, self.settings.steps)
         self.optimize(answer_loss + PROBE_WEIGHT * probe_loss, rate)
         self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
                         lr=rate, letter_accuracy=round(_letter_accuracy(logits, batch), 4), **accuracy))

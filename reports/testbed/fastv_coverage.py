@@ -32,7 +32,7 @@ def counting_cases():
     for index in range(MCQ_FIRST_SCENE, MCQ_FIRST_SCENE + SCENES):
         scene, rng = scenes.scene_for(scenes.MCQ_STREAM, index)
         question = scenes.ask(scene, "count", rng)
-        yield scene, conversation(mcq_text(question.question, list(question.options)))
+        yield scene, conversation(mcq_text(question.question, question.options))
 
 
 def coverage(model, processor, cases) -> tuple[dict, dict]:
