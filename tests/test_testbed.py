@@ -114,7 +114,7 @@ def test_packed_segments_equal_each_prompt_alone(untrained):
     with torch.no_grad():
         logits = packed_logits(model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
         start = 0
-        for text, target, _ in segments:
+        for text, target, *_ in segments:
             answer = processor.tokenizer(target, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
             inputs = processor(images=[image], text=[conversation(text)], return_tensors="pt")
             prompt_length = inputs["input_ids"].shape[1]
@@ -218,3 +218,109 @@ def test_a_non_positive_language_learning_rate_is_refused_by_name(rate):
 
     with pytest.raises(ValueError, match="--language-lr"):
         TrainSettings(language_learning_rate=rate)
+
+
+# ---- the named-object attention loss ------------------------------------------------------------
+def test_each_question_is_about_the_objects_its_text_names():
+    """`Question.about` checked against the question's own words, object by object."""
+    for index in range(200):
+        scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
+        for kind in scenes.QUESTION_KINDS:
+            question = scenes.ask(scene, kind, rng)
+            if question is None:
+                continue
+            named = [scene.objects[number] for number in question.about]
+            text = question.question
+            if kind == "colour":
+                assert [f"the {o.shape}?" in text for o in named] == [True]
+            elif kind == "shape":
+                assert [f"the {o.colour} object?" in text for o in named] == [True]
+            elif kind == "relation":
+                assert text == f"Where is the {named[0].name} relative to the {named[1].name}?"
+            elif kind == "existence":  # the object of the named colour, if the scene has one
+                colour = text.split()[3]
+                assert [o.colour for o in named] == [o.colour for o in scene.objects if o.colour == colour]
+            else:
+                assert named == []
+
+
+def test_watched_head_attention_is_the_stock_eager_attention_of_each_prompt_alone(untrained):
+    """packed_head_attention from each question's last prompt token, in a packed sequence, equals
+    the attention weights stock eager transformers returns for that prompt alone (its keys), and is
+    exactly zero on the other segments' tokens."""
+    from hybrid_vlm.testbed.train import packed_forward
+
+    model, processor = untrained
+    image, segments, _ = training_segments(11)
+    segments = [segment for segment in segments if segment.about][:3] + segments[-1:]
+    packed = pack(processor.tokenizer, model.config.image_token_id, model.config.image_seq_length, segments)
+    batch = collate([packed, packed], processor.tokenizer.pad_token_id)
+    pixel_values = processor.image_processor([image, image], return_tensors="pt")["pixel_values"]
+    layer, head = 3, 2
+    rows, columns = batch["looking_rows"], batch["looking_columns"]
+    with torch.no_grad():
+        _, _, looking = packed_forward(model, pixel_values, batch, rows, columns, watch=(layer, head))
+        watched_full = _full_watched_rows(model, pixel_values, batch, layer, head)
+    model.set_attn_implementation("eager")
+    try:
+        for number, segment in enumerate(segments[:3]):
+            inputs = processor(images=[image], text=[conversation(segment.text)], return_tensors="pt")
+            with torch.no_grad():
+                stock = model(**inputs, output_attentions=True).attentions[layer][0, head, -1]  # [prompt length]
+            got = watched_full[number]
+            visible_mask = batch["attention_mask"][0, 0, columns[number]]
+            visible = visible_mask.nonzero().flatten()
+            assert torch.allclose(got[visible], stock, atol=1e-5)
+            assert bool((got[~visible_mask] == 0).all())
+            image_columns = slice(packed.image_start, packed.image_start + 576)
+            assert torch.allclose(looking[number], got[image_columns])
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _full_watched_rows(model, pixel_values, batch, layer, head):
+    from hybrid_vlm.hf_compat.llava import llava_parts, packed_head_attention, stock_image_features
+
+    parts = llava_parts(model)
+    embeds = parts.embed_tokens(batch["input_ids"])
+    slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, stock_image_features(model, pixel_values))
+    return packed_head_attention(
+        model, embeds, batch["attention_mask"], batch["position_ids"], layer, head, batch["looking_rows"], batch["looking_columns"]
+    )[1]
+
+
+def test_attention_loss_is_minus_log_of_the_mass_on_the_named_patches():
+    """Hand-made attention: uniform over 576 patches, a question about object 2 owning 4 patches
+    (mass 4/576), one about object 1 that owns none (no target: skipped)."""
+    from hybrid_vlm.testbed.train import named_object_attention_loss
+
+    owner = torch.zeros(1, 576, dtype=torch.long)
+    owner[0, [10, 11, 34, 35]] = 2
+    looking = torch.full((2, 576), 1 / 576)
+    batch = dict(looking_rows=torch.tensor([0, 0]), looking_objects=torch.tensor([[2, 0, 0, 0], [1, 0, 0, 0]]))
+    loss, mass = named_object_attention_loss(looking, owner, batch)
+    assert float(loss) == pytest.approx(np.log(144.0))
+    assert mass == pytest.approx(4 / 576)
+
+
+def test_attention_loss_trains_only_when_weighted(tmp_path):
+    """With a weight the language log carries the loss and the watched head's mass; without, neither."""
+    from hybrid_vlm.testbed.train import TrainSettings, train
+
+    logged = {}
+    for weight in (0.0, 0.5):
+        settings = TrainSettings(window_steps=0, vision_steps=0, steps=1, batch_images=2, warmup_steps=1, attention_weight=weight)
+        model, processor = build_untrained(settings.seed)
+        logged[weight] = train(model, processor, settings, tmp_path / f"log{weight}.jsonl", progress=False)[-1]
+    assert "attention_loss" not in logged[0.0] and "named_attention" not in logged[0.0]
+    assert logged[0.5]["attention_loss"] > 0 and 0 < logged[0.5]["named_attention"] < 1
+    assert logged[0.5]["answer_loss"] == pytest.approx(logged[0.0]["answer_loss"])  # the same forward, before the step
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan")])
+def test_a_negative_attention_weight_is_refused_by_name(weight):
+    from hybrid_vlm.testbed.train import TrainSettings
+
+    with pytest.raises(ValueError, match="--attention-weight"):
+        TrainSettings(attention_weight=weight)

@@ -30,6 +30,7 @@ __all__ = [
     "llava_parts",
     "new_cache",
     "packed_decoder_states",
+    "packed_head_attention",
     "output_cache",
     "repeat_kv",
     "stock_image_features",
@@ -231,3 +232,44 @@ def packed_decoder_states(
     return model.model.language_model(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
+
+
+def packed_head_attention(
+    model: LlavaForConditionalGeneration,
+    inputs_embeds: torch.Tensor,  # [B, T, D]
+    attention_mask: torch.Tensor,  # [B, 1, T, T] bool, True = may attend
+    position_ids: torch.Tensor,  # [B, T]
+    layer_index: int,
+    head: int,
+    rows: torch.Tensor,  # [N] long
+    columns: torch.Tensor,  # [N] long
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the LLM's final hidden states [B, T, D] under a custom 4-D mask, float32 [N, T]: the softmax
+    attention of one head of layer `layer_index` from each query (rows[n], columns[n]) over its row).
+
+    The layer's input is caught by a forward pre-hook during the one forward; the head's scores are
+    recomputed from it as the layer computes them (input norm, q/k projections, RoPE at the given
+    positions, scaling, the mask), with gradients, for the testbed's auxiliary attention loss."""
+    layer = model.model.language_model.layers[layer_index]
+    caught = {}
+
+    def catch(_module, args, kwargs):
+        caught["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        final = packed_decoder_states(model, inputs_embeds, attention_mask, position_ids)
+    finally:
+        handle.remove()
+    attention = layer.self_attn
+    hidden = caught["hidden"]  # [B, T, D]
+    normed = layer.input_layernorm(hidden)
+    head_dim, kv_head = attention.head_dim, head // attention.num_key_value_groups
+    cos, sin = model.model.language_model.rotary_emb(hidden, position_ids)  # each [B, T, head_dim]
+    query = attention.q_proj(normed[rows, columns]).view(-1, 1, attention.config.num_attention_heads, head_dim)[:, :, head]  # [N, 1, hd]
+    keys = attention.k_proj(normed).view(*normed.shape[:2], -1, head_dim)[:, :, kv_head]  # [B, T, hd]
+    query, _ = apply_rotary_pos_emb(query[:, None], query[:, None], cos[rows, columns][:, None], sin[rows, columns][:, None])
+    _, keys = apply_rotary_pos_emb(keys[:, None], keys[:, None], cos, sin)
+    scores = (query[:, 0] @ keys[rows, 0].transpose(1, 2))[:, 0].float() * attention.scaling  # [N, T]
+    visible = attention_mask[rows, 0, columns]  # [N, T]
+    return final, scores.masked_fill(~visible, float("-inf")).softmax(-1)

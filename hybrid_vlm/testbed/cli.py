@@ -21,7 +21,7 @@ def train_command(args: argparse.Namespace) -> None:
     try:
         settings = TrainSettings(
             steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps,
-            language_learning_rate=args.language_lr, bf16=not args.fp32,
+            language_learning_rate=args.language_lr, attention_weight=args.attention_weight, bf16=not args.fp32,
         )
     except ValueError as error:
         raise SystemExit(f"python -m hybrid_vlm.testbed train: {error}") from None
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--window-steps", type=int, default=TrainSettings.window_steps, help="steps of the window phase (first)")
     trainer.add_argument("--vision-steps", type=int, default=TrainSettings.vision_steps, help="steps of the vision phase")
     trainer.add_argument("--language-lr", type=float, default=None, help="peak learning rate of the language phase (default: that of every phase)")
+    trainer.add_argument(
+        "--attention-weight", type=float, default=TrainSettings.attention_weight,
+        help=f"weight of the loss teaching head {TrainSettings.attention_head} of LLM layer {TrainSettings.attention_layer} "
+        "to attend from each question to the object it names (default: none)",
+    )
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -84,6 +84,7 @@ class Question:
     question: str
     options: tuple[str, ...]
     answer: int  # index into options
+    about: tuple[int, ...] = ()  # indices into scene.objects of what the question names (what the answer looks up)
 
 
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
@@ -208,11 +209,11 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
     if kind == "colour":
         item = objects[int(rng.integers(len(objects)))]
         options, answer = _options_with(item.colour, list(COLOURS), rng)
-        return Question(kind, f"What colour is the {item.shape}?", options, answer)
+        return Question(kind, f"What colour is the {item.shape}?", options, answer, (objects.index(item),))
     if kind == "shape":
         item = objects[int(rng.integers(len(objects)))]
         options, answer = _options_with(item.shape, list(SHAPES), rng)
-        return Question(kind, f"What shape is the {item.colour} object?", options, answer)
+        return Question(kind, f"What shape is the {item.colour} object?", options, answer, (objects.index(item),))
     if kind == "count":
         options, answer = _options_with(NUMBER_WORDS[len(objects)], list(NUMBER_WORDS[1:]), rng)
         return Question(kind, "How many objects are in the image?", options, answer)
@@ -222,7 +223,8 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
             return None
         first, second = pairs[int(rng.integers(len(pairs)))]
         options, answer = _options_with(_relation(first, second), list(RELATIONS), rng)
-        return Question(kind, f"Where is the {first.name} relative to the {second.name}?", options, answer)
+        about = (objects.index(first), objects.index(second))
+        return Question(kind, f"Where is the {first.name} relative to the {second.name}?", options, answer, about)
     if kind == "existence":
         present = {item.name for item in objects}
         if rng.random() < 0.5:
@@ -235,7 +237,8 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
                 candidates = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
             name, truth = str(rng.choice(candidates)), "no"
         options = ("yes", "no") if rng.random() < 0.5 else ("no", "yes")
-        return Question(kind, f"Is there a {name} in the image?", options, options.index(truth))
+        about = tuple(number for number, item in enumerate(objects) if name.startswith(item.colour + " "))  # the object of that colour, if any
+        return Question(kind, f"Is there a {name} in the image?", options, options.index(truth), about)
     raise ValueError(f"question kind {kind!r} is not valid: use one of {', '.join(QUESTION_KINDS)}")
 
 

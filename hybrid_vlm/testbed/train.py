@@ -33,15 +33,16 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..hf_compat.clip import window_image_features
-from ..hf_compat.llava import llava_parts, packed_decoder_states, stock_image_features, vision_tower
+from ..hf_compat.llava import llava_parts, packed_decoder_states, packed_head_attention, stock_image_features, vision_tower
 from . import scenes
 from .prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
 
@@ -72,14 +73,26 @@ class TrainSettings:
     seed: int = 0
     bf16: bool = True
     freeze_vision: bool = False  # in the language phase (cheaper; the ViT then learns from the probe phase only)
+    attention_weight: float = 0.0  # of the named-object attention loss in the language phase; 0: none
+    attention_layer: int = 4  # whose head `attention_head` that loss teaches
+    attention_head: int = 0
 
     def __post_init__(self):
         if self.language_learning_rate is not None and not self.language_learning_rate > 0:
             raise ValueError(f"language_learning_rate (--language-lr) must be a positive rate or unset, not {self.language_learning_rate}")
+        if not self.attention_weight >= 0:
+            raise ValueError(f"attention_weight (--attention-weight) must be 0 (no attention loss) or a positive weight, not {self.attention_weight}")
 
     @property
     def language_peak(self) -> float:
         return self.learning_rate if self.language_learning_rate is None else self.language_learning_rate
+
+
+class Segment(NamedTuple):
+    text: str  # the prompt text after the image
+    target: str
+    weight: float
+    about: tuple[int, ...] = ()  # object indices the question names (the attention loss's target)
 
 
 @dataclass
@@ -91,24 +104,26 @@ class PackedImage:
     target_ids: list[int]
     target_weights: list[float]
     letter_positions: list[int]  # logits that predict an option letter (for the running accuracy)
+    image_start: int = 0  # index of the first image token
+    looking_positions: list[int] = field(default_factory=list)  # the queries the attention loss reads: a question's last prompt token
+    looking_objects: list[tuple[int, ...]] = field(default_factory=list)  # ... and the object indices each must attend to
 
 
-def training_segments(index: int) -> tuple[Image.Image, list[tuple[str, str, float]], ProbeTargets]:
-    """The image of training scene `index`, its (prompt text, target, weight) segments, and the
-    probe's targets."""
+def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTargets]:
+    """The image of training scene `index`, its segments, and the probe's targets."""
     scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
     kinds = list(scenes.QUESTION_KINDS) + [str(k) for k in rng.choice(scenes.QUESTION_KINDS, EXTRA_QUESTIONS)]
     segments = []
     for kind in kinds:
         question = scenes.ask(scene, kind, rng)
         if question is not None:
-            segments.append((mcq_text(question.question, question.options), LETTERS[question.answer], 1.0))
+            segments.append(Segment(mcq_text(question.question, question.options), LETTERS[question.answer], 1.0, question.about))
     for kind in rng.choice(scenes.QUESTION_KINDS, DIRECT_QUESTIONS):
         question = scenes.ask(scene, str(kind), rng)
         if question is not None:
-            segments.append((question.question + "\n" + DIRECT_INSTRUCTION, question.options[question.answer], 1.0))
+            segments.append(Segment(question.question + "\n" + DIRECT_INSTRUCTION, question.options[question.answer], 1.0, question.about))
     references = scenes.captions(scene)
-    segments.append((CAPTION_PROMPT, references[int(rng.integers(len(references)))], CAPTION_WEIGHT))
+    segments.append(Segment(CAPTION_PROMPT, references[int(rng.integers(len(references)))], CAPTION_WEIGHT))
     return scenes.render(scene), segments, probe_targets(scene)
 
 
@@ -203,12 +218,13 @@ def jpeg_roundtrip(image: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[tuple[str, str, float]]) -> PackedImage:
-    prompts = [tokenizer(conversation(text))["input_ids"] for text, _, _ in segments]
+def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segment]) -> PackedImage:
+    prompts = [tokenizer(conversation(segment.text))["input_ids"] for segment in segments]
     cut = prompts[0].index(image_token_id) + 1
     prefix = prompts[0][: cut - 1] + [image_token_id] * image_tokens
-    packed = PackedImage(list(prefix), list(range(len(prefix))), [0] * len(prefix), [], [], [], [])
-    for number, (prompt, (_, target, weight)) in enumerate(zip(prompts, segments), start=1):
+    packed = PackedImage(list(prefix), list(range(len(prefix))), [0] * len(prefix), [], [], [], [], image_start=cut - 1)
+    for number, (prompt, segment) in enumerate(zip(prompts, segments), start=1):
+        target, weight = segment.target, segment.weight
         if prompt[:cut] != prompts[0][:cut]:
             raise ValueError("segments of one packed image must share the tokens up to the image")
         answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -223,6 +239,9 @@ def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[tuple
         packed.target_weights += [weight / len(answer)] * len(answer)
         if target in LETTERS:
             packed.letter_positions.append(first_target - 1)
+        if segment.about:
+            packed.looking_positions.append(first_target - 1)
+            packed.looking_objects.append(segment.about)
     return packed
 
 
@@ -243,6 +262,7 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
     positions = torch.zeros(batch, length, dtype=torch.long)
     segment_ids = torch.full((batch, length), -1)
     rows, columns, targets, weights, letter_rows, letter_columns = [], [], [], [], [], []
+    looking_rows, looking_columns, looking_objects = [], [], []
     for row, item in enumerate(packed):
         n = len(item.input_ids)
         input_ids[row, :n] = torch.tensor(item.input_ids)
@@ -254,24 +274,59 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
         weights += item.target_weights
         letter_rows += [row] * len(item.letter_positions)
         letter_columns += item.letter_positions
+        looking_rows += [row] * len(item.looking_positions)
+        looking_columns += item.looking_positions
+        looking_objects += [[1 + n for n in about] + [0] * (MAX_OBJECTS - len(about)) for about in item.looking_objects]
+    if len({item.image_start for item in packed}) != 1:
+        raise ValueError("every packed image of a batch must start its image tokens at the same index")
     return dict(
         input_ids=input_ids, position_ids=positions, attention_mask=packed_attention_mask(segment_ids),
         target_rows=torch.tensor(rows), target_columns=torch.tensor(columns),
         target_ids=torch.tensor(targets), target_weights=torch.tensor(weights),
         letter_rows=torch.tensor(letter_rows, dtype=torch.long), letter_columns=torch.tensor(letter_columns, dtype=torch.long),
+        looking_rows=torch.tensor(looking_rows, dtype=torch.long), looking_columns=torch.tensor(looking_columns, dtype=torch.long),
+        looking_objects=torch.tensor(looking_objects, dtype=torch.long).view(-1, MAX_OBJECTS),  # 1 + object index; 0 = none
+        image_start=torch.tensor(packed[0].image_start),
     )
 
 
-def packed_forward(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor):
-    """(logits [N, vocab] at (rows, columns) of the packed batch, projected image features
-    [B, 576, D]): stock image features placed at the image tokens, the LLM under the packed mask."""
+class PackedOutput(NamedTuple):
+    logits: torch.Tensor  # [N, vocab] at the requested (rows, columns)
+    features: torch.Tensor  # [B, 576, D] projected image features
+    looking: torch.Tensor | None  # [Q, 576] float32: the watched head's attention from each looking query to the image tokens
+
+
+def packed_forward(
+    model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor,
+    watch: tuple[int, int] | None = None,  # (layer, head) whose attention from batch's looking queries to return
+) -> PackedOutput:
+    """Stock image features placed at the image tokens, the LLM under the packed mask."""
     parts = llava_parts(model)
     embeds = parts.embed_tokens(batch["input_ids"])  # [B, T, D]
     features = stock_image_features(model, pixel_values)  # [B, 576, D]
     image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
-    hidden = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"])
-    return parts.lm_head(hidden[rows, columns]), features  # the LLM's output is already final-normed
+    if watch is None:
+        hidden, looking = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"]), None
+    else:
+        hidden, attention = packed_head_attention(
+            model, embeds, batch["attention_mask"], batch["position_ids"], *watch, batch["looking_rows"], batch["looking_columns"]
+        )
+        looking = attention[:, int(batch["image_start"]) : int(batch["image_start"]) + features.shape[1]]
+    return PackedOutput(parts.lm_head(hidden[rows, columns]), features, looking)  # the LLM's output is already final-normed
+
+
+def named_object_attention_loss(looking: torch.Tensor, owner: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """looking [Q, 576] (a head's attention from each question to the image tokens), owner [B, 576]
+    -> (mean of -log(attention mass on the patches of the objects the question names), that mass's mean).
+    Teaches one head the lookup every question but counting needs: find the object by its name."""
+    objects = batch["looking_objects"]  # [Q, MAX_OBJECTS], 1 + index, 0 = none
+    on_named = (owner[batch["looking_rows"]][:, :, None] == objects[:, None, :]).logical_and(objects[:, None, :] > 0).any(-1)  # [Q, 576]
+    has_patches = on_named.any(-1)  # an object too small to own a patch gives no target
+    mass = (looking * on_named).sum(-1)[has_patches]
+    if not mass.numel():
+        return looking.sum() * 0.0, float("nan")
+    return -mass.clamp(min=1e-6).log().mean(), float(mass.detach().mean())
 
 
 def packed_logits(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -398,15 +453,21 @@ class Trainer:
         config = self.model.config
         pixel_values, batch, (owner, objects) = training_batch(step, self.settings, processor, config.image_token_id, config.image_seq_length)
         with self.autocast():
-            logits, features = packed_forward(self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"])
+            watch = (self.settings.attention_layer, self.settings.attention_head) if self.settings.attention_weight else None
+            logits, features, looking = packed_forward(self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"], watch)
             probe_loss, accuracy = self.probe.loss(features, owner, objects)
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
         weights = batch["target_weights"]
         answer_loss = (losses * weights).sum() / weights.sum()
+        loss, looked = answer_loss + PROBE_WEIGHT * probe_loss, {}
+        if looking is not None:
+            attention_loss, mass = named_object_attention_loss(looking.float(), owner, batch)
+            loss = loss + self.settings.attention_weight * attention_loss
+            looked = dict(attention_loss=round(attention_loss.item(), 5), named_attention=round(mass, 4))
         rate = learning_rate(step, self.settings.language_peak, self.settings.warmup_steps, self.settings.steps)
-        self.optimize(answer_loss + PROBE_WEIGHT * probe_loss, rate)
+        self.optimize(loss, rate)
         self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
-                        lr=rate, letter_accuracy=round(_letter_accuracy(logits, batch), 4), **accuracy))
+                        lr=rate, letter_accuracy=round(_letter_accuracy(logits, batch), 4), **looked, **accuracy))
 
 
 def train(model, processor, settings: TrainSettings, log_path: Path, progress: bool = True) -> list[dict]:
