@@ -259,7 +259,7 @@ def test_watched_head_attention_is_the_stock_eager_attention_of_each_prompt_alon
     layer, head = 3, 2
     rows, columns = batch["looking_rows"], batch["looking_columns"]
     with torch.no_grad():
-        _, _, looking = packed_forward(model, pixel_values, batch, rows, columns, watch=(layer, head))
+        looking = packed_forward(model, pixel_values, batch, rows, columns, watches={"looking": (layer, head)}).looking
         watched_full = _full_watched_rows(model, pixel_values, batch, layer, head)
     model.set_attn_implementation("eager")
     try:
@@ -286,8 +286,8 @@ def _full_watched_rows(model, pixel_values, batch, layer, head):
     slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(slots, stock_image_features(model, pixel_values))
     return packed_head_attention(
-        model, embeds, batch["attention_mask"], batch["position_ids"], layer, head, batch["looking_rows"], batch["looking_columns"]
-    )[1]
+        model, embeds, batch["attention_mask"], batch["position_ids"], [(layer, head, batch["looking_rows"], batch["looking_columns"])]
+    )[1][0]
 
 
 def test_attention_loss_is_minus_log_of_the_mass_on_the_named_patches():
@@ -309,18 +309,51 @@ def test_attention_loss_trains_only_when_weighted(tmp_path):
     from hybrid_vlm.testbed.train import TrainSettings, train
 
     logged = {}
-    for weight in (0.0, 0.5):
-        settings = TrainSettings(window_steps=0, vision_steps=0, steps=1, batch_images=2, warmup_steps=1, attention_weight=weight)
+    for weights in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5)):
+        settings = TrainSettings(
+            window_steps=0, vision_steps=0, steps=1, batch_images=2, warmup_steps=1, attention_weight=weights[0], option_attention_weight=weights[1]
+        )
         model, processor = build_untrained(settings.seed)
-        logged[weight] = train(model, processor, settings, tmp_path / f"log{weight}.jsonl", progress=False)[-1]
-    assert "attention_loss" not in logged[0.0] and "named_attention" not in logged[0.0]
-    assert logged[0.5]["attention_loss"] > 0 and 0 < logged[0.5]["named_attention"] < 1
-    assert logged[0.5]["answer_loss"] == pytest.approx(logged[0.0]["answer_loss"])  # the same forward, before the step
+        logged[weights] = train(model, processor, settings, tmp_path / f"log{weights}.jsonl", progress=False)[-1]
+    named, option = ("attention_loss", "named_attention"), ("option_attention_loss", "option_attention")
+    assert not any(key in logged[0.0, 0.0] for key in named + option)
+    assert logged[0.5, 0.0]["attention_loss"] > 0 and 0 < logged[0.5, 0.0]["named_attention"] < 1
+    assert not any(key in logged[0.5, 0.0] for key in option) and not any(key in logged[0.0, 0.5] for key in named)
+    assert logged[0.0, 0.5]["option_attention_loss"] > 0 and 0 < logged[0.0, 0.5]["option_attention"] < 1
+    assert logged[0.5, 0.0]["answer_loss"] == pytest.approx(logged[0.0, 0.0]["answer_loss"])  # the same forward, before the step
+    assert logged[0.0, 0.5]["answer_loss"] == pytest.approx(logged[0.0, 0.0]["answer_loss"])
 
 
 @pytest.mark.parametrize("weight", [-0.1, float("nan")])
-def test_a_negative_attention_weight_is_refused_by_name(weight):
+@pytest.mark.parametrize("setting, flag", [("attention_weight", "--attention-weight"), ("option_attention_weight", "--option-attention-weight")])
+def test_a_negative_attention_weight_is_refused_by_name(weight, setting, flag):
     from hybrid_vlm.testbed.train import TrainSettings
 
-    with pytest.raises(ValueError, match="--attention-weight"):
-        TrainSettings(attention_weight=weight)
+    with pytest.raises(ValueError, match=flag):
+        TrainSettings(**{setting: weight})
+
+
+def test_the_right_options_span_holds_its_line_and_nothing_else(untrained):
+    """Each MCQ segment's choosing span, decoded from the packed tokens, is its right option's line
+    ("B. circle"), found here from the segment's own text."""
+    model, processor = untrained
+    _, segments, _ = training_segments(4)
+    packed = pack(processor.tokenizer, model.config.image_token_id, model.config.image_seq_length, segments)
+    questions = [segment for segment in segments if segment.target in "ABCD" and len(segment.target) == 1]
+    assert len(packed.choosing_spans) == len(questions) > 0
+    for segment, (start, end), query in zip(questions, packed.choosing_spans, packed.choosing_positions):
+        line = next(text for text in segment.text.split("\n") if text.startswith(segment.target + ". "))
+        assert processor.tokenizer.decode(packed.input_ids[start:end]).strip() == line
+        assert start < query and packed.segment_ids[start] == packed.segment_ids[query]
+    batch = collate([packed], processor.tokenizer.pad_token_id)
+    assert batch["choosing_targets"].sum(-1).tolist() == [end - start for start, end in packed.choosing_spans]
+
+
+def test_option_attention_loss_is_minus_log_of_the_mass_on_the_line():
+    from hybrid_vlm.testbed.train import right_option_attention_loss
+
+    choosing = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    targets = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    loss, mass = right_option_attention_loss(choosing, dict(choosing_targets=targets))
+    assert float(loss) == pytest.approx(-(np.log(0.5) + np.log(0.25)) / 2)
+    assert mass == pytest.approx(0.375)

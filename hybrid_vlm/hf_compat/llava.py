@@ -239,37 +239,42 @@ def packed_head_attention(
     inputs_embeds: torch.Tensor,  # [B, T, D]
     attention_mask: torch.Tensor,  # [B, 1, T, T] bool, True = may attend
     position_ids: torch.Tensor,  # [B, T]
-    layer_index: int,
-    head: int,
-    rows: torch.Tensor,  # [N] long
-    columns: torch.Tensor,  # [N] long
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the LLM's final hidden states [B, T, D] under a custom 4-D mask, float32 [N, T]: the softmax
-    attention of one head of layer `layer_index` from each query (rows[n], columns[n]) over its row).
+    watches: list[tuple[int, int, torch.Tensor, torch.Tensor]],  # (layer, head, rows [N] long, columns [N] long)
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the LLM's final hidden states [B, T, D] under a custom 4-D mask, for each watch float32 [N, T]:
+    the softmax attention of that head of that layer from each query (rows[n], columns[n]) over its row).
 
-    The layer's input is caught by a forward pre-hook during the one forward; the head's scores are
-    recomputed from it as the layer computes them (input norm, q/k projections, RoPE at the given
-    positions, scaling, the mask), with gradients, for the testbed's auxiliary attention loss."""
-    layer = model.model.language_model.layers[layer_index]
-    caught = {}
+    Each watched layer's input is caught by a forward pre-hook during the one forward; the head's
+    scores are recomputed from it as the layer computes them (input norm, q/k projections, RoPE at
+    the given positions, scaling, the mask), with gradients, for the testbed's attention losses."""
+    layers = model.model.language_model.layers
+    caught: dict[int, torch.Tensor] = {}
 
-    def catch(_module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs["hidden_states"]
+    def catcher(index: int):
+        def catch(_module, args, kwargs):
+            caught[index] = args[0] if args else kwargs["hidden_states"]
+        return catch
 
-    handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layers[index].register_forward_pre_hook(catcher(index), with_kwargs=True) for index in {w[0] for w in watches}]
     try:
         final = packed_decoder_states(model, inputs_embeds, attention_mask, position_ids)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    cos_sin = model.model.language_model.rotary_emb(inputs_embeds, position_ids)  # each [B, T, head_dim]
+    return final, [_head_attention(layers[layer], caught[layer], cos_sin, attention_mask, head, rows, columns) for layer, head, rows, columns in watches]
+
+
+def _head_attention(layer: nn.Module, hidden: torch.Tensor, cos_sin, attention_mask: torch.Tensor, head: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[N, T] float32: one head's attention from the queries (rows, columns), from the layer's input [B, T, D]."""
     attention = layer.self_attn
-    hidden = caught["hidden"]  # [B, T, D]
+    cos, sin = cos_sin
     normed = layer.input_layernorm(hidden)
     head_dim, kv_head = attention.head_dim, head // attention.num_key_value_groups
-    cos, sin = model.model.language_model.rotary_emb(hidden, position_ids)  # each [B, T, head_dim]
     query = attention.q_proj(normed[rows, columns]).view(-1, 1, attention.config.num_attention_heads, head_dim)[:, :, head]  # [N, 1, hd]
     keys = attention.k_proj(normed).view(*normed.shape[:2], -1, head_dim)[:, :, kv_head]  # [B, T, hd]
     query, _ = apply_rotary_pos_emb(query[:, None], query[:, None], cos[rows, columns][:, None], sin[rows, columns][:, None])
     _, keys = apply_rotary_pos_emb(keys[:, None], keys[:, None], cos, sin)
     scores = (query[:, 0] @ keys[rows, 0].transpose(1, 2))[:, 0].float() * attention.scaling  # [N, T]
     visible = attention_mask[rows, 0, columns]  # [N, T]
-    return final, scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1)

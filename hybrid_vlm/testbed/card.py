@@ -35,13 +35,15 @@ LOG_COLUMNS = (
 
 
 def _log_table(log: list[dict], rows: int = 8) -> list[str]:
-    lines = ["| phase | steps | " + " | ".join(title for _, title in LOG_COLUMNS) + " |", "|---|---|" + "---:|" * len(LOG_COLUMNS)]
+    optional = (("named_attention", "named-object attention"), ("option_attention", "right-option attention"))
+    columns = LOG_COLUMNS + tuple(column for column in optional if any(column[0] in r for r in log))
+    lines = ["| phase | steps | " + " | ".join(title for _, title in columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for phase in ("window", "vision", "language"):
         records = [r for r in log if r.get("phase") == phase]
         step = max(1, -(-len(records) // rows))
         for start in range(0, len(records), step):
             window = records[start : start + step]
-            cells = " | ".join(_mean(window, key) for key, _ in LOG_COLUMNS)
+            cells = " | ".join(_mean(window, key) for key, _ in columns)
             lines.append(f"| {phase} | {window[0]['step']}–{window[-1]['step']} | {cells} |")
     return lines
 
@@ -49,6 +51,27 @@ def _log_table(log: list[dict], rows: int = 8) -> list[str]:
 def _language_lr_flag(settings: dict) -> str:
     rate = settings.get("language_learning_rate")
     return "" if rate is None else f" --language-lr {rate:g}"
+
+
+def _attention_flag(settings: dict) -> str:
+    flags = [(settings.get("attention_weight"), "--attention-weight"), (settings.get("option_attention_weight"), "--option-attention-weight")]
+    return "".join(f" {flag} {weight:g}" for weight, flag in flags if weight)
+
+
+def _attention_loss(settings: dict) -> str:
+    text = ""
+    if settings.get("attention_weight"):
+        text += (
+            f", plus {settings['attention_weight']:g} times the named-object attention loss: head {settings['attention_head']} of "
+            f"LLM layer {settings['attention_layer']}, from each question's last prompt token, is taught to put its attention on the "
+            "image patches of the object the question names (-log of that mass; not for counting or captions)"
+        )
+    if settings.get("option_attention_weight"):
+        text += (
+            f", plus {settings['option_attention_weight']:g} times the right-option attention loss: head {settings['option_attention_head']} "
+            f"of LLM layer {settings['option_attention_layer']}, from each MCQ's last prompt token, on the right option's line"
+        )
+    return text
 
 
 def _peak_rates(settings: dict) -> str:
@@ -105,7 +128,7 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "```bash",
         f"python -m hybrid_vlm.testbed train --out DIR --window-steps {settings.get('window_steps', 0)} "
         f"--vision-steps {settings['vision_steps']} --steps {settings['steps']} "
-        f"--batch-images {settings['batch_images']} --seed {settings['seed']}" + _language_lr_flag(settings)
+        f"--batch-images {settings['batch_images']} --seed {settings['seed']}" + _language_lr_flag(settings) + _attention_flag(settings)
         + ("" if settings["bf16"] else " --fp32"),
         "python -m hybrid_vlm.testbed calibrate --model DIR --out DIR/dymu-thresholds",
         "```",
@@ -120,10 +143,10 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         + (", the ViT frozen" if settings["freeze_vision"] else ", everything trained") + ", each scene carrying one "
         f"multiple-choice question of each kind plus {EXTRA_QUESTIONS} more (the plugin's MCQ prompt, options shuffled, "
         f"answered with the letter), {DIRECT_QUESTIONS} short-answer questions and one COCO-prompt caption, packed after one "
-        "shared image prefix, plus the probe loss. "
+        "shared image prefix, plus the probe loss" + _attention_loss(settings) + ". "
         f"Peak learning rate {_peak_rates(settings)}, linear warm-up, cosine to 10% in each phase; seed {settings['seed']}. "
         "Means over the training batches (`train_log.jsonl`; probe accuracies on object patches or objects, letter "
-        "accuracy on the option letters):",
+        "accuracy on the option letters" + ("; the attention columns: the mass each taught head puts on its target" if settings.get("attention_weight") or settings.get("option_attention_weight") else "") + "):",
         "",
         *_log_table(log),
         "",

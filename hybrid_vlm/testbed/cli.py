@@ -21,7 +21,8 @@ def train_command(args: argparse.Namespace) -> None:
     try:
         settings = TrainSettings(
             steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps,
-            language_learning_rate=args.language_lr, attention_weight=args.attention_weight, bf16=not args.fp32,
+            language_learning_rate=args.language_lr, attention_weight=args.attention_weight,
+            option_attention_weight=args.option_attention_weight, bf16=not args.fp32,
         )
     except ValueError as error:
         raise SystemExit(f"python -m hybrid_vlm.testbed train: {error}") from None
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         "--attention-weight", type=float, default=TrainSettings.attention_weight,
         help=f"weight of the loss teaching head {TrainSettings.attention_head} of LLM layer {TrainSettings.attention_layer} "
         "to attend from each question to the object it names (default: none)",
+    )
+    trainer.add_argument(
+        "--option-attention-weight", type=float, default=TrainSettings.option_attention_weight,
+        help=f"weight of the loss teaching head {TrainSettings.option_attention_head} of LLM layer {TrainSettings.option_attention_layer} "
+        "to attend from each MCQ's last prompt token to the right option's line (default: none)",
     )
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")

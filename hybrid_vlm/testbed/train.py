@@ -76,12 +76,25 @@ class TrainSettings:
     attention_weight: float = 0.0  # of the named-object attention loss in the language phase; 0: none
     attention_layer: int = 4  # whose head `attention_head` that loss teaches
     attention_head: int = 0
+    option_attention_weight: float = 0.0  # of the right-option attention loss (MCQ); 0: none
+    option_attention_layer: int = 6
+    option_attention_head: int = 0
 
     def __post_init__(self):
         if self.language_learning_rate is not None and not self.language_learning_rate > 0:
             raise ValueError(f"language_learning_rate (--language-lr) must be a positive rate or unset, not {self.language_learning_rate}")
         if not self.attention_weight >= 0:
             raise ValueError(f"attention_weight (--attention-weight) must be 0 (no attention loss) or a positive weight, not {self.attention_weight}")
+        if not self.option_attention_weight >= 0:
+            raise ValueError(
+                f"option_attention_weight (--option-attention-weight) must be 0 (no option attention loss) or a positive weight, not {self.option_attention_weight}"
+            )
+
+    def watches(self) -> dict[str, tuple[int, int]]:
+        """The heads the attention losses teach: name -> (layer, head)."""
+        heads = {"looking": (self.attention_layer, self.attention_head), "choosing": (self.option_attention_layer, self.option_attention_head)}
+        weights = {"looking": self.attention_weight, "choosing": self.option_attention_weight}
+        return {name: head for name, head in heads.items() if weights[name]}
 
     @property
     def language_peak(self) -> float:
@@ -107,6 +120,8 @@ class PackedImage:
     image_start: int = 0  # index of the first image token
     looking_positions: list[int] = field(default_factory=list)  # the queries the attention loss reads: a question's last prompt token
     looking_objects: list[tuple[int, ...]] = field(default_factory=list)  # ... and the object indices each must attend to
+    choosing_positions: list[int] = field(default_factory=list)  # an MCQ's last prompt token ...
+    choosing_spans: list[tuple[int, int]] = field(default_factory=list)  # ... and [start, end) of its right option's line
 
 
 def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTargets]:
@@ -218,6 +233,15 @@ def jpeg_roundtrip(image: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def option_line_tokens(tokenizer, text: str, letter: str) -> list[int]:
+    """Indices of the tokens of conversation(text) that overlap the line "<letter>. <option>"."""
+    prompt = conversation(text)
+    start = prompt.index(f"\n{letter}. ") + 1
+    end = prompt.index("\n", start)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return [index for index, (first, last) in enumerate(offsets) if first < end and last > start]
+
+
 def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segment]) -> PackedImage:
     prompts = [tokenizer(conversation(segment.text))["input_ids"] for segment in segments]
     cut = prompts[0].index(image_token_id) + 1
@@ -239,6 +263,9 @@ def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segme
         packed.target_weights += [weight / len(answer)] * len(answer)
         if target in LETTERS:
             packed.letter_positions.append(first_target - 1)
+            line = option_line_tokens(tokenizer, segment.text, target)
+            packed.choosing_positions.append(first_target - 1)
+            packed.choosing_spans.append((start + line[0] - cut, start + line[-1] + 1 - cut))
         if segment.about:
             packed.looking_positions.append(first_target - 1)
             packed.looking_objects.append(segment.about)
@@ -263,6 +290,7 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
     segment_ids = torch.full((batch, length), -1)
     rows, columns, targets, weights, letter_rows, letter_columns = [], [], [], [], [], []
     looking_rows, looking_columns, looking_objects = [], [], []
+    choosing_rows, choosing_columns, choosing_spans = [], [], []
     for row, item in enumerate(packed):
         n = len(item.input_ids)
         input_ids[row, :n] = torch.tensor(item.input_ids)
@@ -277,6 +305,9 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
         looking_rows += [row] * len(item.looking_positions)
         looking_columns += item.looking_positions
         looking_objects += [[1 + n for n in about] + [0] * (MAX_OBJECTS - len(about)) for about in item.looking_objects]
+        choosing_rows += [row] * len(item.choosing_positions)
+        choosing_columns += item.choosing_positions
+        choosing_spans += item.choosing_spans
     if len({item.image_start for item in packed}) != 1:
         raise ValueError("every packed image of a batch must start its image tokens at the same index")
     return dict(
@@ -287,18 +318,28 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
         looking_rows=torch.tensor(looking_rows, dtype=torch.long), looking_columns=torch.tensor(looking_columns, dtype=torch.long),
         looking_objects=torch.tensor(looking_objects, dtype=torch.long).view(-1, MAX_OBJECTS),  # 1 + object index; 0 = none
         image_start=torch.tensor(packed[0].image_start),
+        choosing_rows=torch.tensor(choosing_rows, dtype=torch.long), choosing_columns=torch.tensor(choosing_columns, dtype=torch.long),
+        choosing_targets=_span_mask(choosing_spans, length),
     )
+
+
+def _span_mask(spans: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """[(start, end)] -> [len(spans), length] bool, True inside each span."""
+    at = torch.arange(length)
+    bounds = torch.tensor(spans, dtype=torch.long).view(-1, 2)
+    return (at[None, :] >= bounds[:, :1]) & (at[None, :] < bounds[:, 1:])
 
 
 class PackedOutput(NamedTuple):
     logits: torch.Tensor  # [N, vocab] at the requested (rows, columns)
     features: torch.Tensor  # [B, 576, D] projected image features
     looking: torch.Tensor | None  # [Q, 576] float32: the watched head's attention from each looking query to the image tokens
+    choosing: torch.Tensor | None = None  # [C, T] float32: the option head's attention from each MCQ's last prompt token
 
 
 def packed_forward(
     model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor,
-    watch: tuple[int, int] | None = None,  # (layer, head) whose attention from batch's looking queries to return
+    watches: dict[str, tuple[int, int]] | None = None,  # "looking" / "choosing" -> (layer, head) whose attention to return
 ) -> PackedOutput:
     """Stock image features placed at the image tokens, the LLM under the packed mask."""
     parts = llava_parts(model)
@@ -306,14 +347,16 @@ def packed_forward(
     features = stock_image_features(model, pixel_values)  # [B, 576, D]
     image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
-    if watch is None:
-        hidden, looking = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"]), None
+    if not watches:
+        hidden, watched = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"]), {}
     else:
-        hidden, attention = packed_head_attention(
-            model, embeds, batch["attention_mask"], batch["position_ids"], *watch, batch["looking_rows"], batch["looking_columns"]
-        )
-        looking = attention[:, int(batch["image_start"]) : int(batch["image_start"]) + features.shape[1]]
-    return PackedOutput(parts.lm_head(hidden[rows, columns]), features, looking)  # the LLM's output is already final-normed
+        requests = [(*head, batch[f"{name}_rows"], batch[f"{name}_columns"]) for name, head in watches.items()]
+        hidden, attentions = packed_head_attention(model, embeds, batch["attention_mask"], batch["position_ids"], requests)
+        watched = dict(zip(watches, attentions))
+    looking = watched.get("looking")
+    if looking is not None:
+        looking = looking[:, int(batch["image_start"]) : int(batch["image_start"]) + features.shape[1]]
+    return PackedOutput(parts.lm_head(hidden[rows, columns]), features, looking, watched.get("choosing"))  # the LLM's output is already final-normed
 
 
 def named_object_attention_loss(looking: torch.Tensor, owner: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -326,6 +369,16 @@ def named_object_attention_loss(looking: torch.Tensor, owner: torch.Tensor, batc
     mass = (looking * on_named).sum(-1)[has_patches]
     if not mass.numel():
         return looking.sum() * 0.0, float("nan")
+    return -mass.clamp(min=1e-6).log().mean(), float(mass.detach().mean())
+
+
+def right_option_attention_loss(choosing: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """choosing [C, T] (a head's attention from each MCQ's last prompt token) -> (mean of -log(attention
+    mass on the right option's line "B. circle"), that mass's mean). Teaches the second lookup an MCQ
+    needs: from the answer the image gave to the line that says it, whose letter is the output."""
+    if not choosing.shape[0]:
+        return choosing.sum() * 0.0, float("nan")
+    mass = (choosing * batch["choosing_targets"]).sum(-1)
     return -mass.clamp(min=1e-6).log().mean(), float(mass.detach().mean())
 
 
@@ -453,8 +506,9 @@ class Trainer:
         config = self.model.config
         pixel_values, batch, (owner, objects) = training_batch(step, self.settings, processor, config.image_token_id, config.image_seq_length)
         with self.autocast():
-            watch = (self.settings.attention_layer, self.settings.attention_head) if self.settings.attention_weight else None
-            logits, features, looking = packed_forward(self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"], watch)
+            logits, features, looking, choosing = packed_forward(
+                self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"], self.settings.watches()
+            )
             probe_loss, accuracy = self.probe.loss(features, owner, objects)
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
         weights = batch["target_weights"]
@@ -464,6 +518,10 @@ class Trainer:
             attention_loss, mass = named_object_attention_loss(looking.float(), owner, batch)
             loss = loss + self.settings.attention_weight * attention_loss
             looked = dict(attention_loss=round(attention_loss.item(), 5), named_attention=round(mass, 4))
+        if choosing is not None:
+            option_loss, mass = right_option_attention_loss(choosing.float(), batch)
+            loss = loss + self.settings.option_attention_weight * option_loss
+            looked |= dict(option_attention_loss=round(option_loss.item(), 5), option_attention=round(mass, 4))
         rate = learning_rate(step, self.settings.language_peak, self.settings.warmup_steps, self.settings.steps)
         self.optimize(loss, rate)
         self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),

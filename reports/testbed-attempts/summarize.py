@@ -2,7 +2,8 @@
 
 Prints, per run, means over windows of steps of the answer loss, the letter accuracy on the
 training batches' option letters, and the probe's colour / shape accuracy on object patches (runs 4
-to 7: its patch heads; run6 is the shipped checkpoint's log).
+to 8: its patch heads; run6 is the shipped checkpoint's log), and for the runs with attention losses
+the mass the taught head puts on the named object's patches and on the right option's line.
 """
 
 import json
@@ -11,8 +12,10 @@ from pathlib import Path
 
 RAW = Path(__file__).resolve().parent / "raw"
 SHIPPED_LOG = Path(__file__).resolve().parents[2] / "hybrid_vlm" / "testbed" / "checkpoint" / "train_log.jsonl"  # run6
-LONG_RUN_WINDOW = 150  # runs 4 to 7
-LONG_RUNS = ("run4", "run5", "run5-continued-600", "run7")
+LONG_RUN_WINDOW = 150  # runs 4 to 8
+LONG_RUNS = ("run4", "run5", "run5-continued-600", "run7", "run8")
+CONTINUATION_WINDOW = 100
+CONTINUATIONS = ("run8-continued-option", "run8-continued-control")
 WINDOW = 40
 
 
@@ -22,12 +25,12 @@ def mean(records, key):
 
 
 def main():
-    print("| run | phase | steps | answer loss | letter accuracy | probe colour acc. | probe shape acc. | seconds at end |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| run | phase | steps | answer loss | letter accuracy | probe colour acc. | probe shape acc. | named-object attention | right-option attention | seconds at end |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     logs = []
     for path in sorted(RAW.glob("run*_train_log.jsonl")):
         run = path.name.split("_")[0]
-        logs.append((run, path, LONG_RUN_WINDOW if run in LONG_RUNS else WINDOW))
+        logs.append((run, path, LONG_RUN_WINDOW if run in LONG_RUNS else CONTINUATION_WINDOW if run in CONTINUATIONS else WINDOW))
     if SHIPPED_LOG.exists():
         logs.append(("run6 (shipped)", SHIPPED_LOG, LONG_RUN_WINDOW))
     for run, path, window_size in logs:
@@ -40,7 +43,8 @@ def main():
                 colour = mean(window, "probe_colour_accuracy") if "probe_colour_accuracy" in window[0] else mean(window, "patch_colour")
                 shape = mean(window, "probe_shape_accuracy") if "probe_shape_accuracy" in window[0] else mean(window, "patch_shape")
                 print(f"| {run} | {phase} | {window[0]['step']}–{window[-1]['step']} | {answer} | "
-                      f"{mean(window, 'letter_accuracy')} | {colour} | {shape} | {window[-1]['seconds']} |")
+                      f"{mean(window, 'letter_accuracy')} | {colour} | {shape} | {mean(window, 'named_attention')} | "
+                      f"{mean(window, 'option_attention')} | {window[-1]['seconds']} |")
 
 
 if __name__ == "__main__":

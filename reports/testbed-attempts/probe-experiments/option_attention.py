@@ -1,0 +1,33 @@
+"""Continue a checkpoint for STEPS language steps, with or without the right-option attention loss
+(head 0 of LLM layer 6 taught to attend from each MCQ's last prompt token to the right option's line),
+to separate what that loss adds from what the restart adds. The named-object attention loss
+(weight 0.3, as in run8) stays on in both arms. Repeats training scenes 0..8*STEPS-1; peak rate 1e-3,
+20 warm-up steps, cosine; a fresh probe; seed 0.
+
+    PYTHONPATH=. python reports/testbed-attempts/probe-experiments/option_attention.py CHECKPOINT OUT OPTION_WEIGHT [STEPS]
+"""
+import json, sys, time
+from pathlib import Path
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from hybrid_vlm.testbed.train import ObjectProbe, Trainer, TrainSettings
+
+source, out, weight = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else 300
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+model.set_attn_implementation("sdpa")
+processor = AutoProcessor.from_pretrained(source)
+settings = TrainSettings(steps=steps, warmup_steps=20, language_learning_rate=1e-3, attention_weight=0.3, option_attention_weight=weight)
+out.mkdir(parents=True, exist_ok=True)
+model.train()
+started = time.perf_counter()
+with (out / "train_log.jsonl").open("w") as log, torch.enable_grad():
+    trainer = Trainer(model, ObjectProbe(model.config.text_config.hidden_size), settings, log)
+    for step in range(steps):
+        trainer.language_step(step, processor)
+model.eval()
+model.save_pretrained(out)
+processor.save_pretrained(out)
+(out / "continue_summary.json").write_text(json.dumps(dict(source=source, option_attention_weight=weight, steps=steps, seconds=round(time.perf_counter() - started, 1))) + "\n")
