@@ -357,3 +357,16 @@ def test_option_attention_loss_is_minus_log_of_the_mass_on_the_line():
     loss, mass = right_option_attention_loss(choosing, dict(choosing_targets=targets))
     assert float(loss) == pytest.approx(-(np.log(0.5) + np.log(0.25)) / 2)
     assert mass == pytest.approx(0.375)
+
+
+def test_load_for_training_gives_back_the_saved_weights_in_fp32(tmp_path, untrained):
+    from hybrid_vlm.testbed import load_for_training
+
+    model, processor = untrained
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_for_training(tmp_path)
+    assert loaded.config._attn_implementation == "sdpa"
+    assert all(tensor.dtype == torch.float32 for tensor in loaded.state_dict().values() if tensor.is_floating_point())
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
+    assert loaded_processor.tokenizer("a red circle")["input_ids"] == processor.tokenizer("a red circle")["input_ids"]

@@ -108,6 +108,17 @@ def build_untrained(seed: int = 0):
     return model, processor
 
 
+def load_for_training(path, seed: int = 0):
+    """(model, processor) of a saved testbed, fp32 with SDPA and torch seeded, to continue training it."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model.set_attn_implementation("sdpa")
+    return model, AutoProcessor.from_pretrained(path)
+
+
 def testbed_checkpoint() -> Path:
     """The shipped checkpoint directory; a clear error if it is missing."""
     if not (CHECKPOINT_DIR / "config.json").exists():

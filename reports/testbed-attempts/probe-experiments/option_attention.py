@@ -6,19 +6,20 @@ to separate what that loss adds from what the restart adds. The named-object att
 
     PYTHONPATH=. python reports/testbed-attempts/probe-experiments/option_attention.py CHECKPOINT OUT OPTION_WEIGHT [STEPS]
 """
-import json, sys, time
+import json
+import sys
+import time
 from pathlib import Path
+
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from hybrid_vlm.testbed import load_for_training
 from hybrid_vlm.testbed.train import ObjectProbe, Trainer, TrainSettings
 
 source, out, weight = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 300
 torch.set_num_threads(2)
-torch.manual_seed(0)
-model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
-model.set_attn_implementation("sdpa")
-processor = AutoProcessor.from_pretrained(source)
+model, processor = load_for_training(source)
 settings = TrainSettings(steps=steps, warmup_steps=20, language_learning_rate=1e-3, attention_weight=0.3, option_attention_weight=weight)
 out.mkdir(parents=True, exist_ok=True)
 model.train()

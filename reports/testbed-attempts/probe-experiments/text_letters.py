@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from hybrid_vlm.testbed import scenes
+from hybrid_vlm.testbed import load_for_training, scenes
 from hybrid_vlm.testbed.prompts import LETTERS, SYSTEM_PROMPT, mcq_text
 from hybrid_vlm.testbed.train import learning_rate
 
@@ -23,10 +22,7 @@ source, out = sys.argv[1], Path(sys.argv[2])
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 300
 batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 32
 torch.set_num_threads(2)
-torch.manual_seed(0)
-model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
-model.set_attn_implementation("sdpa")
-processor = AutoProcessor.from_pretrained(source)
+model, processor = load_for_training(source)
 tokenizer = processor.tokenizer
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.01)
 
