@@ -370,3 +370,23 @@ def test_load_for_training_gives_back_the_saved_weights_in_fp32(tmp_path, untrai
     assert all(tensor.dtype == torch.float32 for tensor in loaded.state_dict().values() if tensor.is_floating_point())
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
     assert loaded_processor.tokenizer("a red circle")["input_ids"] == processor.tokenizer("a red circle")["input_ids"]
+
+
+def test_the_card_prints_each_optional_training_flag_only_when_it_is_set(tmp_path):
+    """The card's train command, from the shipped run's files with its settings edited: a set rate or
+    a non-zero weight appears as its flag; the shipped run's defaults print none of them."""
+    import shutil
+
+    from hybrid_vlm.testbed import CHECKPOINT_DIR
+    from hybrid_vlm.testbed.card import REPORT_DIR, card_text
+
+    for name in ("train_summary.json", "train_log.jsonl", "config.json"):
+        shutil.copy(CHECKPOINT_DIR / name, tmp_path / name)
+    shipped = card_text(tmp_path, REPORT_DIR)
+    assert not any(flag in shipped for flag in ("--language-lr", "--attention-weight", "--option-attention-weight"))
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    summary["settings"] |= dict(language_learning_rate=0.001, attention_weight=0.3, attention_layer=4, attention_head=0, option_attention_weight=0.0)
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    edited = card_text(tmp_path, REPORT_DIR)
+    assert " --language-lr 0.001 --attention-weight 0.3\n" in edited
+    assert "--option-attention-weight" not in edited

@@ -200,12 +200,8 @@ def layer_attention_row(
     batch, length, _ = hidden_states.shape
     normed = layer.input_layernorm(hidden_states)
     query_normed = normed.gather(1, query_index.view(batch, 1, 1).expand(batch, 1, normed.shape[-1]))
-    query_states = attention.q_proj(query_normed).view(batch, 1, -1, attention.head_dim).transpose(1, 2)  # [B, H, 1, D]
-    key_states = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     query_cos_sin = tuple(t.gather(1, query_index.view(batch, 1, 1).expand(batch, 1, t.shape[-1])) for t in cos_sin)
-    query_states, _ = apply_rotary_pos_emb(query_states, query_states, *query_cos_sin)
-    _, key_states = apply_rotary_pos_emb(key_states, key_states, *cos_sin)
-    key_states = repeat_kv(key_states, attention.num_key_value_groups)
+    query_states, key_states = _rotated_query_and_keys(attention, query_normed, query_cos_sin, normed, cos_sin)
     if attention_mask is None:
         key_at = torch.arange(length, device=hidden_states.device)
         attention_mask = (key_at[None, :] <= query_index[:, None]).view(batch, 1, 1, length)
@@ -213,6 +209,23 @@ def layer_attention_row(
         attention_mask = attention_mask.gather(2, query_index.view(batch, 1, 1, 1).expand(batch, 1, 1, length))
     zero = torch.zeros(batch, dtype=torch.long, device=hidden_states.device)
     return last_query_attention(query_states, key_states, attention_mask, zero, attention.scaling)
+
+
+def _rotated_query_and_keys(
+    attention: nn.Module,  # LlamaAttention
+    query_normed: torch.Tensor,  # [N, 1, hidden] the queries' normed inputs
+    query_cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [N, 1, head_dim]
+    normed: torch.Tensor,  # [B, L, hidden] every token's normed input
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [B, L, head_dim]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries [N, H, 1, D], keys [B, H, L, D] repeated to every query head), both after RoPE, as the
+    layer's own attention computes them: q_proj on the query rows only, k_proj on every token."""
+    batch, length, _ = normed.shape
+    query_states = attention.q_proj(query_normed).view(query_normed.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
+    key_states = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    query_states, _ = apply_rotary_pos_emb(query_states, query_states, *query_cos_sin)
+    _, key_states = apply_rotary_pos_emb(key_states, key_states, *cos_sin)
+    return query_states, repeat_kv(key_states, attention.num_key_value_groups)
 
 
 def first_llm_module(model: LlavaForConditionalGeneration) -> nn.Module:
@@ -268,13 +281,9 @@ def packed_head_attention(
 def _head_attention(layer: nn.Module, hidden: torch.Tensor, cos_sin, attention_mask: torch.Tensor, head: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """[N, T] float32: one head's attention from the queries (rows, columns), from the layer's input [B, T, D]."""
     attention = layer.self_attn
-    cos, sin = cos_sin
     normed = layer.input_layernorm(hidden)
-    head_dim, kv_head = attention.head_dim, head // attention.num_key_value_groups
-    query = attention.q_proj(normed[rows, columns]).view(-1, 1, attention.config.num_attention_heads, head_dim)[:, :, head]  # [N, 1, hd]
-    keys = attention.k_proj(normed).view(*normed.shape[:2], -1, head_dim)[:, :, kv_head]  # [B, T, hd]
-    query, _ = apply_rotary_pos_emb(query[:, None], query[:, None], cos[rows, columns][:, None], sin[rows, columns][:, None])
-    _, keys = apply_rotary_pos_emb(keys[:, None], keys[:, None], cos, sin)
-    scores = (query[:, 0] @ keys[rows, 0].transpose(1, 2))[:, 0].float() * attention.scaling  # [N, T]
+    query_cos_sin = tuple(t[rows, columns][:, None] for t in cos_sin)
+    queries, keys = _rotated_query_and_keys(attention, normed[rows, columns][:, None], query_cos_sin, normed, cos_sin)  # [N, H, 1, D], [B, H, T, D]
+    scores = (queries[:, head] @ keys[rows, head].transpose(1, 2))[:, 0].float() * attention.scaling  # [N, T]
     visible = attention_mask[rows, 0, columns]  # [N, T]
     return scores.masked_fill(~visible, float("-inf")).softmax(-1)

@@ -48,14 +48,13 @@ def _log_table(log: list[dict], rows: int = 8) -> list[str]:
     return lines
 
 
-def _language_lr_flag(settings: dict) -> str:
-    rate = settings.get("language_learning_rate")
-    return "" if rate is None else f" --language-lr {rate:g}"
+OPTIONAL_FLAGS = (  # setting -> train flag, printed when set (a rate is positive, a weight non-zero)
+    ("language_learning_rate", "--language-lr"), ("attention_weight", "--attention-weight"), ("option_attention_weight", "--option-attention-weight"),
+)
 
 
-def _attention_flag(settings: dict) -> str:
-    flags = [(settings.get("attention_weight"), "--attention-weight"), (settings.get("option_attention_weight"), "--option-attention-weight")]
-    return "".join(f" {flag} {weight:g}" for weight, flag in flags if weight)
+def _optional_flags(settings: dict) -> str:
+    return "".join(f" {flag} {settings[name]:g}" for name, flag in OPTIONAL_FLAGS if settings.get(name))
 
 
 def _attention_loss(settings: dict) -> str:
@@ -128,7 +127,7 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "```bash",
         f"python -m hybrid_vlm.testbed train --out DIR --window-steps {settings.get('window_steps', 0)} "
         f"--vision-steps {settings['vision_steps']} --steps {settings['steps']} "
-        f"--batch-images {settings['batch_images']} --seed {settings['seed']}" + _language_lr_flag(settings) + _attention_flag(settings)
+        f"--batch-images {settings['batch_images']} --seed {settings['seed']}" + _optional_flags(settings)
         + ("" if settings["bf16"] else " --fp32"),
         "python -m hybrid_vlm.testbed calibrate --model DIR --out DIR/dymu-thresholds",
         "```",

@@ -233,21 +233,21 @@ def jpeg_roundtrip(image: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-def option_line_tokens(tokenizer, text: str, letter: str) -> list[int]:
-    """Indices of the tokens of conversation(text) that overlap the line "<letter>. <option>"."""
-    prompt = conversation(text)
+def option_line_tokens(prompt: str, offsets: list[tuple[int, int]], letter: str) -> list[int]:
+    """Indices of the tokens of `prompt` (their character offsets) that overlap the line "<letter>. <option>"."""
     start = prompt.index(f"\n{letter}. ") + 1
     end = prompt.index("\n", start)
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
     return [index for index, (first, last) in enumerate(offsets) if first < end and last > start]
 
 
 def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segment]) -> PackedImage:
-    prompts = [tokenizer(conversation(segment.text))["input_ids"] for segment in segments]
+    texts = [conversation(segment.text) for segment in segments]
+    encodings = [tokenizer(text, return_offsets_mapping=True) for text in texts]
+    prompts = [encoding["input_ids"] for encoding in encodings]
     cut = prompts[0].index(image_token_id) + 1
     prefix = prompts[0][: cut - 1] + [image_token_id] * image_tokens
     packed = PackedImage(list(prefix), list(range(len(prefix))), [0] * len(prefix), [], [], [], [], image_start=cut - 1)
-    for number, (prompt, segment) in enumerate(zip(prompts, segments), start=1):
+    for number, (prompt, segment, text, encoding) in enumerate(zip(prompts, segments, texts, encodings), start=1):
         target, weight = segment.target, segment.weight
         if prompt[:cut] != prompts[0][:cut]:
             raise ValueError("segments of one packed image must share the tokens up to the image")
@@ -263,7 +263,7 @@ def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segme
         packed.target_weights += [weight / len(answer)] * len(answer)
         if target in LETTERS:
             packed.letter_positions.append(first_target - 1)
-            line = option_line_tokens(tokenizer, segment.text, target)
+            line = option_line_tokens(text, encoding["offset_mapping"], target)
             packed.choosing_positions.append(first_target - 1)
             packed.choosing_spans.append((start + line[0] - cut, start + line[-1] + 1 - cut))
         if segment.about:
