@@ -325,7 +325,10 @@ def test_attention_loss_trains_only_when_weighted(tmp_path):
 
 
 @pytest.mark.parametrize("weight", [-0.1, float("nan")])
-@pytest.mark.parametrize("setting, flag", [("attention_weight", "--attention-weight"), ("option_attention_weight", "--option-attention-weight")])
+@pytest.mark.parametrize(
+    "setting, flag",
+    [("attention_weight", "--attention-weight"), ("option_attention_weight", "--option-attention-weight"), ("answer_probe_weight", "--answer-probe-weight")],
+)
 def test_a_negative_attention_weight_is_refused_by_name(weight, setting, flag):
     from hybrid_vlm.testbed.train import TrainSettings
 
@@ -359,6 +362,60 @@ def test_option_attention_loss_is_minus_log_of_the_mass_on_the_line():
     assert mass == pytest.approx(0.375)
 
 
+def test_answer_states_are_the_stock_layer_input_of_each_prompt_alone(untrained):
+    """The answer probe's states, in a packed sequence, equal the input of that LLM layer at the
+    prompt's last token in stock transformers' `output_hidden_states` for each MCQ prompt alone, and
+    each answer target is the words of the segment's right option line."""
+    from hybrid_vlm.testbed.train import packed_forward
+
+    model, processor = untrained
+    image, segments, _ = training_segments(7)
+    questions = [segment for segment in segments if segment.answer][:3]
+    packed = pack(processor.tokenizer, model.config.image_token_id, model.config.image_seq_length, questions + segments[-1:])
+    batch = collate([packed], processor.tokenizer.pad_token_id)
+    pixel_values = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    layer = 5
+    with torch.no_grad():
+        states = packed_forward(model, pixel_values, batch, batch["target_rows"], batch["target_columns"], answer_layer=layer).answer_states
+        assert states.shape == (len(questions), model.config.text_config.hidden_size)
+        for number, segment in enumerate(questions):
+            inputs = processor(images=[image], text=[conversation(segment.text)], return_tensors="pt")
+            stock = model(**inputs, output_hidden_states=True).hidden_states[layer][0, -1]  # [i]: the input of layer i
+            assert torch.allclose(states[number], stock, atol=1e-4, rtol=1e-4)
+            line = next(text for text in segment.text.split("\n") if text.startswith(segment.target + ". "))
+            assert scenes.ANSWERS[int(batch["answers"][number])] == line[3:]
+
+
+def test_answer_probe_trains_only_when_weighted_and_leaves_the_forward_alone(tmp_path):
+    from hybrid_vlm.testbed.train import TrainSettings, train
+
+    logged = {}
+    for weight in (0.0, 0.5):
+        settings = TrainSettings(window_steps=0, vision_steps=0, steps=1, batch_images=2, warmup_steps=1, answer_probe_weight=weight)
+        model, processor = build_untrained(settings.seed)
+        logged[weight] = train(model, processor, settings, tmp_path / f"log{weight}.jsonl", progress=False)[-1]
+    assert "answer_probe_loss" not in logged[0.0] and "answer_probe" not in logged[0.0]
+    assert logged[0.5]["answer_probe_loss"] > 0 and 0 <= logged[0.5]["answer_probe"] <= 1
+    assert logged[0.5]["answer_loss"] == pytest.approx(logged[0.0]["answer_loss"])  # the same forward, before the step
+
+
+def test_option_tokens_make_each_option_line_one_token_and_are_off_by_default():
+    """With option tokens every option line of an MCQ prompt is one token that decodes to the line;
+    by default the tokenizer is the shipped checkpoint's (no such token)."""
+    from hybrid_vlm.testbed import CHECKPOINT_DIR, build_tokenizer
+
+    merged, plain = build_tokenizer(option_tokens=True), build_tokenizer()
+    assert len(merged) == len(plain) + 4 * len(scenes.ANSWERS)
+    assert len(plain) == json.loads((CHECKPOINT_DIR / "config.json").read_text())["text_config"]["vocab_size"]
+    options = ("to the left", "above", "below", "to the right")
+    text = conversation(mcq_text("Where is the red circle relative to the blue square?", options))
+    pieces = [merged.decode([token]) for token in merged(text)["input_ids"]]
+    for letter, option in zip("ABCD", options):
+        assert f"{letter}. {option}" in pieces
+        assert not any(f"{letter}. {option}" in piece for piece in (plain.decode([t]) for t in plain(text)["input_ids"]))
+    assert merged.decode(merged(text, add_special_tokens=False)["input_ids"]) == text
+
+
 def test_load_for_training_gives_back_the_saved_weights_in_fp32(tmp_path, untrained):
     from hybrid_vlm.testbed import load_for_training
 
@@ -383,10 +440,14 @@ def test_the_card_prints_each_optional_training_flag_only_when_it_is_set(tmp_pat
     for name in ("train_summary.json", "train_log.jsonl", "config.json"):
         shutil.copy(CHECKPOINT_DIR / name, tmp_path / name)
     shipped = card_text(tmp_path, REPORT_DIR)
-    assert not any(flag in shipped for flag in ("--language-lr", "--attention-weight", "--option-attention-weight"))
+    flags = ("--language-lr", "--attention-weight", "--option-attention-weight", "--answer-probe-weight", "--option-tokens")
+    assert not any(flag in shipped for flag in flags)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     summary["settings"] |= dict(language_learning_rate=0.001, attention_weight=0.3, attention_layer=4, attention_head=0, option_attention_weight=0.0)
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     edited = card_text(tmp_path, REPORT_DIR)
     assert " --language-lr 0.001 --attention-weight 0.3\n" in edited
     assert "--option-attention-weight" not in edited
+    summary["settings"] |= dict(answer_probe_weight=0.3, answer_probe_layer=6, option_tokens=True)
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    assert " --attention-weight 0.3 --answer-probe-weight 0.3 --option-tokens\n" in card_text(tmp_path, REPORT_DIR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ __all__ = [
     "LlavaCausalLMOutputWithPast",
     "LlavaForConditionalGeneration",
     "LlavaParts",
+    "PackedStates",
     "apply_rotary_pos_emb",
     "cache_argument",
     "cache_kwarg",
@@ -247,19 +249,27 @@ def packed_decoder_states(
     ).last_hidden_state
 
 
+class PackedStates(NamedTuple):
+    final: torch.Tensor  # [B, T, D] the LLM's final (normed) hidden states
+    attentions: list[torch.Tensor]  # per watch, float32 [N, T]
+    layer_inputs: dict[int, torch.Tensor]  # layer index -> that layer's input [B, T, D]
+
+
 def packed_head_attention(
     model: LlavaForConditionalGeneration,
     inputs_embeds: torch.Tensor,  # [B, T, D]
     attention_mask: torch.Tensor,  # [B, 1, T, T] bool, True = may attend
     position_ids: torch.Tensor,  # [B, T]
     watches: list[tuple[int, int, torch.Tensor, torch.Tensor]],  # (layer, head, rows [N] long, columns [N] long)
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(the LLM's final hidden states [B, T, D] under a custom 4-D mask, for each watch float32 [N, T]:
-    the softmax attention of that head of that layer from each query (rows[n], columns[n]) over its row).
+    read_inputs: tuple[int, ...] = (),  # layers whose input to return as well
+) -> PackedStates:
+    """The LLM's final hidden states under a custom 4-D mask; for each watch, float32 [N, T]: the
+    softmax attention of that head of that layer from each query (rows[n], columns[n]) over its row;
+    and the inputs of the `read_inputs` layers.
 
-    Each watched layer's input is caught by a forward pre-hook during the one forward; the head's
-    scores are recomputed from it as the layer computes them (input norm, q/k projections, RoPE at
-    the given positions, scaling, the mask), with gradients, for the testbed's attention losses."""
+    Each watched or read layer's input is caught by a forward pre-hook during the one forward; a
+    head's scores are recomputed from it as the layer computes them (input norm, q/k projections,
+    RoPE at the given positions, scaling, the mask), with gradients, for the testbed's auxiliary losses."""
     layers = model.model.language_model.layers
     caught: dict[int, torch.Tensor] = {}
 
@@ -268,14 +278,16 @@ def packed_head_attention(
             caught[index] = args[0] if args else kwargs["hidden_states"]
         return catch
 
-    handles = [layers[index].register_forward_pre_hook(catcher(index), with_kwargs=True) for index in {w[0] for w in watches}]
+    wanted = {w[0] for w in watches} | set(read_inputs)
+    handles = [layers[index].register_forward_pre_hook(catcher(index), with_kwargs=True) for index in wanted]
     try:
         final = packed_decoder_states(model, inputs_embeds, attention_mask, position_ids)
     finally:
         for handle in handles:
             handle.remove()
     cos_sin = model.model.language_model.rotary_emb(inputs_embeds, position_ids)  # each [B, T, head_dim]
-    return final, [_head_attention(layers[layer], caught[layer], cos_sin, attention_mask, head, rows, columns) for layer, head, rows, columns in watches]
+    attentions = [_head_attention(layers[layer], caught[layer], cos_sin, attention_mask, head, rows, columns) for layer, head, rows, columns in watches]
+    return PackedStates(final, attentions, {index: caught[index] for index in read_inputs})
 
 
 def _head_attention(layer: nn.Module, hidden: torch.Tensor, cos_sin, attention_mask: torch.Tensor, head: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

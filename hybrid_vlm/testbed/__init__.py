@@ -48,9 +48,21 @@ def _text_segments(index: int):
     return segments
 
 
-def build_tokenizer():
-    """Byte-level BPE (any text encodes) trained on the testbed's prompts, questions and captions."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def option_lines() -> list[str]:
+    """Every option line a testbed MCQ can show, as the plugin writes it ("B. red")."""
+    from . import scenes
+    from .prompts import LETTERS
+
+    return [f"{letter}. {value}" for letter in LETTERS for value in scenes.ANSWERS]
+
+
+def build_tokenizer(option_tokens: bool = False):
+    """Byte-level BPE (any text encodes) trained on the testbed's prompts, questions and captions.
+
+    With `option_tokens`, each of `option_lines()` is also one added token, so that an MCQ's answer
+    is matched to its letter by one attention lookup. With "B", "." and " red" apart (runs 1 to 8),
+    the 8-layer LLM knew the answer in words yet did not learn that match within the budget."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ..tiny import IMAGE_TOKEN
@@ -65,6 +77,8 @@ def build_tokenizer():
         show_progress=False,
     )
     tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
+    if option_tokens:
+        tokenizer.add_tokens([AddedToken(line, normalized=False) for line in option_lines()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
@@ -94,14 +108,14 @@ def testbed_config(tokenizer):
     )
 
 
-def build_untrained(seed: int = 0):
+def build_untrained(seed: int = 0, option_tokens: bool = False):
     """(model, processor): the testbed architecture with transformers' default initialisation."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from ..tiny import build_processor
 
-    processor = build_processor(build_tokenizer())
+    processor = build_processor(build_tokenizer(option_tokens))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(testbed_config(processor.tokenizer))
     model.set_attn_implementation("sdpa")

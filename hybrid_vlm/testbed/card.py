@@ -50,11 +50,13 @@ def _log_table(log: list[dict], rows: int = 8) -> list[str]:
 
 OPTIONAL_FLAGS = (  # setting -> train flag, printed when set (a rate is positive, a weight non-zero)
     ("language_learning_rate", "--language-lr"), ("attention_weight", "--attention-weight"), ("option_attention_weight", "--option-attention-weight"),
+    ("answer_probe_weight", "--answer-probe-weight"),
 )
 
 
 def _optional_flags(settings: dict) -> str:
-    return "".join(f" {flag} {settings[name]:g}" for name, flag in OPTIONAL_FLAGS if settings.get(name))
+    values = "".join(f" {flag} {settings[name]:g}" for name, flag in OPTIONAL_FLAGS if settings.get(name))
+    return values + (" --option-tokens" if settings.get("option_tokens") else "")
 
 
 def _attention_loss(settings: dict) -> str:
@@ -69,6 +71,11 @@ def _attention_loss(settings: dict) -> str:
         text += (
             f", plus {settings['option_attention_weight']:g} times the right-option attention loss: head {settings['option_attention_head']} "
             f"of LLM layer {settings['option_attention_layer']}, from each MCQ's last prompt token, on the right option's line"
+        )
+    if settings.get("answer_probe_weight"):
+        text += (
+            f", plus {settings['answer_probe_weight']:g} times a training-only linear probe (not saved) reading each MCQ's right "
+            f"option in words from the input of LLM layer {settings['answer_probe_layer']} at the MCQ's last prompt token"
         )
     return text
 

@@ -22,13 +22,14 @@ def train_command(args: argparse.Namespace) -> None:
         settings = TrainSettings(
             steps=args.steps, batch_images=args.batch_images, seed=args.seed, window_steps=args.window_steps, vision_steps=args.vision_steps,
             language_learning_rate=args.language_lr, attention_weight=args.attention_weight,
-            option_attention_weight=args.option_attention_weight, bf16=not args.fp32,
+            option_attention_weight=args.option_attention_weight, answer_probe_weight=args.answer_probe_weight,
+            option_tokens=args.option_tokens, bf16=not args.fp32,
         )
     except ValueError as error:
         raise SystemExit(f"python -m hybrid_vlm.testbed train: {error}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, processor = build_untrained(settings.seed)
+    model, processor = build_untrained(settings.seed, settings.option_tokens)
     started = time.perf_counter()
     log = train(model, processor, settings, out / "train_log.jsonl", progress=not args.quiet)
     model.save_pretrained(out)
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"weight of the loss teaching head {TrainSettings.option_attention_head} of LLM layer {TrainSettings.option_attention_layer} "
         "to attend from each MCQ's last prompt token to the right option's line (default: none)",
     )
+    trainer.add_argument(
+        "--answer-probe-weight", type=float, default=TrainSettings.answer_probe_weight,
+        help=f"weight of a training-only linear probe reading each MCQ's answer (in words) from the input of LLM layer "
+        f"{TrainSettings.answer_probe_layer} at its last prompt token (default: none)",
+    )
+    trainer.add_argument("--option-tokens", action="store_true", help="each option line (\"B. red\") one added token (default: ordinary BPE tokens)")
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")

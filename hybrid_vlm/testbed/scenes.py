@@ -34,6 +34,7 @@ SIZE_WEIGHTS = (0.4, 0.35, 0.25)
 BACKGROUNDS = ("plain", "gradient", "textured", "striped")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 RELATIONS = ("to the left", "to the right", "above", "below")
+ANSWERS = (*COLOURS, *SHAPES, *NUMBER_WORDS[1:], *RELATIONS, "yes", "no")  # every option a question can show
 
 # Streams of `default_rng((stream, index))`; disjoint by construction.
 TRAIN_STREAM = 1

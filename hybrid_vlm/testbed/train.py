@@ -16,7 +16,9 @@ caption and </s>), averaged within a segment, then over segments (a caption coun
 linear heads on the projected image tokens (`ObjectProbe`: each patch's object colour and shape,
 each object's mean token its colour, shape and size, the object count, each token's grid place;
 `scenes.patch_objects` says which object covers a patch). The probe makes the ViT's features useful within a
-CPU budget; it is not part of the saved model.
+CPU budget; it is not part of the saved model. Optional, off by default: attention losses on one head
+(to the object a question names; to the right option's line) and a linear answer probe reading each
+MCQ's right option in words from the input of a middle LLM layer (`TrainSettings`).
 
 Three phases, from scratch and in the one command:
 1. windows: `window_steps` steps of the probe's patch and object heads on 8 x 8-patch windows cut
@@ -79,6 +81,9 @@ class TrainSettings:
     option_attention_weight: float = 0.0  # of the right-option attention loss (MCQ); 0: none
     option_attention_layer: int = 6
     option_attention_head: int = 0
+    option_tokens: bool = False  # the tokenizer has one token per option line ("B. red"; testbed.build_tokenizer)
+    answer_probe_weight: float = 0.0  # of the mid-depth answer probe (MCQ); 0: none
+    answer_probe_layer: int = 6  # whose input the answer probe reads at each MCQ's last prompt token
 
     def __post_init__(self):
         if self.language_learning_rate is not None and not self.language_learning_rate > 0:
@@ -89,6 +94,8 @@ class TrainSettings:
             raise ValueError(
                 f"option_attention_weight (--option-attention-weight) must be 0 (no option attention loss) or a positive weight, not {self.option_attention_weight}"
             )
+        if not self.answer_probe_weight >= 0:
+            raise ValueError(f"answer_probe_weight (--answer-probe-weight) must be 0 (no answer probe) or a positive weight, not {self.answer_probe_weight}")
 
     def watches(self) -> dict[str, tuple[int, int]]:
         """The heads the attention losses teach: name -> (layer, head)."""
@@ -106,6 +113,7 @@ class Segment(NamedTuple):
     target: str
     weight: float
     about: tuple[int, ...] = ()  # object indices the question names (the attention loss's target)
+    answer: str = ""  # an MCQ's right option in words (the answer probe's target)
 
 
 @dataclass
@@ -122,6 +130,7 @@ class PackedImage:
     looking_objects: list[tuple[int, ...]] = field(default_factory=list)  # ... and the object indices each must attend to
     choosing_positions: list[int] = field(default_factory=list)  # an MCQ's last prompt token ...
     choosing_spans: list[tuple[int, int]] = field(default_factory=list)  # ... and [start, end) of its right option's line
+    answers: list[int] = field(default_factory=list)  # ... and its right option's index in scenes.ANSWERS
 
 
 def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTargets]:
@@ -132,7 +141,7 @@ def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTarg
     for kind in kinds:
         question = scenes.ask(scene, kind, rng)
         if question is not None:
-            segments.append(Segment(mcq_text(question.question, question.options), LETTERS[question.answer], 1.0, question.about))
+            segments.append(Segment(mcq_text(question.question, question.options), LETTERS[question.answer], 1.0, question.about, question.options[question.answer]))
     for kind in rng.choice(scenes.QUESTION_KINDS, DIRECT_QUESTIONS):
         question = scenes.ask(scene, str(kind), rng)
         if question is not None:
@@ -266,6 +275,7 @@ def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segme
             line = option_line_tokens(text, encoding["offset_mapping"], target)
             packed.choosing_positions.append(first_target - 1)
             packed.choosing_spans.append((start + line[0] - cut, start + line[-1] + 1 - cut))
+            packed.answers.append(scenes.ANSWERS.index(segment.answer))
         if segment.about:
             packed.looking_positions.append(first_target - 1)
             packed.looking_objects.append(segment.about)
@@ -290,7 +300,7 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
     segment_ids = torch.full((batch, length), -1)
     rows, columns, targets, weights, letter_rows, letter_columns = [], [], [], [], [], []
     looking_rows, looking_columns, looking_objects = [], [], []
-    choosing_rows, choosing_columns, choosing_spans = [], [], []
+    choosing_rows, choosing_columns, choosing_spans, answers = [], [], [], []
     for row, item in enumerate(packed):
         n = len(item.input_ids)
         input_ids[row, :n] = torch.tensor(item.input_ids)
@@ -308,6 +318,7 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
         choosing_rows += [row] * len(item.choosing_positions)
         choosing_columns += item.choosing_positions
         choosing_spans += item.choosing_spans
+        answers += item.answers
     if len({item.image_start for item in packed}) != 1:
         raise ValueError("every packed image of a batch must start its image tokens at the same index")
     return dict(
@@ -319,7 +330,7 @@ def collate(packed: list[PackedImage], pad_id: int) -> dict[str, torch.Tensor]:
         looking_objects=torch.tensor(looking_objects, dtype=torch.long).view(-1, MAX_OBJECTS),  # 1 + object index; 0 = none
         image_start=torch.tensor(packed[0].image_start),
         choosing_rows=torch.tensor(choosing_rows, dtype=torch.long), choosing_columns=torch.tensor(choosing_columns, dtype=torch.long),
-        choosing_targets=_span_mask(choosing_spans, length),
+        choosing_targets=_span_mask(choosing_spans, length), answers=torch.tensor(answers, dtype=torch.long),
     )
 
 
@@ -335,11 +346,13 @@ class PackedOutput(NamedTuple):
     features: torch.Tensor  # [B, 576, D] projected image features
     looking: torch.Tensor | None  # [Q, 576] float32: the watched head's attention from each looking query to the image tokens
     choosing: torch.Tensor | None = None  # [C, T] float32: the option head's attention from each MCQ's last prompt token
+    answer_states: torch.Tensor | None = None  # [C, D]: the input of the answer probe's layer at each MCQ's last prompt token
 
 
 def packed_forward(
     model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor,
     watches: dict[str, tuple[int, int]] | None = None,  # "looking" / "choosing" -> (layer, head) whose attention to return
+    answer_layer: int | None = None,  # whose input to return at the MCQs' last prompt tokens
 ) -> PackedOutput:
     """Stock image features placed at the image tokens, the LLM under the packed mask."""
     parts = llava_parts(model)
@@ -347,16 +360,20 @@ def packed_forward(
     features = stock_image_features(model, pixel_values)  # [B, 576, D]
     image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
-    if not watches:
+    answer_states = None
+    if not watches and answer_layer is None:
         hidden, watched = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"]), {}
     else:
-        requests = [(*head, batch[f"{name}_rows"], batch[f"{name}_columns"]) for name, head in watches.items()]
-        hidden, attentions = packed_head_attention(model, embeds, batch["attention_mask"], batch["position_ids"], requests)
-        watched = dict(zip(watches, attentions))
+        requests = [(*head, batch[f"{name}_rows"], batch[f"{name}_columns"]) for name, head in (watches or {}).items()]
+        read = () if answer_layer is None else (answer_layer,)
+        hidden, attentions, inputs = packed_head_attention(model, embeds, batch["attention_mask"], batch["position_ids"], requests, read)
+        watched = dict(zip(watches or {}, attentions))
+        if answer_layer is not None:
+            answer_states = inputs[answer_layer][batch["choosing_rows"], batch["choosing_columns"]]
     looking = watched.get("looking")
     if looking is not None:
         looking = looking[:, int(batch["image_start"]) : int(batch["image_start"]) + features.shape[1]]
-    return PackedOutput(parts.lm_head(hidden[rows, columns]), features, looking, watched.get("choosing"))  # the LLM's output is already final-normed
+    return PackedOutput(parts.lm_head(hidden[rows, columns]), features, looking, watched.get("choosing"), answer_states)  # the LLM's output is already final-normed
 
 
 def named_object_attention_loss(looking: torch.Tensor, owner: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -459,7 +476,11 @@ class Trainer:
 
     def __init__(self, model, probe: ObjectProbe, settings: TrainSettings, log_file):
         self.model, self.probe, self.settings, self.log_file = model, probe, settings, log_file
+        # training-only, like the probe: reads the answer from the answer probe's layer input
+        self.answer_head = torch.nn.Linear(model.config.text_config.hidden_size, len(scenes.ANSWERS)) if settings.answer_probe_weight else None
         named = list(model.named_parameters()) + list(probe.named_parameters(prefix="probe"))
+        if self.answer_head is not None:
+            named += list(self.answer_head.named_parameters(prefix="answer_head"))
         self.parameters = [p for _, p in named]
         decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
@@ -506,8 +527,9 @@ class Trainer:
         config = self.model.config
         pixel_values, batch, (owner, objects) = training_batch(step, self.settings, processor, config.image_token_id, config.image_seq_length)
         with self.autocast():
-            logits, features, looking, choosing = packed_forward(
-                self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"], self.settings.watches()
+            answer_layer = self.settings.answer_probe_layer if self.answer_head is not None else None
+            logits, features, looking, choosing, answer_states = packed_forward(
+                self.model, pixel_values, batch, batch["target_rows"], batch["target_columns"], self.settings.watches(), answer_layer
             )
             probe_loss, accuracy = self.probe.loss(features, owner, objects)
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["target_ids"], reduction="none")
@@ -522,6 +544,11 @@ class Trainer:
             option_loss, mass = right_option_attention_loss(choosing.float(), batch)
             loss = loss + self.settings.option_attention_weight * option_loss
             looked |= dict(option_attention_loss=round(option_loss.item(), 5), option_attention=round(mass, 4))
+        if answer_states is not None:
+            answer_logits = self.answer_head(answer_states.float())
+            answer_probe_loss = torch.nn.functional.cross_entropy(answer_logits, batch["answers"])
+            loss = loss + self.settings.answer_probe_weight * answer_probe_loss
+            looked |= dict(answer_probe_loss=round(answer_probe_loss.item(), 5), answer_probe=_accuracy(answer_logits, batch["answers"]))
         rate = learning_rate(step, self.settings.language_peak, self.settings.warmup_steps, self.settings.steps)
         self.optimize(loss, rate)
         self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
