@@ -429,6 +429,21 @@ def test_load_for_training_gives_back_the_saved_weights_in_fp32(tmp_path, untrai
     assert loaded_processor.tokenizer("a red circle")["input_ids"] == processor.tokenizer("a red circle")["input_ids"]
 
 
+def test_continuing_the_language_phase_logs_each_step_and_saves_what_it_trained(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from hybrid_vlm.testbed.train import TrainSettings, continue_language_phase
+
+    model, processor = build_untrained(seed=5)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    continue_language_phase(model, processor, TrainSettings(steps=2, batch_images=1, warmup_steps=1), tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [("language", 0), ("language", 1)]
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+    assert not torch.equal(saved["lm_head.weight"], before["lm_head.weight"])
+
+
 def test_the_card_prints_each_optional_training_flag_only_when_it_is_set(tmp_path):
     """The card's train command, from the shipped run's files with its settings edited: a set rate or
     a non-zero weight appears as its flag; the shipped run's defaults print none of them."""

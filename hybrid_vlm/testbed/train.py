@@ -579,6 +579,22 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
     return trainer.log
 
 
+def continue_language_phase(model, processor, settings: TrainSettings, out: Path) -> float:
+    """`settings.steps` language steps on an already trained model (a fresh probe), logged to
+    out/train_log.jsonl; then the model and processor saved into `out`. Returns the seconds taken."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    started = time.perf_counter()
+    with (out / "train_log.jsonl").open("w") as log, torch.enable_grad():
+        trainer = Trainer(model, ObjectProbe(model.config.text_config.hidden_size), settings, log)
+        for step in range(settings.steps):
+            trainer.language_step(step, processor)
+    model.eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return time.perf_counter() - started
+
+
 def _letter_accuracy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
     """Share of option-letter targets whose logit argmax is the right letter (training batch)."""
     keys = batch["target_rows"] * 100_000 + batch["target_columns"]

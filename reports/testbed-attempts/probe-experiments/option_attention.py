@@ -8,27 +8,17 @@ to separate what that loss adds from what the restart adds. The named-object att
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from hybrid_vlm.testbed import load_for_training
-from hybrid_vlm.testbed.train import ObjectProbe, Trainer, TrainSettings
+from hybrid_vlm.testbed.train import TrainSettings, continue_language_phase
 
 source, out, weight = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 300
 torch.set_num_threads(2)
 model, processor = load_for_training(source)
 settings = TrainSettings(steps=steps, warmup_steps=20, language_learning_rate=1e-3, attention_weight=0.3, option_attention_weight=weight)
-out.mkdir(parents=True, exist_ok=True)
-model.train()
-started = time.perf_counter()
-with (out / "train_log.jsonl").open("w") as log, torch.enable_grad():
-    trainer = Trainer(model, ObjectProbe(model.config.text_config.hidden_size), settings, log)
-    for step in range(steps):
-        trainer.language_step(step, processor)
-model.eval()
-model.save_pretrained(out)
-processor.save_pretrained(out)
-(out / "continue_summary.json").write_text(json.dumps(dict(source=source, option_attention_weight=weight, steps=steps, seconds=round(time.perf_counter() - started, 1))) + "\n")
+seconds = continue_language_phase(model, processor, settings, out)
+(out / "continue_summary.json").write_text(json.dumps(dict(source=source, option_attention_weight=weight, steps=steps, seconds=round(seconds, 1))) + "\n")

@@ -10,14 +10,13 @@ start as the mean of the rows of the tokens it replaces ("B", ".", " red"). MERG
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
 
 from hybrid_vlm.testbed import load_for_training, option_lines
-from hybrid_vlm.testbed.train import ObjectProbe, Trainer, TrainSettings
+from hybrid_vlm.testbed.train import TrainSettings, continue_language_phase
 
 source, out, merge = sys.argv[1], Path(sys.argv[2]), bool(int(sys.argv[3]))
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 150
@@ -36,14 +35,5 @@ if merge:
             for row, ids in enumerate(parts):
                 table[old + row] = table[ids].mean(0)
 settings = TrainSettings(steps=steps, warmup_steps=20, language_learning_rate=1e-3, attention_weight=0.3, option_attention_weight=option_weight, answer_probe_weight=answer_weight)
-out.mkdir(parents=True, exist_ok=True)
-model.train()
-started = time.perf_counter()
-with (out / "train_log.jsonl").open("w") as log, torch.enable_grad():
-    trainer = Trainer(model, ObjectProbe(model.config.text_config.hidden_size), settings, log)
-    for step in range(steps):
-        trainer.language_step(step, processor)
-model.eval()
-model.save_pretrained(out)
-processor.save_pretrained(out)
-(out / "continue_summary.json").write_text(json.dumps(dict(source=source, option_tokens=merge, option_attention_weight=option_weight, answer_probe_weight=answer_weight, steps=steps, seconds=round(time.perf_counter() - started, 1))) + "\n")
+seconds = continue_language_phase(model, processor, settings, out)
+(out / "continue_summary.json").write_text(json.dumps(dict(source=source, option_tokens=merge, option_attention_weight=option_weight, answer_probe_weight=answer_weight, steps=steps, seconds=round(seconds, 1))) + "\n")
