@@ -60,8 +60,9 @@ def build_tokenizer(option_tokens: bool = False):
     """Byte-level BPE (any text encodes) trained on the testbed's prompts, questions and captions.
 
     With `option_tokens`, each of `option_lines()` is also one added token, so that an MCQ's answer
-    is matched to its letter by one attention lookup. With "B", "." and " red" apart (runs 1 to 8),
-    the 8-layer LLM knew the answer in words yet did not learn that match within the budget."""
+    could be matched to its letter by one attention lookup instead of a copy across "B", "." and
+    " red". Off by default and in the shipped tokenizer: on run6's weights it made the letters worse
+    (reports/testbed-attempts/README.md)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -130,7 +130,7 @@ class PackedImage:
     looking_objects: list[tuple[int, ...]] = field(default_factory=list)  # ... and the object indices each must attend to
     choosing_positions: list[int] = field(default_factory=list)  # an MCQ's last prompt token ...
     choosing_spans: list[tuple[int, int]] = field(default_factory=list)  # ... and [start, end) of its right option's line
-    answers: list[int] = field(default_factory=list)  # ... and its right option's index in scenes.ANSWERS
+    answers: list[int] = field(default_factory=list)  # ... and its right option's index in scenes.ANSWERS (-100: not given)
 
 
 def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTargets]:
@@ -275,7 +275,7 @@ def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segme
             line = option_line_tokens(text, encoding["offset_mapping"], target)
             packed.choosing_positions.append(first_target - 1)
             packed.choosing_spans.append((start + line[0] - cut, start + line[-1] + 1 - cut))
-            packed.answers.append(scenes.ANSWERS.index(segment.answer))
+            packed.answers.append(scenes.ANSWERS.index(segment.answer) if segment.answer else -100)  # cross_entropy's ignore_index
         if segment.about:
             packed.looking_positions.append(first_target - 1)
             packed.looking_objects.append(segment.about)
