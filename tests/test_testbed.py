@@ -387,16 +387,37 @@ def test_answer_states_are_the_stock_layer_input_of_each_prompt_alone(untrained)
 
 
 def test_answer_probe_trains_only_when_weighted_and_leaves_the_forward_alone(tmp_path):
+    """The first step's forward is the same with or without the probe; its gradient changes the second."""
     from hybrid_vlm.testbed.train import TrainSettings, train
 
     logged = {}
     for weight in (0.0, 0.5):
-        settings = TrainSettings(window_steps=0, vision_steps=0, steps=1, batch_images=2, warmup_steps=1, answer_probe_weight=weight)
+        settings = TrainSettings(window_steps=0, vision_steps=0, steps=2, batch_images=2, warmup_steps=1, answer_probe_weight=weight)
         model, processor = build_untrained(settings.seed)
-        logged[weight] = train(model, processor, settings, tmp_path / f"log{weight}.jsonl", progress=False)[-1]
-    assert "answer_probe_loss" not in logged[0.0] and "answer_probe" not in logged[0.0]
-    assert logged[0.5]["answer_probe_loss"] > 0 and 0 <= logged[0.5]["answer_probe"] <= 1
-    assert logged[0.5]["answer_loss"] == pytest.approx(logged[0.0]["answer_loss"])  # the same forward, before the step
+        logged[weight] = train(model, processor, settings, tmp_path / f"log{weight}.jsonl", progress=False)
+    assert not any("answer_probe_loss" in record or "answer_probe" in record for record in logged[0.0])
+    assert logged[0.5][0]["answer_probe_loss"] > 0 and 0 <= logged[0.5][0]["answer_probe"] <= 1
+    assert logged[0.5][0]["answer_loss"] == pytest.approx(logged[0.0][0]["answer_loss"])  # the same forward, before the step
+    assert logged[0.5][1]["answer_loss"] != pytest.approx(logged[0.0][1]["answer_loss"], abs=1e-6)
+
+
+def test_answer_probe_loss_skips_answers_not_given():
+    from hybrid_vlm.testbed.train import answer_probe_loss_and_accuracy
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]])
+    loss, accuracy = answer_probe_loss_and_accuracy(logits, torch.tensor([0, -100, 1]))
+    expected = (torch.logsumexp(logits[0], 0) - 2.0 + torch.logsumexp(logits[2], 0) - 0.0) / 2
+    assert float(loss) == pytest.approx(float(expected)) and accuracy == 0.5
+    loss, accuracy = answer_probe_loss_and_accuracy(logits, torch.tensor([-100, -100, -100]))
+    assert float(loss) == 0.0 and np.isnan(accuracy)
+
+
+def test_training_refuses_option_tokens_the_tokenizer_does_not_have(tmp_path):
+    from hybrid_vlm.testbed.train import TrainSettings, train
+
+    model, processor = build_untrained(0)
+    with pytest.raises(ValueError, match="option_tokens"):
+        train(model, processor, TrainSettings(window_steps=0, vision_steps=0, steps=1, option_tokens=True), tmp_path / "log.jsonl", progress=False)
 
 
 def test_option_tokens_make_each_option_line_one_token_and_are_off_by_default():
@@ -406,7 +427,9 @@ def test_option_tokens_make_each_option_line_one_token_and_are_off_by_default():
 
     merged, plain = build_tokenizer(option_tokens=True), build_tokenizer()
     assert len(merged) == len(plain) + 4 * len(scenes.ANSWERS)
-    assert len(plain) == json.loads((CHECKPOINT_DIR / "config.json").read_text())["text_config"]["vocab_size"]
+    from transformers import AutoTokenizer
+
+    assert plain.get_vocab() == AutoTokenizer.from_pretrained(CHECKPOINT_DIR).get_vocab()
     options = ("to the left", "above", "below", "to the right")
     text = conversation(mcq_text("Where is the red circle relative to the blue square?", options))
     pieces = [merged.decode([token]) for token in merged(text)["input_ids"]]
@@ -465,4 +488,6 @@ def test_the_card_prints_each_optional_training_flag_only_when_it_is_set(tmp_pat
     assert "--option-attention-weight" not in edited
     summary["settings"] |= dict(answer_probe_weight=0.3, answer_probe_layer=6, option_tokens=True)
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
-    assert " --attention-weight 0.3 --answer-probe-weight 0.3 --option-tokens\n" in card_text(tmp_path, REPORT_DIR)
+    probed = card_text(tmp_path, REPORT_DIR)
+    assert " --attention-weight 0.3 --answer-probe-weight 0.3 --option-tokens\n" in probed
+    assert "0.3 times a training-only linear probe" in probed and "training-only linear probe" not in edited

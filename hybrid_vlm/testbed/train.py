@@ -399,6 +399,15 @@ def right_option_attention_loss(choosing: torch.Tensor, batch: dict[str, torch.T
     return -mass.clamp(min=1e-6).log().mean(), float(mass.detach().mean())
 
 
+def answer_probe_loss_and_accuracy(logits: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """logits [C, len(scenes.ANSWERS)], answers [C] (-100: not given) -> (cross-entropy over the
+    given answers, their accuracy); a zero loss and NaN accuracy when none is given."""
+    given = answers >= 0
+    if not bool(given.any()):
+        return logits.sum() * 0.0, float("nan")
+    return torch.nn.functional.cross_entropy(logits[given], answers[given]), _accuracy(logits[given], answers[given])
+
+
 def packed_logits(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return packed_forward(model, pixel_values, batch, rows, columns)[0]
 
@@ -545,10 +554,9 @@ class Trainer:
             loss = loss + self.settings.option_attention_weight * option_loss
             looked |= dict(option_attention_loss=round(option_loss.item(), 5), option_attention=round(mass, 4))
         if answer_states is not None:
-            answer_logits = self.answer_head(answer_states.float())
-            answer_probe_loss = torch.nn.functional.cross_entropy(answer_logits, batch["answers"])
+            answer_probe_loss, answer_probe = answer_probe_loss_and_accuracy(self.answer_head(answer_states.float()), batch["answers"])
             loss = loss + self.settings.answer_probe_weight * answer_probe_loss
-            looked |= dict(answer_probe_loss=round(answer_probe_loss.item(), 5), answer_probe=_accuracy(answer_logits, batch["answers"]))
+            looked |= dict(answer_probe_loss=round(answer_probe_loss.item(), 5), answer_probe=answer_probe)
         rate = learning_rate(step, self.settings.language_peak, self.settings.warmup_steps, self.settings.steps)
         self.optimize(loss, rate)
         self.write(dict(phase="language", step=step, answer_loss=round(answer_loss.item(), 5), probe_loss=round(probe_loss.item(), 5),
@@ -561,6 +569,10 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
     one JSON line per step in `log_path`; returns the log."""
     from tqdm.auto import tqdm
 
+    from . import option_lines
+
+    if (option_lines()[0] in processor.tokenizer.get_vocab()) != settings.option_tokens:
+        raise ValueError(f"settings.option_tokens is {settings.option_tokens}, but the tokenizer {'lacks' if settings.option_tokens else 'has'} the option-line tokens")
     torch.manual_seed(settings.seed)
     probe = ObjectProbe(model.config.text_config.hidden_size)
     model.train()
@@ -581,7 +593,10 @@ def train(model, processor, settings: TrainSettings, log_path: Path, progress: b
 
 def continue_language_phase(model, processor, settings: TrainSettings, out: Path) -> float:
     """`settings.steps` language steps on an already trained model (a fresh probe), logged to
-    out/train_log.jsonl; then the model and processor saved into `out`. Returns the seconds taken."""
+    out/train_log.jsonl; then the model and processor saved into `out`. Returns the seconds taken.
+
+    Torch's random state is the caller's (`load_for_training` seeds it); the scenes start again at
+    training scene 0, as the language phase does; `settings.freeze_vision` is not applied."""
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     started = time.perf_counter()
