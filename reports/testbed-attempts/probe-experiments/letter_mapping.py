@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from text_letter_step import letter_step
 from transformers import LlamaForCausalLM
 
 from hybrid_vlm.testbed import build_tokenizer, scenes, testbed_config
@@ -63,25 +64,11 @@ started = time.perf_counter()
 with (out / "train_log.jsonl").open("w") as log:
     for step in range(steps):
         items = [example(step * batch_size + offset) for offset in range(batch_size)]
-        length = max(len(ids) for ids, _, _ in items)
-        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
-        mask = torch.zeros(batch_size, length, dtype=torch.long)
-        for row, (ids, _, _) in enumerate(items):
-            input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
         rows = torch.tensor([row for row, (_, where, _) in enumerate(items) for _ in where])
         columns = torch.tensor([column for _, where, _ in items for column in where])
         targets = torch.tensor([letter for _, _, letters in items for letter in letters])
         rate = learning_rate(step, 2e-3, 20, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[rows, columns].float()
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        accuracy = float((logits.argmax(-1) == targets).float().mean())
+        loss, accuracy = letter_step(model, optimizer, tokenizer.pad_token_id, [ids for ids, _, _ in items], rows, columns, targets, rate)
         log.write(json.dumps(dict(phase="letter-mapping", tie=tie, merge=merge, blocks=blocks, step=step, letter_loss=round(loss.item(), 5),
                                   letter_accuracy=round(accuracy, 4), lr=rate, seconds=round(time.perf_counter() - started, 1))) + "\n")
         log.flush()

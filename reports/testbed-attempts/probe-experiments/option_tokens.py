@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken
 
-from hybrid_vlm.testbed import load_for_training, option_lines
+from hybrid_vlm.testbed import add_option_tokens, load_for_training, option_lines
 from hybrid_vlm.testbed.train import TrainSettings, continue_language_phase
 
 source, out, merge = sys.argv[1], Path(sys.argv[2]), bool(int(sys.argv[3]))
@@ -28,7 +27,7 @@ tokenizer = processor.tokenizer
 if merge:
     parts = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in option_lines()]
     old = len(tokenizer)
-    tokenizer.add_tokens([AddedToken(line, normalized=False) for line in option_lines()])
+    add_option_tokens(tokenizer)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
