@@ -56,6 +56,13 @@ def option_lines() -> list[str]:
     return [f"{letter}. {value}" for letter in LETTERS for value in scenes.ANSWERS]
 
 
+def add_option_tokens(tokenizer) -> None:
+    """Each of `option_lines()` one added token, unnormalised (a `tokenizers.Tokenizer` or a fast HF tokenizer)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(line, normalized=False) for line in option_lines()])
+
+
 def build_tokenizer(option_tokens: bool = False):
     """Byte-level BPE (any text encodes) trained on the testbed's prompts, questions and captions.
 
@@ -63,7 +70,7 @@ def build_tokenizer(option_tokens: bool = False):
     could be matched to its letter by one attention lookup instead of a copy across "B", "." and
     " red". Off by default and in the shipped tokenizer: on run6's weights it made the letters worse
     (reports/testbed-attempts/README.md)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ..tiny import IMAGE_TOKEN
@@ -79,7 +86,7 @@ def build_tokenizer(option_tokens: bool = False):
     )
     tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
     if option_tokens:
-        tokenizer.add_tokens([AddedToken(line, normalized=False) for line in option_lines()])
+        add_option_tokens(tokenizer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",

@@ -360,14 +360,14 @@ def packed_forward(
     features = stock_image_features(model, pixel_values)  # [B, 576, D]
     image_slots = (batch["input_ids"] == parts.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
-    answer_states = None
+    watches, answer_states = watches or {}, None
     if not watches and answer_layer is None:
         hidden, watched = packed_decoder_states(model, embeds, batch["attention_mask"], batch["position_ids"]), {}
     else:
-        requests = [(*head, batch[f"{name}_rows"], batch[f"{name}_columns"]) for name, head in (watches or {}).items()]
+        requests = [(*head, batch[f"{name}_rows"], batch[f"{name}_columns"]) for name, head in watches.items()]
         read = () if answer_layer is None else (answer_layer,)
         hidden, attentions, inputs = packed_head_attention(model, embeds, batch["attention_mask"], batch["position_ids"], requests, read)
-        watched = dict(zip(watches or {}, attentions))
+        watched = dict(zip(watches, attentions))
         if answer_layer is not None:
             answer_states = inputs[answer_layer][batch["choosing_rows"], batch["choosing_columns"]]
     looking = watched.get("looking")
