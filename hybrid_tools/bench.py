@@ -9,6 +9,13 @@ For every configuration it measures, on one synthetic image plus a prompt padded
 - llm_prefill_ms: from there to the logits of the last prompt token (logits_to_keep=1).
 - prefill_ms: the whole prefill forward (= time to first token without sampling).
 - decode_ms_per_token: --decode-tokens greedy steps over the cache, mean per step.
+- generate_tokens_per_s: batch x (decode_tokens + 1) new tokens over one run's prefill + decode time
+  (the prefill yields the first token), the median over runs.
+- kv_cache_mb_prompt: bytes the cache's key and value tensors hold after the prompt, measured on the
+  cache itself, beside kv_cache_mb_prompt_theory from the token counts (hybrid_vlm.flops).
+- with --kernels, one profiled prefill + decode per configuration: the SDPA backend (flash,
+  efficient, cudnn, math) of each LLM layer, with or without an explicit mask, and the vision
+  tower's calls (hybrid_tools.sdpa_kernels).
 - peak memory, in a separate untimed pass: on CUDA torch.cuda.max_memory_allocated() minus the
   allocation before the pass (activations + KV cache; the weights are excluded; peak_mem_abs_mb
   has the absolute peak); on CPU the peak resident set size (sampled from /proc/self/statm every
@@ -78,7 +85,7 @@ from transformers import (
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 from hybrid_vlm.dymu import threshold_merge_mask
-from hybrid_vlm.hf_compat import cache_kwarg, first_llm_module, output_cache
+from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_pixels
 from hybrid_vlm.hf_compat.qwen2_5_vl import stock_decode_positions
@@ -90,6 +97,8 @@ from hybrid_vlm.syncs import HOST_INPUTS, check_no_host_syncs
 from hybrid_vlm.tiny import IMAGE_TOKEN, build_next_processor, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
 from hybrid_vlm.tiny_qwen import build_qwen_processor
 from vlmeval_plugin.results import number_text, text_table
+
+from .sdpa_kernels import PHASES, kernel_summary, profile_sdpa
 
 PRESETS = ("tiny", "mid", "vit-l", "llava-1.5-7b", "next-mid", "llava-next-7b", "qwen-mid", "qwen2.5-vl-7b")
 NEXT_PRESETS = ("next-mid", "llava-next-7b")
@@ -103,13 +112,15 @@ CSV_COLUMNS = (
     "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu",
     "batch_size", "text_tokens", "visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept",
     "vision_ms", "llm_prefill_ms", "prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_ms_per_token",
-    "peak_mem_mb", "peak_mem_abs_mb", "mem_kind", "kv_cache_mb_theory",
+    "generate_tokens_per_s", "peak_mem_mb", "peak_mem_abs_mb", "mem_kind", "kv_cache_mb_theory",
+    "kv_cache_mb_prompt", "kv_cache_mb_prompt_theory",
     "vision_gmacs", "llm_prefill_gmacs", "prefill_gmacs", "decode_gmacs_per_token",
     "prefill_ratio", "prefill_theory_ratio", "prefill_ratio_minus_theory",
     "llm_prefill_ratio", "llm_prefill_theory_ratio", "llm_prefill_ratio_minus_theory",
-    "decode_ratio", "decode_theory_ratio", "llm_prefill_gmacs_per_s", "sync_debug", "note",
+    "decode_ratio", "decode_theory_ratio", "llm_prefill_gmacs_per_s", "sync_debug", "sdpa_prefill", "sdpa_decode", "note",
 )
 SYNC_CHECK_DECODE_STEPS = 8
+KERNEL_TRACE_DECODE_STEPS = 2
 PROMPT_WORDS = (
     "describe what is shown in the image and answer with the option's letter from the given choices "
     "which color is the big shape on the left of the picture a photo of a cat dog car tree house"
@@ -239,6 +250,7 @@ class BenchConfig:
     note: str = ""
     runs: list = field(default_factory=list)  # dicts of stage times (ms)
     counts: dict = field(default_factory=dict)
+    kv_bytes_prompt: int | None = None  # what the cache holds after the prompt, measured
     row: dict = field(default_factory=dict)
 
 
@@ -491,7 +503,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     hybrid = config.hybrid
     fastv_layer = hybrid.fastv_layer if hybrid is not None else 2
     scoring = hybrid.scoring if hybrid is not None else None
-    totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0)
+    totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0, kv_prompt=0)
     dymu = hybrid is not None and hybrid.dymu is not None
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
@@ -513,6 +525,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         if hybrid is not None and hybrid.staged_method is not None:  # one cache length per stage
             totals["decode"] += flops.staged_decode_macs_mean(shape, hybrid, text, decode_tokens) if decode_tokens else 0.0
             totals["kv"] += flops.staged_kv_cache_bytes(shape, hybrid, text, decode_tokens, bytes_per_element)
+            totals["kv_prompt"] += flops.staged_kv_cache_bytes(shape, hybrid, text, 0, bytes_per_element)
             continue
         if decode_tokens:
             totals["decode"] += flops.llm_decode_macs_mean(
@@ -521,6 +534,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         totals["kv"] += flops.kv_cache_bytes(
             shape.llm, text + visual + decode_tokens, text + kept + decode_tokens, fastv_layer, bytes_per_element
         )
+        totals["kv_prompt"] += flops.kv_cache_bytes(shape.llm, text + visual, text + kept, fastv_layer, bytes_per_element)
     return totals
 
 
@@ -669,6 +683,11 @@ def parse_args(argv=None):
         help=f"check each config's prefill + {SYNC_CHECK_DECODE_STEPS} decode steps for host syncs (hybrid_vlm.syncs: "
         "CUDA sync-debug mode on GPU, the meta device on CPU)",
     )
+    parser.add_argument(
+        "--kernels", action="store_true",
+        help=f"profile each config's prefill + {KERNEL_TRACE_DECODE_STEPS} decode steps (torch.profiler) and record which SDPA "
+        "backend (flash, efficient, cudnn, math) each layer ran, with or without a mask (hybrid_tools.sdpa_kernels)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for bench.csv and bench.json")
@@ -765,7 +784,10 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
         for _ in range(args.warmup):
             timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)
             bar.update()
-        config.counts = token_counts(model, inputs, prefill(model, inputs), config)
+        output = prefill(model, inputs)
+        config.counts = token_counts(model, inputs, output, config)
+        config.kv_bytes_prompt = cache_tensor_bytes(output_cache(output))
+        del output
     for _ in range(args.repeats):
         for config in runnable:
             activate(model, config)
@@ -793,6 +815,8 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         row[key] = _median([run[key] for run in config.runs if key in run])
     prefill_times = [run["prefill_ms"] for run in config.runs]
     row.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=config.runs)
+    row["generate_tokens_per_s"] = generate_tokens_per_s(config.runs, args.batch_size, args.decode_tokens)
+    row["kv_cache_mb_prompt"] = config.kv_bytes_prompt / 2**20
     row.update(count_columns(config.counts))
     row.update(theory_columns(bench, config, row))
     if hybrid is not None and hybrid.dymu:
@@ -806,7 +830,29 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     else:
         row["peak_mem_mb"], row["peak_mem_abs_mb"], row["mem_kind"] = measure_memory(bench.model, bench.inputs, bench.device, args.decode_tokens)
     row["sync_debug"] = check_no_host_syncs(bench.model, bench.inputs, SYNC_CHECK_DECODE_STEPS) if args.sync_debug else "not run"
+    if args.kernels:
+        row["sdpa_kernels"] = traced_kernels(bench)
+        row["sdpa_prefill"], row["sdpa_decode"] = (row["sdpa_kernels"][phase]["layers"] for phase in PHASES)
     return row
+
+
+def generate_tokens_per_s(runs: list[dict], batch: int, decode_tokens: int) -> float:
+    """Median over runs of new tokens per second: a prefill gives each sample its first token, and
+    every decode step one more, so batch x (decode_tokens + 1) tokens in prefill + decode time."""
+    if not decode_tokens:
+        return math.nan
+    rates = [batch * (decode_tokens + 1) / ((run["prefill_ms"] + run["decode_ms_per_token"] * decode_tokens) / 1e3) for run in runs]
+    return _median(rates)
+
+
+def traced_kernels(bench: BenchRun) -> dict:
+    """The SDPA backend of every layer in one profiled prefill + KERNEL_TRACE_DECODE_STEPS decode steps."""
+    model, inputs = bench.model, bench.inputs
+    calls = profile_sdpa(
+        model, lambda: prefill(model, inputs), lambda output: decode(model, output, inputs["attention_mask"], KERNEL_TRACE_DECODE_STEPS),
+        bench.device,
+    )
+    return kernel_summary(calls)
 
 
 def count_columns(counts: dict) -> dict:
@@ -824,7 +870,7 @@ def theory_columns(bench: BenchRun, config: BenchConfig, row: dict) -> dict:
     return dict(
         vision_gmacs=macs["vision"] / 1e9, llm_prefill_gmacs=macs["llm"] / 1e9, prefill_gmacs=macs["prefill"] / 1e9,
         decode_gmacs_per_token=macs["decode"] / 1e9 if args.decode_tokens else math.nan,
-        kv_cache_mb_theory=macs["kv"] / 2**20,
+        kv_cache_mb_theory=macs["kv"] / 2**20, kv_cache_mb_prompt_theory=macs["kv_prompt"] / 2**20,
         llm_prefill_gmacs_per_s=macs["llm"] / 1e9 / (row["llm_prefill_ms"] / 1e3) if row.get("llm_prefill_ms") else math.nan,
     )
 

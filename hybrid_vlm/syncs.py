@@ -6,11 +6,15 @@ warm-up (lazy initialisation may sync once); on CPU they run on a copy of the mo
 device, where tensors have no data, so any `.item()`, `bool(tensor)`, `nonzero` or boolean index
 fails. Either way a host sync in the forward is a "fail: <what raised>".
 
-DyMU is reported as not applicable: it reads one number per batch by design (the largest merged
-token count, which sizes the LLM input), and its thresholds are matched to real weights.
+DyMU reads one number per batch by design (the largest merged token count, which sizes the LLM
+input). On CUDA its syncs are counted instead (sync-debug mode "warn"): at most one in the prefill
+and none in the decode steps passes. On CPU it is reported as not applicable: the meta device cannot
+run a forward that reads a value.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -18,25 +22,58 @@ from .hf_compat import cache_kwarg, new_cache
 from .model import HybridDecoder, apply_hybrid, stock_class
 
 HOST_INPUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's image layouts
-NOT_APPLICABLE_DYMU = "not applicable: DyMU reads one count per batch by design"
+NOT_APPLICABLE_DYMU = "not applicable on CPU: DyMU reads one count per batch by design"
+DYMU_PROMPT_SYNCS = 1  # the largest merged token count, which sizes the LLM input
 
 
 def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     """Prefill, then `decode_steps` greedy-shaped steps (token 0) over the cache; the last output."""
+    output, step = _prefill(model, inputs)
+    for _ in range(decode_steps):
+        output = step()
+    return output
+
+
+def _prefill(model, inputs: dict):
+    """(the prefill's output, a function that runs one decode step over its cache)."""
     device = next(model.parameters()).device
     # image layouts are metadata the engine reads on the host: they stay on the CPU (a stock model gets
     # them on the device, as users call it)
     on_host = HOST_INPUTS if isinstance(model, HybridDecoder) else ()
     inputs = {key: value if key in on_host else value.to(device) for key, value in inputs.items()}
     cache = new_cache(model)
+    masks = [inputs["attention_mask"]]
+
+    def step():
+        token = torch.zeros(masks[-1].shape[0], 1, dtype=torch.long, device=device)
+        masks.append(torch.cat([masks[-1], torch.ones_like(token)], dim=1))
+        with torch.no_grad():
+            return model(input_ids=token, attention_mask=masks[-1], **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
+
     with torch.no_grad():
-        output = model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
-        attention_mask = inputs["attention_mask"]
-        for _ in range(decode_steps):
-            token = torch.zeros(attention_mask.shape[0], 1, dtype=torch.long, device=device)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-            output = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
-    return output
+        return model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1), step
+
+
+def count_cuda_syncs(model, inputs: dict, decode_steps: int) -> tuple[int, int]:
+    """(host syncs in a prefill, host syncs in its `decode_steps` decode steps), counted as the
+    warnings of CUDA sync-debug mode "warn", after an uncounted warm-up."""
+    prefill_and_decode(model, inputs, decode_steps)
+    torch.cuda.synchronize()
+    (_, step), prefill_syncs = _with_sync_count(lambda: _prefill(model, inputs))
+    _, decode_syncs = _with_sync_count(lambda: [step() for _ in range(decode_steps)])
+    return prefill_syncs, decode_syncs
+
+
+def _with_sync_count(run):
+    """(run(), how many host syncs CUDA sync-debug mode "warn" reported while it ran)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchronizing" in str(w.message) for w in caught)
 
 
 def meta_copy(model):
@@ -50,9 +87,9 @@ def meta_copy(model):
 
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     """"pass", "fail: <first line of the error>", or why the check does not apply."""
-    if isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None:
-        return NOT_APPLICABLE_DYMU
     device = next(model.parameters()).device
+    if isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None:
+        return dymu_sync_verdict(model, inputs, decode_steps) if device.type == "cuda" else NOT_APPLICABLE_DYMU
     try:
         if device.type == "cuda":
             prefill_and_decode(model, inputs, decode_steps)
@@ -67,3 +104,12 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     except (RuntimeError, NotImplementedError) as error:
         return "fail: " + (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     return "pass"
+
+
+def dymu_sync_verdict(model, inputs: dict, decode_steps: int) -> str:
+    """DyMU on CUDA: at most DYMU_PROMPT_SYNCS syncs in the prefill (its one count per batch) and none
+    in the decode steps is a pass; the counts are in the verdict either way."""
+    prefill_syncs, decode_syncs = count_cuda_syncs(model, inputs, decode_steps)
+    counts = f"{prefill_syncs} sync(s) in the prefill, {decode_syncs} in {decode_steps} decode steps"
+    ok = prefill_syncs <= DYMU_PROMPT_SYNCS and decode_syncs == 0
+    return ("pass: " if ok else f"fail: more than {DYMU_PROMPT_SYNCS} per prompt or any per step: ") + counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -114,3 +115,30 @@ def test_methods_rows_use_each_budget_rule_and_count_the_scoring(tmp_path):
     expected = flops.method_prefill_macs(shape, HybridConfig(visual_method="divprune", visual_budget=32), int(text))
     assert by_config["divprune-b32"]["prefill_gmacs"] == pytest.approx(expected.total / 1e9)
     assert expected.selection > 0
+
+
+def test_kv_cache_is_measured_on_the_cache_and_kernels_are_traced():
+    """kv_cache_mb_prompt is read off the cache: it equals the size worked out by hand from the
+    config (layers before FastV's layer hold every prompt token, the rest the kept ones)."""
+    rows = bench.main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--no-memory",
+                       "--no-progress", "--fastv-k", "16", "--kernels"])
+    by_name = {row["config"]: row for row in rows}
+    model, processor = build_tiny_llava()
+    text = model.config.text_config
+    prompt = bench.build_inputs(processor, 60, 1, 0, torch.device("cpu"))[0]["input_ids"].shape[1]
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4  # K and V, fp32
+    layers = text.num_hidden_layers
+    assert by_name["stock"]["kv_cache_mb_prompt"] * 2**20 == layers * prompt * per_token
+    assert by_name["vanilla"]["kv_cache_mb_prompt"] * 2**20 == layers * prompt * per_token
+    assert by_name["fastv-k16-l2"]["kv_cache_mb_prompt"] * 2**20 == (2 * prompt + (layers - 2) * (prompt - 576 + 16)) * per_token
+    for row in rows:
+        assert row["sdpa_prefill"].startswith("vision ") and f"L0-{layers - 1} " in row["sdpa_prefill"]
+        assert row["sdpa_decode"].startswith(f"L0-{layers - 1} ")
+        assert row["generate_tokens_per_s"] > 0
+
+
+def test_generate_tokens_per_s_counts_the_prefill_token():
+    runs = [dict(prefill_ms=100.0, decode_ms_per_token=10.0), dict(prefill_ms=300.0, decode_ms_per_token=25.0), dict(prefill_ms=60.0, decode_ms_per_token=10.0)]
+    # batch 2, 4 decode steps: 10 new tokens in 0.14 s, 0.40 s and 0.10 s; the median rate is 10 / 0.14
+    assert bench.generate_tokens_per_s(runs, batch=2, decode_tokens=4) == pytest.approx(10 / 0.14)
+    assert math.isnan(bench.generate_tokens_per_s(runs, batch=2, decode_tokens=0))

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
-from hybrid_vlm.hf_compat import llama_layer_forward, new_cache, output_cache
+from hybrid_vlm.hf_compat import layer_entry_modules, llama_layer_forward, new_cache, output_cache
 from hybrid_vlm.model import attention_mask_4d
-from hybrid_vlm.syncs import check_no_host_syncs
+from hybrid_vlm.syncs import check_no_host_syncs, count_cuda_syncs
+from hybrid_vlm.tiny import ensure_tiny_thresholds
 
 from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, chat_prompt, generation_positions, hybrid_copy, image_inputs
 from reference import eager_copy, greedy_without_cache, masked_reference
@@ -320,3 +321,25 @@ def test_forward_has_no_host_syncs(tiny, fastv_k):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     patched = hybrid_copy(model, fastv_k=fastv_k).to(device)
     assert check_no_host_syncs(patched, image_inputs(processor, QUESTIONS), decode_steps=2) == "pass"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts syncs with CUDA sync-debug mode")
+def test_dymu_syncs_once_per_prompt_and_never_per_step_on_cuda(tiny):
+    """The counter sees a sync that is planted in the decode step, and DyMU's own count is at most
+    one read in the prefill and none while decoding."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    hybrid = hybrid_copy(model, fastv_k=0.5, dymu=str(ensure_tiny_thresholds())).to("cuda")
+    prefill_syncs, decode_syncs = count_cuda_syncs(hybrid, inputs, decode_steps=3)
+    assert prefill_syncs <= 1 and decode_syncs == 0
+    assert check_no_host_syncs(hybrid, inputs, decode_steps=3).startswith("pass: ")
+
+    def read_in_decode(module, args):
+        if args[0].shape[1] == 1:
+            args[0].sum().item()
+
+    handle = layer_entry_modules(hybrid)[-1].register_forward_pre_hook(read_in_decode)
+    try:
+        assert count_cuda_syncs(hybrid, inputs, decode_steps=3)[1] >= 3
+    finally:
+        handle.remove()

@@ -26,8 +26,10 @@ __all__ = [
     "apply_rotary_pos_emb",
     "cache_argument",
     "cache_kwarg",
+    "cache_tensor_bytes",
     "first_llm_module",
     "layer_attention_row",
+    "layer_entry_modules",
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
@@ -233,7 +235,24 @@ def _rotated_query_and_keys(
 def first_llm_module(model: LlavaForConditionalGeneration) -> nn.Module:
     """The first module the LLM runs on the prompt, in the stock forward and in the hybrid loop alike
     (which calls the layers' submodules, not the layers): a pre-hook here marks where vision ends."""
-    return llava_parts(model).layers[0].input_layernorm
+    return layer_entry_modules(model)[0]
+
+
+def layer_entry_modules(model: LlavaForConditionalGeneration) -> list[nn.Module]:
+    """The first module each LLM layer runs (its input norm), in the stock forward and in the hybrid
+    loop alike: a pre-hook on entry i fires when layer i starts, whichever forward runs it."""
+    return [layer.input_layernorm for layer in llava_parts(model).layers]
+
+
+def cache_tensor_bytes(cache: Cache) -> int:
+    """Bytes the cache's key and value tensors hold now (every layer, the whole batch). DynamicCache
+    grows by concatenation, so this is what a pruned group really keeps, not a reserved size."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in cache.layers
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if tensor is not None
+    )
 
 
 def packed_decoder_states(
