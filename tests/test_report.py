@@ -279,3 +279,33 @@ def test_readme_speed_table_quotes_the_committed_cpu_bench(name):
         assert cells[5] == f"{row['prefill_ratio_minus_theory']:+.3f}"
         if len(cells) > 6:  # the NeXT table's decode and KV-cache columns
             assert cells[6:] == [f"{row['decode_ms_per_token']:.1f}", f"{row['decode_ratio']:.3f}", f"{row['decode_theory_ratio']:.3f}", f"{row['kv_cache_mb_theory']:.1f}"]
+
+
+def synthetic_bench_rows(vanilla: float, fastv: float, hybrid: float | None, hybrid_syncs: str) -> list[dict]:
+    """Made-up prefill ratios under the bench's row names: not measurements of anything."""
+    rows = [
+        dict(config="stock", method="stock", status="ok", prefill_ratio=1.0, sync_debug="fail: stock reads a value"),
+        dict(config="vanilla", method="vanilla", status="ok", prefill_ratio=vanilla, sync_debug="pass"),
+        dict(config="fastv-k64-l2", method="fastv", fastv_k=64, status="ok", prefill_ratio=fastv, prefill_theory_ratio=0.25, sync_debug="pass"),
+    ]
+    if hybrid is not None:
+        rows.append(dict(config="dymu-mid_fastv-k64-l2", method="hybrid", fastv_k=64, dymu="mid.json", status="ok",
+                         prefill_ratio=hybrid, sync_debug=hybrid_syncs))
+    return rows
+
+
+def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
+    from hybrid_tools.report.targets import bench_targets
+
+    verdicts = {(name, row): verdict for name, row, _, _, verdict in bench_targets(
+        synthetic_bench_rows(1.02, 0.29, 0.25, "pass: 1 sync(s) in the prefill, 0 in 8 decode steps"))}
+    assert verdicts[("engine overhead: prefill vs stock", "`vanilla`")] == "met"  # 1.02 <= 1.03
+    assert verdicts[("FastV K=64 prefill vs stock", "`fastv-k64-l2`")] == "met"  # 0.29 <= 0.25 + 0.05
+    assert verdicts[("hybrid (DyMU + FastV K=64) prefill vs stock", "`dymu-mid_fastv-k64-l2`")] == "met"  # 0.25 <= 1 / 3.5
+    assert verdicts[("host syncs (prefill + decode steps)", "`dymu-mid_fastv-k64-l2`")] == "met"
+    assert not any(row == "`stock`" for _, row in verdicts)  # stock's own syncs are not ours to meet
+
+    missed = bench_targets(synthetic_bench_rows(1.04, 0.31, 0.30, "fail: more than 1 per prompt or any per step: 2 sync(s) in the prefill, 0 in 8 decode steps"))
+    assert [verdict for *_, verdict in missed] == ["missed", "missed", "missed", "met", "met", "missed"]
+    absent = bench_targets(synthetic_bench_rows(1.0, 0.2, None, ""))
+    assert absent[2][0].startswith("hybrid") and absent[2][-1] == "not measured"

@@ -80,3 +80,24 @@ def bench_setup(meta: dict) -> str:
         f"{meta.get('warmup', '?')} warm-up; torch {meta.get('torch', '?')}, transformers {meta.get('transformers', '?')}, "
         f"hybrid_vlm {meta.get('hybrid_vlm', '?')}, Python {meta.get('python', '?')}; git commit {commit}; at {meta.get('time', '?')}"
     )
+
+
+RESOURCES_HEADER = [
+    "config", "peak MB", "KV MB after prompt", "theory", "decode ms/token", "generate tokens/s", "host syncs",
+    "SDPA in the prefill", "SDPA per decode step",
+]
+
+
+def resources_table(bench: Bench) -> str | None:
+    """Memory, cache, throughput, syncs and SDPA backends per row; None for a bench.json written
+    before the bench measured the cache (its rows have no kv_cache_mb_prompt)."""
+    ok = [r for r in bench.rows if r.get("status") == "ok"]
+    if not any("kv_cache_mb_prompt" in r for r in ok):
+        return None
+    rows = [[
+        f"`{r.get('config')}`", fmt(r.get("peak_mem_mb"), ".0f"), fmt(r.get("kv_cache_mb_prompt"), ".1f"),
+        fmt(r.get("kv_cache_mb_prompt_theory"), ".1f"), fmt(r.get("decode_ms_per_token"), ".2f"),
+        fmt(r.get("generate_tokens_per_s"), ".0f"), str(r.get("sync_debug") or "–"),
+        str(r.get("sdpa_prefill") or "not traced"), str(r.get("sdpa_decode") or "not traced"),
+    ] for r in ok]
+    return md_table(RESOURCES_HEADER, rows, align="lrrrrrlll")

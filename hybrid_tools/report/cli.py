@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot", action="store_true", help="copy the raw files read into reports/<name>/raw/ and read them from there")
     parser.add_argument("--recipe", default=None, metavar="FILE", help="shell script that made the raw outputs: shown verbatim at the top")
     parser.add_argument("--title", default=None, help="report title (default: Report: <name>)")
+    parser.add_argument("--targets", action="store_true", help="check the benches against the GPU speed targets (hybrid_tools.report.targets)")
     return parser
 
 
@@ -55,6 +56,8 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
         parts += ["--recipe", display_path(Path(args.recipe))]
     if args.title:
         parts += ["--title", args.title]
+    if args.targets:
+        parts += ["--targets"]
     return shlex.join(parts)
 
 
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ReportInput(
         name=args.name, title=args.title or f"Report: {args.name}", command=canonical_command(args, work_dirs, benches),
         configs=configs, benches=bench_data, linker=Linker(report_dir), figures=report_dir / "figures",
-        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe,
+        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe, targets=args.targets,
     )
     write(report, report_dir)
     print(f"hybrid_tools.report: wrote {report_dir / 'report.md'}")

@@ -9,10 +9,11 @@ from pathlib import Path
 from hybrid_vlm import __version__
 
 from ..configs import Configuration, Entry, comparison_reference, delta, ratio
-from .bench import bench_command, bench_setup, bench_table
+from .bench import bench_command, bench_setup, bench_table, resources_table
 from .markdown import Linker, display_path, fmt, md_table
 from .plots import plot_dataset
 from .provenance import provenance_block, run_commands, status_argv
+from .targets import TARGETS_NOTE, targets_table
 
 CAPTION_KEYS = ("CIDEr", "BLEU-4", "ROUGE_L", "BLEU-1", "METEOR", "PTB CIDEr", "PTB BLEU-4", "PTB METEOR", "PTB SPICE")
 TINY_BANNER = (
@@ -51,6 +52,7 @@ class ReportInput:
     figures: Path
     recipe_path: str | None = None
     recipe: str | None = None
+    targets: bool = False  # check the benches against hybrid_tools.report.targets
 
     @property
     def eval_tiny(self) -> bool:
@@ -196,12 +198,17 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         csv_link = f" ({linker.link('csv', bench.csv_path)})" if bench.csv_path else ""
         lines += [f"From {linker.link(display_path(bench.path), bench.path)}{csv_link}:", "", bench_setup(meta) + ".", ""]
         lines += ["```bash", bench_command(meta) or "# bench command not recorded", "```", "", bench_table(bench), ""]
+        resources = resources_table(bench)
+        if resources:
+            lines += ["Memory, KV cache, throughput, host syncs and the SDPA backend each layer ran:", "", resources, ""]
         baseline = meta.get("baseline", "vanilla")
         meaning = BASELINE_MEANINGS.get(baseline, "a configuration of this bench")
         note = SPEED_NOTE.format(baseline=baseline, baseline_meaning=meaning, conventions=meta.get("conventions", "see hybrid_vlm.flops"))
         lines += [note, ""]
         rows = [{k: v for k, v in row.items() if k not in ("runs", "per_sample_counts")} for row in bench.rows]
         summary.append({"source": linker.rel(bench.path), "meta": meta, "rows": rows})
+    if report.targets and report.benches:
+        lines += ["### Targets", "", TARGETS_NOTE, "", targets_table(report.benches), ""]
     return lines, summary
 
 

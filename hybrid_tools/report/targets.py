@@ -1,0 +1,61 @@
+"""The speed targets a GPU bench is held to (issue 10, `reports/gpu-llava-1.5-7b-shapes/`), checked
+row by row against bench.json: met, missed, or not measured, never assumed.
+
+- the engine with nothing cut ("vanilla") within 3% of stock transformers' prefill;
+- FastV K=64's prefill ratio vs stock at most its theoretical MACs ratio + 0.05;
+- the hybrid (DyMU + FastV K=64) at least 3.5x faster prefill than stock;
+- no host sync in a decode step, and at most one per prompt on the DyMU path (`sync_debug`).
+"""
+
+from __future__ import annotations
+
+from .bench import Bench
+from .markdown import fmt, md_table
+
+ENGINE_OVERHEAD = 1.03
+FASTV_SLACK = 0.05
+HYBRID_SPEEDUP = 3.5
+HEADER = ["target", "bench", "row", "measured", "needed", "verdict"]
+TARGETS_NOTE = (
+    "Each target is checked against the rows above (`hybrid_tools.report.targets`): prefill ratios are median "
+    "prefill times divided by stock transformers' median prefill time in the same bench; a target whose row "
+    "was not run reads \"not measured\"."
+)
+
+
+def targets_table(benches: list[Bench]) -> str:
+    rows = []
+    for bench in benches:
+        where = f"batch {bench.meta.get('batch_size', '?')}"
+        rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows)]
+    return md_table(HEADER, rows, align="llllll")
+
+
+def bench_targets(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
+    """(target, row, measured, needed, verdict) for each target this bench's rows can speak to."""
+    by_config = {r.get("config"): r for r in rows if r.get("status") == "ok"}
+    out = [_ratio_target("engine overhead: prefill vs stock", by_config.get("vanilla"), ENGINE_OVERHEAD)]
+    fastv = next((r for r in by_config.values() if r.get("method") == "fastv" and r.get("fastv_k") == 64), None)
+    theory = fastv.get("prefill_theory_ratio") if fastv else None
+    out.append(_ratio_target("FastV K=64 prefill vs stock", fastv, None if theory is None else theory + FASTV_SLACK, "theory + 0.05"))
+    hybrid = next((r for r in by_config.values() if r.get("method") == "hybrid" and r.get("fastv_k") == 64), None)
+    out.append(_ratio_target("hybrid (DyMU + FastV K=64) prefill vs stock", hybrid, 1 / HYBRID_SPEEDUP, "3.5x faster"))
+    checked = [r for r in by_config.values() if r.get("method") != "stock" and r.get("sync_debug") not in (None, "not run")]
+    out += [_sync_target(r) for r in checked]
+    return out
+
+
+def _ratio_target(name: str, row: dict | None, limit: float | None, how: str = "") -> tuple[str, str, str, str, str]:
+    needed = ("≤ " + fmt(limit, ".3f") if limit is not None else "–") + (f" ({how})" if how else "")
+    if row is None or limit is None or row.get("prefill_ratio") is None:
+        return name, "–", "–", needed, "not measured"
+    ratio = float(row["prefill_ratio"])
+    return name, f"`{row['config']}`", f"{ratio:.3f} ({fmt(1 / ratio, '.2f', 'x')})", needed, "met" if ratio <= limit else "missed"
+
+
+def _sync_target(row: dict) -> tuple[str, str, str, str, str]:
+    verdict = str(row["sync_debug"])
+    met = verdict == "pass" or verdict.startswith("pass:")
+    decided = met or verdict.startswith("fail")
+    needed = "≤ 1 per prompt, 0 per step" if row.get("dymu") else "0"
+    return "host syncs (prefill + decode steps)", f"`{row['config']}`", verdict, needed, ("met" if met else "missed") if decided else "not measured"
