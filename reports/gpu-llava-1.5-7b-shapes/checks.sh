@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one GPU run of issue 10 (about 6 minutes of work on an H100/H200): the engine tests on CUDA, then
+# LLaVA-1.5-7B-shape speed, memory, KV cache, host syncs and SDPA backends against stock transformers.
+# Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
+#
+#   here:        bash ../shared/gpu/prepare.sh && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
+#   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny preset on CPU, no figures)
+#   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
+#   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
+set -u
+OUT=${OUT:-/tmp/gpu-checks-out}; mkdir -p "$OUT"
+root=$PWD
+# the log names no machine's folders: the checkout is ".", the wheels "<wheels>", the output "$OUT"
+exec > >(sed -u -e "s#$root#.#g" -e "s#/tmp/site#<wheels>#g" -e "s#$OUT#\$OUT#g" | tee -a "$OUT/checks.log") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+step() {  # step SECONDS NAME CMD...
+  local secs=$1 name=$2; shift 2; local t0=$SECONDS
+  echo "== $name (limit ${secs}s): $*"; timeout "$secs" "$@"; local rc=$?
+  echo "== $name: rc=$rc after $((SECONDS - t0))s"
+}
+if [ "${GPU_CHECKS_DRY:-0}" = 1 ]; then
+  dev=(--device cpu --preset tiny --dtype float32); reps=(--repeats 2 --warmup 1); reps16=(--repeats 1 --warmup 1)
+else
+  dev=(--device cuda --preset llava-1.5-7b --dtype bfloat16); reps=(--repeats 10 --warmup 3); reps16=(--repeats 5 --warmup 2)
+fi
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+if ls .gpu/whl/*.whl >/dev/null 2>&1 && [ "${GPU_CHECKS_DRY:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c 'import torch, transformers, hybrid_vlm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' || exit 1
+# 1. Correctness on CUDA: the engine tests, where the CUDA-only sync tests run instead of skipping.
+step 150 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
+  tests/test_sdpa_kernels.py tests/test_hybrid.py tests/test_dymu.py --junitxml="$OUT/pytest.xml"
+# 2. Batch 1: prefill, decode, memory, KV cache, host syncs and SDPA backends per row.
+step 210 bench-bs1 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 288 144 64 --dymu-target mid --sync-debug --kernels \
+  "${reps[@]}" --decode-tokens 32 --no-progress --out "$OUT/bench-bs1"
+# 3. Batch 16: prefill, decode per token and tokens per second of a 64-token generation.
+step 150 bench-bs16 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 64 --dymu-target mid --batch-size 16 \
+  "${reps16[@]}" --decode-tokens 64 --no-progress --out "$OUT/bench-bs16"
+ls -la "$OUT"
