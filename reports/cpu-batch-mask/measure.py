@@ -3,7 +3,7 @@ with nothing cut, three ways (its rule, which keeps the mask a batch's attention
 rule forced dense; no attention_mask passed). Tiny preset, 16 identical unpadded prompts, prefill
 only, interleaved rounds in one process; median prefill ms per variant.
 
-    python reports/cpu-batch-mask/measure.py --out reports/cpu-batch-mask/raw/result.json
+    PYTHONPATH=. python reports/cpu-batch-mask/measure.py --out reports/cpu-batch-mask/raw/result.json
 """
 
 from __future__ import annotations
