@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from hybrid_vlm.hf_compat import layer_entry_modules
@@ -85,7 +86,9 @@ def profile_sdpa(model, run_prefill, run_decode, device: torch.device) -> list[S
 
 def sdpa_calls(events) -> list[SdpaCall]:
     """The SDPA calls of a profiler event list, each placed in its phase and LLM layer."""
-    ordered = sorted(events, key=lambda e: e.time_range.start)
+    # host-side events only: with CUDA activity the trace also holds device events (kernels, and
+    # copies of the phase ranges on the GPU's clock) that must not move the phase boundaries
+    ordered = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.time_range.start)
     phases = [(e.name, e.time_range.start, e.time_range.end) for e in ordered if e.name in PHASES]
     calls, layer, phase = [], None, None
     for event in ordered:

@@ -34,13 +34,20 @@ def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     return output
 
 
-def _prefill(model, inputs: dict):
-    """(the prefill's output, a function that runs one decode step over its cache)."""
+def device_inputs(model, inputs: dict) -> dict:
+    """The inputs on the model's device, as a caller would pass them. A checked region must get them
+    already there: copying from host memory waits for the copy, which sync-debug mode reports."""
     device = next(model.parameters()).device
     # image layouts are metadata the engine reads on the host: they stay on the CPU (a stock model gets
     # them on the device, as users call it)
     on_host = HOST_INPUTS if isinstance(model, HybridDecoder) else ()
-    inputs = {key: value if key in on_host else value.to(device) for key, value in inputs.items()}
+    return {key: value if key in on_host else value.to(device) for key, value in inputs.items()}
+
+
+def _prefill(model, inputs: dict):
+    """(the prefill's output, a function that runs one decode step over its cache)."""
+    device = next(model.parameters()).device
+    inputs = device_inputs(model, inputs)  # a no-op for inputs already there
     cache = new_cache(model)
     masks = [inputs["attention_mask"]]
 
@@ -57,6 +64,7 @@ def _prefill(model, inputs: dict):
 def count_cuda_syncs(model, inputs: dict, decode_steps: int) -> tuple[int, int]:
     """(host syncs in a prefill, host syncs in its `decode_steps` decode steps), counted as the
     warnings of CUDA sync-debug mode "warn", after an uncounted warm-up."""
+    inputs = device_inputs(model, inputs)
     prefill_and_decode(model, inputs, decode_steps)
     torch.cuda.synchronize()
     (_, step), prefill_syncs = _with_sync_count(lambda: _prefill(model, inputs))
@@ -92,6 +100,7 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
         return dymu_sync_verdict(model, inputs, decode_steps) if device.type == "cuda" else NOT_APPLICABLE_DYMU
     try:
         if device.type == "cuda":
+            inputs = device_inputs(model, inputs)
             prefill_and_decode(model, inputs, decode_steps)
             torch.cuda.synchronize(device)
             torch.cuda.set_sync_debug_mode("error")

@@ -241,7 +241,7 @@ def test_selection_snapshot_and_bad_inputs(tmp_path):
         run_report(work, "--bench", tmp_path / "no-bench", "--out", out)
 
 
-@pytest.mark.parametrize("name", ["tiny-demo", "cpu-mid-bench", "cpu-next-bench", "cpu-next-overhead"])
+@pytest.mark.parametrize("name", ["tiny-demo", "testbed-demo", "cpu-mid-bench", "cpu-next-bench", "cpu-next-overhead"])
 def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, name):
     """reports/<name>/report.md is exactly what its printed command makes from reports/<name>/raw/."""
     folder = REPO / "reports" / name
@@ -309,3 +309,18 @@ def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
     assert [verdict for *_, verdict in missed] == ["missed", "missed", "missed", "met", "met", "missed"]
     absent = bench_targets(synthetic_bench_rows(1.0, 0.2, None, ""))
     assert absent[2][0].startswith("hybrid") and absent[2][-1] == "not measured"
+
+
+def test_readme_demo_figures_quote_the_committed_demo_run():
+    """The README's `python run.py` figures are the committed demo run's, read from its raw metric files."""
+    readme = (REPO / "README.md").read_text()
+    quoted = readme.split("<!-- testbed-demo:begin -->", 1)[1].split("<!-- testbed-demo:end -->", 1)[0]
+    raw = REPO / "reports" / "testbed-demo" / "raw" / "outputs"
+    models = ["llava_testbed", "llava_testbed_fastv__fastv-r0.5-l2", "llava_testbed_hybrid__dymu-testbed-mid_fastv-r0.5-l2"]
+    overall = []
+    for model in models:
+        with open(raw / model / f"{model}_TinyMMBench_acc.csv", newline="") as handle:
+            overall.append(100 * float(next(csv.DictReader(handle))["Overall"]))
+    cider = [json.loads((raw / model / f"{model}_TinyCOCO_score.json").read_text())["CIDEr"] for model in models]
+    expected = "Overall " + " / ".join(f"{v:.1f}" for v in overall) + " and CIDEr " + " / ".join(f"{v:.1f}" for v in cider)
+    assert quoted == expected
