@@ -345,19 +345,20 @@ def prefill(model, inputs):
     return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
-def decode(model, output, attention_mask, steps: int):
-    """Greedy decode `steps` tokens after a prefill; no host syncs."""
-
+def decode(model, output, attention_mask, steps: int) -> torch.Tensor:
+    """Greedy decode `steps` tokens after a prefill, over its cache; no host syncs. The greedy tokens
+    [B, steps + 1]: the prefill's, then each step's. With no attention_mask none is passed on."""
     cache = output_cache(output)
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+    tokens = [token]
     for _ in range(steps):
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        out = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1,
-                    **({} if isinstance(model, HybridDecoder) else stock_decode_positions(model, attention_mask)))
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        stock_positions = {} if isinstance(model, HybridDecoder) or attention_mask is None else stock_decode_positions(model, attention_mask)
+        out = model(input_ids=token, attention_mask=attention_mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1, **stock_positions)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-    return token
-
-
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
 
 
 def timed_run(model, inputs, clock: Clock, mark: LlmStartMark, decode_tokens: int):

@@ -15,6 +15,7 @@ from .. import report as report_package
 from ..configs import assign_references, configurations, is_vanilla, label_configurations, order_configurations
 from .bench import read_bench, resolve_bench
 from .markdown import Linker, display_path
+from .parity import read_parity
 from .render import ReportInput, render
 from .snapshot import snapshot
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot", action="store_true", help="copy the raw files read into reports/<name>/raw/ and read them from there")
     parser.add_argument("--recipe", default=None, metavar="FILE", help="shell script that made the raw outputs: shown verbatim at the top")
     parser.add_argument("--title", default=None, help="report title (default: Report: <name>)")
+    parser.add_argument("--parity", default=None, metavar="JSON", help="a `python -m hybrid_tools.parity --out` file: adds its table")
     parser.add_argument("--targets", action="store_true", help="check the benches against the GPU speed targets (hybrid_tools.report.targets)")
     return parser
 
@@ -56,6 +58,8 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
         parts += ["--recipe", display_path(Path(args.recipe))]
     if args.title:
         parts += ["--title", args.title]
+    if args.parity:
+        parts += ["--parity", display_path(Path(args.parity))]
     if args.targets:
         parts += ["--targets"]
     return shlex.join(parts)
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"no results in {', '.join(args.work_dirs)} (expected <work_dir>/<model>/<model>_<dataset>_*)")
     try:
         bench_data = [read_bench(path) for path in benches]
+        parity = (read_parity(Path(args.parity)), Linker(report_dir).rel(args.parity)) if args.parity else None
     except ValueError as error:
         return fail(str(error))
     if args.vanilla and not any(c.name == args.vanilla for c in configs):
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ReportInput(
         name=args.name, title=args.title or f"Report: {args.name}", command=canonical_command(args, work_dirs, benches),
         configs=configs, benches=bench_data, linker=Linker(report_dir), figures=report_dir / "figures",
-        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe, targets=args.targets,
+        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe, targets=args.targets, parity=parity,
     )
     write(report, report_dir)
     print(f"hybrid_tools.report: wrote {report_dir / 'report.md'}")

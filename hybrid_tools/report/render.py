@@ -11,6 +11,7 @@ from hybrid_vlm import __version__
 from ..configs import Configuration, Entry, comparison_reference, delta, ratio
 from .bench import bench_command, bench_setup, bench_table, resources_table
 from .markdown import Linker, display_path, fmt, md_table
+from .parity import parity_lines
 from .plots import plot_dataset
 from .provenance import provenance_block, run_commands, status_argv
 from .targets import TARGETS_NOTE, targets_table
@@ -53,6 +54,7 @@ class ReportInput:
     recipe_path: str | None = None
     recipe: str | None = None
     targets: bool = False  # check the benches against hybrid_tools.report.targets
+    parity: tuple[dict, str] | None = None  # (a hybrid_tools.parity file's data, its path from the report)
 
     @property
     def eval_tiny(self) -> bool:
@@ -209,6 +211,8 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         summary.append({"source": linker.rel(bench.path), "meta": meta, "rows": rows})
     if report.targets and report.benches:
         lines += ["### Targets", "", TARGETS_NOTE, "", targets_table(report.benches), ""]
+    if report.parity:
+        lines += parity_lines(*report.parity)
     return lines, summary
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one GPU run of issue 10 (about 6 minutes of work on an H100/H200): the engine tests on CUDA, then
-# LLaVA-1.5-7B-shape speed, memory, KV cache, host syncs and SDPA backends against stock transformers.
+# The one GPU run of issue 10 (about 6 minutes of work on an H100/H200): the engine tests on CUDA, parity
+# with stock transformers in bf16, then LLaVA-1.5-7B-shape speed, memory, KV cache, host syncs and SDPA
+# backends against stock transformers, and last (if time is left) the LLaVA-NeXT-7B shape.
 # Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
 #
 #   here:        bash ../shared/gpu/prepare.sh && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
@@ -19,9 +20,11 @@ step() {  # step SECONDS NAME CMD...
   echo "== $name: rc=$rc after $((SECONDS - t0))s"
 }
 if [ "${GPU_CHECKS_DRY:-0}" = 1 ]; then
-  dev=(--device cpu --preset tiny --dtype float32); reps=(--repeats 2 --warmup 1); reps16=(--repeats 1 --warmup 1)
+  dev=(--device cpu --preset tiny --dtype float32); next=(--device cpu --preset tiny --dtype float32)
+  reps=(--repeats 2 --warmup 1); reps16=(--repeats 1 --warmup 1)
 else
-  dev=(--device cuda --preset llava-1.5-7b --dtype bfloat16); reps=(--repeats 10 --warmup 3); reps16=(--repeats 5 --warmup 2)
+  dev=(--device cuda --preset llava-1.5-7b --dtype bfloat16); next=(--device cuda --preset llava-next-7b --dtype bfloat16)
+  reps=(--repeats 10 --warmup 3); reps16=(--repeats 5 --warmup 2)
 fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 if ls .gpu/whl/*.whl >/dev/null 2>&1 && [ "${GPU_CHECKS_DRY:-0}" != 1 ]; then
@@ -32,12 +35,19 @@ else
 fi
 python3 -c 'import torch, transformers, hybrid_vlm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' || exit 1
 # 1. Correctness on CUDA: the engine tests, where the CUDA-only sync tests run instead of skipping.
-step 150 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
+step 120 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
   tests/test_sdpa_kernels.py tests/test_hybrid.py tests/test_dymu.py --junitxml="$OUT/pytest.xml"
-# 2. Batch 1: prefill, decode, memory, KV cache, host syncs and SDPA backends per row.
-step 210 bench-bs1 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 288 144 64 --dymu-target mid --sync-debug --kernels \
+# 2. Parity in bf16: the engine vs stock, and FastV K=64 without vs with a mask (logits, kept sets, greedy tokens).
+step 60 parity python3 -m hybrid_tools.parity "${dev[@]}" --new-tokens 32 --out "$OUT/parity.json"
+# 3. Batch 1: prefill, decode, memory, KV cache, host syncs and SDPA backends per row.
+step 180 bench-bs1 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 288 144 64 --dymu-target mid --sync-debug --kernels \
   "${reps[@]}" --decode-tokens 32 --no-progress --out "$OUT/bench-bs1"
-# 3. Batch 16: prefill, decode per token and tokens per second of a 64-token generation.
-step 150 bench-bs16 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 64 --dymu-target mid --batch-size 16 \
+# 4. Batch 16: prefill, decode per token and tokens per second of a 64-token generation.
+step 120 bench-bs16 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 64 --dymu-target mid --batch-size 16 \
   "${reps16[@]}" --decode-tokens 64 --no-progress --out "$OUT/bench-bs16"
-ls -la "$OUT"
+# 5. LLaVA-NeXT-7B shapes (one 640 x 480 image: 2,340 visual tokens), batch 1, where pruning pays most.
+step 90 bench-next python3 -m hybrid_tools.bench "${next[@]}" --fastv-k 576 320 160 --sync-debug --kernels \
+  --repeats 5 --warmup 2 --decode-tokens 16 --no-progress --out "$OUT/bench-next"
+# at most 8 files come back: bench.json holds every column of bench.csv
+rm -f "$OUT"/bench-*/bench.csv
+ls -la "$OUT" "$OUT"/bench-*

@@ -1,0 +1,30 @@
+"""The prepared GPU run (reports/gpu-llava-1.5-7b-shapes/checks.sh) names only modules and tests that
+exist: a GPU slot is rare, and a renamed module must fail here, not there."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER = REPO / "reports" / "gpu-llava-1.5-7b-shapes"
+
+
+def test_checks_script_names_existing_modules_and_tests():
+    script = (FOLDER / "checks.sh").read_text()
+    modules = set(re.findall(r"python3 -m ([\w.]+)", script)) - {"pip", "pytest"}
+    assert modules == {"hybrid_tools.parity", "hybrid_tools.bench"}
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, module
+    tests = re.findall(r"tests/test_\w+\.py", script)
+    assert tests and all((REPO / test).is_file() for test in tests)
+
+
+def test_ingest_takes_what_checks_writes_and_regenerate_reads_it():
+    script, ingest, regenerate = ((FOLDER / name).read_text() for name in ("checks.sh", "ingest.sh", "regenerate.sh"))
+    written = set(re.findall(r'"\$OUT/([\w.-]+)', script)) - {"checks.log"} | {"checks.log"}
+    taken = set(re.search(r"for item in ([^;]+);", ingest).group(1).split())
+    assert written == taken
+    for bench in ("bench-bs1", "bench-bs16", "bench-next", "parity.json"):
+        assert bench in regenerate
