@@ -832,8 +832,11 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         row["peak_mem_mb"], row["peak_mem_abs_mb"], row["mem_kind"] = measure_memory(bench.model, bench.inputs, bench.device, args.decode_tokens)
     row["sync_debug"] = check_no_host_syncs(bench.model, bench.inputs, SYNC_CHECK_DECODE_STEPS) if args.sync_debug else "not run"
     if args.kernels:
-        row["sdpa_kernels"] = traced_kernels(bench)
-        row["sdpa_prefill"], row["sdpa_decode"] = (row["sdpa_kernels"][phase]["layers"] for phase in PHASES)
+        try:  # a trace that fails (a profiler without CUPTI, say) must not cost the row its timings
+            row["sdpa_kernels"] = traced_kernels(bench)
+            row["sdpa_prefill"], row["sdpa_decode"] = (row["sdpa_kernels"][phase]["layers"] for phase in PHASES)
+        except Exception as error:  # noqa: BLE001 - reported in the row, whatever it is
+            row["sdpa_prefill"] = row["sdpa_decode"] = f"error: {type(error).__name__}: {str(error)[:160]}"
     return row
 
 

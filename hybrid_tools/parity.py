@@ -8,7 +8,8 @@ transformers computes, and does its mask-free SDPA path compute what its masked 
 
 Each pair is compared on the last prompt token's logits (the largest difference, and that over the
 largest logit of the reference), the prompt positions FastV kept, and the greedy tokens of a
-prefill plus --new-tokens decode steps (how many agree, and where they first part). In bf16 the
+prefill plus --new-tokens decode steps (how many are shared before the two first part: after
+that each continues its own history, so later agreement means little). In bf16 the
 SDPA kernels differ between the pairs (flash against efficient or math), so small logit
 differences are expected; a parting of greedy tokens where the reference's top two logits are
 closer than the logit difference is a near-tie, not a bug. The reference's top-1 - top-2 margin at
@@ -66,13 +67,14 @@ def compare(reference: dict, candidate: dict) -> dict:
     top2 = reference["logits"].topk(2, dim=-1).values
     same = (candidate["tokens"] == reference["tokens"]).all(dim=0)  # per step, over the batch
     parted = (~same).nonzero()
+    shared = int(parted[0].item()) if len(parted) else int(same.numel())  # after a parting the histories differ
     kept_equal = None
     if reference["kept"] is not None and candidate["kept"] is not None:
         kept_equal = bool(torch.equal(reference["kept"], candidate["kept"]))
     return dict(
         max_abs_logit_diff=difference, max_abs_logit=scale, relative_logit_diff=difference / scale if scale else float("nan"),
         top1_margin=(top2[:, 0] - top2[:, 1]).min().item(), greedy_tokens=int(same.numel()),
-        greedy_tokens_equal=int(same.sum().item()), first_parting_step=int(parted[0].item()) if len(parted) else None,
+        greedy_tokens_shared=shared, first_parting_step=shared if len(parted) else None,
         kept_positions_equal=kept_equal,
     )
 

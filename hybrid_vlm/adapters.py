@@ -50,6 +50,14 @@ def images_per_sample(num_images: int, batch: int) -> int:
     return num_images // batch
 
 
+def thresholds_on(model, device: torch.device) -> torch.Tensor:
+    """The DyMU thresholds [merging layers] on `device`, copied there once and kept: a model moved
+    after `apply_hybrid` would otherwise copy them from host memory, and wait for it, every prompt."""
+    if model.hybrid_thresholds.device != device:
+        model.hybrid_thresholds = model.hybrid_thresholds.to(device)
+    return model.hybrid_thresholds
+
+
 def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int) -> ImageSlots:
     """LLaVA-1.5: [images, 576] features per image, merged (DyMU) or pooled when asked."""
     config = model.hybrid_config
@@ -57,7 +65,7 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
     per_sample = images_per_sample(pixel_values.shape[0], batch)
     valid, valid_count = None, None
     if config.dymu is not None:
-        merged = dymu_image_features(model, pixels, model.hybrid_thresholds.to(pixels.device), split=config.dymu_split)
+        merged = dymu_image_features(model, pixels, thresholds_on(model, pixels.device), split=config.dymu_split)
         features, valid = merged.features, merged.valid
     elif config.pre_llm_method is not None:
         method = get_method(config.pre_llm_method)
@@ -186,7 +194,7 @@ def next_crop_features(model, crops: torch.Tensor):
     config = model.hybrid_config
     if config.dymu is None:
         return crop_features(model, crops), None, None
-    merged = dymu_image_features(model, crops, model.hybrid_thresholds.to(crops.device), split=config.dymu_split)
+    merged = dymu_image_features(model, crops, thresholds_on(model, crops.device), split=config.dymu_split)
     return merged.features, merged.valid, merged.coverage
 
 

@@ -96,9 +96,12 @@ def meta_copy(model):
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     """"pass", "fail: <first line of the error>", or why the check does not apply."""
     device = next(model.parameters()).device
-    if isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None:
-        return dymu_sync_verdict(model, inputs, decode_steps) if device.type == "cuda" else NOT_APPLICABLE_DYMU
+    dymu = isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None
+    if dymu and device.type != "cuda":
+        return NOT_APPLICABLE_DYMU
     try:
+        if dymu:
+            return dymu_sync_verdict(model, inputs, decode_steps)
         if device.type == "cuda":
             inputs = device_inputs(model, inputs)
             prefill_and_decode(model, inputs, decode_steps)

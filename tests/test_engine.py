@@ -343,3 +343,14 @@ def test_dymu_syncs_once_per_prompt_and_never_per_step_on_cuda(tiny):
         assert count_cuda_syncs(hybrid, inputs, decode_steps=3)[1] >= 3
     finally:
         handle.remove()
+
+
+def test_dymu_thresholds_follow_the_model_once(tiny):
+    """A model moved after apply_hybrid gets its thresholds copied to the new device once, not per prompt."""
+    from hybrid_vlm.adapters import thresholds_on
+
+    model, _ = tiny
+    hybrid = hybrid_copy(model, fastv_k=0.5, dymu=str(ensure_tiny_thresholds()))
+    first = thresholds_on(hybrid, torch.device("meta"))
+    assert first.device.type == "meta" and thresholds_on(hybrid, torch.device("meta")) is first
+    assert hybrid.hybrid_thresholds is first

@@ -32,7 +32,7 @@ def test_tiny_pairs_agree_and_take_their_own_sdpa_paths(monkeypatch):
 
     for result in (same, pair):
         assert result["relative_logit_diff"] < 1e-5
-        assert result["greedy_tokens"] == steps + 1 and result["greedy_tokens_equal"] == steps + 1
+        assert result["greedy_tokens"] == steps + 1 and result["greedy_tokens_shared"] == steps + 1
         assert result["first_parting_step"] is None
     assert same["kept_positions_equal"] is None and pair["kept_positions_equal"] is True
 
@@ -45,7 +45,7 @@ def test_compare_reports_a_planted_difference():
     result = parity.compare(reference, candidate)
     assert result["max_abs_logit_diff"] == 0.5 and result["max_abs_logit"] == 4.0 and result["relative_logit_diff"] == 0.125
     assert result["top1_margin"] == 0.5  # 3.0 - 2.5
-    assert result["greedy_tokens_equal"] == 4 and result["first_parting_step"] == 3
+    assert result["greedy_tokens_shared"] == 3 and result["first_parting_step"] == 3  # step 4 agrees again: not counted
     assert result["kept_positions_equal"] is False
 
 
@@ -59,5 +59,5 @@ def test_report_renders_a_parity_file_as_written(tmp_path, monkeypatch):
     table = (tmp_path / "reports" / "p" / "report.md").read_text().split("## Parity", 1)[1]
     for name, numbers in written["comparisons"].items():
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
-        assert f"| {numbers['greedy_tokens_equal']} / {numbers['greedy_tokens']} |" in row
+        assert f"| {numbers['greedy_tokens_shared']} / {numbers['greedy_tokens']} |" in row
     assert report.main(["bench", "--parity", "missing.json", "--name", "p"]) == 2

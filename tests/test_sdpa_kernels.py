@@ -83,3 +83,16 @@ def test_phase_summary_joins_runs_of_layers_that_ran_alike():
     assert summarize_phase(calls, "prefill") == "vision 3x math; L0-1 flash; L2-3 efficient+mask; L4 flash"
     assert summarize_phase(calls, "decode") == "L0 flash; L1 flash/math+mask"  # steps that disagree show both
     assert summarize_phase(calls[:3], "decode") == "no SDPA calls"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA side of the trace (device events beside host ones)")
+def test_cuda_trace_places_every_call_and_names_a_cuda_backend(tiny):
+    model, processor = tiny
+    hybrid = hybrid_copy(model, fastv_k=64).to("cuda")
+    inputs = {key: value.to("cuda") for key, value in image_inputs(processor, QUESTIONS[:1]).items()}
+    with torch.no_grad():
+        calls = profile_sdpa(hybrid, *run_phases(hybrid, inputs), torch.device("cuda"))
+    layers = model.config.text_config.num_hidden_layers
+    llm_calls = [c for c in calls if c.layer is not None]
+    assert [c.layer for c in llm_calls] == list(range(layers)) * (1 + DECODE_STEPS)
+    assert all(c.backend in {"flash", "efficient", "cudnn", "math"} and not c.masked for c in llm_calls), {c.backend for c in llm_calls}

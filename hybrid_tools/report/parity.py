@@ -8,7 +8,7 @@ from vlmeval_plugin.results import read_json
 
 from .markdown import fmt, md_table
 
-HEADER = ["comparison", "max abs logit diff", "over max abs logit", "reference top-1 margin", "greedy tokens equal", "first parting step", "kept positions equal"]
+HEADER = ["comparison", "max abs logit diff", "over max abs logit", "reference top-1 margin", "greedy tokens shared", "first parting step", "kept positions equal"]
 
 
 def read_parity(path: Path) -> dict:
@@ -34,7 +34,7 @@ def parity_lines(data: dict, source: str) -> list[str]:
         kept = c.get("kept_positions_equal")
         rows.append([
             name, fmt(c.get("max_abs_logit_diff"), ".3g"), fmt(c.get("relative_logit_diff"), ".2e"), fmt(c.get("top1_margin"), ".3g"),
-            f"{c.get('greedy_tokens_equal')} / {c.get('greedy_tokens')}", "none" if c.get("first_parting_step") is None else str(c["first_parting_step"]),
+            f"{c.get('greedy_tokens_shared')} / {c.get('greedy_tokens')}", "none" if c.get("first_parting_step") is None else str(c["first_parting_step"]),
             "–" if kept is None else ("yes" if kept else "no"),
         ])
     return lines + [md_table(HEADER, rows, align="lrrrrrr"), ""]

@@ -1,7 +1,7 @@
 """The speed targets a GPU bench is held to (issue 10, `reports/gpu-llava-1.5-7b-shapes/`), checked
 row by row against bench.json: met, missed, or not measured, never assumed.
 
-- the engine with nothing cut ("vanilla") within 3% of stock transformers' prefill;
+- the engine with nothing cut ("vanilla") within 3% of stock transformers' prefill, either way;
 - FastV K=64's prefill ratio vs stock at most its theoretical MACs ratio + 0.05;
 - the hybrid (DyMU + FastV K=64) at least 3.5x faster prefill than stock;
 - no host sync in a decode step, and at most one per prompt on the DyMU path (`sync_debug`).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from .bench import Bench
 from .markdown import fmt, md_table
 
-ENGINE_OVERHEAD = 1.03
+ENGINE_BAND = 0.03  # the engine with nothing cut vs stock, either way
 FASTV_SLACK = 0.05
 HYBRID_SPEEDUP = 3.5
 HEADER = ["target", "bench", "row", "measured", "needed", "verdict"]
@@ -26,7 +26,7 @@ TARGETS_NOTE = (
 def targets_table(benches: list[Bench]) -> str:
     rows = []
     for bench in benches:
-        where = f"batch {bench.meta.get('batch_size', '?')}"
+        where = f"{bench.meta.get('preset') or bench.meta.get('model') or '?'}, batch {bench.meta.get('batch_size', '?')}"
         rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows)]
     return md_table(HEADER, rows, align="llllll")
 
@@ -34,7 +34,7 @@ def targets_table(benches: list[Bench]) -> str:
 def bench_targets(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
     """(target, row, measured, needed, verdict) for each target this bench's rows can speak to."""
     by_config = {r.get("config"): r for r in rows if r.get("status") == "ok"}
-    out = [_ratio_target("engine overhead: prefill vs stock", by_config.get("vanilla"), ENGINE_OVERHEAD)]
+    out = [_overhead_target(by_config.get("vanilla"))]
     fastv = next((r for r in by_config.values() if r.get("method") == "fastv" and r.get("fastv_k") == 64), None)
     theory = fastv.get("prefill_theory_ratio") if fastv else None
     out.append(_ratio_target("FastV K=64 prefill vs stock", fastv, None if theory is None else theory + FASTV_SLACK, "theory + 0.05"))
@@ -51,6 +51,18 @@ def _ratio_target(name: str, row: dict | None, limit: float | None, how: str = "
         return name, "–", "–", needed, "not measured"
     ratio = float(row["prefill_ratio"])
     return name, f"`{row['config']}`", f"{ratio:.3f} ({fmt(1 / ratio, '.2f', 'x')})", needed, "met" if ratio <= limit else "missed"
+
+
+def _overhead_target(row: dict | None) -> tuple[str, str, str, str, str]:
+    """Within ENGINE_BAND of stock either way, as the target is worded: a faster engine with nothing
+    cut is a difference from stock too, reported as such rather than hidden as a pass."""
+    name, band = "engine overhead: prefill vs stock", ENGINE_BAND
+    needed = f"{1 - band:.3f} to {1 + band:.3f}"
+    if row is None or row.get("prefill_ratio") is None:
+        return name, "–", "–", needed, "not measured"
+    ratio = float(row["prefill_ratio"])
+    verdict = "met" if abs(ratio - 1) <= band + 1e-12 else ("missed (slower)" if ratio > 1 else "missed (faster)")
+    return name, f"`{row['config']}`", f"{ratio:.3f} ({fmt(1 / ratio, '.2f', 'x')})", needed, verdict
 
 
 def _sync_target(row: dict) -> tuple[str, str, str, str, str]:
