@@ -123,3 +123,34 @@ def test_a_batch_of_one_with_padding_is_refused(tiny):
 def test_batch_of_one_has_no_host_syncs(tiny, fastv_k):
     model, processor = tiny
     assert check_no_host_syncs(hybrid_copy(model, fastv_k=fastv_k), image_inputs(processor, QUESTIONS[:1]), decode_steps=2) == "pass"
+
+
+def test_grouped_query_dense_path_keeps_keys_grouped_and_equals_the_masked_path(tiny_gqa, monkeypatch):
+    """With grouped-query attention and no mask, SDPA gets the cached keys as they are (one per KV
+    head, `enable_gqa`), as stock passes them, except where FastV scores (its row needs every head's
+    keys); the logits equal the masked path's, which repeats the keys to every query head."""
+    model, processor = tiny_gqa
+    hybrid = hybrid_copy(model, fastv_k=64)
+    inputs = image_inputs(processor, QUESTIONS[1:2])
+    calls = []  # (KV heads of the keys passed, enable_gqa, no mask)
+    original = llava_compat.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, enable_gqa=False, **kwargs):
+        calls.append((key.shape[1], enable_gqa, attn_mask is None))
+        return original(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa, **kwargs)
+
+    monkeypatch.setattr(llava_compat, "scaled_dot_product_attention", spy)
+    steps = 2
+    fast = prefill_then_decode(hybrid, inputs, steps)
+    text = model.config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads
+    assert len(calls) == text.num_hidden_layers * (1 + steps)
+    grouped = [call for call in calls if call[1]]
+    assert len(grouped) == len(calls) - 1  # only the prefill's scoring layer repeats the keys
+    assert all(heads == text.num_key_value_heads and no_mask for heads, _, no_mask in grouped)
+    monkeypatch.setattr(engine, "prompt_is_dense", lambda *args: False)
+    calls.clear()
+    masked = prefill_then_decode(hybrid, inputs, steps)
+    assert not any(gqa for _, gqa, _ in calls) and all(heads == text.num_attention_heads for heads, _, _ in calls)
+    for a, b in zip(fast, masked):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()

@@ -133,7 +133,9 @@ def llama_layer_forward(
     with none where the caller knows every key is a real token and the queries are either the whole
     sequence (a prefill from an empty cache: `is_causal=True`, what stock passes without padding)
     or one new token (a decode step: no mask at all). Those are the calls that keep SDPA's fastest
-    kernels available; flash attention refuses an explicit mask.
+    kernels available; flash attention refuses an explicit mask. On that mask-free path a
+    grouped-query model's keys and values go to SDPA as cached (`enable_gqa`, as stock passes them
+    then), not repeated to every query head.
 
     When `score_query_index` is given the layer also returns the head-averaged attention row
     [B, K] of that query (FastV's score), computed from the same rotated queries and keys; with
@@ -157,9 +159,17 @@ def llama_layer_forward(
     if keys_out is not None:
         keys_out.append(key_states)
     if cache is not None:
-        key_states, value_states = cache.update(key_states, value_states, layer_idx)
-    key_states = repeat_kv(key_states, attention.num_key_value_groups)  # [B, H, K, D]
-    value_states = repeat_kv(value_states, attention.num_key_value_groups)
+        key_states, value_states = cache.update(key_states, value_states, layer_idx)  # [B, Hkv, K, D]
+    groups = attention.num_key_value_groups
+    if groups > 1 and attention_mask is None and score_query_index is None and score_rows is None:
+        # grouped-query attention inside SDPA, as stock does without a mask: repeating the cached keys
+        # and values to every query head would copy the whole cache in every layer at every step
+        attn_output = scaled_dot_product_attention(
+            query_states, key_states, value_states, scale=attention.scaling, is_causal=length > 1, enable_gqa=True
+        )
+        return _attention_output_and_mlp(layer, residual, attn_output), None
+    key_states = repeat_kv(key_states, groups)  # [B, H, K, D]
+    value_states = repeat_kv(value_states, groups)
 
     scores = None
     if score_query_index is not None and eager_scoring:
@@ -182,10 +192,15 @@ def llama_layer_forward(
             )
         elif score_rows is not None:
             scores = rater_attention(query_states, key_states, attention_mask, *score_rows, attention.scaling)
-    attn_output = attn_output.transpose(1, 2).reshape(batch, length, -1)
-    hidden_states = residual + attention.o_proj(attn_output)
-    hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
-    return hidden_states, scores
+    return _attention_output_and_mlp(layer, residual, attn_output), scores
+
+
+def _attention_output_and_mlp(layer: nn.Module, residual: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+    """The rest of a LlamaDecoderLayer after SDPA: heads [B, H, Q, D] joined, o_proj, the residuals and
+    the MLP; the layer's output [B, Q, hidden]."""
+    batch, _, length, _ = attn_output.shape
+    hidden_states = residual + layer.self_attn.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1))
+    return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
 def layer_attention_row(
