@@ -11,7 +11,7 @@ from hybrid_vlm.hf_compat import cache_kwarg, new_cache
 from hybrid_vlm.syncs import check_no_host_syncs
 from hybrid_vlm.tiny import ensure_tiny_thresholds
 
-from conftest import QUESTIONS, hybrid_copy, image_inputs
+from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, hybrid_copy, image_inputs
 
 NEW_TOKENS = 5
 SETTINGS = [dict(), dict(fastv_k=64), dict(fastv_k=0.5, fastv_layer=1), dict(visual_pool=3, fastv_k=16), dict(fastv_k=32, fastv_select="random")]
@@ -128,7 +128,7 @@ def test_batch_of_one_has_no_host_syncs(tiny, fastv_k):
 def test_grouped_query_dense_path_keeps_keys_grouped_and_equals_the_masked_path(tiny_gqa, monkeypatch):
     """With grouped-query attention and no mask, SDPA gets the cached keys as they are (one per KV
     head, `enable_gqa`), as stock passes them, except where FastV scores (its row needs every head's
-    keys); the logits equal the masked path's, which repeats the keys to every query head."""
+    keys); the logits equal the masked path's, whose prefill repeats the keys to every query head."""
     model, processor = tiny_gqa
     hybrid = hybrid_copy(model, fastv_k=64)
     inputs = image_inputs(processor, QUESTIONS[1:2])
@@ -151,6 +151,31 @@ def test_grouped_query_dense_path_keeps_keys_grouped_and_equals_the_masked_path(
     monkeypatch.setattr(engine, "prompt_is_dense", lambda *args: False)
     calls.clear()
     masked = prefill_then_decode(hybrid, inputs, steps)
-    assert not any(gqa for _, gqa, _ in calls) and all(heads == text.num_attention_heads for heads, _, _ in calls)
+    prefill = calls[: text.num_hidden_layers]  # a masked prefill repeats the keys to every query head
+    assert not any(gqa for _, gqa, _ in prefill) and all(heads == text.num_attention_heads for heads, _, _ in prefill)
     for a, b in zip(fast, masked):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_grouped_query_masked_decode_keeps_keys_grouped_and_equals_each_prompt_alone(tiny_gqa, monkeypatch):
+    """A left-padded batch takes the masked path: its decode steps still pass the cached keys as they
+    are, folding each KV head's query heads into rows (stock's pack_gqa); the prefill repeats them.
+    The batch's greedy tokens equal each prompt generated alone (the mask-free path)."""
+    model, processor = tiny_gqa
+    hybrid = hybrid_copy(model, fastv_k=64)
+    text = model.config.text_config
+    calls = []  # (query rows, KV heads of the keys passed, masked)
+    original = llava_compat.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        calls.append((query.shape[2], key.shape[1], attn_mask is not None))
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(llava_compat, "scaled_dot_product_attention", spy)
+    prefill_then_decode(hybrid, image_inputs(processor, QUESTIONS), steps=2)
+    prefill, steps = calls[: text.num_hidden_layers], calls[text.num_hidden_layers :]
+    assert all(masked and heads == text.num_attention_heads for _, heads, masked in prefill)
+    groups = text.num_attention_heads // text.num_key_value_heads
+    assert steps and all(masked and heads == text.num_key_value_heads and rows == groups for rows, heads, masked in steps)
+    monkeypatch.undo()
+    assert_batched_generation_equals_each_alone(hybrid, processor, NEW_TOKENS)

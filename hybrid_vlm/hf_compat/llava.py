@@ -133,9 +133,9 @@ def llama_layer_forward(
     with none where the caller knows every key is a real token and the queries are either the whole
     sequence (a prefill from an empty cache: `is_causal=True`, what stock passes without padding)
     or one new token (a decode step: no mask at all). Those are the calls that keep SDPA's fastest
-    kernels available; flash attention refuses an explicit mask. On that mask-free path a
-    grouped-query model's keys and values go to SDPA as cached (`enable_gqa`, as stock passes them
-    then), not repeated to every query head.
+    kernels available; flash attention refuses an explicit mask. A grouped-query model's keys and
+    values go to SDPA as cached, not repeated to every query head, on that mask-free path and in a
+    masked one-token step (`grouped_query_sdpa`); only a masked prefill and the scoring layers repeat them.
 
     When `score_query_index` is given the layer also returns the head-averaged attention row
     [B, K] of that query (FastV's score), computed from the same rotated queries and keys; with
@@ -161,12 +161,8 @@ def llama_layer_forward(
     if cache is not None:
         key_states, value_states = cache.update(key_states, value_states, layer_idx)  # [B, Hkv, K, D]
     groups = attention.num_key_value_groups
-    if groups > 1 and attention_mask is None and score_query_index is None and score_rows is None:
-        # grouped-query attention inside SDPA, as stock does without a mask: repeating the cached keys
-        # and values to every query head would copy the whole cache in every layer at every step
-        attn_output = scaled_dot_product_attention(
-            query_states, key_states, value_states, scale=attention.scaling, is_causal=length > 1, enable_gqa=True
-        )
+    if groups > 1 and score_query_index is None and score_rows is None and (attention_mask is None or length == 1):
+        attn_output = grouped_query_sdpa(query_states, key_states, value_states, attention_mask, attention.scaling)
         return _attention_output_and_mlp(layer, residual, attn_output), None
     key_states = repeat_kv(key_states, groups)  # [B, H, K, D]
     value_states = repeat_kv(value_states, groups)
@@ -193,6 +189,27 @@ def llama_layer_forward(
         elif score_rows is not None:
             scores = rater_attention(query_states, key_states, attention_mask, *score_rows, attention.scaling)
     return _attention_output_and_mlp(layer, residual, attn_output), scores
+
+
+def grouped_query_sdpa(
+    query: torch.Tensor,  # [B, H, Q, D]
+    key: torch.Tensor,  # [B, Hkv, K, D] as cached
+    value: torch.Tensor,  # [B, Hkv, K, D]
+    attention_mask: torch.Tensor | None,  # None (every key real), or [B, 1, 1, K] for a one-token step
+    scale: float,
+) -> torch.Tensor:
+    """[B, H, Q, D]: grouped-query attention without repeating the cached keys and values to every
+    query head, which would copy the whole cache in every layer at every step. Without a mask SDPA
+    groups the heads itself (`enable_gqa`, as stock passes it then); a one-token step under a mask
+    folds each KV head's g query heads into g query rows that share its keys and the step's one
+    mask row (stock's `pack_gqa`)."""
+    batch, heads, length, dim = query.shape
+    if attention_mask is None:
+        return scaled_dot_product_attention(query, key, value, scale=scale, is_causal=length > 1, enable_gqa=True)
+    kv_heads = key.shape[1]
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads of one KV head are adjacent
+    output = scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scale)
+    return output.reshape(batch, heads, 1, dim)
 
 
 def _attention_output_and_mlp(layer: nn.Module, residual: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
