@@ -8,6 +8,7 @@ import torch
 import hybrid_vlm.hf_compat.llava as llava_compat
 import hybrid_vlm.model as engine
 from hybrid_vlm.hf_compat import cache_kwarg, new_cache
+from hybrid_vlm.hf_compat.llava import grouped_query_sdpa, repeat_kv
 from hybrid_vlm.syncs import check_no_host_syncs
 from hybrid_vlm.tiny import ensure_tiny_thresholds
 
@@ -179,3 +180,23 @@ def test_grouped_query_masked_decode_keeps_keys_grouped_and_equals_each_prompt_a
     assert steps and all(masked and heads == text.num_key_value_heads and rows == groups for rows, heads, masked in steps)
     monkeypatch.undo()
     assert_batched_generation_equals_each_alone(hybrid, processor, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, keys", [(3, 8, 2, 37), (2, 4, 1, 5), (1, 6, 3, 1)])
+def test_grouped_query_sdpa_equals_sdpa_over_repeated_keys(batch, heads, kv_heads, keys):
+    """The reference repeats the keys to every query head (transformers' repeat_kv) and calls SDPA:
+    a causal prefill without a mask, and a one-token step with and without a padding mask."""
+    generator = torch.Generator().manual_seed(batch * 100 + keys)
+    key, value = (torch.randn(batch, kv_heads, keys, 16, generator=generator) for _ in range(2))
+    groups = heads // kv_heads
+    wide_key, wide_value = repeat_kv(key, groups), repeat_kv(value, groups)
+    step = torch.randn(batch, heads, 1, 16, generator=generator)
+    valid = torch.rand(batch, keys, generator=generator) > 0.3
+    valid[:, -1] = True  # the new token itself
+    mask = valid[:, None, None, :]
+    cases = [(step, None), (step, mask), (torch.randn(batch, heads, keys, 16, generator=generator), None)]
+    for query, attention_mask in cases:
+        causal = attention_mask is None and query.shape[2] > 1
+        expected = torch.nn.functional.scaled_dot_product_attention(query, wide_key, wide_value, attn_mask=attention_mask, is_causal=causal, scale=0.25)
+        got = grouped_query_sdpa(query, key, value, attention_mask, 0.25)
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6, rtol=1e-5)

@@ -202,7 +202,8 @@ def grouped_query_sdpa(
     query head, which would copy the whole cache in every layer at every step. Without a mask SDPA
     groups the heads itself (`enable_gqa`, as stock passes it then); a one-token step under a mask
     folds each KV head's g query heads into g query rows that share its keys and the step's one
-    mask row (stock's `pack_gqa`)."""
+    mask row (stock's `pack_gqa`). The caller guarantees the two cases: no mask only for a prefill
+    from an empty cache (Q == K) or a one-token step, a mask only with Q == 1."""
     batch, heads, length, dim = query.shape
     if attention_mask is None:
         return scaled_dot_product_attention(query, key, value, scale=scale, is_causal=length > 1, enable_gqa=True)
