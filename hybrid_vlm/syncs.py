@@ -64,12 +64,19 @@ def _prefill(model, inputs: dict):
 def count_cuda_syncs(model, inputs: dict, decode_steps: int) -> tuple[int, int]:
     """(host syncs in a prefill, host syncs in its `decode_steps` decode steps), counted as the
     warnings of CUDA sync-debug mode "warn", after an uncounted warm-up."""
-    inputs = device_inputs(model, inputs)
-    prefill_and_decode(model, inputs, decode_steps)
-    torch.cuda.synchronize()
+    inputs = _warmed_up(model, inputs, decode_steps)
     (_, step), prefill_syncs = _with_sync_count(lambda: _prefill(model, inputs))
     _, decode_syncs = _with_sync_count(lambda: [step() for _ in range(decode_steps)])
     return prefill_syncs, decode_syncs
+
+
+def _warmed_up(model, inputs: dict, decode_steps: int) -> dict:
+    """The inputs on the device after one unchecked prefill + decode (lazy initialisation may sync
+    once) and a synchronize, so that a checked region starts from an idle device."""
+    inputs = device_inputs(model, inputs)
+    prefill_and_decode(model, inputs, decode_steps)
+    torch.cuda.synchronize(next(model.parameters()).device)
+    return inputs
 
 
 def _with_sync_count(run):
@@ -103,9 +110,7 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
         if dymu:
             return dymu_sync_verdict(model, inputs, decode_steps)
         if device.type == "cuda":
-            inputs = device_inputs(model, inputs)
-            prefill_and_decode(model, inputs, decode_steps)
-            torch.cuda.synchronize(device)
+            inputs = _warmed_up(model, inputs, decode_steps)
             torch.cuda.set_sync_debug_mode("error")
             try:
                 prefill_and_decode(model, inputs, decode_steps)

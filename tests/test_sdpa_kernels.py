@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hybrid_vlm.hf_compat.llava as llava_compat
+from hybrid_tools import bench
 from hybrid_tools.sdpa_kernels import SdpaCall, profile_sdpa, summarize_phase
-from hybrid_vlm.hf_compat import cache_kwarg, new_cache
 
 from conftest import QUESTIONS, hybrid_copy, image_inputs
 
@@ -16,20 +16,9 @@ DECODE_STEPS = 2
 
 
 def run_phases(model, inputs):
-    """(prefill, decode) callables the profiler runs: a prefill, then DECODE_STEPS steps on its cache."""
-    cache = new_cache(model)
-
-    def prefill():
-        return model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
-
-    def decode(output):
-        mask = inputs["attention_mask"]
-        token = output.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(DECODE_STEPS):
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            token = model(input_ids=token, attention_mask=mask, **cache_kwarg(cache), use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-
-    return prefill, decode
+    """(prefill, decode) callables the profiler runs, as the bench's trace runs them: a prefill, then
+    DECODE_STEPS greedy steps on its cache."""
+    return lambda: bench.prefill(model, inputs), lambda output: bench.decode(model, output, inputs["attention_mask"], DECODE_STEPS)
 
 
 @pytest.mark.parametrize("questions", [QUESTIONS[:1], QUESTIONS[:2]], ids=["batch1", "padded-batch2"])
