@@ -83,6 +83,7 @@ from transformers import (
 )
 
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
+from hybrid_vlm.config import MASK_READS
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_module, output_cache
@@ -109,7 +110,7 @@ QWEN_IMAGE_SIZE = (1120, 896)  # width, height: 40 x 32 merged units = 1,280 tok
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 NEXT_IMAGE_SIZE = (640, 480)  # width, height
 CSV_COLUMNS = (
-    "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu",
+    "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu", "mask_read",
     "batch_size", "text_tokens", "visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept",
     "vision_ms", "llm_prefill_ms", "prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_ms_per_token",
     "generate_tokens_per_s", "peak_mem_mb", "peak_mem_abs_mb", "mem_kind", "kv_cache_mb_theory",
@@ -259,17 +260,20 @@ BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune"
 
 def build_configs(args) -> list[BenchConfig]:
     """[stock], vanilla, FastV (k x layer x scoring x position mode), DyMU per threshold file, and
-    hybrid = each DyMU file x each FastV setting."""
+    hybrid = each DyMU file x each FastV setting; vanilla, FastV and --methods once per --mask-read."""
 
     fastv = [
         dict(fastv_k=parse_fastv_k(k), fastv_layer=layer, scoring=scoring, position_mode=mode)
         for k, layer, scoring, mode in product(args.fastv_k, args.fastv_layer, args.scoring, args.position_mode)
     ]
-    settings = [("vanilla", {})] + [("fastv", f) for f in fastv]
-    for method, budget in product(args.methods, args.budgets):
-        settings.append((method, method_settings(method, budget, args.position_mode[0])))
+    settings = []
+    for mask_read in args.mask_read:  # DyMU rows keep the first: merged counts differ, so a batch pads anyway
+        settings += [("vanilla", dict(mask_read=mask_read))] + [("fastv", dict(f, mask_read=mask_read)) for f in fastv]
+        for method, budget in product(args.methods, args.budgets):
+            settings.append((method, dict(method_settings(method, budget, args.position_mode[0]), mask_read=mask_read)))
+    fastv = [dict(f, mask_read=args.mask_read[0]) for f in fastv]
     for dymu in args.dymu:
-        settings += [("dymu", dict(dymu=dymu))] + [("hybrid", dict(f, dymu=dymu)) for f in fastv]
+        settings += [("dymu", dict(dymu=dymu, mask_read=args.mask_read[0]))] + [("hybrid", dict(f, dymu=dymu)) for f in fastv]
     configs = [BenchConfig("stock", "stock")]
     seen = {c.name for c in configs}
     for method, kwargs in settings:
@@ -662,6 +666,9 @@ def parse_args(argv=None):
     parser.add_argument("--fastv-layer", nargs="+", type=int, default=[2], help="FastV layers K to sweep (default 2)")
     parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=["row"], help="FastV scorers to compare")
     parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=["logical"])
+    parser.add_argument("--mask-read", nargs="+", choices=MASK_READS, default=["never"],
+                        help="HybridConfig.mask_read for the vanilla, FastV and --methods rows, each one given (default never; "
+                        "once reads a batch's attention_mask on the host so an unpadded batch runs SDPA without it)")
     parser.add_argument("--dymu", nargs="*", default=[], help="DyMU threshold files: adds DyMU and DyMU+FastV (hybrid) rows")
     parser.add_argument(
         "--dymu-target", nargs="*", default=[],
@@ -806,7 +813,8 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         config=config.name, status=config.status, method=config.method, note=config.note,
         fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if prunes else None,
         scoring=hybrid.scoring if prunes else None, position_mode=getattr(hybrid, "position_mode", None),
-        dymu=portable(getattr(hybrid, "dymu", None)), batch_size=args.batch_size, text_tokens=bench.text_tokens,
+        dymu=portable(getattr(hybrid, "dymu", None)), mask_read=getattr(hybrid, "mask_read", None),
+        batch_size=args.batch_size, text_tokens=bench.text_tokens,
         repeats=len(config.runs),
     )
     if config.status != "ok":

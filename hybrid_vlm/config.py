@@ -20,6 +20,7 @@ POSITION_MODES = ("logical", "renumbered")
 NEWLINE_RULES = ("prune", "keep")
 SCORING_MODES = ("row", "eager")
 DART_QUOTAS = ("official", "matched")
+MASK_READS = ("never", "once")
 
 
 
@@ -199,6 +200,11 @@ class HybridConfig:
         rule C). FastV and random selection are `fastv_k` / `fastv_select`; DyMU is `dymu`.
     dart_quota: "official" (4 + 8 * (budget // 8) kept, as published) or "matched" (exactly the budget).
     dart_pivots: "sorted" (pivots visited by position, no host sync) or "official" (CPython set order).
+    mask_read: whether a batch of several prompts passed with an attention_mask may run SDPA without
+        a mask. "never" (the default: no host sync) keeps the mask in every layer; "once" reads the
+        mask on the host in the first forward of a generate (one sync, as stock transformers makes)
+        and, where it holds no padding, runs the mask-free path as for one prompt (flash on CUDA).
+        Outputs are the same either way; only the SDPA kernels differ.
     """
 
     fastv_k: int | float | None = None
@@ -215,6 +221,7 @@ class HybridConfig:
     visual_budget: int | float | None = None
     dart_quota: str = "official"
     dart_pivots: str = "sorted"
+    mask_read: str = "never"
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -249,6 +256,8 @@ class HybridConfig:
             raise ValueError(f"DART_QUOTA={self.dart_quota!r} is not valid: use one of {', '.join(DART_QUOTAS)}.")
         if self.dart_pivots not in DART_PIVOT_ORDERS:
             raise ValueError(f"DART_PIVOTS={self.dart_pivots!r} is not valid: use one of {', '.join(DART_PIVOT_ORDERS)}.")
+        if self.mask_read not in MASK_READS:
+            raise ValueError(f"MASK_READ={self.mask_read!r} is not valid: use one of {', '.join(MASK_READS)}.")
         budgeted = [name for name in list_methods() if get_method(name).budget_setting == "VISUAL_BUDGET"]
         if self.visual_method is not None:
             self._check_visual_method(budgeted)
@@ -311,7 +320,8 @@ class HybridConfig:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
         """Read VISUAL_METHOD and VISUAL_BUDGET (`method_settings`), FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED, FASTV_NEWLINES,
         VISUAL_POOL (a block side), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official | slot, default
-        official) and HYBRID_POSITIONS (logical | renumbered, default logical); keyword overrides win."""
+        official), HYBRID_POSITIONS (logical | renumbered, default logical) and MASK_READ (never | once,
+        default never); keyword overrides win."""
         env = os.environ if environ is None else environ
         positions = (env.get("HYBRID_POSITIONS") or "logical").strip()
         if positions not in POSITION_MODES:
@@ -331,6 +341,9 @@ class HybridConfig:
                                     "official (4 + 8 * (budget // 8) kept, as published: the default) or matched (exactly the budget)"),
             dart_pivots=parse_choice("DART_PIVOTS", env.get("DART_PIVOTS"), DART_PIVOT_ORDERS,
                                      "sorted (pivots visited by position, no host sync: the default) or official (CPython set order, one host read)"),
+            mask_read=parse_choice("MASK_READ", env.get("MASK_READ"), MASK_READS,
+                                   "never (a batch passed with an attention_mask keeps it in every layer, no host sync: the default) "
+                                   "or once (the mask is read on the host once per generate; an unpadded batch then runs SDPA without it)"),
         )
         values.update(method_settings(env, fastv_k))
         values.update(overrides)
@@ -368,4 +381,5 @@ class HybridConfig:
             parts.append(self.position_mode)
         if self.scoring != "row":
             parts.append(f"scoring-{self.scoring}")
-        return "_".join(parts) or "vanilla"
+        tag = "_".join(parts) or "vanilla"
+        return tag + (f"_mask-read-{self.mask_read}" if self.mask_read != "never" else "")

@@ -157,18 +157,19 @@ def attention_mask_4d(key_valid: torch.Tensor, query_length: int) -> torch.Tenso
     return allowed | (key_at == query_at)
 
 
-def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_padding: bool) -> bool:
-    """Whether every key of this prompt, before and after pruning, is a real token, decided from
-    what Python knows (no host sync): no mask was passed, or the batch is one prompt (which the
-    processor never pads), and no slot can be empty (`slot_padding`: DyMU's merged-away slots, or
-    fillers for prompts with fewer image placeholders). A batch-1 mask with a zero is refused
-    (`require`)."""
+def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_padding: bool, read_mask: bool = False) -> bool:
+    """Whether every key of this prompt, before and after pruning, is a real token. Decided from what
+    Python knows (no host sync): no mask was passed, or the batch is one prompt (which the processor
+    never pads), and no slot can be empty (`slot_padding`: DyMU's merged-away slots, fillers for
+    prompts with fewer image placeholders, or unequal quotas). A batch-1 mask with a zero is refused
+    (`require`). With `read_mask` (MASK_READ=once) a batch's mask is read on the host instead of
+    assumed padded: the one host sync of the prompt, made only where the answer can change the path."""
     if attention_mask is None:
         return not (slot_padding and batch > 1)
-    if batch != 1:
-        return False
-    require(attention_mask.bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
-    return True
+    if batch == 1:
+        require(attention_mask.bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
+        return True
+    return read_mask and not slot_padding and bool(attention_mask.bool().all())
 
 
 def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
@@ -311,8 +312,10 @@ class HybridDecoder:
         stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
         # Dense: no layer needs a mask (see prompt_is_dense). A chunk over a filled cache keeps its mask.
         slot_padding = slots is not None and (slots.fillers or (slots.compact and not slots.equal_counts))
-        dense = prompt_is_dense(attention_mask, batch, slot_padding) if state is None else state.dense
-        dense = dense and all(plan.uniform for plan in stages.values())  # unequal quotas leave kept slots that are not real
+        unequal_quotas = not all(plan.uniform for plan in stages.values())  # they leave kept slots that are not real
+        read_mask = config.mask_read == "once"
+        dense = prompt_is_dense(attention_mask, batch, slot_padding or unequal_quotas, read_mask) if state is None else state.dense
+        dense = dense and not unequal_quotas
         loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
         if cache is not None:
             visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None

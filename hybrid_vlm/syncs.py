@@ -6,10 +6,14 @@ warm-up (lazy initialisation may sync once); on CPU they run on a copy of the mo
 device, where tensors have no data, so any `.item()`, `bool(tensor)`, `nonzero` or boolean index
 fails. Either way a host sync in the forward is a "fail: <what raised>".
 
-DyMU reads one number per batch by design (the largest merged token count, which sizes the LLM
-input). On CUDA its syncs are counted instead (sync-debug mode "warn"): at most one in the prefill
-and none in the decode steps passes. On CPU it is reported as not applicable: the meta device cannot
-run a forward that reads a value.
+Two reads per prompt are made by design, and are counted instead of failing the check:
+- DyMU reads one number per batch (the largest merged token count, which sizes the LLM input). On
+  CUDA its syncs are counted (sync-debug mode "warn"). On CPU it is reported as not applicable: the
+  meta device cannot run a forward that needs that number.
+- `mask_read="once"` reads a batch's attention_mask in the prefill (does it hold padding?). On CUDA
+  it is counted as DyMU's is; on the meta device that one `bool()` is answered "no padding" and
+  counted, so the mask-free path that follows is checked like any other.
+Either passes with at most its designed reads in the prefill and none in the decode steps.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .hf_compat import cache_kwarg, new_cache
 from .model import HybridDecoder, apply_hybrid, stock_class
@@ -100,15 +105,28 @@ def meta_copy(model):
     return copy.eval()
 
 
+def designed_prompt_reads(model, inputs: dict) -> int:
+    """Host reads the engine makes in a prompt's prefill by design: DyMU's token count, and the
+    attention_mask read of `mask_read="once"` where a batch of several prompts passes a mask."""
+    if not isinstance(model, HybridDecoder):
+        return 0
+    config, mask = model.hybrid_config, inputs.get("attention_mask")
+    mask_read = config.mask_read == "once" and mask is not None and mask.shape[0] > 1
+    return DYMU_PROMPT_SYNCS * (config.dymu is not None) + int(mask_read)
+
+
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
-    """"pass", "fail: <first line of the error>", or why the check does not apply."""
+    """"pass", "fail: <first line of the error>", or why the check does not apply; with designed
+    reads (`designed_prompt_reads`), "pass: <counts>" or "fail: <counts>"."""
     device = next(model.parameters()).device
     dymu = isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None
     if dymu and device.type != "cuda":
         return NOT_APPLICABLE_DYMU
+    allowed = designed_prompt_reads(model, inputs)
     try:
-        if dymu:
-            return dymu_sync_verdict(model, inputs, decode_steps)
+        if allowed:
+            counts = count_cuda_syncs(model, inputs, decode_steps) if device.type == "cuda" else count_meta_reads(model, inputs, decode_steps)
+            return reads_verdict(*counts, allowed, decode_steps)
         if device.type == "cuda":
             inputs = _warmed_up(model, inputs, decode_steps)
             torch.cuda.set_sync_debug_mode("error")
@@ -123,10 +141,35 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     return "pass"
 
 
-def dymu_sync_verdict(model, inputs: dict, decode_steps: int) -> str:
-    """DyMU on CUDA: at most DYMU_PROMPT_SYNCS syncs in the prefill (its one count per batch) and none
-    in the decode steps is a pass; the counts are in the verdict either way."""
-    prefill_syncs, decode_syncs = count_cuda_syncs(model, inputs, decode_steps)
+def reads_verdict(prefill_syncs: int, decode_syncs: int, allowed: int, decode_steps: int) -> str:
+    """At most `allowed` syncs in the prefill and none in the decode steps is a pass; the counts are
+    in the verdict either way."""
     counts = f"{prefill_syncs} sync(s) in the prefill, {decode_syncs} in {decode_steps} decode steps"
-    ok = prefill_syncs <= DYMU_PROMPT_SYNCS and decode_syncs == 0
-    return ("pass: " if ok else f"fail: more than {DYMU_PROMPT_SYNCS} per prompt or any per step: ") + counts
+    ok = prefill_syncs <= allowed and decode_syncs == 0
+    return ("pass: " if ok else f"fail: more than {allowed} per prompt or any per step: ") + counts
+
+
+class AnswerMaskReads(TorchFunctionMode):
+    """On the meta device, answers `bool(tensor)` with True (for the mask read: "no padding") and
+    counts it; every other read of a value (`item`, `tolist`, `nonzero`, ...) still fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__bool__ and args[0].device.type == "meta":
+            self.reads += 1
+            return True
+        return func(*args, **(kwargs or {}))
+
+
+def count_meta_reads(model, inputs: dict, decode_steps: int) -> tuple[int, int]:
+    """(bool reads in a prefill, in its `decode_steps` decode steps) of the model's meta copy."""
+    copy = meta_copy(model)
+    with AnswerMaskReads() as prefill:
+        _, step = _prefill(copy, inputs)
+    with AnswerMaskReads() as decode:
+        for _ in range(decode_steps):
+            step()
+    return prefill.reads, decode.reads

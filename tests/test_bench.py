@@ -142,3 +142,20 @@ def test_generate_tokens_per_s_counts_the_prefill_token():
     # batch 2, 4 decode steps: 10 new tokens in 0.14 s, 0.40 s and 0.10 s; the median rate is 10 / 0.14
     assert bench.generate_tokens_per_s(runs, batch=2, decode_tokens=4) == pytest.approx(10 / 0.14)
     assert math.isnan(bench.generate_tokens_per_s(runs, batch=2, decode_tokens=0))
+
+
+def test_mask_read_rows_run_an_unpadded_batch_without_a_mask():
+    """--mask-read never once: in an unpadded batch of two, the default rows keep the mask in every
+    layer and make no host read; the mask-read rows run SDPA without it and read once per prompt."""
+    rows = bench.main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--no-memory", "--no-progress",
+                       "--fastv-k", "16", "--batch-size", "2", "--mask-read", "never", "once", "--kernels", "--sync-debug"])
+    by_name = {row["config"]: row for row in rows}
+    assert list(by_name) == ["stock", "vanilla", "fastv-k16-l2", "vanilla_mask-read-once", "fastv-k16-l2_mask-read-once"]
+    layers = build_tiny_llava()[0].config.text_config.num_hidden_layers
+    for name in ("vanilla", "fastv-k16-l2"):
+        never, once = by_name[name], by_name[name + "_mask-read-once"]
+        assert (never["mask_read"], once["mask_read"]) == ("never", "once")
+        assert f"L0-{layers - 1} " in never["sdpa_prefill"] and never["sdpa_prefill"].endswith("+mask")
+        assert once["sdpa_prefill"].split("; ")[-1] == f"L0-{layers - 1} flash-cpu" and "+mask" not in once["sdpa_decode"]
+        assert never["sync_debug"] == "pass"
+        assert once["sync_debug"] == f"pass: 1 sync(s) in the prefill, 0 in {bench.SYNC_CHECK_DECODE_STEPS} decode steps"

@@ -112,6 +112,86 @@ def test_no_mask_passed_is_dense_for_a_batch(tiny, monkeypatch):
     assert spy.masked == 0 and spy.causal == model.config.text_config.num_hidden_layers
 
 
+def unpadded_pair(processor):
+    inputs = image_inputs(processor, [QUESTIONS[0], QUESTIONS[0]], seeds=[0, 1])  # same length: no padding
+    assert bool(inputs["attention_mask"].all())
+    return inputs
+
+
+def test_mask_read_once_runs_an_unpadded_batch_without_a_mask_and_as_stock(tiny, monkeypatch):
+    """MASK_READ=once: a batch of two with the processor's all-ones mask runs every layer without a
+    mask, and its logits are stock transformers' (which reads and drops that mask)."""
+    model, processor = tiny
+    inputs = unpadded_pair(processor)
+    layers = model.config.text_config.num_hidden_layers
+    reference = prefill_then_decode(model, inputs)  # stock, before the spy
+    spy = SdpaSpy(monkeypatch)
+    once = prefill_then_decode(hybrid_copy(model, mask_read="once"), inputs)
+    assert spy.masked == 0 and spy.causal == layers and spy.unmasked == 3 * layers
+    for a, b in zip(once, reference):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("settings", [dict(fastv_k=64), dict(fastv_k=0.5, fastv_layer=1), dict(visual_pool=3, fastv_k=16)], ids=str)
+def test_mask_read_once_generates_an_unpadded_batch_as_each_prompt_alone(tiny, monkeypatch, settings):
+    """Through generate with the processor's all-ones mask: no layer masked, and each prompt's greedy
+    tokens are the ones it gets alone (batch 1, the mask-free path of its own)."""
+    model, processor = tiny
+    hybrid = hybrid_copy(model, mask_read="once", **settings)
+    inputs = unpadded_pair(processor)
+    spy = SdpaSpy(monkeypatch)
+    with torch.no_grad():
+        batched = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert spy.masked == 0 and spy.unmasked == NEW_TOKENS * model.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        for i in range(2):
+            alone = hybrid.generate(**image_inputs(processor, [QUESTIONS[0]], seeds=[i]), max_new_tokens=NEW_TOKENS,
+                                    min_new_tokens=NEW_TOKENS, do_sample=False)
+            assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+
+
+def test_mask_read_once_keeps_the_mask_of_a_padded_batch(tiny, monkeypatch):
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS)
+    assert (inputs["attention_mask"] == 0).any()
+    spy = SdpaSpy(monkeypatch)
+    prefill_then_decode(hybrid_copy(model, fastv_k=64, mask_read="once"), inputs, steps=1)
+    assert spy.unmasked == 0 and spy.masked == 2 * model.config.text_config.num_hidden_layers
+
+
+def test_mask_read_never_keeps_the_mask_of_an_unpadded_batch(tiny, monkeypatch):
+    """The default makes no host read, so a batch passed with a mask keeps it."""
+    model, processor = tiny
+    spy = SdpaSpy(monkeypatch)
+    prefill_then_decode(hybrid_copy(model, fastv_k=64), unpadded_pair(processor), steps=1)
+    assert spy.unmasked == 0 and spy.masked == 2 * model.config.text_config.num_hidden_layers
+
+
+@pytest.mark.parametrize("fastv_k", [None, 64])
+def test_mask_read_once_reads_once_per_prompt_and_never_per_step(tiny, fastv_k):
+    model, processor = tiny
+    inputs = unpadded_pair(processor)
+    assert check_no_host_syncs(hybrid_copy(model, fastv_k=fastv_k, mask_read="once"), inputs, decode_steps=2) == (
+        "pass: 1 sync(s) in the prefill, 0 in 2 decode steps")
+    assert check_no_host_syncs(hybrid_copy(model, fastv_k=fastv_k), inputs, decode_steps=2) == "pass"
+
+
+def test_the_counted_check_fails_on_a_read_beyond_the_mask(tiny, monkeypatch):
+    """A layer that also reads a value on the host (here `bool`, which the count answers) fails it."""
+    model, processor = tiny
+    mlp_class = type(model.model.language_model.layers[0].mlp)  # the engine drives each layer's parts
+    forward = mlp_class.forward
+
+    def reading_forward(self, hidden_states):
+        bool(hidden_states.sum() != 0)
+        return forward(self, hidden_states)
+
+    monkeypatch.setattr(mlp_class, "forward", reading_forward)
+    verdict = check_no_host_syncs(hybrid_copy(model, mask_read="once"), unpadded_pair(processor), decode_steps=2)
+    layers = model.config.text_config.num_hidden_layers
+    assert verdict == f"fail: more than 1 per prompt or any per step: {1 + layers} sync(s) in the prefill, {2 * layers} in 2 decode steps"
+
+
 def test_a_batch_of_one_with_padding_is_refused(tiny):
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS[:1])

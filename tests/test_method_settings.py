@@ -28,6 +28,9 @@ from vlmeval_plugin import settings
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "192"}, dict(visual_method="pool", visual_budget=192, visual_pool=None)),
         ("llava_v1.5_7b_pool", {}, dict(visual_pool=2, visual_method=None)),
         ("llava_tiny_visionzip", {"VISUAL_BUDGET": "128", "HYBRID_POSITIONS": "renumbered"}, dict(visual_budget=128, position_mode="renumbered")),
+        ("llava_v1.5_7b_fastv", {"FASTV_K": "64", "MASK_READ": "once"}, dict(fastv_k=64, mask_read="once")),
+        ("llava_v1.5_7b_dart", {"MASK_READ": "once"}, dict(visual_method="dart", mask_read="once")),
+        ("llava_v1.5_7b_fastv", {}, dict(mask_read="never")),
     ],
 )
 def test_names_decide_the_method(name, env, expected):
@@ -48,6 +51,7 @@ def test_names_decide_the_method(name, env, expected):
         ("llava_v1.5_7b_fastv", {"VISUAL_METHOD": "fastv", "VISUAL_BUDGET": "64", "FASTV_SELECT": "random"}, "conflicts with FASTV_SELECT=random"),
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "193"}, "not reachable by pool: .* nearby reachable budgets: .*192"),
         ("llava_v1.5_7b_divprune", {"VISUAL_BUDGET": "600"}, "not reachable by divprune: use an integer 1..576"),
+        ("llava_v1.5_7b_fastv", {"MASK_READ": "always"}, "MASK_READ='always' is not valid: use never .* or once"),
     ],
 )
 def test_conflicting_or_malformed_settings_are_refused(name, env, message):
@@ -79,6 +83,8 @@ def test_tags_carry_method_budget_positions_and_seed():
     assert len(tags) == 16
     assert HybridConfig(visual_method="visionzip", visual_budget=64).describe() == "visionzip-b64"
     assert HybridConfig(fastv_k=64, fastv_select="random", select_seed=2).describe() == "random-k64-l2-s2"
+    assert HybridConfig(fastv_k=64, mask_read="once").describe() == "fastv-k64-l2_mask-read-once"
+    assert HybridConfig(mask_read="once").describe() == "vanilla_mask-read-once"
     assert method_settings({}, None) == {}
 
 

@@ -313,6 +313,19 @@ def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
     assert absent[2][0].startswith("hybrid") and absent[2][-1] == "not measured"
 
 
+def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():
+    from hybrid_tools.report.targets import bench_targets
+
+    rows = synthetic_bench_rows(1.10, 0.2, None, "") + [
+        dict(config="vanilla_mask-read-once", method="vanilla", mask_read="once", batch_size=16, status="ok",
+             prefill_ratio=1.01, sync_debug="pass: 1 sync(s) in the prefill, 0 in 8 decode steps")]
+    found = {(name, row): (needed, verdict) for name, row, _, needed, verdict in bench_targets(rows)}
+    assert found[("engine overhead: prefill vs stock", "`vanilla`")][1] == "missed (slower)"
+    assert found[("engine overhead: prefill vs stock", "`vanilla_mask-read-once`")][1] == "met"
+    assert found[("host syncs (prefill + decode steps)", "`vanilla_mask-read-once`")] == ("≤ 1 per prompt, 0 per step", "met")
+    assert found[("host syncs (prefill + decode steps)", "`vanilla`")] == ("0", "met")
+
+
 def test_readme_demo_figures_quote_the_committed_demo_run():
     """The README's `python run.py` figures are the committed demo run's, read from its raw metric files."""
     readme = (REPO / "README.md").read_text()

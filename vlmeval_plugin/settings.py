@@ -272,10 +272,10 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         return method_config(name, variant, env)
     dymu = dymu_file(name, variant, env) if variant.dymu else None
     # Every name ignores the older settings it does not read: the fastv name never turns DyMU or
-    # pooling on, the dymu name never prunes. HYBRID_POSITIONS applies to all of them. VISUAL_METHOD
+    # pooling on, the dymu name never prunes. HYBRID_POSITIONS and MASK_READ apply to all of them. VISUAL_METHOD
     # naming another method, or VISUAL_BUDGET on a name without a budget, is refused instead
     # (`check_method_setting`): the name decides the method.
-    reads = ["HYBRID_POSITIONS"]
+    reads = ["HYBRID_POSITIONS", "MASK_READ"]
     if variant.fastv or variant.pool:
         reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
     if variant.dymu:
@@ -331,9 +331,9 @@ def check_method_setting(name: str, variant: Variant, env) -> None:
 
 
 def method_config(name: str, variant: Variant, env) -> HybridConfig:
-    """A method name's setting: VISUAL_BUDGET (default: the method's published one), HYBRID_POSITIONS;
+    """A method name's setting: VISUAL_BUDGET (default: the method's published one), HYBRID_POSITIONS, MASK_READ;
     random also FASTV_K (instead of VISUAL_BUDGET), FASTV_LAYER and SELECT_SEED."""
-    reads = ["VISUAL_BUDGET", "HYBRID_POSITIONS"]
+    reads = ["VISUAL_BUDGET", "HYBRID_POSITIONS", "MASK_READ"]
     if variant.method == "random":
         reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"]
     if variant.method == "dart":
