@@ -339,3 +339,16 @@ def test_readme_demo_figures_quote_the_committed_demo_run():
     cider = [json.loads((raw / model / f"{model}_TinyCOCO_score.json").read_text())["CIDEr"] for model in models]
     expected = "Overall " + " / ".join(f"{v:.1f}" for v in overall) + " and CIDEr " + " / ".join(f"{v:.1f}" for v in cider)
     assert quoted == expected
+
+
+def test_cpu_batch_mask_readme_quotes_its_raw_result():
+    """The table and the figures in the text of reports/cpu-batch-mask/README.md are the committed run's."""
+    folder = REPO / "reports" / "cpu-batch-mask"
+    medians = json.loads((folder / "raw" / "result.json").read_text())["median_prefill_ms"]
+    readme = (folder / "README.md").read_text()
+    table = readme.split("<!-- cpu-batch-mask:begin -->", 1)[1].split("<!-- cpu-batch-mask:end -->", 1)[0]
+    quoted = [line.strip("| ").split(" | ") for line in table.strip().splitlines()[2:]]
+    assert {name: float(value) for name, value in quoted} == {name: round(value, 1) for name, value in medians.items()}
+    never, once = (medians[name] for name in medians if "MASK_READ=never" in name or "MASK_READ=once" in name)
+    assert f"cost the engine {never - once:.1f} ms" in readme and f"about {(never - once) / once * 100:.0f}%" in readme
+    assert f"within {abs(once / medians['stock'] - 1) * 100:.1f}% of stock" in readme
