@@ -14,7 +14,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.qwen import qwen_image_slots, qwen_prompt_positions
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, qwen_inputs, qwen_two_image_inputs
+from conftest import QUESTIONS, QWEN_SIZES, qwen_inputs, qwen_two_image_inputs
 from qwen_reference import qwen_masked_reference, stock_positions
 from reference import greedy_without_cache
 from test_engine import NEW_TOKENS
@@ -233,3 +233,29 @@ def test_positions_and_logits_with_two_images_per_prompt(tiny_qwen):
     reference_logits, reference_kept = qwen_masked_reference(model, inputs, 0.5, 2)
     out, kept = engine_prefill(qwen_copy(model, fastv_k=0.5), inputs)
     assert_matches_reference(out, kept, reference_logits, reference_kept)
+
+
+def test_mask_read_once_runs_an_unpadded_batch_without_a_mask_as_each_alone(tiny_qwen, monkeypatch):
+    """Two prompts of one length with images of one size: MASK_READ=once reads the all-ones mask
+    once, no layer gets a mask, and each prompt's greedy tokens are the ones it gets alone."""
+    import hybrid_vlm.hf_compat.llava as llava_compat
+
+    model, processor = tiny_qwen
+    sizes = [QWEN_SIZES[0]] * 2
+    inputs = qwen_inputs(processor, [QUESTIONS[0]] * 2, sizes=sizes)
+    assert bool(inputs["attention_mask"].all())
+    hybrid = qwen_copy(model, fastv_k=16, mask_read="once")
+    assert check_no_host_syncs(hybrid, inputs, decode_steps=2) == "pass: 1 sync(s) in the prefill, 0 in 2 decode steps"
+    masked = []
+    original = llava_compat.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masked.append(attn_mask is not None)
+        return original(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(llava_compat, "scaled_dot_product_attention", spy)
+    batched = generate(hybrid, inputs)
+    assert masked and not any(masked)
+    for i in range(2):
+        alone = generate(hybrid, qwen_inputs(processor, [QUESTIONS[0]], indices=[i], sizes=sizes))
+        assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
