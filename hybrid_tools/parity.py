@@ -4,7 +4,7 @@ transformers computes, and does its mask-free SDPA path compute what its masked 
 1. The engine with nothing cut against stock transformers (batch 1, the processor's inputs).
 2. FastV (default K = 64) without a mask against FastV with one: a batch of two identical prompts
    passed without an `attention_mask` (every key real: SDPA `is_causal`, then no mask) and with its
-   all-ones `attention_mask` (the engine keeps the explicit mask, since it does not read it).
+   all-ones `attention_mask` (by default, MASK_READ=never, the engine keeps that mask: it does not read it).
 
 Each pair is compared on the last prompt token's logits (the largest difference, and that over the
 largest logit of the reference), the prompt positions FastV kept, and the greedy tokens of a

@@ -88,6 +88,13 @@ RESOURCES_HEADER = [
 ]
 
 
+RESOURCES_NOTE = (
+    "\"KV MB after prompt\" is read off the cache: it includes the slots a batch pads (unequal prompt lengths; "
+    "with DyMU, the images' unequal merged counts), while its theory counts each sample's own tokens, so the two "
+    "agree only where nothing is padded."
+)
+
+
 def resources_table(bench: Bench) -> str | None:
     """Memory, cache, throughput, syncs and SDPA backends per row; None for a bench.json written
     before the bench measured the cache (its rows have no kv_cache_mb_prompt)."""

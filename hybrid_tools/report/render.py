@@ -9,7 +9,7 @@ from pathlib import Path
 from hybrid_vlm import __version__
 
 from ..configs import Configuration, Entry, comparison_reference, delta, ratio
-from .bench import bench_command, bench_setup, bench_table, resources_table
+from .bench import RESOURCES_NOTE, bench_command, bench_setup, bench_table, resources_table
 from .markdown import Linker, display_path, fmt, md_table
 from .parity import parity_lines
 from .plots import plot_dataset
@@ -202,7 +202,7 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         lines += ["```bash", bench_command(meta) or "# bench command not recorded", "```", "", bench_table(bench), ""]
         resources = resources_table(bench)
         if resources:
-            lines += ["Memory, KV cache, throughput, host syncs and the SDPA backend each layer ran:", "", resources, ""]
+            lines += ["Memory, KV cache, throughput, host syncs and the SDPA backend each layer ran:", "", resources, "", RESOURCES_NOTE, ""]
         baseline = meta.get("baseline", "vanilla")
         meaning = BASELINE_MEANINGS.get(baseline, "a configuration of this bench")
         note = SPEED_NOTE.format(baseline=baseline, baseline_meaning=meaning, conventions=meta.get("conventions", "see hybrid_vlm.flops"))
