@@ -267,7 +267,7 @@ def build_configs(args) -> list[BenchConfig]:
         for k, layer, scoring, mode in product(args.fastv_k, args.fastv_layer, args.scoring, args.position_mode)
     ]
     settings = []
-    for mask_read in args.mask_read:  # DyMU rows keep the first: merged counts differ, so a batch pads anyway
+    for mask_read in args.mask_read:  # DyMU and hybrid rows take the first only, to keep a GPU slot's bench short
         settings += [("vanilla", dict(mask_read=mask_read))] + [("fastv", dict(f, mask_read=mask_read)) for f in fastv]
         for method, budget in product(args.methods, args.budgets):
             settings.append((method, dict(method_settings(method, budget, args.position_mode[0]), mask_read=mask_read)))
@@ -667,8 +667,9 @@ def parse_args(argv=None):
     parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=["row"], help="FastV scorers to compare")
     parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=["logical"])
     parser.add_argument("--mask-read", nargs="+", choices=MASK_READS, default=["never"],
-                        help="HybridConfig.mask_read for the vanilla, FastV and --methods rows, each one given (default never; "
-                        "once reads a batch's attention_mask on the host so an unpadded batch runs SDPA without it)")
+                        help="HybridConfig.mask_read for the vanilla, FastV and --methods rows, each one given; DyMU and hybrid "
+                        "rows take the first (default never; once reads a batch's attention_mask on the host so an unpadded "
+                        "batch runs SDPA without it)")
     parser.add_argument("--dymu", nargs="*", default=[], help="DyMU threshold files: adds DyMU and DyMU+FastV (hybrid) rows")
     parser.add_argument(
         "--dymu-target", nargs="*", default=[],
