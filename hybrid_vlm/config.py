@@ -202,7 +202,7 @@ class HybridConfig:
     dart_pivots: "sorted" (pivots visited by position, no host sync) or "official" (CPython set order).
     mask_read: whether a batch of several prompts passed with an attention_mask may run SDPA without
         a mask. "never" (the default: no host sync) keeps the mask in every layer; "once" reads the
-        mask on the host in the first forward of a generate (one sync, as stock transformers makes)
+        mask on the host in a forward over an empty cache (one sync per prompt; stock transformers reads it in every forward)
         and, where it holds no padding, runs the mask-free path as for one prompt (flash on CUDA).
         Outputs are the same either way; only the SDPA kernels differ.
     """
@@ -343,7 +343,7 @@ class HybridConfig:
                                      "sorted (pivots visited by position, no host sync: the default) or official (CPython set order, one host read)"),
             mask_read=parse_choice("MASK_READ", env.get("MASK_READ"), MASK_READS,
                                    "never (a batch passed with an attention_mask keeps it in every layer, no host sync: the default) "
-                                   "or once (the mask is read on the host once per generate; an unpadded batch then runs SDPA without it)"),
+                                   "or once (the mask is read on the host once per prompt; an unpadded batch then runs SDPA without it)"),
         )
         values.update(method_settings(env, fastv_k))
         values.update(overrides)

@@ -45,7 +45,7 @@ from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
 from .placement import place_images
 from .qwen import check_qwen_supported, qwen_image_slots, qwen_prompt_positions
-from .runtime import require
+from .runtime import read_on_host, require
 from .stages import (
     after_stage,
     check_per_image_budget,
@@ -169,7 +169,20 @@ def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_paddin
     if batch == 1:
         require(attention_mask.bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
         return True
-    return read_mask and not slot_padding and bool(attention_mask.bool().all())
+    return read_mask and not slot_padding and read_on_host(attention_mask.bool().all())
+
+
+def chunk_is_dense(prompt_dense: bool, attention_mask: torch.Tensor | None, batch: int, length: int) -> bool:
+    """Whether a forward over a filled cache keeps the prompt's mask-free path: a one-token step
+    (generate's new token is real) or a chunk passed without a mask does. A longer chunk may bring
+    padding: at batch 1 a zero in its mask is refused (`require`); in a batch it is not read, and
+    every later step keeps the mask."""
+    if not prompt_dense or length == 1 or attention_mask is None:
+        return prompt_dense
+    if batch == 1:
+        require(attention_mask[:, -length:].bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
+        return True
+    return False
 
 
 def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
@@ -310,11 +323,14 @@ class HybridDecoder:
                 next_position = position_ids[:, -1] + 1
         entered = placed.entered_positions if placed is not None else None
         stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
-        # Dense: no layer needs a mask (see prompt_is_dense). A chunk over a filled cache keeps its mask.
+        # Dense: no layer needs a mask (prompt_is_dense, then chunk_is_dense over a filled cache).
         slot_padding = slots is not None and (slots.fillers or (slots.compact and not slots.equal_counts))
         unequal_quotas = not all(plan.uniform for plan in stages.values())  # they leave kept slots that are not real
         read_mask = config.mask_read == "once"
-        dense = prompt_is_dense(attention_mask, batch, slot_padding or unequal_quotas, read_mask) if state is None else state.dense
+        if state is None:
+            dense = prompt_is_dense(attention_mask, batch, slot_padding or unequal_quotas, read_mask)
+        else:
+            dense = chunk_is_dense(state.dense, attention_mask, batch, length)
         dense = dense and not unequal_quotas
         loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
         if cache is not None:

@@ -50,3 +50,18 @@ def require(condition: torch.Tensor, message: Callable[[], str]) -> None:
             raise ValueError(message())
     else:
         torch._assert_async(condition)
+
+
+class HostReads:
+    """How many values the engine has read back to the host on purpose (`read_on_host`), so that a
+    sync check can tell a designed read from an unintended one. A process-wide count: readers take
+    the difference around the region they check."""
+
+    count = 0
+
+
+def read_on_host(condition: torch.Tensor) -> bool:
+    """`bool(condition)` for a 0-d bool tensor, read on purpose: a host sync on an accelerator, and
+    counted in `HostReads`."""
+    HostReads.count += 1
+    return bool(condition)

@@ -10,21 +10,25 @@ Two reads per prompt are made by design, and are counted instead of failing the 
 - DyMU reads one number per batch (the largest merged token count, which sizes the LLM input). On
   CUDA its syncs are counted (sync-debug mode "warn"). On CPU it is reported as not applicable: the
   meta device cannot run a forward that needs that number.
-- `mask_read="once"` reads a batch's attention_mask in the prefill (does it hold padding?). On CUDA
-  it is counted as DyMU's is; on the meta device that one `bool()` is answered "no padding" and
-  counted, so the mask-free path that follows is checked like any other.
-Either passes with at most its designed reads in the prefill and none in the decode steps.
+- `mask_read="once"` may read a batch's attention_mask in the prefill (does it hold padding?), through
+  `runtime.read_on_host`, which counts it. On CUDA the syncs are counted as DyMU's are; on the meta
+  device every `bool()` is answered True ("no padding") and counted, so the mask-free path that
+  follows is checked like any other.
+A check passes with no more syncs in the prefill than DyMU's one plus the reads the engine counted
+there (none where it skipped the read: a padded or DyMU batch), and none in the decode steps.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .hf_compat import cache_kwarg, new_cache
 from .model import HybridDecoder, apply_hybrid, stock_class
+from .runtime import HostReads
 
 HOST_INPUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's image layouts
 NOT_APPLICABLE_DYMU = "not applicable on CPU: DyMU reads one count per batch by design"
@@ -66,13 +70,32 @@ def _prefill(model, inputs: dict):
         return model(**inputs, **cache_kwarg(cache), use_cache=True, logits_to_keep=1), step
 
 
-def count_cuda_syncs(model, inputs: dict, decode_steps: int) -> tuple[int, int]:
-    """(host syncs in a prefill, host syncs in its `decode_steps` decode steps), counted as the
-    warnings of CUDA sync-debug mode "warn", after an uncounted warm-up."""
+def count_cuda_syncs(model, inputs: dict, decode_steps: int) -> SyncCounts:
+    """Host syncs in a prefill and in its `decode_steps` decode steps, counted as the warnings of
+    CUDA sync-debug mode "warn" after an uncounted warm-up, beside the designed reads of each."""
     inputs = _warmed_up(model, inputs, decode_steps)
-    (_, step), prefill_syncs = _with_sync_count(lambda: _prefill(model, inputs))
-    _, decode_syncs = _with_sync_count(lambda: [step() for _ in range(decode_steps)])
-    return prefill_syncs, decode_syncs
+    ((_, step), prefill_syncs), prefill_designed = _with_designed_count(lambda: _with_sync_count(lambda: _prefill(model, inputs)))
+    (_, decode_syncs), decode_designed = _with_designed_count(lambda: _with_sync_count(lambda: [step() for _ in range(decode_steps)]))
+    return SyncCounts(prefill_syncs, decode_syncs, _allowed_in_prefill(model, prefill_designed), decode_designed)
+
+
+@dataclass
+class SyncCounts:
+    prefill: int  # host syncs (CUDA) or value reads (meta) in the prefill
+    decode: int  # the same over all decode steps
+    allowed_in_prefill: int  # DyMU's count + the reads the engine counted in the prefill (`read_on_host`)
+    designed_in_decode: int  # reads the engine counted in the decode steps: must be none
+
+
+def _allowed_in_prefill(model, designed: int) -> int:
+    return DYMU_PROMPT_SYNCS * (model.hybrid_config.dymu is not None) + designed
+
+
+def _with_designed_count(run):
+    """(run(), how many designed reads `runtime.read_on_host` counted while it ran)."""
+    before = HostReads.count
+    result = run()
+    return result, HostReads.count - before
 
 
 def _warmed_up(model, inputs: dict, decode_steps: int) -> dict:
@@ -105,14 +128,9 @@ def meta_copy(model):
     return copy.eval()
 
 
-def designed_prompt_reads(model, inputs: dict) -> int:
-    """Host reads the engine makes in a prompt's prefill by design: DyMU's token count, and the
-    attention_mask read of `mask_read="once"` where a batch of several prompts passes a mask."""
-    if not isinstance(model, HybridDecoder):
-        return 0
-    config, mask = model.hybrid_config, inputs.get("attention_mask")
-    mask_read = config.mask_read == "once" and mask is not None and mask.shape[0] > 1
-    return DYMU_PROMPT_SYNCS * (config.dymu is not None) + int(mask_read)
+def counts_designed_reads(model) -> bool:
+    """Whether this model's forward may read a value on purpose (DyMU's count, MASK_READ=once)."""
+    return isinstance(model, HybridDecoder) and (model.hybrid_config.dymu is not None or model.hybrid_config.mask_read == "once")
 
 
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
@@ -122,11 +140,10 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     dymu = isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None
     if dymu and device.type != "cuda":
         return NOT_APPLICABLE_DYMU
-    allowed = designed_prompt_reads(model, inputs)
     try:
-        if allowed:
-            counts = count_cuda_syncs(model, inputs, decode_steps) if device.type == "cuda" else count_meta_reads(model, inputs, decode_steps)
-            return reads_verdict(*counts, allowed, decode_steps)
+        if counts_designed_reads(model):
+            count = count_cuda_syncs if device.type == "cuda" else count_meta_reads
+            return reads_verdict(count(model, inputs, decode_steps), decode_steps)
         if device.type == "cuda":
             inputs = _warmed_up(model, inputs, decode_steps)
             torch.cuda.set_sync_debug_mode("error")
@@ -141,15 +158,15 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     return "pass"
 
 
-def reads_verdict(prefill_syncs: int, decode_syncs: int, allowed: int, decode_steps: int) -> str:
-    """At most `allowed` syncs in the prefill and none in the decode steps is a pass; the counts are
-    in the verdict either way."""
-    counts = f"{prefill_syncs} sync(s) in the prefill, {decode_syncs} in {decode_steps} decode steps"
-    ok = prefill_syncs <= allowed and decode_syncs == 0
-    return ("pass: " if ok else f"fail: more than {allowed} per prompt or any per step: ") + counts
+def reads_verdict(counts: SyncCounts, decode_steps: int) -> str:
+    """No more syncs in the prefill than allowed and none in the decode steps is a pass; the counts
+    are in the verdict either way."""
+    text = f"{counts.prefill} sync(s) in the prefill, {counts.decode} in {decode_steps} decode steps"
+    ok = counts.prefill <= counts.allowed_in_prefill and counts.decode == 0 and counts.designed_in_decode == 0
+    return ("pass: " if ok else f"fail: more than {counts.allowed_in_prefill} per prompt or any per step: ") + text
 
 
-class AnswerMaskReads(TorchFunctionMode):
+class AnswerReads(TorchFunctionMode):
     """On the meta device, answers `bool(tensor)` with True (for the mask read: "no padding") and
     counts it; every other read of a value (`item`, `tolist`, `nonzero`, ...) still fails."""
 
@@ -164,12 +181,12 @@ class AnswerMaskReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_meta_reads(model, inputs: dict, decode_steps: int) -> tuple[int, int]:
-    """(bool reads in a prefill, in its `decode_steps` decode steps) of the model's meta copy."""
+def count_meta_reads(model, inputs: dict, decode_steps: int) -> SyncCounts:
+    """Value reads in a prefill and in its `decode_steps` decode steps of the model's meta copy,
+    beside the designed reads of each."""
     copy = meta_copy(model)
-    with AnswerMaskReads() as prefill:
-        _, step = _prefill(copy, inputs)
-    with AnswerMaskReads() as decode:
-        for _ in range(decode_steps):
-            step()
-    return prefill.reads, decode.reads
+    with AnswerReads() as prefill:
+        (_, step), prefill_designed = _with_designed_count(lambda: _prefill(copy, inputs))
+    with AnswerReads() as decode:
+        _, decode_designed = _with_designed_count(lambda: [step() for _ in range(decode_steps)])
+    return SyncCounts(prefill.reads, decode.reads, _allowed_in_prefill(model, prefill_designed), decode_designed)

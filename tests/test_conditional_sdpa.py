@@ -192,6 +192,38 @@ def test_the_counted_check_fails_on_a_read_beyond_the_mask(tiny, monkeypatch):
     assert verdict == f"fail: more than 1 per prompt or any per step: {1 + layers} sync(s) in the prefill, {2 * layers} in 2 decode steps"
 
 
+@pytest.mark.parametrize("mask_read", ["never", "once"])
+def test_a_chunk_that_brings_padding_keeps_the_mask_in_later_steps(tiny, mask_read):
+    """Text only, batch 2, positions given: an unpadded first chunk, a second chunk in which sample 1
+    is padded, then a one-token step. The step's logits equal stock transformers' single cache-free
+    forward over all eleven tokens, whichever MASK_READ made the first chunk dense."""
+    model, processor = tiny
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(10, vocab, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:10] = 0
+    positions = torch.arange(11).expand(2, 11)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        hybrid, cache = hybrid_copy(model, mask_read=mask_read), new_cache(model)
+        for start, stop in [(0, 5), (5, 10), (10, 11)]:
+            out = hybrid(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop], position_ids=positions[:, start:stop],
+                         **cache_kwarg(cache), use_cache=True)
+    assert (out.logits[:, -1] - expected).abs().max() <= 1e-4 * expected.abs().max()  # chunked vs one forward: fp32 sums
+
+
+def test_a_chunk_with_padding_in_a_batch_of_one_is_refused(tiny):
+    model, _ = tiny
+    ids = torch.randint(10, model.config.text_config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[0, 6] = 0
+    hybrid, cache = hybrid_copy(model), new_cache(model)
+    with torch.no_grad():
+        hybrid(input_ids=ids[:, :4], attention_mask=mask[:, :4], **cache_kwarg(cache), use_cache=True)
+        with pytest.raises(ValueError, match="all-ones attention_mask"):
+            hybrid(input_ids=ids[:, 4:], attention_mask=mask, **cache_kwarg(cache), use_cache=True)
+
+
 def test_a_batch_of_one_with_padding_is_refused(tiny):
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS[:1])

@@ -330,8 +330,8 @@ def test_dymu_syncs_once_per_prompt_and_never_per_step_on_cuda(tiny):
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS)
     hybrid = hybrid_copy(model, fastv_k=0.5, dymu=str(ensure_tiny_thresholds())).to("cuda")
-    prefill_syncs, decode_syncs = count_cuda_syncs(hybrid, inputs, decode_steps=3)
-    assert prefill_syncs <= 1 and decode_syncs == 0
+    counts = count_cuda_syncs(hybrid, inputs, decode_steps=3)
+    assert counts.prefill <= 1 and counts.decode == 0
     assert check_no_host_syncs(hybrid, inputs, decode_steps=3).startswith("pass: ")
 
     def read_in_decode(module, args):
@@ -340,9 +340,21 @@ def test_dymu_syncs_once_per_prompt_and_never_per_step_on_cuda(tiny):
 
     handle = layer_entry_modules(hybrid)[-1].register_forward_pre_hook(read_in_decode)
     try:
-        assert count_cuda_syncs(hybrid, inputs, decode_steps=3)[1] >= 3
+        assert count_cuda_syncs(hybrid, inputs, decode_steps=3).decode >= 3
     finally:
         handle.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts syncs with CUDA sync-debug mode")
+def test_mask_read_syncs_once_per_prompt_and_never_per_step_on_cuda(tiny):
+    """MASK_READ=once on an unpadded batch: the one sync of the prefill is the engine's counted read."""
+    model, processor = tiny
+    inputs = image_inputs(processor, [QUESTIONS[0], QUESTIONS[0]], seeds=[0, 1])
+    assert bool(inputs["attention_mask"].all())
+    hybrid = hybrid_copy(model, fastv_k=64, mask_read="once").to("cuda")
+    counts = count_cuda_syncs(hybrid, inputs, decode_steps=3)
+    assert (counts.prefill, counts.allowed_in_prefill, counts.decode, counts.designed_in_decode) == (1, 1, 0, 0)
+    assert check_no_host_syncs(hybrid, inputs, decode_steps=3) == "pass: 1 sync(s) in the prefill, 0 in 3 decode steps"
 
 
 def test_dymu_thresholds_follow_the_model_once(tiny):

@@ -152,6 +152,26 @@ def test_ratio_quota_is_per_sample(tiny_next):
     assert torch.equal(real.sum(dim=1), text + torch.round(visual.double() * 0.5).long())
 
 
+def test_mask_read_is_skipped_and_not_allowed_where_fillers_pad_the_batch(tiny_next, monkeypatch):
+    """Images of different sizes leave filler slots, so MASK_READ=once makes no read and the check
+    allows none: one value read planted in the prefill fails it."""
+    model, processor = tiny_next
+    hybrid, inputs = next_copy(model, fastv_k=64, mask_read="once"), dict(next_inputs(processor, QUESTIONS))
+    assert check_no_host_syncs(hybrid, inputs, decode_steps=2) == "pass: 0 sync(s) in the prefill, 0 in 2 decode steps"
+    mlp_class = type(model.model.language_model.layers[0].mlp)
+    forward = mlp_class.forward
+    planted = []
+
+    def reading_once(self, hidden_states):
+        if not planted:
+            planted.append(bool(hidden_states.sum() != 0))
+        return forward(self, hidden_states)
+
+    monkeypatch.setattr(mlp_class, "forward", reading_once)
+    assert check_no_host_syncs(hybrid, inputs, decode_steps=2) == (
+        "fail: more than 0 per prompt or any per step: 1 sync(s) in the prefill, 0 in 2 decode steps")
+
+
 @pytest.mark.parametrize("settings", [dict(fastv_k=64), dict(), dict(fastv_k=64, fastv_select="random"), dict(fastv_k=0.5, fastv_newlines="keep")])
 def test_forward_has_no_host_syncs(tiny_next, settings):
     model, processor = tiny_next

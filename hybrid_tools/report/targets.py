@@ -79,7 +79,9 @@ def _sync_target(row: dict) -> tuple[str, str, str, str, str]:
     verdict = str(row["sync_debug"])
     met = verdict == "pass" or verdict.startswith("pass:")
     decided = met or verdict.startswith("fail")
-    # designed reads per prompt: DyMU's token count, and MASK_READ=once's mask read in a batch of several
-    designed = bool(row.get("dymu")) + (row.get("mask_read") == "once" and int(row.get("batch_size") or 1) > 1)
+    # designed reads per prompt: DyMU's token count, or MASK_READ=once's mask read in a batch of several
+    # (never made for a DyMU batch, whose merged slots may pad it; the verdict holds the count made)
+    mask_read = row.get("mask_read") == "once" and int(row.get("batch_size") or 1) > 1 and not row.get("dymu")
+    designed = bool(row.get("dymu")) + mask_read
     needed = f"≤ {designed} per prompt, 0 per step" if designed else "0"
     return "host syncs (prefill + decode steps)", f"`{row['config']}`", verdict, needed, ("met" if met else "missed") if decided else "not measured"

@@ -47,9 +47,10 @@ rm -f "$OUT/bench-bs1/bench.csv"  # at most 8 files come back: bench.json holds 
 # 4. Batch 16: prefill, decode per token and tokens per second of a 64-token generation. The batch is
 #    unpadded and passed with its all-ones mask, as generate passes one: vanilla and FastV run both
 #    with the default (the mask kept in every layer, no host read) and with MASK_READ=once (read once,
-#    then SDPA without a mask), with --kernels to show which SDPA backend each took.
+#    then SDPA without a mask), with --kernels to show which SDPA backend each took and --sync-debug
+#    to count that read.
 step 110 bench-bs16 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 64 --dymu-target mid --batch-size 16 \
-  --mask-read never once --kernels "${reps16[@]}" --decode-tokens 64 --no-progress --out "$OUT/bench-bs16"
+  --mask-read never once --sync-debug --kernels "${reps16[@]}" --decode-tokens 64 --no-progress --out "$OUT/bench-bs16"
 rm -f "$OUT/bench-bs16/bench.csv"
 # 5. LLaVA-NeXT-7B shapes (one 640 x 480 image: 2,340 visual tokens), batch 1, where pruning pays most.
 step 70 bench-next python3 -m hybrid_tools.bench "${next[@]}" --fastv-k 576 320 160 --sync-debug --kernels \
