@@ -238,7 +238,7 @@ def test_positions_and_logits_with_two_images_per_prompt(tiny_qwen):
 def test_mask_read_once_runs_an_unpadded_batch_without_a_mask_as_each_alone(tiny_qwen, monkeypatch):
     """Two prompts of one length with images of one size: MASK_READ=once reads the all-ones mask
     once, no layer gets a mask, and each prompt's greedy tokens are the ones it gets alone."""
-    import hybrid_vlm.hf_compat.llava as llava_compat
+    from test_conditional_sdpa import SdpaSpy
 
     model, processor = tiny_qwen
     sizes = [QWEN_SIZES[0]] * 2
@@ -246,16 +246,9 @@ def test_mask_read_once_runs_an_unpadded_batch_without_a_mask_as_each_alone(tiny
     assert bool(inputs["attention_mask"].all())
     hybrid = qwen_copy(model, fastv_k=16, mask_read="once")
     assert check_no_host_syncs(hybrid, inputs, decode_steps=2) == "pass: 1 sync(s) in the prefill, 0 in 2 decode steps"
-    masked = []
-    original = llava_compat.scaled_dot_product_attention
-
-    def spy(*args, attn_mask=None, **kwargs):
-        masked.append(attn_mask is not None)
-        return original(*args, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(llava_compat, "scaled_dot_product_attention", spy)
+    spy = SdpaSpy(monkeypatch)
     batched = generate(hybrid, inputs)
-    assert masked and not any(masked)
+    assert spy.unmasked == NEW_TOKENS * model.config.text_config.num_hidden_layers and spy.masked == 0
     for i in range(2):
         alone = generate(hybrid, qwen_inputs(processor, [QUESTIONS[0]], indices=[i], sizes=sizes))
         assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
