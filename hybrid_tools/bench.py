@@ -83,8 +83,8 @@ from transformers import (
 )
 
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
-from hybrid_vlm.config import MASK_READS
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
+from hybrid_vlm.config import MASK_READS
 from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward

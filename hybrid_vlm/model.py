@@ -173,16 +173,21 @@ def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_paddin
 
 
 def chunk_is_dense(prompt_dense: bool, attention_mask: torch.Tensor | None, batch: int, length: int) -> bool:
-    """Whether a forward over a filled cache keeps the prompt's mask-free path: a one-token step
-    (generate's new token is real) or a chunk passed without a mask does. A longer chunk may bring
-    padding: at batch 1 a zero in its mask is refused (`require`); in a batch it is not read, and
-    every later step keeps the mask."""
-    if not prompt_dense or length == 1 or attention_mask is None:
+    """Whether a forward over a filled cache keeps the prompt's mask-free path. A chunk passed
+    without a mask does. A longer chunk of a batch may bring padding: it is not read, and it and
+    every later step keep the mask. Otherwise (a one-token step, or a batch of one) the new tokens
+    must be real (`require`): generate's are, and a pad here (a right-padded prompt split into
+    chunks) would enter the cache as a real key."""
+    if not prompt_dense or attention_mask is None:
         return prompt_dense
-    if batch == 1:
-        require(attention_mask[:, -length:].bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
-        return True
-    return False
+    if batch > 1 and length > 1:
+        return False
+    require(
+        attention_mask[:, -length:].bool().all(),
+        lambda: "a prompt read as unpadded (batch of one, or MASK_READ=once) cannot take padding in a later one-token "
+        "chunk: pass an all-ones attention_mask there, left-pad batches (as the processors do) or use MASK_READ=never",
+    )
+    return True
 
 
 def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:

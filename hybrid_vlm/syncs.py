@@ -15,7 +15,8 @@ Two reads per prompt are made by design, and are counted instead of failing the 
   device every `bool()` is answered True ("no padding") and counted, so the mask-free path that
   follows is checked like any other.
 A check passes with no more syncs in the prefill than DyMU's one plus the reads the engine counted
-there (none where it skipped the read: a padded or DyMU batch), and none in the decode steps.
+there (none where it skipped the read: a batch with filler slots or unequal quotas, or DyMU's),
+and none in the decode steps.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def counts_designed_reads(model) -> bool:
 
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     """"pass", "fail: <first line of the error>", or why the check does not apply; with designed
-    reads (`designed_prompt_reads`), "pass: <counts>" or "fail: <counts>"."""
+    reads (`counts_designed_reads`), "pass: <counts>" or "fail: <counts>"."""
     device = next(model.parameters()).device
     dymu = isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None
     if dymu and device.type != "cuda":

@@ -212,6 +212,34 @@ def test_a_chunk_that_brings_padding_keeps_the_mask_in_later_steps(tiny, mask_re
     assert (out.logits[:, -1] - expected).abs().max() <= 1e-4 * expected.abs().max()  # chunked vs one forward: fp32 sums
 
 
+@pytest.mark.parametrize("mask_read", ["never", "once"])
+def test_a_one_token_chunk_of_padding_after_a_read_prompt_is_refused(tiny, mask_read):
+    """Right padding split into chunks: the prompt's first chunk reads as unpadded under MASK_READ=once,
+    and a one-token chunk that is a pad is refused rather than cached as a real key; with the default
+    the batch keeps its mask and the last step equals stock's cache-free forward."""
+    model, _ = tiny
+    ids = torch.randint(10, model.config.text_config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5] = 0
+    positions = torch.arange(7).expand(2, 7)
+    hybrid, cache = hybrid_copy(model, mask_read=mask_read), new_cache(model)
+
+    def chunk(start, stop):
+        return hybrid(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop], position_ids=positions[:, start:stop],
+                      **cache_kwarg(cache), use_cache=True)
+
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        chunk(0, 5)
+        if mask_read == "once":
+            with pytest.raises(ValueError, match="cannot take padding in a later one-token chunk"):
+                chunk(5, 6)
+            return
+        chunk(5, 6)
+        out = chunk(6, 7)
+    assert (out.logits[:, -1] - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 def test_a_chunk_with_padding_in_a_batch_of_one_is_refused(tiny):
     model, _ = tiny
     ids = torch.randint(10, model.config.text_config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
