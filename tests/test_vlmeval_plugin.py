@@ -416,3 +416,25 @@ def test_sparsevlm_runs_through_the_plugin_and_its_rows_name_the_stage_layers(sa
     assert len(records) == MCQ_ROWS
     assert {r["setting"] for r in records} == {"sparsevlm-b64-l1.2.3"}
     assert {(r["visual_in"], r["visual_kept"], r["visual_layer_mean"]) for r in records} == {(576, 18, 177.0)}
+
+
+@needs_vlmeval
+def test_mask_read_once_predicts_what_the_default_predicts_in_its_own_folder(sandbox):
+    """TinyCOCO's rows share one prompt, so a batch of them is unpadded: under MASK_READ=once the
+    engine runs it without a mask; the captions and token counts are the default's, in a folder of
+    their own (the setting is in the name)."""
+    work_dir = sandbox["root"] / "mask-read"
+    args = ["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", "--model-path", sandbox["checkpoint"], "--max-new-tokens", "6",
+            "--batch-size", "4", "--work-dir", str(work_dir), "--mode", "infer", "--limit", "4"]
+    folders = {}
+    for mask_read in ("never", "once"):
+        result = run_py(sandbox, args, extra_env={"FASTV_K": "72", "MASK_READ": mask_read})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        config = settings.hybrid_config_for("llava_v1.5_7b_fastv", {"FASTV_K": "72", "MASK_READ": mask_read})
+        folders[mask_read] = settings.effective_name("llava_v1.5_7b_fastv", config)
+    assert folders["once"] == folders["never"] + "_mask-read-once"
+    default, once = (predictions(work_dir, folders[m], "TinyCOCO") for m in ("never", "once"))
+    assert len(default) == 4 and default["prediction"].tolist() == once["prediction"].tolist()
+    records = {m: sidecar(work_dir, folders[m], "TinyCOCO") for m in folders}
+    assert max(r["batch_size"] for r in records["once"]) == 4
+    assert [(r["index"], r["tokens_in"], r["tokens_kept"]) for r in records["never"]] == [(r["index"], r["tokens_in"], r["tokens_kept"]) for r in records["once"]]
