@@ -50,6 +50,10 @@ Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 28
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
 real CLIP ViT-L/14-336 tower in front of mid's LLM: vision-tower timings on CPU), llava-1.5-7b
 (CLIP ViT-L/14-336 + Llama-7B shapes, random weights; CUDA only). --model DIR loads a checkpoint.
+
+A SIGTERM (`timeout` at a step's limit) stops the bench where it lands; it still writes every row
+from the rounds it completed (each row's note says how many; the memory, sync and kernel passes not
+run say so) and records where it stopped in the meta (`stopped`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -718,6 +723,32 @@ class BenchRun:
     dtype: torch.dtype
     clock: Clock
     mark: LlmStartMark
+    stopped: str | None = None  # where a SIGTERM stopped the measurements (`BenchStopped`), else None
+
+
+class BenchStopped(BaseException):
+    """SIGTERM reached the bench (a step's time limit, say): it stops measuring and writes the rows
+    with what it has. A BaseException, so that no `except Exception` on the way swallows it."""
+
+
+def _raise_stopped(signum, frame):
+    raise BenchStopped()
+
+
+def measure(bench: BenchRun, configs: list[BenchConfig]) -> None:
+    """Time every configuration, then fill its row; a SIGTERM ends the timing or the per-row passes
+    where it lands, and the rows keep what was measured before it (`bench.stopped` says where)."""
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        with torch.inference_mode():
+            try:
+                time_configs(bench, configs)
+            except BenchStopped:
+                bench.stopped = "in the warm-up and timed rounds"
+            for config in configs:
+                config.row = measured_row(bench, config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> list[dict]:
@@ -736,10 +767,7 @@ def main(argv=None) -> list[dict]:
         configs = build_configs(args)
     clock = Clock(device)
     bench = BenchRun(args, model, inputs, text_tokens, device, dtype, clock, LlmStartMark(model, clock))
-    with torch.inference_mode():
-        time_configs(bench, configs)
-        for config in configs:
-            config.row = measured_row(bench, config)
+    measure(bench, configs)
     bench.mark.remove()
     rows = summarize(configs, args.baseline)
     for row in rows:
@@ -819,6 +847,9 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     )
     if config.status != "ok":
         return row
+    if not config.runs:
+        row.update(status="stopped", note=f"not timed: the bench was stopped by SIGTERM {bench.stopped}")
+        return row
     activate(bench.model, config)
     for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
         row[key] = _median([run[key] for run in config.runs if key in run])
@@ -834,18 +865,34 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             if config.counts["vit_counts"] is not None
             else "vision MACs counted unmerged: no per-layer CLIP counts available"
         )
+    if len(config.runs) < args.repeats:
+        row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM"]))
+    if bench.stopped is None:
+        try:
+            row.update(row_passes(bench))
+        except BenchStopped:
+            bench.stopped = f"in the memory, sync and kernel passes of `{config.name}`"
+    if bench.stopped is not None:
+        for key in ("mem_kind", "sync_debug"):
+            row.setdefault(key, "not run: stopped by SIGTERM")
+    return row
+
+
+def row_passes(bench: BenchRun) -> dict:
+    """The untimed passes of the active configuration: peak memory, host syncs, SDPA backends."""
+    args, columns = bench.args, {}
     if args.no_memory:
-        row.update(peak_mem_mb=math.nan, peak_mem_abs_mb=math.nan, mem_kind="skipped")
+        columns.update(peak_mem_mb=math.nan, peak_mem_abs_mb=math.nan, mem_kind="skipped")
     else:
-        row["peak_mem_mb"], row["peak_mem_abs_mb"], row["mem_kind"] = measure_memory(bench.model, bench.inputs, bench.device, args.decode_tokens)
-    row["sync_debug"] = check_no_host_syncs(bench.model, bench.inputs, SYNC_CHECK_DECODE_STEPS) if args.sync_debug else "not run"
+        columns["peak_mem_mb"], columns["peak_mem_abs_mb"], columns["mem_kind"] = measure_memory(bench.model, bench.inputs, bench.device, args.decode_tokens)
+    columns["sync_debug"] = check_no_host_syncs(bench.model, bench.inputs, SYNC_CHECK_DECODE_STEPS) if args.sync_debug else "not run"
     if args.kernels:
         try:  # a trace that fails (a profiler without CUPTI, say) must not cost the row its timings
-            row["sdpa_kernels"] = traced_kernels(bench)
-            row["sdpa_prefill"], row["sdpa_decode"] = (row["sdpa_kernels"][phase]["layers"] for phase in PHASES)
+            columns["sdpa_kernels"] = traced_kernels(bench)
+            columns["sdpa_prefill"], columns["sdpa_decode"] = (columns["sdpa_kernels"][phase]["layers"] for phase in PHASES)
         except Exception as error:  # noqa: BLE001 - reported in the row, whatever it is
-            row["sdpa_prefill"] = row["sdpa_decode"] = f"error: {type(error).__name__}: {str(error)[:160]}"
-    return row
+            columns["sdpa_prefill"] = columns["sdpa_decode"] = f"error: {type(error).__name__}: {str(error)[:160]}"
+    return columns
 
 
 def generate_tokens_per_s(runs: list[dict], batch: int, decode_tokens: int) -> float:
@@ -893,7 +940,7 @@ def bench_meta(bench: BenchRun) -> dict:
     meta.update(
         preset=None if args.model else args.preset, model=portable(args.model), dtype=str(bench.dtype).replace("torch.", ""),
         batch_size=args.batch_size, text_tokens=bench.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-        warmup=args.warmup, baseline=args.baseline, shape=asdict(bench_shape(bench.model.config)),
+        warmup=args.warmup, baseline=args.baseline, shape=asdict(bench_shape(bench.model.config)), stopped=bench.stopped,
         conventions="MACs per batch; causal attention (n(n+1)/2 pairs); lm_head on the last prompt token; see hybrid_vlm.flops",
     )
     return meta

@@ -159,3 +159,37 @@ def test_mask_read_rows_run_an_unpadded_batch_without_a_mask():
         assert once["sdpa_prefill"].split("; ")[-1] == f"L0-{layers - 1} flash-cpu" and "+mask" not in once["sdpa_decode"]
         assert never["sync_debug"] == "pass"
         assert once["sync_debug"] == f"pass: 1 sync(s) in the prefill, 0 in {bench.SYNC_CHECK_DECODE_STEPS} decode steps"
+
+
+def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, monkeypatch):
+    """A SIGTERM (as `timeout` sends at a step's limit) lands as the second timed round starts: the
+    bench stops timing, skips the per-row passes, and still writes every row, saying how far it got."""
+    import os
+    import signal
+
+    calls, timed_run = [], bench.timed_run
+    warmup, configs = 1, 3  # stock, vanilla, fastv-k16-l2
+
+    def run_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == warmup * configs + configs + 1:  # the first timed round of all three is done
+            os.kill(os.getpid(), signal.SIGTERM)
+        return timed_run(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "timed_run", run_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    rows = bench.main(["--preset", "tiny", "--repeats", "50", "--warmup", str(warmup), "--decode-tokens", "1", "--no-progress",
+                       "--fastv-k", "16", "--sync-debug", "--out", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) == before
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["stopped"] == "in the warm-up and timed rounds"
+    by_name = {row["config"]: row for row in data["rows"]}
+    assert list(by_name) == ["stock", "vanilla", "fastv-k16-l2"] and [r["config"] for r in rows] == list(by_name)
+    assert [len(by_name[name]["runs"]) for name in by_name] == [1, 1, 1]  # the signal lands before the second round's first run
+    for row in by_name.values():
+        assert row["status"] == "ok" and row["prefill_ms"] > 0 and "1 of 50 timed rounds: stopped by SIGTERM" in row["note"]
+        assert row["sync_debug"] == "not run: stopped by SIGTERM" and row["mem_kind"] == "not run: stopped by SIGTERM"
+    assert by_name["fastv-k16-l2"]["visual_kept"] == 16 and by_name["vanilla"]["prefill_ratio"] > 0
+    from hybrid_tools.report.bench import bench_setup
+
+    assert "**Stopped early** by SIGTERM in the warm-up and timed rounds" in bench_setup(data["meta"])
