@@ -738,7 +738,8 @@ def _raise_stopped(signum, frame):
 def measure(bench: BenchRun, configs: list[BenchConfig]) -> None:
     """Time every configuration, then fill its row; a SIGTERM ends the timing or the per-row passes
     where it lands, and the rows keep what was measured before it (`bench.stopped` says where)."""
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set a handler
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if in_main_thread else None
     try:
         with torch.inference_mode():
             try:
@@ -748,7 +749,8 @@ def measure(bench: BenchRun, configs: list[BenchConfig]) -> None:
             for config in configs:
                 config.row = measured_row(bench, config)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> list[dict]:
