@@ -21,6 +21,7 @@ and none in the decode steps.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -161,10 +162,23 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
 
 def reads_verdict(counts: SyncCounts, decode_steps: int) -> str:
     """No more syncs in the prefill than allowed and none in the decode steps is a pass; the counts
-    are in the verdict either way."""
-    text = f"{counts.prefill} sync(s) in the prefill, {counts.decode} in {decode_steps} decode steps"
+    and the allowance are in the verdict either way (`allowed_per_prompt` reads it back)."""
+    text = (f"{counts.prefill} sync(s) in the prefill ({counts.allowed_in_prefill} allowed), "
+            f"{counts.decode} in {decode_steps} decode steps (none allowed)")
     ok = counts.prefill <= counts.allowed_in_prefill and counts.decode == 0 and counts.designed_in_decode == 0
-    return ("pass: " if ok else f"fail: more than {counts.allowed_in_prefill} per prompt or any per step: ") + text
+    return ("pass: " if ok else "fail: ") + text
+
+
+COUNTED_VERDICT = re.compile(r"^(pass|fail): \d+ sync\(s\) in the prefill \((\d+) allowed\)")
+
+
+def allowed_per_prompt(verdict: str) -> int | None:
+    """The prefill's allowance a verdict of `check_no_host_syncs` was judged by: the count in a
+    `reads_verdict`, 0 for a plain "pass" (no designed read), None where the verdict does not say."""
+    if verdict == "pass":
+        return 0
+    counted = COUNTED_VERDICT.match(verdict)
+    return int(counted.group(2)) if counted else None
 
 
 class AnswerReads(TorchFunctionMode):

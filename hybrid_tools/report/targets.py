@@ -10,6 +10,8 @@ row by row against bench.json: met, missed, or not measured, never assumed.
 
 from __future__ import annotations
 
+from hybrid_vlm.syncs import allowed_per_prompt
+
 from .bench import Bench
 from .markdown import fmt, md_table
 
@@ -76,12 +78,11 @@ def _within_band(ratio: float) -> str:
 
 
 def _sync_target(row: dict) -> tuple[str, str, str, str, str]:
+    """The row's own allowance, as the checker judged it (DyMU's count and a mask read it made), read
+    from the verdict rather than worked out again from the row's settings."""
     verdict = str(row["sync_debug"])
     met = verdict == "pass" or verdict.startswith("pass:")
     decided = met or verdict.startswith("fail")
-    # designed reads per prompt: DyMU's token count, or MASK_READ=once's mask read in a batch of several
-    # (never made for a DyMU batch, whose merged slots may pad it; the verdict holds the count made)
-    mask_read = row.get("mask_read") == "once" and int(row.get("batch_size") or 1) > 1 and not row.get("dymu")
-    designed = bool(row.get("dymu")) + mask_read
-    needed = f"≤ {designed} per prompt, 0 per step" if designed else "0"
+    allowed = allowed_per_prompt(verdict)
+    needed = "0 per step" if allowed is None else f"≤ {allowed} per prompt, 0 per step" if allowed else "0"
     return "host syncs (prefill + decode steps)", f"`{row['config']}`", verdict, needed, ("met" if met else "missed") if decided else "not measured"
