@@ -24,7 +24,7 @@ method pruning at several layers adds entries, not code.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,7 +43,7 @@ from .hf_compat import (
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
-from .placement import place_images
+from .placement import PlacedPrompt, place_images
 from .qwen import check_qwen_supported, qwen_image_slots, qwen_prompt_positions
 from .runtime import read_on_host, require
 from .stages import (
@@ -254,6 +254,33 @@ def decode_positions(state: PruneState, new_valid: torch.Tensor, position_ids: t
     return [position_ids] + [(start[:, None] + steps).clamp_min(0) for start in state.next_positions[1:]]
 
 
+def chunk_rows(loop: LoopResult, placed: PlacedPrompt | None, slots, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden_states, kept_positions): the last layer's rows, with kept_positions as indices into
+    the prompt the caller passed. Fillers alone (nothing pruned) drop their rows, which leaves
+    stock's; compacted or pruned rows are mapped back through the positions that entered."""
+    hidden_states, kept_positions = loop.hidden_states, loop.kept_positions
+    entered = placed.entered_positions if placed is not None else None
+    if entered is None:
+        return hidden_states, kept_positions
+    if kept_positions is None and not slots.compact:
+        return hidden_states[:, hidden_states.shape[1] - length :], None
+    return hidden_states, entered if kept_positions is None else entered.gather(1, kept_positions)
+
+
+def layer_for_next_stage(layer, hidden_states, cos_sin, mask, cache, layer_idx: int, upcoming, inputs, eager_scoring: bool):
+    """(the layer's output [B, L, hidden], what the stage before the next layer reads from it): the
+    attention row of its query token ("previous_row"), the rows of its raters ("raters"), its keys
+    ("dart"), or None when no stage comes next."""
+    reads = upcoming.score if upcoming is not None else None
+    keys_out = [] if reads == "dart" else None
+    hidden_states, row = llama_layer_forward(
+        layer, hidden_states, cos_sin, mask, cache, layer_idx,
+        score_query_index=upcoming.query_index if reads == "previous_row" else None,
+        eager_scoring=eager_scoring, keys_out=keys_out, score_rows=rater_rows(inputs) if reads == "raters" else None,
+    )
+    return hidden_states, keys_out[0] if keys_out else row
+
+
 class HybridDecoder:
     """The forward shared by every patched model class (a mixin placed before the stock class).
 
@@ -304,51 +331,59 @@ class HybridDecoder:
             inputs_embeds = parts.embed_tokens(input_ids)
         batch, length, _ = inputs_embeds.shape
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
-        cache = cache_argument(past_key_values, cache)
+        cache, state = self._open_cache(cache_argument(past_key_values, cache), use_cache)
+        cached = cache.get_seq_length() if cache is not None else 0  # a shape: no host sync
+        check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else cached + length)
+        new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
+        slots = placed = None
+        if pixel_values is not None:
+            if state is not None:
+                raise NotImplementedError("images are only supported in the first forward over a cache")
+            slots, placed, next_position = self._placed_images(parts, input_ids, pixel_values, image_sizes, inputs_embeds, new_valid, position_ids)
+            inputs_embeds, new_valid, position_ids = placed.inputs_embeds, placed.new_valid, placed.position_ids
+        stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
+        dense = self._is_dense(state, attention_mask, batch, length, slots, stages)
+        loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
+        if cache is not None:
+            visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
+            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens)
+        hidden_states, kept_positions = chunk_rows(loop, placed, slots, length)
+        return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
+
+    def _open_cache(self, cache: Cache | None, use_cache: bool) -> tuple[Cache | None, PruneState | None]:
+        """(the cache, its engine state): a new cache where generation starts without one; None for
+        the state of an empty cache, which only this engine may have filled."""
         if use_cache and cache is None:
             cache = new_cache(self)
         state: PruneState | None = getattr(cache, "hybrid_state", None) if cache is not None else None
         if state is None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
+        return cache, state
 
-        cached = cache.get_seq_length() if cache is not None else 0  # a shape: no host sync
-        check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else cached + length)
-        new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
-        placed = slots = None
-        if pixel_values is not None:
-            if state is not None:
-                raise NotImplementedError("images are only supported in the first forward over a cache")
-            slots = self.image_slots(self, pixel_values, image_sizes, batch)
-            position_ids = self.prompt_positions(input_ids, new_valid, position_ids, image_sizes)
-            next_position = next_position_ids(position_ids)
-            placed = place_images(slots, input_ids == parts.image_token_id, inputs_embeds, new_valid, position_ids, check_visual_counts)
-            inputs_embeds, new_valid, position_ids = placed.inputs_embeds, placed.new_valid, placed.position_ids
-            if config.position_mode == "renumbered" and placed.entered_positions is not None:
-                position_ids = renumber(new_valid)
-                next_position = position_ids[:, -1] + 1
-        entered = placed.entered_positions if placed is not None else None
-        stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
-        # Dense: no layer needs a mask (prompt_is_dense, then chunk_is_dense over a filled cache).
+    def _placed_images(self, parts, input_ids, pixel_values, image_layout, inputs_embeds, new_valid, position_ids):
+        """(slots, placed, next_position [B]): the adapter's image features placed at the prompt's
+        placeholders under the model's position rule. The next position follows the prompt as
+        written, except under renumbered positions, which count only the tokens that entered."""
+        slots = self.image_slots(self, pixel_values, image_layout, inputs_embeds.shape[0])
+        position_ids = self.prompt_positions(input_ids, new_valid, position_ids, image_layout)
+        next_position = next_position_ids(position_ids)
+        placed = place_images(slots, input_ids == parts.image_token_id, inputs_embeds, new_valid, position_ids, check_visual_counts)
+        if self.hybrid_config.position_mode == "renumbered" and placed.entered_positions is not None:
+            placed = replace(placed, position_ids=renumber(placed.new_valid))
+            next_position = placed.position_ids[:, -1] + 1
+        return slots, placed, next_position
+
+    def _is_dense(self, state, attention_mask, batch: int, length: int, slots, stages) -> bool:
+        """Whether no layer needs a mask: `prompt_is_dense` for a prompt, then `chunk_is_dense` over
+        a filled cache. Slots that may be empty (fillers, DyMU's unequal merged counts) and unequal
+        quotas (they keep slots that are not real) rule it out."""
         slot_padding = slots is not None and (slots.fillers or (slots.compact and not slots.equal_counts))
-        unequal_quotas = not all(plan.uniform for plan in stages.values())  # they leave kept slots that are not real
-        read_mask = config.mask_read == "once"
+        unequal_quotas = not all(plan.uniform for plan in stages.values())
         if state is None:
-            dense = prompt_is_dense(attention_mask, batch, slot_padding or unequal_quotas, read_mask)
+            dense = prompt_is_dense(attention_mask, batch, slot_padding or unequal_quotas, self.hybrid_config.mask_read == "once")
         else:
             dense = chunk_is_dense(state.dense, attention_mask, batch, length)
-        dense = dense and not unequal_quotas
-        loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
-        if cache is not None:
-            visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
-            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens)
-
-        hidden_states, kept_positions = loop.hidden_states, loop.kept_positions
-        if entered is not None:
-            if kept_positions is None and not slots.compact:
-                hidden_states = hidden_states[:, hidden_states.shape[1] - length :]  # fillers only: stock's rows
-            else:
-                kept_positions = entered if kept_positions is None else entered.gather(1, kept_positions)
-        return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
+        return dense and not unequal_quotas
 
     def _decoder_layers(self, parts, hidden_states, position_ids, next_position, new_valid, state, cache, stages, placed, dense) -> LoopResult:
         """Run every layer; each stage in `stages` ({layer: PrunePlan}) prunes before its layer runs.
@@ -385,16 +420,8 @@ class HybridDecoder:
                 mask = layer_mask(groups[group].key_valid, length)
                 if group > 0 and group_positions[group] is not position_ids:
                     cos_sin = parts.rotary_emb(hidden_states, group_positions[group])
-            upcoming = stages.get(layer_idx + 1)
-            reads = upcoming.score if upcoming is not None else None
-            row_query = upcoming.query_index if reads == "previous_row" else None
-            rows = rater_rows(inputs) if reads == "raters" else None
-            keys_out = [] if reads == "dart" else None
-            hidden_states, row = llama_layer_forward(
-                layer, hidden_states, cos_sin, mask, cache, layer_idx,
-                score_query_index=row_query, eager_scoring=config.scoring == "eager", keys_out=keys_out, score_rows=rows,
-            )
-            previous = keys_out[0] if keys_out else row
+            hidden_states, previous = layer_for_next_stage(
+                layer, hidden_states, cos_sin, mask, cache, layer_idx, stages.get(layer_idx + 1), inputs, config.scoring == "eager")
         return LoopResult(hidden_states, kept_positions, groups, next_positions)
 
     def _next_state(self, state, groups, next_positions, dense, visual_tokens) -> PruneState:

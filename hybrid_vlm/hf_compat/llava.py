@@ -147,15 +147,8 @@ def llama_layer_forward(
     from ..methods.sparsevlm import rater_attention
 
     attention = layer.self_attn
-    batch, length, _ = hidden_states.shape
-    head_shape = (batch, length, -1, attention.head_dim)
-
-    residual = hidden_states
-    normed = layer.input_layernorm(hidden_states)
-    query_states = attention.q_proj(normed).view(head_shape).transpose(1, 2)  # [B, H, Q, D]
-    key_states = attention.k_proj(normed).view(head_shape).transpose(1, 2)  # [B, Hkv, Q, D]
-    value_states = attention.v_proj(normed).view(head_shape).transpose(1, 2)
-    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *cos_sin)
+    length = hidden_states.shape[1]
+    query_states, key_states, value_states = _rotated_qkv(attention, layer.input_layernorm(hidden_states), cos_sin)
     if keys_out is not None:
         keys_out.append(key_states)
     if cache is not None:
@@ -163,20 +156,13 @@ def llama_layer_forward(
     groups = attention.num_key_value_groups
     if groups > 1 and score_query_index is None and score_rows is None and (attention_mask is None or length == 1):
         attn_output = grouped_query_sdpa(query_states, key_states, value_states, attention_mask, attention.scaling)
-        return _attention_output_and_mlp(layer, residual, attn_output), None
+        return _attention_output_and_mlp(layer, hidden_states, attn_output), None
     key_states = repeat_kv(key_states, groups)  # [B, H, K, D]
     value_states = repeat_kv(value_states, groups)
 
     scores = None
     if score_query_index is not None and eager_scoring:
-        if attention_mask is None:
-            keys = key_states.shape[2]
-            attention_mask = torch.ones(length, keys, dtype=torch.bool, device=hidden_states.device).tril(keys - length)[None, None]
-        logits = torch.matmul(query_states, key_states.transpose(-1, -2)) * attention.scaling
-        probs = logits.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
-        attn_output = torch.matmul(probs.to(value_states.dtype), value_states)
-        index = score_query_index.view(batch, 1, 1, 1).expand(batch, probs.shape[1], 1, probs.shape[-1])
-        scores = probs.gather(2, index).mean(dim=1)[:, 0]
+        attn_output, scores = _eager_attention_and_row(query_states, key_states, value_states, attention_mask, score_query_index, attention.scaling)
     else:
         attn_output = scaled_dot_product_attention(
             query_states, key_states, value_states, attn_mask=attention_mask, scale=attention.scaling,
@@ -188,7 +174,30 @@ def llama_layer_forward(
             )
         elif score_rows is not None:
             scores = rater_attention(query_states, key_states, attention_mask, *score_rows, attention.scaling)
-    return _attention_output_and_mlp(layer, residual, attn_output), scores
+    return _attention_output_and_mlp(layer, hidden_states, attn_output), scores
+
+
+def _rotated_qkv(attention: nn.Module, normed: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(queries [B, H, Q, D], keys [B, Hkv, Q, D], values [B, Hkv, Q, D]) of a LlamaAttention, with
+    the rotary embedding applied to queries and keys, as stock computes them."""
+    head_shape = (*normed.shape[:2], -1, attention.head_dim)
+    query_states = attention.q_proj(normed).view(head_shape).transpose(1, 2)
+    key_states = attention.k_proj(normed).view(head_shape).transpose(1, 2)
+    value_states = attention.v_proj(normed).view(head_shape).transpose(1, 2)
+    return (*apply_rotary_pos_emb(query_states, key_states, *cos_sin), value_states)
+
+
+def _eager_attention_and_row(query, key, value, attention_mask, query_index, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention output [B, H, Q, D], the head-averaged attention row [B, K] of query `query_index`
+    [B]) from the full attention matrix, materialised: the eager-scoring ablation. A missing mask
+    is the causal one over all-real keys."""
+    batch, length, keys = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)[None, None]
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    probs = logits.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)  # [B, H, Q, K]
+    index = query_index.view(batch, 1, 1, 1).expand(batch, probs.shape[1], 1, keys)
+    return torch.matmul(probs.to(value.dtype), value), probs.gather(2, index).mean(dim=1)[:, 0]
 
 
 def grouped_query_sdpa(
