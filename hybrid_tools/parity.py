@@ -32,12 +32,12 @@ from hybrid_vlm import HybridConfig, apply_hybrid, remove_hybrid
 from hybrid_vlm.hf_compat import cache_kwarg, new_cache
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
-from . import bench
+from . import bench, presets
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m hybrid_tools.parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=bench.PRESETS, default="tiny")
+    parser.add_argument("--preset", choices=presets.PRESETS, default="tiny")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--fastv-k", type=int, default=64, help="visual tokens FastV keeps in the mask-free vs masked pair")
@@ -99,8 +99,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.set_grad_enabled(False)
-    model, processor = bench.build_model(argparse.Namespace(model=None, preset=args.preset, seed=args.seed), device, dtype)
-    inputs, _ = bench.build_inputs(processor, args.text_tokens, 1, 0, device)
+    model, processor = presets.build_model(argparse.Namespace(model=None, preset=args.preset, seed=args.seed), device, dtype)
+    inputs, _ = presets.build_inputs(processor, args.text_tokens, 1, 0, device)
     with torch.inference_mode():
         result = {
             "engine (nothing cut) vs stock transformers": engine_vs_stock(model, inputs, args.new_tokens),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_tools import bench
+from hybrid_tools import bench, presets
 from hybrid_vlm import HybridConfig, apply_hybrid, remove_hybrid
 from hybrid_vlm.provenance import git_state
 
@@ -45,8 +45,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     bench_args, _ = bench.parse_args(["--preset", "tiny"])
-    model, processor = bench.build_model(bench_args, torch.device("cpu"), torch.float32)
-    inputs, text_tokens = bench.build_inputs(processor, 60, args.batch_size, 0, torch.device("cpu"))
+    model, processor = presets.build_model(bench_args, torch.device("cpu"), torch.float32)
+    inputs, text_tokens = presets.build_inputs(processor, 60, args.batch_size, 0, torch.device("cpu"))
     runs = variants(model, inputs)
     times = {name: [] for name in runs}
     for round_index in range(args.rounds + 1):  # round 0 warms every variant up
