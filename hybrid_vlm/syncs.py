@@ -173,10 +173,13 @@ COUNTED_VERDICT = re.compile(r"^(pass|fail): \d+ sync\(s\) in the prefill \((\d+
 
 
 def allowed_per_prompt(verdict: str) -> int | None:
-    """The prefill's allowance a verdict of `check_no_host_syncs` was judged by: the count in a
-    `reads_verdict`, 0 for a plain "pass" (no designed read), None where the verdict does not say."""
+    """The prefill's allowance a verdict of `check_no_host_syncs` was (or, for DyMU on the CPU, would
+    be) judged by: the count in a `reads_verdict`, 0 for a plain "pass" (no designed read), DyMU's
+    one read where the check does not apply, None where the verdict does not say."""
     if verdict == "pass":
         return 0
+    if verdict == NOT_APPLICABLE_DYMU:
+        return DYMU_PROMPT_SYNCS
     counted = COUNTED_VERDICT.match(verdict)
     return int(counted.group(2)) if counted else None
 

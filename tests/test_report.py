@@ -327,13 +327,15 @@ def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():
 
 
 def test_sync_target_needs_what_the_verdict_was_judged_by():
-    """A verdict that is not a count (an error, or DyMU not applicable) leaves only the per-step rule."""
+    """A verdict that is not a count leaves only the per-step rule; DyMU's on the CPU, where the
+    check does not apply, still shows the one read per prompt the check would allow it."""
     from hybrid_tools.report.targets import bench_targets
+    from hybrid_vlm.syncs import NOT_APPLICABLE_DYMU
 
     rows = [dict(config="dymu-mid", method="dymu", dymu="mid.json", status="ok", sync_debug="fail: Tensor.item() cannot be called on meta tensors"),
-            dict(config="dymu-low", method="dymu", dymu="low.json", status="ok", sync_debug="not applicable on CPU: DyMU reads one count per batch by design")]
+            dict(config="dymu-low", method="dymu", dymu="low.json", status="ok", sync_debug=NOT_APPLICABLE_DYMU)]
     found = {row: (needed, verdict) for name, row, _, needed, verdict in bench_targets(rows) if name.startswith("host syncs")}
-    assert found == {"`dymu-mid`": ("0 per step", "missed"), "`dymu-low`": ("0 per step", "not measured")}
+    assert found == {"`dymu-mid`": ("0 per step", "missed"), "`dymu-low`": ("≤ 1 per prompt, 0 per step", "not measured")}
 
 
 def test_readme_demo_figures_quote_the_committed_demo_run():
