@@ -283,34 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         args.family = family_of[models[0]]
     short = settings.short_names(args.family)
     vanilla_name = settings.FAMILY_VANILLA[args.family]
-    if args.ablation:
-        preset_models, defaults = ABLATIONS[args.ablation]
-        for key, values in defaults.items():
-            if getattr(args, key) is None:
-                setattr(args, key, list(values))
-        if args.ablation == "positions" and args.dymu and models is None:
-            models = ["fastv", "hybrid"]
-        if args.ablation == "dymu-split" and not args.dymu:
-            return fail("--ablation dymu-split needs --dymu FILE... (the thresholds both splits run with)")
-        if args.ablation == "dymu-level" and not args.dymu:
-            return fail("--ablation dymu-level needs --dymu FILE... (e.g. low.json mid.json high.json, or low mid high with --calibrate-images DIR)")
-        if args.ablation == "hybrid-vs-alone" and (not args.dymu or len(args.dymu) != 1):
-            return fail("--ablation hybrid-vs-alone needs exactly one --dymu FILE (the DyMU setting of the hybrid)")
-        models = ["vanilla"] + [m for m in (models or preset_models) if short.get(m, m) != vanilla_name]
-    elif args.methods:
-        try:
-            models = list(models or []) + method_models(args.methods, args.family)
-        except settings.PluginError as error:
-            return fail(str(error))
-    elif models is None:
-        if args.dymu_split and not args.dymu:
-            return fail("--dymu-split needs --dymu FILE... (DyMU's split order only matters with DyMU thresholds)")
-        models = ["hybrid" if args.fastv_k else "dymu"] if args.dymu else ["pool"] if args.pool else ["fastv"]
-        if models == ["fastv"] and not (args.fastv_k or args.fastv_layer or args.positions or args.select):
-            return fail("nothing to sweep: give --fastv-k, --fastv-layer, --select, --pool, --dymu, --positions or --ablation")
-    if args.vanilla and vanilla_name not in [short.get(m, m) for m in models]:
-        models = ["vanilla"] + list(models)
-    args.model = models
+    try:
+        args.model = models = swept_models(args, models, short, vanilla_name)
+    except (ValueError, settings.PluginError) as error:
+        return fail(str(error))
 
     work_dir = os.environ.get("MMEVAL_ROOT", args.work_dir)
     base_env = dict(os.environ)
@@ -339,6 +315,43 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest_path = Path(work_dir) / f"sweep_{tag}.json"
     failed = run_all(runs, commands, args, argv, work_dir, manifest_path)
+    return summarize(runs, failed, work_dir, tag, manifest_path, args.report, args.report_out)
+
+
+def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str) -> list[str]:
+    """The model names to run: an ablation's (with its defaults filled into `args`), the methods',
+    or the one the settings imply; the family's vanilla first where --vanilla asks for it. A
+    ValueError (or the plugin's PluginError) says what a setting lacks."""
+    if args.ablation:
+        preset_models, defaults = ABLATIONS[args.ablation]
+        for key, values in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, list(values))
+        if args.ablation == "positions" and args.dymu and models is None:
+            models = ["fastv", "hybrid"]
+        if args.ablation == "dymu-split" and not args.dymu:
+            raise ValueError("--ablation dymu-split needs --dymu FILE... (the thresholds both splits run with)")
+        if args.ablation == "dymu-level" and not args.dymu:
+            raise ValueError("--ablation dymu-level needs --dymu FILE... (e.g. low.json mid.json high.json, or low mid high with --calibrate-images DIR)")
+        if args.ablation == "hybrid-vs-alone" and (not args.dymu or len(args.dymu) != 1):
+            raise ValueError("--ablation hybrid-vs-alone needs exactly one --dymu FILE (the DyMU setting of the hybrid)")
+        models = ["vanilla"] + [m for m in (models or preset_models) if short.get(m, m) != vanilla_name]
+    elif args.methods:
+        models = list(models or []) + method_models(args.methods, args.family)  # a PluginError names a bad method
+    elif models is None:
+        if args.dymu_split and not args.dymu:
+            raise ValueError("--dymu-split needs --dymu FILE... (DyMU's split order only matters with DyMU thresholds)")
+        models = ["hybrid" if args.fastv_k else "dymu"] if args.dymu else ["pool"] if args.pool else ["fastv"]
+        if models == ["fastv"] and not (args.fastv_k or args.fastv_layer or args.positions or args.select):
+            raise ValueError("nothing to sweep: give --fastv-k, --fastv-layer, --select, --pool, --dymu, --positions or --ablation")
+    if args.vanilla and vanilla_name not in [short.get(m, m) for m in models]:
+        models = ["vanilla"] + list(models)
+    return models
+
+
+def summarize(runs: list[Run], failed: list[str], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
+    """The sweep's table (printed and as sweep_<tag>.csv) and, with --report, its report; 1 if any
+    run failed (or the report did), else 0."""
     configs = comparison.collect(work_dir, [run.folder for run in runs])
     order = {run.folder: index for index, run in enumerate(runs)}
     configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
@@ -350,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("hybrid_tools.sweep: these runs failed: " + ", ".join(failed), file=sys.stderr)
         status = 1
-    if args.report:
+    if report:
         from .report.cli import main as report_main
 
-        code = report_main([work_dir, "--name", args.report, "--out", args.report_out, "--models", *[run.folder for run in runs]])
+        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *[run.folder for run in runs]])
         status = status or code
     return status
 

@@ -277,18 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = ["python", "run.py", *argv]  # as typed (python -m vlmeval_plugin is the same program)
     demo = not argv
-    if demo:
-        argv = list(DEMO_ARGS)
-        print(
-            "run.py: no arguments, running the bundled demo: the trained testbed on its held-out TinyMMBench + TinyCOCO, "
-            "vanilla, FastV and hybrid (" + ", ".join(DEMO_MODELS) + "), on CPU, batch size 8.\n"
-            "For the real thing: python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid",
-            flush=True,
-        )
+    argv = announce_demo() if demo else argv
     if "-h" in argv or "--help" in argv:
-        plugin_parser().print_help()
-        print("\nplugin model names:\n" + "".join(f"  {v.name:24s} {v.description}\n" for v in settings.VARIANTS.values()))
-        print("VLMEvalKit's own options follow.\n", flush=True)
+        print_plugin_help()
     options, rest = plugin_parser().parse_known_args(argv)
     if options.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {options.batch_size}")
@@ -308,54 +299,87 @@ def main(argv: list[str] | None = None) -> int:
     robust.install()  # quiet import, bad rows fail alone (must precede building any dataset)
     caption_scores.install()  # METEOR and PTB-tokenized scores beside VLMEvalKit's caption scores
     import vlmeval.run as vlmeval_run
-    from vlmeval.config import supported_VLM
-    from vlmeval.smp import LMUDataRoot
 
     vargs = vlmeval_run.parse_args()
     rank = int(os.environ.get("RANK", 0))
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
-
-    if vargs.model is not None:
-        problem = resolve_plugin_models(vargs.model, plugin_models, options.model_path)
-        if problem:
-            return fail(problem)
-        unknown = [name for name in vargs.model if not is_plugin_name(name) and name not in supported_VLM]
-        if unknown:
-            return fail(
-                f"unknown model name(s) {', '.join(map(repr, unknown))}. Plugin names: {', '.join(settings.VARIANTS)}; "
-                "any other name must be one of vlmeval.config.supported_VLM."
-            )
-        vargs.model = [plugin_models[name].name if name in plugin_models else name for name in vargs.model]
-        register_models(list(plugin_models.values()), work_dir, options)
-        for item in plugin_models.values():
-            print(f"run.py: {item.requested} -> {item.name}  (checkpoint {item.checkpoint}, results {Path(work_dir) / item.name})", flush=True)
-
     data_names = list(vargs.data or [])
-    bundled = [name for name in data_names if name in BUNDLED_SETS]
-    if bundled:
-        ensure_tiny_sets(LMUDataRoot(), bundled)
-    problem = layouts.check_local_sets([name for name in data_names if not is_registered_set(name)], LMUDataRoot())
+    problem = register_run_models(vargs, plugin_models, options, work_dir) or prepare_data(data_names)
     if problem:
         return fail(problem)
-    register_caption_sets(data_names)
-
     if vargs.judge is None and not judge_key_configured(vargs):
         vargs.judge = "exact_matching"
         print("run.py: no judge API key configured (OPENAI_API_KEY, --judge-key, ...): using --judge exact_matching", flush=True)
-
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         use_gloo_without_cuda()
-
     if rank == 0 and vargs.model is not None and not vargs.api_mode:
         write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options)
 
     started = datetime.datetime.now().astimezone()
     vlmeval_run.run_task(vargs)
-
     if rank != 0 or vargs.model is None or vargs.api_mode:
         return 0
-    found = print_summary(work_dir, vargs.model, data_names)
-    problems = outcome_problems(work_dir, vargs.model, data_names, vargs.mode, started) + failed_row_problems(found)
+    return report_outcome(work_dir, vargs.model, data_names, vargs.mode, started)
+
+
+def announce_demo() -> list[str]:
+    """The bundled demo's arguments, after saying what it runs and what the real run looks like."""
+    print(
+        "run.py: no arguments, running the bundled demo: the trained testbed on its held-out TinyMMBench + TinyCOCO, "
+        "vanilla, FastV and hybrid (" + ", ".join(DEMO_MODELS) + "), on CPU, batch size 8.\n"
+        "For the real thing: python run.py --data MMBench_DEV_EN COCO_VAL --model llava_v1.5_7b_hybrid",
+        flush=True,
+    )
+    return list(DEMO_ARGS)
+
+
+def print_plugin_help() -> None:
+    """Our options and model names, before VLMEvalKit prints its own."""
+    plugin_parser().print_help()
+    print("\nplugin model names:\n" + "".join(f"  {v.name:24s} {v.description}\n" for v in settings.VARIANTS.values()))
+    print("VLMEvalKit's own options follow.\n", flush=True)
+
+
+def register_run_models(vargs, plugin_models: dict[str, PluginModel], options, work_dir: str) -> str | None:
+    """Registers the run's plugin names with VLMEvalKit and rewrites `vargs.model` to their
+    setting-qualified names; a problem (an unknown name, a bad setting or checkpoint) instead."""
+    from vlmeval.config import supported_VLM
+
+    if vargs.model is None:
+        return None
+    problem = resolve_plugin_models(vargs.model, plugin_models, options.model_path)
+    if problem:
+        return problem
+    unknown = [name for name in vargs.model if not is_plugin_name(name) and name not in supported_VLM]
+    if unknown:
+        return (f"unknown model name(s) {', '.join(map(repr, unknown))}. Plugin names: {', '.join(settings.VARIANTS)}; "
+                "any other name must be one of vlmeval.config.supported_VLM.")
+    vargs.model = [plugin_models[name].name if name in plugin_models else name for name in vargs.model]
+    register_models(list(plugin_models.values()), work_dir, options)
+    for item in plugin_models.values():
+        print(f"run.py: {item.requested} -> {item.name}  (checkpoint {item.checkpoint}, results {Path(work_dir) / item.name})", flush=True)
+    return None
+
+
+def prepare_data(data_names: list[str]) -> str | None:
+    """Writes the bundled sets asked for, checks the local files of every other unregistered set,
+    and registers the caption sets; a problem naming what is missing instead."""
+    from vlmeval.smp import LMUDataRoot
+
+    bundled = [name for name in data_names if name in BUNDLED_SETS]
+    if bundled:
+        ensure_tiny_sets(LMUDataRoot(), bundled)
+    problem = layouts.check_local_sets([name for name in data_names if not is_registered_set(name)], LMUDataRoot())
+    if problem:
+        return problem
+    register_caption_sets(data_names)
+    return None
+
+
+def report_outcome(work_dir: str, models: list[str], data_names: list[str], mode: str, started) -> int:
+    """Prints the summary; 1, naming them, if any model x dataset or row failed, else 0."""
+    found = print_summary(work_dir, models, data_names)
+    problems = outcome_problems(work_dir, models, data_names, mode, started) + failed_row_problems(found)
     if problems:
         print("\nrun.py: these model x dataset combinations or rows failed (a failed row's prediction is VLMEvalKit's "
               "failure marker, counted in infer_fail_rate; fix the input and rerun to regenerate only failed rows):\n" + "".join(f"  {p}\n" for p in problems), file=sys.stderr, flush=True)
