@@ -112,9 +112,15 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
     report = json.loads((report_dir / "report.json").read_text())
     shuffled = json.loads((report_dir / "shuffled_captions.json").read_text())
     mcq, coco = _vanilla(report, "TinyMMBench"), _vanilla(report, "TinyCOCO")
-    settings = summary["settings"]
-    thresholds = sorted(THRESHOLDS_DIR.glob("testbed-*.json"))
-    lines = [
+    vocab_size = json.loads((checkpoint / "config.json").read_text())["text_config"]["vocab_size"]
+    lines = _architecture(summary, vocab_size) + _how_it_was_made(summary, log) + _scores(mcq, coco, shuffled) + _limits(log, mcq)
+    lines += _thresholds(sorted(THRESHOLDS_DIR.glob("testbed-*.json")))
+    lines += ["", "This card is written by `python -m hybrid_vlm.testbed card` from the files above.", ""]
+    return "\n".join(lines)
+
+
+def _architecture(summary: dict, vocab_size: int) -> list[str]:
+    return [
         "# The hybrid-vlm testbed",
         "",
         "A stock `LlavaForConditionalGeneration` (transformers 5.23 and 5.24) with LLaVA-1.5's geometry where token",
@@ -126,9 +132,15 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "- ViT: CLIP layout, 336 px, 14 px patches (576 + CLS), width 96, 6 layers, 3 heads; LLaVA reads layer -2.",
         "- Projector: 2-layer MLP, GELU.",
         "- LLM: Llama, width 128, 8 layers, 4 heads, MLP 384, RoPE; byte-level BPE tokenizer of "
-        f"{json.loads((checkpoint / 'config.json').read_text())['text_config']['vocab_size']} tokens trained on the testbed's texts.",
+        f"{vocab_size} tokens trained on the testbed's texts.",
         f"- {summary['parameters']:,} parameters, float32 safetensors.",
         "",
+    ]
+
+
+def _how_it_was_made(summary: dict, log: list[dict]) -> list[str]:
+    settings = summary["settings"]
+    return [
         "## How it was made",
         "",
         "```bash",
@@ -156,6 +168,11 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "",
         *_log_table(log),
         "",
+    ]
+
+
+def _scores(mcq: dict, coco: dict, shuffled: dict) -> list[str]:
+    return [
         "## What it scores (held-out, never drawn in training)",
         "",
         f"- TinyMMBench, {mcq['rows']} rows (every question with its circular copies), circular accuracy (Overall): "
@@ -166,6 +183,11 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         f"(recomputed matched: {shuffled['cider_matched']:.1f}).",
         "- Every method at matched budgets: [`reports/testbed/report.md`](../../../reports/testbed/report.md).",
         "",
+    ]
+
+
+def _limits(log: list[dict], mcq: dict) -> list[str]:
+    return [
         "## Limits",
         "",
         f"Over the last 100 training steps the probe reads an object's colour at {_mean(log[-100:], 'object_colour')}, "
@@ -174,6 +196,11 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         + _short_kinds(mcq["metrics"]) + " Every training run, the shipped one included, is recorded in "
         "`reports/testbed-attempts/` with what it reached and, for the runs that miss, what was measured about why.",
         "",
+    ]
+
+
+def _thresholds(paths: list[Path]) -> list[str]:
+    lines = [
         "## DyMU thresholds (`dymu-thresholds/`)",
         "",
         "Calibrated on 256 training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of 64:",
@@ -181,12 +208,11 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
         "| file | target | visual tokens (mean ± std, calibration scenes) |",
         "|---|---|---:|",
     ]
-    for path in thresholds:
+    for path in paths:
         payload = json.loads(path.read_text())
         achieved = payload["achieved"]
         lines.append(f"| `{path.name}` | {payload['target']['preset']} | {achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} |")
-    lines += ["", "This card is written by `python -m hybrid_vlm.testbed card` from the files above.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_card() -> Path:
