@@ -75,6 +75,25 @@ def test_names_have_fixed_semantics_and_distinct_folders(tmp_path):
         settings.hybrid_config_for("llava_v1.5_7b_fastv", {"FASTV_K": "1.5"})
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion of a README name pattern: `a{,_b}{x,y}` -> a x, a y, a_b x, a_b y."""
+    if "{" not in pattern:
+        return [pattern]
+    head, rest = pattern.split("{", 1)
+    options, tail = rest.split("}", 1)
+    return [head + option + name for option in options.split(",") for name in expand_braces(tail)]
+
+
+def test_readme_lists_every_plugin_name_and_no_other():
+    """The README's row for the VLMEvalKit glue names exactly the registered plugin names."""
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| **`vlmeval_plugin/`**"))
+    patterns = [code for code in row.split("`")[1::2] if "{" in code or code in settings.VARIANTS]
+    listed = {name for pattern in patterns for name in expand_braces(pattern)}
+    if "the same for `llava_tiny`" in row:
+        listed |= {name.replace("llava_testbed", "llava_tiny") for name in listed if name.startswith("llava_testbed")}
+    assert listed == set(settings.VARIANTS)
+
+
 def test_dymu_split_is_read_by_the_dymu_names_only(tmp_path):
     thresholds = tmp_path / "mid.json"
     thresholds.write_text("{}")

@@ -314,13 +314,7 @@ class HybridLLaVA(BaseModel):
     @torch.no_grad()
     def generate_batch(self, messages: list[list[dict]]) -> list[dict]:
         """One left-padded generate over several messages; a stats dict (with prediction) per message."""
-        inputs = self.processor_inputs(messages)
-        host_layouts = {key: inputs[key] for key in HOST_INPUTS if key in inputs}
-        inputs = inputs.to(self.device)
-        inputs.update(host_layouts)  # image layouts are read on the host by the engine, so they stay there
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-
+        inputs, host_layouts = self._device_inputs(messages)
         self._forward_calls = 0
         self._prefill_seconds = None
         self._synchronize()
@@ -337,16 +331,7 @@ class HybridLLaVA(BaseModel):
         prompt_length = inputs["input_ids"].shape[1]
         new_tokens = output.sequences[:, prompt_length:]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        state = getattr(output_cache(output), "hybrid_state", None)
-        if state is not None:
-            tokens_in = state.prompt_tokens.tolist()
-            tokens_kept = state.prompt_tokens_kept.tolist()
-            visual = state.visual_counts()
-        else:  # the stock model: every real prompt token reaches every layer
-            tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
-            tokens_kept = list(tokens_in)
-            placeholders = ((inputs["input_ids"] == self.model.config.image_token_id) & inputs["attention_mask"].bool()).sum(dim=1).tolist()
-            visual = VisualCounts(placeholders, placeholders, [float(p) for p in placeholders])
+        tokens_in, tokens_kept, visual = self._token_counts(output, inputs)
         new_token_counts = (new_tokens != self.processor.tokenizer.pad_token_id).sum(dim=1).tolist()
         rank, _ = get_rank_and_world_size()
         row_images = self._row_images(host_layouts, len(messages))
@@ -369,6 +354,27 @@ class HybridLLaVA(BaseModel):
             )
             for row in range(len(messages))
         ]
+
+    def _device_inputs(self, messages: list[list[dict]]) -> tuple[dict, dict]:
+        """(the processor's inputs on the model's device, pixels in its dtype; the image layouts,
+        which stay on the host, where the engine reads them)."""
+        inputs = self.processor_inputs(messages)
+        host_layouts = {key: inputs[key] for key in HOST_INPUTS if key in inputs}
+        inputs = inputs.to(self.device)
+        inputs.update(host_layouts)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs, host_layouts
+
+    def _token_counts(self, output, inputs) -> tuple[list[int], list[int], VisualCounts]:
+        """(prompt tokens in, prompt tokens kept, visual counts) per row: the engine's, from its
+        cache state; for the stock model every real prompt token reaches every layer."""
+        state = getattr(output_cache(output), "hybrid_state", None)
+        if state is not None:
+            return state.prompt_tokens.tolist(), state.prompt_tokens_kept.tolist(), state.visual_counts()
+        tokens_in = inputs["attention_mask"].sum(dim=1).tolist()
+        placeholders = ((inputs["input_ids"] == self.model.config.image_token_id) & inputs["attention_mask"].bool()).sum(dim=1).tolist()
+        return tokens_in, list(tokens_in), VisualCounts(placeholders, placeholders, [float(p) for p in placeholders])
 
     def _row_images(self, host_layouts: dict, batch: int) -> list:
         """Per row, what the MACs model needs of its images beyond the counts (LLaVA-1.5: nothing)."""
