@@ -41,7 +41,7 @@ from .hf_compat import (
     new_cache,
 )
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
-from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
+from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, expand_inputs_for_generation, qwen_parts
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
 from .qwen import check_qwen_supported, qwen_image_slots, qwen_prompt_positions
@@ -492,6 +492,8 @@ class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForCondi
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         return None  # the forward computes them: see the class docstring
+
+    _expand_inputs_for_generation = expand_inputs_for_generation  # beams repeat a prompt's image patches whole
 
 
 # stock class -> its patched class
