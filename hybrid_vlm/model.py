@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .adapters import check_sliding_window, check_supported, grid_patches, llava_image_slots, llava_next_image_slots
+from .adapters import check_sliding_window, check_supported, grid_patches, llava_image_layout, llava_image_slots, llava_next_image_slots
 from .config import HybridConfig
 from .hf_compat import (
     Cache,
@@ -40,11 +40,12 @@ from .hf_compat import (
     llava_parts,
     new_cache,
 )
+from .hf_compat.generation import expand_inputs_for_generation
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
-from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, expand_inputs_for_generation, qwen_parts
+from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
-from .qwen import check_qwen_supported, qwen_image_slots, qwen_prompt_positions
+from .qwen import check_qwen_supported, qwen_image_layout, qwen_image_slots, qwen_prompt_positions
 from .runtime import read_on_host, require
 from .stages import (
     after_stage,
@@ -300,6 +301,10 @@ class HybridDecoder:
     # (model) -> visual tokens per image where the model fixes them (LLaVA's CLIP grid), None where they
     # follow the image (Qwen2.5-VL: a stage's budget is then checked per sample, at the forward)
     fixed_visual_count = staticmethod(grid_patches)
+    # (input_ids, image inputs) -> (images per prompt, pixel_values rows per image): how generate's
+    # expansion for beams and num_return_sequences repeats a prompt's images whole (`hf_compat.generation`)
+    image_layout = staticmethod(llava_image_layout)
+    _expand_inputs_for_generation = expand_inputs_for_generation
 
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         """The position rule for a prompt with images: LLaVA's are the 1-D logical ones, [B, L]."""
@@ -325,13 +330,14 @@ class HybridDecoder:
         visual tokens; default: each sample's last real token (the last prompt token). The cache is
         accepted as `past_key_values` or `cache` on every supported transformers release.
         `image_sizes` (LLaVA-NeXT) is read on the host: pass it on the CPU, as the processor makes it."""
+        cache = cache_argument(past_key_values, cache)  # first: a static cache also makes generate pass a 4-D mask
         check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, kwargs)
         config, parts = self.hybrid_config, self.parts_of(self)
         if inputs_embeds is None:
             inputs_embeds = parts.embed_tokens(input_ids)
         batch, length, _ = inputs_embeds.shape
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
-        cache, state = self._open_cache(cache_argument(past_key_values, cache), use_cache)
+        cache, state = self._open_cache(cache, use_cache)
         cached = cache.get_seq_length() if cache is not None else 0  # a shape: no host sync
         check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else cached + length)
         new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
@@ -471,6 +477,7 @@ class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForCondi
     parts_of = staticmethod(qwen_parts)
     check_model = staticmethod(check_qwen_supported)
     fixed_visual_count = staticmethod(lambda model: None)
+    image_layout = staticmethod(qwen_image_layout)
 
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         return qwen_prompt_positions(self, input_ids, new_valid, image_layout)
@@ -492,8 +499,6 @@ class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForCondi
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         return None  # the forward computes them: see the class docstring
-
-    _expand_inputs_for_generation = expand_inputs_for_generation  # beams repeat a prompt's image patches whole
 
 
 # stock class -> its patched class

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_vlm.tiny import ensure_tiny_thresholds
+from hybrid_vlm.tiny import ensure_tiny_thresholds, synthetic_image
 
 from conftest import QUESTIONS, hybrid_copy, image_inputs, next_inputs, qwen_inputs, qwen_two_image_inputs
 
@@ -48,15 +48,25 @@ def recomputed_log_probs(model, inputs, sequences: torch.Tensor, images_per_prom
     return log_probs.gather(2, sequences[:, prompt_length:, None])[..., 0].sum(dim=1)
 
 
+def two_image_inputs(processor, resize=None):
+    """A left-padded batch of two prompts with two images each (four different images), the second
+    prompt longer by one word; `resize` ((width, height) per image) gives LLaVA-NeXT its sizes."""
+    content = [{"type": "image"}, {"type": "text", "text": "left"}, {"type": "image"}, {"type": "text", "text": "which color?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [synthetic_image(i) for i in range(4)]
+    images = images if resize is None else [image.resize(size) for image, size in zip(images, resize)]
+    return processor(images=images, text=[prompt, prompt.replace("left", "left one")], return_tensors="pt", padding=True)
+
+
 def images_per_row(inputs, rows: torch.Tensor, images_per_prompt: int) -> dict:
     """The prompts' image inputs for the given rows (prompt indices): LLaVA-1.5's and LLaVA-NeXT's
     are per prompt; Qwen2.5-VL's patches are concatenated image after image, so each prompt's
     images (`images_per_prompt` each, in order) are taken whole."""
+    images = [row * images_per_prompt + i for row in rows.tolist() for i in range(images_per_prompt)]
     if "image_grid_thw" not in inputs:
-        return {key: inputs[key][rows] for key in ("pixel_values", "image_sizes") if key in inputs}
+        return {key: inputs[key][images] for key in ("pixel_values", "image_sizes") if key in inputs}
     grids = inputs["image_grid_thw"]
     patches = inputs["pixel_values"].split(grids.prod(dim=1).tolist())
-    images = [row * images_per_prompt + i for row in rows.tolist() for i in range(images_per_prompt)]
     return dict(pixel_values=torch.cat([patches[image] for image in images]), image_grid_thw=grids[images])
 
 
@@ -102,5 +112,21 @@ def test_qwen_beams_of_two_image_prompts_keep_each_prompts_images_in_order(tiny_
     model, processor = tiny_qwen
     hybrid = hybrid_copy(model, fastv_k=16)
     inputs = qwen_two_image_inputs(processor)
+    sequences, scores = beam_search(hybrid, inputs)
+    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)
+
+
+def test_llava_beams_of_two_image_prompts_keep_each_prompts_images_in_order(tiny):
+    model, processor = tiny
+    hybrid = hybrid_copy(model, fastv_k=64)
+    inputs = two_image_inputs(processor)
+    sequences, scores = beam_search(hybrid, inputs)
+    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)
+
+
+def test_llava_next_beams_of_two_image_prompts_keep_each_prompts_images_in_order(tiny_next):
+    model, processor = tiny_next
+    hybrid = hybrid_copy(model, fastv_k=0.5)
+    inputs = two_image_inputs(processor, resize=[(336, 200), (250, 500), (336, 336), (200, 336)])
     sequences, scores = beam_search(hybrid, inputs)
     torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)

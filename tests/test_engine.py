@@ -285,6 +285,15 @@ def test_image_without_placeholder_is_a_clear_error(tiny):
         hybrid_copy(model, fastv_k=8)(**text, pixel_values=image["pixel_values"])
 
 
+def test_a_preallocated_cache_is_refused_by_name(tiny):
+    """generate(cache_implementation="static") preallocates every layer to one length, which pruned
+    layers cannot use: the error names the cache and what is accepted, not the 4-D mask it brings."""
+    model, processor = tiny
+    with pytest.raises(ValueError, match="needs a dynamic KV cache .* got StaticCache with StaticLayer layers.*cache_implementation"):
+        with torch.no_grad():
+            hybrid_copy(model, fastv_k=8).generate(**image_inputs(processor), max_new_tokens=2, cache_implementation="static")
+
+
 # --- zero host syncs -------------------------------------------------------------------------------
 
 

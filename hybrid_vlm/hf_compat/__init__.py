@@ -10,6 +10,7 @@ transformers upgrade means reading this package (and `patches/README.md`), not g
   cache-name shim (5.24 renamed `past_key_values` to `cache`).
 - `llava_next.py`: LLaVA-NeXT's anyres layout (crops, unpadding, `image_newline`), learned from stock packing.
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
+- `generation.py`: generate's input expansion for beams, repeating each prompt's images whole.
 - `qwen2_5_vl.py`: Qwen2.5-VL's module names, its M-RoPE rotary with the axes last, and the vision
   tower's grid-derived inputs precomputed on the host.
 

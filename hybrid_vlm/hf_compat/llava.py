@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import DynamicCache, LlavaForConditionalGeneration
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
@@ -97,10 +97,32 @@ CACHE_NAME = "cache" if TRANSFORMERS_RELEASE >= (5, 24) else "past_key_values"
 
 
 def cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
-    """The cache a forward was given under either name (generate() uses CACHE_NAME; callers may use either)."""
+    """The cache a forward was given under either name (generate() uses CACHE_NAME; callers may use
+    either). Only a dynamic cache is accepted (`check_dynamic_cache`)."""
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("two different caches given: pass one, as cache= or as past_key_values=")
-    return cache if cache is not None else past_key_values
+    cache = cache if cache is not None else past_key_values
+    check_dynamic_cache(cache)
+    return cache
+
+
+DYNAMIC_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # what DynamicCache(config=...) builds
+
+
+def check_dynamic_cache(cache: Cache | None) -> None:
+    """After pruning, a layer group caches fewer keys than the layers before it, so every layer must
+    grow on its own: a DynamicCache's layers (generate's default; offloading is fine). Preallocated
+    layers (`cache_implementation="static"` and its variants, whose generate also builds a 4-D mask)
+    and quantized ones are refused by name, with what is accepted."""
+    if cache is None or not isinstance(cache, Cache):
+        return
+    other = sorted({type(layer).__name__ for layer in getattr(cache, "layers", []) if type(layer) not in DYNAMIC_LAYERS})
+    if other:
+        raise ValueError(
+            f"hybrid_vlm needs a dynamic KV cache (DynamicCache, generate's default); got {type(cache).__name__} with "
+            f"{', '.join(other)} layers. Pruned layers cache fewer keys than earlier ones, which preallocated or quantized "
+            "layers do not support: drop cache_implementation (e.g. 'static') from generate, or pass a DynamicCache."
+        )
 
 
 def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.generation.utils import GenerationMixin
 from transformers.utils.generic import is_flash_attention_requested
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
@@ -20,7 +19,7 @@ from ..runtime import host_to_device
 from .llava import LlavaParts
 
 __all__ = [
-    "Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "expand_inputs_for_generation", "host_grid", "qwen_image_features", "qwen_parts",
+    "Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "host_grid", "qwen_image_features", "qwen_parts",
     "stock_decode_positions",
 ]
 
@@ -54,41 +53,6 @@ def qwen_parts(model: Qwen2_5_VLForConditionalGeneration) -> LlavaParts:
         num_kv_heads=text_config.num_key_value_heads,
         head_dim=language_model.layers[0].self_attn.head_dim,
     )
-
-
-def expand_inputs_for_generation(model, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
-    """`GenerationMixin._expand_inputs_for_generation` (beams, `num_return_sequences`) for the patched
-    Qwen2.5-VL: every per-prompt tensor is repeated along dim 0 as stock repeats it, but the images'
-    patches (one [patches, dim] block for the whole batch) and grids are repeated a prompt's images
-    at a time. Stock models never meet this: generate encodes their images before the expansion
-    (`mm_encoder_outputs`, which the engine's forward does not take), so it repeats features, not pixels."""
-    pixel_values, grids = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_grid_thw", None)
-    expanded_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(
-        model, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
-    if pixel_values is not None and expand_size > 1:
-        counts = images_per_prompt(input_ids, model.config.vision_start_token_id, model.config.image_token_id)
-        pixel_values, grids = repeat_images_per_prompt(pixel_values, torch.as_tensor(grids), counts, expand_size)
-    model_kwargs.update({key: value for key, value in (("pixel_values", pixel_values), ("image_grid_thw", grids)) if value is not None})
-    return expanded_ids, model_kwargs
-
-
-def images_per_prompt(input_ids: torch.Tensor, vision_start_id: int, image_token_id: int) -> list[int]:
-    """Images in each prompt [B]: vision-start tokens followed by an image placeholder (read on the
-    host, once per generate, before the first forward)."""
-    starts = (input_ids[:, :-1] == vision_start_id) & (input_ids[:, 1:] == image_token_id)
-    return starts.sum(dim=1).tolist()
-
-
-def repeat_images_per_prompt(pixel_values: torch.Tensor, grids: torch.Tensor, counts: list[int], times: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values [patches x times, dim], grids [images x times, 3]): each prompt's images, in
-    order, repeated `times` times before the next prompt's, as its prompt row is repeated."""
-    if sum(counts) != grids.shape[0]:
-        raise ValueError(f"the prompts hold {sum(counts)} images (vision-start + image tokens) but image_grid_thw has {grids.shape[0]} rows")
-    image_patches = pixel_values.split(grids.prod(dim=1).tolist())
-    ends = torch.tensor(counts).cumsum(dim=0).tolist()
-    prompt_images = [range(end - count, end) for count, end in zip(counts, ends)]
-    order = [image for images in prompt_images for _ in range(times) for image in images]
-    return torch.cat([image_patches[image] for image in order]), grids[order]
 
 
 def host_grid(image_grid_thw) -> list[tuple[int, int, int]]:
