@@ -40,7 +40,7 @@ from .hf_compat import (
     llava_parts,
     new_cache,
 )
-from .hf_compat.generation import expand_inputs_for_generation
+from .hf_compat.generation import expand_inputs_for_generation, sliced_by_written_tokens
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
@@ -81,6 +81,9 @@ class PruneState:
     group_prompt_tokens: list[torch.Tensor]  # per group, [B] long: real prompt tokens its layers saw in the first forward
     dense: bool = False  # every cached key of every group is a real token (decided once, in Python)
     visual_tokens: torch.Tensor | None = None  # [B] long: of the prompt tokens entering layer 0, the visual ones (None: no image)
+    # the caller's tokens minus layer 0's cached slots (a shape): placement's fillers make it negative,
+    # compaction of DyMU's empty slots positive; generate slices a call over this cache by it
+    written_offset: int = 0
 
     @property
     def next_position(self) -> torch.Tensor:  # [B] the first group's (every group's, with logical positions)
@@ -306,6 +309,13 @@ class HybridDecoder:
     image_layout = staticmethod(llava_image_layout)
     _expand_inputs_for_generation = expand_inputs_for_generation
 
+    def __init_subclass__(cls, **kwargs):
+        """Each patched class slices a generate call over a filled cache by the caller's tokens
+        (`hf_compat.generation.sliced_by_written_tokens` around its stock class's input preparation)."""
+        super().__init_subclass__(**kwargs)
+        stock = cls.__mro__[cls.__mro__.index(HybridDecoder) + 1]
+        cls.prepare_inputs_for_generation = sliced_by_written_tokens(stock.prepare_inputs_for_generation)
+
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         """The position rule for a prompt with images: LLaVA's are the 1-D logical ones, [B, L]."""
         return position_ids
@@ -352,7 +362,8 @@ class HybridDecoder:
         loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
         if cache is not None:
             visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
-            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens)
+            written_offset = state.written_offset if state is not None else length - inputs_embeds.shape[1]
+            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens, written_offset)
         hidden_states, kept_positions = chunk_rows(loop, placed, slots, length)
         return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
 
@@ -430,11 +441,11 @@ class HybridDecoder:
                 layer, hidden_states, cos_sin, mask, cache, layer_idx, stages.get(layer_idx + 1), inputs, config.scoring == "eager")
         return LoopResult(hidden_states, kept_positions, groups, next_positions)
 
-    def _next_state(self, state, groups, next_positions, dense, visual_tokens) -> PruneState:
+    def _next_state(self, state, groups, next_positions, dense, visual_tokens, written_offset: int) -> PruneState:
         if state is not None:
-            return PruneState(groups, state.num_layers, next_positions, state.group_prompt_tokens, dense, state.visual_tokens)
+            return PruneState(groups, state.num_layers, next_positions, state.group_prompt_tokens, dense, state.visual_tokens, written_offset)
         prompt_tokens = [group.key_valid.sum(dim=1) for group in groups]
-        return PruneState(groups, len(self.parts_of(self).layers), next_positions, prompt_tokens, dense, visual_tokens)
+        return PruneState(groups, len(self.parts_of(self).layers), next_positions, prompt_tokens, dense, visual_tokens, written_offset)
 
     def _output(self, parts, hidden_states, logits_to_keep, cache, kept_positions, placed) -> HybridLlavaOutput:
         hidden_states = parts.norm(hidden_states)

@@ -1,18 +1,28 @@
-"""generate's input expansion for beams and `num_return_sequences`, for the patched classes.
+"""generate's input handling where the engine's inputs differ from stock's: the expansion for beams
+and `num_return_sequences`, and the slicing of a call over a filled cache.
 
 `GenerationMixin._expand_inputs_for_generation` repeats every tensor along dim 0, which is right
 for a per-prompt tensor and wrong for per-image ones once a prompt has several images, or when
 an image spans several rows (Qwen2.5-VL's patches, one [patches, dim] block for the batch). Stock
 models never meet this: their forwards take `mm_encoder_outputs`, so generate encodes the images
 first and repeats features per placeholder. The engine's forwards take pixels, so the patched
-classes repeat a prompt's images whole, in order, as its prompt row is repeated. Read from 5.23
-and 5.24, which agree.
+classes repeat a prompt's images whole, in order, as its prompt row is repeated.
+
+A call over a filled cache (a second turn passing the whole conversation) is sliced by generate to
+its last `input length - cache.get_seq_length()` tokens, the cache's length being layer 0's slots.
+The engine's layer 0 may hold more slots than the caller's tokens (fillers) or fewer (compacted
+DyMU slots); the state's `written_offset` turns one count into the other. Read from 5.23 and 5.24,
+which agree on both.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.generation.utils import GenerationMixin
+
+from .llava import CACHE_NAME
 
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")  # per image (pixel_values: `pixel_rows` rows each)
 
@@ -39,3 +49,25 @@ def repeat_images_per_prompt(images: dict, counts: list[int], pixel_rows: list[i
     repeated = {key: torch.as_tensor(value)[order] for key, value in images.items() if key != "pixel_values"}
     blocks = images["pixel_values"].split(pixel_rows)
     return {**repeated, "pixel_values": torch.cat([blocks[image] for image in order])}
+
+
+def continuation_length(input_ids: torch.Tensor, next_sequence_length: int | None, cache) -> int | None:
+    """The tokens of `input_ids` a forward over `cache` must take: those after the caller's tokens
+    the cache holds (layer 0's slots + the state's `written_offset`). generate's own count is in
+    slots; a decode step's 1 is unchanged by this, as the counts agree there."""
+    state = getattr(cache, "hybrid_state", None)
+    if next_sequence_length is None or state is None or state.written_offset == 0:
+        return next_sequence_length
+    return input_ids.shape[1] - (cache.get_seq_length() + state.written_offset)
+
+
+def sliced_by_written_tokens(stock_prepare):
+    """A stock class's `prepare_inputs_for_generation`, given `continuation_length`'s count. It keeps
+    the stock signature (`functools.wraps`), which generate reads to validate its keyword arguments."""
+
+    @functools.wraps(stock_prepare)
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+        next_sequence_length = continuation_length(input_ids, next_sequence_length, kwargs.get(CACHE_NAME))
+        return stock_prepare(self, input_ids, next_sequence_length=next_sequence_length, **kwargs)
+
+    return prepare_inputs_for_generation

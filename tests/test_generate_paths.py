@@ -1,13 +1,19 @@
-"""Beam search over the pruned, grouped KV cache: generate reorders the cache's layers between
-steps, and the engine's state (each group's key validity and next positions) rides along. Each
-returned beam's score must be its log-probability under a cache-free recomputation of the same
-pruned model, which scores with the last prompt token as the cached path does."""
+"""generate beyond one greedy call, over the pruned, grouped KV cache, against a cache-free
+recomputation of the same pruned model (which scores with the last prompt token, as the cached
+path does):
+
+- beam search and `num_return_sequences`: generate repeats the inputs per beam and reorders the
+  cache's layers between steps, while the engine's state (each group's key validity and next
+  positions) rides along. Each returned beam's score must be its recomputed log-probability.
+- a second turn: generate continues over the cache the first call returned, with new text.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from hybrid_vlm.hf_compat import cache_kwarg, output_cache
 from hybrid_vlm.tiny import ensure_tiny_thresholds, synthetic_image
 
 from conftest import QUESTIONS, hybrid_copy, image_inputs, next_inputs, qwen_inputs, qwen_two_image_inputs
@@ -28,24 +34,31 @@ def beam_search(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recomputed_log_probs(model, inputs, sequences: torch.Tensor, images_per_prompt: int = 1) -> torch.Tensor:
-    """[B * BEAMS]: each sequence's generated tokens' summed log-probabilities from one forward over
-    the whole sequence without a cache, scoring with the last prompt token."""
+    """[B * BEAMS]: each sequence's generated tokens' summed log-probabilities, recomputed without a cache."""
     prompt_length = inputs["input_ids"].shape[1]
-    rows = torch.arange(sequences.shape[0]) // BEAMS
-    attention_mask = torch.cat([inputs["attention_mask"][rows], torch.ones(len(rows), NEW_TOKENS, dtype=torch.long)], dim=1)
+    logits = cache_free_logits(model, inputs, sequences, torch.arange(sequences.shape[0]) // BEAMS, images_per_prompt)
+    return logits.float().log_softmax(dim=-1).gather(2, sequences[:, prompt_length:, None])[..., 0].sum(dim=1)
+
+
+def cache_free_logits(model, inputs, sequences: torch.Tensor, rows: torch.Tensor, images_per_prompt: int = 1) -> torch.Tensor:
+    """[R, T, vocab]: the logits that predict the T tokens after the prompt in each sequence (row r
+    continues prompt `rows[r]`; every appended token is real text), from one forward over the whole
+    sequence without a cache, scoring with the last prompt token as the cached path does."""
+    prompt_length = inputs["input_ids"].shape[1]
+    appended = sequences.shape[1] - prompt_length
+    attention_mask = torch.cat([inputs["attention_mask"][rows], torch.ones(len(rows), appended, dtype=torch.long)], dim=1)
     images = images_per_row(inputs, rows, images_per_prompt)
-    if "mm_token_type_ids" in inputs:  # Qwen2.5-VL's token kinds (1 = image): the generated tokens are text
-        images["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][rows], torch.zeros(len(rows), NEW_TOKENS, dtype=torch.long)], dim=1)
+    if "mm_token_type_ids" in inputs:  # Qwen2.5-VL's token kinds (1 = image): the appended tokens are text
+        images["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][rows], torch.zeros(len(rows), appended, dtype=torch.long)], dim=1)
     with torch.no_grad():
         output = model(
             input_ids=sequences, attention_mask=attention_mask, **images, use_cache=False, fastv_query_index=prompt_length - 1,
         )
-    # pruning drops visual rows only: the last prompt token and the generated ones are the last rows
+    # pruning drops visual rows only: the last prompt token and the appended ones are the last rows
     tail = torch.arange(prompt_length - 1, sequences.shape[1]).expand(len(rows), -1)
     if output.kept_positions is not None:  # None: every row is the prompt's own
-        assert torch.equal(output.kept_positions[:, -(NEW_TOKENS + 1) :], tail)
-    log_probs = output.logits[:, -(NEW_TOKENS + 1) : -1].float().log_softmax(dim=-1)
-    return log_probs.gather(2, sequences[:, prompt_length:, None])[..., 0].sum(dim=1)
+        assert torch.equal(output.kept_positions[:, -(appended + 1) :], tail)
+    return output.logits[:, -(appended + 1) : -1]
 
 
 def two_image_inputs(processor, resize=None):
@@ -130,3 +143,36 @@ def test_llava_next_beams_of_two_image_prompts_keep_each_prompts_images_in_order
     inputs = two_image_inputs(processor, resize=[(336, 200), (250, 500), (336, 336), (200, 336)])
     sequences, scores = beam_search(hybrid, inputs)
     torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)
+
+
+# the layer-0 cache holds as many slots as the prompt has tokens (llava, qwen: equal grids), more
+# (next: filler slots for the smaller image) or fewer (hybrid: DyMU's merged-away slots compacted)
+SECOND_TURNS = {
+    "llava": ("tiny", lambda processor: image_inputs(processor, QUESTIONS[:2]), dict(fastv_k=64)),
+    "hybrid": ("tiny", lambda processor: image_inputs(processor, QUESTIONS[:2]), dict(fastv_k=32, dymu="tiny-mid")),
+    "next": ("tiny_next", lambda processor: next_inputs(processor, QUESTIONS[:2]), dict(fastv_k=0.5)),
+    "qwen": ("tiny_qwen", lambda processor: qwen_inputs(processor, QUESTIONS[:2]), dict(fastv_k=16)),
+    "qwen-fillers": ("tiny_qwen", lambda processor: qwen_inputs(processor, QUESTIONS[:2], indices=[0, 2]), dict(fastv_k=16)),
+}
+
+
+@pytest.mark.parametrize("mask_read", ["never", "once"])
+@pytest.mark.parametrize("case", list(SECOND_TURNS))
+def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(request, case, mask_read):
+    """Turn 1 prunes; turn 2 passes the whole conversation, as chat code does, and generate feeds
+    the engine only what the cache lacks: the new text (a multi-token chunk), then steps."""
+    fixture, make_inputs, settings = SECOND_TURNS[case]
+    model, processor = request.getfixturevalue(fixture)
+    if settings.get("dymu") == "tiny-mid":
+        settings = {**settings, "dymu": str(ensure_tiny_thresholds())}
+    hybrid = hybrid_copy(model, **settings, mask_read=mask_read)
+    inputs = make_inputs(processor)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        first = hybrid.generate(**inputs, **greedy)
+        follow_up = processor.tokenizer([" and which shape?"] * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        turn_two = torch.cat([first.sequences, follow_up], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, turn_two.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)], dim=1)
+        second = hybrid.generate(input_ids=turn_two, attention_mask=mask, **cache_kwarg(output_cache(first)), **greedy)
+    expected = cache_free_logits(hybrid, inputs, second.sequences, torch.arange(2))[:, -4:]
+    torch.testing.assert_close(torch.stack(second.logits, dim=1), expected, rtol=1e-4, atol=1e-4)
