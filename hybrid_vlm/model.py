@@ -224,6 +224,22 @@ def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask,
         raise ValueError("hybrid_vlm takes a 2-D attention_mask [batch, tokens] (1 = real token, 0 = padding)")
 
 
+def check_chunk_mask(attention_mask: torch.Tensor | None, state: PruneState | None, cached_slots: int, length: int) -> None:
+    """Over a filled cache, a mask covers the caller's tokens the cache holds and then this chunk's:
+    layer 0's slots plus the state's `written_offset`, plus `length` (shapes only). A mask of any other
+    length means the chunk was cut by a count in slots (e.g. generate's `prefill_chunk_size` over a
+    cache with filler or compacted slots): refused, since the keys would be misread."""
+    if state is None or attention_mask is None:
+        return
+    expected = cached_slots + state.written_offset + length
+    if attention_mask.shape[1] != expected:
+        raise ValueError(
+            f"over this cache the attention_mask must cover {expected} tokens (the {cached_slots + state.written_offset} the cache holds, "
+            f"then this chunk's {length}), got {attention_mask.shape[1]}. Pass the conversation so far with its whole mask and no "
+            "prefill_chunk_size, or only the new tokens with the whole mask."
+        )
+
+
 def chunk_positions(attention_mask, position_ids, state, config, batch, length, device):
     """(new_valid [B, L]: real tokens of this chunk, position_ids [B, L], next_position [B]).
 
@@ -349,6 +365,7 @@ class HybridDecoder:
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
         cache, state = self._open_cache(cache, use_cache)
         cached = cache.get_seq_length() if cache is not None else 0  # a shape: no host sync
+        check_chunk_mask(attention_mask, state, cached, length)
         check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else cached + length)
         new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
         slots = placed = None

@@ -156,6 +156,20 @@ SECOND_TURNS = {
 }
 
 
+GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+def second_turn(hybrid, processor, inputs, **options):
+    """(generate's output for the follow-up, the conversation passed to it): the first turn's
+    sequences + the follow-up text, with the whole mask and the cache the first turn returned."""
+    with torch.no_grad():
+        first = hybrid.generate(**inputs, **GREEDY)
+        follow_up = processor.tokenizer([" and which shape is it?"] * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        turn_two = torch.cat([first.sequences, follow_up], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, turn_two.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)], dim=1)
+        return hybrid.generate(input_ids=turn_two, attention_mask=mask, **cache_kwarg(output_cache(first)), **GREEDY, **options)
+
+
 @pytest.mark.parametrize("mask_read", ["never", "once"])
 @pytest.mark.parametrize("case", list(SECOND_TURNS))
 def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(request, case, mask_read):
@@ -167,12 +181,20 @@ def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(
         settings = {**settings, "dymu": str(ensure_tiny_thresholds())}
     hybrid = hybrid_copy(model, **settings, mask_read=mask_read)
     inputs = make_inputs(processor)
-    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        first = hybrid.generate(**inputs, **greedy)
-        follow_up = processor.tokenizer([" and which shape?"] * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        turn_two = torch.cat([first.sequences, follow_up], dim=1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones(2, turn_two.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)], dim=1)
-        second = hybrid.generate(input_ids=turn_two, attention_mask=mask, **cache_kwarg(output_cache(first)), **greedy)
+    second = second_turn(hybrid, processor, inputs)
     expected = cache_free_logits(hybrid, inputs, second.sequences, torch.arange(2))[:, -4:]
     torch.testing.assert_close(torch.stack(second.logits, dim=1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_chunked_second_turn_is_exact_without_fillers_and_refused_with_them(tiny, tiny_next):
+    """generate(prefill_chunk_size=...) cuts a second turn's masks by layer 0's slots: right where
+    they are the caller's tokens, refused (not misread) where filler slots make them differ."""
+    model, processor = tiny
+    hybrid = hybrid_copy(model, fastv_k=64)
+    inputs = image_inputs(processor, QUESTIONS[:2])
+    second = second_turn(hybrid, processor, inputs, prefill_chunk_size=4)
+    expected = cache_free_logits(hybrid, inputs, second.sequences, torch.arange(2))[:, -4:]
+    torch.testing.assert_close(torch.stack(second.logits, dim=1), expected, rtol=1e-4, atol=1e-4)
+    model, processor = tiny_next
+    with pytest.raises(ValueError, match="attention_mask must cover .* no prefill_chunk_size"):
+        second_turn(hybrid_copy(model, fastv_k=0.5), processor, next_inputs(processor, QUESTIONS[:2]), prefill_chunk_size=4)
