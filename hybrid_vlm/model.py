@@ -40,7 +40,7 @@ from .hf_compat import (
     llava_parts,
     new_cache,
 )
-from .hf_compat.generation import expand_inputs_for_generation, sliced_by_written_tokens
+from .hf_compat.generation import check_generate_options, expand_inputs_for_generation, sliced_by_written_tokens
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
@@ -324,6 +324,11 @@ class HybridDecoder:
     # expansion for beams and num_return_sequences repeats a prompt's images whole (`hf_compat.generation`)
     image_layout = staticmethod(llava_image_layout)
     _expand_inputs_for_generation = expand_inputs_for_generation
+
+    def generate(self, *args, **kwargs):
+        """Stock generate; assisted generation is refused by name (`check_generate_options`)."""
+        check_generate_options(self, kwargs)
+        return super().generate(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs):
         """Each patched class slices a generate call over a filled cache by the caller's tokens

@@ -159,20 +159,28 @@ SECOND_TURNS = {
 GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
-def second_turn(hybrid, processor, inputs, **options):
-    """(generate's output for the follow-up, the conversation passed to it): the first turn's
-    sequences + the follow-up text, with the whole mask and the cache the first turn returned."""
+def second_turn(hybrid, processor, inputs, new_tokens_only: bool = False, **options):
+    """generate's output for the follow-up text over the cache the first turn returned, given the
+    whole mask and either the whole conversation (as chat code passes it) or only the tokens the
+    cache lacks (the other form generate accepts): the first turn's last token, which generate
+    returns but never feeds back, and the follow-up. Its sequences are the whole conversation."""
     with torch.no_grad():
         first = hybrid.generate(**inputs, **GREEDY)
         follow_up = processor.tokenizer([" and which shape is it?"] * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
         turn_two = torch.cat([first.sequences, follow_up], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, turn_two.shape[1] - inputs["input_ids"].shape[1], dtype=torch.long)], dim=1)
-        return hybrid.generate(input_ids=turn_two, attention_mask=mask, **cache_kwarg(output_cache(first)), **GREEDY, **options)
+        lacking = follow_up.shape[1] + 1
+        given = turn_two[:, -lacking:] if new_tokens_only else turn_two
+        second = hybrid.generate(input_ids=given, attention_mask=mask, **cache_kwarg(output_cache(first)), **GREEDY, **options)
+    if new_tokens_only:
+        second.sequences = torch.cat([turn_two[:, :-lacking], second.sequences], dim=1)
+    return second
 
 
+@pytest.mark.parametrize("passed", ["conversation", "new tokens"])
 @pytest.mark.parametrize("mask_read", ["never", "once"])
 @pytest.mark.parametrize("case", list(SECOND_TURNS))
-def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(request, case, mask_read):
+def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(request, case, mask_read, passed):
     """Turn 1 prunes; turn 2 passes the whole conversation, as chat code does, and generate feeds
     the engine only what the cache lacks: the new text (a multi-token chunk), then steps."""
     fixture, make_inputs, settings = SECOND_TURNS[case]
@@ -181,7 +189,7 @@ def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(
         settings = {**settings, "dymu": str(ensure_tiny_thresholds())}
     hybrid = hybrid_copy(model, **settings, mask_read=mask_read)
     inputs = make_inputs(processor)
-    second = second_turn(hybrid, processor, inputs)
+    second = second_turn(hybrid, processor, inputs, new_tokens_only=passed == "new tokens")
     expected = cache_free_logits(hybrid, inputs, second.sequences, torch.arange(2))[:, -4:]
     torch.testing.assert_close(torch.stack(second.logits, dim=1), expected, rtol=1e-4, atol=1e-4)
 
@@ -198,3 +206,14 @@ def test_a_chunked_second_turn_is_exact_without_fillers_and_refused_with_them(ti
     model, processor = tiny_next
     with pytest.raises(ValueError, match="attention_mask must cover .* no prefill_chunk_size"):
         second_turn(hybrid_copy(model, fastv_k=0.5), processor, next_inputs(processor, QUESTIONS[:2]), prefill_chunk_size=4)
+
+
+@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(assistant_early_exit=1)])
+def test_assisted_generation_is_refused_by_name(tiny, option):
+    """Assisted generation crops the cache to one length after rejected candidates: refused by
+    name before generate starts, rather than failing later on a placeholder count."""
+    model, processor = tiny
+    inputs = image_inputs(processor)
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match=f"assisted generation \\({next(iter(option))}\\)"):
+            hybrid_copy(model, fastv_k=64).generate(**inputs, max_new_tokens=2, do_sample=False, **option)

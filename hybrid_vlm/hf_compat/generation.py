@@ -51,14 +51,18 @@ def repeat_images_per_prompt(images: dict, counts: list[int], pixel_rows: list[i
     return {**repeated, "pixel_values": torch.cat([blocks[image] for image in order])}
 
 
-def continuation_length(input_ids: torch.Tensor, next_sequence_length: int | None, cache) -> int | None:
-    """The tokens of `input_ids` a forward over `cache` must take: those after the caller's tokens
-    the cache holds (layer 0's slots + the state's `written_offset`). generate's own count is in
-    slots; a decode step's 1 is unchanged by this, as the counts agree there."""
+def continuation_length(input_ids: torch.Tensor, next_sequence_length: int | None, cache, options: dict) -> int | None:
+    """The tokens a generate call over a filled `cache` must feed its first forward: those after
+    the caller's tokens the cache holds (layer 0's slots + the state's `written_offset`). Only that
+    first forward (`is_first_iteration`) is counted in slots, and only when the caller passed the
+    whole conversation (generate then gives a count; passing just the new tokens gives None). The
+    decode steps' 1 and every call over an unchanged layout (offset 0) are left alone."""
     state = getattr(cache, "hybrid_state", None)
-    if next_sequence_length is None or state is None or state.written_offset == 0:
+    if next_sequence_length is None or state is None or state.written_offset == 0 or not options.get("is_first_iteration"):
         return next_sequence_length
-    return input_ids.shape[1] - (cache.get_seq_length() + state.written_offset)
+    embeds = options.get("inputs_embeds")
+    given = (embeds if embeds is not None else input_ids).shape[1]
+    return given - (cache.get_seq_length() + state.written_offset)
 
 
 def sliced_by_written_tokens(stock_prepare):
@@ -67,7 +71,22 @@ def sliced_by_written_tokens(stock_prepare):
 
     @functools.wraps(stock_prepare)
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
-        next_sequence_length = continuation_length(input_ids, next_sequence_length, kwargs.get(CACHE_NAME))
+        next_sequence_length = continuation_length(input_ids, next_sequence_length, kwargs.get(CACHE_NAME), kwargs)
         return stock_prepare(self, input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
     return prepare_inputs_for_generation
+
+
+ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def check_generate_options(model, kwargs: dict) -> None:
+    """Refuses assisted generation (a draft model, prompt lookup, early exit) by name: it crops the
+    cache to one length after rejected candidates, which pruned layer groups do not share."""
+    config = kwargs.get("generation_config") or model.generation_config
+    given = [name for name in ASSISTED_OPTIONS if kwargs.get(name) is not None or getattr(config, name, None) is not None]
+    if given:
+        raise NotImplementedError(
+            f"hybrid_vlm does not support assisted generation ({', '.join(given)}): it crops the KV cache to one length, "
+            "which pruned layers do not share. Generate without it (greedy, sampling and beam search are supported)."
+        )
