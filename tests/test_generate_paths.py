@@ -83,66 +83,40 @@ def images_per_row(inputs, rows: torch.Tensor, images_per_prompt: int) -> dict:
     return dict(pixel_values=torch.cat([patches[image] for image in images]), image_grid_thw=grids[images])
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [dict(fastv_k=64), dict(fastv_k=0.5, position_mode="renumbered"), dict(fastv_k=32, dymu="tiny-mid")],
-    ids=["fastv-k64", "fastv-r0.5-renumbered", "hybrid"],
-)
-def test_each_beam_scores_what_the_cache_free_model_gives_its_tokens(tiny, settings):
-    model, processor = tiny
-    if settings.get("dymu") == "tiny-mid":
-        settings = {**settings, "dymu": str(ensure_tiny_thresholds())}
-    hybrid = hybrid_copy(model, **settings)
-    inputs = image_inputs(processor, QUESTIONS[:2])
+NEXT_TWO_IMAGE_SIZES = [(336, 200), (250, 500), (336, 336), (200, 336)]
+# (model fixture, inputs from its processor, settings, images per prompt): filler slots where the
+# images differ in size (next, qwen), DyMU's compacted slots (hybrid), two images per prompt
+BEAM_CASES = {
+    "llava-k64": ("tiny", lambda processor: image_inputs(processor, QUESTIONS[:2]), dict(fastv_k=64), 1),
+    "llava-r0.5-renumbered": ("tiny", lambda processor: image_inputs(processor, QUESTIONS[:2]), dict(fastv_k=0.5, position_mode="renumbered"), 1),
+    "hybrid": ("tiny", lambda processor: image_inputs(processor, QUESTIONS[:2]), dict(fastv_k=32, dymu="tiny-mid"), 1),
+    "next-k64": ("tiny_next", lambda processor: next_inputs(processor, QUESTIONS[:2]), dict(fastv_k=64), 1),
+    "next-r0.5-renumbered": ("tiny_next", lambda processor: next_inputs(processor, QUESTIONS[:2]), dict(fastv_k=0.5, position_mode="renumbered"), 1),
+    "qwen-k16": ("tiny_qwen", lambda processor: qwen_inputs(processor, QUESTIONS[:2]), dict(fastv_k=16), 1),
+    "qwen-r0.5-l1": ("tiny_qwen", lambda processor: qwen_inputs(processor, QUESTIONS[:2]), dict(fastv_k=0.5, fastv_layer=1), 1),
+    "llava-two-images": ("tiny", two_image_inputs, dict(fastv_k=64), 2),
+    "next-two-images": ("tiny_next", lambda processor: two_image_inputs(processor, resize=NEXT_TWO_IMAGE_SIZES), dict(fastv_k=0.5), 2),
+    "qwen-two-images": ("tiny_qwen", qwen_two_image_inputs, dict(fastv_k=16), 2),
+}
+
+
+def with_thresholds(settings: dict) -> dict:
+    """The tiny model's calibrated DyMU thresholds where a case names them."""
+    return {**settings, "dymu": str(ensure_tiny_thresholds())} if settings.get("dymu") == "tiny-mid" else settings
+
+
+@pytest.mark.parametrize("case", list(BEAM_CASES))
+def test_each_beam_scores_what_the_cache_free_model_gives_its_tokens(request, case):
+    """Each beam of a left-padded batch sees its own prompt's images, cache and positions."""
+    fixture, make_inputs, settings, images_per_prompt = BEAM_CASES[case]
+    model, processor = request.getfixturevalue(fixture)
+    hybrid = hybrid_copy(model, **with_thresholds(settings))
+    inputs = make_inputs(processor)
     assert (inputs["attention_mask"] == 0).any(), "the batch must exercise left padding"
     sequences, scores = beam_search(hybrid, inputs)
     assert len(set(map(tuple, sequences.tolist()))) == sequences.shape[0], "the beams must differ"
-    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("settings", [dict(fastv_k=64), dict(fastv_k=0.5, position_mode="renumbered")], ids=["fastv-k64", "fastv-r0.5-renumbered"])
-def test_llava_next_beams_with_filler_slots_score_as_recomputed(tiny_next, settings):
-    """Images of different sizes: the batch carries filler slots, and each beam keeps its prompt's."""
-    model, processor = tiny_next
-    hybrid = hybrid_copy(model, **settings)
-    inputs = next_inputs(processor, QUESTIONS[:2])
-    sequences, scores = beam_search(hybrid, inputs)
-    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("settings", [dict(fastv_k=16), dict(fastv_k=0.5, fastv_layer=1)], ids=["fastv-k16", "fastv-r0.5-l1"])
-def test_qwen_beams_keep_their_m_rope_positions(tiny_qwen, settings):
-    """Qwen2.5-VL: decode positions continue from each prompt's M-RoPE positions, per beam."""
-    model, processor = tiny_qwen
-    hybrid = hybrid_copy(model, **settings)
-    inputs = qwen_inputs(processor, QUESTIONS[:2])
-    sequences, scores = beam_search(hybrid, inputs)
-    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences), rtol=1e-4, atol=1e-4)
-
-
-def test_qwen_beams_of_two_image_prompts_keep_each_prompts_images_in_order(tiny_qwen):
-    """Two prompts with two images each (four grids): each beam sees its own prompt's two images."""
-    model, processor = tiny_qwen
-    hybrid = hybrid_copy(model, fastv_k=16)
-    inputs = qwen_two_image_inputs(processor)
-    sequences, scores = beam_search(hybrid, inputs)
-    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)
-
-
-def test_llava_beams_of_two_image_prompts_keep_each_prompts_images_in_order(tiny):
-    model, processor = tiny
-    hybrid = hybrid_copy(model, fastv_k=64)
-    inputs = two_image_inputs(processor)
-    sequences, scores = beam_search(hybrid, inputs)
-    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)
-
-
-def test_llava_next_beams_of_two_image_prompts_keep_each_prompts_images_in_order(tiny_next):
-    model, processor = tiny_next
-    hybrid = hybrid_copy(model, fastv_k=0.5)
-    inputs = two_image_inputs(processor, resize=[(336, 200), (250, 500), (336, 336), (200, 336)])
-    sequences, scores = beam_search(hybrid, inputs)
-    torch.testing.assert_close(scores, recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt=2), rtol=1e-4, atol=1e-4)
+    expected = recomputed_log_probs(hybrid, inputs, sequences, images_per_prompt)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
 
 
 # the layer-0 cache holds as many slots as the prompt has tokens (llava, qwen: equal grids), more
@@ -185,9 +159,7 @@ def test_a_second_turn_over_the_returned_cache_predicts_what_recomputation_does(
     the engine only what the cache lacks: the new text (a multi-token chunk), then steps."""
     fixture, make_inputs, settings = SECOND_TURNS[case]
     model, processor = request.getfixturevalue(fixture)
-    if settings.get("dymu") == "tiny-mid":
-        settings = {**settings, "dymu": str(ensure_tiny_thresholds())}
-    hybrid = hybrid_copy(model, **settings, mask_read=mask_read)
+    hybrid = hybrid_copy(model, **with_thresholds(settings), mask_read=mask_read)
     inputs = make_inputs(processor)
     second = second_turn(hybrid, processor, inputs, new_tokens_only=passed == "new tokens")
     expected = cache_free_logits(hybrid, inputs, second.sequences, torch.arange(2))[:, -4:]
