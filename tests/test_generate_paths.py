@@ -119,6 +119,21 @@ def test_each_beam_scores_what_the_cache_free_model_gives_its_tokens(request, ca
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["llava-two-images", "next-two-images", "qwen-two-images", "hybrid"])
+def test_sampled_return_sequences_at_top_k_1_repeat_each_prompts_greedy_answer(request, case):
+    """Sampling from the top token only is greedy: each of a prompt's returned sequences must be
+    that prompt's greedy answer, which holds only if every repeated row sees its own images."""
+    fixture, make_inputs, settings, _ = BEAM_CASES[case]
+    model, processor = request.getfixturevalue(fixture)
+    hybrid = hybrid_copy(model, **with_thresholds(settings))
+    inputs = make_inputs(processor)
+    with torch.no_grad():
+        greedy = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        sampled = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, top_k=1,
+                                  num_return_sequences=BEAMS)
+    assert torch.equal(sampled, greedy.repeat_interleave(BEAMS, dim=0))
+
+
 # the layer-0 cache holds as many slots as the prompt has tokens (llava, qwen: equal grids), more
 # (next: filler slots for the smaller image) or fewer (hybrid: DyMU's merged-away slots compacted)
 SECOND_TURNS = {
