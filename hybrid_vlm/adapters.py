@@ -50,11 +50,11 @@ def images_per_sample(num_images: int, batch: int) -> int:
     return num_images // batch
 
 
-def llava_image_layout(input_ids: torch.Tensor, images: dict) -> tuple[list[int], list[int]]:
+def llava_image_layout(input_ids: torch.Tensor, images: dict) -> tuple[int, list[int]]:
     """(images per prompt, pixel_values rows per image) of LLaVA-1.5's and LLaVA-NeXT's inputs: one
     row per image, split evenly over the prompts, in order."""
     num_images = images["pixel_values"].shape[0]
-    return [images_per_sample(num_images, input_ids.shape[0])] * input_ids.shape[0], [1] * num_images
+    return images_per_sample(num_images, input_ids.shape[0]), [1] * num_images
 
 
 def thresholds_on(model, device: torch.device) -> torch.Tensor:

@@ -85,6 +85,10 @@ class PruneState:
     # compaction of DyMU's empty slots positive; generate slices a call over this cache by it
     written_offset: int = 0
 
+    def written_tokens(self, cached_slots: int) -> int:
+        """The caller's tokens a cache holding `cached_slots` layer-0 slots has seen."""
+        return cached_slots + self.written_offset
+
     @property
     def next_position(self) -> torch.Tensor:  # [B] the first group's (every group's, with logical positions)
         return self.next_positions[0]
@@ -231,10 +235,10 @@ def check_chunk_mask(attention_mask: torch.Tensor | None, state: PruneState | No
     cache with filler or compacted slots): refused, since the keys would be misread."""
     if state is None or attention_mask is None:
         return
-    expected = cached_slots + state.written_offset + length
+    expected = state.written_tokens(cached_slots) + length
     if attention_mask.shape[1] != expected:
         raise ValueError(
-            f"over this cache the attention_mask must cover {expected} tokens (the {cached_slots + state.written_offset} the cache holds, "
+            f"over this cache the attention_mask must cover {expected} tokens (the {expected - length} the cache holds, "
             f"then this chunk's {length}), got {attention_mask.shape[1]}. Pass the conversation so far with its whole mask and no "
             "prefill_chunk_size, or only the new tokens with the whole mask."
         )
@@ -384,8 +388,7 @@ class HybridDecoder:
         loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
         if cache is not None:
             visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
-            written_offset = state.written_offset if state is not None else length - inputs_embeds.shape[1]
-            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens, written_offset)
+            cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens, length - inputs_embeds.shape[1])
         hidden_states, kept_positions = chunk_rows(loop, placed, slots, length)
         return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
 
@@ -464,8 +467,10 @@ class HybridDecoder:
         return LoopResult(hidden_states, kept_positions, groups, next_positions)
 
     def _next_state(self, state, groups, next_positions, dense, visual_tokens, written_offset: int) -> PruneState:
+        """The cache's state after this forward; `written_offset` (the caller's tokens minus the slots
+        that entered layer 0) is a prompt's, and carried unchanged by every later forward."""
         if state is not None:
-            return PruneState(groups, state.num_layers, next_positions, state.group_prompt_tokens, dense, state.visual_tokens, written_offset)
+            return PruneState(groups, state.num_layers, next_positions, state.group_prompt_tokens, dense, state.visual_tokens, state.written_offset)
         prompt_tokens = [group.key_valid.sum(dim=1) for group in groups]
         return PruneState(groups, len(self.parts_of(self).layers), next_positions, prompt_tokens, dense, visual_tokens, written_offset)
 

@@ -32,12 +32,11 @@ def sample_grids(image_grid_thw, batch: int) -> list[list[tuple[int, int, int]]]
     return [grids[b * per_sample : (b + 1) * per_sample] for b in range(batch)]
 
 
-def qwen_image_layout(input_ids: torch.Tensor, images: dict) -> tuple[list[int], list[int]]:
+def qwen_image_layout(input_ids: torch.Tensor, images: dict) -> tuple[int, list[int]]:
     """(images per prompt, pixel_values rows per image): images split evenly over the prompts, each
     spanning t*h*w patch rows of the batch's one pixel_values block."""
     grids = host_grid(images["image_grid_thw"])
-    per_prompt = images_per_sample(len(grids), input_ids.shape[0])
-    return [per_prompt] * input_ids.shape[0], [t * h * w for t, h, w in grids]
+    return images_per_sample(len(grids), input_ids.shape[0]), [t * h * w for t, h, w in grids]
 
 
 def merge_size(model) -> int:

@@ -38,14 +38,12 @@ def expand_inputs_for_generation(model, expand_size: int = 1, is_encoder_decoder
     return expanded_ids, {**model_kwargs, **images}
 
 
-def repeat_images_per_prompt(images: dict, counts: list[int], pixel_rows: list[int], times: int) -> dict:
-    """Each per-image input with each prompt's images (`counts[b]` of them, in order) repeated
+def repeat_images_per_prompt(images: dict, per_prompt: int, pixel_rows: list[int], times: int) -> dict:
+    """Each per-image input with each prompt's images (`per_prompt` of them, in order) repeated
     `times` times before the next prompt's; image i spans `pixel_rows[i]` rows of pixel_values and
     one row of every other input."""
-    if sum(counts) != len(pixel_rows):
-        raise ValueError(f"the prompts hold {sum(counts)} images but the image inputs have {len(pixel_rows)}")
-    ends = torch.tensor(counts).cumsum(dim=0).tolist()
-    order = [image for count, end in zip(counts, ends) for _ in range(times) for image in range(end - count, end)]
+    starts = range(0, len(pixel_rows), per_prompt)
+    order = [start + i for start in starts for _ in range(times) for i in range(per_prompt)]
     repeated = {key: torch.as_tensor(value)[order] for key, value in images.items() if key != "pixel_values"}
     blocks = images["pixel_values"].split(pixel_rows)
     return {**repeated, "pixel_values": torch.cat([blocks[image] for image in order])}
@@ -56,13 +54,13 @@ def continuation_length(input_ids: torch.Tensor, next_sequence_length: int | Non
     the caller's tokens the cache holds (layer 0's slots + the state's `written_offset`). Only that
     first forward (`is_first_iteration`) is counted in slots, and only when the caller passed the
     whole conversation (generate then gives a count; passing just the new tokens gives None). The
-    decode steps' 1 and every call over an unchanged layout (offset 0) are left alone."""
+    decode steps' 1 is left alone; over an unchanged layout (offset 0) the count is generate's own."""
     state = getattr(cache, "hybrid_state", None)
-    if next_sequence_length is None or state is None or state.written_offset == 0 or not options.get("is_first_iteration"):
+    if next_sequence_length is None or state is None or not options.get("is_first_iteration"):
         return next_sequence_length
     embeds = options.get("inputs_embeds")
     given = (embeds if embeds is not None else input_ids).shape[1]
-    return given - (cache.get_seq_length() + state.written_offset)
+    return given - state.written_tokens(cache.get_seq_length())
 
 
 def sliced_by_written_tokens(stock_prepare):

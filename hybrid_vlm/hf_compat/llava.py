@@ -114,7 +114,7 @@ def check_dynamic_cache(cache: Cache | None) -> None:
     grow on its own: a DynamicCache's layers (generate's default; offloading is fine). Preallocated
     layers (`cache_implementation="static"` and its variants, whose generate also builds a 4-D mask)
     and quantized ones are refused by name, with what is accepted."""
-    if cache is None or not isinstance(cache, Cache):
+    if not isinstance(cache, Cache):
         return
     other = sorted({type(layer).__name__ for layer in getattr(cache, "layers", []) if type(layer) not in DYNAMIC_LAYERS})
     if other:
