@@ -222,6 +222,38 @@ def test_only_a_row_that_fails_on_its_own_becomes_a_failed_row(sandbox):  # noqa
     assert report["sizes"][0] == 6 and max(report["sizes"][1:]) <= 3 and report["sizes"].count(1) >= 1
 
 
+def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path, monkeypatch):
+    """Upstream scores MMBench-style sets through `/tmp/<second>.xlsx`: two jobs finishing in the same
+    second shared one file, and every evaluation left one behind. Two calls within one (frozen)
+    second must write two different files, score from them, and leave neither."""
+    import datetime
+
+    import vlmeval.dataset.utils.multiple_choice as multiple_choice
+    import vlmeval.smp.misc as misc
+
+    robust.install()
+    frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(misc, "datetime", type("FrozenDatetime", (), {"datetime": type("Now", (), {"now": staticmethod(lambda: frozen)})}))
+    written = []
+    upstream_dump = multiple_choice.dump
+
+    def recording_dump(data, path, *args, **kwargs):
+        if Path(path).parent == Path("/tmp"):
+            written.append(str(path))
+        return upstream_dump(data, path, *args, **kwargs)
+
+    monkeypatch.setattr(multiple_choice, "dump", recording_dump)
+    table = build_mcq_table(num_questions=2).drop(columns=["image"])
+    hits = []
+    for call, wrong_group in enumerate((None, 1)):
+        predictions = table.assign(prediction=[("A" if group == wrong_group else answer) for group, answer in zip(table["index"] % 1_000_000, table["answer"])])
+        scored = multiple_choice.mcq_circular_eval(None, predictions, table, 1, str(tmp_path / f"result{call}.pkl"))
+        hits.append(scored.set_index("index")["hit"].to_dict())
+    assert hits == [{0: 1, 1: 1}, {0: 1, 1: 0}]  # group 1's copies answered "A" in the second call: not all right
+    assert len(written) == 2 and written[0] != written[1], written
+    assert all("20260102030405" in path and not Path(path).exists() for path in written), written
+
+
 def test_a_prediction_survives_vlmevalkits_xlsx_round_trip(tmp_path):
     """What the tiny random model wrote on TinyCOCO: "= gUSER\\ufffd\\t\\x08*". VLMEvalKit stored it as
     a formula and the control character made the file unreadable, costing the set its score."""

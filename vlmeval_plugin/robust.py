@@ -11,16 +11,23 @@ Here a bad image cell is replaced, at load time, by a placeholder that carries t
 model wrapper (vlmeval_plugin.model) turns such a row, and any row whose prompt cannot be built,
 into a failed row whose prediction starts with VLMEvalKit's INFER_FAIL_MSG.
 
+Upstream's circular (MMBench-style) scoring also round-trips its table through
+`/tmp/<YYYYmmddHHMMSS>.xlsx` and never removes it: one file per evaluation is left behind, and two
+evaluations finishing in the same second (one job per GPU) write and read the same file. Here the
+name is unique to the call and the file is removed once read.
+
 `install()` must run in every process that builds datasets, before the first one is built.
 """
 
 from __future__ import annotations
 
 import base64
+import glob
 import io
 import logging
 import os
 import re
+import uuid
 
 import pandas as pd
 
@@ -174,11 +181,40 @@ def import_vlmeval_quietly() -> None:
         root.removeFilter(quiet)
 
 
+def _private_circular_scratch() -> None:
+    """mcq_circular_eval names its scratch file `/tmp/{timestr()}.{ext}` (timestr from its module's
+    globals, used nowhere else there). Give each call a name of its own, and remove the file after."""
+    import vlmeval.dataset.utils.multiple_choice as multiple_choice
+
+    circular_eval = multiple_choice.mcq_circular_eval
+    if getattr(circular_eval, "_hybrid_vlm", False):
+        return
+    second_stamp = multiple_choice.timestr
+    stems: list[str] = []
+
+    def unique_stem(*args, **kwargs) -> str:
+        stems.append(f"{second_stamp(*args, **kwargs)}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        return stems[-1]
+
+    def mcq_circular_eval(*args, **kwargs):
+        try:
+            return circular_eval(*args, **kwargs)
+        finally:
+            while stems:
+                for path in glob.glob(f"/tmp/{glob.escape(stems.pop())}.*"):
+                    os.remove(path)
+
+    mcq_circular_eval._hybrid_vlm = True
+    multiple_choice.timestr = unique_stem
+    multiple_choice.mcq_circular_eval = mcq_circular_eval
+
+
 def install() -> None:
     import_vlmeval_quietly()
     _patch_dataset_loading()
     _patch_image_dumping()
     _retry_failed_rows()
+    _private_circular_scratch()
 
 
 XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
