@@ -79,7 +79,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, parse_fastv_k, remove_hybrid
+from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, inputs_for, parse_fastv_k, remove_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 from hybrid_vlm.config import MASK_READS
 from hybrid_vlm.dymu import threshold_merge_mask
@@ -585,13 +585,23 @@ class BenchRun:
 
     args: argparse.Namespace
     model: object
-    inputs: dict
+    host_inputs: dict  # the processor's batch, on the CPU
     text_tokens: int
     device: torch.device
     dtype: torch.dtype
     clock: Clock
     mark: LlmStartMark
     stopped: str | None = None  # where a SIGTERM stopped the measurements (`BenchStopped`), else None
+    placed: dict = field(default_factory=dict)  # engine or stock forward -> its inputs
+
+    @property
+    def inputs(self) -> dict:
+        """The batch as the active forward takes it (`hybrid_vlm.inputs_for`), placed once per kind,
+        outside every timed region."""
+        engine = isinstance(self.model, HybridDecoder)
+        if engine not in self.placed:
+            self.placed[engine] = inputs_for(self.model, self.host_inputs)
+        return self.placed[engine]
 
 
 class BenchStopped(BaseException):
@@ -630,13 +640,13 @@ def main(argv=None) -> list[dict]:
         parser.error(str(error))
     torch.set_grad_enabled(False)
     model, processor = build_model(args, device, dtype)
-    inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed, device)
+    host_inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed)
     if args.dymu_target:
         threshold_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dymu-"))
         args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
         configs = build_configs(args)
     clock = Clock(device)
-    bench = BenchRun(args, model, inputs, text_tokens, device, dtype, clock, LlmStartMark(model, clock))
+    bench = BenchRun(args, model, host_inputs, text_tokens, device, dtype, clock, LlmStartMark(model, clock))
     measure(bench, configs)
     bench.mark.remove()
     rows = summarize(configs, args.baseline)
@@ -676,7 +686,7 @@ def checked_device_dtype(args, parser) -> tuple[torch.device, torch.dtype]:
 
 def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
     """Warm-up and token counts per configuration, then --repeats interleaved timed rounds."""
-    args, model, inputs = bench.args, bench.model, bench.inputs
+    args, model = bench.args, bench.model
     for config in configs:
         try:  # a configuration the engine cannot run (yet) is reported, not fatal
             activate(model, config)
@@ -686,6 +696,7 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
     bar = tqdm(total=len(runnable) * (args.warmup + args.repeats), desc="bench", unit="run", file=sys.stderr, disable=args.no_progress)
     for config in runnable:
         activate(model, config)
+        inputs = bench.inputs
         bar.set_postfix_str(config.name)
         for _ in range(args.warmup):
             timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)
@@ -698,7 +709,7 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
         for config in runnable:
             activate(model, config)
             bar.set_postfix_str(config.name)
-            config.runs.append(timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)[0])  # the output is freed at once
+            config.runs.append(timed_run(model, bench.inputs, bench.clock, bench.mark, args.decode_tokens)[0])  # the output is freed at once
             bar.update()
     bar.close()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_vlm import HybridConfig, apply_hybrid, remove_hybrid
+from hybrid_vlm import HybridConfig, apply_hybrid, inputs_for, remove_hybrid
 from hybrid_vlm.hf_compat import cache_kwarg, new_cache
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
@@ -53,7 +53,9 @@ def parse_args(argv=None):
 
 def greedy_run(model, inputs: dict, steps: int) -> dict:
     """The prefill's last-token logits [B, vocab] (float32), kept positions (None for stock), and
-    the greedy tokens [B, steps + 1] of the prefill and `steps` decode steps over one cache."""
+    the greedy tokens [B, steps + 1] of the prefill and `steps` decode steps over one cache, from
+    the processor's batch on the CPU."""
+    inputs = inputs_for(model, inputs)
     output = model(**inputs, **cache_kwarg(new_cache(model)), use_cache=True)
     logits = output.logits[:, -1].float()
     tokens = bench.decode(model, output, inputs.get("attention_mask"), steps)
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     torch.set_grad_enabled(False)
     model, processor = presets.build_model(argparse.Namespace(model=None, preset=args.preset, seed=args.seed), device, dtype)
-    inputs, _ = presets.build_inputs(processor, args.text_tokens, 1, 0, device)
+    inputs, _ = presets.build_inputs(processor, args.text_tokens, 1, 0)
     with torch.inference_mode():
         result = {
             "engine (nothing cut) vs stock transformers": engine_vs_stock(model, inputs, args.new_tokens),

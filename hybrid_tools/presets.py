@@ -17,7 +17,6 @@ from transformers import (
 from hybrid_vlm import flops
 from hybrid_vlm.model import load_supported_model
 from hybrid_vlm.qwen_flops import qwen_shape_from_config
-from hybrid_vlm.syncs import HOST_INPUTS
 from hybrid_vlm.tiny import IMAGE_TOKEN, build_next_processor, build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
 from hybrid_vlm.tiny_qwen import build_qwen_processor
 
@@ -116,9 +115,10 @@ def build_model(args, device, dtype):
     return model.eval(), processor
 
 
-def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, device):
-    """Processor inputs for `batch_size` copies of one synthetic image + a prompt whose non-image
-    tokens number `text_tokens` (or just above: words are added until the count is reached)."""
+def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int):
+    """Processor inputs, on the CPU, for `batch_size` copies of one synthetic image + a prompt whose
+    non-image tokens number `text_tokens` (or just above: words are added until the count is
+    reached). `hybrid_vlm.inputs_for(model, inputs)` places them for a stock or patched model."""
 
     image = synthetic_image(image_seed)
     if hasattr(processor.image_processor, "image_grid_pinpoints"):
@@ -139,5 +139,4 @@ def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int, 
     while count < text_tokens:
         words += max(1, (text_tokens - count) // 2)
         inputs, count = encode(words)
-    # image layouts (LLaVA-NeXT's image_sizes, Qwen's image_grid_thw) stay on the host, where the engine reads them
-    return {k: v if k in HOST_INPUTS else v.to(device) for k, v in inputs.items()}, count
+    return dict(inputs), count

@@ -5,13 +5,14 @@
 """
 
 from .config import HybridConfig, parse_fastv_k, visual_keep_count
-from .model import HybridLlavaForConditionalGeneration, HybridLlavaOutput, apply_hybrid, remove_hybrid
+from .model import HybridLlavaForConditionalGeneration, HybridLlavaOutput, apply_hybrid, inputs_for, remove_hybrid
 
 __all__ = [
     "HybridConfig",
     "HybridLlavaForConditionalGeneration",
     "HybridLlavaOutput",
     "apply_hybrid",
+    "inputs_for",
     "parse_fastv_k",
     "remove_hybrid",
     "visual_keep_count",

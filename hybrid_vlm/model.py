@@ -553,6 +553,27 @@ def stock_class(model) -> type:
     return STOCK_CLASSES.get(type(model), type(model))
 
 
+IMAGE_LAYOUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's per-image layouts
+
+
+def inputs_for(model, inputs) -> dict:
+    """The processor's batch as `model` takes it: tensors on the model's device, floating ones in
+    its dtype. The image layouts go where each forward reads them. The engine reads them on the
+    host, so for it they stay on (or come back to) the CPU. A stock model gets them on its device,
+    as users pass them: stock Qwen2.5-VL's vision tower fails with a CPU grid on another device."""
+    parameter = next(model.parameters())
+    engine = isinstance(model, HybridDecoder)
+
+    def placed(key: str, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if key in IMAGE_LAYOUTS:
+            return value.cpu() if engine else value.to(parameter.device)
+        return value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+
+    return {key: placed(key, value) for key, value in inputs.items()}
+
+
 def load_supported_model(path: str, **kwargs):
     """`from_pretrained` of a checkpoint the engine patches (LLaVA-1.5 or LLaVA-NeXT), for the
     command-line tools: anything else exits with the class it found."""

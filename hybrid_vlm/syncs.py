@@ -29,10 +29,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .hf_compat import cache_kwarg, new_cache
-from .model import HybridDecoder, apply_hybrid, stock_class
+from .model import HybridDecoder, apply_hybrid, inputs_for, stock_class
 from .runtime import HostReads
 
-HOST_INPUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's image layouts
 NOT_APPLICABLE_DYMU = "not applicable on CPU: DyMU reads one count per batch by design"
 DYMU_PROMPT_SYNCS = 1  # the largest merged token count, which sizes the LLM input
 
@@ -45,20 +44,12 @@ def prefill_and_decode(model, inputs: dict, decode_steps: int = 1):
     return output
 
 
-def device_inputs(model, inputs: dict) -> dict:
-    """The inputs on the model's device, as a caller would pass them. A checked region must get them
-    already there: copying from host memory waits for the copy, which sync-debug mode reports."""
-    device = next(model.parameters()).device
-    # image layouts are metadata the engine reads on the host: they stay on the CPU (a stock model gets
-    # them on the device, as users call it)
-    on_host = HOST_INPUTS if isinstance(model, HybridDecoder) else ()
-    return {key: value if key in on_host else value.to(device) for key, value in inputs.items()}
-
-
 def _prefill(model, inputs: dict):
     """(the prefill's output, a function that runs one decode step over its cache)."""
     device = next(model.parameters()).device
-    inputs = device_inputs(model, inputs)  # a no-op for inputs already there
+    # a checked region must get its inputs already on the device: copying from host memory waits for
+    # the copy, which sync-debug mode reports (a no-op for inputs already placed)
+    inputs = inputs_for(model, inputs)
     cache = new_cache(model)
     masks = [inputs["attention_mask"]]
 
@@ -103,7 +94,7 @@ def _with_designed_count(run):
 def _warmed_up(model, inputs: dict, decode_steps: int) -> dict:
     """The inputs on the device after one unchecked prefill + decode (lazy initialisation may sync
     once) and a synchronize, so that a checked region starts from an idle device."""
-    inputs = device_inputs(model, inputs)
+    inputs = inputs_for(model, inputs)
     prefill_and_decode(model, inputs, decode_steps)
     torch.cuda.synchronize(next(model.parameters()).device)
     return inputs

@@ -70,7 +70,7 @@ def test_theory_columns_match_flops_and_dymu_rows_run(tmp_path):
     # the merged count the engine put into the LLM == the vision tower's own count (calibrate's compacting path)
     model, processor = build_tiny_llava()
     thresholds = load_thresholds(out / "200.json", model)
-    inputs, _ = presets.build_inputs(processor, 60, 1, 0, torch.device("cpu"))
+    inputs, _ = presets.build_inputs(processor, 60, 1, 0)
     merged = measure_token_counts(model, [inputs["pixel_values"]], thresholds, progress=False)[0]
     assert 0 < merged < 576 and dymu[0]["visual_in"] == merged
     for row in hybrids:  # FastV prunes half of the merged tokens, rounded half to even as the official llava-hf FastV
@@ -125,7 +125,7 @@ def test_kv_cache_is_measured_on_the_cache_and_kernels_are_traced():
     by_name = {row["config"]: row for row in rows}
     model, processor = build_tiny_llava()
     text = model.config.text_config
-    prompt = presets.build_inputs(processor, 60, 1, 0, torch.device("cpu"))[0]["input_ids"].shape[1]
+    prompt = presets.build_inputs(processor, 60, 1, 0)[0]["input_ids"].shape[1]
     per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4  # K and V, fp32
     layers = text.num_hidden_layers
     assert by_name["stock"]["kv_cache_mb_prompt"] * 2**20 == layers * prompt * per_token

@@ -20,7 +20,7 @@ def test_tiny_pairs_agree_and_take_their_own_sdpa_paths(monkeypatch):
     monkeypatch.setattr(llava_compat, "scaled_dot_product_attention", spy)
     torch.set_grad_enabled(False)
     model, processor = presets.build_model(bench.parse_args(["--preset", "tiny"])[0], torch.device("cpu"), torch.float32)
-    inputs, _ = presets.build_inputs(processor, 60, 1, 0, torch.device("cpu"))
+    inputs, _ = presets.build_inputs(processor, 60, 1, 0)
     steps, layers = 3, model.config.text_config.num_hidden_layers
     per_run = layers * (1 + steps)
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm import HybridConfig, apply_hybrid, inputs_for
 from hybrid_vlm.qwen import qwen_image_slots, qwen_prompt_positions
 from hybrid_vlm.syncs import check_no_host_syncs
 
@@ -159,6 +159,24 @@ def test_stock_path_does_sync(tiny_qwen):
     model, processor = tiny_qwen
     result = check_no_host_syncs(model, qwen_inputs(processor, QUESTIONS))
     assert result.startswith("fail") and "meta tensor" in result, result  # a value read back, not a device mismatch
+
+
+def test_inputs_for_places_the_grid_where_each_forward_reads_it(tiny_qwen):
+    """Stock Qwen2.5-VL's vision tower multiplies ids derived from the grid by its rotary table, so a
+    CPU grid beside a model elsewhere fails there: the bench and the plugin passed stock the
+    engine's host grid. The meta device stands in for a GPU."""
+    model, processor = tiny_qwen
+    host = qwen_inputs(processor, QUESTIONS)
+    stock = copy.deepcopy(model).to(device="meta", dtype=torch.bfloat16)
+    placed = inputs_for(stock, host)
+    assert {value.device.type for value in placed.values()} == {"meta"}
+    assert placed["pixel_values"].dtype == torch.bfloat16 and placed["input_ids"].dtype == host["input_ids"].dtype
+    with torch.no_grad(), pytest.raises(RuntimeError, match="not on the expected device cpu"):
+        stock(**{**placed, "image_grid_thw": host["image_grid_thw"]})  # what the bench passed stock before
+
+    engine = apply_hybrid(stock, HybridConfig(fastv_k=16))
+    placed = inputs_for(engine, host)
+    assert placed["image_grid_thw"].device.type == "cpu" and placed["pixel_values"].device.type == "meta"
 
 
 # --- refused settings ---------------------------------------------------------------------------------

@@ -36,11 +36,10 @@ from vlmeval.dataset import DATASET_TYPE
 from vlmeval.smp import cn_string, get_rank_and_world_size
 from vlmeval.vlm.base import BaseModel
 
-from hybrid_vlm import HybridConfig, apply_hybrid, flops
+from hybrid_vlm import HybridConfig, apply_hybrid, flops, inputs_for
 from hybrid_vlm.hf_compat import output_cache
-from hybrid_vlm.model import VisualCounts
+from hybrid_vlm.model import IMAGE_LAYOUTS, VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
-from hybrid_vlm.syncs import HOST_INPUTS
 
 from . import stats
 from .robust import RowError, is_blank, storable_prediction
@@ -356,15 +355,11 @@ class HybridLLaVA(BaseModel):
         ]
 
     def _device_inputs(self, messages: list[list[dict]]) -> tuple[dict, dict]:
-        """(the processor's inputs on the model's device, pixels in its dtype; the image layouts,
-        which stay on the host, where the engine reads them)."""
+        """(the processor's inputs as the model takes them, `hybrid_vlm.inputs_for`; the image
+        layouts as the processor returned them, on the host)."""
         inputs = self.processor_inputs(messages)
-        host_layouts = {key: inputs[key] for key in HOST_INPUTS if key in inputs}
-        inputs = inputs.to(self.device)
-        inputs.update(host_layouts)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs, host_layouts
+        host_layouts = {key: inputs[key] for key in IMAGE_LAYOUTS if key in inputs}
+        return inputs_for(self.model, inputs), host_layouts
 
     def _token_counts(self, output, inputs) -> tuple[list[int], list[int], VisualCounts]:
         """(prompt tokens in, prompt tokens kept, visual counts) per row: the engine's, from its
