@@ -5,7 +5,7 @@
 # Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
 #
 #   here:        bash ../shared/gpu/prepare.sh && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
-#   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny preset on CPU, no figures)
+#   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny models on CPU, no figures)
 #   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
 #   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
 set -u
@@ -21,7 +21,9 @@ step() {  # step SECONDS NAME CMD...
   echo "== $name: rc=$rc after $((SECONDS - t0))s"
 }
 if [ "${GPU_CHECKS_DRY:-0}" = 1 ]; then
-  dev=(--device cpu --preset tiny --dtype float32); next=(--device cpu --preset tiny --dtype float32)
+  # the tiny LLaVA-NeXT checkpoint, saved once: the rehearsal takes the anyres path the GPU run takes
+  tiny_next=$(python3 -c 'from hybrid_vlm.tiny import ensure_tiny_llava_next; print(ensure_tiny_llava_next())' 2>/dev/null | tail -n1)
+  dev=(--device cpu --preset tiny --dtype float32); next=(--device cpu --model "$tiny_next" --dtype float32)
   reps=(--repeats 2 --warmup 1); reps16=(--repeats 1 --warmup 1)
 else
   dev=(--device cuda --preset llava-1.5-7b --dtype bfloat16); next=(--device cuda --preset llava-next-7b --dtype bfloat16)
