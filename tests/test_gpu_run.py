@@ -28,3 +28,16 @@ def test_ingest_takes_what_checks_writes_and_regenerate_reads_it():
     assert written == taken
     for bench in ("bench-bs1", "bench-bs16", "bench-next", "parity.json"):
         assert bench in regenerate
+
+
+def test_the_prepare_command_carries_the_hub_that_checks_falls_back_on():
+    """transformers 5.24 fails to import with a huggingface_hub older than 1.31, which the GPU machine
+    may have: the README's prepare command must carry one that the transformers it carries (the one
+    installed here) accepts, and the script must know to put it in front."""
+    from packaging.specifiers import SpecifierSet
+    from transformers.dependency_versions_table import deps
+
+    script, readme = ((FOLDER / name).read_text() for name in ("checks.sh", "README.md"))
+    carried = re.search(r"prepare\.sh huggingface_hub==([\d.]+) ", readme).group(1)
+    assert carried in SpecifierSet(deps["huggingface-hub"].removeprefix("huggingface-hub")), (carried, deps["huggingface-hub"])
+    assert f"bash ../shared/gpu/prepare.sh huggingface_hub=={carried}" in script and "huggingface_hub-*) spare+=" in script

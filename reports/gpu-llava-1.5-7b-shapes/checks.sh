@@ -4,7 +4,7 @@
 # backends against stock transformers, and last (if time is left) the LLaVA-NeXT-7B shape.
 # Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
 #
-#   here:        bash ../shared/gpu/prepare.sh && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
+#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==1.31.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
 #   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny models on CPU, no figures)
 #   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
 #   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
@@ -31,12 +31,23 @@ else
 fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 if ls .gpu/whl/*.whl >/dev/null 2>&1 && [ "${GPU_CHECKS_DRY:-0}" != 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/whl/*.whl || exit 1
+  # The carried huggingface_hub is a spare: transformers 5.24 needs >= 1.31 (older ones fail its import
+  # with "cannot import name 'ResolvedRevision'"), and the machine's own, made for 5.17, may be older.
+  # It is put in front only if the machine's own fails that import.
+  wheels=(); spare=()
+  for wheel in .gpu/whl/*.whl; do case ${wheel##*/} in huggingface_hub-*) spare+=("$wheel");; *) wheels+=("$wheel");; esac; done
+  install_to() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+  install_to "$site" "${wheels[@]}" || exit 1
   export PYTHONPATH="$site:$PWD"
+  if ! python3 -c 'import transformers' >/dev/null 2>&1 && [ ${#spare[@]} -gt 0 ]; then
+    echo "the machine's huggingface_hub fails transformers' import: using the carried ${spare[*]##*/}"
+    install_to "$root/.gpu/site-hub" "${spare[@]}" || exit 1
+    export PYTHONPATH="$site:$root/.gpu/site-hub:$PWD"
+  fi
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 -c 'import torch, transformers, hybrid_vlm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' || exit 1
+python3 -c 'import torch, transformers, huggingface_hub, hybrid_vlm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| huggingface_hub", huggingface_hub.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' || exit 1
 # 1. Correctness on CUDA: the engine tests, where the CUDA-only sync tests run instead of skipping.
 step 90 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
   tests/test_sdpa_kernels.py tests/test_hybrid.py tests/test_dymu.py --junitxml="$OUT/pytest.xml"
