@@ -17,10 +17,13 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 
 def resolve_device(requested: str | None = None) -> torch.device:
     """`requested` ("cpu", "cuda", "cuda:1"), else cuda if available, else cpu; a clear error for
-    a CUDA device on a machine without CUDA."""
+    a CUDA device on a machine without CUDA. A CUDA device always carries its index (plain "cuda"
+    is the current one): `torch.cuda.set_device` refuses a device without one."""
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} asked for CUDA, but CUDA is not available here: use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

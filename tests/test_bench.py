@@ -97,6 +97,19 @@ def test_7b_preset_config_and_cpu_refusal(capsys):
     assert "--device cuda" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("requested,index", [("cuda", 0), ("cuda:1", 1)])
+def test_a_cuda_device_gets_an_index_torch_set_device_accepts(monkeypatch, requested, index):
+    """`--device cuda` made `torch.cuda.set_device(torch.device("cuda"))` raise ValueError ("Expected a
+    torch.device with a specified index") before any model was built: every GPU bench step would have
+    ended there. torch's own check runs here; only the driver call is replaced."""
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
+    device, dtype = bench.checked_device_dtype(*bench.parse_args(["--device", requested, "--preset", "llava-1.5-7b", "--dtype", "bfloat16"]))
+    assert device == torch.device("cuda", index) and selected == [index] and dtype == torch.bfloat16
+
+
 def test_methods_rows_use_each_budget_rule_and_count_the_scoring(tmp_path):
     """--methods at a budget: rule A methods let the budget in, fastv and random keep it after layer 2,
     and the theory of a method before the LLM includes its scoring (method_prefill_macs)."""
