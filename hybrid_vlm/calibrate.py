@@ -29,7 +29,8 @@ threshold·count passes 256 and decays towards 0 over the shipped script's ~2000
 published thresholds therefore cannot be expected to match a float64 calibration on the same data.
 
 The output JSON names the model it belongs to (a fingerprint of the vision tower: config fields and
-a hash of weights that decide merging); `load_thresholds(path, model)` refuses other models.
+a hash of weights that decide merging, plus a signature of those weights that survives a change of
+float dtype); `load_thresholds(path, model)` refuses other models.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,10 @@ from .hf_compat.clip import (
     LlavaForConditionalGeneration,
     dymu_image_features,
     merging_vision_forward,
+    signatures_match,
     vision_fingerprint,
     vision_parts,
+    vision_signature,
 )
 from .provenance import portable_path
 from .runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
@@ -79,9 +82,12 @@ def write_threshold_file(path: str | Path, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def read_threshold_file(path: str | Path, fingerprint: str, model_name: str = "this model") -> tuple[torch.Tensor, dict]:
+def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[], dict] | None = None) -> tuple[torch.Tensor, dict]:
     """Thresholds [L] float32 from a file made by `hybrid_vlm.calibrate`, after checking that it was
-    made for the model whose vision-tower fingerprint is `fingerprint` (null = +inf = never merge)."""
+    made for the model `identity` (`vision_fingerprint`) names (null = +inf = never merge). Where the
+    digests differ, `signature()` (`vision_signature` of that model) may still match the file's: the
+    same weights loaded in another float dtype (a float32 checkpoint calibrated in float32 and run in
+    float16, say) hash differently."""
     try:
         payload = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -92,15 +98,23 @@ def read_threshold_file(path: str | Path, fingerprint: str, model_name: str = "t
         raise ValueError(f"{path} is not a DyMU threshold file of format {' or '.join(map(repr, READABLE_FORMATS))}")
     payload.setdefault("split", READABLE_FORMATS[payload["format"]])
     model = payload.get("model", {})
-    if model.get("fingerprint") != fingerprint:
+    if not _same_vision_weights(model, identity, signature):
         raise ValueError(
             f"DyMU threshold file {path} was calibrated for model {model.get('name')!r} "
-            f"(vision fingerprint {model.get('fingerprint')}), but it is being loaded into {model_name!r} "
-            f"(vision fingerprint {fingerprint}). Thresholds are specific to a vision tower's weights: "
-            "run `python -m hybrid_vlm.calibrate` for this model."
+            f"(vision fingerprint {model.get('fingerprint')}), but it is being loaded into {identity['name']!r} "
+            f"(vision fingerprint {identity['fingerprint']}; nor do their weight signatures match, where the file records one). Thresholds "
+            "are specific to a vision tower's weights: run `python -m hybrid_vlm.calibrate` for this model."
         )
     values = [math.inf if v is None else float(v) for v in payload["thresholds"]]
     return torch.tensor(values, dtype=torch.float32), payload
+
+
+def _same_vision_weights(recorded: dict, identity: dict, signature: Callable[[], dict] | None) -> bool:
+    """The recorded fingerprint, or else (same shape and read layer) the recorded signature, is this model's."""
+    if recorded.get("fingerprint") == identity["fingerprint"]:
+        return True
+    same_shape = str(recorded.get("fingerprint", "")).split("-sha256:")[0] == identity["fingerprint"].split("-sha256:")[0]
+    return same_shape and signature is not None and "signature" in recorded and signatures_match(recorded["signature"], signature())
 
 
 def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration, split: str | None = None) -> torch.Tensor:
@@ -108,8 +122,7 @@ def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration, spli
     this module for this very model (a ValueError naming both models otherwise). With `split`, a
     file calibrated under another bipartite split gets a warning: it still runs, but its token
     counts will not be the calibrated ones."""
-    identity = vision_fingerprint(model)
-    thresholds, payload = read_threshold_file(path, identity["fingerprint"], identity["name"])
+    thresholds, payload = read_threshold_file(path, vision_fingerprint(model), lambda: vision_signature(model))
     if split is not None and payload["split"] != check_split(split):
         warnings.warn(
             f"DyMU threshold file {path} was calibrated with DYMU_SPLIT={payload['split']}, but DYMU_SPLIT={split} "
@@ -215,7 +228,7 @@ def _threshold_payload(model, parts, plan, nominal: list[int], split: str, tally
             f"all {parts.tower_layers} blocks, the {len(parts.layers)} blocks LLaVA reads take the first entries"
         )
     return {
-        "model": {**identity, "name": portable_path(identity["name"])},
+        "model": {**identity, "name": portable_path(identity["name"]), "signature": vision_signature(model)},
         "split": split,
         "target": {
             "tokens": plan.tokens,
@@ -289,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m hybrid_vlm.calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint directory or hub id (NeXT: calibrated on every crop)")
-    parser.add_argument("--images", required=True, help="directory of calibration images (searched recursively)")
+    parser.add_argument("--images", help="directory of calibration images (searched recursively); required unless --sign")
     parser.add_argument(
         "--target", default="mid",
         help="a DyMU config name (72out, 192out, 384out, 192out-linear, ...), an integer (patch tokens after the "
@@ -313,7 +326,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float16 on cuda, float32 on cpu")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--sign", action="store_true",
+        help="calibrate nothing: add the weight signature to the existing file --out, made for --model before files recorded "
+        "one (its fingerprint must be --model's). With it, a float16 load of a float32 checkpoint matches the file.",
+    )
+    args = parser.parse_args(argv)
+    if not args.sign and not args.images:
+        parser.error("--images is required (unless --sign)")
+    return args
+
+
+def add_signature(path: str | Path, model) -> dict:
+    """Record `vision_signature(model)` in the threshold file `path`, which must have been made for
+    this model (the same fingerprint). The thresholds and everything else are kept."""
+    payload = json.loads(Path(path).read_text())
+    identity = vision_fingerprint(model)
+    if payload.get("model", {}).get("fingerprint") != identity["fingerprint"]:
+        raise ValueError(f"{path} was made for vision fingerprint {payload.get('model', {}).get('fingerprint')}, "
+                         f"not this model's ({identity['fingerprint']}): its signature would not be its model's")
+    payload["model"]["signature"] = vision_signature(model)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -324,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.sign:
+        return add_signature(args.out, load_supported_model(args.model, dtype=dtype).eval())
     files = find_images(args.images, args.max_images)
     model = load_supported_model(args.model, dtype=dtype).to(device).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)

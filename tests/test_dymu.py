@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, load_thresholds, measure_token_counts
+from hybrid_vlm.calibrate import add_signature, calibrate_thresholds, count_summary, load_thresholds, measure_token_counts
 from hybrid_vlm.calibrate import main as calibrate_main
 from hybrid_vlm.dymu import (
     SPLITS,
@@ -606,7 +606,30 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     same = LlavaForConditionalGeneration.from_pretrained(model_dir)
     torch.testing.assert_close(load_thresholds(out, same), torch.tensor(saved["thresholds"]))
     half = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
-    assert vision_fingerprint(half)["fingerprint"] == saved["model"]["fingerprint"]  # dtype-independent
+    assert vision_fingerprint(half)["fingerprint"] == saved["model"]["fingerprint"]  # the same digest
+    # float16 rounds this float32 checkpoint twice on its way to the digest: the signature carries it
+    # (on a GPU the plugin's default dtype is float16, so the shipped testbed's DyMU names failed there)
+    fp16 = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16)
+    assert vision_fingerprint(fp16)["fingerprint"] != saved["model"]["fingerprint"]
+    torch.testing.assert_close(load_thresholds(out, fp16), torch.tensor(saved["thresholds"]))
+    nudged = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():  # a fine-tune's worth of change in one merging weight: other weights
+        weight = nudged.model.vision_tower.encoder.layers[0].self_attn.k_proj.weight
+        weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="calibrated for model"):
+        load_thresholds(out, nudged)
+    # a file made before signatures: refused in float16 until `--sign` adds its model's signature
+    unsigned = json.loads(out.read_text())
+    del unsigned["model"]["signature"]
+    out.write_text(json.dumps(unsigned))
+    with pytest.raises(ValueError, match="calibrated for model"):
+        load_thresholds(out, fp16)
+    with pytest.raises(ValueError, match="not this model's"):
+        add_signature(out, nudged)
+    calibrate_main(["--sign", "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    torch.testing.assert_close(load_thresholds(out, fp16), torch.tensor(saved["thresholds"]))
+    assert {key: value for key, value in json.loads(out.read_text()).items() if key != "model"} == {
+        key: value for key, value in saved.items() if key != "model"}
 
     other, _ = build_tiny_llava(seed=1)  # same config, other weights
     other_print = vision_fingerprint(other)["fingerprint"]

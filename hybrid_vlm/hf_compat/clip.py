@@ -42,7 +42,9 @@ __all__ = [
     "merging_vision_forward",
     "plain_read_layers",
     "ReadLayerStates",
+    "signatures_match",
     "vision_fingerprint",
+    "vision_signature",
     "vision_parts",
     "vision_reads",
     "window_image_features",
@@ -305,18 +307,10 @@ FINGERPRINT_CONFIG_FIELDS = (
 )
 
 
-def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
-    """Identify the vision tower thresholds were calibrated on: config fields, the layer LLaVA reads,
-    and a SHA-256 over weights that decide merging (embeddings, pre-norm, and in every merging layer
-    layer_norm1, q/k projections). Weights are rounded to bfloat16 on the CPU before hashing, so the
-    same checkpoint loaded in float32, float16 or bfloat16, on any device, gives the same value.
-    (Host syncs: not for forwards.)"""
+def fingerprinted_weights(model: LlavaForConditionalGeneration) -> list[tuple[str, torch.Tensor]]:
+    """The vision weights that decide merging: embeddings, pre-norm, and in every merging layer
+    layer_norm1 and the q/k projections."""
     parts = vision_parts(model)
-    config = model.model.vision_tower.config
-    fields = {name: getattr(config, name, None) for name in FINGERPRINT_CONFIG_FIELDS}
-    fields["vision_feature_layer"] = model.config.vision_feature_layer
-    fields["vision_feature_select_strategy"] = model.config.vision_feature_select_strategy
-    fields["merging_layers"] = len(parts.layers)
     tensors: list[tuple[str, torch.Tensor]] = [
         ("class_embedding", parts.embeddings.class_embedding),
         ("patch_embedding", parts.embeddings.patch_embedding.weight),
@@ -332,8 +326,22 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
             (f"{index}.k_proj.bias", layer.self_attn.k_proj.bias),
             (f"{index}.q_proj.weight", layer.self_attn.q_proj.weight),
         ]
+    return tensors
+
+
+def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
+    """Identify the vision tower thresholds were calibrated on: config fields, the layer LLaVA reads,
+    and a SHA-256 over `fingerprinted_weights` rounded to bfloat16 on the CPU. The same checkpoint
+    loaded in float32 or bfloat16 gives the same digest; loaded in float16 it need not (float32 ->
+    float16 -> bfloat16 rounds twice), which `vision_signature` covers. (Host syncs: not for forwards.)"""
+    parts = vision_parts(model)
+    config = model.model.vision_tower.config
+    fields = {name: getattr(config, name, None) for name in FINGERPRINT_CONFIG_FIELDS}
+    fields["vision_feature_layer"] = model.config.vision_feature_layer
+    fields["vision_feature_select_strategy"] = model.config.vision_feature_select_strategy
+    fields["merging_layers"] = len(parts.layers)
     digest = hashlib.sha256()
-    for name, tensor in tensors:
+    for name, tensor in fingerprinted_weights(model):
         data = tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
         digest.update(name.encode())
         digest.update(str(tuple(data.shape)).encode())
@@ -342,6 +350,39 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
     fingerprint = f"{shape}-read{fields['merging_layers']}-sha256:{digest.hexdigest()[:20]}"
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "(unnamed model)"
     return {"name": str(name), "fingerprint": fingerprint, "config": fields}
+
+
+SIGNATURE_PROJECTIONS = 2
+# of a weight's RMS: bfloat16 rounding (up to 2^-8 of each value) moves a projection by about 2e-3
+# of it (one standard deviation: the values' errors average out), other weights by about the RMS itself
+SIGNATURE_TOLERANCE = 2e-2
+
+
+def weight_signature(tensor: torch.Tensor) -> list[float]:
+    """[RMS, then projections onto SIGNATURE_PROJECTIONS fixed random +-1 directions, scaled like the
+    RMS] of a tensor, in float64 on the CPU: a summary that survives a change of float dtype."""
+    values = tensor.detach().to(device="cpu", dtype=torch.float64).flatten()
+    generator = torch.Generator().manual_seed(values.numel())
+    signs = torch.randint(0, 2, (SIGNATURE_PROJECTIONS, values.numel()), generator=generator, dtype=torch.int8)
+    projections = (values * (2 * signs - 1)).sum(dim=1) / max(values.numel(), 1) ** 0.5
+    return [float(values.pow(2).mean().sqrt()), *projections.tolist()]
+
+
+def vision_signature(model: LlavaForConditionalGeneration) -> dict[str, list[float]]:
+    """`weight_signature` of every fingerprinted weight."""
+    return {name: weight_signature(tensor) for name, tensor in fingerprinted_weights(model)}
+
+
+def signatures_match(recorded: dict[str, list[float]], loaded: dict[str, list[float]]) -> bool:
+    """Whether two vision signatures come from the same weights, up to float dtype rounding: every
+    entry within SIGNATURE_TOLERANCE of the weight's RMS."""
+    if recorded.keys() != loaded.keys():
+        return False
+    for name, values in recorded.items():
+        allowed = SIGNATURE_TOLERANCE * max(values[0], loaded[name][0])
+        if len(values) != len(loaded[name]) or any(abs(a - b) > allowed for a, b in zip(values, loaded[name])):
+            return False
+    return True
 
 
 def window_image_features(model: LlavaForConditionalGeneration, pixel_windows: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
