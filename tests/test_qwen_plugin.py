@@ -78,6 +78,23 @@ def expected_unit_grids(lmu: Path, dataset: str) -> dict[str, tuple[int, int]]:
 
 
 @needs_vlmeval
+@needs_vlmeval
+def test_cuda_dtypes_are_the_ones_vlmevalkits_wrappers_load():
+    """On a GPU, upstream loads Qwen2.5-VL in its checkpoint's dtype (bfloat16; float16 can overflow
+    in it) and LLaVA in float16. Ours loaded every model in float16."""
+    import inspect
+
+    import vlmeval.vlm.llava.llava as upstream_llava
+    import vlmeval.vlm.qwen2_vl.model as upstream_qwen
+
+    from vlmeval_plugin.model import HybridLLaVA, HybridLLaVANext
+    from vlmeval_plugin.qwen import HybridQwen2VL
+
+    assert "torch_dtype='auto'" in inspect.getsource(upstream_qwen.Qwen2VLChat.__init__) and HybridQwen2VL.CUDA_DTYPE == "auto"
+    assert "torch_dtype=torch.float16" in inspect.getsource(upstream_llava.LLaVA_Next.__init__)
+    assert HybridLLaVA.CUDA_DTYPE == HybridLLaVANext.CUDA_DTYPE == "float16"
+
+
 def test_qwen_fastv_runs_end_to_end_the_same_at_batch_1_and_4(sandbox, qwen_checkpoint):  # noqa: F811
     from hybrid_vlm import visual_keep_count
 

@@ -124,6 +124,7 @@ class HybridLLaVA(BaseModel):
     INSTALL_REQ = False
     INTERLEAVE = True
     MODEL_CLASS = "LlavaForConditionalGeneration"
+    CUDA_DTYPE = "float16"  # VLMEvalKit's LLaVA wrappers load float16 (on the CPU: float32)
 
     def __init__(
         self,
@@ -149,7 +150,7 @@ class HybridLLaVA(BaseModel):
         self.batch_size = batch_size
         # Under torchrun VLMEvalKit has already narrowed CUDA_VISIBLE_DEVICES to this rank's GPUs.
         self.device = resolve_device()
-        dtype = resolve_dtype("auto", self.device)
+        dtype = self.CUDA_DTYPE if self.device.type == "cuda" else resolve_dtype("auto", self.device)
         self.processor = AutoProcessor.from_pretrained(self.checkpoint)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
         model_class = getattr(transformers, self.MODEL_CLASS)

@@ -49,6 +49,9 @@ class HybridQwen2VL(HybridLLaVA):
     """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) for VLMEvalKit; see the module docstring."""
 
     MODEL_CLASS = "Qwen2_5_VLForConditionalGeneration"
+    # the checkpoint's own dtype (bfloat16 for the released weights), as VLMEvalKit's Qwen2VLChat loads
+    # it: in float16 Qwen2.5-VL's activations can overflow
+    CUDA_DTYPE = "auto"
 
     def __init__(self, checkpoint: str, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, use_vllm: bool = False, **kwargs):
         # VLMEvalKit's infer_data passes use_vllm (its --use-vllm flag) to every name containing "Qwen2.5-VL"
