@@ -222,6 +222,38 @@ def test_only_a_row_that_fails_on_its_own_becomes_a_failed_row(sandbox):  # noqa
     assert report["sizes"][0] == 6 and max(report["sizes"][1:]) <= 3 and report["sizes"].count(1) >= 1
 
 
+FREED_SCRIPT = """
+import json, weakref
+import torch
+from vlmeval_plugin.model import HybridLLaVA
+
+model = HybridLLaVA.__new__(HybridLLaVA)
+model.device, model.setting = torch.device("cpu"), "stock"
+failed_calls, alive_at_retry = [], []
+
+def generate_batch(messages):
+    activations = torch.empty(1024)  # what a failed generate holds in its frames (a KV cache, on a GPU)
+    if len(messages) > 1:
+        failed_calls.append(weakref.ref(activations))
+        raise RuntimeError("CUDA out of memory (injected)")
+    alive_at_retry.append(sum(ref() is not None for ref in failed_calls))
+    return [dict(prediction="ok")]
+
+model.generate_batch = generate_batch
+model._generate_or_split([(i, f"row{i}") for i in range(2)])
+print(json.dumps(alive_at_retry))
+"""
+
+
+@needs_vlmeval
+def test_a_failed_batch_is_freed_before_its_rows_are_retried(sandbox):  # noqa: F811
+    """Retrying inside the except block kept the failed call's frames (its activations) alive through
+    the exception's traceback, so the retry of an out-of-memory batch ran out of memory again."""
+    result = subprocess.run([sys.executable, "-c", FREED_SCRIPT], env=sandbox["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, 0]
+
+
 def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path, monkeypatch):
     """Upstream scores MMBench-style sets through `/tmp/<second>.xlsx`: two jobs finishing in the same
     second shared one file, and every evaluation left one behind. Two calls within one (frozen)

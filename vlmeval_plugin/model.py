@@ -392,14 +392,16 @@ class HybridLLaVA(BaseModel):
             results = self.generate_batch([message for _, message in batch])
             return [(index, result) for (index, _), result in zip(batch, results)]
         except Exception as error:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                return [(batch[0][0], self._failed_record(f"generate failed: {row_error_text(error)}"))]
-            half = (len(batch) + 1) // 2
-            print(f"[hybrid-vlm] generate failed for a batch of {len(batch)} rows ({type(error).__name__}: {error}); "
-                  f"retrying them {half} at a time", flush=True)
-            return self._generate_or_split(batch[:half]) + self._generate_or_split(batch[half:])
+            reason, summary = row_error_text(error), f"{type(error).__name__}: {error}"
+        # Retried only here, after the handler: inside it the exception's traceback keeps the failed
+        # call's frames, with their activations and KV cache, alive, and a retry would run out of memory too.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            return [(batch[0][0], self._failed_record(f"generate failed: {reason}"))]
+        half = (len(batch) + 1) // 2
+        print(f"[hybrid-vlm] generate failed for a batch of {len(batch)} rows ({summary}); retrying them {half} at a time", flush=True)
+        return self._generate_or_split(batch[:half]) + self._generate_or_split(batch[half:])
 
     def _failed_record(self, reason: str) -> dict:
         rank, _ = get_rank_and_world_size()
