@@ -346,7 +346,7 @@ def test_fastv_settings_get_distinct_folders(sandbox):
 def test_two_process_gloo_run_matches_one_process(sandbox):
     """torchrun --nproc-per-node=2 on CPU: ranks take alternating rows, rank 0 merges and evaluates."""
     work_dir = sandbox["root"] / "torchrun"
-    env = dict(sandbox["env"], FASTV_K="0.5")
+    env = dict(sandbox["env"], FASTV_K="0.5", CUDA_VISIBLE_DEVICES="0,1")  # no GPU here: VLMEvalKit narrows it per rank all the same
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", RUN_PY,
                "--data", "TinyMMBench", "--model", "llava_v1.5_7b_fastv", "--model-path", sandbox["checkpoint"],
                "--max-new-tokens", "4", "--work-dir", str(work_dir)]
@@ -357,6 +357,8 @@ def test_two_process_gloo_run_matches_one_process(sandbox):
     merged = predictions(work_dir, FASTV_R05, "TinyMMBench")
     assert len(merged) == MCQ_ROWS
     assert (work_dir / FASTV_R05 / f"{FASTV_R05}_TinyMMBench_acc.csv").exists()
+    run_info = json.loads((work_dir / FASTV_R05 / "run_info.json").read_text())["runs"][-1]
+    assert run_info["env"]["CUDA_VISIBLE_DEVICES"] == "0,1" and run_info["world_size"] == 2  # as launched, not rank 0's share
     single_path = stats.stats_path(sandbox["root"] / "sweep" / FASTV_R05, FASTV_R05, "TinyMMBench")
     if single_path.exists():  # same setting, one process (the interrupted-and-resumed run)
         single = stats.read_records(single_path)

@@ -203,9 +203,11 @@ RUN_INFO_ENVS = (
 )
 
 
-def write_run_info(work_dir: str, models: list[str], plugin_models: dict, command: list[str], demo: bool, vargs, options) -> None:
+def write_run_info(work_dir: str, models: list[str], plugin_models: dict, command: list[str], demo: bool, vargs, options,
+                   launch_env: dict) -> None:
     """Append this run to <work_dir>/<model>/run_info.json ({"runs": [...]}): the command as typed,
-    the settings read from the environment, the checkpoint, versions and the git commit; paths as
+    the settings read from the environment as launched (`launch_env`: before VLMEvalKit narrows
+    CUDA_VISIBLE_DEVICES to one rank's GPUs), the checkpoint, versions and the git commit; paths as
     hybrid_vlm.provenance.portable writes them.
     VLMEvalKit's status.json keeps only its own argv; hybrid_tools.report reads this for provenance."""
     from dataclasses import asdict
@@ -224,7 +226,7 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
             "setting": (item.config.describe() if item.config is not None else "stock") if item else None,
             "hybrid_config": asdict(item.config) if item and item.config is not None else None,
             "checkpoint": str(item.checkpoint) if item else None,
-            "env": {key: os.environ[key] for key in RUN_INFO_ENVS if key in os.environ},
+            "env": launch_env,
             "options": {"model_path": options.model_path, "batch_size": options.batch_size, "max_new_tokens": options.max_new_tokens},
             "data": list(vargs.data or []), "mode": vargs.mode, "judge": vargs.judge,
             "versions": package_versions(), "git": {"commit": commit, "dirty": dirty},
@@ -276,6 +278,7 @@ def resolve_plugin_models(names, plugin_models: dict, model_path: str | None) ->
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = ["python", "run.py", *argv]  # as typed (python -m vlmeval_plugin is the same program)
+    launch_env = {key: os.environ[key] for key in RUN_INFO_ENVS if key in os.environ}
     demo = not argv
     argv = announce_demo() if demo else argv
     if "-h" in argv or "--help" in argv:
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         use_gloo_without_cuda()
     if rank == 0 and vargs.model is not None and not vargs.api_mode:
-        write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options)
+        write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options, launch_env)
 
     started = datetime.datetime.now().astimezone()
     vlmeval_run.run_task(vargs)
