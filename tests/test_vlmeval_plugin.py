@@ -365,6 +365,30 @@ def test_two_process_gloo_run_matches_one_process(sandbox):
         assert {r["index"]: r["prediction"] for r in records} == {k: v["prediction"] for k, v in single.items()}
 
 
+FREED_MODEL_SCRIPT = """
+import gc, sys, weakref
+from vlmeval_plugin import robust
+robust.install()
+from vlmeval_plugin.model import HybridLLaVA
+gc.disable()  # VLMEvalKit drops one model (model = None) and builds the next: no collection in between
+wrapper = HybridLLaVA(sys.argv[1])
+model = weakref.ref(wrapper.model)
+wrapper.generate_batch([[dict(type="text", value="Hello")]])  # the timing hooks run
+del wrapper
+print(model() is None)
+"""
+
+
+@needs_vlmeval
+def test_a_dropped_wrapper_frees_its_model_without_a_garbage_collection(sandbox):
+    """Its timing hooks were bound methods: model -> hook -> wrapper -> model, a cycle, so a dropped
+    7B model stayed on the GPU until a full collection, beside the next one VLMEvalKit loads."""
+    result = subprocess.run([sys.executable, "-c", FREED_MODEL_SCRIPT, sandbox["checkpoint"]], env=sandbox["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "True"
+
+
 @needs_vlmeval
 def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
     checkpoint = ["--model-path", sandbox["checkpoint"]]

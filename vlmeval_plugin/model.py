@@ -28,6 +28,7 @@ row that still raises fails. Failed records are not reused, so a rerun generates
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -111,6 +112,19 @@ def llava_mcq_prompt(line) -> str:
     return prompt
 
 
+def weak_hook(owner, method: str):
+    """A module hook that calls `owner.<method>` without keeping `owner` alive. A bound method would
+    make model -> hook -> wrapper -> model a cycle that only a full garbage collection frees, and
+    VLMEvalKit drops one model before it builds the next (a 7B model would stay on the GPU)."""
+    owner_ref = weakref.ref(owner)
+
+    def hook(*args):
+        alive = owner_ref()
+        return None if alive is None else getattr(alive, method)(*args)
+
+    return hook
+
+
 class HybridLLaVA(BaseModel):
     """LLaVA-1.5 (llava-hf layout) for VLMEvalKit, stock or patched with hybrid_vlm.apply_hybrid.
 
@@ -168,8 +182,8 @@ class HybridLLaVA(BaseModel):
         self._forward_calls = 0
         self._prefill_started = 0.0
         self._prefill_seconds = None
-        self.model.register_forward_pre_hook(self._before_forward)
-        self.model.register_forward_hook(self._after_forward)
+        self.model.register_forward_pre_hook(weak_hook(self, "_before_forward"))
+        self.model.register_forward_hook(weak_hook(self, "_after_forward"))
 
         self._records: dict[str, dict[str, dict]] = {}  # dataset -> row index (str) -> stats record
         self._pending = None  # (row index, message) from build_prompt, consumed by generate_inner
