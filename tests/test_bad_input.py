@@ -255,7 +255,7 @@ def test_a_failed_batch_is_freed_before_its_rows_are_retried(sandbox):  # noqa: 
 
 
 def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path, monkeypatch):
-    """Upstream scores MMBench-style sets through `/tmp/<second>.xlsx`: two jobs finishing in the same
+    """Upstream scores MMBench-style sets through a `<second>.xlsx` in the system's `/tmp`: two jobs finishing in the same
     second shared one file, and every evaluation left one behind. Two calls within one (frozen)
     second must write two different files, score from them, and leave neither."""
     import datetime

@@ -12,7 +12,7 @@ model wrapper (vlmeval_plugin.model) turns such a row, and any row whose prompt 
 into a failed row whose prediction starts with VLMEvalKit's INFER_FAIL_MSG.
 
 Upstream's circular (MMBench-style) scoring also round-trips its table through
-`/tmp/<YYYYmmddHHMMSS>.xlsx` and never removes it: one file per evaluation is left behind, and two
+`<YYYYmmddHHMMSS>.xlsx` in `/tmp` and never removes it: one file per evaluation is left behind, and two
 evaluations finishing in the same second (one job per GPU) write and read the same file. Here the
 name is unique to the call and the file is removed once read.
 
@@ -36,6 +36,7 @@ BAD_CELL_PREFIX = "hybrid-vlm unusable image cell: "
 PLACEHOLDER_WIDTH = 80
 ENV_FILE_MESSAGE = "Did not detect the .env file"
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+UPSTREAM_SCRATCH = "/tmp"  # hard-coded in vlmeval.dataset.utils.multiple_choice.mcq_circular_eval
 
 
 class RowError(Exception):
@@ -182,7 +183,7 @@ def import_vlmeval_quietly() -> None:
 
 
 def _private_circular_scratch() -> None:
-    """mcq_circular_eval names its scratch file `/tmp/{timestr()}.{ext}` (timestr from its module's
+    """mcq_circular_eval names its scratch file `{timestr()}.{ext}` in UPSTREAM_SCRATCH (timestr from its module's
     globals, used nowhere else there). Give each call a name of its own, and remove the file after."""
     import vlmeval.dataset.utils.multiple_choice as multiple_choice
 
@@ -201,7 +202,7 @@ def _private_circular_scratch() -> None:
             return circular_eval(*args, **kwargs)
         finally:
             while stems:
-                for path in glob.glob(f"/tmp/{glob.escape(stems.pop())}.*"):
+                for path in glob.glob(os.path.join(UPSTREAM_SCRATCH, glob.escape(stems.pop()) + ".*")):
                     os.remove(path)
 
     mcq_circular_eval._hybrid_vlm = True
