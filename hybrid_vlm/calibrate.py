@@ -329,7 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sign", action="store_true",
         help="calibrate nothing: add the weight signature to the existing file --out, made for --model before files recorded "
-        "one (its fingerprint must be --model's). With it, a float16 load of a float32 checkpoint matches the file.",
+        "one (its fingerprint must be --model's; the model is read in float32 on the CPU). With it, a float16 load of a float32 "
+        "checkpoint matches the file.",
     )
     args = parser.parse_args(argv)
     if not args.sign and not args.images:
@@ -358,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.sign:
-        return add_signature(args.out, load_supported_model(args.model, dtype=dtype).eval())
+    if args.sign:  # in float32 on the CPU whatever --device/--dtype say: the weights as a float32 file holds them
+        return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
     files = find_images(args.images, args.max_images)
     model = load_supported_model(args.model, dtype=dtype).to(device).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)

@@ -561,15 +561,14 @@ def inputs_for(model, inputs) -> dict:
     its dtype. The image layouts go where each forward reads them. The engine reads them on the
     host, so for it they stay on (or come back to) the CPU. A stock model gets them on its device,
     as users pass them: stock Qwen2.5-VL's vision tower fails with a CPU grid on another device."""
-    parameter = next(model.parameters())
-    engine = isinstance(model, HybridDecoder)
+    device, dtype, engine = model.device, model.dtype, isinstance(model, HybridDecoder)
 
     def placed(key: str, value):
         if not isinstance(value, torch.Tensor):
             return value
         if key in IMAGE_LAYOUTS:
-            return value.cpu() if engine else value.to(parameter.device)
-        return value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+            return value.cpu() if engine else value.to(device)
+        return value.to(device, dtype if value.is_floating_point() else value.dtype)
 
     return {key: placed(key, value) for key, value in inputs.items()}
 

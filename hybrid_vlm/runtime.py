@@ -1,4 +1,5 @@
-"""Where and in what precision models run: one rule for the plugin, calibration and the bench.
+"""Where and in what precision models run: one rule for calibration, the bench and the plugin (whose
+Qwen2.5-VL names load their checkpoint's own dtype on CUDA, as VLMEvalKit does).
 
 Default: the first CUDA device when there is one, else the CPU; float16 on CUDA (LLaVA-1.5's
 released dtype, and what VLMEvalKit's LLaVA wrapper uses), float32 on CPU (CPU half-precision

@@ -254,6 +254,7 @@ def test_a_failed_batch_is_freed_before_its_rows_are_retried(sandbox):  # noqa: 
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, 0]
 
 
+@needs_vlmeval
 def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path, monkeypatch):
     """Upstream scores MMBench-style sets through a `<second>.xlsx` in the system's `/tmp`: two jobs finishing in the same
     second shared one file, and every evaluation left one behind. Two calls within one (frozen)
@@ -263,7 +264,9 @@ def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path
     import vlmeval.dataset.utils.multiple_choice as multiple_choice
     import vlmeval.smp.misc as misc
 
-    robust.install()
+    for name in ("mcq_circular_eval", "timestr"):  # upstream's again after this test
+        monkeypatch.setattr(multiple_choice, name, getattr(multiple_choice, name))
+    robust._private_circular_scratch()
     frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
     monkeypatch.setattr(misc, "datetime", type("FrozenDatetime", (), {"datetime": type("Now", (), {"now": staticmethod(lambda: frozen)})}))
     written = []

@@ -612,12 +612,13 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     fp16 = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16)
     assert vision_fingerprint(fp16)["fingerprint"] != saved["model"]["fingerprint"]
     torch.testing.assert_close(load_thresholds(out, fp16), torch.tensor(saved["thresholds"]))
-    nudged = LlavaForConditionalGeneration.from_pretrained(model_dir)
-    with torch.no_grad():  # a fine-tune's worth of change in one merging weight: other weights
-        weight = nudged.model.vision_tower.encoder.layers[0].self_attn.k_proj.weight
-        weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-    with pytest.raises(ValueError, match="calibrated for model"):
-        load_thresholds(out, nudged)
+    for seed in range(5):  # a fine-tune's worth of change in one merging weight: other weights, whatever the draw
+        nudged = LlavaForConditionalGeneration.from_pretrained(model_dir)
+        with torch.no_grad():
+            weight = nudged.model.vision_tower.encoder.layers[0].self_attn.k_proj.weight
+            weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)))
+        with pytest.raises(ValueError, match="calibrated for model"):
+            load_thresholds(out, nudged)
     # a file made before signatures: refused in float16 until `--sign` adds its model's signature
     unsigned = json.loads(out.read_text())
     del unsigned["model"]["signature"]
@@ -626,7 +627,8 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
         load_thresholds(out, fp16)
     with pytest.raises(ValueError, match="not this model's"):
         add_signature(out, nudged)
-    calibrate_main(["--sign", "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    # --dtype float16 (what "auto" means on a GPU) must not change what is signed: the file's weights, read in float32
+    calibrate_main(["--sign", "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--dtype", "float16"])
     torch.testing.assert_close(load_thresholds(out, fp16), torch.tensor(saved["thresholds"]))
     assert {key: value for key, value in json.loads(out.read_text()).items() if key != "model"} == {
         key: value for key, value in saved.items() if key != "model"}

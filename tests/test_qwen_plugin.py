@@ -78,7 +78,6 @@ def expected_unit_grids(lmu: Path, dataset: str) -> dict[str, tuple[int, int]]:
 
 
 @needs_vlmeval
-@needs_vlmeval
 def test_cuda_dtypes_are_the_ones_vlmevalkits_wrappers_load():
     """On a GPU, upstream loads Qwen2.5-VL in its checkpoint's dtype (bfloat16; float16 can overflow
     in it) and LLaVA in float16. Ours loaded every model in float16."""
@@ -95,6 +94,7 @@ def test_cuda_dtypes_are_the_ones_vlmevalkits_wrappers_load():
     assert HybridLLaVA.CUDA_DTYPE == HybridLLaVANext.CUDA_DTYPE == "float16"
 
 
+@needs_vlmeval
 def test_qwen_fastv_runs_end_to_end_the_same_at_batch_1_and_4(sandbox, qwen_checkpoint):  # noqa: F811
     from hybrid_vlm import visual_keep_count
 

@@ -27,6 +27,7 @@ row that still raises fails. Failed records are not reused, so a rerun generates
 
 from __future__ import annotations
 
+import gc
 import time
 import weakref
 from pathlib import Path
@@ -410,6 +411,7 @@ class HybridLLaVA(BaseModel):
         # Retried only here, after the handler: inside it the exception's traceback keeps the failed
         # call's frames, with their activations and KV cache, alive, and a retry would run out of memory too.
         if self.device.type == "cuda":
+            gc.collect()  # in case something still holds the failed call's frames in a cycle
             torch.cuda.empty_cache()
         if len(batch) == 1:
             return [(batch[0][0], self._failed_record(f"generate failed: {reason}"))]

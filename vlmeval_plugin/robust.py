@@ -22,6 +22,7 @@ name is unique to the call and the file is removed once read.
 from __future__ import annotations
 
 import base64
+import contextvars
 import glob
 import io
 import logging
@@ -191,18 +192,24 @@ def _private_circular_scratch() -> None:
     if getattr(circular_eval, "_hybrid_vlm", False):
         return
     second_stamp = multiple_choice.timestr
-    stems: list[str] = []
+    call_stems: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("call_stems", default=None)
 
     def unique_stem(*args, **kwargs) -> str:
-        stems.append(f"{second_stamp(*args, **kwargs)}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        return stems[-1]
+        stem = f"{second_stamp(*args, **kwargs)}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        stems = call_stems.get()
+        if stems is not None:  # inside a call: its own list, so another thread's call keeps its file
+            stems.append(stem)
+        return stem
 
     def mcq_circular_eval(*args, **kwargs):
+        stems: list[str] = []
+        token = call_stems.set(stems)
         try:
             return circular_eval(*args, **kwargs)
         finally:
-            while stems:
-                for path in glob.glob(os.path.join(UPSTREAM_SCRATCH, glob.escape(stems.pop()) + ".*")):
+            call_stems.reset(token)
+            for stem in stems:
+                for path in glob.glob(os.path.join(UPSTREAM_SCRATCH, glob.escape(stem) + ".*")):
                     os.remove(path)
 
     mcq_circular_eval._hybrid_vlm = True

@@ -11,6 +11,7 @@ and no host syncs unless `compact=True`. `split` is the bipartite split order (`
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -352,20 +353,31 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
     return {"name": str(name), "fingerprint": fingerprint, "config": fields}
 
 
-SIGNATURE_PROJECTIONS = 2
+SIGNATURE_PROJECTIONS = 16  # a weight nudged by 5% of its spread still lands within tolerance on ~31% of them
 # of a weight's RMS: bfloat16 rounding (up to 2^-8 of each value) moves a projection by about 2e-3
 # of it (one standard deviation: the values' errors average out), other weights by about the RMS itself
 SIGNATURE_TOLERANCE = 2e-2
 
 
+def _hashed_indices(count: int) -> torch.Tensor:
+    """[count] int64: a fixed 32-bit integer hash of each index. Plain integer arithmetic, so no torch
+    or numpy release can change it (a random stream could, and the files record its results)."""
+    x = (torch.arange(count, dtype=torch.int64) * 2654435761 + 12345) % 2**32  # count < 2^31: no int64 overflow
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B % 2**32
+    return (x >> 16) ^ x
+
+
 def weight_signature(tensor: torch.Tensor) -> list[float]:
-    """[RMS, then projections onto SIGNATURE_PROJECTIONS fixed random +-1 directions, scaled like the
-    RMS] of a tensor, in float64 on the CPU: a summary that survives a change of float dtype."""
+    """[RMS, then projections onto SIGNATURE_PROJECTIONS fixed +-1 directions (bits of
+    `_hashed_indices`), scaled like the RMS] of a tensor, in float64 on the CPU: a summary that
+    survives a change of float dtype. 8 significant digits are kept, far below the tolerance."""
     values = tensor.detach().to(device="cpu", dtype=torch.float64).flatten()
-    generator = torch.Generator().manual_seed(values.numel())
-    signs = torch.randint(0, 2, (SIGNATURE_PROJECTIONS, values.numel()), generator=generator, dtype=torch.int8)
-    projections = (values * (2 * signs - 1)).sum(dim=1) / max(values.numel(), 1) ** 0.5
-    return [float(values.pow(2).mean().sqrt()), *projections.tolist()]
+    if values.numel() == 0:
+        return [0.0] * (1 + SIGNATURE_PROJECTIONS)
+    hashed, scale = _hashed_indices(values.numel()), values.numel() ** -0.5
+    projections = [float((values * (1 - 2 * ((hashed >> bit) & 1))).sum()) * scale for bit in range(SIGNATURE_PROJECTIONS)]
+    return [float(f"{value:.8g}") for value in [float(values.pow(2).mean().sqrt()), *projections]]
 
 
 def vision_signature(model: LlavaForConditionalGeneration) -> dict[str, list[float]]:
@@ -373,14 +385,17 @@ def vision_signature(model: LlavaForConditionalGeneration) -> dict[str, list[flo
     return {name: weight_signature(tensor) for name, tensor in fingerprinted_weights(model)}
 
 
-def signatures_match(recorded: dict[str, list[float]], loaded: dict[str, list[float]]) -> bool:
+def signatures_match(recorded, loaded: dict[str, list[float]]) -> bool:
     """Whether two vision signatures come from the same weights, up to float dtype rounding: every
-    entry within SIGNATURE_TOLERANCE of the weight's RMS."""
-    if recorded.keys() != loaded.keys():
+    entry within SIGNATURE_TOLERANCE of the weight's RMS. Anything malformed does not match."""
+    if not isinstance(recorded, dict) or recorded.keys() != loaded.keys():
         return False
-    for name, values in recorded.items():
-        allowed = SIGNATURE_TOLERANCE * max(values[0], loaded[name][0])
-        if len(values) != len(loaded[name]) or any(abs(a - b) > allowed for a, b in zip(values, loaded[name])):
+    for name, mine in loaded.items():
+        theirs = recorded[name]
+        if not isinstance(theirs, list) or len(theirs) != len(mine) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in theirs):
+            return False
+        allowed = SIGNATURE_TOLERANCE * max(theirs[0], mine[0])
+        if any(abs(a - b) > allowed for a, b in zip(theirs, mine)):
             return False
     return True
 

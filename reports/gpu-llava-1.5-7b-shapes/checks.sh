@@ -22,7 +22,8 @@ step() {  # step SECONDS NAME CMD...
 }
 if [ "${GPU_CHECKS_DRY:-0}" = 1 ]; then
   # the tiny LLaVA-NeXT checkpoint, saved once: the rehearsal takes the anyres path the GPU run takes
-  tiny_next=$(python3 -c 'from hybrid_vlm.tiny import ensure_tiny_llava_next; print(ensure_tiny_llava_next())' 2>/dev/null | tail -n1)
+  tiny_next=$(python3 -c 'from hybrid_vlm.tiny import ensure_tiny_llava_next; print(ensure_tiny_llava_next())' | tail -n1)
+  [ -d "$tiny_next" ] || { echo "the tiny LLaVA-NeXT checkpoint could not be made (got '$tiny_next')"; exit 1; }
   dev=(--device cpu --preset tiny --dtype float32); next=(--device cpu --model "$tiny_next" --dtype float32)
   reps=(--repeats 2 --warmup 1); reps16=(--repeats 1 --warmup 1)
 else
