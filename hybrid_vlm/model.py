@@ -40,7 +40,7 @@ from .hf_compat import (
     llava_parts,
     new_cache,
 )
-from .hf_compat.generation import check_generate_options, expand_inputs_for_generation, sliced_by_written_tokens
+from .hf_compat.generation import IMAGE_LAYOUTS, check_generate_options, expand_inputs_for_generation, sliced_by_written_tokens
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
@@ -551,9 +551,6 @@ STOCK_CLASSES = {hybrid: stock for stock, hybrid in HYBRID_CLASSES.items()}
 def stock_class(model) -> type:
     """The transformers class a (patched or stock) model is an instance of."""
     return STOCK_CLASSES.get(type(model), type(model))
-
-
-IMAGE_LAYOUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's per-image layouts
 
 
 def inputs_for(model, inputs) -> dict:

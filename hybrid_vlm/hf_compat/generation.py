@@ -24,7 +24,8 @@ from transformers.generation.utils import GenerationMixin
 
 from .llava import CACHE_NAME
 
-IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")  # per image (pixel_values: `pixel_rows` rows each)
+IMAGE_LAYOUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL's per-image layouts
+IMAGE_INPUTS = ("pixel_values", *IMAGE_LAYOUTS)  # per image (pixel_values: `pixel_rows` rows each)
 
 
 def expand_inputs_for_generation(model, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
