@@ -25,8 +25,9 @@ from PIL import Image
 
 TINY_VERSION = "v1"
 # Bumped whenever calibration changes what a threshold file holds (v2: DyMU's official split and
-# schedule mapping), so a cached file from an older calibration is never picked up.
-TINY_THRESHOLDS_VERSION = "v2"
+# schedule mapping; v3: the weight signature, without which a float16 load is refused), so a cached
+# file from an older calibration is never picked up.
+TINY_THRESHOLDS_VERSION = "v3"
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
