@@ -95,7 +95,7 @@ from hybrid_vlm.syncs import check_no_host_syncs
 from hybrid_vlm.tiny import synthetic_image
 from vlmeval_plugin.results import number_text, text_table
 
-from .presets import GPU_PRESETS, PRESETS, bench_shape, build_inputs, build_model
+from .presets import GPU_PRESETS, PRESETS, bench_shape, build_inputs, build_model, model_type_of
 from .sdpa_kernels import PHASES, kernel_summary, profile_sdpa
 
 CSV_COLUMNS = (
@@ -532,7 +532,8 @@ def parse_args(argv=None):
     source.add_argument("--preset", choices=PRESETS, default="tiny", help="random-weight model shape (default tiny)")
     source.add_argument("--model", default=None, help="a llava-hf checkpoint directory instead of a preset")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: float16 on CUDA, float32 on CPU (hybrid_vlm.runtime)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto: on CUDA float16, bfloat16 for Qwen2.5-VL; float32 on CPU (hybrid_vlm.runtime)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction; none given = no FastV rows")
     parser.add_argument("--fastv-layer", nargs="+", type=int, default=[2], help="FastV layers K to sweep (default 2)")
@@ -681,7 +682,7 @@ def checked_device_dtype(args, parser) -> tuple[torch.device, torch.dtype]:
         )
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
-    return device, resolve_dtype(args.dtype, device)
+    return device, resolve_dtype(args.dtype, device, model_type_of(args.preset, args.model))
 
 
 def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:

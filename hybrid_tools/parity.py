@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m hybrid_tools.parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=presets.PRESETS, default="tiny")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: on CUDA float16, bfloat16 for Qwen2.5-VL; float32 on CPU")
     parser.add_argument("--fastv-k", type=int, default=64, help="visual tokens FastV keeps in the mask-free vs masked pair")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps after the prefill")
     parser.add_argument("--text-tokens", type=int, default=60)
@@ -99,7 +99,7 @@ def unmasked_vs_masked(model, inputs: dict, steps: int, fastv_k: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, presets.model_type_of(args.preset))
     torch.set_grad_enabled(False)
     model, processor = presets.build_model(argparse.Namespace(model=None, preset=args.preset, seed=args.seed), device, dtype)
     inputs, _ = presets.build_inputs(processor, args.text_tokens, 1, 0)

@@ -4,6 +4,9 @@ number of text tokens."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForImageTextToText,
@@ -88,6 +91,17 @@ def qwen_preset_config(preset: str, tokenizer):
                 pad_token_id=tokenizer.pad_token_id)
     vision.update(window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def model_type_of(preset: str, model: str | None = None) -> str | None:
+    """The config model_type the bench will build (`runtime.resolve_dtype` picks "auto" by it): that
+    of the --model checkpoint's config.json (None if it has none), else the preset's."""
+    if model:
+        try:
+            return json.loads((Path(model) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None  # from_pretrained will say what is wrong with the folder
+    return "qwen2_5_vl" if preset in QWEN_PRESETS else "llava_next" if preset in NEXT_PRESETS else "llava"
 
 
 def bench_shape(config):

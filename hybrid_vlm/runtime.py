@@ -1,9 +1,9 @@
 """Where and in what precision models run: one rule for calibration, the bench and the plugin (whose
 Qwen2.5-VL names load their checkpoint's own dtype on CUDA, as VLMEvalKit does).
 
-Default: the first CUDA device when there is one, else the CPU; float16 on CUDA (LLaVA-1.5's
-released dtype, and what VLMEvalKit's LLaVA wrapper uses), float32 on CPU (CPU half-precision
-kernels are slow or missing).
+Default: the first CUDA device when there is one, else the CPU; on CUDA the model family's released
+dtype (`CUDA_AUTO_DTYPES`: float16 for LLaVA-1.5 and LLaVA-NeXT, what VLMEvalKit's LLaVA wrapper
+uses; bfloat16 for Qwen2.5-VL), float32 on CPU (CPU half-precision kernels are slow or missing).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+# "auto" on CUDA, by config model_type, where it is not float16: Qwen2.5-VL's checkpoints are
+# bfloat16 (Qwen/Qwen2.5-VL-7B-Instruct's config.json), and VLMEvalKit loads them so
+CUDA_AUTO_DTYPES = {"qwen2_5_vl": torch.bfloat16}
 
 
 def resolve_device(requested: str | None = None) -> torch.device:
@@ -28,10 +31,11 @@ def resolve_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """`requested` (one of DTYPE_CHOICES; None = "auto") for `device`."""
+def resolve_dtype(requested: str | None, device: torch.device, model_type: str | None = None) -> torch.dtype:
+    """`requested` (one of DTYPE_CHOICES; None = "auto") for `device` and a model of config
+    `model_type` (None: an unknown one, float16 on CUDA)."""
     if requested in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return CUDA_AUTO_DTYPES.get(model_type, torch.float16) if device.type == "cuda" else torch.float32
     if requested not in DTYPES:
         raise ValueError(f"dtype {requested!r} is not one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[requested]

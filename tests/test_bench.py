@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hybrid_tools import bench, presets
-from hybrid_vlm import flops
+from hybrid_vlm import flops, runtime
 from hybrid_vlm.calibrate import load_thresholds, measure_token_counts
 from hybrid_vlm.tiny import build_tiny_llava, build_tokenizer
 
@@ -108,6 +108,35 @@ def test_a_cuda_device_gets_an_index_torch_set_device_accepts(monkeypatch, reque
     monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
     device, dtype = bench.checked_device_dtype(*bench.parse_args(["--device", requested, "--preset", "llava-1.5-7b", "--dtype", "bfloat16"]))
     assert device == torch.device("cuda", index) and selected == [index] and dtype == torch.bfloat16
+
+
+# the "torch_dtype" of each family's released checkpoint's config.json (llava-hf/llava-1.5-7b-hf,
+# llava-hf/llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct): what "auto" should run on CUDA
+RELEASED_DTYPES = {"llava-1.5-7b": torch.float16, "llava-next-7b": torch.float16, "qwen2.5-vl-7b": torch.bfloat16}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED_DTYPES))
+def test_auto_dtype_on_cuda_is_the_family_release_dtype(monkeypatch, preset):
+    """`--dtype auto` on CUDA ran Qwen2.5-VL presets in float16, in which Qwen2.5-VL is reported to
+    overflow, while the plugin loads its checkpoints' own bfloat16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", lambda index: None, raising=False)
+    _, dtype = bench.checked_device_dtype(*bench.parse_args(["--device", "cuda", "--preset", preset]))
+    assert dtype == RELEASED_DTYPES[preset]
+
+
+def test_auto_dtype_of_a_checkpoint_follows_its_model_type(tmp_path):
+    qwen, llava, broken = (tmp_path / name for name in ("qwen", "llava", "broken"))
+    for folder, text in ((qwen, '{"model_type": "qwen2_5_vl"}'), (llava, '{"model_type": "llava"}'), (broken, "{not json")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    cuda = torch.device("cuda", 0)
+    assert runtime.resolve_dtype("auto", cuda, presets.model_type_of("tiny", str(qwen))) == torch.bfloat16
+    assert runtime.resolve_dtype("auto", cuda, presets.model_type_of("tiny", str(llava))) == torch.float16
+    assert runtime.resolve_dtype("auto", cuda, presets.model_type_of("tiny", str(broken))) == torch.float16
+    assert runtime.resolve_dtype("auto", torch.device("cpu"), "qwen2_5_vl") == torch.float32
+    assert runtime.resolve_dtype("float16", cuda, "qwen2_5_vl") == torch.float16  # an explicit dtype wins
 
 
 def test_methods_rows_use_each_budget_rule_and_count_the_scoring(tmp_path):
