@@ -93,6 +93,7 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
         compact=valid is not None,
         valid_counts=None if valid_count is None else [valid_count] * batch,
         scores=scores,
+        images_per_sample=per_sample,
     )
 
 
@@ -239,6 +240,7 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         protected=host_to_device(left_padded(newlines, value=False), device) if keep_newlines else None,
         protected_counts=[int(rows.sum()) for rows in newlines] if keep_newlines else None,
         scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if reads_pixel_hash(model.hybrid_config) else None,
+        images_per_sample=per_sample,
     )
 
 

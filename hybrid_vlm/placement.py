@@ -41,6 +41,7 @@ class ImageSlots:
     scores: [B, S] per-slot scores for a selection that does not read attention (random), or None.
     protected: [B, S] bool, slots FastV always keeps when asked to (LLaVA-NeXT's newlines), or None;
         protected_counts: how many per sample (host ints).
+    images_per_sample: images in each prompt (every prompt holds the same number).
     """
 
     features: torch.Tensor
@@ -51,6 +52,7 @@ class ImageSlots:
     scores: torch.Tensor | None = None
     protected: torch.Tensor | None = None
     protected_counts: list[int] | None = None
+    images_per_sample: int = 1
 
     @property
     def fillers(self) -> bool:
@@ -73,6 +75,7 @@ class PlacedPrompt:
     protected: [B, L0] bool, the adapter's protected slots (see ImageSlots), else None.
     visual_counts: real visual tokens per sample where Python knows them (host ints), else None
         (DyMU batches: their merged counts live on the device).
+    images_per_sample: images in each prompt, whose visual slots are that many blocks apart.
     """
 
     inputs_embeds: torch.Tensor
@@ -84,6 +87,7 @@ class PlacedPrompt:
     protected: torch.Tensor | None = None
     protected_counts: list[int] | None = None
     visual_counts: list[int] | None = None
+    images_per_sample: int = 1
 
 
 def prepend_fillers(placeholders: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,5 +153,6 @@ def place_images(
         visual_positions = true_positions(is_visual, count)
         visual_counts = slots.valid_counts if slots.valid_counts is not None else [count] if batch == 1 else None
     return PlacedPrompt(
-        inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts
+        inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts,
+        slots.images_per_sample,
     )

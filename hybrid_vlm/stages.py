@@ -156,6 +156,10 @@ def pdrop_schedule_capped(budget: int | float, num_visual: int, num_layers: int)
 
 def sparsevlm_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
     counts = placed.visual_counts
+    if placed.images_per_sample != 1:
+        raise NotImplementedError(f"VISUAL_METHOD=sparsevlm takes one image per prompt, as the official code does, not {placed.images_per_sample}: "
+                                  "its recycled clusters go right after the kept visual tokens, which for several images would put "
+                                  "later images' tokens before the text between them")
     if len(set(counts)) != 1 or placed.entered_positions is not None:
         raise NotImplementedError("VISUAL_METHOD=sparsevlm needs every sample to hold the same number of visual tokens "
                                   "(its recycled clusters are sized by the count); LLaVA-1.5 without DyMU does")

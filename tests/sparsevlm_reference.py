@@ -30,14 +30,19 @@ def raters_reference(embeds: np.ndarray, image: np.ndarray, text: np.ndarray) ->
     return text[average > average.mean()]
 
 
-def dpc_knn_reference(tokens: np.ndarray, clusters: int) -> tuple[np.ndarray, np.ndarray]:
-    """(merged [clusters, C], centers): `cluster_and_merge` for one sample, without its density noise."""
+def dpc_knn_reference(tokens: np.ndarray, clusters: int, noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(merged [clusters, C], centers): `cluster_and_merge` for one sample. Its density noise
+    (`torch.rand(...) * 1e-6`) is the draw `noise` where given; by default none, and of two tokens of
+    exactly equal density the lower index is the denser (one outcome of the noise)."""
     count, channels = tokens.shape
     distance = np.array([[np.sqrt(((tokens[i] - tokens[j]) ** 2).sum()) for j in range(count)] for i in range(count)]) / np.sqrt(channels)
     density = np.array([np.exp(-np.mean(np.sort(distance[i])[:clusters] ** 2)) for i in range(count)])
+    if noise is not None:
+        density = density + noise
+    index = np.arange(count)
     parent = np.empty(count)
     for i in range(count):
-        denser = density > density[i]
+        denser = (density > density[i]) | ((density == density[i]) & (index < i))
         parent[i] = distance[i, denser].min() if denser.any() else distance.max()
     centers = np.argsort(-(parent * density), kind="stable")[:clusters]
     members = [[] for _ in range(clusters)]

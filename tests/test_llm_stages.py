@@ -14,7 +14,7 @@ import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.methods import pdrop
-from hybrid_vlm.methods.dart import dart_keep_mask, kept_count, matched_quotas, official_quotas
+from hybrid_vlm.methods.dart import dart_keep_mask, image_quotas, kept_count, matched_quotas, official_quotas
 from hybrid_vlm.syncs import check_no_host_syncs
 
 from conftest import DEEP_LAYERS as LAYERS
@@ -56,6 +56,9 @@ def test_pdrop_stage_layers_scale_to_shallow_llms_and_budgets_below_the_floor_ar
 def test_dart_quotas_official_and_matched():
     assert official_quotas(64) == (8,) * 8 and kept_count(official_quotas(64)) == 68
     assert kept_count(official_quotas(192)) == 196 and kept_count(official_quotas(128)) == 132
+    # a fraction as the official Qwen2.5-VL code sizes it from its reduction_ratio (default 0.778)
+    for tokens in (1000, 3999, 4000, 8000):
+        assert image_quotas(0.222, "official", tokens) == (int(tokens * (1 - 0.778) / 8),) * 8
     assert matched_quotas(64) == (8, 8, 8, 8, 7, 7, 7, 7) and kept_count(matched_quotas(64)) == 64
     assert kept_count(matched_quotas(130)) == 130
 

@@ -15,6 +15,7 @@ import torch
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.methods import sparsevlm
 from hybrid_vlm.syncs import check_no_host_syncs
+from hybrid_vlm.tiny import synthetic_image
 
 from conftest import DEEP_LAYERS as LAYERS
 from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, image_inputs
@@ -80,6 +81,25 @@ def test_dpc_knn_equals_the_reference_on_random_clouds():
             expected_merged, expected_centers = dpc_knn_reference(tokens[b].numpy(), clusters)
             assert centers[b].tolist() == expected_centers.tolist()
             np.testing.assert_allclose(merged[b].numpy(), expected_merged, rtol=1e-5, atol=1e-9)
+
+
+def test_dpc_knn_gives_an_exactly_tied_pair_one_peak():
+    """With k = 2 (stage 2 of the 64 schedule) each token's density is exp(-d²/2), d its nearest
+    neighbour's distance, so mutually nearest tokens tie exactly. The official noise makes one of a
+    tied pair the denser; without it both of the closest pair were "denser than none" and became
+    the two centers, and the far group got none. Points 5.0, 0.0, 5.5, 0.1, 6.2: the pair (0.0,
+    0.1) ties, and so does (5.0, 5.5). With the lower index denser, 0.0 is the peak (delta 6.2, the
+    farthest distance) and 5.0 the next (delta 4.9, to 0.1; 5.5 and 6.2 have a denser token 0.5 and
+    0.7 away)."""
+    points = torch.tensor([[[5.0], [0.0], [5.5], [0.1], [6.2]]], dtype=torch.float64)
+    merged, centers = sparsevlm.dpc_knn_merge(points, 2)
+    assert centers[0].tolist() == [1, 0]  # a strict ">" with no tie order gave [1, 3]: 0.0 and 0.1
+    expected_merged, expected_centers = dpc_knn_reference(points[0].numpy(), 2)
+    assert centers[0].tolist() == expected_centers.tolist()
+    np.testing.assert_allclose(merged[0].numpy(), expected_merged, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(merged[0, :, 0].numpy(), [0.05, (5.0 + 5.5 + 6.2) / 3], rtol=2e-6)
+    # the other draw of the noise (the higher index denser) picks the mirror image: 0.1, then 5.5
+    assert dpc_knn_reference(points[0].numpy(), 2, noise=1e-12 * np.arange(5))[1].tolist() == [3, 2]
 
 
 def test_raters_by_hand_and_against_the_reference():
@@ -175,6 +195,19 @@ def test_no_host_syncs(deep, position_mode):
 
 
 # ------------------------------------------------------------------------------- bad settings
+
+
+def test_two_images_in_a_prompt_are_refused(deep):
+    """The clusters go right after the kept visual block: with two images that put the second
+    image's tokens before the text between the images (causal order broken, silently)."""
+    model, processor = deep
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = processor(images=[synthetic_image(0), synthetic_image(1)], text=[prompt], return_tensors="pt")
+    with pytest.raises(NotImplementedError, match="one image per prompt, as the official code does, not 2"):
+        patched(model, visual_budget=64)(**inputs)
 
 
 def test_settings_that_cannot_run_are_refused(deep, tiny_next):

@@ -52,7 +52,9 @@ def image_quotas(budget: int | float, rule: str, num_visual: int) -> tuple[int, 
     if not isinstance(budget, float):
         return quotas_for(budget, rule)
     if rule == "official":
-        return official_quotas(num_visual * budget)
+        # the official code is given r = 1 - f and computes 1 - r, which in floats can fall just below
+        # f (1 - (1 - 0.222) = 0.22199999999999998): 4000 tokens then get 110 picks per pivot, not 111
+        return official_quotas(num_visual * (1 - (1 - budget)))
     return matched_quotas(max(IMAGE_PIVOTS, round(num_visual * budget)))
 
 

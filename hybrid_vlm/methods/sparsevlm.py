@@ -13,9 +13,11 @@ reading of the official code this follows.
   `c = int(that / 10) + 1` clusters by DPC-kNN on the layer's output, placed right after the kept
   visual tokens (`score.py::attn_postprocess_topk`, `utils.py::cluster_and_merge`).
 
-Deviations, all deliberate: the density's tie-breaking noise (`torch.rand * 1e-6`) is left out, so
-runs are deterministic and the higher score or, on a tie, the lower index wins; the scores are
-taken in fp32; samples are batched (the official code asserts batch 1).
+Deviations, all deliberate: the density's tie-breaking noise (`torch.rand * 1e-6`) is replaced by
+a fixed order, so runs are deterministic: of two tokens of exactly equal density the lower index is
+the denser (one outcome of the noise; leaving the noise out instead would make both of a tied pair
+density peaks), and the higher score or, on a tie, the lower index wins; the scores are taken in
+fp32; samples are batched (the official code asserts batch 1).
 """
 
 from __future__ import annotations
@@ -102,15 +104,21 @@ def rater_attention(
 def dpc_knn_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, N, C] -> (merged [B, clusters, C], centers [B, clusters] indices into N).
 
-    Density peaks with k = `clusters` nearest neighbours (self included): density exp(-mean d²);
-    each token's distance to the nearest denser one (the farthest pair's for the densest); centers
+    Density peaks with k = `clusters` nearest neighbours (self included): density exp(-mean d²),
+    an exact tie won by the lower index; each token's distance to the nearest denser one (the
+    farthest pair's for the densest); centers
     the top of distance * density; every token joins its nearest center, each center itself; a
     cluster is the plain mean of its members."""
     batch, count, channels = tokens.shape
     distance = torch.cdist(tokens, tokens, compute_mode="donot_use_mm_for_euclid_dist") / channels**0.5  # [B, N, N]
     nearest = distance.topk(clusters, dim=-1, largest=False).values
     density = (-(nearest**2).mean(dim=-1)).exp()  # [B, N]
-    denser = density[:, None, :] > density[:, :, None]  # [B, i, j]: token j is denser than token i
+    # the official density noise (`torch.rand * 1e-6`) makes one token of an exact tie the denser;
+    # here the lower index is. Not a mere order: with k = 2 the two tokens of every mutually nearest
+    # pair tie, and a strict ">" makes both of the closest pair centers (each "denser than none").
+    index = torch.arange(count, device=tokens.device)
+    lower = index[None, :] < index[:, None]  # [i, j]: j comes before i
+    denser = (density[:, None, :] > density[:, :, None]) | ((density[:, None, :] == density[:, :, None]) & lower)  # [B, i, j]: j denser than i
     farthest = distance.flatten(1).amax(dim=1)[:, None, None]
     parent_distance = torch.where(denser, distance, farthest).amin(dim=-1)  # [B, N]
     centers = (parent_distance * density).sort(dim=1, descending=True, stable=True).indices[:, :clusters]
