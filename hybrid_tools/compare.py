@@ -309,9 +309,9 @@ Made by `bash reports/method-comparison/regenerate.sh` (sweeps, bench, then `pyt
 every number below comes from `raw/` through `python -m hybrid_tools.compare --render --out reports/method-comparison`.
 
 **What this is.** A check of the harness, not a ranking. The model is the bundled tiny random-weight
-LLaVA (4 LLM layers), because the trained testbed has not landed (`reports/testbed-attempts/`). Its
-accuracies and CIDEr rank nothing and need not match real checkpoints. The same command with
-`FAMILY=llava_v1.5_7b` (or `llava_testbed`) gives the real table.
+LLaVA (4 LLM layers): its accuracies and CIDEr rank nothing and need not match real checkpoints.
+The same command with `FAMILY=llava_testbed` (the trained testbed, `reports/testbed/`) or
+`FAMILY=llava_v1.5_7b` gives a table that means something; it has not been run here yet.
 
 Sets: TinyMMBench (circular accuracy: a question counts when every rotation is right) and TinyCOCO
 (CIDEr x 100, pycocoevalcap's scorer as VLMEvalKit uses it; its per-image scores, whose mean is the

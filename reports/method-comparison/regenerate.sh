@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates reports/method-comparison/ on CPU (about 90 minutes on 2 cores). Run from the repository root.
+# Regenerates reports/method-comparison/ on CPU (about 40 minutes on 2 cores). Run from the repository root.
 # Every method at 192/128/64/32/16 visual tokens (each by its own budget rule), both position modes
 # at 64, random selection with 3 seeds, DyMU alone and the hybrid, on TinyMMBench (circular accuracy)
-# and TinyCOCO (CIDEr), with the bundled tiny random-weight LLaVA (the testbed
-# checkpoint has not landed: see reports/testbed-attempts/). Its accuracies check the harness and
-# rank nothing. With a real checkpoint, use --model <family> (llava_v1.5_7b, llava_testbed) instead.
+# and TinyCOCO (CIDEr), with the bundled tiny random-weight LLaVA. Its accuracies check the harness and
+# rank nothing. FAMILY=llava_testbed (the trained testbed) or FAMILY=llava_v1.5_7b runs the method
+# sweeps on that family instead (not run here yet).
 set -euo pipefail
 family=${FAMILY:-llava_tiny}
 work=runs/method-comparison  # inside the checkout (git-ignored), so every recorded path is relative
