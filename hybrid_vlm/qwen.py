@@ -146,5 +146,5 @@ def check_qwen_settings(config) -> None:
         raise NotImplementedError("VISUAL_METHOD=sparsevlm is not implemented for Qwen2.5-VL yet: its recycled clusters assume "
                                   "one visual count for every sample; fastv, random, divprune, pool, pdrop and dart run")
     if config.position_mode != "logical":
-        raise ValueError(f"POSITION_MODE={config.position_mode} is not implemented for Qwen2.5-VL: its kept tokens keep their "
-                         "original (t, h, w) ids (POSITION_MODE=logical)")
+        raise ValueError(f"HYBRID_POSITIONS={config.position_mode} (position_mode) is not implemented for Qwen2.5-VL: its kept tokens keep their "
+                         "original (t, h, w) ids (HYBRID_POSITIONS=logical, the default)")

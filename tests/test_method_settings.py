@@ -106,3 +106,44 @@ def test_sweep_refuses_an_unreachable_budget_before_running(capsys):
 
     assert sweep.main(["--data", "TinyMMBench", "--model", "llava_tiny", "--methods", "visionzip", "--budgets", "0", "--dry-run"]) == 2
     assert "--budgets 0" in capsys.readouterr().err
+
+
+# a valid value of each setting a name may read (VISUAL_BUDGET aside: where unread it is refused)
+SETTING_VALUES = {
+    "FASTV_K": "32", "FASTV_LAYER": "3", "FASTV_SELECT": "random", "SELECT_SEED": "5", "FASTV_NEWLINES": "keep",
+    "VISUAL_POOL": "3", "DYMU_SPLIT": "slot", "HYBRID_POSITIONS": "renumbered", "MASK_READ": "once",
+    "DART_QUOTA": "matched", "DART_PIVOTS": "official",
+}
+
+
+def outcome(name: str, env: dict):
+    try:
+        return settings.hybrid_config_for(name, env)
+    except settings.PluginError as error:
+        return f"refused: {error}"
+
+
+@pytest.mark.parametrize("name", [name for name in settings.VARIANTS if not name.startswith("llava_tiny")] + ["llava_tiny_dymu", "llava_tiny_pdrop"])
+def test_a_setting_reported_ignored_changes_nothing_and_a_read_one_does(name, tmp_path):
+    """run.py prints the settings a name ignores (`ignored_settings`): each must leave the name's
+    setting as it was, and each one it does not report must change the setting or be refused."""
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text("{}")
+    base = {"DYMU_THRESHOLDS": str(thresholds)} if settings.VARIANTS[name].dymu else {}
+    unchanged = outcome(name, base)
+    for key, value in {**SETTING_VALUES, "DYMU_THRESHOLDS": str(thresholds)}.items():
+        env = {**base, key: value}
+        if key in settings.ignored_settings(name, env):
+            assert outcome(name, env) == unchanged, (name, key)
+        elif key not in base:
+            assert outcome(name, env) != unchanged, f"{name} reads {key}={value} but it changes nothing"
+
+
+def test_run_py_names_what_a_name_ignores():
+    env = {"FASTV_K": "32", "VISUAL_BUDGET": "128", "DYMU_THRESHOLDS": "x.json"}
+    effective = settings.effective_name("llava_v1.5_7b_visionzip", settings.hybrid_config_for("llava_v1.5_7b_visionzip", env))
+    assert settings.ignored_note("llava_v1.5_7b_visionzip", effective, env) == (
+        "llava_v1.5_7b_visionzip does not read FASTV_K=32, DYMU_THRESHOLDS=x.json (each name reads its own settings): it runs visionzip-b128"
+    )
+    assert settings.ignored_note("llava_v1.5_7b", "llava_v1.5_7b", {"HYBRID_POSITIONS": "renumbered"}).endswith("it runs stock")
+    assert settings.ignored_note("llava_v1.5_7b_fastv", "llava_v1.5_7b_fastv__fastv-k32-l2", {"FASTV_K": "32"}) is None

@@ -183,7 +183,7 @@ def test_inputs_for_places_the_grid_where_each_forward_reads_it(tiny_qwen):
 
 
 @pytest.mark.parametrize("settings,needle", [
-    ({"position_mode": "renumbered", "fastv_k": 16}, "POSITION_MODE"),
+    ({"position_mode": "renumbered", "fastv_k": 16}, "HYBRID_POSITIONS=renumbered"),
     ({"dymu": "thresholds.json"}, "DYMU"),
 ])  # the methods Qwen2.5-VL cannot run: test_qwen_methods
 def test_unsupported_settings_are_refused(tiny_qwen, settings, needle):

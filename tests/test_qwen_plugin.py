@@ -40,7 +40,7 @@ def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
     assert config(f"{QWEN}_dart", {"VISUAL_BUDGET": "128"}) == HybridConfig(visual_method="dart", visual_budget=128)
     # a count above LLaVA-1.5's 576 patches is fine here: it is capped at each image's units
     assert config(f"{QWEN}_divprune", {"VISUAL_BUDGET": "2000"}) == HybridConfig(visual_method="divprune", visual_budget=2000)
-    with pytest.raises(settings.PluginError, match="POSITION_MODE=renumbered"):
+    with pytest.raises(settings.PluginError, match="HYBRID_POSITIONS=renumbered"):
         config(f"{QWEN}_fastv", {"HYBRID_POSITIONS": "renumbered"})
     with pytest.raises(settings.PluginError, match="VISUAL_METHOD=visionzip conflicts with the name"):
         config(f"{QWEN}_divprune", {"VISUAL_METHOD": "visionzip"})

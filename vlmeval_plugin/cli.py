@@ -361,6 +361,9 @@ def register_run_models(vargs, plugin_models: dict[str, PluginModel], options, w
     register_models(list(plugin_models.values()), work_dir, options)
     for item in plugin_models.values():
         print(f"run.py: {item.requested} -> {item.name}  (checkpoint {item.checkpoint}, results {Path(work_dir) / item.name})", flush=True)
+        note = settings.ignored_note(item.requested, item.name)
+        if note:
+            print(f"run.py: {note}", flush=True)
     return None
 
 

@@ -253,6 +253,55 @@ def dymu_file(name: str, variant: Variant, env) -> str:
     return dymu
 
 
+# every environment setting some name reads; each name reads its own (`settings_read`) and ignores
+# the others, so that one environment can drive a run of several names
+NAME_SETTINGS = (
+    "FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES", "VISUAL_POOL", "VISUAL_BUDGET",
+    "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "MASK_READ", "DART_QUOTA", "DART_PIVOTS",
+)
+
+
+def settings_read(variant: Variant) -> list[str]:
+    """The NAME_SETTINGS a name reads (VISUAL_METHOD aside: every name checks it against itself)."""
+    if variant.fixed_setting or not variant.patched:
+        return []
+    reads = ["HYBRID_POSITIONS", "MASK_READ"]
+    if variant.method is not None:
+        reads += ["VISUAL_BUDGET"]
+        if variant.method == "random":
+            reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"] + (["FASTV_NEWLINES"] if variant.next else [])
+        if variant.method == "dart":
+            reads += ["FASTV_LAYER", "DART_QUOTA", "DART_PIVOTS"]
+        return reads
+    if variant.fastv or variant.pool:
+        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
+    if variant.dymu:
+        reads += ["DYMU_THRESHOLDS", "DYMU_SPLIT"]
+    if variant.pool:
+        reads += ["VISUAL_POOL", "VISUAL_BUDGET"]
+    if variant.fastv and not variant.dymu:
+        reads += ["VISUAL_BUDGET"]
+    return reads
+
+
+def ignored_settings(name: str, environ=None) -> list[str]:
+    """The NAME_SETTINGS set in the environment that the registered name `name` does not read.
+    (VISUAL_BUDGET where a name reads none is refused instead, by `check_method_setting`.)"""
+    env = os.environ if environ is None else environ
+    read = set(settings_read(VARIANTS[name])) | {"VISUAL_BUDGET"}
+    return [key for key in NAME_SETTINGS if key not in read and (env.get(key) or "").strip()]
+
+
+def ignored_note(requested: str, effective: str, environ=None) -> str | None:
+    """What run.py prints when the environment sets what the name `requested` does not read."""
+    env = os.environ if environ is None else environ
+    ignored = ignored_settings(base_name(requested), env)
+    if not ignored:
+        return None
+    setting = effective.partition(NAME_SEPARATOR)[2] or "stock"
+    return f"{requested} does not read {', '.join(f'{key}={env[key]}' for key in ignored)} (each name reads its own settings): it runs {setting}"
+
+
 def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     """The engine setting of a registered name, read from the environment; None = nothing patched.
 
@@ -271,20 +320,11 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if variant.method is not None:
         return method_config(name, variant, env)
     dymu = dymu_file(name, variant, env) if variant.dymu else None
-    # Every name ignores the older settings it does not read: the fastv name never turns DyMU or
-    # pooling on, the dymu name never prunes. HYBRID_POSITIONS and MASK_READ apply to all of them. VISUAL_METHOD
-    # naming another method, or VISUAL_BUDGET on a name without a budget, is refused instead
+    # Every name ignores the settings it does not read (`settings_read`; run.py names them): the
+    # fastv name never turns DyMU or pooling on, the dymu name never prunes. VISUAL_METHOD naming
+    # another method, or VISUAL_BUDGET on a name without a budget, is refused instead
     # (`check_method_setting`): the name decides the method.
-    reads = ["HYBRID_POSITIONS", "MASK_READ"]
-    if variant.fastv or variant.pool:
-        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
-    if variant.dymu:
-        reads += ["DYMU_SPLIT"]
-    if variant.pool:
-        reads += ["VISUAL_POOL", "VISUAL_BUDGET"]
-    if variant.fastv and not variant.dymu:
-        reads += ["VISUAL_BUDGET"]
-    read_env = {key: env[key] for key in reads if key in env}
+    read_env = {key: env[key] for key in settings_read(variant) if key in env and key != "DYMU_THRESHOLDS"}
     explicit = (env.get("VISUAL_METHOD") or "").strip()
     if read_env.get("VISUAL_BUDGET", "").strip() and explicit:
         read_env["VISUAL_METHOD"] = explicit  # a conflicting FASTV_SELECT is then refused
@@ -308,7 +348,9 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
 
 def check_for_model(variant: Variant, config: HybridConfig) -> None:
     """What the name's model cannot run, refused before loading: Qwen2.5-VL's own limits; on
-    LLaVA-1.5 a budget out of its 576 patches (LLaVA-NeXT's and Qwen's budgets are checked per image)."""
+    LLaVA-1.5 a budget out of its 576 patches (LLaVA-NeXT's and Qwen's budgets are checked per image).
+    The methods inside the LLM are checked once the model is loaded: a sweep over budgets then
+    records the ones a method cannot reach rather than stopping at planning."""
     if variant.qwen:
         from hybrid_vlm.qwen import check_qwen_settings
 
@@ -333,14 +375,7 @@ def check_method_setting(name: str, variant: Variant, env) -> None:
 def method_config(name: str, variant: Variant, env) -> HybridConfig:
     """A method name's setting: VISUAL_BUDGET (default: the method's published one), HYBRID_POSITIONS, MASK_READ;
     random also FASTV_K (instead of VISUAL_BUDGET), FASTV_LAYER and SELECT_SEED."""
-    reads = ["VISUAL_BUDGET", "HYBRID_POSITIONS", "MASK_READ"]
-    if variant.method == "random":
-        reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"]
-    if variant.method == "dart":
-        reads += ["FASTV_LAYER", "DART_QUOTA", "DART_PIVOTS"]
-    if variant.next and variant.method == "random":
-        reads += ["FASTV_NEWLINES"]
-    read_env = {key: env[key] for key in reads if key in env}
+    read_env = {key: env[key] for key in settings_read(variant) if key in env}
     read_env["VISUAL_METHOD"] = variant.method
     if not read_env.get("VISUAL_BUDGET", "").strip() and not read_env.get("FASTV_K", "").strip():
         defaults = QWEN_DEFAULT_BUDGETS if variant.qwen else DEFAULT_BUDGETS
