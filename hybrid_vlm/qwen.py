@@ -72,6 +72,7 @@ def qwen_image_slots(model, pixel_values: torch.Tensor, image_grid_thw, batch: i
         compact=valid is not None,
         valid_counts=None if kept is None else per_sample_sums(kept),
         scores=None if scores is None else per_sample_rows(scores),
+        images_per_sample=per_sample,
     )
 
 

@@ -127,15 +127,16 @@ def outcome(name: str, env: dict):
 def test_a_setting_reported_ignored_changes_nothing_and_a_read_one_does(name, tmp_path):
     """run.py prints the settings a name ignores (`ignored_settings`): each must leave the name's
     setting as it was, and each one it does not report must change the setting or be refused."""
-    thresholds = tmp_path / "thresholds.json"
-    thresholds.write_text("{}")
+    thresholds, other_thresholds = tmp_path / "thresholds.json", tmp_path / "other.json"
+    for path in (thresholds, other_thresholds):
+        path.write_text("{}")
     base = {"DYMU_THRESHOLDS": str(thresholds)} if settings.VARIANTS[name].dymu else {}
     unchanged = outcome(name, base)
-    for key, value in {**SETTING_VALUES, "DYMU_THRESHOLDS": str(thresholds)}.items():
+    for key, value in {**SETTING_VALUES, "DYMU_THRESHOLDS": str(other_thresholds)}.items():
         env = {**base, key: value}
         if key in settings.ignored_settings(name, env):
             assert outcome(name, env) == unchanged, (name, key)
-        elif key not in base:
+        else:
             assert outcome(name, env) != unchanged, f"{name} reads {key}={value} but it changes nothing"
 
 

@@ -53,7 +53,8 @@ def image_quotas(budget: int | float, rule: str, num_visual: int) -> tuple[int, 
         return quotas_for(budget, rule)
     if rule == "official":
         # the official code is given r = 1 - f and computes 1 - r, which in floats can fall just below
-        # f (1 - (1 - 0.222) = 0.22199999999999998): 4000 tokens then get 110 picks per pivot, not 111
+        # f (1 - (1 - 0.222) = 0.22199999999999998): 4000 tokens then get 110 picks per pivot, not 111.
+        # (For a few two-decimal f, such as 0.33, float(1 - f) is not the r a user would type: 0.67.)
         return official_quotas(num_visual * (1 - (1 - budget)))
     return matched_quotas(max(IMAGE_PIVOTS, round(num_visual * budget)))
 
