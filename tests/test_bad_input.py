@@ -304,3 +304,34 @@ def test_a_prediction_survives_vlmevalkits_xlsx_round_trip(tmp_path):
     stored = tmp_path / "stored.xlsx"
     dump(pd.DataFrame(dict(index=range(5), prediction=[storable_prediction(text) for text in raw])), str(stored))
     assert load(str(stored))["prediction"].fillna("").tolist() == [" = gUSER\ufffd\t*", "B", " =5", "a red\ncircle", ""]
+
+
+@needs_vlmeval
+def test_a_resumed_checkpoint_drops_its_failed_rows_and_sets_a_torn_one_aside(tmp_path, monkeypatch, capsys):
+    """An interrupted run resumes from VLMEvalKit's rank checkpoint, which infer_data took whole: a
+    row that failed before the interruption was never asked again, even once its input was fixed
+    (an end-to-end kill, fix and rerun exited 1 with the same failed rows), and a checkpoint torn by
+    a kill failed every rerun. The inner infer_data here records what it would read."""
+    import pickle
+
+    import vlmeval.inference as inference
+    from vlmeval.smp.file import INFER_FAIL_MSG
+
+    read = []
+
+    def recording_infer_data(model, model_name, work_dir, dataset, out_file, verbose=False, api_nproc=4, use_vllm=False, retry_failed=True):
+        read.append(pickle.loads(Path(out_file).read_bytes()) if Path(out_file).exists() else None)
+
+    monkeypatch.setattr(inference, "infer_data", recording_infer_data)  # upstream's (or the plugin's) again after
+    monkeypatch.setattr(inference, "FAIL_MSG", INFER_FAIL_MSG)  # as the plugin sets it
+    robust._resume_checkpoints_cleanly()
+    checkpoint = tmp_path / "01_Set.pkl"
+    entries = {1: "A", 2: f"{INFER_FAIL_MSG}: row 2's image cannot be decoded", 3: "B"}
+    checkpoint.write_bytes(pickle.dumps(entries))
+    inference.infer_data(model=None, model_name="m", work_dir=str(tmp_path), dataset=None, out_file=str(checkpoint), retry_failed=False)
+    inference.infer_data(model=None, model_name="m", work_dir=str(tmp_path), dataset=None, out_file=str(checkpoint))
+    assert read == [entries, {1: "A", 3: "B"}]
+    checkpoint.write_bytes(pickle.dumps(entries)[:20])  # a kill in the middle of VLMEvalKit's dump
+    inference.infer_data(None, "m", str(tmp_path), None, str(checkpoint))
+    assert read[-1] is None and (tmp_path / "01_Set.pkl.unreadable").is_file()
+    assert f"the checkpoint {checkpoint} could not be read" in capsys.readouterr().out

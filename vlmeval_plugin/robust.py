@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import functools
 import glob
 import io
 import logging
 import os
+import pickle
 import re
 import uuid
 
@@ -166,6 +168,54 @@ def _retry_failed_rows() -> None:
     inference.FAIL_MSG = INFER_FAIL_MSG
 
 
+def _resume_checkpoints_cleanly() -> None:
+    """infer_data resumes an interrupted run from its rank checkpoint (`out_file`, written every 10
+    rows) with every entry in it: a row that failed before the interruption was never asked again,
+    even once its input was fixed, and a checkpoint cut short by a kill failed every rerun. Before
+    it reads the file, failed rows are dropped (as infer_data_job drops them from a finished run's
+    predictions) and an unreadable file is set aside."""
+    import vlmeval.inference as inference
+
+    infer_data = inference.infer_data
+    if getattr(infer_data, "_hybrid_vlm", False):
+        return
+
+    @functools.wraps(infer_data)
+    def checked_infer_data(*args, **kwargs):
+        out_file = kwargs["out_file"] if "out_file" in kwargs else args[4] if len(args) > 4 else None
+        if out_file is not None and os.path.exists(out_file):
+            clean_checkpoint(out_file, inference.FAIL_MSG if kwargs.get("retry_failed", True) else None)
+        return infer_data(*args, **kwargs)
+
+    checked_infer_data._hybrid_vlm = True
+    inference.infer_data = checked_infer_data
+
+
+def clean_checkpoint(path: str, fail_message: str | None) -> None:
+    """Drop the entries of VLMEvalKit's checkpoint `path` whose prediction holds `fail_message`
+    (None: keep them); move an unreadable checkpoint to `<path>.unreadable`, saying so. Its rows are
+    then answered again: from the plugin's stats file where they had finished."""
+    try:
+        with open(path, "rb") as file:
+            results = pickle.load(file)
+        if not isinstance(results, dict):
+            raise TypeError(f"it holds a {type(results).__name__}, not a dict of predictions")
+    except Exception as error:  # a torn pickle raises any of several types
+        aside = f"{path}.unreadable"
+        os.replace(path, aside)
+        print(f"[hybrid-vlm] the checkpoint {path} could not be read ({type(error).__name__}: {error}); moved to {aside}. "
+              "Its rows are answered again, from the stats file where they had finished.", flush=True)
+        return
+    if fail_message is None:
+        return
+    kept = {index: prediction for index, prediction in results.items() if fail_message not in str(prediction)}
+    if len(kept) < len(results):
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "wb") as file:
+            pickle.dump(kept, file)
+        os.replace(partial, path)
+
+
 class _DropEnvFileError(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return ENV_FILE_MESSAGE not in str(record.msg)
@@ -222,6 +272,7 @@ def install() -> None:
     _patch_dataset_loading()
     _patch_image_dumping()
     _retry_failed_rows()
+    _resume_checkpoints_cleanly()
     _private_circular_scratch()
 
 
