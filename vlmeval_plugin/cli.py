@@ -197,8 +197,7 @@ def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode
 
 
 RUN_INFO_ENVS = (
-    "FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES", "VISUAL_POOL", "DYMU_THRESHOLDS", "DYMU_SPLIT",
-    "HYBRID_POSITIONS", "MASK_READ", settings.MODEL_PATH_ENV, "MMEVAL_ROOT",
+    *settings.NAME_SETTINGS, "VISUAL_METHOD", settings.MODEL_PATH_ENV, "MMEVAL_ROOT",
     "LMUData", "PRED_FORMAT", "EVAL_FORMAT", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES",
 )
 
