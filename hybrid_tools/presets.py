@@ -4,9 +4,6 @@ number of text tokens."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from transformers import (
     AutoConfig,
@@ -96,14 +93,12 @@ def qwen_preset_config(preset: str, tokenizer):
 
 def model_type_of(preset: str, model: str | None = None) -> str | None:
     """The config model_type the bench will build (`runtime.resolve_dtype` picks "auto" by it): that
-    of the --model checkpoint (a folder's config.json, or a cached hub id's config; None if neither
-    reads), else the preset's."""
+    of the --model checkpoint (a folder or a cached hub id; None if its config does not read), else
+    the preset's."""
     if model:
         try:
-            if Path(model).is_dir():
-                return json.loads((Path(model) / "config.json").read_text()).get("model_type")
             return AutoConfig.from_pretrained(model).model_type
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             return None  # from_pretrained will say what is wrong with it
     return "qwen2_5_vl" if preset in QWEN_PRESETS else "llava_next" if preset in NEXT_PRESETS else "llava"
 

@@ -25,6 +25,7 @@ import base64
 import contextvars
 import functools
 import glob
+import inspect
 import io
 import logging
 import os
@@ -179,12 +180,15 @@ def _resume_checkpoints_cleanly() -> None:
     infer_data = inference.infer_data
     if getattr(infer_data, "_hybrid_vlm", False):
         return
+    signature = inspect.signature(infer_data)
 
     @functools.wraps(infer_data)
     def checked_infer_data(*args, **kwargs):
-        out_file = kwargs["out_file"] if "out_file" in kwargs else args[4] if len(args) > 4 else None
-        if out_file is not None and os.path.exists(out_file):
-            clean_checkpoint(out_file, inference.FAIL_MSG if kwargs.get("retry_failed", True) else None)
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        out_file = call.arguments["out_file"]
+        if os.path.exists(out_file):
+            clean_checkpoint(out_file, inference.FAIL_MSG if call.arguments["retry_failed"] else None)
         return infer_data(*args, **kwargs)
 
     checked_infer_data._hybrid_vlm = True
