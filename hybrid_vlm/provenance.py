@@ -3,6 +3,7 @@ provenance names no machine (bench, sweep, run.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shlex
@@ -78,3 +79,29 @@ def portable(value):
 def shell_join(argv) -> str:
     """shlex.join, except that a leading `~/` stays unquoted so the shell still expands it."""
     return " ".join("~/" + shlex.quote(a[2:]) if a.startswith("~/") and a[2:] else shlex.quote(a) for a in map(str, argv))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SIGNATURE_SAMPLES = 16  # evenly spaced reads per weights file
+SIGNATURE_SAMPLE_BYTES = 1 << 16
+
+
+def checkpoint_signature(folder: str | Path) -> str:
+    """A content signature of a checkpoint folder, cheap even at 7B: sha256 over config.json and,
+    per weights file, its name, size and 16 evenly spaced 64 KiB samples of its bytes.
+
+    The same checkpoint moved or copied keeps it; a fine-tune of the same shape changes it (a full
+    or merged fine-tune rewrites the bytes every sample reads), so a results folder can tell
+    whether its predictions came from this checkpoint without hashing gigabytes."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            for sample in range(SIGNATURE_SAMPLES):
+                handle.seek(size * sample // SIGNATURE_SAMPLES)
+                digest.update(handle.read(SIGNATURE_SAMPLE_BYTES))
+    return "sha256:" + digest.hexdigest()[:16]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from hybrid_vlm import HybridConfig, visual_keep_count
 from hybrid_vlm.testbed import CHECKPOINT_DIR as TESTBED_CHECKPOINT
+from hybrid_vlm.tiny import build_tiny_llava
 from vlmeval_plugin import settings, stats
 from vlmeval_plugin.cli import DEMO_MODELS
 from vlmeval_plugin.tiny_data import (
@@ -340,6 +342,36 @@ def test_fastv_settings_get_distinct_folders(sandbox):
     assert len(predictions(work_dir, FASTV_K72, "TinyCOCO")) == 3
     if before:  # the interrupted-run test filled the 0.5 folder first
         assert sorted(path.name for path in work_dir.glob(f"{FASTV_R05}/*")) == before
+
+
+@needs_vlmeval
+def test_a_rerun_that_would_reuse_another_runs_predictions_is_refused(sandbox):
+    """The same name, setting and work dir with another --max-new-tokens, or a same-shape checkpoint
+    with other weights: exit 2 naming what changed, the folder untouched; the checkpoint copied
+    elsewhere with the same length: resumes (rc 0)."""
+    work_dir = sandbox["root"] / "reuse"
+    args = ["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", "--work-dir", str(work_dir), "--mode", "infer", "--limit", "2"]
+    env = {"FASTV_K": "72"}
+    first = run_py(sandbox, [*args, "--model-path", sandbox["checkpoint"], "--max-new-tokens", "3"], extra_env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder = work_dir / FASTV_K72
+    before = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+
+    other_weights = sandbox["root"] / "reuse-other-weights"
+    model, processor = build_tiny_llava(seed=1)
+    model.save_pretrained(other_weights)
+    processor.save_pretrained(other_weights)
+    moved = sandbox["root"] / "reuse-moved" / "checkpoint"
+    shutil.copytree(sandbox["checkpoint"], moved)
+    longer = run_py(sandbox, [*args, "--model-path", sandbox["checkpoint"], "--max-new-tokens", "4"], extra_env=env)
+    other = run_py(sandbox, [*args, "--model-path", str(other_weights), "--max-new-tokens", "3"], extra_env=env)
+    assert longer.returncode == 2 and "--max-new-tokens 3; this run asks for 4" in longer.stderr, longer.stderr[-3000:]
+    assert other.returncode == 2 and "content signature" in other.stderr, other.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
+
+    resumed = run_py(sandbox, [*args, "--model-path", str(moved), "--max-new-tokens", "3"], extra_env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert len(sidecar(work_dir, FASTV_K72, "TinyCOCO")) == 2  # nothing generated again
 
 
 @needs_vlmeval

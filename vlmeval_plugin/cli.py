@@ -26,10 +26,10 @@ import datetime
 import json
 import os
 import sys
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
-from hybrid_vlm.provenance import portable_path
+from hybrid_vlm.provenance import checkpoint_signature, portable_path
 
 from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
@@ -94,6 +94,11 @@ class PluginModel:
             self.checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS[self.variant.family])
             settings.check_checkpoint_family(self.checkpoint, self.variant)
 
+    @cached_property
+    def signature(self) -> str:
+        """The checkpoint's content signature (hybrid_vlm.provenance.checkpoint_signature)."""
+        return checkpoint_signature(self.checkpoint)
+
 
 def is_plugin_name(name: str) -> bool:
     return settings.base_name(name) in settings.VARIANTS
@@ -111,9 +116,6 @@ def register_models(plugin_models: list[PluginModel], work_dir: str, options) ->
     from .qwen import HybridQwen2VL
 
     for item in plugin_models:
-        max_new_tokens = options.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = settings.max_new_tokens_for(item.variant)
         supported_VLM[item.name] = partial(
             HybridQwen2VL if item.variant.qwen else HybridLLaVANext if item.variant.next else HybridLLaVA,
             checkpoint=str(item.checkpoint),
@@ -121,8 +123,37 @@ def register_models(plugin_models: list[PluginModel], work_dir: str, options) ->
             stats_dir=os.path.join(work_dir, item.name),
             model_name=item.name,
             batch_size=options.batch_size,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=effective_max_new_tokens(item, options),
         )
+
+
+def effective_max_new_tokens(item: PluginModel, options) -> int:
+    return options.max_new_tokens if options.max_new_tokens is not None else settings.max_new_tokens_for(item.variant)
+
+
+def reuse_conflict(folder: Path, item: PluginModel, options) -> str | None:
+    """Why this run may not continue in `folder`: its outputs were made from another checkpoint or
+    with another --max-new-tokens (run_info.json's last record says), and the folder's name says
+    neither, so VLMEvalKit would reuse them as this run's. None when nothing there would be reused."""
+    outputs = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("run_info.json", "status.json")] if folder.is_dir() else []
+    records = results.read_run_info(folder / "run_info.json") if outputs else []
+    if not records:
+        return None
+    earlier = records[-1]
+    max_new_tokens = effective_max_new_tokens(item, options)
+    # records older than the "max_new_tokens" key hold the option as typed: None was the default
+    earlier_tokens = earlier.get("max_new_tokens") or (earlier.get("options") or {}).get("max_new_tokens") or settings.max_new_tokens_for(item.variant)
+    changed = []
+    if earlier.get("checkpoint_signature") not in (None, item.signature):
+        changed.append(f"from checkpoint {earlier.get('checkpoint')} (content signature {earlier['checkpoint_signature']}); "
+                       f"this run's checkpoint {portable_path(item.checkpoint)} has signature {item.signature}")
+    if earlier_tokens != max_new_tokens:
+        changed.append(f"with --max-new-tokens {earlier_tokens}; this run asks for {max_new_tokens}")
+    if not changed:
+        return None
+    return (f"{portable_path(folder)} holds outputs of an earlier run made " + ", and ".join(changed)
+            + ". Its folder name does not say this, so VLMEvalKit would reuse those predictions as this run's. "
+            "Give this run another --work-dir, or delete that folder to start it over.")
 
 
 def is_registered_set(name: str) -> bool:
@@ -225,6 +256,8 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
             "setting": (item.config.describe() if item.config is not None else "stock") if item else None,
             "hybrid_config": asdict(item.config) if item and item.config is not None else None,
             "checkpoint": str(item.checkpoint) if item else None,
+            "checkpoint_signature": item.signature if item else None,
+            "max_new_tokens": effective_max_new_tokens(item, options) if item else None,
             "env": launch_env,
             "options": {"model_path": options.model_path, "batch_size": options.batch_size, "max_new_tokens": options.max_new_tokens},
             "data": list(vargs.data or []), "mode": vargs.mode, "judge": vargs.judge,
@@ -357,6 +390,11 @@ def register_run_models(vargs, plugin_models: dict[str, PluginModel], options, w
         return (f"unknown model name(s) {', '.join(map(repr, unknown))}. Plugin names: {', '.join(settings.VARIANTS)}; "
                 "any other name must be one of vlmeval.config.supported_VLM.")
     vargs.model = [plugin_models[name].name if name in plugin_models else name for name in vargs.model]
+    if vargs.mode != "eval":  # eval only scores existing predictions: nothing generated, nothing to mix
+        for item in plugin_models.values():
+            problem = reuse_conflict(Path(work_dir) / item.name, item, options)
+            if problem:
+                return problem
     register_models(list(plugin_models.values()), work_dir, options)
     for item in plugin_models.values():
         print(f"run.py: {item.requested} -> {item.name}  (checkpoint {item.checkpoint}, results {Path(work_dir) / item.name})", flush=True)

@@ -1,0 +1,99 @@
+"""A results folder is named by the method setting only, so a rerun with another checkpoint or
+another --max-new-tokens would land in the same folder, and VLMEvalKit would reuse the earlier
+predictions as the new run's. run.py refuses such a rerun, telling the two runs apart by the
+checkpoint's content signature (not its path) and the generation length."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hybrid_vlm.provenance import checkpoint_signature
+from hybrid_vlm.tiny import build_tiny_llava
+from vlmeval_plugin import settings
+from vlmeval_plugin.cli import reuse_conflict
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny checkpoints of one shape and config that differ only in their weights (seeds 0 and
+    1: a same-shape fine-tune), and a byte-for-byte copy of the first at another path."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    for seed in (0, 1):
+        model, processor = build_tiny_llava(seed=seed)
+        model.save_pretrained(root / f"seed{seed}")
+        processor.save_pretrained(root / f"seed{seed}")
+    shutil.copytree(root / "seed0", root / "moved" / "seed0")
+    return root
+
+
+def test_signature_follows_the_weights_and_config_not_the_path(checkpoints):
+    original = checkpoint_signature(checkpoints / "seed0")
+    config_a = json.loads((checkpoints / "seed0" / "config.json").read_text())
+    config_b = json.loads((checkpoints / "seed1" / "config.json").read_text())
+    sizes = [path.stat().st_size for path in (checkpoints / "seed0" / "model.safetensors", checkpoints / "seed1" / "model.safetensors")]
+    assert config_a == config_b and sizes[0] == sizes[1]  # only the weights tell them apart
+    assert checkpoint_signature(checkpoints / "moved" / "seed0") == original
+    assert checkpoint_signature(checkpoints / "seed1") != original
+
+    edited = checkpoints / "edited"
+    shutil.copytree(checkpoints / "seed0", edited)
+    config_a["text_config"]["rms_norm_eps"] = 1e-5 if config_a["text_config"].get("rms_norm_eps") != 1e-5 else 1e-6
+    (edited / "config.json").write_text(json.dumps(config_a))
+    assert checkpoint_signature(edited) != original
+
+
+def plugin_model(checkpoint: Path, name: str = "llava_v1.5_7b_fastv"):
+    """What reuse_conflict reads of a cli.PluginModel."""
+    return SimpleNamespace(variant=settings.VARIANTS[name], checkpoint=checkpoint, signature=checkpoint_signature(checkpoint))
+
+
+def results_folder(tmp_path: Path, records: list[dict], outputs: bool = True) -> Path:
+    folder = tmp_path / "llava_v1.5_7b_fastv__fastv-k64-l2"
+    folder.mkdir()
+    (folder / "run_info.json").write_text(json.dumps({"runs": records}))
+    (folder / "status.json").write_text("{}")
+    if outputs:
+        (folder / "T20261206-000000").mkdir()
+        (folder / "T20261206-000000" / "llava_v1.5_7b_fastv__fastv-k64-l2_TinyCOCO.xlsx").write_bytes(b"x")
+    return folder
+
+
+def test_a_rerun_with_another_generation_length_is_refused_naming_both(tmp_path, checkpoints):
+    item = plugin_model(checkpoints / "seed0")
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": item.signature, "max_new_tokens": 8}])
+    problem = reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=16))
+    assert problem is not None
+    assert "--max-new-tokens 8; this run asks for 16" in problem and folder.name in problem and "--work-dir" in problem
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=8)) is None
+
+
+def test_a_rerun_on_another_checkpoint_of_the_same_shape_is_refused_a_moved_one_is_not(tmp_path, checkpoints):
+    earlier = plugin_model(checkpoints / "seed0")
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": earlier.signature, "max_new_tokens": 8}])
+    options = SimpleNamespace(max_new_tokens=8)
+    problem = reuse_conflict(folder, plugin_model(checkpoints / "seed1"), options)
+    assert problem is not None and f"content signature {earlier.signature}" in problem
+    assert reuse_conflict(folder, plugin_model(checkpoints / "moved" / "seed0"), options) is None
+
+
+def test_the_default_generation_length_is_what_an_older_record_ran(tmp_path, checkpoints):
+    """Records written before the effective length was recorded hold the option as typed; None
+    there was the variant's default, and they hold no signature, so the checkpoint is not judged."""
+    item = plugin_model(checkpoints / "seed1")
+    default = settings.max_new_tokens_for(item.variant)
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "options": {"max_new_tokens": None}}])
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=None)) is None
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=default)) is None
+    assert f"--max-new-tokens {default}; this run asks for 3" in reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=3))
+
+
+def test_a_folder_with_no_outputs_has_nothing_to_reuse(tmp_path, checkpoints):
+    item = plugin_model(checkpoints / "seed1")
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": "sha256:0", "max_new_tokens": 8}], outputs=False)
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2)) is None
+    assert reuse_conflict(tmp_path / "absent", item, SimpleNamespace(max_new_tokens=2)) is None
