@@ -375,6 +375,28 @@ def test_a_rerun_that_would_reuse_another_runs_predictions_is_refused(sandbox):
 
 
 @needs_vlmeval
+def test_a_prediction_file_torn_by_a_kill_is_set_aside_and_rebuilt_from_the_stats(sandbox):
+    """A kill during VLMEvalKit's final write leaves a truncated .xlsx, which it would load and fail
+    on at every rerun: the rerun moves it aside, says so, and rebuilds it without generating."""
+    work_dir = sandbox["root"] / "torn"
+    args = ["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", "--model-path", sandbox["checkpoint"], "--max-new-tokens", "3",
+            "--work-dir", str(work_dir), "--mode", "infer", "--limit", "2"]
+    first = run_py(sandbox, args, extra_env={"FASTV_K": "72"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    written = predictions(work_dir, FASTV_K72, "TinyCOCO")
+    path = work_dir / FASTV_K72 / f"{FASTV_K72}_TinyCOCO.xlsx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(Exception):
+        pd.read_excel(path)
+
+    rerun = run_py(sandbox, args, extra_env={"FASTV_K": "72"})
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"{path.name} could not be read" in rerun.stdout and path.with_name(path.name + ".unreadable").exists()
+    assert predictions(work_dir, FASTV_K72, "TinyCOCO")["prediction"].tolist() == written["prediction"].tolist()
+    assert len(sidecar(work_dir, FASTV_K72, "TinyCOCO")) == 2  # answered from the stats, none generated
+
+
+@needs_vlmeval
 def test_two_process_gloo_run_matches_one_process(sandbox):
     """torchrun --nproc-per-node=2 on CPU: ranks take alternating rows, rank 0 merges and evaluates."""
     work_dir = sandbox["root"] / "torchrun"

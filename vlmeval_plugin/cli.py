@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         use_gloo_without_cuda()
     if rank == 0 and vargs.model is not None and not vargs.api_mode:
         write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options, launch_env)
+        for model in vargs.model:  # before any rank's VLMEvalKit reads them (its first barrier is later)
+            robust.set_aside_unreadable_predictions(os.path.join(work_dir, model), model, data_names)
 
     started = datetime.datetime.now().astimezone()
     vlmeval_run.run_task(vargs)

@@ -32,6 +32,7 @@ import os
 import pickle
 import re
 import uuid
+from pathlib import Path
 
 import pandas as pd
 
@@ -218,6 +219,32 @@ def clean_checkpoint(path: str, fail_message: str | None) -> None:
         with open(partial, "wb") as file:
             pickle.dump(kept, file)
         os.replace(partial, path)
+
+
+def set_aside_unreadable_predictions(folder: str, model: str, datasets: list[str]) -> list[str]:
+    """Move each prediction file of `model` x `datasets` in `folder` that cannot be read as a table
+    with index and prediction columns (an .xlsx cut short by a kill during VLMEvalKit's final write
+    is a truncated zip) to `<file>.unreadable`, saying so; the paths moved. VLMEvalKit would load it
+    on every rerun and fail; without it the rerun answers the rows from the plugin's stats file."""
+    from .results import PREDICTION_SUFFIXES, load_table
+
+    moved = []
+    for dataset in datasets:
+        for suffix in PREDICTION_SUFFIXES:
+            path = os.path.join(folder, f"{model}_{dataset}.{suffix}")
+            if not os.path.exists(path):
+                continue
+            try:
+                columns = set(load_table(Path(path)).columns)
+                problem = None if {"index", "prediction"} <= columns else f"no index or prediction column in {sorted(columns)}"
+            except Exception as error:  # a torn xlsx raises BadZipFile, a torn json ValueError, ...
+                problem = f"{type(error).__name__}: {error}"
+            if problem:
+                os.replace(path, f"{path}.unreadable")
+                moved.append(path)
+                print(f"[hybrid-vlm] the prediction file {path} could not be read ({problem}); moved to {path}.unreadable. "
+                      "Its rows are answered again, from the stats file where they had finished.", flush=True)
+    return moved
 
 
 class _DropEnvFileError(logging.Filter):
