@@ -44,7 +44,13 @@ LLaVA-NeXT presets (next-mid, llava-next-7b) bench one 640 x 480 image, which an
 base image + 4 crops and 2,340 visual tokens (576 base, 36 x 48 unpadded grid, 36 newlines).
 Qwen2.5-VL presets (qwen-mid: LLM 1024 x 16 layers, 16 query / 2 KV heads, ViT 384 x 8 blocks with
 full attention at 3 and 7; qwen2.5-vl-7b: Qwen2.5-VL-7B-Instruct's shape) bench one 1120 x 896
-image: 80 x 64 patches, 1,280 tokens; their MACs come from `hybrid_vlm.qwen_flops`.
+image: 80 x 64 patches, 1,280 tokens; their MACs come from `hybrid_vlm.qwen_flops`, for the counts
+that ran (a method before the LLM: the units that entered it), except PyramidDrop's and DART's,
+whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows.
+
+A configuration the engine cannot run is a "skipped" row; one these inputs make impossible (a
+budget a staged method cannot reach on this model) a "refused" row; both name the error, and the
+other rows are timed as usual.
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
@@ -89,7 +95,7 @@ from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_p
 from hybrid_vlm.hf_compat.qwen2_5_vl import stock_decode_positions
 from hybrid_vlm.model import HybridDecoder
 from hybrid_vlm.provenance import git_state, portable
-from hybrid_vlm.qwen_flops import QwenShape, qwen_prefill_macs
+from hybrid_vlm.qwen_flops import QwenShape, qwen_method_prefill_macs
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from hybrid_vlm.syncs import check_no_host_syncs
 from hybrid_vlm.tiny import synthetic_image
@@ -379,14 +385,17 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
 
     hybrid = config.hybrid
     fastv_layer = hybrid.fastv_layer if hybrid is not None else 2
-    scoring = hybrid.scoring if hybrid is not None else None
+    # random selection reads no attention: no scoring counted, as the plugin's per-row GMACs
+    scoring = hybrid.scoring if hybrid is not None and hybrid.fastv_select == "attention" else None
     totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0, kv_prompt=0)
+    if isinstance(shape, QwenShape) and hybrid is not None and hybrid.staged_method is not None:
+        return {key: math.nan for key in totals}  # per-layer counts follow each image (qwen_method_prefill_macs)
     dymu = hybrid is not None and hybrid.dymu is not None
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
-        if isinstance(shape, QwenShape):
-            macs = qwen_prefill_macs(shape, counts["grids"][i], text, kept if kept < visual else None, fastv_layer=fastv_layer, scoring=scoring)
+        if isinstance(shape, QwenShape):  # the counts that ran: entering the LLM, and kept after FASTV_LAYER
+            macs = qwen_method_prefill_macs(shape, hybrid or HybridConfig(), counts["grids"][i], text, visual_entered=visual, visual_kept=kept)
         elif hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
             # a method before the LLM: its own CLIP loop, what it projects and its scoring
             macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
@@ -699,13 +708,18 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
         activate(model, config)
         inputs = bench.inputs
         bar.set_postfix_str(config.name)
-        for _ in range(args.warmup):
-            timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)
-            bar.update()
-        output = prefill(model, inputs)
+        try:  # a setting these inputs make impossible (a budget a staged method cannot reach on them) is reported
+            for _ in range(args.warmup):
+                timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)
+                bar.update()
+            output = prefill(model, inputs)
+        except Exception as error:
+            config.status, config.note = "refused", f"{type(error).__name__}: {error}"
+            continue
         config.counts = token_counts(model, inputs, output, config)
         config.kv_bytes_prompt = cache_tensor_bytes(output_cache(output))
         del output
+    runnable = [c for c in runnable if c.status == "ok"]
     for _ in range(args.repeats):
         for config in runnable:
             activate(model, config)

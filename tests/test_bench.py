@@ -144,7 +144,7 @@ def test_methods_rows_use_each_budget_rule_and_count_the_scoring(tmp_path):
     and the theory of a method before the LLM includes its scoring (method_prefill_macs)."""
     from hybrid_tools import bench
 
-    rows = bench.main(["--preset", "tiny", "--fastv-k", "--methods", "fastv", "divprune", "--budgets", "32", "--repeats", "1",
+    rows = bench.main(["--preset", "tiny", "--fastv-k", "--methods", "fastv", "random", "divprune", "--budgets", "32", "--repeats", "1",
                        "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--out", str(tmp_path)])
     by_config = {row["config"]: row for row in rows}
     assert (by_config["divprune-b32"]["visual_in"], by_config["divprune-b32"]["visual_kept"]) == (32, 32)
@@ -157,6 +157,10 @@ def test_methods_rows_use_each_budget_rule_and_count_the_scoring(tmp_path):
     expected = flops.method_prefill_macs(shape, HybridConfig(visual_method="divprune", visual_budget=32), int(text))
     assert by_config["divprune-b32"]["prefill_gmacs"] == pytest.approx(expected.total / 1e9)
     assert expected.selection > 0
+    # random selection reads no attention: charged no scoring row, as the plugin's per-row GMACs
+    pruned = dict(kept=int(text) + 32, fastv_layer=2)
+    assert by_config["random-k32-l2"]["llm_prefill_gmacs"] == pytest.approx(flops.llm_prefill_macs(shape.llm, int(text) + 576, **pruned, scoring=None) / 1e9)
+    assert by_config["fastv-k32-l2"]["llm_prefill_gmacs"] == pytest.approx(flops.llm_prefill_macs(shape.llm, int(text) + 576, **pruned, scoring="row") / 1e9)
 
 
 def test_kv_cache_is_measured_on_the_cache_and_kernels_are_traced():
@@ -235,3 +239,39 @@ def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, mo
     from hybrid_tools.report.bench import bench_setup
 
     assert "**Stopped early** by SIGTERM in the warm-up and timed rounds" in bench_setup(data["meta"])
+
+
+def test_qwen_rows_count_the_tokens_that_ran_and_report_what_cannot_run(tmp_path):
+    """Qwen2.5-VL, 1,280 units per image: DivPrune's LLM theory is a prompt of the 64 units that
+    entered the LLM (it read the whole grid: 1.000); random selection is charged no attention row
+    and FastV is; DART's theory is left empty (its per-layer counts follow the image, as the
+    plugin leaves it); a PyramidDrop budget the 4-layer model cannot reach is a refused row, and
+    the other rows are still timed and written (it ended the bench with a traceback)."""
+    from transformers import AutoConfig
+
+    from hybrid_vlm.qwen_flops import qwen_shape_from_config
+    from hybrid_vlm.tiny_qwen import ensure_tiny_qwen
+
+    checkpoint = ensure_tiny_qwen(tmp_path / "tiny-qwen")
+    rows = bench.main(["--model", str(checkpoint), "--fastv-k", "--methods", "fastv", "random", "divprune", "dart", "pdrop",
+                       "--budgets", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-memory", "--no-progress",
+                       "--out", str(tmp_path / "bench")])
+    by_config = {row["config"]: row for row in rows}
+    llm = qwen_shape_from_config(AutoConfig.from_pretrained(checkpoint)).llm
+    stock, divprune = by_config["stock"], by_config["divprune-b64"]
+    text = int(stock["llm_tokens_in"] - stock["visual_in"])
+    assert stock["visual_in"] == 1280 and (divprune["visual_in"], divprune["visual_kept"]) == (64, 64)
+    assert stock["llm_prefill_gmacs"] == pytest.approx(flops.llm_prefill_macs(llm, text + 1280) / 1e9)
+    assert divprune["llm_prefill_gmacs"] == pytest.approx(flops.llm_prefill_macs(llm, text + 64) / 1e9)
+    assert divprune["prefill_theory_ratio"] < 1
+
+    pruned = dict(kept=text + 64, fastv_layer=2)
+    assert by_config["fastv-k64-l2"]["llm_prefill_gmacs"] == pytest.approx(flops.llm_prefill_macs(llm, text + 1280, **pruned, scoring="row") / 1e9)
+    assert by_config["random-k64-l2"]["llm_prefill_gmacs"] == pytest.approx(flops.llm_prefill_macs(llm, text + 1280, **pruned, scoring=None) / 1e9)
+    assert by_config["random-k64-l2"]["llm_prefill_gmacs"] < by_config["fastv-k64-l2"]["llm_prefill_gmacs"]
+
+    dart = next(row for name, row in by_config.items() if name.startswith("dart-b64"))
+    assert dart["status"] == "ok" and math.isnan(dart["prefill_theory_ratio"]) and dart["prefill_ms"] > 0
+    assert by_config["pdrop-b64"]["status"] == "refused" and "not reachable by pdrop" in by_config["pdrop-b64"]["note"]
+    written = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert {row["config"] for row in written["rows"]} == set(by_config)
