@@ -187,10 +187,12 @@ def pack_image(
     valid = torch.ones(layout.num_tokens, dtype=torch.bool, device=device)
     if merged_valid is not None:
         grid_at = patches + torch.nonzero(~is_newline[patches:]).flatten()  # host: grid patches in raster order
-        grid_at, grid_source = host_to_device(grid_at, device), host_to_device(layout.source[grid_at], device)
-        grid_slot, grid_valid = place_on_cropped_grid(coverage, grid_source, layout.grid_width)
-        slot = slot.scatter(0, grid_at, grid_slot)
-        valid = valid.scatter(0, grid_at, grid_valid).scatter(0, torch.arange(patches, device=device), merged_valid[0])
+        if len(grid_at):  # an image of about 50:1 or more unpads its crop grid to no patch at all
+            grid_at, grid_source = host_to_device(grid_at, device), host_to_device(layout.source[grid_at], device)
+            grid_slot, grid_valid = place_on_cropped_grid(coverage, grid_source, layout.grid_width)
+            slot = slot.scatter(0, grid_at, grid_slot)
+            valid = valid.scatter(0, grid_at, grid_valid)
+        valid = valid.scatter(0, torch.arange(patches, device=device), merged_valid[0])
     packed = features.reshape(-1, features.shape[-1]).index_select(0, slot)
     packed = torch.where(host_to_device(is_newline, device)[:, None], newline.to(packed.dtype), packed)
     return packed, valid

@@ -20,7 +20,7 @@ from hybrid_vlm.hf_compat import dymu_image_features, new_cache
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, stock_next_image_features
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, generation_positions, next_inputs
+from conftest import QUESTIONS, chat_prompt, generation_positions, next_inputs
 from reference import greedy_without_cache, masked_reference
 from test_engine import NEW_TOKENS, REFERENCE_RTOL
 
@@ -401,3 +401,22 @@ def test_stock_positional_order_and_unsupported_inputs(tiny_next):
         assert torch.equal(by_position, hybrid(**inputs).logits)
     with pytest.raises(NotImplementedError, match="does not support mm_encoder_outputs"):
         hybrid(**inputs, mm_encoder_outputs={"image": None})
+
+
+@pytest.mark.parametrize("size", [(300, 5), (5, 300)])
+def test_dymu_on_an_image_whose_crop_grid_unpads_to_nothing(tiny_next, next_thresholds, size):
+    """A thin image (about 50:1; real llava-v1.6 pinpoints do this too) leaves its unpadded crop
+    grid without a patch (only newlines, or nothing): DyMU merges the base image alone, as the
+    masked reference (stock layers, merged slots masked) does; it divided by a zero grid width."""
+    from hybrid_vlm.tiny import synthetic_image
+
+    model, processor = tiny_next
+    prompt = chat_prompt(processor, QUESTIONS[0])
+    inputs = processor(images=[synthetic_image(0).resize(size)], text=[prompt], return_tensors="pt")
+    grid = anyres_layouts(model, inputs["image_sizes"])[0].source[576:]
+    assert not (grid >= 0).any()  # the case: no grid patch survives unpadding
+    hybrid = next_copy(model, dymu=str(next_thresholds))
+    reference_logits, reference_kept = masked_reference(model, inputs, None, 2, hybrid.hybrid_thresholds)
+    out, real = engine_prefill(hybrid, inputs)
+    assert real.sum() < inputs["attention_mask"].sum()
+    assert_matches_reference(out, real, reference_logits, reference_kept)
