@@ -296,6 +296,41 @@ def test_no_host_syncs_on_meta(tiny_qwen, settings):
     assert check_no_host_syncs(qwen_copy(model, **settings), qwen_inputs(processor, QUESTIONS), decode_steps=2) == "pass"
 
 
+RAW_SHORT_PROMPTS = [
+    "<|vision_start|><|image_pad|><|vision_end|>a",  # 2 real tokens after the image
+    "<|vision_start|><|image_pad|><|vision_end|>",  # 1
+    "<|vision_start|><|image_pad|><|vision_end|>Describe this picture briefly, which shape is in the center?",
+]
+
+
+def raw_inputs(processor, prompts, indices):
+    from hybrid_vlm.tiny import synthetic_image
+
+    from conftest import QWEN_SIZES
+
+    images = [synthetic_image(i).resize(QWEN_SIZES[i]) for i in indices]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("budget", [20, 0.3])
+def test_dart_with_fewer_than_four_text_tokens_after_the_image_keeps_batch_equal_to_alone(tiny_qwen, budget):
+    """Raw prompts with 2 and 1 real tokens after the image: their text pivots were top-k picks among
+    masked slots (left padding in a batch), so a batch kept other tokens than each prompt alone."""
+    model, processor = tiny_qwen
+    hybrid = qwen_copy(model, visual_method="dart", visual_budget=budget)
+    batch = raw_inputs(processor, RAW_SHORT_PROMPTS, [0, 1, 2])
+    out, real = engine_prefill(hybrid, batch)
+    for i, prompt in enumerate(RAW_SHORT_PROMPTS):
+        alone = raw_inputs(processor, [prompt], [i])
+        alone_out, alone_real = engine_prefill(hybrid, alone)
+        pad = batch["input_ids"].shape[1] - alone["input_ids"].shape[1]
+        assert torch.equal(out.kept_positions[i][real[i]] - pad, alone_out.kept_positions[0][alone_real[0]]), prompt
+        torch.testing.assert_close(out.logits[i, -1], alone_out.logits[0, -1], rtol=1e-4, atol=1e-5)
+    official = qwen_copy(model, visual_method="dart", visual_budget=budget, dart_pivots="official")
+    with torch.no_grad(), pytest.raises(ValueError, match="DART_PIVOTS=official needs 4 real tokens after each image"):
+        official(**raw_inputs(processor, RAW_SHORT_PROMPTS[:1], [0]))
+
+
 # --- refused settings ---------------------------------------------------------------------------------
 
 

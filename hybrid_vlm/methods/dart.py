@@ -14,7 +14,9 @@ rule per sample for a fractional VISUAL_BUDGET (the kept share).
 
 Here the pivots are visited in ascending position (`order="sorted"`, no host sync) or in the
 official set order (`order="official"`, which needs the pivot positions on the host: one sync per
-prefill). `quotas` gives each pivot its own count: `official_quotas` or `matched_quotas`.
+prefill). `quotas` gives each pivot its own count: `official_quotas` or `matched_quotas`. A prompt
+with fewer than 4 real tokens after its image (a raw prompt; chat templates always have more) has its
+text pivots repeated in turn (none: the image pivots again), where the official code raises.
 """
 
 from __future__ import annotations
@@ -73,12 +75,25 @@ def top_positions(scores: torch.Tensor, allowed: torch.Tensor, count: int) -> to
     return scores.float().masked_fill(~allowed, float("-inf")).topk(count, dim=1).indices
 
 
+def cycled_pivots(pivots: torch.Tensor, candidates: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """`pivots` [B, k] (best first, from top_positions over `candidates` [B, L]) where a row with
+    n < k candidates repeats its n best in turn, and a row with none takes `fallback` [B, k]: top-k
+    over fewer than k finite scores returned masked slots (padding in a batch), so the kept set
+    depended on the batch. The official code raises there (topk(4) over too few text tokens)."""
+    count = candidates.sum(dim=1, keepdim=True)  # [B, 1]
+    slot = torch.arange(pivots.shape[1], device=pivots.device)[None, :] % count.clamp_min(1)  # [B, k]
+    return torch.where(count > 0, pivots.gather(1, slot), fallback)
+
+
 def official_pivot_order(pivots: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
     """The order CPython iterates `set(image_pivots + text_pivots)` per sample, the positions
     counted from the sample's first real token as the unpadded official prompt counts them (a
     host sync)."""
     offsets = first_real.tolist()
     rows = [[position + offset for position in set(p - offset for p in row)] for row, offset in zip(pivots.tolist(), offsets)]
+    if any(len(row) < pivots.shape[1] for row in rows):
+        raise ValueError(f"DART_PIVOTS=official needs {TEXT_PIVOTS} real tokens after each image to pick its text pivots from, "
+                         "as the official code does (its topk raises); a prompt here has fewer. Use the default pivot order.")
     return torch.tensor(rows, device=pivots.device)
 
 
@@ -96,7 +111,7 @@ def dart_keep_mask(
     `sample_quotas`, `quotas` is the batch's largest per pivot and sample b takes its best
     sample_quotas[b, step] of them."""
     image_pivots = top_positions(key_norms, is_image, IMAGE_PIVOTS)
-    text_pivots = top_positions(key_norms, is_text, TEXT_PIVOTS)
+    text_pivots = cycled_pivots(top_positions(key_norms, is_text, TEXT_PIVOTS), is_text, image_pivots)
     pivots = torch.cat([image_pivots, text_pivots], dim=1)  # [B, 8] in official insertion order
     pivots = official_pivot_order(pivots, first_real) if order == "official" else pivots.sort(dim=1).values
     unit = torch.nn.functional.normalize(normed.float(), dim=-1, eps=1e-8)
