@@ -303,45 +303,88 @@ def plots(raw: Path, figures: Path) -> list[Path]:
     return written
 
 
-REPORT_INTRO = """# Method comparison: every method at matched budgets, with intervals
+REPORT_TITLE = "# Method comparison: every method at matched budgets, with intervals"
 
-Made by `bash reports/method-comparison/regenerate.sh` (sweeps, bench, then `python -m hybrid_tools.compare`);
-every number below comes from `raw/` through `python -m hybrid_tools.compare --render --out reports/method-comparison`.
-
-**What this is.** A check of the harness, not a ranking. The model is the bundled tiny random-weight
+WHAT_THIS_IS = {
+    "tiny": """**What this is.** A check of the harness, not a ranking. The model is the bundled tiny random-weight
 LLaVA (4 LLM layers): its accuracies and CIDEr rank nothing and need not match real checkpoints.
-The same command with `FAMILY=llava_testbed` (the trained testbed, `reports/testbed/`) or
-`FAMILY=llava_v1.5_7b` gives a table that means something; it has not been run here yet.
+The same command with `FAMILY=llava_testbed` (the trained testbed: `reports/method-comparison-testbed/`)
+or `FAMILY=llava_v1.5_7b` gives a table that means something.""",
+    "testbed": """**What this is.** The methods compared on the trained testbed (`hybrid_vlm/testbed/`: LLaVA-1.5's
+geometry where token reduction acts, 576 visual tokens from a CLIP-layout tower at 336 px, an
+8-layer Llama of width 128, trained from scratch on generated scenes; `reports/testbed/` describes
+it). TinyMMBench and TinyCOCO are its held-out sets. The differences below are measured on this
+model and these sets; they say nothing directly about LLaVA-1.5-7B or real benchmarks, where the
+same command runs with `FAMILY=llava_v1.5_7b`. Differences the paired intervals do not separate from
+0 are not differences.""",
+}
+OTHER_FAMILY = """**What this is.** The methods compared on the `{family}` checkpoint the runs name."""
 
-Sets: TinyMMBench (circular accuracy: a question counts when every rotation is right) and TinyCOCO
+DEPTH_NOTES = {
+    "tiny": """PyramidDrop's stages on 4 layers start at layer 1, so every budget below 144 is unreachable there
+(its runs end with exit status 1 and the error naming that range); SparseVLM runs its published
+schedules only (192 / 128 / 64; 32 and 16 are refused), at stages from layers 1 / 2 / 3 on 4 layers,
+so its layer-average is far above its name here. DyMU alone and the hybrid run at the tiny model's
+mid thresholds (the hybrid: then FastV halving at layer 2).""",
+    "testbed": """PyramidDrop's and SparseVLM's stage layers are scaled to the testbed's 8 layers (the tag column
+names them); budgets they cannot reach there, and SparseVLM's unpublished 32 and 16, are listed with
+their exit status. DyMU alone and the hybrid run at the testbed's shipped mid thresholds; the
+hybrid then keeps 64 or 32 visual tokens with FastV at layer 2, and sits in the rows of that budget.""",
+}
+OTHER_DEPTH = """Budgets a method cannot reach on this model are listed with their exit status."""
+
+COMMON_RULES = """Sets: TinyMMBench (circular accuracy: a question counts when every rotation is right) and TinyCOCO
 (CIDEr x 100, pycocoevalcap's scorer as VLMEvalKit uses it; its per-image scores, whose mean is the
 set's CIDEr, are what the intervals resample). Budgets are each method's own rule: A (entering the
 LLM) for pool, VisionZip, VisPruner and DivPrune; B (kept after the layer) for FastV, random and
-DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8)); C (layer-averaged) for PyramidDrop, whose
-stages on 4 layers start at layer 1, so every budget below 144 is unreachable there (its runs end
-with exit status 1 and the error naming that range); SparseVLM runs its published schedules only
-(192 / 128 / 64; 32 and 16 are refused), at stages from layers 1 / 2 / 3 on 4 layers, so its
-layer-average is far above its name here. DyMU alone and the hybrid run at the tiny model's mid
-thresholds; their per-row MACs are not recorded (DyMU's tower counts are data), so they appear in
-the layer-averaged plots only. The tag column is the setting the rows ran, with a multi-stage
-method's stage layers. The speed table's "kept" for PyramidDrop and SparseVLM is the last stage's
-count. Random selection runs with seeds 0, 1 and 2; "vs random" is against their mean per item.
-Intervals: percentile bootstrap over items (2000 draws, seed 0); paired intervals resample the same
-items for both runs; "better"/"worse" only where the paired interval excludes 0. Runs that did not
-run are listed with their exit status.
-"""
+DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8)); C (layer-averaged) for PyramidDrop; SparseVLM
+by its published schedules. Compare methods by the layer-average column, not by the budget's name.
+{depth} DyMU's per-row MACs are not recorded (its tower counts are data), so DyMU and the hybrid
+appear in the layer-averaged plots only. The tag column is the setting the rows ran, with a
+multi-stage method's stage layers. Random selection runs with seeds 0, 1 and 2; "vs random" is
+against their mean per item. Intervals: percentile bootstrap over items (2000 draws, seed 0); paired
+intervals resample the same items for both runs; "better"/"worse" only where the paired interval
+excludes 0. Runs that did not run are listed with their exit status."""
+
+SPEED_ELSEWHERE = """Not measured with this family: the speed of every method at 64 on the mid shape, against stock
+transformers in one process, is `reports/method-comparison/speed.md` (the token counts and MACs
+above are this model's)."""
+
+
+def family_of(raw: Path) -> str:
+    """The checkpoint family every run of raw/runs.csv names (e.g. "tiny", "testbed"), else "mixed"."""
+    runs = pd.read_csv(raw / "runs.csv")
+    families = {settings.VARIANTS[model].family if model in settings.VARIANTS else "other"
+                for model in (str(run).split(settings.NAME_SEPARATOR, 1)[0] for run in runs["run"])}
+    return families.pop() if len(families) == 1 else "mixed"
+
+
+def report_intro(out: Path, family: str) -> str:
+    command = "bash reports/method-comparison/regenerate.sh"
+    if family != "tiny":
+        command = f"FAMILY={settings.FAMILY_VANILLA.get(family, family)} {command}"
+    what = WHAT_THIS_IS.get(family, OTHER_FAMILY.format(family=family))
+    rules = COMMON_RULES.format(depth=DEPTH_NOTES.get(family, OTHER_DEPTH))
+    return (f"{REPORT_TITLE}\n\nMade by `{command}` (sweeps, bench, then `python -m hybrid_tools.compare`);\n"
+            f"every number below comes from `raw/` through `python -m hybrid_tools.compare --render --out {out.as_posix()}`.\n\n"
+            f"{what}\n\n{rules}\n")
 
 
 def render(out: Path) -> None:
     raw = out / "raw"
-    table, speed = main_table(raw), speed_table(raw)
+    table, figures = main_table(raw), plots(raw, out / "figures")
     (out / "table.md").write_text(table)
-    (out / "speed.md").write_text(speed)
-    figures = plots(raw, out / "figures")
+    if (raw / "bench.json").is_file():
+        speed = speed_table(raw)
+        (out / "speed.md").write_text(speed)
+        speed_section = ("## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against stock transformers)"
+                         f"\n\nThe \"kept\" of PyramidDrop and SparseVLM is their last stage's count.\n\n{speed}")
+    else:
+        (out / "speed.md").unlink(missing_ok=True)
+        speed_section = f"## Speed\n\n{SPEED_ELSEWHERE}\n"
     links = "\n".join(f"![{path.stem}](figures/{path.name})" for path in figures)
-    report = (f"{REPORT_INTRO}\n## Accuracy (TinyMMBench, circular) and CIDEr (TinyCOCO)\n\n{table}\n"
-              f"## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against stock transformers)\n\n"
-              f"{speed}\n## Plots (logical positions)\n\n{links}\n")
+    report = (f"{report_intro(out, family_of(raw))}\n## Accuracy (TinyMMBench, circular) and CIDEr (TinyCOCO)\n\n{table}\n"
+              f"{speed_section}\n## Plots (logical positions)\n\n{links}\n")
     (out / "report.md").write_text(report)
 
 

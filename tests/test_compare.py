@@ -82,10 +82,26 @@ def test_run_identity_reads_the_folder_name(folder, expected):
     assert compare.run_identity(folder) == expected
 
 
-def test_the_committed_main_table_regenerates_byte_for_byte():
-    raw = REPORT / "raw"
-    assert (raw / "runs.csv").is_file() and (raw / "hits.csv").is_file(), "reports/method-comparison/raw is missing"
-    assert compare.main_table(raw) == (REPORT / "table.md").read_text()
+REPORTS = sorted(REPORT.parent.glob("method-comparison*"))
+
+
+@pytest.mark.parametrize("report", REPORTS, ids=[path.name for path in REPORTS])
+def test_each_committed_comparison_regenerates_byte_for_byte(report, tmp_path, monkeypatch):
+    """table.md and report.md (whose intro follows the family the runs name) from raw/ alone."""
+    raw = report / "raw"
+    assert (raw / "runs.csv").is_file() and (raw / "hits.csv").is_file(), f"{raw} is missing"
+    assert compare.main_table(raw) == (report / "table.md").read_text()
+    copy = tmp_path / "reports" / report.name
+    copy.mkdir(parents=True)
+    (copy / "raw").symlink_to(raw)
+    monkeypatch.chdir(tmp_path)
+    compare.render(Path("reports") / report.name)
+    assert (copy / "report.md").read_text() == (report / "report.md").read_text()
+    assert (copy / "speed.md").is_file() == (raw / "bench.json").is_file()
+
+
+def test_the_tiny_report_is_the_tiny_family():
+    assert compare.family_of(REPORT / "raw") == "tiny"
 
 
 CAPTIONS = pd.DataFrame(dict(
