@@ -54,7 +54,8 @@ the same folder (an axis the model ignores) run once. Flags this command does no
 
 At the end: one table (metric, Δ vs vanilla when the vanilla folder exists, mean tokens in / kept,
 median prefill ms per row), the same as CSV in <work-dir>/sweep_<tag>.csv, and the record of what
-ran (commands, environments, exit statuses, versions, git commit) in <work-dir>/sweep_<tag>.json,
+ran (commands, environments, exit statuses, versions, git commit) in <work-dir>/sweep_<tag>.json
+(<tag>-2, -3, ... where an earlier sweep's record has that name: no record is overwritten),
 which `python -m hybrid_tools.report` reads for provenance. --report NAME then writes
 reports/NAME/report.md from this sweep's folders.
 
@@ -313,9 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
+    tag = unused_tag(work_dir, tag)
     manifest_path = Path(work_dir) / f"sweep_{tag}.json"
     failed = run_all(runs, commands, args, argv, work_dir, manifest_path)
     return summarize(runs, failed, work_dir, tag, manifest_path, args.report, args.report_out)
+
+
+def unused_tag(work_dir: str, tag: str) -> str:
+    """`tag`, or `tag-2`, `tag-3`, ... when an earlier sweep's record already has that name (two
+    sweeps of one model, e.g. random selection under two seeds, kept only the last record)."""
+    candidate, number = tag, 1
+    while (Path(work_dir) / f"sweep_{candidate}.json").exists():
+        number += 1
+        candidate = f"{tag}-{number}"
+    return candidate
 
 
 def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str) -> list[str]:

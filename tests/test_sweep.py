@@ -205,3 +205,14 @@ def test_qwen_method_sweep_takes_counts_and_fractions(capsys, clean_env):
     ]
     assert sweep.main(["--family", qwen, "--data", "X", "--methods", "divprune", "--budgets", "1.5", "--dry-run"]) == 2
     assert "VISUAL_BUDGET='1.5' is not valid" in capsys.readouterr().err
+
+
+def test_a_second_sweep_with_the_same_tag_keeps_the_first_record(tmp_path):
+    """Random selection under seeds 1 and 2 sweeps the same model twice: the second record went to
+    the same sweep_<tag>.json and the first seed's commands and exit statuses were lost."""
+    assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random"
+    (tmp_path / "sweep_llava_testbed_random.json").write_text("{}")
+    assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random-2"
+    (tmp_path / "sweep_llava_testbed_random-2.json").write_text("{}")
+    assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random-3"
+    assert sweep.unused_tag(str(tmp_path), "other") == "other"
