@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 # The newest transformers release hybrid-vlm supports, unless TRANSFORMERS names another one of the
 # supported range (pyproject.toml), e.g. TRANSFORMERS=5.23.0 for the oldest.
-TRANSFORMERS=${TRANSFORMERS:-5.24.*}
+TRANSFORMERS=${TRANSFORMERS:-5.25.*}
 "$PYTHON" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 "$PYTHON" -m pip install --quiet "transformers==$TRANSFORMERS"
 "$PYTHON" -m pip install --quiet -e ".[test,report]"

@@ -42,6 +42,7 @@ from .hf_compat import (
 )
 from .hf_compat.generation import IMAGE_LAYOUTS, check_generate_options, expand_inputs_for_generation, sliced_by_written_tokens
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
+from .hf_compat.loading import NO_HUB_KERNELS
 from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
@@ -575,7 +576,7 @@ def load_supported_model(path: str, **kwargs):
     command-line tools: anything else exits with the class it found."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(path, **{**NO_HUB_KERNELS, **kwargs})
     if stock_class(model) not in HYBRID_CLASSES:
         raise SystemExit(f"--model {path}: a llava-hf LLaVA-1.5 or LLaVA-NeXT or a Qwen2.5-VL checkpoint is needed, got {type(model).__name__}")
     return model

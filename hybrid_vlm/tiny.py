@@ -231,12 +231,13 @@ def ensure_tiny_thresholds(model_dir: str | Path | None = None, target: str = "m
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
     from .calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
+    from .hf_compat.loading import NO_HUB_KERNELS
 
     model_dir = ensure_tiny_llava(model_dir)
     path = tiny_thresholds_path(model_dir, target, split)
     if path.exists():
         return path
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS).eval()
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     pixel_values = image_processor([synthetic_image(seed) for seed in range(1000, 1016)], return_tensors="pt").pixel_values
     payload = calibrate_thresholds(model, [pixel_values], target, split=split, progress=False)

@@ -32,6 +32,7 @@ from hybrid_vlm.hf_compat.clip import (
     vision_fingerprint,
     vision_parts,
 )
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.provenance import portable_path
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
@@ -603,17 +604,17 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
 
     from transformers import LlavaForConditionalGeneration
 
-    same = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    same = LlavaForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS)
     torch.testing.assert_close(load_thresholds(out, same), torch.tensor(saved["thresholds"]))
-    half = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
+    half = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16, **NO_HUB_KERNELS)
     assert vision_fingerprint(half)["fingerprint"] == saved["model"]["fingerprint"]  # the same digest
     # float16 rounds this float32 checkpoint twice on its way to the digest: the signature carries it
     # (on a GPU the plugin's default dtype is float16, so the shipped testbed's DyMU names failed there)
-    fp16 = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16)
+    fp16 = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16, **NO_HUB_KERNELS)
     assert vision_fingerprint(fp16)["fingerprint"] != saved["model"]["fingerprint"]
     torch.testing.assert_close(load_thresholds(out, fp16), torch.tensor(saved["thresholds"]))
     for seed in range(5):  # a fine-tune's worth of change in one merging weight: other weights, whatever the draw
-        nudged = LlavaForConditionalGeneration.from_pretrained(model_dir)
+        nudged = LlavaForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS)
         with torch.no_grad():
             weight = nudged.model.vision_tower.encoder.layers[0].self_attn.k_proj.weight
             weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)))

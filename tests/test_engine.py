@@ -15,6 +15,7 @@ import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.hf_compat import layer_entry_modules, llama_layer_forward, new_cache, output_cache
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.model import attention_mask_4d
 from hybrid_vlm.syncs import check_no_host_syncs, count_cuda_syncs
 from hybrid_vlm.tiny import ensure_tiny_thresholds
@@ -240,7 +241,7 @@ def test_from_pretrained_roundtrip(tiny, tmp_path):
     from hybrid_vlm.tiny import ensure_tiny_llava
 
     path = ensure_tiny_llava(tmp_path / "tiny-llava")
-    loaded = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    loaded = LlavaForConditionalGeneration.from_pretrained(path, **NO_HUB_KERNELS).eval()
     processor = AutoProcessor.from_pretrained(path)
     model, _ = tiny
     inputs = image_inputs(processor, QUESTIONS)

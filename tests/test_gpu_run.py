@@ -31,8 +31,8 @@ def test_ingest_takes_what_checks_writes_and_regenerate_reads_it():
 
 
 def test_the_prepare_command_carries_the_hub_that_checks_falls_back_on():
-    """transformers 5.24 fails to import with a huggingface_hub older than 1.31, which the GPU machine
-    may have: the README's prepare command must carry one that the transformers it carries (the one
+    """transformers fails to import with an older huggingface_hub (5.24: below 1.31; 5.25: below 2.4),
+    which the GPU machine may have: the README's prepare command must carry one that the transformers it carries (the one
     installed here) accepts, and the script must know to put it in front."""
     from packaging.specifiers import SpecifierSet
     from transformers.dependency_versions_table import deps

@@ -18,6 +18,7 @@ from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
 from hybrid_vlm.dymu import place_on_cropped_grid
 from hybrid_vlm.hf_compat import dymu_image_features, new_cache
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, stock_next_image_features
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.syncs import check_no_host_syncs
 
 from conftest import QUESTIONS, chat_prompt, generation_positions, next_inputs
@@ -275,7 +276,7 @@ def test_from_pretrained_roundtrip(tiny_next, tmp_path):
     from hybrid_vlm.tiny import ensure_tiny_llava_next
 
     path = ensure_tiny_llava_next(tmp_path / "tiny-next")
-    loaded = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    loaded = LlavaNextForConditionalGeneration.from_pretrained(path, **NO_HUB_KERNELS).eval()
     processor = AutoProcessor.from_pretrained(path)
     inputs = next_inputs(processor, QUESTIONS[:2])
     fresh, _ = tiny_next
@@ -332,7 +333,7 @@ def test_calibrate_cli_splits_images_into_crops(tmp_path):
 
     crops = [image_size_to_num_patches((h, w), TINY_NEXT_PINPOINTS, 336) for w, h in sizes]
     assert crops == [3, 3, 5, 3] and saved["achieved"]["images"] == sum(crops)  # every crop the tower sees
-    model = LlavaNextForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS).eval()
     torch.testing.assert_close(load_thresholds(out, model), torch.tensor(saved["thresholds"]))
     other, _ = build_tiny_llava(seed=1)
     with pytest.raises(ValueError, match="calibrated for model"):

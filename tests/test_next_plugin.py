@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from hybrid_vlm import HybridConfig
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from vlmeval_plugin import settings
 
 from test_vlmeval_plugin import CAPTION_ROWS, MCQ_ROWS, needs_vlmeval, run_py, sandbox, sidecar  # noqa: F401  (sandbox: fixture)
@@ -44,7 +45,7 @@ def next_checkpoint(sandbox):  # noqa: F811
     path = ensure_tiny_llava_next(sandbox["root"] / "cache" / "tiny-llava-next-v1")  # reports recognise "tiny-llava" paths
     from transformers import LlavaNextForConditionalGeneration
 
-    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    model = LlavaNextForConditionalGeneration.from_pretrained(path, **NO_HUB_KERNELS).eval()
     processor = build_next_processor()
     images = [synthetic_image(seed).resize((336, 220 + 20 * seed)) for seed in range(4)]
     inputs = processor(images=images, text=["USER: <image>\nx ASSISTANT:"] * 4, return_tensors="pt", padding=True)

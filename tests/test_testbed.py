@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.testbed import build_untrained, scenes
 from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, conversation, mcq_text
 from hybrid_vlm.testbed.train import collate, pack, packed_logits, training_segments
@@ -195,7 +196,7 @@ def test_training_is_seeded_and_runs_every_phase(tmp_path):
     assert all(torch.equal(runs[0][0][name], runs[1][0][name]) for name in runs[0][0])
     assert not torch.equal(before["model.vision_tower.embeddings.patch_embedding.weight"], runs[1][0]["model.vision_tower.embeddings.patch_embedding.weight"])
     model.save_pretrained(tmp_path / "checkpoint")
-    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "checkpoint")
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "checkpoint", **NO_HUB_KERNELS)
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
 
 
@@ -462,7 +463,7 @@ def test_continuing_the_language_phase_logs_each_step_and_saves_what_it_trained(
     continue_language_phase(model, processor, TrainSettings(steps=2, batch_images=1, warmup_steps=1), tmp_path)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in log] == [("language", 0), ("language", 1)]
-    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path, **NO_HUB_KERNELS).state_dict()
     assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
     assert not torch.equal(saved["lm_head.weight"], before["lm_head.weight"])
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.testbed import CHECKPOINT_DIR, scenes
 from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, LETTERS, conversation, mcq_text
 from vlmeval_plugin.robust import decode_image
@@ -34,7 +35,7 @@ BATCH = 16
 def shipped():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32, **NO_HUB_KERNELS).eval()
     return model, AutoProcessor.from_pretrained(CHECKPOINT_DIR)
 
 

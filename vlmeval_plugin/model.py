@@ -40,6 +40,7 @@ from vlmeval.vlm.base import BaseModel
 
 from hybrid_vlm import HybridConfig, apply_hybrid, flops, inputs_for
 from hybrid_vlm.hf_compat import output_cache
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.model import IMAGE_LAYOUTS, VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
@@ -169,7 +170,7 @@ class HybridLLaVA(BaseModel):
         self.processor = AutoProcessor.from_pretrained(self.checkpoint)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
         model_class = getattr(transformers, self.MODEL_CLASS)
-        model = model_class.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa")
+        model = model_class.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa", **NO_HUB_KERNELS)
         model = model.to(self.device).eval()
         if hybrid is not None:
             model = apply_hybrid(model, hybrid)

@@ -9,7 +9,7 @@ import warnings
 import transformers
 
 # The oldest and the newest transformers minor release the whole test suite passes on.
-SUPPORTED_TRANSFORMERS = ("5.23", "5.24")
+SUPPORTED_TRANSFORMERS = ("5.23", "5.25")
 # Set to 1 to import on an untested release anyway: for porting (patches/README.md), never for results.
 UNTESTED_TRANSFORMERS_ENV = "HYBRID_VLM_ALLOW_UNTESTED_TRANSFORMERS"
 

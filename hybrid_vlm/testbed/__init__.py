@@ -135,8 +135,10 @@ def load_for_training(path, seed: int = 0):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from ..hf_compat.loading import NO_HUB_KERNELS
+
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **NO_HUB_KERNELS)
     model.set_attn_implementation("sdpa")
     return model, AutoProcessor.from_pretrained(path)
 

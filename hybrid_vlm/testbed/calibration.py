@@ -33,7 +33,9 @@ def calibrate_testbed(model_dir: Path, out_dir: Path, targets: list[str], num_im
     """Write testbed-<target>.json per target into out_dir; return the paths."""
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    from ..hf_compat.loading import NO_HUB_KERNELS
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS).eval()
     batches = calibration_pixels(AutoImageProcessor.from_pretrained(model_dir), num_images)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

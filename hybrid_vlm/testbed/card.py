@@ -123,7 +123,7 @@ def _architecture(summary: dict, vocab_size: int) -> list[str]:
     return [
         "# The hybrid-vlm testbed",
         "",
-        "A stock `LlavaForConditionalGeneration` (transformers 5.23 and 5.24) with LLaVA-1.5's geometry where token",
+        "A stock `LlavaForConditionalGeneration` (transformers 5.23 to 5.25) with LLaVA-1.5's geometry where token",
         "reduction acts, trained from scratch on generated scenes (`hybrid_vlm/testbed/scenes.py`). Not a",
         "general model: it knows six colours, four shapes, three sizes, four backgrounds, and the plugin's prompts.",
         "",

@@ -4,7 +4,7 @@
 # backends against stock transformers, and last (if time is left) the LLaVA-NeXT-7B shape.
 # Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
 #
-#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==1.31.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
+#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==2.4.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
 #   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny models on CPU, no figures)
 #   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
 #   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
@@ -32,8 +32,8 @@ else
 fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 if ls .gpu/whl/*.whl >/dev/null 2>&1 && [ "${GPU_CHECKS_DRY:-0}" != 1 ]; then
-  # The carried huggingface_hub is a spare: transformers 5.24 needs >= 1.31 (older ones fail its import
-  # with "cannot import name 'ResolvedRevision'"), and the machine's own, made for 5.17, may be older.
+  # The carried huggingface_hub is a spare: the carried transformers (5.25) needs >= 2.4 (5.24: >= 1.31;
+  # older ones fail its import), and the machine's own, made for 5.17, may be older.
   # It is put in front only if the machine's own fails that import.
   wheels=(); spare=()
   for wheel in .gpu/whl/*.whl; do case ${wheel##*/} in huggingface_hub-*) spare+=("$wheel");; *) wheels+=("$wheel");; esac; done

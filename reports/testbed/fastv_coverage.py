@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.testbed import CHECKPOINT_DIR, scenes
 from hybrid_vlm.testbed.prompts import CAPTION_PROMPT, conversation, mcq_text
 from hybrid_vlm.testbed.train import probe_targets
@@ -56,7 +57,7 @@ def coverage(model, processor, cases) -> tuple[dict, dict]:
 
 def main() -> None:
     torch.set_num_threads(2)
-    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR, attn_implementation="eager").eval()
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR, attn_implementation="eager", **NO_HUB_KERNELS).eval()
     processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
     for title, cases in ((f"{SCENES} TinyCOCO scenes, caption prompt", caption_cases()),
                          (f"{SCENES} held-out MCQ-stream scenes, MCQ prompt, counting question", counting_cases())):

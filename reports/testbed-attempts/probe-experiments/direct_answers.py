@@ -9,12 +9,13 @@ run4's weights: `git show a073cb4:hybrid_vlm/testbed/checkpoint/FILE` for each f
 """
 import sys, torch, numpy as np
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.testbed import scenes
 from hybrid_vlm.testbed.prompts import conversation
 from hybrid_vlm.testbed.train import DIRECT_INSTRUCTION, jpeg_roundtrip
 path=sys.argv[1]
 torch.set_num_threads(2)
-m=LlavaForConditionalGeneration.from_pretrained(path).eval(); p=AutoProcessor.from_pretrained(path)
+m=LlavaForConditionalGeneration.from_pretrained(path, **NO_HUB_KERNELS).eval(); p=AutoProcessor.from_pretrained(path)
 res={}
 for kind in scenes.QUESTION_KINDS:
     imgs,prompts,ans=[],[],[]

@@ -6,13 +6,14 @@ the ones TinyMMBench uses; 75% to fit, 25% to score), by object size.
 """
 import numpy as np, torch
 from transformers import LlavaForConditionalGeneration, AutoProcessor
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.testbed import scenes
 from hybrid_vlm.testbed.train import probe_targets, jpeg_roundtrip
 from hybrid_vlm.hf_compat.llava import stock_image_features
 from sklearn.linear_model import LogisticRegression
 from hybrid_vlm.testbed import CHECKPOINT_DIR as CHECKPOINT
 torch.set_num_threads(2)
-m=LlavaForConditionalGeneration.from_pretrained(CHECKPOINT).eval(); p=AutoProcessor.from_pretrained(CHECKPOINT)
+m=LlavaForConditionalGeneration.from_pretrained(CHECKPOINT, **NO_HUB_KERNELS).eval(); p=AutoProcessor.from_pretrained(CHECKPOINT)
 X=[];Y=[];S=[];C=[]
 for b in range(40):
     ss=[scenes.scene_for(scenes.MCQ_STREAM,10000+b*16+i)[0] for i in range(16)]

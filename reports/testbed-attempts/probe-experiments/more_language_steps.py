@@ -8,12 +8,13 @@ the training letter accuracy; then run direct_answers.py on OUT.
 import json, statistics, sys, torch
 from pathlib import Path
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.testbed import CHECKPOINT_DIR
 from hybrid_vlm.testbed.train import TrainSettings, train
 torch.set_num_threads(2)
 steps, out = int(sys.argv[1]), Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
-model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR)
+model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR, **NO_HUB_KERNELS)
 processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
 settings = TrainSettings(window_steps=0, vision_steps=0, steps=steps, learning_rate=1e-3, warmup_steps=20)
 log = train(model, processor, settings, out / "train_log.jsonl", progress=False)
