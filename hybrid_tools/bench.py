@@ -49,8 +49,9 @@ that ran (a method before the LLM: the units that entered it), except PyramidDro
 whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows.
 
 A configuration the engine cannot run is a "skipped" row; one these inputs make impossible (a
-budget a staged method cannot reach on this model) a "refused" row; both name the error, and the
-other rows are timed as usual.
+budget a staged method cannot reach on this model) a "refused" row; one that raised anything else
+on the way (an engine error, out of memory) a "failed" row. Each names the error, and the other
+rows are timed as usual.
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
@@ -708,13 +709,16 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
         activate(model, config)
         inputs = bench.inputs
         bar.set_postfix_str(config.name)
-        try:  # a setting these inputs make impossible (a budget a staged method cannot reach on them) is reported
+        try:
             for _ in range(args.warmup):
                 timed_run(model, inputs, bench.clock, bench.mark, args.decode_tokens)
                 bar.update()
             output = prefill(model, inputs)
-        except Exception as error:
+        except ValueError as error:  # a setting these inputs make impossible (a budget a staged method cannot reach)
             config.status, config.note = "refused", f"{type(error).__name__}: {error}"
+            continue
+        except Exception as error:  # an engine error or out of memory: the other rows are still measured
+            config.status, config.note = "failed", f"{type(error).__name__}: {error}"
             continue
         config.counts = token_counts(model, inputs, output, config)
         config.kv_bytes_prompt = cache_tensor_bytes(output_cache(output))

@@ -318,7 +318,7 @@ model and these sets; they say nothing directly about LLaVA-1.5-7B or real bench
 same command runs with `FAMILY=llava_v1.5_7b`. Differences the paired intervals do not separate from
 0 are not differences.""",
 }
-OTHER_FAMILY = """**What this is.** The methods compared on the `{family}` checkpoint the runs name."""
+OTHER_FAMILY = """**What this is.** The methods compared on the checkpoints the runs name ({family})."""
 
 DEPTH_NOTES = {
     "tiny": """PyramidDrop's stages on 4 layers start at layer 1, so every budget below 144 is unreachable there
@@ -361,11 +361,13 @@ def family_of(raw: Path) -> str:
 
 def report_intro(out: Path, family: str) -> str:
     command = "bash reports/method-comparison/regenerate.sh"
-    if family != "tiny":
-        command = f"FAMILY={settings.FAMILY_VANILLA.get(family, family)} {command}"
+    if family in settings.FAMILY_VANILLA:
+        made = f"`{command if family == 'tiny' else f'FAMILY={settings.FAMILY_VANILLA[family]} {command}'}` (sweeps, bench, then `python -m hybrid_tools.compare`)"
+    else:  # runs of several families, or of names this checkout does not know: no one command made them
+        made = "`python -m hybrid_tools.compare` over sweeps of several families"
     what = WHAT_THIS_IS.get(family, OTHER_FAMILY.format(family=family))
     rules = COMMON_RULES.format(depth=DEPTH_NOTES.get(family, OTHER_DEPTH))
-    return (f"{REPORT_TITLE}\n\nMade by `{command}` (sweeps, bench, then `python -m hybrid_tools.compare`);\n"
+    return (f"{REPORT_TITLE}\n\nMade by {made};\n"
             f"every number below comes from `raw/` through `python -m hybrid_tools.compare --render --out {out.as_posix()}`.\n\n"
             f"{what}\n\n{rules}\n")
 

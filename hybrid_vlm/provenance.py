@@ -81,27 +81,64 @@ def shell_join(argv) -> str:
     return " ".join("~/" + shlex.quote(a[2:]) if a.startswith("~/") and a[2:] else shlex.quote(a) for a in map(str, argv))
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-SIGNATURE_SAMPLES = 16  # evenly spaced reads per weights file
-SIGNATURE_SAMPLE_BYTES = 1 << 16
+SIGNATURE_SAMPLE_BYTES = 4096  # per tensor, from each end of its data
+SIGNATURE_SAMPLES = 64  # evenly spaced reads of a weights file that is not safetensors
 
 
 def checkpoint_signature(folder: str | Path) -> str:
-    """A content signature of a checkpoint folder, cheap even at 7B: sha256 over config.json and,
-    per weights file, its name, size and 16 evenly spaced 64 KiB samples of its bytes.
+    """A content signature of a checkpoint folder, cheap even at 7B: sha256 over config.json's
+    settings (its `transformers_version` left out) and, per weights file transformers loads
+    (`*.safetensors`, else `pytorch_model*.bin`), each tensor's name, dtype, shape and the first and
+    last 4 KiB of its data (a `.bin`: 64 evenly spaced 4 KiB reads).
 
-    The same checkpoint moved or copied keeps it; a fine-tune of the same shape changes it (a full
-    or merged fine-tune rewrites the bytes every sample reads), so a results folder can tell
-    whether its predictions came from this checkpoint without hashing gigabytes."""
+    The same checkpoint moved, copied or re-saved by another release keeps it. A fine-tune of the
+    same shape changes it wherever it changed a tensor's first or last 4 KiB, which a full, merged
+    or projector-only fine-tune does; a change confined to the middle of every tensor it touched
+    would not show."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    config = folder / "config.json"
-    digest.update(config.read_bytes() if config.is_file() else b"")
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
+    digest.update(config_settings(folder / "config.json").encode())
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    for path in weights:
+        digest.update(path.name.encode())
         with path.open("rb") as handle:
-            for sample in range(SIGNATURE_SAMPLES):
-                handle.seek(size * sample // SIGNATURE_SAMPLES)
-                digest.update(handle.read(SIGNATURE_SAMPLE_BYTES))
+            if path.suffix == ".safetensors":
+                safetensors_samples(handle, digest)
+            else:
+                size = path.stat().st_size
+                digest.update(str(size).encode())
+                for sample in range(SIGNATURE_SAMPLES):
+                    handle.seek(size * sample // SIGNATURE_SAMPLES)
+                    digest.update(handle.read(SIGNATURE_SAMPLE_BYTES))
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def config_settings(path: Path) -> str:
+    """config.json as sorted JSON without `transformers_version` (which a re-save under another
+    release rewrites); "" when missing or unreadable."""
+    import json
+
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    if isinstance(config, dict):
+        config.pop("transformers_version", None)
+    return json.dumps(config, sort_keys=True)
+
+
+def safetensors_samples(handle, digest) -> None:
+    """Feed `digest` each tensor's name, dtype, shape and the first and last SIGNATURE_SAMPLE_BYTES
+    of its data, read through the file's header (8-byte little-endian length, then JSON offsets)."""
+    import json
+
+    header_size = int.from_bytes(handle.read(8), "little")
+    header = json.loads(handle.read(header_size))
+    base = 8 + header_size
+    for name in sorted(key for key in header if key != "__metadata__"):
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        digest.update(f"{name}:{entry['dtype']}:{entry['shape']}".encode())
+        for offset in sorted({begin, max(begin, end - SIGNATURE_SAMPLE_BYTES)}):
+            handle.seek(base + offset)
+            digest.update(handle.read(min(SIGNATURE_SAMPLE_BYTES, end - offset)))

@@ -143,7 +143,7 @@ def qwen_method_prefill_macs(
     kept = None
     if config.fastv_k is not None:
         kept = text_tokens + (visual_keep_count(entered, config.fastv_k) if visual_kept is None else visual_kept)
-    scoring = "row" if config.fastv_k is not None and config.fastv_select == "attention" else None
+    scoring = config.scoring if config.fastv_k is not None and config.fastv_select == "attention" else None
     return PrefillMacs(
         vision=sum(qwen_vit_macs(grid, shape.vit) for grid in grids),
         projector=sum(merger_macs(grid, shape.vit) for grid in grids),

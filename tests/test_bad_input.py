@@ -335,3 +335,18 @@ def test_a_resumed_checkpoint_drops_its_failed_rows_and_sets_a_torn_one_aside(tm
     inference.infer_data(None, "m", str(tmp_path), None, str(checkpoint))
     assert read[-1] is None and (tmp_path / "01_Set.pkl.unreadable").is_file()
     assert f"the checkpoint {checkpoint} could not be read" in capsys.readouterr().out
+
+
+def test_only_unreadable_prediction_files_are_set_aside(tmp_path):
+    """A torn .xlsx and a table without a prediction column are moved aside; an empty set's `[]`
+    (PRED_FORMAT=json) and a good table stay."""
+    model = "m"
+    pd.DataFrame({"index": [1, 2], "prediction": ["A", "B"]}).to_excel(tmp_path / f"{model}_Good.xlsx", index=False)
+    torn = (tmp_path / f"{model}_Good.xlsx").read_bytes()[:300]
+    (tmp_path / f"{model}_Torn.xlsx").write_bytes(torn)
+    (tmp_path / f"{model}_Empty.json").write_text("[]")
+    pd.DataFrame({"index": [1], "answer": ["A"]}).to_csv(tmp_path / f"{model}_NoPrediction.tsv", sep="\t", index=False)
+    moved = robust.set_aside_unreadable_predictions(str(tmp_path), model, ["Good", "Torn", "Empty", "NoPrediction"])
+    assert sorted(Path(path).name for path in moved) == [f"{model}_NoPrediction.tsv", f"{model}_Torn.xlsx"]
+    assert (tmp_path / f"{model}_Good.xlsx").exists() and (tmp_path / f"{model}_Empty.json").exists()
+    assert (tmp_path / f"{model}_Torn.xlsx.unreadable").exists()

@@ -194,3 +194,17 @@ def test_a_text_only_row_counts_no_tower():
     macs = flops.method_prefill_macs(flops.LLAVA_15_7B, config, 60, visual_entered=0, visual_kept=0)
     assert macs.vision == macs.projector == macs.selection == 0
     assert macs.total == flops.llm_prefill_macs(flops.LLAVA_15_7B.llm, 60)
+
+
+def test_qwen_eager_scoring_adds_no_row_as_on_llava():
+    """`scoring="eager"` materialises the scoring layer's matrix inside the layer's own attention:
+    no extra row (flops.llm_prefill_macs); the Qwen count charged the row whatever the setting."""
+    from hybrid_vlm import HybridConfig
+    from hybrid_vlm.qwen_flops import QWEN25_VL_7B, qwen_method_prefill_macs
+
+    grids, text = [(1, 80, 64)], 60
+    for scoring in ("row", "eager"):
+        macs = qwen_method_prefill_macs(QWEN25_VL_7B, HybridConfig(fastv_k=64, scoring=scoring), grids, text)
+        assert macs.llm == flops.llm_prefill_macs(QWEN25_VL_7B.llm, text + 1280, text + 64, fastv_layer=2, scoring=scoring, lm_head_tokens=0)
+    row, eager = (qwen_method_prefill_macs(QWEN25_VL_7B, HybridConfig(fastv_k=64, scoring=s), grids, text).llm for s in ("row", "eager"))
+    assert eager < row

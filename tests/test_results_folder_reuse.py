@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from hybrid_vlm.provenance import checkpoint_signature
 from hybrid_vlm.tiny import build_tiny_llava
@@ -47,9 +48,35 @@ def test_signature_follows_the_weights_and_config_not_the_path(checkpoints):
     assert checkpoint_signature(edited) != original
 
 
+def test_signature_ignores_the_release_stamp_and_training_leftovers_not_a_projector_fine_tune(checkpoints):
+    """Re-saved under another transformers (only `transformers_version` differs) or copied with a
+    Trainer's leftovers beside it: the same weights. The projector alone trained: other weights."""
+    from safetensors.torch import load_file, save_file
+
+    original = checkpoint_signature(checkpoints / "seed0")
+    resaved = checkpoints / "resaved"
+    shutil.copytree(checkpoints / "seed0", resaved)
+    config = json.loads((resaved / "config.json").read_text())
+    config["transformers_version"] = "5.99.0"
+    (resaved / "config.json").write_text(json.dumps(config, indent=4))
+    (resaved / "optimizer.pt").write_bytes(b"adam state")
+    (resaved / "training_args.bin").write_bytes(b"args")
+    assert checkpoint_signature(resaved) == original
+
+    projector = checkpoints / "projector-tuned"
+    shutil.copytree(checkpoints / "seed0", projector)
+    tensors = load_file(projector / "model.safetensors")
+    names = [name for name in tensors if "multi_modal_projector" in name]
+    assert names
+    for name in names:
+        tensors[name] = tensors[name] + 1e-3 * torch.randn_like(tensors[name])
+    save_file(tensors, projector / "model.safetensors", metadata={"format": "pt"})
+    assert checkpoint_signature(projector) != original
+
+
 def plugin_model(checkpoint: Path, name: str = "llava_v1.5_7b_fastv"):
     """What reuse_conflict reads of a cli.PluginModel."""
-    return SimpleNamespace(variant=settings.VARIANTS[name], checkpoint=checkpoint, signature=checkpoint_signature(checkpoint))
+    return SimpleNamespace(variant=settings.VARIANTS[name], checkpoint=checkpoint, signature=checkpoint_signature(checkpoint), config=None)
 
 
 def results_folder(tmp_path: Path, records: list[dict], outputs: bool = True) -> Path:
@@ -97,3 +124,25 @@ def test_a_folder_with_no_outputs_has_nothing_to_reuse(tmp_path, checkpoints):
     folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": "sha256:0", "max_new_tokens": 8}], outputs=False)
     assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2)) is None
     assert reuse_conflict(tmp_path / "absent", item, SimpleNamespace(max_new_tokens=2)) is None
+
+
+def test_an_eval_only_record_is_not_what_the_predictions_were_made_with(tmp_path, checkpoints):
+    """`--mode eval` generates nothing: its record (with the default length) neither blocks a resume
+    of the run before it nor lets another length reuse that run's predictions."""
+    item = plugin_model(checkpoints / "seed0")
+    generated = {"checkpoint_signature": item.signature, "max_new_tokens": 16, "mode": "all"}
+    folder = results_folder(tmp_path, [generated, {**generated, "max_new_tokens": 2048, "mode": "eval"}])
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=16)) is None
+    assert "--max-new-tokens 16; this run asks for 2048" in reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2048))
+
+
+def test_another_device_or_thresholds_content_is_refused(tmp_path, checkpoints):
+    item = plugin_model(checkpoints / "seed0")
+    now = {"checkpoint_signature": item.signature, "max_new_tokens": 8, "device": "cpu", "dymu_thresholds_sha256": None}
+    folder = results_folder(tmp_path, [{**now, "device": "cuda"}])
+    options = SimpleNamespace(max_new_tokens=8)
+    assert "on cuda; this run is on cpu" in reuse_conflict(folder, item, options, now=now)
+    (folder / "run_info.json").write_text(json.dumps({"runs": [{**now, "dymu_thresholds_sha256": "sha256:aa"}]}))
+    item.config = SimpleNamespace(dymu=str(tmp_path / "mid.json"))
+    assert "with DyMU thresholds of content sha256:aa" in reuse_conflict(folder, item, options, now={**now, "dymu_thresholds_sha256": "sha256:bb"})
+    assert reuse_conflict(folder, item, options, now={**now, "dymu_thresholds_sha256": "sha256:aa"}) is None

@@ -216,3 +216,14 @@ def test_a_second_sweep_with_the_same_tag_keeps_the_first_record(tmp_path):
     (tmp_path / "sweep_llava_testbed_random-2.json").write_text("{}")
     assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random-3"
     assert sweep.unused_tag(str(tmp_path), "other") == "other"
+
+
+def test_sweep_records_are_read_oldest_first(tmp_path):
+    """`sweep_x-2.json` sorts before `sweep_x.json` by name; readers that take a folder's last entry
+    (its latest run) need them by start time."""
+    from vlmeval_plugin.results import read_sweep_runs
+
+    for name, started, code in (("sweep_x.json", "2026-12-06T10:00:00+00:00", 1), ("sweep_x-2.json", "2026-12-06T11:00:00+00:00", 0),
+                                ("sweep_x-10.json", "2026-12-06T12:00:00+00:00", 0)):
+        (tmp_path / name).write_text(json.dumps({"started": started, "runs": [{"folder": "f", "returncode": code, "record": name}]}))
+    assert [run["record"] for _, run in read_sweep_runs(tmp_path)] == ["sweep_x.json", "sweep_x-2.json", "sweep_x-10.json"]

@@ -131,24 +131,50 @@ def effective_max_new_tokens(item: PluginModel, options) -> int:
     return options.max_new_tokens if options.max_new_tokens is not None else settings.max_new_tokens_for(item.variant)
 
 
-def reuse_conflict(folder: Path, item: PluginModel, options) -> str | None:
-    """Why this run may not continue in `folder`: its outputs were made from another checkpoint or
-    with another --max-new-tokens (run_info.json's last record says), and the folder's name says
-    neither, so VLMEvalKit would reuse them as this run's. None when nothing there would be reused."""
+def prediction_inputs(item: PluginModel, options) -> dict:
+    """What a run's predictions depend on beyond its folder name: the checkpoint's content, the
+    generation length, the device (float16 on CUDA, float32 on the CPU) and the content of a DyMU
+    thresholds file (the name carries only its file name)."""
+    import torch
+
+    dymu = item.config.dymu if item.config is not None else None
+    return {
+        "checkpoint_signature": item.signature,
+        "max_new_tokens": effective_max_new_tokens(item, options),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "dymu_thresholds_sha256": file_sha256(dymu) if dymu else None,
+    }
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = None) -> str | None:
+    """Why this run may not continue in `folder`: its outputs were made with other prediction inputs
+    (`prediction_inputs`, by run_info.json's last record of a run that generated: `--mode eval`
+    generates nothing), which the folder's name does not say, so VLMEvalKit would reuse them as this
+    run's. None when nothing there would be reused, or an input is the same or not recorded."""
     outputs = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("run_info.json", "status.json")] if folder.is_dir() else []
-    records = results.read_run_info(folder / "run_info.json") if outputs else []
+    records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"] if outputs else []
     if not records:
         return None
-    earlier = records[-1]
-    max_new_tokens = effective_max_new_tokens(item, options)
+    earlier, now = records[-1], now or prediction_inputs(item, options)
     # records older than the "max_new_tokens" key hold the option as typed: None was the default
     earlier_tokens = earlier.get("max_new_tokens") or (earlier.get("options") or {}).get("max_new_tokens") or settings.max_new_tokens_for(item.variant)
     changed = []
-    if earlier.get("checkpoint_signature") not in (None, item.signature):
+    if earlier.get("checkpoint_signature") not in (None, now["checkpoint_signature"]):
         changed.append(f"from checkpoint {earlier.get('checkpoint')} (content signature {earlier['checkpoint_signature']}); "
-                       f"this run's checkpoint {portable_path(item.checkpoint)} has signature {item.signature}")
-    if earlier_tokens != max_new_tokens:
-        changed.append(f"with --max-new-tokens {earlier_tokens}; this run asks for {max_new_tokens}")
+                       f"this run's checkpoint {portable_path(item.checkpoint)} has signature {now['checkpoint_signature']}")
+    if earlier_tokens != now["max_new_tokens"]:
+        changed.append(f"with --max-new-tokens {earlier_tokens}; this run asks for {now['max_new_tokens']}")
+    if earlier.get("device") not in (None, now["device"]):
+        changed.append(f"on {earlier['device']}; this run is on {now['device']} (the plugin's dtype differs between them)")
+    if "dymu_thresholds_sha256" in earlier and earlier["dymu_thresholds_sha256"] != now["dymu_thresholds_sha256"]:
+        changed.append(f"with DyMU thresholds of content {earlier['dymu_thresholds_sha256']}; "
+                       f"this run's {portable_path(item.config.dymu)} holds {now['dymu_thresholds_sha256']}")
     if not changed:
         return None
     return (f"{portable_path(folder)} holds outputs of an earlier run made " + ", and ".join(changed)
@@ -256,8 +282,7 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
             "setting": (item.config.describe() if item.config is not None else "stock") if item else None,
             "hybrid_config": asdict(item.config) if item and item.config is not None else None,
             "checkpoint": str(item.checkpoint) if item else None,
-            "checkpoint_signature": item.signature if item else None,
-            "max_new_tokens": effective_max_new_tokens(item, options) if item else None,
+            **(prediction_inputs(item, options) if item else {}),
             "env": launch_env,
             "options": {"model_path": options.model_path, "batch_size": options.batch_size, "max_new_tokens": options.max_new_tokens},
             "data": list(vargs.data or []), "mode": vargs.mode, "judge": vargs.judge,

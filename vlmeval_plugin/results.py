@@ -23,6 +23,7 @@ Nothing here imports vlmeval.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
@@ -298,13 +299,24 @@ def read_work_dir(work_dir: str | Path) -> list[ModelFolder]:
 
 
 def read_sweep_runs(work_dir: str | Path) -> list[tuple[Path, dict]]:
-    """(record file, run) for every run of every sweep record `sweep_*.json` in a work dir."""
-    runs = []
-    for manifest in sorted(Path(work_dir).glob("sweep_*.json")):
+    """(record file, run) for every run of every sweep record `sweep_*.json` in a work dir, the
+    records oldest first (by their start time: `sweep_<tag>-2.json` sorts before `sweep_<tag>.json`
+    by name), so a reader taking the last entry of a folder takes its latest run."""
+    records = []
+    for manifest in Path(work_dir).glob("sweep_*.json"):
         data = read_json(manifest)
         if isinstance(data, dict):
-            runs += [(manifest, run) for run in data.get("runs", []) if isinstance(run, dict)]
-    return runs
+            records.append((record_start(data), manifest.name, manifest, data))
+    return [(manifest, run) for *_, manifest, data in sorted(records) for run in data.get("runs", []) if isinstance(run, dict)]
+
+
+def record_start(data: dict) -> datetime.datetime:
+    """A sweep record's start time (naive times read as UTC); the earliest time when it has none."""
+    try:
+        started = datetime.datetime.fromisoformat(str(data["started"]))
+    except (KeyError, ValueError):
+        return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    return started if started.tzinfo else started.replace(tzinfo=datetime.timezone.utc)
 
 
 # ---------------------------------------------------------------------------- plain text

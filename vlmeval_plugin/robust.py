@@ -235,8 +235,9 @@ def set_aside_unreadable_predictions(folder: str, model: str, datasets: list[str
             if not os.path.exists(path):
                 continue
             try:
-                columns = set(load_table(Path(path)).columns)
-                problem = None if {"index", "prediction"} <= columns else f"no index or prediction column in {sorted(columns)}"
+                table = load_table(Path(path))
+                missing = len(table) and not {"index", "prediction"} <= set(table.columns)  # an empty set's file is fine
+                problem = f"no index or prediction column in {sorted(table.columns)}" if missing else None
             except Exception as error:  # a torn xlsx raises BadZipFile, a torn json ValueError, ...
                 problem = f"{type(error).__name__}: {error}"
             if problem:
