@@ -339,8 +339,9 @@ set's CIDEr, are what the intervals resample). Budgets are each method's own rul
 LLM) for pool, VisionZip, VisPruner and DivPrune; B (kept after the layer) for FastV, random and
 DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8)); C (layer-averaged) for PyramidDrop; SparseVLM
 by its published schedules. Compare methods by the layer-average column, not by the budget's name.
-{depth} DyMU's per-row MACs are not recorded (its tower counts are data), so DyMU and the hybrid
-appear in the layer-averaged plots only. The tag column is the setting the rows ran, with a
+{depth}
+DyMU's per-row MACs are not recorded (its tower counts are data), so DyMU and the hybrid appear in
+the layer-averaged plots only. The tag column is the setting the rows ran, with a
 multi-stage method's stage layers. Random selection runs with seeds 0, 1 and 2; "vs random" is
 against their mean per item. Intervals: percentile bootstrap over items (2000 draws, seed 0); paired
 intervals resample the same items for both runs; "better"/"worse" only where the paired interval
@@ -362,7 +363,8 @@ def family_of(raw: Path) -> str:
 def report_intro(out: Path, family: str) -> str:
     command = "bash reports/method-comparison/regenerate.sh"
     if family in settings.FAMILY_VANILLA:
-        made = f"`{command if family == 'tiny' else f'FAMILY={settings.FAMILY_VANILLA[family]} {command}'}` (sweeps, bench, then `python -m hybrid_tools.compare`)"
+        steps = "sweeps, bench, then" if family == "tiny" else "sweeps, then"  # the script benches the tiny family only
+        made = f"`{command if family == 'tiny' else f'FAMILY={settings.FAMILY_VANILLA[family]} {command}'}` ({steps} `python -m hybrid_tools.compare`)"
     else:  # runs of several families, or of names this checkout does not know: no one command made them
         made = "`python -m hybrid_tools.compare` over sweeps of several families"
     what = WHAT_THIS_IS.get(family, OTHER_FAMILY.format(family=family))
