@@ -50,8 +50,8 @@ whose per-layer counts follow the image: their theory columns stay empty, as in 
 
 A configuration the engine cannot run is a "skipped" row; one these inputs make impossible (a
 budget a staged method cannot reach on this model) a "refused" row; one that raised anything else
-on the way (an engine error, out of memory) a "failed" row. Each names the error, and the other
-rows are timed as usual.
+on the way (an engine error, out of memory) a "failed" row, and the command then exits with status 1.
+Each names the error, and the other rows are timed as usual.
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x
 6 layers / 6 heads / MLP 1536, so vision is ~6% of prefill MACs, ~4.6% in LLaVA-1.5-7B), vit-l (the
@@ -846,5 +846,10 @@ def bench_meta(bench: BenchRun) -> dict:
     return meta
 
 
+def cli(argv=None) -> int:
+    """`python -m hybrid_tools.bench`: 1 when a configuration failed (its row says why), else 0."""
+    return 1 if any(row["status"] == "failed" for row in main(argv)) else 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -275,3 +275,26 @@ def test_qwen_rows_count_the_tokens_that_ran_and_report_what_cannot_run(tmp_path
     assert by_config["pdrop-b64"]["status"] == "refused" and "not reachable by pdrop" in by_config["pdrop-b64"]["note"]
     written = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert {row["config"] for row in written["rows"]} == set(by_config)
+
+
+def test_a_configuration_that_raises_is_a_failed_row_and_the_exit_status_says_so(tmp_path, monkeypatch):
+    """Out of memory (or an engine error) in one configuration's first prefill: that row is "failed"
+    with the error, the others are timed and written, and the command exits 1 (0 when none fails)."""
+    real_prefill, calls = bench.prefill, []
+
+    def prefill(model, inputs):
+        calls.append(None)
+        if len(calls) == 2:  # the second configuration's untimed prefill (no warm-up)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_prefill(model, inputs)
+
+    argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-memory",
+            "--no-progress", "--out", str(tmp_path)]
+    monkeypatch.setattr(bench, "prefill", prefill)
+    assert bench.cli(argv) == 1
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert len(failed) == 1 and "CUDA out of memory (simulated)" in failed[0]["note"]
+    assert all(row["status"] == "ok" and row["prefill_ms"] > 0 for row in rows if row is not failed[0])
+    monkeypatch.setattr(bench, "prefill", real_prefill)
+    assert bench.cli(argv) == 0
