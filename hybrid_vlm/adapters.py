@@ -284,9 +284,14 @@ def check_supported(model, config) -> None:
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
     if isinstance(model, LlavaNextForConditionalGeneration):
-        if config.staged_method is not None:
-            raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} is not implemented for LLaVA-NeXT yet: its stages "
-                                      "have not been checked with LLaVA-NeXT's newline tokens")
+        # PyramidDrop and DART run on the whole packed span, newlines among the candidates, as both
+        # official codes do on NeXT; SparseVLM's official code is LLaVA-1.5's only.
+        if config.staged_method == "sparsevlm":
+            raise NotImplementedError("VISUAL_METHOD=sparsevlm is not implemented for LLaVA-NeXT: the official code runs "
+                                      "LLaVA-1.5's 576-token span only")
+        if config.staged_method is not None and config.fastv_newlines == "keep":
+            raise ValueError(f"FASTV_NEWLINES=keep is FastV's: VISUAL_METHOD={config.staged_method} ranks LLaVA-NeXT's "
+                             "newline tokens with the image tokens, as its official code does")
         if config.visual_pool is not None:
             raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
         if config.visual_method == "pool":

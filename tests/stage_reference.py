@@ -70,7 +70,7 @@ def compacted_reference(model, sample: dict, method: str, stages: dict[int, int]
                         dart_quotas: list[int] | None = None, dart_order: str = "sorted"):
     """(logits of the last prompt token [vocab], kept prompt positions after the last stage).
 
-    sample: one unpadded prompt (batch 1; LLaVA-1.5, or Qwen2.5-VL with its `image_grid_thw`). method: "pdrop" (score with the stage layer's own
+    sample: one unpadded prompt (batch 1; LLaVA-1.5, LLaVA-NeXT with its `image_sizes`, or Qwen2.5-VL with its `image_grid_thw`). method: "pdrop" (score with the stage layer's own
     attention), "fastv" (the previous layer's) or "dart". stages: {layer: visual tokens kept from it on}."""
     reference = copy.deepcopy(model)  # its layers run as stock runs them (SDPA: float64 stays float64)
     language_model = reference.model.language_model
@@ -83,6 +83,10 @@ def compacted_reference(model, sample: dict, method: str, stages: dict[int, int]
 
         features = reference.model.get_image_features(sample["pixel_values"], sample["image_grid_thw"]).pooler_output
         positions = stock_positions(reference, sample)
+    elif "image_sizes" in sample:  # LLaVA-NeXT: stock packing (base, unpadded grid, a newline per row)
+        features = reference.model.get_image_features(pixel_values=sample["pixel_values"], image_sizes=sample["image_sizes"],
+                                                      return_dict=True).pooler_output
+        positions = torch.arange(len(input_ids))[None]
     else:
         features = reference.model.get_image_features(sample["pixel_values"], return_dict=True).pooler_output
         positions = torch.arange(len(input_ids))[None]

@@ -15,7 +15,7 @@ from vlmeval_plugin import settings
 
 from test_vlmeval_plugin import CAPTION_ROWS, MCQ_ROWS, needs_vlmeval, run_py, sandbox, sidecar  # noqa: F401  (sandbox: fixture)
 
-METHOD_SUFFIXES = ["", "_fastv", "_dymu", "_hybrid", "_random", "_visionzip", "_vispruner", "_divprune"]
+METHOD_SUFFIXES = ["", "_fastv", "_dymu", "_hybrid", "_random", "_visionzip", "_vispruner", "_divprune", "_pdrop", "_dart"]
 NEXT_NAMES = [f"llava_next_vicuna_7b{suffix}" for suffix in METHOD_SUFFIXES]
 
 
@@ -31,6 +31,9 @@ def test_next_names_are_registered_with_their_checkpoints(tmp_path):
         settings.hybrid_config_for("llava_next_mistral_7b_fastv", {"FASTV_K": "-3"})
     with pytest.raises(settings.PluginError, match="llava-v1.6-mistral-7b-hf"):
         settings.resolve_checkpoint(None, settings.FAMILY_CHECKPOINTS["llava_next_mistral_7b"])
+    # the inside-the-LLM names: DART's official NeXT default (320), PyramidDrop a share of each span
+    assert settings.hybrid_config_for("llava_next_vicuna_7b_dart", {}) == HybridConfig(visual_method="dart", visual_budget=320)
+    assert settings.hybrid_config_for("llava_next_vicuna_7b_pdrop", {}) == HybridConfig(visual_method="pdrop", visual_budget=0.11)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ Names and their fixed meaning:
     llava_testbed{,_fastv,_dymu,_hybrid,_pool,_random,_visionzip,_vispruner,_divprune,_pdrop,_sparsevlm,_dart}
                            the same on the testbed checkpoint (hybrid_vlm.testbed, shipped);
                            DYMU_THRESHOLDS may also be low / mid / high (its calibrated files; default mid)
-    llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune}
+    llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune,_pdrop,_dart}
     llava_next_mistral_7b{...}
-                           the same (no _pool) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints
+                           the same (no _pool, no _sparsevlm) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints;
+                           pdrop's default VISUAL_BUDGET 0.11 of each packed span, dart's 320 (its official NeXT one)
     Qwen2.5-VL-7B-Instruct{,_fastv,_random,_divprune,_pool,_pdrop,_dart}
                            Qwen/Qwen2.5-VL-7B-Instruct (VLMEvalKit's name): stock; FastV or random selection
                            (FASTV_K as a count per prompt or a fraction, FASTV_LAYER); DivPrune or pooling on
@@ -81,6 +82,11 @@ DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64
 QWEN_PRE_LLM_METHODS = ("divprune", "pool")
 QWEN_LLM_METHODS = ("pdrop", "dart")
 QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25, "pdrop": 0.11, "dart": 0.222}
+# LLaVA-NeXT's packed span follows the aspect ratio (about 1,200 to 2,900 tokens), which puts 64
+# layer-averaged tokens out of PyramidDrop's reach: its default is the same share of each span as on
+# Qwen2.5-VL; DART's is its official NeXT default (retain 320, which keeps 324)
+NEXT_LLM_METHODS = ("pdrop", "dart")
+NEXT_DEFAULT_BUDGETS = {**DEFAULT_BUDGETS, "pdrop": 0.11, "dart": 320}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -165,7 +171,7 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
 
 
 def method_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
-    methods = PRE_LLM_METHODS if family in NEXT_FAMILIES else PRE_LLM_METHODS + LLM_METHODS
+    methods = PRE_LLM_METHODS + (NEXT_LLM_METHODS if family in NEXT_FAMILIES else LLM_METHODS)
     return tuple(
         Variant(f"{prefix}_{method}", fastv=False, dymu=False, family=family, method=method, description=f"{what}: {method} (VISUAL_BUDGET)")
         for method in methods
@@ -378,7 +384,7 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
     read_env = {key: env[key] for key in settings_read(variant) if key in env}
     read_env["VISUAL_METHOD"] = variant.method
     if not read_env.get("VISUAL_BUDGET", "").strip() and not read_env.get("FASTV_K", "").strip():
-        defaults = QWEN_DEFAULT_BUDGETS if variant.qwen else DEFAULT_BUDGETS
+        defaults = QWEN_DEFAULT_BUDGETS if variant.qwen else NEXT_DEFAULT_BUDGETS if variant.next else DEFAULT_BUDGETS
         read_env["VISUAL_BUDGET"] = str(defaults.get(variant.method, "")) if variant.method != "random" else ""
         if variant.method == "random":
             read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
