@@ -46,7 +46,8 @@ Qwen2.5-VL presets (qwen-mid: LLM 1024 x 16 layers, 16 query / 2 KV heads, ViT 3
 full attention at 3 and 7; qwen2.5-vl-7b: Qwen2.5-VL-7B-Instruct's shape) bench one 1120 x 896
 image: 80 x 64 patches, 1,280 tokens; their MACs come from `hybrid_vlm.qwen_flops`, for the counts
 that ran (a method before the LLM: the units that entered it), except PyramidDrop's and DART's,
-whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows.
+whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows
+(on LLaVA-NeXT too, whose packed span follows the aspect ratio).
 
 A configuration the engine cannot run is a "skipped" row; one these inputs make impossible (a
 budget a staged method cannot reach on this model) a "refused" row; one that raised anything else
@@ -389,8 +390,9 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     # random selection reads no attention: no scoring counted, as the plugin's per-row GMACs
     scoring = hybrid.scoring if hybrid is not None and hybrid.fastv_select == "attention" else None
     totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0, kv_prompt=0)
-    if isinstance(shape, QwenShape) and hybrid is not None and hybrid.staged_method is not None:
-        return {key: math.nan for key in totals}  # per-layer counts follow each image (qwen_method_prefill_macs)
+    anyres = any(crops > 1 for crops in counts["crops"])  # LLaVA-NeXT: the span follows the aspect ratio
+    if (isinstance(shape, QwenShape) or anyres) and hybrid is not None and hybrid.staged_method is not None:
+        return {key: math.nan for key in totals}  # per-layer counts follow each image, as the plugin leaves them
     dymu = hybrid is not None and hybrid.dymu is not None
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]

@@ -498,6 +498,7 @@ class HybridLlavaNextForConditionalGeneration(HybridDecoder, LlavaNextForConditi
     """LlavaNextForConditionalGeneration (LLaVA-NeXT, anyres) whose forward runs hybrid_vlm's decoder loop."""
 
     image_slots = staticmethod(llava_next_image_slots)
+    fixed_visual_count = staticmethod(lambda model: None)  # the packed span follows the aspect ratio
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs) -> HybridLlavaOutput:
         """Stock LLaVA-NeXT's positional order (image_sizes third), then the shared loop."""

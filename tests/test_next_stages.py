@@ -29,6 +29,7 @@ CASES = {
     "pdrop-0.47": dict(visual_method="pdrop", visual_budget=0.47),  # lambda 0.5 over 4 stages averages 0.469
     "dart-64": dict(visual_method="dart", visual_budget=64),
     "dart-320": dict(visual_method="dart", visual_budget=320),  # the official NeXT default: 324 kept
+    "dart-600": dict(visual_method="dart", visual_budget=600),  # above LLaVA-1.5's 576, within every span here
 }
 
 
