@@ -245,7 +245,7 @@ def test_settings_that_cannot_run_are_refused(deep, tiny_next):
         HybridConfig(visual_method="dart", visual_budget=64, dart_quota="even")
     with pytest.raises(ValueError, match="is not reachable by dart"):
         patched(model, visual_method="dart", visual_budget=600)
-    with pytest.raises(NotImplementedError, match="not implemented for LLaVA-NeXT yet"):
-        patched(tiny_next[0], visual_method="dart", visual_budget=64)
+    with pytest.raises(ValueError, match="FASTV_NEWLINES=keep is FastV's"):  # dart runs on NeXT: tests/test_next_stages.py
+        patched(tiny_next[0], visual_method="dart", visual_budget=64, fastv_newlines="keep")
     environment = dict(VISUAL_METHOD="dart", VISUAL_BUDGET="64", DART_QUOTA="matched", DART_PIVOTS="official")
     assert HybridConfig.from_env(environment).describe() == "dart-matched-b64-l2-pivots-official"

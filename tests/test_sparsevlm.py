@@ -216,7 +216,7 @@ def test_settings_that_cannot_run_are_refused(deep, tiny_next):
         HybridConfig(visual_method="sparsevlm", visual_budget=64, fastv_k=32)
     with pytest.raises(ValueError, match="VISUAL_BUDGET=32 is not one of SparseVLM's schedules: use 192, 128, 64"):
         patched(model, visual_budget=32)
-    with pytest.raises(NotImplementedError, match="not implemented for LLaVA-NeXT yet"):
+    with pytest.raises(NotImplementedError, match="sparsevlm is not implemented for LLaVA-NeXT: the official code runs"):
         patched(tiny_next[0], visual_budget=64)
     config = HybridConfig.from_env(dict(VISUAL_METHOD="sparsevlm", VISUAL_BUDGET="64", HYBRID_POSITIONS="renumbered"))
     assert config.describe() == "sparsevlm-b64_renumbered"
