@@ -356,15 +356,16 @@ def family_of(raw: Path) -> str:
     """The checkpoint family every run of raw/runs.csv names (e.g. "tiny", "testbed"), else "mixed"."""
     runs = pd.read_csv(raw / "runs.csv")
     families = {settings.VARIANTS[model].family if model in settings.VARIANTS else "other"
-                for model in (str(run).split(settings.NAME_SEPARATOR, 1)[0] for run in runs["run"])}
+                for model in (settings.base_name(str(run)) for run in runs["run"])}
     return families.pop() if len(families) == 1 else "mixed"
 
 
 def report_intro(out: Path, family: str) -> str:
     command = "bash reports/method-comparison/regenerate.sh"
-    if family in settings.FAMILY_VANILLA:
-        steps = "sweeps, bench, then" if family == "tiny" else "sweeps, then"  # the script benches the tiny family only
-        made = f"`{command if family == 'tiny' else f'FAMILY={settings.FAMILY_VANILLA[family]} {command}'}` ({steps} `python -m hybrid_tools.compare`)"
+    if family == "tiny":
+        made = f"`{command}` (sweeps, bench, then `python -m hybrid_tools.compare`)"
+    elif family in settings.FAMILY_VANILLA:  # the script benches the tiny family only
+        made = f"`FAMILY={settings.FAMILY_VANILLA[family]} {command}` (sweeps, then `python -m hybrid_tools.compare`)"
     else:  # runs of several families, or of names this checkout does not know: no one command made them
         made = "`python -m hybrid_tools.compare` over sweeps of several families"
     what = WHAT_THIS_IS.get(family, OTHER_FAMILY.format(family=family))

@@ -157,8 +157,8 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
     (`prediction_inputs`, by run_info.json's last record of a run that generated: `--mode eval`
     generates nothing), which the folder's name does not say, so VLMEvalKit would reuse them as this
     run's. None when nothing there would be reused, or an input is the same or not recorded."""
-    outputs = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("run_info.json", "status.json")] if folder.is_dir() else []
-    records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"] if outputs else []
+    holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in ("run_info.json", "status.json") for p in folder.rglob("*"))
+    records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"] if holds_outputs else []
     if not records:
         return None
     earlier, now = records[-1], now or prediction_inputs(item, options)

@@ -206,10 +206,7 @@ def clean_checkpoint(path: str, fail_message: str | None) -> None:
         if not isinstance(results, dict):
             raise TypeError(f"it holds a {type(results).__name__}, not a dict of predictions")
     except Exception as error:  # a torn pickle raises any of several types
-        aside = f"{path}.unreadable"
-        os.replace(path, aside)
-        print(f"[hybrid-vlm] the checkpoint {path} could not be read ({type(error).__name__}: {error}); moved to {aside}. "
-              "Its rows are answered again, from the stats file where they had finished.", flush=True)
+        set_aside("checkpoint", path, f"{type(error).__name__}: {error}")
         return
     if fail_message is None:
         return
@@ -241,11 +238,16 @@ def set_aside_unreadable_predictions(folder: str, model: str, datasets: list[str
             except Exception as error:  # a torn xlsx raises BadZipFile, a torn json ValueError, ...
                 problem = f"{type(error).__name__}: {error}"
             if problem:
-                os.replace(path, f"{path}.unreadable")
+                set_aside("prediction file", path, problem)
                 moved.append(path)
-                print(f"[hybrid-vlm] the prediction file {path} could not be read ({problem}); moved to {path}.unreadable. "
-                      "Its rows are answered again, from the stats file where they had finished.", flush=True)
     return moved
+
+
+def set_aside(kind: str, path: str, problem: str) -> None:
+    """Move an unreadable VLMEvalKit file to `<path>.unreadable`, saying so and what happens next."""
+    os.replace(path, f"{path}.unreadable")
+    print(f"[hybrid-vlm] the {kind} {path} could not be read ({problem}); moved to {path}.unreadable. "
+          "Its rows are answered again, from the stats file where they had finished.", flush=True)
 
 
 class _DropEnvFileError(logging.Filter):
