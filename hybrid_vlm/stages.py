@@ -69,7 +69,10 @@ def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool
     protected = placed.protected_counts or [0] * placed.visual_positions.shape[0]
     if placed.visual_counts is None:  # DyMU batch: a bound, per-sample quotas on the device
         keep = min(num_visual, visual_keep_count(num_visual, config.fastv_k) + max(protected))
-        return keep, False, keep < num_visual
+        # The bound may reach the width while a sample still loses tokens; a sample's loss grows
+        # with its unprotected count, which is at most num_visual - min(protected).
+        most_unprotected = num_visual - min(protected)
+        return keep, False, visual_keep_count(most_unprotected, config.fastv_k) < most_unprotected
     quotas = [visual_keep_count(v - p, config.fastv_k) + p for v, p in zip(placed.visual_counts, protected)]
     return max(quotas), len(set(quotas)) == 1, any(q < v for q, v in zip(quotas, placed.visual_counts))
 

@@ -343,6 +343,23 @@ def test_calibrate_cli_splits_images_into_crops(tmp_path):
 # --- the budget rule's ablation: newline tokens always kept ---------------------------------------------
 
 
+@pytest.mark.parametrize("fastv_k", [0.04, 0.5])
+def test_kept_newlines_after_dymu_batch_equals_each_alone(tiny_next, next_thresholds, fastv_k):
+    """After DyMU the batch's merged counts live on the device only, so the engine decides from a
+    bound whether the stage prunes. At a small ratio that bound plus the kept newlines reaches the
+    batch's width, yet samples still lose tokens: each keeps what it keeps alone, where its counts
+    are known on the host."""
+    model, processor = tiny_next
+    hybrid = next_copy(model, dymu=str(next_thresholds), fastv_k=fastv_k, fastv_newlines="keep")
+    unpruned = next_copy(model, dymu=str(next_thresholds))
+    batched = engine_prefill(hybrid, next_inputs(processor, QUESTIONS))[1].sum(dim=1)
+    for i, question in enumerate(QUESTIONS):
+        alone = next_inputs(processor, [question], indices=[i])
+        kept_alone = engine_prefill(hybrid, alone)[1].sum(dim=1)
+        assert batched[i] == kept_alone, (i, batched.tolist(), kept_alone.tolist())
+        assert kept_alone < engine_prefill(unpruned, alone)[1].sum(dim=1)  # it prunes
+
+
 @pytest.mark.parametrize("batch", [3, 1])
 @pytest.mark.parametrize("fastv_k", [64, 0.5, 0.01])
 def test_kept_newlines_match_the_reference(tiny_next, fastv_k, batch):
