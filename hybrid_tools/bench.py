@@ -375,7 +375,8 @@ def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
                 counts.append(state.counts())  # after layer index - 1's merge: its MLP ran at this count
             return threshold_merge_mask(node_max, thresholds[index].to(node_max.device))
 
-        _, state, _ = merging_vision_forward(model, pixel_values.to(model.dtype), select)
+        split = model.hybrid_config.dymu_split
+        _, state, _ = merging_vision_forward(model, pixel_values.to(model.dtype), select, split=split)
         counts.append(state.counts())
         return torch.stack(counts, dim=1).tolist()
     except Exception:  # the DyMU internals moved: vision MACs fall back to unmerged counts

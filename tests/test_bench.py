@@ -298,3 +298,25 @@ def test_a_configuration_that_raises_is_a_failed_row_and_the_exit_status_says_so
     assert all(row["status"] == "ok" and row["prefill_ms"] > 0 for row in rows if row is not failed[0])
     monkeypatch.setattr(bench, "prefill", real_prefill)
     assert bench.cli(argv) == 0
+
+
+@pytest.mark.parametrize("split", ["official", "slot"])
+def test_dymu_layer_counts_follow_the_split_that_ran(split, tmp_path):
+    """The bench's vision MACs come from an untimed re-run of the merging loop: its count at the
+    layer LLaVA reads (less CLS) must be what entered the LLM, under either DYMU_SPLIT."""
+    from conftest import QUESTIONS, image_inputs
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
+    from hybrid_vlm.tiny import synthetic_image
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_llava(vision_layers=8)
+    calibration = processor.image_processor([synthetic_image(300 + seed) for seed in range(8)], return_tensors="pt").pixel_values
+    path = tmp_path / f"{split}.json"
+    write_threshold_file(path, calibrate_thresholds(model, [calibration], "192out", split=split, progress=False))
+    hybrid = apply_hybrid(model, HybridConfig(dymu=str(path), dymu_split=split))
+    inputs = image_inputs(processor, QUESTIONS[:3], seeds=[0, 1, 2])
+    with torch.no_grad():
+        entered = hybrid(**inputs, use_cache=True).past_key_values.hybrid_state.visual_counts().entered
+    assert len(set(entered)) > 1  # images merge differently, so a wrong split could not match by chance
+    assert [per_layer[-1] - 1 for per_layer in bench.dymu_layer_counts(hybrid, inputs["pixel_values"])] == entered
