@@ -97,7 +97,8 @@ def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[]
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path} is not a DyMU threshold file of format {' or '.join(map(repr, READABLE_FORMATS))}")
     payload.setdefault("split", READABLE_FORMATS[payload["format"]])
-    model = payload.get("model", {})
+    check_threshold_payload(path, payload)
+    model = payload["model"]
     if not _same_vision_weights(model, identity, signature):
         raise ValueError(
             f"DyMU threshold file {path} was calibrated for model {model.get('name')!r} "
@@ -107,6 +108,22 @@ def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[]
         )
     values = [math.inf if v is None else float(v) for v in payload["thresholds"]]
     return torch.tensor(values, dtype=torch.float32), payload
+
+
+def check_threshold_payload(path: str | Path, payload: dict) -> None:
+    """A ValueError naming the file and the field for a hand-edited or truncated file: a NaN or a
+    string would otherwise merge silently at a wrong threshold (NaN: never)."""
+    if not isinstance(payload.get("model"), dict):
+        raise ValueError(f"DyMU threshold file {path}: 'model' must be the object calibrate writes, got {payload.get('model')!r}")
+    thresholds = payload.get("thresholds")
+    if not isinstance(thresholds, list) or not thresholds:
+        raise ValueError(f"DyMU threshold file {path}: 'thresholds' must be a non-empty list, got {thresholds!r}")
+    for layer, value in enumerate(thresholds):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
+            raise ValueError(f"DyMU threshold file {path}: thresholds[{layer}] is {value!r}; each must be a finite number, or null (never merge)")
+    if payload["split"] not in SPLITS:
+        raise ValueError(f"DyMU threshold file {path}: 'split' is {payload['split']!r}; calibrate writes one of {', '.join(SPLITS)}")
 
 
 def _same_vision_weights(recorded: dict, identity: dict, signature: Callable[[], dict] | None) -> bool:

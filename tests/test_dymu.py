@@ -644,6 +644,32 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     assert portable_path(model_dir) in message and "calibrated for model" in message  # as recorded: no machine path
 
 
+@pytest.mark.parametrize(
+    "field, value, named",
+    [("thresholds", None, "'thresholds' must be a non-empty list"), ("thresholds", "0.9", "'thresholds' must be"),
+     ("thresholds", [], "'thresholds' must be"), ("thresholds", [float("nan"), 0.8], r"thresholds\[0\] is nan"),
+     ("thresholds", [0.9, "0.8"], r"thresholds\[1\] is '0.8'"), ("thresholds", [True, 0.8], r"thresholds\[0\] is True"),
+     ("model", "tiny", "'model' must be"), ("split", "bogus", "'split' is 'bogus'; calibrate writes one of")],
+)
+def test_a_malformed_threshold_file_is_refused_naming_the_field(tmp_path, tiny, field, value, named):
+    """A hand-edited file is refused with the file and the field, where it would otherwise raise a
+    KeyError or merge silently at a threshold nobody calibrated (a NaN layer never merges)."""
+    from hybrid_vlm.calibrate import write_threshold_file
+
+    model, processor = tiny
+    pixels = processor.image_processor([synthetic_image(s) for s in range(2)], return_tensors="pt").pixel_values
+    path = tmp_path / "edited.json"
+    write_threshold_file(path, calibrate_thresholds(model, [pixels], 300, progress=False))
+    load_thresholds(path, model)  # the file as written loads
+    payload = json.loads(path.read_text())
+    if field == "thresholds" and isinstance(value, list) and len(value) == 2:
+        value = value + payload["thresholds"][2:]
+    payload[field] = value
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=f"{path}: {named}"):
+        load_thresholds(path, model)
+
+
 def test_threshold_file_split_is_checked(tmp_path, tiny):
     """A file records its split; one made before the field existed (format v1) was calibrated with
     the slot split. Using a file under another split warns (counts would not be the calibrated ones)."""
