@@ -112,8 +112,8 @@ def build_model(args, device, dtype):
     """(model, processor) in eval mode on `device`; random weights unless --model."""
     if args.model:
         processor = AutoProcessor.from_pretrained(args.model)
-        model = load_supported_model(args.model, dtype=dtype, attn_implementation="sdpa")
-        return model.to(device).eval(), processor
+        model = load_supported_model(args.model, dtype=dtype, attn_implementation="sdpa", device_map={"": device})
+        return model.eval(), processor
     if args.preset == "tiny":
         model, processor = build_tiny_llava(seed=args.seed)
         return model.to(device=device, dtype=dtype).eval(), processor

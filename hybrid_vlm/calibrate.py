@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sign:  # in float32 on the CPU whatever --device/--dtype say: the weights as a float32 file holds them
         return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
     files = find_images(args.images, args.max_images)
-    model = load_supported_model(args.model, dtype=dtype).to(device).eval()
+    model = load_supported_model(args.model, dtype=dtype, device_map={"": device}).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     total = math.ceil(len(files) / args.batch_size)
 

@@ -434,6 +434,33 @@ print(model() is None)
 """
 
 
+DEVICE_MAP_SCRIPT = """
+import sys
+from transformers import PreTrainedModel
+seen = []
+load = PreTrainedModel.from_pretrained.__func__
+def spy(cls, *args, **kwargs):
+    seen.append(kwargs.get("device_map"))
+    return load(cls, *args, **kwargs)
+PreTrainedModel.from_pretrained = classmethod(spy)
+from vlmeval_plugin import robust
+robust.install()
+from vlmeval_plugin.model import HybridLLaVA
+wrapper = HybridLLaVA(sys.argv[1])
+print(seen, wrapper.device, {p.device for p in wrapper.model.parameters()})
+"""
+
+
+@needs_vlmeval
+def test_the_model_is_loaded_straight_onto_its_device(sandbox):
+    """Loaded to the CPU and then moved, a 7B checkpoint sat in host memory once per torchrun rank;
+    the wrapper asks from_pretrained for its device instead (here the CPU, the only one there is)."""
+    result = subprocess.run([sys.executable, "-c", DEVICE_MAP_SCRIPT, sandbox["checkpoint"]], env=sandbox["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[{'': device(type='cpu')}] cpu {device(type='cpu')}"
+
+
 @needs_vlmeval
 def test_a_dropped_wrapper_frees_its_model_without_a_garbage_collection(sandbox):
     """Its timing hooks were bound methods: model -> hook -> wrapper -> model, a cycle, so a dropped

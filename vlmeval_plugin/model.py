@@ -170,8 +170,10 @@ class HybridLLaVA(BaseModel):
         self.processor = AutoProcessor.from_pretrained(self.checkpoint)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
         model_class = getattr(transformers, self.MODEL_CLASS)
-        model = model_class.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa", **NO_HUB_KERNELS)
-        model = model.to(self.device).eval()
+        # Straight onto the device: a CPU copy first would hold the whole checkpoint in host memory
+        # once per torchrun rank (8 x 14 GB for a 7B in float16).
+        model = model_class.from_pretrained(self.checkpoint, dtype=dtype, attn_implementation="sdpa",
+                                            device_map={"": self.device}, **NO_HUB_KERNELS).eval()
         if hybrid is not None:
             model = apply_hybrid(model, hybrid)
             self.setting = hybrid.describe(num_layers=model.config.text_config.num_hidden_layers)
