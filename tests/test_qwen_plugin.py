@@ -269,3 +269,57 @@ def test_prompts_and_resizing_match_upstream_qwen2vlchat(sandbox, qwen_checkpoin
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["ok", str(MCQ_ROWS + CAPTION_ROWS)]
+
+
+GENERATION_SCRIPT = r"""
+import inspect, json, shutil, sys
+from pathlib import Path
+import torch
+from vlmeval.vlm.qwen2_vl.model import Qwen2VLChat
+from vlmeval_plugin.qwen import HybridQwen2VL
+from hybrid_vlm.tiny import synthetic_image
+
+source, work = Path(sys.argv[1]), Path(sys.argv[2])
+checkpoint = work / "checkpoint"
+shutil.copytree(source, checkpoint)
+shipped = json.loads((checkpoint / "generation_config.json").read_text())
+# what Qwen2.5-VL-7B-Instruct's generation_config.json ships (its sampling defaults)
+shipped.update(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001)
+(checkpoint / "generation_config.json").write_text(json.dumps(shipped))
+wrapper = HybridQwen2VL(str(checkpoint), max_new_tokens=24)
+image = work / "frame.png"
+synthetic_image(1).resize((300, 200)).save(image)
+message = [dict(type="image", value=str(image)), dict(type="text", value="Describe this picture briefly.")]
+inputs, _ = wrapper._device_inputs([message])
+upstream_kwargs = {name: parameter.default for name, parameter in inspect.signature(Qwen2VLChat.__init__).parameters.items()
+                   if name in ("top_p", "top_k", "temperature", "repetition_penalty", "do_sample")}
+pad = wrapper.processor.tokenizer.pad_token_id
+with torch.no_grad():
+    upstream = wrapper.model.generate(**inputs, max_new_tokens=24, pad_token_id=pad, **upstream_kwargs)
+    ours = wrapper.model.generate(**inputs, pad_token_id=pad, **wrapper.generate_kwargs)
+    penalised = wrapper.model.generate(**inputs, max_new_tokens=24, pad_token_id=pad, do_sample=False, repetition_penalty=1.05)
+print("tokens", torch.equal(ours, upstream), torch.equal(penalised, upstream))
+
+grids, build = [], wrapper.processor_inputs
+def recording(messages):
+    built = build(messages)
+    grids.append(built["image_grid_thw"].tolist())
+    return built
+wrapper.processor_inputs = recording
+wrapper.generate_inner(message, dataset="TinyCOCO")
+wrapper._dataset = "OCRBench"  # as after an OCRBench row was prompted
+wrapper.generate_inner(message, dataset="TinyCOCO")
+print("grids", grids[0] == grids[1])
+"""
+
+
+@needs_vlmeval
+def test_generation_follows_qwen2vlchat_whatever_the_checkpoint_ships(sandbox, qwen_checkpoint, tmp_path):  # noqa: F811
+    """Greedy tokens equal upstream Qwen2VLChat's generate settings (read from its signature) on a
+    checkpoint that ships Qwen2.5-VL-Instruct's repetition_penalty 1.05, which would change them;
+    and a direct generate_inner call resizes for its own dataset, not the last one prompted."""
+    result = subprocess.run([sys.executable, "-c", GENERATION_SCRIPT, str(qwen_checkpoint), str(tmp_path)], env=sandbox["env"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert "tokens True False" in lines and "grids True" in lines, lines

@@ -58,8 +58,17 @@ class HybridQwen2VL(HybridLLaVA):
         if use_vllm:
             raise ValueError("--use-vllm is not supported by the hybrid-vlm Qwen2.5-VL names: they run the transformers engine")
         super().__init__(checkpoint, **kwargs)
+        # Qwen2VLChat passes repetition_penalty=1.0; without it generate applies the checkpoint's own
+        # even greedily (the Instruct releases ship 1.05, as we recall them: not readable offline).
+        self.generate_kwargs = {"repetition_penalty": 1.0, **self.generate_kwargs}
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self._dataset = None
+
+    def generate_inner(self, message, dataset=None):
+        # A call that was not prompted through build_prompt (VLMEvalKit's frames-as-images video
+        # path, a direct call) must not resize with the last prompted dataset's pixel bounds.
+        self._dataset = dataset
+        return super().generate_inner(message, dataset)
 
     def use_custom_prompt(self, dataset):
         return self._dataset_object(dataset) is not None and super().use_custom_prompt(dataset)
