@@ -289,6 +289,40 @@ def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path
     assert all("20260102030405" in path and not Path(path).exists() for path in written), written
 
 
+@pytest.mark.parametrize("circular", [False, True])
+def test_a_regenerated_row_is_judged_again_not_read_from_the_verdict_cache(tmp_path, monkeypatch, circular):
+    """Upstream caches each row's (circular: group's) verdict by index and never judges it again: a
+    failed row fixed by a rerun kept its failed verdict. Every call must score as a fresh cache does,
+    and a cache left by an earlier version (no record of what it judged) is judged afresh."""
+    import vlmeval.dataset.utils.multiple_choice as multiple_choice
+
+    for name in ("mcq_circular_eval", "mcq_vanilla_eval", "timestr"):  # upstream's again after this test
+        monkeypatch.setattr(multiple_choice, name, getattr(multiple_choice, name))
+    robust._private_circular_scratch()
+    robust._rejudge_changed_predictions()
+    evaluate = multiple_choice.mcq_circular_eval if circular else multiple_choice.mcq_vanilla_eval
+    table = build_mcq_table(num_questions=3).drop(columns=["image"])
+    if not circular:
+        table = table[table["index"] < 1_000_000].reset_index(drop=True)
+    failed = "Failed to obtain answer: a bad image cell"
+    runs = [  # the first run fails question 1's rows; the rerun regenerates them, right; a third answers "A" everywhere
+        [failed if index % 1_000_000 == 1 else answer for index, answer in zip(table["index"], table["answer"])],
+        list(table["answer"]),
+        ["A"] * len(table),
+    ]
+    cached, fresh = tmp_path / "cached.pkl", []
+    for run, predictions in enumerate(runs):
+        data = table.assign(prediction=predictions)
+        scored = evaluate(None, data.copy(), table, 1, str(cached), "TinyMMBench")
+        reference = evaluate(None, data.copy(), table, 1, str(tmp_path / f"fresh{run}.pkl"), "TinyMMBench")
+        assert scored.set_index("index")["hit"].to_dict() == reference.set_index("index")["hit"].to_dict()
+        fresh.append(reference["hit"].sum())
+    assert fresh[0] < fresh[1] and fresh[2] < fresh[1]  # each call's predictions really change the verdicts
+    Path(str(cached) + ".judged.json").unlink()  # a cache from before the record: judged afresh
+    data = table.assign(prediction=runs[1])
+    assert evaluate(None, data.copy(), table, 1, str(cached), "TinyMMBench")["hit"].sum() == fresh[1]
+
+
 def test_a_prediction_survives_vlmevalkits_xlsx_round_trip(tmp_path):
     """What the tiny random model wrote on TinyCOCO: "= gUSER\\ufffd\\t\\x08*". VLMEvalKit stored it as
     a formula and the control character made the file unreadable, costing the set its score."""
