@@ -68,11 +68,17 @@ def shell_assignment(path: Path, pattern: str) -> str:
     return found.group(1)
 
 
-def test_install_and_ci_use_both_ends_of_the_range():
-    """install.sh defaults to the newest supported release; .ci/run also tests the oldest."""
+def test_install_and_ci_cover_every_supported_release():
+    """install.sh defaults to the newest supported release, on which CI runs the whole suite; .ci/run
+    then runs the engine tests on each older supported minor release, none left out."""
     oldest, newest = SUPPORTED_TRANSFORMERS
     assert shell_assignment(REPO / "install.sh", r"^TRANSFORMERS=\$\{TRANSFORMERS:-([^}]+)\}$") == f"{newest}.*"
-    assert shell_assignment(REPO / ".ci" / "run", r"^OLDEST_TRANSFORMERS=(\S+)$") == f"{oldest}.*"
+    older = shell_assignment(REPO / ".ci" / "run", r"^OLDER_TRANSFORMERS=\(([^)]*)\)$").split()
+    expected, release = [], oldest
+    while release != newest:
+        expected.append(f"{release}.*")
+        release = next_minor(release)
+    assert older == expected
 
 
 def test_checkpoints_load_without_hub_kernels():
