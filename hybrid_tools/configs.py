@@ -30,6 +30,7 @@ class Entry(DatasetResult):
 
     reference: Entry | None = None
     config: Configuration | None = None
+    unpaired: str = ""  # why it has no reference although its vanilla ran (other rows)
 
     @classmethod
     def of(cls, result: DatasetResult, config: Configuration) -> Entry:
@@ -128,6 +129,9 @@ def assign_references(configs: list[Configuration], forced: str | None = None) -
         reference = config if config.vanilla else config.reference
         for dataset, entry in config.entries.items():
             entry.reference = reference.entries.get(dataset) if reference is not None else None
+            if entry.reference is not None and entry.reference.rows != entry.rows:  # not the same questions
+                entry.unpaired = f"{entry.rows} rows, vanilla {entry.reference.rows}"
+                entry.reference = None
 
 
 def order_configurations(configs: list[Configuration]) -> list[Configuration]:

@@ -444,7 +444,7 @@ def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
             deltas = {f"delta_{k}": comparison.delta(entry, k) for k in entry.metrics} if reference is not None else {}
             rows.append({
                 "setting": labels.get(config.name, config.tag), "model": config.name, "dataset": dataset,
-                "rows": entry.rows, **entry.metrics, **deltas,
+                "rows": entry.rows, "failed_rows": len(entry.failed_rows), **entry.metrics, **deltas,
                 "tokens_in_mean": entry.tokens_in_mean, "tokens_kept_mean": entry.tokens_kept_mean,
                 "visual_in_mean": entry.visual_in_mean, "visual_kept_mean": entry.visual_kept_mean,
                 "visual_layer_mean": entry.visual_layer_mean, "prefill_gmacs_mean": entry.prefill_gmacs_mean,

@@ -204,9 +204,17 @@ def _read_metric_file(result: DatasetResult, folder: Path) -> None:
 # ------------------------------------------------------------------------------- statistics
 
 
-def _read_row_stats(result: DatasetResult, folder: Path) -> None:
+def _read_row_stats(result: DatasetResult, folder: Path, scored: set[str] | None) -> None:
+    """The sidecar's means over the rows the prediction file holds (`scored`; None: no readable
+    prediction file, every record), so they describe the rows behind the metric."""
     path = stats_path(folder, result.model, result.dataset)
     records = list(read_records(path).values())
+    if scored is not None:
+        outside = [record for record in records if str(record["index"]) not in scored]
+        records = [record for record in records if str(record["index"]) in scored]
+        if outside:
+            result.notes.append(f"{len(outside)} stats records of rows the prediction file does not hold "
+                                "(an earlier run of another --limit?) are left out of the means")
     if not records:
         return
 
@@ -234,13 +242,15 @@ def read_dataset(folder: str | Path, model: str, dataset: str) -> DatasetResult:
     folder = Path(folder)
     result = DatasetResult(model=model, dataset=dataset)
     result.prediction_file = prediction_file(folder, model, dataset)
+    scored = None
     if result.prediction_file is not None:
         try:
-            result.rows = len(load_table(result.prediction_file))
+            table = load_table(result.prediction_file)
+            result.rows, scored = len(table), {str(index) for index in table["index"]}
         except Exception:  # an unreadable prediction file: its row count stays unknown
             result.rows = None
     _read_metric_file(result, folder)
-    _read_row_stats(result, folder)
+    _read_row_stats(result, folder, scored)
     return result
 
 

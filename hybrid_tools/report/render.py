@@ -176,9 +176,15 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
     batched = sorted({b for e in entries for b in e.batch_sizes if b > 1})
     if batched:
         lines += [f"Rows were generated in batches ({', '.join(map(str, batched))}): prefill times are per batch.", ""]
-    missing = [e.config.label for e in entries if e.reference is None]
+    missing = [e.config.label for e in entries if e.reference is None and not e.unpaired]
     if missing and any(not e.config.vanilla for e in entries):
         lines += [f"No vanilla reference for: {', '.join(f'`{m}`' for m in missing)} (Δ and ratios shown as –).", ""]
+    unpaired = [f"`{e.config.label}` ({e.unpaired})" for e in entries if e.unpaired]
+    if unpaired:
+        lines += [f"Not compared with vanilla, whose rows differ (Δ and ratios shown as –): {', '.join(unpaired)}.", ""]
+    failed = [f"`{e.config.label}` row {index} ({reason})" for e in entries for index, reason in e.failed_rows]
+    if failed:
+        lines += [f"Failed rows, scored as wrong and left out of the token and time means: {'; '.join(failed)}.", ""]
     figure = report.figures / (re.sub(r"[^A-Za-z0-9._-]+", "_", dataset) + ".png")
     if plot_dataset(dataset, entries, figure, tiny=report.eval_tiny):
         main = entries[0].main_metric if entries else ""
@@ -330,6 +336,8 @@ def entry_json(entry: Entry, linker: Linker) -> dict:
         "delta": {k: delta(entry, k) for k in entry.metrics} if ref else {},
         "rows": entry.rows,
         "stats_rows": entry.stats_rows,
+        "failed_rows": [{"index": index, "reason": reason} for index, reason in entry.failed_rows],
+        "unpaired": entry.unpaired or None,
         "tokens_in_mean": entry.tokens_in_mean,
         "tokens_kept_mean": entry.tokens_kept_mean,
         "prefill_ms_median": entry.prefill_ms_median,

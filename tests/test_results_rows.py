@@ -1,0 +1,67 @@
+"""The per-row statistics a results folder reports describe the same rows as its metric."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pandas as pd
+
+from vlmeval_plugin.results import read_dataset
+
+MODEL, DATASET = "llava_tiny_fastv", "TinyCOCO"
+
+
+def test_stats_of_rows_outside_the_prediction_file_are_left_out_of_the_means(tmp_path):
+    """A folder first run on five rows and then rerun with --limit 2 holds five stats records and
+    a two-row prediction file: the means (and the failed rows) must be those two rows' only."""
+    pd.DataFrame({"index": [0, 1], "prediction": ["a", "b"]}).to_csv(tmp_path / f"{MODEL}_{DATASET}.tsv", sep="\t", index=False)
+    records = [dict(index=str(i), prediction="x", tokens_in=100 * (i + 1), prefill_s=0.01 * (i + 1)) for i in range(5)]
+    records[3]["error"] = "a bad image cell"
+    with open(tmp_path / f"{MODEL}_{DATASET}_stats.jsonl", "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    result = read_dataset(tmp_path, MODEL, DATASET)
+    assert result.rows == 2 and result.stats_rows == 2
+    assert result.tokens_in_mean == statistics.fmean([100, 200])
+    assert result.prefill_ms_median == 1000 * statistics.median([0.01, 0.02])
+    assert result.failed_rows == []  # row 3 failed in a run whose rows are not the ones scored
+    assert any("3 stats records" in note for note in result.notes), result.notes
+
+
+def test_without_a_readable_prediction_file_every_record_counts(tmp_path):
+    with open(tmp_path / f"{MODEL}_{DATASET}_stats.jsonl", "w") as handle:
+        handle.writelines(json.dumps(dict(index=str(i), prediction="x", tokens_in=10 * i)) + "\n" for i in range(3))
+    result = read_dataset(tmp_path, MODEL, DATASET)
+    assert result.rows is None and result.stats_rows == 3 and result.tokens_in_mean == 10.0 and result.notes == []
+
+
+def write_folder(work, model, indices, failed=None):
+    folder = work / model
+    folder.mkdir(parents=True)
+    pd.DataFrame({"index": indices, "prediction": ["a"] * len(indices)}).to_csv(folder / f"{model}_{DATASET}.tsv", sep="\t", index=False)
+    with open(folder / f"{model}_{DATASET}_stats.jsonl", "w") as handle:
+        for index in indices:
+            record = dict(index=str(index), prediction="a", tokens_in=100, tokens_kept=50, prefill_s=0.01, setting="stock" if model == "llava_tiny" else "fastv")
+            if index == failed:
+                record = dict(index=str(index), prediction="Failed to obtain answer: a bad image cell", error="a bad image cell")
+            handle.write(json.dumps(record) + "\n")
+
+
+def test_reports_name_failed_rows_and_compare_only_runs_on_the_same_rows(tmp_path):
+    """A run whose prediction file holds other rows than vanilla's gets no Δ or ratios (they would
+    compare different questions), and each failed row is listed with its reason."""
+    from hybrid_tools.report.cli import main as report_main
+
+    work = tmp_path / "work"
+    write_folder(work, "llava_tiny", [0, 1, 2])
+    write_folder(work, "llava_tiny_fastv__fastv-k64-l2", [0, 1])
+    write_folder(work, "llava_tiny_fastv__fastv-k32-l2", [0, 1, 2], failed=2)
+    report_main([str(work), "--name", "rows", "--out", str(tmp_path / "reports")])
+    markdown = (tmp_path / "reports" / "rows" / "report.md").read_text()
+    assert "Not compared with vanilla, whose rows differ (Δ and ratios shown as –): `llava_tiny_fastv__fastv-k64-l2` (2 rows, vanilla 3)." in markdown, markdown
+    assert "`llava_tiny_fastv__fastv-k32-l2` row 2 (a bad image cell)" in markdown
+    entries = {e["model"]: e for e in json.loads((tmp_path / "reports" / "rows" / "report.json").read_text())["datasets"][DATASET]}
+    assert entries["llava_tiny_fastv__fastv-k64-l2"]["reference"] is None and entries["llava_tiny_fastv__fastv-k64-l2"]["unpaired"]
+    assert entries["llava_tiny_fastv__fastv-k32-l2"]["reference"] is not None
+    assert entries["llava_tiny_fastv__fastv-k32-l2"]["failed_rows"] == [{"index": "2", "reason": "a bad image cell"}]
