@@ -176,7 +176,12 @@ def item_vectors(raw: Path, dataset: str) -> dict[str, np.ndarray]:
     captions = pd.read_csv(captions_path).rename(columns={"image": "item", "cider": "value"}) if captions_path.is_file() else hits[:0]
     items = pd.concat([hits, captions])
     table = items[items["dataset"] == dataset].pivot(index="item", columns="run", values="value").sort_index()
-    return {run: table[run].to_numpy(dtype=float) for run in table.columns if not table[run].isna().any()}
+    partial = {run: int(table[run].notna().sum()) for run in table.columns if table[run].isna().any()}
+    if partial:  # paired intervals need every run on the same items
+        listed = ", ".join(f"{run} ({count})" for run, count in partial.items())
+        raise SystemExit(f"{dataset}: {len(table)} items in all, but these runs hold fewer: {listed}. "
+                         "Rerun them on the whole set (without --limit), or move their folders out of the work dir.")
+    return {run: table[run].to_numpy(dtype=float) for run in table.columns}
 
 
 def references(runs: pd.DataFrame, vectors: dict, budget, positions: str) -> dict[str, np.ndarray]:

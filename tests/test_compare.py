@@ -150,3 +150,17 @@ def test_the_table_has_a_cider_section_with_intervals_in_cider_points(tmp_path):
     assert "VLMEvalKit says 99.0" in pool_row
     fastv_row = next(line for line in table.splitlines() if "| fastv |" in line)
     assert "VLMEvalKit says" not in fastv_row and "| fastv-k64-l2 |" in fastv_row
+
+
+def test_runs_on_other_items_stop_the_comparison_naming_them(tmp_path):
+    """A paired interval needs both runs on the same items: a run made with --limit is named, with
+    its item count, instead of a KeyError (it was dropped, then looked up)."""
+    common = dict(budget=64, positions="logical", seed=None, dataset="SetX", metric="CIDEr", status="ok",
+                  visual_in=576, visual_kept=64, visual_layer_mean=100.0, prefill_gmacs=1.0, vlmeval_score=20.0)
+    runs = [dict(run="m_fastv__fastv-k64-l2", method="fastv", setting="fastv-k64-l2", items=4, **common),
+            dict(run="m_pool__pool-b64", method="pool", setting="pool-b64", items=2, **common)]
+    captions = [dict(run="m_fastv__fastv-k64-l2", dataset="SetX", image=i, cider=10.0) for i in range(4)]
+    captions += [dict(run="m_pool__pool-b64", dataset="SetX", image=i, cider=10.0) for i in range(2)]
+    write_raw(tmp_path / "raw", runs, [], captions)
+    with pytest.raises(SystemExit, match=r"SetX: 4 items in all, but these runs hold fewer: m_pool__pool-b64 \(2\)"):
+        compare.main_table(tmp_path / "raw")
