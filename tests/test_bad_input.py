@@ -323,6 +323,30 @@ def test_a_regenerated_row_is_judged_again_not_read_from_the_verdict_cache(tmp_p
     assert evaluate(None, data.copy(), table, 1, str(cached), "TinyMMBench")["hit"].sum() == fresh[1]
 
 
+@pytest.mark.parametrize("circular", [False, True])
+def test_an_empty_question_cell_is_scored_not_a_crash_of_the_whole_set(tmp_path, monkeypatch, circular):
+    """An empty question reads back from the prediction .xlsx as NaN; upstream's answer extraction
+    raised on it ("expected string or bytes-like object") and no row of the set was scored. Each
+    row must score as the same row with an empty-string question does."""
+    import vlmeval.dataset.utils.multiple_choice as multiple_choice
+
+    for name in ("mcq_circular_eval", "mcq_vanilla_eval", "extract_answer_from_item", "timestr"):
+        monkeypatch.setattr(multiple_choice, name, getattr(multiple_choice, name))
+    robust._private_circular_scratch()
+    robust._blank_missing_questions()
+    evaluate = multiple_choice.mcq_circular_eval if circular else multiple_choice.mcq_vanilla_eval
+    table = build_mcq_table(num_questions=3).drop(columns=["image"])
+    if not circular:
+        table = table[table["index"] < 1_000_000].reset_index(drop=True)
+    predictions = ["Failed to obtain answer: empty question" if index % 1_000_000 == 1 else "the answer is unclear"
+                   for index in table["index"]]
+    blank = table.assign(prediction=predictions, question=["" if i % 1_000_000 == 1 else q for i, q in zip(table["index"], table["question"])])
+    missing = blank.assign(question=[float("nan") if i % 1_000_000 == 1 else q for i, q in zip(table["index"], blank["question"])])
+    expected = evaluate(None, blank.copy(), table, 1, str(tmp_path / "blank.pkl"), "TinyMMBench")
+    scored = evaluate(None, missing.copy(), table, 1, str(tmp_path / "missing.pkl"), "TinyMMBench")
+    assert scored.set_index("index")["hit"].to_dict() == expected.set_index("index")["hit"].to_dict()
+
+
 def test_a_prediction_survives_vlmevalkits_xlsx_round_trip(tmp_path):
     """What the tiny random model wrote on TinyCOCO: "= gUSER\\ufffd\\t\\x08*". VLMEvalKit stored it as
     a formula and the control character made the file unreadable, costing the set its score."""
