@@ -347,6 +347,36 @@ def test_an_empty_question_cell_is_scored_not_a_crash_of_the_whole_set(tmp_path,
     assert scored.set_index("index")["hit"].to_dict() == expected.set_index("index")["hit"].to_dict()
 
 
+SQUARE_SCRIPT = r"""
+import resource
+import numpy as np
+from PIL import Image
+from vlmeval_plugin.model import MAX_SQUARE_SIDE, expand_to_square
+
+background = (10, 20, 30)
+photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8))
+reference = np.zeros((300, 300, 3), dtype=np.uint8) + np.array(background, dtype=np.uint8)
+reference[50:250] = np.asarray(photo)  # LLaVA's pad: centred on the mean colour
+print("exact", np.array_equal(np.asarray(expand_to_square(photo, background)), reference))
+strip = expand_to_square(Image.new("RGB", (1, 40_000), (255, 255, 255)), background)
+white_columns = (np.asarray(strip) > 200).all(axis=2).all(axis=0)  # the strip, top to bottom
+print("strip", strip.size == (MAX_SQUARE_SIDE, MAX_SQUARE_SIDE), int(white_columns.sum()) == 1)
+print("peak_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+
+
+@needs_vlmeval
+def test_a_very_long_image_is_padded_on_a_bounded_square(sandbox):  # noqa: F811
+    """LLaVA's padding to a square is upstream's, pixel for pixel, for an ordinary image; a 1 x 40000
+    strip (a few bytes of PNG) would have needed a 40000^2 canvas (about 5 GB) and killed the run on
+    the same row at every rerun: it is shrunk to MAX_SQUARE_SIDE first, still centred and whole."""
+    result = subprocess.run([sys.executable, "-c", SQUARE_SCRIPT], env=sandbox["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines()[-3:])
+    assert lines["exact"] == "True" and lines["strip"] == "True True", lines
+    assert float(lines["peak_gb"]) < 2.0, lines
+
+
 def test_a_prediction_survives_vlmevalkits_xlsx_round_trip(tmp_path):
     """What the tiny random model wrote on TinyCOCO: "= gUSER\\ufffd\\t\\x08*". VLMEvalKit stored it as
     a formula and the control character made the file unreadable, costing the set its score."""
