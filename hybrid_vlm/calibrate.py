@@ -88,16 +88,7 @@ def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[]
     digests differ, `signature()` (`vision_signature` of that model) may still match the file's: the
     same weights loaded in another float dtype (a float32 checkpoint calibrated in float32 and run in
     float16, say) hash differently."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"DyMU threshold file {path} does not exist: make one with `python -m hybrid_vlm.calibrate`") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"DyMU threshold file {path} is not valid JSON: {error}") from None
-    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{path} is not a DyMU threshold file of format {' or '.join(map(repr, READABLE_FORMATS))}")
-    payload.setdefault("split", READABLE_FORMATS[payload["format"]])
-    check_threshold_payload(path, payload)
+    payload = read_threshold_payload(path)
     model = payload["model"]
     if not _same_vision_weights(model, identity, signature):
         raise ValueError(
@@ -108,6 +99,21 @@ def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[]
         )
     values = [math.inf if v is None else float(v) for v in payload["thresholds"]]
     return torch.tensor(values, dtype=torch.float32), payload
+
+
+def read_threshold_payload(path: str | Path) -> dict:
+    """The contents of a threshold file, checked for shape (not yet against a model)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"DyMU threshold file {path} does not exist: make one with `python -m hybrid_vlm.calibrate`") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DyMU threshold file {path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path} is not a DyMU threshold file of format {' or '.join(map(repr, READABLE_FORMATS))}")
+    payload.setdefault("split", READABLE_FORMATS[payload["format"]])
+    check_threshold_payload(path, payload)
+    return payload
 
 
 def check_threshold_payload(path: str | Path, payload: dict) -> None:

@@ -3,6 +3,8 @@ name the setting and what is accepted, and the sweep plans one run per method x 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hybrid_vlm import HybridConfig
@@ -52,6 +54,9 @@ def test_names_decide_the_method(name, env, expected):
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "193"}, "not reachable by pool: .* nearby reachable budgets: .*192"),
         ("llava_v1.5_7b_divprune", {"VISUAL_BUDGET": "600"}, "not reachable by divprune: use an integer 1..576"),
         ("llava_v1.5_7b_fastv", {"MASK_READ": "always"}, "MASK_READ='always' is not valid: use never .* or once"),
+        ("llava_v1.5_7b_fastv", {"VISUAL_METHOD": "foo"}, "VISUAL_METHOD=foo is not a method \\(one of fastv, .*visionzip.*\\); the name decides"),
+        ("llava_v1.5_7b_fastv", {"FASTV_K": "577"}, "FASTV_K=577 would keep more than LLaVA-1.5's 576 visual tokens, so nothing is pruned"),
+        ("llava_v1.5_7b_random", {"FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
     ],
 )
 def test_conflicting_or_malformed_settings_are_refused(name, env, message):
@@ -148,3 +153,13 @@ def test_run_py_names_what_a_name_ignores():
     )
     assert settings.ignored_note("llava_v1.5_7b", "llava_v1.5_7b", {"HYBRID_POSITIONS": "renumbered"}).endswith("it runs stock")
     assert settings.ignored_note("llava_v1.5_7b_fastv", "llava_v1.5_7b_fastv__fastv-k32-l2", {"FASTV_K": "32"}) is None
+
+
+def test_a_malformed_thresholds_file_is_refused_before_any_model_loads(tmp_path):
+    """Its shape is checked when the name's setting is read (exit 2 in run.py), not after the
+    model loaded: a dict of thresholds had loaded its keys as the values."""
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps({"format": "hybrid-vlm/dymu-thresholds/v2", "split": "official", "model": {},
+                                "thresholds": {"0": 0.7, "1": 0.8}}))
+    with pytest.raises(settings.PluginError, match=r"DYMU_THRESHOLDS='.*edited.json': .*'thresholds' must be a non-empty list"):
+        settings.hybrid_config_for("llava_v1.5_7b_dymu", {"DYMU_THRESHOLDS": str(path)})

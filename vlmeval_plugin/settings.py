@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_vlm.config import HybridConfig
-from hybrid_vlm.methods import check_budget, get_method
+from hybrid_vlm.methods import check_budget, get_method, list_methods
 
 CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
 # family -> the llava-hf checkpoint its names load by default (VLMEvalKit's model paths)
@@ -256,6 +256,12 @@ def dymu_file(name: str, variant: Variant, env) -> str:
         raise PluginError(f"{name} needs DYMU_THRESHOLDS=<threshold file>. Make one with:\n    {CALIBRATE_HINT}")
     if not Path(dymu).is_file():
         raise PluginError(f"DYMU_THRESHOLDS={dymu!r} is not a file. Make one with:\n    {CALIBRATE_HINT}")
+    from hybrid_vlm.calibrate import read_threshold_payload
+
+    try:
+        read_threshold_payload(dymu)  # its shape, before any model loads (its model is checked at load)
+    except ValueError as error:
+        raise PluginError(f"DYMU_THRESHOLDS={dymu!r}: {error}") from None
     return dymu
 
 
@@ -363,12 +369,18 @@ def check_for_model(variant: Variant, config: HybridConfig) -> None:
         check_qwen_settings(config)
     elif config.pre_llm_method is not None and not variant.next:
         check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
+    elif isinstance(config.fastv_k, int) and config.fastv_k > LLAVA_15_PATCHES and not variant.next:
+        raise ValueError(f"FASTV_K={config.fastv_k} would keep more than LLaVA-1.5's {LLAVA_15_PATCHES} visual tokens, "
+                         f"so nothing is pruned: use 0 to {LLAVA_15_PATCHES}, or a ratio in [0, 1)")
 
 
 def check_method_setting(name: str, variant: Variant, env) -> None:
     """The name decides the method: a VISUAL_METHOD naming another one is refused, and so is
     VISUAL_BUDGET on a name that reads FASTV_K or thresholds instead."""
     method = (env.get("VISUAL_METHOD") or "").strip()
+    if method and method not in list_methods():
+        raise PluginError(f"{name}: VISUAL_METHOD={method} is not a method (one of {', '.join(list_methods())}); "
+                          "the name decides the method, so unset it")
     if method and method not in variant.methods:
         accepted = f"VISUAL_METHOD={variant.methods[0]} or unset" if variant.methods else "VISUAL_METHOD unset"
         raise PluginError(f"{name}: VISUAL_METHOD={method} conflicts with the name, which decides the method ({accepted}); "
