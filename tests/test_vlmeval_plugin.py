@@ -479,6 +479,7 @@ def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
         "malformed FASTV_K": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", *checkpoint], {"FASTV_K": "7x"}),
         "missing checkpoint": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b"], {}),
         "method conflicts with the name": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_visionzip", *checkpoint], {"VISUAL_METHOD": "divprune"}),
+        "layer beyond the LLM": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", *checkpoint], {"FASTV_LAYER": "99"}),
     }
     processes = {
         case: subprocess.Popen([sys.executable, RUN_PY, *args], env=dict(sandbox["env"], **extra), cwd=sandbox["root"],
@@ -495,6 +496,8 @@ def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
     assert "llava-hf/llava-1.5-7b-hf" in missing and str(Path(sandbox["env"]["HF_HOME"]) / "hub") in missing
     assert "hf download llava-hf/llava-1.5-7b-hf" in missing
     assert "VISUAL_METHOD=divprune conflicts with the name" in outcomes["method conflicts with the name"][1]
+    assert "FASTV_LAYER=99 is not valid: use 1..3 for this 4-layer LLM" in outcomes["layer beyond the LLM"][1]
+    assert "Loading weights" not in outcomes["layer beyond the LLM"][1]  # refused before the model loads
     assert not any((sandbox["root"] / "outputs").glob("llava_v1.5_7b*"))  # nothing ran
 
 

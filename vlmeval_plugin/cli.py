@@ -93,6 +93,7 @@ class PluginModel:
         else:
             self.checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS[self.variant.family])
             settings.check_checkpoint_family(self.checkpoint, self.variant)
+        settings.check_llm_depth(self.checkpoint, self.config)
 
     @cached_property
     def signature(self) -> str:

@@ -444,6 +444,19 @@ def check_checkpoint_family(folder: Path, variant: Variant) -> None:
         )
 
 
+def check_llm_depth(folder: Path, config: HybridConfig | None) -> None:
+    """FASTV_LAYER within the checkpoint's LLM (read from its config.json), before the model loads."""
+    import json
+
+    try:
+        saved = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers will say what is wrong at load
+    layers = saved.get("text_config", {}).get("num_hidden_layers", saved.get("num_hidden_layers"))
+    if config is not None and config.prunes and isinstance(layers, int) and config.fastv_layer >= layers:
+        raise PluginError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{layers - 1} for this {layers}-layer LLM ({folder})")
+
+
 def resolve_checkpoint(model_path: str | None = None, default_id: str = CHECKPOINT_ID) -> Path:
     """A local llava-hf checkpoint directory: `model_path`, else $HYBRID_VLM_MODEL_PATH, else the
     Hugging Face cache copy of `default_id` (llava-hf/llava-1.5-7b-hf). Nothing is downloaded.
