@@ -29,7 +29,7 @@ from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop, sparsevlm
 from .methods.dart import IMAGE_PIVOTS, dart_keep_mask, image_quotas, kept_count, key_l1_norms, quotas_for
 from .placement import PlacedPrompt
-from .runtime import host_to_device
+from .runtime import host_to_device, require
 
 SCORE_KINDS = ("previous_row", "own_row", "dart", "raters", "slots")
 
@@ -90,16 +90,29 @@ def scoring_query(placed: PlacedPrompt, fastv_query_index) -> torch.Tensor:
     return query_index
 
 
+def check_query_is_text(placed: PlacedPrompt, query_index: torch.Tensor) -> None:
+    """The scoring query is the prompt's last token, whose row also predicts the first new token: a
+    stage could prune it if it were visual (a raw prompt ending with its image), and generate would
+    then predict from another token's row. No host read on CUDA (a device assert)."""
+    real_visual = placed.new_valid.gather(1, placed.visual_positions)
+    on_visual = ((placed.visual_positions == query_index[:, None]) & real_visual).any()
+    require(~on_visual, lambda: "the prompt ends with an image token, but pruning inside the LLM scores with the last "
+                                "prompt token and must keep it: put text after the image (chat templates do)")
+
+
 def stage_plans(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_index, num_layers: int) -> dict[int, PrunePlan]:
     """{layer: the stage that prunes before it runs}, empty when nothing is pruned in this forward."""
     method = config.llm_method
     if placed is None or method is None:
         return {}
+    query_index = scoring_query(placed, fastv_query_index)
     if config.staged_method is not None:
-        return whole_image_stages(config, placed, scoring_query(placed, fastv_query_index), num_layers)
+        check_query_is_text(placed, query_index)
+        return whole_image_stages(config, placed, query_index, num_layers)
     keep, uniform, prunes = visual_quotas(config, placed)
     if not prunes:
         return {}
+    check_query_is_text(placed, query_index)
     valid = placed.new_valid
     keep_per_sample = None
     if not uniform or placed.entered_positions is not None:
@@ -110,7 +123,7 @@ def stage_plans(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_i
     reads_row = Read.LLM_ATTENTION_ROW in get_method(method).reads
     if not reads_row and placed.slot_scores is None:
         raise RuntimeError(f"{method} scores slots the adapter did not supply")
-    plan = PrunePlan(keep, placed.visual_positions, scoring_query(placed, fastv_query_index), keep_per_sample,
+    plan = PrunePlan(keep, placed.visual_positions, query_index, keep_per_sample,
                      placed.slot_scores, placed.protected, uniform, "previous_row" if reads_row else "slots")
     return {config.fastv_layer: plan}
 

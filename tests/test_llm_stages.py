@@ -249,3 +249,24 @@ def test_settings_that_cannot_run_are_refused(deep, tiny_next):
         patched(tiny_next[0], visual_method="dart", visual_budget=64, fastv_newlines="keep")
     environment = dict(VISUAL_METHOD="dart", VISUAL_BUDGET="64", DART_QUOTA="matched", DART_PIVOTS="official")
     assert HybridConfig.from_env(environment).describe() == "dart-matched-b64-l2-pivots-official"
+
+
+@pytest.mark.parametrize("settings", [dict(fastv_k=8), dict(fastv_k=8, fastv_select="random"), dict(visual_method="pdrop", visual_budget=64),
+                                      dict(visual_method="dart", visual_budget=64)])
+def test_a_prompt_ending_with_its_image_is_refused_by_pruning_inside_the_llm(deep, settings):
+    """The last prompt token scores and predicts the first new token; a raw prompt ending with
+    its image made it a visual slot that a stage could prune (the stock reference's last row then
+    differed by 10 in the logits, and PyramidDrop's later stages scored with BOS). The same prompt
+    with text after the image runs, and so does the method before the LLM, which prunes nothing there."""
+    from hybrid_vlm.tiny import synthetic_image
+
+    model, processor = deep
+    ending = processor(images=[synthetic_image(0)], text=["USER: describe <image>"], return_tensors="pt")
+    with_text = processor(images=[synthetic_image(0)], text=["USER: describe <image> ASSISTANT:"], return_tensors="pt")
+    assert ending["input_ids"][0, -1] == model.config.image_token_id
+    hybrid = patched(model, **settings)
+    with torch.no_grad(), pytest.raises(ValueError, match="the prompt ends with an image token"):
+        hybrid(**ending)
+    with torch.no_grad():
+        hybrid(**with_text)
+        patched(model, visual_method="visionzip", visual_budget=64)(**ending)
