@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -289,17 +290,29 @@ def test_circular_scoring_gets_a_scratch_file_of_its_own_and_removes_it(tmp_path
     assert all("20260102030405" in path and not Path(path).exists() for path in written), written
 
 
+@pytest.fixture
+def installed(monkeypatch):
+    """VLMEvalKit's scoring module after robust.install(), as run.py sets it up; undone after the test."""
+    import vlmeval.dataset.image_base as image_base
+    import vlmeval.dataset.utils.multiple_choice as multiple_choice
+    import vlmeval.inference as inference
+
+    patched = {multiple_choice: ("mcq_circular_eval", "mcq_vanilla_eval", "extract_answer_from_item", "timestr"),
+               image_base: ("decode_base64_to_image_file",), image_base.ImageBaseDataset: ("__init__",),
+               inference: ("FAIL_MSG", "infer_data")}
+    for owner, names in patched.items():
+        for name in names:
+            monkeypatch.setattr(owner, name, getattr(owner, name))
+    robust.install()
+    return multiple_choice
+
+
 @pytest.mark.parametrize("circular", [False, True])
-def test_a_regenerated_row_is_judged_again_not_read_from_the_verdict_cache(tmp_path, monkeypatch, circular):
+def test_a_regenerated_row_is_judged_again_not_read_from_the_verdict_cache(tmp_path, installed, circular):
     """Upstream caches each row's (circular: group's) verdict by index and never judges it again: a
     failed row fixed by a rerun kept its failed verdict. Every call must score as a fresh cache does,
     and a cache left by an earlier version (no record of what it judged) is judged afresh."""
-    import vlmeval.dataset.utils.multiple_choice as multiple_choice
-
-    for name in ("mcq_circular_eval", "mcq_vanilla_eval", "timestr"):  # upstream's again after this test
-        monkeypatch.setattr(multiple_choice, name, getattr(multiple_choice, name))
-    robust._private_circular_scratch()
-    robust._rejudge_changed_predictions()
+    multiple_choice = installed
     evaluate = multiple_choice.mcq_circular_eval if circular else multiple_choice.mcq_vanilla_eval
     table = build_mcq_table(num_questions=3).drop(columns=["image"])
     if not circular:
@@ -323,17 +336,69 @@ def test_a_regenerated_row_is_judged_again_not_read_from_the_verdict_cache(tmp_p
     assert evaluate(None, data.copy(), table, 1, str(cached), "TinyMMBench")["hit"].sum() == fresh[1]
 
 
+class Judge:
+    """A judge model that answers "A" to every question, and goes down after `answers` calls."""
+
+    def __init__(self, answers=None):
+        self.calls, self.answers = 0, answers
+
+    def generate(self, prompt):
+        self.calls += 1
+        if self.answers is not None and self.calls > self.answers:
+            raise RuntimeError("the judge API went down")
+        return "A"
+
+
+def killed_after(saves: int):
+    """upstream's track_progress_rich, one task at a time, killed once it has saved `saves` verdicts."""
+    from vlmeval.smp import dump, load
+
+    def track_progress_rich(func, tasks, nproc=1, save=None, keys=None, **kwargs):
+        saved = load(save) if os.path.exists(save) else {}
+        for count, (key, task) in enumerate(zip(keys, tasks)):
+            if count == saves:
+                raise KeyboardInterrupt
+            saved[key] = func(**task)
+            dump(saved, save)
+
+    return track_progress_rich
+
+
+def test_a_judging_run_cut_short_keeps_its_verdicts_and_exact_matching_ones_are_judged_again(tmp_path, installed, monkeypatch):
+    """Upstream saves each verdict as it comes: a rerun after a kill asks the judge only about the
+    rows it had not judged. Verdicts made by exact matching while the judge was down (into the
+    judge's own cache) are judged by the judge once it answers, as on a fresh cache."""
+    table = build_mcq_table(num_questions=6).drop(columns=["image"])
+    table = table[table["index"] < 1_000_000].reset_index(drop=True)
+    data = table.assign(prediction="I am not sure about this one")  # no letter: exact matching cannot decide
+    fresh = Judge()
+    expected = installed.mcq_vanilla_eval(fresh, data.copy(), table, 1, str(tmp_path / "fresh_gpt4_result.pkl"), "TinyMMBench")
+    assert expected["hit"].sum() > 0  # the judge's verdicts differ from exact matching's (all 0)
+
+    cache, killed = str(tmp_path / "m_TinyMMBench_gpt4_result.pkl"), Judge()
+    upstream_track = installed.track_progress_rich
+    monkeypatch.setattr(installed, "track_progress_rich", killed_after(4))
+    with pytest.raises(KeyboardInterrupt):
+        installed.mcq_vanilla_eval(killed, data.copy(), table, 1, cache, "TinyMMBench")
+    monkeypatch.setattr(installed, "track_progress_rich", upstream_track)
+    rerun = Judge()
+    scored = installed.mcq_vanilla_eval(rerun, data.copy(), table, 1, cache, "TinyMMBench")
+    assert 0 < killed.calls and rerun.calls == fresh.calls - killed.calls
+    assert scored["hit"].tolist() == expected["hit"].tolist()
+
+    fallback = str(tmp_path / "fallback_TinyMMBench_gpt4_result.pkl")
+    installed.mcq_vanilla_eval(None, data.copy(), table, 1, fallback, "TinyMMBench")  # the judge was down: exact matching
+    judged = Judge()
+    scored = installed.mcq_vanilla_eval(judged, data.copy(), table, 1, fallback, "TinyMMBench")
+    assert judged.calls == fresh.calls and scored["hit"].tolist() == expected["hit"].tolist()
+
+
 @pytest.mark.parametrize("circular", [False, True])
-def test_an_empty_question_cell_is_scored_not_a_crash_of_the_whole_set(tmp_path, monkeypatch, circular):
+def test_an_empty_question_cell_is_scored_not_a_crash_of_the_whole_set(tmp_path, installed, circular):
     """An empty question reads back from the prediction .xlsx as NaN; upstream's answer extraction
     raised on it ("expected string or bytes-like object") and no row of the set was scored. Each
     row must score as the same row with an empty-string question does."""
-    import vlmeval.dataset.utils.multiple_choice as multiple_choice
-
-    for name in ("mcq_circular_eval", "mcq_vanilla_eval", "extract_answer_from_item", "timestr"):
-        monkeypatch.setattr(multiple_choice, name, getattr(multiple_choice, name))
-    robust._private_circular_scratch()
-    robust._blank_missing_questions()
+    multiple_choice = installed
     evaluate = multiple_choice.mcq_circular_eval if circular else multiple_choice.mcq_vanilla_eval
     table = build_mcq_table(num_questions=3).drop(columns=["image"])
     if not circular:

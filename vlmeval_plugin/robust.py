@@ -317,18 +317,29 @@ def install() -> None:
     _resume_checkpoints_cleanly()
     _private_circular_scratch()
     _rejudge_changed_predictions()
+    _blank_missing_questions()
 
 
 
-def judged_predictions(data: pd.DataFrame, circular: bool) -> dict[str, str]:
-    """{cache key: the predictions its verdict judges}: a row's prediction, or (circular) its
-    group's predictions in index order."""
+def judged_predictions(data: pd.DataFrame, circular: bool, judge: str) -> dict[str, str]:
+    """{cache key: what its verdict judges}: the judge, and a row's prediction or (circular) its
+    group's predictions in index order. Upstream scores by exact matching when its judge is down,
+    into the judge's own cache: such a verdict must not stand once the judge answers."""
     if not circular:
-        return {str(index): str(prediction) for index, prediction in zip(data["index"], data["prediction"])}
+        return {str(index): repr((judge, str(prediction))) for index, prediction in zip(data["index"], data["prediction"])}
     groups: dict[str, list[tuple[int, str]]] = {}
     for index, prediction in zip(data["index"], data["prediction"]):
         groups.setdefault(str(int(index % 1e6)), []).append((int(index), str(prediction)))
-    return {key: repr(sorted(rows)) for key, rows in groups.items()}
+    return {key: repr((judge, sorted(rows))) for key, rows in groups.items()}
+
+
+def read_judged(result_file: str) -> dict[str, str]:
+    """The record beside a verdict cache; none (judge everything again) if missing or torn."""
+    try:
+        recorded = json.loads(Path(result_file + ".judged.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def drop_stale_verdicts(result_file: str, judged: dict[str, str]) -> None:
@@ -338,9 +349,7 @@ def drop_stale_verdicts(result_file: str, judged: dict[str, str]) -> None:
 
     if not os.path.exists(result_file):
         return
-    record_file = result_file + ".judged.json"
-    recorded = json.loads(Path(record_file).read_text()) if os.path.exists(record_file) else {}
-    verdicts = load(result_file)
+    recorded, verdicts = read_judged(result_file), load(result_file)
     stale = [key for key in verdicts if str(key) in judged and recorded.get(str(key)) != judged[str(key)]]
     if stale:
         for key in stale:
@@ -349,14 +358,17 @@ def drop_stale_verdicts(result_file: str, judged: dict[str, str]) -> None:
 
 
 def record_judged(result_file: str, judged: dict[str, str]) -> None:
-    record_file = Path(result_file + ".judged.json")
-    recorded = json.loads(record_file.read_text()) if record_file.exists() else {}
-    record_file.write_text(json.dumps({**recorded, **judged}))
+    """Written before judging: upstream saves each verdict as it comes, so a judging run cut short
+    leaves verdicts of exactly these predictions, which a rerun keeps. Replaced whole, never torn."""
+    record = Path(result_file + ".judged.json")
+    scratch = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps({**read_judged(result_file), **judged}))
+    os.replace(scratch, record)
 
 
 def _rejudge_changed_predictions() -> None:
     """Wrap mcq_vanilla_eval / mcq_circular_eval (looked up in their module at each evaluate call)
-    so that a cached verdict is reused only for the predictions it judged."""
+    so that a cached verdict is reused only for the predictions (and judge) it judged."""
     import vlmeval.dataset.utils.multiple_choice as multiple_choice
 
     for name, circular in (("mcq_vanilla_eval", False), ("mcq_circular_eval", True)):
@@ -365,11 +377,10 @@ def _rejudge_changed_predictions() -> None:
             continue
 
         def checked(model, data, meta, nproc, result_file, *args, _evaluate=evaluate, _circular=circular, **kwargs):
-            judged = judged_predictions(data, _circular)
+            judged = judged_predictions(data, _circular, "exact matching" if model is None else type(model).__name__)
             drop_stale_verdicts(result_file, judged)
-            scored = _evaluate(model, data, meta, nproc, result_file, *args, **kwargs)
             record_judged(result_file, judged)
-            return scored
+            return _evaluate(model, data, meta, nproc, result_file, *args, **kwargs)
 
         checked._hybrid_vlm = getattr(evaluate, "_hybrid_vlm", False)
         checked._hybrid_vlm_rejudge = True
