@@ -129,8 +129,9 @@ def assign_references(configs: list[Configuration], forced: str | None = None) -
         reference = config if config.vanilla else config.reference
         for dataset, entry in config.entries.items():
             entry.reference = reference.entries.get(dataset) if reference is not None else None
-            if entry.reference is not None and entry.reference.rows != entry.rows:  # not the same questions
-                entry.unpaired = f"{entry.rows} rows, vanilla {entry.reference.rows}"
+            if entry.reference is not None and entry.reference.row_indices != entry.row_indices:  # not the same questions
+                entry.unpaired = (f"{entry.rows} rows, vanilla {entry.reference.rows}" if entry.rows != entry.reference.rows
+                                  else f"{entry.rows} rows, other ones than vanilla's")
                 entry.reference = None
 
 

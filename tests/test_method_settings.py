@@ -57,6 +57,7 @@ def test_names_decide_the_method(name, env, expected):
         ("llava_v1.5_7b_fastv", {"VISUAL_METHOD": "foo"}, "VISUAL_METHOD=foo is not a method \\(one of fastv, .*visionzip.*\\); the name decides"),
         ("llava_v1.5_7b_fastv", {"FASTV_K": "577"}, "FASTV_K=577 would keep more than LLaVA-1.5's 576 visual tokens, so nothing is pruned"),
         ("llava_v1.5_7b_random", {"FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
+        ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "144", "FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
     ],
 )
 def test_conflicting_or_malformed_settings_are_refused(name, env, message):
@@ -133,8 +134,8 @@ def test_a_setting_reported_ignored_changes_nothing_and_a_read_one_does(name, tm
     """run.py prints the settings a name ignores (`ignored_settings`): each must leave the name's
     setting as it was, and each one it does not report must change the setting or be refused."""
     thresholds, other_thresholds = tmp_path / "thresholds.json", tmp_path / "other.json"
-    for path in (thresholds, other_thresholds):
-        path.write_text("{}")
+    for path in (thresholds, other_thresholds):  # well-formed (checked before loading); their model is checked at load
+        path.write_text(json.dumps({"format": "hybrid-vlm/dymu-thresholds/v2", "split": "official", "model": {}, "thresholds": [0.5]}))
     base = {"DYMU_THRESHOLDS": str(thresholds)} if settings.VARIANTS[name].dymu else {}
     unchanged = outcome(name, base)
     for key, value in {**SETTING_VALUES, "DYMU_THRESHOLDS": str(other_thresholds)}.items():

@@ -36,10 +36,14 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
+# the plan reads a thresholds file's shape (its model is checked when a run loads it); its stem names the setting
+WELL_FORMED_THRESHOLDS = json.dumps({"format": "hybrid-vlm/dymu-thresholds/v2", "split": "official", "model": {}, "thresholds": [0.5]})
+
+
 @pytest.fixture
 def thresholds(tmp_path):
     path = tmp_path / "mid.json"
-    path.write_text("{}")  # the plan only needs the file to exist; its stem names the setting
+    path.write_text(WELL_FORMED_THRESHOLDS)
     return str(path)
 
 
@@ -63,8 +67,8 @@ def test_fastv_layer_and_k_ablations(capsys, clean_env):
 
 def test_dymu_hybrid_and_position_ablations(capsys, clean_env, thresholds, tmp_path):
     low, high = tmp_path / "low.json", tmp_path / "high.json"
-    low.write_text("{}")
-    high.write_text("{}")
+    low.write_text(WELL_FORMED_THRESHOLDS)
+    high.write_text(WELL_FORMED_THRESHOLDS)
     assert planned(capsys, "--data", "X", "--ablation", "dymu-level", "--dymu", str(low), thresholds, str(high)) == [
         VANILLA, "llava_v1.5_7b_dymu__dymu-low", "llava_v1.5_7b_dymu__dymu-mid", "llava_v1.5_7b_dymu__dymu-high",
     ]

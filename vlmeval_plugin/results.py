@@ -55,6 +55,7 @@ class DatasetResult:
     metric_files: list = field(default_factory=list)
     prediction_file: Path | None = None
     rows: int | None = None  # prediction rows (None: no or unreadable prediction file)
+    row_indices: frozenset | None = None  # their indices, as strings
     stats_file: Path | None = None
     stats_rows: int = 0
     tokens_in_mean: float | None = None
@@ -246,7 +247,8 @@ def read_dataset(folder: str | Path, model: str, dataset: str) -> DatasetResult:
     if result.prediction_file is not None:
         try:
             table = load_table(result.prediction_file)
-            result.rows, scored = len(table), {str(index) for index in table["index"]}
+            scored = {str(index) for index in table["index"]}
+            result.rows, result.row_indices = len(table), frozenset(scored)
         except Exception:  # an unreadable prediction file: its row count stays unknown
             result.rows = None
     _read_metric_file(result, folder)

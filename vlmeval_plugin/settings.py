@@ -367,9 +367,10 @@ def check_for_model(variant: Variant, config: HybridConfig) -> None:
         from hybrid_vlm.qwen import check_qwen_settings
 
         check_qwen_settings(config)
-    elif config.pre_llm_method is not None and not variant.next:
+        return
+    if config.pre_llm_method is not None and not variant.next:
         check_budget(get_method(config.pre_llm_method), config.visual_budget, LLAVA_15_PATCHES)
-    elif isinstance(config.fastv_k, int) and config.fastv_k > LLAVA_15_PATCHES and not variant.next:
+    if isinstance(config.fastv_k, int) and config.fastv_k > LLAVA_15_PATCHES and not variant.next:
         raise ValueError(f"FASTV_K={config.fastv_k} would keep more than LLaVA-1.5's {LLAVA_15_PATCHES} visual tokens, "
                          f"so nothing is pruned: use 0 to {LLAVA_15_PATCHES}, or a ratio in [0, 1)")
 
