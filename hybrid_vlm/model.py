@@ -212,13 +212,22 @@ def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
 
 
 # stock keywords with no meaning here: refused rather than silently ignored
-UNSUPPORTED_INPUTS = ("mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy", "output_attentions", "output_hidden_states")
+UNSUPPORTED_INPUTS = ("mm_encoder_outputs", "vision_feature_layer", "vision_feature_select_strategy")
+UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 
 
 def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, extra: dict) -> None:
     given = [name for name in UNSUPPORTED_INPUTS if extra.get(name) not in (None, False)]
     if given:
         raise NotImplementedError(f"hybrid_vlm's forward does not support {', '.join(given)}: pass pixel_values (and image_sizes) instead")
+    given = [name for name in UNSUPPORTED_OUTPUTS if extra.get(name)]
+    if given:
+        wanted = " or ".join(name.removeprefix("output_").replace("_", " ") for name in given)
+        raise NotImplementedError(f"hybrid_vlm's forward does not return {wanted}: its layer loop keeps only what pruning "
+                                  "reads; run the stock model for them")
+    if extra.get("return_dict") is False:
+        raise NotImplementedError("return_dict=False: hybrid_vlm always returns its output dataclass (logits, cache, "
+                                  "kept_positions); read its fields, or call .to_tuple() on it")
     if labels is not None:
         raise NotImplementedError("hybrid_vlm is inference-only: labels/loss are not supported.")
     if (input_ids is None) == (inputs_embeds is None):
@@ -332,7 +341,7 @@ class HybridDecoder:
 
     def generate(self, *args, **kwargs):
         """Stock generate; assisted generation is refused by name (`check_generate_options`)."""
-        check_generate_options(self, kwargs)
+        check_generate_options(self, args, kwargs)
         return super().generate(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs):
@@ -391,6 +400,9 @@ class HybridDecoder:
             visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
             cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens, length - inputs_embeds.shape[1])
         hidden_states, kept_positions = chunk_rows(loop, placed, slots, length)
+        if not isinstance(logits_to_keep, int) and (stages or (placed is not None and placed.entered_positions is not None)):
+            raise NotImplementedError("a tensor logits_to_keep indexes prompt positions, but this forward's rows are the tokens "
+                                      "it kept (out.kept_positions): pass an int (the last rows), or gather from the full output")
         return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
 
     def _open_cache(self, cache: Cache | None, use_cache: bool) -> tuple[Cache | None, PruneState | None]:

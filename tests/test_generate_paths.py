@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from hybrid_vlm.hf_compat import cache_kwarg, output_cache
 from hybrid_vlm.tiny import ensure_tiny_thresholds, synthetic_image
@@ -204,3 +205,24 @@ def test_assisted_generation_is_refused_by_name(tiny, option):
     with torch.no_grad():
         with pytest.raises(NotImplementedError, match=f"assisted generation \\({next(iter(option))}\\)"):
             hybrid_copy(model, fastv_k=64).generate(**inputs, max_new_tokens=2, do_sample=False, **option)
+        with pytest.raises(NotImplementedError, match=f"assisted generation \\({next(iter(option))}\\)"):  # stock's second positional
+            hybrid_copy(model, fastv_k=64).generate(inputs.pop("input_ids"), GenerationConfig(max_new_tokens=2, **option), **inputs)
+
+
+def test_outputs_it_cannot_give_are_refused_not_silently_changed(tiny):
+    """Stock returns a tuple for return_dict=False and attentions/hidden states on request, and
+    indexes prompt positions with a tensor logits_to_keep; the engine's rows after pruning are the
+    kept tokens, so each is refused by name. Without pruning a tensor still indexes stock's rows."""
+    model, processor = tiny
+    inputs = image_inputs(processor, QUESTIONS[:2])
+    hybrid = hybrid_copy(model, fastv_k=16)
+    last_two = torch.tensor([inputs["input_ids"].shape[1] - 2, inputs["input_ids"].shape[1] - 1])
+    with torch.no_grad():
+        for request, needle in ((dict(return_dict=False), "return_dict=False"), (dict(output_attentions=True), "does not return attentions"),
+                                (dict(output_hidden_states=True), "does not return hidden states"),
+                                (dict(logits_to_keep=last_two), "a tensor logits_to_keep indexes prompt positions")):
+            with pytest.raises(NotImplementedError, match=needle):
+                hybrid(**inputs, **request)
+        unpruned = hybrid_copy(model)(**inputs, logits_to_keep=last_two).logits
+        stock = model(**inputs, logits_to_keep=last_two).logits
+    torch.testing.assert_close(unpruned, stock, rtol=1e-4, atol=1e-4)

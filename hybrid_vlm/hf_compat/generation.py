@@ -79,10 +79,12 @@ def sliced_by_written_tokens(stock_prepare):
 ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-def check_generate_options(model, kwargs: dict) -> None:
+def check_generate_options(model, args: tuple, kwargs: dict) -> None:
     """Refuses assisted generation (a draft model, prompt lookup, early exit) by name: it crops the
-    cache to one length after rejected candidates, which pruned layer groups do not share."""
-    config = kwargs.get("generation_config") or model.generation_config
+    cache to one length after rejected candidates, which pruned layer groups do not share. The
+    generation config may come by keyword or second positionally, as stock `generate` takes it."""
+    positional = args[1] if len(args) > 1 else None
+    config = kwargs.get("generation_config") or positional or model.generation_config
     given = [name for name in ASSISTED_OPTIONS if kwargs.get(name) is not None or getattr(config, name, None) is not None]
     if given:
         raise NotImplementedError(
