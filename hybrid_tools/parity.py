@@ -103,19 +103,25 @@ def main(argv=None) -> dict:
     torch.set_grad_enabled(False)
     model, processor = presets.build_model(argparse.Namespace(model=None, preset=args.preset, seed=args.seed), device, dtype)
     inputs, _ = presets.build_inputs(processor, args.text_tokens, 1, 0)
+    meta = dict(bench.environment(device, args), preset=args.preset, dtype=str(dtype).replace("torch.", ""), new_tokens=args.new_tokens)
+    report = dict(meta=meta, comparisons={}, complete=False)
+    pairs = {
+        "engine (nothing cut) vs stock transformers": lambda: engine_vs_stock(model, inputs, args.new_tokens),
+        f"FastV K={args.fastv_k}: no mask vs its all-ones mask (batch 2)": lambda: unmasked_vs_masked(model, inputs, args.new_tokens, args.fastv_k),
+    }
     with torch.inference_mode():
-        result = {
-            "engine (nothing cut) vs stock transformers": engine_vs_stock(model, inputs, args.new_tokens),
-            f"FastV K={args.fastv_k}: no mask vs its all-ones mask (batch 2)": unmasked_vs_masked(model, inputs, args.new_tokens, args.fastv_k),
-        }
-    meta = bench.environment(device, args)
-    report = dict(meta=dict(meta, preset=args.preset, dtype=str(dtype).replace("torch.", ""), new_tokens=args.new_tokens), comparisons=result)
-    for name, numbers in result.items():
-        print(f"{name}: " + ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}" for key, value in numbers.items()))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        for name, run in pairs.items():  # written after each: a time limit loses only the comparison it stops
+            numbers = report["comparisons"][name] = run()
+            print(f"{name}: " + ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}" for key, value in numbers.items()))
+            report["complete"] = len(report["comparisons"]) == len(pairs)
+            write_report(args.out, report)
     return report
+
+
+def write_report(out: str | None, report: dict) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,20 @@ def test_ingest_takes_what_checks_writes_and_regenerate_reads_it():
         assert bench in regenerate
 
 
-def test_the_prepare_command_carries_the_hub_that_checks_falls_back_on():
-    """transformers fails to import with an older huggingface_hub (5.24: below 1.31; 5.25: below 2.4),
-    which the GPU machine may have: the README's prepare command must carry one that the transformers it carries (the one
-    installed here) accepts, and the script must know to put it in front."""
+def test_the_prepare_command_carries_the_spares_that_checks_falls_back_on():
+    """transformers checks huggingface_hub, tokenizers and safetensors versions at import (5.25: hub
+    >= 2.4, tokenizers >= 0.23.1, safetensors >= 0.8), and the GPU machine's, made for 5.17, may be
+    older: the prepare command must carry versions the transformers it carries (the one installed
+    here) accepts, and the script must put each in front when the import fails."""
     from packaging.specifiers import SpecifierSet
     from transformers.dependency_versions_table import deps
 
     script, readme = ((FOLDER / name).read_text() for name in ("checks.sh", "README.md"))
-    carried = re.search(r"prepare\.sh huggingface_hub==([\d.]+) ", readme).group(1)
-    assert carried in SpecifierSet(deps["huggingface-hub"].removeprefix("huggingface-hub")), (carried, deps["huggingface-hub"])
-    assert f"bash ../shared/gpu/prepare.sh huggingface_hub=={carried}" in script and "huggingface_hub-*) spare+=" in script
+    command = re.search(r"bash \.\./shared/gpu/prepare\.sh ([^&]+)&&", readme).group(1).split()
+    carried = dict(argument.split("==") for argument in command)
+    assert set(carried) == {"huggingface_hub", "tokenizers", "safetensors"}
+    for package, version in carried.items():
+        requirement = deps[package.replace("_", "-")]
+        assert version in SpecifierSet(requirement.removeprefix(package.replace("_", "-"))), (package, version, requirement)
+        assert f"{package}-*" in script
+    assert f"bash ../shared/gpu/prepare.sh {' '.join(command)} &&" in script

@@ -3,6 +3,7 @@ comparison sees a difference where one is planted."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import hybrid_vlm.hf_compat.llava as llava_compat
@@ -61,3 +62,22 @@ def test_report_renders_a_parity_file_as_written(tmp_path, monkeypatch):
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {numbers['greedy_tokens_shared']} / {numbers['greedy_tokens']} |" in row
     assert report.main(["bench", "--parity", "missing.json", "--name", "p"]) == 2
+
+
+def test_a_parity_run_stopped_after_its_first_comparison_keeps_it(tmp_path, monkeypatch):
+    """The GPU run gives parity a time limit: each comparison is written as it completes, and the
+    report says the file is incomplete instead of passing it off as the whole run."""
+    from hybrid_tools.report import cli as report
+
+    monkeypatch.chdir(tmp_path)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what the time limit's signal does to the second comparison
+
+    monkeypatch.setattr(parity, "unmasked_vs_masked", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        parity.main(["--preset", "tiny", "--new-tokens", "2", "--out", "parity.json"])
+    bench.main(["--preset", "tiny", "--fastv-k", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--out", "bench"])
+    assert report.main(["bench", "--parity", "parity.json", "--name", "p"]) == 0
+    table = (tmp_path / "reports" / "p" / "report.md").read_text().split("## Parity", 1)[1]
+    assert "**Stopped early**" in table and "| engine (nothing cut) vs stock transformers |" in table and "FastV K=" not in table

@@ -318,8 +318,12 @@ def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():
 
     rows = synthetic_bench_rows(1.10, 0.2, None, "") + [
         dict(config="vanilla_mask-read-once", method="vanilla", mask_read="once", batch_size=16, status="ok",
-             prefill_ratio=1.01, sync_debug="pass: 1 sync(s) in the prefill (1 allowed), 0 in 8 decode steps (none allowed)")]
+             prefill_ratio=1.01, sync_debug="pass: 1 sync(s) in the prefill (1 allowed), 0 in 8 decode steps (none allowed)"),
+        dict(config="fastv-k64-l2_mask-read-once", method="fastv", fastv_k=64, mask_read="once", batch_size=16, status="ok",
+             prefill_ratio=0.35, prefill_theory_ratio=0.25, sync_debug="pass")]
     found = {(name, row): (needed, verdict) for name, row, _, needed, verdict in bench_targets(rows)}
+    assert found[("FastV K=64 prefill vs stock", "`fastv-k64-l2`")][1] == "met"  # 0.2 <= 0.30
+    assert found[("FastV K=64 prefill vs stock", "`fastv-k64-l2_mask-read-once`")][1] == "missed"  # each row judged
     assert found[("engine overhead: prefill vs stock", "`vanilla`")][1] == "missed (slower)"
     assert found[("engine overhead: prefill vs stock", "`vanilla_mask-read-once`")][1] == "met"
     assert found[("host syncs (prefill + decode steps)", "`vanilla_mask-read-once`")] == ("≤ 1 per prompt, 0 per step", "met")

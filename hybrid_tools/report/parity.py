@@ -29,6 +29,8 @@ def parity_lines(data: dict, source: str) -> list[str]:
         f"a prefill and {meta.get('new_tokens', '?')} greedy decode steps per run; torch {meta.get('torch', '?')}, "
         f"transformers {meta.get('transformers', '?')}. The first run of each pair is the reference.", "",
     ]
+    if data.get("complete") is False:
+        lines += ["**Stopped early** (the run's time limit): only the comparisons below were measured.", ""]
     rows = []
     for name, c in data["comparisons"].items():
         kept = c.get("kept_positions_equal")

@@ -4,7 +4,7 @@
 # backends against stock transformers, and last (if time is left) the LLaVA-NeXT-7B shape.
 # Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
 #
-#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==2.4.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
+#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
 #   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny models on CPU, no figures)
 #   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
 #   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
@@ -15,9 +15,9 @@ site=$root/.gpu/site  # the carried wheels, installed
 # the log names no machine's folders: the output is "$OUT", the checkout "."
 exec > >(sed -u -e "s#$OUT#\$OUT#g" -e "s#$root#.#g" | tee -a "$OUT/checks.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-step() {  # step SECONDS NAME CMD...
+step() {  # step SECONDS NAME CMD...; at the limit STEP_SIGNAL (default TERM), then KILL 10 s later
   local secs=$1 name=$2; shift 2; local t0=$SECONDS
-  echo "== $name (limit ${secs}s): $*"; timeout -k 10 "$secs" "$@"; local rc=$?
+  echo "== $name (limit ${secs}s): $*"; timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$secs" "$@"; local rc=$?
   echo "== $name: rc=$rc after $((SECONDS - t0))s"
 }
 if [ "${GPU_CHECKS_DRY:-0}" = 1 ]; then
@@ -32,27 +32,35 @@ else
 fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 if ls .gpu/whl/*.whl >/dev/null 2>&1 && [ "${GPU_CHECKS_DRY:-0}" != 1 ]; then
-  # The carried huggingface_hub is a spare: the carried transformers (5.25) needs >= 2.4 (5.24: >= 1.31;
-  # older ones fail its import), and the machine's own, made for 5.17, may be older.
-  # It is put in front only if the machine's own fails that import.
+  # The carried huggingface_hub, tokenizers and safetensors are spares: the carried transformers (5.25)
+  # checks their versions at import (hub >= 2.4, tokenizers >= 0.23.1, safetensors >= 0.8), and the
+  # machine's own, made for 5.17, may be older ("tokenizers 0.23" is all we know of it). They are put in
+  # front only if the machine's own fail that import, whose error is printed either way.
   wheels=(); spare=()
-  for wheel in .gpu/whl/*.whl; do case ${wheel##*/} in huggingface_hub-*) spare+=("$wheel");; *) wheels+=("$wheel");; esac; done
+  for wheel in .gpu/whl/*.whl; do
+    case ${wheel##*/} in huggingface_hub-*|tokenizers-*|safetensors-*) spare+=("$wheel");; *) wheels+=("$wheel");; esac
+  done
   install_to() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
   install_to "$site" "${wheels[@]}" || exit 1
   export PYTHONPATH="$site:$PWD"
-  if ! python3 -c 'import transformers' >/dev/null 2>&1 && [ ${#spare[@]} -gt 0 ]; then
-    echo "the machine's huggingface_hub fails transformers' import: using the carried ${spare[*]##*/}"
-    install_to "$root/.gpu/site-hub" "${spare[@]}" || exit 1
-    export PYTHONPATH="$site:$root/.gpu/site-hub:$PWD"
+  if ! python3 -c 'import transformers' >/dev/null 2>&1; then
+    python3 -c 'import transformers' 2>&1 | grep -m 1 -E '^[A-Za-z]*Error'  # why
+    if [ ${#spare[@]} -gt 0 ]; then
+      echo "transformers' import fails with the machine's packages: using the carried ${spare[*]##*/}"
+      install_to "$root/.gpu/site-spare" "${spare[@]}" || exit 1
+      export PYTHONPATH="$site:$root/.gpu/site-spare:$PWD"
+    fi
   fi
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c 'import torch, transformers, huggingface_hub, hybrid_vlm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| huggingface_hub", huggingface_hub.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' || exit 1
 # 1. Correctness on CUDA: the engine tests, where the CUDA-only sync tests run instead of skipping.
-step 90 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
+#    SIGINT at the limit: pytest then still writes its junit file for the tests that ran (SIGTERM: none).
+STEP_SIGNAL=INT step 90 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
   tests/test_sdpa_kernels.py tests/test_hybrid.py tests/test_dymu.py --junitxml="$OUT/pytest.xml"
-# 2. Parity in bf16: the engine vs stock, and FastV K=64 without vs with a mask (logits, kept sets, greedy tokens).
+# 2. Parity in bf16: the engine vs stock, and FastV K=64 without vs with a mask (logits, kept sets, greedy tokens);
+#    each comparison is written as it completes.
 step 50 parity python3 -m hybrid_tools.parity "${dev[@]}" --new-tokens 32 --out "$OUT/parity.json"
 # 3. Batch 1: prefill, decode, memory, KV cache, host syncs and SDPA backends per row.
 step 130 bench-bs1 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 288 144 64 --dymu-target mid --sync-debug --kernels \

@@ -4,11 +4,14 @@
 # Run from the repository root.
 set -euo pipefail
 here=reports/gpu-llava-1.5-7b-shapes
-for bench in bench-bs1 bench-bs16; do
-  [ -f "$here/raw/$bench/bench.json" ] || { echo "no $here/raw/$bench/bench.json: run checks.sh on a GPU, then ingest.sh" >&2; exit 2; }
+# each bench that came back is reported (a step stopped before writing loses only its own rows; the
+# targets table then says "not measured" for what it would have shown)
+benches=()
+for bench in bench-bs1 bench-bs16 bench-next; do
+  [ -f "$here/raw/$bench/bench.json" ] && benches+=("$here/raw/$bench")
 done
-next=(); [ -f "$here/raw/bench-next/bench.json" ] && next=("$here/raw/bench-next")
+[ ${#benches[@]} -gt 0 ] || { echo "no $here/raw/bench-*/bench.json: run checks.sh on a GPU, then ingest.sh" >&2; exit 2; }
 parity=(); [ -f "$here/raw/parity.json" ] && parity=(--parity "$here/raw/parity.json")
-python -m hybrid_tools.report --bench "$here/raw/bench-bs1" "$here/raw/bench-bs16" "${next[@]}" "${parity[@]}" \
+python -m hybrid_tools.report --bench "${benches[@]}" "${parity[@]}" \
     --name gpu-llava-1.5-7b-shapes --recipe "$here/checks.sh" --targets \
     --title "gpu-llava-1.5-7b-shapes: stock transformers vs the engine, FastV, DyMU and the hybrid at LLaVA-1.5-7B shapes on a GPU (random weights, bf16)"
