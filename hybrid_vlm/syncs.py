@@ -147,8 +147,20 @@ def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
         else:
             prefill_and_decode(meta_copy(model), inputs, decode_steps)
     except (RuntimeError, NotImplementedError) as error:
-        return "fail: " + (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        counted = device.type == "cuda" and not counts_designed_reads(model)
+        return "fail: " + first + (counted_after_failure(model, inputs, decode_steps) if counted else "")
     return "pass"
+
+
+def counted_after_failure(model, inputs: dict, decode_steps: int) -> str:
+    """Mode "error" stops at the first sync, so a sync in the prefill would leave the decode steps
+    unjudged: after a failure, a counting pass says where the syncs were."""
+    try:
+        counts = count_cuda_syncs(model, inputs, decode_steps)
+    except (RuntimeError, NotImplementedError):
+        return ""
+    return f" (counted: {counts.prefill} sync(s) in the prefill, {counts.decode} in {decode_steps} decode steps)"
 
 
 def reads_verdict(counts: SyncCounts, decode_steps: int) -> str:
