@@ -368,3 +368,16 @@ def test_cpu_batch_mask_readme_quotes_its_raw_result():
     never, once = (medians[name] for name in medians if "MASK_READ=never" in name or "MASK_READ=once" in name)
     assert f"cost the engine {never - once:.1f} ms" in readme and f"about {(never - once) / once * 100:.0f}%" in readme
     assert f"within {abs(once / medians['stock'] - 1) * 100:.1f}% of stock" in readme
+
+
+def test_the_targets_table_names_the_gpu_each_verdict_was_measured_on():
+    """At batch 1 a prefill ratio depends on the card's memory bandwidth: each bench's line names it."""
+    from pathlib import Path
+
+    from hybrid_tools.report.bench import Bench
+    from hybrid_tools.report.targets import targets_table
+
+    rows = synthetic_bench_rows(1.0, 0.2, 0.2, "pass")
+    table = targets_table([Bench(Path("a"), dict(preset="llava-1.5-7b", batch_size=1, gpu="NVIDIA H200"), rows),
+                           Bench(Path("b"), dict(preset="tiny", batch_size=1, cpu="some CPU"), rows)])
+    assert "| llava-1.5-7b, batch 1, NVIDIA H200 |" in table and "| tiny, batch 1 |" in table

@@ -29,7 +29,8 @@ TARGETS_NOTE = (
 def targets_table(benches: list[Bench]) -> str:
     rows = []
     for bench in benches:
-        where = f"{bench.meta.get('preset') or bench.meta.get('model') or '?'}, batch {bench.meta.get('batch_size', '?')}"
+        device = bench.meta.get("gpu")  # the verdicts depend on the card (memory bandwidth at batch 1)
+        where = f"{bench.meta.get('preset') or bench.meta.get('model') or '?'}, batch {bench.meta.get('batch_size', '?')}" + (f", {device}" if device else "")
         rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows)]
     return md_table(HEADER, rows, align="llllll")
 
