@@ -324,6 +324,21 @@ def test_sync_check_fails_on_a_forward_that_reads_a_value(tiny, monkeypatch):
     assert check_no_host_syncs(hybrid_copy(model, fastv_k=64), image_inputs(processor)).startswith("fail: ")
 
 
+def test_the_count_after_a_cuda_sync_failure_runs_on_stock_and_engine_models(tiny, monkeypatch):
+    """On CUDA a failed check is followed by a counting pass. The bench runs the check on stock
+    transformers too, which has no hybrid_config: the pass must count there, not raise (an
+    AttributeError here would end the bench before it writes anything). The CUDA calls it makes are
+    stood in for on the CPU, where a forward has no syncs to count."""
+    from hybrid_vlm import syncs
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    model, processor = tiny
+    for candidate in (model, hybrid_copy(model, fastv_k=64)):
+        counted = syncs.counted_after_failure(candidate, image_inputs(processor), decode_steps=2)
+        assert counted == " (counted: 0 sync(s) in the prefill, 0 in 2 decode steps)", type(candidate).__name__
+
+
 @pytest.mark.parametrize("fastv_k", [64, 0.5, None])
 def test_forward_has_no_host_syncs(tiny, fastv_k):
     """Prefill with pruning and two decode steps: on CPU on the meta device, on CUDA under sync-debug."""

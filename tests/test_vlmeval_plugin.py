@@ -38,6 +38,8 @@ from vlmeval_plugin.tiny_data import (
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = str(REPO / "run.py")
+# a thresholds file's shape is read with the name's setting (its model only when a run loads it)
+WELL_FORMED_THRESHOLDS = json.dumps({"format": "hybrid-vlm/dymu-thresholds/v2", "split": "official", "model": {}, "thresholds": [0.5]})
 needs_vlmeval = pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None, reason="ms-vlmeval is not installed")
 # The end-to-end runs use short copies of the bundled sets (same generator, first questions and
 # scenes) written into their sandbox's LMUData: the full sets are what `python run.py` evaluates.
@@ -67,7 +69,7 @@ def test_names_have_fixed_semantics_and_distinct_folders(tmp_path):
         "llava_v1.5_7b_fastv__fastv-r0.75-l2",
     }
     thresholds = tmp_path / "mid.json"
-    thresholds.write_text("{}")
+    thresholds.write_text(WELL_FORMED_THRESHOLDS)
     dymu = settings.hybrid_config_for("llava_v1.5_7b_dymu", {"DYMU_THRESHOLDS": str(thresholds), "FASTV_K": "72"})
     assert dymu == HybridConfig(fastv_k=None, dymu=str(thresholds))
     hybrid = settings.hybrid_config_for("llava_v1.5_7b_hybrid", {"DYMU_THRESHOLDS": str(thresholds)})
@@ -99,7 +101,7 @@ def test_readme_lists_every_plugin_name_and_no_other():
 
 def test_dymu_split_is_read_by_the_dymu_names_only(tmp_path):
     thresholds = tmp_path / "mid.json"
-    thresholds.write_text("{}")
+    thresholds.write_text(WELL_FORMED_THRESHOLDS)
     for name in ("llava_v1.5_7b_dymu", "llava_v1.5_7b_hybrid"):
         env = {"DYMU_THRESHOLDS": str(thresholds), "DYMU_SPLIT": "slot"}
         config = settings.hybrid_config_for(name, env)
