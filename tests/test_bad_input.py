@@ -367,7 +367,8 @@ def killed_after(saves: int):
 def test_a_judging_run_cut_short_keeps_its_verdicts_and_exact_matching_ones_are_judged_again(tmp_path, installed, monkeypatch):
     """Upstream saves each verdict as it comes: a rerun after a kill asks the judge only about the
     rows it had not judged. Verdicts made by exact matching while the judge was down (into the
-    judge's own cache) are judged by the judge once it answers, as on a fresh cache."""
+    judge's own cache) are judged by the judge once it answers, as on a fresh cache; the judge's
+    verdicts stand through a later run where it is down again."""
     table = build_mcq_table(num_questions=6).drop(columns=["image"])
     table = table[table["index"] < 1_000_000].reset_index(drop=True)
     data = table.assign(prediction="I am not sure about this one")  # no letter: exact matching cannot decide
@@ -391,6 +392,8 @@ def test_a_judging_run_cut_short_keeps_its_verdicts_and_exact_matching_ones_are_
     judged = Judge()
     scored = installed.mcq_vanilla_eval(judged, data.copy(), table, 1, fallback, "TinyMMBench")
     assert judged.calls == fresh.calls and scored["hit"].tolist() == expected["hit"].tolist()
+    down_again = installed.mcq_vanilla_eval(None, data.copy(), table, 1, fallback, "TinyMMBench")
+    assert down_again["hit"].tolist() == expected["hit"].tolist()  # the judge's verdicts stand while it is down
 
 
 @pytest.mark.parametrize("circular", [False, True])

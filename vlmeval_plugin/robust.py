@@ -321,20 +321,23 @@ def install() -> None:
 
 
 
-def judged_predictions(data: pd.DataFrame, circular: bool, judge: str) -> dict[str, str]:
-    """{cache key: what its verdict judges}: the judge, and a row's prediction or (circular) its
-    group's predictions in index order. Upstream scores by exact matching when its judge is down,
-    into the judge's own cache: such a verdict must not stand once the judge answers."""
+EXACT_MATCHING = "exact matching"  # the judge of a verdict made with model=None
+
+
+def judged_predictions(data: pd.DataFrame, circular: bool) -> dict[str, str]:
+    """{cache key: what its verdict judges}: a row's prediction or (circular) its group's
+    predictions in index order."""
     if not circular:
-        return {str(index): repr((judge, str(prediction))) for index, prediction in zip(data["index"], data["prediction"])}
+        return {str(index): str(prediction) for index, prediction in zip(data["index"], data["prediction"])}
     groups: dict[str, list[tuple[int, str]]] = {}
     for index, prediction in zip(data["index"], data["prediction"]):
         groups.setdefault(str(int(index % 1e6)), []).append((int(index), str(prediction)))
-    return {key: repr((judge, sorted(rows))) for key, rows in groups.items()}
+    return {key: repr(sorted(rows)) for key, rows in groups.items()}
 
 
-def read_judged(result_file: str) -> dict[str, str]:
-    """The record beside a verdict cache; none (judge everything again) if missing or torn."""
+def read_judged(result_file: str) -> dict[str, list]:
+    """The record beside a verdict cache, {key: [judge, predictions]}; none (judge everything
+    again) if missing or torn."""
     try:
         recorded = json.loads(Path(result_file + ".judged.json").read_text())
     except (OSError, ValueError):
@@ -342,28 +345,35 @@ def read_judged(result_file: str) -> dict[str, str]:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def drop_stale_verdicts(result_file: str, judged: dict[str, str]) -> None:
-    """Remove from the verdict cache every entry whose predictions differ from `judged`'s (or were
-    never recorded: a cache from before this record existed)."""
+def is_stale(recorded: list | None, predictions: str, judge: str) -> bool:
+    """A cached verdict is judged again when its predictions changed (or were never recorded), or
+    when exact matching made it while the judge was down and the judge answers now. A judge's
+    verdict stands through a run where the judge is down."""
+    if not isinstance(recorded, list) or len(recorded) != 2 or recorded[1] != predictions:
+        return True
+    return recorded[0] == EXACT_MATCHING and judge != EXACT_MATCHING
+
+
+def refresh_verdicts(result_file: str, judged: dict[str, str], judge: str) -> None:
+    """Drop the stale verdicts from the cache, then record what every kept or coming verdict
+    judges. The record is written before judging: upstream saves each verdict as it comes, so a
+    run cut short leaves verdicts of exactly these predictions, which a rerun keeps. It is
+    replaced whole, never torn."""
     from vlmeval.smp import dump, load
 
-    if not os.path.exists(result_file):
-        return
-    recorded, verdicts = read_judged(result_file), load(result_file)
-    stale = [key for key in verdicts if str(key) in judged and recorded.get(str(key)) != judged[str(key)]]
+    recorded = read_judged(result_file)
+    verdicts = load(result_file) if os.path.exists(result_file) else {}
+    stale = [key for key in verdicts if str(key) in judged and is_stale(recorded.get(str(key)), judged[str(key)], judge)]
     if stale:
         for key in stale:
             del verdicts[key]
         dump(verdicts, result_file)
-
-
-def record_judged(result_file: str, judged: dict[str, str]) -> None:
-    """Written before judging: upstream saves each verdict as it comes, so a judging run cut short
-    leaves verdicts of exactly these predictions, which a rerun keeps. Replaced whole, never torn."""
-    record = Path(result_file + ".judged.json")
-    scratch = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps({**read_judged(result_file), **judged}))
-    os.replace(scratch, record)
+    kept = {str(key) for key in verdicts}
+    record = {**recorded, **{key: [judge, predictions] for key, predictions in judged.items() if key not in kept}}
+    path = Path(result_file + ".judged.json")
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(record))
+    os.replace(scratch, path)
 
 
 def _rejudge_changed_predictions() -> None:
@@ -377,9 +387,8 @@ def _rejudge_changed_predictions() -> None:
             continue
 
         def checked(model, data, meta, nproc, result_file, *args, _evaluate=evaluate, _circular=circular, **kwargs):
-            judged = judged_predictions(data, _circular, "exact matching" if model is None else type(model).__name__)
-            drop_stale_verdicts(result_file, judged)
-            record_judged(result_file, judged)
+            judge = EXACT_MATCHING if model is None else type(model).__name__
+            refresh_verdicts(result_file, judged_predictions(data, _circular), judge)
             return _evaluate(model, data, meta, nproc, result_file, *args, **kwargs)
 
         checked._hybrid_vlm = getattr(evaluate, "_hybrid_vlm", False)
