@@ -58,6 +58,7 @@ def test_names_decide_the_method(name, env, expected):
         ("llava_v1.5_7b_fastv", {"FASTV_K": "577"}, "FASTV_K=577 would keep more than LLaVA-1.5's 576 visual tokens, so nothing is pruned"),
         ("llava_v1.5_7b_random", {"FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "144", "FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
+        ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "144", "FASTV_K": "200"}, "FASTV_K=200 would keep all of the at most 144 visual tokens"),
     ],
 )
 def test_conflicting_or_malformed_settings_are_refused(name, env, message):

@@ -373,6 +373,10 @@ def check_for_model(variant: Variant, config: HybridConfig) -> None:
     if isinstance(config.fastv_k, int) and config.fastv_k > LLAVA_15_PATCHES and not variant.next:
         raise ValueError(f"FASTV_K={config.fastv_k} would keep more than LLaVA-1.5's {LLAVA_15_PATCHES} visual tokens, "
                          f"so nothing is pruned: use 0 to {LLAVA_15_PATCHES}, or a ratio in [0, 1)")
+    budget = config.visual_budget if config.pre_llm_method is not None else None
+    if isinstance(config.fastv_k, int) and isinstance(budget, int) and config.fastv_k >= budget:
+        raise ValueError(f"FASTV_K={config.fastv_k} would keep all of the at most {budget} visual tokens VISUAL_BUDGET={budget} "
+                         f"lets into the LLM, so nothing is pruned: use fewer than {budget}, or a ratio in [0, 1)")
 
 
 def check_method_setting(name: str, variant: Variant, env) -> None:
