@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,9 +120,12 @@ def main(argv=None) -> dict:
 
 
 def write_report(out: str | None, report: dict) -> None:
+    """Replaced whole: a time limit that lands mid-write leaves the previous file, never a torn one."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        scratch = Path(f"{out}.tmp")
+        scratch.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(scratch, out)
 
 
 if __name__ == "__main__":

@@ -394,15 +394,15 @@ class HybridDecoder:
             slots, placed, next_position = self._placed_images(parts, input_ids, pixel_values, image_sizes, inputs_embeds, new_valid, position_ids)
             inputs_embeds, new_valid, position_ids = placed.inputs_embeds, placed.new_valid, placed.position_ids
         stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
+        if not isinstance(logits_to_keep, int) and (stages or (slots is not None and slots.compact)):  # rows != stock's
+            raise NotImplementedError("a tensor logits_to_keep indexes prompt positions, but this forward's rows are the tokens "
+                                      "it kept (out.kept_positions): pass an int (the last rows), or gather from the full output")
         dense = self._is_dense(state, attention_mask, batch, length, slots, stages)
         loop = self._decoder_layers(parts, inputs_embeds, position_ids, next_position, new_valid, state, cache, stages, placed, dense)
         if cache is not None:
             visual_tokens = placed.new_valid.gather(1, placed.visual_positions).sum(dim=1) if placed is not None else None
             cache.hybrid_state = self._next_state(state, loop.groups, loop.next_positions, dense, visual_tokens, length - inputs_embeds.shape[1])
         hidden_states, kept_positions = chunk_rows(loop, placed, slots, length)
-        if not isinstance(logits_to_keep, int) and (stages or (placed is not None and placed.entered_positions is not None)):
-            raise NotImplementedError("a tensor logits_to_keep indexes prompt positions, but this forward's rows are the tokens "
-                                      "it kept (out.kept_positions): pass an int (the last rows), or gather from the full output")
         return self._output(parts, hidden_states, logits_to_keep, cache if use_cache else None, kept_positions, placed)
 
     def _open_cache(self, cache: Cache | None, use_cache: bool) -> tuple[Cache | None, PruneState | None]:

@@ -209,7 +209,7 @@ def test_assisted_generation_is_refused_by_name(tiny, option):
             hybrid_copy(model, fastv_k=64).generate(inputs.pop("input_ids"), GenerationConfig(max_new_tokens=2, **option), **inputs)
 
 
-def test_outputs_it_cannot_give_are_refused_not_silently_changed(tiny):
+def test_outputs_it_cannot_give_are_refused_not_silently_changed(tiny, tiny_next):
     """Stock returns a tuple for return_dict=False and attentions/hidden states on request, and
     indexes prompt positions with a tensor logits_to_keep; the engine's rows after pruning are the
     kept tokens, so each is refused by name. Without pruning a tensor still indexes stock's rows."""
@@ -225,4 +225,12 @@ def test_outputs_it_cannot_give_are_refused_not_silently_changed(tiny):
                 hybrid(**inputs, **request)
         unpruned = hybrid_copy(model)(**inputs, logits_to_keep=last_two).logits
         stock = model(**inputs, logits_to_keep=last_two).logits
+        next_model, next_processor = tiny_next  # filler slots pad the batch, and are dropped: the prompt's rows
+        batch = next_inputs(next_processor, QUESTIONS)
+        next_last_two = torch.tensor([batch["input_ids"].shape[1] - 2, batch["input_ids"].shape[1] - 1])
+        next_hybrid = hybrid_copy(next_model)
+        next_picked = next_hybrid(**batch, logits_to_keep=next_last_two).logits
+        next_all = next_hybrid(**batch).logits
     torch.testing.assert_close(unpruned, stock, rtol=1e-4, atol=1e-4)
+    assert next_all.shape[1] == batch["input_ids"].shape[1]
+    torch.testing.assert_close(next_picked, next_all[:, next_last_two], rtol=1e-5, atol=1e-5)

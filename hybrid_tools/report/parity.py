@@ -30,7 +30,7 @@ def parity_lines(data: dict, source: str) -> list[str]:
         f"transformers {meta.get('transformers', '?')}. The first run of each pair is the reference.", "",
     ]
     if data.get("complete") is False:
-        lines += ["**Stopped early** (the run's time limit): only the comparisons below were measured.", ""]
+        lines += ["**Stopped early** (its time limit, or an error: see the run's log): only the comparisons below were measured.", ""]
     rows = []
     for name, c in data["comparisons"].items():
         kept = c.get("kept_positions_equal")
