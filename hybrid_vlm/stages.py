@@ -94,8 +94,10 @@ def check_query_is_text(placed: PlacedPrompt, query_index: torch.Tensor) -> None
     """The scoring query is the prompt's last token, whose row also predicts the first new token: a
     stage could prune it if it were visual (a raw prompt ending with its image), and generate would
     then predict from another token's row. No host read on CUDA (a device assert)."""
-    real_visual = placed.new_valid.gather(1, placed.visual_positions)
-    on_visual = ((placed.visual_positions == query_index[:, None]) & real_visual).any()
+    prunable = placed.new_valid.gather(1, placed.visual_positions)
+    if placed.protected is not None:  # LLaVA-NeXT's newlines under FASTV_NEWLINES=keep are never pruned
+        prunable = prunable & ~placed.protected.gather(1, placed.visual_positions)
+    on_visual = ((placed.visual_positions == query_index[:, None]) & prunable).any()
     require(~on_visual, lambda: "the prompt ends with an image token, but pruning inside the LLM scores with the last "
                                 "prompt token and must keep it: put text after the image (chat templates do)")
 

@@ -438,3 +438,21 @@ def test_dymu_on_an_image_whose_crop_grid_unpads_to_nothing(tiny_next, next_thre
     out, real = engine_prefill(hybrid, inputs)
     assert real.sum() < inputs["attention_mask"].sum()
     assert_matches_reference(out, real, reference_logits, reference_kept)
+
+
+def test_a_prompt_ending_with_its_image_runs_only_where_its_last_slot_cannot_be_pruned(tiny_next):
+    """A LLaVA-NeXT span ends with a newline token. FastV may prune it by default, so a raw prompt
+    ending with its image is refused (its last token scores and predicts the next); under
+    FASTV_NEWLINES=keep that newline is never pruned, and the prompt runs."""
+    from hybrid_vlm.tiny import synthetic_image
+
+    from conftest import NEXT_SIZES
+
+    model, processor = tiny_next
+    ending = processor(images=[synthetic_image(0).resize(NEXT_SIZES[0])], text=["USER: describe <image>"], return_tensors="pt")
+    assert ending["input_ids"][0, -1] == model.config.image_token_id
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="the prompt ends with an image token"):
+            next_copy(model, fastv_k=64)(**ending)
+        out, real = engine_prefill(next_copy(model, fastv_k=64, fastv_newlines="keep"), ending)
+    assert out.kept_positions[0][real[0]][-1] == ending["input_ids"].shape[1] - 1  # the last token was kept
