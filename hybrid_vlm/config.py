@@ -307,6 +307,11 @@ class HybridConfig:
     def prunes(self) -> bool:
         return self.llm_method is not None
 
+    def check_depth(self, num_layers: int) -> None:
+        """A ValueError where the pruning layer is not inside an LLM of `num_layers` layers."""
+        if self.prunes and self.fastv_layer >= num_layers:
+            raise ValueError(f"FASTV_LAYER={self.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
+
     @property
     def llm_method(self) -> str | None:
         """The registered method pruning inside the LLM (fastv, random, dart, pdrop or sparsevlm), or None."""

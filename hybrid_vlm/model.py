@@ -616,8 +616,7 @@ def apply_hybrid(model, config: HybridConfig | None = None):
 
         model.hybrid_thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
     num_layers = len(hybrid.parts_of(model).layers)
-    if config.prunes and config.fastv_layer >= num_layers:
-        raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
+    config.check_depth(num_layers)
     if config.staged_method is not None:
         visual_count = hybrid.fixed_visual_count(model)
         if visual_count is not None:

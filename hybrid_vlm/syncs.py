@@ -81,8 +81,12 @@ class SyncCounts:
 
 
 def _allowed_in_prefill(model, designed: int) -> int:
-    dymu = isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None  # stock: none
-    return DYMU_PROMPT_SYNCS * dymu + designed
+    return DYMU_PROMPT_SYNCS * merges_with_dymu(model) + designed
+
+
+def merges_with_dymu(model) -> bool:
+    """The engine with DyMU on (stock transformers has no hybrid_config: never)."""
+    return isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None
 
 
 def _with_designed_count(run):
@@ -124,15 +128,14 @@ def meta_copy(model):
 
 def counts_designed_reads(model) -> bool:
     """Whether this model's forward may read a value on purpose (DyMU's count, MASK_READ=once)."""
-    return isinstance(model, HybridDecoder) and (model.hybrid_config.dymu is not None or model.hybrid_config.mask_read == "once")
+    return merges_with_dymu(model) or (isinstance(model, HybridDecoder) and model.hybrid_config.mask_read == "once")
 
 
 def check_no_host_syncs(model, inputs: dict, decode_steps: int = 1) -> str:
     """"pass", "fail: <first line of the error>", or why the check does not apply; with designed
     reads (`counts_designed_reads`), "pass: <counts>" or "fail: <counts>"."""
     device = next(model.parameters()).device
-    dymu = isinstance(model, HybridDecoder) and model.hybrid_config.dymu is not None
-    if dymu and device.type != "cuda":
+    if merges_with_dymu(model) and device.type != "cuda":
         return NOT_APPLICABLE_DYMU
     try:
         if counts_designed_reads(model):

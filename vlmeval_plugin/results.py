@@ -205,11 +205,12 @@ def _read_metric_file(result: DatasetResult, folder: Path) -> None:
 # ------------------------------------------------------------------------------- statistics
 
 
-def _read_row_stats(result: DatasetResult, folder: Path, scored: set[str] | None) -> None:
-    """The sidecar's means over the rows the prediction file holds (`scored`; None: no readable
-    prediction file, every record), so they describe the rows behind the metric."""
+def _read_row_stats(result: DatasetResult, folder: Path) -> None:
+    """The sidecar's means over the rows the prediction file holds (`result.row_indices`; None: no
+    readable prediction file, every record), so they describe the rows behind the metric."""
     path = stats_path(folder, result.model, result.dataset)
     records = list(read_records(path).values())
+    scored = result.row_indices
     if scored is not None:
         outside = [record for record in records if str(record["index"]) not in scored]
         records = [record for record in records if str(record["index"]) in scored]
@@ -243,16 +244,14 @@ def read_dataset(folder: str | Path, model: str, dataset: str) -> DatasetResult:
     folder = Path(folder)
     result = DatasetResult(model=model, dataset=dataset)
     result.prediction_file = prediction_file(folder, model, dataset)
-    scored = None
     if result.prediction_file is not None:
         try:
             table = load_table(result.prediction_file)
-            scored = {str(index) for index in table["index"]}
-            result.rows, result.row_indices = len(table), frozenset(scored)
+            result.rows, result.row_indices = len(table), frozenset(str(index) for index in table["index"])
         except Exception:  # an unreadable prediction file: its row count stays unknown
             result.rows = None
     _read_metric_file(result, folder)
-    _read_row_stats(result, folder, scored)
+    _read_row_stats(result, folder)
     return result
 
 

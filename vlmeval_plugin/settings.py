@@ -435,13 +435,10 @@ def check_checkpoint_family(folder: Path, variant: Variant) -> None:
     """A LLaVA-1.5 name needs a `llava` checkpoint, a LLaVA-NeXT name a `llava_next` one, a Qwen2.5-VL
     name a `qwen2_5_vl` one (read from its config.json): loading one into another gives garbage or
     a confusing error."""
-    import json
-
-    wanted = variant.model_type
-    try:
-        found = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return  # resolve_checkpoint has checked that it exists; transformers will say what is wrong
+    saved, wanted = saved_config(folder), variant.model_type
+    if saved is None:
+        return
+    found = saved.get("model_type")
     if found != wanted:
         raise PluginError(
             f"{variant.name} needs a {wanted} checkpoint, but {folder} is model_type {found!r}: "
@@ -451,15 +448,25 @@ def check_checkpoint_family(folder: Path, variant: Variant) -> None:
 
 def check_llm_depth(folder: Path, config: HybridConfig | None) -> None:
     """FASTV_LAYER within the checkpoint's LLM (read from its config.json), before the model loads."""
+    saved = saved_config(folder)
+    if saved is None or config is None:
+        return
+    layers = saved.get("text_config", {}).get("num_hidden_layers", saved.get("num_hidden_layers"))
+    if isinstance(layers, int):
+        try:
+            config.check_depth(layers)  # the engine's own check, as apply_hybrid runs it after loading
+        except ValueError as error:
+            raise PluginError(f"{error} ({folder})") from None
+
+
+def saved_config(folder: Path) -> dict | None:
+    """A checkpoint's config.json; None where it cannot be read (transformers will say why at load)."""
     import json
 
     try:
-        saved = json.loads((Path(folder) / "config.json").read_text())
+        return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
-        return  # transformers will say what is wrong at load
-    layers = saved.get("text_config", {}).get("num_hidden_layers", saved.get("num_hidden_layers"))
-    if config is not None and config.prunes and isinstance(layers, int) and config.fastv_layer >= layers:
-        raise PluginError(f"FASTV_LAYER={config.fastv_layer} is not valid: use 1..{layers - 1} for this {layers}-layer LLM ({folder})")
+        return None
 
 
 def resolve_checkpoint(model_path: str | None = None, default_id: str = CHECKPOINT_ID) -> Path:
