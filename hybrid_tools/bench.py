@@ -9,6 +9,11 @@ For every configuration it measures, on one synthetic image plus a prompt padded
 - llm_prefill_ms: from there to the logits of the last prompt token (logits_to_keep=1).
 - prefill_ms: the whole prefill forward (= time to first token without sampling).
 - decode_ms_per_token: --decode-tokens greedy steps over the cache, mean per step.
+- on CUDA, prefill_host_ms and decode_host_ms_per_token: the host's time until the calls returned,
+  with their kernels queued, not necessarily run. Well below prefill_ms / decode_ms_per_token, the
+  GPU sets the pace. Close to them, either the host's kernel launches do (launch-bound, as a 7B
+  decode step at batch 1 may be) or the host waited for the GPU: on a full launch queue, or at a
+  designed host read (DyMU's count, MASK_READ=once).
 - generate_tokens_per_s: batch x (decode_tokens + 1) new tokens over one run's prefill + decode time
   (the prefill yields the first token), the median over runs.
 - kv_cache_mb_prompt: bytes the cache's key and value tensors hold after the prompt, measured on the
@@ -249,16 +254,20 @@ def timed_run(model, inputs, clock: Clock, mark: LlmStartMark, decode_tokens: in
     """One prefill + decode, timed by stage (ms). Returns (times, prefill output)."""
     clock.sync()
     mark.arm()
-    start = clock.mark()
+    start, host_start = clock.mark(), time.perf_counter()
     output = prefill(model, inputs)
-    end = clock.mark()
+    end, host_end = clock.mark(), time.perf_counter()
     llm_start = mark.stamp
     decode_start = clock.mark()
     if decode_tokens:
         decode(model, output, inputs["attention_mask"], decode_tokens)
-    decode_end = clock.mark()
+    decode_end, decode_host_end = clock.mark(), time.perf_counter()
     clock.sync()
     times = dict(prefill_ms=clock.elapsed(start, end))
+    if clock.cuda:  # on the CPU the host's time is the time itself
+        times["prefill_host_ms"] = (host_end - host_start) * 1e3
+        if decode_tokens:
+            times["decode_host_ms_per_token"] = (decode_host_end - host_end) * 1e3 / decode_tokens
     if llm_start is not None:
         times["vision_ms"] = clock.elapsed(start, llm_start)
         times["llm_prefill_ms"] = clock.elapsed(llm_start, end)
@@ -756,6 +765,9 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     activate(bench.model, config)
     for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
         row[key] = _median([run[key] for run in config.runs if key in run])
+    for key in ("prefill_host_ms", "decode_host_ms_per_token"):
+        if any(key in run for run in config.runs):
+            row[key] = _median([run[key] for run in config.runs if key in run])
     prefill_times = [run["prefill_ms"] for run in config.runs]
     row.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=config.runs)
     row["generate_tokens_per_s"] = generate_tokens_per_s(config.runs, args.batch_size, args.decode_tokens)

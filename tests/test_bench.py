@@ -320,3 +320,50 @@ def test_dymu_layer_counts_follow_the_split_that_ran(split, tmp_path):
         entered = hybrid(**inputs, use_cache=True).past_key_values.hybrid_state.visual_counts().entered
     assert len(set(entered)) > 1  # images merge differently, so a wrong split could not match by chance
     assert [per_layer[-1] - 1 for per_layer in bench.dymu_layer_counts(hybrid, inputs["pixel_values"])] == entered
+
+
+class _SlowGpuClock(bench.Clock):
+    """A stand-in for CUDA events: every region's device time reads 1e6 ms, whatever the host took."""
+
+    def __init__(self):
+        self.cuda = True
+
+    def sync(self):
+        pass
+
+    def mark(self):
+        return object()
+
+    def elapsed(self, start, end) -> float:
+        return 1e6
+
+
+def test_on_cuda_the_host_time_is_measured_beside_the_device_time_and_reported():
+    """timed_run records the host's own time to return from the prefill and from each decode step,
+    apart from the device's (the events): a forward that holds the host 30 ms reads >= 30 ms on the
+    host while the stand-in device reads 1e6 ms. The report's resources table shows both host
+    times for such a row, and "–" for a CPU row, which has none."""
+    import time
+
+    from hybrid_tools.report.bench import Bench, resources_table
+
+    model, processor = build_tiny_llava()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    inputs = presets.build_inputs(processor, 20, 1, 0)[0]
+    clock = _SlowGpuClock()
+    mark = bench.LlmStartMark(model, clock)
+    with torch.inference_mode():
+        times, _ = bench.timed_run(model, inputs, clock, mark, decode_tokens=3)
+    assert times["prefill_ms"] == 1e6 and times["decode_ms_per_token"] == 1e6 / 3
+    assert 30.0 <= times["prefill_host_ms"] < 1e5
+    assert 30.0 <= times["decode_host_ms_per_token"] < 1e5
+    with torch.inference_mode():
+        mark.remove()
+        cpu_clock = bench.Clock(torch.device("cpu"))
+        cpu_times, _ = bench.timed_run(model, inputs, cpu_clock, bench.LlmStartMark(model, cpu_clock), decode_tokens=1)
+    assert "prefill_host_ms" not in cpu_times and "decode_host_ms_per_token" not in cpu_times
+    row = dict(status="ok", config="cuda-row", kv_cache_mb_prompt=1.0, prefill_host_ms=31.25, decode_host_ms_per_token=30.5)
+    cpu_row = dict(status="ok", config="cpu-row", kv_cache_mb_prompt=1.0)
+    table = resources_table(Bench(path=None, meta={}, rows=[row, cpu_row]))
+    cuda_line, cpu_line = [line for line in table.splitlines() if "-row`" in line]
+    assert cuda_line.split(" | ")[5] == "31.25 / 30.50" and cpu_line.split(" | ")[5] == "–"

@@ -85,15 +85,17 @@ def bench_setup(meta: dict) -> str:
 
 
 RESOURCES_HEADER = [
-    "config", "peak MB", "KV MB after prompt", "theory", "decode ms/token", "generate tokens/s", "host syncs",
-    "SDPA in the prefill", "SDPA per decode step",
+    "config", "peak MB", "KV MB after prompt", "theory", "decode ms/token", "host ms: prefill / decode step",
+    "generate tokens/s", "host syncs", "SDPA in the prefill", "SDPA per decode step",
 ]
 
 
 RESOURCES_NOTE = (
     "\"KV MB after prompt\" is read off the cache: it includes the slots a batch pads (unequal prompt lengths; "
     "with DyMU, the images' unequal merged counts), while its theory counts each sample's own tokens, so the two "
-    "agree only where nothing is padded."
+    "agree only where nothing is padded. \"host ms\" (CUDA only) is the host's median time until the prefill and a "
+    "decode step returned, their kernels queued: well below the GPU's time, the GPU sets the pace; close to it, the "
+    "host's launches do, or the host waited for the GPU (a full launch queue, a designed read)."
 )
 
 
@@ -105,8 +107,15 @@ def resources_table(bench: Bench) -> str | None:
         return None
     rows = [[
         f"`{r.get('config')}`", fmt(r.get("peak_mem_mb"), ".0f"), fmt(r.get("kv_cache_mb_prompt"), ".1f"),
-        fmt(r.get("kv_cache_mb_prompt_theory"), ".1f"), fmt(r.get("decode_ms_per_token"), ".2f"),
+        fmt(r.get("kv_cache_mb_prompt_theory"), ".1f"), fmt(r.get("decode_ms_per_token"), ".2f"), host_times(r),
         fmt(r.get("generate_tokens_per_s"), ".0f"), str(r.get("sync_debug") or "–"),
         str(r.get("sdpa_prefill") or "not traced"), str(r.get("sdpa_decode") or "not traced"),
     ] for r in ok]
-    return md_table(RESOURCES_HEADER, rows, align="lrrrrrlll")
+    return md_table(RESOURCES_HEADER, rows, align="lrrrrrrlll")
+
+
+def host_times(row: dict) -> str:
+    """The host's prefill and per-step decode times (CUDA rows), or "–" (CPU rows have none)."""
+    if "prefill_host_ms" not in row:
+        return "–"
+    return f"{fmt(row['prefill_host_ms'], '.2f')} / {fmt(row.get('decode_host_ms_per_token'), '.2f')}"
