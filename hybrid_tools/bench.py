@@ -363,33 +363,32 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: each sample's image grids
         per_sample = len(inputs["image_grid_thw"]) // len(text)
         grids = [[tuple(g) for g in inputs["image_grid_thw"][b * per_sample : (b + 1) * per_sample].tolist()] for b in range(len(text))]
-    vit_counts = None
+    vit_counts = vit_counts_error = None
     if config.hybrid is not None and config.hybrid.dymu is not None:
-        vit_counts = dymu_layer_counts(model, pixel_values)
+        try:  # a re-run that fails costs the row its merged vision MACs, not its timings: the note says why
+            vit_counts = dymu_layer_counts(model, pixel_values)
+        except Exception as error:  # noqa: BLE001 - named in the row's note, whatever it is
+            vit_counts_error = f"{type(error).__name__}: {str(error)[:160]}"
         if vit_counts is not None and "image_sizes" in inputs:  # one per-layer list per crop, grouped per sample
             starts = [sum(crops[:i]) for i in range(len(crops))]
             vit_counts = [vit_counts[start : start + n] for start, n in zip(starts, crops)]
-    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, crops=crops, grids=grids)
+    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, vit_counts_error=vit_counts_error, crops=crops, grids=grids)
 
 
-def dymu_layer_counts(model, pixel_values) -> list[list[int]] | None:
+def dymu_layer_counts(model, pixel_values) -> list[list[int]]:
     """CLIP tokens (CLS included) leaving each merging layer, per image, from an untimed re-run of the
-    engine's merging loop with the model's thresholds; None when that is not possible."""
-    try:
-        thresholds = model.hybrid_thresholds
-        counts = []
+    engine's merging loop with the model's thresholds."""
+    thresholds = model.hybrid_thresholds
+    counts = []
 
-        def select(index, node_max, state):
-            if index > 0:
-                counts.append(state.counts())  # after layer index - 1's merge: its MLP ran at this count
-            return threshold_merge_mask(node_max, thresholds[index].to(node_max.device))
+    def select(index, node_max, state):
+        if index > 0:
+            counts.append(state.counts())  # after layer index - 1's merge: its MLP ran at this count
+        return threshold_merge_mask(node_max, thresholds[index].to(node_max.device))
 
-        split = model.hybrid_config.dymu_split
-        _, state, _ = merging_vision_forward(model, pixel_values.to(model.dtype), select, split=split)
-        counts.append(state.counts())
-        return torch.stack(counts, dim=1).tolist()
-    except Exception:  # the DyMU internals moved: vision MACs fall back to unmerged counts
-        return None
+    _, state, _ = merging_vision_forward(model, pixel_values.to(model.dtype), select, split=model.hybrid_config.dymu_split)
+    counts.append(state.counts())
+    return torch.stack(counts, dim=1).tolist()
 
 
 def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: int, bytes_per_element: int) -> dict:
@@ -778,7 +777,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         row["note"] = (
             "vision MACs at the merged per-layer CLIP counts (ideal: a static-shape tower computes every slot)"
             if config.counts["vit_counts"] is not None
-            else "vision MACs counted unmerged: no per-layer CLIP counts available"
+            else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
         )
     if len(config.runs) < args.repeats:
         row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM"]))

@@ -367,3 +367,21 @@ def test_on_cuda_the_host_time_is_measured_beside_the_device_time_and_reported()
     table = resources_table(Bench(path=None, meta={}, rows=[row, cpu_row]))
     cuda_line, cpu_line = [line for line in table.splitlines() if "-row`" in line]
     assert cuda_line.split(" | ")[5] == "31.25 / 30.50" and cpu_line.split(" | ")[5] == "–"
+
+
+def test_a_failed_dymu_count_rerun_keeps_the_row_and_names_the_error(monkeypatch):
+    """The DyMU vision MACs come from a re-run of the merging loop; if that re-run raises, the row
+    keeps its timings and counts, its vision MACs fall back to unmerged counts, and its note names the
+    error (it was swallowed unnamed before)."""
+    from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+    def moved(*args, **kwargs):
+        raise RuntimeError("merging loop moved")
+
+    monkeypatch.setattr(bench, "merging_vision_forward", moved)
+    rows = bench.main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress",
+                       "--fastv-k", "--dymu", str(ensure_tiny_thresholds())])
+    dymu = [row for row in rows if row["method"] == "dymu"]
+    assert len(dymu) == 1 and dymu[0]["status"] == "ok" and dymu[0]["prefill_ms"] > 0
+    assert dymu[0]["visual_kept"] < 576
+    assert dymu[0]["note"] == "vision MACs counted unmerged: the per-layer CLIP counts could not be taken (RuntimeError: merging loop moved)"
