@@ -3,7 +3,9 @@
     python -m hybrid_vlm.calibrate --model PATH --images DIR --target 192out --out thresholds/mid.json
 
 Method (DyMU's threshold finding, `batch_level_bipartite_soft_matching` in their open_clip fork):
-images go through the CLIP layers LLaVA reads in batches (64 images each by default, as DyMU's
+images, padded to a square as LLaVA-1.5's inference pads them (`--preprocess crop`: the processor's
+resize and centre crop alone, as DyMU's finder preprocesses; LLaVA-NeXT: every anyres crop), go
+through the CLIP layers LLaVA reads in batches (64 images each by default, as DyMU's
 shipped `threshold_finding.sh` runs per GPU); in every layer the bipartite merge scores of all
 images of the batch are ranked together, the top r_l·B pairs are merged (so counts already vary per
 image) and the score of the best pair left unmerged, clamped at 0, is that batch's cutoff for the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -300,21 +303,48 @@ def find_images(directory: str | Path, limit: int | None = None) -> list[Path]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"--images {directory}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files[:limit] if limit else files
+    return files if limit is None else files[:limit]
 
 
-def pixel_batches(files: list[Path], image_processor, batch_size: int, device, dtype, model=None) -> Iterator[torch.Tensor]:
-    """[N, 3, H, W] batches of what the tower sees: for LLaVA-NeXT (anyres) every crop of
-    `batch_size` images (base image and grid crops; more than batch_size rows)."""
+PREPROCESS = {
+    "pad": "centred on a square of the processor's mean colour, then the processor (LLaVA-1.5's 'pad', as the plugin feeds images)",
+    "crop": "the processor alone: resize the short side, centre crop (DyMU's threshold_finder, open_clip's transform)",
+}
+ANYRES_PREPROCESS = "the processor's anyres tiling: base image and grid crops (LLaVA-NeXT)"
+
+
+def readable_images(files: list[Path]) -> tuple[list[Path], dict[str, str]]:
+    """(the files PIL decodes, {file: why not} for the others): a truncated download or a stray
+    '._x.jpg' is named and left out before any model loads, instead of ending the run in its batch."""
     from PIL import Image
 
-    from .hf_compat.llava_next import tower_pixels
+    readable, unreadable = [], {}
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+            readable.append(path)
+        except Exception as error:  # noqa: BLE001 - any decoder error: the file is named and skipped
+            unreadable[str(path)] = f"{type(error).__name__}: {error}"
+    return readable, unreadable
 
+
+def pixel_batches(files: list[Path], image_processor, batch_size: int, device, dtype, model=None, preprocess: str = "pad") -> Iterator[torch.Tensor]:
+    """[N, 3, H, W] batches of what the tower sees: for LLaVA-1.5 each image padded to a square
+    first unless preprocess is "crop"; for LLaVA-NeXT (anyres) every crop of `batch_size` images
+    (base image and grid crops; more than batch_size rows)."""
+    from PIL import Image
+
+    from .hf_compat.llava_next import takes_anyres, tower_pixels
+    from .images import expand_to_square, mean_colour
+
+    pad = preprocess == "pad" and not takes_anyres(model)
     for start in range(0, len(files), batch_size):
         images = []
         for path in files[start : start + batch_size]:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                rgb = image.convert("RGB")
+            images.append(expand_to_square(rgb, mean_colour(image_processor)) if pad else rgb)
         processed = image_processor(images, return_tensors="pt")
         pixel_values = tower_pixels(model, processed.pixel_values, processed.get("image_sizes"))
         yield pixel_values.to(device=device, dtype=dtype)
@@ -345,7 +375,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--split", choices=SPLITS, default="official",
         help="bipartite split order: official (DyMU's, default) or slot (ablation); inference must use the same DYMU_SPLIT",
     )
-    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument(
+        "--preprocess", choices=sorted(PREPROCESS), default="pad",
+        help="LLaVA-1.5 only (LLaVA-NeXT tiles): pad (default) pads each image to a square as inference does, so the "
+        "achieved counts are inference's; crop is the processor alone, as DyMU's threshold finder preprocesses",
+    )
+    parser.add_argument("--max-images", type=int, default=None, help="use the first N images (sorted by path); default all")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float16 on cuda, float32 on cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -358,13 +393,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.sign and not args.images:
         parser.error("--images is required (unless --sign)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: use at least 1 image per calibration batch")
+    if args.max_images is not None and args.max_images < 1:
+        parser.error(f"--max-images {args.max_images}: use at least 1, or leave it out for every image")
+    args.error = parser.error
     return args
+
+
+def check_before_loading(args) -> list[Path]:
+    """What can be checked before the model loads (minutes for a 7B), each a usage error (exit 2)
+    naming the setting: the images (unreadable ones are named and left out), the output file's
+    folder, and the target against the checkpoint's config. Returns the images to calibrate on."""
+    try:
+        files = find_images(args.images, args.max_images)
+    except FileNotFoundError as error:
+        args.error(str(error))
+    files, unreadable = readable_images(files)
+    for path, reason in unreadable.items():
+        print(f"calibrate: leaving out {portable_path(path)}, which does not decode as an image ({reason})", file=sys.stderr)
+    if not files:
+        args.error(f"--images {args.images}: none of its {len(unreadable)} image files decodes")
+    args.unreadable = unreadable
+    check_output_path(args)
+    tower = tower_shape(args.model)
+    if tower is not None:
+        try:
+            plan_merging(args.target, args.schedule, *tower)
+        except ValueError as error:
+            args.error(str(error))
+    return files
+
+
+def check_output_path(args) -> None:
+    out = Path(args.out)
+    if out.is_dir():
+        args.error(f"--out {args.out} is a directory: name the threshold JSON file to write")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        args.error(f"--out {args.out}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        args.error(f"--out {args.out}: not writable")
+
+
+def tower_shape(model_path: str) -> tuple[int, int, int] | None:
+    """(CLIP blocks, blocks LLaVA reads, patches) from the checkpoint's config alone; None where
+    the config cannot be read here (the load then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        vision, layer = config.vision_config, config.vision_feature_layer
+        blocks = vision.num_hidden_layers
+        read = layer if layer >= 0 else blocks + 1 + layer
+        return blocks, read, (vision.image_size // vision.patch_size) ** 2
+    except Exception:  # noqa: BLE001 - not a checkpoint this can read: the load reports it
+        return None
 
 
 def add_signature(path: str | Path, model) -> dict:
     """Record `vision_signature(model)` in the threshold file `path`, which must have been made for
     this model (the same fingerprint). The thresholds and everything else are kept."""
-    payload = json.loads(Path(path).read_text())
+    payload = read_threshold_payload(path)
     identity = vision_fingerprint(model)
     if payload.get("model", {}).get("fingerprint") != identity["fingerprint"]:
         raise ValueError(f"{path} was made for vision fingerprint {payload.get('model', {}).get('fingerprint')}, "
@@ -378,19 +468,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from transformers import AutoImageProcessor
 
+    from .hf_compat.llava_next import takes_anyres
     from .model import load_supported_model
 
+    if args.sign:  # in float32 on the CPU whatever --device/--dtype say: the weights as a float32 file holds them
+        try:
+            read_threshold_payload(args.out)
+        except (OSError, ValueError) as error:
+            args.error(f"--sign --out {args.out}: {error}")
+        return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.sign:  # in float32 on the CPU whatever --device/--dtype say: the weights as a float32 file holds them
-        return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
-    files = find_images(args.images, args.max_images)
+    files = check_before_loading(args)
     model = load_supported_model(args.model, dtype=dtype, device_map={"": device}).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     total = math.ceil(len(files) / args.batch_size)
 
     def batches() -> Iterator[torch.Tensor]:
-        return pixel_batches(files, image_processor, args.batch_size, device, dtype, model)
+        return pixel_batches(files, image_processor, args.batch_size, device, dtype, model, args.preprocess)
 
     payload = calibrate_thresholds(
         model, batches(), args.target, schedule=args.schedule, split=args.split, progress=not args.no_progress,
@@ -400,21 +495,30 @@ def main(argv: list[str] | None = None) -> dict:
     counts = measure_token_counts(
         model, batches(), thresholds, progress=not args.no_progress, total_batches=total, split=args.split
     )
-    payload["achieved"] = {**count_summary(counts), "note": "re-run of the thresholds on the calibration images"}
-    write_threshold_file(args.out, payload)
-    achieved = payload["achieved"]
-    layers = len(payload["thresholds"])
-    print(
-        f"DyMU thresholds for {payload['model']['name']} ({layers} merging layers, split {payload['split']}, "
-        f"target {payload['target']['tokens']}"
-        f"{' = ' + payload['target']['preset'] if payload['target']['preset'] else ''}, r/layer {payload['target']['r_per_layer']}):\n"
-        f"  {', '.join(f'{t:.4f}' for t in payload['thresholds'])}\n"
-        f"  tokens at the read layer (CLS excluded) on {achieved['images']} calibration images: "
-        f"{achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} (min {achieved['tokens_min']}, max {achieved['tokens_max']})\n"
-        f"  written to {args.out}",
-        file=sys.stderr,
+    anyres = takes_anyres(model)
+    payload["calibration"].update(
+        source_images=len(files), images_per_batch=args.batch_size,
+        preprocess=ANYRES_PREPROCESS if anyres else PREPROCESS[args.preprocess],
+        unreadable_files_left_out=[portable_path(path) for path in args.unreadable],
     )
+    unit = "tower inputs (crops)" if anyres else "images"
+    payload["achieved"] = {**count_summary(counts), "note": f"re-run of the thresholds on the calibration {unit}, preprocessed as calibrated"}
+    write_threshold_file(args.out, payload)
+    print(calibration_summary(payload, len(files), anyres, args.out), file=sys.stderr)
     return payload
+
+
+def calibration_summary(payload: dict, images: int, anyres: bool, out: str) -> str:
+    achieved, target = payload["achieved"], payload["target"]
+    crops = f" ({achieved['images']} crops)" if anyres else ""
+    return (
+        f"DyMU thresholds for {payload['model']['name']} ({len(payload['thresholds'])} merging layers, split {payload['split']}, "
+        f"target {target['tokens']}{' = ' + target['preset'] if target['preset'] else ''}, r/layer {target['r_per_layer']}):\n"
+        f"  {', '.join(f'{t:.4f}' for t in payload['thresholds'])}\n"
+        f"  tokens at the read layer (CLS excluded) per {'crop' if anyres else 'image'}, on {images} calibration images{crops}: "
+        f"{achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} (min {achieved['tokens_min']}, max {achieved['tokens_max']})\n"
+        f"  written to {out}"
+    )
 
 
 if __name__ == "__main__":

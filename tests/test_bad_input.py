@@ -419,7 +419,7 @@ SQUARE_SCRIPT = r"""
 import resource
 import numpy as np
 from PIL import Image
-from vlmeval_plugin.model import MAX_SQUARE_SIDE, expand_to_square
+from hybrid_vlm.images import MAX_SQUARE_SIDE, expand_to_square
 
 background = (10, 20, 30)
 photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8))

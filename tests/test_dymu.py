@@ -692,3 +692,95 @@ def test_threshold_file_split_is_checked(tmp_path, tiny):
     with pytest.warns(UserWarning, match="calibrated with DYMU_SPLIT=slot"):
         load_thresholds(path, model, "official")
     assert DEFAULT_BATCH_SIZE == 64 == parse_args(["--model", "m", "--images", "i", "--out", "o"]).batch_size
+
+
+def _image_dir(tmp_path, size=(336, 168), count=4):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(count):
+        synthetic_image(500 + seed).resize(size).save(folder / f"{seed:02d}.png")
+    return folder
+
+
+def test_calibration_pads_llava_15_images_as_inference_does(tmp_path, tiny):
+    """LLaVA-1.5's inference pads each image to a square of the mean colour before the processor
+    (VLMEvalKit's LLaVA, the plugin); calibrating on the processor's centre crop instead gave other
+    pixels, so other counts (the shipped testbed on 336 x 224 scenes: 235 tokens calibrated, 361 at
+    inference). By default the CLI's batches are the padded images, pixel for pixel; --preprocess crop
+    keeps the crop, and the file says which it used."""
+    from hybrid_vlm.calibrate import pixel_batches
+    from hybrid_vlm.tiny import ensure_tiny_llava
+    from PIL import Image
+
+    model, processor = tiny
+    folder = _image_dir(tmp_path)
+    files = sorted(folder.iterdir())
+    mean = np.array([int(v * 255) for v in processor.image_processor.image_mean], dtype=np.uint8)
+    padded = []
+    for path in files:  # the reference pad, written out: 336 x 168 centred on a 336 x 336 canvas of the mean colour
+        canvas = np.broadcast_to(mean, (336, 336, 3)).copy()
+        canvas[84:252] = np.asarray(Image.open(path).convert("RGB"))
+        padded.append(Image.fromarray(canvas))
+    expected = processor.image_processor(padded, return_tensors="pt").pixel_values
+    got = torch.cat(list(pixel_batches(files, processor.image_processor, 3, "cpu", torch.float32, model)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    cropped = torch.cat(list(pixel_batches(files, processor.image_processor, 3, "cpu", torch.float32, model, "crop")))
+    assert not torch.equal(cropped, got)
+
+    model_dir = ensure_tiny_llava(tmp_path / "tiny")
+    common = ["--model", str(model_dir), "--images", str(folder), "--target", "200", "--batch-size", "2", "--no-progress"]
+    pad = calibrate_main([*common, "--out", str(tmp_path / "pad.json")])
+    crop = calibrate_main([*common, "--out", str(tmp_path / "crop.json"), "--preprocess", "crop"])
+    assert pad["calibration"]["preprocess"].startswith("centred on a square") and crop["calibration"]["preprocess"].startswith("the processor alone")
+    assert pad["thresholds"] != crop["thresholds"]
+    assert pad["calibration"]["source_images"] == pad["calibration"]["images"] == 4
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--max-images", "0"], "--max-images 0: use at least 1"),
+    (["--max-images", "-3"], "--max-images -3: use at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: use at least 1"),
+    (["--target", "bogus"], "--target 'bogus' is not valid"),
+    (["--target", "9999"], "--target '9999' is not valid: use 1..576"),
+    (["--out-is-dir"], "is a directory"),
+    (["--empty-images"], "no image files"),
+])
+def test_calibrate_refuses_bad_settings_before_loading_the_model(tmp_path, monkeypatch, capsys, extra, named):
+    """Each bad setting is a usage error (exit 2) naming it, raised before the model loads (minutes
+    for a 7B); before, several were a traceback after the load or after both passes."""
+    from hybrid_vlm import model as model_module
+    from hybrid_vlm.tiny import ensure_tiny_llava
+
+    model_dir = ensure_tiny_llava(tmp_path / "tiny")
+    monkeypatch.setattr(model_module, "load_supported_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    folder = _image_dir(tmp_path, count=2)
+    out = str(tmp_path / "t.json")
+    if extra == ["--out-is-dir"]:
+        extra, out = [], str(tmp_path)
+    if extra == ["--empty-images"]:
+        extra, folder = [], tmp_path / "empty"
+        folder.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate_main(["--model", str(model_dir), "--images", str(folder), "--out", out, "--no-progress", *extra])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_an_undecodable_image_file_is_named_and_left_out(tmp_path, capsys):
+    """A truncated download or a stray '._x.jpg' ended the run in its batch, losing the batches
+    before it; it is now named, left out, and recorded in the file. A --sign on a file that is not a
+    threshold file is a usage error naming it."""
+    from hybrid_vlm.tiny import ensure_tiny_llava
+
+    model_dir = ensure_tiny_llava(tmp_path / "tiny")
+    folder = _image_dir(tmp_path, size=(336, 336), count=3)
+    (folder / "._01.jpg").write_bytes(b"\x00\x05\x16\x07 not a jpeg")
+    out = tmp_path / "t.json"
+    payload = calibrate_main(["--model", str(model_dir), "--images", str(folder), "--target", "200", "--out", str(out), "--no-progress"])
+    assert payload["calibration"]["images"] == 3 and len(payload["achieved"]) and payload["achieved"]["images"] == 3
+    assert [p.rsplit("/", 1)[-1] for p in payload["calibration"]["unreadable_files_left_out"]] == ["._01.jpg"]
+    assert "leaving out" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate_main(["--sign", "--model", str(model_dir), "--out", str(tmp_path / "bad.json")])
+    assert exit_info.value.code == 2 and "--sign --out" in capsys.readouterr().err

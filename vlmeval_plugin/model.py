@@ -41,6 +41,7 @@ from vlmeval.vlm.base import BaseModel
 from hybrid_vlm import HybridConfig, apply_hybrid, flops, inputs_for
 from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
+from hybrid_vlm.images import expand_to_square, mean_colour
 from hybrid_vlm.model import IMAGE_LAYOUTS, VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
@@ -51,27 +52,6 @@ SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions. "
 )
-
-
-# The square's side is capped: a 40000 x 1 image (a few bytes of PNG) would need a 40000^2 canvas,
-# about 5 GB, and kill the run on the same row at every rerun. The processor resizes to 336 anyway.
-MAX_SQUARE_SIDE = 8192
-
-
-def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """LLaVA-1.5's "pad" preprocessing: centre the image on a square of the mean colour. An image
-    longer than MAX_SQUARE_SIDE is first shrunk to it, aspect kept (upstream would pad it whole)."""
-    width, height = image.size
-    if width == height:
-        return image
-    if max(width, height) > MAX_SQUARE_SIDE:
-        scale = MAX_SQUARE_SIDE / max(width, height)
-        width, height = max(1, round(width * scale)), max(1, round(height * scale))
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
 
 
 FAILED_ROW_TEXT = "(hybrid-vlm: this row failed before generation)"
@@ -188,7 +168,7 @@ class HybridLLaVA(BaseModel):
             model = apply_hybrid(model, hybrid)
             self.setting = hybrid.describe(num_layers=model.config.text_config.num_hidden_layers)
         self.model = model
-        self.image_background = tuple(int(value * 255) for value in self.processor.image_processor.image_mean)
+        self.image_background = mean_colour(self.processor.image_processor)
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True)
         self.generate_kwargs.update(generate_kwargs)
 

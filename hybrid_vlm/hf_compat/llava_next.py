@@ -91,10 +91,15 @@ def crop_pixels(pixel_values: torch.Tensor, layouts: list[AnyresLayout]) -> torc
     return torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts)])
 
 
+def takes_anyres(model) -> bool:
+    """LLaVA-NeXT: the processor tiles each image into crops (no padding to a square first)."""
+    return isinstance(model, LlavaNextForConditionalGeneration)
+
+
 def tower_pixels(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
     """What the CLIP tower sees, [N, C, H, W]: for LLaVA-NeXT every crop of every image
     (`crop_pixels`), for LLaVA-1.5 the images as they are."""
-    if isinstance(model, LlavaNextForConditionalGeneration):
+    if takes_anyres(model):
         return crop_pixels(pixel_values, anyres_layouts(model, image_sizes))
     return pixel_values
 
