@@ -175,6 +175,14 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
+def prefill_ratio(entry: Entry, reference: Entry | None) -> float | None:
+    """The median prefill time over the reference's, only where both ran at one and the same batch
+    size: a row records its whole batch's prefill, so times at other sizes are not comparable."""
+    if reference is None or len(entry.batch_sizes) > 1 or entry.batch_sizes != reference.batch_sizes:
+        return None
+    return ratio(entry.prefill_ms_median, reference.prefill_ms_median)
+
+
 def comparison_reference(entry: Entry) -> Entry | None:
     """The vanilla entry a non-vanilla entry is compared with (None for vanilla itself)."""
     return entry.reference if entry.reference is not entry else None

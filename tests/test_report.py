@@ -381,3 +381,33 @@ def test_the_targets_table_names_the_gpu_each_verdict_was_measured_on():
     table = targets_table([Bench(Path("a"), dict(preset="llava-1.5-7b", batch_size=1, gpu="NVIDIA H200"), rows),
                            Bench(Path("b"), dict(preset="tiny", batch_size=1, cpu="some CPU"), rows)])
     assert "| llava-1.5-7b, batch 1, NVIDIA H200 |" in table and "| tiny, batch 1 |" in table
+
+
+def _set_batch_sizes(work: Path, model: str, dataset: str, sizes) -> None:
+    path = work / model / f"{model}_{dataset}_stats.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(dict(r, batch_size=sizes(int(r["index"])))) + "\n" for r in records))
+
+
+def test_prefill_times_at_other_batch_sizes_are_not_compared_or_pooled(tmp_path):
+    """A row records its whole batch's prefill. A run at batch 8 beside vanilla at batch 1 showed a
+    "prefill vs vanilla" ratio of 10.6x (a review put reports/testbed-demo's FastV beside
+    reports/testbed's vanilla); a folder resumed at another --batch-size pooled both sizes into one
+    median. Now the ratio is left out (–) with a line naming both sizes, and a mixed folder gets no
+    median, with a line saying why; runs at vanilla's size keep their ratio."""
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    batched, mixed = [m for m in SYNTHETIC_7B if m != "llava_v1.5_7b"][:2]
+    _set_batch_sizes(work, batched, MMB, lambda index: 8)
+    _set_batch_sizes(work, mixed, MMB, lambda index: 1 if index < ROWS // 2 else 8)
+    assert run_report(work, "--name", "sizes", "--out", tmp_path / "reports") == 0
+    out = tmp_path / "reports" / "sizes"
+    markdown = (out / "report.md").read_text()
+    entries = {e["model"]: e for e in json.loads((out / "report.json").read_text())["datasets"][MMB]}
+    assert entries[batched]["prefill_ratio"] is None and entries[batched]["prefill_ms_median"] == pytest.approx(raw_stats(work, batched, MMB)["prefill_ms"])
+    assert entries[mixed]["prefill_ms_median"] is None and entries[mixed]["prefill_ratio"] is None
+    captions = {e["model"]: e for e in json.loads((out / "report.json").read_text())["datasets"][COCO]}  # batch 1 there
+    vanilla_ms = raw_stats(work, "llava_v1.5_7b", COCO)["prefill_ms"]
+    assert captions[batched]["prefill_ratio"] == pytest.approx(raw_stats(work, batched, COCO)["prefill_ms"] / vanilla_ms)
+    section = markdown.split(f"### {MMB}", 1)[1].split("### ", 1)[0]
+    assert f"at another batch size (ratio shown as –): `{batched}` (batch 8 vs batch 1)" in section
+    assert f"so no median is given: `{mixed}` (batch 1/8)" in section

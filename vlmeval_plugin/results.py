@@ -233,9 +233,13 @@ def _read_row_stats(result: DatasetResult, folder: Path) -> None:
     result.tokens_in_mean, result.tokens_kept_mean, result.new_tokens_mean = mean("tokens_in"), mean("tokens_kept"), mean("new_tokens")
     result.visual_in_mean, result.visual_kept_mean = mean("visual_in"), mean("visual_kept")
     result.visual_layer_mean, result.prefill_gmacs_mean = mean("visual_layer_mean"), mean("prefill_gmacs")
+    result.batch_sizes = sorted({int(r["batch_size"]) for r in records if is_number(r.get("batch_size"))})
+    if len(result.batch_sizes) > 1:  # a row records its batch's prefill: times at several sizes have no one median
+        prefill_s = []
+        result.notes.append(f"rows generated at batch sizes {', '.join(map(str, result.batch_sizes))} (a folder resumed at "
+                            "another --batch-size): their prefill times are not comparable, so no median is given")
     result.prefill_ms_median = 1000.0 * statistics.median(prefill_s) if prefill_s else None
     result.prefill_ms_mean = 1000.0 * statistics.fmean(prefill_s) if prefill_s else None
-    result.batch_sizes = sorted({int(r["batch_size"]) for r in records if is_number(r.get("batch_size"))})
     result.settings = sorted({str(r["setting"]) for r in records if r.get("setting") is not None})
 
 

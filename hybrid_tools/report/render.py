@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hybrid_vlm import __version__
 
-from ..configs import Configuration, Entry, comparison_reference, delta, ratio
+from ..configs import Configuration, Entry, comparison_reference, delta, prefill_ratio, ratio
 from .bench import RESOURCES_NOTE, bench_command, bench_setup, bench_table, resources_table
 from .markdown import Linker, display_path, fmt, md_table
 from .parity import parity_lines
@@ -162,6 +162,10 @@ def metrics_section(report: ReportInput) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def sizes_text(entry: Entry) -> str:
+    return "batch " + ("/".join(map(str, entry.batch_sizes)) or "unknown")
+
+
 def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> list[str]:
     kinds = sorted({e.kind for e in entries if e.kind != "none"})
     kind = kinds[0] if len(kinds) == 1 else "other"
@@ -176,6 +180,15 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
     batched = sorted({b for e in entries for b in e.batch_sizes if b > 1})
     if batched:
         lines += [f"Rows were generated in batches ({', '.join(map(str, batched))}): prefill times are per batch.", ""]
+    other_size = [f"`{e.config.label}` ({sizes_text(e)} vs {sizes_text(e.reference)})" for e in entries
+                  if comparison_reference(e) is not None and not e.unpaired and prefill_ratio(e, e.reference) is None
+                  and e.prefill_ms_median is not None]
+    mixed = [f"`{e.config.label}` ({sizes_text(e)})" for e in entries if len(e.batch_sizes) > 1]
+    if mixed:
+        lines += [f"Rows generated at several batch sizes (a folder resumed at another --batch-size), whose prefill times "
+                  f"are not comparable, so no median is given: {', '.join(mixed)}.", ""]
+    if other_size:
+        lines += [f"Prefill not compared with vanilla at another batch size (ratio shown as –): {', '.join(other_size)}.", ""]
     missing = [e.config.label for e in entries if e.reference is None and not e.unpaired]
     if missing and any(not e.config.vanilla for e in entries):
         lines += [f"No vanilla reference for: {', '.join(f'`{m}`' for m in missing)} (Δ and ratios shown as –).", ""]
@@ -292,7 +305,7 @@ def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[s
             fmt(entry.tokens_kept_mean),
             fmt(ratio(entry.tokens_kept_mean, ref.tokens_kept_mean if ref else None), ".3f", "×") if not config.vanilla else "1×",
             fmt(entry.prefill_ms_median, ".2f"),
-            fmt(ratio(entry.prefill_ms_median, ref.prefill_ms_median if ref else None), ".3f", "×") if not config.vanilla else "1×",
+            fmt(prefill_ratio(entry, ref), ".3f", "×") if not config.vanilla else "1×",
             rows_text,
             sources_cell(entry, linker),
         ]
@@ -344,7 +357,7 @@ def entry_json(entry: Entry, linker: Linker) -> dict:
         "prefill_ms_mean": entry.prefill_ms_mean,
         "new_tokens_mean": entry.new_tokens_mean,
         "tokens_kept_ratio": ratio(entry.tokens_kept_mean, ref.tokens_kept_mean) if ref else None,
-        "prefill_ratio": ratio(entry.prefill_ms_median, ref.prefill_ms_median) if ref else None,
+        "prefill_ratio": prefill_ratio(entry, ref),
         "batch_sizes": entry.batch_sizes,
         "settings": entry.settings,
         "sources": {
