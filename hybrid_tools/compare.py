@@ -129,6 +129,8 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
     pd.DataFrame(captions, columns=["run", "dataset", "image", "cider"]).to_csv(raw / "captions.csv", index=False)
     if bench_dir is not None:
         shutil.copy(bench_dir / "bench.json", raw / "bench.json")
+    else:  # an earlier collect's speed table must not stand beside these runs
+        (raw / "bench.json").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------- intervals
@@ -398,6 +400,22 @@ def render(out: Path) -> None:
     (out / "report.md").write_text(report)
 
 
+def checked_sources(parser, args) -> tuple[Path, Path | None]:
+    """WORK_DIR and --bench, checked before collect overwrites OUT/raw: a usage error (exit 2)
+    for a missing or empty work dir, or a --bench folder without bench.json."""
+    if args.work_dir is None:
+        parser.error("give WORK_DIR, or --render to re-render OUT from its raw files")
+    work_dir = Path(args.work_dir)
+    if not work_dir.is_dir():
+        parser.error(f"WORK_DIR {work_dir}: not a directory")
+    if not read_work_dir(work_dir) and not read_sweep_runs(work_dir):
+        parser.error(f"WORK_DIR {work_dir}: no model folders and no sweep records in it (VLMEvalKit's --work-dir of the sweeps)")
+    bench_dir = Path(args.bench) if args.bench else None
+    if bench_dir is not None and not (bench_dir / "bench.json").is_file():
+        parser.error(f"--bench {bench_dir}: no bench.json there (python -m hybrid_tools.bench ... --out DIR writes one)")
+    return work_dir, bench_dir
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid_tools.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work_dir", nargs="?", help="the VLMEvalKit work dir of the sweeps")
@@ -406,10 +424,12 @@ def main(argv=None) -> int:
     parser.add_argument("--render", action="store_true", help="only re-render OUT from OUT/raw")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if not args.render:
-        if args.work_dir is None:
-            parser.error("give WORK_DIR, or --render to re-render OUT from its raw files")
-        collect(Path(args.work_dir), Path(args.bench) if args.bench else None, out)
+    if args.render:
+        if not (out / "raw" / "runs.csv").is_file():
+            parser.error(f"--render: {out / 'raw' / 'runs.csv'} does not exist (collect first: give WORK_DIR)")
+    else:
+        work_dir, bench_dir = checked_sources(parser, args)
+        collect(work_dir, bench_dir, out)
     render(out)
     print(f"wrote {out / 'table.md'}, {out / 'speed.md'} and {out / 'figures'}")
     return 0

@@ -164,3 +164,33 @@ def test_runs_on_other_items_stop_the_comparison_naming_them(tmp_path):
     write_raw(tmp_path / "raw", runs, [], captions)
     with pytest.raises(SystemExit, match=r"SetX: 4 items in all, but these runs hold fewer: m_pool__pool-b64 \(2\)"):
         compare.main_table(tmp_path / "raw")
+
+
+def test_bad_sources_are_refused_before_the_raw_files_are_touched(tmp_path, capsys):
+    """An empty WORK_DIR replaced a committed comparison's raw CSVs with empty ones and exited 0; a
+    --bench without bench.json was noticed only after they were overwritten; --render without raw/
+    was a traceback. Each is now a usage error (exit 2) naming the argument, and raw/ is untouched."""
+    import json
+    import shutil
+
+    out = tmp_path / "comparison"
+    shutil.copytree(REPORT / "raw", out / "raw")
+    before = {path.name: path.read_bytes() for path in (out / "raw").iterdir()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [([str(tmp_path / "missing")], "not a directory"), ([str(empty)], "no model folders"),
+             (["--render", "--out", str(tmp_path / "nothing")], "does not exist")]
+    (tmp_path / "with-record").mkdir()
+    (tmp_path / "with-record" / "sweep_x.json").write_text(json.dumps({"runs": [{"folder": "llava_tiny", "returncode": 1}]}))
+    cases.append(([str(tmp_path / "with-record"), "--bench", str(empty)], "--bench"))
+    for argv, named in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main([*argv, *([] if "--out" in argv else ["--out", str(out)])])
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err, argv
+    assert {path.name: path.read_bytes() for path in (out / "raw").iterdir()} == before
+
+    # a collect without --bench drops the earlier collect's bench.json: its speed table was of other runs
+    assert (out / "raw" / "bench.json").is_file()
+    assert compare.main([str(tmp_path / "with-record"), "--out", str(out)]) == 0
+    assert not (out / "raw" / "bench.json").exists() and not (out / "speed.md").exists()
+    assert "did not run (exit status 1)" in (out / "raw" / "runs.csv").read_text()
