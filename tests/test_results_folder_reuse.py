@@ -146,3 +146,17 @@ def test_another_device_or_thresholds_content_is_refused(tmp_path, checkpoints):
     item.config = SimpleNamespace(dymu=str(tmp_path / "mid.json"))
     assert "with DyMU thresholds of content sha256:aa" in reuse_conflict(folder, item, options, now={**now, "dymu_thresholds_sha256": "sha256:bb"})
     assert reuse_conflict(folder, item, options, now={**now, "dymu_thresholds_sha256": "sha256:aa"}) is None
+
+
+def test_a_generation_length_below_one_is_refused_before_anything_loads(tmp_path, checkpoints, capsys):
+    """--max-new-tokens 0 loaded the model and turned every row into a failed row (exit 1); it is a
+    usage error now. A folder an older run recorded with 0 is named with 0, not with the default
+    (a falsy 0 fell through an `or` chain to it)."""
+    from vlmeval_plugin.cli import main
+
+    for value in ("0", "-3"):
+        assert main(["--data", "TinyCOCO", "--model", "llava_tiny", "--max-new-tokens", value]) == 2
+        assert f"--max-new-tokens must be >= 1, got {value}" in capsys.readouterr().err
+    item = plugin_model(checkpoints / "seed0")
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": item.signature, "max_new_tokens": 0}])
+    assert "--max-new-tokens 0; this run asks for 5" in reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=5))

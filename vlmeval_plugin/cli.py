@@ -164,7 +164,8 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
         return None
     earlier, now = records[-1], now or prediction_inputs(item, options)
     # records older than the "max_new_tokens" key hold the option as typed: None was the default
-    earlier_tokens = earlier.get("max_new_tokens") or (earlier.get("options") or {}).get("max_new_tokens") or settings.max_new_tokens_for(item.variant)
+    earlier_tokens = next((value for value in (earlier.get("max_new_tokens"), (earlier.get("options") or {}).get("max_new_tokens"))
+                           if value is not None), settings.max_new_tokens_for(item.variant))
     changed = []
     if earlier.get("checkpoint_signature") not in (None, now["checkpoint_signature"]):
         changed.append(f"from checkpoint {earlier.get('checkpoint')} (content signature {earlier['checkpoint_signature']}); "
@@ -344,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     options, rest = plugin_parser().parse_known_args(argv)
     if options.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.max_new_tokens is not None and options.max_new_tokens < 1:
+        return fail(f"--max-new-tokens must be >= 1, got {options.max_new_tokens} (leave it out for each model's default)")
 
     # Fail fast on our own names: settings and checkpoints, before vlmeval is imported.
     peeked, _ = peek_parser().parse_known_args(rest)
