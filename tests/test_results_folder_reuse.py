@@ -148,12 +148,13 @@ def test_another_device_or_thresholds_content_is_refused(tmp_path, checkpoints):
     assert reuse_conflict(folder, item, options, now={**now, "dymu_thresholds_sha256": "sha256:aa"}) is None
 
 
-def test_a_generation_length_below_one_is_refused_before_anything_loads(tmp_path, checkpoints, capsys):
+def test_a_generation_length_below_one_is_refused_before_anything_loads(tmp_path, checkpoints, capsys, monkeypatch):
     """--max-new-tokens 0 loaded the model and turned every row into a failed row (exit 1); it is a
     usage error now. A folder an older run recorded with 0 is named with 0, not with the default
     (a falsy 0 fell through an `or` chain to it)."""
     from vlmeval_plugin.cli import main
 
+    monkeypatch.chdir(tmp_path)  # where a regression's run would write its outputs
     for value in ("0", "-3"):
         assert main(["--data", "TinyCOCO", "--model", "llava_tiny", "--max-new-tokens", value]) == 2
         assert f"--max-new-tokens must be >= 1, got {value}" in capsys.readouterr().err
