@@ -241,9 +241,11 @@ def test_selection_snapshot_and_bad_inputs(tmp_path):
         run_report(work, "--bench", tmp_path / "no-bench", "--out", out)
 
 
-@pytest.mark.parametrize("name", ["tiny-demo", "testbed-demo", "cpu-mid-bench", "cpu-next-bench", "cpu-next-overhead"])
+@pytest.mark.parametrize("name", ["tiny-demo", "testbed-demo", "testbed", "cpu-mid-bench", "cpu-mid-methods", "cpu-next-bench",
+                                  "cpu-next-overhead", "cpu-qwen-bench"])
 def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, name):
-    """reports/<name>/report.md is exactly what its printed command makes from reports/<name>/raw/."""
+    """reports/<name>/report.md and report.json are exactly what its printed command makes from
+    reports/<name>/raw/."""
     folder = REPO / "reports" / name
     committed = (folder / "report.md").read_text()
     if name == "tiny-demo":
@@ -259,6 +261,7 @@ def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     assert report.main(command[3:]) == 0
     assert (copy / "report.md").read_text() == committed
+    assert (copy / "report.json").read_text() == (folder / "report.json").read_text()
 
 
 @pytest.mark.parametrize("name", ["cpu-mid-bench", "cpu-next-bench", "cpu-next-overhead"])
@@ -411,3 +414,17 @@ def test_prefill_times_at_other_batch_sizes_are_not_compared_or_pooled(tmp_path)
     section = markdown.split(f"### {MMB}", 1)[1].split("### ", 1)[0]
     assert f"at another batch size (ratio shown as –): `{batched}` (batch 8 vs batch 1)" in section
     assert f"so no median is given: `{mixed}` (batch 1/8)" in section
+
+
+def test_recorded_commands_carry_every_setting_run_py_recorded(tmp_path):
+    """The provenance block rebuilt each run's command from its run_info.json env, but only from six
+    setting names: three pool runs (VISUAL_POOL=2/3/4) showed as one command without it, and random
+    selection (FASTV_SELECT=random) as FastV's. Every recorded setting now goes in front."""
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    model = next(m for m in SYNTHETIC_7B if m != "llava_v1.5_7b")
+    record = {"command": f"python run.py --data {MMB} --model {model.split('__')[0]}",
+              "env": {"FASTV_K": "72", "FASTV_SELECT": "random", "VISUAL_POOL": "3", "VISUAL_METHOD": ""}}
+    (work / model / "run_info.json").write_text(json.dumps({"runs": [record]}))
+    assert run_report(work, "--name", "commands", "--out", tmp_path / "reports") == 0
+    markdown = (tmp_path / "reports" / "commands" / "report.md").read_text()
+    assert f"FASTV_K=72 FASTV_SELECT=random VISUAL_POOL=3 {record['command']}    # run_info.json" in markdown

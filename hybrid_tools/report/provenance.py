@@ -8,9 +8,6 @@ from vlmeval_plugin.results import read_json
 from ..configs import Configuration
 from .markdown import Linker, display_path
 
-RUN_ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "DYMU_THRESHOLDS", "HYBRID_POSITIONS", "HYBRID_VLM_MODEL_PATH", "MMEVAL_ROOT")
-
-
 def versions_text(versions: dict | None) -> str:
     if not isinstance(versions, dict) or not versions:
         return "not recorded"
@@ -41,8 +38,9 @@ def run_commands(config: Configuration) -> list[tuple[str, str]]:
     for record in config.run_info:
         command = record.get("command") or (shell_join(record["argv"]) if isinstance(record.get("argv"), list) else None)
         if command:
+            # run.py records exactly the settings that decide a run (RUN_INFO_ENVS), so all of them go in front
             env = record.get("env") if isinstance(record.get("env"), dict) else {}
-            prefix = " ".join(f"{k}={shell_join([v])}" for k, v in env.items() if k in RUN_ENV_KEYS and v not in (None, ""))
+            prefix = " ".join(f"{k}={shell_join([v])}" for k, v in env.items() if v not in (None, ""))
             commands.append(((prefix + " " if prefix else "") + command, "run_info.json"))
     for manifest, run in config.sweep_runs:
         command = run.get("command")
