@@ -30,9 +30,11 @@ Every ablation also runs the vanilla model (the reference); `--ablation scoring`
 scoring layer) is a speed-only ablation: `python -m hybrid_tools.bench --scoring row eager`.
 
 The grid: for each --model (plugin names or the short forms vanilla / fastv / dymu / hybrid) the
-product of the settings that model reads: FastV models FASTV_K (--fastv-k) x FASTV_LAYER
-(--fastv-layer) x HYBRID_POSITIONS (--positions); DyMU models DYMU_THRESHOLDS (--dymu) x
-DYMU_SPLIT (--dymu-split) x HYBRID_POSITIONS; the hybrid all of them; vanilla nothing. Default
+product of the settings that model reads (the plugin's settings_read): FastV models FASTV_K
+(--fastv-k) x FASTV_LAYER (--fastv-layer) x HYBRID_POSITIONS (--positions); DyMU models
+DYMU_THRESHOLDS (--dymu) x DYMU_SPLIT (--dymu-split) x HYBRID_POSITIONS; the hybrid all of them;
+random also FASTV_K and FASTV_LAYER, dart FASTV_LAYER; vanilla nothing. An axis that none of the
+models reads is refused (it names the models that read it). Default
 --model: fastv; with --dymu: hybrid if --fastv-k is given, else dymu. An axis not given keeps the
 environment's value (else the plugin's default: FASTV_K 0.5, FASTV_LAYER 2, DYMU_SPLIT official,
 logical positions). A threshold file records the split it was calibrated with; run under the other
@@ -49,15 +51,17 @@ config names such as 72out or 192out-linear, or an integer (tokens after the tow
 Each setting is one `run.py` process (`python -m vlmeval_plugin`) with its environment, so it lands
 in its own results folder (<work-dir>/<model>__<setting>/) and settings never share predictions; a
 setting whose folder is complete is not recomputed (VLMEvalKit's reuse). Two settings that map to
-the same folder (an axis the model ignores) run once. Flags this command does not know
-(--work-dir, --model-path, --judge, --limit, --batch-size, ...) go to every run unchanged.
+the same folder (an axis the model ignores, one threshold file given twice) run once; two different
+threshold files with one name are refused (rename one). Flags this command does not know
+(--model-path, --judge, --limit, --batch-size, ...) go to every run unchanged; --work-dir is the
+sweep's own (after `--` it is refused).
 
 At the end: one table (metric, Δ vs vanilla when the vanilla folder exists, mean tokens in / kept,
 median prefill ms per row), the same as CSV in <work-dir>/sweep_<tag>.csv, and the record of what
 ran (commands, environments, exit statuses, versions, git commit) in <work-dir>/sweep_<tag>.json
 (<tag>-2, -3, ... where an earlier sweep's record has that name: no record is overwritten),
-which `python -m hybrid_tools.report` reads for provenance. --report NAME then writes
-reports/NAME/report.md from this sweep's folders.
+which `python -m hybrid_tools.report` reads for provenance. --report NAME (letters, digits, '.',
+'_', '-'; checked before any run) then writes reports/NAME/report.md from this sweep's folders.
 
 The equivalent shell loop of the first example:
     for k in 576 288 144 72 36 0.5 0.75; do FASTV_K=$k python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv; done
@@ -72,6 +76,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -105,6 +110,13 @@ SCORING_HINT = (
 ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "VISUAL_BUDGET", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "DART_QUOTA", "DART_PIVOTS")
 SWEEP_METHODS = ("fastv", "random", "pool", *settings.PRE_LLM_METHODS, *settings.LLM_METHODS)
 DYMU_TARGETS = ("low", "mid", "high")
+# each swept setting and the argument that gives its values (the flag: --fastv-k, --select, ...)
+AXES = {
+    "FASTV_K": "fastv_k", "FASTV_LAYER": "fastv_layer", "FASTV_SELECT": "select", "VISUAL_POOL": "pool",
+    "VISUAL_BUDGET": "budgets", "DYMU_THRESHOLDS": "dymu", "DYMU_SPLIT": "dymu_split", "HYBRID_POSITIONS": "positions",
+}
+# hybrid_tools.report's rule for --name: NAME is a folder under --report-out and part of sweep_NAME.json
+REPORT_NAME = r"[A-Za-z0-9._-]+"
 
 
 @dataclass
@@ -201,6 +213,39 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
 
 def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
     """Every run of the grid, in order, deduplicated by results folder; and notes on what was merged."""
+    models = checked_models(args)
+    runs: list[Run] = []
+    notes: list[str] = []
+    seen: dict[str, Run] = {}
+    for model in models:
+        variant = settings.VARIANTS[model]
+        reads = settings.settings_read(variant)  # the plugin's own list: an axis the name reads is never dropped
+        axes = {key: (getattr(args, attr) if key in reads else None) or [None] for key, attr in AXES.items()}
+        if variant.dymu and variant.family != "testbed" and axes["DYMU_THRESHOLDS"] == [None] and not base_env.get("DYMU_THRESHOLDS"):
+            raise settings.PluginError(f"{model} needs DyMU thresholds: pass --dymu FILE... (or set DYMU_THRESHOLDS)")
+        for values in itertools.product(*axes.values()):
+            chosen = dict(zip(axes, values))
+            env = dict(base_env)
+            env.pop("VISUAL_METHOD", None)  # the name decides the method
+            if "VISUAL_BUDGET" not in reads:
+                env.pop("VISUAL_BUDGET", None)
+            env.update({key: value for key, value in chosen.items() if value is not None})
+            folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
+            label = "vanilla" if not variant.patched else f"{_short(model, args.family)}: {settings.setting_tag(folder) or folder}"
+            if folder in seen:
+                check_same_thresholds(seen[folder], env, folder)
+                given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
+                notes.append(f"{model} with {given} is the same setting as {seen[folder].label} ({folder}): run once")
+                continue
+            run = Run(label, model, folder, env, {key: env.get(key) for key in ENV_KEYS if chosen.get(key) is not None})
+            seen[folder] = run
+            runs.append(run)
+    return runs, notes
+
+
+def checked_models(args) -> list[str]:
+    """The plugin names of --model, once every name and value is known to be valid and every axis
+    given is read by at least one of them (a PluginError says which is not)."""
     short = settings.short_names(args.family)
     models = [short.get(name, name) for name in args.model]
     for model in models:
@@ -218,45 +263,37 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
         parse_fastv_layer(text)
     for text in args.pool or []:
         parse_visual_pool(text)
-    runs: list[Run] = []
-    notes: list[str] = []
-    seen: dict[str, Run] = {}
-    for model in models:
-        variant = settings.VARIANTS[model]
-        prunes = variant.fastv or variant.pool
-        axes = {
-            "FASTV_K": (args.fastv_k if prunes else None) or [None],
-            "FASTV_LAYER": (args.fastv_layer if prunes else None) or [None],
-            "FASTV_SELECT": (args.select if prunes else None) or [None],
-            "VISUAL_POOL": (args.pool if variant.pool else None) or [None],
-            "VISUAL_BUDGET": (args.budgets if reads_budget(variant) else None) or [None],
-            "DYMU_THRESHOLDS": (args.dymu if variant.dymu else None) or [None],
-            "DYMU_SPLIT": (args.dymu_split if variant.dymu else None) or [None],
-            "HYBRID_POSITIONS": (args.positions if variant.patched else None) or [None],
-        }
-        if variant.dymu and variant.family != "testbed" and axes["DYMU_THRESHOLDS"] == [None] and not base_env.get("DYMU_THRESHOLDS"):
-            raise settings.PluginError(f"{model} needs DyMU thresholds: pass --dymu FILE... (or set DYMU_THRESHOLDS)")
-        for values in itertools.product(*axes.values()):
-            chosen = dict(zip(axes, values))
-            env = dict(base_env)
-            env.pop("VISUAL_METHOD", None)  # the name decides the method
-            if not reads_budget(variant):
-                env.pop("VISUAL_BUDGET", None)
-            env.update({key: value for key, value in chosen.items() if value is not None})
-            folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
-            label = "vanilla" if not variant.patched else f"{_short(model, args.family)}: {settings.setting_tag(folder) or folder}"
-            if folder in seen:
-                given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
-                notes.append(f"{model} with {given} is the same setting as {seen[folder].label} ({folder}): run once")
-                continue
-            run = Run(label, model, folder, env, {key: env.get(key) for key in ENV_KEYS if chosen.get(key) is not None})
-            seen[folder] = run
-            runs.append(run)
-    return runs, notes
+    check_axes_read(args, models)
+    return models
 
 
-def reads_budget(variant) -> bool:
-    return variant.method is not None or variant.pool or (variant.fastv and not variant.dymu)
+def check_axes_read(args, models: list[str]) -> None:
+    """An axis no planned name reads would plan one run per name with its values silently
+    dropped (run.py only notes an ignored setting): refuse it, naming the names that read it."""
+    for key, attr in AXES.items():
+        values = getattr(args, attr)
+        if not values or any(key in settings.settings_read(settings.VARIANTS[model]) for model in models):
+            continue
+        readers = [_short(name, args.family) for name, variant in settings.VARIANTS.items()
+                   if variant.family == args.family and key in settings.settings_read(variant)]
+        flag = "--" + attr.replace("_", "-")
+        raise settings.PluginError(
+            f"{flag} {' '.join(values)}: none of the planned names ({', '.join(models)}) reads {key}; "
+            f"the names that read it: {', '.join(readers) or 'none'} (choose them with --model or --methods)"
+        )
+
+
+def check_same_thresholds(earlier: Run, env: dict, folder: str) -> None:
+    """Two threshold files whose names map to one folder: the same file (or the same content) is one
+    setting, run once; different thresholds would write their results over each other."""
+    first, second = earlier.env.get("DYMU_THRESHOLDS"), env.get("DYMU_THRESHOLDS")
+    if not first or not second or first == second or not (Path(first).is_file() and Path(second).is_file()):
+        return
+    if Path(first).read_bytes() != Path(second).read_bytes():
+        raise settings.PluginError(
+            f"--dymu {first} and {second}: different contents, same name: the output folders would collide "
+            f"({folder}); rename one"
+        )
 
 
 def method_models(methods: list[str], family: str) -> list[str]:
@@ -275,6 +312,13 @@ def _short(model: str, family: str = "llava_v1.5_7b") -> str:
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     passthrough = [item for item in passthrough if item != "--"]
+    # checked before any run: hybrid_tools.report refuses a bad NAME only after the whole sweep, whose
+    # record sweep_NAME.json then lies where no reader looks for it
+    if args.report is not None and not re.fullmatch(REPORT_NAME, args.report):
+        return fail(f"--report {args.report!r}: use letters, digits, '.', '_' and '-' (it names reports/NAME/ and sweep_NAME.json)")
+    if any(item == "--work-dir" or item.startswith("--work-dir=") for item in passthrough):
+        # every run would get two --work-dir flags, and the table would read the sweep's own one
+        return fail("--work-dir after '--': pass the sweep's own --work-dir DIR (before '--'); the sweep gives it to every run")
     if args.ablation == "scoring":
         print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
@@ -293,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     base_env = dict(os.environ)
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
+        checked_models(args)  # before a DyMU target's calibration, which takes minutes
         if args.dymu:
             args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
         runs, notes = plan_runs(args, base_env)

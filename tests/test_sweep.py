@@ -121,6 +121,59 @@ def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):
         assert message in capsys.readouterr().err, extra
 
 
+def test_every_setting_a_name_reads_is_swept(capsys, clean_env, monkeypatch):
+    """random reads FASTV_K and FASTV_LAYER, dart FASTV_LAYER (settings_read): the plan dropped
+    both axes for them (one run at the default, or at the environment's FASTV_K)."""
+    for key in ("FASTV_SELECT", "VISUAL_BUDGET", "SELECT_SEED"):
+        monkeypatch.delenv(key, raising=False)
+    assert planned(capsys, "--data", "X", "--model", "random", "--fastv-k", "64", "32", "--fastv-layer", "1", "3") == [
+        f"llava_v1.5_7b_random__random-k{k}-l{layer}" for k in (64, 32) for layer in (1, 3)
+    ]
+    assert planned(capsys, "--data", "X", "--methods", "dart", "--budgets", "64", "--fastv-layer", "1", "3") == [
+        "llava_v1.5_7b_dart__dart-b64-l1", "llava_v1.5_7b_dart__dart-b64-l3",
+    ]
+    monkeypatch.setenv("FASTV_K", "64")
+    assert planned(capsys, "--data", "X", "--model", "random", "--fastv-layer", "3") == ["llava_v1.5_7b_random__random-k64-l3"]
+
+
+def test_a_setting_no_planned_name_reads_is_refused(capsys, clean_env, thresholds):
+    assert sweep.main(["--data", "X", "--methods", "visionzip", "--budgets", "64", "--fastv-k", "64", "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "--fastv-k 64: none of the planned names (llava_v1.5_7b_visionzip) reads FASTV_K" in error
+    assert "the names that read it: fastv, hybrid, pool, random" in error
+    assert sweep.main(["--data", "X", "--model", "fastv", "--fastv-k", "64", "--dymu", thresholds, "--dry-run"]) == 2
+    assert f"--dymu {thresholds}: none of the planned names (llava_v1.5_7b_fastv) reads DYMU_THRESHOLDS" in capsys.readouterr().err
+    # read by one of the names: the others run once, as before
+    assert planned(capsys, "--data", "X", "--model", "fastv", "dymu", "--fastv-k", "64", "--dymu", thresholds) == [
+        "llava_v1.5_7b_fastv__fastv-k64-l2", "llava_v1.5_7b_dymu__dymu-mid",
+    ]
+
+
+def test_threshold_files_sharing_a_name_are_one_setting_only_when_they_are_equal(capsys, clean_env, tmp_path):
+    """The folder names a threshold file by its stem: a/mid.json and b/mid.json with different
+    thresholds were merged as one setting and only the first ran."""
+    for folder, thresholds in (("a", [0.5]), ("b", [0.9]), ("c", [0.5])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mid.json").write_text(WELL_FORMED_THRESHOLDS.replace("[0.5]", str(thresholds)))
+    a, b, c = (str(tmp_path / folder / "mid.json") for folder in "abc")
+    assert sweep.main(["--data", "X", "--model", "dymu", "--dymu", a, b, "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert f"--dymu {a} and {b}: different contents, same name" in error and "rename one" in error
+    assert planned(capsys, "--data", "X", "--model", "dymu", "--dymu", a, c, a) == ["llava_v1.5_7b_dymu__dymu-mid"]
+
+
+def test_report_name_and_work_dir_are_checked_before_any_run(capsys, clean_env, tmp_path):
+    """--report a/b was refused by hybrid_tools.report after every run, its record written to
+    sweep_a/b.json; a --work-dir after '--' gave each run two."""
+    work = tmp_path / "work"
+    status = sweep.main(["--data", "X", "--fastv-k", "64", "--launcher", "true", "--work-dir", str(work), "--report", "a/b"])
+    assert status == 2 and not work.exists()
+    assert "--report 'a/b': use letters, digits, '.', '_' and '-'" in capsys.readouterr().err
+    for passthrough in (["--work-dir", "elsewhere"], ["--work-dir=elsewhere"]):
+        assert sweep.main(["--data", "X", "--fastv-k", "64", "--dry-run", "--", *passthrough, "--batch-size", "8"]) == 2
+        assert "pass the sweep's own --work-dir" in capsys.readouterr().err
+
+
 def raw_numbers(work: Path, model: str, dataset: str) -> tuple[float, float]:
     """(CIDEr, median prefill ms) read straight from the raw files with json and statistics."""
     folder = work / model
