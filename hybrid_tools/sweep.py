@@ -84,6 +84,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybrid_tools.report.markdown import REPORT_NAME
 from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fastv_k, parse_fastv_layer, parse_visual_budget, parse_visual_pool
 from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
@@ -115,8 +116,6 @@ AXES = {
     "FASTV_K": "fastv_k", "FASTV_LAYER": "fastv_layer", "FASTV_SELECT": "select", "VISUAL_POOL": "pool",
     "VISUAL_BUDGET": "budgets", "DYMU_THRESHOLDS": "dymu", "DYMU_SPLIT": "dymu_split", "HYBRID_POSITIONS": "positions",
 }
-# hybrid_tools.report's rule for --name: NAME is a folder under --report-out and part of sweep_NAME.json
-REPORT_NAME = r"[A-Za-z0-9._-]+"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import report as report_package
 from ..configs import assign_references, configurations, is_vanilla, label_configurations, order_configurations
 from .bench import read_bench, resolve_bench
-from .markdown import Linker, display_path
+from .markdown import REPORT_NAME, Linker, display_path
 from .parity import read_parity
 from .render import ReportInput, render
 from .snapshot import snapshot
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work_dirs, benches = parse_sources(parser, args)
     args.name = args.name or (work_dirs[0] if work_dirs else benches[0].parent).resolve().name
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+    if not re.fullmatch(REPORT_NAME, args.name):
         parser.error(f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
     report_dir = Path(args.out) / args.name
     recipe = None

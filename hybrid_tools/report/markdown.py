@@ -8,6 +8,9 @@ from pathlib import Path
 from vlmeval_plugin.results import number_text
 
 
+# a report's name: its folder under --out, and in a sweep the record sweep_<name>.json
+REPORT_NAME = r"[A-Za-z0-9._-]+"
+
 def fmt(value, spec: str = ".1f", suffix: str = "") -> str:
     """A number as tables show it ("–" when missing), with `suffix` (e.g. "×") after it."""
     text = number_text(None if value is None else float(value), spec)
