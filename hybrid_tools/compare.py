@@ -42,7 +42,7 @@ DRAWS = 2000
 SEED = 0
 CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit's circular copies: index + k * 1e6
 RUN_COLUMNS = ("run", "method", "budget", "positions", "seed", "dataset", "metric", "status", "items", "vlmeval_score",
-               "visual_in", "visual_kept", "visual_layer_mean", "prefill_gmacs", "setting")
+               "visual_in", "visual_kept", "visual_layer_mean", "prefill_gmacs", "setting", "failed_rows")
 METRICS = {"mcq": "circular accuracy %", "caption": "CIDEr"}
 
 
@@ -121,7 +121,7 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
             runs.append(dict(run=name, **identity, dataset=dataset, metric=metric, status="ok", items=len(items),
                              vlmeval_score=result.main_value, visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean,
                              visual_layer_mean=result.visual_layer_mean, prefill_gmacs=result.prefill_gmacs_mean,
-                             setting=";".join(result.settings)))
+                             setting=";".join(result.settings), failed_rows=len(result.failed_rows)))
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs, columns=list(RUN_COLUMNS)).to_csv(raw / "runs.csv", index=False)
@@ -256,8 +256,17 @@ def main_table(raw: Path) -> str:
         for _, run in pd.concat([mine, failed]).sort_values(["budget", "positions", "method", "seed", "run"],
                                                             na_position="first", kind="stable").iterrows():
             lines.append(run_row(run, vectors, references(mine, vectors, run["budget"], run["positions"])))
-        sections.append("\n".join(lines))
+        sections.append("\n".join(lines + failed_rows_lines(mine)))
     return "\n\n".join(sections) + "\n"
+
+
+def failed_rows_lines(runs: pd.DataFrame) -> list[str]:
+    """A line naming the runs with failed rows, which are scored as wrong (runs.csv written before
+    the column existed has none to name)."""
+    if "failed_rows" not in runs.columns:
+        return []
+    failed = [f"`{run['run']}` ({int(run['failed_rows'])})" for _, run in runs.iterrows() if run["failed_rows"] > 0]
+    return ["", f"Failed rows (the plugin's failure marker, scored as wrong): {', '.join(failed)}."] if failed else []
 
 
 SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill ratio vs stock | theory ratio | decode ms/token (median) "

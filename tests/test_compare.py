@@ -194,3 +194,18 @@ def test_bad_sources_are_refused_before_the_raw_files_are_touched(tmp_path, caps
     assert compare.main([str(tmp_path / "with-record"), "--out", str(out)]) == 0
     assert not (out / "raw" / "bench.json").exists() and not (out / "speed.md").exists()
     assert "did not run (exit status 1)" in (out / "raw" / "runs.csv").read_text()
+
+
+def test_runs_with_failed_rows_are_named_under_their_table(tmp_path):
+    """A failed row is scored as wrong by VLMEvalKit; `report` listed such rows, the comparison did
+    not say so. runs.csv now counts them and the section names each run that has any."""
+    common = dict(budget=64, positions="logical", seed=None, dataset="SetX", metric="CIDEr", status="ok", items=2,
+                  visual_in=576, visual_kept=64, visual_layer_mean=100.0, prefill_gmacs=1.0, vlmeval_score=None)
+    runs = [dict(run="m_fastv__fastv-k64-l2", method="fastv", setting="fastv-k64-l2", failed_rows=1, **common),
+            dict(run="m_pool__pool-b64", method="pool", setting="pool-b64", failed_rows=0, **common)]
+    captions = [dict(run=r, dataset="SetX", image=i, cider=v) for r in ("m_fastv__fastv-k64-l2", "m_pool__pool-b64")
+                for i, v in enumerate([0.0, 20.0])]
+    write_raw(tmp_path / "raw", runs, [], captions)
+    table = compare.main_table(tmp_path / "raw")
+    assert table.rstrip().endswith("Failed rows (the plugin's failure marker, scored as wrong): `m_fastv__fastv-k64-l2` (1).")
+    assert "failed_rows" in compare.RUN_COLUMNS
