@@ -428,3 +428,13 @@ def test_recorded_commands_carry_every_setting_run_py_recorded(tmp_path):
     assert run_report(work, "--name", "commands", "--out", tmp_path / "reports") == 0
     markdown = (tmp_path / "reports" / "commands" / "report.md").read_text()
     assert f"FASTV_K=72 FASTV_SELECT=random VISUAL_POOL=3 {record['command']}    # run_info.json" in markdown
+
+
+def test_a_models_pattern_that_matches_no_folder_is_refused(tmp_path, capsys):
+    """--models llava_v1.5_7b_fastv (no '*') matched no folder, since a pattern matches whole names,
+    and the report came out with vanilla alone, exit 0. It is a usage error naming the pattern now."""
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    with pytest.raises(SystemExit) as exit_info:
+        run_report(work, "--models", "llava_v1.5_7b_fastv", "--out", tmp_path / "reports")
+    assert exit_info.value.code == 2 and "--models llava_v1.5_7b_fastv: no model folder matches" in capsys.readouterr().err
+    assert run_report(work, "--models", "llava_v1.5_7b_fastv*", "--out", tmp_path / "reports") == 0
