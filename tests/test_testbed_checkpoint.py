@@ -94,3 +94,24 @@ def test_fastv_keeping_every_visual_token_predicts_exactly_vanillas(shipped):
     fastv = greedy(kept_all, processor, images, prompts, max_new_tokens=24)
     assert any(len(text.split()) > 3 for text in vanilla), "the captions are words, not empty strings"
     assert fastv == vanilla
+
+
+def test_the_committed_card_is_what_card_text_writes_from_the_checkpoints_files(tmp_path):
+    """The card is regenerated from the checkpoint folder's own files, the threshold files included:
+    a checkpoint whose thresholds were calibrated on 2 scenes in batches of 2 says so (the line was
+    hard-coded to 256 and 64, and read the shipped folder's thresholds whatever the checkpoint)."""
+    import json
+    import shutil
+
+    from hybrid_vlm.testbed.card import card_text
+
+    assert card_text() == (CHECKPOINT_DIR / "README.md").read_text()
+    copy_dir = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT_DIR, copy_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    for path in (copy_dir / "dymu-thresholds").glob("testbed-*.json"):
+        payload = json.loads(path.read_text())
+        payload["calibration"].update(images=2, batch_size=2)
+        path.write_text(json.dumps(payload))
+    text = card_text(copy_dir)
+    assert "Calibrated on 2 training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of 2:" in text
+    assert "256" not in text.split("## DyMU thresholds", 1)[1]

@@ -114,7 +114,7 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
     mcq, coco = _vanilla(report, "TinyMMBench"), _vanilla(report, "TinyCOCO")
     vocab_size = json.loads((checkpoint / "config.json").read_text())["text_config"]["vocab_size"]
     lines = _architecture(summary, vocab_size) + _how_it_was_made(summary, log) + _scores(mcq, coco, shuffled) + _limits(log, mcq)
-    lines += _thresholds(sorted(THRESHOLDS_DIR.glob("testbed-*.json")))
+    lines += _thresholds(sorted((checkpoint / THRESHOLDS_DIR.name).glob("testbed-*.json")))
     lines += ["", "This card is written by `python -m hybrid_vlm.testbed card` from the files above.", ""]
     return "\n".join(lines)
 
@@ -199,17 +199,24 @@ def _limits(log: list[dict], mcq: dict) -> list[str]:
     ]
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def _thresholds(paths: list[Path]) -> list[str]:
+    calibrations = {(p["calibration"]["images"], p["calibration"]["batch_size"]) for p in map(_read_json, paths)}
+    made = "; ".join(f"{images} training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of {batch}"
+                     for images, batch in sorted(calibrations))
     lines = [
         "## DyMU thresholds (`dymu-thresholds/`)",
         "",
-        "Calibrated on 256 training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of 64:",
+        f"Calibrated on {made}:",
         "",
         "| file | target | visual tokens (mean ± std, calibration scenes) |",
         "|---|---|---:|",
     ]
     for path in paths:
-        payload = json.loads(path.read_text())
+        payload = _read_json(path)
         achieved = payload["achieved"]
         lines.append(f"| `{path.name}` | {payload['target']['preset']} | {achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} |")
     return lines
