@@ -221,6 +221,31 @@ def test_a_non_positive_language_learning_rate_is_refused_by_name(rate):
         TrainSettings(language_learning_rate=rate)
 
 
+@pytest.mark.parametrize("argv,named", [
+    (["train", "--out", "X", "--steps", "0"], "--steps"),
+    (["train", "--out", "X", "--batch-images", "0"], "--batch-images"),
+    (["train", "--out", "X", "--window-steps", "-1"], "--window-steps"),
+    (["train", "--out", "X", "--threads", "0"], "--threads 0"),
+    (["calibrate", "--out", "X", "--images", "0"], "--images 0"),
+    (["calibrate", "--out", "X", "--targets", "mid", "bogus"], "--targets bogus"),
+])
+def test_testbed_cli_refuses_bad_settings_before_any_work(tmp_path, monkeypatch, capsys, argv, named):
+    """Each is a usage error (exit 2) naming the setting, before training or calibrating starts:
+    --steps 0 trained and saved, then failed on an empty mean; --batch-images 0 failed after the
+    first two phases (8 minutes); --targets mid bogus wrote the mid file, then failed."""
+    from hybrid_vlm.testbed import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "train", lambda *a, **k: pytest.fail("training started"))
+    import hybrid_vlm.testbed.calibration as calibration
+
+    monkeypatch.setattr(calibration, "calibrate_testbed", lambda *a, **k: pytest.fail("calibration started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "X").exists()
+
+
 # ---- the named-object attention loss ------------------------------------------------------------
 def test_each_question_is_about_the_objects_its_text_names():
     """`Question.about` checked against the question's own words, object by object."""

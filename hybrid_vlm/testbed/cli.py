@@ -17,6 +17,8 @@ from .train import TrainSettings, train
 
 
 def train_command(args: argparse.Namespace) -> None:
+    if args.threads < 1:
+        args.parser.error(f"--threads {args.threads}: use at least 1")
     torch.set_num_threads(args.threads)
     try:
         settings = TrainSettings(
@@ -26,7 +28,7 @@ def train_command(args: argparse.Namespace) -> None:
             option_tokens=args.option_tokens, bf16=not args.fp32,
         )
     except ValueError as error:
-        raise SystemExit(f"python -m hybrid_vlm.testbed train: {error}") from None
+        args.parser.error(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(settings.seed, settings.option_tokens)
@@ -45,8 +47,18 @@ def train_command(args: argparse.Namespace) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> None:
+    from ..calibrate import tower_shape
+    from ..dymu import plan_merging
     from .calibration import calibrate_testbed
 
+    if args.images < 1:
+        args.parser.error(f"--images {args.images}: use at least 1 calibration scene")
+    tower = tower_shape(args.model)
+    for target in args.targets if tower is not None else []:  # every target, before the first one is calibrated
+        try:
+            plan_merging(target, None, *tower)
+        except ValueError as error:
+            args.parser.error(f"--targets {target}: {error}")
     for path in calibrate_testbed(Path(args.model), Path(args.out), args.targets, args.images):
         print(path)
 
@@ -87,13 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for CPUs without fast bf16)")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")
-    trainer.set_defaults(run=train_command)
+    trainer.set_defaults(run=train_command, parser=trainer)
     calibrator = commands.add_parser("calibrate", help="DyMU thresholds for the testbed (training-distribution images)")
     calibrator.add_argument("--model", default=str(CHECKPOINT_DIR))
     calibrator.add_argument("--out", default=str(THRESHOLDS_DIR))
     calibrator.add_argument("--targets", nargs="+", default=["low", "mid", "high"])
-    calibrator.add_argument("--images", type=int, default=256)
-    calibrator.set_defaults(run=calibrate_command)
+    calibrator.add_argument("--images", type=int, default=256, help="calibration scenes (default 256)")
+    calibrator.set_defaults(run=calibrate_command, parser=calibrator)
     carder = commands.add_parser("card", help="rewrite checkpoint/README.md from the committed training log, thresholds and report")
     carder.set_defaults(run=card_command)
     args = parser.parse_args(argv)

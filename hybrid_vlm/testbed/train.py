@@ -86,6 +86,11 @@ class TrainSettings:
     answer_probe_layer: int = 6  # whose input the answer probe reads at each MCQ's last prompt token
 
     def __post_init__(self):
+        if self.steps < 1 or self.batch_images < 1:
+            raise ValueError(f"steps (--steps) and batch_images (--batch-images) must be at least 1, not {self.steps} and {self.batch_images}")
+        if self.window_steps < 0 or self.vision_steps < 0:
+            raise ValueError(f"window_steps (--window-steps) and vision_steps (--vision-steps) must be 0 (no such phase) or more, "
+                             f"not {self.window_steps} and {self.vision_steps}")
         if self.language_learning_rate is not None and not self.language_learning_rate > 0:
             raise ValueError(f"language_learning_rate (--language-lr) must be a positive rate or unset, not {self.language_learning_rate}")
         if not self.attention_weight >= 0:
