@@ -70,10 +70,18 @@ def test_small_objects_cover_one_or_two_patches_and_are_drawn():
 
 
 def test_held_out_scenes_are_never_training_scenes():
-    training = {np.asarray(scenes.render(scenes.scene_for(scenes.TRAIN_STREAM, i)[0])).tobytes() for i in range(300)}
-    for index in range(20):
-        image, _ = held_out_question(index)
-        assert np.asarray(image).tobytes() not in training
+    """TinyMMBench's, TinyCOCO's (the caption stream) and the calibration stream's scenes are none of
+    the training scenes, nor of each other (a review made the caption and calibration streams the
+    training stream and the MCQ-only version of this test still passed)."""
+    def pixels(stream, count):
+        return {np.asarray(scenes.render(scenes.scene_for(stream, i)[0])).tobytes() for i in range(count)}
+
+    training = pixels(scenes.TRAIN_STREAM, 300)
+    held_out = {np.asarray(held_out_question(index)[0]).tobytes() for index in range(20)}
+    captions, calibration = pixels(scenes.CAPTION_STREAM, 40), pixels(scenes.CALIBRATION_STREAM, 40)
+    assert len(held_out) == 20 and len(captions) == 40 and len(calibration) == 40
+    assert not (held_out & training) and not (captions & training) and not (calibration & training)
+    assert not (captions & calibration) and not (held_out & calibration)
 
 
 # ---- training input --------------------------------------------------------------------------
