@@ -53,7 +53,7 @@ def test_answers_follow_from_the_scene_description():
                 assert answer == ("yes" if present else "no")
 
 
-def test_small_objects_cover_one_or_two_patches_and_are_drawn():
+def test_small_objects_are_at_most_two_patches_across_and_are_drawn():
     small = total = 0
     for index in range(100):
         scene, _ = scenes.scene_for(scenes.TRAIN_STREAM, index)

@@ -1,8 +1,8 @@
 """Generated scenes for the testbed: objects, backgrounds, questions and captions, all from a seed.
 
 A scene is 1 to 4 objects (each with a shape, colour and size unique in its scene) on a plain,
-gradient, textured or striped background, drawn at 336 x 336 px. Objects are small (14 to 22 px,
-one or two 14 px patches; 40% of them), medium (26 to 36 px) or large (40 to 56 px), so a method that drops the wrong visual tokens
+gradient, textured or striped background, drawn at 336 x 336 px. Objects are small (14 to 22 px across,
+one to two 14 px patch widths, touching up to 3 x 3 patches where they straddle patch borders; 40% of them), medium (26 to 36 px) or large (40 to 56 px), so a method that drops the wrong visual tokens
 loses the answer. Questions (what colour is the triangle, what shape is the red object, how many
 objects, where is one object relative to another, is there a blue square) and captions (objects,
 sizes and where they are) are computed from the scene description, not from the pixels.
