@@ -1,5 +1,5 @@
 """PyramidDrop and DART inside the LLM, and the position axis, against independent references:
-the schedule against the maintainers' table, DART's rule on hand-worked cases a mutated rule
+the schedule against the table solved from the maintainer's recipe, DART's rule on hand-worked cases a mutated rule
 fails, kept sets and logits against a compacted-sequence forward of the stock layers
 (`stage_reference`), a left-padded batch against each sample alone, cached generation against
 recomputation, the cache's own shapes, and no host syncs."""
@@ -33,9 +33,10 @@ def patched(model, **settings):
 # ------------------------------------------------------------------------------- the schedule
 
 
-def test_pdrop_schedule_reproduces_the_maintainers_table():
-    """methods.md (PyramidDrop issue #29): [2, 8, 16] on 32 layers; 128 -> 242/102/42 and 64 ->
-    111/21/4; the counts truncate (lambda 0.561: 576 * 0.561**3 = 101.7 -> 101, not 102)."""
+def test_pdrop_schedule_reproduces_the_table_solved_from_the_maintainers_recipe():
+    """methods.md (PyramidDrop issue #29: layers [2, 8, 16], one lambda): 128 -> 242/102/42 and 64 ->
+    111/21/4, the lambdas nearest each budget (the maintainer's own 0.19 gives 109/20/3); the counts
+    truncate (lambda 0.561: 576 * 0.561**3 = 101.7 -> 101, not 102)."""
     assert pdrop.stage_layers(32) == (2, 8, 16)
     assert pdrop.keep_counts(576, 0.561, 3) == (323, 181, 101)
     assert tuple(pdrop.schedule(128, 576, 32).values()) == (242, 102, 42)
