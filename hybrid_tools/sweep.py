@@ -492,7 +492,7 @@ def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
                 "tokens_in_mean": entry.tokens_in_mean, "tokens_kept_mean": entry.tokens_kept_mean,
                 "visual_in_mean": entry.visual_in_mean, "visual_kept_mean": entry.visual_kept_mean,
                 "visual_layer_mean": entry.visual_layer_mean, "prefill_gmacs_mean": entry.prefill_gmacs_mean,
-                "prefill_ms_median": entry.prefill_ms_median, "prefill_ms_mean": entry.prefill_ms_mean,
+                "prefill_ms_median": entry.prefill_ms_median,
                 "folder": portable(str(config.folder.resolve())),
             })
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -408,6 +408,7 @@ def test_prefill_times_at_other_batch_sizes_are_not_compared_or_pooled(tmp_path)
     entries = {e["model"]: e for e in json.loads((out / "report.json").read_text())["datasets"][MMB]}
     assert entries[batched]["prefill_ratio"] is None and entries[batched]["prefill_ms_median"] == pytest.approx(raw_stats(work, batched, MMB)["prefill_ms"])
     assert entries[mixed]["prefill_ms_median"] is None and entries[mixed]["prefill_ratio"] is None
+    assert [key for key in entries[batched] if key.startswith("prefill_ms")] == ["prefill_ms_median"]  # one statistic of it
     captions = {e["model"]: e for e in json.loads((out / "report.json").read_text())["datasets"][COCO]}  # batch 1 there
     vanilla_ms = raw_stats(work, "llava_v1.5_7b", COCO)["prefill_ms"]
     assert captions[batched]["prefill_ratio"] == pytest.approx(raw_stats(work, batched, COCO)["prefill_ms"] / vanilla_ms)

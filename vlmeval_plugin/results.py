@@ -14,8 +14,8 @@ One rule per quantity:
 - split: the `dev` row of an acc table with several splits, else its first row;
 - main metric: MCQ `Overall`; captions `CIDEr`; any other score file its first numeric field;
 - units: MCQ accuracy in percent, caption scores as VLMEvalKit writes them (x100);
-- prefill time: the median over rows, in ms (`prefill_ms_median`); the mean is kept beside it
-  as `prefill_ms_mean`; tokens in / kept, visual tokens in / kept / layer-averaged, theoretical
+- prefill time: the median over rows, in ms (`prefill_ms_median`), the one statistic of it
+  anywhere; tokens in / kept, visual tokens in / kept / layer-averaged, theoretical
   prefill GMACs and new tokens: means over rows.
 
 Nothing here imports vlmeval.
@@ -65,7 +65,6 @@ class DatasetResult:
     visual_layer_mean: float | None = None  # rule C: averaged over the LLM's layers
     prefill_gmacs_mean: float | None = None  # theoretical, the method's scoring included
     prefill_ms_median: float | None = None
-    prefill_ms_mean: float | None = None
     new_tokens_mean: float | None = None
     batch_sizes: list = field(default_factory=list)
     settings: list = field(default_factory=list)  # the sidecar's "setting" values
@@ -239,7 +238,6 @@ def _read_row_stats(result: DatasetResult, folder: Path) -> None:
         result.notes.append(f"rows generated at batch sizes {', '.join(map(str, result.batch_sizes))} (a folder resumed at "
                             "another --batch-size): their prefill times are not comparable, so no median is given")
     result.prefill_ms_median = 1000.0 * statistics.median(prefill_s) if prefill_s else None
-    result.prefill_ms_mean = 1000.0 * statistics.fmean(prefill_s) if prefill_s else None
     result.settings = sorted({str(r["setting"]) for r in records if r.get("setting") is not None})
 
 

@@ -34,8 +34,8 @@ def read_bench(path: Path) -> Bench:
 
 
 BENCH_HEADER = [
-    "config", "method", "visual in→kept", "vision ms", "LLM prefill ms", "prefill ms", "prefill GMACs",
-    "prefill ratio", "theory", "ratio − theory", "LLM prefill ratio", "theory", "decode ms/token",
+    "config", "method", "visual in→kept", "vision ms (median)", "LLM prefill ms (median)", "prefill ms (median)", "prefill GMACs",
+    "prefill ratio", "theory", "ratio − theory", "LLM prefill ratio", "theory", "decode ms/token (median)",
     "decode ratio", "theory", "peak MB",
 ]
 
@@ -85,8 +85,8 @@ def bench_setup(meta: dict) -> str:
 
 
 RESOURCES_HEADER = [
-    "config", "peak MB", "KV MB after prompt", "theory", "decode ms/token", "host ms: prefill / decode step",
-    "generate tokens/s", "host syncs", "SDPA in the prefill", "SDPA per decode step",
+    "config", "peak MB", "KV MB after prompt", "theory", "decode ms/token (median)", "host ms: prefill / decode step (median)",
+    "generate tokens/s (median)", "host syncs", "SDPA in the prefill", "SDPA per decode step",
 ]
 
 

@@ -354,7 +354,6 @@ def entry_json(entry: Entry, linker: Linker) -> dict:
         "tokens_in_mean": entry.tokens_in_mean,
         "tokens_kept_mean": entry.tokens_kept_mean,
         "prefill_ms_median": entry.prefill_ms_median,
-        "prefill_ms_mean": entry.prefill_ms_mean,
         "new_tokens_mean": entry.new_tokens_mean,
         "tokens_kept_ratio": ratio(entry.tokens_kept_mean, ref.tokens_kept_mean) if ref else None,
         "prefill_ratio": prefill_ratio(entry, ref),
