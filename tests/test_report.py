@@ -439,3 +439,17 @@ def test_a_models_pattern_that_matches_no_folder_is_refused(tmp_path, capsys):
         run_report(work, "--models", "llava_v1.5_7b_fastv", "--out", tmp_path / "reports")
     assert exit_info.value.code == 2 and "--models llava_v1.5_7b_fastv: no model folder matches" in capsys.readouterr().err
     assert run_report(work, "--models", "llava_v1.5_7b_fastv*", "--out", tmp_path / "reports") == 0
+
+
+def test_readme_testbed_cider_table_quotes_the_committed_testbed_runs():
+    """Every CIDEr in the README's testbed table is one of reports/testbed's raw TinyCOCO score files
+    (CIDEr x100, one decimal); the table had no test (found by review)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- testbed-cider:begin -->", 1)[1].split("<!-- testbed-cider:end -->", 1)[0]
+    raw = REPO / "reports" / "testbed" / "raw" / "outputs"
+    ciders = {f"{json.loads(path.read_text())['CIDEr']:.1f}" for path in raw.glob("*/*_TinyCOCO_score.json")}
+    quoted = re.findall(r"\d+\.\d", table)
+    assert len(quoted) >= 15 and len(ciders) >= 15
+    assert [value for value in quoted if value not in ciders] == []
