@@ -401,10 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_before_loading(args) -> list[Path]:
+def check_before_loading(args) -> tuple[list[Path], dict[str, str]]:
     """What can be checked before the model loads (minutes for a 7B), each a usage error (exit 2)
     naming the setting: the images (unreadable ones are named and left out), the output file's
-    folder, and the target against the checkpoint's config. Returns the images to calibrate on."""
+    folder, and the target against the checkpoint's config. Returns (the images to calibrate on,
+    {file: why it was left out})."""
     try:
         files = find_images(args.images, args.max_images)
     except FileNotFoundError as error:
@@ -414,7 +415,6 @@ def check_before_loading(args) -> list[Path]:
         print(f"calibrate: leaving out {portable_path(path)}, which does not decode as an image ({reason})", file=sys.stderr)
     if not files:
         args.error(f"--images {args.images}: none of its {len(unreadable)} image files decodes")
-    args.unreadable = unreadable
     check_output_path(args)
     tower = tower_shape(args.model)
     if tower is not None:
@@ -422,7 +422,7 @@ def check_before_loading(args) -> list[Path]:
             plan_merging(args.target, args.schedule, *tower)
         except ValueError as error:
             args.error(str(error))
-    return files
+    return files, unreadable
 
 
 def check_output_path(args) -> None:
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
         return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    files = check_before_loading(args)
+    files, unreadable = check_before_loading(args)
     model = load_supported_model(args.model, dtype=dtype, device_map={"": device}).eval()
     image_processor = AutoImageProcessor.from_pretrained(args.model)
     total = math.ceil(len(files) / args.batch_size)
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload["calibration"].update(
         source_images=len(files), images_per_batch=args.batch_size,
         preprocess=ANYRES_PREPROCESS if anyres else PREPROCESS[args.preprocess],
-        unreadable_files_left_out=[portable_path(path) for path in args.unreadable],
+        unreadable_files_left_out=[portable_path(path) for path in unreadable],
     )
     unit = "tower inputs (crops)" if anyres else "images"
     payload["achieved"] = {**count_summary(counts), "note": f"re-run of the thresholds on the calibration {unit}, preprocessed as calibrated"}
