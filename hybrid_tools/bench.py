@@ -115,6 +115,7 @@ CSV_COLUMNS = (
     "config", "status", "method", "fastv_k", "fastv_layer", "scoring", "position_mode", "dymu", "mask_read",
     "batch_size", "text_tokens", "visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept",
     "vision_ms", "llm_prefill_ms", "prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_ms_per_token",
+    "prefill_host_ms", "decode_host_ms_per_token",
     "generate_tokens_per_s", "peak_mem_mb", "peak_mem_abs_mb", "mem_kind", "kv_cache_mb_theory",
     "kv_cache_mb_prompt", "kv_cache_mb_prompt_theory",
     "vision_gmacs", "llm_prefill_gmacs", "prefill_gmacs", "decode_gmacs_per_token",

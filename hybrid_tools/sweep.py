@@ -1,8 +1,8 @@
 """Sweeps and ablations through VLMEvalKit, one command each, ending with one results table.
 
     python -m hybrid_tools.sweep --data MMBench_DEV_EN --fastv-k 576 288 144 72 36 0.5 0.75
-    python -m hybrid_tools.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla \\
-        --launcher "torchrun --nproc-per-node=8" -- --work-dir outputs --batch-size 8
+    python -m hybrid_tools.sweep --data MMBench_DEV_EN COCO_VAL --fastv-k 144 72 --vanilla --work-dir outputs \\
+        --launcher "torchrun --nproc-per-node=8" -- --batch-size 8
 
 Baselines and other models:
 
@@ -285,7 +285,7 @@ def check_axes_read(args, models: list[str]) -> None:
 def check_same_thresholds(earlier: Run, env: dict, folder: str) -> None:
     """Two threshold files whose names map to one folder: the same file (or the same content) is one
     setting, run once; different thresholds would write their results over each other."""
-    first, second = earlier.env.get("DYMU_THRESHOLDS"), env.get("DYMU_THRESHOLDS")
+    first, second = (threshold_path(run_env) for run_env in (earlier.env, env))
     if not first or not second or first == second or not (Path(first).is_file() and Path(second).is_file()):
         return
     if Path(first).read_bytes() != Path(second).read_bytes():
@@ -293,6 +293,12 @@ def check_same_thresholds(earlier: Run, env: dict, folder: str) -> None:
             f"--dymu {first} and {second}: different contents, same name: the output folders would collide "
             f"({folder}); rename one"
         )
+
+
+def threshold_path(env: dict) -> str | None:
+    """DYMU_THRESHOLDS as the file it names (a testbed level, low / mid / high, is its shipped file)."""
+    value = env.get("DYMU_THRESHOLDS")
+    return str(settings.testbed_thresholds(value)) if value in settings.TESTBED_LEVELS else value
 
 
 def method_models(methods: list[str], family: str) -> list[str]:

@@ -171,6 +171,7 @@ def test_failed_batches_are_retried_at_half_size_and_match_batch_one(sandbox):  
     records = stats.read_records(stats.stats_path(faulty_dir / MODEL, MODEL, "TinyCOCO"))
     assert len(records) == 5 and not any("error" in r for r in records.values())
     assert {r["batch_size"] for r in records.values()} <= {1, 2}  # every row came from a retried, smaller batch
+    assert {r["batch_requested"] for r in records.values()} == {4}  # the setting, which the report compares runs by
     reference = stats.read_records(stats.stats_path(clean_dir / MODEL, MODEL, "TinyCOCO"))
     assert {i: r["prediction"] for i, r in records.items()} == {i: r["prediction"] for i, r in reference.items()}
     assert pd.read_excel(faulty_dir / MODEL / f"{MODEL}_TinyCOCO.xlsx")["prediction"].tolist() == (

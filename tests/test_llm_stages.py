@@ -43,7 +43,8 @@ def test_pdrop_schedule_reproduces_the_table_solved_from_the_maintainers_recipe(
     assert tuple(pdrop.schedule(64, 576, 32).values()) == (111, 21, 4)
     assert pdrop.keep_counts(576, 0.19, 3) == (109, 20, 3)  # the maintainer's quoted lambda, as the README says
     # the official default layers [8, 16, 24] reach 192 exactly at lambda 0.254 (the README's 146 / 37 / 9)
-    assert pdrop.keep_counts(576, 0.254, 3) == (146, 37, 9) and (8 * 576 + 8 * (146 + 37 + 9)) / 32 == 192
+    assert pdrop.keep_counts(576, 0.254, 3) == (146, 37, 9) and pdrop.layer_mean(576, (146, 37, 9), (8, 16, 24), 32) == 192
+    assert pdrop.layer_mean(576, (109, 20, 3), (2, 8, 16), 32) == pytest.approx(62.9, abs=0.05)
     # 192: lambda 0.56 (322/180/101, layer-average 191.875) is nearer than the table's 0.561 (192.3)
     assert pdrop.schedule(192, 576, 32) == pdrop_schedule_by_hand(192, 576, (2, 8, 16), 32) == {2: 322, 8: 180, 16: 101}
 

@@ -386,10 +386,13 @@ def test_the_targets_table_names_the_gpu_each_verdict_was_measured_on():
     assert "| llava-1.5-7b, batch 1, NVIDIA H200 |" in table and "| tiny, batch 1 |" in table
 
 
-def _set_batch_sizes(work: Path, model: str, dataset: str, sizes) -> None:
+def _set_batch_sizes(work: Path, model: str, dataset: str, requested, rows_in_call=None) -> None:
+    """Each row's --batch-size (`requested(index)`) and the rows its generate call held (default: as many)."""
     path = work / model / f"{model}_{dataset}_stats.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    path.write_text("".join(json.dumps(dict(r, batch_size=sizes(int(r["index"])))) + "\n" for r in records))
+    rows_in_call = rows_in_call or requested
+    path.write_text("".join(json.dumps(dict(r, batch_requested=requested(int(r["index"])), batch_size=rows_in_call(int(r["index"]))))
+                            + "\n" for r in records))
 
 
 def test_prefill_times_at_other_batch_sizes_are_not_compared_or_pooled(tmp_path):
@@ -402,6 +405,9 @@ def test_prefill_times_at_other_batch_sizes_are_not_compared_or_pooled(tmp_path)
     batched, mixed = [m for m in SYNTHETIC_7B if m != "llava_v1.5_7b"][:2]
     _set_batch_sizes(work, batched, MMB, lambda index: 8)
     _set_batch_sizes(work, mixed, MMB, lambda index: 1 if index < ROWS // 2 else 8)
+    # one run at --batch-size 8 whose last call held 4 rows (12 = 8 + 4) is one setting, not a mix
+    _set_batch_sizes(work, batched, COCO, lambda index: 8, lambda index: 8 if index < 8 else 4)
+    _set_batch_sizes(work, "llava_v1.5_7b", COCO, lambda index: 8, lambda index: 8 if index < 8 else 4)
     assert run_report(work, "--name", "sizes", "--out", tmp_path / "reports") == 0
     out = tmp_path / "reports" / "sizes"
     markdown = (out / "report.md").read_text()
@@ -409,8 +415,9 @@ def test_prefill_times_at_other_batch_sizes_are_not_compared_or_pooled(tmp_path)
     assert entries[batched]["prefill_ratio"] is None and entries[batched]["prefill_ms_median"] == pytest.approx(raw_stats(work, batched, MMB)["prefill_ms"])
     assert entries[mixed]["prefill_ms_median"] is None and entries[mixed]["prefill_ratio"] is None
     assert [key for key in entries[batched] if key.startswith("prefill_ms")] == ["prefill_ms_median"]  # one statistic of it
-    captions = {e["model"]: e for e in json.loads((out / "report.json").read_text())["datasets"][COCO]}  # batch 1 there
+    captions = {e["model"]: e for e in json.loads((out / "report.json").read_text())["datasets"][COCO]}  # both at --batch-size 8
     vanilla_ms = raw_stats(work, "llava_v1.5_7b", COCO)["prefill_ms"]
+    assert captions[batched]["batch_sizes"] == captions["llava_v1.5_7b"]["batch_sizes"] == [8]
     assert captions[batched]["prefill_ratio"] == pytest.approx(raw_stats(work, batched, COCO)["prefill_ms"] / vanilla_ms)
     section = markdown.split(f"### {MMB}", 1)[1].split("### ", 1)[0]
     assert f"at another batch size (ratio shown as –): `{batched}` (batch 8 vs batch 1)" in section
@@ -438,6 +445,9 @@ def test_a_models_pattern_that_matches_no_folder_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_report(work, "--models", "llava_v1.5_7b_fastv", "--out", tmp_path / "reports")
     assert exit_info.value.code == 2 and "--models llava_v1.5_7b_fastv: no model folder matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a typo beside a good pattern is named too
+        run_report(work, "--models", "llava_v1.5_7b_fastv*", "llava_v1.5_7b_hybrd*", "--out", tmp_path / "reports")
+    assert exit_info.value.code == 2 and "--models llava_v1.5_7b_hybrd*: no model folder matches" in capsys.readouterr().err
     assert run_report(work, "--models", "llava_v1.5_7b_fastv*", "--out", tmp_path / "reports") == 0
 
 

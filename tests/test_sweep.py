@@ -160,6 +160,21 @@ def test_threshold_files_sharing_a_name_are_one_setting_only_when_they_are_equal
     error = capsys.readouterr().err
     assert f"--dymu {a} and {b}: different contents, same name" in error and "rename one" in error
     assert planned(capsys, "--data", "X", "--model", "dymu", "--dymu", a, c, a) == ["llava_v1.5_7b_dymu__dymu-mid"]
+    # the testbed's level name "mid" is its shipped file: another testbed-mid.json is compared with that
+    import json
+
+    from vlmeval_plugin.settings import testbed_thresholds
+
+    shipped = json.loads(testbed_thresholds("mid").read_text())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "testbed-mid.json").write_text(json.dumps(dict(shipped, thresholds=[t and t / 2 for t in shipped["thresholds"]])))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "testbed-mid.json").write_text(testbed_thresholds("mid").read_text())
+    assert sweep.main(["--data", "X", "--family", "testbed", "--model", "dymu", "--dymu", "mid", str(tmp_path / "other" / "testbed-mid.json"),
+                       "--dry-run"]) == 2
+    assert "different contents, same name" in capsys.readouterr().err
+    assert len(planned(capsys, "--data", "X", "--family", "testbed", "--model", "dymu", "--dymu", "mid",
+                       str(tmp_path / "copy" / "testbed-mid.json"))) == 1
 
 
 def test_report_name_and_work_dir_are_checked_before_any_run(capsys, clean_env, tmp_path):

@@ -357,6 +357,7 @@ class HybridLLaVA(BaseModel):
                 generate_s=round(generate_seconds, 6),
                 new_tokens=int(new_token_counts[row]),
                 batch_size=len(messages),
+                batch_requested=self.batch_size,
                 rank=rank,
                 setting=self.setting,
             )

@@ -232,13 +232,22 @@ def _read_row_stats(result: DatasetResult, folder: Path) -> None:
     result.tokens_in_mean, result.tokens_kept_mean, result.new_tokens_mean = mean("tokens_in"), mean("tokens_kept"), mean("new_tokens")
     result.visual_in_mean, result.visual_kept_mean = mean("visual_in"), mean("visual_kept")
     result.visual_layer_mean, result.prefill_gmacs_mean = mean("visual_layer_mean"), mean("prefill_gmacs")
-    result.batch_sizes = sorted({int(r["batch_size"]) for r in records if is_number(r.get("batch_size"))})
+    result.batch_sizes = requested_batch_sizes(records)
     if len(result.batch_sizes) > 1:  # a row records its batch's prefill: times at several sizes have no one median
         prefill_s = []
-        result.notes.append(f"rows generated at batch sizes {', '.join(map(str, result.batch_sizes))} (a folder resumed at "
+        result.notes.append(f"rows generated at --batch-size {', '.join(map(str, result.batch_sizes))} (a folder resumed at "
                             "another --batch-size): their prefill times are not comparable, so no median is given")
     result.prefill_ms_median = 1000.0 * statistics.median(prefill_s) if prefill_s else None
     result.settings = sorted({str(r["setting"]) for r in records if r.get("setting") is not None})
+
+
+def requested_batch_sizes(records: list[dict]) -> list[int]:
+    """The --batch-size values the rows were generated with. A generate call may hold fewer rows
+    (a rank's last batch, a split after running out of memory), so a record's own `batch_size` is not
+    the setting; records written before `batch_requested` existed stand for the largest of theirs."""
+    requested = {int(r["batch_requested"]) for r in records if is_number(r.get("batch_requested"))}
+    older = [int(r["batch_size"]) for r in records if not is_number(r.get("batch_requested")) and is_number(r.get("batch_size"))]
+    return sorted(requested | ({max(older)} if older else set()))
 
 
 def read_dataset(folder: str | Path, model: str, dataset: str) -> DatasetResult:

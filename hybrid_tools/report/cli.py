@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             parser.error(f"--recipe: {error}")
     configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
-    if args.models and work_dirs and not any(fnmatch.fnmatchcase(c.name, p) for c in configs for p in args.models):
-        parser.error(f"--models {' '.join(args.models)}: no model folder matches (a pattern matches whole folder names, "
+    unmatched = [p for p in args.models or [] if work_dirs and not any(fnmatch.fnmatchcase(c.name, p) for c in configs)]
+    if unmatched:
+        parser.error(f"--models {' '.join(unmatched)}: no model folder matches (a pattern matches whole folder names, "
                      f"e.g. 'llava_v1.5_7b_fastv*')")
     if args.snapshot:
         try:

@@ -305,7 +305,7 @@ def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[s
             fmt(entry.tokens_kept_mean),
             fmt(ratio(entry.tokens_kept_mean, ref.tokens_kept_mean if ref else None), ".3f", "×") if not config.vanilla else "1×",
             fmt(entry.prefill_ms_median, ".2f"),
-            fmt(prefill_ratio(entry, ref), ".3f", "×") if not config.vanilla else "1×",
+            fmt(prefill_ratio(entry, ref), ".3f", "×") if not config.vanilla else ("1×" if entry.prefill_ms_median is not None else "–"),
             rows_text,
             sources_cell(entry, linker),
         ]
