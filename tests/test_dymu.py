@@ -628,8 +628,9 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
         load_thresholds(out, fp16)
     with pytest.raises(ValueError, match="not this model's"):
         add_signature(out, nudged)
-    # --dtype float16 (what "auto" means on a GPU) must not change what is signed: the file's weights, read in float32
-    calibrate_main(["--sign", "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--dtype", "float16"])
+    # --dtype float16 (what "auto" means on a GPU) must not change what is signed: the file's weights, read in float32;
+    # --device is ignored too (--device cuda was refused on a machine without one)
+    calibrate_main(["--sign", "--model", str(model_dir), "--out", str(out), "--device", "cuda", "--dtype", "float16"])
     torch.testing.assert_close(load_thresholds(out, fp16), torch.tensor(saved["thresholds"]))
     assert {key: value for key, value in json.loads(out.read_text()).items() if key != "model"} == {
         key: value for key, value in saved.items() if key != "model"}
