@@ -5,7 +5,7 @@ to `<work-dir>/<model>/<model>_<dataset>_stats.jsonl`:
 
     {"index": "17", "prediction": "B", "tokens_in": 636, "tokens_kept": 132, "visual_in": 576,
      "visual_kept": 72, "visual_layer_mean": 103.5, "prefill_gmacs": 1267.4756, "prefill_s": 0.061,
-     "generate_s": 0.094, "new_tokens": 2, "batch_size": 1, "rank": 0, "setting": "fastv-k72-l2"}
+     "generate_s": 0.094, "new_tokens": 2, "batch_size": 1, "batch_requested": 1, "rank": 0, "setting": "fastv-k72-l2"}
 
 index: the dataset row (as a string); tokens_in: real tokens entering the LLM (text + visual, no
 padding); tokens_kept: of those, the ones that reach the layers after pruning (= tokens_in when
@@ -15,7 +15,8 @@ and C), read from the engine's cache state; prefill_gmacs: theoretical prefill M
 (`hybrid_vlm.flops.method_prefill_macs`, the method's own scoring included; null for DyMU, whose
 tower counts are not recorded, for LLaVA-NeXT, and for PyramidDrop and DART on Qwen2.5-VL, whose per-layer counts follow each image); prefill_s: wall time of generate's first forward (vision tower + LLM prefill) for
 the batch this row was in; generate_s: wall time of the whole generate call of that batch;
-new_tokens: generated tokens including </s>; batch_size: rows in that generate call.
+new_tokens: generated tokens including </s>; batch_size: rows in that generate call; batch_requested: the run's --batch-size (a call may hold fewer rows:
+a rank's last batch, a split after running out of memory), which reports compare runs by.
 A failed row's record has only index, prediction (VLMEvalKit's failure marker), error (the reason),
 rank and setting; the plugin generates such a row again on the next run.
 
