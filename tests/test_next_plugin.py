@@ -85,16 +85,16 @@ def test_next_hybrid_runs_end_to_end_batched(sandbox, next_checkpoint):  # noqa:
 def test_next_fastv_sweep(sandbox, next_checkpoint, tmp_path):  # noqa: F811
     path, _ = next_checkpoint
     command = [sys.executable, "-m", "hybrid_tools.sweep", "--family", "llava_next_vicuna_7b", "--data", "TinyCOCO",
-               "--fastv-k", "64", "320", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "next-sweep",
+               "--fastv-k", "64", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "next-sweep",
                "--", "--model-path", str(path), "--max-new-tokens", "3", "--limit", "2"]
     result = subprocess.run(command, env=sandbox["env"], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     table = pd.read_csv(next((tmp_path / "work").glob("sweep_*.csv")))
     rows = {row.model: row for row in table.itertuples()}
-    assert list(rows) == ["llava_next_vicuna_7b", "llava_next_vicuna_7b_fastv__fastv-k64-l2", "llava_next_vicuna_7b_fastv__fastv-k320-l2"]
+    assert list(rows) == ["llava_next_vicuna_7b", "llava_next_vicuna_7b_fastv__fastv-k64-l2"]  # one setting: CI time
     vanilla_visual = rows["llava_next_vicuna_7b"].tokens_in_mean - rows["llava_next_vicuna_7b"].tokens_kept_mean
     assert vanilla_visual == 0
-    for k in (64, 320):
+    for k in (64,):
         fastv = rows[f"llava_next_vicuna_7b_fastv__fastv-k{k}-l2"]
         assert fastv.tokens_kept_mean < fastv.tokens_in_mean
     report = (tmp_path / "reports" / "next-sweep" / "report.md").read_text()

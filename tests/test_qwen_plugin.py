@@ -102,16 +102,17 @@ def test_qwen_fastv_runs_end_to_end_the_same_at_batch_1_and_4(sandbox, qwen_chec
     outputs = {}
     for batch in (1, 4):
         work = sandbox["root"] / f"qwen-work-{batch}"
+        # --limit 8: two batches of 4 per set are what batch == alone needs, and CI time is bounded
         result = run_py(sandbox, ["--model", f"{QWEN}_fastv", QWEN, "--model-path", str(qwen_checkpoint), "--data", "TinyMMBench",
-                                  "TinyCOCO", "--work-dir", str(work), "--batch-size", str(batch), "--max-new-tokens", "4"],
+                                  "TinyCOCO", "--work-dir", str(work), "--batch-size", str(batch), "--max-new-tokens", "4", "--limit", "8"],
                         extra_env={"FASTV_K": "0.5"}, timeout=1500)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[batch] = work
-    for dataset, rows in (("TinyMMBench", MCQ_ROWS), ("TinyCOCO", CAPTION_ROWS)):
+    for dataset, rows in (("TinyMMBench", min(MCQ_ROWS, 8)), ("TinyCOCO", min(CAPTION_ROWS, 8))):
         visual = expected_visual_tokens(lmu, dataset)
         for name in (FASTV, QWEN):
             one, four = (predictions(outputs[b], name, dataset) for b in (1, 4))
-            assert one["prediction"].tolist() == four["prediction"].tolist()
+            assert len(one) == len(four) == rows and one["prediction"].tolist() == four["prediction"].tolist()
         stock = {r["index"]: r for r in sidecar(outputs[4], QWEN, dataset)}
         records = sidecar(outputs[4], FASTV, dataset)
         assert len(records) == rows and not any("error" in r for r in records)
@@ -195,13 +196,13 @@ def test_qwen_pdrop_fraction_runs_the_same_at_batch_1_and_4(sandbox, qwen_checkp
 @needs_vlmeval
 def test_qwen_fastv_sweep(sandbox, qwen_checkpoint, tmp_path):  # noqa: F811
     command = [sys.executable, "-m", "hybrid_tools.sweep", "--family", QWEN, "--data", "TinyCOCO",
-               "--fastv-k", "64", "0.75", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "qwen-sweep",
+               "--fastv-k", "0.75", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "qwen-sweep",
                "--", "--model-path", str(qwen_checkpoint), "--max-new-tokens", "3", "--limit", "2"]
     result = subprocess.run(command, env=sandbox["env"], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     table = pd.read_csv(next((tmp_path / "work").glob("sweep_*.csv")))
     rows = {row.model: row for row in table.itertuples()}
-    assert list(rows) == [QWEN, f"{QWEN}_fastv__fastv-k64-l2", f"{QWEN}_fastv__fastv-r0.75-l2"]
+    assert list(rows) == [QWEN, f"{QWEN}_fastv__fastv-r0.75-l2"]  # one setting (a ratio; NeXT's sweep test takes a K): CI time
     assert rows[QWEN].tokens_kept_mean == rows[QWEN].tokens_in_mean
     for name in list(rows)[1:]:
         assert rows[name].tokens_kept_mean < rows[name].tokens_in_mean
