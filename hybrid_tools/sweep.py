@@ -210,12 +210,12 @@ def calibrate_targets(entries: list[str], images: str | None, work_dir: str, pas
     return files
 
 
-def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
-    """Every run of the grid, in order, deduplicated by results folder; and notes on what was merged."""
-    models = checked_models(args)
+def plan_runs(args, base_env: dict, models: list[str]) -> tuple[list[Run], list[str]]:
+    """Every run of the grid of `models` (`checked_models`), in order, deduplicated by results folder;
+    and notes on what was merged."""
     runs: list[Run] = []
     notes: list[str] = []
-    seen: dict[str, Run] = {}
+    seen: dict[str, tuple[Run, str | None]] = {}  # folder -> its run, and the threshold file it resolved to
     for model in models:
         variant = settings.VARIANTS[model]
         reads = settings.settings_read(variant)  # the plugin's own list: an axis the name reads is never dropped
@@ -229,15 +229,18 @@ def plan_runs(args, base_env: dict) -> tuple[list[Run], list[str]]:
             if "VISUAL_BUDGET" not in reads:
                 env.pop("VISUAL_BUDGET", None)
             env.update({key: value for key, value in chosen.items() if value is not None})
-            folder = settings.effective_name(model, settings.hybrid_config_for(model, env))
+            config = settings.hybrid_config_for(model, env)
+            folder = settings.effective_name(model, config)
             label = "vanilla" if not variant.patched else f"{_short(model, args.family)}: {settings.setting_tag(folder) or folder}"
+            dymu = config.dymu if config is not None else None
             if folder in seen:
-                check_same_thresholds(seen[folder], env, folder)
+                earlier, earlier_dymu = seen[folder]
+                check_same_thresholds(earlier_dymu, dymu, folder)
                 given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
-                notes.append(f"{model} with {given} is the same setting as {seen[folder].label} ({folder}): run once")
+                notes.append(f"{model} with {given} is the same setting as {earlier.label} ({folder}): run once")
                 continue
             run = Run(label, model, folder, env, {key: env.get(key) for key in ENV_KEYS if chosen.get(key) is not None})
-            seen[folder] = run
+            seen[folder] = run, dymu
             runs.append(run)
     return runs, notes
 
@@ -282,10 +285,10 @@ def check_axes_read(args, models: list[str]) -> None:
         )
 
 
-def check_same_thresholds(earlier: Run, env: dict, folder: str) -> None:
-    """Two threshold files whose names map to one folder: the same file (or the same content) is one
-    setting, run once; different thresholds would write their results over each other."""
-    first, second = (threshold_path(run_env) for run_env in (earlier.env, env))
+def check_same_thresholds(first: str | None, second: str | None, folder: str) -> None:
+    """Two threshold files (as the plugin resolved them: a testbed level is its shipped file) whose
+    names map to one folder: the same file (or the same content) is one setting, run once; different
+    thresholds would write their results over each other."""
     if not first or not second or first == second or not (Path(first).is_file() and Path(second).is_file()):
         return
     if Path(first).read_bytes() != Path(second).read_bytes():
@@ -293,12 +296,6 @@ def check_same_thresholds(earlier: Run, env: dict, folder: str) -> None:
             f"--dymu {first} and {second}: different contents, same name: the output folders would collide "
             f"({folder}); rename one"
         )
-
-
-def threshold_path(env: dict) -> str | None:
-    """DYMU_THRESHOLDS as the file it names (a testbed level, low / mid / high, is its shipped file)."""
-    value = env.get("DYMU_THRESHOLDS")
-    return str(settings.testbed_thresholds(value)) if value in settings.TESTBED_LEVELS else value
 
 
 def method_models(methods: list[str], family: str) -> list[str]:
@@ -342,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     base_env = dict(os.environ)
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
-        checked_models(args)  # before a DyMU target's calibration, which takes minutes
+        planned = checked_models(args)  # before a DyMU target's calibration, which takes minutes
         if args.dymu:
             args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
-        runs, notes = plan_runs(args, base_env)
+        runs, notes = plan_runs(args, base_env, planned)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
     swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]

@@ -63,6 +63,7 @@ from .hf_compat.clip import (
     LlavaForConditionalGeneration,
     dymu_image_features,
     merging_vision_forward,
+    read_blocks,
     signatures_match,
     vision_fingerprint,
     vision_parts,
@@ -339,12 +340,13 @@ def pixel_batches(files: list[Path], image_processor, batch_size: int, device, d
     from .images import expand_to_square, mean_colour
 
     pad = preprocess == "pad" and not takes_anyres(model)
+    background = mean_colour(image_processor)
     for start in range(0, len(files), batch_size):
         images = []
         for path in files[start : start + batch_size]:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
-            images.append(expand_to_square(rgb, mean_colour(image_processor)) if pad else rgb)
+            images.append(expand_to_square(rgb, background) if pad else rgb)
         processed = image_processor(images, return_tensors="pt")
         pixel_values = tower_pixels(model, processed.pixel_values, processed.get("image_sizes"))
         yield pixel_values.to(device=device, dtype=dtype)
@@ -445,8 +447,7 @@ def tower_shape(model_path: str) -> tuple[int, int, int] | None:
         config = AutoConfig.from_pretrained(model_path)
         vision, layer = config.vision_config, config.vision_feature_layer
         blocks = vision.num_hidden_layers
-        read = layer if layer >= 0 else blocks + 1 + layer
-        return blocks, read, (vision.image_size // vision.patch_size) ** 2
+        return blocks, read_blocks(layer, blocks), (vision.image_size // vision.patch_size) ** 2
     except Exception:  # noqa: BLE001 - not a checkpoint this can read: the load reports it
         return None
 

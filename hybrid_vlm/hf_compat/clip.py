@@ -72,6 +72,13 @@ class VisionParts:
     prefix: int  # tokens before the patches (CLS): 1
 
 
+def read_blocks(vision_feature_layer: int, blocks: int) -> int:
+    """How many of the tower's `blocks` CLIP layers LLaVA reads: hidden_states[k] is the input of
+    layer k (k = 0: the embeddings after pre_layrnorm), so hidden_states[layer] is the output of
+    the first `read_blocks` layers."""
+    return vision_feature_layer if vision_feature_layer >= 0 else blocks + 1 + vision_feature_layer
+
+
 def vision_parts(model: LlavaForConditionalGeneration) -> VisionParts:
     tower = model.model.vision_tower
     if not isinstance(tower, CLIPVisionModel):
@@ -85,9 +92,7 @@ def vision_parts(model: LlavaForConditionalGeneration) -> VisionParts:
             f"found {model.config.vision_feature_select_strategy!r}"
         )
     all_layers = list(tower.encoder.layers)
-    # hidden_states[k] is the input of layer k (k = 0: the embeddings after pre_layrnorm), so
-    # hidden_states[layer] is the output of the first `used` layers.
-    used = layer if layer >= 0 else len(all_layers) + 1 + layer
+    used = read_blocks(layer, len(all_layers))
     if not 1 <= used <= len(all_layers):
         raise ValueError(f"vision_feature_layer={layer} selects no CLIP layer output ({len(all_layers)} layers)")
     config = tower.config

@@ -199,12 +199,9 @@ def _limits(log: list[dict], mcq: dict) -> list[str]:
     ]
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def _thresholds(paths: list[Path]) -> list[str]:
-    calibrations = {(p["calibration"]["images"], p["calibration"]["batch_size"]) for p in map(_read_json, paths)}
+    payloads = {path: json.loads(path.read_text()) for path in paths}
+    calibrations = {(p["calibration"]["images"], p["calibration"]["batch_size"]) for p in payloads.values()}
     made = "; ".join(f"{images} training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of {batch}"
                      for images, batch in sorted(calibrations))
     lines = [
@@ -215,8 +212,7 @@ def _thresholds(paths: list[Path]) -> list[str]:
         "| file | target | visual tokens (mean ± std, calibration scenes) |",
         "|---|---|---:|",
     ]
-    for path in paths:
-        payload = _read_json(path)
+    for path, payload in payloads.items():
         achieved = payload["achieved"]
         lines.append(f"| `{path.name}` | {payload['target']['preset']} | {achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} |")
     return lines
