@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+# Under pytest-xdist the workers share the cores: each gets its slice, and so do the run.py
+# processes its tests start (they read OMP_NUM_THREADS), instead of every process spinning a thread
+# per core.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 QUESTIONS = [
     "What is shown in the image?",
