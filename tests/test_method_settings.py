@@ -165,3 +165,33 @@ def test_a_malformed_thresholds_file_is_refused_before_any_model_loads(tmp_path)
                                 "thresholds": {"0": 0.7, "1": 0.8}}))
     with pytest.raises(settings.PluginError, match=r"DYMU_THRESHOLDS='.*edited.json': .*'thresholds' must be a non-empty list"):
         settings.hybrid_config_for("llava_v1.5_7b_dymu", {"DYMU_THRESHOLDS": str(path)})
+
+
+@pytest.mark.parametrize("fixture,architecture", [("tiny", "llava"), ("tiny_next", "next"), ("tiny_qwen", "qwen")])
+def test_fastv_newlines_is_read_where_it_changes_the_kept_tokens(request, fixture, architecture):
+    """FASTV_NEWLINES=keep spares LLaVA-NeXT's image_newline tokens. On a model without them it
+    keeps what prune keeps, so the names of that model must not read it (a run under it got a
+    folder of its own, tagged newlines-keep, holding the same predictions)."""
+    import copy
+
+    import torch
+
+    from hybrid_vlm import apply_hybrid
+
+    from conftest import image_inputs, next_inputs, qwen_inputs
+    from test_llava_next import engine_prefill
+
+    model, processor = request.getfixturevalue(fixture)
+    inputs = dict(llava=image_inputs, next=next_inputs, qwen=qwen_inputs)[architecture](processor)
+    kept = {}
+    with torch.no_grad():
+        for rule in ("prune", "keep"):
+            out, real = engine_prefill(apply_hybrid(copy.deepcopy(model), HybridConfig(fastv_k=8, fastv_newlines=rule)), inputs)
+            kept[rule] = out.kept_positions[0][real[0]].tolist()
+    changes = kept["prune"] != kept["keep"]
+    assert changes == (architecture == "next")
+    names = [name for name, variant in settings.VARIANTS.items() if variant.fastv
+             and (variant.next if architecture == "next" else variant.qwen if architecture == "qwen" else not (variant.next or variant.qwen))]
+    assert names
+    for name in names:
+        assert ("FASTV_NEWLINES" in settings.settings_read(settings.VARIANTS[name])) == changes, name

@@ -331,6 +331,21 @@ def test_dart_with_fewer_than_four_text_tokens_after_the_image_keeps_batch_equal
         official(**raw_inputs(processor, RAW_SHORT_PROMPTS[:1], [0]))
 
 
+def test_a_dart_count_above_every_image_keeps_them_all_and_gives_stock_logits(tiny_qwen):
+    """VISUAL_BUDGET=16384 asks each of DART's 8 pivots for 2,047 picks, more than the padded
+    prompt's length: topk raised. Every image holds fewer tokens than the count, so each keeps them
+    all and the batch's last logits are stock transformers'."""
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor, QUESTIONS)
+    assert 16384 // 8 > inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        stock = model(**inputs).logits[:, -1]
+        out = qwen_copy(model, visual_method="dart", visual_budget=16384)(**inputs, use_cache=True)
+    assert out.past_key_values.hybrid_state.visual_counts().entered == UNITS
+    assert out.past_key_values.hybrid_state.prompt_tokens_kept.tolist() == out.past_key_values.hybrid_state.prompt_tokens.tolist()
+    torch.testing.assert_close(out.logits[:, -1], stock, rtol=1e-4, atol=1e-5)
+
+
 # --- refused settings ---------------------------------------------------------------------------------
 
 

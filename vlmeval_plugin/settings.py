@@ -286,7 +286,7 @@ def settings_read(variant: Variant) -> list[str]:
             reads += ["FASTV_LAYER", "DART_QUOTA", "DART_PIVOTS"]
         return reads
     if variant.fastv or variant.pool:
-        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
+        reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED"] + (["FASTV_NEWLINES"] if variant.next else [])
     if variant.dymu:
         reads += ["DYMU_THRESHOLDS", "DYMU_SPLIT"]
     if variant.pool:

@@ -122,11 +122,14 @@ def dart_keep_mask(
             continue
         pivot = unit.gather(1, pivots[:, step, None, None].expand(-1, 1, unit.shape[-1]))  # [B, 1, hidden]
         similarity = (unit * pivot).sum(dim=-1)  # [B, L]
-        picked = top_positions(-similarity, pool, quota)  # [B, quota] best first, distinct
+        # a count's quota can pass the sequence's length (VISUAL_BUDGET=16384 on a short prompt):
+        # its image is smaller than the count, keeps every token, and topk must not ask for more slots
+        picks = min(quota, pool.shape[1])
+        picked = top_positions(-similarity, pool, picks)  # [B, picks] best first, distinct
         if sample_quotas is None:
             kept, pool = kept.scatter(1, picked, True), pool.scatter(1, picked, False)
             continue
-        taken = torch.arange(quota, device=picked.device)[None, :] < sample_quotas[:, step, None]  # [B, quota]
+        taken = torch.arange(picks, device=picked.device)[None, :] < sample_quotas[:, step, None]  # [B, picks]
         chosen = torch.zeros_like(kept).scatter(1, picked, taken)
         kept, pool = kept | chosen, pool & ~chosen
     return kept
