@@ -21,7 +21,7 @@ import torch
 
 from .tiny import _CORPUS_WORDS, _save_once, default_cache_dir, scale_weights
 
-TINY_QWEN_VERSION = "v1"
+TINY_QWEN_VERSION = "v2"  # v2: the checkpoint's pixel range (v1 held VLMEvalKit's)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2.5-VL-Instruct's template, images and text only (videos are refused by the engine)
 CHAT_TEMPLATE = (
@@ -32,8 +32,10 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# VLMEvalKit's Qwen2.5-VL entries: at least 1280 and at most 16384 LLM tokens per image
-MIN_PIXELS, MAX_PIXELS = 1280 * 28 * 28, 16384 * 28 * 28
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json: 4 to 16384 LLM tokens per image. VLMEvalKit's
+# wrapper narrows the range per image before the processor sees it (1280 at least; 100 on OCRBench),
+# so a processor holding VLMEvalKit's range instead resized OCRBench's images a second time.
+MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 
 
 def build_qwen_tokenizer():

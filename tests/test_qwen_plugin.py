@@ -50,9 +50,31 @@ def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
 
 @pytest.fixture(scope="module")
 def qwen_checkpoint(sandbox):  # noqa: F811
-    from hybrid_vlm.tiny_qwen import ensure_tiny_qwen
+    from hybrid_vlm.tiny_qwen import TINY_QWEN_VERSION, ensure_tiny_qwen
 
-    return ensure_tiny_qwen(sandbox["root"] / "cache" / "tiny-qwen2.5-vl-v1")
+    return ensure_tiny_qwen(sandbox["root"] / "cache" / f"tiny-qwen2.5-vl-{TINY_QWEN_VERSION}")
+
+
+@needs_vlmeval
+@pytest.mark.parametrize("dataset,min_pixels", [("OCRBench", 10 * 10 * 28 * 28), ("TinyMMBench", 1280 * 28 * 28)])
+def test_the_checkpoints_processor_keeps_the_size_vlmevalkit_resized_to(qwen_checkpoint, tmp_path, dataset, min_pixels):
+    """The wrapper resizes each image to VLMEvalKit's pixel range for its dataset (qwen_vl_utils'
+    smart_resize), then the checkpoint's processor must leave that size alone. The tiny
+    checkpoint's processor held VLMEvalKit's range, not the released one, and scaled an OCRBench
+    image up a second time: 1,290 units where the 7B's processor gives 117."""
+    from qwen_vl_utils import smart_resize
+    from transformers import AutoProcessor
+
+    from hybrid_vlm.tiny import synthetic_image
+    from vlmeval_plugin.qwen import MAX_PIXELS, HybridQwen2VL
+
+    path = tmp_path / "image.png"
+    synthetic_image(0).resize((364, 252)).save(path)
+    ours = object.__new__(HybridQwen2VL)
+    ours.__dict__.update(processor=AutoProcessor.from_pretrained(qwen_checkpoint), min_pixels=1280 * 28 * 28, max_pixels=MAX_PIXELS, _dataset=dataset)
+    inputs = HybridQwen2VL.processor_inputs(ours, [[{"type": "image", "value": str(path)}, {"type": "text", "value": "What is written?"}]])
+    height, width = smart_resize(252, 364, 28, min_pixels, MAX_PIXELS)
+    assert inputs["image_grid_thw"].tolist() == [[1, height // 14, width // 14]]
 
 
 def expected_visual_tokens(lmu: Path, dataset: str) -> dict[str, int]:

@@ -13,6 +13,9 @@ the Qwen2.5-VL entries of vlmeval/config.py):
 
 What differs: it runs on CPU and on GPU with SDPA (upstream asserts a GPU and loads flash-attention
 2), batches rows (`--batch-size`), keeps `image_grid_thw` on the host, and records per-row stats.
+As for every name of this plugin, a prediction is stored without leading or trailing whitespace
+(upstream stores Qwen's decoded text as it is), and an MCQ row without a question or options A and
+B is a failed row naming the field, where upstream would prompt it.
 """
 
 from __future__ import annotations
