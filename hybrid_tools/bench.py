@@ -52,7 +52,8 @@ full attention at 3 and 7; qwen2.5-vl-7b: Qwen2.5-VL-7B-Instruct's shape) bench 
 image: 80 x 64 patches, 1,280 tokens; their MACs come from `hybrid_vlm.qwen_flops`, for the counts
 that ran (a method before the LLM: the units that entered it), except PyramidDrop's and DART's,
 whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows
-(on LLaVA-NeXT too, whose packed span follows the aspect ratio).
+(on LLaVA-NeXT too, whose packed span follows the aspect ratio; there every method before the LLM
+leaves them empty as well: its per-crop reads, projection and scoring are not modelled).
 
 A configuration the engine cannot run is a "skipped" row; one these inputs make impossible (a
 budget a staged method cannot reach on this model) a "refused" row; one that raised anything else
@@ -66,7 +67,11 @@ real CLIP ViT-L/14-336 tower in front of mid's LLM: vision-tower timings on CPU)
 
 A SIGTERM (`timeout` at a step's limit) stops the bench where it lands; it still writes every row
 from the rounds it completed (each row's note says how many; the memory, sync and kernel passes not
-run say so) and records where it stopped in the meta (`stopped`).
+run say so), records where it stopped in the meta (`stopped`) and in the header, and exits with
+status 1.
+
+Every setting is checked before the model loads: one that no row reads (--budgets without
+--methods, say), a --baseline that names no row, a bad --dymu-target, a missing file or directory.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ from tqdm import tqdm
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, inputs_for, parse_fastv_k, remove_hybrid
 from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
 from hybrid_vlm.config import MASK_READS
-from hybrid_vlm.dymu import threshold_merge_mask
+from hybrid_vlm.dymu import check_target_name, threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_pixels
@@ -156,8 +161,9 @@ def build_configs(args) -> list[BenchConfig]:
     settings = []
     for mask_read in args.mask_read:  # not DyMU's rows: a DyMU batch is never read (its merged slots may pad it)
         settings += [("vanilla", dict(mask_read=mask_read))] + [("fastv", dict(f, mask_read=mask_read)) for f in fastv]
-        for method, budget in product(args.methods, args.budgets):
-            settings.append((method, dict(method_settings(method, budget, args.position_mode[0]), mask_read=mask_read)))
+        for method, budget, mode in product(args.methods, args.budgets, args.position_mode):
+            for reads in method_read_settings(method, args):
+                settings.append((method, dict(method_settings(method, budget, mode), **reads, mask_read=mask_read)))
     for dymu in args.dymu:
         settings += [("dymu", dict(dymu=dymu))] + [("hybrid", dict(f, dymu=dymu)) for f in fastv]
     configs = [BenchConfig("stock", "stock")]
@@ -168,6 +174,14 @@ def build_configs(args) -> list[BenchConfig]:
             seen.add(hybrid.describe())
             configs.append(BenchConfig(hybrid.describe(), method, hybrid))
     return configs
+
+
+def method_read_settings(method: str, args) -> list[dict]:
+    """One dict per row of a --methods entry: --fastv-layer for the methods that prune inside the
+    LLM at a layer (fastv, random, dart), times --scoring for fastv; one empty dict otherwise."""
+    layers = [dict(fastv_layer=layer) for layer in args.fastv_layer] if method in ("fastv", "random", "dart") else [{}]
+    scorers = [dict(scoring=scoring) for scoring in args.scoring] if method == "fastv" else [{}]
+    return [dict(**layer, **scorer) for layer, scorer in product(layers, scorers)]
 
 
 def method_settings(method: str, budget: int, position_mode: str) -> dict:
@@ -403,6 +417,10 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     anyres = any(crops > 1 for crops in counts["crops"])  # LLaVA-NeXT: the span follows the aspect ratio
     if (isinstance(shape, QwenShape) or anyres) and hybrid is not None and hybrid.staged_method is not None:
         return {key: math.nan for key in totals}  # per-layer counts follow each image, as the plugin leaves them
+    if anyres and hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None):
+        # flops.method_prefill_macs counts one 576-patch crop; per-crop reads, projection and scoring
+        # over a packed span are not modelled (the plugin leaves NeXT's theory empty too)
+        return {key: math.nan for key in totals}
     dymu = hybrid is not None and hybrid.dymu is not None
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
@@ -558,8 +576,10 @@ def parse_args(argv=None):
                         help="auto: on CUDA float16, bfloat16 for Qwen2.5-VL; float32 on CPU (hybrid_vlm.runtime)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction; none given = no FastV rows")
-    parser.add_argument("--fastv-layer", nargs="+", type=int, default=[2], help="FastV layers K to sweep (default 2)")
-    parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=["row"], help="FastV scorers to compare")
+    parser.add_argument("--fastv-layer", nargs="+", type=int, default=None,
+                        help="layers K to sweep for the --fastv-k rows and the --methods fastv, random and dart rows (default 2)")
+    parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=None,
+                        help="FastV scorers to compare, for the --fastv-k rows and --methods fastv (default row)")
     parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=["logical"])
     parser.add_argument("--mask-read", nargs="+", choices=MASK_READS, default=["never"],
                         help="HybridConfig.mask_read for the vanilla, FastV and --methods rows, each one given (default never; "
@@ -571,9 +591,9 @@ def parse_args(argv=None):
         help="calibrate DyMU thresholds for the benchmarked model itself (low|mid|high|N tokens) on synthetic "
         "images, then add their rows as --dymu does: random-weight presets have no threshold files",
     )
-    parser.add_argument("--dymu-images", type=int, default=32, help="synthetic images for --dymu-target (default 32)")
+    parser.add_argument("--dymu-images", type=int, default=None, help="synthetic images for --dymu-target (default 32)")
     parser.add_argument("--methods", nargs="*", default=[], choices=BENCH_METHODS, help="registered methods to time at each --budgets (their own budget rules)")
-    parser.add_argument("--budgets", nargs="+", type=int, default=[64], help="visual tokens per image for --methods (default 64)")
+    parser.add_argument("--budgets", nargs="+", type=int, default=None, help="visual tokens per image for --methods (default 64)")
     parser.add_argument("--stock", action="store_true", help="accepted for old command lines: the unpatched forward is always timed")
     parser.add_argument("--baseline", default="stock", help="row the ratios divide by (default stock = unpatched transformers; vanilla = the engine, nothing cut)")
     parser.add_argument("--text-tokens", type=int, default=60, help="non-image prompt tokens (default 60: LLaVA's 5 + 55)")
@@ -597,9 +617,55 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="directory for bench.csv and bench.json")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.decode_tokens < 0:
-        parser.error("--repeats and --batch-size must be >= 1, --warmup and --decode-tokens >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.decode_tokens < 0 or args.text_tokens < 0:
+        parser.error("--repeats and --batch-size must be >= 1, --warmup, --decode-tokens and --text-tokens >= 0")
+    unread = unread_settings(args)
+    if unread:
+        parser.error(unread)
+    args.fastv_layer, args.scoring, args.budgets = args.fastv_layer or [2], args.scoring or ["row"], args.budgets or [64]
+    args.dymu_images = 32 if args.dymu_images is None else args.dymu_images
+    problem = bad_value(args)
+    if problem:
+        parser.error(problem)
     return args, parser
+
+
+def unread_settings(args) -> str | None:
+    """A setting given where no row reads it (it was ignored without a word)."""
+    layer_readers = bool(args.fastv_k) or any(m in ("fastv", "random", "dart") for m in args.methods)
+    if args.fastv_layer is not None and not layer_readers:
+        return "--fastv-layer applies to the --fastv-k rows and to --methods fastv, random and dart; none is asked for"
+    if args.scoring is not None and not (args.fastv_k or "fastv" in args.methods):
+        return "--scoring applies to the --fastv-k rows and to --methods fastv; none is asked for"
+    if args.budgets is not None and not args.methods:
+        return "--budgets applies to the --methods rows; give --methods (FastV budgets are --fastv-k)"
+    if args.dymu_images is not None and not args.dymu_target:
+        return "--dymu-images is the number of calibration images for --dymu-target, which is not given"
+    return None
+
+
+def bad_value(args) -> str | None:
+    """A value no model load can make right, said before one: each named with what is accepted."""
+    for k in args.fastv_k:
+        try:
+            parse_fastv_k(k)
+        except ValueError as error:
+            return f"--fastv-k {k}: {error}"
+    for target in args.dymu_target:
+        try:
+            check_target_name(target)
+        except ValueError as error:
+            return f"--dymu-target: {error}"
+    if args.dymu_images < 1:
+        return f"--dymu-images {args.dymu_images}: use 1 or more images"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads {args.threads}: use 1 or more"
+    missing = [path for path in args.dymu if not Path(path).is_file()]
+    if missing:
+        return f"--dymu: no threshold file at {', '.join(missing)}"
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        return f"--model {args.model}: not a checkpoint directory (no config.json there)"
+    return None
 
 
 @dataclass
@@ -655,12 +721,20 @@ def measure(bench: BenchRun, configs: list[BenchConfig]) -> None:
 
 
 def main(argv=None) -> list[dict]:
+    """The bench's rows (each as written to bench.json)."""
+    return run(argv)[0]
+
+
+def run(argv=None) -> tuple[list[dict], str | None]:
+    """(the rows, where a SIGTERM stopped the bench or None)."""
     args, parser = parse_args(argv)
     device, dtype = checked_device_dtype(args, parser)
     try:
         configs = build_configs(args)
     except ValueError as error:
         parser.error(str(error))
+    if not args.dymu_target:  # calibrated rows are named after the model loads
+        check_baseline(args.baseline, configs, parser)
     torch.set_grad_enabled(False)
     model, processor = build_model(args, device, dtype)
     host_inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed)
@@ -668,6 +742,7 @@ def main(argv=None) -> list[dict]:
         threshold_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dymu-"))
         args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
         configs = build_configs(args)
+        check_baseline(args.baseline, configs, parser)
     clock = Clock(device)
     bench = BenchRun(args, model, host_inputs, text_tokens, device, dtype, clock, LlmStartMark(model, clock))
     measure(bench, configs)
@@ -681,19 +756,29 @@ def main(argv=None) -> list[dict]:
         f"# {meta['device']} {meta.get('gpu') or meta['cpu']} | torch {meta['torch']} transformers {meta['transformers']} "
         f"| threads {meta['torch_threads']} | {meta['preset'] or meta['model']} {meta['dtype']} batch {args.batch_size} "
         f"| text {text_tokens} tokens | median of {args.repeats} after {args.warmup} warm-up"
+        + (f" | stopped by SIGTERM {bench.stopped}: each row's `repeats` says how many rounds it has" if bench.stopped else "")
     )
     print_table(rows)
+    base = next(row for row in rows if row["config"] == args.baseline)
+    if base["status"] != "ok":
+        print(f"# no ratios: the baseline row {args.baseline} is {base['status']}", file=sys.stderr)
     if args.out:
         write_outputs(Path(args.out), rows, meta)
         print(f"# wrote {Path(args.out) / 'bench.csv'} and bench.json")
-    return rows
+    return rows, bench.stopped
+
+
+def check_baseline(baseline: str, configs: list[BenchConfig], parser) -> None:
+    names = [config.name for config in configs]
+    if baseline not in names:
+        parser.error(f"--baseline {baseline!r} is not a row of this bench: use one of {', '.join(names)}")
 
 
 def checked_device_dtype(args, parser) -> tuple[torch.device, torch.dtype]:
     try:
         device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    except (ValueError, RuntimeError) as error:  # torch.device("foo") raises RuntimeError
+        parser.error(f"--device {args.device}: {error}")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events, memory stats and sync-debug act on the current device
     if args.preset in GPU_PRESETS and not args.model and device.type != "cuda":
@@ -713,6 +798,8 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
     for config in configs:
         try:  # a configuration the engine cannot run (yet) is reported, not fatal
             activate(model, config)
+        except ValueError as error:  # a setting this model refuses (a budget a staged method cannot reach)
+            config.status, config.note = "refused", f"{type(error).__name__}: {error}"
         except Exception as error:
             config.status, config.note = "skipped", f"{type(error).__name__}: {error}"
     runnable = [c for c in configs if c.status == "ok"]
@@ -737,10 +824,13 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
         del output
     runnable = [c for c in runnable if c.status == "ok"]
     for _ in range(args.repeats):
-        for config in runnable:
+        for config in [c for c in runnable if c.status == "ok"]:
             activate(model, config)
             bar.set_postfix_str(config.name)
-            config.runs.append(timed_run(model, bench.inputs, bench.clock, bench.mark, args.decode_tokens)[0])  # the output is freed at once
+            try:  # the first decode steps run here when there is no warm-up; out of memory may come late
+                config.runs.append(timed_run(model, bench.inputs, bench.clock, bench.mark, args.decode_tokens)[0])  # the output is freed at once
+            except Exception as error:  # noqa: BLE001 - the row says what it was; the others are still timed
+                config.status, config.note = "failed", f"in timed round {len(config.runs) + 1}: {type(error).__name__}: {error}"
             bar.update()
     bar.close()
 
@@ -749,10 +839,12 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     """One configuration's row: setting, median times, token counts, theory, memory and syncs."""
     args, hybrid = bench.args, config.hybrid
     prunes = getattr(hybrid, "prunes", False)
+    at_a_layer = prunes and hybrid.staged_method in (None, "dart")  # pdrop's and sparsevlm's stages have their own layers
     row = dict(
         config=config.name, status=config.status, method=config.method, note=config.note,
-        fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if prunes else None,
-        scoring=hybrid.scoring if prunes else None, position_mode=getattr(hybrid, "position_mode", None),
+        fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if at_a_layer else None,
+        scoring=hybrid.scoring if at_a_layer and hybrid.staged_method is None and hybrid.fastv_select == "attention" else None,
+        position_mode=getattr(hybrid, "position_mode", None),
         dymu=portable(getattr(hybrid, "dymu", None)), mask_read=getattr(hybrid, "mask_read", None),
         batch_size=args.batch_size, text_tokens=bench.text_tokens,
         repeats=len(config.runs),
@@ -787,6 +879,8 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             row.update(row_passes(bench))
         except BenchStopped:
             bench.stopped = f"in the memory, sync and kernel passes of `{config.name}`"
+        except Exception as error:  # noqa: BLE001 - its timings stand; the row is failed and says where
+            row.update(status="failed", note="; ".join(filter(None, [row["note"], f"memory or sync pass: {type(error).__name__}: {error}"])))
     if bench.stopped is not None:
         for key in ("mem_kind", "sync_debug"):
             row.setdefault(key, "not run: stopped by SIGTERM")
@@ -830,10 +924,10 @@ def traced_kernels(bench: BenchRun) -> dict:
 
 
 def count_columns(counts: dict) -> dict:
-    return dict(
-        visual_in=statistics.mean(counts["visual"]), visual_kept=statistics.mean(counts["visual_kept"]),
-        llm_tokens_in=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual"])),
-        llm_tokens_kept=statistics.mean(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
+    return dict(  # medians over the batch's samples, as every statistic here
+        visual_in=statistics.median(counts["visual"]), visual_kept=statistics.median(counts["visual_kept"]),
+        llm_tokens_in=statistics.median(t + v for t, v in zip(counts["text"], counts["visual"])),
+        llm_tokens_kept=statistics.median(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
         per_sample_counts=dict(counts),
     )
 
@@ -862,8 +956,10 @@ def bench_meta(bench: BenchRun) -> dict:
 
 
 def cli(argv=None) -> int:
-    """`python -m hybrid_tools.bench`: 1 when a configuration failed (its row says why), else 0."""
-    return 1 if any(row["status"] == "failed" for row in main(argv)) else 0
+    """`python -m hybrid_tools.bench`: 1 when a configuration failed (its row says why) or a SIGTERM
+    stopped the bench (what was measured is written), else 0."""
+    rows, stopped = run(argv)
+    return 1 if stopped or any(row["status"] == "failed" for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -357,6 +357,14 @@ def _target_error(target) -> ValueError:
     )
 
 
+def check_target_name(target: str | int) -> None:
+    """Refuse a --target that is neither a count, a preset nor a DyMU config name (whatever the tower;
+    whether the count fits it is `plan_merging`'s check)."""
+    text = str(target).strip().lower()
+    if not (text in PRESETS or OFFICIAL_NAME.fullmatch(text) or re.fullmatch(r"\d+", text)):
+        raise _target_error(target)
+
+
 def plan_merging(target: str | int, schedule: str | None, tower_layers: int, read_layers: int, num_patches: int) -> MergePlan:
     """The merge plan for `target` (integer, preset or DyMU config name) and `schedule` (None: the
     one the name carries, else constant). tower_layers: CLIP blocks of the tower (DyMU spreads
@@ -377,10 +385,9 @@ def plan_merging(target: str | int, schedule: str | None, tower_layers: int, rea
         count = READ_PRESETS[text] if read_mapping else int(OFFICIAL_NAME.fullmatch(PRESETS[text]).group(1))
         if num_patches != PRESET_REFERENCE_PATCHES:
             count = max(1, round(count * num_patches / PRESET_REFERENCE_PATCHES))
-    elif named or re.fullmatch(r"\d+", text):
-        count = int(named.group(1) if named else text)
     else:
-        raise _target_error(target)
+        check_target_name(target)
+        count = int(named.group(1) if named else text)
     if not 1 <= count <= num_patches:
         raise ValueError(f"--target {target!r} is not valid: use 1..{num_patches} patch tokens (CLS excluded)")
     if read_mapping:

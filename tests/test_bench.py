@@ -207,7 +207,7 @@ def test_mask_read_rows_run_an_unpadded_batch_without_a_mask():
         assert once["sync_debug"] == f"pass: 1 sync(s) in the prefill (1 allowed), 0 in {bench.SYNC_CHECK_DECODE_STEPS} decode steps (none allowed)"
 
 
-def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, monkeypatch):
+def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, monkeypatch, capsys):
     """A SIGTERM (as `timeout` sends at a step's limit) lands as the second timed round starts: the
     bench stops timing, skips the per-row passes, and still writes every row, saying how far it got."""
     import os
@@ -224,9 +224,11 @@ def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, mo
 
     monkeypatch.setattr(bench, "timed_run", run_then_signal)
     before = signal.getsignal(signal.SIGTERM)
-    rows = bench.main(["--preset", "tiny", "--repeats", "50", "--warmup", str(warmup), "--decode-tokens", "1", "--no-progress",
-                       "--fastv-k", "16", "--sync-debug", "--out", str(tmp_path)])
+    rows, stopped = bench.run(["--preset", "tiny", "--repeats", "50", "--warmup", str(warmup), "--decode-tokens", "1", "--no-progress",
+                               "--fastv-k", "16", "--sync-debug", "--out", str(tmp_path)])
     assert signal.getsignal(signal.SIGTERM) == before
+    assert stopped == "in the warm-up and timed rounds"  # bench.cli exits 1 on it
+    assert "| stopped by SIGTERM in the warm-up and timed rounds: each row's `repeats` says how many rounds it has" in capsys.readouterr().out
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["stopped"] == "in the warm-up and timed rounds"
     by_name = {row["config"]: row for row in data["rows"]}
@@ -385,3 +387,107 @@ def test_a_failed_dymu_count_rerun_keeps_the_row_and_names_the_error(monkeypatch
     assert len(dymu) == 1 and dymu[0]["status"] == "ok" and dymu[0]["prefill_ms"] > 0
     assert dymu[0]["visual_kept"] < 576
     assert dymu[0]["note"] == "vision MACs counted unmerged: the per-layer CLIP counts could not be taken (RuntimeError: merging loop moved)"
+
+
+def test_an_error_in_a_timed_round_fails_its_row_and_the_others_are_written(tmp_path, monkeypatch):
+    """Without a warm-up, a configuration's first decode steps run inside the timed rounds, outside
+    the warm-up's guard: an error there (or a late out of memory) ended the bench with no files."""
+    real_decode, calls = bench.decode, []
+
+    def decode(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:  # round 1: stock, vanilla, then fastv-k64-l2
+            raise RuntimeError("engine error in a decode step (simulated)")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "decode", decode)
+    argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "2", "--warmup", "0", "--decode-tokens", "1", "--no-memory",
+            "--no-progress", "--out", str(tmp_path)]
+    assert bench.cli(argv) == 1
+    by_name = {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert by_name["fastv-k64-l2"]["status"] == "failed" and "in timed round 1: RuntimeError: engine error" in by_name["fastv-k64-l2"]["note"]
+    assert [by_name[name]["repeats"] for name in ("stock", "vanilla")] == [2, 2]
+    assert by_name["vanilla"]["status"] == "ok" and by_name["vanilla"]["prefill_ratio"] > 0
+
+
+def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
+    real_memory, calls = bench.measure_memory, []
+
+    def measure_memory(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:  # vanilla's
+            raise RuntimeError("allocator error (simulated)")
+        return real_memory(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_memory", measure_memory)
+    argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-progress", "--out", str(tmp_path)]
+    assert bench.cli(argv) == 1
+    by_name = {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert by_name["vanilla"]["status"] == "failed" and "memory or sync pass: RuntimeError: allocator error" in by_name["vanilla"]["note"]
+    assert by_name["vanilla"]["prefill_ms"] > 0  # its timings stand
+    assert by_name["fastv-k64-l2"]["status"] == "ok" and by_name["fastv-k64-l2"]["peak_mem_mb"] > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--fastv-k", "64", "--baseline", "vanila"], "--baseline 'vanila' is not a row of this bench: use one of stock, vanilla, fastv-k64-l2"),
+    (["--fastv-k", "--fastv-layer", "3"], "--fastv-layer applies to the --fastv-k rows"),
+    (["--fastv-k", "--scoring", "eager", "--methods", "divprune"], "--scoring applies to the --fastv-k rows"),
+    (["--budgets", "32"], "--budgets applies to the --methods rows"),
+    (["--dymu-images", "4"], "--dymu-images is the number of calibration images for --dymu-target"),
+    (["--dymu-target", "bogus"], "--dymu-target: --target 'bogus' is not valid"),
+    (["--dymu-target", "mid", "--dymu-images", "0"], "--dymu-images 0: use 1 or more"),
+    (["--threads", "0"], "--threads 0: use 1 or more"),
+    (["--device", "foo"], "--device foo:"),
+    (["--model", "no/such/dir"], "--model no/such/dir: not a checkpoint directory"),
+    (["--dymu", "no/such.json"], "--dymu: no threshold file at no/such.json"),
+    (["--text-tokens", "-5"], "--text-tokens >= 0"),
+    (["--fastv-k", "64.0"], "--fastv-k 64.0:"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypatch, capsys):
+    """Each was a traceback after the model loaded, a silent "skipped" row, or ignored without a word."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench, "build_model", no_load)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--preset", "tiny", "--no-progress", *argv])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_method_rows_take_every_position_mode_and_the_layer_and_scorer_they_read():
+    """--position-mode, --fastv-layer and --scoring reached only the --fastv-k rows: a --methods row
+    ran at the first position mode, layer 2 and row scoring whatever was asked."""
+    from hybrid_vlm import HybridConfig
+
+    args, _ = bench.parse_args(["--fastv-k", "--methods", "visionzip", "fastv", "dart", "--budgets", "64",
+                                "--position-mode", "logical", "renumbered", "--fastv-layer", "1", "3", "--scoring", "row", "eager"])
+    ran = {config.hybrid for config in bench.build_configs(args) if config.hybrid is not None}
+    modes, layers = ("logical", "renumbered"), (1, 3)
+    expected = {HybridConfig()}
+    expected |= {HybridConfig(visual_method="visionzip", visual_budget=64, position_mode=m) for m in modes}
+    expected |= {HybridConfig(fastv_k=64, fastv_layer=k, scoring=s, position_mode=m) for m in modes for k in layers for s in ("row", "eager")}
+    expected |= {HybridConfig(visual_method="dart", visual_budget=64, fastv_layer=k, position_mode=m) for m in modes for k in layers}
+    assert ran == expected
+
+
+def test_next_rows_of_a_method_before_the_llm_leave_the_theory_empty():
+    """flops.method_prefill_macs models one 576-patch crop; on LLaVA-NeXT's five crops the bench fell
+    back to the plain count, which ignores what the method projects, the CLIP layers it skips and its
+    scoring (VisionZip 17% high, DivPrune 8% low at 64 tokens on next-mid)."""
+    from hybrid_vlm import HybridConfig
+
+    counts = dict(text=[60], visual=[64], visual_kept=[64], vit_counts=None, crops=[5])
+    for method in ("visionzip", "divprune"):
+        config = bench.BenchConfig(method, method, HybridConfig(visual_method=method, visual_budget=64))
+        assert all(math.isnan(value) for value in bench.theory(flops.LLAVA_15_7B, counts, config, 16, 1, 2).values())
+    fastv = bench.BenchConfig("fastv", "fastv", HybridConfig(fastv_k=64))  # FastV on the packed span is modelled
+    assert bench.theory(flops.LLAVA_15_7B, dict(counts, visual=[2340]), fastv, 16, 1, 2)["prefill"] > 0
+
+
+def test_a_budget_a_staged_method_cannot_reach_on_this_model_is_a_refused_row(tmp_path):
+    """Refused at activation (the tiny LLM's 4 layers): it was a "skipped" row, the status for what
+    the engine cannot run, while the same refusal on Qwen2.5-VL read "refused"."""
+    rows = bench.main(["--preset", "tiny", "--fastv-k", "--methods", "pdrop", "--budgets", "64", "--repeats", "1", "--warmup", "0",
+                       "--decode-tokens", "0", "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    pdrop = next(row for row in rows if row["method"] == "pdrop")
+    assert pdrop["status"] == "refused" and "not reachable by pdrop" in pdrop["note"]
