@@ -482,6 +482,7 @@ def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
         "missing checkpoint": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b"], {}),
         "method conflicts with the name": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_visionzip", *checkpoint], {"VISUAL_METHOD": "divprune"}),
         "layer beyond the LLM": (["--data", "TinyCOCO", "--model", "llava_v1.5_7b_fastv", *checkpoint], {"FASTV_LAYER": "99"}),
+        "no --data": (["--model", "llava_testbed"], {}),  # the README's retrained-testbed command lacked it: an assert in VLMEvalKit
     }
     processes = {
         case: subprocess.Popen([sys.executable, RUN_PY, *args], env=dict(sandbox["env"], **extra), cwd=sandbox["root"],
@@ -500,6 +501,7 @@ def test_bad_requests_exit_non_zero_with_a_clear_message(sandbox):
     assert "VISUAL_METHOD=divprune conflicts with the name" in outcomes["method conflicts with the name"][1]
     assert "FASTV_LAYER=99 is not valid: use 1..3 for this 4-layer LLM" in outcomes["layer beyond the LLM"][1]
     assert "Loading weights" not in outcomes["layer beyond the LLM"][1]  # refused before the model loads
+    assert "--data names the datasets to evaluate --model on, and is missing" in outcomes["no --data"][1]
     assert not any((sandbox["root"] / "outputs").glob("llava_v1.5_7b*"))  # nothing ran
 
 

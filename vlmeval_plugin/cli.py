@@ -54,6 +54,8 @@ def peek_parser() -> argparse.ArgumentParser:
     """The few VLMEvalKit flags needed to fail fast, before importing vlmeval (about 10 s)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--model", nargs="+", default=[])
+    parser.add_argument("--data", nargs="+", default=[])
+    parser.add_argument("--config", default=None)
     return parser
 
 
@@ -350,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Fail fast on our own names: settings and checkpoints, before vlmeval is imported.
     peeked, _ = peek_parser().parse_known_args(rest)
+    if peeked.model and not peeked.data and peeked.config is None:  # VLMEvalKit would fail on an assert
+        return fail("--data names the datasets to evaluate --model on, and is missing (the demo's are --data TinyMMBench TinyCOCO)")
     plugin_models: dict[str, PluginModel] = {}
     problem = resolve_plugin_models(peeked.model, plugin_models, options.model_path)
     if problem:
