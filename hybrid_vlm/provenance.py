@@ -91,7 +91,8 @@ def checkpoint_signature(folder: str | Path) -> str:
     (`*.safetensors`, else `pytorch_model*.bin`), each tensor's name, dtype, shape and the first and
     last 4 KiB of its data (a `.bin`: 64 evenly spaced 4 KiB reads).
 
-    The same checkpoint moved, copied or re-saved by another release keeps it. A fine-tune of the
+    The same checkpoint moved, copied or re-saved by another release into the same files and dtype
+    keeps it (re-sharded or cast, it does not: file names and dtypes are signed). A fine-tune of the
     same shape changes it wherever it changed a tensor's first or last 4 KiB, which a full, merged
     or projector-only fine-tune does; a change confined to the middle of every tensor it touched
     would not show."""

@@ -46,7 +46,7 @@ def plugin_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("hybrid-vlm plugin options (all other flags go to VLMEvalKit)")
     group.add_argument("--model-path", default=None, help="llava-hf checkpoint dir or cached hub id")
     group.add_argument("--batch-size", type=int, default=1, help="rows per generate call (default 1)")
-    group.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (tiny models: 8)")
+    group.add_argument("--max-new-tokens", type=int, default=None, help="default 2048 (the testbed: 64; tiny models: 8)")
     return parser
 
 

@@ -17,7 +17,7 @@ What it reads
   `<model>_<dataset>_score.json` (BLEU-1..4, ROUGE_L, CIDEr, as VLMEvalKit writes them, x100).
   Other `_acc` / `_score` files: their numeric fields, first one as the main metric.
 - Per-row statistics from the sidecars: mean tokens entering the LLM, mean tokens kept after
-  pruning, median (and mean) prefill ms per row.
+  pruning, median prefill ms per row.
 - The vanilla configuration (the unpatched name: `llava_v1.5_7b`, `llava_tiny`, or any folder
   without a `__<setting>` tag whose sidecar says `stock`) is each configuration's reference:
   the one whose name prefixes the configuration's base name, in the same work dir if possible.
