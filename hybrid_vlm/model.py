@@ -205,9 +205,9 @@ def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
     require(
         (counts == expected).all(),
         lambda: f"each prompt must contain {expected} image placeholder tokens for the images passed "
-        f"(pixel_values has one image per sample x tokens per image); found {counts.tolist()}. "
-        "Build prompts with the model's processor and one '<image>' per image, and do not mix "
-        "text-only and image prompts in one batch.",
+        f"(the images are split evenly over the prompts: every prompt of a batch must hold the same number "
+        f"of images); found {counts.tolist()}. Build prompts with the model's processor and one '<image>' per "
+        "image, and batch only prompts with as many images (not text-only and image prompts together).",
     )
 
 

@@ -195,3 +195,16 @@ def test_fastv_newlines_is_read_where_it_changes_the_kept_tokens(request, fixtur
     assert names
     for name in names:
         assert ("FASTV_NEWLINES" in settings.settings_read(settings.VARIANTS[name])) == changes, name
+
+
+def test_next_defaults_before_the_llm_are_the_llava_budgets_as_shares_of_each_span():
+    """A LLaVA-NeXT span holds about 1,200 to 2,900 tokens: the LLaVA-1.5 counts (64, 64, 56) kept 2
+    to 5% of it, where each method's LLaVA-1.5 default keeps about a tenth of 576. As shares they
+    stay matched to each other and to PyramidDrop's."""
+    shares = {}
+    for method in ("visionzip", "vispruner", "divprune", "pdrop"):
+        on_llava = settings.hybrid_config_for(f"llava_v1.5_7b_{method}", {}).visual_budget
+        on_next = settings.hybrid_config_for(f"llava_next_vicuna_7b_{method}", {}).visual_budget
+        assert isinstance(on_next, float) and on_next == pytest.approx(on_llava / 576, abs=0.002), method
+        shares[method] = on_next
+    assert max(shares.values()) - min(shares.values()) < 0.02
