@@ -172,13 +172,16 @@ def prompt_is_dense(attention_mask: torch.Tensor | None, batch: int, slot_paddin
     never pads), and no slot can be empty (`slot_padding`: DyMU's merged-away slots, fillers for
     prompts with fewer image placeholders, or unequal quotas). A batch-1 mask with a zero is refused
     (`require`). With `read_mask` (MASK_READ=once) a batch's mask is read on the host instead of
-    assumed padded: the one host sync of the prompt, made only where the answer can change the path."""
+    assumed padded, and a batch of one's instead of assumed unpadded (a slice of a padded batch, or
+    `padding="max_length"`): the one host sync of the prompt, made only where the answer can change the path."""
     if attention_mask is None:
         return not (slot_padding and batch > 1)
-    if batch == 1:
-        require(attention_mask.bool().all(), lambda: "a batch of one prompt must have an all-ones attention_mask (padding needs a second prompt)")
+    if batch == 1 and not read_mask:
+        require(attention_mask.bool().all(), lambda: "a batch of one prompt is taken as unpadded (no host read), but its attention_mask "
+                "has zeros: strip the padding (input_ids[:, mask[0].bool()]) or set MASK_READ=once (HybridConfig(mask_read='once')), "
+                "which reads the mask once per prompt")
         return True
-    return read_mask and not slot_padding and read_on_host(attention_mask.bool().all())
+    return read_mask and not (slot_padding and batch > 1) and read_on_host(attention_mask.bool().all())
 
 
 def chunk_is_dense(prompt_dense: bool, attention_mask: torch.Tensor | None, batch: int, length: int) -> bool:
@@ -233,7 +236,8 @@ def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask,
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if pixel_values is not None and input_ids is None:
-        raise ValueError("pixel_values need input_ids: image placeholders are located by token id")
+        raise ValueError("pixel_values need input_ids, not inputs_embeds: image placeholders are located by token id "
+                         "(generate passes only inputs_embeds to the first forward when both are given): pass input_ids alone")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("hybrid_vlm takes a 2-D attention_mask [batch, tokens] (1 = real token, 0 = padding)")
 
@@ -344,6 +348,23 @@ class HybridDecoder:
         check_generate_options(self, args, kwargs)
         return super().generate(*args, **kwargs)
 
+    def save_pretrained(self, *args, **kwargs):
+        """Stock save_pretrained, as the stock class: the weights are stock's, and a config.json naming
+        a patched class (which transformers does not have) would not load. The hybrid settings are
+        not saved: load the stock class and call apply_hybrid again."""
+        patched = type(self)
+        self.__class__ = stock_class(self)
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        stock = STOCK_CLASSES[cls].__name__
+        raise TypeError(f"{cls.__name__} is the class apply_hybrid swaps in, not one to load: load with "
+                        f"{stock}.from_pretrained(...) and call apply_hybrid(model, HybridConfig(...))")
+
     def __init_subclass__(cls, **kwargs):
         """Each patched class slices a generate call over a filled cache by the caller's tokens
         (`hf_compat.generation.sliced_by_written_tokens` around its stock class's input preparation)."""
@@ -390,7 +411,8 @@ class HybridDecoder:
         slots = placed = None
         if pixel_values is not None:
             if state is not None:
-                raise NotImplementedError("images are only supported in the first forward over a cache")
+                raise NotImplementedError("images are only supported in the first forward over a cache: the cache already "
+                                          "holds the prompt's images, so pass no pixel_values in later turns (a new image needs a new cache)")
             slots, placed, next_position = self._placed_images(parts, input_ids, pixel_values, image_sizes, inputs_embeds, new_valid, position_ids)
             inputs_embeds, new_valid, position_ids = placed.inputs_embeds, placed.new_valid, placed.position_ids
         stages = stage_plans(config, placed, fastv_query_index, len(parts.layers))
@@ -413,6 +435,12 @@ class HybridDecoder:
         state: PruneState | None = getattr(cache, "hybrid_state", None) if cache is not None else None
         if state is None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
+        if state is not None and state.groups[0].key_valid.shape[1] != cache.get_seq_length():  # shapes: no host sync
+            raise ValueError(
+                f"this cache holds {cache.get_seq_length()} tokens but its hybrid_vlm state {state.groups[0].key_valid.shape[1]}: "
+                "it was changed outside the engine (cache.crop, reorder, reset), which its pruned groups and positions cannot "
+                "follow. Continue from the cache a forward returned, or start from a new cache with the whole prompt."
+            )
         return cache, state
 
     def _placed_images(self, parts, input_ids, pixel_values, image_layout, inputs_embeds, new_valid, position_ids):

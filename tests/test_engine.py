@@ -391,3 +391,43 @@ def test_dymu_thresholds_follow_the_model_once(tiny):
     first = thresholds_on(hybrid, torch.device("meta"))
     assert first.device.type == "meta" and thresholds_on(hybrid, torch.device("meta")) is first
     assert hybrid.hybrid_thresholds is first
+
+
+def test_a_patched_model_saves_as_the_stock_class_and_its_class_is_not_loaded(tiny, tmp_path):
+    """save_pretrained wrote architectures ["HybridLlavaForConditionalGeneration"], a class
+    transformers does not have; loading through it gave a fresh lm_head and then an AttributeError."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from hybrid_vlm.model import HybridLlavaForConditionalGeneration
+
+    model, _ = tiny
+    patched = hybrid_copy(model, fastv_k=64)
+    patched.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    assert type(patched) is HybridLlavaForConditionalGeneration and patched.hybrid_config.fastv_k == 64  # still patched
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, **NO_HUB_KERNELS)
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    stock_weights = model.state_dict()
+    assert all(torch.equal(value, stock_weights[name]) for name, value in loaded.state_dict().items())
+    with pytest.raises(TypeError, match="load with LlavaForConditionalGeneration.from_pretrained"):
+        HybridLlavaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("settings", [dict(fastv_k=64), dict(fastv_k=0.5, dymu=ensure_tiny_thresholds())], ids=["fastv", "hybrid"])
+def test_a_padded_batch_of_one_runs_under_mask_read_once_as_the_prompt_alone(tiny, settings):
+    """One row of a left-padded batch (or padding="max_length") is a batch of one with zeros in
+    its mask, which stock runs. It was refused whatever MASK_READ said; with MASK_READ=once the
+    mask is now read and the padded row generates what the unpadded prompt does."""
+    model, processor = tiny
+    padded = {key: value[:1] for key, value in image_inputs(processor, QUESTIONS).items()}
+    assert (padded["attention_mask"] == 0).any(), "row 0 of the batch must be padded"
+    real = padded["attention_mask"][0].bool()
+    alone = {**padded, "input_ids": padded["input_ids"][:, real], "attention_mask": padded["attention_mask"][:, real]}
+    once = hybrid_copy(model, mask_read="once", **settings)
+    with torch.no_grad():
+        expected = once.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, -4:]
+        assert torch.equal(once.generate(**padded, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, -4:], expected)
+        with pytest.raises(ValueError, match="MASK_READ=once"):
+            hybrid_copy(model, **settings)(**padded)

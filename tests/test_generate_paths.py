@@ -209,6 +209,29 @@ def test_assisted_generation_is_refused_by_name(tiny, option):
             hybrid_copy(model, fastv_k=64).generate(inputs.pop("input_ids"), GenerationConfig(max_new_tokens=2, **option), **inputs)
 
 
+@pytest.mark.parametrize("settings", [{}, dict(fastv_k=64)], ids=["nothing-cut", "fastv-k64"])
+def test_a_cache_cropped_outside_the_engine_is_refused(tiny, settings):
+    """`cache.crop` (rewinding an answer, as users do on stock models) left the engine's state at
+    the old length: a one-token step then ran at a stale position and, even with nothing cut,
+    predicted other logits than the prompt recomputed. Stock's crop is the reference that it is a
+    use worth naming."""
+    model, processor = tiny
+    inputs = image_inputs(processor)
+    length, token = inputs["input_ids"].shape[1], torch.tensor([[5]])
+    with torch.no_grad():
+        for patched in (model, hybrid_copy(model, **settings)):
+            cache = output_cache(patched.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True))
+            cache.crop(length - cache.get_seq_length())
+            if patched is model:  # stock continues from the cropped cache as from the prompt
+                step = model(input_ids=token, past_key_values=cache, use_cache=True).logits[0, -1]
+                whole = model(**{**inputs, "input_ids": torch.cat([inputs["input_ids"], token], 1),
+                                 "attention_mask": torch.ones(1, length + 1, dtype=torch.long)}).logits[0, -1]
+                torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-4)
+                continue
+            with pytest.raises(ValueError, match="changed outside the engine"):
+                patched(input_ids=token, past_key_values=cache, use_cache=True)
+
+
 def test_outputs_it_cannot_give_are_refused_not_silently_changed(tiny, tiny_next):
     """Stock returns a tuple for return_dict=False and attentions/hidden states on request, and
     indexes prompt positions with a tensor logits_to_keep; the engine's rows after pruning are the
