@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,16 @@ def test_bad_rows_fail_alone_and_a_fixed_rerun_regenerates_only_them(sandbox):  
     first = [json.loads(line) for line in path.read_text().splitlines()]
     assert {r["index"] for r in first if "error" in r} == set(BAD_ROWS)
 
+    # --mode infer, then --mode eval elsewhere (a cluster's split): the failed rows are scored as
+    # misses, as --mode all scored them; VLMEvalKit's eval skipped the set as an incomplete inference
+    eval_dir = sandbox["root"] / "bad_rows_eval"
+    (eval_dir / MODEL).mkdir(parents=True)
+    for name in (f"{MODEL}_RealWorldMCQ.xlsx", path.name, "run_info.json"):
+        shutil.copy(work_dir / MODEL / name, eval_dir / MODEL / name)
+    evaluated = run_py(sandbox, ["--data", "RealWorldMCQ", "--model", MODEL, *TOKENS, "--work-dir", str(eval_dir), "--mode", "eval"])
+    assert "Incomplete infer result" not in evaluated.stdout + evaluated.stderr
+    assert (eval_dir / MODEL / f"{MODEL}_RealWorldMCQ_acc.csv").exists(), (evaluated.stdout + evaluated.stderr)[-3000:]
+
     fixed = table.copy()
     for index in ("2", "3", "4"):
         fixed.loc[int(index), "image"] = good_image
@@ -189,6 +200,40 @@ def test_a_set_missing_a_column_fails_before_any_model_loads(sandbox):  # noqa: 
     assert f"{path}: missing column(s) question" in result.stderr and "MCQ (MMBench layout)" in result.stderr
     assert not (work_dir / MODEL / f"{MODEL}_NoQuestionMCQ.xlsx").exists()
     assert "Infer " not in result.stderr + result.stdout  # VLMEvalKit's inference loop never started
+
+
+@pytest.mark.parametrize("indices,needle", [
+    (["0", "1", "2", "2"], "index 2 repeated: every row needs its own index"),
+    (["0", "", "2", "3"], "empty index on line(s) 3: every row needs its own index"),
+    (["0", "1", "2", "3"], None),
+])
+def test_a_custom_set_needs_one_index_per_row(tmp_path, indices, needle):
+    """A repeated index gave two rows (different questions or images) one answer with exit 0; an
+    empty one made the index floats, and evaluation refused the whole set. Both are refused before
+    any model loads (run.py's check of local sets)."""
+    from vlmeval_plugin.layouts import check_tsv
+
+    table = build_mcq_table(num_questions=1).head(4).assign(index=indices)
+    path = tmp_path / "Custom.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    problem = check_tsv(path)
+    assert problem is None if needle is None else needle in problem
+
+
+def test_a_custom_vqa_set_is_prompted_and_its_missing_scorer_is_a_failure(sandbox):  # noqa: F811
+    """A custom TSV with a question and no options is a VQA set to VLMEvalKit (CustomVQADataset),
+    though DATASET_TYPE calls the name MCQ: every row failed as "needs options A and B". Its rows
+    now generate as upstream LLaVA prompts them; VLMEvalKit has no scorer for it and raises a
+    NotImplementedError without a message, which run.py let pass with exit 0."""
+    table = build_mcq_table(num_questions=1).drop(columns=["A", "B", "C", "D", "hint"]).head(3)
+    table["index"] = [str(i) for i in range(len(table))]
+    write_set(sandbox, "MyVQA", table)
+    work_dir = sandbox["root"] / "custom_vqa"
+    result = run_py(sandbox, ["--data", "MyVQA", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir)])
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    assert f"{MODEL} x MyVQA: raised an error without a message" in result.stderr
+    predicted = pd.read_excel(work_dir / MODEL / f"{MODEL}_MyVQA.xlsx")
+    assert len(predicted) == 3 and not predicted["prediction"].astype(str).str.startswith(FAIL_PREFIX).any()
 
 
 SPLIT_SCRIPT = r"""

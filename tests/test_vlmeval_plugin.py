@@ -572,3 +572,26 @@ def test_mask_read_once_predicts_what_the_default_predicts_in_its_own_folder(san
     records = {m: sidecar(work_dir, folders[m], "TinyCOCO") for m in folders}
     assert max(r["batch_size"] for r in records["once"]) == 4
     assert [(r["index"], r["tokens_in"], r["tokens_kept"]) for r in records["never"]] == [(r["index"], r["tokens_in"], r["tokens_kept"]) for r in records["once"]]
+
+
+LOCK_SCRIPT = r"""
+import sys
+from vlmeval_plugin import robust
+
+robust.install()
+from vlmeval.smp.status_report import upsert_run_status
+
+upsert_run_status(sys.argv[1], model_name="m")
+print("status written")
+"""
+
+
+@needs_vlmeval
+def test_a_status_lock_left_by_a_killed_run_does_not_hang_the_next(tmp_path):
+    """VLMEvalKit's status.json lock was a SoftFileLock (the file's existence, waited on without a
+    timeout): a run killed while holding it left every later run of the folder hanging silently."""
+    (tmp_path / "status.json.lock").write_text("")  # what a SIGTERM mid-update left behind
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", LOCK_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and "status written" in result.stdout, result.stderr[-2000:]
+    assert (tmp_path / "status.json").exists()

@@ -248,8 +248,8 @@ def outcome_problems(work_dir: str, models: list[str], datasets: list[str], mode
             fresh = False
             if entry.get("updated_at"):
                 fresh = datetime.datetime.fromisoformat(entry["updated_at"]) >= started
-            if fresh and entry.get("error_message"):
-                problems.append(f"{model} x {dataset}: {entry['error_message']}")
+            if fresh and entry.get("error_message") is not None:  # "" from an exception without a message
+                problems.append(f"{model} x {dataset}: {entry['error_message'] or 'raised an error without a message (see VLMEvalKit log above)'}")
             elif fresh and entry.get("skip_reason") in FAILED_SKIPS:
                 problems.append(f"{model} x {dataset}: skipped ({entry['skip_reason']})")
             elif mode != "eval" and results.prediction_file(Path(work_dir) / model, model, dataset) is None:
@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     import vlmeval.run as vlmeval_run
 
     vargs = vlmeval_run.parse_args()
+    if vargs.mode == "eval":  # nothing is generated: a failed row is scored as the miss it is, as --mode all scores it
+        vargs.keep_failed = True  # (VLMEvalKit's eval would skip the whole set as an incomplete inference)
     rank = int(os.environ.get("RANK", 0))
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
     data_names = list(vargs.data or [])

@@ -49,12 +49,26 @@ def check_tsv(path: Path) -> str | None:
     except Exception as error:
         return f"{path}: cannot read its header as a TSV ({type(error).__name__}: {error})"
     layout, missing = missing_columns(columns)
-    if not missing:
-        return None
-    return (
-        f"{path}: missing column(s) {', '.join(missing)}. It reads as a {layout} set, which needs the columns "
-        f"{needs_text(layout)}; it has {', '.join(sorted(columns)) or 'none'}."
-    )
+    if missing:
+        return (
+            f"{path}: missing column(s) {', '.join(missing)}. It reads as a {layout} set, which needs the columns "
+            f"{needs_text(layout)}; it has {', '.join(sorted(columns)) or 'none'}."
+        )
+    return index_problem(path)
+
+
+def index_problem(path: Path) -> str | None:
+    """Every row is keyed by its index (predictions, the stats sidecar, evaluation): a repeated index
+    gave two rows one answer, and an empty one turned the column into floats that evaluation then
+    refused for the whole set."""
+    index = pd.read_csv(path, sep="\t", usecols=["index"], dtype=str, keep_default_na=False)["index"].str.strip()
+    empty = [str(row + 2) for row in index.index[index == ""]]  # file line numbers: the header is line 1
+    if empty:
+        return f"{path}: empty index on line(s) {', '.join(empty[:10])}: every row needs its own index"
+    repeated = sorted(set(index[index.duplicated()]))
+    if repeated:
+        return f"{path}: index {', '.join(repeated[:10])} repeated: every row needs its own index (each keys its prediction and stats)"
+    return None
 
 
 def check_local_sets(custom_names: list[str], lmu_root: str | Path) -> str | None:

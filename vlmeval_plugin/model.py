@@ -70,9 +70,11 @@ def row_error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def check_text_fields(line, dataset) -> None:
-    """MCQ rows need a question and at least options A and B to make a prompt."""
-    if DATASET_TYPE(dataset) != "MCQ":
+def check_text_fields(line, dataset_type: str) -> None:
+    """MCQ rows need a question and at least options A and B to make a prompt. `dataset_type` is the
+    running dataset's own TYPE: a custom TSV without options is a VQA set there, though VLMEvalKit's
+    DATASET_TYPE calls every custom name without "openended" MCQ."""
+    if dataset_type != "MCQ":
         return
     unusable = [name for name in ("question", "A", "B") if name not in line or is_blank(line[name])]
     if unusable:
@@ -208,6 +210,11 @@ class HybridLLaVA(BaseModel):
             return owner
         return None
 
+    def _dataset_type(self, dataset_name) -> str:
+        """The running dataset's TYPE (MCQ, VQA, Caption ...), else VLMEvalKit's guess from its name."""
+        owner = self._dataset_object(dataset_name)
+        return getattr(owner, "TYPE", None) or DATASET_TYPE(dataset_name)
+
     def use_custom_prompt(self, dataset):
         owner = self._dataset_object(dataset)
         if owner is None:
@@ -228,7 +235,7 @@ class HybridLLaVA(BaseModel):
         """The row's message; a row whose prompt cannot be built becomes a failed row (a text-only
         stand-in message, answered by generate_inner with the failure marker), never a failed set."""
         try:
-            check_text_fields(line, dataset)
+            check_text_fields(line, self._dataset_type(dataset))
             message = self._message_for(line, dataset)
         except Exception as error:
             message = [dict(type="text", value=FAILED_ROW_TEXT)]
@@ -301,7 +308,7 @@ class HybridLLaVA(BaseModel):
                 continue
             line = share.iloc[position]
             try:
-                check_text_fields(line, dataset)
+                check_text_fields(line, self._dataset_type(dataset))
                 candidate = self.preproc_content(self._message_for(line, dataset))
             except Exception:
                 continue  # a bad row fails on its own turn, with its reason

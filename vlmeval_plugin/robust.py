@@ -309,8 +309,21 @@ def _private_circular_scratch() -> None:
     multiple_choice.mcq_circular_eval = mcq_circular_eval
 
 
+def _kill_safe_status_lock() -> None:
+    """VLMEvalKit guards status.json with a filelock.SoftFileLock, whose lock is the file's existence
+    and which waits for it without a timeout: a run killed while holding it (a scheduler's SIGTERM,
+    `timeout`) left every later run of that folder, --mode eval included, waiting forever without a
+    word. An fcntl FileLock is released by the kernel when its process dies, and takes over a lock
+    file such a kill left behind."""
+    import filelock
+    import vlmeval.smp.status_report as status_report
+
+    status_report.SoftFileLock = filelock.FileLock
+
+
 def install() -> None:
     import_vlmeval_quietly()
+    _kill_safe_status_lock()
     _patch_dataset_loading()
     _patch_image_dumping()
     _retry_failed_rows()
