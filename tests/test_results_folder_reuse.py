@@ -161,3 +161,15 @@ def test_a_generation_length_below_one_is_refused_before_anything_loads(tmp_path
     item = plugin_model(checkpoints / "seed0")
     folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": item.signature, "max_new_tokens": 0}])
     assert "--max-new-tokens 0; this run asks for 5" in reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=5))
+
+
+def test_a_torn_run_record_beside_outputs_is_refused_not_taken_as_no_record(tmp_path, checkpoints):
+    """A kill while run_info.json was written in place left it torn; it was then read as no record,
+    and a run with another --max-new-tokens (or checkpoint) reused the outputs. It is now written
+    whole (a temporary file, replaced), and a torn one beside outputs stops the run."""
+    item = plugin_model(checkpoints / "seed0")
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": item.signature, "max_new_tokens": 2}])
+    text = (folder / "run_info.json").read_text()
+    (folder / "run_info.json").write_text(text[: len(text) // 2])
+    problem = reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=3))
+    assert problem is not None and "run_info.json is unreadable" in problem and "--work-dir" in problem

@@ -68,3 +68,17 @@ def test_reports_name_failed_rows_and_compare_only_runs_on_the_same_rows(tmp_pat
     assert entries["llava_tiny_fastv__fastv-k64-l2"]["reference"] is None and entries["llava_tiny_fastv__fastv-k64-l2"]["unpaired"]
     assert entries["llava_tiny_fastv__fastv-k32-l2"]["reference"] is not None
     assert entries["llava_tiny_fastv__fastv-k32-l2"]["failed_rows"] == [{"index": "2", "reason": "a bad image cell"}]
+
+
+def test_a_torn_metric_file_leaves_its_dataset_without_a_metric_and_the_others_read(tmp_path):
+    """An empty acc file (a kill while VLMEvalKit wrote it) ended run.py's summary and the whole
+    report with pandas' EmptyDataError."""
+    from vlmeval_plugin import results
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "m_A_acc.csv").write_text("")
+    (folder / "m_B_acc.csv").write_text("split,Overall\ndev,0.5\n")
+    torn, intact = results.read_dataset(folder, "m", "A"), results.read_dataset(folder, "m", "B")
+    assert torn.main_value is None and any("metric file unreadable" in note for note in torn.notes)
+    assert intact.main_value == 50.0

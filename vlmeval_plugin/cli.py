@@ -161,6 +161,10 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
     generates nothing), which the folder's name does not say, so VLMEvalKit would reuse them as this
     run's. None when nothing there would be reused, or an input is the same or not recorded."""
     holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in ("run_info.json", "status.json") for p in folder.rglob("*"))
+    if holds_outputs and (folder / "run_info.json").exists() and results.read_json(folder / "run_info.json") is None:
+        return (f"{portable_path(folder / 'run_info.json')} is unreadable (torn by a kill?), so which checkpoint and settings made "
+                "this folder's outputs cannot be checked. Give this run another --work-dir, or restore or delete that file "
+                "if you know the outputs are this run's.")
     records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"] if holds_outputs else []
     if not records:
         return None
@@ -297,9 +301,11 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, AttributeError):  # reuse_conflict refused a folder with outputs and such a file
             runs = []
-        path.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
+        staged = path.with_name(path.name + ".tmp")  # replaced whole: a kill leaves the old file or the new one
+        staged.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
+        os.replace(staged, path)
 
 
 def print_summary(work_dir: str, models: list[str], datasets: list[str]) -> list:

@@ -111,7 +111,7 @@ def read_json(path: Path):
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or bytes cut inside a character
         return None
 
 
@@ -259,7 +259,11 @@ def read_dataset(folder: str | Path, model: str, dataset: str) -> DatasetResult:
             result.rows, result.row_indices = len(table), frozenset(str(index) for index in table["index"])
         except Exception:  # an unreadable prediction file: its row count stays unknown
             result.rows = None
-    _read_metric_file(result, folder)
+    try:
+        _read_metric_file(result, folder)
+    except Exception as error:  # a metric file torn by a kill: this dataset has no metric, the others keep theirs
+        result.metrics, result.kind, result.main_metric = {}, "none", None
+        result.notes.append(f"metric file unreadable ({type(error).__name__}: {error}): evaluate again (--mode eval)")
     _read_row_stats(result, folder)
     return result
 
