@@ -110,10 +110,9 @@ from hybrid_vlm.provenance import git_state, portable
 from hybrid_vlm.qwen_flops import QwenShape, qwen_method_prefill_macs
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from hybrid_vlm.syncs import check_no_host_syncs
-from hybrid_vlm.tiny import synthetic_image
 from vlmeval_plugin.results import number_text, text_table
 
-from .presets import GPU_PRESETS, PRESETS, bench_shape, build_inputs, build_model, model_type_of
+from .presets import GPU_PRESETS, PRESETS, bench_image, bench_shape, build_inputs, build_model, model_type_of
 from .sdpa_kernels import PHASES, kernel_summary, profile_sdpa
 
 CSV_COLUMNS = (
@@ -549,7 +548,7 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype,
     """
 
 
-    images = [synthetic_image(seed) for seed in range(2000, 2000 + num_images)]
+    images = [bench_image(processor, seed) for seed in range(2000, 2000 + num_images)]  # the timed image's size (NeXT: its crops)
     processed = processor.image_processor(images, return_tensors="pt")
     # LLaVA-NeXT: thresholds are calibrated on the crops the tower sees
     pixel_values = tower_pixels(model, processed.pixel_values, processed.get("image_sizes")).to(device=device, dtype=dtype)

@@ -128,16 +128,23 @@ def build_model(args, device, dtype):
     return model.eval(), processor
 
 
+def bench_image(processor, seed: int):
+    """The synthetic image the bench times for this processor's model, at its family's bench size;
+    DyMU's thresholds for the bench are calibrated on the same size (`bench.calibrate_for_bench`)."""
+    image = synthetic_image(seed)
+    if hasattr(processor.image_processor, "image_grid_pinpoints"):
+        return image.resize(NEXT_IMAGE_SIZE)  # LLaVA-NeXT: a typical 4:3 photo
+    if hasattr(processor.image_processor, "merge_size"):
+        return image.resize(QWEN_IMAGE_SIZE)  # Qwen2.5-VL: 1,280 tokens
+    return image
+
+
 def build_inputs(processor, text_tokens: int, batch_size: int, image_seed: int):
     """Processor inputs, on the CPU, for `batch_size` copies of one synthetic image + a prompt whose
     non-image tokens number `text_tokens` (or just above: words are added until the count is
     reached). `hybrid_vlm.inputs_for(model, inputs)` places them for a stock or patched model."""
 
-    image = synthetic_image(image_seed)
-    if hasattr(processor.image_processor, "image_grid_pinpoints"):
-        image = image.resize(NEXT_IMAGE_SIZE)  # LLaVA-NeXT: a typical 4:3 photo
-    elif hasattr(processor.image_processor, "merge_size"):
-        image = image.resize(QWEN_IMAGE_SIZE)  # Qwen2.5-VL: 1,280 tokens
+    image = bench_image(processor, image_seed)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def encode(words: int):
