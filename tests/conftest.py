@@ -11,11 +11,22 @@ import torch
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per CPU this process may use, at most 8 (each builds its own tiny models).
+    xdist's own count is physical cores, which is 1 on a 2-vCPU machine that shares one core's
+    two threads: the suite would then run in one process."""
+    return max(1, min(8, usable_cpus()))
+
+
 # Under pytest-xdist the workers share the cores: each gets its slice, and so do the run.py
 # processes its tests start (they read OMP_NUM_THREADS), instead of every process spinning a thread
 # per core.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _threads = max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
 
