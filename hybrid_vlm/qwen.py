@@ -51,6 +51,10 @@ def qwen_image_slots(model, pixel_values: torch.Tensor, image_grid_thw, batch: i
         raise ValueError("Qwen2.5-VL needs image_grid_thw with pixel_values (the processor returns both)")
     config, unit = model.hybrid_config, merge_size(model) ** 2
     grids = [grid for sample in sample_grids(image_grid_thw, batch) for grid in sample]
+    patches = sum(t * h * w for t, h, w in grids)
+    if pixel_values.shape[0] != patches:  # shapes and the host grid: no sync
+        raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patch rows but image_grid_thw {grids} asks for {patches} "
+                         "(t x h x w per image): pass the processor's pixel_values and image_grid_thw of the same images")
     units = [t * h * w // unit for t, h, w in grids]
     images = list(torch.split(qwen_image_features(model, pixel_values, grids), units))  # [units_i, hidden] each
     valid = kept = None

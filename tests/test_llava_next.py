@@ -215,6 +215,20 @@ def test_missing_image_sizes_is_a_clear_error(tiny_next):
         next_copy(model, fastv_k=64)(**inputs)
 
 
+def test_image_sizes_as_a_list_run_as_stock_and_a_mismatch_is_named(tiny_next):
+    """Stock takes image_sizes as nested lists (the engine raised AttributeError on .tolist()); an
+    image_sizes row without its pixel_values image ended in an index_select error."""
+    model, processor = tiny_next
+    inputs = dict(next_inputs(processor, QUESTIONS[:2]))
+    hybrid = next_copy(model, fastv_k=64)
+    with torch.no_grad():
+        as_tensor = hybrid(**inputs).logits[:, -1]
+        as_list = hybrid(**{**inputs, "image_sizes": inputs["image_sizes"].tolist()}).logits[:, -1]
+        torch.testing.assert_close(as_list, as_tensor, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="pixel_values holds 1 images .* but image_sizes 2 images"):
+            hybrid(**{**inputs, "pixel_values": inputs["pixel_values"][:1]})
+
+
 # --- DyMU per crop ------------------------------------------------------------------------------------
 
 

@@ -202,6 +202,16 @@ def test_videos_and_position_ids_are_refused(tiny_qwen):
         hybrid(**inputs, position_ids=torch.zeros_like(inputs["input_ids"]))
 
 
+def test_pixel_rows_that_do_not_match_the_grid_are_refused_naming_both(tiny_qwen):
+    """Fewer patch rows than the grid asks for ended in an IndexError deep in the vision tower."""
+    model, processor = tiny_qwen
+    inputs = qwen_inputs(processor)
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert inputs["pixel_values"].shape[0] == t * h * w  # the processor's own pair is the reference
+    with torch.no_grad(), pytest.raises(ValueError, match=f"pixel_values holds {t * h * w - 4} patch rows but image_grid_thw"):
+        qwen_copy(model)(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
+
+
 # --- theoretical MACs ------------------------------------------------------------------------------
 
 

@@ -60,8 +60,9 @@ def _patches_per_crop(model: LlavaNextForConditionalGeneration) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
-def _host_sizes(image_sizes: torch.Tensor) -> list[list[int]]:
-    return [[int(v) for v in size] for size in image_sizes.tolist()]
+def _host_sizes(image_sizes) -> list[list[int]]:
+    """[N, 2] (height, width) as Python ints, from a tensor or nested lists (stock takes both)."""
+    return [[int(v) for v in size] for size in torch.as_tensor(image_sizes).tolist()]
 
 
 def anyres_layouts(model: LlavaNextForConditionalGeneration, image_sizes: torch.Tensor) -> list[AnyresLayout]:
@@ -88,6 +89,11 @@ def crop_pixels(pixel_values: torch.Tensor, layouts: list[AnyresLayout]) -> torc
     (padded crops dropped, as stock does)."""
     if pixel_values.dim() != 5:
         raise ValueError(f"LLaVA-NeXT pixel_values must be [images, crops, channels, height, width], got {tuple(pixel_values.shape)}")
+    short = [i for i, layout in enumerate(layouts) if i >= len(pixel_values) or pixel_values.shape[1] < layout.num_crops]
+    if len(pixel_values) != len(layouts) or short:
+        raise ValueError(f"pixel_values holds {len(pixel_values)} images of up to {pixel_values.shape[1]} crops, but image_sizes "
+                         f"{len(layouts)} images needing {[layout.num_crops for layout in layouts]} crops: pass the processor's "
+                         "pixel_values and image_sizes of the same images")
     return torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts)])
 
 
