@@ -662,7 +662,8 @@ def bad_value(args) -> str | None:
     missing = [path for path in args.dymu if not Path(path).is_file()]
     if missing:
         return f"--dymu: no threshold file at {', '.join(missing)}"
-    if args.model and not (Path(args.model) / "config.json").is_file():
+    local = Path(args.model).expanduser() if args.model else None  # anything else is a hub id from_pretrained resolves
+    if local is not None and (local.exists() or args.model.startswith(("/", ".", "~"))) and not (local / "config.json").is_file():
         return f"--model {args.model}: not a checkpoint directory (no config.json there)"
     return None
 

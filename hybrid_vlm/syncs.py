@@ -15,7 +15,7 @@ Two reads per prompt are made by design, and are counted instead of failing the 
   device every `bool()` is answered True ("no padding") and counted, so the mask-free path that
   follows is checked like any other.
 A check passes with no more syncs in the prefill than DyMU's one plus the reads the engine counted
-there (none where it skipped the read: a batch with filler slots or unequal quotas, or DyMU's),
+there (none where it skipped the read: a batch of several prompts with filler slots, unequal quotas or DyMU's merged slots),
 and none in the decode steps.
 """
 

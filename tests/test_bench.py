@@ -438,7 +438,7 @@ def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
     (["--dymu-target", "mid", "--dymu-images", "0"], "--dymu-images 0: use 1 or more"),
     (["--threads", "0"], "--threads 0: use 1 or more"),
     (["--device", "foo"], "--device foo:"),
-    (["--model", "no/such/dir"], "--model no/such/dir: not a checkpoint directory"),
+    (["--model", "./no/such/dir"], "--model ./no/such/dir: not a checkpoint directory"),
     (["--dymu", "no/such.json"], "--dymu: no threshold file at no/such.json"),
     (["--text-tokens", "-5"], "--text-tokens >= 0"),
     (["--fastv-k", "64.0"], "--fastv-k 64.0:"),

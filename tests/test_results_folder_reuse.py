@@ -124,6 +124,11 @@ def test_a_folder_with_no_outputs_has_nothing_to_reuse(tmp_path, checkpoints):
     folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": "sha256:0", "max_new_tokens": 8}], outputs=False)
     assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2)) is None
     assert reuse_conflict(tmp_path / "absent", item, SimpleNamespace(max_new_tokens=2)) is None
+    import filelock
+
+    with filelock.FileLock(str(folder / "status.json.lock")):  # the lock run.py gives VLMEvalKit leaves its file behind
+        pass
+    assert (folder / "status.json.lock").exists() and reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2)) is None
 
 
 def test_an_eval_only_record_is_not_what_the_predictions_were_made_with(tmp_path, checkpoints):
@@ -172,4 +177,20 @@ def test_a_torn_run_record_beside_outputs_is_refused_not_taken_as_no_record(tmp_
     text = (folder / "run_info.json").read_text()
     (folder / "run_info.json").write_text(text[: len(text) // 2])
     problem = reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=3))
-    assert problem is not None and "run_info.json is unreadable" in problem and "--work-dir" in problem
+    assert problem is not None and "run_info.json: a run record that cannot be read" in problem and "--work-dir" in problem
+
+
+def test_a_torn_run_record_is_kept_aside_by_an_eval_run_and_still_refused(tmp_path, checkpoints):
+    """--mode eval is not checked for reuse; it appended its record to a torn run_info.json by
+    starting it over, which erased the guard for the next generating run."""
+    from vlmeval_plugin.cli import write_run_info
+
+    item = plugin_model(checkpoints / "seed0")
+    folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": item.signature, "max_new_tokens": 2}])
+    torn = (folder / "run_info.json").read_text()[:40]
+    (folder / "run_info.json").write_text(torn)
+    write_run_info(str(tmp_path), [folder.name], {}, ["python", "run.py"], False, SimpleNamespace(data=["TinyCOCO"], mode="eval", judge=None),
+                   SimpleNamespace(model_path=None, batch_size=1, max_new_tokens=None), {})
+    assert (folder / "run_info.json.unreadable").read_text() == torn
+    problem = reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=3))
+    assert problem is not None and "run_info.json.unreadable: a run record that cannot be read" in problem

@@ -155,15 +155,22 @@ def file_sha256(path: str) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+# what run.py and VLMEvalKit's bookkeeping leave in a model folder that is not an output
+UNREADABLE_RUN_INFO = "run_info.json.unreadable"
+RECORD_FILES = ("run_info.json", "run_info.json.tmp", UNREADABLE_RUN_INFO, "status.json", "status.json.lock")
+
+
 def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = None) -> str | None:
     """Why this run may not continue in `folder`: its outputs were made with other prediction inputs
     (`prediction_inputs`, by run_info.json's last record of a run that generated: `--mode eval`
     generates nothing), which the folder's name does not say, so VLMEvalKit would reuse them as this
     run's. None when nothing there would be reused, or an input is the same or not recorded."""
-    holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in ("run_info.json", "status.json") for p in folder.rglob("*"))
-    if holds_outputs and (folder / "run_info.json").exists() and results.read_json(folder / "run_info.json") is None:
-        return (f"{portable_path(folder / 'run_info.json')} is unreadable (torn by a kill?), so which checkpoint and settings made "
-                "this folder's outputs cannot be checked. Give this run another --work-dir, or restore or delete that file "
+    holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in RECORD_FILES for p in folder.rglob("*"))
+    record, set_aside = folder / "run_info.json", folder / UNREADABLE_RUN_INFO
+    unreadable = set_aside if set_aside.exists() else record if record.exists() and results.read_json(record) is None else None
+    if holds_outputs and unreadable is not None:
+        return (f"{portable_path(unreadable)}: a run record that cannot be read (torn by a kill?), so which checkpoint and settings made "
+                "this folder's outputs cannot be checked. Give this run another --work-dir, or delete that file "
                 "if you know the outputs are this run's.")
     records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"] if holds_outputs else []
     if not records:
@@ -301,7 +308,8 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
-        except (json.JSONDecodeError, AttributeError):  # reuse_conflict refused a folder with outputs and such a file
+        except (ValueError, AttributeError):  # torn: kept aside, where reuse_conflict finds it (--mode eval is not checked)
+            os.replace(path, path.with_name(UNREADABLE_RUN_INFO))
             runs = []
         staged = path.with_name(path.name + ".tmp")  # replaced whole: a kill leaves the old file or the new one
         staged.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
@@ -375,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     import vlmeval.run as vlmeval_run
 
     vargs = vlmeval_run.parse_args()
-    if vargs.mode == "eval":  # nothing is generated: a failed row is scored as the miss it is, as --mode all scores it
-        vargs.keep_failed = True  # (VLMEvalKit's eval would skip the whole set as an incomplete inference)
+    if vargs.mode == "eval" and vargs.model and all(is_plugin_name(name) for name in vargs.model):
+        # nothing is generated: a failed row is scored as the miss it is, as --mode all scores it, and
+        # run.py names it (VLMEvalKit's eval skipped the set as an incomplete inference). Not for other
+        # VLMEvalKit names in the run: their failed rows are named nowhere, so VLMEvalKit's rule stands.
+        vargs.keep_failed = True
     rank = int(os.environ.get("RANK", 0))
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
     data_names = list(vargs.data or [])
