@@ -412,7 +412,7 @@ def test_a_patched_model_saves_as_the_stock_class_and_its_class_is_not_loaded(ti
     stock_weights = model.state_dict()
     assert all(torch.equal(value, stock_weights[name]) for name, value in loaded.state_dict().items())
     with pytest.raises(TypeError, match="load with LlavaForConditionalGeneration.from_pretrained"):
-        HybridLlavaForConditionalGeneration.from_pretrained(tmp_path)
+        HybridLlavaForConditionalGeneration.from_pretrained(tmp_path, **NO_HUB_KERNELS)
 
 
 @pytest.mark.parametrize("settings", [dict(fastv_k=64), dict(fastv_k=0.5, dymu=ensure_tiny_thresholds())], ids=["fastv", "hybrid"])
