@@ -555,3 +555,14 @@ def test_only_unreadable_prediction_files_are_set_aside(tmp_path):
     assert sorted(Path(path).name for path in moved) == [f"{model}_NoPrediction.tsv", f"{model}_Torn.xlsx"]
     assert (tmp_path / f"{model}_Good.xlsx").exists() and (tmp_path / f"{model}_Empty.json").exists()
     assert (tmp_path / f"{model}_Torn.xlsx.unreadable").exists()
+
+
+def test_an_undecodable_image_fails_with_the_same_reason_every_run():
+    """PIL names the buffer it could not read by its address (<_io.BytesIO object at 0x7f...>): the
+    failed row's reason, in the prediction file and the report, changed from run to run."""
+    from vlmeval_plugin.robust import RowError, decode_image
+
+    with pytest.raises(RowError) as error:
+        decode_image(base64.b64encode(b"not an image at all" * 8).decode())
+    reason = str(error.value)
+    assert "cannot identify image file" in reason and " at 0x" not in reason, reason

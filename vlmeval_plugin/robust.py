@@ -112,8 +112,9 @@ def decode_image(base64_string: str):
     try:
         image = Image.open(io.BytesIO(base64.b64decode(base64_string)))
         image.load()
-    except Exception as error:
-        raise RowError(f"the image cannot be decoded ({type(error).__name__}: {error})") from error
+    except Exception as error:  # PIL names the buffer by its address, which differs from run to run
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(error))
+        raise RowError(f"the image cannot be decoded ({type(error).__name__}: {detail})") from error
     if image.mode in ("RGBA", "P", "LA"):
         image = image.convert("RGB")  # as VLMEvalKit does
     if image.mode not in PNG_MODES:
