@@ -147,6 +147,7 @@ class BenchConfig:
 
 
 BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune", "pdrop", "sparsevlm", "dart")
+LAYER_METHODS = ("fastv", "random", "dart")  # the --methods that prune inside the LLM at FASTV_LAYER
 
 
 def build_configs(args) -> list[BenchConfig]:
@@ -178,7 +179,7 @@ def build_configs(args) -> list[BenchConfig]:
 def method_read_settings(method: str, args) -> list[dict]:
     """One dict per row of a --methods entry: --fastv-layer for the methods that prune inside the
     LLM at a layer (fastv, random, dart), times --scoring for fastv; one empty dict otherwise."""
-    layers = [dict(fastv_layer=layer) for layer in args.fastv_layer] if method in ("fastv", "random", "dart") else [{}]
+    layers = [dict(fastv_layer=layer) for layer in args.fastv_layer] if method in LAYER_METHODS else [{}]
     scorers = [dict(scoring=scoring) for scoring in args.scoring] if method == "fastv" else [{}]
     return [dict(**layer, **scorer) for layer, scorer in product(layers, scorers)]
 
@@ -414,11 +415,11 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     scoring = hybrid.scoring if hybrid is not None and hybrid.fastv_select == "attention" else None
     totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0, kv_prompt=0)
     anyres = any(crops > 1 for crops in counts["crops"])  # LLaVA-NeXT: the span follows the aspect ratio
-    if (isinstance(shape, QwenShape) or anyres) and hybrid is not None and hybrid.staged_method is not None:
-        return {key: math.nan for key in totals}  # per-layer counts follow each image, as the plugin leaves them
-    if anyres and hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None):
-        # flops.method_prefill_macs counts one 576-patch crop; per-crop reads, projection and scoring
-        # over a packed span are not modelled (the plugin leaves NeXT's theory empty too)
+    # Not modelled, as the plugin leaves them: a staged method's per-layer counts on Qwen2.5-VL (they
+    # follow each image), and on LLaVA-NeXT any VISUAL_METHOD or pooling (flops.method_prefill_macs
+    # counts one 576-patch crop, not per-crop reads, projection and scoring over a packed span)
+    if hybrid is not None and ((isinstance(shape, QwenShape) and hybrid.staged_method is not None)
+                               or (anyres and (hybrid.visual_method is not None or hybrid.visual_pool is not None))):
         return {key: math.nan for key in totals}
     dymu = hybrid is not None and hybrid.dymu is not None
     for i in range(len(counts["text"])):
@@ -426,7 +427,7 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
         if isinstance(shape, QwenShape):  # the counts that ran: entering the LLM, and kept after FASTV_LAYER
             macs = qwen_method_prefill_macs(shape, hybrid or HybridConfig(), counts["grids"][i], text, visual_entered=visual, visual_kept=kept)
-        elif hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None) and counts["crops"][i] == 1:
+        elif hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None):
             # a method before the LLM: its own CLIP loop, what it projects and its scoring
             macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
         else:
@@ -631,7 +632,7 @@ def parse_args(argv=None):
 
 def unread_settings(args) -> str | None:
     """A setting given where no row reads it (it was ignored without a word)."""
-    layer_readers = bool(args.fastv_k) or any(m in ("fastv", "random", "dart") for m in args.methods)
+    layer_readers = bool(args.fastv_k) or any(m in LAYER_METHODS for m in args.methods)
     if args.fastv_layer is not None and not layer_readers:
         return "--fastv-layer applies to the --fastv-k rows and to --methods fastv, random and dart; none is asked for"
     if args.scoring is not None and not (args.fastv_k or "fastv" in args.methods):
