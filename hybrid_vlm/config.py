@@ -105,9 +105,9 @@ def parse_select_seed(text: str | None) -> int:
 
 
 VISUAL_BUDGET_FORMS = (
-    "an integer n >= 1 (visual tokens per image, by the method's own budget rule) or a decimal in (0, 1) "
-    "(that fraction kept of each image's visual tokens, rounded half to even; fastv and random: of each "
-    "prompt's, as FASTV_K=1-f)"
+    "an integer n >= 1 (visual tokens per image, by the method's own budget rule; fastv and random: per "
+    "prompt, as FASTV_K=n) or a decimal in (0, 1) (that fraction kept of each image's visual tokens, "
+    "rounded half to even; fastv and random: of each prompt's, as FASTV_K=1-f)"
 )
 
 

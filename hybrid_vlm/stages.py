@@ -140,8 +140,9 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
     if config.llm_method == "sparsevlm":
         return sparsevlm_stages(config, placed, query_index, num_layers)
     device = query_index.device
+    budget = prompt_budget(config.visual_budget, placed.images_per_sample)
     if config.llm_method == "dart":
-        quotas = [image_quotas(config.visual_budget, config.dart_quota, count) for count in counts]  # per sample
+        quotas = [image_quotas(budget, config.dart_quota, count) for count in counts]  # per sample
         for sample in quotas:
             check_dart_quotas(config, sample)
         largest = tuple(map(max, zip(*quotas)))
@@ -150,7 +151,7 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
         plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
                          score="dart", dart_quotas=largest, dart_pivots=config.dart_pivots, dart_sample_quotas=sample_quotas)
         return {config.fastv_layer: plan}
-    schedules = [pdrop_schedule_capped(config.visual_budget, count, num_layers) for count in counts]
+    schedules = [pdrop_schedule_capped(budget, count, num_layers) for count in counts]
     plans = {}
     for index, layer in enumerate(pdrop.stage_layers(num_layers)):
         keeps = [schedule[layer] for schedule in schedules]
@@ -158,6 +159,13 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
         plans[layer] = PrunePlan(max(keeps), placed.visual_positions if first else None, query_index if first else None,
                                  per_sample(keeps, device), None, uniform=len(set(keeps)) == 1, score="own_row")
     return plans
+
+
+def prompt_budget(budget: int | float, images_per_prompt: int) -> int | float:
+    """A prompt's VISUAL_BUDGET for pdrop and dart, which rank all its images' tokens together: a count
+    is per image, as for the methods before the LLM, so a prompt of n images gets n times it; a
+    fraction is of the prompt's tokens, which is the same share of each image's."""
+    return budget * images_per_prompt if isinstance(budget, int) else budget
 
 
 def per_sample(keeps: list, device) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.methods import pdrop
 from hybrid_vlm.methods.dart import dart_keep_mask, image_quotas, kept_count, matched_quotas, official_quotas
 from hybrid_vlm.syncs import check_no_host_syncs
+from hybrid_vlm.tiny import synthetic_image
 
 from conftest import DEEP_LAYERS as LAYERS
 from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, image_inputs
@@ -235,6 +236,33 @@ def test_dart_official_pivot_order_reads_the_host(deep):
     model, processor = deep
     hybrid = patched(model, visual_method="dart", visual_budget=64, dart_pivots="official")
     assert check_no_host_syncs(hybrid, image_inputs(processor, QUESTIONS[:2])).startswith("fail")
+
+
+def two_image_prompt(processor) -> dict:
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(images=[synthetic_image(0), synthetic_image(1)], text=[prompt], return_tensors="pt")
+
+
+def test_a_prompt_of_two_images_gets_the_budget_of_each(deep):
+    """VISUAL_BUDGET counts visual tokens per image for every method: a prompt of two images lets
+    in 2 x 64 under DivPrune, so pdrop averages 2 x 64 over the layers and dart keeps its 4 + 8 x 16
+    (both rank the two images' 1152 tokens together, as one pool)."""
+    model, processor = deep
+    inputs = two_image_prompt(processor)
+    counts = {}
+    for method in ("divprune", "pdrop", "dart"):
+        with torch.no_grad():
+            out = patched(model, visual_method=method, visual_budget=64)(**inputs, use_cache=True)
+        counts[method] = out.past_key_values.hybrid_state.visual_counts()
+    assert counts["divprune"].entered == [128]
+    schedule = pdrop_schedule_by_hand(128, 1152, STAGE_LAYERS, LAYERS)
+    held = [1152, *schedule.values()]
+    bounds = [0, *STAGE_LAYERS, LAYERS]
+    assert counts["pdrop"].kept == [held[-1]]
+    assert counts["pdrop"].layer_mean == [pytest.approx(sum((b - a) * n for a, b, n in zip(bounds, bounds[1:], held)) / LAYERS)]
+    assert abs(counts["pdrop"].layer_mean[0] - 128) < 1
+    assert counts["dart"].kept == [4 + 8 * 16]
 
 
 # ------------------------------------------------------------------------------- bad settings
