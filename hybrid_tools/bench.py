@@ -112,6 +112,7 @@ from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from hybrid_vlm.syncs import check_no_host_syncs
 from vlmeval_plugin.results import number_text, text_table
 
+from .report.bench import IDEAL_THEORY_FOOTNOTE, IDEAL_THEORY_NOTE, prefill_theory_text
 from .presets import GPU_PRESETS, PRESETS, bench_image, bench_shape, build_inputs, build_model, model_type_of
 from .sdpa_kernels import PHASES, kernel_summary, profile_sdpa
 
@@ -506,22 +507,29 @@ TABLE_HEADER = (
 )
 
 
-def print_table(rows, file=sys.stdout):
-    """The terminal table; times are medians over the repeats."""
-    lines = []
+def print_table(rows, file=None):
+    """The terminal table; times are medians over the repeats. A row that did not run says why below
+    it, so that its reason does not widen a column."""
+    lines, reasons = [], []
     for r in rows:
         if r["status"] != "ok":
-            lines.append((r["config"], f"{r['status']}: {(r.get('note') or '')[:100]}", *[""] * (len(TABLE_HEADER) - 2)))
+            lines.append((r["config"], r["status"], *[""] * (len(TABLE_HEADER) - 2)))
+            reasons.append(f"{r['config']}: {r['status']}: {r.get('note') or ''}")
             continue
         lines.append((
             r["config"], f"{number_text(r['visual_in'], '.0f')}→{number_text(r['visual_kept'], '.0f')}",
             number_text(r["vision_ms"]), number_text(r["llm_prefill_ms"]), number_text(r["prefill_ms"]),
-            number_text(r["prefill_ratio"], ".3f"), number_text(r["prefill_theory_ratio"], ".3f"),
+            number_text(r["prefill_ratio"], ".3f"), prefill_theory_text(r),
             number_text(r["prefill_ratio_minus_theory"], "+.3f"), number_text(r["llm_prefill_ratio"], ".3f"),
             number_text(r["llm_prefill_theory_ratio"], ".3f"), number_text(r.get("decode_ms_per_token"), ".2f"),
             number_text(r["peak_mem_mb"], ".0f"),
         ))
+    file = file or sys.stdout  # looked up now, so that a redirected stdout is the one written
     print(text_table(TABLE_HEADER, lines), file=file)
+    for reason in reasons:
+        print(reason, file=file)
+    if any(prefill_theory_text(r).endswith("*") for r in rows if r["status"] == "ok"):
+        print(IDEAL_THEORY_FOOTNOTE, file=file)
 
 
 def write_outputs(out_dir: Path, rows, meta) -> None:
@@ -869,7 +877,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     row.update(theory_columns(bench, config, row))
     if hybrid is not None and hybrid.dymu:
         row["note"] = (
-            "vision MACs at the merged per-layer CLIP counts (ideal: a static-shape tower computes every slot)"
+            IDEAL_THEORY_NOTE
             if config.counts["vit_counts"] is not None
             else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
         )

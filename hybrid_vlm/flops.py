@@ -31,8 +31,8 @@ a Vicuna/Llama decoder. So a Llama layer costs ~ 4nd^2 + 3ndm + n^2 d MACs:
   run at its input count, its MLP at its output count. DyMU's matching (a (n/2)^2 x head_dim
   similarity per layer) is not counted. These are the compacted counts the official batch-1 loop
   runs at: an ideal for the engine, whose static-shape tower runs every layer at all 577 slots
-  (merged ones masked) so that a batch needs no host read, and projects all 576 (the bench says
-  "ideal" beside DyMU rows).
+  (merged ones masked) so that a batch needs no host read, and projects all 576 (the bench's tables
+  mark DyMU rows' prefill theory with * and say so below them).
 - Projector (LLaVA-1.5 mlp2x_gelu): n_visual (D d + d^2); with DyMU on LLaVA-1.5 n_visual is the
   merged count (the ideal again), on LLaVA-NeXT every crop's 576 patches.
 - lm_head: on the last prompt token only, as generate() does (logits_to_keep=1), per sample.

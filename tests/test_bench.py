@@ -51,9 +51,10 @@ def test_tiny_cli_writes_csv_and_json(tmp_path):
     assert len(data["rows"][0]["runs"]) == 1
 
 
-def test_theory_columns_match_flops_and_dymu_rows_run(tmp_path):
+def test_theory_columns_match_flops_and_dymu_rows_run(tmp_path, capsys):
     """FastV, DyMU and hybrid rows all run; their counts match the vision tower's own count, their
-    theory columns hybrid_vlm.flops, and the sync check passes for FastV."""
+    theory columns hybrid_vlm.flops, and the sync check passes for FastV. Both tables mark the DyMU
+    rows' prefill theory as the merged-count ideal the static tower does not run at, and only those."""
     out = tmp_path / "bench"
     rows = bench.main(
         ["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-memory", "--no-progress",
@@ -85,6 +86,17 @@ def test_theory_columns_match_flops_and_dymu_rows_run(tmp_path):
 
     assert by_name["fastv-r0.5-l1"]["sync_debug"] == "pass" and by_name["vanilla"]["sync_debug"] == "pass"
     assert dymu[0]["sync_debug"].startswith("not applicable")
+
+    from hybrid_tools.report.bench import IDEAL_THEORY_FOOTNOTE, bench_table, read_bench
+
+    terminal = capsys.readouterr().out
+    report = bench_table(read_bench(out / "bench.json"))
+    for row in rows:
+        theory = f"{row['prefill_theory_ratio']:.3f}"
+        starred = row["method"] in ("dymu", "hybrid")
+        assert any(line.startswith(f"| `{row['config']}`") and f" {theory}{'*' if starred else ''} |" in line for line in report.splitlines())
+        assert any(line.split()[:1] == [row["config"]] and (theory + "*" in line.split()) == starred for line in terminal.splitlines())
+    assert IDEAL_THEORY_FOOTNOTE in terminal
 
 
 def test_7b_preset_config_and_cpu_refusal(capsys):

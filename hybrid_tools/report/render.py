@@ -9,7 +9,7 @@ from pathlib import Path
 from hybrid_vlm import __version__
 
 from ..configs import Configuration, Entry, comparison_reference, delta, prefill_ratio, ratio
-from .bench import RESOURCES_NOTE, bench_command, bench_setup, bench_table, resources_table
+from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
 from .markdown import Linker, display_path, fmt, md_table
 from .parity import parity_lines
 from .plots import plot_dataset
@@ -226,6 +226,8 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         meaning = BASELINE_MEANINGS.get(baseline, "a configuration of this bench")
         note = SPEED_NOTE.format(baseline=baseline, baseline_meaning=meaning, conventions=meta.get("conventions", "see hybrid_vlm.flops"))
         lines += [note, ""]
+        if any(prefill_theory_text(row).endswith("*") for row in bench.rows if row.get("status") == "ok"):
+            lines += [IDEAL_THEORY_FOOTNOTE, ""]
         rows = [{k: v for k, v in row.items() if k not in ("runs", "per_sample_counts")} for row in bench.rows]
         summary.append({"source": linker.rel(bench.path), "meta": meta, "rows": rows})
     if report.targets and report.benches:

@@ -2,7 +2,11 @@
 row by row against bench.json: met, missed, or not measured, never assumed.
 
 - the engine with nothing cut ("vanilla") within 3% of stock transformers' prefill, either way;
-- FastV K=64's prefill ratio vs stock at most its theoretical MACs ratio + 0.05;
+- FastV K=64's prefill ratio vs stock at most its theoretical MACs ratio + 0.05, judged twice: for the
+  whole prefill (CLIP, projector, LLM) against the prefill theory, and for the LLM alone against the
+  LLM's theory, the figure the issue quotes (0.243 at LLaVA-1.5-7B shapes; the whole prefill's is
+  0.279, since the vision tower is not cut). Like is compared with like: a whole-prefill time against
+  the LLM-only theory would ask the tower's share to shrink too;
 - the hybrid (DyMU + FastV K=64) at least 3.5x faster prefill than stock;
 - no host sync in a decode step, and at most one per prompt on the DyMU path (`sync_debug`), plus
   one for the mask read of MASK_READ=once in a batch of several prompts.
@@ -43,9 +47,12 @@ def bench_targets(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
     out = [_ratio_target("engine overhead: prefill vs stock", row, band, _within_band) for row in vanillas]
     fastvs = [r for r in by_config.values() if r.get("method") == "fastv" and r.get("fastv_k") == 64] or [None]  # each MASK_READ row
     for fastv in fastvs:
-        theory = fastv.get("prefill_theory_ratio") if fastv else None
-        limit = None if theory is None else theory + FASTV_SLACK
-        out.append(_ratio_target("FastV K=64 prefill vs stock", fastv if limit is not None else None, _at_most_text(limit, "theory + 0.05"), _at_most(limit)))
+        for part, measured, theory_key in (("prefill", "prefill_ratio", "prefill_theory_ratio"),
+                                           ("LLM prefill", "llm_prefill_ratio", "llm_prefill_theory_ratio")):
+            theory = fastv.get(theory_key) if fastv else None
+            limit = None if theory is None else theory + FASTV_SLACK
+            out.append(_ratio_target(f"FastV K=64 {part} vs stock", fastv if limit is not None else None,
+                                     _at_most_text(limit, f"{part.split()[0]} theory + 0.05"), _at_most(limit), measured))
     hybrids = [r for r in by_config.values() if r.get("method") == "hybrid" and r.get("fastv_k") == 64] or [None]
     limit = 1 / HYBRID_SPEEDUP
     out += [_ratio_target("hybrid (DyMU + FastV K=64) prefill vs stock", hybrid, _at_most_text(limit, "3.5x faster"), _at_most(limit))
@@ -55,12 +62,12 @@ def bench_targets(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
-def _ratio_target(name: str, row: dict | None, needed: str, verdict_of) -> tuple[str, str, str, str, str]:
-    """A target on a row's prefill ratio vs stock: `verdict_of(ratio)` judges it; "not measured"
-    when the row (or its ratio) is missing."""
-    if row is None or row.get("prefill_ratio") is None:
+def _ratio_target(name: str, row: dict | None, needed: str, verdict_of, key: str = "prefill_ratio") -> tuple[str, str, str, str, str]:
+    """A target on a row's ratio vs stock (`key`, its prefill's by default): `verdict_of(ratio)` judges
+    it; "not measured" when the row (or its ratio) is missing."""
+    if row is None or row.get(key) is None:
         return name, "–", "–", needed, "not measured"
-    ratio = float(row["prefill_ratio"])
+    ratio = float(row[key])
     return name, f"`{row['config']}`", f"{ratio:.3f} ({fmt(1 / ratio, '.2f', 'x')})", needed, verdict_of(ratio)
 
 
