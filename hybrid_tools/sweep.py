@@ -408,10 +408,14 @@ def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str)
     return models
 
 
-def summarize(runs: list[Run], failed: list[str], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
+def summarize(runs: list[Run], failed: dict[str, int], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
     """The sweep's table (printed and as sweep_<tag>.csv) and, with --report, its report; 1 if any
-    run failed (or the report did), else 0."""
-    configs = comparison.collect(work_dir, [run.folder for run in runs])
+    run failed (or the report did), else 0. `failed` maps a failed run's folder to its exit status.
+    A run that run.py refused before it ran (status 2) made nothing: its folder's earlier outputs
+    are not this sweep's, and are left out of the table and the report."""
+    refused = {folder for folder, code in failed.items() if code == REFUSED_STATUS}
+    runs_shown = [run for run in runs if run.folder not in refused]
+    configs = comparison.collect(work_dir, [run.folder for run in runs_shown]) if runs_shown else []
     order = {run.folder: index for index, run in enumerate(runs)}
     configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
     labels = {run.folder: run.label for run in runs}
@@ -420,18 +424,25 @@ def summarize(runs: list[Run], failed: list[str], work_dir: str, tag: str, manif
     print(f"\nSweep table: {Path(work_dir) / f'sweep_{tag}.csv'}\nSweep record: {manifest_path}", flush=True)
     status = 0
     if failed:
-        print("hybrid_tools.sweep: these runs failed: " + ", ".join(failed), file=sys.stderr)
+        labels_failed = [f"{run.label} (exit status {failed[run.folder]}{', refused: left out of the table' if run.folder in refused else ''})"
+                         for run in runs if run.folder in failed]
+        print("hybrid_tools.sweep: these runs failed: " + ", ".join(labels_failed), file=sys.stderr)
         status = 1
+    reported = [run.folder for run in runs_shown if (Path(work_dir) / run.folder).is_dir()]
+    if report and not reported:
+        print(f"hybrid_tools.sweep: no report {report}: no run of this sweep left a model folder", file=sys.stderr)
+        return 1
     if report:
         from .report.cli import main as report_main
 
-        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *[run.folder for run in runs]])
+        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *reported])
         status = status or code
     return status
 
 
-def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: str, manifest_path: Path) -> list[str]:
-    """Run every setting in turn, recording each in the sweep record as it ends; the failed ones."""
+def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: str, manifest_path: Path) -> dict[str, int]:
+    """Run every setting in turn, recording each in the sweep record as it ends; {folder: exit status}
+    of the failed ones."""
     commit, dirty = git_state()
     manifest = {
         "command": shell_join(["python", "-m", "hybrid_tools.sweep", *portable(sys.argv[1:] if argv is None else argv)]),
@@ -443,13 +454,13 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
         "runs": [],
     }
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed = {}
     for run, command in zip(runs, commands):
         print(f"\n=== {run.label}: {run.folder} ===\n$ {shlex.join(command)}", flush=True)
         started, clock = datetime.datetime.now().astimezone().isoformat(timespec="seconds"), time.monotonic()
         result = subprocess.run(command, env=run.env)
         if result.returncode != 0:
-            failed.append(f"{run.label} (exit status {result.returncode})")
+            failed[run.folder] = result.returncode
         shown = command if args.launcher else ["python", *command[1:]]
         manifest["runs"].append(portable({
             "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
@@ -458,6 +469,8 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # after every run: an interrupted sweep keeps its record
     return failed
 
+
+REFUSED_STATUS = 2  # run.py's exit status for a run it refused before any work (vlmeval_plugin.cli.fail)
 
 SWEEP_HEADER = (
     "setting", "model folder", "dataset", "metric", "Δ vs vanilla", "visual in (A)", "visual kept (B)", "visual layer-avg (C)",
@@ -499,7 +512,8 @@ def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
                 "folder": portable(str(config.folder.resolve())),
             })
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    columns = None if rows else ["setting", "model", "dataset", "rows", "failed_rows", "prefill_ms_median", "folder"]  # a header, readable
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
 
 
 if __name__ == "__main__":

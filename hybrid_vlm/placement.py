@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .fastv import gather_tokens, select_kept_positions, true_positions
-from .runtime import host_to_device
+from .runtime import host_to_device, require
 
 FILLER = -1  # entered position of a slot that is not in the prompt (a filler)
 
@@ -152,6 +152,12 @@ def place_images(
         entered = kept if entered is None else entered.gather(1, kept)
         visual_positions = true_positions(is_visual, count)
         visual_counts = slots.valid_counts if slots.valid_counts is not None else [count] if batch == 1 else None
+        occupied = new_valid | is_visual  # not padding: a real token or an image slot, merged away or not
+        last = (occupied.long() * torch.arange(occupied.shape[1], device=occupied.device)).amax(dim=1)
+        require(new_valid.gather(1, last[:, None]).all(), lambda: (
+            "a prompt of this batch ends with an image token, and DyMU merged its image to fewer tokens than another "
+            "image of the batch: the slots that pad it would be its last token, from which the next token is predicted. "
+            "Put text after the image (chat templates do), or run such prompts one at a time"))
     return PlacedPrompt(
         inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts,
         slots.images_per_sample,

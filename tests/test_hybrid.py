@@ -22,6 +22,8 @@ from hybrid_vlm.dymu import SPLITS
 from hybrid_vlm.fastv import visual_keep_counts
 from hybrid_vlm.hf_compat import dymu_image_features, new_cache, output_cache
 
+from hybrid_vlm.tiny import synthetic_image
+
 from conftest import QUESTIONS, generation_positions, image_inputs
 from reference import greedy_without_cache, masked_reference, official_keep_count
 from test_engine import NEW_TOKENS, REFERENCE_RTOL
@@ -180,3 +182,22 @@ def test_fastv_ratio_on_merged_counts_rounds_half_to_even(tiny, tiny_thresholds)
         state = output_cache(hybrid.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)).hybrid_state
     text_tokens = inputs["attention_mask"].sum(dim=1) - 576
     assert (state.prompt_tokens_kept - text_tokens).tolist() == [official_keep_count(v, 0.5) for v in merged]
+
+
+def test_a_batch_whose_prompts_end_with_an_image_of_unequal_merged_counts_is_refused(tiny, tiny_thresholds):
+    """Raw prompts ending with <image>: the shorter images' padding slots would be their prompts' last
+    token, the one the next token is predicted from, so the batch is refused by name; each prompt
+    alone runs, its last row a merged token of its image."""
+    model, processor = tiny
+    hybrid = dymu_copy(model, tiny_thresholds)
+    prompts = ["USER: <image>", "USER: what is it? <image>", "USER: describe <image>"]
+    images = [image_inputs(processor, QUESTIONS[:1], seeds=[seed])["pixel_values"] for seed in range(3)]
+    batch = processor(images=[synthetic_image(seed) for seed in range(3)], text=prompts, return_tensors="pt", padding=True)
+    counts = dymu_image_features(hybrid, torch.cat(images), hybrid.hybrid_thresholds).num_tokens.tolist()
+    assert len(set(counts)) > 1
+    with torch.no_grad(), pytest.raises(ValueError, match="ends with an image token, and DyMU merged its image to fewer tokens"):
+        hybrid(**batch)
+    for seed, prompt in enumerate(prompts):
+        alone = processor(images=[synthetic_image(seed)], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            assert torch.isfinite(hybrid(**alone).logits[:, -1]).all()

@@ -82,3 +82,22 @@ def test_a_torn_metric_file_leaves_its_dataset_without_a_metric_and_the_others_r
     torn, intact = results.read_dataset(folder, "m", "A"), results.read_dataset(folder, "m", "B")
     assert torn.main_value is None and any("metric file unreadable" in note for note in torn.notes)
     assert intact.main_value == 50.0
+
+
+def test_of_two_prediction_files_left_by_a_rerun_under_another_pred_format_the_newer_is_read(tmp_path):
+    """A folder run with --limit 12 as xlsx, then rerun as tsv with 16 rows: VLMEvalKit scored the
+    tsv, so its rows are the ones counted (the xlsx came first in the suffix order)."""
+    import os
+
+    import pandas as pd
+
+    from vlmeval_plugin.results import prediction_file
+
+    older, newer = tmp_path / "m_TinyCOCO.xlsx", tmp_path / "m_TinyCOCO.tsv"
+    pd.DataFrame({"index": range(12), "prediction": ["a"] * 12}).to_excel(older, index=False)
+    pd.DataFrame({"index": range(16), "prediction": ["b"] * 16}).to_csv(newer, sep="\t", index=False)
+    os.utime(older, ns=(1_000_000_000, 1_000_000_000))
+    assert prediction_file(tmp_path, "m", "TinyCOCO") == newer
+    os.utime(older, ns=(2 * 10**18, 2 * 10**18))
+    assert prediction_file(tmp_path, "m", "TinyCOCO") == older
+    assert prediction_file(tmp_path, "m", "TinyMMBench") is None

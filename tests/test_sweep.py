@@ -19,6 +19,7 @@ import pytest
 from hybrid_tools import sweep
 from vlmeval_plugin import settings
 
+REPO = Path(__file__).resolve().parents[1]
 needs_vlmeval = pytest.mark.skipif(importlib.util.find_spec("vlmeval") is None, reason="ms-vlmeval is not installed")
 VANILLA = "llava_v1.5_7b"
 
@@ -187,6 +188,24 @@ def test_report_name_and_work_dir_are_checked_before_any_run(capsys, clean_env, 
     for passthrough in (["--work-dir", "elsewhere"], ["--work-dir=elsewhere"]):
         assert sweep.main(["--data", "X", "--fastv-k", "64", "--dry-run", "--", *passthrough, "--batch-size", "8"]) == 2
         assert "pass the sweep's own --work-dir" in capsys.readouterr().err
+
+
+def test_a_run_refused_before_it_ran_leaves_its_folders_old_outputs_out_and_the_report_is_skipped(capsys, clean_env, tmp_path, monkeypatch):
+    """run.py refuses a run (exit status 2) before any work, e.g. a folder holding another checkpoint's
+    outputs: those outputs are not this sweep's, so they are not tabulated as its results, and a
+    report of no folder is skipped with a message instead of failing in argparse."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "reports" / "tiny-demo" / "raw" / "outputs" / "llava_tiny", work / "llava_tiny")
+    monkeypatch.chdir(tmp_path)
+    status = sweep.main(["--family", "tiny", "--data", "TinyCOCO", "--fastv-k", "72", "--vanilla", "--launcher", "sh -c 'exit 2'",
+                         "--work-dir", str(work), "--report", "r"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "vanilla (exit status 2, refused: left out of the table)" in err and "no report r: no run of this sweep left a model folder" in err
+    assert pd.read_csv(work / "sweep_r.csv").empty
+    assert not (tmp_path / "reports" / "r").exists()
 
 
 def raw_numbers(work: Path, model: str, dataset: str) -> tuple[float, float]:

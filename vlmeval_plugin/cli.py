@@ -108,6 +108,7 @@ def is_plugin_name(name: str) -> bool:
 
 
 def fail(message: str) -> int:
+    """Exit status 2: refused before any work (hybrid_tools.sweep leaves such a run's folder out of its table)."""
     print(f"run.py: error: {message}", file=sys.stderr, flush=True)
     return 2
 

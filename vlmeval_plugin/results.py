@@ -116,12 +116,11 @@ def read_json(path: Path):
 
 
 def prediction_file(folder: str | Path, model: str, dataset: str) -> Path | None:
-    """VLMEvalKit's prediction file (xlsx, tsv or json, per $PRED_FORMAT), if it exists."""
-    for suffix in PREDICTION_SUFFIXES:
-        path = Path(folder) / f"{model}_{dataset}.{suffix}"
-        if path.exists():
-            return path
-    return None
+    """VLMEvalKit's prediction file (xlsx, tsv or json, per $PRED_FORMAT), if it exists. Where a rerun
+    under another $PRED_FORMAT left two, the newer one: the file that run wrote and scored."""
+    paths = [Path(folder) / f"{model}_{dataset}.{suffix}" for suffix in PREDICTION_SUFFIXES]
+    existing = [(path.stat().st_mtime_ns, -order, path) for order, path in enumerate(paths) if path.exists()]
+    return max(existing)[2] if existing else None
 
 
 def is_number(value) -> bool:
