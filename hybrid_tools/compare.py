@@ -59,6 +59,8 @@ def run_identity(folder: str) -> dict:
         method = "hybrid"
     else:
         method = variant.method or ("dymu" if variant.dymu else "pool" if variant.pool else "fastv")
+        if method == "fastv" and tag.startswith("random-"):  # a FastV name run with FASTV_SELECT=random
+            method = "random"
     budget = re.search(r"-[bk](\d+)(?:-|_|$)", tag)
     seed = re.search(r"-s(\d+)(?:_|$)", tag)
     return dict(method=method, budget=int(budget.group(1)) if budget else None,
@@ -186,12 +188,22 @@ def item_vectors(raw: Path, dataset: str) -> dict[str, np.ndarray]:
     return {run: table[run].to_numpy(dtype=float) for run in table.columns}
 
 
-def references(runs: pd.DataFrame, vectors: dict, budget, positions: str) -> dict[str, np.ndarray]:
-    """FastV's items at this budget and positions, and random's mean over its seeds."""
+def pruning_layer(run: str) -> int:
+    """The LLM layer a run prunes at, from its tag's `-lN` (FastV, random, DART, a hybrid's FastV);
+    FastV's default layer 2 for a run that names none (methods before the LLM, PyramidDrop's stages)."""
+    found = re.search(r"-l(\d+)(?=[-_]|$)", run.split(settings.NAME_SEPARATOR, 1)[-1])
+    return int(found.group(1)) if found else 2
+
+
+def references(runs: pd.DataFrame, vectors: dict, budget, positions: str, layer: int = 2) -> dict[str, np.ndarray]:
+    """FastV's items at this budget, positions and pruning layer, and random's mean over its seeds
+    there: a work dir holding FastV at layers 1, 2 and 3 compares each run with the one at its own
+    layer, not the first by name. None where two FastV runs would still qualify."""
     same = runs[(runs["budget"] == budget) & (runs["positions"] == positions) & (runs["status"] == "ok")]
+    same = same[same["run"].map(pruning_layer) == layer]
     found = {}
     fastv = [r for r in same[same["method"] == "fastv"]["run"] if r in vectors]
-    if fastv:
+    if len(fastv) == 1:
         found["fastv"] = vectors[fastv[0]]
     seeds = [vectors[r] for r in same[same["method"] == "random"]["run"] if r in vectors]
     if seeds:
@@ -255,7 +267,7 @@ def main_table(raw: Path) -> str:
         lines = [f"### {dataset} ({len(next(iter(vectors.values()), []))} {unit})\n", table_header(metric)]
         for _, run in pd.concat([mine, failed]).sort_values(["budget", "positions", "method", "seed", "run"],
                                                             na_position="first", kind="stable").iterrows():
-            lines.append(run_row(run, vectors, references(mine, vectors, run["budget"], run["positions"])))
+            lines.append(run_row(run, vectors, references(mine, vectors, run["budget"], run["positions"], pruning_layer(run["run"]))))
         sections.append("\n".join(lines + failed_rows_lines(mine)))
     return "\n\n".join(sections) + "\n"
 

@@ -72,6 +72,7 @@ def test_a_circular_question_counts_only_when_every_rotation_is_right():
     ("llava_tiny_fastv__fastv-k64-l2", dict(method="fastv", budget=64, positions="logical", seed=None)),
     ("llava_tiny_random__random-k128-l2-s2", dict(method="random", budget=128, positions="logical", seed=2)),
     ("llava_tiny_random__random-k128-l2", dict(method="random", budget=128, positions="logical", seed=0)),
+    ("llava_tiny_fastv__random-k64-l2", dict(method="random", budget=64, positions="logical", seed=0)),  # FASTV_SELECT=random
     ("llava_tiny_pdrop__pdrop-b64_renumbered", dict(method="pdrop", budget=64, positions="renumbered", seed=None)),
     ("llava_tiny_dart__dart-matched-b64-l2", dict(method="dart", budget=64, positions="logical", seed=None)),
     ("llava_tiny_hybrid__dymu-tiny-mid_fastv-r0.5-l2", dict(method="hybrid", budget=None, positions="logical", seed=None)),
@@ -80,6 +81,22 @@ def test_a_circular_question_counts_only_when_every_rotation_is_right():
 ])
 def test_run_identity_reads_the_folder_name(folder, expected):
     assert compare.run_identity(folder) == expected
+
+
+def test_each_run_is_compared_with_fastv_and_random_at_its_own_pruning_layer():
+    """A sweep's work dir holds FastV at layers 1, 2 and 3 at one budget: the hybrid (FastV at layer 2)
+    and a method before the LLM (no layer: FastV's default, 2) get layer 2's run, the layer-3 DART
+    layer 3's; random's seeds are averaged only within a layer."""
+    names = ["llava_tiny_fastv__fastv-k64-l1", "llava_tiny_fastv__fastv-k64-l2", "llava_tiny_fastv__fastv-k64-l3",
+             "llava_tiny_random__random-k64-l2", "llava_tiny_random__random-k64-l2-s1", "llava_tiny_random__random-k64-l1"]
+    runs = pd.DataFrame([dict(run=name, status="ok", **compare.run_identity(name)) for name in names])
+    vectors = {name: np.full(3, float(index)) for index, name in enumerate(names)}
+    expected = {"llava_tiny_hybrid__dymu-tiny-mid_fastv-k64-l2": (1.0, 3.5), "llava_tiny_divprune__divprune-b64": (1.0, 3.5),
+                "llava_tiny_dart__dart-b64-l3": (2.0, None), "llava_tiny_pdrop__pdrop-b64-l1.4.8": (1.0, 3.5)}
+    for run, (fastv, random) in expected.items():
+        found = compare.references(runs, vectors, 64, "logical", compare.pruning_layer(run))
+        assert found["fastv"].tolist() == [fastv] * 3
+        assert (found["random"].tolist() if "random" in found else None) == (None if random is None else [random] * 3)
 
 
 REPORTS = sorted(REPORT.parent.glob("method-comparison*"))
