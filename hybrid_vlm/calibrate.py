@@ -83,7 +83,9 @@ def write_threshold_file(path: str | Path, payload: dict) -> None:
     payload = {"format": THRESHOLD_FORMAT, **payload}
     payload["thresholds"] = [None if not math.isfinite(v) else float(v) for v in payload["thresholds"]]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    scratch = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")  # replaced whole: never a torn file
+    scratch.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(scratch, path)
 
 
 def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[], dict] | None = None) -> tuple[torch.Tensor, dict]:
@@ -492,16 +494,25 @@ def main(argv: list[str] | None = None) -> dict:
         model, batches(), args.target, schedule=args.schedule, split=args.split, progress=not args.no_progress,
         total_batches=total,
     )
-    thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
-    counts = measure_token_counts(
-        model, batches(), thresholds, progress=not args.no_progress, total_batches=total, split=args.split
-    )
     anyres = takes_anyres(model)
     payload["calibration"].update(
         source_images=len(files), images_per_batch=args.batch_size,
         preprocess=ANYRES_PREPROCESS if anyres else PREPROCESS[args.preprocess],
         unreadable_files_left_out=[portable_path(path) for path in unreadable],
     )
+    # Written before the second pass, which only measures what the thresholds achieve: a failure
+    # or an interrupt there keeps the calibration, whose pass is the long one.
+    payload["achieved"] = None
+    write_threshold_file(args.out, payload)
+    thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
+    try:
+        counts = measure_token_counts(
+            model, batches(), thresholds, progress=not args.no_progress, total_batches=total, split=args.split
+        )
+    except (Exception, KeyboardInterrupt) as error:
+        print(f"calibrate: the thresholds are written to {args.out}, but measuring the token counts they achieve failed "
+              f"({type(error).__name__}: {error}); its \"achieved\" stays null", file=sys.stderr)
+        raise
     unit = "tower inputs (crops)" if anyres else "images"
     payload["achieved"] = {**count_summary(counts), "note": f"re-run of the thresholds on the calibration {unit}, preprocessed as calibrated"}
     write_threshold_file(args.out, payload)

@@ -785,3 +785,28 @@ def test_an_undecodable_image_file_is_named_and_left_out(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         calibrate_main(["--sign", "--model", str(model_dir), "--out", str(tmp_path / "bad.json")])
     assert exit_info.value.code == 2 and "--sign --out" in capsys.readouterr().err
+
+
+def test_a_failure_after_the_calibration_pass_keeps_its_thresholds(tmp_path, monkeypatch, capsys):
+    """The second pass only measures what the thresholds achieve: an image that vanished, an out-of-
+    memory error or a Ctrl-C there kept nothing of the long calibration pass. The file now holds the
+    thresholds a full run writes, with "achieved" null, and the error still ends the run."""
+    import hybrid_vlm.calibrate as calibrate
+    from hybrid_vlm.tiny import ensure_tiny_llava
+
+    model_dir = ensure_tiny_llava(tmp_path / "tiny")
+    common = ["--model", str(model_dir), "--images", str(_image_dir(tmp_path)), "--target", "200", "--batch-size", "2", "--no-progress"]
+    calibrate_main([*common, "--out", str(tmp_path / "complete.json")])
+    complete = json.loads((tmp_path / "complete.json").read_text())
+
+    def lost_image(*args, **kwargs):
+        raise FileNotFoundError("an image of the calibration set is gone")
+
+    monkeypatch.setattr(calibrate, "measure_token_counts", lost_image)
+    out = tmp_path / "cut.json"
+    with pytest.raises(FileNotFoundError):
+        calibrate_main([*common, "--out", str(out)])
+    kept = json.loads(out.read_text())
+    assert kept["thresholds"] == complete["thresholds"] and kept["achieved"] is None
+    assert f"the thresholds are written to {out}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
