@@ -327,6 +327,30 @@ def _official_merge(x, size, members, metric, threshold):
 
 
 @torch.no_grad()
+def official_layer0_cutoff(model, batches: list[torch.Tensor], r: int) -> float:
+    """DyMU's threshold finding at the first CLIP layer, where every image holds all its tokens: per
+    batch, every image's A tokens (even positions but CLS) scored by their best cosine to a B token
+    (odd positions), all images pooled; the batch's cutoff is the best score left unmerged when the
+    top r x images merge, raised to 0 if below; the threshold is the mean over batches (float64)."""
+    from hybrid_vlm.hf_compat.clip import vision_parts
+
+    reference = copy.deepcopy(model).double()
+    parts = vision_parts(reference)  # only to find the stock modules; the maths is all here
+    cutoffs = []
+    for pixel_values in batches:
+        best = []
+        for image in pixel_values.double():
+            x = parts.pre_layernorm(parts.embeddings(image[None]))[0]
+            _, metric = _official_block_attention(parts.layers[0], x, None)
+            normed = metric / metric.norm(dim=-1, keepdim=True)
+            scores = normed[0::2] @ normed[1::2].T
+            best += scores.max(dim=-1).values[1:].tolist()  # CLS, A's first token, never merges
+        ranked = sorted(best, reverse=True)
+        cutoffs.append(max(ranked[r * pixel_values.shape[0]], 0.0))
+    return sum(cutoffs) / len(cutoffs)
+
+
+@torch.no_grad()
 def official_dymu_partitions(model, pixel_values, thresholds) -> list[list[set[frozenset[int]]]]:
     """For each image of pixel_values [B, 3, H, W], run alone, the partition of the original tokens
     (CLS = 0, patches 1..P) after every CLIP layer LLaVA reads, as DyMU's official code merges them

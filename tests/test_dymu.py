@@ -36,7 +36,7 @@ from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.provenance import portable_path
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
-from reference import official_dymu_partitions, official_get_rs
+from reference import official_dymu_partitions, official_get_rs, official_layer0_cutoff
 
 INF = float("inf")
 NUM_IMAGES = 6
@@ -810,3 +810,20 @@ def test_a_failure_after_the_calibration_pass_keeps_its_thresholds(tmp_path, mon
     assert kept["thresholds"] == complete["thresholds"] and kept["achieved"] is None
     assert f"the thresholds are written to {out}" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_first_layer_threshold_is_dymus_cutoff_rule_computed_independently(tiny):
+    """The calibrated threshold of the first CLIP layer, where the A/B split and the token counts are
+    the same in every image, equals DyMU's rule written out in tests/reference.py: per batch the best
+    score left unmerged by the top r x B merges, at least 0, averaged over batches of unequal sizes."""
+    model, processor = tiny
+    images = [image_inputs_for(processor, seeds) for seeds in ([300, 301, 302], [303, 304])]
+    payload = calibrate_thresholds(model, images, target=200, progress=False)
+    r = official_get_rs(3, 376)[0]  # 200 tokens after the 3 blocks: r_total 376, constant
+    expected = official_layer0_cutoff(model, images, r)
+    assert payload["thresholds"][0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert 0 < expected < 1
+
+
+def image_inputs_for(processor, seeds: list[int]) -> torch.Tensor:
+    return processor.image_processor([synthetic_image(seed) for seed in seeds], return_tensors="pt").pixel_values
