@@ -123,16 +123,36 @@ def assign_references(configs: list[Configuration], forced: str | None = None) -
         if config.vanilla:
             continue
         candidates = [v for v in vanillas if forced or config.base.startswith(v.name)]
-        candidates.sort(key=lambda v: (v.work_dir != config.work_dir, -len(v.name)))
+        candidates.sort(key=lambda v: (bool(run_mismatch(config, v)), v.work_dir != config.work_dir, -len(v.name)))
         config.reference = candidates[0] if candidates else None
     for config in configs:
         reference = config if config.vanilla else config.reference
+        mismatch = run_mismatch(config, reference) if reference is not None else ""
         for dataset, entry in config.entries.items():
             entry.reference = reference.entries.get(dataset) if reference is not None else None
-            if entry.reference is not None and entry.reference.row_indices != entry.row_indices:  # not the same questions
+            if entry.reference is not None and mismatch:
+                entry.unpaired, entry.reference = mismatch, None
+            elif entry.reference is not None and entry.reference.row_indices != entry.row_indices:  # not the same questions
                 entry.unpaired = (f"{entry.rows} rows, vanilla {entry.reference.rows}" if entry.rows != entry.reference.rows
                                   else f"{entry.rows} rows, other ones than vanilla's")
                 entry.reference = None
+
+
+def latest_generating_run(config: Configuration) -> dict:
+    """run.py's last record of a run that generated (`--mode eval` generates nothing); {} if none."""
+    return next((r for r in reversed(config.run_info) if r.get("mode") != "eval"), {})
+
+
+def run_mismatch(config: Configuration, reference: Configuration) -> str:
+    """Why `config`'s outputs cannot be set against its vanilla `reference`'s: another checkpoint
+    (content signature) or another device, by both folders' last generating runs ("" where they
+    agree or a record does not say). Names alone pair folders of two work dirs."""
+    ours, theirs = latest_generating_run(config), latest_generating_run(reference)
+    reasons = []
+    for key, what in (("checkpoint_signature", "checkpoint"), ("device", "device")):
+        if ours.get(key) is not None and theirs.get(key) is not None and ours[key] != theirs[key]:
+            reasons.append(f"{what} {ours[key]}, vanilla's {theirs[key]}")
+    return "; ".join(reasons)
 
 
 def order_configurations(configs: list[Configuration]) -> list[Configuration]:

@@ -60,7 +60,7 @@ def test_reports_name_failed_rows_and_compare_only_runs_on_the_same_rows(tmp_pat
     write_folder(work, "llava_tiny_fastv__fastv-k16-l2", [0, 1, 3])  # as many rows, not the same ones
     report_main([str(work), "--name", "rows", "--out", str(tmp_path / "reports")])
     markdown = (tmp_path / "reports" / "rows" / "report.md").read_text()
-    assert "Not compared with vanilla, whose rows differ (Δ and ratios shown as –): " in markdown, markdown
+    assert "Not compared with vanilla, whose rows, checkpoint or device differ (Δ and ratios shown as –): " in markdown, markdown
     assert "`llava_tiny_fastv__fastv-k64-l2` (2 rows, vanilla 3)" in markdown
     assert "`llava_tiny_fastv__fastv-k32-l2` row 2 (a bad image cell)" in markdown
     assert "`llava_tiny_fastv__fastv-k16-l2` (3 rows, other ones than vanilla's)" in markdown
@@ -101,3 +101,26 @@ def test_of_two_prediction_files_left_by_a_rerun_under_another_pred_format_the_n
     os.utime(older, ns=(2 * 10**18, 2 * 10**18))
     assert prediction_file(tmp_path, "m", "TinyCOCO") == older
     assert prediction_file(tmp_path, "m", "TinyMMBench") is None
+
+
+def test_a_run_on_another_checkpoint_or_device_is_not_set_against_vanilla(tmp_path):
+    """Folders are paired with vanilla by name, across work dirs too: a FastV run made on CUDA from
+    another checkpoint than vanilla's (its run_info.json says so) gets no Δ or prefill ratio, and a
+    vanilla of the same checkpoint and device, where there is one, is preferred."""
+    from hybrid_tools.configs import collect, comparison_reference, prefill_ratio
+
+    def record(folder, signature, device):
+        (folder / "run_info.json").write_text(json.dumps({"runs": [dict(mode="all", checkpoint_signature=signature, device=device)]}))
+
+    work = tmp_path / "work"
+    write_folder(work, "llava_tiny", [0, 1, 2])
+    write_folder(work, "llava_tiny_fastv__fastv-k64-l2", [0, 1, 2])
+    record(work / "llava_tiny", "sha256:aaaa", "cpu")
+    record(work / "llava_tiny_fastv__fastv-k64-l2", "sha256:bbbb", "cuda")
+    fastv = next(c for c in collect(work, ["llava_tiny_fastv__fastv-k64-l2"]) if not c.vanilla).entries[DATASET]
+    assert comparison_reference(fastv) is None and prefill_ratio(fastv, fastv.reference) is None
+    assert fastv.unpaired == "checkpoint sha256:bbbb, vanilla's sha256:aaaa; device cuda, vanilla's cpu"
+
+    record(work / "llava_tiny_fastv__fastv-k64-l2", "sha256:aaaa", "cpu")  # the same run as vanilla's
+    fastv = next(c for c in collect(work, ["llava_tiny_fastv__fastv-k64-l2"]) if not c.vanilla).entries[DATASET]
+    assert comparison_reference(fastv) is not None and not fastv.unpaired and prefill_ratio(fastv, fastv.reference) == 1.0

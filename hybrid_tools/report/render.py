@@ -194,7 +194,7 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
         lines += [f"No vanilla reference for: {', '.join(f'`{m}`' for m in missing)} (Δ and ratios shown as –).", ""]
     unpaired = [f"`{e.config.label}` ({e.unpaired})" for e in entries if e.unpaired]
     if unpaired:
-        lines += [f"Not compared with vanilla, whose rows differ (Δ and ratios shown as –): {', '.join(unpaired)}.", ""]
+        lines += [f"Not compared with vanilla, whose rows, checkpoint or device differ (Δ and ratios shown as –): {', '.join(unpaired)}.", ""]
     failed = [f"`{e.config.label}` row {index} ({reason})" for e in entries for index, reason in e.failed_rows]
     if failed:
         lines += [f"Failed rows, scored as wrong and left out of the token and time means: {'; '.join(failed)}.", ""]
