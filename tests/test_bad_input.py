@@ -205,6 +205,8 @@ def test_a_set_missing_a_column_fails_before_any_model_loads(sandbox):  # noqa: 
 @pytest.mark.parametrize("indices,needle", [
     (["0", "1", "2", "2"], "index 2 repeated: every row needs its own index"),
     (["0", "", "2", "3"], "empty index on line(s) 3: every row needs its own index"),
+    (["0", "1", "01", "3"], "index 1 and 01 are the same number, as VLMEvalKit reads the column"),  # pandas reads 1, 1
+    (["a", "1", "01", "3"], None),  # not all numbers: read as text, where 1 and 01 differ
     (["0", "1", "2", "3"], None),
 ])
 def test_a_custom_set_needs_one_index_per_row(tmp_path, indices, needle):

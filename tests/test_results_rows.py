@@ -34,6 +34,10 @@ def test_without_a_readable_prediction_file_every_record_counts(tmp_path):
         handle.writelines(json.dumps(dict(index=str(i), prediction="x", tokens_in=10 * i)) + "\n" for i in range(3))
     result = read_dataset(tmp_path, MODEL, DATASET)
     assert result.rows is None and result.stats_rows == 3 and result.tokens_in_mean == 10.0 and result.notes == []
+    from vlmeval_plugin.results import summary_table
+
+    line = summary_table([result]).splitlines()[-1].split()  # run.py's table says what the report says, not "0"
+    assert line[:5] == [MODEL, DATASET, "3", "(stats", "only)"]
 
 
 def write_folder(work, model, indices, failed=None):

@@ -68,6 +68,12 @@ def index_problem(path: Path) -> str | None:
     repeated = sorted(set(index[index.duplicated()]))
     if repeated:
         return f"{path}: index {', '.join(repeated[:10])} repeated: every row needs its own index (each keys its prediction and stats)"
+    numbers = pd.to_numeric(index, errors="coerce")
+    if numbers.notna().all():  # VLMEvalKit reads an all-numeric column as numbers: "1" and "01" are one row then
+        same = [" and ".join(index[numbers == value]) for value in sorted(set(numbers[numbers.duplicated()]))]
+        if same:
+            return (f"{path}: index {'; '.join(same[:10])} are the same number, as VLMEvalKit reads the column: "
+                    "every row needs its own index (each keys its prediction and stats)")
     return None
 
 

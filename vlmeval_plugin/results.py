@@ -370,11 +370,18 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 SUMMARY_HEADER = ("model", "dataset", "rows", "metric", "tokens in (mean)", "tokens kept (mean)", "prefill ms (median)")
 
 
+def rows_text(result: DatasetResult) -> str:
+    """Prediction rows; without a readable prediction file, the stats records the means are over."""
+    if result.rows is not None:
+        return str(result.rows)
+    return f"{result.stats_rows} (stats only)" if result.stats_rows else "–"
+
+
 def summary_table(results: list[DatasetResult]) -> str:
     """run.py's end-of-run table: one line per model x dataset."""
     rows = [
         (
-            r.model, r.dataset, str(r.rows if r.rows is not None else 0), metric_text(r),
+            r.model, r.dataset, rows_text(r), metric_text(r),
             number_text(r.tokens_in_mean), number_text(r.tokens_kept_mean), number_text(r.prefill_ms_median, ".2f"),
         )
         for r in results

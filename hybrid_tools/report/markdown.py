@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hybrid_vlm.provenance import portable_path
 from vlmeval_plugin.results import number_text
 
 
@@ -43,11 +44,15 @@ class Linker:
 
 
 def display_path(path: Path | str) -> str:
-    """A path as the user would type it: relative to the current directory when below it."""
+    """A path as the user would type it: relative to the current directory when below it, else as
+    committed provenance may hold it (`portable_path`: under `~`, or its name alone), never a
+    machine's absolute path."""
     path = Path(path)
     try:
-        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix() if path.resolve().is_relative_to(Path.cwd()) else str(path)
+        if path.resolve().is_relative_to(Path.cwd()):
+            return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix()
     except (OSError, ValueError):
-        return str(path)
+        pass
+    return portable_path(path)
 
 

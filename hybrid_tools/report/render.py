@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_vlm import __version__
+from vlmeval_plugin.results import rows_text
 
 from ..configs import Configuration, Entry, comparison_reference, delta, prefill_ratio, ratio
 from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
@@ -197,7 +198,9 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
         lines += [f"Not compared with vanilla, whose rows, checkpoint or device differ (Δ and ratios shown as –): {', '.join(unpaired)}.", ""]
     failed = [f"`{e.config.label}` row {index} ({reason})" for e in entries for index, reason in e.failed_rows]
     if failed:
-        lines += [f"Failed rows, scored as wrong and left out of the token and time means: {'; '.join(failed)}.", ""]
+        scored = ("scored by VLMEvalKit on their failure text as the caption (a miss for CIDEr; BLEU, ROUGE-L and METEOR can "
+                  "credit its common words)" if kind == "caption" else "scored as wrong")
+        lines += [f"Failed rows, {scored}, and left out of the token and time means: {'; '.join(failed)}.", ""]
     figure = report.figures / (re.sub(r"[^A-Za-z0-9._-]+", "_", dataset) + ".png")
     if plot_dataset(dataset, entries, figure, tiny=report.eval_tiny):
         main = entries[0].main_metric if entries else ""
@@ -301,14 +304,13 @@ def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[s
         row = [f"`{config.label}`" + (" (vanilla)" if config.vanilla else "")]
         for key in keys:
             row += [fmt(entry.metrics.get(key)), "ref" if config.vanilla and key in entry.metrics else fmt(delta(entry, key), "+.1f")]
-        rows_text = str(entry.rows) if entry.rows is not None else (f"{entry.stats_rows} (stats only)" if entry.stats_rows else "–")
         row += [
             fmt(entry.tokens_in_mean),
             fmt(entry.tokens_kept_mean),
             fmt(ratio(entry.tokens_kept_mean, ref.tokens_kept_mean if ref else None), ".3f", "×") if not config.vanilla else "1×",
             fmt(entry.prefill_ms_median, ".2f"),
             fmt(prefill_ratio(entry, ref), ".3f", "×") if not config.vanilla else ("1×" if entry.prefill_ms_median is not None else "–"),
-            rows_text,
+            rows_text(entry),
             sources_cell(entry, linker),
         ]
         rows.append(row)
