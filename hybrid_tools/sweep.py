@@ -124,7 +124,7 @@ class Run:
     model: str  # name given to run.py
     folder: str  # effective name = results folder
     env: dict  # the full environment of the run
-    settings: dict  # the ENV_KEYS this run sets (None = left to the environment)
+    settings: dict  # the settings its name reads that its environment sets, swept or inherited
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +239,10 @@ def plan_runs(args, base_env: dict, models: list[str]) -> tuple[list[Run], list[
                 given = ", ".join(f"{k}={v}" for k, v in chosen.items() if v is not None)
                 notes.append(f"{model} with {given} is the same setting as {earlier.label} ({folder}): run once")
                 continue
-            run = Run(label, model, folder, env, {key: env.get(key) for key in ENV_KEYS if chosen.get(key) is not None})
+            # every setting the name reads that this run's environment sets, swept or inherited: the
+            # recorded command then makes this very folder again
+            recorded = {key: env[key] for key in dict.fromkeys([*ENV_KEYS, *reads]) if key in reads and env.get(key)}
+            run = Run(label, model, folder, env, recorded)
             seen[folder] = run, dymu
             runs.append(run)
     return runs, notes

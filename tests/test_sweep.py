@@ -54,6 +54,19 @@ def test_existing_fastv_k_sweep_is_unchanged(capsys, clean_env):
     ]
 
 
+def test_a_setting_inherited_from_the_environment_is_part_of_each_runs_recorded_command(capsys, clean_env, monkeypatch):
+    """FASTV_LAYER=3 set in the shell makes the folder `...-l3`: the run's recorded settings name it
+    (they held FASTV_K alone, a command that makes `...-l2`), and a name that does not read it
+    (DivPrune) does not record it."""
+    monkeypatch.setenv("FASTV_LAYER", "3")
+    assert sweep.main(["--data", "X", "--model", "fastv", "divprune", "--fastv-k", "72", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    settings_of = {folder.strip(): command.split()[: next(i for i, word in enumerate(command.split()) if "python" in word)]
+                   for folder, command in zip(lines, lines[1:]) if folder.startswith("  llava")}
+    assert settings_of["llava_v1.5_7b_fastv__fastv-k72-l3"] == ["FASTV_K=72", "FASTV_LAYER=3"]
+    assert [settings for folder, settings in settings_of.items() if "divprune" in folder] == [[]]
+
+
 def test_fastv_layer_and_k_ablations(capsys, clean_env):
     assert planned(capsys, "--data", "X", "--ablation", "fastv-layer") == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l1", "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l3",
