@@ -372,12 +372,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def unused_tag(work_dir: str, tag: str) -> str:
     """`tag`, or `tag-2`, `tag-3`, ... when an earlier sweep's record already has that name (two
-    sweeps of one model, e.g. random selection under two seeds, kept only the last record)."""
+    sweeps of one model, e.g. random selection under two seeds, kept only the last record). The
+    record is reserved by creating it, so that two sweeps started together take two names."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
     candidate, number = tag, 1
-    while (Path(work_dir) / f"sweep_{candidate}.json").exists():
-        number += 1
-        candidate = f"{tag}-{number}"
-    return candidate
+    while True:
+        try:
+            with open(Path(work_dir) / f"sweep_{candidate}.json", "x") as reserved:
+                reserved.write("{}\n")
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = f"{tag}-{number}"
 
 
 def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str) -> list[str]:
@@ -457,6 +463,7 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
         "runs": [],
     }
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    write_record(manifest_path, manifest)
     failed = {}
     for run, command in zip(runs, commands):
         print(f"\n=== {run.label}: {run.folder} ===\n$ {shlex.join(command)}", flush=True)
@@ -469,8 +476,15 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
             "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
             "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": result.returncode,
         }))
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # after every run: an interrupted sweep keeps its record
+        write_record(manifest_path, manifest)  # after every run: an interrupted sweep keeps its record
     return failed
+
+
+def write_record(path: Path, manifest: dict) -> None:
+    """The sweep record, replaced whole (a kill mid-write leaves the previous one)."""
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(scratch, path)
 
 
 REFUSED_STATUS = 2  # run.py's exit status for a run it refused before any work (vlmeval_plugin.cli.fail)

@@ -314,12 +314,19 @@ def test_qwen_method_sweep_takes_counts_and_fractions(capsys, clean_env):
 def test_a_second_sweep_with_the_same_tag_keeps_the_first_record(tmp_path):
     """Random selection under seeds 1 and 2 sweeps the same model twice: the second record went to
     the same sweep_<tag>.json and the first seed's commands and exit statuses were lost."""
-    assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random"
-    (tmp_path / "sweep_llava_testbed_random.json").write_text("{}")
+    (tmp_path / "sweep_llava_testbed_random.json").write_text('{"runs": []}')
     assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random-2"
-    (tmp_path / "sweep_llava_testbed_random-2.json").write_text("{}")
-    assert sweep.unused_tag(str(tmp_path), "llava_testbed_random") == "llava_testbed_random-3"
     assert sweep.unused_tag(str(tmp_path), "other") == "other"
+    assert json.loads((tmp_path / "sweep_llava_testbed_random.json").read_text()) == {"runs": []}  # the first record untouched
+
+
+def test_two_sweeps_started_together_take_two_records(tmp_path):
+    """The record was written only after the first run ended, so two sweeps of one model started
+    together (one per GPU) both took sweep_<tag>.json and the later one overwrote the other's. The
+    name is now taken by creating the file."""
+    first, second = (sweep.unused_tag(str(tmp_path), "llava_v1.5_7b_fastv") for _ in range(2))
+    assert (first, second) == ("llava_v1.5_7b_fastv", "llava_v1.5_7b_fastv-2")
+    assert (tmp_path / "sweep_llava_v1.5_7b_fastv.json").exists() and (tmp_path / "sweep_llava_v1.5_7b_fastv-2.json").exists()
 
 
 def test_sweep_records_are_read_oldest_first(tmp_path):
@@ -330,4 +337,7 @@ def test_sweep_records_are_read_oldest_first(tmp_path):
     for name, started, code in (("sweep_x.json", "2026-12-06T10:00:00+00:00", 1), ("sweep_x-2.json", "2026-12-06T11:00:00+00:00", 0),
                                 ("sweep_x-10.json", "2026-12-06T12:00:00+00:00", 0)):
         (tmp_path / name).write_text(json.dumps({"started": started, "runs": [{"folder": "f", "returncode": code, "record": name}]}))
+    assert [run["record"] for _, run in read_sweep_runs(tmp_path)] == ["sweep_x.json", "sweep_x-2.json", "sweep_x-10.json"]
+    for name in ("sweep_x.json", "sweep_x-2.json", "sweep_x-10.json"):  # started within one second: by the number taken
+        (tmp_path / name).write_text(json.dumps({"started": "2026-12-06T10:00:00+00:00", "runs": [{"folder": "f", "record": name}]}))
     assert [run["record"] for _, run in read_sweep_runs(tmp_path)] == ["sweep_x.json", "sweep_x-2.json", "sweep_x-10.json"]

@@ -329,8 +329,15 @@ def read_sweep_runs(work_dir: str | Path) -> list[tuple[Path, dict]]:
     for manifest in Path(work_dir).glob("sweep_*.json"):
         data = read_json(manifest)
         if isinstance(data, dict):
-            records.append((record_start(data), manifest.name, manifest, data))
+            records.append((record_start(data), record_number(manifest), manifest.name, manifest, data))
     return [(manifest, run) for *_, manifest, data in sorted(records) for run in data.get("runs", []) if isinstance(run, dict)]
+
+
+def record_number(manifest: Path) -> int:
+    """1 for `sweep_<tag>.json`, N for the `sweep_<tag>-N.json` a later sweep of the same tag took:
+    the order of two records started within one second."""
+    found = re.search(r"-(\d+)\.json$", manifest.name)
+    return int(found.group(1)) if found else 1
 
 
 def record_start(data: dict) -> datetime.datetime:
