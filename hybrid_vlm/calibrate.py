@@ -64,6 +64,9 @@ from .hf_compat.clip import (
     dymu_image_features,
     merging_vision_forward,
     read_blocks,
+    MERGING_KEYS,
+    READ_LAYERS,
+    WEIGHT_COVERAGES,
     signatures_match,
     vision_fingerprint,
     vision_parts,
@@ -88,14 +91,25 @@ def write_threshold_file(path: str | Path, payload: dict) -> None:
     os.replace(scratch, path)
 
 
-def read_threshold_file(path: str | Path, identity: dict, signature: Callable[[], dict] | None = None) -> tuple[torch.Tensor, dict]:
+def read_threshold_file(path: str | Path, identity_of: Callable[[str], dict], signature_of: Callable[[str], dict] | None = None) -> tuple[torch.Tensor, dict]:
     """Thresholds [L] float32 from a file made by `hybrid_vlm.calibrate`, after checking that it was
-    made for the model `identity` (`vision_fingerprint`) names (null = +inf = never merge). Where the
-    digests differ, `signature()` (`vision_signature` of that model) may still match the file's: the
-    same weights loaded in another float dtype (a float32 checkpoint calibrated in float32 and run in
+    made for the model whose `vision_fingerprint` is `identity_of(coverage)` (null = +inf = never
+    merge), over the weights the file's fingerprint covers. Where the digests differ,
+    `signature_of(coverage)` (`vision_signature` of that model) may still match the file's: the same
+    weights loaded in another float dtype (a float32 checkpoint calibrated in float32 and run in
     float16, say) hash differently."""
     payload = read_threshold_payload(path)
     model = payload["model"]
+    coverage = model.get("weights", MERGING_KEYS)
+    if coverage not in WEIGHT_COVERAGES:
+        raise ValueError(f"DyMU threshold file {path}: model 'weights' is {coverage!r}; calibrate writes {READ_LAYERS!r}")
+    if coverage == MERGING_KEYS:
+        warnings.warn(
+            f"DyMU threshold file {path} fingerprints only the q/k path of its vision tower's layers, so a tower that "
+            f"differs elsewhere would pass its check: `python -m hybrid_vlm.calibrate --sign --model MODEL --out {path}` "
+            "re-signs it over every weight of the layers LLaVA reads.", stacklevel=3)
+    identity = identity_of(coverage)
+    signature = (lambda: signature_of(coverage)) if signature_of is not None else None
     if not _same_vision_weights(model, identity, signature):
         raise ValueError(
             f"DyMU threshold file {path} was calibrated for model {model.get('name')!r} "
@@ -151,7 +165,8 @@ def load_thresholds(path: str | Path, model: LlavaForConditionalGeneration, spli
     this module for this very model (a ValueError naming both models otherwise). With `split`, a
     file calibrated under another bipartite split gets a warning: it still runs, but its token
     counts will not be the calibrated ones."""
-    thresholds, payload = read_threshold_file(path, vision_fingerprint(model), lambda: vision_signature(model))
+    thresholds, payload = read_threshold_file(path, lambda coverage: vision_fingerprint(model, coverage),
+                                              lambda coverage: vision_signature(model, coverage))
     if split is not None and payload["split"] != check_split(split):
         warnings.warn(
             f"DyMU threshold file {path} was calibrated with DYMU_SPLIT={payload['split']}, but DYMU_SPLIT={split} "
@@ -456,13 +471,17 @@ def tower_shape(model_path: str) -> tuple[int, int, int] | None:
 
 def add_signature(path: str | Path, model) -> dict:
     """Record `vision_signature(model)` in the threshold file `path`, which must have been made for
-    this model (the same fingerprint). The thresholds and everything else are kept."""
+    this model (the same fingerprint, over the weights the file's covers); a file of the older
+    coverage is re-fingerprinted over every weight of the read layers. The thresholds and everything
+    else are kept."""
     payload = read_threshold_payload(path)
-    identity = vision_fingerprint(model)
-    if payload.get("model", {}).get("fingerprint") != identity["fingerprint"]:
-        raise ValueError(f"{path} was made for vision fingerprint {payload.get('model', {}).get('fingerprint')}, "
+    coverage = payload["model"].get("weights", MERGING_KEYS)
+    identity = vision_fingerprint(model, coverage) if coverage in WEIGHT_COVERAGES else {"fingerprint": None}
+    if payload["model"].get("fingerprint") != identity["fingerprint"]:
+        raise ValueError(f"{path} was made for vision fingerprint {payload['model'].get('fingerprint')}, "
                          f"not this model's ({identity['fingerprint']}): its signature would not be its model's")
-    payload["model"]["signature"] = vision_signature(model)
+    current = vision_fingerprint(model)
+    payload["model"].update(fingerprint=current["fingerprint"], weights=current["weights"], signature=vision_signature(model))
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
     return payload
 

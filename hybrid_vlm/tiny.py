@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 
 TINY_VERSION = "v1"
-# Bumped whenever calibration changes what a threshold file holds (v2: DyMU's official split and
-# schedule mapping; v3: the weight signature, without which a float16 load is refused), so a cached
-# file from an older calibration is never picked up.
-TINY_THRESHOLDS_VERSION = "v3"
+# Bumped whenever calibration changes what a threshold file holds, so a cached file from an older
+# calibration is never picked up. v2: DyMU's official split and schedule mapping; v3: the weight
+# signature, without which a float16 load is refused; v4: fingerprint and signature cover every
+# weight of the read layers.
+TINY_THRESHOLDS_VERSION = "v4"
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "

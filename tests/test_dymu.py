@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -643,6 +644,48 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     message = str(error.value)
     assert saved["model"]["fingerprint"] in message and other_print in message
     assert portable_path(model_dir) in message and "calibrated for model" in message  # as recorded: no machine path
+
+
+def test_a_tower_that_differs_only_off_the_key_path_is_refused_and_older_files_are_re_signed(tmp_path, tiny):
+    """A layer's keys depend on every earlier layer, not only on its own q/k: a tower whose first
+    layer's MLP and value projection differ merges differently (the reviewer's counts: 317/339/309
+    calibrated, 289/313/263 on the other tower) and passed the fingerprint of the q/k path alone.
+    A file of that older coverage still loads, with a warning, and --sign re-fingerprints it."""
+    from hybrid_vlm.calibrate import write_threshold_file
+    from hybrid_vlm.hf_compat.clip import MERGING_KEYS, vision_parts, vision_signature
+
+    model, processor = tiny
+    pixel_values = image_inputs_for(processor, [400, 401])
+    path = tmp_path / "t.json"
+    write_threshold_file(path, calibrate_thresholds(model, [pixel_values], target=200, progress=False))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        first = vision_parts(other).layers[0]
+        first.mlp.fc2.weight.mul_(1.5)
+        first.self_attn.v_proj.weight.neg_()
+    thresholds = load_thresholds(path, model)
+    assert not torch.equal(dymu_merge_counts(other, pixel_values, thresholds), dymu_merge_counts(model, pixel_values, thresholds))
+    with pytest.raises(ValueError, match="calibrated for model"):
+        load_thresholds(path, other)
+
+    older = json.loads(path.read_text())  # as calibrate wrote it before the coverage was recorded
+    older["model"] = {**vision_fingerprint(model, MERGING_KEYS), "signature": vision_signature(model, MERGING_KEYS)}
+    older.pop("format")
+    write_threshold_file(path, older)
+    with pytest.warns(UserWarning, match="fingerprints only the q/k path"):
+        torch.testing.assert_close(load_thresholds(path, model), thresholds)
+    add_signature(path, model)
+    assert json.loads(path.read_text())["model"]["weights"] == "read_layers"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(load_thresholds(path, model), thresholds)
+    with pytest.raises(ValueError, match="calibrated for model"):
+        load_thresholds(path, other)
+
+
+def dymu_merge_counts(model, pixel_values, thresholds) -> torch.Tensor:
+    with torch.no_grad():
+        return dymu_image_features(model, pixel_values, thresholds).num_tokens
 
 
 @pytest.mark.parametrize(

@@ -313,9 +313,18 @@ FINGERPRINT_CONFIG_FIELDS = (
 )
 
 
-def fingerprinted_weights(model: LlavaForConditionalGeneration) -> list[tuple[str, torch.Tensor]]:
-    """The vision weights that decide merging: embeddings, pre-norm, and in every merging layer
-    layer_norm1 and the q/k projections."""
+# Which vision weights a threshold file's fingerprint and signature cover (its model's "weights"):
+# every weight the merging reads, since a layer's keys depend on all the layers before it; files
+# written before this was recorded cover only the embeddings and each layer's q/k path.
+READ_LAYERS = "read_layers"
+MERGING_KEYS = "merging_keys"  # the older files' coverage, still read
+WEIGHT_COVERAGES = (READ_LAYERS, MERGING_KEYS)
+
+
+def fingerprinted_weights(model: LlavaForConditionalGeneration, coverage: str = READ_LAYERS) -> list[tuple[str, torch.Tensor]]:
+    """The vision weights a fingerprint covers: embeddings, pre-norm, and every weight of every layer
+    LLaVA reads (READ_LAYERS); or, for older files, only layer_norm1 and the q/k projections of each
+    (MERGING_KEYS), which a tower differing in an earlier layer's v/o projections or MLP passed."""
     parts = vision_parts(model)
     tensors: list[tuple[str, torch.Tensor]] = [
         ("class_embedding", parts.embeddings.class_embedding),
@@ -325,6 +334,9 @@ def fingerprinted_weights(model: LlavaForConditionalGeneration) -> list[tuple[st
         ("pre_layernorm.bias", parts.pre_layernorm.bias),
     ]
     for index, layer in enumerate(parts.layers):
+        if coverage == READ_LAYERS:
+            tensors += [(f"{index}.{name}", tensor) for name, tensor in layer.named_parameters()]
+            continue
         tensors += [
             (f"{index}.layer_norm1.weight", layer.layer_norm1.weight),
             (f"{index}.layer_norm1.bias", layer.layer_norm1.bias),
@@ -335,7 +347,7 @@ def fingerprinted_weights(model: LlavaForConditionalGeneration) -> list[tuple[st
     return tensors
 
 
-def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
+def vision_fingerprint(model: LlavaForConditionalGeneration, coverage: str = READ_LAYERS) -> dict:
     """Identify the vision tower thresholds were calibrated on: config fields, the layer LLaVA reads,
     and a SHA-256 over `fingerprinted_weights` rounded to bfloat16 on the CPU. The same checkpoint
     loaded in float32 or bfloat16 gives the same digest; loaded in float16 it need not (float32 ->
@@ -347,7 +359,7 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
     fields["vision_feature_select_strategy"] = model.config.vision_feature_select_strategy
     fields["merging_layers"] = len(parts.layers)
     digest = hashlib.sha256()
-    for name, tensor in fingerprinted_weights(model):
+    for name, tensor in fingerprinted_weights(model, coverage):
         data = tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
         digest.update(name.encode())
         digest.update(str(tuple(data.shape)).encode())
@@ -355,7 +367,8 @@ def vision_fingerprint(model: LlavaForConditionalGeneration) -> dict:
     shape = "clip-h{hidden_size}-l{num_hidden_layers}-a{num_attention_heads}-i{image_size}-p{patch_size}".format(**fields)
     fingerprint = f"{shape}-read{fields['merging_layers']}-sha256:{digest.hexdigest()[:20]}"
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "(unnamed model)"
-    return {"name": str(name), "fingerprint": fingerprint, "config": fields}
+    identity = {"name": str(name), "fingerprint": fingerprint, "config": fields}
+    return identity | ({"weights": coverage} if coverage != MERGING_KEYS else {})
 
 
 SIGNATURE_PROJECTIONS = 16  # a weight nudged by 5% of its spread still lands within tolerance on ~31% of them
@@ -385,9 +398,9 @@ def weight_signature(tensor: torch.Tensor) -> list[float]:
     return [float(f"{value:.8g}") for value in [float(values.pow(2).mean().sqrt()), *projections]]
 
 
-def vision_signature(model: LlavaForConditionalGeneration) -> dict[str, list[float]]:
+def vision_signature(model: LlavaForConditionalGeneration, coverage: str = READ_LAYERS) -> dict[str, list[float]]:
     """`weight_signature` of every fingerprinted weight."""
-    return {name: weight_signature(tensor) for name, tensor in fingerprinted_weights(model)}
+    return {name: weight_signature(tensor) for name, tensor in fingerprinted_weights(model, coverage)}
 
 
 def signatures_match(recorded, loaded: dict[str, list[float]]) -> bool:
