@@ -55,9 +55,10 @@ whose per-layer counts follow the image: their theory columns stay empty, as in 
 (on LLaVA-NeXT too, whose packed span follows the aspect ratio; there every method before the LLM
 leaves them empty as well: its per-crop reads, projection and scoring are not modelled).
 
-A configuration the engine cannot run is a "skipped" row; one these inputs make impossible (a
-budget a staged method cannot reach on this model) a "refused" row; one that raised anything else
-on the way (an engine error, out of memory) a "failed" row, and the command then exits with status 1.
+A configuration the engine refuses for this model or these inputs, by a ValueError naming the
+setting (a method not available on this model, a budget a staged method cannot reach), is a
+"refused" row; one whose set-up raised anything else a "skipped" row; one that raised on the way
+(an engine error, out of memory) a "failed" row, and the command then exits with status 1.
 Each names the error, and the other rows are timed as usual.
 
 Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 2816; CLIP 384 x

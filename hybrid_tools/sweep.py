@@ -89,6 +89,7 @@ from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fas
 from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
 from vlmeval_plugin import settings
+from vlmeval_plugin.cli import variant_checkpoint
 from vlmeval_plugin.results import metric_text, number_text, text_table
 
 from . import configs as comparison
@@ -248,6 +249,23 @@ def plan_runs(args, base_env: dict, models: list[str]) -> tuple[list[Run], list[
     return runs, notes
 
 
+def check_depths(runs: list[Run], model_path: str | None) -> None:
+    """FASTV_LAYER and the stage layers of every run within its checkpoint's LLM, before the first
+    run (run.py checks each as it starts, after the earlier runs took their time). A checkpoint not
+    found here is left to run.py, which says where it looked."""
+    checkpoints = {}
+    for run in runs:
+        variant = settings.VARIANTS[run.model]
+        key = (variant.tiny, variant.family)
+        if key not in checkpoints:
+            try:
+                checkpoints[key] = variant_checkpoint(variant, None if variant.tiny else model_path)
+            except settings.PluginError:
+                checkpoints[key] = None
+        if checkpoints[key] is not None:
+            settings.check_llm_depth(checkpoints[key], settings.hybrid_config_for(run.model, run.env))
+
+
 def checked_models(args) -> list[str]:
     """The plugin names of --model, once every name and value is known to be valid and every axis
     given is read by at least one of them (a PluginError says which is not)."""
@@ -346,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dymu:
             args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
         runs, notes = plan_runs(args, base_env, planned)
+        check_depths(runs, passthrough_value(passthrough, "--model-path"))
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
     swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]
@@ -468,13 +487,17 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
     for run, command in zip(runs, commands):
         print(f"\n=== {run.label}: {run.folder} ===\n$ {shlex.join(command)}", flush=True)
         started, clock = datetime.datetime.now().astimezone().isoformat(timespec="seconds"), time.monotonic()
-        result = subprocess.run(command, env=run.env)
-        if result.returncode != 0:
-            failed[run.folder] = result.returncode
+        try:
+            returncode = subprocess.run(command, env=run.env).returncode
+        except OSError as error:  # a --launcher that is not a program: 127, as a shell says
+            print(f"hybrid_tools.sweep: cannot start {command[0]!r}: {error}", file=sys.stderr, flush=True)
+            returncode = 127
+        if returncode != 0:
+            failed[run.folder] = returncode
         shown = command if args.launcher else ["python", *command[1:]]
         manifest["runs"].append(portable({
             "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
-            "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": result.returncode,
+            "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": returncode,
         }))
         write_record(manifest_path, manifest)  # after every run: an interrupted sweep keeps its record
     return failed

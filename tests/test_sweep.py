@@ -67,6 +67,15 @@ def test_a_setting_inherited_from_the_environment_is_part_of_each_runs_recorded_
     assert [settings for folder, settings in settings_of.items() if "divprune" in folder] == [[]]
 
 
+def test_a_layer_beyond_the_checkpoints_llm_is_refused_before_the_first_run(capsys, clean_env):
+    """The tiny LLaVA has 4 layers: FASTV_LAYER=5 was refused by run.py only when its turn came,
+    after the layer-2 run had taken its time; the plan now refuses it, naming the range."""
+    status = sweep.main(["--family", "tiny", "--data", "TinyCOCO", "--model", "fastv", "--fastv-layer", "2", "5", "--launcher", "false"])
+    captured = capsys.readouterr()
+    assert status == 2 and "FASTV_LAYER=5 is not valid: use 1..3 for this 4-layer LLM" in captured.err
+    assert "=== " not in captured.out  # no run started
+
+
 def test_fastv_layer_and_k_ablations(capsys, clean_env):
     assert planned(capsys, "--data", "X", "--ablation", "fastv-layer") == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l1", "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l3",
@@ -219,6 +228,12 @@ def test_a_run_refused_before_it_ran_leaves_its_folders_old_outputs_out_and_the_
     assert "vanilla (exit status 2, refused: left out of the table)" in err and "no report r: no run of this sweep left a model folder" in err
     assert pd.read_csv(work / "sweep_r.csv").empty
     assert not (tmp_path / "reports" / "r").exists()
+
+    status = sweep.main(["--family", "tiny", "--data", "TinyCOCO", "--fastv-k", "72", "--launcher", "no-such-launcher",
+                         "--work-dir", str(work), "--report", "r2"])
+    err = capsys.readouterr().err
+    assert status == 1 and "cannot start 'no-such-launcher'" in err and "(exit status 127)" in err
+    assert json.loads((work / "sweep_r2.json").read_text())["runs"][0]["returncode"] == 127
 
 
 def raw_numbers(work: Path, model: str, dataset: str) -> tuple[float, float]:

@@ -59,6 +59,27 @@ def peek_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def variant_checkpoint(variant: settings.Variant, model_path: str | None) -> Path:
+    """The checkpoint folder a plugin name runs: the tiny model (built on first use), the bundled
+    testbed, or `model_path` / the family's cached checkpoint, checked to be of the name's family.
+    A PluginError says where it looked."""
+    if variant.tiny:
+        from hybrid_vlm.tiny import ensure_tiny_llava
+
+        return ensure_tiny_llava()
+    if variant.family == "testbed" and model_path is None:
+        from hybrid_vlm.testbed import testbed_checkpoint
+
+        try:
+            return testbed_checkpoint()
+        except FileNotFoundError as error:
+            raise settings.PluginError(str(error)) from None
+    # a retrained testbed (`python -m hybrid_vlm.testbed train --out DIR`) comes by --model-path
+    checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS.get(variant.family, settings.CHECKPOINT_ID))
+    settings.check_checkpoint_family(checkpoint, variant)
+    return checkpoint
+
+
 class PluginModel:
     """What one requested plugin name resolves to."""
 
@@ -73,28 +94,12 @@ class PluginModel:
                 f"model {requested!r} names a setting the environment does not give: FASTV_K / FASTV_LAYER / "
                 f"DYMU_THRESHOLDS describe {self.name!r}. Pass the base name {base!r} and set the environment."
             )
-        if self.variant.tiny:
-            if model_path is not None:
-                raise settings.PluginError(
-                    f"--model-path is not accepted with {requested!r}: the llava_tiny names build their own random model; "
-                    "drop --model-path, or use a llava_testbed or llava_v1.5_7b name with it"
-                )
-            from hybrid_vlm.tiny import ensure_tiny_llava
-
-            self.checkpoint = ensure_tiny_llava()
-        elif self.variant.family == "testbed" and model_path is None:
-            from hybrid_vlm.testbed import testbed_checkpoint
-
-            try:
-                self.checkpoint = testbed_checkpoint()
-            except FileNotFoundError as error:
-                raise settings.PluginError(str(error)) from None
-        elif self.variant.family == "testbed":  # a retrained testbed (`python -m hybrid_vlm.testbed train --out DIR`)
-            self.checkpoint = settings.resolve_checkpoint(model_path)
-            settings.check_checkpoint_family(self.checkpoint, self.variant)
-        else:
-            self.checkpoint = settings.resolve_checkpoint(model_path, settings.FAMILY_CHECKPOINTS[self.variant.family])
-            settings.check_checkpoint_family(self.checkpoint, self.variant)
+        if self.variant.tiny and model_path is not None:
+            raise settings.PluginError(
+                f"--model-path is not accepted with {requested!r}: the llava_tiny names build their own random model; "
+                "drop --model-path, or use a llava_testbed or llava_v1.5_7b name with it"
+            )
+        self.checkpoint = variant_checkpoint(self.variant, model_path)
         settings.check_llm_depth(self.checkpoint, self.config)
 
     @cached_property
