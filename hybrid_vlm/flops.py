@@ -38,7 +38,13 @@ a Vicuna/Llama decoder. So a Llama layer costs ~ 4nd^2 + 3ndm + n^2 d MACs:
 - lm_head: on the last prompt token only, as generate() does (logits_to_keep=1), per sample.
 - FastV: layers < fastv_layer run at all n prompt tokens, layers >= fastv_layer at the kept n'.
   The "row" scorer adds one attention row at layer fastv_layer - 1 (n d_q MACs; Q K^T only);
-  "eager" scoring materialises the whole matrix, which is the dense count (no extra term).
+  "eager" scoring materialises the whole matrix, which is the dense count (no extra term). Under the
+  default causal count that leaves eager's masked half of layer fastv_layer - 1 uncharged (about
+  n^2 d / 2, 1.6 GMACs at 7B shapes), so in the --scoring ablation eager's theory is the lower
+  one; with attention="dense" the two are exact.
+- Staged methods (pdrop, sparsevlm, dart) charge their scoring too, including terms that are not
+  matrix products and that torch's FLOP counter does not see: dart's key L1 norms (additions) and
+  pivot cosines, sparsevlm's DPC-kNN distances (cdist).
 - Decode: one new token per sample per step; each layer attends to its own cache plus the new
   token (layers >= fastv_layer hold only the kept tokens).
 - Batches: every count is per sample; multiply by the batch size (padding is not modelled).
