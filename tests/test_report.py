@@ -472,3 +472,24 @@ def test_readme_testbed_cider_table_quotes_the_committed_testbed_runs():
     quoted = re.findall(r"\d+\.\d", table)
     assert len(quoted) >= 15 and len(ciders) >= 15
     assert [value for value in quoted if value not in ciders] == []
+
+    # each value under its own label: the folder a label names at the row's budget holds that CIDEr
+    def folder(label: str, budget: int) -> str:
+        layer = re.search(r"at layer (\d)", label)
+        if label.startswith("the hybrid"):
+            return f"llava_testbed_hybrid__dymu-testbed-mid_fastv-k{budget}-l2"
+        if label.startswith(("random", "FastV")):
+            method = "random" if label.startswith("random") else "fastv"
+            return f"llava_testbed_fastv__{method}-k{budget}-l{layer.group(1) if layer else 2}"
+        side = re.match(r"(\d)x\d pooling", label)
+        return f"llava_testbed_pool__pool-{side.group(1)}x{side.group(1)}"
+
+    checked = 0
+    for line in table.splitlines()[2:]:
+        budget, *cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        text = re.sub(r"\(([^()]*)\)", lambda m: m.group(0) if re.search(r"\d\.\d", m.group(1)) else "", " ".join(cells))  # a label's gloss
+        for label, value in re.findall(r"((?:\dx\d )?[A-Za-z][^,:()|]*?)(?:,? \d+ tokens)?:? (\d+\.\d)", text):
+            score = raw / folder(label.strip(), int(budget)) / f"{folder(label.strip(), int(budget))}_TinyCOCO_score.json"
+            assert f"{json.loads(score.read_text())['CIDEr']:.1f}" == value, (budget, label, value)
+            checked += 1
+    assert checked == len(quoted)

@@ -525,3 +525,26 @@ def test_the_card_prints_each_optional_training_flag_only_when_it_is_set(tmp_pat
     probed = card_text(tmp_path, REPORT_DIR)
     assert " --attention-weight 0.3 --answer-probe-weight 0.3 --option-tokens\n" in probed
     assert "0.3 times a training-only linear probe" in probed and "training-only linear probe" not in edited
+
+
+def test_the_text_prior_reads_words_not_letters_and_the_readme_quotes_the_committed_floors():
+    """The text prior's circular accuracy is its plain accuracy only if its choice follows the option's
+    words through every rotation; and the README's image-blind floors are the committed file's."""
+    import re
+    from collections import Counter
+
+    from hybrid_tools.blind_baselines import prior_choice
+
+    seen = Counter({"red": 5, "blue": 9, "green": 9})
+    options = ("red", "green", "blue", "yellow")
+    chosen = {prior_choice(options[shift:] + options[:shift], seen) for shift in range(4)}
+    assert len(chosen) == 1 and chosen <= {"blue", "green"}  # the most frequent, the same in every rotation
+    assert prior_choice(("no", "yes"), Counter()) == prior_choice(("yes", "no"), Counter())
+
+    repo = Path(__file__).resolve().parents[1]
+    blind = json.loads((repo / "reports" / "testbed" / "blind_baselines.json").read_text())
+    readme = " ".join((repo / "README.md").read_text().split())
+    prior, constant = blind["TinyMMBench"], blind["TinyCOCO"]
+    assert re.search(rf"on {prior['training_scenes']:,} training scenes scores {prior['circular_accuracy']:.1f}% circular "
+                     rf"\(counting {prior['by_kind']['count']:.0f}%\)", readme)
+    assert f"one training caption given to every image scores CIDEr {constant['cider']:.1f}" in readme

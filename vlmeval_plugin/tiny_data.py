@@ -5,6 +5,10 @@ that training never uses: TinyMMBench has 100 base questions, 20 of each kind (t
 shape, the shape of a colour, how many objects, where one object is relative to another, is there
 a given object), circular copies expanded; TinyCOCO has 40 scenes with 4 reference captions each.
 The shipped testbed (hybrid_vlm/testbed/checkpoint) answers them; the random tiny LLaVA scores at chance.
+What needs no image is measured by `python -m hybrid_tools.blind_baselines`: a text-only prior from
+training scenes beats the shipped testbed's TinyMMBench Overall (a constant letter scores 0
+circularly, but the options' words are not balanced), and one constant caption scores well above 0
+CIDEr on TinyCOCO.
 
     python -m vlmeval_plugin.tiny_data --out DIR      # writes DIR/TinyMMBench.tsv, DIR/TinyCOCO.tsv
 

@@ -2,7 +2,8 @@
 
 - checkpoint/train_summary.json and train_log.jsonl (what `python -m hybrid_vlm.testbed train` wrote),
 - checkpoint/dymu-thresholds/testbed-*.json (`python -m hybrid_vlm.testbed calibrate`),
-- reports/testbed/report.json and shuffled_captions.json (`bash reports/testbed/regenerate.sh`).
+- reports/testbed/report.json and shuffled_captions.json (`bash reports/testbed/regenerate.sh`),
+- reports/testbed/blind_baselines.json (`python -m hybrid_tools.blind_baselines`).
 
     python -m hybrid_vlm.testbed card        # rewrites hybrid_vlm/testbed/checkpoint/README.md
 """
@@ -111,9 +112,10 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
     log = [json.loads(line) for line in (checkpoint / "train_log.jsonl").read_text().splitlines()]
     report = json.loads((report_dir / "report.json").read_text())
     shuffled = json.loads((report_dir / "shuffled_captions.json").read_text())
+    blind = json.loads((report_dir / "blind_baselines.json").read_text())
     mcq, coco = _vanilla(report, "TinyMMBench"), _vanilla(report, "TinyCOCO")
     vocab_size = json.loads((checkpoint / "config.json").read_text())["text_config"]["vocab_size"]
-    lines = _architecture(summary, vocab_size) + _how_it_was_made(summary, log) + _scores(mcq, coco, shuffled) + _limits(log, mcq)
+    lines = _architecture(summary, vocab_size) + _how_it_was_made(summary, log) + _scores(mcq, coco, shuffled, blind) + _limits(log, mcq)
     lines += _thresholds(sorted((checkpoint / THRESHOLDS_DIR.name).glob("testbed-*.json")))
     lines += ["", "This card is written by `python -m hybrid_vlm.testbed card` from the files above.", ""]
     return "\n".join(lines)
@@ -159,10 +161,12 @@ def _how_it_was_made(summary: dict, log: list[dict]) -> list[str]:
         "shape and size, the mean token the object count, each token its grid place. Language phase: "
         f"{settings['steps']} steps of {settings['batch_images']} scenes"
         + (", the ViT frozen" if settings["freeze_vision"] else ", everything trained") + ", each scene carrying one "
-        f"multiple-choice question of each kind plus {EXTRA_QUESTIONS} more (the plugin's MCQ prompt, options shuffled, "
+        f"multiple-choice question of each kind it allows (a relation needs two well-separated objects) plus {EXTRA_QUESTIONS} more (the plugin's MCQ prompt, options shuffled, "
         f"answered with the letter), {DIRECT_QUESTIONS} short-answer questions and one COCO-prompt caption, packed after one "
         "shared image prefix, plus the probe loss" + _attention_loss(settings) + ". "
         f"Peak learning rate {_peak_rates(settings)}, linear warm-up, cosine to 10% in each phase; seed {settings['seed']}. "
+        "A rerun gives the same weights only on the same CPU, thread count and torch build: the CPU's kernels"
+        + (" (bf16 autocast among them)" if settings["bf16"] else "") + " round differently elsewhere. "
         "Means over the training batches (`train_log.jsonl`; probe accuracies on object patches or objects, letter "
         "accuracy on the option letters" + ("; the attention columns: the mass each taught head puts on its target" if settings.get("attention_weight") or settings.get("option_attention_weight") else "") + "):",
         "",
@@ -171,7 +175,8 @@ def _how_it_was_made(summary: dict, log: list[dict]) -> list[str]:
     ]
 
 
-def _scores(mcq: dict, coco: dict, shuffled: dict) -> list[str]:
+def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
+    prior, constant = blind["TinyMMBench"], blind["TinyCOCO"]
     return [
         "## What it scores (held-out, never drawn in training)",
         "",
@@ -181,9 +186,25 @@ def _scores(mcq: dict, coco: dict, shuffled: dict) -> list[str]:
         f"- TinyCOCO, {coco['rows']} scenes: CIDEr **{coco['metrics']['CIDEr']:.1f}**; the same captions scored against the "
         f"references of the wrong images (shuffled): CIDEr {shuffled['cider_shuffled']:.1f} "
         f"(recomputed matched: {shuffled['cider_matched']:.1f}).",
+        f"- Without the image (`reports/testbed/blind_baselines.json`): answering each question with the option most often "
+        f"right for its text on {prior['training_scenes']:,} training scenes scores **{prior['circular_accuracy']:.1f}%** "
+        "circular on TinyMMBench (by kind: " + ", ".join(f"{kind} {value:.1f}%" for kind, value in prior["by_kind"].items())
+        + f"), {_against(mcq['metrics']['Overall'], prior['circular_accuracy'])} the model's Overall; one training caption "
+        f"given to every image scores CIDEr **{constant['cider']:.1f}** on TinyCOCO, {_against(coco['metrics']['CIDEr'], constant['cider'])} "
+        "the model's. " + _kinds_above(mcq["metrics"], prior["by_kind"]),
         "- Every method at matched budgets: [`reports/testbed/report.md`](../../../reports/testbed/report.md).",
         "",
     ]
+
+
+def _against(model: float, floor: float) -> str:
+    return "below" if floor < model else "above" if floor > model else "equal to"
+
+
+def _kinds_above(metrics: dict, floor_by_kind: dict) -> str:
+    """Which question kinds the model answers better than the text prior (each kind's own category)."""
+    above = [kind for kind, floor in floor_by_kind.items() if metrics.get(scenes.CATEGORIES[kind][0], 0.0) > floor]
+    return ("Question kinds above the text prior: " + ", ".join(above) + ".") if above else "No question kind is above the text prior."
 
 
 def _limits(log: list[dict], mcq: dict) -> list[str]:

@@ -1,4 +1,6 @@
-"""Train the testbed from scratch on generated scenes: seeded, reproducible, CPU-sized.
+"""Train the testbed from scratch on generated scenes: seeded, CPU-sized; a rerun repeats its weights
+on the same CPU, thread count and torch build (the kernels, bf16 autocast among them, round
+differently on another machine).
 
 Each training image carries several questions and one caption in a single packed sequence: the
 shared prefix (system prompt, "USER: ", the 576 image tokens) comes once, then every question and

@@ -1,5 +1,6 @@
 """Short-answer accuracy of a checkpoint, by question kind: 48 held-out MCQ-stream scenes (indices
-5000-5047, beyond TinyMMBench's), VLMEvalKit's "Answer the question directly." prompt, greedy, an
+5000-5047, inside the range TinyMMBench reserves, 0-6399, but none of them drawn by its 100
+questions: each took at most 3 of its 64 attempts), VLMEvalKit's "Answer the question directly." prompt, greedy, an
 answer right when it equals the option's words. Separates "the LLM cannot find the object" from "the
 LLM cannot map an option to its letter".
 
