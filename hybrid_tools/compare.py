@@ -191,20 +191,25 @@ def item_vectors(raw: Path, dataset: str) -> dict[str, np.ndarray]:
 def pruning_layer(run: str) -> int:
     """The LLM layer a run prunes at, from its tag's `-lN` (FastV, random, DART, a hybrid's FastV);
     FastV's default layer 2 for a run that names none (methods before the LLM, PyramidDrop's stages)."""
-    found = re.search(r"-l(\d+)(?=[-_]|$)", run.split(settings.NAME_SEPARATOR, 1)[-1])
-    return int(found.group(1)) if found else 2
+    for part in run.split(settings.NAME_SEPARATOR, 1)[-1].split("_"):  # dymu-<file stem>_fastv-k64-l2: the FastV part's
+        found = re.search(r"-l(\d+)(?=-|$)", part) if part.startswith(("fastv-", "random-", "dart-")) else None
+        if found:
+            return int(found.group(1))
+    return 2
 
 
 def references(runs: pd.DataFrame, vectors: dict, budget, positions: str, layer: int = 2) -> dict[str, np.ndarray]:
     """FastV's items at this budget, positions and pruning layer, and random's mean over its seeds
     there: a work dir holding FastV at layers 1, 2 and 3 compares each run with the one at its own
-    layer, not the first by name. None where two FastV runs would still qualify."""
+    layer, not the first by name. Of several FastV runs there (a MASK_READ or scoring variant beside
+    it), the plain one, tagged `fastv-k<B>-l<L>` alone; none where no run is."""
     same = runs[(runs["budget"] == budget) & (runs["positions"] == positions) & (runs["status"] == "ok")]
     same = same[same["run"].map(pruning_layer) == layer]
     found = {}
     fastv = [r for r in same[same["method"] == "fastv"]["run"] if r in vectors]
-    if len(fastv) == 1:
-        found["fastv"] = vectors[fastv[0]]
+    plain = [r for r in fastv if re.fullmatch(r"fastv-[kr][\d.]+-l\d+", r.split(settings.NAME_SEPARATOR, 1)[-1])]
+    if len(fastv) == 1 or len(plain) == 1:
+        found["fastv"] = vectors[(plain or fastv)[0]]
     seeds = [vectors[r] for r in same[same["method"] == "random"]["run"] if r in vectors]
     if seeds:
         found["random"] = np.mean(seeds, axis=0)

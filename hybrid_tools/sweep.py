@@ -90,7 +90,7 @@ from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.cli import variant_checkpoint
-from vlmeval_plugin.results import metric_text, number_text, text_table
+from vlmeval_plugin.results import metric_text, number_text, read_json, read_run_info, record_start, text_table
 
 from . import configs as comparison
 
@@ -249,17 +249,18 @@ def plan_runs(args, base_env: dict, models: list[str]) -> tuple[list[Run], list[
     return runs, notes
 
 
-def check_depths(runs: list[Run], model_path: str | None) -> None:
+def check_depths(runs: list[Run], model_path: str | None, build: bool = True) -> None:
     """FASTV_LAYER and the stage layers of every run within its checkpoint's LLM, before the first
     run (run.py checks each as it starts, after the earlier runs took their time). A checkpoint not
-    found here is left to run.py, which says where it looked."""
+    found here is left to run.py, which says where it looked; without `build` (a dry run, which
+    writes nothing) the tiny model is checked only if it was built before."""
     checkpoints = {}
     for run in runs:
         variant = settings.VARIANTS[run.model]
         key = (variant.tiny, variant.family)
         if key not in checkpoints:
             try:
-                checkpoints[key] = variant_checkpoint(variant, None if variant.tiny else model_path)
+                checkpoints[key] = variant_checkpoint(variant, None if variant.tiny else model_path, build)
             except settings.PluginError:
                 checkpoints[key] = None
         if checkpoints[key] is not None:
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dymu:
             args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
         runs, notes = plan_runs(args, base_env, planned)
-        check_depths(runs, passthrough_value(passthrough, "--model-path"))
+        check_depths(runs, passthrough_value(passthrough, "--model-path"), build=not args.dry_run)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
     swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]
@@ -398,7 +399,7 @@ def unused_tag(work_dir: str, tag: str) -> str:
     while True:
         try:
             with open(Path(work_dir) / f"sweep_{candidate}.json", "x") as reserved:
-                reserved.write("{}\n")
+                reserved.write(json.dumps({"record_number": number}) + "\n")  # the order of records started in one second
             return candidate
         except FileExistsError:
             number += 1
@@ -439,9 +440,12 @@ def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str)
 def summarize(runs: list[Run], failed: dict[str, int], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
     """The sweep's table (printed and as sweep_<tag>.csv) and, with --report, its report; 1 if any
     run failed (or the report did), else 0. `failed` maps a failed run's folder to its exit status.
-    A run that run.py refused before it ran (status 2) made nothing: its folder's earlier outputs
-    are not this sweep's, and are left out of the table and the report."""
-    refused = {folder for folder, code in failed.items() if code == REFUSED_STATUS}
+    A failed run that left no run.py record in its folder since it started (run.py refused it before
+    any work, or it stopped before that) made nothing: the folder's earlier outputs are not this
+    sweep's, and are left out of the table and the report. (Read off the folder, not the exit
+    status, which a launcher such as torchrun replaces.)"""
+    started = {run.get("folder"): run.get("started") for run in (read_json(manifest_path) or {}).get("runs", [])}
+    refused = {folder for folder in failed if not recorded_since(Path(work_dir) / folder, started.get(folder))}
     runs_shown = [run for run in runs if run.folder not in refused]
     configs = comparison.collect(work_dir, [run.folder for run in runs_shown]) if runs_shown else []
     order = {run.folder: index for index, run in enumerate(runs)}
@@ -452,7 +456,7 @@ def summarize(runs: list[Run], failed: dict[str, int], work_dir: str, tag: str, 
     print(f"\nSweep table: {Path(work_dir) / f'sweep_{tag}.csv'}\nSweep record: {manifest_path}", flush=True)
     status = 0
     if failed:
-        labels_failed = [f"{run.label} (exit status {failed[run.folder]}{', refused: left out of the table' if run.folder in refused else ''})"
+        labels_failed = [f"{run.label} (exit status {failed[run.folder]}{', made nothing: left out of the table' if run.folder in refused else ''})"
                          for run in runs if run.folder in failed]
         print("hybrid_tools.sweep: these runs failed: " + ", ".join(labels_failed), file=sys.stderr)
         status = 1
@@ -468,6 +472,15 @@ def summarize(runs: list[Run], failed: dict[str, int], work_dir: str, tag: str, 
     return status
 
 
+def recorded_since(folder: Path, started: str | None) -> bool:
+    """Whether run.py recorded a run in `folder` (run_info.json, written once its checks pass) at or
+    after `started` (ISO time, to the second); True where the start is unknown."""
+    if started is None:
+        return True
+    since = datetime.datetime.fromisoformat(started)
+    return any(record_start({"started": record.get("time")}) >= since for record in read_run_info(folder / "run_info.json"))
+
+
 def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: str, manifest_path: Path) -> dict[str, int]:
     """Run every setting in turn, recording each in the sweep record as it ends; {folder: exit status}
     of the failed ones."""
@@ -479,6 +492,7 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
         "versions": package_versions(),
         "git_commit": commit,
         "git_dirty": dirty,
+        "record_number": (read_json(manifest_path) or {}).get("record_number", 1),  # as unused_tag reserved it
         "runs": [],
     }
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
@@ -509,8 +523,6 @@ def write_record(path: Path, manifest: dict) -> None:
     scratch.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(scratch, path)
 
-
-REFUSED_STATUS = 2  # run.py's exit status for a run it refused before any work (vlmeval_plugin.cli.fail)
 
 SWEEP_HEADER = (
     "setting", "model folder", "dataset", "metric", "Δ vs vanilla", "visual in (A)", "visual kept (B)", "visual layer-avg (C)",

@@ -152,10 +152,14 @@ def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **config_
     return model.eval(), processor
 
 
+def tiny_llava_dir() -> Path:
+    """Where `ensure_tiny_llava` saves the tiny model by default (built or not)."""
+    return default_cache_dir() / f"tiny-llava-{TINY_VERSION}"
+
+
 def ensure_tiny_llava(path: str | Path | None = None) -> Path:
     """Save the tiny model (and its processor) once with save_pretrained; return the directory."""
-    path = Path(path) if path is not None else default_cache_dir() / f"tiny-llava-{TINY_VERSION}"
-    return _save_once(path, build_tiny_llava)
+    return _save_once(Path(path) if path is not None else tiny_llava_dir(), build_tiny_llava)
 
 
 # Small anyres grids of 336 px crops: a base image plus 2 crops (1:2 and 2:1) or 4 (square).

@@ -88,11 +88,13 @@ def test_each_run_is_compared_with_fastv_and_random_at_its_own_pruning_layer():
     and a method before the LLM (no layer: FastV's default, 2) get layer 2's run, the layer-3 DART
     layer 3's; random's seeds are averaged only within a layer."""
     names = ["llava_tiny_fastv__fastv-k64-l1", "llava_tiny_fastv__fastv-k64-l2", "llava_tiny_fastv__fastv-k64-l3",
-             "llava_tiny_random__random-k64-l2", "llava_tiny_random__random-k64-l2-s1", "llava_tiny_random__random-k64-l1"]
+             "llava_tiny_random__random-k64-l2", "llava_tiny_random__random-k64-l2-s1", "llava_tiny_random__random-k64-l1",
+             "llava_tiny_fastv__fastv-k64-l2_mask-read-once"]  # beside the plain layer-2 run, which stays the reference
     runs = pd.DataFrame([dict(run=name, status="ok", **compare.run_identity(name)) for name in names])
     vectors = {name: np.full(3, float(index)) for index, name in enumerate(names)}
     expected = {"llava_tiny_hybrid__dymu-tiny-mid_fastv-k64-l2": (1.0, 3.5), "llava_tiny_divprune__divprune-b64": (1.0, 3.5),
-                "llava_tiny_dart__dart-b64-l3": (2.0, None), "llava_tiny_pdrop__pdrop-b64-l1.4.8": (1.0, 3.5)}
+                "llava_tiny_dart__dart-b64-l3": (2.0, None), "llava_tiny_pdrop__pdrop-b64-l1.4.8": (1.0, 3.5),
+                "llava_tiny_hybrid__dymu-x-l5_fastv-k64-l2": (1.0, 3.5)}  # a threshold file named x-l5: not a layer
     for run, (fastv, random) in expected.items():
         found = compare.references(runs, vectors, 64, "logical", compare.pruning_layer(run))
         assert found["fastv"].tolist() == [fastv] * 3

@@ -105,6 +105,10 @@ def test_of_two_prediction_files_left_by_a_rerun_under_another_pred_format_the_n
     os.utime(older, ns=(2 * 10**18, 2 * 10**18))
     assert prediction_file(tmp_path, "m", "TinyCOCO") == older
     assert prediction_file(tmp_path, "m", "TinyMMBench") is None
+    # then `--mode eval` under PRED_FORMAT=tsv scores the tsv without writing it: status.json says which
+    status = {"datasets": {"TinyCOCO": {"status": "done", "prediction_file": f"work/m/{newer.name}"}}}
+    (tmp_path / "status.json").write_text(json.dumps(status))
+    assert prediction_file(tmp_path, "m", "TinyCOCO") == newer
 
 
 def test_a_run_on_another_checkpoint_or_device_is_not_set_against_vanilla(tmp_path):

@@ -76,6 +76,13 @@ def test_a_layer_beyond_the_checkpoints_llm_is_refused_before_the_first_run(caps
     assert "=== " not in captured.out  # no run started
 
 
+def test_a_dry_run_writes_nothing_not_even_the_tiny_model(capsys, clean_env, tmp_path, monkeypatch):
+    """The depth check resolves checkpoints; under --dry-run it must not build the tiny model."""
+    monkeypatch.setenv("HYBRID_VLM_CACHE", str(tmp_path / "cache"))
+    assert sweep.main(["--family", "tiny", "--data", "TinyCOCO", "--model", "fastv", "--fastv-layer", "2", "--dry-run"]) == 0
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 def test_fastv_layer_and_k_ablations(capsys, clean_env):
     assert planned(capsys, "--data", "X", "--ablation", "fastv-layer") == [
         VANILLA, "llava_v1.5_7b_fastv__fastv-r0.5-l1", "llava_v1.5_7b_fastv__fastv-r0.5-l2", "llava_v1.5_7b_fastv__fastv-r0.5-l3",
@@ -225,14 +232,14 @@ def test_a_run_refused_before_it_ran_leaves_its_folders_old_outputs_out_and_the_
                          "--work-dir", str(work), "--report", "r"])
     err = capsys.readouterr().err
     assert status == 1
-    assert "vanilla (exit status 2, refused: left out of the table)" in err and "no report r: no run of this sweep left a model folder" in err
+    assert "vanilla (exit status 2, made nothing: left out of the table)" in err and "no report r: no run of this sweep left a model folder" in err
     assert pd.read_csv(work / "sweep_r.csv").empty
     assert not (tmp_path / "reports" / "r").exists()
 
     status = sweep.main(["--family", "tiny", "--data", "TinyCOCO", "--fastv-k", "72", "--launcher", "no-such-launcher",
                          "--work-dir", str(work), "--report", "r2"])
     err = capsys.readouterr().err
-    assert status == 1 and "cannot start 'no-such-launcher'" in err and "(exit status 127)" in err
+    assert status == 1 and "cannot start 'no-such-launcher'" in err and "(exit status 127, made nothing" in err
     assert json.loads((work / "sweep_r2.json").read_text())["runs"][0]["returncode"] == 127
 
 
@@ -356,3 +363,12 @@ def test_sweep_records_are_read_oldest_first(tmp_path):
     for name in ("sweep_x.json", "sweep_x-2.json", "sweep_x-10.json"):  # started within one second: by the number taken
         (tmp_path / name).write_text(json.dumps({"started": "2026-12-06T10:00:00+00:00", "runs": [{"folder": "f", "record": name}]}))
     assert [run["record"] for _, run in read_sweep_runs(tmp_path)] == ["sweep_x.json", "sweep_x-2.json", "sweep_x-10.json"]
+
+    # a tag ending in digits of its own (sweep_budget-64.json is the first, not the 64th), with and without the recorded number
+    for recorded in (True, False):
+        folder = tmp_path / f"digits-{recorded}"
+        folder.mkdir()
+        for number, name in ((1, "sweep_budget-64.json"), (2, "sweep_budget-64-2.json")):
+            record = {"started": "2026-12-06T10:00:00+00:00", "runs": [{"folder": "f", "record": name}]}
+            (folder / name).write_text(json.dumps(record | ({"record_number": number} if recorded else {})))
+        assert [run["record"] for _, run in read_sweep_runs(folder)] == ["sweep_budget-64.json", "sweep_budget-64-2.json"]

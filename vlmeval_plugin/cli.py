@@ -59,13 +59,15 @@ def peek_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def variant_checkpoint(variant: settings.Variant, model_path: str | None) -> Path:
-    """The checkpoint folder a plugin name runs: the tiny model (built on first use), the bundled
-    testbed, or `model_path` / the family's cached checkpoint, checked to be of the name's family.
-    A PluginError says where it looked."""
+def variant_checkpoint(variant: settings.Variant, model_path: str | None, build: bool = True) -> Path:
+    """The checkpoint folder a plugin name runs: the tiny model (built on first use; with `build`
+    False, only if it was), the bundled testbed, or `model_path` / the family's cached checkpoint,
+    checked to be of the name's family. A PluginError says where it looked."""
     if variant.tiny:
-        from hybrid_vlm.tiny import ensure_tiny_llava
+        from hybrid_vlm.tiny import ensure_tiny_llava, tiny_llava_dir
 
+        if not build and not (tiny_llava_dir() / "config.json").exists():
+            raise settings.PluginError(f"the tiny LLaVA is not built yet ({portable_path(tiny_llava_dir())})")
         return ensure_tiny_llava()
     if variant.family == "testbed" and model_path is None:
         from hybrid_vlm.testbed import testbed_checkpoint
@@ -113,7 +115,7 @@ def is_plugin_name(name: str) -> bool:
 
 
 def fail(message: str) -> int:
-    """Exit status 2: refused before any work (hybrid_tools.sweep leaves such a run's folder out of its table)."""
+    """Exit status 2: refused before any work, before run_info.json records the run."""
     print(f"run.py: error: {message}", file=sys.stderr, flush=True)
     return 2
 

@@ -117,9 +117,17 @@ def read_json(path: Path):
 
 def prediction_file(folder: str | Path, model: str, dataset: str) -> Path | None:
     """VLMEvalKit's prediction file (xlsx, tsv or json, per $PRED_FORMAT), if it exists. Where a rerun
-    under another $PRED_FORMAT left two, the newer one: the file that run wrote and scored."""
+    under another $PRED_FORMAT left two, the one VLMEvalKit last scored, as its status.json names it
+    (an eval-only run scores a file without writing it), else the newer one."""
     paths = [Path(folder) / f"{model}_{dataset}.{suffix}" for suffix in PREDICTION_SUFFIXES]
     existing = [(path.stat().st_mtime_ns, -order, path) for order, path in enumerate(paths) if path.exists()]
+    if len(existing) > 1:
+        status = read_json(Path(folder) / "status.json")
+        entry = (status.get("datasets") or {}).get(dataset) if isinstance(status, dict) and isinstance(status.get("datasets"), dict) else None
+        named = Path(str(entry.get("prediction_file"))).name if isinstance(entry, dict) and entry.get("prediction_file") else None
+        scored = [path for *_, path in existing if path.name == named]
+        if scored:
+            return scored[0]
     return max(existing)[2] if existing else None
 
 
@@ -329,15 +337,19 @@ def read_sweep_runs(work_dir: str | Path) -> list[tuple[Path, dict]]:
     for manifest in Path(work_dir).glob("sweep_*.json"):
         data = read_json(manifest)
         if isinstance(data, dict):
-            records.append((record_start(data), record_number(manifest), manifest.name, manifest, data))
+            records.append((record_start(data), record_number(manifest, data), manifest.name, manifest, data))
     return [(manifest, run) for *_, manifest, data in sorted(records) for run in data.get("runs", []) if isinstance(run, dict)]
 
 
-def record_number(manifest: Path) -> int:
-    """1 for `sweep_<tag>.json`, N for the `sweep_<tag>-N.json` a later sweep of the same tag took:
-    the order of two records started within one second."""
-    found = re.search(r"-(\d+)\.json$", manifest.name)
-    return int(found.group(1)) if found else 1
+def record_number(manifest: Path, data: dict) -> int:
+    """The order of two records started within one second: 1 for `sweep_<tag>.json`, N for the
+    `sweep_<tag>-N.json` a later sweep of the same tag took, as the record says; for a record
+    written before it said so, N read off the name where `sweep_<tag>.json` is beside it (a tag may
+    end in digits of its own: `sweep_budget-64.json`)."""
+    if isinstance(data.get("record_number"), int):
+        return data["record_number"]
+    found = re.fullmatch(r"(sweep_.+)-(\d+)\.json", manifest.name)
+    return int(found.group(2)) if found and manifest.with_name(f"{found.group(1)}.json").exists() else 1
 
 
 def record_start(data: dict) -> datetime.datetime:
