@@ -18,15 +18,13 @@ Both read nothing but the scene generator (`hybrid_vlm.testbed.scenes`) and the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from hybrid_vlm.testbed import scenes
 from vlmeval_plugin import tiny_data
 
-from .caption_baseline import cider
+from .caption_baseline import cider, show_and_write
 
 
 def answer_counts(num_scenes: int) -> dict[str, Counter]:
@@ -90,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: use 1 or more")
     result = {"TinyMMBench": text_prior_accuracy(args.scenes), "TinyCOCO": constant_caption(args.candidates, args.selection)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    show_and_write(result, args.out)
     return 0
 
 

@@ -65,12 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"hybrid_tools.caption_baseline: error: {error}", file=sys.stderr)
         return 2
+    show_and_write(result, args.out)
+    return 0
+
+
+def show_and_write(result: dict, out: str | None) -> None:
+    """Print a result as JSON, and write it to `out` too when given."""
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
