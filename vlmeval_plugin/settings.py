@@ -50,6 +50,7 @@ from pathlib import Path
 
 from hybrid_vlm.config import HybridConfig
 from hybrid_vlm.methods import check_budget, get_method, list_methods
+from hybrid_vlm.provenance import portable_path
 
 CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
 # family -> the llava-hf checkpoint its names load by default (VLMEvalKit's model paths)
@@ -458,7 +459,7 @@ def check_llm_depth(folder: Path, config: HybridConfig | None) -> None:
         try:
             config.check_depth(layers)  # the engine's own check, as apply_hybrid runs it after loading
         except ValueError as error:
-            raise PluginError(f"{error} ({folder})") from None
+            raise PluginError(f"{error} ({portable_path(folder)})") from None
 
 
 def saved_config(folder: Path) -> dict | None:
