@@ -343,7 +343,7 @@ def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():
 
 
 def test_sync_target_needs_what_the_verdict_was_judged_by():
-    """A verdict that is not a count leaves only the per-step rule; DyMU's on the CPU, where the
+    """A verdict that states no allowance holds the row to its designed reads alone; DyMU's on the CPU, where the
     check does not apply, still shows the one read per prompt the check would allow it."""
     from hybrid_tools.report.targets import bench_targets
     from hybrid_vlm.syncs import NOT_APPLICABLE_DYMU
@@ -351,7 +351,8 @@ def test_sync_target_needs_what_the_verdict_was_judged_by():
     rows = [dict(config="dymu-mid", method="dymu", dymu="mid.json", status="ok", sync_debug="fail: Tensor.item() cannot be called on meta tensors"),
             dict(config="dymu-low", method="dymu", dymu="low.json", status="ok", sync_debug=NOT_APPLICABLE_DYMU)]
     found = {row: (needed, verdict) for name, row, _, needed, verdict in bench_targets(rows) if name.startswith("host syncs")}
-    assert found == {"`dymu-mid`": ("0 per step", "missed"), "`dymu-low`": ("≤ 1 per prompt, 0 per step", "not measured")}
+    assert found == {"`dymu-mid`": ("none beyond the row's designed reads, 0 per step", "missed"),
+                     "`dymu-low`": ("≤ 1 per prompt, 0 per step", "not measured")}
 
 
 def test_readme_demo_figures_quote_the_committed_demo_run():
@@ -493,3 +494,26 @@ def test_readme_testbed_cider_table_quotes_the_committed_testbed_runs():
             assert f"{json.loads(score.read_text())['CIDEr']:.1f}" == value, (budget, label, value)
             checked += 1
     assert checked == len(quoted)
+
+
+def test_a_device_runs_step_statuses_and_failed_tests_are_in_its_report(tmp_path):
+    """The GPU run's pytest results and each step's exit status were copied into raw/ and never shown:
+    a test failing on CUDA was invisible beside the figures."""
+    from hybrid_tools.report.cli import main as report_main
+
+    (tmp_path / "checks.log").write_text("== pytest (limit 70s): python3 -m pytest ...\n== pytest: rc=1 after 41s\n"
+                                         "== parity: rc=0 after 12s\n== bench-bs16: rc=124 after 150s\n")
+    (tmp_path / "pytest.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="3">'
+        '<testcase classname="tests.test_engine" name="test_a"/>'
+        '<testcase classname="tests.test_dymu" name="test_b"><failure message="assert 1 == 2&#10;more">tb</failure></testcase>'
+        '<testcase classname="tests.test_engine" name="test_c"><skipped message="needs CUDA"/></testcase>'
+        '</testsuite></testsuites>')
+    bench = REPO / "reports" / "tiny-demo" / "raw" / "bench"
+    assert report_main(["--bench", str(bench), "--steps", str(tmp_path / "checks.log"), "--pytest", str(tmp_path / "pytest.xml"),
+                        "--name", "device", "--out", str(tmp_path / "reports")]) == 0
+    markdown = (tmp_path / "reports" / "device" / "report.md").read_text()
+    assert "| pytest | 1 | failed | 41 |" in markdown and "| bench-bs16 | 124 | stopped at its time limit | 150 |" in markdown
+    assert "3 tests ran, 1 failed, 0 errors, 1 skipped:" in markdown
+    assert "- tests.test_dymu::test_b: assert 1 == 2" in markdown
+    assert "--steps" in markdown and "--pytest" in markdown  # in the command that regenerates it

@@ -15,6 +15,7 @@ from .. import report as report_package
 from ..configs import assign_references, configurations, is_vanilla, label_configurations, order_configurations
 from .bench import read_bench, resolve_bench
 from .markdown import REPORT_NAME, Linker, display_path
+from .device_checks import read_pytest, read_steps
 from .parity import read_parity
 from .render import ReportInput, render
 from .snapshot import snapshot
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default=None, metavar="FILE", help="shell script that made the raw outputs: shown verbatim at the top")
     parser.add_argument("--title", default=None, help="report title (default: Report: <name>)")
     parser.add_argument("--parity", default=None, metavar="JSON", help="a `python -m hybrid_tools.parity --out` file: adds its table")
+    parser.add_argument("--steps", default=None, metavar="LOG", help="a device run's log (checks.sh): adds each step's exit status")
+    parser.add_argument("--pytest", default=None, metavar="XML", help="a device run's JUnit XML (pytest --junitxml): adds its test results")
     parser.add_argument("--targets", action="store_true", help="check the benches against the GPU speed targets (hybrid_tools.report.targets)")
     return parser
 
@@ -60,6 +63,9 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
         parts += ["--title", args.title]
     if args.parity:
         parts += ["--parity", display_path(Path(args.parity))]
+    for flag in ("steps", "pytest"):
+        if getattr(args, flag):
+            parts += [f"--{flag}", display_path(Path(getattr(args, flag)))]
     if args.targets:
         parts += ["--targets"]
     return shlex.join(parts)
@@ -95,6 +101,19 @@ def select(configs, patterns: list[str] | None, vanilla: str | None):
     return references + chosen
 
 
+
+def device_checks(args, linker: Linker) -> tuple | None:
+    """(steps, test results, their sources) from --steps and --pytest; None without either."""
+    if not (args.steps or args.pytest):
+        return None
+    for flag in ("steps", "pytest"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
+            raise ValueError(f"--{flag} {getattr(args, flag)}: no such file")
+    steps = read_steps(Path(args.steps)) if args.steps else None
+    tests = read_pytest(Path(args.pytest)) if args.pytest else None
+    sources = {"steps": linker.rel(args.steps)} if args.steps else {}
+    return steps, tests, sources | ({"tests": linker.rel(args.pytest)} if args.pytest else {})
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench_data = [read_bench(path) for path in benches]
         parity = (read_parity(Path(args.parity)), Linker(report_dir).rel(args.parity)) if args.parity else None
+        checks = device_checks(args, Linker(report_dir))
     except ValueError as error:
         return fail(str(error))
     if args.vanilla and not any(c.name == args.vanilla for c in configs):
@@ -135,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ReportInput(
         name=args.name, title=args.title or f"Report: {args.name}", command=canonical_command(args, work_dirs, benches),
         configs=configs, benches=bench_data, linker=Linker(report_dir), figures=report_dir / "figures",
-        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe, targets=args.targets, parity=parity,
+        recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe, targets=args.targets, parity=parity, checks=checks,
     )
     write(report, report_dir)
     print(f"hybrid_tools.report: wrote {report_dir / 'report.md'}")

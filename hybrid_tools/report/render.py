@@ -12,6 +12,7 @@ from vlmeval_plugin.results import rows_text
 from ..configs import Configuration, Entry, comparison_reference, delta, prefill_ratio, ratio
 from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
 from .markdown import Linker, display_path, fmt, md_table
+from .device_checks import device_check_lines
 from .parity import parity_lines
 from .plots import plot_dataset
 from .provenance import provenance_block, run_commands, status_argv
@@ -56,6 +57,7 @@ class ReportInput:
     recipe: str | None = None
     targets: bool = False  # check the benches against hybrid_tools.report.targets
     parity: tuple[dict, str] | None = None  # (a hybrid_tools.parity file's data, its path from the report)
+    checks: tuple | None = None  # (steps, test results, their sources): a device run's own checks
 
     @property
     def eval_tiny(self) -> bool:
@@ -237,6 +239,8 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         lines += ["### Targets", "", TARGETS_NOTE, "", targets_table(report.benches), ""]
     if report.parity:
         lines += parity_lines(*report.parity)
+    if report.checks:
+        lines += device_check_lines(*report.checks)
     return lines, summary
 
 

@@ -11,7 +11,10 @@ for bench in bench-bs1 bench-bs16 bench-next; do
   [ -f "$here/raw/$bench/bench.json" ] && benches+=("$here/raw/$bench")
 done
 [ ${#benches[@]} -gt 0 ] || { echo "no $here/raw/bench-*/bench.json: run checks.sh on a GPU, then ingest.sh" >&2; exit 2; }
-parity=(); [ -f "$here/raw/parity.json" ] && parity=(--parity "$here/raw/parity.json")
-python -m hybrid_tools.report --bench "${benches[@]}" "${parity[@]}" \
+extra=()  # what the run left beside its benches: parity, each step's exit status, the CUDA test results
+[ -f "$here/raw/parity.json" ] && extra+=(--parity "$here/raw/parity.json")
+[ -f "$here/raw/checks.log" ] && extra+=(--steps "$here/raw/checks.log")
+[ -f "$here/raw/pytest.xml" ] && extra+=(--pytest "$here/raw/pytest.xml")
+python -m hybrid_tools.report --bench "${benches[@]}" "${extra[@]}" \
     --name gpu-llava-1.5-7b-shapes --recipe "$here/checks.sh" --targets \
     --title "gpu-llava-1.5-7b-shapes: stock transformers vs the engine, FastV, DyMU and the hybrid at LLaVA-1.5-7B shapes on a GPU (random weights, bf16)"

@@ -1,0 +1,62 @@
+"""A device run's own checks in a report: each step's exit status from its log (`== NAME: rc=N after Ts`
+lines, as `reports/gpu-llava-1.5-7b-shapes/checks.sh` writes them) and the test results of its
+pytest step (a JUnit XML file), so that a test failing on CUDA shows beside the figures."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .markdown import md_table
+
+STEP_LINE = re.compile(r"^== (?P<name>\S+): rc=(?P<rc>\d+) after (?P<seconds>\d+)s$")
+EXIT_MEANINGS = {0: "done", 124: "stopped at its time limit", 130: "interrupted at its time limit", 137: "killed after its time limit"}
+
+
+@dataclass
+class TestResults:
+    tests: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)  # "file::test: first line of the message"
+
+
+def read_steps(path: Path) -> list[tuple[str, int, int]]:
+    """(step, exit status, seconds) for every step the log ended."""
+    found = [STEP_LINE.match(line.strip()) for line in path.read_text(errors="replace").splitlines()]
+    return [(m["name"], int(m["rc"]), int(m["seconds"])) for m in found if m]
+
+
+def read_pytest(path: Path) -> TestResults:
+    """Counts and failed tests of a JUnit XML file (pytest --junitxml); a ValueError if it is not one."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as error:
+        raise ValueError(f"--pytest {path}: not a JUnit XML file ({error})") from None
+    results = TestResults()
+    for case in root.iter("testcase"):
+        results.tests += 1
+        for kind, counter in (("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
+            outcome = case.find(kind)
+            if outcome is None:
+                continue
+            setattr(results, counter, getattr(results, counter) + 1)
+            if kind != "skipped":
+                message = (outcome.get("message") or "").strip().splitlines()
+                results.failed.append(f"{case.get('classname', '?')}::{case.get('name', '?')}: {message[0] if message else kind}")
+    return results
+
+
+def device_check_lines(steps: list | None, tests: TestResults | None, sources: dict[str, str]) -> list[str]:
+    lines = ["## The device run's steps and tests", ""]
+    if steps is not None:
+        rows = [[name, str(rc), EXIT_MEANINGS.get(rc, "failed"), str(seconds)] for name, rc, seconds in steps]
+        lines += [f"From `{sources['steps']}`:", "", md_table(["step", "exit status", "meaning", "seconds"], rows, align="lrlr"), ""]
+    if tests is not None:
+        lines += [f"From `{sources['tests']}`: {tests.tests} tests ran, {tests.failures} failed, {tests.errors} errors, "
+                  f"{tests.skipped} skipped" + ("." if not tests.failed else ":"), ""]
+        lines += [f"- {failure}" for failure in tests.failed] + ([""] if tests.failed else [])
+    return lines
