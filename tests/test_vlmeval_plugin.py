@@ -595,3 +595,21 @@ def test_a_status_lock_left_by_a_killed_run_does_not_hang_the_next(tmp_path):
     result = subprocess.run([sys.executable, "-c", LOCK_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and "status written" in result.stdout, result.stderr[-2000:]
     assert (tmp_path / "status.json").exists()
+
+
+def test_an_mcq_set_keeping_its_options_in_another_column_is_prompted_not_failed():
+    """Upstream MCQ sets such as EmbSpatialBench keep their choices in an `options` column, with no
+    A/B columns: every row was failed as "needs options A and B", where upstream's LLaVA asks the
+    question alone (and Qwen2.5-VL takes the dataset's prompt). Letter columns, where a set has them,
+    must still hold A and B."""
+    import pandas as pd
+
+    from vlmeval_plugin.model import RowError, check_text_fields, llava_mcq_prompt
+
+    row = pd.Series({"index": 0, "question": "Which object is left of the chair?", "options": "['table', 'lamp', 'sofa']", "answer": "A"})
+    check_text_fields(row, "MCQ")
+    assert llava_mcq_prompt(row) == "Which object is left of the chair?\nAnswer the question directly."  # upstream LLaVA's text
+    with pytest.raises(RowError, match="unusable text field.s. B: an MCQ row needs a question and options A and B"):
+        check_text_fields(pd.Series({"index": 1, "question": "q", "A": "x", "B": None}), "MCQ")
+    with pytest.raises(RowError, match="unusable text field.s. question: an MCQ row needs a question$"):
+        check_text_fields(row.drop("question"), "MCQ")

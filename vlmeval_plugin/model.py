@@ -71,14 +71,19 @@ def row_error_text(error: Exception) -> str:
 
 
 def check_text_fields(line, dataset_type: str) -> None:
-    """MCQ rows need a question and at least options A and B to make a prompt. `dataset_type` is the
-    running dataset's own TYPE: a custom TSV without options is a VQA set there, though VLMEvalKit's
-    DATASET_TYPE calls every custom name without "openended" MCQ."""
+    """MCQ rows need a question, and options A and B where the set keeps its options in letter
+    columns, to make a prompt. A set that keeps them elsewhere (an `options` column, as some upstream
+    MCQ sets do) is prompted as upstream prompts it, its question alone (LLaVA) or its dataset's own
+    prompt (Qwen2.5-VL). `dataset_type` is the running dataset's own TYPE: a custom TSV without
+    options is a VQA set there, though VLMEvalKit's DATASET_TYPE calls every custom name without
+    "openended" MCQ."""
     if dataset_type != "MCQ":
         return
-    unusable = [name for name in ("question", "A", "B") if name not in line or is_blank(line[name])]
+    needed = ("question", "A", "B") if "A" in line else ("question",)
+    unusable = [name for name in needed if name not in line or is_blank(line[name])]
     if unusable:
-        raise RowError(f"unusable text field(s) {', '.join(unusable)}: an MCQ row needs a question and options A and B")
+        raise RowError(f"unusable text field(s) {', '.join(unusable)}: an MCQ row needs a question"
+                       + (" and options A and B" if "A" in line else ""))
 
 
 def llava_mcq_prompt(line) -> str:
