@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid, inputs_for, remove_hybrid
 from hybrid_vlm.hf_compat import cache_kwarg, new_cache
+from hybrid_vlm.provenance import replace_file
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 from . import bench, presets
@@ -123,9 +123,7 @@ def write_report(out: str | None, report: dict) -> None:
     """Replaced whole: a time limit that lands mid-write leaves the previous file, never a torn one."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(f"{out}.tmp")
-        scratch.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(scratch, out)
+        replace_file(out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ from pathlib import Path
 from hybrid_tools.report.markdown import REPORT_NAME
 from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fastv_k, parse_fastv_layer, parse_visual_budget, parse_visual_pool
 from hybrid_vlm.dymu import OFFICIAL_NAME
-from hybrid_vlm.provenance import git_state, package_versions, portable, shell_join
+from hybrid_vlm.provenance import git_state, package_versions, portable, replace_file, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.cli import variant_checkpoint
 from vlmeval_plugin.results import metric_text, number_text, read_json, read_run_info, record_start, text_table
@@ -519,9 +519,7 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
 
 def write_record(path: Path, manifest: dict) -> None:
     """The sweep record, replaced whole (a kill mid-write leaves the previous one)."""
-    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(scratch, path)
+    replace_file(path, json.dumps(manifest, indent=2) + "\n")
 
 
 SWEEP_HEADER = (

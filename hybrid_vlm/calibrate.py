@@ -72,7 +72,7 @@ from .hf_compat.clip import (
     vision_parts,
     vision_signature,
 )
-from .provenance import portable_path
+from .provenance import portable_path, replace_file
 from .runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -86,9 +86,7 @@ def write_threshold_file(path: str | Path, payload: dict) -> None:
     payload = {"format": THRESHOLD_FORMAT, **payload}
     payload["thresholds"] = [None if not math.isfinite(v) else float(v) for v in payload["thresholds"]]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")  # replaced whole: never a torn file
-    scratch.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(scratch, path)
+    replace_file(path, json.dumps(payload, indent=2) + "\n")
 
 
 def read_threshold_file(path: str | Path, identity_of: Callable[[str], dict], signature_of: Callable[[str], dict] | None = None) -> tuple[torch.Tensor, dict]:
@@ -482,7 +480,7 @@ def add_signature(path: str | Path, model) -> dict:
                          f"not this model's ({identity['fingerprint']}): its signature would not be its model's")
     current = vision_fingerprint(model)
     payload["model"].update(fingerprint=current["fingerprint"], weights=current["weights"], signature=vision_signature(model))
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    replace_file(path, json.dumps(payload, indent=2) + "\n")
     return payload
 
 

@@ -85,6 +85,15 @@ SIGNATURE_SAMPLE_BYTES = 4096  # per tensor, from each end of its data
 SIGNATURE_SAMPLES = 64  # evenly spaced reads of a weights file that is not safetensors
 
 
+def replace_file(path: str | Path, text: str) -> None:
+    """Write `text` to `path` whole: through a scratch file beside it and an atomic rename, so that a
+    kill mid-write leaves the previous file (or none), never a torn one."""
+    path = Path(path)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)
+
+
 def checkpoint_signature(folder: str | Path) -> str:
     """A content signature of a checkpoint folder, cheap even at 7B: sha256 over config.json's
     settings (its `transformers_version` left out) and, per weights file transformers loads

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from hybrid_vlm.provenance import replace_file
+
 # A placeholder longer than 64 characters, so VLMEvalKit does not read it as a row reference.
 BAD_CELL_PREFIX = "hybrid-vlm unusable image cell: "
 PLACEHOLDER_WIDTH = 80
@@ -384,10 +386,7 @@ def refresh_verdicts(result_file: str, judged: dict[str, str], judge: str) -> No
         dump(verdicts, result_file)
     kept = {str(key) for key in verdicts}
     record = {**recorded, **{key: [judge, predictions] for key, predictions in judged.items() if key not in kept}}
-    path = Path(result_file + ".judged.json")
-    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(record))
-    os.replace(scratch, path)
+    replace_file(Path(result_file + ".judged.json"), json.dumps(record))
 
 
 def _rejudge_changed_predictions() -> None:
