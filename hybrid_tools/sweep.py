@@ -90,7 +90,7 @@ from hybrid_vlm.dymu import OFFICIAL_NAME
 from hybrid_vlm.provenance import git_state, package_versions, portable, replace_file, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.cli import variant_checkpoint
-from vlmeval_plugin.results import metric_text, number_text, read_json, read_run_info, record_start, text_table
+from vlmeval_plugin.results import metric_text, number_text, read_json, read_run_info, record_time, text_table
 
 from . import configs as comparison
 
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tag = unused_tag(work_dir, tag)
     manifest_path = Path(work_dir) / f"sweep_{tag}.json"
-    failed = run_all(runs, commands, args, argv, work_dir, manifest_path)
-    return summarize(runs, failed, work_dir, tag, manifest_path, args.report, args.report_out)
+    records = run_all(runs, commands, args, argv, work_dir, manifest_path)
+    return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out)
 
 
 def unused_tag(work_dir: str, tag: str) -> str:
@@ -437,15 +437,16 @@ def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str)
     return models
 
 
-def summarize(runs: list[Run], failed: dict[str, int], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
+def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
     """The sweep's table (printed and as sweep_<tag>.csv) and, with --report, its report; 1 if any
-    run failed (or the report did), else 0. `failed` maps a failed run's folder to its exit status.
+    run failed (or the report did), else 0. `records` are the sweep record's runs (`run_all`).
     A failed run that left no run.py record in its folder since it started (run.py refused it before
     any work, or it stopped before that) made nothing: the folder's earlier outputs are not this
     sweep's, and are left out of the table and the report. (Read off the folder, not the exit
     status, which a launcher such as torchrun replaces.)"""
-    started = {run.get("folder"): run.get("started") for run in (read_json(manifest_path) or {}).get("runs", [])}
-    refused = {folder for folder in failed if not recorded_since(Path(work_dir) / folder, started.get(folder))}
+    failed = {record["folder"]: record["returncode"] for record in records if record["returncode"] != 0}
+    started = {record["folder"]: record["started"] for record in records}
+    refused = {folder for folder in failed if not recorded_since(Path(work_dir) / folder, started[folder])}
     runs_shown = [run for run in runs if run.folder not in refused]
     configs = comparison.collect(work_dir, [run.folder for run in runs_shown]) if runs_shown else []
     order = {run.folder: index for index, run in enumerate(runs)}
@@ -472,18 +473,16 @@ def summarize(runs: list[Run], failed: dict[str, int], work_dir: str, tag: str, 
     return status
 
 
-def recorded_since(folder: Path, started: str | None) -> bool:
+def recorded_since(folder: Path, started: str) -> bool:
     """Whether run.py recorded a run in `folder` (run_info.json, written once its checks pass) at or
-    after `started` (ISO time, to the second); True where the start is unknown."""
-    if started is None:
-        return True
-    since = datetime.datetime.fromisoformat(started)
-    return any(record_start({"started": record.get("time")}) >= since for record in read_run_info(folder / "run_info.json"))
+    after `started` (ISO time, to the second)."""
+    since = record_time(started)
+    return any(record_time(record.get("time")) >= since for record in read_run_info(folder / "run_info.json"))
 
 
-def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: str, manifest_path: Path) -> dict[str, int]:
-    """Run every setting in turn, recording each in the sweep record as it ends; {folder: exit status}
-    of the failed ones."""
+def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: str, manifest_path: Path) -> list[dict]:
+    """Run every setting in turn, recording each in the sweep record as it ends; the record's runs
+    (folder, exit status, start time, ...)."""
     commit, dirty = git_state()
     manifest = {
         "command": shell_join(["python", "-m", "hybrid_tools.sweep", *portable(sys.argv[1:] if argv is None else argv)]),
@@ -497,7 +496,6 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
     }
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     write_record(manifest_path, manifest)
-    failed = {}
     for run, command in zip(runs, commands):
         print(f"\n=== {run.label}: {run.folder} ===\n$ {shlex.join(command)}", flush=True)
         started, clock = datetime.datetime.now().astimezone().isoformat(timespec="seconds"), time.monotonic()
@@ -506,15 +504,13 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
         except OSError as error:  # a --launcher that is not a program: 127, as a shell says
             print(f"hybrid_tools.sweep: cannot start {command[0]!r}: {error}", file=sys.stderr, flush=True)
             returncode = 127
-        if returncode != 0:
-            failed[run.folder] = returncode
         shown = command if args.launcher else ["python", *command[1:]]
         manifest["runs"].append(portable({
             "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
             "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": returncode,
         }))
         write_record(manifest_path, manifest)  # after every run: an interrupted sweep keeps its record
-    return failed
+    return manifest["runs"]
 
 
 def write_record(path: Path, manifest: dict) -> None:

@@ -353,12 +353,17 @@ def record_number(manifest: Path, data: dict) -> int:
 
 
 def record_start(data: dict) -> datetime.datetime:
-    """A sweep record's start time (naive times read as UTC); the earliest time when it has none."""
+    """A sweep record's start time (`record_time` of its "started")."""
+    return record_time(data.get("started"))
+
+
+def record_time(text) -> datetime.datetime:
+    """An ISO time of a record (naive times read as UTC); the earliest time when it has none."""
     try:
-        started = datetime.datetime.fromisoformat(str(data["started"]))
-    except (KeyError, ValueError):
+        moment = datetime.datetime.fromisoformat(str(text))
+    except ValueError:
         return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
-    return started if started.tzinfo else started.replace(tzinfo=datetime.timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
 # ---------------------------------------------------------------------------- plain text
