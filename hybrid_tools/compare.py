@@ -191,7 +191,7 @@ def item_vectors(raw: Path, dataset: str) -> dict[str, np.ndarray]:
 def pruning_layer(run: str) -> int:
     """The LLM layer a run prunes at, from its tag's `-lN` (FastV, random, DART, a hybrid's FastV);
     FastV's default layer 2 for a run that names none (methods before the LLM, PyramidDrop's stages)."""
-    for part in run.split(settings.NAME_SEPARATOR, 1)[-1].split("_"):  # dymu-<file stem>_fastv-k64-l2: the FastV part's
+    for part in (settings.setting_tag(run) or "").split("_"):  # dymu-<file stem>_fastv-k64-l2: the FastV part's
         found = re.search(r"-l(\d+)(?=-|$)", part) if part.startswith(("fastv-", "random-", "dart-")) else None
         if found:
             return int(found.group(1))
@@ -207,7 +207,7 @@ def references(runs: pd.DataFrame, vectors: dict, budget, positions: str, layer:
     same = same[same["run"].map(pruning_layer) == layer]
     found = {}
     fastv = [r for r in same[same["method"] == "fastv"]["run"] if r in vectors]
-    plain = [r for r in fastv if re.fullmatch(r"fastv-[kr][\d.]+-l\d+", r.split(settings.NAME_SEPARATOR, 1)[-1])]
+    plain = [r for r in fastv if re.fullmatch(r"fastv-[kr][\d.]+-l\d+", settings.setting_tag(r) or "")]
     if len(fastv) == 1 or len(plain) == 1:
         found["fastv"] = vectors[(plain or fastv)[0]]
     seeds = [vectors[r] for r in same[same["method"] == "random"]["run"] if r in vectors]
