@@ -121,14 +121,20 @@ def prediction_file(folder: str | Path, model: str, dataset: str) -> Path | None
     (an eval-only run scores a file without writing it), else the newer one."""
     paths = [Path(folder) / f"{model}_{dataset}.{suffix}" for suffix in PREDICTION_SUFFIXES]
     existing = [(path.stat().st_mtime_ns, -order, path) for order, path in enumerate(paths) if path.exists()]
-    if len(existing) > 1:
-        status = read_json(Path(folder) / "status.json")
-        entry = (status.get("datasets") or {}).get(dataset) if isinstance(status, dict) and isinstance(status.get("datasets"), dict) else None
-        named = Path(str(entry.get("prediction_file"))).name if isinstance(entry, dict) and entry.get("prediction_file") else None
+    if len(existing) > 1:  # rare, so status.json is read only then
+        named = scored_prediction_name(read_json(Path(folder) / "status.json"), dataset)
         scored = [path for *_, path in existing if path.name == named]
         if scored:
             return scored[0]
     return max(existing)[2] if existing else None
+
+
+def scored_prediction_name(status, dataset: str) -> str | None:
+    """The file name of the prediction file VLMEvalKit's status.json says it scored for `dataset`."""
+    datasets = status.get("datasets") if isinstance(status, dict) else None
+    entry = datasets.get(dataset) if isinstance(datasets, dict) else None
+    named = entry.get("prediction_file") if isinstance(entry, dict) else None
+    return Path(str(named)).name if named else None
 
 
 def is_number(value) -> bool:
