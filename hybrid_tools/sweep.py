@@ -540,7 +540,7 @@ def sweep_table(configs: list, labels: dict[str, str]) -> str:
 
 
 def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
-    """The sweep table as CSV: every metric and its delta, tokens (means) and prefill ms (median and mean)."""
+    """The sweep table as CSV: every metric and its delta, tokens (means) and prefill ms (the median only)."""
     import pandas as pd
 
     rows = []

@@ -153,7 +153,8 @@ def write_raw(raw: Path, runs: list[dict], hits: list[dict], captions: list[dict
 
 def test_the_table_has_a_cider_section_with_intervals_in_cider_points(tmp_path):
     """Two made-up runs on a made-up caption set: the section's unit is CIDEr (not x100 again),
-    the paired interval against FastV is in CIDEr points, and a mismatch with VLMEvalKit is flagged."""
+    the paired interval against FastV is in CIDEr points, the value shown is VLMEvalKit's score (the one
+    every other table shows), and a per-item rescoring that disagrees with it is flagged."""
     common = dict(budget=64, positions="logical", seed=None, dataset="SetX", metric="CIDEr", status="ok", items=4,
                   visual_in=576, visual_kept=64, visual_layer_mean=100.0, prefill_gmacs=1.0)
     runs = [dict(run="m_fastv__fastv-k64-l2", method="fastv", vlmeval_score=20.0, setting="fastv-k64-l2", **common),
@@ -165,10 +166,11 @@ def test_the_table_has_a_cider_section_with_intervals_in_cider_points(tmp_path):
     table = compare.main_table(tmp_path / "raw")
     assert "### SetX (4 images)" in table and "| CIDEr [95% CI] |" in table
     pool_row = next(line for line in table.splitlines() if "| pool |" in line)
-    assert "| 50.0 [" in pool_row and "+30.0 [+30.0, +30.0] better" in pool_row
-    assert "VLMEvalKit says 99.0" in pool_row
+    assert "| 99.0 [42.5, 57.5] |" in pool_row and "+30.0 [+30.0, +30.0] better" in pool_row
+    assert "the per-item rescoring behind the intervals gives 50.00" in pool_row
     fastv_row = next(line for line in table.splitlines() if "| fastv |" in line)
-    assert "VLMEvalKit says" not in fastv_row and "| fastv-k64-l2 |" in fastv_row
+    assert "| 20.0 [12.5, 27.5] |" in fastv_row
+    assert "rescoring" not in fastv_row and "| fastv-k64-l2 |" in fastv_row
 
 
 def test_runs_on_other_items_stop_the_comparison_naming_them(tmp_path):

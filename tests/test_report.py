@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shlex
 import shutil
 import statistics
@@ -283,6 +284,21 @@ def test_readme_speed_table_quotes_the_committed_cpu_bench(name):
         assert cells[5] == f"{row['prefill_ratio_minus_theory']:+.3f}"
         if len(cells) > 6:  # the NeXT table's decode and KV-cache columns
             assert cells[6:] == [f"{row['decode_ms_per_token']:.1f}", f"{row['decode_ratio']:.3f}", f"{row['decode_theory_ratio']:.3f}", f"{row['kv_cache_mb_theory']:.1f}"]
+
+
+def test_readme_cpu_overhead_figures_quote_the_committed_mid_benches():
+    """The engine's overhead and FastV K = 64 on the `mid` preset, as the README quotes them from its three
+    committed CPU runs, are those runs' raw ratios, in the order the text names the runs."""
+    readme = (REPO / "README.md").read_text()
+    quoted = readme.split("<!-- cpu-mid-overhead:begin -->", 1)[1].split("<!-- cpu-mid-overhead:end -->", 1)[0]
+    sources = [(REPO / "reports/cpu-mid-bench/raw/bench/bench.json", ["vanilla"]),
+               (REPO / "reports/cpu-mid-methods/raw/bench/bench.json", ["vanilla", "fastv-k64-l2"]),
+               (REPO / "reports/method-comparison/raw/bench.json", ["vanilla", "fastv-k64-l2"])]
+    expected = []
+    for path, configs in sources:
+        by_config = {row["config"]: row for row in json.loads(path.read_text())["rows"]}
+        expected += [f"{by_config[config]['prefill_ratio']:.3f}" for config in configs]
+    assert re.findall(r"\b[01]\.\d{3}\b", quoted) == expected
 
 
 def synthetic_bench_rows(vanilla: float, fastv: float, hybrid: float | None, hybrid_syncs: str) -> list[dict]:
