@@ -85,6 +85,7 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
             valid_count = pooled_token_count(features.shape[1], config.visual_pool) * per_sample
             features, valid = pool_grid(features, config.visual_pool)
     tokens = features.shape[1]
+    image_tokens = None if config.dymu is not None else [[tokens if valid_count is None else valid_count // per_sample] * per_sample] * batch
     # the random draw hashes the pixels as given (before the cast), as documented in `baselines`
     scores = random_slot_scores(pixel_values, per_sample, tokens, config.select_seed) if reads_pixel_hash(config) else None
     return ImageSlots(
@@ -94,6 +95,7 @@ def llava_image_slots(model, pixel_values: torch.Tensor, image_sizes, batch: int
         valid_counts=None if valid_count is None else [valid_count] * batch,
         scores=scores,
         images_per_sample=per_sample,
+        image_tokens=image_tokens,
     )
 
 
@@ -228,6 +230,7 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
     else:
         packed, valid, compact = next_packed_images(model, crops.to(model.dtype), layouts)
         valid_counts = None
+        kept = None if config.dymu is not None else [layout.num_tokens for layout in layouts]
     device = packed[0].device
     sample_images = [slice(b * per_sample, (b + 1) * per_sample) for b in range(batch)]
     samples = [torch.cat(packed[images]) for images in sample_images]
@@ -243,6 +246,7 @@ def llava_next_image_slots(model, pixel_values: torch.Tensor, image_sizes: torch
         protected_counts=[int(rows.sum()) for rows in newlines] if keep_newlines else None,
         scores=left_padded(next_random_scores(model, crops, layouts, sample_images)) if reads_pixel_hash(model.hybrid_config) else None,
         images_per_sample=per_sample,
+        image_tokens=None if kept is None else [kept[images] for images in sample_images],
     )
 
 

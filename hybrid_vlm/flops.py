@@ -389,60 +389,65 @@ def prefill_macs(
 
 def method_prefill_macs(
     shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal",
-    visual_entered: int | None = None, visual_kept: int | None = None,
+    visual_entered: int | None = None, visual_kept: int | None = None, images: int = 1,
 ) -> PrefillMacs:
     """Prefill MACs of one LLaVA-1.5 sample under a HybridConfig whose visual counts are static: a
     method before the LLM (`config.visual_method`, rule A), FastV or random selection, pooling, or
     nothing. The method's scoring is counted (`selection`); DyMU's counts are data: use prefill_macs.
-    visual_entered / visual_kept: the counts a run recorded (else the ones the config implies)."""
+    visual_entered / visual_kept: the counts a run recorded (else the ones the config implies).
+    images: the sample's images, each through the tower, the projector and a method before the LLM."""
     from .config import visual_keep_count
     from .methods import VitDims, check_budget, get_method
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
     if config.staged_method is not None and visual_entered != 0:
-        return staged_prefill_macs(shape, config, text_tokens, lm_head_tokens, attention)
+        return staged_prefill_macs(shape, config, text_tokens, lm_head_tokens, attention, images)
     if visual_entered == 0:  # a text-only row: no tower, no projector, no selection
         llm = llm_prefill_macs(shape.llm, text_tokens, attention=attention, lm_head_tokens=0)
         return PrefillMacs(vision=0, projector=0, llm=llm, lm_head=lm_head_macs(shape.llm, lm_head_tokens))
-    patches, visual, projector, vit_layers, selection = shape.visual_tokens, None, None, None, 0
+    patches = shape.visual_tokens  # per image
+    visual, projector, vit_layers, selection = patches * images, patches * images, None, 0
     if config.visual_method is not None:
         method = get_method(config.visual_method)
-        visual = check_budget(method, config.visual_budget, patches)
-        dims = VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden)
-        selection = method.scoring_macs(visual, dims)
-        if method.selects_projected:
-            projector = patches  # it selects among projected features: every patch is projected
-        else:
-            vit_layers = shape.vit_layers_read  # its own CLIP loop skips the unread last layer
+        per_image = check_budget(method, config.visual_budget, patches)
+        selection = images * method.scoring_macs(per_image, VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden))
+        visual = per_image * images
+        if not method.selects_projected:  # it selects before the projector, in its own CLIP loop, which skips the unread last layer
+            projector, vit_layers = visual, shape.vit_layers_read
     elif config.visual_pool is not None:
-        visual, projector = (math.isqrt(patches) // config.visual_pool) ** 2, patches
+        visual = (math.isqrt(patches) // config.visual_pool) ** 2 * images
     visual = visual_entered if visual_entered is not None else visual
-    entering = patches if visual is None else visual
-    kept = visual_keep_count(entering, config.fastv_k) if config.fastv_k is not None else None
+    kept = visual_keep_count(visual, config.fastv_k) if config.fastv_k is not None else None
     kept = visual_kept if visual_kept is not None and kept is not None else kept
     return prefill_macs(
         shape, text_tokens, visual, kept, fastv_layer=config.fastv_layer, attention=attention,
         scoring="row" if config.fastv_k is not None and config.fastv_select == "attention" else None,
-        lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, projector_tokens=projector, selection=selection,
+        lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, crops=images, projector_tokens=projector, selection=selection,
     )
 
 
-def stage_visual_counts(shape: LlavaShape, config) -> dict[int, int]:
-    """{first layer: visual tokens from it on} of a pdrop or dart run (layer 0: every patch)."""
-    from .methods import pdrop, sparsevlm
+def stage_visual_counts(shape: LlavaShape, config, images: int = 1) -> dict[int, int]:
+    """{first layer: visual tokens from it on} of a pdrop, sparsevlm or dart run (layer 0: every
+    patch of the sample's images, which pdrop and dart rank as one pool: `stages.prompt_budget`)."""
+    from .methods import sparsevlm
     from .methods.dart import image_quotas, kept_count
+    from .stages import pdrop_schedule_capped, prompt_budget
 
-    patches, layers = shape.visual_tokens, shape.llm.layers
+    patches, layers = shape.visual_tokens * images, shape.llm.layers
+    budget = prompt_budget(config.visual_budget, [shape.visual_tokens] * images)
     if config.llm_method == "pdrop":
-        return {0: patches, **pdrop.schedule(config.visual_budget, patches, layers)}
+        return {0: patches, **pdrop_schedule_capped(budget, patches, layers)}
     if config.llm_method == "sparsevlm":
+        if images != 1:
+            raise ValueError(f"VISUAL_METHOD=sparsevlm takes one image per prompt, not {images}")
         counts = sparsevlm.stage_counts(config.visual_budget, patches)
         return {0: patches, **{layer: kept + clusters for layer, (kept, clusters) in zip(sparsevlm.stage_layers(layers), counts)}}
-    return {0: patches, config.fastv_layer: kept_count(image_quotas(config.visual_budget, config.dart_quota, patches))}
+    return {0: patches, config.fastv_layer: min(kept_count(image_quotas(budget, config.dart_quota, patches)), patches)}
 
 
-def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal") -> PrefillMacs:
+def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal",
+                        images: int = 1) -> PrefillMacs:
     """Prefill of one sample under pdrop, sparsevlm (several stages) or dart (one), their scoring
     included in `llm`: pdrop projects every pre-drop token's key and one query per stage and takes
     one row; sparsevlm chooses its raters once (visual x text dot products), then per stage takes
@@ -450,7 +455,7 @@ def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tok
     candidates; dart takes its keys' L1 norms and 8 pivots' cosines against the image tokens."""
     from .methods import sparsevlm
 
-    llm_shape, counts = shape.llm, stage_visual_counts(shape, config)
+    llm_shape, counts = shape.llm, stage_visual_counts(shape, config, images)
     starts = sorted(counts)
     spans = [end - start for start, end in zip(starts, [*starts[1:], llm_shape.layers])]
     llm = sum(span * llama_layer_macs(text_tokens + counts[start], llm_shape, attention=attention) for start, span in zip(starts, spans))
@@ -466,7 +471,7 @@ def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tok
             llm += text_tokens * tokens * llm_shape.d_q + candidates * candidates * llm_shape.hidden
         else:
             llm += tokens * llm_shape.d_kv + 8 * counts[before] * llm_shape.hidden
-    stock = prefill_macs(shape, text_tokens, attention=attention, lm_head_tokens=lm_head_tokens)
+    stock = prefill_macs(shape, text_tokens, counts[0], attention=attention, lm_head_tokens=lm_head_tokens, crops=images)
     return PrefillMacs(vision=stock.vision, projector=stock.projector, llm=llm, lm_head=stock.lm_head)
 
 

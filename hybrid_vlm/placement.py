@@ -42,6 +42,9 @@ class ImageSlots:
     protected: [B, S] bool, slots FastV always keeps when asked to (LLaVA-NeXT's newlines), or None;
         protected_counts: how many per sample (host ints).
     images_per_sample: images in each prompt (every prompt holds the same number).
+    image_tokens: per sample, the tokens each of its images brings to layer 0 (host ints), where
+        Python knows them (None after DyMU merging): the budget rule of the methods that rank a
+        prompt's images together caps each image at what it holds.
     """
 
     features: torch.Tensor
@@ -53,6 +56,7 @@ class ImageSlots:
     protected: torch.Tensor | None = None
     protected_counts: list[int] | None = None
     images_per_sample: int = 1
+    image_tokens: list[list[int]] | None = None
 
     @property
     def fillers(self) -> bool:
@@ -76,6 +80,7 @@ class PlacedPrompt:
     visual_counts: real visual tokens per sample where Python knows them (host ints), else None
         (DyMU batches: their merged counts live on the device).
     images_per_sample: images in each prompt, whose visual slots are that many blocks apart.
+    image_tokens: per sample, each image's tokens at layer 0 where Python knows them (see ImageSlots).
     """
 
     inputs_embeds: torch.Tensor
@@ -88,6 +93,7 @@ class PlacedPrompt:
     protected_counts: list[int] | None = None
     visual_counts: list[int] | None = None
     images_per_sample: int = 1
+    image_tokens: list[list[int]] | None = None
 
 
 def prepend_fillers(placeholders: list[int], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,5 +166,5 @@ def place_images(
             "Put text after the image (chat templates do), or run such prompts one at a time"))
     return PlacedPrompt(
         inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts,
-        slots.images_per_sample,
+        slots.images_per_sample, slots.image_tokens,
     )

@@ -77,6 +77,7 @@ def qwen_image_slots(model, pixel_values: torch.Tensor, image_grid_thw, batch: i
         valid_counts=None if kept is None else per_sample_sums(kept),
         scores=None if scores is None else per_sample_rows(scores),
         images_per_sample=per_sample,
+        image_tokens=[(units if kept is None else kept)[b * per_sample : (b + 1) * per_sample] for b in range(batch)],
     )
 
 

@@ -140,9 +140,12 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
     if config.llm_method == "sparsevlm":
         return sparsevlm_stages(config, placed, query_index, num_layers)
     device = query_index.device
-    budget = prompt_budget(config.visual_budget, placed.images_per_sample)
+    if placed.image_tokens is None and placed.images_per_sample != 1:
+        raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} with several images per prompt needs each image's token count on the host")
+    image_tokens = placed.image_tokens or [[count] for count in counts]
+    budgets = [prompt_budget(config.visual_budget, tokens) for tokens in image_tokens]  # per sample
     if config.llm_method == "dart":
-        quotas = [image_quotas(budget, config.dart_quota, count) for count in counts]  # per sample
+        quotas = [image_quotas(budget, config.dart_quota, count) for budget, count in zip(budgets, counts)]  # per sample
         for sample in quotas:
             check_dart_quotas(config, sample)
         largest = tuple(map(max, zip(*quotas)))
@@ -151,7 +154,8 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
         plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
                          score="dart", dart_quotas=largest, dart_pivots=config.dart_pivots, dart_sample_quotas=sample_quotas)
         return {config.fastv_layer: plan}
-    schedules = [pdrop_schedule_capped(budget, count, num_layers) for count in counts]
+    schedules = [pdrop_schedule_capped(budget, count, num_layers, budget_text(config.visual_budget, tokens))
+                 for budget, count, tokens in zip(budgets, counts, image_tokens)]
     plans = {}
     for index, layer in enumerate(pdrop.stage_layers(num_layers)):
         keeps = [schedule[layer] for schedule in schedules]
@@ -161,11 +165,22 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
     return plans
 
 
-def prompt_budget(budget: int | float, images_per_prompt: int) -> int | float:
+def prompt_budget(budget: int | float, image_tokens: list[int]) -> int | float:
     """A prompt's VISUAL_BUDGET for pdrop and dart, which rank all its images' tokens together: a count
-    is per image, as for the methods before the LLM, so a prompt of n images gets n times it; a
-    fraction is of the prompt's tokens, which is the same share of each image's."""
-    return budget * images_per_prompt if isinstance(budget, int) else budget
+    is per image, as for the methods before the LLM, each image capped at the tokens it holds, so the
+    prompt spends what they would (n times the count where every image holds more; where none does,
+    n times the count too, which keeps them all); a fraction is of the prompt's tokens, which is the
+    same share of each image's."""
+    if isinstance(budget, float) or all(tokens <= budget for tokens in image_tokens):
+        return budget if isinstance(budget, float) else budget * len(image_tokens)
+    return sum(min(budget, tokens) for tokens in image_tokens)
+
+
+def budget_text(budget: int | float, image_tokens: list[int]) -> str | None:
+    """VISUAL_BUDGET as the user gave it, for a refusal about a prompt of several images (else None)."""
+    if len(image_tokens) == 1 or isinstance(budget, float):
+        return None
+    return f"{budget} per image ({prompt_budget(budget, image_tokens)} for this prompt's images of {image_tokens} tokens)"
 
 
 def per_sample(keeps: list, device) -> torch.Tensor | None:
@@ -173,11 +188,12 @@ def per_sample(keeps: list, device) -> torch.Tensor | None:
     return None if len(set(keeps)) == 1 else host_to_device(torch.tensor(keeps), device)
 
 
-def pdrop_schedule_capped(budget: int | float, num_visual: int, num_layers: int) -> dict[int, int]:
-    """PyramidDrop's schedule for one sample; a count at or above its visual count keeps them all."""
+def pdrop_schedule_capped(budget: int | float, num_visual: int, num_layers: int, given: str | None = None) -> dict[int, int]:
+    """PyramidDrop's schedule for one sample; a count at or above its visual count keeps them all.
+    given: the setting as the user wrote it, for a refusal (see `budget_text`)."""
     if isinstance(budget, int) and budget >= num_visual:
         return dict.fromkeys(pdrop.stage_layers(num_layers), num_visual)
-    return pdrop.schedule(budget, num_visual, num_layers)
+    return pdrop.schedule(budget, num_visual, num_layers, given)
 
 
 def sparsevlm_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:

@@ -259,6 +259,38 @@ def test_a_pdrop_budget_below_a_samples_floor_is_refused_naming_the_range(deep_q
         qwen_copy(model, visual_method="pdrop", visual_budget=5)(**inputs)
 
 
+TWO_IMAGE_UNITS = (54, 36)  # each prompt of qwen_two_image_inputs
+
+
+@pytest.mark.parametrize("budget", [40, 20])
+def test_pdrop_and_dart_spend_on_two_images_what_divprune_lets_in(deep_qwen64, tiny_qwen, budget):
+    """A count is per image and caps each image at what it holds: at 40, the 36-unit image brings all
+    36 and the 54-unit one 40, so DivPrune lets in 76, and pdrop and dart, which rank the prompt's
+    90 units as one pool, spend 76 (40 + 40 = 80 would give the small image's unused share to the
+    large one); at 20, both images hold more, and the prompt gets 2 x 20."""
+    model, _, _ = deep_qwen64
+    inputs = qwen_two_image_inputs(tiny_qwen[1])
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    spent = sum(min(budget, units) for units in TWO_IMAGE_UNITS)
+    counts = {}
+    for settings in (dict(visual_method="divprune"), dict(visual_method="pdrop"), dict(visual_method="dart", dart_quota="matched")):
+        with torch.no_grad():
+            out = qwen_copy(model, visual_budget=budget, **settings)(**inputs, use_cache=True)
+        counts[settings["visual_method"]] = out.past_key_values.hybrid_state.visual_counts()
+    assert counts["divprune"].entered == [spent] * 2
+    schedule = pdrop_schedule_by_hand(spent, sum(TWO_IMAGE_UNITS), DEEP_STAGE_LAYERS, DEEP_LAYERS)
+    assert counts["pdrop"].kept == [schedule[DEEP_STAGE_LAYERS[-1]]] * 2
+    assert counts["dart"].kept == [spent] * 2  # matched quotas: 4 pivots + 8 x (spent - 4) / 8 picks
+
+
+def test_a_pdrop_count_on_two_images_is_refused_naming_the_setting_as_given(deep_qwen64, tiny_qwen):
+    model, _, _ = deep_qwen64
+    inputs = qwen_two_image_inputs(tiny_qwen[1])
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"VISUAL_BUDGET=5 per image \(10 for this prompt's images of \[54, 36\] tokens\)"):
+        qwen_copy(model, visual_method="pdrop", visual_budget=5)(**inputs)
+
+
 # --- the batch, the cache, the host ------------------------------------------------------------------
 
 

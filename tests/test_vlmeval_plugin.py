@@ -436,6 +436,44 @@ print(model() is None)
 """
 
 
+TWO_IMAGE_GMACS_SCRIPT = """
+import json, sys
+from vlmeval_plugin import robust
+robust.install()
+from hybrid_vlm import HybridConfig, flops
+from hybrid_vlm.tiny import synthetic_image
+from vlmeval_plugin.model import HybridLLaVA
+paths = []
+for i in range(2):
+    paths.append(f"{sys.argv[2]}/image{i}.png")
+    synthetic_image(i).save(paths[-1])
+rows = []
+for hybrid in (None, HybridConfig(visual_method="divprune", visual_budget=64), HybridConfig(fastv_k=64)):
+    wrapper = HybridLLaVA(sys.argv[1], hybrid=hybrid, max_new_tokens=2)
+    record = wrapper.generate_batch([[dict(type="image", value=p) for p in paths] + [dict(type="text", value="compare them")]])[0]
+    shape, config = flops.shape_from_config(wrapper.model.config), hybrid or HybridConfig()
+    text = record["tokens_in"] - record["visual_in"]
+    per_images = [flops.method_prefill_macs(shape, config, text, visual_entered=record["visual_in"], visual_kept=record["visual_kept"],
+                                            images=n).total / 1e9 for n in (1, 2)]
+    rows.append([record["visual_in"], record["prefill_gmacs"], *[round(v, 4) for v in per_images]])
+print(json.dumps(rows))
+"""
+
+
+@needs_vlmeval
+def test_a_row_of_two_images_records_the_macs_of_both(sandbox, tmp_path):
+    """A LLaVA-1.5 row of two images: its prefill_gmacs counts the tower, the projector and the
+    method's scoring for both (flops.method_prefill_macs with images=2, itself checked against
+    FlopCounterMode in test_flops), not for one."""
+    result = subprocess.run([sys.executable, "-c", TWO_IMAGE_GMACS_SCRIPT, sandbox["checkpoint"], str(tmp_path)], env=sandbox["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [row[0] for row in rows] == [2 * 576, 2 * 64, 2 * 576]
+    for _, recorded, one_image, two_images in rows:
+        assert recorded == two_images and two_images > one_image
+
+
 DEVICE_MAP_SCRIPT = """
 import sys
 from transformers import PreTrainedModel

@@ -381,6 +381,7 @@ class HybridLLaVA(BaseModel):
         layouts as the processor returned them, on the host)."""
         inputs = self.processor_inputs(messages)
         host_layouts = {key: inputs[key] for key in IMAGE_LAYOUTS if key in inputs}
+        host_layouts["images"] = inputs["pixel_values"].shape[0] if inputs.get("pixel_values") is not None else 0
         return inputs_for(self.model, inputs), host_layouts
 
     def _token_counts(self, output, inputs) -> tuple[list[int], list[int], VisualCounts]:
@@ -394,8 +395,9 @@ class HybridLLaVA(BaseModel):
         return tokens_in, list(tokens_in), VisualCounts(placeholders, placeholders, [float(p) for p in placeholders])
 
     def _row_images(self, host_layouts: dict, batch: int) -> list:
-        """Per row, what the MACs model needs of its images beyond the counts (LLaVA-1.5: nothing)."""
-        return [None] * batch
+        """Per row, what the MACs model needs of its images beyond the counts (LLaVA-1.5: how many,
+        split evenly over the prompts as the engine requires)."""
+        return [host_layouts["images"] // batch] * batch
 
     def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int, images=None) -> float | None:
         """Theoretical prefill GMACs of one row (`flops.method_prefill_macs`, the method's scoring
@@ -403,7 +405,8 @@ class HybridLLaVA(BaseModel):
         if self.MODEL_CLASS != "LlavaForConditionalGeneration" or (self.hybrid is not None and self.hybrid.dymu is not None):
             return None
         shape = flops.shape_from_config(self.model.config)
-        macs = flops.method_prefill_macs(shape, self.hybrid or HybridConfig(), text_tokens, visual_entered=entered, visual_kept=kept)
+        macs = flops.method_prefill_macs(shape, self.hybrid or HybridConfig(), text_tokens, visual_entered=entered, visual_kept=kept,
+                                         images=max(images, 1))
         return round(macs.total / 1e9, 4)
 
     def _generate_or_split(self, batch: list[tuple[object, list]]) -> list[tuple[object, dict]]:

@@ -56,12 +56,13 @@ def solve_ratio(budget: int | float, num_visual: int, num_layers: int, given: st
     return best / LAMBDA_STEP
 
 
-def schedule(budget: int | float, num_visual: int, num_layers: int) -> dict[int, int]:
+def schedule(budget: int | float, num_visual: int, num_layers: int, given: str | None = None) -> dict[int, int]:
     """{stage layer: visual tokens kept from it on} for a layer-averaged budget: a count, or a
-    fraction of the image's `num_visual` tokens (Qwen2.5-VL's count follows the resolution)."""
+    fraction of the image's `num_visual` tokens (Qwen2.5-VL's count follows the resolution).
+    given: the setting as the user wrote it, where it is not `budget` (a fraction is named as given)."""
     layers = stage_layers(num_layers)
     target = budget * num_visual if isinstance(budget, float) else budget
-    given = str(budget) if isinstance(budget, float) else None
+    given = str(budget) if isinstance(budget, float) else given
     return dict(zip(layers, keep_counts(num_visual, solve_ratio(target, num_visual, num_layers, given), len(layers))))
 
 
