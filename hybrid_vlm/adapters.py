@@ -162,7 +162,7 @@ def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayou
         available = int(is_patch.sum())
         count = budget_tokens(budget, available)
         if count > available:
-            raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for image {index}: it packs "
+            raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for the batch's image {index} (0-based, prompt by prompt): it packs "
                              f"{available} patch tokens (use a budget <= {available}, a fraction, or a larger image)")
         at = host_to_device(layout.source[is_patch] + start * patches, crops.device)
         tokens, kept = select_and_place(model, packed_reads(reads, at), method, count)  # [1, available, hidden]

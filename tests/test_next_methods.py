@@ -136,5 +136,5 @@ def test_a_budget_above_an_image_is_refused(tiny_next):
     model, processor = tiny_next
     inputs = next_inputs(processor, QUESTIONS[:1])
     available = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    with torch.no_grad(), pytest.raises(ValueError, match="is not reachable by divprune for image 0"):
+    with torch.no_grad(), pytest.raises(ValueError, match="is not reachable by divprune for the batch's image 0 "):
         next_copy(model, visual_method="divprune", visual_budget=available)(**inputs)

@@ -85,9 +85,10 @@ QWEN_LLM_METHODS = ("pdrop", "dart")
 QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25, "pdrop": 0.11, "dart": 0.222}
 # LLaVA-NeXT's packed span follows the aspect ratio (about 1,200 to 2,900 tokens): a LLaVA-1.5 count
 # would keep 2 to 5% of it (and 64 layer-averaged tokens are out of PyramidDrop's reach), so the
-# methods before the LLM and PyramidDrop default to their LLaVA-1.5 budget as a share of each span
-# (64 of 576 = 0.11; DivPrune's published ratio 0.098), matched to each other as on LLaVA-1.5; DART's
-# is its official NeXT default (retain 320, which keeps 324)
+# methods before the LLM and PyramidDrop default to their LLaVA-1.5 budget as a share (64 of 576 =
+# 0.11; DivPrune's published ratio 0.098): PyramidDrop's of each span, the others' of each image's
+# patch tokens (they drop the newlines, about 2% of a span, so they keep about 2% fewer); DART's is
+# its official NeXT default (retain 320, which keeps 324)
 NEXT_LLM_METHODS = ("pdrop", "dart")
 NEXT_DEFAULT_BUDGETS = {**DEFAULT_BUDGETS, "visionzip": 0.11, "vispruner": 0.11, "divprune": 0.098, "pdrop": 0.11, "dart": 320}
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
