@@ -42,8 +42,8 @@ from .hf_compat import (
 )
 from .hf_compat.generation import IMAGE_LAYOUTS, check_generate_options, expand_inputs_for_generation, sliced_by_written_tokens
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
-from .hf_compat.loading import NO_HUB_KERNELS
-from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, qwen_parts
+from .hf_compat.loading import NO_HUB_KERNELS, check_not_kernelized
+from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, no_generation_position_ids, qwen_parts
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
 from .qwen import check_qwen_supported, qwen_image_layout, qwen_image_slots, qwen_prompt_positions
@@ -577,8 +577,7 @@ class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForCondi
             labels, image_sizes=image_grid_thw, **kwargs,
         )
 
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        return None  # the forward computes them: see the class docstring
+    _prepare_position_ids_for_generation = no_generation_position_ids  # the forward computes them: see the class docstring
 
 
 # stock class -> its patched class
@@ -636,6 +635,7 @@ def apply_hybrid(model, config: HybridConfig | None = None):
         if isinstance(model, tuple(HYBRID_CLASSES)):
             raise TypeError(f"apply_hybrid patches {names} itself, not the subclass {type(model).__name__}")
         raise TypeError(f"apply_hybrid expects a transformers {names}, got {type(model).__name__}")
+    check_not_kernelized(model)
     config = HybridConfig.from_env() if config is None else config
     hybrid = HYBRID_CLASSES[base]
     hybrid.check_model(model, config)

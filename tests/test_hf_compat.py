@@ -110,13 +110,88 @@ def call_arguments(text: str, start: int) -> str:
 def test_every_model_load_in_the_code_asks_for_no_hub_kernels():
     """A source check, so a new loader cannot bring them back (on a machine without the `kernels`
     package, 5.25's default even fails the load): each model class's from_pretrained call in the
-    package, the plugin, the tools, the tests and the reports' scripts passes NO_HUB_KERNELS."""
+    package, the plugin, the tools, the tests and the reports' scripts passes NO_HUB_KERNELS (or, in
+    the test of the refusal, use_kernels explicitly)."""
     calls = []
     for folder in ("hybrid_vlm", "vlmeval_plugin", "hybrid_tools", "tests", "reports"):
         for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
             for match in MODEL_LOAD.finditer(text):
                 where = f"{path.relative_to(REPO)}:{text.count(chr(10), 0, match.start()) + 1}"
-                calls.append((where, "NO_HUB_KERNELS" in call_arguments(text, match.end() - 1)))
+                arguments = call_arguments(text, match.end() - 1)
+                calls.append((where, "NO_HUB_KERNELS" in arguments or "use_kernels=" in arguments))  # never the default
     assert len(calls) >= 15, calls
     assert all(ok for _, ok in calls), [where for where, ok in calls if not ok]
+
+
+def test_a_model_loaded_with_hub_kernels_is_refused_unpatched():
+    """A user's own from_pretrained on 5.25 kernelizes the model by default: the engine would run the
+    kernelized norms and activations but not the rotary kernel, and match neither stock nor itself
+    elsewhere. apply_hybrid refuses it, naming the fix, and leaves the model stock; after
+    reset_kernels() (5.25) it is accepted. On 5.23 and 5.24 the flag kernelize sets stands in for a
+    kernelized load (their `kernels` range is not this environment's)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.hf_compat import TRANSFORMERS_RELEASE
+    from hybrid_vlm.tiny import build_tiny_llava, ensure_tiny_llava
+
+    if TRANSFORMERS_RELEASE >= (5, 25):
+        model = LlavaForConditionalGeneration.from_pretrained(str(ensure_tiny_llava()), use_kernels=True)  # 5.25's default, explicit
+    else:
+        model, _ = build_tiny_llava()
+        model._use_kernels = True
+    assert model.use_kernels
+    with pytest.raises(ValueError, match=r"loaded with hub kernels.*use_kernels=False"):
+        apply_hybrid(model, HybridConfig(fastv_k=8))
+    assert type(model) is LlavaForConditionalGeneration and not hasattr(model, "hybrid_config")
+    if TRANSFORMERS_RELEASE >= (5, 25):
+        model.reset_kernels()
+        assert type(apply_hybrid(model, HybridConfig(fastv_k=8))).__name__ == "HybridLlavaForConditionalGeneration"
+
+
+def test_the_upstream_sources_the_engine_mirrors_are_the_ones_read():
+    """The import gate accepts every patch release of a supported minor: a patch release that changes
+    a function the engine copies, calls for its maths or overrides fails here, naming it, until its
+    change is read and its fingerprint recorded (hybrid_vlm/hf_compat/mirrored.py)."""
+    from hybrid_vlm.hf_compat import mirrored
+
+    assert set(mirrored.FINGERPRINTS) == {"5.23", "5.24", "5.25"}
+    assert all(set(recorded) == set(mirrored.MIRRORED) for recorded in mirrored.FINGERPRINTS.values())
+    assert mirrored.changed_sources() == []
+    assert mirrored.changed_sources("5.23" if mirrored.running_release() != "5.23" else "5.25")  # the releases do differ
+
+
+def test_a_fingerprint_reads_the_definition_not_a_runtime_wrapper(tmp_path, monkeypatch):
+    """5.25 replaces module functions such as apply_rotary_pos_emb with kernel `Func` modules at import:
+    the fingerprint is of the source text of the definition, decorators included, and a method a class
+    does not define is recorded as absent."""
+    from hybrid_vlm.hf_compat import mirrored
+
+    (tmp_path / "fake_upstream.py").write_text(
+        "import functools\n\n\ndef helper(x):\n    return x + 1\n\n\nclass Layer:\n"
+        "    @functools.lru_cache\n    def forward(self, x):\n        return helper(x)\n\n\nhelper = object()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert mirrored.source_of("fake_upstream:helper") == "def helper(x):\n    return x + 1"
+    assert mirrored.source_of("fake_upstream:Layer.forward") == (
+        "    @functools.lru_cache\n    def forward(self, x):\n        return helper(x)")
+    assert mirrored.fingerprint("fake_upstream:Layer.backward") == "absent"
+
+
+def test_the_engine_output_reads_like_stock_without_image_features():
+    """The engine's forward returns no image features: `image_hidden_states` is None on every
+    release (5.24 made it a property reading `image_outputs`, which raised AttributeError), and the
+    cache is under generate's name for the release."""
+    import torch
+
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.hf_compat import CACHE_NAME, output_cache
+    from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+    model, processor = build_tiny_llava()
+    apply_hybrid(model, HybridConfig(fastv_k=8))
+    inputs = processor(images=[synthetic_image(0)], text=["USER: <image>\nwhat is it? ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    assert out.image_hidden_states is None
+    assert getattr(out, CACHE_NAME) is output_cache(out) and output_cache(out).get_seq_length() > 0

@@ -10,10 +10,13 @@ transformers upgrade means reading this package (and `patches/README.md`), not g
   cache-name shim (5.24 renamed `past_key_values` to `cache`).
 - `llava_next.py`: LLaVA-NeXT's anyres layout (crops, unpadding, `image_newline`), learned from stock packing.
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
-- `loading.py`: `NO_HUB_KERNELS`, the keyword every model load passes (5.25 kernelizes by default).
+- `loading.py`: `NO_HUB_KERNELS`, the keyword every model load passes (5.25 kernelizes by default),
+  and `check_not_kernelized`, which refuses a model loaded with them.
 - `generation.py`: generate's input expansion for beams, repeating each prompt's images whole.
 - `qwen2_5_vl.py`: Qwen2.5-VL's module names, its M-RoPE rotary with the axes last, and the vision
   tower's grid-derived inputs precomputed on the host.
+- `mirrored.py`: the upstream functions the engine copies, calls or overrides, with a fingerprint
+  of their source per supported release (a test fails when a patch release changes one).
 
 One code path where the releases agree; a small shim keyed on TRANSFORMERS_RELEASE where they do
 not. Importing it on a release outside the range raises at once (a silent mismatch here would give
@@ -53,11 +56,12 @@ from .llava import (  # noqa: E402
     output_cache,
     stock_image_features,
 )
-from .loading import NO_HUB_KERNELS  # noqa: E402
+from .loading import NO_HUB_KERNELS, check_not_kernelized  # noqa: E402
 
 __all__ = [
     "CACHE_NAME",
     "NO_HUB_KERNELS",
+    "check_not_kernelized",
     "SUPPORTED_TRANSFORMERS",
     "TRANSFORMERS_RELEASE",
     "UNTESTED_TRANSFORMERS_ENV",

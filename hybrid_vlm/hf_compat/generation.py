@@ -11,8 +11,8 @@ classes repeat a prompt's images whole, in order, as its prompt row is repeated.
 A call over a filled cache (a second turn passing the whole conversation) is sliced by generate to
 its last `input length - cache.get_seq_length()` tokens, the cache's length being layer 0's slots.
 The engine's layer 0 may hold more slots than the caller's tokens (fillers) or fewer (compacted
-DyMU slots); the state's `written_offset` turns one count into the other. Read from 5.23 and 5.24,
-which agree on both.
+DyMU slots); the state's `written_offset` turns one count into the other. Read from 5.23, 5.24 and
+5.25, which agree on both.
 """
 
 from __future__ import annotations

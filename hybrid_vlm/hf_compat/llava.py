@@ -11,7 +11,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast as StockLlavaOutput
 
 from .versions import TRANSFORMERS_RELEASE
 
@@ -94,6 +94,21 @@ def stock_image_features(model: LlavaForConditionalGeneration, pixel_values: tor
 # a deprecated alias). A forward that takes only `past_key_values` silently gets no cache from 5.24's
 # generate() and starts a fresh one at every step.
 CACHE_NAME = "cache" if TRANSFORMERS_RELEASE >= (5, 24) else "past_key_values"
+
+
+if TRANSFORMERS_RELEASE >= (5, 24):
+
+    class LlavaCausalLMOutputWithPast(StockLlavaOutput):
+        """LLaVA's output as the engine returns it: 5.24 turned `image_hidden_states` from a field
+        into a deprecated property reading `image_outputs.pooler_output`, which the engine does not
+        fill, so reading it raised AttributeError; it is None, as 5.23's field is here."""
+
+        @property
+        def image_hidden_states(self):
+            return None
+
+else:
+    LlavaCausalLMOutputWithPast = StockLlavaOutput
 
 
 def cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
@@ -326,7 +341,7 @@ def packed_decoder_states(
     position_ids: torch.Tensor,  # [B, T]
 ) -> torch.Tensor:
     """The LLM's final hidden states [B, T, D] under a custom 4-D mask (testbed training packs several
-    questions after one image). masking_utils in 5.23 and 5.24 passes a 4-D mask through as-is."""
+    questions after one image). masking_utils in 5.23, 5.24 and 5.25 passes a 4-D mask through as-is."""
     return model.model.language_model(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state

@@ -9,3 +9,17 @@ from __future__ import annotations
 # engine is compared with (parity, the bench's stock row), and an offline GPU machine would try the
 # hub. Every model is loaded without them; 5.23 and 5.24 take the same argument (their default).
 NO_HUB_KERNELS = {"use_kernels": False}
+
+
+def check_not_kernelized(model) -> None:
+    """Refuse a model loaded with hub kernels (transformers 5.25's default `from_pretrained`): the
+    engine's layer loop runs the plain PyTorch functions, so it would run some kernels (the
+    kernelized norms and activations it calls) and not others (the rotary kernel, active only
+    inside LlavaAttention.forward), and no longer match the stock model it is compared with.
+    `use_kernels` is a public property of every transformers 5.23-5.25 model."""
+    if getattr(model, "use_kernels", False):
+        raise ValueError(
+            "this model was loaded with hub kernels (transformers 5.25 kernelizes from_pretrained models by default); "
+            "hybrid_vlm runs PyTorch's own maths: load it with from_pretrained(..., use_kernels=False) "
+            "(hybrid_vlm.hf_compat.NO_HUB_KERNELS), or call model.reset_kernels() first"
+        )

@@ -4,7 +4,8 @@ precomputed grid inputs.
 The decoder layers are driven by `llava.llama_layer_forward` unchanged: Qwen2_5_VLDecoderLayer has
 Llama's attribute names (q/k/v/o projections, with biases, norms, mlp) and applies RoPE with Llama's
 formula to cos/sin [B, L, head_dim] in which Qwen2_5_VLRotaryEmbedding has already folded the
-t/h/w sections. Read from 5.23 and 5.24, whose Qwen2.5-VL files differ only in the cache's name.
+t/h/w sections. Read from 5.23, 5.24 and 5.25: 5.24 renames the cache, and no other change between
+them touches what the engine uses (`tests/test_hf_compat.py` pins the sources it mirrors).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from .llava import LlavaParts
 
 __all__ = [
     "Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "host_grid", "qwen_image_features", "qwen_parts",
-    "stock_decode_positions",
+    "stock_decode_positions", "no_generation_position_ids",
 ]
+
+
+def no_generation_position_ids(model, inputs_tensor, model_kwargs):
+    """generate's private hook `_prepare_position_ids_for_generation` (same signature in 5.23-5.25)
+    for the patched Qwen2.5-VL: no ids. Stock's override runs `get_rope_index`, which reads the grid
+    on the device (a host sync) and sets the module's `rope_deltas`; the engine's forward computes the
+    (t, h, w) ids itself, from the host grid."""
+    return None
 
 
 class AxesLastRotary(nn.Module):

@@ -1,0 +1,176 @@
+"""The upstream functions hybrid-vlm copies, calls for their maths, or overrides, fingerprinted per
+supported transformers minor release.
+
+The import gate (`versions.py`) accepts any patch release of a supported minor; a patch release that
+changes one of these functions would pass it unnoticed. `tests/test_hf_compat.py` compares the
+running release's fingerprints with the ones recorded here, so such a change fails the suite until
+someone reads it and records the new fingerprint (the porting checklist in patches/README.md).
+
+    python -m hybrid_vlm.hf_compat.mirrored    # the running release's fingerprints, as a table entry
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import inspect
+
+import transformers
+
+from .versions import minor_release
+
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+MODELS = "transformers.models"
+MIRRORED = (
+    # the decoder layer the engine's loop re-implements (`llava.llama_layer_forward`) and what it calls
+    f"{MODELS}.llama.modeling_llama:apply_rotary_pos_emb",
+    f"{MODELS}.llama.modeling_llama:rotate_half",
+    f"{MODELS}.llama.modeling_llama:repeat_kv",
+    f"{MODELS}.llama.modeling_llama:LlamaRMSNorm.forward",
+    f"{MODELS}.llama.modeling_llama:LlamaMLP.forward",
+    f"{MODELS}.llama.modeling_llama:LlamaAttention.forward",
+    f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward",
+    f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward",
+    "transformers.integrations.sdpa_attention:use_gqa_in_sdpa",
+    "transformers.integrations.sdpa_attention:sdpa_attention_forward",
+    # image features: LLaVA's, LLaVA-NeXT's packing, the CLIP layers DyMU's loop drives
+    f"{MODELS}.llava.modeling_llava:LlavaModel.get_image_features",
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.pack_image_features",
+    f"{MODELS}.llava_next.modeling_llava_next:unpad_image",
+    f"{MODELS}.llava_next.modeling_llava_next:image_size_to_num_patches",
+    f"{MODELS}.llava_next.modeling_llava_next:get_anyres_image_grid_shape",
+    f"{MODELS}.clip.modeling_clip:CLIPAttention.forward",
+    f"{MODELS}.clip.modeling_clip:CLIPEncoderLayer.forward",
+    f"{MODELS}.clip.modeling_clip:CLIPVisionEmbeddings.forward",
+    # Qwen2.5-VL: the tower and its host-side inputs, the rotary, the layers, the ids the engine recomputes
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLRotaryEmbedding.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLAttention.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLDecoderLayer.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel.get_rope_index",
+    "transformers.vision_utils:get_vision_cu_seqlens",
+    "transformers.vision_utils:get_vision_position_ids",
+    "transformers.vision_utils:get_vision_window_index",
+    # generate's contract and the hooks the patched classes override or wrap
+    "transformers.generation.utils:GenerationMixin._expand_inputs_for_generation",
+    "transformers.generation.utils:GenerationMixin._prepare_position_ids_for_generation",
+    "transformers.generation.utils:GenerationMixin._update_model_kwargs_for_generation",
+    "transformers.generation.utils:GenerationMixin.prepare_inputs_for_generation",
+    f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.prepare_inputs_for_generation",
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.prepare_inputs_for_generation",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation",
+    # the cache the engine fills layer by layer
+    "transformers.cache_utils:DynamicLayer.update",
+    "transformers.cache_utils:DynamicLayer.get_seq_length",
+    "transformers.cache_utils:DynamicCache.__init__",
+)
+
+# Recorded after reading each release's source of every function above. 5.23 -> 5.24: the cache
+# renamed from `past_key_values` to `cache` (layers, attention, generate's hooks and model kwargs:
+# `CACHE_NAME`), `cache.update(..., kwargs=)`, the paged-cache update moved out of
+# sdpa_attention_forward, the rotary forward's @torch.no_grad dropped (it has no parameters), the
+# mask's `.contiguous()` only on tensors; none changes what the engine computes. 5.24 -> 5.25: none.
+FINGERPRINTS_5_25 = {
+    f"{MODELS}.llama.modeling_llama:apply_rotary_pos_emb": 'a6dd2967da96713e',
+    f"{MODELS}.llama.modeling_llama:rotate_half": 'c3e95bb5f330fa3c',
+    f"{MODELS}.llama.modeling_llama:repeat_kv": 'd7cb84ea104d6a1d',
+    f"{MODELS}.llama.modeling_llama:LlamaRMSNorm.forward": 'f2b1cef92c1f06bf',
+    f"{MODELS}.llama.modeling_llama:LlamaMLP.forward": 'c175739048a2dbe3',
+    f"{MODELS}.llama.modeling_llama:LlamaAttention.forward": '1489739e7577f988',
+    f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward": '578dd0f2c50f1d12',
+    f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward": '13fd3a77f964628e',
+    'transformers.integrations.sdpa_attention:use_gqa_in_sdpa': '5cb5b787e76f8e73',
+    'transformers.integrations.sdpa_attention:sdpa_attention_forward': 'a2825ebbe8e42494',
+    f"{MODELS}.llava.modeling_llava:LlavaModel.get_image_features": '3bff4c1e8c3351ef',
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.pack_image_features": 'a4c1f7fa5f6d72c1',
+    f"{MODELS}.llava_next.modeling_llava_next:unpad_image": 'eeff6d15ee20acb0',
+    f"{MODELS}.llava_next.modeling_llava_next:image_size_to_num_patches": 'd96440182059d72e',
+    f"{MODELS}.llava_next.modeling_llava_next:get_anyres_image_grid_shape": 'cb621bfc04bdd342',
+    f"{MODELS}.clip.modeling_clip:CLIPAttention.forward": '9c417b71f12ced91',
+    f"{MODELS}.clip.modeling_clip:CLIPEncoderLayer.forward": 'e1e22017cec41d0f',
+    f"{MODELS}.clip.modeling_clip:CLIPVisionEmbeddings.forward": 'a6a62c3f8cf4ce80',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel.forward": '1cb8ebe68ec008b3',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLRotaryEmbedding.forward": '6d9c6be8d5670cb4',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLAttention.forward": '3b19a1e4ff3eadc0',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLDecoderLayer.forward": 'a6e5dca83d12a945',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel.get_rope_index": '71a1a04e79d9402c',
+    'transformers.vision_utils:get_vision_cu_seqlens': 'aee13f15c32efcfe',
+    'transformers.vision_utils:get_vision_position_ids': '6d2193802eadae1c',
+    'transformers.vision_utils:get_vision_window_index': '19616bef14c5cb1e',
+    'transformers.generation.utils:GenerationMixin._expand_inputs_for_generation': '7480891fe3bf6a99',
+    'transformers.generation.utils:GenerationMixin._prepare_position_ids_for_generation': '44c83105d3c5436e',
+    'transformers.generation.utils:GenerationMixin._update_model_kwargs_for_generation': 'a842ba31fb4fd5a9',
+    'transformers.generation.utils:GenerationMixin.prepare_inputs_for_generation': '6839ba3955ad431e',
+    f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.prepare_inputs_for_generation": 'absent',
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.prepare_inputs_for_generation": 'absent',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation": 'absent',
+    'transformers.cache_utils:DynamicLayer.update': 'c9d4538ca6392290',
+    'transformers.cache_utils:DynamicLayer.get_seq_length': '079d68a3bcb81503',
+    'transformers.cache_utils:DynamicCache.__init__': '26dc0888b09c83e3',
+}
+FINGERPRINTS: dict[str, dict[str, str]] = {
+    "5.25": FINGERPRINTS_5_25,
+    "5.24": FINGERPRINTS_5_25,
+    "5.23": {
+        **FINGERPRINTS_5_25,
+        f"{MODELS}.llama.modeling_llama:LlamaAttention.forward": '0e885f95c05996db',
+        f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward": 'f42bfd5c8b229783',
+        f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward": '357e762a64c703c5',
+        'transformers.integrations.sdpa_attention:sdpa_attention_forward': 'a030d39b9274fbb1',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLRotaryEmbedding.forward": 'ad0978fa80ee5847',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLAttention.forward": 'cef94cef3dbff7c1',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLDecoderLayer.forward": '0adb656058855efc',
+        'transformers.generation.utils:GenerationMixin._prepare_position_ids_for_generation': 'dd8c1a986f6692d5',
+        'transformers.generation.utils:GenerationMixin._update_model_kwargs_for_generation': 'f522968ded2cfcac',
+        'transformers.generation.utils:GenerationMixin.prepare_inputs_for_generation': '555b27a36e9db968',
+    },
+}
+
+
+def source_of(spec: str) -> str:
+    """The source of the definition a `module:Qualified.name` spec names, decorators included, read
+    from its module's file: 5.25 replaces some module functions with kernel wrappers at import
+    (`apply_rotary_pos_emb` becomes a `Func` module), whose own source is not the function's."""
+    module, _, qualified = spec.partition(":")
+    text = inspect.getsource(importlib.import_module(module))
+    body = ast.parse(text).body
+    for name in qualified.split("."):
+        node = next((n for n in body if isinstance(n, DEFINITIONS) and n.name == name), None)
+        if node is None:
+            raise LookupError(f"{spec}: no definition {name!r} in {module}")
+        body = node.body
+    first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+    return "\n".join(text.splitlines()[first - 1 : node.end_lineno])
+
+
+def fingerprint(spec: str) -> str:
+    """The first 16 hex digits of the SHA-256 of the named definition's source; "absent" where the
+    release does not define it there (a class that inherits the method), which is recorded too."""
+    try:
+        return hashlib.sha256(source_of(spec).encode()).hexdigest()[:16]
+    except LookupError:
+        return "absent"
+
+
+def running_release() -> str:
+    return "{}.{}".format(*minor_release(transformers.__version__))
+
+
+def changed_sources(release: str | None = None) -> list[str]:
+    """The specs whose source differs from the fingerprint recorded for `release` (default: the
+    running one's minor release); every spec when none is recorded for it."""
+    recorded = FINGERPRINTS.get(release or running_release(), {})
+    return [spec for spec in MIRRORED if recorded.get(spec) != fingerprint(spec)]
+
+
+def main() -> int:
+    print(f"    {running_release()!r}: {{")
+    for spec in MIRRORED:
+        print(f"        {spec!r}: {fingerprint(spec)!r},")
+    print("    },")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
