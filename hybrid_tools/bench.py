@@ -934,10 +934,10 @@ def traced_kernels(bench: BenchRun) -> dict:
 
 
 def count_columns(counts: dict) -> dict:
-    return dict(  # medians over the batch's samples, as every statistic here
-        visual_in=statistics.median(counts["visual"]), visual_kept=statistics.median(counts["visual_kept"]),
-        llm_tokens_in=statistics.median(t + v for t, v in zip(counts["text"], counts["visual"])),
-        llm_tokens_kept=statistics.median(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
+    return dict(  # means over the batch's samples, as the evaluation's token counts are means over rows
+        visual_in=statistics.fmean(counts["visual"]), visual_kept=statistics.fmean(counts["visual_kept"]),
+        llm_tokens_in=statistics.fmean(t + v for t, v in zip(counts["text"], counts["visual"])),
+        llm_tokens_kept=statistics.fmean(t + v for t, v in zip(counts["text"], counts["visual_kept"])),
         per_sample_counts=dict(counts),
     )
 

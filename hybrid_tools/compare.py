@@ -292,7 +292,7 @@ def failed_rows_lines(runs: pd.DataFrame) -> list[str]:
     return ["", f"Failed rows (the plugin's failure marker, scored as wrong): {', '.join(failed)}."] if failed else []
 
 
-SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill ratio vs stock | theory ratio | decode ms/token (median) "
+SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill ratio vs {baseline} | theory ratio | decode ms/token (median) "
                 "| KV cache MB (theory) |\n|---|---|---|---|---|---|---|")
 
 
@@ -300,8 +300,8 @@ def speed_table(raw: Path) -> str:
     if not (raw / "bench.json").is_file():
         return "No bench.json: speed was not measured.\n"
     bench = json.loads((raw / "bench.json").read_text())
-    lines = [SPEED_HEADER]
-    for row in bench.get("summary", bench.get("rows", [])):
+    lines = [SPEED_HEADER.format(baseline=bench_baseline(bench))]
+    for row in bench["rows"]:
         if row.get("status") != "ok":
             lines.append(f"| {row.get('config')} | | {row.get('status')} | | | | |")
             continue
@@ -414,14 +414,24 @@ def report_intro(out: Path, family: str) -> str:
             f"{what}\n\n{rules}\n")
 
 
-def render(out: Path) -> None:
+def bench_baseline(bench: dict) -> str:
+    """The row a bench's ratios divide by (`hybrid_tools.bench --baseline`; stock by default)."""
+    return bench.get("meta", {}).get("baseline", "stock")
+
+
+def render(out: Path) -> list[Path]:
+    """Writes OUT's table, speed table (where raw/ holds a bench), figures and report; returns what it wrote."""
     raw = out / "raw"
     table, figures = main_table(raw), plots(raw, out / "figures")
     (out / "table.md").write_text(table)
+    written = [out / "table.md"]
     if (raw / "bench.json").is_file():
         speed = speed_table(raw)
         (out / "speed.md").write_text(speed)
-        speed_section = ("## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against stock transformers)"
+        written.append(out / "speed.md")
+        baseline = bench_baseline(json.loads((raw / "bench.json").read_text()))
+        against = "stock transformers" if baseline == "stock" else f"the `{baseline}` row"
+        speed_section = (f"## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against {against})"
                          f"\n\nThe \"kept\" of PyramidDrop and SparseVLM is their last stage's count.\n\n{speed}")
     else:
         (out / "speed.md").unlink(missing_ok=True)
@@ -430,6 +440,7 @@ def render(out: Path) -> None:
     report = (f"{report_intro(out, family_of(raw))}\n## Accuracy (TinyMMBench, circular) and CIDEr (TinyCOCO)\n\n{table}\n"
               f"{speed_section}\n## Plots (logical positions)\n\n{links}\n")
     (out / "report.md").write_text(report)
+    return [*written, out / "report.md", out / "figures"]
 
 
 def checked_sources(parser, args) -> tuple[Path, Path | None]:
@@ -462,8 +473,7 @@ def main(argv=None) -> int:
     else:
         work_dir, bench_dir = checked_sources(parser, args)
         collect(work_dir, bench_dir, out)
-    render(out)
-    print(f"wrote {out / 'table.md'}, {out / 'speed.md'} and {out / 'figures'}")
+    print("wrote " + ", ".join(str(path) for path in render(out)))
     return 0
 
 

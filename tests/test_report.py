@@ -339,6 +339,12 @@ def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
     assert bench_targets(synthetic_bench_rows(0.98, 0.2, 0.2, "pass"))[0][-1] == "met"
     absent = bench_targets(synthetic_bench_rows(1.0, 0.2, None, ""))
     assert absent[3][0].startswith("hybrid") and absent[3][-1] == "not measured"
+    # ratios that divide by the engine (--baseline vanilla) are not ratios vs stock: not judged as such
+    engine_based = bench_targets(synthetic_bench_rows(1.0, 0.2, 0.2, "pass"), baseline="vanilla")
+    assert [(name, verdict) for name, _, _, _, verdict in engine_based[:4]] == [
+        ("engine overhead: prefill vs stock", "not measured"), ("FastV K=64 prefill vs stock", "not measured"),
+        ("FastV K=64 LLM prefill vs stock", "not measured"), ("hybrid (DyMU + FastV K=64) prefill vs stock", "not measured")]
+    assert "divide by `vanilla`" in engine_based[0][2] and engine_based[-1][-1] == "met"  # the sync checks still count
 
 
 def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():

@@ -49,7 +49,7 @@ def prefill_theory_text(row: dict) -> str:
 
 
 BENCH_HEADER = [
-    "config", "method", "visual in→kept", "vision ms (median)", "LLM prefill ms (median)", "prefill ms (median)", "prefill GMACs",
+    "config", "method", "visual in→kept (mean)", "vision ms (median)", "LLM prefill ms (median)", "prefill ms (median)", "prefill GMACs",
     "prefill ratio", "theory", "ratio − theory", "LLM prefill ratio", "theory", "decode ms/token (median)",
     "decode ratio", "theory", "peak MB",
 ]

@@ -24,6 +24,8 @@ FASTV_SLACK = 0.05
 HYBRID_SPEEDUP = 3.5
 NO_STATED_ALLOWANCE = "none beyond the row's designed reads, 0 per step"
 HEADER = ["target", "bench", "row", "measured", "needed", "verdict"]
+RATIO_TARGETS = ("engine overhead: prefill vs stock", "FastV K=64 prefill vs stock", "FastV K=64 LLM prefill vs stock",
+                 "hybrid (DyMU + FastV K=64) prefill vs stock")
 TARGETS_NOTE = (
     "Each target is checked against the rows above (`hybrid_tools.report.targets`): prefill ratios are median "
     "prefill times divided by stock transformers' median prefill time in the same bench; a target whose row "
@@ -36,13 +38,18 @@ def targets_table(benches: list[Bench]) -> str:
     for bench in benches:
         device = bench.meta.get("gpu")  # the verdicts depend on the card (memory bandwidth at batch 1)
         where = f"{bench.meta.get('preset') or bench.meta.get('model') or '?'}, batch {bench.meta.get('batch_size', '?')}" + (f", {device}" if device else "")
-        rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows)]
+        rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows, bench.meta.get("baseline", "stock"))]
     return md_table(HEADER, rows, align="llllll")
 
 
-def bench_targets(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
-    """(target, row, measured, needed, verdict) for each target this bench's rows can speak to."""
+def bench_targets(rows: list[dict], baseline: str = "stock") -> list[tuple[str, str, str, str, str]]:
+    """(target, row, measured, needed, verdict) for each target this bench's rows can speak to. The
+    ratio targets are against stock transformers: a bench whose ratios divide by another row
+    (`--baseline vanilla`) leaves them not measured, saying so."""
     by_config = {r.get("config"): r for r in rows if r.get("status") == "ok"}
+    if baseline != "stock":
+        return [(name, "–", f"its ratios divide by `{baseline}`", "vs stock", "not measured") for name in RATIO_TARGETS] + [
+            _sync_target(r) for r in by_config.values() if r.get("method") != "stock" and r.get("sync_debug") not in (None, "not run")]
     band = f"{1 - ENGINE_BAND:.3f} to {1 + ENGINE_BAND:.3f}"
     vanillas = [r for r in by_config.values() if r.get("method") == "vanilla"] or [None]  # each MASK_READ row
     out = [_ratio_target("engine overhead: prefill vs stock", row, band, _within_band) for row in vanillas]
