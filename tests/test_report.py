@@ -301,6 +301,60 @@ def test_readme_cpu_overhead_figures_quote_the_committed_mid_benches():
     assert re.findall(r"\b[01]\.\d{3}\b", quoted) == expected
 
 
+def test_readme_method_comparison_cider_table_quotes_the_committed_testbed_comparison():
+    """Every cell of the README's method table on the testbed is that comparison's raw TinyCOCO score
+    at logical positions (random: the lowest-highest of its seeds), and a budget it marks
+    unreachable or refused has no TinyCOCO result there."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- method-comparison-testbed-cider:begin -->", 1)[1].split("<!-- method-comparison-testbed-cider:end -->", 1)[0]
+    runs = pd.read_csv(REPO / "reports/method-comparison-testbed/raw/runs.csv")
+    scored = runs[(runs["positions"] == "logical") & (runs["dataset"] == "TinyCOCO") & (runs["status"] == "ok")]
+    lines = [line for line in table.strip().splitlines() if not line.startswith("|---")]
+    methods = [cell.strip().split(" (")[0].lower() for cell in lines[0].strip("|").split("|")[1:]]
+    methods = [{"pooling": "pool", "pyramiddrop": "pdrop"}.get(name, name) for name in methods]
+    assert len(lines) == 6 and len(methods) == 9
+    for line in lines[1:]:
+        budget, *cells = [cell.strip() for cell in line.strip("|").split("|")]
+        for method, cell in zip(methods, cells):
+            scores = scored[(scored["method"] == method) & (scored["budget"] == int(budget))]["vlmeval_score"].tolist()
+            if cell in ("unreachable", "refused"):
+                assert scores == [], (method, budget)
+            elif method == "random":
+                assert len(scores) == 3 and cell == f"{min(scores):.1f}-{max(scores):.1f}", (budget, cell)
+            else:
+                assert len(scores) == 1 and cell == f"{scores[0]:.1f}", (method, budget, cell)
+
+
+def test_readme_qwen_speed_figures_quote_the_committed_qwen_bench():
+    """The README's Qwen2.5-VL CPU speed sentence, number by number, is reports/cpu-qwen-bench's raw bench.json."""
+    readme = (REPO / "README.md").read_text()
+    quoted = readme.split("<!-- cpu-qwen-bench-prose:begin -->", 1)[1].split("<!-- cpu-qwen-bench-prose:end -->", 1)[0]
+    rows = {row["config"]: row for row in json.loads((REPO / "reports/cpu-qwen-bench/raw/bench/bench.json").read_text())["rows"]}
+    fastv = [rows[f"fastv-k{k}-l2"] for k in (640, 320, 160)]
+    stock, vanilla = rows["stock"], rows["vanilla"]
+    expected = ([f"{row['prefill_ratio']:.3f}" for row in fastv] + [f"{row['visual_kept']:.0f}" for row in fastv]
+                + [f"{row['prefill_theory_ratio']:.3f}" for row in fastv]
+                + [f"{stock['vision_ms'] / 1e3:.1f}", f"{stock['prefill_ms'] / 1e3:.1f}", f"{vanilla['prefill_ratio']:.3f}",
+                   f"{vanilla['decode_ratio']:.3f}", f"{vanilla['decode_ms_per_token']:.1f}", f"{stock['decode_ms_per_token']:.1f}"])
+    assert re.findall(r"\d+(?:\.\d+)?", quoted) == expected
+
+
+def test_readme_next_speed_prose_quotes_the_committed_next_bench():
+    """The figures the README's LLaVA-NeXT speed text draws from reports/cpu-next-bench: the engine's
+    prefill overhead, FastV's range of ratio − theory, and decode at K = 576 against its theory."""
+    readme = (REPO / "README.md").read_text()
+    rows = {row["config"]: row for row in json.loads((REPO / "reports/cpu-next-bench/raw/bench/bench.json").read_text())["rows"]}
+    overhead = readme.split("<!-- cpu-next-prose:begin -->", 1)[1].split("<!-- cpu-next-prose:end -->", 1)[0]
+    ratio = rows["vanilla"]["prefill_ratio"]
+    assert overhead == f"{round(100 * (ratio - 1)):.0f}% slower than stock in prefill ({ratio:.3f})"
+    fastv = readme.split("<!-- cpu-next-fastv-prose:begin -->", 1)[1].split("<!-- cpu-next-fastv-prose:end -->", 1)[0]
+    gaps = [row["prefill_ratio_minus_theory"] for name, row in rows.items() if re.fullmatch(r"fastv-k\d+-l2", name)]
+    k576 = rows["fastv-k576-l2"]
+    assert len(gaps) == 3
+    assert re.findall(r"[−+-]?\d+\.\d+", fastv) == [f"{min(gaps):+.2f}".replace("-", "−"), f"{max(gaps):+.2f}",
+                                                      f"{k576['decode_ratio']:.2f}", f"{k576['decode_theory_ratio']:.2f}"]
+
+
 def synthetic_bench_rows(vanilla: float, fastv: float, hybrid: float | None, hybrid_syncs: str) -> list[dict]:
     """Made-up prefill ratios under the bench's row names: not measurements of anything."""
     rows = [
