@@ -305,7 +305,7 @@ def speed_table(raw: Path) -> str:
         if row.get("status") != "ok":
             lines.append(f"| {row.get('config')} | | {row.get('status')} | | | | |")
             continue
-        lines.append(f"| {row['config']} | {row['visual_in']} → {row['visual_kept']} | {row['prefill_ms']:.1f} | {row['prefill_ratio']:.3f} "
+        lines.append(f"| {row['config']} | {row['visual_in']:.0f} → {row['visual_kept']:.0f} | {row['prefill_ms']:.1f} | {row['prefill_ratio']:.3f} "
                      f"| {row['prefill_theory_ratio']:.3f} | {row['decode_ms_per_token']:.2f} | {row['kv_cache_mb_theory']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -169,7 +169,8 @@ def prompt_budget(budget: int | float, image_tokens: list[int]) -> int | float:
     """A prompt's VISUAL_BUDGET for pdrop and dart, which rank all its images' tokens together: a count
     is per image, as for the methods before the LLM, each image capped at the tokens it holds, so the
     prompt spends what they would (n times the count where every image holds more; where none does,
-    n times the count too, which keeps them all); a fraction is of the prompt's tokens, which is the
+    n times the count too, which keeps them all, as a count above one image's tokens does, up to
+    DART's rounding of its picks to the 8 pivots); a fraction is of the prompt's tokens, which is the
     same share of each image's."""
     if isinstance(budget, float) or all(tokens <= budget for tokens in image_tokens):
         return budget if isinstance(budget, float) else budget * len(image_tokens)

@@ -315,6 +315,7 @@ def test_readme_method_comparison_cider_table_quotes_the_committed_testbed_compa
     assert len(lines) == 6 and len(methods) == 9
     for line in lines[1:]:
         budget, *cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == len(methods), line
         for method, cell in zip(methods, cells):
             scores = scored[(scored["method"] == method) & (scored["budget"] == int(budget))]["vlmeval_score"].tolist()
             if cell in ("unreachable", "refused"):

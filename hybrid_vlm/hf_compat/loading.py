@@ -16,10 +16,13 @@ def check_not_kernelized(model) -> None:
     engine's layer loop runs the plain PyTorch functions, so it would run some kernels (the
     kernelized norms and activations it calls) and not others (the rotary kernel, active only
     inside LlavaAttention.forward), and no longer match the stock model it is compared with.
-    `use_kernels` is a public property of every transformers 5.23-5.25 model."""
+    `use_kernels` is a public property of every transformers 5.23-5.25 model. On 5.23 and 5.24, which
+    kernelize only when asked and have no `reset_kernels`, setting it back to False clears the flag
+    but, as upstream warns, not the kernels: such a model is not detected."""
     if getattr(model, "use_kernels", False):
+        undo = " or call model.reset_kernels() first" if hasattr(model, "reset_kernels") else ""
         raise ValueError(
             "this model was loaded with hub kernels (transformers 5.25 kernelizes from_pretrained models by default); "
             "hybrid_vlm runs PyTorch's own maths: load it with from_pretrained(..., use_kernels=False) "
-            "(hybrid_vlm.hf_compat.NO_HUB_KERNELS), or call model.reset_kernels() first"
+            f"(hybrid_vlm.hf_compat.NO_HUB_KERNELS){undo}"
         )

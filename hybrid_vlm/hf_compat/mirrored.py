@@ -32,10 +32,14 @@ MIRRORED = (
     f"{MODELS}.llama.modeling_llama:LlamaAttention.forward",
     f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward",
     f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward",
+    f"{MODELS}.mistral.modeling_mistral:MistralAttention.forward",  # LLaVA-NeXT-Mistral's layers, driven the same way
+    f"{MODELS}.mistral.modeling_mistral:MistralDecoderLayer.forward",
     "transformers.integrations.sdpa_attention:use_gqa_in_sdpa",
+    "transformers.integrations.sdpa_attention:pack_gqa",
     "transformers.integrations.sdpa_attention:sdpa_attention_forward",
     # image features: LLaVA's, LLaVA-NeXT's packing, the CLIP layers DyMU's loop drives
     f"{MODELS}.llava.modeling_llava:LlavaModel.get_image_features",
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.get_image_features",
     f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.pack_image_features",
     f"{MODELS}.llava_next.modeling_llava_next:unpad_image",
     f"{MODELS}.llava_next.modeling_llava_next:image_size_to_num_patches",
@@ -63,6 +67,7 @@ MIRRORED = (
     # the cache the engine fills layer by layer
     "transformers.cache_utils:DynamicLayer.update",
     "transformers.cache_utils:DynamicLayer.get_seq_length",
+    "transformers.cache_utils:DynamicSlidingWindowLayer.update",
     "transformers.cache_utils:DynamicCache.__init__",
 )
 
@@ -80,9 +85,13 @@ FINGERPRINTS_5_25 = {
     f"{MODELS}.llama.modeling_llama:LlamaAttention.forward": '1489739e7577f988',
     f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward": '578dd0f2c50f1d12',
     f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward": '13fd3a77f964628e',
+    f"{MODELS}.mistral.modeling_mistral:MistralAttention.forward": 'ae2307bb04a6e0f0',
+    f"{MODELS}.mistral.modeling_mistral:MistralDecoderLayer.forward": '578dd0f2c50f1d12',
     'transformers.integrations.sdpa_attention:use_gqa_in_sdpa': '5cb5b787e76f8e73',
+    'transformers.integrations.sdpa_attention:pack_gqa': '5bdc6266c7818cb7',
     'transformers.integrations.sdpa_attention:sdpa_attention_forward': 'a2825ebbe8e42494',
     f"{MODELS}.llava.modeling_llava:LlavaModel.get_image_features": '3bff4c1e8c3351ef',
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.get_image_features": 'd1c22f6622fe334f',
     f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.pack_image_features": 'a4c1f7fa5f6d72c1',
     f"{MODELS}.llava_next.modeling_llava_next:unpad_image": 'eeff6d15ee20acb0',
     f"{MODELS}.llava_next.modeling_llava_next:image_size_to_num_patches": 'd96440182059d72e',
@@ -107,6 +116,7 @@ FINGERPRINTS_5_25 = {
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation": 'absent',
     'transformers.cache_utils:DynamicLayer.update': 'c9d4538ca6392290',
     'transformers.cache_utils:DynamicLayer.get_seq_length': '079d68a3bcb81503',
+    'transformers.cache_utils:DynamicSlidingWindowLayer.update': 'f4f299404720469a',
     'transformers.cache_utils:DynamicCache.__init__': '26dc0888b09c83e3',
 }
 FINGERPRINTS: dict[str, dict[str, str]] = {
@@ -117,6 +127,8 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         f"{MODELS}.llama.modeling_llama:LlamaAttention.forward": '0e885f95c05996db',
         f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward": 'f42bfd5c8b229783',
         f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward": '357e762a64c703c5',
+        f"{MODELS}.mistral.modeling_mistral:MistralAttention.forward": 'ce8ca62968f927d9',
+        f"{MODELS}.mistral.modeling_mistral:MistralDecoderLayer.forward": 'f42bfd5c8b229783',
         'transformers.integrations.sdpa_attention:sdpa_attention_forward': 'a030d39b9274fbb1',
         f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLRotaryEmbedding.forward": 'ad0978fa80ee5847',
         f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLAttention.forward": 'cef94cef3dbff7c1',
