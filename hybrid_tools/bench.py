@@ -106,6 +106,7 @@ from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_modu
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_pixels
 from hybrid_vlm.hf_compat.qwen2_5_vl import stock_decode_positions
+from hybrid_vlm.methods import get_method, list_methods, methods_at_a_layer
 from hybrid_vlm.model import HybridDecoder
 from hybrid_vlm.provenance import git_state, portable
 from hybrid_vlm.qwen_flops import QwenShape, qwen_method_prefill_macs
@@ -148,8 +149,8 @@ class BenchConfig:
     row: dict = field(default_factory=dict)
 
 
-BENCH_METHODS = ("fastv", "random", "pool", "visionzip", "vispruner", "divprune", "pdrop", "sparsevlm", "dart")
-LAYER_METHODS = ("fastv", "random", "dart")  # the --methods that prune inside the LLM at FASTV_LAYER
+BENCH_METHODS = tuple(name for name in list_methods() if get_method(name).budget_rule != "thresholds")  # DyMU: --dymu
+LAYER_METHODS = methods_at_a_layer()  # the --methods that prune inside the LLM at FASTV_LAYER
 
 
 def build_configs(args) -> list[BenchConfig]:
@@ -849,7 +850,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     """One configuration's row: setting, median times, token counts, theory, memory and syncs."""
     args, hybrid = bench.args, config.hybrid
     prunes = getattr(hybrid, "prunes", False)
-    at_a_layer = prunes and hybrid.staged_method in (None, "dart")  # pdrop's and sparsevlm's stages have their own layers
+    at_a_layer = prunes and hybrid.llm_method in methods_at_a_layer()  # pdrop's and sparsevlm's stages have their own layers
     row = dict(
         config=config.name, status=config.status, method=config.method, note=config.note,
         fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if at_a_layer else None,

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hybrid_vlm.methods import methods_at_a_layer
 from vlmeval_plugin import settings
 from vlmeval_plugin.results import load_table, prediction_file, read_sweep_runs, read_work_dir
 
@@ -192,7 +193,7 @@ def pruning_layer(run: str) -> int:
     """The LLM layer a run prunes at, from its tag's `-lN` (FastV, random, DART, a hybrid's FastV);
     FastV's default layer 2 for a run that names none (methods before the LLM, PyramidDrop's stages)."""
     for part in (settings.setting_tag(run) or "").split("_"):  # dymu-<file stem>_fastv-k64-l2: the FastV part's
-        found = re.search(r"-l(\d+)(?=-|$)", part) if part.startswith(("fastv-", "random-", "dart-")) else None
+        found = re.search(r"-l(\d+)(?=-|$)", part) if part.startswith(tuple(f"{name}-" for name in methods_at_a_layer())) else None
         if found:
             return int(found.group(1))
     return 2

@@ -368,7 +368,8 @@ class HybridConfig:
             layers = ".".join(map(str, get_method(self.visual_method).stage_layers(num_layers)))
             parts.append(f"{self.visual_method}-b{self.visual_budget}-l{layers}")
         elif self.visual_method is not None:
-            parts.append(f"{self.visual_method}-b{self.visual_budget}")
+            layer = f"-l{self.fastv_layer}" if get_method(self.visual_method).prunes_at_layer else ""
+            parts.append(f"{self.visual_method}-b{self.visual_budget}{layer}")
         if self.visual_pool is not None:
             parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")
         if self.dymu is not None:

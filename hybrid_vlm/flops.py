@@ -443,7 +443,9 @@ def stage_visual_counts(shape: LlavaShape, config, images: int = 1) -> dict[int,
             raise ValueError(f"VISUAL_METHOD=sparsevlm takes one image per prompt, not {images}")
         counts = sparsevlm.stage_counts(config.visual_budget, patches)
         return {0: patches, **{layer: kept + clusters for layer, (kept, clusters) in zip(sparsevlm.stage_layers(layers), counts)}}
-    return {0: patches, config.fastv_layer: min(kept_count(image_quotas(budget, config.dart_quota, patches)), patches)}
+    if config.llm_method == "dart":
+        return {0: patches, config.fastv_layer: min(kept_count(image_quotas(budget, config.dart_quota, patches)), patches)}
+    raise NotImplementedError(f"VISUAL_METHOD={config.llm_method}: no MACs model of its stages (hybrid_vlm.flops.stage_visual_counts)")
 
 
 def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal",
@@ -469,7 +471,7 @@ def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tok
         elif config.llm_method == "sparsevlm":
             candidates, _ = sparsevlm.recycled_counts(counts[before] - stage_counts[stage][0])
             llm += text_tokens * tokens * llm_shape.d_q + candidates * candidates * llm_shape.hidden
-        else:
+        else:  # dart (stage_visual_counts refuses any other method)
             llm += tokens * llm_shape.d_kv + 8 * counts[before] * llm_shape.hidden
     stock = prefill_macs(shape, text_tokens, counts[0], attention=attention, lm_head_tokens=lm_head_tokens, crops=images)
     return PrefillMacs(vision=stock.vision, projector=stock.projector, llm=llm, lm_head=stock.lm_head)

@@ -18,7 +18,7 @@ import torch
 from .adapters import images_per_sample, left_padded, reads_pixel_hash
 from .baselines import image_keys, slot_hash
 from .hf_compat.qwen2_5_vl import host_grid, qwen_image_features
-from .methods import VisualReads, budget_tokens, get_method
+from .methods import Read, VisualReads, budget_tokens, get_method
 from .methods.selection import place_selection
 from .mrope import batch_tables, mrope_positions
 from .placement import ImageSlots
@@ -129,7 +129,9 @@ def qwen_prompt_positions(model, input_ids: torch.Tensor, new_valid: torch.Tenso
     return mrope_positions(is_image, new_valid, host_to_device(offsets, device), host_to_device(steps, device))
 
 
-NEEDS_CLS = ("visionzip", "vispruner")  # methods that read the CLIP [CLS] row
+# What the Qwen2.5-VL adapter can give a method before the LLM: the merged units (PatchMerger's
+# output). Its windowed ViT has no [CLS] token and no single read layer of CLIP features or keys.
+QWEN_PRE_LLM_READS = frozenset({Read.PROJECTED_FEATURES})
 
 
 def check_qwen_supported(model, config) -> None:
@@ -142,9 +144,11 @@ def check_qwen_settings(config) -> None:
     if config.dymu is not None:
         raise ValueError("DYMU_THRESHOLDS is not implemented for Qwen2.5-VL: DyMU merges CLIP patches, and Qwen's windowed "
                          "ViT needs whole 2x2 merge units")
-    if config.visual_method in NEEDS_CLS:
-        raise ValueError(f"VISUAL_METHOD={config.visual_method} is not available for Qwen2.5-VL: it ranks patches by the "
-                         "[CLS] token's attention, and Qwen2.5-VL's ViT has no [CLS] token")
+    missing = [] if config.pre_llm_method is None else [r for r in get_method(config.pre_llm_method).reads if r not in QWEN_PRE_LLM_READS]
+    if missing:
+        raise ValueError(f"VISUAL_METHOD={config.visual_method} is not available for Qwen2.5-VL: it reads "
+                         f"{', '.join(r.value for r in missing)}, which Qwen2.5-VL's windowed ViT does not give (it has no [CLS] "
+                         "token); a method before the LLM there reads the projected (merged) units only")
     if config.visual_pool is not None:
         raise ValueError("VISUAL_POOL is LLaVA-1.5's s x s blocks of its 24 x 24 grid: on Qwen2.5-VL use VISUAL_METHOD=pool "
                          "with VISUAL_BUDGET (a count or a fraction of each image's merged units)")

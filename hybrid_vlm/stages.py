@@ -132,36 +132,49 @@ def stage_plans(config: HybridConfig, placed: PlacedPrompt | None, fastv_query_i
 
 def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
     """pdrop's stages or dart's one, each sample by its own visual count (Qwen2.5-VL's image sizes
-    differ within a batch); sparsevlm's on prompts whose samples all hold the same count."""
-    counts = placed.visual_counts
-    if counts is None:
+    differ within a batch); sparsevlm's on prompts whose samples all hold the same count. A method
+    registered inside the LLM without a plan here is refused by name, never run as another's."""
+    if placed.visual_counts is None:
         raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} needs each sample's visual token count on the host "
                                   "(not after DyMU merging)")
-    if config.llm_method == "sparsevlm":
-        return sparsevlm_stages(config, placed, query_index, num_layers)
-    device = query_index.device
+    if config.llm_method not in STAGE_PLANS:
+        raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} prunes inside the LLM, and the engine has no stage plan "
+                                  f"for it: add one to hybrid_vlm.stages.STAGE_PLANS (it has {', '.join(STAGE_PLANS)})")
+    return STAGE_PLANS[config.llm_method](config, placed, query_index, num_layers)
+
+
+def sample_budgets(config: HybridConfig, placed: PlacedPrompt) -> tuple[list[int | float], list[list[int]]]:
+    """(each sample's prompt budget, each sample's image token counts) for the methods that rank a
+    prompt's images as one pool (`prompt_budget`)."""
     if placed.image_tokens is None and placed.images_per_sample != 1:
         raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} with several images per prompt needs each image's token count on the host")
-    image_tokens = placed.image_tokens or [[count] for count in counts]
-    budgets = [prompt_budget(config.visual_budget, tokens) for tokens in image_tokens]  # per sample
-    if config.llm_method == "dart":
-        quotas = [image_quotas(budget, config.dart_quota, count) for budget, count in zip(budgets, counts)]  # per sample
-        for sample in quotas:
-            check_dart_quotas(config, sample)
-        largest = tuple(map(max, zip(*quotas)))
-        keeps = [min(kept_count(sample), count) for sample, count in zip(quotas, counts)]  # a sample holding fewer keeps them all
-        sample_quotas = per_sample(quotas, device)
-        plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
-                         score="dart", dart_quotas=largest, dart_pivots=config.dart_pivots, dart_sample_quotas=sample_quotas)
-        return {config.fastv_layer: plan}
+    image_tokens = placed.image_tokens or [[count] for count in placed.visual_counts]
+    return [prompt_budget(config.visual_budget, tokens) for tokens in image_tokens], image_tokens
+
+
+def dart_stage(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
+    counts, device = placed.visual_counts, query_index.device
+    budgets, _ = sample_budgets(config, placed)
+    quotas = [image_quotas(budget, config.dart_quota, count) for budget, count in zip(budgets, counts)]  # per sample
+    for sample in quotas:
+        check_dart_quotas(config, sample)
+    largest = tuple(map(max, zip(*quotas)))
+    keeps = [min(kept_count(sample), count) for sample, count in zip(quotas, counts)]  # a sample holding fewer keeps them all
+    plan = PrunePlan(max(keeps), placed.visual_positions, query_index, per_sample(keeps, device), None, uniform=len(set(keeps)) == 1,
+                     score="dart", dart_quotas=largest, dart_pivots=config.dart_pivots, dart_sample_quotas=per_sample(quotas, device))
+    return {config.fastv_layer: plan}
+
+
+def pdrop_stages(config: HybridConfig, placed: PlacedPrompt, query_index: torch.Tensor, num_layers: int) -> dict[int, PrunePlan]:
+    budgets, image_tokens = sample_budgets(config, placed)
     schedules = [pdrop_schedule_capped(budget, count, num_layers, budget_text(config.visual_budget, tokens))
-                 for budget, count, tokens in zip(budgets, counts, image_tokens)]
+                 for budget, count, tokens in zip(budgets, placed.visual_counts, image_tokens)]
     plans = {}
     for index, layer in enumerate(pdrop.stage_layers(num_layers)):
         keeps = [schedule[layer] for schedule in schedules]
         first = index == 0
         plans[layer] = PrunePlan(max(keeps), placed.visual_positions if first else None, query_index if first else None,
-                                 per_sample(keeps, device), None, uniform=len(set(keeps)) == 1, score="own_row")
+                                 per_sample(keeps, query_index.device), None, uniform=len(set(keeps)) == 1, score="own_row")
     return plans
 
 
@@ -380,3 +393,7 @@ def keep_and_recycle(plan: PrunePlan, scores: torch.Tensor, hidden_states: torch
     states = gather_tokens(hidden_states, positions)
     cluster_slots = (at + torch.arange(clusters, device=scores.device)[None, :])[..., None].expand(-1, -1, states.shape[-1])
     return positions, states.scatter(1, cluster_slots, merged.to(states.dtype))
+
+
+# VISUAL_METHOD -> its plans {layer: PrunePlan} for one prompt batch, for the methods registered inside the LLM
+STAGE_PLANS = {"pdrop": pdrop_stages, "dart": dart_stage, "sparsevlm": sparsevlm_stages}

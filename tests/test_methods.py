@@ -18,7 +18,7 @@ from hybrid_vlm.methods.visionzip import visionzip_split
 from hybrid_vlm.methods.vispruner import vispruner_split
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, hybrid_copy, image_inputs
+from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, hybrid_copy, image_inputs, qwen_inputs
 from method_reference import divprune_reference, visionzip_reference, vispruner_reference
 from reference import greedy_without_cache, masked_reference, numpy_adaptive_pool, stock_vision_reads
 
@@ -230,3 +230,36 @@ def test_state_records_the_per_layer_kv_lengths_the_cache_holds(tiny):
     assert [group.first_layer for group in cache.hybrid_state.groups] == [0, 2]
     length = inputs["input_ids"].shape[1]
     assert held == [length - 576 + 64] * 2 + [length - 576 + 16] * (len(held) - 2)
+
+
+def unplanned_methods(monkeypatch):
+    """Two methods registered as a contributor would first register them: one pruning inside the LLM
+    at FASTV_LAYER, with no stage plan or MACs model yet, and one before the LLM reading CLIP features."""
+    from hybrid_vlm import methods
+    from hybrid_vlm.methods import Method, Read, Stage
+
+    lastk = Method(name="lastk", stage=Stage.LLM, reads=(Read.LLM_EMBEDDINGS,), budget_rule="B", signal="the K last slots",
+                   positions="original ids", deviations="none")
+    features = Method(name="featurestride", stage=Stage.VIT, reads=(Read.VIT_FEATURES,), budget_rule="A", signal="every k-th patch",
+                      positions="own patch", deviations="none", select=lambda reads, budget: None)
+    for method in (lastk, features):
+        monkeypatch.setitem(methods._REGISTRY, method.name, method)
+
+
+def test_a_registered_method_without_a_plan_is_refused_by_name_not_run_as_another(tiny_qwen, monkeypatch):
+    """A method inside the LLM that the engine has no stage plan for fails naming itself and where its
+    plan goes, on the engine and in the MACs model (it ran as PyramidDrop's schedule on Qwen2.5-VL and
+    was counted as DART); its tag names the layer it prunes at, as FastV's and DART's do; and a method
+    reading what Qwen2.5-VL's adapter cannot give is refused there naming the read."""
+    from hybrid_vlm.qwen import check_qwen_settings
+
+    unplanned_methods(monkeypatch)
+    config = HybridConfig(visual_method="lastk", visual_budget=32, fastv_layer=3)
+    assert config.describe() == "lastk-b32-l3"
+    model, processor = tiny_qwen
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"VISUAL_METHOD=lastk .*no stage plan.*STAGE_PLANS"):
+        apply_hybrid(copy.deepcopy(model), config)(**qwen_inputs(processor, QUESTIONS[:1]))
+    with pytest.raises(NotImplementedError, match="VISUAL_METHOD=lastk: no MACs model"):
+        flops.method_prefill_macs(flops.LLAVA_15_7B, config, 60)
+    with pytest.raises(ValueError, match="featurestride is not available for Qwen2.5-VL: it reads CLIP features of the read layer"):
+        check_qwen_settings(HybridConfig(visual_method="featurestride", visual_budget=16))

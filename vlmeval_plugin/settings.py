@@ -286,8 +286,10 @@ def settings_read(variant: Variant) -> list[str]:
         reads += ["VISUAL_BUDGET"]
         if variant.method == "random":
             reads += ["FASTV_K", "FASTV_LAYER", "SELECT_SEED"] + (["FASTV_NEWLINES"] if variant.next else [])
+        if variant.method != "random" and get_method(variant.method).prunes_at_layer:
+            reads += ["FASTV_LAYER"]
         if variant.method == "dart":
-            reads += ["FASTV_LAYER", "DART_QUOTA", "DART_PIVOTS"]
+            reads += ["DART_QUOTA", "DART_PIVOTS"]
         return reads
     if variant.fastv or variant.pool:
         reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED"] + (["FASTV_NEWLINES"] if variant.next else [])

@@ -101,6 +101,11 @@ class Method:
     def inside_llm(self) -> bool:
         return self.stage in (Stage.LLM, Stage.LLM_STAGES)
 
+    @property
+    def prunes_at_layer(self) -> bool:
+        """It prunes once, at FASTV_LAYER, which its setting therefore names (fastv, random, dart)."""
+        return self.stage == Stage.LLM
+
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -114,6 +119,11 @@ def register(method: Method) -> Method:
 
 def list_methods() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def methods_at_a_layer() -> tuple[str, ...]:
+    """The methods that prune at FASTV_LAYER: their tags, folders and settings name the layer."""
+    return tuple(name for name, method in _REGISTRY.items() if method.prunes_at_layer)
 
 
 def get_method(name: str) -> Method:
@@ -276,5 +286,5 @@ def _pool(reads: VisualReads, budget: int) -> Selection:
 __all__ = [
     "Method", "Read", "Selection", "Stage", "VisualReads", "VitDims", "budget_tokens", "check_budget", "contextual_targets",
     "is_budget",
-    "get_method", "list_methods", "register",
+    "get_method", "list_methods", "methods_at_a_layer", "register",
 ]
