@@ -14,7 +14,8 @@ from .methods.dart import PIVOT_ORDERS as DART_PIVOT_ORDERS
 FASTV_K_FORMS = (
     "an integer n >= 0 (keep the n highest-scoring visual tokens per sample), "
     "a decimal in [0, 1) (prune that fraction of each sample's visual tokens, e.g. 0.7 removes 70%), "
-    "or unset/empty for no pruning"
+    "or unset/empty for the default (no pruning for HybridConfig.from_env; 0.5 for run.py's FastV, random and "
+    "hybrid names)"
 )
 POSITION_MODES = ("logical", "renumbered")
 NEWLINE_RULES = ("prune", "keep")
@@ -84,7 +85,8 @@ def parse_visual_pool(text: str | None) -> int | None:
         return int(match.group(1))
     raise ValueError(
         f"VISUAL_POOL={text!r} is not valid: use the side of square blocks that tile the 24 x 24 patch grid, "
-        f"one of {', '.join(map(str, pool_sides()))} (or written 2x2, 3x3, ...), or unset for no pooling."
+        f"one of {', '.join(map(str, pool_sides()))} (or written 2x2, 3x3, ...), or unset for the default "
+        "(no pooling for HybridConfig.from_env; 2 for run.py's _pool names)."
     )
 
 

@@ -222,6 +222,23 @@ def test_a_custom_set_needs_one_index_per_row(tmp_path, indices, needle):
     assert problem is None if needle is None else needle in problem
 
 
+@pytest.mark.parametrize("answers,needle", [
+    (["A", "", "C", "B"], "empty answer on line(s) 3: every row of a MCQ (MMBench layout) set is scored against its answer"),
+    (["A", " ", "C", None], "empty answer on line(s) 3, 5"),
+    (["A", "B", "C", "D"], None),
+])
+def test_a_custom_set_needs_an_answer_in_every_row(tmp_path, answers, needle):
+    """An empty answer was scored as a miss with no word (in a circular set, its whole group): a
+    custom set with one is refused before any model loads, naming the lines."""
+    from vlmeval_plugin.layouts import check_tsv
+
+    table = build_mcq_table(num_questions=1).head(4).assign(answer=answers)
+    path = tmp_path / "Custom.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    problem = check_tsv(path)
+    assert problem is None if needle is None else needle in problem
+
+
 def test_a_custom_vqa_set_is_prompted_and_its_missing_scorer_is_a_failure(sandbox):  # noqa: F811
     """A custom TSV with a question and no options is a VQA set to VLMEvalKit (CustomVQADataset),
     though DATASET_TYPE calls the name MCQ: every row failed as "needs options A and B". Its rows
@@ -344,10 +361,11 @@ def installed(monkeypatch):
     import vlmeval.dataset.image_base as image_base
     import vlmeval.dataset.utils.multiple_choice as multiple_choice
     import vlmeval.inference as inference
+    import vlmeval.utils.mp_util as mp_util
 
-    patched = {multiple_choice: ("mcq_circular_eval", "mcq_vanilla_eval", "extract_answer_from_item", "timestr"),
-               image_base: ("decode_base64_to_image_file",), image_base.ImageBaseDataset: ("__init__",),
-               inference: ("FAIL_MSG", "infer_data")}
+    patched = {multiple_choice: ("mcq_circular_eval", "mcq_vanilla_eval", "extract_answer_from_item", "timestr", "dump"),
+               image_base: ("decode_base64_to_image_file", "read_ok"), image_base.ImageBaseDataset: ("__init__",),
+               inference: ("FAIL_MSG", "infer_data"), mp_util: ("dump",)}
     for owner, names in patched.items():
         for name in names:
             monkeypatch.setattr(owner, name, getattr(owner, name))
@@ -568,3 +586,79 @@ def test_an_undecodable_image_fails_with_the_same_reason_every_run():
         decode_image(base64.b64encode(b"not an image at all" * 8).decode())
     reason = str(error.value)
     assert "cannot identify image file" in reason and " at 0x" not in reason, reason
+
+
+def test_a_torn_verdict_cache_is_set_aside_and_its_rows_judged_again(tmp_path, installed, capsys):
+    """A kill (or a scheduler's SIGTERM) while upstream rewrote its verdict cache left it torn, and
+    every later evaluation of the set failed loading it ("Ran out of input"). It is set aside, said
+    so, and the rows are judged as on a fresh cache."""
+    table = build_mcq_table(num_questions=3).drop(columns=["image"])
+    table = table[table["index"] < 1_000_000].reset_index(drop=True)
+    data = table.assign(prediction=list(table["answer"]))
+    expected = installed.mcq_vanilla_eval(None, data.copy(), table, 1, str(tmp_path / "fresh.pkl"), "TinyMMBench")
+    torn = tmp_path / "m_TinyMMBench_exact_matching_result.pkl"
+    torn.write_bytes(b"")
+    scored = installed.mcq_vanilla_eval(None, data.copy(), table, 1, str(torn), "TinyMMBench")
+    assert scored["hit"].tolist() == expected["hit"].tolist() and expected["hit"].sum() == len(table)
+    assert Path(f"{torn}.unreadable").exists() and "verdict cache" in capsys.readouterr().out
+
+
+def test_a_file_written_through_dump_whole_is_never_torn(tmp_path):
+    """VLMEvalKit's dump, as the scoring and track_progress_rich use it after install(): a write
+    cut short (here, an exception halfway) leaves the previous file whole and no scratch behind."""
+    import pickle
+
+    def cut_short(data, path):
+        Path(path).write_bytes(pickle.dumps(data)[:5])
+        raise KeyboardInterrupt
+
+    target = tmp_path / "cache.pkl"
+    target.write_bytes(pickle.dumps({"0": "A"}))
+    with pytest.raises(KeyboardInterrupt):
+        robust.dump_whole(cut_short)({"0": "A", "1": "B"}, str(target))
+    assert pickle.loads(target.read_bytes()) == {"0": "A"} and [p.name for p in tmp_path.iterdir()] == ["cache.pkl"]
+    robust.dump_whole(lambda data, path: Path(path).write_bytes(pickle.dumps(data)))({"0": "B"}, str(target))
+    assert pickle.loads(target.read_bytes()) == {"0": "B"}
+
+
+def test_a_torn_cached_image_is_written_again_not_failed_forever(tmp_path):
+    """dump_image writes a set's image once and reuses it while upstream's read_ok says so; read_ok
+    read the header only, so an image torn by a kill stayed cached and failed its row in every run.
+    The whole image is decoded now, and writes go through a scratch file."""
+    from vlmeval.smp.vlm import read_ok as upstream_read_ok
+
+    cell = build_mcq_table(num_questions=1)["image"][0]
+    path = tmp_path / "images" / "0.png"
+    robust.decode_base64_to_image_file(cell, str(path))
+    assert robust.read_ok(str(path)) and [p.name for p in path.parent.iterdir()] == ["0.png"]
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert upstream_read_ok(str(path)) and not robust.read_ok(str(path))  # the header survives, the image does not
+    assert "cannot be read" in robust.image_file_problem(str(path))
+    assert "does not exist" in robust.image_file_problem(str(tmp_path / "missing.png"))
+
+
+@needs_vlmeval
+def test_a_missing_file_in_an_image_path_set_fails_its_rows_alone(sandbox, tmp_path):  # noqa: F811
+    """A set of image files (an `image_path` column, no `image` cells): upstream asserted on a path
+    that does not exist and skipped the whole set. The rows naming it fail, with the reason; the
+    others are answered and scored."""
+    table = build_mcq_table(num_questions=2)
+    files = []
+    for index, cell in zip(table["index"], table["image"]):
+        if index < 1_000_000:
+            files.append(tmp_path / f"{index}.png")
+            robust.decode_base64_to_image_file(cell, str(files[-1]))
+    paths = {index % 1_000_000: str(tmp_path / f"{index % 1_000_000}.png") for index in table["index"]}
+    paths[1] = str(tmp_path / "gone.png")
+    table = table.drop(columns=["image"]).assign(image_path=[paths[index % 1_000_000] for index in table["index"]])
+    write_set(sandbox, "PathMCQ", table)
+    work_dir = sandbox["root"] / "image_path"
+    result = run_py(sandbox, ["--data", "PathMCQ", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir)])
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    predicted = pd.read_excel(work_dir / MODEL / f"{MODEL}_PathMCQ.xlsx")
+    failed = {int(i) % 1_000_000 for i, p in zip(predicted["index"], predicted["prediction"].astype(str)) if p.startswith(FAIL_PREFIX)}
+    assert failed == {1} and len(predicted) == len(table)
+    assert "gone.png does not exist" in output
+    assert (work_dir / MODEL / f"{MODEL}_PathMCQ_acc.csv").exists(), output[-3000:]

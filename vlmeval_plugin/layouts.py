@@ -54,7 +54,19 @@ def check_tsv(path: Path) -> str | None:
             f"{path}: missing column(s) {', '.join(missing)}. It reads as a {layout} set, which needs the columns "
             f"{needs_text(layout)}; it has {', '.join(sorted(columns)) or 'none'}."
         )
-    return index_problem(path)
+    return index_problem(path) or answer_problem(path, layout)
+
+
+def answer_problem(path: Path, layout: str) -> str | None:
+    """Every row is scored against its answer: an empty one was scored as a miss with no word (and,
+    in a circular set, took its whole group with it)."""
+    answer = pd.read_csv(path, sep="\t", usecols=["answer"], dtype=str, keep_default_na=False)["answer"].str.strip()
+    empty = [str(row + 2) for row in answer.index[answer == ""]]  # file line numbers: the header is line 1
+    if empty:
+        more = f" (and {len(empty) - 10} more)" if len(empty) > 10 else ""
+        return (f"{path}: empty answer on line(s) {', '.join(empty[:10])}{more}: every row of a {layout} set is scored "
+                "against its answer; fill it in or remove the row")
+    return None
 
 
 def index_problem(path: Path) -> str | None:

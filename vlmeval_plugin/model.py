@@ -46,7 +46,7 @@ from hybrid_vlm.model import IMAGE_LAYOUTS, VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
-from .robust import RowError, is_blank, storable_prediction
+from .robust import RowError, image_file_problem, is_blank, storable_prediction
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -242,6 +242,10 @@ class HybridLLaVA(BaseModel):
         try:
             check_text_fields(line, self._dataset_type(dataset))
             message = self._message_for(line, dataset)
+            for item in message:  # an image_path set names its files: upstream asserts on a missing one, ending the set
+                problem = image_file_problem(item["value"]) if item["type"] == "image" else None
+                if problem is not None:
+                    raise RowError(problem)
         except Exception as error:
             message = [dict(type="text", value=FAILED_ROW_TEXT)]
             self._pending = (line["index"], message, row_error_text(error))
