@@ -237,6 +237,7 @@ def test_a_custom_set_needs_an_answer_in_every_row(tmp_path, answers, needle):
     table.to_csv(path, sep="\t", index=False)
     problem = check_tsv(path)
     assert problem is None if needle is None else needle in problem
+    assert check_tsv(path, scored=False) is None  # --mode infer generates only: unlabelled rows are fine
 
 
 def test_a_custom_vqa_set_is_prompted_and_its_missing_scorer_is_a_failure(sandbox):  # noqa: F811

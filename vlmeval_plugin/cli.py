@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
     data_names = list(vargs.data or [])
-    problem = register_run_models(vargs, plugin_models, options, work_dir) or prepare_data(data_names)
+    problem = register_run_models(vargs, plugin_models, options, work_dir) or prepare_data(data_names, scored=vargs.mode != "infer")
     if problem:
         return fail(problem)
     if vargs.judge is None and not judge_key_configured(vargs):
@@ -466,15 +466,16 @@ def register_run_models(vargs, plugin_models: dict[str, PluginModel], options, w
     return None
 
 
-def prepare_data(data_names: list[str]) -> str | None:
-    """Writes the bundled sets asked for, checks the local files of every other unregistered set,
-    and registers the caption sets; a problem naming what is missing instead."""
+def prepare_data(data_names: list[str], scored: bool = True) -> str | None:
+    """Writes the bundled sets asked for, checks the local files of every other unregistered set
+    (their answers only where the run scores them), and registers the caption sets; a problem
+    naming what is missing instead."""
     from vlmeval.smp import LMUDataRoot
 
     bundled = [name for name in data_names if name in BUNDLED_SETS]
     if bundled:
         ensure_tiny_sets(LMUDataRoot(), bundled)
-    problem = layouts.check_local_sets([name for name in data_names if not is_registered_set(name)], LMUDataRoot())
+    problem = layouts.check_local_sets([name for name in data_names if not is_registered_set(name)], LMUDataRoot(), scored)
     if problem:
         return problem
     register_caption_sets(data_names)

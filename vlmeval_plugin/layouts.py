@@ -42,8 +42,9 @@ def needs_text(layout: str) -> str:
     return ", ".join(LAYOUTS[layout]) + " and image (base64) or image_path"
 
 
-def check_tsv(path: Path) -> str | None:
-    """None when the TSV's header has what its layout needs, else the error to show."""
+def check_tsv(path: Path, scored: bool = True) -> str | None:
+    """None when the TSV's header has what its layout needs, else the error to show. `scored`: the
+    run evaluates the set, so every row needs an answer (`--mode infer` only generates)."""
     try:
         columns = {str(name) for name in pd.read_csv(path, sep="\t", nrows=0).columns}
     except Exception as error:
@@ -54,7 +55,7 @@ def check_tsv(path: Path) -> str | None:
             f"{path}: missing column(s) {', '.join(missing)}. It reads as a {layout} set, which needs the columns "
             f"{needs_text(layout)}; it has {', '.join(sorted(columns)) or 'none'}."
         )
-    return index_problem(path) or answer_problem(path, layout)
+    return index_problem(path) or (answer_problem(path, layout) if scored else None)
 
 
 def answer_problem(path: Path, layout: str) -> str | None:
@@ -89,13 +90,13 @@ def index_problem(path: Path) -> str | None:
     return None
 
 
-def check_local_sets(custom_names: list[str], lmu_root: str | Path) -> str | None:
+def check_local_sets(custom_names: list[str], lmu_root: str | Path, scored: bool = True) -> str | None:
     """The first problem among the custom (unregistered) sets' TSVs in LMUData, else None.
     A name without a TSV is left to VLMEvalKit (it reports unknown sets itself)."""
     for name in custom_names:
         path = Path(lmu_root) / f"{name}.tsv"
         if path.exists():
-            problem = check_tsv(path)
+            problem = check_tsv(path, scored)
             if problem:
                 return problem
     return None
