@@ -51,6 +51,7 @@ from .runtime import read_on_host, require
 from .stages import (
     after_stage,
     check_per_image_budget,
+    check_stage_plan,
     check_whole_image_budget,
     first_inputs,
     prune,
@@ -645,6 +646,7 @@ def apply_hybrid(model, config: HybridConfig | None = None):
         model.hybrid_thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
     num_layers = len(hybrid.parts_of(model).layers)
     config.check_depth(num_layers)
+    check_stage_plan(config)
     if config.staged_method is not None:
         visual_count = hybrid.fixed_visual_count(model)
         if visual_count is not None:

@@ -143,6 +143,13 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
     return STAGE_PLANS[config.llm_method](config, placed, query_index, num_layers)
 
 
+def check_stage_plan(config: HybridConfig) -> None:
+    """Refuse, before any forward, a method registered inside the LLM that has no stage plan here."""
+    if config.staged_method is not None and config.staged_method not in STAGE_PLANS:
+        raise NotImplementedError(f"VISUAL_METHOD={config.staged_method} prunes inside the LLM, and the engine has no stage plan "
+                                  f"for it: add one to hybrid_vlm.stages.STAGE_PLANS (it has {', '.join(STAGE_PLANS)})")
+
+
 def sample_budgets(config: HybridConfig, placed: PlacedPrompt) -> tuple[list[int | float], list[list[int]]]:
     """(each sample's prompt budget, each sample's image token counts) for the methods that rank a
     prompt's images as one pool (`prompt_budget`)."""

@@ -225,6 +225,7 @@ def test_a_custom_set_needs_one_index_per_row(tmp_path, indices, needle):
 @pytest.mark.parametrize("answers,needle", [
     (["A", "", "C", "B"], "empty answer on line(s) 3: every row of a MCQ (MMBench layout) set is scored against its answer"),
     (["A", " ", "C", None], "empty answer on line(s) 3, 5"),
+    (["A", "NA", "C", "B"], "empty answer on line(s) 3"),  # VLMEvalKit reads "NA" as missing
     (["A", "B", "C", "D"], None),
 ])
 def test_a_custom_set_needs_an_answer_in_every_row(tmp_path, answers, needle):
@@ -238,6 +239,8 @@ def test_a_custom_set_needs_an_answer_in_every_row(tmp_path, answers, needle):
     problem = check_tsv(path)
     assert problem is None if needle is None else needle in problem
     assert check_tsv(path, scored=False) is None  # --mode infer generates only: unlabelled rows are fine
+    table.drop(columns=["A", "B", "C", "D"]).to_csv(path, sep="\t", index=False)  # a VQA set: no scorer, answers unread
+    assert check_tsv(path) is None
 
 
 def test_a_custom_vqa_set_is_prompted_and_its_missing_scorer_is_a_failure(sandbox):  # noqa: F811
@@ -602,6 +605,17 @@ def test_a_torn_verdict_cache_is_set_aside_and_its_rows_judged_again(tmp_path, i
     scored = installed.mcq_vanilla_eval(None, data.copy(), table, 1, str(torn), "TinyMMBench")
     assert scored["hit"].tolist() == expected["hit"].tolist() and expected["hit"].sum() == len(table)
     assert Path(f"{torn}.unreadable").exists() and "verdict cache" in capsys.readouterr().out
+
+
+def test_dump_whole_keeps_upstreams_pkl_fallback_under_the_target_name(tmp_path):
+    """Upstream's dump writes `<name>.pkl` where a table format fails: that file gets the target's name."""
+    import pickle
+
+    def falls_back(data, path):
+        Path(path + ".pkl").write_bytes(pickle.dumps(data))
+
+    robust.dump_whole(falls_back)({"a": 1}, str(tmp_path / "table.xlsx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.xlsx.pkl"]
 
 
 def test_a_file_written_through_dump_whole_is_never_torn(tmp_path):

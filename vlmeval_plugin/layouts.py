@@ -55,13 +55,14 @@ def check_tsv(path: Path, scored: bool = True) -> str | None:
             f"{path}: missing column(s) {', '.join(missing)}. It reads as a {layout} set, which needs the columns "
             f"{needs_text(layout)}; it has {', '.join(sorted(columns)) or 'none'}."
         )
-    return index_problem(path) or (answer_problem(path, layout) if scored else None)
+    return index_problem(path) or (answer_problem(path, layout) if scored and layout != "VQA" else None)
 
 
 def answer_problem(path: Path, layout: str) -> str | None:
-    """Every row is scored against its answer: an empty one was scored as a miss with no word (and,
-    in a circular set, took its whole group with it)."""
-    answer = pd.read_csv(path, sep="\t", usecols=["answer"], dtype=str, keep_default_na=False)["answer"].str.strip()
+    """Every row of a scored MCQ or caption set is scored against its answer: an empty one was scored
+    as a miss with no word (and, in a circular set, took its whole group with it). Read as VLMEvalKit
+    reads it, where "NA" or "None" is missing too. (A VQA set has no scorer: its answers are unread.)"""
+    answer = pd.read_csv(path, sep="\t", usecols=["answer"], dtype=str)["answer"].fillna("").str.strip()
     empty = [str(row + 2) for row in answer.index[answer == ""]]  # file line numbers: the header is line 1
     if empty:
         more = f" (and {len(empty) - 10} more)" if len(empty) > 10 else ""

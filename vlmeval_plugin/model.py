@@ -243,7 +243,7 @@ class HybridLLaVA(BaseModel):
             check_text_fields(line, self._dataset_type(dataset))
             message = self._message_for(line, dataset)
             for item in message:  # an image_path set names its files: upstream asserts on a missing one, ending the set
-                problem = image_file_problem(item["value"]) if item["type"] == "image" else None
+                problem = image_file_problem(str(item["value"])) if item["type"] == "image" else None
                 if problem is not None:
                     raise RowError(problem)
         except Exception as error:

@@ -21,8 +21,10 @@ question cell (NaN after the .xlsx round trip) made upstream's answer extraction
 whole set; it is read as the empty string.
 
 Upstream rewrites the verdict cache after every verdict: a kill mid-write left a torn cache that
-failed every later evaluation of the set. Here it is written whole, and a torn one (from before)
-is set aside and its rows judged again.
+failed every later evaluation of the set. Here it is written whole (as is everything the MCQ
+scoring module itself dumps; the result tables a dataset class writes are upstream's), and a torn
+one (from before) is set aside and its rows judged again. Sets whose class overrides dump_image
+(CMMMU, OlympiadBench, ...) keep upstream's image caching.
 
 Upstream's circular (MMBench-style) scoring also round-trips its table through
 `<YYYYmmddHHMMSS>.xlsx` in `/tmp` and never removes it: one file per evaluation is left behind, and two
@@ -155,13 +157,14 @@ def image_file_problem(path: str) -> str | None:
     """Why an image file cannot be used (missing, or not decodable to its end), else None."""
     from PIL import Image
 
+    shown = path if len(path) <= 200 else f"{path[:120]}... ({len(path)} characters)"  # a data: URI is not a file name
     if not os.path.isfile(path):
-        return f"the image file {path} does not exist"
+        return f"the image file {shown} does not exist"
     try:
         with Image.open(path) as image:
             image.load()
     except Exception as error:
-        return f"the image file {path} cannot be read ({type(error).__name__}: {error})"
+        return f"the image file {shown} cannot be read ({type(error).__name__}: {error})"
     return None
 
 
@@ -426,7 +429,7 @@ def refresh_verdicts(result_file: str, judged: dict[str, str], judge: str) -> No
     if stale:
         for key in stale:
             del verdicts[key]
-        dump(verdicts, result_file)
+        dump_whole(dump)(verdicts, result_file)
     kept = {str(key) for key in verdicts}
     record = {**recorded, **{key: [judge, predictions] for key, predictions in judged.items() if key not in kept}}
     replace_file(Path(result_file + ".judged.json"), json.dumps(record))
@@ -443,11 +446,12 @@ def dump_whole(dump):
         scratch = f"{root}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{extension}"  # the extension picks the format
         try:
             result = dump(data, scratch, *args, **kwargs)
-            os.replace(scratch, path)
+            for written in glob.glob(glob.escape(scratch) + "*"):  # upstream falls back to `<name>.pkl` where a format fails
+                os.replace(written, str(path) + written[len(scratch):])
             return result
         finally:
-            if os.path.exists(scratch):
-                os.remove(scratch)
+            for left in glob.glob(glob.escape(scratch) + "*"):
+                os.remove(left)
 
     dumped._hybrid_vlm = True
     return dumped
