@@ -503,3 +503,17 @@ def test_a_budget_a_staged_method_cannot_reach_on_this_model_is_a_refused_row(tm
                        "--decode-tokens", "0", "--no-memory", "--no-progress", "--out", str(tmp_path)])
     pdrop = next(row for row in rows if row["method"] == "pdrop")
     assert pdrop["status"] == "refused" and "not reachable by pdrop" in pdrop["note"]
+
+
+def test_token_counts_are_means_over_the_batch_as_the_evaluation_s_are_over_rows(tmp_path):
+    """A DyMU batch merges each image to its own count: the row reports the mean over the samples (the
+    statistic the evaluation tables use for tokens), and compare's speed table prints it as a count."""
+    from hybrid_tools import compare
+
+    columns = bench.count_columns(dict(text=[60, 60, 60], visual=[190, 195, 203], visual_kept=[64, 64, 64]))
+    assert columns["visual_in"] == pytest.approx(196.0) and columns["llm_tokens_in"] == pytest.approx(256.0)
+    assert columns["visual_kept"] == 64 and columns["per_sample_counts"]["visual"] == [190, 195, 203]
+    row = dict(config="dymu-mid_fastv-k64-l2", status="ok", prefill_ms=10.0, prefill_ratio=0.5, prefill_theory_ratio=0.4,
+               decode_ms_per_token=2.0, kv_cache_mb_theory=1.0, **columns)
+    (tmp_path / "bench.json").write_text(json.dumps(dict(meta=dict(baseline="stock"), rows=[row])))
+    assert "| dymu-mid_fastv-k64-l2 | 196 → 64 | 10.0 | 0.500 |" in compare.speed_table(tmp_path)
