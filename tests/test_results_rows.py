@@ -132,3 +132,13 @@ def test_a_run_on_another_checkpoint_or_device_is_not_set_against_vanilla(tmp_pa
     record(work / "llava_tiny_fastv__fastv-k64-l2", "sha256:aaaa", "cpu")  # the same run as vanilla's
     fastv = next(c for c in collect(work, ["llava_tiny_fastv__fastv-k64-l2"]) if not c.vanilla).entries[DATASET]
     assert comparison_reference(fastv) is not None and not fastv.unpaired and prefill_ratio(fastv, fastv.reference) == 1.0
+
+
+def test_the_summary_counts_failed_rows_beside_the_rows(tmp_path):
+    """run.py's table showed "rows 16" for a set where 4 rows failed (scored as misses): it now says so."""
+    from vlmeval_plugin.results import summary_table
+
+    write_folder(tmp_path, MODEL, [0, 1, 2, 3], failed=2)
+    result = read_dataset(tmp_path / MODEL, MODEL, DATASET)
+    assert result.rows == 4 and [index for index, _ in result.failed_rows] == ["2"]
+    assert summary_table([result]).splitlines()[-1].split()[:5] == [MODEL, DATASET, "4", "(1", "failed)"]

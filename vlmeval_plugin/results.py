@@ -401,9 +401,10 @@ SUMMARY_HEADER = ("model", "dataset", "rows", "metric", "tokens in (mean)", "tok
 
 
 def rows_text(result: DatasetResult) -> str:
-    """Prediction rows; without a readable prediction file, the stats records the means are over."""
+    """Prediction rows, and how many of them failed (scored as misses, listed below the table);
+    without a readable prediction file, the stats records the means are over."""
     if result.rows is not None:
-        return str(result.rows)
+        return f"{result.rows} ({len(result.failed_rows)} failed)" if result.failed_rows else str(result.rows)
     return f"{result.stats_rows} (stats only)" if result.stats_rows else "–"
 
 
