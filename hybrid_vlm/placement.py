@@ -16,7 +16,7 @@ Real tokens keep the position ids they had in the prompt as written (logical pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -137,34 +137,47 @@ def place_images(
     inputs_embeds = inputs_embeds.scatter(
         1, visual_positions[..., None].expand(batch, num_slots, hidden), slots.features.to(inputs_embeds.dtype)
     )
-    length = inputs_embeds.shape[1]
-    slot_scores = protected = None
-    if slots.scores is not None:
-        slot_scores = torch.zeros(batch, length, dtype=slots.scores.dtype, device=is_visual.device).scatter(1, visual_positions, slots.scores)
-    if slots.protected is not None:
-        protected = torch.zeros(batch, length, dtype=torch.bool, device=is_visual.device).scatter(1, visual_positions, slots.protected)
     if slots.valid is not None:
-        slot_valid = slots.valid & new_valid.gather(1, visual_positions)
-        new_valid = new_valid.scatter(1, visual_positions, slot_valid)
-    visual_counts = slots.placeholders or [num_slots] * batch
-    if slots.compact:
-        # Sizing the compacted sequence needs the batch's largest token count: the engine's one host
-        # read, with DyMU only (its count is data-dependent by design; the others' are host-known).
-        count = max(slots.valid_counts) if slots.valid_counts is not None else int(slot_valid.sum(dim=1).max())
-        valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, visual_positions, slot_valid.float())
-        kept, _ = select_kept_positions(valid_scores, visual_positions, count)
-        inputs_embeds, new_valid, position_ids, is_visual = (gather_tokens(t, kept) for t in (inputs_embeds, new_valid, position_ids, is_visual))
-        slot_scores, protected = (None if t is None else gather_tokens(t, kept) for t in (slot_scores, protected))
-        entered = kept if entered is None else entered.gather(1, kept)
-        visual_positions = true_positions(is_visual, count)
-        visual_counts = slots.valid_counts if slots.valid_counts is not None else [count] if batch == 1 else None
-        occupied = new_valid | is_visual  # not padding: a real token or an image slot, merged away or not
-        last = (occupied.long() * torch.arange(occupied.shape[1], device=occupied.device)).amax(dim=1)
-        require(new_valid.gather(1, last[:, None]).all(), lambda: (
-            "a prompt of this batch ends with an image token, and DyMU merged its image to fewer tokens than another "
-            "image of the batch: the slots that pad it would be its last token, from which the next token is predicted. "
-            "Put text after the image (chat templates do), or run such prompts one at a time"))
-    return PlacedPrompt(
-        inputs_embeds, new_valid, position_ids, visual_positions, entered, slot_scores, protected, slots.protected_counts, visual_counts,
-        slots.images_per_sample, slots.image_tokens,
+        new_valid = new_valid.scatter(1, visual_positions, slots.valid & new_valid.gather(1, visual_positions))
+    length = inputs_embeds.shape[1]
+    placed = PlacedPrompt(
+        inputs_embeds, new_valid, position_ids, visual_positions, entered,
+        on_slots(slots.scores, visual_positions, length), on_slots(slots.protected, visual_positions, length), slots.protected_counts,
+        slots.placeholders or [num_slots] * batch, slots.images_per_sample, slots.image_tokens,
+    )
+    return compacted(placed, is_visual, slots.valid_counts) if slots.compact else placed
+
+
+def on_slots(values: torch.Tensor | None, visual_positions: torch.Tensor, length: int) -> torch.Tensor | None:
+    """[B, S] per-slot values laid on the [B, length] sequence at the slots' positions (zeros elsewhere)."""
+    if values is None:
+        return None
+    return torch.zeros(values.shape[0], length, dtype=values.dtype, device=values.device).scatter(1, visual_positions, values)
+
+
+def compacted(placed: PlacedPrompt, is_visual: torch.Tensor, valid_counts: list[int] | None) -> PlacedPrompt:
+    """`placed` without its empty slots (DyMU's merged-away ones, pooling's, a method's unkept ones),
+    each sample's tokens gathered to the front of its largest count, in order."""
+    slot_valid = placed.new_valid.gather(1, placed.visual_positions)  # [B, S]
+    batch, length = is_visual.shape
+    # Sizing the compacted sequence needs the batch's largest token count: the engine's one host
+    # read, with DyMU only (its count is data-dependent by design; the others' are host-known).
+    count = max(valid_counts) if valid_counts is not None else int(slot_valid.sum(dim=1).max())
+    valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, placed.visual_positions, slot_valid.float())
+    kept, _ = select_kept_positions(valid_scores, placed.visual_positions, count)  # [B, L0]
+    inputs_embeds, new_valid, position_ids, is_visual = (
+        gather_tokens(t, kept) for t in (placed.inputs_embeds, placed.new_valid, placed.position_ids, is_visual))
+    occupied = new_valid | is_visual  # not padding: a real token or an image slot, merged away or not
+    last = (occupied.long() * torch.arange(occupied.shape[1], device=occupied.device)).amax(dim=1)
+    require(new_valid.gather(1, last[:, None]).all(), lambda: (
+        "a prompt of this batch ends with an image token, and DyMU merged its image to fewer tokens than another "
+        "image of the batch: the slots that pad it would be its last token, from which the next token is predicted. "
+        "Put text after the image (chat templates do), or run such prompts one at a time"))
+    return replace(
+        placed, inputs_embeds=inputs_embeds, new_valid=new_valid, position_ids=position_ids,
+        visual_positions=true_positions(is_visual, count),
+        entered_positions=kept if placed.entered_positions is None else placed.entered_positions.gather(1, kept),
+        slot_scores=None if placed.slot_scores is None else gather_tokens(placed.slot_scores, kept),
+        protected=None if placed.protected is None else gather_tokens(placed.protected, kept),
+        visual_counts=valid_counts if valid_counts is not None else [count] if batch == 1 else None,
     )
