@@ -137,10 +137,8 @@ def whole_image_stages(config: HybridConfig, placed: PlacedPrompt, query_index: 
     if placed.visual_counts is None:
         raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} needs each sample's visual token count on the host "
                                   "(not after DyMU merging)")
-    if config.llm_method not in STAGE_PLANS:
-        raise NotImplementedError(f"VISUAL_METHOD={config.llm_method} prunes inside the LLM, and the engine has no stage plan "
-                                  f"for it: add one to hybrid_vlm.stages.STAGE_PLANS (it has {', '.join(STAGE_PLANS)})")
-    return STAGE_PLANS[config.llm_method](config, placed, query_index, num_layers)
+    check_stage_plan(config)
+    return STAGE_PLANS[config.staged_method](config, placed, query_index, num_layers)
 
 
 def check_stage_plan(config: HybridConfig) -> None:
@@ -192,8 +190,10 @@ def prompt_budget(budget: int | float, image_tokens: list[int]) -> int | float:
     n times the count too, which keeps them all, as a count above one image's tokens does, up to
     DART's rounding of its picks to the 8 pivots); a fraction is of the prompt's tokens, which is the
     same share of each image's."""
-    if isinstance(budget, float) or all(tokens <= budget for tokens in image_tokens):
-        return budget if isinstance(budget, float) else budget * len(image_tokens)
+    if isinstance(budget, float):
+        return budget
+    if all(tokens <= budget for tokens in image_tokens):
+        return budget * len(image_tokens)
     return sum(min(budget, tokens) for tokens in image_tokens)
 
 

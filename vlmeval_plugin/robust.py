@@ -141,8 +141,7 @@ def decode_base64_to_image_file(base64_string, image_path, target_size=-1):
     if target_size > 0:
         image.thumbnail((target_size, target_size))
     os.makedirs(os.path.dirname(image_path) or ".", exist_ok=True)
-    root, extension = os.path.splitext(image_path)
-    scratch = f"{root}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{extension}"  # the extension picks the format
+    scratch = scratch_beside(image_path)
     try:
         image.save(scratch)
         os.replace(scratch, image_path)
@@ -151,6 +150,13 @@ def decode_base64_to_image_file(base64_string, image_path, target_size=-1):
     finally:
         if os.path.exists(scratch):
             os.remove(scratch)
+
+
+def scratch_beside(path) -> str:
+    """A name of this write's own beside `path`, with its extension last: VLMEvalKit's dump and PIL's
+    save pick the format from it."""
+    root, extension = os.path.splitext(str(path))
+    return f"{root}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{extension}"
 
 
 def image_file_problem(path: str) -> str | None:
@@ -442,8 +448,7 @@ def dump_whole(dump):
 
     @functools.wraps(dump)
     def dumped(data, path, *args, **kwargs):
-        root, extension = os.path.splitext(str(path))
-        scratch = f"{root}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{extension}"  # the extension picks the format
+        scratch = scratch_beside(path)
         try:
             result = dump(data, scratch, *args, **kwargs)
             for written in glob.glob(glob.escape(scratch) + "*"):  # upstream falls back to `<name>.pkl` where a format fails

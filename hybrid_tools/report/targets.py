@@ -47,9 +47,16 @@ def bench_targets(rows: list[dict], baseline: str = "stock") -> list[tuple[str, 
     ratio targets are against stock transformers: a bench whose ratios divide by another row
     (`--baseline vanilla`) leaves them not measured, saying so."""
     by_config = {r.get("config"): r for r in rows if r.get("status") == "ok"}
-    if baseline != "stock":
-        return [(name, "–", f"its ratios divide by `{baseline}`", "vs stock", "not measured") for name in RATIO_TARGETS] + [
-            _sync_target(r) for r in by_config.values() if r.get("method") != "stock" and r.get("sync_debug") not in (None, "not run")]
+    if baseline == "stock":
+        out = _ratio_targets(by_config)
+    else:
+        out = [(name, "–", f"its ratios divide by `{baseline}`", "vs stock", "not measured") for name in RATIO_TARGETS]
+    checked = [r for r in by_config.values() if r.get("method") != "stock" and r.get("sync_debug") not in (None, "not run")]
+    return out + [_sync_target(r) for r in checked]
+
+
+def _ratio_targets(by_config: dict[str, dict]) -> list[tuple[str, str, str, str, str]]:
+    """The RATIO_TARGETS of a bench whose ratios divide by stock, one per row each speaks to."""
     band = f"{1 - ENGINE_BAND:.3f} to {1 + ENGINE_BAND:.3f}"
     vanillas = [r for r in by_config.values() if r.get("method") == "vanilla"] or [None]  # each MASK_READ row
     out = [_ratio_target("engine overhead: prefill vs stock", row, band, _within_band) for row in vanillas]
@@ -63,11 +70,8 @@ def bench_targets(rows: list[dict], baseline: str = "stock") -> list[tuple[str, 
                                      _at_most_text(limit, f"{part.split()[0]} theory + 0.05"), _at_most(limit), measured))
     hybrids = [r for r in by_config.values() if r.get("method") == "hybrid" and r.get("fastv_k") == 64] or [None]
     limit = 1 / HYBRID_SPEEDUP
-    out += [_ratio_target("hybrid (DyMU + FastV K=64) prefill vs stock", hybrid, _at_most_text(limit, "3.5x faster"), _at_most(limit))
-            for hybrid in hybrids]
-    checked = [r for r in by_config.values() if r.get("method") != "stock" and r.get("sync_debug") not in (None, "not run")]
-    out += [_sync_target(r) for r in checked]
-    return out
+    return out + [_ratio_target("hybrid (DyMU + FastV K=64) prefill vs stock", hybrid, _at_most_text(limit, "3.5x faster"), _at_most(limit))
+                  for hybrid in hybrids]
 
 
 def _ratio_target(name: str, row: dict | None, needed: str, verdict_of, key: str = "prefill_ratio") -> tuple[str, str, str, str, str]:
