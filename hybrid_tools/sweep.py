@@ -87,6 +87,7 @@ from pathlib import Path
 from hybrid_tools.report.markdown import REPORT_NAME
 from hybrid_vlm.config import DYMU_SPLITS, POSITION_MODES, SELECTIONS, parse_fastv_k, parse_fastv_layer, parse_visual_budget, parse_visual_pool
 from hybrid_vlm.dymu import OFFICIAL_NAME
+from hybrid_vlm.methods import methods_with_defaults
 from hybrid_vlm.provenance import git_state, package_versions, portable, replace_file, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.cli import variant_checkpoint
@@ -110,7 +111,7 @@ SCORING_HINT = (
     "(or --preset tiny / mid on CPU, or --model DIR for a checkpoint)"
 )
 ENV_KEYS = ("FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "VISUAL_POOL", "VISUAL_BUDGET", "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "DART_QUOTA", "DART_PIVOTS")
-SWEEP_METHODS = ("fastv", "random", "pool", *settings.PRE_LLM_METHODS, *settings.LLM_METHODS)
+SWEEP_METHODS = ("fastv", "random", "pool", *methods_with_defaults("llava"))
 DYMU_TARGETS = ("low", "mid", "high")
 # each swept setting and the argument that gives its values (the flag: --fastv-k, --select, ...)
 AXES = {

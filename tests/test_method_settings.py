@@ -208,3 +208,41 @@ def test_next_defaults_before_the_llm_are_the_llava_budgets_as_shares_of_each_sp
         assert isinstance(on_next, float) and on_next == pytest.approx(on_llava / 576, abs=0.002), method
         shares[method] = on_next
     assert max(shares.values()) - min(shares.values()) < 0.02
+
+
+# PyramidDrop's default layer-average is out of its reach on the tiny models' 4-layer LLMs
+SHALLOW_LLM_BUDGETS = {"pdrop": {"VISUAL_BUDGET": "0.5"}}
+FAMILY_OF_ARCHITECTURE = {"llava": "llava_v1.5_7b", "next": "llava_next_vicuna_7b", "qwen": "Qwen2.5-VL-7B-Instruct"}
+
+
+@pytest.mark.parametrize("fixture,architecture", [("tiny", "llava"), ("tiny_next", "next"), ("tiny_qwen", "qwen")])
+def test_a_model_names_exactly_the_methods_its_engine_runs(request, fixture, architecture):
+    """The method names of a model come from the methods' default budgets (`Method.default_budgets`),
+    not from the engine: each name's default setting must run a prefill on that model, and each
+    budgeted method the model has no name for must be one its engine refuses as not implemented."""
+    import copy
+
+    import torch
+
+    from hybrid_vlm import apply_hybrid
+    from hybrid_vlm.methods import get_method, list_methods
+
+    from conftest import image_inputs, next_inputs, qwen_inputs
+    from test_llava_next import engine_prefill
+
+    model, processor = request.getfixturevalue(fixture)
+    inputs = dict(llava=image_inputs, next=next_inputs, qwen=qwen_inputs)[architecture](processor)
+    family = FAMILY_OF_ARCHITECTURE[architecture]
+    named = {method for variant in settings.VARIANTS.values() if variant.family == family for method in variant.methods}
+    budgeted = {name for name in list_methods() if get_method(name).budget_setting == "VISUAL_BUDGET"}
+    assert named & budgeted
+    with torch.no_grad():
+        for method in sorted(budgeted):
+            if method in named:
+                config = settings.hybrid_config_for(f"{family}_{method}", SHALLOW_LLM_BUDGETS.get(method, {}))
+                out, real = engine_prefill(apply_hybrid(copy.deepcopy(model), config), inputs)
+                assert 0 < real.sum() < inputs["input_ids"].numel(), method  # it ran, and it cut
+            else:
+                config = HybridConfig(visual_method=method, visual_budget=64)
+                with pytest.raises((ValueError, NotImplementedError), match="not (implemented|available) for"):
+                    engine_prefill(apply_hybrid(copy.deepcopy(model), config), inputs)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_vlm.config import HybridConfig
-from hybrid_vlm.methods import check_budget, get_method, list_methods
+from hybrid_vlm.methods import check_budget, get_method, list_methods, methods_with_defaults
 from hybrid_vlm.provenance import portable_path
 
 CHECKPOINT_ID = "llava-hf/llava-1.5-7b-hf"
@@ -68,29 +68,11 @@ DEFAULT_MAX_NEW_TOKENS = 2048  # VLMEvalKit's LLaVA wrapper; generation stops at
 TINY_MAX_NEW_TOKENS = 8  # the random tiny model rarely emits </s>: keep its runs fast
 TESTBED_MAX_NEW_TOKENS = 64  # the testbed's longest reference caption is ~45 tokens
 NAME_SEPARATOR = "__"  # between a registered name and its setting tag in the effective name
-# the methods before the LLM with a name of their own, and their default VISUAL_BUDGET: VisionZip's
-# and VisPruner's published 64-token setting, DivPrune's default ratio 0.098 of 576 (56 tokens)
-PRE_LLM_METHODS = ("visionzip", "vispruner", "divprune")
 LLAVA_15_PATCHES = 576
-# the methods inside the LLM with a name of their own (LLaVA-1.5 only): PyramidDrop's maintainer
-# recipe for 64 layer-averaged tokens, DART's README setting (128, which keeps 132 officially)
-LLM_METHODS = ("pdrop", "sparsevlm", "dart")
-DEFAULT_BUDGETS = {"visionzip": 64, "vispruner": 64, "divprune": 56, "pdrop": 64, "sparsevlm": 64, "dart": 128}
-# Qwen2.5-VL's image token count follows the resolution, so its defaults are fractions of each image
-# where the method takes one: DivPrune's published ratio (0.098 kept), pooling's 2 x 2 share (0.25),
-# PyramidDrop's LLaVA recipe as a share (64 of 576, 0.11, layer-averaged), DART's official Qwen2.5-VL
-# default (reduction_ratio 0.778: 0.222 kept, as int(L * 0.222 / 8) picks per pivot)
-QWEN_PRE_LLM_METHODS = ("divprune", "pool")
-QWEN_LLM_METHODS = ("pdrop", "dart")
-QWEN_DEFAULT_BUDGETS = {"divprune": 0.098, "pool": 0.25, "pdrop": 0.11, "dart": 0.222}
-# LLaVA-NeXT's packed span follows the aspect ratio (about 1,200 to 2,900 tokens): a LLaVA-1.5 count
-# would keep 2 to 5% of it (and 64 layer-averaged tokens are out of PyramidDrop's reach), so the
-# methods before the LLM and PyramidDrop default to their LLaVA-1.5 budget as a share (64 of 576 =
-# 0.11; DivPrune's published ratio 0.098): PyramidDrop's of each span, the others' of each image's
-# patch tokens (they drop the newlines, about 2% of a span, so they keep about 2% fewer); DART's is
-# its official NeXT default (retain 320, which keeps 324)
-NEXT_LLM_METHODS = ("pdrop", "dart")
-NEXT_DEFAULT_BUDGETS = {**DEFAULT_BUDGETS, "visionzip": 0.11, "vispruner": 0.11, "divprune": 0.098, "pdrop": 0.11, "dart": 320}
+# A method's plugin names and their default VISUAL_BUDGET come from its registration
+# (`Method.default_budgets`, per model_type). On LLaVA-NeXT and Qwen2.5-VL, whose image token counts
+# follow the image, most defaults are shares; the methods before the LLM take theirs of each image's
+# patch tokens (on NeXT they drop the newlines, about 2% of a span, so they keep about 2% fewer).
 CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
 
 
@@ -141,17 +123,19 @@ class Variant:
 
 
 def qwen_variants(family: str) -> tuple[Variant, ...]:
-    """Stock, FastV, random selection, the methods before the LLM that need no [CLS] token (on the
-    merged 2x2 units), PyramidDrop and DART: what the engine implements for Qwen2.5-VL so far."""
+    """Stock, FastV, random selection, and the methods with a Qwen2.5-VL default (those before the
+    LLM on the merged 2x2 units, those inside it on each sample's span)."""
+    def where(method: str) -> str:
+        return "on the merged units" if get_method(method).before_llm else "inside the LLM on each sample's span"
+
     return (
         Variant(family, fastv=False, dymu=False, family=family, description=f"stock {family}, nothing patched"),
         Variant(f"{family}_fastv", fastv=True, dymu=False, family=family, description=f"{family}: FastV (FASTV_K, FASTV_LAYER, FASTV_SELECT)"),
         Variant(f"{family}_random", fastv=False, dymu=False, family=family, method="random",
                 description=f"{family}: random selection at FastV's layer (VISUAL_BUDGET or FASTV_K, SELECT_SEED)"),
         *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
-                  description=f"{family}: {method} {where} (VISUAL_BUDGET, a count or a fraction)")
-          for methods, where in ((QWEN_PRE_LLM_METHODS, "on the merged units"), (QWEN_LLM_METHODS, "inside the LLM on each sample's span"))
-          for method in methods),
+                  description=f"{family}: {method} {where(method)} (VISUAL_BUDGET, a count or a fraction)")
+          for method in methods_with_defaults("qwen2_5_vl")),
     )
 
 
@@ -175,10 +159,11 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
 
 
 def method_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
-    methods = PRE_LLM_METHODS + (NEXT_LLM_METHODS if family in NEXT_FAMILIES else LLM_METHODS)
+    """A name per method with a default budget on the family's model type (`Method.default_budgets`)."""
+    model_type = "llava_next" if family in NEXT_FAMILIES else "llava"
     return tuple(
         Variant(f"{prefix}_{method}", fastv=False, dymu=False, family=family, method=method, description=f"{what}: {method} (VISUAL_BUDGET)")
-        for method in methods
+        for method in methods_with_defaults(model_type)
     )
 
 
@@ -407,10 +392,10 @@ def method_config(name: str, variant: Variant, env) -> HybridConfig:
     read_env = {key: env[key] for key in settings_read(variant) if key in env}
     read_env["VISUAL_METHOD"] = variant.method
     if not read_env.get("VISUAL_BUDGET", "").strip() and not read_env.get("FASTV_K", "").strip():
-        defaults = QWEN_DEFAULT_BUDGETS if variant.qwen else NEXT_DEFAULT_BUDGETS if variant.next else DEFAULT_BUDGETS
-        read_env["VISUAL_BUDGET"] = str(defaults.get(variant.method, "")) if variant.method != "random" else ""
         if variant.method == "random":
             read_env["FASTV_K"] = str(DEFAULT_FASTV_K)
+        else:
+            read_env["VISUAL_BUDGET"] = str(get_method(variant.method).default_budgets[variant.model_type])
     try:
         config = HybridConfig.from_env(read_env)
         check_for_model(variant, config)

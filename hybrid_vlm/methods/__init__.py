@@ -20,8 +20,8 @@ unknown one with the list.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -92,6 +92,10 @@ class Method:
     selects_projected: bool = False  # its Selection's tokens are in the LLM's space (else CLIP's)
     budget_setting: str = "VISUAL_BUDGET"  # what sets its budget: VISUAL_BUDGET, FASTV_K or DYMU_THRESHOLDS
     stage_layers: Callable[[int], tuple[int, ...]] | None = None  # a multi-stage method: its stage layers for an LLM depth
+    # model_type (a checkpoint's config.json) -> the VISUAL_BUDGET its plugin name runs when none is
+    # set: the method's published operating point on that model. A model type it has none for gives
+    # the method no plugin name of its own on that model.
+    default_budgets: Mapping[str, int | float] = field(default_factory=dict, hash=False)
 
     @property
     def before_llm(self) -> bool:
@@ -119,6 +123,12 @@ def register(method: Method) -> Method:
 
 def list_methods() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def methods_with_defaults(model_type: str) -> tuple[str, ...]:
+    """The methods with a default VISUAL_BUDGET on checkpoints of `model_type` ("llava", "llava_next",
+    "qwen2_5_vl"): those a model's plugin names run by name."""
+    return tuple(name for name, method in _REGISTRY.items() if model_type in method.default_budgets)
 
 
 def methods_at_a_layer() -> tuple[str, ...]:
@@ -217,6 +227,8 @@ register(Method(
     positions="each window's central patch",
     deviations="no official code; windows as torch's adaptive_avg_pool2d",
     select=lambda reads, budget: _pool(reads, budget), selects_projected=True,
+    # LLaVA-1.5 sets pooling by VISUAL_POOL (default 2); on Qwen2.5-VL a 2 x 2 share of the merged units
+    default_budgets={"qwen2_5_vl": 0.25},
 ))
 register(Method(
     name="visionzip", stage=Stage.VIT, reads=(Read.VIT_CLS_ATTENTION, Read.VIT_KEYS, Read.VIT_FEATURES), budget_rule="A",
@@ -225,6 +237,8 @@ register(Method(
     deviations="[CLS] not kept (llava-hf drops it); split round(N*10/64) contextual; fp32; lower index wins ties",
     select=lambda reads, budget: visionzip_select(reads.cls_attention, reads.vit_keys, reads.vit_features, *visionzip_split(budget)),
     scoring_macs=visionzip_macs,
+    # the published 64 tokens; on LLaVA-NeXT the same share (64 of 576) of each image's patch tokens
+    default_budgets={"llava": 64, "llava_next": 0.11},
 ))
 register(Method(
     name="vispruner", stage=Stage.VIT, reads=(Read.VIT_CLS_ATTENTION, Read.VIT_FEATURES), budget_rule="A",
@@ -233,6 +247,7 @@ register(Method(
     deviations="important ratio 0.75 at <= 64 tokens else 0.5; odd residuals allowed; fp32; stable sorts",
     select=lambda reads, budget: vispruner_select(reads.cls_attention, reads.vit_features, budget, vispruner_split(budget)),
     scoring_macs=vispruner_macs,
+    default_budgets={"llava": 64, "llava_next": 0.11},  # as VisionZip: its published 64, as a share on NeXT
 ))
 register(Method(
     name="divprune", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
@@ -241,6 +256,8 @@ register(Method(
     deviations="diagonal excluded explicitly and no token picked twice; fp32; lowest index wins ties",
     select=lambda reads, budget: divprune_select(reads.projected, budget), scoring_macs=divprune_macs,
     selects_projected=True,
+    # its published ratio 0.098 kept: 56 of LLaVA-1.5's 576, a share of each image elsewhere
+    default_budgets={"llava": 56, "llava_next": 0.098, "qwen2_5_vl": 0.098},
 ))
 register(Method(
     name="pdrop", stage=Stage.LLM_STAGES, reads=(Read.LLM_OWN_ATTENTION_ROW,), budget_rule="C",
@@ -249,6 +266,9 @@ register(Method(
     deviations="one ratio solved on a 0.001 grid for the layer-average budget; stage layers [2, 8, 16] scaled to "
                "shallower LLMs; head mean in fp32; batched with left padding",
     stage_layers=pdrop.stage_layers,
+    # the maintainers' recipe for 64 layer-averaged tokens; elsewhere that share (0.11) of each span,
+    # since a LLaVA-1.5 count is out of its reach on LLaVA-NeXT's 1,200 to 2,900-token spans
+    default_budgets={"llava": 64, "llava_next": 0.11, "qwen2_5_vl": 0.11},
 ))
 register(Method(
     name="dart", stage=Stage.LLM, reads=(Read.LLM_KEYS, Read.LLM_NORMED_OUTPUTS), budget_rule="B",
@@ -257,6 +277,9 @@ register(Method(
     positions="original ids (logical, as official)",
     deviations="pivots visited in ascending position (DART_PIVOTS=official: CPython set order, a host sync); "
                "DART_QUOTA=official keeps 4 + 8 * (budget // 8), matched keeps the budget exactly; fp32; batched",
+    # its README's LLaVA-1.5 setting (128, which keeps 132), its official NeXT one (retain 320) and its
+    # official Qwen2.5-VL one (reduction_ratio 0.778: 0.222 kept, as int(L * 0.222 / 8) per pivot)
+    default_budgets={"llava": 128, "llava_next": 320, "qwen2_5_vl": 0.222},
 ))
 register(Method(
     name="sparsevlm", stage=Stage.LLM_STAGES, reads=(Read.LLM_EMBEDDINGS, Read.LLM_RATER_ROWS, Read.LLM_OUTPUTS), budget_rule="C",
@@ -267,6 +290,7 @@ register(Method(
     deviations="v1.5 schedules (192/128/64 only) at layers [2, 6, 15] scaled to shallower LLMs; no density noise "
                "(deterministic: lower index wins ties); scores in fp32; only the text rows computed; batched",
     stage_layers=sparsevlm.stage_layers,
+    default_budgets={"llava": 64},  # its v1.5 schedules are LLaVA-1.5's only
 ))
 register(Method(
     name="dymu", stage=Stage.VIT_LAYERS, reads=(Read.VIT_MERGE_KEYS,), budget_rule="thresholds",
@@ -286,5 +310,5 @@ def _pool(reads: VisualReads, budget: int) -> Selection:
 __all__ = [
     "Method", "Read", "Selection", "Stage", "VisualReads", "VitDims", "budget_tokens", "check_budget", "contextual_targets",
     "is_budget",
-    "get_method", "list_methods", "methods_at_a_layer", "register",
+    "get_method", "list_methods", "methods_at_a_layer", "methods_with_defaults", "register",
 ]
