@@ -202,6 +202,19 @@ def test_a_set_missing_a_column_fails_before_any_model_loads(sandbox):  # noqa: 
     assert "Infer " not in result.stderr + result.stdout  # VLMEvalKit's inference loop never started
 
 
+@needs_vlmeval
+def test_an_unknown_dataset_name_fails_before_any_model_loads_naming_the_close_ones(sandbox):  # noqa: F811
+    """VLMEvalKit skips a set it cannot build with a warning and runs the others (run.py then exited
+    1 after the whole run): a typo is refused first, with exit 2."""
+    work_dir = sandbox["root"] / "typo"
+    result = run_py(sandbox, ["--data", "TinyMMBench", "TinyCOCOO", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir)])
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert "unknown dataset name(s) 'TinyCOCOO' (did you mean TinyCOCO" in result.stderr
+    assert "NAME for a custom set at" in result.stderr
+    assert not (work_dir / MODEL).exists() or not any((work_dir / MODEL).rglob("*.xlsx"))
+    assert "Infer " not in result.stderr + result.stdout
+
+
 @pytest.mark.parametrize("indices,needle", [
     (["0", "1", "2", "2"], "index 2 repeated: every row needs its own index"),
     (["0", "", "2", "3"], "empty index on line(s) 3: every row needs its own index"),

@@ -206,9 +206,30 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
 
 
 def is_registered_set(name: str) -> bool:
-    from vlmeval.dataset import DATASET_CLASSES
+    return name in registered_sets()
 
-    return any(name in cls.supported_datasets() for cls in DATASET_CLASSES)
+
+def registered_sets() -> set[str]:
+    """The names VLMEvalKit's build_dataset knows (it downloads their TSVs), video sets included."""
+    from vlmeval.dataset import DATASET_CLASSES, supported_video_datasets
+
+    return {*supported_video_datasets, *(name for cls in DATASET_CLASSES for name in cls.supported_datasets())}
+
+
+def unknown_set_problem(data_names: list[str], lmu_root: str | Path) -> str | None:
+    """A --data name that is neither VLMEvalKit's, nor bundled, nor a TSV in LMUData: VLMEvalKit
+    would skip it with a warning and run the others."""
+    import difflib
+
+    known = registered_sets() | set(BUNDLED_SETS)
+    unknown = [name for name in data_names if name not in known and not (Path(lmu_root) / f"{name}.tsv").exists()]
+    if not unknown:
+        return None
+    hints = [f"{name!r} (did you mean {' or '.join(close)}?)" if (close := difflib.get_close_matches(name, known, n=3)) else repr(name)
+             for name in unknown]
+    return (f"unknown dataset name(s) {', '.join(hints)}: --data takes VLMEvalKit's set names "
+            f"(vlmeval.dataset), the bundled {' and '.join(BUNDLED_SETS)}, or NAME for a custom set at "
+            f"{portable_path(Path(lmu_root))}/NAME.tsv")
 
 
 def register_caption_sets(data_names: list[str]) -> list[str]:
@@ -475,6 +496,9 @@ def prepare_data(data_names: list[str], scored: bool = True) -> str | None:
     bundled = [name for name in data_names if name in BUNDLED_SETS]
     if bundled:
         ensure_tiny_sets(LMUDataRoot(), bundled)
+    problem = unknown_set_problem(data_names, LMUDataRoot())
+    if problem:
+        return problem
     problem = layouts.check_local_sets([name for name in data_names if not is_registered_set(name)], LMUDataRoot(), scored)
     if problem:
         return problem
