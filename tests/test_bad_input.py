@@ -62,12 +62,15 @@ def write_set(sandbox, name: str, table: pd.DataFrame) -> Path:  # noqa: F811
 # ---- unit tests -------------------------------------------------------------------------------
 def test_bad_image_cells_become_placeholders_with_reasons():
     good = image_to_base64(Image.new("RGB", (8, 8)))
-    data = pd.DataFrame({"index": [1, 2, 3, 4, 5], "image": [good, "1", "7", None, "4"]})
+    long_path = "/data/" + "nested/" * 10 + "cat.JPG"  # over the 64 characters of a row reference
+    data = pd.DataFrame({"index": [1, 2, 3, 4, 5, 10, 11], "image": [good, "1", "7", None, "4", "img/cat.png", long_path]})
     marked = robust.mark_bad_image_cells(data, keep_empty_rows=True)
     reasons = [robust.bad_cell_reason(cell) for cell in marked["image"]]
     assert reasons[:2] == [None, None]  # a full image and a valid reference stay as they are
     assert "refers to row 7" in reasons[2] and reasons[3] == "the image cell is empty"
     assert "refers to row 4" in reasons[4]  # a reference to a row without an image
+    for reason, path in zip(reasons[5:], ["img/cat.png", long_path]):  # read as a row reference or as base64 before
+        assert reason.startswith(f"the image cell holds a file name or URL ({path}), not base64") and "image_path column" in reason
     assert all(len(cell) > 64 for cell in marked["image"][2:])  # VLMEvalKit must not read them as references
     official = robust.mark_bad_image_cells(data, keep_empty_rows=False)
     assert pd.isna(official["image"][3])  # official sets keep VLMEvalKit's own row selection

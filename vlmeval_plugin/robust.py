@@ -100,6 +100,9 @@ def mark_bad_image_cells(data: pd.DataFrame, keep_empty_rows: bool) -> pd.DataFr
             fixed.append(placeholder("the image cell is empty") if keep_empty_rows else cell)
             continue
         text = str(cell)
+        if looks_like_a_path(text):
+            fixed.append(placeholder(path_cell_reason(text)))
+            continue
         if len(text) <= 64 and not _is_full_image(cells.get(text)):
             fixed.append(placeholder(f"the image cell refers to row {text}, which does not exist or has no image"))
             continue
@@ -119,6 +122,8 @@ def decode_image(base64_string: str):
     reason = bad_cell_reason(base64_string)
     if reason is not None:
         raise RowError(reason)
+    if looks_like_a_path(base64_string):
+        raise RowError(path_cell_reason(base64_string))
     try:
         image = Image.open(io.BytesIO(base64.b64decode(base64_string)))
         image.load()
@@ -150,6 +155,20 @@ def decode_base64_to_image_file(base64_string, image_path, target_size=-1):
     finally:
         if os.path.exists(scratch):
             os.remove(scratch)
+
+
+def looks_like_a_path(cell: str) -> bool:
+    """A file name or URL where base64 is expected: base64 has no '.', ':' or '\\'."""
+    text = str(cell).strip()
+    return len(text) < 4096 and "\n" not in text and (
+        re.fullmatch(r"(?i).*\.(jpe?g|png|bmp|gif|webp|tiff?)", text) is not None or re.match(r"(?i)https?://|file://", text) is not None
+    )
+
+
+def path_cell_reason(cell: str) -> str:
+    shown = cell if len(cell) <= 200 else f"{cell[:120]}..."
+    return (f"the image cell holds a file name or URL ({shown}), not base64 image data: put file paths in an "
+            "image_path column instead of image")
 
 
 def scratch_beside(path) -> str:
