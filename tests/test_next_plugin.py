@@ -126,8 +126,8 @@ class Captured(Exception):
 class Processor:
     def apply_chat_template(self, *args, **kwargs):
         return processor.apply_chat_template(*args, **kwargs)
-    def __call__(self, prompt, images, **kwargs):
-        raise Captured(prompt)
+    def __call__(self, *args, **kwargs):
+        raise Captured(*args)
 
 class Stub:
     processor = Processor()
@@ -146,9 +146,18 @@ for _, line in data.iterrows():
     try:
         LLaVA_Next.generate_inner(Stub(), upstream)
     except Captured as captured:
-        prompt = captured.args[0]
+        prompt = captured.args[0]  # positional: transformers 5's processors take images first
     ours, images = HybridLLaVANext.conversation(Ours(), upstream)
     assert ours == prompt and images == ["probe.png"], (ours, prompt)
+# the README's claim: on transformers 5, VLMEvalKit's own LLaVA_Next fails every image row, since its
+# prompt lands in the processor's `images`
+class Real(Stub):
+    processor = processor
+try:
+    LLaVA_Next.generate_inner(Real(), upstream)
+    raise SystemExit("VLMEvalKit's LLaVA_Next got past its processor call: update the README")
+except ValueError as error:
+    assert "Incorrect image source" in str(error), error
 assert ".convert(\"RGB\")" in inspect.getsource(LLaVA_Next.generate_inner)
 assert "max_new_tokens=2048" in inspect.getsource(LLaVA_Next.__init__)
 print("ok", len(data))
@@ -156,3 +165,38 @@ print("ok", len(data))
     result = subprocess.run([sys.executable, "-c", script, str(Path(sandbox["env"]["LMUData"]) / "TinyMMBench.tsv"), str(path)],
                             env=sandbox["env"], cwd=sandbox["root"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+MISTRAL_STYLE_TEMPLATE = (  # llava-v1.6-mistral's turn markers, on the tiny tokenizer
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST] {% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    " [/INST]{% endif %}{% endfor %}"
+)
+
+
+@needs_vlmeval
+@pytest.mark.parametrize("template", ["vicuna", "mistral"])
+@pytest.mark.parametrize("answer", ["B", "A cat on a mat.", "B\nUSER: why? ASSISTANT: because", "B [/INST] more"])  # generate stops at </s>
+def test_next_answers_are_cut_as_vlmevalkits_llava_next_cuts_them(template, answer):
+    """VLMEvalKit's LLaVA_Next decodes the prompt and the answer together, special tokens kept, and
+    keeps the text between the prompt's role marker and the next one (`output_process`). Ours decodes
+    the new tokens alone: the same prediction for answers that run on into a new turn too."""
+    from vlmeval.vlm.llava.llava import LLaVA_Next
+
+    from hybrid_vlm.tiny import build_next_processor, synthetic_image
+    from vlmeval_plugin.model import HybridLLaVANext
+
+    processor = build_next_processor()
+    if template == "mistral":
+        processor.chat_template = MISTRAL_STYLE_TEMPLATE
+    wrapper = HybridLLaVANext.__new__(HybridLLaVANext)
+    wrapper.processor = processor
+    message = [dict(type="image", value="unused.png"), dict(type="text", value="What is it?")]
+    prompt, _ = wrapper.conversation(message)
+    prompt_ids = processor(images=[synthetic_image(0)], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    new_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    upstream_text = processor.decode(prompt_ids + new_ids, skip_special_token=True)  # upstream's call, typo and all
+    upstream = LLaVA_Next.output_process(None, upstream_text).replace("<unk>", "")
+    ours = wrapper.answer(message, tokenizer.decode(new_ids, skip_special_tokens=True))
+    assert ours == upstream

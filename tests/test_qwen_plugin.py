@@ -216,6 +216,17 @@ def test_qwen_pdrop_fraction_runs_the_same_at_batch_1_and_4(sandbox, qwen_checkp
 
 
 @needs_vlmeval
+def test_a_video_set_is_refused_for_the_qwen_names_before_anything_loads(sandbox, qwen_checkpoint):  # noqa: F811
+    """VLMEvalKit's Qwen2.5-VL reads a clip as a video; ours would have got its frames as images."""
+    work = sandbox["root"] / "qwen-video"
+    result = run_py(sandbox, ["--model", QWEN, "--model-path", str(qwen_checkpoint), "--data", "TinyMMBench", "MVBench_8frame",
+                              "--work-dir", str(work)])
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert f"{QWEN} on the video set(s) MVBench_8frame: the Qwen2.5-VL names run image sets only" in result.stderr
+    assert not work.exists() or not any(work.rglob("*.xlsx"))
+
+
+@needs_vlmeval
 def test_qwen_fastv_sweep(sandbox, qwen_checkpoint, tmp_path):  # noqa: F811
     command = [sys.executable, "-m", "hybrid_tools.sweep", "--family", QWEN, "--data", "TinyCOCO",
                "--fastv-k", "0.75", "--vanilla", "--work-dir", str(tmp_path / "work"), "--report", "qwen-sweep",

@@ -216,6 +216,21 @@ def registered_sets() -> set[str]:
     return {*supported_video_datasets, *(name for cls in DATASET_CLASSES for name in cls.supported_datasets())}
 
 
+def video_problem(plugin_models: dict[str, PluginModel], data_names: list[str]) -> str | None:
+    """VLMEvalKit's own Qwen2.5-VL wrapper is a video model: it reads a video set's clip as a video
+    (fps 2 or the set's frame count), where ours would get its frames as separate images, a protocol
+    of our own whose scores would not compare with upstream's."""
+    from vlmeval.dataset import supported_video_datasets
+
+    qwen = [item.requested for item in plugin_models.values() if item.variant.qwen]
+    videos = [name for name in data_names if name in supported_video_datasets]
+    if not (qwen and videos):
+        return None
+    return (f"{', '.join(qwen)} on the video set(s) {', '.join(videos)}: the Qwen2.5-VL names run image sets only. "
+            "VLMEvalKit's Qwen2.5-VL reads a clip as a video, which this engine does not implement, and frames given "
+            "as separate images would score a different protocol")
+
+
 def unknown_set_problem(data_names: list[str], lmu_root: str | Path) -> str | None:
     """A --data name that is neither VLMEvalKit's, nor bundled, nor a TSV in LMUData: VLMEvalKit
     would skip it with a warning and run the others."""
@@ -420,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
     data_names = list(vargs.data or [])
-    problem = register_run_models(vargs, plugin_models, options, work_dir) or prepare_data(data_names, scored=vargs.mode != "infer")
+    problem = (register_run_models(vargs, plugin_models, options, work_dir) or video_problem(plugin_models, data_names)
+               or prepare_data(data_names, scored=vargs.mode != "infer"))
     if problem:
         return fail(problem)
     if vargs.judge is None and not judge_key_configured(vargs):

@@ -264,6 +264,10 @@ class HybridLLaVA(BaseModel):
                 image_paths.append(item["value"])
         return SYSTEM_PROMPT + "USER: " + content + " ASSISTANT: ", image_paths
 
+    def answer(self, message, text: str) -> str:
+        """The prediction stored for a row's decoded new tokens."""
+        return text.strip()
+
     def load_image(self, path: str) -> Image.Image:
         """LLaVA-1.5's "pad": the image centred on a square of the processor's mean colour."""
         return expand_to_square(Image.open(path).convert("RGB"), self.image_background)
@@ -361,7 +365,7 @@ class HybridLLaVA(BaseModel):
         row_images = self._row_images(host_layouts, len(messages))
         return [
             dict(
-                prediction=storable_prediction(texts[row].strip()),
+                prediction=storable_prediction(self.answer(messages[row], texts[row])),
                 tokens_in=int(tokens_in[row]),
                 tokens_kept=int(tokens_kept[row]),
                 visual_in=int(visual.entered[row]),
@@ -486,3 +490,11 @@ class HybridLLaVANext(HybridLLaVA):
 
     def load_image(self, path: str) -> Image.Image:
         return Image.open(path).convert("RGB")
+
+    def answer(self, message, text: str) -> str:
+        """VLMEvalKit's `LLaVA_Next.output_process` over the prompt and the new text, which it decodes
+        together: an answer running on into a new turn ends at the template's next role marker."""
+        from vlmeval.vlm.llava.llava import LLaVA_Next
+
+        prompt, _ = self.conversation(message)
+        return LLaVA_Next.output_process(self, prompt + text).replace("<unk>", "")

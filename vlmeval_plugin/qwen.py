@@ -9,7 +9,9 @@ the Qwen2.5-VL entries of vlmeval/config.py):
   system message, so the chat template adds its default one;
 - `processor.apply_chat_template(..., add_generation_prompt=True)`, then qwen_vl_utils'
   `process_vision_info` (its own smart_resize) and the processor;
-- greedy decoding (upstream samples with top_k=1, which is greedy too), max_new_tokens 2048.
+- greedy decoding (upstream samples with top_k=1 and top_p=0.001: greedy up to exact ties for the
+  top logit, which it breaks by its sort order and this by the lower id), max_new_tokens 2048.
+Video sets are refused for these names (`cli.video_problem`): upstream reads a clip as a video.
 
 What differs: it runs on CPU and on GPU with SDPA (upstream asserts a GPU and loads flash-attention
 2), batches rows (`--batch-size`), keeps `image_grid_thw` on the host, and records per-row stats.
