@@ -291,6 +291,22 @@ for name in ("TinyMMBench", "TinyCOCO"):
         assert torch.equal(mine["image_grid_thw"], expected["image_grid_thw"]), (name, i)
         assert torch.equal(mine["pixel_values"], expected["pixel_values"]), (name, i)
         checked += 1
+# interleaved text and two images of different shapes, under names whose pixel bounds differ (OCRBench's minimum)
+from hybrid_vlm.tiny import synthetic_image
+synthetic_image(1).resize((300, 200)).save("wide.png")
+synthetic_image(2).resize((120, 500)).save("tall.png")
+message = [dict(type="text", value="Look at"), dict(type="image", value="wide.png"), dict(type="text", value="and"),
+           dict(type="image", value="tall.png"), dict(type="text", value="Are they the same? Answer yes or no.")]
+for name in ("BLINK", "OCRBench", "HallusionBench"):
+    ours._dataset = name
+    try:
+        upstream.generate_inner(message, dataset=name)
+    except Captured as captured:
+        expected = captured.args[0]
+    mine = HybridQwen2VL.processor_inputs(ours, [message])
+    for key in ("input_ids", "image_grid_thw", "pixel_values"):
+        assert torch.equal(mine[key], expected[key]), (name, key)
+    checked += 1
 print("ok", checked)
 """
 
@@ -298,11 +314,12 @@ print("ok", checked)
 @needs_vlmeval
 def test_prompts_and_resizing_match_upstream_qwen2vlchat(sandbox, qwen_checkpoint):  # noqa: F811
     """Chat-templated text (as token ids), image_grid_thw and pixels equal what upstream's
-    Qwen2VLChat.generate_inner hands to model.generate, for every row of the bundled sets."""
+    Qwen2VLChat.generate_inner hands to model.generate, for every row of the bundled sets, and for
+    an interleaved two-image message under BLINK, OCRBench and HallusionBench."""
     result = subprocess.run([sys.executable, "-c", UPSTREAM_SCRIPT, str(qwen_checkpoint)], env=sandbox["env"], cwd=sandbox["root"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["ok", str(MCQ_ROWS + CAPTION_ROWS)]
+    assert result.stdout.split()[-2:] == ["ok", str(MCQ_ROWS + CAPTION_ROWS + 3)]
 
 
 GENERATION_SCRIPT = r"""
