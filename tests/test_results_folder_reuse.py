@@ -129,6 +129,10 @@ def test_a_folder_with_no_outputs_has_nothing_to_reuse(tmp_path, checkpoints):
     with filelock.FileLock(str(folder / "status.json.lock")):  # the lock run.py gives VLMEvalKit leaves its file behind
         pass
     assert (folder / "status.json.lock").exists() and reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2)) is None
+    (folder / "run_info.json.4242.tmp").write_text("{")  # run_info's scratch file, left by a kill mid-write
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2)) is None
+    (folder / "m_Set.xlsx").write_text("")  # an output: now the record is compared
+    assert "seed0" in reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=2))
 
 
 def test_an_eval_only_record_is_not_what_the_predictions_were_made_with(tmp_path, checkpoints):

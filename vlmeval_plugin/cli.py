@@ -29,7 +29,7 @@ import sys
 from functools import cached_property, partial
 from pathlib import Path
 
-from hybrid_vlm.provenance import checkpoint_signature, portable_path
+from hybrid_vlm.provenance import checkpoint_signature, portable_path, replace_file
 
 from . import caption_scores, layouts, results, robust, settings
 from .tiny_data import BUNDLED_SETS, ensure_tiny_sets
@@ -165,7 +165,12 @@ def file_sha256(path: str) -> str:
 
 # what run.py and VLMEvalKit's bookkeeping leave in a model folder that is not an output
 UNREADABLE_RUN_INFO = "run_info.json.unreadable"
-RECORD_FILES = ("run_info.json", "run_info.json.tmp", UNREADABLE_RUN_INFO, "status.json", "status.json.lock")
+RECORD_FILES = ("run_info.json", UNREADABLE_RUN_INFO, "status.json", "status.json.lock")
+
+
+def is_run_info_scratch(name: str) -> bool:
+    """run_info.json's scratch file (`replace_file`), left behind by a kill mid-write."""
+    return name.startswith("run_info.json.") and name.endswith(".tmp")
 
 
 def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = None) -> str | None:
@@ -173,7 +178,8 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
     (`prediction_inputs`, by run_info.json's last record of a run that generated: `--mode eval`
     generates nothing), which the folder's name does not say, so VLMEvalKit would reuse them as this
     run's. None when nothing there would be reused, or an input is the same or not recorded."""
-    holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in RECORD_FILES for p in folder.rglob("*"))
+    holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in RECORD_FILES and not is_run_info_scratch(p.name)
+                                            for p in folder.rglob("*"))
     record, set_aside = folder / "run_info.json", folder / UNREADABLE_RUN_INFO
     unreadable = set_aside if set_aside.exists() else record if record.exists() and results.read_json(record) is None else None
     if holds_outputs and unreadable is not None:
@@ -355,9 +361,7 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
         except (ValueError, AttributeError):  # torn: kept aside, where reuse_conflict finds it (--mode eval is not checked)
             os.replace(path, path.with_name(UNREADABLE_RUN_INFO))
             runs = []
-        staged = path.with_name(path.name + ".tmp")  # replaced whole: a kill leaves the old file or the new one
-        staged.write_text(json.dumps({"runs": runs + [record]}, indent=2) + "\n")
-        os.replace(staged, path)
+        replace_file(path, json.dumps({"runs": runs + [record]}, indent=2) + "\n")  # a kill leaves the old file or the new one
 
 
 def print_summary(work_dir: str, models: list[str], datasets: list[str]) -> list:
