@@ -8,6 +8,9 @@ are read against.
   earlier option in `scenes.ANSWERS`. It reads the question and the options' words, never the
   image; a circular rotation moves the letters, not the words, so its circular accuracy is its
   plain accuracy. (A constant letter scores 0 circularly: each rotation moves the right answer.)
+  Beside it, what a random letter scores: each of a question's n circular copies answered
+  uniformly at random is right on all of them with probability (1/n)^n; the expected circular
+  accuracy is the mean of that over the questions.
 - TinyCOCO, one constant caption: among the reference captions of the first --candidates training
   scenes, the one with the best CIDEr when given to every image of the next --selection training
   scenes, then given to every TinyCOCO image. Chosen on training scenes only.
@@ -47,10 +50,12 @@ def prior_choice(options: tuple[str, ...], seen: Counter) -> str:
 def text_prior_accuracy(num_scenes: int, num_questions: int = tiny_data.MCQ_QUESTIONS) -> dict:
     counts = answer_counts(num_scenes)
     right: dict[str, list[bool]] = defaultdict(list)
+    guessed = []  # per question, the chance that random letters are right on all its circular copies
     for base_index in range(num_questions):
         _, question = tiny_data.held_out_question(base_index)
         chosen = prior_choice(question.options, counts[question.question])
         right[question.kind].append(chosen == question.options[question.answer])
+        guessed.append((1 / len(question.options)) ** len(question.options))
     every = [hit for hits in right.values() for hit in hits]
     return {
         "rule": "the option most often right for the same question text on training-stream scenes",
@@ -58,6 +63,7 @@ def text_prior_accuracy(num_scenes: int, num_questions: int = tiny_data.MCQ_QUES
         "questions": len(every),
         "circular_accuracy": round(100 * sum(every) / len(every), 1),
         "by_kind": {kind: round(100 * sum(hits) / len(hits), 1) for kind, hits in right.items()},
+        "random_letter_circular_accuracy": round(100 * sum(guessed) / len(guessed), 1),  # expected
     }
 
 

@@ -260,6 +260,9 @@ def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, 
     copy = tmp_path / "reports" / name
     shutil.copytree(folder / "raw", copy / "raw")
     shutil.copy2(folder / "regenerate.sh", copy / "regenerate.sh")
+    for source in folder.glob("*.json"):  # floors the command may read (--floors)
+        if source.name != "report.json":
+            shutil.copy2(source, copy / source.name)
     monkeypatch.chdir(tmp_path)
     assert report.main(command[3:]) == 0
     assert (copy / "report.md").read_text() == committed
@@ -594,3 +597,37 @@ def test_a_device_runs_step_statuses_and_failed_tests_are_in_its_report(tmp_path
     assert "3 tests ran, 1 failed, 0 errors, 1 skipped:" in markdown
     assert "- tests.test_dymu::test_b: assert 1 == 2" in markdown
     assert "--steps" in markdown and "--pytest" in markdown  # in the command that regenerates it
+
+
+def test_floors_name_the_configurations_at_or_below_them_on_the_committed_testbed_runs(tmp_path, capsys):
+    """--floors: each floor is quoted from its file, with the configurations whose score does not rise
+    above it, read here from the raw VLMEvalKit files; the random-letter floor is (1/n)^n per question
+    of the committed TinyMMBench set, averaged."""
+    import pandas as pd
+
+    from vlmeval_plugin.tiny_data import build_mcq_table
+
+    testbed = REPO / "reports" / "testbed"
+    blind = json.loads((testbed / "blind_baselines.json").read_text())
+    table = build_mcq_table()
+    copies = table.groupby(table["index"].astype(int) % 1_000_000).size()  # circular copies = options per question
+    expected = 100 * sum((1 / n) ** n for n in copies) / len(copies)
+    assert blind["TinyMMBench"]["random_letter_circular_accuracy"] == round(expected, 1)
+
+    floors = [testbed / "blind_baselines.json", testbed / "shuffled_captions.json"]
+    assert run_report(testbed / "raw" / "outputs", "--name", "floors", "--out", tmp_path, "--floors", *floors) == 0
+    markdown = (tmp_path / "floors" / "report.md").read_text()
+    overall = {path.parent.name: 100 * float(pd.read_csv(path)["Overall"][0])
+               for path in (testbed / "raw" / "outputs").glob("*/*_TinyMMBench_acc.csv")}
+    chance = blind["TinyMMBench"]["random_letter_circular_accuracy"]
+    line = next(text for text in markdown.splitlines() if text.startswith("- a random letter on every circular copy"))
+    assert f"**{chance:.1f}**" in line
+    listed = set(re.findall(r"`([^`]+)` \(", line.split("at or below it:")[1]))
+    assert listed == {name for name, value in overall.items() if value <= chance} and listed
+    prior = next(text for text in markdown.splitlines() if text.startswith("- text prior"))
+    assert f"**{blind['TinyMMBench']['circular_accuracy']:.1f}**" in prior and prior.endswith("at or below it: every configuration")
+    assert max(overall.values()) <= blind["TinyMMBench"]["circular_accuracy"]
+
+    (tmp_path / "other.json").write_text('{"runs": []}')
+    assert run_report(testbed / "raw" / "outputs", "--name", "bad", "--out", tmp_path, "--floors", tmp_path / "other.json") == 2
+    assert "--floors" in capsys.readouterr().err

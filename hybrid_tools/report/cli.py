@@ -16,6 +16,7 @@ from ..configs import assign_references, configurations, is_vanilla, label_confi
 from .bench import read_bench, resolve_bench
 from .markdown import REPORT_NAME, Linker, display_path
 from .device_checks import read_pytest, read_steps
+from .floors import read_floors
 from .parity import read_parity
 from .render import ReportInput, render
 from .snapshot import snapshot
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity", default=None, metavar="JSON", help="a `python -m hybrid_tools.parity --out` file: adds its table")
     parser.add_argument("--steps", default=None, metavar="LOG", help="a device run's log (checks.sh): adds each step's exit status")
     parser.add_argument("--pytest", default=None, metavar="XML", help="a device run's JUnit XML (pytest --junitxml): adds its test results")
+    parser.add_argument("--floors", nargs="+", default=[], metavar="JSON", help="hybrid_tools.blind_baselines / caption_baseline files: "
+                        "each dataset's floors (what needs no image), and the configurations at or below them")
     parser.add_argument("--targets", action="store_true", help="check the benches against the GPU speed targets (hybrid_tools.report.targets)")
     return parser
 
@@ -66,6 +69,8 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
     for flag in ("steps", "pytest"):
         if getattr(args, flag):
             parts += [f"--{flag}", display_path(Path(getattr(args, flag)))]
+    if args.floors:
+        parts += ["--floors", *[display_path(Path(p)) for p in args.floors]]
     if args.targets:
         parts += ["--targets"]
     return shlex.join(parts)
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_data = [read_bench(path) for path in benches]
         parity = (read_parity(Path(args.parity)), Linker(report_dir).rel(args.parity)) if args.parity else None
         checks = device_checks(args, Linker(report_dir))
+        floors = read_floors([Path(p) for p in args.floors])
     except ValueError as error:
         return fail(str(error))
     if args.vanilla and not any(c.name == args.vanilla for c in configs):
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name, title=args.title or f"Report: {args.name}", command=canonical_command(args, work_dirs, benches),
         configs=configs, benches=bench_data, linker=Linker(report_dir), figures=report_dir / "figures",
         recipe_path=display_path(Path(args.recipe)) if args.recipe else None, recipe=recipe, targets=args.targets, parity=parity, checks=checks,
+        floors=floors,
     )
     write(report, report_dir)
     print(f"hybrid_tools.report: wrote {report_dir / 'report.md'}")

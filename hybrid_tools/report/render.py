@@ -13,6 +13,7 @@ from ..configs import Configuration, Entry, comparison_reference, delta, prefill
 from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
 from .markdown import Linker, display_path, fmt, md_table
 from .device_checks import device_check_lines
+from .floors import floor_lines
 from .parity import parity_lines
 from .plots import plot_dataset
 from .provenance import provenance_block, run_commands, status_argv
@@ -58,6 +59,7 @@ class ReportInput:
     targets: bool = False  # check the benches against hybrid_tools.report.targets
     parity: tuple[dict, str] | None = None  # (a hybrid_tools.parity file's data, its path from the report)
     checks: tuple | None = None  # (steps, test results, their sources): a device run's own checks
+    floors: dict | None = None  # {dataset: [Floor]}: what needs no image (`hybrid_tools.report.floors`)
 
     @property
     def eval_tiny(self) -> bool:
@@ -178,6 +180,7 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
     unit = metric_unit(kind) + (f"; split {', '.join(splits)}" if splits else "")
     lines = [f"### {dataset}" + (f" ({label})" if label else ""), ""]
     lines += [f"Metric: {', '.join(keys) or 'none (no metric file: run with --mode all or eval)'} — {unit}.", "", table, ""]
+    lines += floor_lines((report.floors or {}).get(dataset, []), entries, report.linker)
     if kind == "caption":
         lines += caption_notes(entries)
     batched = sorted({b for e in entries for b in e.batch_sizes if b > 1})
