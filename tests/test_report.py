@@ -627,6 +627,10 @@ def test_floors_name_the_configurations_at_or_below_them_on_the_committed_testbe
     prior = next(text for text in markdown.splitlines() if text.startswith("- text prior"))
     assert f"**{blind['TinyMMBench']['circular_accuracy']:.1f}**" in prior and prior.endswith("at or below it: every configuration")
     assert max(overall.values()) <= blind["TinyMMBench"]["circular_accuracy"]
+    words = "zero one two three four five six seven eight nine ten".split()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (f"every TinyMMBench row is at or below the text prior ({blind['TinyMMBench']['circular_accuracy']:.1f}%), and "
+            f"{words[len(listed)]} are at or below the {chance:.1f}% that a random letter") in readme
 
     (tmp_path / "other.json").write_text('{"runs": []}')
     assert run_report(testbed / "raw" / "outputs", "--name", "bad", "--out", tmp_path, "--floors", tmp_path / "other.json") == 2

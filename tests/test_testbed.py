@@ -84,6 +84,41 @@ def test_held_out_scenes_are_never_training_scenes():
     assert not (captions & calibration) and not (held_out & calibration)
 
 
+def test_training_draws_only_from_the_training_stream_and_the_sets_never_from_it(tmp_path, monkeypatch):
+    """The pixel test above compares streams; this one records which (stream, index) every consumer
+    asks `scene_for` for: a short run of every training phase and the tokenizer's corpus must use the
+    training stream alone, the held-out sets and the calibration images never (a trainer drawing its
+    scenes from the MCQ stream passed the pixel test, which rebuilds training scenes itself)."""
+    from hybrid_vlm import testbed
+    from hybrid_vlm.testbed.calibration import calibration_pixels
+    from hybrid_vlm.testbed.train import TrainSettings, train
+    from vlmeval_plugin import tiny_data
+
+    asked: list[tuple[str, int, int]] = []
+    phase = ["none"]
+    original = scenes.scene_for
+
+    def recording(stream, index):
+        asked.append((phase[0], stream, index))
+        return original(stream, index)
+
+    monkeypatch.setattr(scenes, "scene_for", recording)
+    model, processor = build_untrained(0)
+    phase[0] = "training"
+    train(model, processor, TrainSettings(window_steps=1, window_batch_scenes=2, vision_steps=1, vision_batch_images=2, steps=1,
+                                          batch_images=2, warmup_steps=1), tmp_path / "log.jsonl", progress=False)
+    testbed._tokenizer_corpus()
+    phase[0] = "sets"
+    tiny_data.build_mcq_table(num_questions=5)
+    tiny_data.build_caption_table(num_images=3)
+    phase[0] = "calibration"
+    calibration_pixels(processor.image_processor, 2)
+    streams = {name: {stream for used, stream, _ in asked if used == name} for name in ("training", "sets", "calibration")}
+    assert streams == {"training": {scenes.TRAIN_STREAM}, "sets": {scenes.MCQ_STREAM, scenes.CAPTION_STREAM},
+                       "calibration": {scenes.CALIBRATION_STREAM}}
+    assert len({scenes.TRAIN_STREAM, scenes.MCQ_STREAM, scenes.CAPTION_STREAM, scenes.CALIBRATION_STREAM}) == 4
+
+
 # ---- training input --------------------------------------------------------------------------
 def test_prompts_are_the_plugins(tmp_path):
     """The strings the testbed is trained on are those the VLMEvalKit plugin sends (in a subprocess:

@@ -6,7 +6,7 @@ patches + CLS, features from the second-to-last of 6 layers), a 2-layer GELU MLP
 8-layer Llama with RoPE, the LLaVA-1.5 conversation, its own byte-level BPE tokenizer. It is a
 stock `LlavaForConditionalGeneration`; the trained weights ship in `checkpoint/` (its README.md is the card).
 
-    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; ~50 min on 2 idle CPU cores)
+    python -m hybrid_vlm.testbed train --out DIR        # train from scratch (seeded; about 55 min on 2 idle CPU cores: the shipped run took 54.2)
     python -m hybrid_vlm.testbed calibrate               # DyMU thresholds low/mid/high for the shipped weights
     python -m hybrid_vlm.testbed card                    # its card, from the committed log, thresholds and report
 """

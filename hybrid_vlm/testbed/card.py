@@ -178,7 +178,11 @@ def _how_it_was_made(summary: dict, log: list[dict]) -> list[str]:
 def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
     prior, constant = blind["TinyMMBench"], blind["TinyCOCO"]
     return [
-        "## What it scores (held-out, never drawn in training)",
+        "## What it scores (held-out images, never drawn in training)",
+        "",
+        "The question and caption texts come from the templates training uses, so many prompts and reference captions "
+        "occur word for word in training; these sets also chose among the training runs "
+        "([`reports/testbed-attempts/`](../../../reports/testbed-attempts/README.md)), so they are not an untouched test set.",
         "",
         f"- TinyMMBench, {mcq['rows']} rows (every question with its circular copies), circular accuracy (Overall): "
         f"**{mcq['metrics']['Overall']:.1f}%**; by kind: "
@@ -189,7 +193,9 @@ def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
         f"- Without the image (`reports/testbed/blind_baselines.json`): answering each question with the option most often "
         f"right for its text on {prior['training_scenes']:,} training scenes scores **{prior['circular_accuracy']:.1f}%** "
         "circular on TinyMMBench (by kind: " + ", ".join(f"{kind} {value:.1f}%" for kind, value in prior["by_kind"].items())
-        + f"), {_against(mcq['metrics']['Overall'], prior['circular_accuracy'])} the model's Overall; one training caption "
+        + f"; {prior['questions'] // len(prior['by_kind'])} questions per kind), {_against(mcq['metrics']['Overall'], prior['circular_accuracy'])} "
+        + "the model's Overall" + (f", and a random letter on every circular copy {prior['random_letter_circular_accuracy']:.1f}% (expected)"
+                                   if "random_letter_circular_accuracy" in prior else "") + "; one training caption "
         f"given to every image scores CIDEr **{constant['cider']:.1f}** on TinyCOCO, {_against(coco['metrics']['CIDEr'], constant['cider'])} "
         "the model's. " + _kinds_above(mcq["metrics"], prior["by_kind"]),
         "- Every method at matched budgets: [`reports/testbed/report.md`](../../../reports/testbed/report.md).",
