@@ -264,6 +264,23 @@ def test_a_non_positive_language_learning_rate_is_refused_by_name(rate):
         TrainSettings(language_learning_rate=rate)
 
 
+def test_a_training_run_records_what_a_bitwise_rerun_must_match(tmp_path):
+    """train_summary.json records the code, the package builds, the CPU and the weights' hash (the
+    shipped run's record lacked them, so its card's rerun condition could not be checked)."""
+    import hashlib
+
+    from hybrid_vlm.provenance import git_state
+    from hybrid_vlm.testbed import cli
+
+    cli.main(["train", "--out", str(tmp_path), "--steps", "1", "--batch-images", "1", "--window-steps", "0", "--vision-steps", "0",
+              "--threads", "1", "--quiet"])
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["weights_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert summary["git"]["commit"] == git_state()[0]
+    assert summary["torch"] == torch.__version__ and summary["versions"]["numpy"] == np.__version__
+    assert summary["scenes_drawn"] == {"window": 0, "vision": 0, "language": 1}
+
+
 @pytest.mark.parametrize("argv,named", [
     (["train", "--out", "X", "--steps", "0"], "--steps"),
     (["train", "--out", "X", "--batch-images", "0"], "--batch-images"),

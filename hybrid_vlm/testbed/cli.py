@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -39,11 +40,42 @@ def train_command(args: argparse.Namespace) -> None:
     summary = dict(
         settings=asdict(settings), threads=args.threads, torch=torch.__version__, machine=platform.processor() or platform.machine(),
         train_seconds=round(time.perf_counter() - started, 1), images_seen=settings.steps * settings.batch_images,
+        scenes_drawn={"window": settings.window_steps * settings.window_batch_scenes,
+                      "vision": settings.vision_steps * settings.vision_batch_images, "language": settings.steps * settings.batch_images},
+        **rerun_record(out),
         answer_loss_mean_last_50=round(statistics.mean(r["answer_loss"] for r in log[-50:] if "answer_loss" in r), 4),
         parameters=sum(p.numel() for p in model.parameters()),
     )
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
+
+
+def rerun_record(out: Path) -> dict:
+    """What a bitwise rerun must match, beside the settings: the code, the package builds, the CPU
+    (bf16 autocast rounds by its instruction set) and the weights' hash to compare with."""
+    import hashlib
+
+    from ..provenance import git_state, package_versions
+
+    commit, dirty = git_state()
+    versions = package_versions()
+    for package in ("numpy", "pillow", "tokenizers", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), None)
+    weights = out / "model.safetensors"
+    return dict(git={"commit": commit, "dirty": dirty}, versions=versions, cpu=cpu,
+                cpu_flags_bf16=sorted({flag for line in _cpuinfo() if line.startswith("flags") for flag in line.split() if "bf16" in flag or flag.startswith("amx")}),
+                weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None)
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def calibrate_command(args: argparse.Namespace) -> None:
