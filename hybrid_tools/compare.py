@@ -29,6 +29,7 @@ import argparse
 import ast
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,8 @@ import pandas as pd
 from hybrid_vlm.methods import methods_at_a_layer
 from vlmeval_plugin import settings
 from vlmeval_plugin.results import load_table, prediction_file, read_sweep_runs, read_work_dir
+
+from .report.markdown import display_path
 
 DRAWS = 2000
 SEED = 0
@@ -94,6 +97,7 @@ def image_ciders(predictions: pd.DataFrame) -> pd.Series:
 
 
 def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
+    """Writes OUT/raw/ afresh from WORK_DIR's runs (and --bench's bench.json), with the command that did."""
     runs, hits, captions = [], [], []
     folders = {folder.name: folder for folder in read_work_dir(work_dir)}
     planned = {run.get("folder"): run for _, run in read_sweep_runs(work_dir)}
@@ -132,8 +136,12 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
     pd.DataFrame(captions, columns=["run", "dataset", "image", "cider"]).to_csv(raw / "captions.csv", index=False)
     if bench_dir is not None:
         shutil.copy(bench_dir / "bench.json", raw / "bench.json")
-    else:  # an earlier collect's speed table must not stand beside these runs
-        (raw / "bench.json").unlink(missing_ok=True)
+    elif (raw / "bench.json").is_file():  # an earlier collect's speed table must not stand beside these runs
+        (raw / "bench.json").unlink()
+        print(f"hybrid_tools.compare: no --bench: removed the earlier collect's {raw / 'bench.json'} (its speed table went with it)")
+    command = ["python", "-m", "hybrid_tools.compare", display_path(work_dir), *(["--bench", display_path(bench_dir)] if bench_dir else []),
+               "--out", display_path(out)]
+    (raw / "collect.json").write_text(json.dumps({"command": shlex.join(command)}, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------- intervals
@@ -364,12 +372,15 @@ DEPTH_NOTES = {
     "tiny": """PyramidDrop's stages on 4 layers start at layer 1, so every budget below 144 is unreachable there
 (its runs end with exit status 1 and the error naming that range); SparseVLM runs its published
 schedules only (192 / 128 / 64; 32 and 16 are refused), at stages from layers 1 / 2 / 3 on 4 layers,
-so its layer-average is far above its name here. DyMU alone and the hybrid run at the tiny model's
-mid thresholds (the hybrid: then FastV halving at layer 2).""",
+so its layer-average is far above its name here.""",
     "testbed": """PyramidDrop's and SparseVLM's stage layers are scaled to the testbed's 8 layers (the tag column
 names them); budgets they cannot reach there, and SparseVLM's unpublished 32 and 16, are listed with
-their exit status. DyMU alone and the hybrid run at the testbed's shipped mid thresholds; the
-hybrid then keeps 64 or 32 visual tokens with FastV at layer 2, and sits in the rows of that budget.""",
+their exit status.""",
+}
+DYMU_NOTES = {
+    "tiny": """DyMU alone and the hybrid run at the tiny model's mid thresholds (the hybrid: then FastV halving at layer 2).""",
+    "testbed": """DyMU alone and the hybrid run at the testbed's shipped mid thresholds; the hybrid then keeps 64 or 32
+visual tokens with FastV at layer 2, and sits in the rows of that budget.""",
 }
 OTHER_DEPTH = """Budgets a method cannot reach on this model are listed with their exit status."""
 
@@ -380,10 +391,8 @@ LLM) for pool, VisionZip, VisPruner and DivPrune; B (kept after the layer) for F
 DART (`DART_QUOTA=official`: 4 + 8 * (budget // 8)); C (layer-averaged) for PyramidDrop; SparseVLM
 by its published schedules. Compare methods by the layer-average column, not by the budget's name.
 {depth}
-DyMU's per-row MACs are not recorded (its tower counts are data), so DyMU and the hybrid appear in
-the layer-averaged plots only. The tag column is the setting the rows ran, with a
-multi-stage method's stage layers. Random selection runs with seeds 0, 1 and 2; "vs random" is
-against their mean per item. Intervals: percentile bootstrap over items (2000 draws, seed 0); paired
+{dymu}The tag column is the setting the rows ran, with a
+multi-stage method's stage layers. {random}Intervals: percentile bootstrap over items (2000 draws, seed 0); paired
 intervals resample the same items for both runs; "better"/"worse" only where the paired interval
 excludes 0. Runs that did not run are listed with their exit status."""
 
@@ -401,18 +410,48 @@ def family_of(raw: Path) -> str:
 
 
 def report_intro(out: Path, family: str) -> str:
-    command = "bash reports/method-comparison/regenerate.sh"
-    if family == "tiny":
-        made = f"`{command}` (sweeps, bench, then `python -m hybrid_tools.compare`)"
-    elif family in settings.FAMILY_VANILLA:  # the script benches the tiny family only
-        made = f"`FAMILY={settings.FAMILY_VANILLA[family]} {command}` (sweeps, then `python -m hybrid_tools.compare`)"
-    else:  # runs of several families, or of names this checkout does not know: no one command made them
+    """The report's opening: what made it, what the model is, and the rules of the table, each claim
+    about the runs read from raw/runs.csv."""
+    runs = pd.read_csv(out / "raw" / "runs.csv")
+    record = out / "raw" / "collect.json"
+    if record.is_file():
+        made = f"`{json.loads(record.read_text())['command']}`"
+    elif family == "tiny":  # comparisons collected before the command was recorded: the committed ones
+        made = "`bash reports/method-comparison/regenerate.sh` (sweeps, bench, then `python -m hybrid_tools.compare`)"
+    elif family in settings.FAMILY_VANILLA:
+        made = f"`FAMILY={settings.FAMILY_VANILLA[family]} bash reports/method-comparison/regenerate.sh` (sweeps, then `python -m hybrid_tools.compare`)"
+    else:
         made = "`python -m hybrid_tools.compare` over sweeps of several families"
     what = WHAT_THIS_IS.get(family, OTHER_FAMILY.format(family=family))
-    rules = COMMON_RULES.format(depth=DEPTH_NOTES.get(family, OTHER_DEPTH))
+    methods = set(runs["method"])
+    dymu = ""
+    if methods & {"dymu", "hybrid"}:
+        dymu = (DYMU_NOTES.get(family, "") + "\n" if family in DYMU_NOTES else "") + (
+            "DyMU's per-row MACs are not recorded (its tower counts are data), so DyMU and the hybrid appear in\n"
+            "the layer-averaged plots only. ")
+    seeds = sorted({int(seed) for seed in runs.loc[runs["method"] == "random", "seed"].dropna()})
+    random = (f"Random selection runs with seed{'s' if len(seeds) > 1 else ''} {_and(seeds)}; \"vs random\" is\n"
+              f"against {'their mean' if len(seeds) > 1 else 'it'} per item. ") if seeds else ""
+    rules = COMMON_RULES.format(depth=DEPTH_NOTES.get(family, OTHER_DEPTH), dymu=dymu, random=random)
     return (f"{REPORT_TITLE}\n\nMade by {made};\n"
             f"every number below comes from `raw/` through `python -m hybrid_tools.compare --render --out {out.as_posix()}`.\n\n"
             f"{what}\n\n{rules}\n")
+
+
+def _and(values) -> str:
+    words = [str(value) for value in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def bench_setting(bench: dict) -> str:
+    """Where and at which budgets a bench ran, from its own record: 'at the mid shape on CPU, every method at 64'."""
+    meta = bench.get("meta", {})
+    shape = f"the {meta['preset']} shape" if meta.get("preset") else f"checkpoint `{meta.get('model')}`"
+    device = "CPU" if meta.get("device") == "cpu" else str(meta.get("device", "an unrecorded device"))
+    budgets = sorted({int(found.group(1)) for row in bench.get("rows", [])
+                      if (found := re.search(r"-[bk](\d+)(?:-|_|$)", str(row.get("config", ""))))})
+    methods = f"every method at {budgets[0]}" if len(budgets) == 1 else f"budgets {_and(budgets)}" if budgets else "no budgets"
+    return f"at {shape} on {device}, {methods}"
 
 
 def bench_baseline(bench: dict) -> str:
@@ -430,9 +469,10 @@ def render(out: Path) -> list[Path]:
         speed = speed_table(raw)
         (out / "speed.md").write_text(speed)
         written.append(out / "speed.md")
-        baseline = bench_baseline(json.loads((raw / "bench.json").read_text()))
+        bench = json.loads((raw / "bench.json").read_text())
+        baseline = bench_baseline(bench)
         against = "stock transformers" if baseline == "stock" else f"the `{baseline}` row"
-        speed_section = (f"## Speed at the mid shape on CPU, every method at 64 (median prefill; ratios against {against})"
+        speed_section = (f"## Speed {bench_setting(bench)} (median prefill; ratios against {against})"
                          f"\n\nThe \"kept\" of PyramidDrop and SparseVLM is their last stage's count.\n\n{speed}")
     else:
         (out / "speed.md").unlink(missing_ok=True)
@@ -464,7 +504,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid_tools.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work_dir", nargs="?", help="the VLMEvalKit work dir of the sweeps")
     parser.add_argument("--bench", default=None, help="a hybrid_tools.bench output folder (bench.json)")
-    parser.add_argument("--out", default="reports/method-comparison")
+    parser.add_argument("--out", required=True, help="the comparison's folder (reports/method-comparison for the committed one): "
+                        "collect replaces its raw/ and everything rendered from it")
     parser.add_argument("--render", action="store_true", help="only re-render OUT from OUT/raw")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -215,6 +215,33 @@ def test_bad_sources_are_refused_before_the_raw_files_are_touched(tmp_path, caps
     assert compare.main([str(tmp_path / "with-record"), "--out", str(out)]) == 0
     assert not (out / "raw" / "bench.json").exists() and not (out / "speed.md").exists()
     assert "did not run (exit status 1)" in (out / "raw" / "runs.csv").read_text()
+    made = (out / "report.md").read_text().split("Made by `", 1)[1].split("`", 1)[0]  # paths outside the cwd: portable forms
+    assert made.startswith("python -m hybrid_tools.compare ") and "with-record" in made and made.rstrip("'").endswith("comparison")
+    with pytest.raises(SystemExit) as exit_info:  # no default OUT: it was the committed comparison, overwritten
+        compare.main([str(tmp_path / "with-record")])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_the_report_says_only_what_its_runs_and_bench_record(tmp_path):
+    """A comparison of FastV and pooling alone, with a tiny-preset bench at budget 100, claimed
+    random seeds 0, 1 and 2, DyMU runs at mid thresholds, and a speed table 'at the mid shape, every
+    method at 64' (the committed comparison's)."""
+    import json
+
+    common = dict(budget=64, positions="logical", seed=None, dataset="SetX", metric="CIDEr", status="ok", items=2,
+                  visual_in=576, visual_kept=64, visual_layer_mean=100.0, prefill_gmacs=1.0, vlmeval_score=None, failed_rows=0)
+    names = ["llava_tiny_fastv__fastv-k64-l2", "llava_tiny_pool__pool-b64"]
+    runs = [dict(run=name, method=method, setting=name.split("__")[1], **common) for name, method in zip(names, ["fastv", "pool"])]
+    write_raw(tmp_path / "raw", runs, [], [dict(run=r, dataset="SetX", image=i, cider=10.0 * i) for r in names for i in range(2)])
+    rows = [dict(config=config, status="ok", visual_in=576, visual_kept=100, prefill_ms=1.0, prefill_ratio=1.0, prefill_theory_ratio=1.0,
+                 decode_ms_per_token=1.0, kv_cache_mb_theory=1.0) for config in ("stock", "vanilla", "fastv-k100-l2")]
+    (tmp_path / "raw" / "bench.json").write_text(json.dumps({"meta": {"preset": "tiny", "device": "cpu", "baseline": "stock"}, "rows": rows}))
+    (tmp_path / "raw" / "collect.json").write_text(json.dumps({"command": "python -m hybrid_tools.compare w --out o"}))
+    compare.render(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "Made by `python -m hybrid_tools.compare w --out o`" in report
+    assert "Random selection runs" not in report and "DyMU alone" not in report and "DyMU's per-row MACs" not in report
+    assert "## Speed at the tiny shape on CPU, every method at 100 (" in report
 
 
 def test_runs_with_failed_rows_are_named_under_their_table(tmp_path):
