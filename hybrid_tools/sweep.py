@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import itertools
 import json
 import os
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", nargs="+", default=None, help="VISUAL_POOL values (pool models)")
     parser.add_argument("--methods", nargs="+", default=None, choices=SWEEP_METHODS, help="methods to compare (their <family>_<method> names)")
     parser.add_argument("--budgets", nargs="+", default=None, help="VISUAL_BUDGET values: visual tokens per image, by each method's rule, or fractions in (0, 1) of each image's tokens")
-    parser.add_argument("--family", default="llava_v1.5_7b", choices=sorted(settings.FAMILY_VANILLA), help="whose names the short forms and --vanilla mean")
+    parser.add_argument("--family", default=None, choices=sorted(settings.FAMILY_VANILLA),
+                        help="whose names the short forms and --vanilla mean (default: the family of the full names given to --model, else llava_v1.5_7b)")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
     parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (llava_v1.5_7b; nothing patched) as the reference")
     parser.add_argument("--calibrate-images", default=None, metavar="DIR", help="calibrate --dymu targets (low/mid/high/N) on these images first")
@@ -274,9 +276,14 @@ def checked_models(args) -> list[str]:
     short = settings.short_names(args.family)
     models = [short.get(name, name) for name in args.model]
     for model in models:
-        if model not in settings.VARIANTS or (settings.VARIANTS[model].tiny and args.family != "tiny"):
+        if model in settings.VARIANTS and settings.VARIANTS[model].tiny and args.family != "tiny":
+            raise settings.PluginError(f"--model {model}: the llava_tiny names run with --family tiny (given alone, they set it)")
+        if model not in settings.VARIANTS:
             usable = [n for n, v in settings.VARIANTS.items() if not v.tiny or args.family == "tiny"]
-            raise settings.PluginError(f"--model {model}: use one of {', '.join(usable)} or {', '.join(short)}")
+            close = difflib.get_close_matches(model, usable + list(short), n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise settings.PluginError(f"--model {model}: not a plugin name; {hint}the short forms of --family {args.family} are "
+                                       f"{', '.join(short)}, and `python run.py --help` lists every name")
     for text in args.budgets or []:
         try:
             parse_visual_budget(text)
@@ -348,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
     models = args.model
-    family_of = {vanilla: family for family, vanilla in settings.FAMILY_VANILLA.items()}
-    if args.methods and models and all(m in family_of for m in models):  # --model llava_tiny --methods ...: that family's names
-        args.family = family_of[models[0]]
+    families = {settings.VARIANTS[m].family for m in models or [] if m in settings.VARIANTS}
+    if args.family is None:  # --model llava_tiny_fastv, or llava_tiny --methods ...: that family's names
+        args.family = families.pop() if len(families) == 1 else "llava_v1.5_7b"
     short = settings.short_names(args.family)
     vanilla_name = settings.FAMILY_VANILLA[args.family]
     try:
@@ -369,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         check_depths(runs, passthrough_value(passthrough, "--model-path"), build=not args.dry_run)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
+    problem = data_problem(args.data)
+    if problem and not args.dry_run:
+        return fail(problem)
+    if problem:
+        notes.append(problem)
     swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]
     # sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept (as before), else the models
     tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m, args.family) for m in swept))
@@ -389,6 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = Path(work_dir) / f"sweep_{tag}.json"
     records = run_all(runs, commands, args, argv, work_dir, manifest_path)
     return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out)
+
+
+def data_problem(names: list[str]) -> str | None:
+    """run.py's check of the --data names, made once before the first run (each run would refuse them)."""
+    from vlmeval.smp import LMUDataRoot
+
+    from vlmeval_plugin.cli import unknown_set_problem
+
+    return unknown_set_problem(names, LMUDataRoot())
 
 
 def unused_tag(work_dir: str, tag: str) -> str:

@@ -142,13 +142,25 @@ def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):
         (["--dymu", "low"], "--calibrate-images"),
         (["--dymu", "nofile.json"], "no such file"),
         (["--model", "dymu"], "needs DyMU thresholds"),
-        (["--model", "llava_tiny"], "--model llava_tiny"),
+        (["--model", "llava_tiny_fastv", "--family", "llava_v1.5_7b", "--fastv-k", "64"], "the llava_tiny names run with --family tiny"),
+        (["--model", "llava_v1.5_7b_fastvv", "--fastv-k", "64"], "did you mean llava_v1.5_7b_fastv"),
         (["--fastv-layer", "0"], "FASTV_LAYER='0' is not valid"),
         ([], "nothing to sweep"),
     ]
     for extra, message in cases:
         assert sweep.main(["--data", "X", *extra, "--dry-run"]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_full_names_set_the_family_and_an_unknown_dataset_stops_a_real_sweep(capsys, clean_env):
+    """--model llava_tiny_fastv was refused without --family tiny, listing ~60 other names; a typo in
+    --data ran every planned run, each skipped by VLMEvalKit, and the sweep exited 1."""
+    assert planned(capsys, "--data", "TinyCOCO", "--model", "llava_tiny_fastv", "--fastv-k", "64") == ["llava_tiny_fastv__fastv-k64-l2"]
+    assert sweep.main(["--data", "TinyMMBnech", "--model", "llava_tiny_fastv", "--fastv-k", "64", "--launcher", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset name(s) 'TinyMMBnech' (did you mean TinyMMBench" in err
+    assert sweep.main(["--data", "TinyMMBnech", "--model", "llava_tiny_fastv", "--fastv-k", "64", "--dry-run"]) == 0
+    assert "note: unknown dataset name(s) 'TinyMMBnech'" in capsys.readouterr().out
 
 
 def test_every_setting_a_name_reads_is_swept(capsys, clean_env, monkeypatch):
