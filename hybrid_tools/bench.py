@@ -833,6 +833,9 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
         config.counts = token_counts(model, inputs, output, config)
         config.kv_bytes_prompt = cache_tensor_bytes(output_cache(output))
         del output
+        problem = prunes_nothing(config)
+        if problem:
+            config.status, config.note = "refused", problem
     runnable = [c for c in runnable if c.status == "ok"]
     for _ in range(args.repeats):
         for config in [c for c in runnable if c.status == "ok"]:
@@ -932,6 +935,15 @@ def traced_kernels(bench: BenchRun) -> dict:
         bench.device,
     )
     return kernel_summary(calls)
+
+
+def prunes_nothing(config: BenchConfig) -> str | None:
+    """A count FASTV_K above every sample's visual tokens would time the scoring with nothing pruned
+    (run.py and the sweep refuse it before loading; here the count is known once the input ran)."""
+    k, visual = getattr(config.hybrid, "fastv_k", None), max(config.counts["visual"])
+    if isinstance(k, int) and not isinstance(k, bool) and k > visual:
+        return f"FASTV_K={k} is more than the {visual} visual tokens of this input, so nothing is pruned: use 0 to {visual}, or a ratio in [0, 1)"
+    return None
 
 
 def count_columns(counts: dict) -> dict:

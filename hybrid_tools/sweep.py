@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", default=None, choices=sorted(settings.FAMILY_VANILLA),
                         help="whose names the short forms and --vanilla mean (default: the family of the full names given to --model, else llava_v1.5_7b)")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a preset grid (see above); adds the vanilla run")
-    parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (llava_v1.5_7b; nothing patched) as the reference")
+    parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (nothing patched: llava_v1.5_7b, llava_tiny, ...) as the reference")
     parser.add_argument("--calibrate-images", default=None, metavar="DIR", help="calibrate --dymu targets (low/mid/high/N) on these images first")
     parser.add_argument("--launcher", default=None, help='e.g. "torchrun --nproc-per-node=8" (default: this Python)')
     parser.add_argument("--work-dir", default="./outputs", help="VLMEvalKit --work-dir (default ./outputs)")
@@ -289,12 +289,13 @@ def checked_models(args) -> list[str]:
             parse_visual_budget(text)
         except ValueError as error:
             raise settings.PluginError(f"--budgets {text}: {error}") from None
-    for text in args.fastv_k or []:
-        parse_fastv_k(text)
-    for text in args.fastv_layer or []:
-        parse_fastv_layer(text)
-    for text in args.pool or []:
-        parse_visual_pool(text)
+    for flag, values, parse in (("--fastv-k", args.fastv_k, parse_fastv_k), ("--fastv-layer", args.fastv_layer, parse_fastv_layer),
+                                ("--pool", args.pool, parse_visual_pool)):
+        for text in values or []:
+            try:
+                parse(text)
+            except ValueError as error:
+                raise settings.PluginError(f"{flag} {text}: {error}") from None
     check_axes_read(args, models)
     return models
 
@@ -399,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tag = unused_tag(work_dir, tag)
     manifest_path = Path(work_dir) / f"sweep_{tag}.json"
-    records = run_all(runs, commands, args, argv, work_dir, manifest_path)
+    try:
+        records = run_all(runs, commands, args, argv, work_dir, manifest_path)
+    except KeyboardInterrupt:
+        print(f"\nhybrid_tools.sweep: interrupted. Finished runs and the rows written so far are kept (record: {manifest_path}); "
+              "rerun the same command to resume without redoing them", file=sys.stderr, flush=True)
+        return 130
     return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out)
 
 

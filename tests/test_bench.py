@@ -517,3 +517,14 @@ def test_token_counts_are_means_over_the_batch_as_the_evaluation_s_are_over_rows
                decode_ms_per_token=2.0, kv_cache_mb_theory=1.0, **columns)
     (tmp_path / "bench.json").write_text(json.dumps(dict(meta=dict(baseline="stock"), rows=[row])))
     assert "| dymu-mid_fastv-k64-l2 | 196 → 64 | 10.0 | 0.500 |" in compare.speed_table(tmp_path)
+
+
+def test_a_fastv_k_above_the_visual_tokens_is_a_refused_row_not_a_timing_of_nothing_pruned(tmp_path):
+    """--fastv-k 1000 on 576 visual tokens timed a 'fastv-k1000-l2' row of 576 -> 576 tokens (run.py
+    and the sweep refuse the same value); K equal to the count stays a row (FastV's scoring alone)."""
+    rows = bench.main(["--preset", "tiny", "--fastv-k", "1000", "576", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0",
+                       "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    by_config = {row["config"]: row for row in rows}
+    assert by_config["fastv-k1000-l2"]["status"] == "refused"
+    assert "FASTV_K=1000 is more than the 576 visual tokens" in by_config["fastv-k1000-l2"]["note"]
+    assert by_config["fastv-k576-l2"]["status"] == "ok" and by_config["fastv-k576-l2"]["visual_kept"] == 576

@@ -144,7 +144,8 @@ def test_bad_requests_stop_before_running(capsys, clean_env, thresholds):
         (["--model", "dymu"], "needs DyMU thresholds"),
         (["--model", "llava_tiny_fastv", "--family", "llava_v1.5_7b", "--fastv-k", "64"], "the llava_tiny names run with --family tiny"),
         (["--model", "llava_v1.5_7b_fastvv", "--fastv-k", "64"], "did you mean llava_v1.5_7b_fastv"),
-        (["--fastv-layer", "0"], "FASTV_LAYER='0' is not valid"),
+        (["--fastv-layer", "0"], "--fastv-layer 0: FASTV_LAYER='0' is not valid"),
+        (["--fastv-k", "-3"], "--fastv-k -3: FASTV_K='-3' is not valid"),
         ([], "nothing to sweep"),
     ]
     for extra, message in cases:
@@ -161,6 +162,15 @@ def test_full_names_set_the_family_and_an_unknown_dataset_stops_a_real_sweep(cap
     assert "unknown dataset name(s) 'TinyMMBnech' (did you mean TinyMMBench" in err
     assert sweep.main(["--data", "TinyMMBnech", "--model", "llava_tiny_fastv", "--fastv-k", "64", "--dry-run"]) == 0
     assert "note: unknown dataset name(s) 'TinyMMBnech'" in capsys.readouterr().out
+
+
+def test_an_interrupted_sweep_says_how_to_resume(capsys, clean_env, monkeypatch, tmp_path):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_all", interrupted)
+    assert sweep.main(["--data", "TinyCOCO", "--model", "llava_tiny_fastv", "--fastv-k", "64", "--work-dir", str(tmp_path)]) == 130
+    assert "interrupted. Finished runs and the rows written so far are kept" in capsys.readouterr().err
 
 
 def test_every_setting_a_name_reads_is_swept(capsys, clean_env, monkeypatch):

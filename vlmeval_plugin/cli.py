@@ -454,7 +454,12 @@ def main(argv: list[str] | None = None) -> int:
             robust.set_aside_unreadable_predictions(os.path.join(work_dir, model), model, data_names)
 
     started = datetime.datetime.now().astimezone()
-    vlmeval_run.run_task(vargs)
+    try:
+        vlmeval_run.run_task(vargs)
+    except KeyboardInterrupt:
+        print("\nrun.py: interrupted. Every row written so far is kept: rerun the same command to resume without "
+              "redoing them", file=sys.stderr, flush=True)
+        return 130
     if rank != 0 or vargs.model is None or vargs.api_mode:
         return 0
     return report_outcome(work_dir, vargs.model, data_names, vargs.mode, started)
