@@ -174,12 +174,23 @@ def label_configurations(configs: list[Configuration], work_dir_labels: dict[Pat
         config.label = config.name if counts[config.name] == 1 else f"{config.name} ({work_dir_labels[config.work_dir]})"
 
 
-def collect(work_dir: str | Path, folders: list[str]) -> list[Configuration]:
-    """The configurations of `folders` in `work_dir` (plus any vanilla folder there), referenced and ordered."""
+def collect(work_dir: str | Path, folders: list[str], datasets: list[str] | None = None) -> list[Configuration]:
+    """The configurations of `folders` in `work_dir` (plus any vanilla folder there), referenced and
+    ordered; with `datasets`, their results on those sets only."""
     work_dir = Path(work_dir)
     found = [c for c in configurations(work_dir) if c.name in folders or is_vanilla(c)] if work_dir.is_dir() else []
+    found = keep_datasets(found, datasets)
     assign_references(found)
     return order_configurations(found)
+
+
+def keep_datasets(configs: list[Configuration], datasets: list[str] | None) -> list[Configuration]:
+    """`configs` with their results on `datasets` only (all without): a folder also holds the sets of
+    other runs, which a sweep's table or report must not show as its own."""
+    if datasets:
+        for config in configs:
+            config.entries = {name: entry for name, entry in config.entries.items() if name in datasets}
+    return configs
 
 
 def delta(entry: Entry, key: str) -> float | None:

@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nhybrid_tools.sweep: interrupted. Finished runs and the rows written so far are kept (record: {manifest_path}); "
               "rerun the same command to resume without redoing them", file=sys.stderr, flush=True)
         return 130
-    return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out)
+    return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out, args.data)
 
 
 def data_problem(names: list[str]) -> str | None:
@@ -465,7 +465,8 @@ def swept_models(args, models: list[str] | None, short: dict, vanilla_name: str)
     return models
 
 
-def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out) -> int:
+def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, manifest_path: Path, report: str | None, report_out,
+              datasets: list[str]) -> int:
     """The sweep's table (printed and as sweep_<tag>.csv) and, with --report, its report; 1 if any
     run failed (or the report did), else 0. `records` are the sweep record's runs (`run_all`).
     A failed run that left no run.py record in its folder since it started (run.py refused it before
@@ -476,7 +477,7 @@ def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, man
     started = {record["folder"]: record["started"] for record in records}
     refused = {folder for folder in failed if not recorded_since(Path(work_dir) / folder, started[folder])}
     runs_shown = [run for run in runs if run.folder not in refused]
-    configs = comparison.collect(work_dir, [run.folder for run in runs_shown]) if runs_shown else []
+    configs = comparison.collect(work_dir, [run.folder for run in runs_shown], datasets) if runs_shown else []
     order = {run.folder: index for index, run in enumerate(runs)}
     configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
     labels = {run.folder: run.label for run in runs}
@@ -496,7 +497,7 @@ def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, man
     if report:
         from .report.cli import main as report_main
 
-        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *reported])
+        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *reported, "--data", *datasets])
         status = status or code
     return status
 

@@ -635,3 +635,16 @@ def test_floors_name_the_configurations_at_or_below_them_on_the_committed_testbe
     (tmp_path / "other.json").write_text('{"runs": []}')
     assert run_report(testbed / "raw" / "outputs", "--name", "bad", "--out", tmp_path, "--floors", tmp_path / "other.json") == 2
     assert "--floors" in capsys.readouterr().err
+
+
+def test_data_keeps_only_the_named_sets_and_names_an_absent_one(tmp_path, capsys):
+    """A sweep on one set reported every set its folders held (an earlier run's), and its printed
+    regenerate command then changed with the folders; --data keeps the named ones, and is in that command."""
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    assert run_report(work, "--name", "one", "--out", tmp_path / "reports", "--data", MMB) == 0
+    markdown = (tmp_path / "reports" / "one" / "report.md").read_text()
+    sections = re.findall(r"^### (\S+)", markdown, flags=re.M)
+    assert sections == [MMB] and f"--data {MMB}" in markdown
+    with pytest.raises(SystemExit) as exit_info:
+        run_report(work, "--name", "two", "--out", tmp_path / "reports", "--data", "NoSuchSet")
+    assert exit_info.value.code == 2 and "--data NoSuchSet: no model folder holds results of it" in capsys.readouterr().err

@@ -394,3 +394,20 @@ def test_sweep_records_are_read_oldest_first(tmp_path):
             record = {"started": "2026-12-06T10:00:00+00:00", "runs": [{"folder": "f", "record": name}]}
             (folder / name).write_text(json.dumps(record | ({"record_number": number} if recorded else {})))
         assert [run["record"] for _, run in read_sweep_runs(folder)] == ["sweep_budget-64.json", "sweep_budget-64-2.json"]
+
+
+def test_the_sweep_table_and_report_show_only_the_swept_sets(tmp_path, capsys):
+    """A folder also holds the sets of earlier runs: a --data MMBench sweep showed a COCO row too,
+    and its report a COCO section."""
+    from test_report import COCO, MMB, SYNTHETIC_7B, make_work_dir
+
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    folder = "llava_v1.5_7b_fastv__fastv-k72-l2"
+    runs = [sweep.Run(label="k72", model="llava_v1.5_7b_fastv", folder=folder, env={}, settings={})]
+    records = [dict(folder=folder, returncode=0, started="2026-01-01T00:00:00+00:00")]
+    status = sweep.summarize(runs, records, str(work), "t", work / "sweep_t.json", "swept", str(tmp_path / "reports"), [MMB])
+    assert status == 0
+    table = pd.read_csv(work / "sweep_t.csv")
+    assert set(table["dataset"]) == {MMB}
+    report = (tmp_path / "reports" / "swept" / "report.md").read_text()
+    assert f"### {MMB}" in report and f"### {COCO}" not in report

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .. import report as report_package
-from ..configs import assign_references, configurations, is_vanilla, label_configurations, order_configurations
+from ..configs import assign_references, configurations, is_vanilla, keep_datasets, label_configurations, order_configurations
 from .bench import read_bench, resolve_bench
 from .markdown import REPORT_NAME, Linker, display_path
 from .device_checks import read_pytest, read_steps
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="report name: reports/<name>/ (default: the first work dir's name)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"parent folder of the report (default {DEFAULT_OUT})")
     parser.add_argument("--models", nargs="+", default=None, metavar="PATTERN", help="only model folders matching these glob patterns (vanilla references are kept)")
+    parser.add_argument("--data", nargs="+", default=None, metavar="NAME", help="only these datasets (default: every one the folders hold)")
     parser.add_argument("--vanilla", default=None, metavar="NAME", help="the reference folder name (default: detected)")
     parser.add_argument("--snapshot", action="store_true", help="copy the raw files read into reports/<name>/raw/ and read them from there")
     parser.add_argument("--recipe", default=None, metavar="FILE", help="shell script that made the raw outputs: shown verbatim at the top")
@@ -58,6 +59,8 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
         parts += ["--out", args.out]
     if args.models:
         parts += ["--models", *args.models]
+    if args.data:
+        parts += ["--data", *args.data]
     if args.vanilla:
         parts += ["--vanilla", args.vanilla]
     if args.recipe:
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe = Path(args.recipe).read_text(encoding="utf-8")
         except OSError as error:
             parser.error(f"--recipe: {error}")
-    configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
+    configs = keep_datasets([c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)], args.data)
+    absent = [name for name in args.data or [] if not any(name in c.entries for c in configs)]
+    if absent and configs:
+        parser.error(f"--data {' '.join(absent)}: no model folder holds results of it")
     unmatched = [p for p in args.models or [] if work_dirs and not any(fnmatch.fnmatchcase(c.name, p) for c in configs)]
     if unmatched:
         parser.error(f"--models {' '.join(unmatched)}: no model folder matches (a pattern matches whole folder names, "
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dirs, benches = snapshot(work_dirs, configs, benches, report_dir / "raw")
         except ValueError as error:
             parser.error(str(error))
-        configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
+        configs = keep_datasets([c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)], args.data)
     if not configs and not benches:
         return fail(f"no results in {', '.join(args.work_dirs)} (expected <work_dir>/<model>/<model>_<dataset>_*)")
     try:
