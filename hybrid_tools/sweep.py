@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vanilla", action="store_true", help="also run the family's vanilla model (nothing patched: llava_v1.5_7b, llava_tiny, ...) as the reference")
     parser.add_argument("--calibrate-images", default=None, metavar="DIR", help="calibrate --dymu targets (low/mid/high/N) on these images first")
     parser.add_argument("--launcher", default=None, help='e.g. "torchrun --nproc-per-node=8" (default: this Python)')
-    parser.add_argument("--work-dir", default="./outputs", help="VLMEvalKit --work-dir (default ./outputs)")
+    parser.add_argument("--work-dir", default="./outputs", help="VLMEvalKit --work-dir (default ./outputs; $MMEVAL_ROOT, when set, "
+                        "overrides it, as VLMEvalKit does)")
     parser.add_argument("--report", default=None, metavar="NAME", help="then write reports/NAME/report.md from this sweep's folders")
     parser.add_argument("--report-out", default="reports", metavar="DIR", help="parent folder for --report (default reports)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
