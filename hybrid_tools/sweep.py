@@ -372,17 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
         planned = checked_models(args)  # before a DyMU target's calibration, which takes minutes
+        data_note = data_problem(args.data, planned)
+        if data_note and not args.dry_run:
+            return fail(data_note)
         if args.dymu:
             args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
         runs, notes = plan_runs(args, base_env, planned)
         check_depths(runs, passthrough_value(passthrough, "--model-path"), build=not args.dry_run)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
-    problem = data_problem(args.data)
-    if problem and not args.dry_run:
-        return fail(problem)
-    if problem:
-        notes.append(problem)
+    if data_note:
+        notes.append(data_note)
     swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]
     # sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept (as before), else the models
     tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m, args.family) for m in swept))
@@ -410,13 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out, args.data)
 
 
-def data_problem(names: list[str]) -> str | None:
-    """run.py's check of the --data names, made once before the first run (each run would refuse them)."""
+def data_problem(names: list[str], models: list[str]) -> str | None:
+    """run.py's checks of the --data names, made once before the first run (each run would refuse them)."""
     from vlmeval.smp import LMUDataRoot
 
-    from vlmeval_plugin.cli import unknown_set_problem
+    from vlmeval_plugin.cli import unknown_set_problem, video_problem
 
-    return unknown_set_problem(names, LMUDataRoot())
+    return unknown_set_problem(names, LMUDataRoot()) or video_problem(models, names)
 
 
 def unused_tag(work_dir: str, tag: str) -> str:

@@ -220,9 +220,9 @@ def test_a_video_set_is_refused_for_the_qwen_names_before_anything_loads(sandbox
     """VLMEvalKit's Qwen2.5-VL reads a clip as a video; ours would have got its frames as images."""
     work = sandbox["root"] / "qwen-video"
     result = run_py(sandbox, ["--model", QWEN, "--model-path", str(qwen_checkpoint), "--data", "TinyMMBench", "MVBench_8frame",
-                              "--work-dir", str(work)])
+                              "MVBench", "--work-dir", str(work)])  # a video config, and a name of a video dataset class
     assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
-    assert f"{QWEN} on the video set(s) MVBench_8frame: the Qwen2.5-VL names run image sets only" in result.stderr
+    assert f"{QWEN} on the video set(s) MVBench_8frame, MVBench: the Qwen2.5-VL names run image sets only" in result.stderr
     assert not work.exists() or not any(work.rglob("*.xlsx"))
 
 

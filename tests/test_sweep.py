@@ -162,6 +162,9 @@ def test_full_names_set_the_family_and_an_unknown_dataset_stops_a_real_sweep(cap
     assert "unknown dataset name(s) 'TinyMMBnech' (did you mean TinyMMBench" in err
     assert sweep.main(["--data", "TinyMMBnech", "--model", "llava_tiny_fastv", "--fastv-k", "64", "--dry-run"]) == 0
     assert "note: unknown dataset name(s) 'TinyMMBnech'" in capsys.readouterr().out
+    qwen = "Qwen2.5-VL-7B-Instruct"
+    assert sweep.main(["--family", qwen, "--data", "MVBench", "--model", "fastv", "--fastv-k", "0.5", "--launcher", "false"]) == 2
+    assert f"{qwen}_fastv on the video set(s) MVBench" in capsys.readouterr().err
 
 
 def test_an_interrupted_sweep_says_how_to_resume(capsys, clean_env, monkeypatch, tmp_path):

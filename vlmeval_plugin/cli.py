@@ -26,7 +26,7 @@ import datetime
 import json
 import os
 import sys
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 
 from hybrid_vlm.provenance import checkpoint_signature, portable_path, replace_file
@@ -215,26 +215,33 @@ def is_registered_set(name: str) -> bool:
     return name in registered_sets()
 
 
-def registered_sets() -> set[str]:
+@cache
+def registered_sets() -> frozenset[str]:
     """The names VLMEvalKit's build_dataset knows (it downloads their TSVs), video sets included."""
     from vlmeval.dataset import DATASET_CLASSES, supported_video_datasets
 
-    return {*supported_video_datasets, *(name for cls in DATASET_CLASSES for name in cls.supported_datasets())}
+    return frozenset({*supported_video_datasets, *(name for cls in DATASET_CLASSES for name in cls.supported_datasets())})
 
 
-def video_problem(plugin_models: dict[str, PluginModel], data_names: list[str]) -> str | None:
+def video_problem(model_names: list[str], data_names: list[str]) -> str | None:
     """VLMEvalKit's own Qwen2.5-VL wrapper is a video model: it reads a video set's clip as a video
     (fps 2 or the set's frame count), where ours would get its frames as separate images, a protocol
     of our own whose scores would not compare with upstream's."""
-    from vlmeval.dataset import supported_video_datasets
-
-    qwen = [item.requested for item in plugin_models.values() if item.variant.qwen]
-    videos = [name for name in data_names if name in supported_video_datasets]
+    qwen = [name for name in model_names if settings.VARIANTS[settings.base_name(name)].qwen]
+    videos = [name for name in data_names if is_video_set(name)] if qwen else []
     if not (qwen and videos):
         return None
     return (f"{', '.join(qwen)} on the video set(s) {', '.join(videos)}: the Qwen2.5-VL names run image sets only. "
             "VLMEvalKit's Qwen2.5-VL reads a clip as a video, which this engine does not implement, and frames given "
             "as separate images would score a different protocol")
+
+
+def is_video_set(name: str) -> bool:
+    """A set VLMEvalKit builds as video: a video config, or a name of a video-modality dataset class."""
+    from vlmeval.dataset import DATASET_CLASSES, supported_video_datasets
+
+    return name in supported_video_datasets or any(
+        getattr(cls, "MODALITY", None) == "VIDEO" and name in cls.supported_datasets() for cls in DATASET_CLASSES)
 
 
 def unknown_set_problem(data_names: list[str], lmu_root: str | Path) -> str | None:
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
     data_names = list(vargs.data or [])
-    problem = (register_run_models(vargs, plugin_models, options, work_dir) or video_problem(plugin_models, data_names)
+    problem = (register_run_models(vargs, plugin_models, options, work_dir) or video_problem([item.requested for item in plugin_models.values()], data_names)
                or prepare_data(data_names, scored=vargs.mode != "infer"))
     if problem:
         return fail(problem)
