@@ -1,4 +1,4 @@
-"""python -m hybrid_tools.compare WORK_DIR --bench BENCH_DIR --out reports/method-comparison
+"""python -m hybrid_tools.compare WORK_DIR --bench BENCH_DIR --out reports/method-comparison [--recipe COMMAND]
 
 The method comparison: every method at each budget, with bootstrap 95% intervals over questions
 (MCQ) or images (captions) and paired intervals against FastV and against random selection at the
@@ -10,7 +10,7 @@ Two steps, the second a pure function of the first's files, so a test can regene
    OUT/raw/captions.csv, and per-run token counts into OUT/raw/runs.csv; the bench's bench.json is
    copied to OUT/raw/bench.json.
 2. `render`: OUT/table.md (the main table), OUT/speed.md, OUT/figures/*.png, from OUT/raw only.
-   `python -m hybrid_tools.compare --render OUT` reruns this step alone.
+   `python -m hybrid_tools.compare --render --out OUT` reruns this step alone.
 
 Hits: a circular MMBench question counts as answered when every rotation of it is (VLMEvalKit's
 rule); a rotation is right when the prediction, stripped, starts with the answer's letter (as a
@@ -96,8 +96,9 @@ def image_ciders(predictions: pd.DataFrame) -> pd.Series:
     return pd.Series(scores, index=predictions["index"].astype(int).to_numpy())
 
 
-def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
-    """Writes OUT/raw/ afresh from WORK_DIR's runs (and --bench's bench.json), with the command that did."""
+def collect(work_dir: Path, bench_dir: Path | None, out: Path, recipe: str | None = None) -> None:
+    """Writes OUT/raw/ afresh from WORK_DIR's runs (and --bench's bench.json), with the command that
+    did and the script that made the runs (`recipe`), when given."""
     runs, hits, captions = [], [], []
     folders = {folder.name: folder for folder in read_work_dir(work_dir)}
     planned = {run.get("folder"): run for _, run in read_sweep_runs(work_dir)}
@@ -141,7 +142,7 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path) -> None:
         print(f"hybrid_tools.compare: no --bench: removed the earlier collect's {raw / 'bench.json'} (its speed table went with it)")
     command = ["python", "-m", "hybrid_tools.compare", display_path(work_dir), *(["--bench", display_path(bench_dir)] if bench_dir else []),
                "--out", display_path(out)]
-    (raw / "collect.json").write_text(json.dumps({"command": shlex.join(command)}, indent=1) + "\n")
+    (raw / "collect.json").write_text(json.dumps({"command": shlex.join(command), "recipe": recipe}, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------- intervals
@@ -415,7 +416,10 @@ def report_intro(out: Path, family: str) -> str:
     runs = pd.read_csv(out / "raw" / "runs.csv")
     record = out / "raw" / "collect.json"
     if record.is_file():
-        made = f"`{json.loads(record.read_text())['command']}`"
+        collected = json.loads(record.read_text())
+        made = f"`{collected['command']}`"
+        if collected.get("recipe"):  # its work dir is scratch: the script is what remakes it
+            made = f"`{collected['recipe']}`, whose last step is {made}"
     elif family == "tiny":  # comparisons collected before the command was recorded: the committed ones
         made = "`bash reports/method-comparison/regenerate.sh` (sweeps, bench, then `python -m hybrid_tools.compare`)"
     elif family in settings.FAMILY_VANILLA:
@@ -446,10 +450,12 @@ def _and(values) -> str:
 def bench_setting(bench: dict) -> str:
     """Where and at which budgets a bench ran, from its own record: 'at the mid shape on CPU, every method at 64'."""
     meta = bench.get("meta", {})
-    shape = f"the {meta['preset']} shape" if meta.get("preset") else f"checkpoint `{meta.get('model')}`"
+    shape = (f"the {meta['preset']} shape" if meta.get("preset") else f"checkpoint `{meta['model']}`" if meta.get("model")
+             else "an unrecorded model")
     device = "CPU" if meta.get("device") == "cpu" else str(meta.get("device", "an unrecorded device"))
-    budgets = sorted({int(found.group(1)) for row in bench.get("rows", [])
-                      if (found := re.search(r"-[bk](\d+)(?:-|_|$)", str(row.get("config", ""))))})
+    budgets = sorted({float(found.group(1)) for row in bench.get("rows", []) if row.get("status") == "ok"
+                      if (found := re.search(r"-[bkr](\d+(?:\.\d+)?)(?:-|_|$)", str(row.get("config", ""))))})
+    budgets = [f"{budget:g}" for budget in budgets]
     methods = f"every method at {budgets[0]}" if len(budgets) == 1 else f"budgets {_and(budgets)}" if budgets else "no budgets"
     return f"at {shape} on {device}, {methods}"
 
@@ -507,6 +513,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the comparison's folder (reports/method-comparison for the committed one): "
                         "collect replaces its raw/ and everything rendered from it")
     parser.add_argument("--render", action="store_true", help="only re-render OUT from OUT/raw")
+    parser.add_argument("--recipe", default=None, metavar="COMMAND", help="what made WORK_DIR's runs (e.g. 'bash reports/method-comparison/regenerate.sh'): "
+                        "the report names it")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.render:
@@ -514,7 +522,7 @@ def main(argv=None) -> int:
             parser.error(f"--render: {out / 'raw' / 'runs.csv'} does not exist (collect first: give WORK_DIR)")
     else:
         work_dir, bench_dir = checked_sources(parser, args)
-        collect(work_dir, bench_dir, out)
+        collect(work_dir, bench_dir, out, args.recipe)
     print("wrote " + ", ".join(str(path) for path in render(out)))
     return 0
 

@@ -242,6 +242,10 @@ def test_the_report_says_only_what_its_runs_and_bench_record(tmp_path):
     assert "Made by `python -m hybrid_tools.compare w --out o`" in report
     assert "Random selection runs" not in report and "DyMU alone" not in report and "DyMU's per-row MACs" not in report
     assert "## Speed at the tiny shape on CPU, every method at 100 (" in report
+    # a script that made the runs in a scratch work dir is what remakes them: named first
+    (tmp_path / "raw" / "collect.json").write_text(json.dumps({"command": "python -m hybrid_tools.compare w --out o", "recipe": "bash r.sh"}))
+    compare.render(tmp_path)
+    assert "Made by `bash r.sh`, whose last step is `python -m hybrid_tools.compare w --out o`" in (tmp_path / "report.md").read_text()
 
 
 def test_runs_with_failed_rows_are_named_under_their_table(tmp_path):

@@ -44,5 +44,7 @@ if [ "$family" = llava_tiny ]; then
     bench=(--bench "$work/bench")
 fi
 # The report: raw per-question hits and per-run counts into raw/, then the tables and plots from them.
-python -m hybrid_tools.compare "$work/outputs" "${bench[@]}" --out "$out"
+recipe="bash reports/method-comparison/regenerate.sh"
+[ "$family" = llava_tiny ] || recipe="FAMILY=$family $recipe"
+python -m hybrid_tools.compare "$work/outputs" "${bench[@]}" --out "$out" --recipe "$recipe"
 rm -rf "$work"
