@@ -632,9 +632,10 @@ def test_floors_name_the_configurations_at_or_below_them_on_the_committed_testbe
     assert (f"every TinyMMBench row is at or below the text prior ({blind['TinyMMBench']['circular_accuracy']:.1f}%), and "
             f"{words[len(listed)]} are at or below the {chance:.1f}% that a random letter") in readme
 
-    (tmp_path / "other.json").write_text('{"runs": []}')
-    assert run_report(testbed / "raw" / "outputs", "--name", "bad", "--out", tmp_path, "--floors", tmp_path / "other.json") == 2
-    assert "--floors" in capsys.readouterr().err
+    for name, text in (("other", '{"runs": []}'), ("list", "[1, 2]"), ("partial", '{"TinyMMBench": {"circular_accuracy": 3.0}}')):
+        (tmp_path / f"{name}.json").write_text(text)
+        assert run_report(testbed / "raw" / "outputs", "--name", "bad", "--out", tmp_path, "--floors", tmp_path / f"{name}.json") == 2
+        assert f"--floors {tmp_path / name}.json: " in capsys.readouterr().err
 
 
 def test_data_keeps_only_the_named_sets_and_names_an_absent_one(tmp_path, capsys):

@@ -198,3 +198,29 @@ def test_a_torn_run_record_is_kept_aside_by_an_eval_run_and_still_refused(tmp_pa
     assert (folder / "run_info.json.unreadable").read_text() == torn
     problem = reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=3))
     assert problem is not None and "run_info.json.unreadable: a run record that cannot be read" in problem
+
+
+def _append_records(path: str, tag: str, count: int, barrier) -> None:
+    from vlmeval_plugin.cli import append_run_record
+
+    barrier.wait()  # both start appending together, after their imports
+    for number in range(count):
+        append_run_record(Path(path), {"tag": tag, "number": number})
+
+
+def test_two_processes_appending_run_records_keep_every_record(tmp_path):
+    """Each run.py appends its record by reading the runs and writing them back: without a lock, two
+    processes on one folder dropped each other's records."""
+    import json
+    import multiprocessing
+
+    path = tmp_path / "m" / "run_info.json"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_append_records, args=(str(path), tag, 150, barrier)) for tag in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted((r["tag"], r["number"]) for r in runs) == sorted((tag, n) for tag in ("a", "b") for n in range(150))

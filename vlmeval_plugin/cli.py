@@ -165,7 +165,8 @@ def file_sha256(path: str) -> str:
 
 # what run.py and VLMEvalKit's bookkeeping leave in a model folder that is not an output
 UNREADABLE_RUN_INFO = "run_info.json.unreadable"
-RECORD_FILES = ("run_info.json", UNREADABLE_RUN_INFO, "status.json", "status.json.lock")
+RUN_INFO_LOCK = "run_info.json.lock"
+RECORD_FILES = ("run_info.json", UNREADABLE_RUN_INFO, RUN_INFO_LOCK, "status.json", "status.json.lock")
 
 
 def is_run_info_scratch(name: str) -> bool:
@@ -361,8 +362,16 @@ def write_run_info(work_dir: str, models: list[str], plugin_models: dict, comman
             "versions": package_versions(), "git": {"commit": commit, "dirty": dirty},
         }
         record = portable(record)  # no machine-specific absolute paths in what may be committed
-        path = Path(work_dir) / model / "run_info.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        append_run_record(Path(work_dir) / model / "run_info.json", record)
+
+
+def append_run_record(path: Path, record: dict) -> None:
+    """Adds `record` to run_info.json's runs: under a lock, since two run.py processes on one folder
+    would each write the runs they read, and the later would drop the other's record."""
+    import filelock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path.with_name(RUN_INFO_LOCK))):
         try:
             runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
         except (ValueError, AttributeError):  # torn: kept aside, where reuse_conflict finds it (--mode eval is not checked)

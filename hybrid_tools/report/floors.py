@@ -27,7 +27,11 @@ def read_floors(paths: list[Path]) -> dict[str, list[Floor]]:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
             raise ValueError(f"--floors {path}: cannot be read ({error})") from None
-        found = caption_baseline_floors(data, path) if "cider_shuffled" in data else blind_baseline_floors(data, path)
+        try:
+            found = [] if not isinstance(data, dict) else (
+                caption_baseline_floors(data, path) if "cider_shuffled" in data else blind_baseline_floors(data, path))
+        except (KeyError, TypeError) as error:  # a file of the right kind with a field missing or mistyped
+            raise ValueError(f"--floors {path}: a field is missing or malformed ({type(error).__name__}: {error})") from None
         if not found:
             raise ValueError(f"--floors {path}: neither a hybrid_tools.blind_baselines nor a hybrid_tools.caption_baseline file")
         for dataset, floor in found:
@@ -44,7 +48,8 @@ def blind_baseline_floors(data: dict, path: Path) -> list[tuple[str, Floor]]:
     found = []
     prior = data.get("TinyMMBench")
     if prior:
-        found.append(("TinyMMBench", Floor(f"text prior: {prior['rule']} ({prior['training_scenes']:,})", prior["circular_accuracy"], path)))
+        found.append(("TinyMMBench", Floor(f"text prior: {prior['rule']} ({prior['training_scenes']:,} training scenes)",
+                                           prior["circular_accuracy"], path)))
         if "random_letter_circular_accuracy" in prior:
             found.append(("TinyMMBench", Floor("a random letter on every circular copy (expected)", prior["random_letter_circular_accuracy"], path)))
     constant = data.get("TinyCOCO")
