@@ -23,7 +23,7 @@ FASTV = f"{QWEN}_fastv__fastv-r0.5-l2"
 
 def test_qwen_names_are_registered_and_refuse_what_is_not_implemented():
     names = [name for name, variant in settings.VARIANTS.items() if variant.family == QWEN]
-    assert names == [QWEN, f"{QWEN}_fastv", f"{QWEN}_random", f"{QWEN}_divprune", f"{QWEN}_pool", f"{QWEN}_pdrop", f"{QWEN}_dart"]
+    assert names == [QWEN, f"{QWEN}_fastv", f"{QWEN}_random", f"{QWEN}_pool", f"{QWEN}_divprune", f"{QWEN}_pdrop", f"{QWEN}_dart"]
     assert all(settings.VARIANTS[name].qwen for name in names)
     assert settings.FAMILY_CHECKPOINTS[QWEN] == "Qwen/Qwen2.5-VL-7B-Instruct"
     config = settings.hybrid_config_for
