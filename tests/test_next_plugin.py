@@ -200,3 +200,17 @@ def test_next_answers_are_cut_as_vlmevalkits_llava_next_cuts_them(template, answ
     upstream = LLaVA_Next.output_process(None, upstream_text).replace("<unk>", "")
     ours = wrapper.answer(message, tokenizer.decode(new_ids, skip_special_tokens=True))
     assert ours == upstream
+
+
+@needs_vlmeval
+def test_a_next_template_without_role_markers_keeps_the_answer_alone():
+    """Upstream's output_process finds no marker to split on and stores prompt and answer together."""
+    from hybrid_vlm.tiny import build_next_processor
+    from vlmeval_plugin.model import HybridLLaVANext
+
+    processor = build_next_processor()
+    processor.chat_template = "{% for message in messages %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    wrapper = HybridLLaVANext.__new__(HybridLLaVANext)
+    wrapper.processor = processor
+    message = [dict(type="image", value="unused.png"), dict(type="text", value="What is it?")]
+    assert wrapper.answer(message, " A cat. ") == "A cat."

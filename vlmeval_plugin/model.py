@@ -468,6 +468,11 @@ class HybridLLaVA(BaseModel):
         return outcomes[0][1]["prediction"]
 
 
+# the assistant-turn markers upstream's `output_process` splits on: a template with none of them
+# (a --model-path checkpoint's own) keeps the decoded new text as it is
+NEXT_ROLE_MARKERS = ("[/INST]", "ASSISTANT:", "assistant\n", "<|end_header_id|>\n\n")
+
+
 class HybridLLaVANext(HybridLLaVA):
     """LLaVA-NeXT (llava-hf v1.6, anyres) for VLMEvalKit, as VLMEvalKit's `LLaVA_Next` wrapper runs it:
     the same MCQ prompt as LLaVA-1.5, the checkpoint's own chat template over the message's items
@@ -497,4 +502,6 @@ class HybridLLaVANext(HybridLLaVA):
         from vlmeval.vlm.llava.llava import LLaVA_Next
 
         prompt, _ = self.conversation(message)
+        if not any(marker in prompt for marker in NEXT_ROLE_MARKERS):  # upstream would store prompt and answer together
+            return text.strip()
         return LLaVA_Next.output_process(self, prompt + text).replace("<unk>", "")

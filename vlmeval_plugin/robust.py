@@ -158,7 +158,7 @@ def decode_base64_to_image_file(base64_string, image_path, target_size=-1):
 
 
 def looks_like_a_path(cell: str) -> bool:
-    """A file name or URL where base64 is expected: base64 has no '.', ':' or '\\'."""
+    """A file name with an image extension, or a URL, where base64 is expected (base64 has no '.' or ':')."""
     text = str(cell).strip()
     return len(text) < 4096 and "\n" not in text and (
         re.fullmatch(r"(?i).*\.(jpe?g|png|bmp|gif|webp|tiff?)", text) is not None or re.match(r"(?i)https?://|file://", text) is not None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..provenance import git_state
 from . import CHECKPOINT_DIR, THRESHOLDS_DIR, build_untrained
 from .train import TrainSettings, train
 
@@ -33,6 +34,7 @@ def train_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(settings.seed, settings.option_tokens)
+    code = git_state()  # before the hour of training, in which the checkout may change
     started = time.perf_counter()
     log = train(model, processor, settings, out / "train_log.jsonl", progress=not args.quiet)
     model.save_pretrained(out)
@@ -42,7 +44,7 @@ def train_command(args: argparse.Namespace) -> None:
         train_seconds=round(time.perf_counter() - started, 1), images_seen=settings.steps * settings.batch_images,
         scenes_drawn={"window": settings.window_steps * settings.window_batch_scenes,
                       "vision": settings.vision_steps * settings.vision_batch_images, "language": settings.steps * settings.batch_images},
-        **rerun_record(out),
+        **rerun_record(out, code),
         answer_loss_mean_last_50=round(statistics.mean(r["answer_loss"] for r in log[-50:] if "answer_loss" in r), 4),
         parameters=sum(p.numel() for p in model.parameters()),
     )
@@ -50,14 +52,15 @@ def train_command(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=1))
 
 
-def rerun_record(out: Path) -> dict:
-    """What a bitwise rerun must match, beside the settings: the code, the package builds, the CPU
-    (bf16 autocast rounds by its instruction set) and the weights' hash to compare with."""
+def rerun_record(out: Path, code: tuple[str | None, bool | None]) -> dict:
+    """What a bitwise rerun must match, beside the settings: the code (`code`: git_state() when the
+    run started), the package versions and torch's build configuration, the CPU (bf16 autocast rounds
+    by its instruction set) and the weights' hash to compare with."""
     import hashlib
 
-    from ..provenance import git_state, package_versions
+    from ..provenance import package_versions
 
-    commit, dirty = git_state()
+    commit, dirty = code
     versions = package_versions()
     for package in ("numpy", "pillow", "tokenizers", "safetensors"):
         try:
@@ -66,9 +69,15 @@ def rerun_record(out: Path) -> dict:
             versions[package] = None
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), None)
     weights = out / "model.safetensors"
-    return dict(git={"commit": commit, "dirty": dirty}, versions=versions, cpu=cpu,
-                cpu_flags_bf16=sorted({flag for line in _cpuinfo() if line.startswith("flags") for flag in line.split() if "bf16" in flag or flag.startswith("amx")}),
+    bf16_flags = sorted({flag for line in _cpuinfo() if line.startswith("flags") for flag in line.split() if "bf16" in flag or flag.startswith("amx")})
+    return dict(git={"commit": commit, "dirty": dirty}, versions=versions, torch_build=torch_build(), cpu=cpu, cpu_flags_bf16=bf16_flags,
                 weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None)
+
+
+def torch_build() -> list[str]:
+    """torch's build configuration (its BLAS, oneDNN and CPU capability), without the build-settings
+    line, which holds the paths of the machine torch was built on."""
+    return [line.strip(" -") for line in torch.__config__.show().splitlines()[1:] if "Build settings" not in line]
 
 
 def _cpuinfo() -> list[str]:
