@@ -939,9 +939,10 @@ def traced_kernels(bench: BenchRun) -> dict:
 
 def prunes_nothing(config: BenchConfig) -> str | None:
     """A count FASTV_K above every sample's visual tokens would time the scoring with nothing pruned
-    (run.py and the sweep refuse it before loading; here the count is known once the input ran)."""
+    (run.py and the sweep refuse it on LLaVA-1.5 before loading; here the count is known once the
+    input ran). Not with DyMU, whose merged count follows the image: a K above it is a setting too."""
     k, visual = getattr(config.hybrid, "fastv_k", None), max(config.counts["visual"])
-    if isinstance(k, int) and not isinstance(k, bool) and k > visual:
+    if getattr(config.hybrid, "dymu", None) is None and isinstance(k, int) and not isinstance(k, bool) and k > visual:
         return f"FASTV_K={k} is more than the {visual} visual tokens of this input, so nothing is pruned: use 0 to {visual}, or a ratio in [0, 1)"
     return None
 

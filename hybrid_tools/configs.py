@@ -187,10 +187,11 @@ def collect(work_dir: str | Path, folders: list[str], datasets: list[str] | None
 def keep_datasets(configs: list[Configuration], datasets: list[str] | None) -> list[Configuration]:
     """`configs` with their results on `datasets` only (all without): a folder also holds the sets of
     other runs, which a sweep's table or report must not show as its own."""
-    if datasets:
-        for config in configs:
-            config.entries = {name: entry for name, entry in config.entries.items() if name in datasets}
-    return configs
+    if not datasets:
+        return configs
+    for config in configs:
+        config.entries = {name: entry for name, entry in config.entries.items() if name in datasets}
+    return [config for config in configs if config.entries]  # a folder without those sets is not in the table
 
 
 def delta(entry: Entry, key: str) -> float | None:

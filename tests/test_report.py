@@ -631,11 +631,26 @@ def test_floors_name_the_configurations_at_or_below_them_on_the_committed_testbe
     readme = " ".join((REPO / "README.md").read_text().split())
     assert (f"every TinyMMBench row is at or below the text prior ({blind['TinyMMBench']['circular_accuracy']:.1f}%), and "
             f"{words[len(listed)]} are at or below the {chance:.1f}% that a random letter") in readme
+    ciders = [json.loads(path.read_text())["CIDEr"] for path in (testbed / "raw" / "outputs").glob("*/*_TinyCOCO_score.json")]
+    assert ciders and min(ciders) > blind["TinyCOCO"]["cider"]
+    assert "No TinyCOCO row is at or below the constant caption." in readme
 
     for name, text in (("other", '{"runs": []}'), ("list", "[1, 2]"), ("partial", '{"TinyMMBench": {"circular_accuracy": 3.0}}')):
         (tmp_path / f"{name}.json").write_text(text)
         assert run_report(testbed / "raw" / "outputs", "--name", "bad", "--out", tmp_path, "--floors", tmp_path / f"{name}.json") == 2
         assert f"--floors {tmp_path / name}.json: " in capsys.readouterr().err
+
+
+def test_readme_testbed_intervals_are_the_method_comparisons():
+    """The two paired intervals the README's testbed section quotes, in the committed comparison's
+    rows they name: the hybrid at 32 vs random (mean of the seeds), random seed 0 at 16 vs FastV."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    table = (REPO / "reports" / "method-comparison-testbed" / "table.md").read_text()
+    hybrid = next(line for line in table.splitlines() if line.startswith("| 32 | hybrid |"))
+    random = next(line for line in table.splitlines() if line.startswith("| 16 | random | random-k16-l2 |"))
+    vs_fastv, vs_random = (cell.strip() for cell in hybrid.split("|")[9:11])
+    assert vs_random.startswith("+2.1 [-19.7, +30.7]") and "random (mean of 3 seeds) at 32 tokens at +2.1 [−19.7, +30.7]" in readme
+    assert random.split("|")[9].strip().startswith("+13.2 [-6.0, +35.1]") and "FastV at 16 at +13.2 [−6.0, +35.1]" in readme
 
 
 def test_data_keeps_only_the_named_sets_and_names_an_absent_one(tmp_path, capsys):

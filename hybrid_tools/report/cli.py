@@ -136,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             recipe = Path(args.recipe).read_text(encoding="utf-8")
         except OSError as error:
             parser.error(f"--recipe: {error}")
-    configs = keep_datasets([c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)], args.data)
+    configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
     absent = [name for name in args.data or [] if not any(name in c.entries for c in configs)]
     if absent and configs:
         parser.error(f"--data {' '.join(absent)}: no model folder holds results of it")
+    configs = keep_datasets(configs, args.data)
     unmatched = [p for p in args.models or [] if work_dirs and not any(fnmatch.fnmatchcase(c.name, p) for c in configs)]
     if unmatched:
         parser.error(f"--models {' '.join(unmatched)}: no model folder matches (a pattern matches whole folder names, "

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from . import CHECKPOINT_DIR, THRESHOLDS_DIR, scenes
@@ -193,7 +194,7 @@ def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
         f"- Without the image (`reports/testbed/blind_baselines.json`): answering each question with the option most often "
         f"right for its text on {prior['training_scenes']:,} training scenes scores **{prior['circular_accuracy']:.1f}%** "
         "circular on TinyMMBench (by kind: " + ", ".join(f"{kind} {value:.1f}%" for kind, value in prior["by_kind"].items())
-        + f"; {prior['questions'] // len(prior['by_kind'])} questions per kind), {_against(mcq['metrics']['Overall'], prior['circular_accuracy'])} "
+        + f"; {_per_kind(prior['questions'])}), {_against(mcq['metrics']['Overall'], prior['circular_accuracy'])} "
         + "the model's Overall" + (f", and a random letter on every circular copy {prior['random_letter_circular_accuracy']:.1f}% (expected)"
                                    if "random_letter_circular_accuracy" in prior else "") + "; one training caption "
         f"given to every image scores CIDEr **{constant['cider']:.1f}** on TinyCOCO, {_against(coco['metrics']['CIDEr'], constant['cider'])} "
@@ -201,6 +202,14 @@ def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
         "- Every method at matched budgets: [`reports/testbed/report.md`](../../../reports/testbed/report.md).",
         "",
     ]
+
+
+def _per_kind(questions: int) -> str:
+    """How many of TinyMMBench's `questions` each kind has (the set takes the kinds in turn)."""
+    counts = Counter(scenes.QUESTION_KINDS[index % len(scenes.QUESTION_KINDS)] for index in range(questions))
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} questions per kind"
+    return "questions per kind: " + ", ".join(f"{kind} {count}" for kind, count in counts.items())
 
 
 def _against(model: float, floor: float) -> str:
