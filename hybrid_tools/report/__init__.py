@@ -25,6 +25,9 @@ What it reads
   percentage points), ratios are configuration / vanilla.
 - Bench results (`--bench DIR_OR_JSON`, or a WORK_DIR that holds a bench.json): the FLOPs/latency
   table, the measured time ratio beside the theoretical MAC ratio.
+- Floors (`--floors JSON...`: `hybrid_tools.blind_baselines` and `hybrid_tools.caption_baseline`
+  files): what each set gives a model that never looks at the image, listed under its table with
+  the configurations at or below each. `--data NAME...` keeps only those sets.
 - Provenance: the command, environment settings and versions recorded beside each raw output:
   `run_info.json` (written by run.py, when it records one), `sweep_*.json` (written by
   `python -m hybrid_tools.sweep`), VLMEvalKit's `status.json` and bench.json's `meta`. What no
@@ -37,7 +40,7 @@ sources and regenerated exactly from them. --recipe FILE puts a shell script (ho
 were made) verbatim at the top of the report.
 
 Files: `cli` (this command), `render` (one function per report section), `markdown`, `plots`,
-`bench` (bench.json), `provenance`, `snapshot`; the raw files are read by `vlmeval_plugin.results`
+`bench` (bench.json), `floors`, `provenance`, `snapshot`; the raw files are read by `vlmeval_plugin.results`
 and compared by `hybrid_tools.configs`. Nothing here imports vlmeval (the VLMEvalKit runs are long
 finished); plots need matplotlib (the `report` extra: pip install -e .[report]).
 """
