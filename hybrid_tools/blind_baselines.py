@@ -8,7 +8,9 @@ are read against.
   earlier option in `scenes.ANSWERS`. It reads the question and the options' words, never the
   image; a circular rotation moves the letters, not the words, so its circular accuracy is its
   plain accuracy. (A constant letter scores 0 circularly: each rotation moves the right answer.)
-  Beside it, what a random letter scores: each of a question's n circular copies answered
+  That is the floor of these 100 questions, one draw; beside it, the rule's expected accuracy:
+  its accuracy on --fresh questions of the same kinds, taken in turn as the set takes them, from
+  scenes of the held-out stream far past the set's own. And what a random letter scores: each of a question's n circular copies answered
   uniformly at random is right on all of them with probability (1/n)^n; the expected circular
   accuracy is the mean of that over the questions.
 - TinyCOCO, one constant caption: among the reference captions of the first --candidates training
@@ -47,7 +49,26 @@ def prior_choice(options: tuple[str, ...], seen: Counter) -> str:
     return max(options, key=lambda option: (seen[option], -scenes.ANSWERS.index(option)))
 
 
-def text_prior_accuracy(num_scenes: int, num_questions: int = tiny_data.MCQ_QUESTIONS) -> dict:
+FRESH_OFFSET = 10_000_000  # held-out stream indices far past TinyMMBench's (base * attempts + attempt)
+
+
+def fresh_accuracy(counts: dict[str, Counter], num_questions: int) -> dict:
+    """The text prior's accuracy on `num_questions` new questions, kinds in turn, per kind and overall (%)."""
+    right: dict[str, list[bool]] = defaultdict(list)
+    index = 0
+    while sum(map(len, right.values())) < num_questions:
+        kind = scenes.QUESTION_KINDS[sum(map(len, right.values())) % len(scenes.QUESTION_KINDS)]
+        scene, rng = scenes.scene_for(scenes.MCQ_STREAM, FRESH_OFFSET + index)
+        index += 1
+        question = scenes.ask(scene, kind, rng)
+        if question is not None:
+            right[kind].append(prior_choice(question.options, counts[question.question]) == question.options[question.answer])
+    every = [hit for hits in right.values() for hit in hits]
+    return {"questions": len(every), "accuracy": round(100 * sum(every) / len(every), 1),
+            "by_kind": {kind: round(100 * sum(hits) / len(hits), 1) for kind, hits in right.items()}}
+
+
+def text_prior_accuracy(num_scenes: int, num_questions: int = tiny_data.MCQ_QUESTIONS, fresh: int = 0) -> dict:
     counts = answer_counts(num_scenes)
     right: dict[str, list[bool]] = defaultdict(list)
     guessed = []  # per question, the chance that random letters are right on all its circular copies
@@ -64,6 +85,7 @@ def text_prior_accuracy(num_scenes: int, num_questions: int = tiny_data.MCQ_QUES
         "circular_accuracy": round(100 * sum(every) / len(every), 1),
         "by_kind": {kind: round(100 * sum(hits) / len(hits), 1) for kind, hits in right.items()},
         "random_letter_circular_accuracy": round(100 * sum(guessed) / len(guessed), 1),  # expected
+        **({"fresh_questions": fresh_accuracy(counts, fresh)} if fresh else {}),
     }
 
 
@@ -88,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=14400, help="training scenes the text prior counts (the language phase's)")
     parser.add_argument("--candidates", type=int, default=100, help="training scenes whose captions are the constant's candidates")
     parser.add_argument("--selection", type=int, default=200, help="further training scenes the constant is chosen on")
+    parser.add_argument("--fresh", type=int, default=20000, help="new questions the text prior's expected accuracy is measured on (0: none)")
     parser.add_argument("--out", default=None, help="write the result as JSON here too")
     args = parser.parse_args(argv)
+    if args.fresh < 0:
+        parser.error(f"--fresh {args.fresh}: use 0 or more")
     for flag in ("scenes", "candidates", "selection"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: use 1 or more")
-    result = {"TinyMMBench": text_prior_accuracy(args.scenes), "TinyCOCO": constant_caption(args.candidates, args.selection)}
+    result = {"TinyMMBench": text_prior_accuracy(args.scenes, fresh=args.fresh), "TinyCOCO": constant_caption(args.candidates, args.selection)}
     show_and_write(result, args.out)
     return 0
 

@@ -606,3 +606,6 @@ def test_the_text_prior_reads_words_not_letters_and_the_readme_quotes_the_commit
     assert re.search(rf"on {prior['training_scenes']:,} training scenes scores {prior['circular_accuracy']:.1f}% circular "
                      rf"\(counting {prior['by_kind']['count']:.0f}%\)", readme)
     assert f"one training caption given to every image scores CIDEr {constant['cider']:.1f}" in readme
+    fresh = prior["fresh_questions"]
+    assert (f"on {fresh['questions']:,} fresh questions of the same kinds the rule scores {fresh['accuracy']:.1f}%, "
+            f"counting {fresh['by_kind']['count']:.1f}%") in readme

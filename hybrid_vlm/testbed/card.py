@@ -195,7 +195,8 @@ def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
         f"right for its text on {prior['training_scenes']:,} training scenes scores **{prior['circular_accuracy']:.1f}%** "
         "circular on TinyMMBench (by kind: " + ", ".join(f"{kind} {value:.1f}%" for kind, value in prior["by_kind"].items())
         + f"; {_per_kind(prior['questions'])}), {_against(mcq['metrics']['Overall'], prior['circular_accuracy'])} "
-        + "the model's Overall" + (f", and a random letter on every circular copy {prior['random_letter_circular_accuracy']:.1f}% (expected)"
+        + "the model's Overall" + (f" (on {prior['fresh_questions']['questions']:,} fresh questions the rule scores "
+                                   f"{prior['fresh_questions']['accuracy']:.1f}%)" if "fresh_questions" in prior else "") + (f", and a random letter on every circular copy {prior['random_letter_circular_accuracy']:.1f}% (expected)"
                                    if "random_letter_circular_accuracy" in prior else "") + "; one training caption "
         f"given to every image scores CIDEr **{constant['cider']:.1f}** on TinyCOCO, {_against(coco['metrics']['CIDEr'], constant['cider'])} "
         "the model's. " + _kinds_above(mcq["metrics"], prior["by_kind"]),
