@@ -20,7 +20,7 @@ sweep --model hybrid --dymu mid --fastv-k 64 32 --fastv-layer 2
 sweep --model pool --pool 2 3 4
 # CIDEr of the vanilla captions against the references of the wrong images.
 python -m hybrid_tools.caption_baseline "$work/outputs" llava_testbed --out reports/testbed/shuffled_captions.json
-# What needs no image: a text-only prior on TinyMMBench and one constant caption on TinyCOCO (about a minute).
+# What needs no image: a text-only prior on TinyMMBench (and its accuracy on 20,000 fresh questions) and one constant caption on TinyCOCO (about two minutes).
 python -m hybrid_tools.blind_baselines --out reports/testbed/blind_baselines.json
 # The report, with the two files above as each set's floors; --snapshot copies the raw files it reads into reports/testbed/raw/.
 python -m hybrid_tools.report "$work/outputs" --name testbed --snapshot --recipe reports/testbed/regenerate.sh \
