@@ -66,7 +66,7 @@ Presets: tiny (hybrid_vlm.tiny), mid (Llama 1024 x 16 layers / 16 heads / MLP 28
 real CLIP ViT-L/14-336 tower in front of mid's LLM: vision-tower timings on CPU), llava-1.5-7b
 (CLIP ViT-L/14-336 + Llama-7B shapes, random weights; CUDA only). --model DIR loads a checkpoint.
 
-A SIGTERM (`timeout` at a step's limit) stops the bench where it lands; it still writes every row
+A SIGTERM (`timeout` at a step's limit) or Ctrl-C stops the bench where it lands; it still writes every row
 from the rounds it completed (each row's note says how many; the memory, sync and kernel passes not
 run say so), records where it stopped in the meta (`stopped`) and in the header, and exits with
 status 1.
@@ -670,12 +670,33 @@ def bad_value(args) -> str | None:
         return f"--dymu-images {args.dymu_images}: use 1 or more images"
     if args.threads is not None and args.threads < 1:
         return f"--threads {args.threads}: use 1 or more"
+    if args.out and out_dir_problem(Path(args.out)):
+        return f"--out {args.out}: {out_dir_problem(Path(args.out))}"
     missing = [path for path in args.dymu if not Path(path).is_file()]
     if missing:
         return f"--dymu: no threshold file at {', '.join(missing)}"
-    local = Path(args.model).expanduser() if args.model else None  # anything else is a hub id from_pretrained resolves
-    if local is not None and (local.exists() or args.model.startswith(("/", ".", "~"))) and not (local / "config.json").is_file():
-        return f"--model {args.model}: not a checkpoint directory (no config.json there)"
+    local = Path(args.model).expanduser() if args.model else None  # owner/name is a hub id from_pretrained resolves
+    if local is not None and (local.exists() or args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1):
+        if not (local / "config.json").is_file():
+            return f"--model {args.model}: not a checkpoint directory (no config.json there)"
+        model_type = json.loads((local / "config.json").read_text()).get("model_type")
+        if model_type not in BENCH_MODEL_TYPES:
+            return (f"--model {args.model}: a llava-hf LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL checkpoint is needed (model_type "
+                    f"{', '.join(BENCH_MODEL_TYPES)}), this one is {model_type!r}")
+    return None
+
+
+BENCH_MODEL_TYPES = ("llava", "llava_next", "qwen2_5_vl")
+
+
+def out_dir_problem(out: Path) -> str | None:
+    """Why --out cannot become the bench's folder (checked before the model loads: the bench was
+    measured in full, then lost at the write)."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file: name a folder for bench.json and bench.csv"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
     return None
 
 
@@ -713,11 +734,14 @@ def _raise_stopped(signum, frame):
     raise BenchStopped()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a step's time limit, or Ctrl-C: either keeps what was measured
+
+
 def measure(bench: BenchRun, configs: list[BenchConfig]) -> None:
     """Time every configuration, then fill its row; a SIGTERM ends the timing or the per-row passes
     where it lands, and the rows keep what was measured before it (`bench.stopped` says where)."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread that may set a handler
-    previous = signal.signal(signal.SIGTERM, _raise_stopped) if in_main_thread else None
+    previous = {number: signal.signal(number, _raise_stopped) for number in STOP_SIGNALS} if in_main_thread else {}
     try:
         with torch.inference_mode():
             try:
@@ -727,8 +751,8 @@ def measure(bench: BenchRun, configs: list[BenchConfig]) -> None:
             for config in configs:
                 config.row = measured_row(bench, config)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def main(argv=None) -> list[dict]:
@@ -750,8 +774,13 @@ def run(argv=None) -> tuple[list[dict], str | None]:
     model, processor = build_model(args, device, dtype)
     host_inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed)
     if args.dymu_target:
-        threshold_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dymu-"))
-        args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
+        if not args.out:  # removed when the bench ends (the rows name files nobody keeps without --out)
+            args.scratch = tempfile.TemporaryDirectory(prefix="bench-dymu-")
+        threshold_dir = Path(args.out) if args.out else Path(args.scratch.name)
+        try:
+            args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
+        except ValueError as error:  # a token count this tower cannot reach, known once it is loaded
+            parser.error(str(error).replace("--target ", "--dymu-target ", 1))
         configs = build_configs(args)
         check_baseline(args.baseline, configs, parser)
     clock = Clock(device)
@@ -766,8 +795,8 @@ def run(argv=None) -> tuple[list[dict], str | None]:
     print(
         f"# {meta['device']} {meta.get('gpu') or meta['cpu']} | torch {meta['torch']} transformers {meta['transformers']} "
         f"| threads {meta['torch_threads']} | {meta['preset'] or meta['model']} {meta['dtype']} batch {args.batch_size} "
-        f"| text {text_tokens} tokens | median of {args.repeats} after {args.warmup} warm-up"
-        + (f" | stopped by SIGTERM {bench.stopped}: each row's `repeats` says how many rounds it has" if bench.stopped else "")
+        f"| text {text_tokens} tokens | times: median of {args.repeats} after {args.warmup} warm-up | ratios: ÷ {args.baseline}"
+        + (f" | stopped by SIGTERM or Ctrl-C {bench.stopped}: each row's `repeats` says how many rounds it has" if bench.stopped else "")
     )
     print_table(rows)
     base = next(row for row in rows if row["config"] == args.baseline)
@@ -866,7 +895,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     if config.status != "ok":
         return row
     if not config.runs:
-        row.update(status="stopped", note=f"not timed: the bench was stopped by SIGTERM {bench.stopped}")
+        row.update(status="stopped", note=f"not timed: the bench was stopped by SIGTERM or Ctrl-C {bench.stopped}")
         return row
     activate(bench.model, config)
     for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
@@ -887,7 +916,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
         )
     if len(config.runs) < args.repeats:
-        row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM"]))
+        row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C"]))
     if bench.stopped is None:
         try:
             row.update(row_passes(bench))
@@ -897,7 +926,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             row.update(status="failed", note="; ".join(filter(None, [row["note"], f"memory or sync pass: {type(error).__name__}: {error}"])))
     if bench.stopped is not None:
         for key in ("mem_kind", "sync_debug"):
-            row.setdefault(key, "not run: stopped by SIGTERM")
+            row.setdefault(key, "not run: stopped by SIGTERM or Ctrl-C")
     return row
 
 

@@ -423,6 +423,13 @@ def check_before_loading(args) -> tuple[list[Path], dict[str, str]]:
     naming the setting: the images (unreadable ones are named and left out), the output file's
     folder, and the target against the checkpoint's config. Returns (the images to calibrate on,
     {file: why it was left out})."""
+    check_output_path(args)  # the cheap checks first: decoding every image of a large folder takes a while
+    tower = tower_shape(args.model)
+    if tower is not None:
+        try:
+            plan_merging(args.target, args.schedule, *tower)
+        except ValueError as error:
+            args.error(str(error))
     try:
         files = find_images(args.images, args.max_images)
     except FileNotFoundError as error:
@@ -432,13 +439,6 @@ def check_before_loading(args) -> tuple[list[Path], dict[str, str]]:
         print(f"calibrate: leaving out {portable_path(path)}, which does not decode as an image ({reason})", file=sys.stderr)
     if not files:
         args.error(f"--images {args.images}: none of its {len(unreadable)} image files decodes")
-    check_output_path(args)
-    tower = tower_shape(args.model)
-    if tower is not None:
-        try:
-            plan_merging(args.target, args.schedule, *tower)
-        except ValueError as error:
-            args.error(str(error))
     return files, unreadable
 
 
@@ -446,11 +446,35 @@ def check_output_path(args) -> None:
     out = Path(args.out)
     if out.is_dir():
         args.error(f"--out {args.out} is a directory: name the threshold JSON file to write")
+    if out.suffix.lower() != ".json":  # an --out among the --images overwrote that image, then failed on it
+        args.error(f"--out {args.out}: name a .json file (the thresholds are written as JSON)")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         args.error(f"--out {args.out}: its folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         args.error(f"--out {args.out}: not writable")
+
+
+CALIBRATED_MODEL_TYPES = ("llava", "llava_next")
+
+
+def check_model_kind(args) -> None:
+    """A checkpoint DyMU can calibrate (LLaVA-1.5 or LLaVA-NeXT), from its config alone: anything
+    else was a traceback after the load (or a hub lookup for a path that does not exist)."""
+    from transformers import AutoConfig
+
+    if not Path(args.model).expanduser().exists() and (args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1):
+        args.error(f"--model {args.model}: no such checkpoint directory")
+    try:
+        model_type = AutoConfig.from_pretrained(args.model).model_type
+    except Exception as error:  # noqa: BLE001 - named: a folder without a config, an unknown model_type, an uncached hub id
+        args.error(f"--model {args.model}: not a checkpoint transformers can read ({type(error).__name__}: {str(error)[:200]})")
+    if model_type == "qwen2_5_vl":
+        args.error(f"--model {args.model}: DyMU is not implemented for Qwen2.5-VL (it merges CLIP patches; Qwen's windowed ViT "
+                   "needs whole 2x2 merge units)")
+    if model_type not in CALIBRATED_MODEL_TYPES:
+        args.error(f"--model {args.model}: a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed (model_type "
+                   f"{' or '.join(CALIBRATED_MODEL_TYPES)}), this one is {model_type!r}")
 
 
 def tower_shape(model_path: str) -> tuple[int, int, int] | None:
@@ -491,12 +515,16 @@ def main(argv: list[str] | None = None) -> dict:
     from .hf_compat.llava_next import takes_anyres
     from .model import load_supported_model
 
+    check_model_kind(args)
     if args.sign:  # in float32 on the CPU whatever --device/--dtype say: the weights as a float32 file holds them
         try:
             read_threshold_payload(args.out)
         except (OSError, ValueError) as error:
             args.error(f"--sign --out {args.out}: {error}")
-        return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
+        try:
+            return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
+        except ValueError as error:  # the file was made for another model
+            args.error(f"--sign --out {args.out}: {error}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files, unreadable = check_before_loading(args)

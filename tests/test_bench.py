@@ -219,6 +219,43 @@ def test_mask_read_rows_run_an_unpadded_batch_without_a_mask():
         assert once["sync_debug"] == f"pass: 1 sync(s) in the prefill (1 allowed), 0 in {bench.SYNC_CHECK_DECODE_STEPS} decode steps (none allowed)"
 
 
+@pytest.mark.parametrize("stop", ["SIGINT"])
+def test_ctrl_c_in_the_timed_rounds_writes_what_was_measured_as_a_sigterm_does(tmp_path, monkeypatch, stop):
+    """Ctrl-C ended the bench in a KeyboardInterrupt and wrote nothing; it now stops as SIGTERM does."""
+    import os
+    import signal
+
+    calls, timed_run = [], bench.timed_run
+
+    def run_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 + 3 + 1:
+            os.kill(os.getpid(), getattr(signal, stop))
+        return timed_run(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "timed_run", run_then_signal)
+    before = signal.getsignal(signal.SIGINT)
+    rows, stopped = bench.run(["--preset", "tiny", "--repeats", "50", "--warmup", "1", "--decode-tokens", "1", "--no-progress",
+                               "--fastv-k", "16", "--no-memory", "--out", str(tmp_path)])
+    assert signal.getsignal(signal.SIGINT) == before and stopped == "in the warm-up and timed rounds"
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["stopped"] == "in the warm-up and timed rounds"
+
+
+def test_a_checkpoint_of_another_model_type_is_refused_before_it_loads(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config().save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--model", str(tmp_path), "--no-progress"])
+    assert exit_.value.code == 2 and "this one is 'gpt2'" in capsys.readouterr().err
+
+
+def test_dymu_target_beyond_the_tower_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--preset", "tiny", "--no-progress", "--fastv-k", "--dymu-target", "1000", "--repeats", "1", "--warmup", "0"])
+    assert exit_.value.code == 2 and "--dymu-target '1000' is not valid: use 1..576" in capsys.readouterr().err
+
+
 def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, monkeypatch, capsys):
     """A SIGTERM (as `timeout` sends at a step's limit) lands as the second timed round starts: the
     bench stops timing, skips the per-row passes, and still writes every row, saying how far it got."""
@@ -240,19 +277,19 @@ def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, mo
                                "--fastv-k", "16", "--sync-debug", "--out", str(tmp_path)])
     assert signal.getsignal(signal.SIGTERM) == before
     assert stopped == "in the warm-up and timed rounds"  # bench.cli exits 1 on it
-    assert "| stopped by SIGTERM in the warm-up and timed rounds: each row's `repeats` says how many rounds it has" in capsys.readouterr().out
+    assert "| stopped by SIGTERM or Ctrl-C in the warm-up and timed rounds: each row's `repeats` says how many rounds it has" in capsys.readouterr().out
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["stopped"] == "in the warm-up and timed rounds"
     by_name = {row["config"]: row for row in data["rows"]}
     assert list(by_name) == ["stock", "vanilla", "fastv-k16-l2"] and [r["config"] for r in rows] == list(by_name)
     assert [len(by_name[name]["runs"]) for name in by_name] == [1, 1, 1]  # the signal lands before the second round's first run
     for row in by_name.values():
-        assert row["status"] == "ok" and row["prefill_ms"] > 0 and "1 of 50 timed rounds: stopped by SIGTERM" in row["note"]
-        assert row["sync_debug"] == "not run: stopped by SIGTERM" and row["mem_kind"] == "not run: stopped by SIGTERM"
+        assert row["status"] == "ok" and row["prefill_ms"] > 0 and "1 of 50 timed rounds: stopped by SIGTERM or Ctrl-C" in row["note"]
+        assert row["sync_debug"] == "not run: stopped by SIGTERM or Ctrl-C" and row["mem_kind"] == "not run: stopped by SIGTERM or Ctrl-C"
     assert by_name["fastv-k16-l2"]["visual_kept"] == 16 and by_name["vanilla"]["prefill_ratio"] > 0
     from hybrid_tools.report.bench import bench_setup
 
-    assert "**Stopped early** by SIGTERM in the warm-up and timed rounds" in bench_setup(data["meta"])
+    assert "**Stopped early** by SIGTERM or Ctrl-C in the warm-up and timed rounds" in bench_setup(data["meta"])
 
 
 def test_qwen_rows_count_the_tokens_that_ran_and_report_what_cannot_run(tmp_path):
@@ -453,6 +490,10 @@ def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
     (["--model", "./no/such/dir"], "--model ./no/such/dir: not a checkpoint directory"),
     (["--dymu", "no/such.json"], "--dymu: no threshold file at no/such.json"),
     (["--text-tokens", "-5"], "--text-tokens >= 0"),
+    (["--model", "no_such_dir"], "--model no_such_dir: not a checkpoint directory"),
+    (["--model", "tests"], "--model tests: not a checkpoint directory"),
+    (["--out", "tests/conftest.py"], "--out tests/conftest.py: tests/conftest.py is a file: name a folder"),
+    (["--out", "tests/conftest.py/sub"], "tests/conftest.py is a file: name a folder"),
     (["--fastv-k", "64.0"], "--fastv-k 64.0:"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypatch, capsys):

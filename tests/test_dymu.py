@@ -645,6 +645,11 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
     message = str(error.value)
     assert saved["model"]["fingerprint"] in message and other_print in message
     assert portable_path(model_dir) in message and "calibrated for model" in message  # as recorded: no machine path
+    other_dir = tmp_path / "other"
+    other.save_pretrained(other_dir)
+    with pytest.raises(SystemExit) as exit_info:  # --sign with another model's file: a usage error, not a traceback
+        calibrate_main(["--sign", "--model", str(other_dir), "--out", str(out)])
+    assert exit_info.value.code == 2
 
 
 def test_a_tower_that_differs_only_off_the_key_path_is_refused_and_older_files_are_re_signed(tmp_path, tiny):
@@ -789,6 +794,10 @@ def test_calibration_pads_llava_15_images_as_inference_does(tmp_path, tiny):
     (["--target", "9999"], "--target '9999' is not valid: use 1..576"),
     (["--out-is-dir"], "is a directory"),
     (["--empty-images"], "no image files"),
+    (["--out-an-image"], "name a .json file"),  # it overwrote that image after the first pass
+    (["--model-gpt2"], "a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint is needed (model_type llava or llava_next), this one is 'gpt2'"),
+    (["--model-qwen"], "DyMU is not implemented for Qwen2.5-VL"),
+    (["--model-missing"], "no such checkpoint directory"),
 ])
 def test_calibrate_refuses_bad_settings_before_loading_the_model(tmp_path, monkeypatch, capsys, extra, named):
     """Each bad setting is a usage error (exit 2) naming it, raised before the model loads (minutes
@@ -805,8 +814,22 @@ def test_calibrate_refuses_bad_settings_before_loading_the_model(tmp_path, monke
     if extra == ["--empty-images"]:
         extra, folder = [], tmp_path / "empty"
         folder.mkdir()
+    if extra == ["--out-an-image"]:
+        extra, out = [], str(next(folder.iterdir()))
+    image = next(folder.iterdir(), None)
+    before = image.read_bytes() if image is not None else None
+    if extra in (["--model-gpt2"], ["--model-qwen"]):
+        from transformers import GPT2Config, Qwen2_5_VLConfig
+
+        model_dir = tmp_path / extra[0]
+        model_dir.mkdir()
+        (GPT2Config() if extra == ["--model-gpt2"] else Qwen2_5_VLConfig()).save_pretrained(model_dir)
+        extra = []
+    if extra == ["--model-missing"]:
+        extra, model_dir = [], tmp_path / "no" / "such"
     with pytest.raises(SystemExit) as exit_info:
         calibrate_main(["--model", str(model_dir), "--images", str(folder), "--out", out, "--no-progress", *extra])
+    assert image is None or image.read_bytes() == before
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
 

@@ -94,7 +94,7 @@ def bench_setup(meta: dict) -> str:
         f"{meta.get('torch_threads', '?')} torch threads; median of {meta.get('repeats', '?')} interleaved rounds after "
         f"{meta.get('warmup', '?')} warm-up; torch {meta.get('torch', '?')}, transformers {meta.get('transformers', '?')}, "
         f"hybrid_vlm {meta.get('hybrid_vlm', '?')}, Python {meta.get('python', '?')}; git commit {commit}; at {meta.get('time', '?')}"
-        + (f". **Stopped early** by SIGTERM {meta['stopped']}: each row's note gives the rounds it completed, and passes "
+        + (f". **Stopped early** by SIGTERM or Ctrl-C {meta['stopped']}: each row's note gives the rounds it completed, and passes "
            "not run say so" if meta.get("stopped") else "")
     )
 
