@@ -99,7 +99,9 @@ import transformers
 from tqdm import tqdm
 
 from hybrid_vlm import HybridConfig, __version__, apply_hybrid, flops, inputs_for, parse_fastv_k, remove_hybrid
-from hybrid_vlm.calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
+from hybrid_vlm.calibrate import (
+    calibrate_thresholds, count_summary, measure_token_counts, read_threshold_payload, shape_mismatch, write_threshold_file,
+)
 from hybrid_vlm.config import MASK_READS
 from hybrid_vlm.dymu import check_target_name, threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_module, output_cache
@@ -675,6 +677,11 @@ def bad_value(args) -> str | None:
     missing = [path for path in args.dymu if not Path(path).is_file()]
     if missing:
         return f"--dymu: no threshold file at {', '.join(missing)}"
+    for path in args.dymu:
+        try:
+            read_threshold_payload(path)
+        except ValueError as error:
+            return f"--dymu {path}: {error}"
     local = Path(args.model).expanduser() if args.model else None  # owner/name is a hub id from_pretrained resolves
     if local is not None and (local.exists() or args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1):
         if not (local / "config.json").is_file():
@@ -772,6 +779,10 @@ def run(argv=None) -> tuple[list[dict], str | None]:
         check_baseline(args.baseline, configs, parser)
     torch.set_grad_enabled(False)
     model, processor = build_model(args, device, dtype)
+    for path in args.dymu:  # another tower's file was a "refused" row after the whole bench
+        problem = shape_mismatch(read_threshold_payload(path), model.config.to_dict())
+        if problem:
+            parser.error(f"--dymu {path}: {problem}")
     host_inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed)
     if args.dymu_target:
         if not args.out:  # removed when the bench ends (the rows name files nobody keeps without --out)

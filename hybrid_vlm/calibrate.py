@@ -68,6 +68,7 @@ from .hf_compat.clip import (
     READ_LAYERS,
     WEIGHT_COVERAGES,
     signatures_match,
+    tower_shape_tag,
     vision_fingerprint,
     vision_parts,
     vision_signature,
@@ -117,6 +118,26 @@ def read_threshold_file(path: str | Path, identity_of: Callable[[str], dict], si
         )
     values = [math.inf if v is None else float(v) for v in payload["thresholds"]]
     return torch.tensor(values, dtype=torch.float32), payload
+
+
+def shape_mismatch(payload: dict, checkpoint_config: dict) -> str | None:
+    """Why a threshold file cannot be a checkpoint's, from the tower shape its fingerprint records and
+    the checkpoint's config.json alone (the weights are compared once loaded); None where they agree
+    or either does not say."""
+    vision = checkpoint_config.get("vision_config") or {}
+    if vision.get("model_type", "clip_vision_model") == "clip_vision_model" and vision:
+        from transformers import CLIPVisionConfig
+
+        vision = {**CLIPVisionConfig().to_dict(), **vision}  # a saved config leaves out the class defaults
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    layer = checkpoint_config.get("vision_feature_layer", -2)
+    recorded = str(payload.get("model", {}).get("fingerprint") or "").split("-sha256:")[0]
+    if not recorded or not isinstance(layer, int) or any(not isinstance(vision.get(name), int) for name in fields):
+        return None
+    expected = tower_shape_tag(vision, read_blocks(layer, vision["num_hidden_layers"]))
+    if recorded == expected:
+        return None
+    return f"it was calibrated for a vision tower of shape {recorded}, and this checkpoint's is {expected}"
 
 
 def read_threshold_payload(path: str | Path) -> dict:

@@ -250,6 +250,18 @@ def test_a_checkpoint_of_another_model_type_is_refused_before_it_loads(tmp_path,
     assert exit_.value.code == 2 and "this one is 'gpt2'" in capsys.readouterr().err
 
 
+def test_thresholds_of_another_tower_are_a_usage_error_not_a_refused_row(tmp_path, capsys):
+    """The testbed's thresholds on --preset tiny, or a garbage file, became a "refused" row after the
+    whole bench, with exit status 0."""
+    from vlmeval_plugin.settings import testbed_thresholds
+
+    (tmp_path / "garbage.json").write_text("not json")
+    for path, needle in ((testbed_thresholds("mid"), "calibrated for a vision tower of shape clip-h96"), (tmp_path / "garbage.json", "--dymu ")):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--preset", "tiny", "--no-progress", "--fastv-k", "--dymu", str(path), "--repeats", "1", "--warmup", "0"])
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
 def test_dymu_target_beyond_the_tower_is_a_usage_error_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--preset", "tiny", "--no-progress", "--fastv-k", "--dymu-target", "1000", "--repeats", "1", "--warmup", "0"])

@@ -246,3 +246,17 @@ def test_a_model_names_exactly_the_methods_its_engine_runs(request, fixture, arc
                 config = HybridConfig(visual_method=method, visual_budget=64)
                 with pytest.raises((ValueError, NotImplementedError), match="not (implemented|available) for"):
                     engine_prefill(apply_hybrid(copy.deepcopy(model), config), inputs)
+
+
+def test_thresholds_of_another_tower_shape_are_refused_before_the_model_loads():
+    """The testbed's thresholds on the tiny LLaVA: caught by the weights' fingerprint after the load
+    (run.py then exited 1 beside a folder whose status said done); the shapes differ in config.json."""
+    from hybrid_vlm.testbed import testbed_checkpoint
+    from hybrid_vlm.tiny import ensure_tiny_llava, ensure_tiny_thresholds
+
+    testbed_mid = settings.testbed_thresholds("mid")
+    with pytest.raises(settings.PluginError, match=r"calibrated for a vision tower of shape clip-h96-l6-a3-i336-p14-read5, "
+                                                   r"and this checkpoint's is clip-h64-l3-a4-i336-p14-read2"):
+        settings.check_thresholds_shape(ensure_tiny_llava(), HybridConfig(dymu=str(testbed_mid)))
+    settings.check_thresholds_shape(testbed_checkpoint(), HybridConfig(dymu=str(testbed_mid)))  # its own: accepted
+    settings.check_thresholds_shape(ensure_tiny_llava(), HybridConfig(dymu=str(ensure_tiny_thresholds())))

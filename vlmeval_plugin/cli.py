@@ -103,6 +103,7 @@ class PluginModel:
             )
         self.checkpoint = variant_checkpoint(self.variant, model_path)
         settings.check_llm_depth(self.checkpoint, self.config)
+        settings.check_thresholds_shape(self.checkpoint, self.config)
 
     @cached_property
     def signature(self) -> str:

@@ -450,6 +450,20 @@ def check_llm_depth(folder: Path, config: HybridConfig | None) -> None:
             raise PluginError(f"{error} ({portable_path(folder)})") from None
 
 
+def check_thresholds_shape(folder: Path, config: HybridConfig | None) -> None:
+    """DYMU_THRESHOLDS made for another tower shape, refused before the model loads (the weights'
+    fingerprint is compared at load, after minutes for a 7B)."""
+    saved = saved_config(folder)
+    if saved is None or config is None or config.dymu is None:
+        return
+    from hybrid_vlm.calibrate import read_threshold_payload, shape_mismatch
+
+    problem = shape_mismatch(read_threshold_payload(config.dymu), saved)
+    if problem:
+        raise PluginError(f"DYMU_THRESHOLDS={portable_path(config.dymu)} does not fit {portable_path(folder)}: {problem}. "
+                          f"Calibrate for this checkpoint:\n    {CALIBRATE_HINT}")
+
+
 def saved_config(folder: Path) -> dict | None:
     """A checkpoint's config.json; None where it cannot be read (transformers will say why at load)."""
     import json

@@ -347,6 +347,13 @@ def fingerprinted_weights(model: LlavaForConditionalGeneration, coverage: str = 
     return tensors
 
 
+def tower_shape_tag(vision: dict, merging_layers: int) -> str:
+    """The shape part of a fingerprint ('clip-h1024-l24-a16-i336-p14-read23'), from a vision config's
+    fields: what a threshold file and a checkpoint's config.json can be compared by before loading."""
+    shape = "clip-h{hidden_size}-l{num_hidden_layers}-a{num_attention_heads}-i{image_size}-p{patch_size}".format(**vision)
+    return f"{shape}-read{merging_layers}"
+
+
 def vision_fingerprint(model: LlavaForConditionalGeneration, coverage: str = READ_LAYERS) -> dict:
     """Identify the vision tower thresholds were calibrated on: config fields, the layer LLaVA reads,
     and a SHA-256 over `fingerprinted_weights` rounded to bfloat16 on the CPU. The same checkpoint
@@ -364,8 +371,7 @@ def vision_fingerprint(model: LlavaForConditionalGeneration, coverage: str = REA
         digest.update(name.encode())
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
-    shape = "clip-h{hidden_size}-l{num_hidden_layers}-a{num_attention_heads}-i{image_size}-p{patch_size}".format(**fields)
-    fingerprint = f"{shape}-read{fields['merging_layers']}-sha256:{digest.hexdigest()[:20]}"
+    fingerprint = f"{tower_shape_tag(fields, fields['merging_layers'])}-sha256:{digest.hexdigest()[:20]}"
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "(unnamed model)"
     identity = {"name": str(name), "fingerprint": fingerprint, "config": fields}
     return identity | ({"weights": coverage} if coverage != MERGING_KEYS else {})
