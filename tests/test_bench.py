@@ -39,6 +39,7 @@ def test_tiny_cli_writes_csv_and_json(tmp_path):
         for column in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token", "prefill_gmacs", "prefill_ratio"):
             assert float(row[column]) > 0, column
         assert row["sync_debug"] == "not run"
+        assert row["repeats"] == "1" and row["ratios_divide_by"] == "stock"  # the CSV says what its ratios and medians are of
     assert float(rows["stock"]["prefill_ratio"]) == 1.0 and json.loads((out / "bench.json").read_text())["meta"]["baseline"] == "stock"
     assert float(rows["vanilla"]["prefill_theory_ratio"]) == 1.0  # the engine with nothing cut: the same MACs as stock
     assert float(rows["fastv-k64-l2"]["prefill_theory_ratio"]) < float(rows["fastv-k144-l2"]["prefill_theory_ratio"]) < 1
