@@ -929,6 +929,9 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             if config.counts["vit_counts"] is not None
             else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
         )
+    if hybrid is not None and hybrid.dymu and isinstance(hybrid.fastv_k, int) and hybrid.fastv_k >= max(config.counts["visual"]):
+        row["note"] = "; ".join(filter(None, [row["note"], f"FASTV_K={hybrid.fastv_k} keeps every token DyMU left "
+                                              f"(at most {max(config.counts['visual'])}): nothing is pruned after DyMU here"]))
     if len(config.runs) < args.repeats:
         row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C"]))
     if bench.stopped is None:

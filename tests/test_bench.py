@@ -582,3 +582,15 @@ def test_a_fastv_k_above_the_visual_tokens_is_a_refused_row_not_a_timing_of_noth
     assert by_config["fastv-k1000-l2"]["status"] == "refused"
     assert "FASTV_K=1000 is more than the 576 visual tokens" in by_config["fastv-k1000-l2"]["note"]
     assert by_config["fastv-k576-l2"]["status"] == "ok" and by_config["fastv-k576-l2"]["visual_kept"] == 576
+
+
+def test_a_hybrid_row_whose_k_keeps_every_merged_token_says_nothing_was_pruned(tmp_path):
+    """DyMU's merged count follows the image, so a FASTV_K at or above it is a setting (not refused),
+    but its row timed DyMU alone under a FastV name without a word."""
+    rows = bench.main(["--preset", "tiny", "--fastv-k", "500", "16", "--dymu-target", "200", "--dymu-images", "4", "--repeats", "1",
+                       "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    hybrids = {row["fastv_k"]: row for row in rows if row["dymu"] and row["fastv_k"] is not None}
+    assert set(hybrids) == {500, 16} and all(row["status"] == "ok" for row in hybrids.values())
+    assert hybrids[500]["visual_kept"] == hybrids[500]["visual_in"] < 500
+    assert "FASTV_K=500 keeps every token DyMU left" in hybrids[500]["note"]
+    assert "keeps every token DyMU left" not in (hybrids[16]["note"] or "")
