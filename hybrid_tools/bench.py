@@ -106,6 +106,7 @@ from hybrid_vlm.config import MASK_READS
 from hybrid_vlm.dymu import check_target_name, threshold_merge_mask
 from hybrid_vlm.hf_compat import cache_kwarg, cache_tensor_bytes, first_llm_module, output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
+from hybrid_vlm.hf_compat.loading import looks_like_hub_id
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, tower_pixels
 from hybrid_vlm.hf_compat.qwen2_5_vl import stock_decode_positions
 from hybrid_vlm.methods import get_method, list_methods, methods_at_a_layer
@@ -673,8 +674,8 @@ def bad_value(args) -> str | None:
         return f"--dymu-images {args.dymu_images}: use 1 or more images"
     if args.threads is not None and args.threads < 1:
         return f"--threads {args.threads}: use 1 or more"
-    if args.out and out_dir_problem(Path(args.out)):
-        return f"--out {args.out}: {out_dir_problem(Path(args.out))}"
+    if args.out and (problem := out_dir_problem(Path(args.out))):
+        return f"--out {args.out}: {problem}"
     missing = [path for path in args.dymu if not Path(path).is_file()]
     if missing:
         return f"--dymu: no threshold file at {', '.join(missing)}"
@@ -683,8 +684,8 @@ def bad_value(args) -> str | None:
             read_threshold_payload(path)
         except ValueError as error:
             return f"--dymu {path}: {error}"
-    local = Path(args.model).expanduser() if args.model else None  # owner/name is a hub id from_pretrained resolves
-    if local is not None and (local.exists() or args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1):
+    local = Path(args.model).expanduser() if args.model else None
+    if local is not None and not looks_like_hub_id(args.model):
         if not (local / "config.json").is_file():
             return f"--model {args.model}: not a checkpoint directory (no config.json there)"
         model_type = json.loads((local / "config.json").read_text()).get("model_type")
@@ -800,9 +801,8 @@ def run(argv=None) -> tuple[list[dict], str | None]:
     measure(bench, configs)
     bench.mark.remove()
     rows = summarize(configs, args.baseline)
-    for row in rows:  # the CSV stands alone: what its ratios divide by (times are medians of `repeats` rounds)
-        row["ratios_divide_by"] = args.baseline
     for row in rows:
+        row["ratios_divide_by"] = args.baseline  # the CSV stands alone: what its ratios divide by
         for column in CSV_COLUMNS:
             row.setdefault(column, math.nan if column.endswith(("_ms", "_mb", "_ratio", "_theory", "_gmacs")) else None)
     meta = bench_meta(bench)

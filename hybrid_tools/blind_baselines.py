@@ -55,14 +55,15 @@ FRESH_OFFSET = 10_000_000  # held-out stream indices far past TinyMMBench's (bas
 def fresh_accuracy(counts: dict[str, Counter], num_questions: int) -> dict:
     """The text prior's accuracy on `num_questions` new questions, kinds in turn, per kind and overall (%)."""
     right: dict[str, list[bool]] = defaultdict(list)
-    index = 0
-    while sum(map(len, right.values())) < num_questions:
-        kind = scenes.QUESTION_KINDS[sum(map(len, right.values())) % len(scenes.QUESTION_KINDS)]
+    asked, index = 0, 0
+    while asked < num_questions:
+        kind = scenes.QUESTION_KINDS[asked % len(scenes.QUESTION_KINDS)]
         scene, rng = scenes.scene_for(scenes.MCQ_STREAM, FRESH_OFFSET + index)
         index += 1
         question = scenes.ask(scene, kind, rng)
         if question is not None:
             right[kind].append(prior_choice(question.options, counts[question.question]) == question.options[question.answer])
+            asked += 1
     every = [hit for hits in right.values() for hit in hits]
     return {"questions": len(every), "accuracy": round(100 * sum(every) / len(every), 1),
             "by_kind": {kind: round(100 * sum(hits) / len(hits), 1) for kind, hits in right.items()}}

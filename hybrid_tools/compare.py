@@ -306,10 +306,8 @@ SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill r
                 "| KV cache MB (theory) |\n|---|---|---|---|---|---|---|")
 
 
-def speed_table(raw: Path) -> str:
-    if not (raw / "bench.json").is_file():
-        return "No bench.json: speed was not measured.\n"
-    bench = json.loads((raw / "bench.json").read_text())
+def speed_table(bench: dict) -> str:
+    """The speed table of a bench (raw/bench.json's content)."""
     lines = [SPEED_HEADER.format(baseline=bench_baseline(bench))]
     for row in bench["rows"]:
         if row.get("status") != "ok":
@@ -430,7 +428,7 @@ def report_intro(out: Path, family: str) -> str:
     methods = set(runs["method"])
     dymu = ""
     if methods & {"dymu", "hybrid"}:
-        dymu = (DYMU_NOTES.get(family, "") + "\n" if family in DYMU_NOTES else "") + (
+        dymu = (DYMU_NOTES[family] + "\n" if family in DYMU_NOTES else "") + (
             "DyMU's per-row MACs are not recorded (its tower counts are data), so DyMU and the hybrid appear in\n"
             "the layer-averaged plots only. ")
     seeds = sorted({int(seed) for seed in runs.loc[runs["method"] == "random", "seed"].dropna()})
@@ -472,10 +470,10 @@ def render(out: Path) -> list[Path]:
     (out / "table.md").write_text(table)
     written = [out / "table.md"]
     if (raw / "bench.json").is_file():
-        speed = speed_table(raw)
+        bench = json.loads((raw / "bench.json").read_text())
+        speed = speed_table(bench)
         (out / "speed.md").write_text(speed)
         written.append(out / "speed.md")
-        bench = json.loads((raw / "bench.json").read_text())
         baseline = bench_baseline(bench)
         against = "stock transformers" if baseline == "stock" else f"the `{baseline}` row"
         speed_section = (f"## Speed {bench_setting(bench)} (median prefill; ratios against {against})"

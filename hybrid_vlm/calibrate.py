@@ -73,6 +73,7 @@ from .hf_compat.clip import (
     vision_parts,
     vision_signature,
 )
+from .hf_compat.loading import looks_like_hub_id
 from .provenance import portable_path, replace_file
 from .runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
@@ -484,7 +485,7 @@ def check_model_kind(args) -> None:
     else was a traceback after the load (or a hub lookup for a path that does not exist)."""
     from transformers import AutoConfig
 
-    if not Path(args.model).expanduser().exists() and (args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1):
+    if not Path(args.model).expanduser().exists() and not looks_like_hub_id(args.model):
         args.error(f"--model {args.model}: no such checkpoint directory")
     try:
         model_type = AutoConfig.from_pretrained(args.model).model_type

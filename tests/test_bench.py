@@ -569,8 +569,7 @@ def test_token_counts_are_means_over_the_batch_as_the_evaluation_s_are_over_rows
     assert columns["visual_kept"] == 64 and columns["per_sample_counts"]["visual"] == [190, 195, 203]
     row = dict(config="dymu-mid_fastv-k64-l2", status="ok", prefill_ms=10.0, prefill_ratio=0.5, prefill_theory_ratio=0.4,
                decode_ms_per_token=2.0, kv_cache_mb_theory=1.0, **columns)
-    (tmp_path / "bench.json").write_text(json.dumps(dict(meta=dict(baseline="stock"), rows=[row])))
-    assert "| dymu-mid_fastv-k64-l2 | 196 → 64 | 10.0 | 0.500 |" in compare.speed_table(tmp_path)
+    assert "| dymu-mid_fastv-k64-l2 | 196 → 64 | 10.0 | 0.500 |" in compare.speed_table(dict(meta=dict(baseline="stock"), rows=[row]))
 
 
 def test_a_fastv_k_above_the_visual_tokens_is_a_refused_row_not_a_timing_of_nothing_pruned(tmp_path):

@@ -239,11 +239,16 @@ def video_problem(model_names: list[str], data_names: list[str]) -> str | None:
 
 
 def is_video_set(name: str) -> bool:
-    """A set VLMEvalKit builds as video: a video config, or a name of a video-modality dataset class."""
+    return name in video_sets()
+
+
+@cache
+def video_sets() -> frozenset[str]:
+    """The sets VLMEvalKit builds as video: its video configs, and the names of video-modality dataset classes."""
     from vlmeval.dataset import DATASET_CLASSES, supported_video_datasets
 
-    return name in supported_video_datasets or any(
-        getattr(cls, "MODALITY", None) == "VIDEO" and name in cls.supported_datasets() for cls in DATASET_CLASSES)
+    return frozenset({*supported_video_datasets, *(name for cls in DATASET_CLASSES if getattr(cls, "MODALITY", None) == "VIDEO"
+                                                   for name in cls.supported_datasets())})
 
 
 def unknown_set_problem(data_names: list[str], lmu_root: str | Path) -> str | None:

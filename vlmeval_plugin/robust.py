@@ -166,9 +166,13 @@ def looks_like_a_path(cell: str) -> bool:
 
 
 def path_cell_reason(cell: str) -> str:
-    shown = cell if len(cell) <= 200 else f"{cell[:120]}..."
-    return (f"the image cell holds a file name or URL ({shown}), not base64 image data: put file paths in an "
+    return (f"the image cell holds a file name or URL ({shortened(cell)}), not base64 image data: put file paths in an "
             "image_path column instead of image")
+
+
+def shortened(text: str) -> str:
+    """A cell's text as a failure reason shows it: a data: URI or a pasted blob is not a file name."""
+    return text if len(text) <= 200 else f"{text[:120]}... ({len(text)} characters)"
 
 
 def scratch_beside(path) -> str:
@@ -182,7 +186,7 @@ def image_file_problem(path: str) -> str | None:
     """Why an image file cannot be used (missing, or not decodable to its end), else None."""
     from PIL import Image
 
-    shown = path if len(path) <= 200 else f"{path[:120]}... ({len(path)} characters)"  # a data: URI is not a file name
+    shown = shortened(path)
     if not os.path.isfile(path):
         return f"the image file {shown} does not exist"
     try:

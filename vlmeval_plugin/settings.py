@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_vlm.config import HybridConfig
+from hybrid_vlm.hf_compat.loading import looks_like_hub_id
 from hybrid_vlm.methods import check_budget, get_method, list_methods, methods_with_defaults
 from hybrid_vlm.provenance import portable_path
 
@@ -119,7 +120,12 @@ class Variant:
     @property
     def model_type(self) -> str:
         """The `model_type` its checkpoint's config.json must declare."""
-        return "qwen2_5_vl" if self.qwen else "llava_next" if self.next else "llava"
+        return model_type_of(self.family)
+
+
+def model_type_of(family: str) -> str:
+    """The `model_type` of a family's checkpoints (the testbed and the tiny model are LLaVA-1.5s)."""
+    return "qwen2_5_vl" if family in QWEN_FAMILIES else "llava_next" if family in NEXT_FAMILIES else "llava"
 
 
 def qwen_variants(family: str) -> tuple[Variant, ...]:
@@ -135,7 +141,7 @@ def qwen_variants(family: str) -> tuple[Variant, ...]:
                 description=f"{family}: random selection at FastV's layer (VISUAL_BUDGET or FASTV_K, SELECT_SEED)"),
         *(Variant(f"{family}_{method}", fastv=False, dymu=False, family=family, method=method,
                   description=f"{family}: {method} {where(method)} (VISUAL_BUDGET, a count or a fraction)")
-          for method in methods_with_defaults("qwen2_5_vl")),
+          for method in methods_with_defaults(model_type_of(family))),
     )
 
 
@@ -160,10 +166,9 @@ def _family_variants(prefix: str, family: str, what: str, pool: bool = True) -> 
 
 def method_variants(prefix: str, family: str, what: str) -> tuple[Variant, ...]:
     """A name per method with a default budget on the family's model type (`Method.default_budgets`)."""
-    model_type = "llava_next" if family in NEXT_FAMILIES else "llava"
     return tuple(
         Variant(f"{prefix}_{method}", fastv=False, dymu=False, family=family, method=method, description=f"{what}: {method} (VISUAL_BUDGET)")
-        for method in methods_with_defaults(model_type)
+        for method in methods_with_defaults(model_type_of(family))
     )
 
 
@@ -411,11 +416,6 @@ def effective_name(name: str, config: HybridConfig | None) -> str:
     return f"{name}{NAME_SEPARATOR}{config.describe()}"
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
-
-
 def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (
         any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or (folder / "model.safetensors.index.json").is_file()
@@ -483,7 +483,7 @@ def resolve_checkpoint(model_path: str | None = None, default_id: str = CHECKPOI
     requested = model_path or os.environ.get(MODEL_PATH_ENV) or default_id
     source = "--model-path" if model_path else (f"${MODEL_PATH_ENV}" if os.environ.get(MODEL_PATH_ENV) else "default")
     looked = []
-    if _looks_like_hub_id(requested):
+    if looks_like_hub_id(requested):
         from huggingface_hub import constants, snapshot_download
 
         try:
@@ -499,7 +499,7 @@ def resolve_checkpoint(model_path: str | None = None, default_id: str = CHECKPOI
             return folder
         reason = "does not exist" if not folder.exists() else "has no config.json or no weights"
         looked.append(f"{folder} ({reason})")
-    repo = requested if _looks_like_hub_id(requested) else default_id
+    repo = requested if looks_like_hub_id(requested) else default_id
     raise PluginError(
         f"no LLaVA checkpoint found for {source} {requested!r}. Looked in:\n"
         + "".join(f"    {place}\n" for place in looked)

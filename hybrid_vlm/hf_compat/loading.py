@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # transformers 5.25 requires the `kernels` package and kernelizes every from_pretrained model by
 # default: inside LlamaAttention (and Qwen2.5-VL's) a hub rotary kernel replaces
 # apply_rotary_pos_emb on CUDA, and kernels are fetched from the hub. The engine's layer loop calls
@@ -9,6 +11,13 @@ from __future__ import annotations
 # engine is compared with (parity, the bench's stock row), and an offline GPU machine would try the
 # hub. Every model is loaded without them; 5.23 and 5.24 take the same argument (their default).
 NO_HUB_KERNELS = {"use_kernels": False}
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name` that is no local path: what from_pretrained would look up on the hub (or in its
+    cache) rather than read from a folder. Anything else is a folder, missing or not."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
 
 
 def check_not_kernelized(model) -> None:
