@@ -38,7 +38,7 @@ and max too). On CUDA the stages are timed with CUDA events after a synchronize.
     python -m hybrid_tools.bench --preset mid --fastv-k 288 144 64 --repeats 5 --out runs/bench-mid
     python -m hybrid_tools.bench --preset tiny --fastv-layer 1 2 3 --fastv-k 144      # layer ablation
     python -m hybrid_tools.bench --preset tiny --fastv-k 144 --scoring row eager        # scorer ablation
-    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --sync-debug     # real shapes, bf16
+    python -m hybrid_tools.bench --preset llava-1.5-7b --device cuda --dtype bfloat16 --sync-debug   # real shapes, bf16 (auto: fp16)
     python -m hybrid_tools.bench --preset next-mid --fastv-k 576 288 144 --dymu-target mid   # LLaVA-NeXT, CPU
     python -m hybrid_tools.bench --preset mid --fastv-k --methods fastv visionzip vispruner divprune random pool --budgets 64
     python -m hybrid_tools.bench --preset llava-next-7b --device cuda                  # NeXT real shapes

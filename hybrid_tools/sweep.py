@@ -66,7 +66,7 @@ which `python -m hybrid_tools.report` reads for provenance. --report NAME (lette
 The equivalent shell loop of the first example:
     for k in 576 288 144 72 36 0.5 0.75; do FASTV_K=$k python run.py --data MMBench_DEV_EN --model llava_v1.5_7b_fastv; done
 
-This module does not import vlmeval: the runs are subprocesses.
+The runs are subprocesses; this module imports vlmeval only to check the --data names before the first.
 """
 
 from __future__ import annotations
@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def data_problem(names: list[str], models: list[str]) -> str | None:
     """run.py's checks of the --data names, made once before the first run (each run would refuse them)."""
+    from vlmeval_plugin.robust import import_vlmeval_quietly
+
+    import_vlmeval_quietly()  # before vlmeval.smp: its missing-.env ERROR line reads as a failure
     from vlmeval.smp import LMUDataRoot
 
     from vlmeval_plugin.cli import unknown_set_problem, video_problem

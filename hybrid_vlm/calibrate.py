@@ -584,7 +584,16 @@ def main(argv: list[str] | None = None) -> dict:
     payload["achieved"] = {**count_summary(counts), "note": f"re-run of the thresholds on the calibration {unit}, preprocessed as calibrated"}
     write_threshold_file(args.out, payload)
     print(calibration_summary(payload, len(files), anyres, args.out), file=sys.stderr)
+    if total == 1:
+        print(ONE_BATCH_NOTE.format(images=len(files), batch_size=args.batch_size), file=sys.stderr)
     return payload
+
+
+ONE_BATCH_NOTE = (
+    "calibrate: note: all {images} images made one batch (--batch-size {batch_size}), so each threshold is that one "
+    "batch's cutoff, not a mean over batches (DyMU's shipped script averages its cutoffs over many batches of 64); "
+    "more images, from the distribution you will evaluate on, give steadier thresholds"
+)
 
 
 def calibration_summary(payload: dict, images: int, anyres: bool, out: str) -> str:

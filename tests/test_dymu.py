@@ -584,7 +584,7 @@ def test_layers_with_r_zero_never_merge(tiny):
     assert (counts[1] == 577).all() and (state.counts() < 577).all()  # nothing merged in layer 0, later layers did
 
 
-def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
+def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny, capsys):
     from hybrid_vlm.tiny import ensure_tiny_llava
 
     model_dir = ensure_tiny_llava(tmp_path / "tiny")
@@ -598,6 +598,7 @@ def test_calibrate_cli_and_fingerprint_check(tmp_path, tiny):
          "--device", "cpu"]  # float32 whatever the machine: the fingerprint checks below are of a float32 calibration
     )
     saved = json.loads(out.read_text())
+    assert "made one batch" not in capsys.readouterr().err  # 8 images in batches of 4: a mean over two cutoffs
     assert saved["target"]["tokens"] == 200 and len(saved["thresholds"]) == 2
     assert saved["model"]["fingerprint"] == payload["model"]["fingerprint"]
     assert saved["split"] == "official" and saved["calibration"]["batch_size"] == 4
@@ -847,7 +848,8 @@ def test_an_undecodable_image_file_is_named_and_left_out(tmp_path, capsys):
     payload = calibrate_main(["--model", str(model_dir), "--images", str(folder), "--target", "200", "--out", str(out), "--no-progress"])
     assert payload["calibration"]["images"] == 3 and len(payload["achieved"]) and payload["achieved"]["images"] == 3
     assert [p.rsplit("/", 1)[-1] for p in payload["calibration"]["unreadable_files_left_out"]] == ["._01.jpg"]
-    assert "leaving out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "leaving out" in err and "all 3 images made one batch (--batch-size 64)" in err
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
         calibrate_main(["--sign", "--model", str(model_dir), "--out", str(tmp_path / "bad.json")])

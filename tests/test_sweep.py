@@ -1,6 +1,6 @@
 """`python -m hybrid_tools.sweep`: the grids of the one-command ablations, and one real sweep on the tiny model.
 
-The grid tests use --dry-run (nothing runs, no vlmeval import). The end-to-end test runs two
+The grid tests use --dry-run (nothing runs; vlmeval is imported only to check the --data names). The end-to-end test runs two
 settings through run.py on the tiny LLaVA (a few captions each) and checks the table, the CSV, the
 sweep record and the report it writes.
 """
@@ -165,6 +165,19 @@ def test_full_names_set_the_family_and_an_unknown_dataset_stops_a_real_sweep(cap
     qwen = "Qwen2.5-VL-7B-Instruct"
     assert sweep.main(["--family", qwen, "--data", "MVBench", "--model", "fastv", "--fastv-k", "0.5", "--launcher", "false"]) == 2
     assert f"{qwen}_fastv on the video set(s) MVBench" in capsys.readouterr().err
+
+
+def test_a_dry_run_starts_quietly():
+    """Every dry run printed VLMEvalKit's `ERROR ... Did not detect the .env file` line (from the
+    import that checks --data), which reads as a failure before the plan; run.py already hid it."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "hybrid_tools.sweep", "--model", "llava_tiny_fastv", "--data", "TinyMMBench", "--fastv-k", "64", "--dry-run"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "llava_tiny_fastv__fastv-k64-l2" in done.stdout
+    assert "Did not detect the .env file" not in done.stdout + done.stderr
 
 
 def test_an_interrupted_sweep_says_how_to_resume(capsys, clean_env, monkeypatch, tmp_path):

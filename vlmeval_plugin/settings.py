@@ -74,7 +74,7 @@ LLAVA_15_PATCHES = 576
 # (`Method.default_budgets`, per model_type). On LLaVA-NeXT and Qwen2.5-VL, whose image token counts
 # follow the image, most defaults are shares; the methods before the LLM take theirs of each image's
 # patch tokens (on NeXT they drop the newlines, about 2% of a span, so they keep about 2% fewer).
-CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 195 --out FILE.json"
+CALIBRATE_HINT = "python -m hybrid_vlm.calibrate --model PATH --images DIR --target 192out --out FILE.json"
 
 
 class PluginError(Exception):

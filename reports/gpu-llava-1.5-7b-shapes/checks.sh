@@ -8,15 +8,20 @@
 #   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny models on CPU, no figures)
 #   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
 #   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
+#   on your own GPU, with this package importable: LIMIT_SCALE=4 OUT=runs/gpu bash reports/gpu-llava-1.5-7b-shapes/checks.sh
+#                then bash reports/gpu-llava-1.5-7b-shapes/ingest.sh runs/gpu
+# LIMIT_SCALE (a whole number, default 1) multiplies every step's limit, which is sized for one 540 s device call.
 set -u
 OUT=${OUT:-runs/gpu-checks-out}; mkdir -p "$OUT"
+LIMIT_SCALE=${LIMIT_SCALE:-1}
+case $LIMIT_SCALE in ''|*[!0-9]*|0) echo "LIMIT_SCALE=$LIMIT_SCALE: use a whole number from 1 (it multiplies every step's limit)"; exit 2;; esac
 root=$PWD
 site=$root/.gpu/site  # the carried wheels, installed
 # the log names no machine's folders: the output is "$OUT", the checkout "."
 exec > >(sed -u -e "s#$OUT#\$OUT#g" -e "s#$root#.#g" | tee -a "$OUT/checks.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 step() {  # step SECONDS NAME CMD...; at the limit STEP_SIGNAL (default TERM), then KILL 10 s later
-  local secs=$1 name=$2; shift 2; local t0=$SECONDS
+  local secs=$(($1 * LIMIT_SCALE)) name=$2; shift 2; local t0=$SECONDS
   echo "== $name (limit ${secs}s): $*"; timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$secs" "$@"; local rc=$?
   echo "== $name: rc=$rc after $((SECONDS - t0))s"
 }
@@ -77,7 +82,7 @@ rm -f "$OUT/bench-bs16/bench.csv"
 # 5. LLaVA-NeXT-7B shapes (one 640 x 480 image: 2,340 visual tokens), batch 1, where pruning pays most.
 # Its limit is the time left before 515 s (at least 20 s), so that with the 10 s grace to SIGKILL it ends
 # inside the device call's 540 s and still writes its bench.json.
-next_limit=$((515 - SECONDS)); [ "$next_limit" -ge 20 ] || next_limit=20
+next_limit=$(((515 * LIMIT_SCALE - SECONDS) / LIMIT_SCALE)); [ "$next_limit" -ge 20 ] || next_limit=20  # step() scales it back
 step "$next_limit" bench-next python3 -m hybrid_tools.bench "${next[@]}" --fastv-k 576 320 160 --sync-debug --kernels \
   --repeats 5 --warmup 2 --decode-tokens 16 --no-progress --out "$OUT/bench-next"
 rm -f "$OUT/bench-next/bench.csv"
