@@ -150,6 +150,33 @@ def test_mask_read_once_generates_an_unpadded_batch_as_each_prompt_alone(tiny, m
             assert torch.equal(batched[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
 
 
+@pytest.mark.parametrize("mask_passed", [True, False], ids=["mask-read-once", "no-mask"])
+def test_dymu_alone_keeps_the_mask_where_merged_counts_differ_and_equals_each_prompt_alone(tiny, monkeypatch, mask_passed):
+    """An unpadded pair whose images merge to different counts: the shorter one's empty slots are
+    padding, so neither MASK_READ=once nor a call without a mask may take the mask-free path (no
+    FastV here, whose quotas would rule it out anyway). Each prompt's logits, prefill and decode, are
+    its own alone."""
+    from hybrid_vlm.hf_compat import dymu_image_features
+
+    model, processor = tiny
+    hybrid = hybrid_copy(model, dymu=str(ensure_tiny_thresholds()), mask_read="once")
+    inputs = unpadded_pair(processor)
+    with torch.no_grad():
+        counts = dymu_image_features(hybrid, inputs["pixel_values"], hybrid.hybrid_thresholds).valid.sum(dim=1).tolist()
+    assert counts[0] != counts[1], counts
+    spy = SdpaSpy(monkeypatch)
+    if mask_passed:
+        batched = prefill_then_decode(hybrid, inputs)
+    else:
+        with torch.no_grad():
+            batched = [hybrid(**{k: v for k, v in inputs.items() if k != "attention_mask"}).logits[:, -1]]
+    assert spy.masked > 0
+    for i in range(2):
+        alone = prefill_then_decode(hybrid, image_inputs(processor, [QUESTIONS[0]], seeds=[i]))
+        for a, b in zip(batched, alone):
+            assert (a[i] - b[0]).abs().max() <= 1e-4 * b[0].abs().max()
+
+
 def test_mask_read_once_keeps_the_mask_of_a_padded_batch(tiny, monkeypatch):
     model, processor = tiny
     inputs = image_inputs(processor, QUESTIONS)
