@@ -190,10 +190,39 @@ def test_kv_cache_is_measured_on_the_cache_and_kernels_are_traced():
     assert by_name["stock"]["kv_cache_mb_prompt"] * 2**20 == layers * prompt * per_token
     assert by_name["vanilla"]["kv_cache_mb_prompt"] * 2**20 == layers * prompt * per_token
     assert by_name["fastv-k16-l2"]["kv_cache_mb_prompt"] * 2**20 == (2 * prompt + (layers - 2) * (prompt - 576 + 16)) * per_token
+    for row in rows:  # the theory column (hybrid_vlm.flops) against the cache it models
+        assert row["kv_cache_mb_prompt_theory"] == row["kv_cache_mb_prompt"], row["config"]
     for row in rows:
         assert row["sdpa_prefill"].startswith("vision ") and f"L0-{layers - 1} " in row["sdpa_prefill"]
         assert row["sdpa_decode"].startswith(f"L0-{layers - 1} ")
         assert row["generate_tokens_per_s"] > 0
+
+
+def test_each_time_column_is_the_median_of_its_rounds(monkeypatch):
+    """Every round's times are scripted (skewed, so a mean or a single round would differ): each time
+    column is the median of its rounds, min and max are the extremes, and tokens per second is the
+    median of the rounds' own rates."""
+    import statistics
+
+    prefill_rounds, decode_rounds, configs = [1.0, 2.0, 9.0], [4.0, 0.5, 1.0], 3  # the tiny preset's rows, visited in turn
+    calls, real_timed_run = [], bench.timed_run
+
+    def scripted(*args, **kwargs):
+        times, output = real_timed_run(*args, **kwargs)
+        at = len(calls) // configs
+        calls.append(1)
+        times.update(prefill_ms=prefill_rounds[at], vision_ms=prefill_rounds[at] / 4, llm_prefill_ms=prefill_rounds[at] * 3 / 4,
+                     decode_ms_per_token=decode_rounds[at])
+        return times, output
+
+    monkeypatch.setattr(bench, "timed_run", scripted)
+    rows = bench.main(["--preset", "tiny", "--fastv-k", "16", "--repeats", "3", "--warmup", "0", "--decode-tokens", "2", "--no-memory", "--no-progress"])
+    assert [row["config"] for row in rows] == ["stock", "vanilla", "fastv-k16-l2"] and len(calls) == 3 * configs
+    for row in rows:
+        assert (row["prefill_ms"], row["prefill_ms_min"], row["prefill_ms_max"]) == (2.0, 1.0, 9.0)
+        assert (row["vision_ms"], row["llm_prefill_ms"], row["decode_ms_per_token"]) == (0.5, 1.5, 1.0)
+        rates = [3 / ((p + 2 * d) / 1e3) for p, d in zip(prefill_rounds, decode_rounds)]  # batch 1, 2 steps + the prefill's token
+        assert row["generate_tokens_per_s"] == pytest.approx(statistics.median(rates))
 
 
 def test_generate_tokens_per_s_counts_the_prefill_token():

@@ -62,6 +62,18 @@ def test_method_orderings_and_dymu_counts():
     assert flops.kv_cache_bytes(shape.llm, 636, 124) < flops.kv_cache_bytes(shape.llm, 636)
 
 
+def test_dymu_tower_counts_each_layer_at_the_tokens_it_receives():
+    """DyMU's tower, written out by hand for a 6 x 6 image of 2 x 2 patches (9 patches + CLS, width 4,
+    MLP 8) merging to 7 then 5 tokens: each layer's attention runs at the tokens the layer before
+    left (4nd² projections + 2n²d scores and values), its MLP (2·n_out·d·m) at its own merged count."""
+    shape = flops.VitShape(hidden=4, intermediate=8, layers=2, heads=1, image_size=6, patch_size=2, channels=3)
+    patch_embed = 9 * 3 * 2 * 2 * 4  # 432
+    layer_1 = 4 * 10 * 4 * 4 + 2 * 10 * 10 * 4 + 2 * 7 * 4 * 8  # 640 + 800 + 448
+    layer_2 = 4 * 7 * 4 * 4 + 2 * 7 * 7 * 4 + 2 * 5 * 4 * 8  # 448 + 392 + 320
+    assert flops.vit_macs(shape, [7, 5]) == patch_embed + layer_1 + layer_2 == 3480
+    assert flops.vit_macs(shape, [7, 5], layers_run=1, patch_embed=False) == 1888
+
+
 # ---------------------------------------------------------------- against FlopCounterMode
 # FlopCounterMode counts FLOPs (2 per MAC) of mm/bmm/addmm/convolution. On CPU it counts nothing
 # for SDPA's fused kernel (aten._scaled_dot_product_flash_attention_for_cpu has no formula), so
@@ -150,6 +162,24 @@ def test_prefill_and_decode_match_flop_counter(dims, hybrid):
     step = flops.llm_decode_macs(shape.llm, prompt, kept, fastv_layer=getattr(hybrid, "fastv_layer", 2), attention="dense")
     assert counted_step["llm"] == step
     assert counted_step["vision"] == 0
+
+
+def test_mean_decode_step_matches_flop_counter_over_several_steps():
+    """The bench's decode_gmacs_per_token is llm_decode_macs_mean: the mean over steps whose caches
+    grow by one token each. Three greedy steps after a FastV prefill, counted."""
+    model, inputs, text, shape = tiny_model(**GQA)
+    apply_hybrid(model, HybridConfig(fastv_k=64))
+    with torch.inference_mode():
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+    mask, steps, counted = inputs["attention_mask"], 3, 0
+    for _ in range(steps):
+        token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        step, output = counted_macs(model, input_ids=token, attention_mask=mask, use_cache=True, **cache_kwarg(output_cache(output)), logits_to_keep=1)
+        counted += step["llm"]
+    mean = flops.llm_decode_macs_mean(shape.llm, text + 576, text + 64, steps=steps, fastv_layer=2, attention="dense")
+    assert counted / steps == pytest.approx(mean, rel=1e-12)
+    remove_hybrid(model)
 
 
 def test_readme_methods_table_is_the_committed_command_output(capsys):
