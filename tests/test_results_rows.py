@@ -29,6 +29,19 @@ def test_stats_of_rows_outside_the_prediction_file_are_left_out_of_the_means(tmp
     assert any("3 stats records" in note for note in result.notes), result.notes
 
 
+def test_prefill_time_is_the_median_of_the_rows_and_older_records_stand_for_their_largest_batch(tmp_path):
+    """Skewed prefill times (10, 20, 90 ms: mean 40) give 20 ms. Records written before
+    `batch_requested` existed carry only their call's size, which a rank's last batch makes smaller
+    (8, 8, 4): they stand for one --batch-size, 8, so the median stands too."""
+    pd.DataFrame({"index": [0, 1, 2], "prediction": ["a"] * 3}).to_csv(tmp_path / f"{MODEL}_{DATASET}.tsv", sep="\t", index=False)
+    records = [dict(index=str(i), prediction="a", prefill_s=s, batch_size=b) for i, (s, b) in enumerate(zip([0.01, 0.09, 0.02], [8, 8, 4]))]
+    with open(tmp_path / f"{MODEL}_{DATASET}_stats.jsonl", "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    result = read_dataset(tmp_path, MODEL, DATASET)
+    assert result.batch_sizes == [8]
+    assert abs(result.prefill_ms_median - 20.0) < 1e-9
+
+
 def test_without_a_readable_prediction_file_every_record_counts(tmp_path):
     with open(tmp_path / f"{MODEL}_{DATASET}_stats.jsonl", "w") as handle:
         handle.writelines(json.dumps(dict(index=str(i), prediction="x", tokens_in=10 * i)) + "\n" for i in range(3))
