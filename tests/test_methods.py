@@ -194,14 +194,6 @@ def test_every_method_declares_where_it_acts_and_what_it_reads():
         assert method.before_llm == (method.budget_rule == "A"), name
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
-def test_scoring_overhead_is_counted(method):
-    config = HybridConfig(visual_method=method, visual_budget=64)
-    macs = flops.method_prefill_macs(flops.LLAVA_15_7B, config, text_tokens=60)
-    assert macs.selection > 0
-    assert macs.total == macs.vision + macs.projector + macs.selection + macs.llm + macs.lm_head
-
-
 @pytest.mark.parametrize(
     "settings,message",
     [

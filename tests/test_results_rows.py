@@ -147,6 +147,28 @@ def test_a_run_on_another_checkpoint_or_device_is_not_set_against_vanilla(tmp_pa
     assert comparison_reference(fastv) is not None and not fastv.unpaired and prefill_ratio(fastv, fastv.reference) == 1.0
 
 
+def test_the_vanilla_of_the_same_checkpoint_and_device_is_preferred_over_the_one_beside_it(tmp_path):
+    """Two work dirs, each with a vanilla: the FastV run made on CUDA from checkpoint bbbb pairs with
+    the other dir's vanilla of that checkpoint and device, not with the CPU vanilla in its own dir."""
+    from hybrid_tools.configs import assign_references, configurations
+
+    def record(folder, signature, device):
+        (folder / "run_info.json").write_text(json.dumps({"runs": [dict(mode="all", checkpoint_signature=signature, device=device)]}))
+
+    own, other = tmp_path / "own", tmp_path / "other"
+    write_folder(own, "llava_tiny", [0, 1, 2])
+    write_folder(own, "llava_tiny_fastv__fastv-k64-l2", [0, 1, 2])
+    write_folder(other, "llava_tiny", [0, 1, 2])
+    record(own / "llava_tiny", "sha256:aaaa", "cpu")
+    record(own / "llava_tiny_fastv__fastv-k64-l2", "sha256:bbbb", "cuda")
+    record(other / "llava_tiny", "sha256:bbbb", "cuda")
+    configs = configurations(own) + configurations(other)
+    assign_references(configs)
+    fastv = next(c for c in configs if not c.vanilla)
+    assert fastv.reference.work_dir == other and not fastv.entries[DATASET].unpaired
+    assert fastv.entries[DATASET].reference is fastv.reference.entries[DATASET]
+
+
 def test_the_summary_counts_failed_rows_beside_the_rows(tmp_path):
     """run.py's table showed "rows 16" for a set where 4 rows failed (scored as misses): it now says so."""
     from vlmeval_plugin.results import summary_table
@@ -155,3 +177,15 @@ def test_the_summary_counts_failed_rows_beside_the_rows(tmp_path):
     result = read_dataset(tmp_path / MODEL, MODEL, DATASET)
     assert result.rows == 4 and [index for index, _ in result.failed_rows] == ["2"]
     assert summary_table([result]).splitlines()[-1].split()[:5] == [MODEL, DATASET, "4", "(1", "failed)"]
+
+
+def test_an_mcq_table_of_several_splits_reports_the_dev_row(tmp_path):
+    """report_acc writes a row per split; MMBench_DEV_EN's scores are its dev row, wherever it lies."""
+    from vlmeval_plugin.results import read_mcq_metrics
+
+    path = tmp_path / "acc.csv"
+    path.write_text("split,Overall,counting\ntest,0.2,0.1\ndev,0.7,0.45\n")
+    metrics, split = read_mcq_metrics(path)
+    assert split == "dev" and metrics == {"Overall": 70.0, "counting": 45.0}
+    path.write_text("split,Overall\ntest,0.2\n")  # no dev row: the only one there is
+    assert read_mcq_metrics(path) == ({"Overall": 20.0}, "test")

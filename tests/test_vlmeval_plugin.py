@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hybrid_vlm import HybridConfig, visual_keep_count
+from hybrid_vlm import HybridConfig
 from hybrid_vlm.testbed import CHECKPOINT_DIR as TESTBED_CHECKPOINT
 from hybrid_vlm.tiny import build_tiny_llava
 from vlmeval_plugin import settings, stats
@@ -35,6 +35,8 @@ from vlmeval_plugin.tiny_data import (
     ensure_tiny_sets,
     write_tsv,
 )
+
+from reference import official_keep_count
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = str(REPO / "run.py")
@@ -263,7 +265,7 @@ def test_default_run_is_the_testbed_demo_with_metrics_and_stats(sandbox):
         else:
             assert all(0 < count <= 576 for count in entering.values()) and min(entering.values()) < 576
         for r in records:
-            assert r["tokens_kept"] - text_tokens[r["index"]] == visual_keep_count(entering[r["index"]], configs[base].fastv_k)
+            assert r["tokens_kept"] - text_tokens[r["index"]] == official_keep_count(entering[r["index"]], configs[base].fastv_k)
 
 
 def test_testbed_names_without_a_checkpoint_are_a_clear_error(monkeypatch, tmp_path):
