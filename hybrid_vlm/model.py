@@ -40,10 +40,10 @@ from .hf_compat import (
     llava_parts,
     new_cache,
 )
-from .hf_compat.generation import IMAGE_LAYOUTS, check_generate_options, expand_inputs_for_generation, sliced_by_written_tokens
+from .hf_compat.generation import IMAGE_LAYOUTS, GenerationHooks, check_generate_options
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
-from .hf_compat.loading import NO_HUB_KERNELS, check_not_kernelized
-from .hf_compat.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, no_generation_position_ids, qwen_parts
+from .hf_compat.loading import NO_HUB_KERNELS, check_not_kernelized, check_on_one_device
+from .hf_compat.qwen2_5_vl import NoGenerationPositionIds, Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
 from .qwen import check_qwen_supported, qwen_image_layout, qwen_image_slots, qwen_prompt_positions
@@ -320,7 +320,7 @@ def layer_for_next_stage(layer, hidden_states, cos_sin, mask, cache, layer_idx: 
     return hidden_states, keys_out[0] if keys_out else row
 
 
-class HybridDecoder:
+class HybridDecoder(GenerationHooks):
     """The forward shared by every patched model class (a mixin placed before the stock class).
 
     Changes from stock: image features come from the model's adapter (`image_slots`) and are placed
@@ -342,7 +342,6 @@ class HybridDecoder:
     # (input_ids, image inputs) -> (images per prompt, pixel_values rows per image): how generate's
     # expansion for beams and num_return_sequences repeats a prompt's images whole (`hf_compat.generation`)
     image_layout = staticmethod(llava_image_layout)
-    _expand_inputs_for_generation = expand_inputs_for_generation
 
     def generate(self, *args, **kwargs):
         """Stock generate; assisted generation is refused by name (`check_generate_options`)."""
@@ -365,13 +364,6 @@ class HybridDecoder:
         stock = STOCK_CLASSES[cls].__name__
         raise TypeError(f"{cls.__name__} is the class apply_hybrid swaps in, not one to load: load with "
                         f"{stock}.from_pretrained(...) and call apply_hybrid(model, HybridConfig(...))")
-
-    def __init_subclass__(cls, **kwargs):
-        """Each patched class slices a generate call over a filled cache by the caller's tokens
-        (`hf_compat.generation.sliced_by_written_tokens` around its stock class's input preparation)."""
-        super().__init_subclass__(**kwargs)
-        stock = cls.__mro__[cls.__mro__.index(HybridDecoder) + 1]
-        cls.prepare_inputs_for_generation = sliced_by_written_tokens(stock.prepare_inputs_for_generation)
 
     def prompt_positions(self, input_ids, new_valid, position_ids, image_layout) -> torch.Tensor:
         """The position rule for a prompt with images: LLaVA's are the 1-D logical ones, [B, L]."""
@@ -546,7 +538,7 @@ class HybridLlavaNextForConditionalGeneration(HybridDecoder, LlavaNextForConditi
         return HybridDecoder.forward(self, input_ids, pixel_values, attention_mask, image_sizes=image_sizes, **kwargs)
 
 
-class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForConditionalGeneration):
+class HybridQwen2_5_VLForConditionalGeneration(NoGenerationPositionIds, HybridDecoder, Qwen2_5_VLForConditionalGeneration):
     """Qwen2_5_VLForConditionalGeneration (images) whose forward runs hybrid_vlm's decoder loop.
 
     Changes from stock, beyond the loop's: position ids are (t, h, w) M-RoPE ids computed from
@@ -578,7 +570,6 @@ class HybridQwen2_5_VLForConditionalGeneration(HybridDecoder, Qwen2_5_VLForCondi
             labels, image_sizes=image_grid_thw, **kwargs,
         )
 
-    _prepare_position_ids_for_generation = no_generation_position_ids  # the forward computes them: see the class docstring
 
 
 # stock class -> its patched class
@@ -637,13 +628,15 @@ def apply_hybrid(model, config: HybridConfig | None = None):
             raise TypeError(f"apply_hybrid patches {names} itself, not the subclass {type(model).__name__}")
         raise TypeError(f"apply_hybrid expects a transformers {names}, got {type(model).__name__}")
     check_not_kernelized(model)
+    check_on_one_device(model)
     config = HybridConfig.from_env() if config is None else config
     hybrid = HYBRID_CLASSES[base]
     hybrid.check_model(model, config)
+    thresholds = None
     if config.dymu is not None:
         from .calibrate import load_thresholds
 
-        model.hybrid_thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
+        thresholds = load_thresholds(config.dymu, model, config.dymu_split)  # [merging layers], validated for this model
     num_layers = len(hybrid.parts_of(model).layers)
     config.check_depth(num_layers)
     check_stage_plan(config)
@@ -653,13 +646,19 @@ def apply_hybrid(model, config: HybridConfig | None = None):
             check_whole_image_budget(config, visual_count, num_layers)
         else:
             check_per_image_budget(config, num_layers)
+    # Only now, every check passed: a refused call leaves the model as it was (settings, thresholds).
     model.__class__ = hybrid
     model.hybrid_config = config
+    if thresholds is not None:
+        model.hybrid_thresholds = thresholds
+    elif "hybrid_thresholds" in vars(model):  # a re-apply without DyMU
+        del model.hybrid_thresholds
     return model
 
 
 def remove_hybrid(model):
-    """Undo `apply_hybrid` in place: the stock forward, no hybrid settings left on the model."""
+    """Undo `apply_hybrid` in place: the stock forward, no hybrid settings left on the model. A cache
+    the patched model filled keeps its pruned groups: start the stock model from a new cache."""
     model.__class__ = stock_class(model)
     for attribute in ("hybrid_config", "hybrid_thresholds"):
         if attribute in model.__dict__:

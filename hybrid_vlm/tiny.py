@@ -181,6 +181,8 @@ def build_tiny_llava_next(
     gives a Mistral LLM (llava-v1.6-mistral's layout) with `sliding_window`."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
+    from .hf_compat.llava_next import image_newline
+
     processor = build_next_processor()
     base = tiny_llava_config(processor.tokenizer, **config_overrides)
     text_config = base.text_config
@@ -196,7 +198,7 @@ def build_tiny_llava_next(
     model = LlavaNextForConditionalGeneration(config)
     scale_weights(model, seed=seed)
     with torch.no_grad():
-        model.model.image_newline.normal_(generator=torch.Generator().manual_seed(seed))
+        image_newline(model).normal_(generator=torch.Generator().manual_seed(seed))
     model.set_attn_implementation(attn_implementation)
     return model.eval(), processor
 

@@ -150,6 +150,52 @@ def test_a_model_loaded_with_hub_kernels_is_refused_unpatched():
         assert type(apply_hybrid(model, HybridConfig(fastv_k=8))).__name__ == "HybridLlavaForConditionalGeneration"
 
 
+def test_a_model_dispatched_over_devices_is_refused_unpatched(tmp_path):
+    """A device_map spanning devices (here the LLM offloaded to disk, which works on a CPU) makes
+    accelerate hook the top module with the stock forward as an instance attribute: the class swap
+    then reported a patched model that ran stock. apply_hybrid refuses it, naming the one-device
+    load, and leaves it stock; so does a hook on one device's model (the same attribute)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from transformers import LlavaForConditionalGeneration
+
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.tiny import build_tiny_llava, ensure_tiny_llava
+
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model": "disk", "lm_head": "cpu"}
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(ensure_tiny_llava()), use_kernels=False, device_map=device_map, offload_folder=str(tmp_path)
+    )
+    assert "forward" in vars(model)  # what made the swap silent
+    with pytest.raises(ValueError, match=r"dispatched by accelerate \(devices \['cpu', 'disk'\]\).*device_map=\{\"\": \"cuda:0\"\}"):
+        apply_hybrid(model, HybridConfig(fastv_k=8))
+    assert type(model) is LlavaForConditionalGeneration and not hasattr(model, "hybrid_config")
+    hooked, _ = build_tiny_llava()
+    add_hook_to_module(hooked, AlignDevicesHook(io_same_device=True))
+    with pytest.raises(ValueError, match="an accelerate hook on its forward"):
+        apply_hybrid(hooked, HybridConfig(fastv_k=8))
+
+
+def test_a_refused_apply_leaves_the_settings_and_thresholds_it_found(tmp_path):
+    """apply_hybrid set the DyMU thresholds before its checks: a refused re-apply then ran the old
+    settings with the new file's thresholds, and a re-apply without DyMU kept the old ones."""
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.tiny import build_tiny_llava, ensure_tiny_thresholds
+
+    model, _ = build_tiny_llava()
+    first = HybridConfig(dymu=str(ensure_tiny_thresholds()), fastv_k=8)
+    apply_hybrid(model, first)
+    thresholds = model.hybrid_thresholds
+    with pytest.raises(ValueError, match="FASTV_LAYER=9"):
+        apply_hybrid(model, HybridConfig(dymu=str(ensure_tiny_thresholds()), fastv_k=8, fastv_layer=9))
+    assert model.hybrid_config is first and model.hybrid_thresholds is thresholds
+    apply_hybrid(model, HybridConfig(fastv_k=8))
+    assert "hybrid_thresholds" not in vars(model)
+    stock, _ = build_tiny_llava()
+    with pytest.raises(ValueError, match="FASTV_LAYER=9"):
+        apply_hybrid(stock, HybridConfig(dymu=str(ensure_tiny_thresholds()), fastv_layer=9, fastv_k=8))
+    assert not {"hybrid_config", "hybrid_thresholds"} & set(vars(stock))
+
+
 def test_the_upstream_sources_the_engine_mirrors_are_the_ones_read():
     """The import gate accepts every patch release of a supported minor: a patch release that changes
     a function the engine copies, calls for its maths or overrides fails here, naming it, until its

@@ -11,7 +11,8 @@ transformers upgrade means reading this package (and `patches/README.md`), not g
 - `llava_next.py`: LLaVA-NeXT's anyres layout (crops, unpadding, `image_newline`), learned from stock packing.
 - `clip.py`: CLIPVisionModel internals (DyMU merging).
 - `loading.py`: `NO_HUB_KERNELS`, the keyword every model load passes (5.25 kernelizes by default),
-  and `check_not_kernelized`, which refuses a model loaded with them.
+  and `check_not_kernelized`, which refuses a model loaded with them; `check_on_one_device`, which
+  refuses a model accelerate dispatched over several devices (its hook would keep the stock forward).
 - `generation.py`: generate's input expansion for beams, repeating each prompt's images whole.
 - `qwen2_5_vl.py`: Qwen2.5-VL's module names, its M-RoPE rotary with the axes last, and the vision
   tower's grid-derived inputs precomputed on the host.
@@ -56,12 +57,13 @@ from .llava import (  # noqa: E402
     output_cache,
     stock_image_features,
 )
-from .loading import NO_HUB_KERNELS, check_not_kernelized  # noqa: E402
+from .loading import NO_HUB_KERNELS, check_not_kernelized, check_on_one_device  # noqa: E402
 
 __all__ = [
     "CACHE_NAME",
     "NO_HUB_KERNELS",
     "check_not_kernelized",
+    "check_on_one_device",
     "SUPPORTED_TRANSFORMERS",
     "TRANSFORMERS_RELEASE",
     "UNTESTED_TRANSFORMERS_ENV",

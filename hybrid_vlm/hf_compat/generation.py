@@ -28,15 +28,29 @@ IMAGE_LAYOUTS = ("image_sizes", "image_grid_thw")  # LLaVA-NeXT's and Qwen2.5-VL
 IMAGE_INPUTS = ("pixel_values", *IMAGE_LAYOUTS)  # per image (pixel_values: `pixel_rows` rows each)
 
 
-def expand_inputs_for_generation(model, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
-    """The hook's contract: (input_ids, model_kwargs) repeated `expand_size` times per prompt.
-    `model.image_layout(input_ids, images)` gives (images per prompt, pixel_values rows per image)."""
-    images = {key: model_kwargs.pop(key) for key in IMAGE_INPUTS if model_kwargs.get(key) is not None}
-    expanded_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(
-        model, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
-    if images and expand_size > 1:
-        images = repeat_images_per_prompt(images, *model.image_layout(input_ids, images), expand_size)
-    return expanded_ids, {**model_kwargs, **images}
+class GenerationHooks:
+    """The private GenerationMixin hooks a patched class overrides (same signatures in 5.23-5.25), as a
+    mixin placed before the stock class, whose own hooks `super()` then reaches:
+    - `_expand_inputs_for_generation` repeats a prompt's images whole, in order;
+    - each subclass's `prepare_inputs_for_generation` is its stock class's, sliced by the caller's
+      tokens over a filled cache (`sliced_by_written_tokens`)."""
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """The hook's contract: (input_ids, model_kwargs) repeated `expand_size` times per prompt.
+        `self.image_layout(input_ids, images)` gives (images per prompt, pixel_values rows per image)."""
+        images = {key: model_kwargs.pop(key) for key in IMAGE_INPUTS if model_kwargs.get(key) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if images and expand_size > 1:
+            images = repeat_images_per_prompt(images, *self.image_layout(input_ids, images), expand_size)
+        return expanded_ids, {**model_kwargs, **images}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        after = cls.__mro__[cls.__mro__.index(GenerationHooks) + 1 :]
+        stock = next((base for base in after if issubclass(base, GenerationMixin)), None)
+        if stock is not None:  # a mixin deriving from this one has no stock class yet
+            cls.prepare_inputs_for_generation = sliced_by_written_tokens(stock.prepare_inputs_for_generation)
 
 
 def repeat_images_per_prompt(images: dict, per_prompt: int, pixel_rows: list[int], times: int) -> dict:

@@ -35,3 +35,19 @@ def check_not_kernelized(model) -> None:
             "hybrid_vlm runs PyTorch's own maths: load it with from_pretrained(..., use_kernels=False) "
             f"(hybrid_vlm.hf_compat.NO_HUB_KERNELS){undo}"
         )
+
+
+def check_on_one_device(model) -> None:
+    """Refuse a model that accelerate dispatched over several devices or with offload (a
+    `from_pretrained` device_map such as "auto" that spans more than one device). Its hook on the top
+    module keeps the stock `forward` as an instance attribute, which wins over the class the engine
+    swaps in, so the model would run stock while saying it is patched; and the hooks that move each
+    layer's inputs between devices sit on module forwards the engine's layer loop does not call."""
+    devices = {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}
+    hooked = "forward" in vars(model) or getattr(model, "_hf_hook", None) is not None
+    if hooked or len(devices) > 1:
+        where = f"devices {sorted(devices)}" if len(devices) > 1 else "an accelerate hook on its forward"
+        raise ValueError(
+            f"this model is dispatched by accelerate ({where}); hybrid_vlm runs a model on one device: load it with "
+            'from_pretrained(..., device_map={"": "cuda:0"}) or move it with .to(device), without offload'
+        )

@@ -64,18 +64,39 @@ MIRRORED = (
     f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.prepare_inputs_for_generation",
     f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.prepare_inputs_for_generation",
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation",
+    "transformers.generation.utils:GenerationMixin._prefill",  # slices a call over a filled cache (`continuation_length`)
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation",
     # the cache the engine fills layer by layer
     "transformers.cache_utils:DynamicLayer.update",
     "transformers.cache_utils:DynamicLayer.get_seq_length",
+    "transformers.cache_utils:DynamicLayer.lazy_initialization",
     "transformers.cache_utils:DynamicSlidingWindowLayer.update",
     "transformers.cache_utils:DynamicCache.__init__",
+    "transformers.cache_utils:Cache.get_seq_length",
+    # the forwards the patched classes and DyMU's loop replace whole (what they must keep doing)
+    f"{MODELS}.llama.modeling_llama:LlamaModel.forward",
+    f"{MODELS}.mistral.modeling_mistral:MistralModel.forward",
+    f"{MODELS}.llava.modeling_llava:LlavaModel.forward",
+    f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.forward",
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.forward",
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLTextModel.forward",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.forward",
+    f"{MODELS}.clip.modeling_clip:CLIPEncoder.forward",
+    f"{MODELS}.clip.modeling_clip:CLIPVisionModel.forward",
 )
 
 # Recorded after reading each release's source of every function above. 5.23 -> 5.24: the cache
 # renamed from `past_key_values` to `cache` (layers, attention, generate's hooks and model kwargs:
 # `CACHE_NAME`), `cache.update(..., kwargs=)`, the paged-cache update moved out of
 # sdpa_attention_forward, the rotary forward's @torch.no_grad dropped (it has no parameters), the
-# mask's `.contiguous()` only on tensors; none changes what the engine computes. 5.24 -> 5.25: none.
+# mask's `.contiguous()` only on tensors; the model forwards return `image_outputs` where they
+# returned `image_hidden_states` (the engine's output class follows, `llava.py`); DynamicLayer's
+# lazy_initialization takes the values' dtype from the values; generate's `_prefill` skips its
+# slicing for all-linear-attention caches (the engine's is a DynamicCache); none changes what the
+# engine computes. 5.24 -> 5.25: `_prefill` slices every cache again, and `Cache.get_seq_length`
+# lost its branch for linear-attention layers: neither applies to a DynamicCache of attention layers.
 FINGERPRINTS_5_25 = {
     f"{MODELS}.llama.modeling_llama:apply_rotary_pos_emb": 'a6dd2967da96713e',
     f"{MODELS}.llama.modeling_llama:rotate_half": 'c3e95bb5f330fa3c',
@@ -114,14 +135,33 @@ FINGERPRINTS_5_25 = {
     f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.prepare_inputs_for_generation": 'absent',
     f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.prepare_inputs_for_generation": 'absent',
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation": 'absent',
+    'transformers.generation.utils:GenerationMixin._prefill': '1471a8976760f37a',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation": '34a391da8544ccb4',
     'transformers.cache_utils:DynamicLayer.update': 'c9d4538ca6392290',
     'transformers.cache_utils:DynamicLayer.get_seq_length': '079d68a3bcb81503',
+    'transformers.cache_utils:DynamicLayer.lazy_initialization': '4d6e3415561f963b',
     'transformers.cache_utils:DynamicSlidingWindowLayer.update': 'f4f299404720469a',
     'transformers.cache_utils:DynamicCache.__init__': '26dc0888b09c83e3',
+    'transformers.cache_utils:Cache.get_seq_length': '6e8f8dd5d70f874a',
+    f"{MODELS}.llama.modeling_llama:LlamaModel.forward": '6a4696e0891319a3',
+    f"{MODELS}.mistral.modeling_mistral:MistralModel.forward": 'd82d2a6b11133e08',
+    f"{MODELS}.llava.modeling_llava:LlavaModel.forward": '018d723d1917a04c',
+    f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.forward": '370a6905f13ca23a',
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.forward": 'be8603d3b956dbb7',
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.forward": '68031aa674ba7494',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel.forward": 'e7c76b231a775980',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLTextModel.forward": '3d88f660f91f6262',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.forward": '51779a331387b262',
+    f"{MODELS}.clip.modeling_clip:CLIPEncoder.forward": '1ee14630a93940cf',
+    f"{MODELS}.clip.modeling_clip:CLIPVisionModel.forward": 'a31569825154280d',
 }
 FINGERPRINTS: dict[str, dict[str, str]] = {
     "5.25": FINGERPRINTS_5_25,
-    "5.24": FINGERPRINTS_5_25,
+    "5.24": {
+        **FINGERPRINTS_5_25,
+        'transformers.generation.utils:GenerationMixin._prefill': '4877a67a5c858cd3',
+        'transformers.cache_utils:Cache.get_seq_length': '634f7af7a3bc6754',
+    },
     "5.23": {
         **FINGERPRINTS_5_25,
         f"{MODELS}.llama.modeling_llama:LlamaAttention.forward": '0e885f95c05996db',
@@ -136,6 +176,19 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         'transformers.generation.utils:GenerationMixin._prepare_position_ids_for_generation': 'dd8c1a986f6692d5',
         'transformers.generation.utils:GenerationMixin._update_model_kwargs_for_generation': 'f522968ded2cfcac',
         'transformers.generation.utils:GenerationMixin.prepare_inputs_for_generation': '555b27a36e9db968',
+        'transformers.generation.utils:GenerationMixin._prefill': 'b55245d5387c1ae5',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation": '0abcec5a66c4acc5',
+        'transformers.cache_utils:DynamicLayer.lazy_initialization': 'a68c8d155fdf1117',
+        'transformers.cache_utils:Cache.get_seq_length': '634f7af7a3bc6754',
+        f"{MODELS}.llama.modeling_llama:LlamaModel.forward": 'd99da9be0e8d7bdb',
+        f"{MODELS}.mistral.modeling_mistral:MistralModel.forward": 'c19af80282cf7153',
+        f"{MODELS}.llava.modeling_llava:LlavaModel.forward": 'cc5fb44c0cf8fb3a',
+        f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.forward": '524bc7962fa2bc36',
+        f"{MODELS}.llava_next.modeling_llava_next:LlavaNextModel.forward": 'd2e6c91aa6de3c2d',
+        f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.forward": '7d95ab4bb2b84a98',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel.forward": '7929aa262dcb2e2b',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLTextModel.forward": '0ee5669dad609e0d',
+        f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.forward": 'c61647557f5a77d6',
     },
 }
 

@@ -21,16 +21,18 @@ from .llava import LlavaParts
 
 __all__ = [
     "Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "host_grid", "qwen_image_features", "qwen_parts",
-    "stock_decode_positions", "no_generation_position_ids",
+    "stock_decode_positions", "NoGenerationPositionIds",
 ]
 
 
-def no_generation_position_ids(model, inputs_tensor, model_kwargs):
-    """generate's private hook `_prepare_position_ids_for_generation` (same signature in 5.23-5.25)
-    for the patched Qwen2.5-VL: no ids. Stock's override runs `get_rope_index`, which reads the grid
-    on the device (a host sync) and sets the module's `rope_deltas`; the engine's forward computes the
-    (t, h, w) ids itself, from the host grid."""
-    return None
+class NoGenerationPositionIds:
+    """A mixin before Qwen2_5_VLForConditionalGeneration: generate's private hook
+    `_prepare_position_ids_for_generation` (same signature in 5.23-5.25) gives no ids. Stock's
+    override runs `get_rope_index`, which reads the grid on the device (a host sync) and sets the
+    module's `rope_deltas`; the engine's forward computes the (t, h, w) ids itself, from the host grid."""
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        return None
 
 
 class AxesLastRotary(nn.Module):
