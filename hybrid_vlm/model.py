@@ -43,6 +43,7 @@ from .hf_compat import (
 from .hf_compat.generation import IMAGE_LAYOUTS, GenerationHooks, check_generate_options
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
 from .hf_compat.loading import NO_HUB_KERNELS, check_not_kernelized, check_on_one_device
+from .hf_compat.mirrored import warn_if_changed
 from .hf_compat.qwen2_5_vl import NoGenerationPositionIds, Qwen2_5_VLForConditionalGeneration, qwen_parts
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
@@ -629,6 +630,7 @@ def apply_hybrid(model, config: HybridConfig | None = None):
         raise TypeError(f"apply_hybrid expects a transformers {names}, got {type(model).__name__}")
     check_not_kernelized(model)
     check_on_one_device(model)
+    warn_if_changed()
     config = HybridConfig.from_env() if config is None else config
     hybrid = HYBRID_CLASSES[base]
     hybrid.check_model(model, config)

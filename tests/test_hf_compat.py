@@ -208,6 +208,32 @@ def test_the_upstream_sources_the_engine_mirrors_are_the_ones_read():
     assert mirrored.changed_sources("5.23" if mirrored.running_release() != "5.23" else "5.25")  # the releases do differ
 
 
+def test_the_first_apply_warns_naming_a_changed_upstream_source(monkeypatch):
+    """A patch release that changes a mirrored function passes the import gate: the first
+    apply_hybrid of a process says which, once; an unchanged release says nothing."""
+    from hybrid_vlm import HybridConfig, apply_hybrid, remove_hybrid
+    from hybrid_vlm.hf_compat import mirrored
+    from hybrid_vlm.tiny import build_tiny_llava
+
+    model, _ = build_tiny_llava()
+    spec = mirrored.MIRRORED[0]
+    release = mirrored.running_release()
+    monkeypatch.setitem(mirrored.FINGERPRINTS, release, {**mirrored.FINGERPRINTS[release], spec: "0" * 16})
+    mirrored.warn_if_changed.cache_clear()
+    with pytest.warns(UserWarning, match=re.escape(spec)):
+        apply_hybrid(model, HybridConfig(fastv_k=8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_hybrid(remove_hybrid(model), HybridConfig(fastv_k=8))  # once per process
+    monkeypatch.undo()
+    mirrored.warn_if_changed.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mirrored.warn_if_changed() == []
+
+
 def test_a_fingerprint_reads_the_definition_not_a_runtime_wrapper(tmp_path, monkeypatch):
     """5.25 replaces module functions such as apply_rotary_pos_emb with kernel `Func` modules at import:
     the fingerprint is of the source text of the definition, decorators included, and a method a class

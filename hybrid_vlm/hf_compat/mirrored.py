@@ -4,7 +4,8 @@ supported transformers minor release.
 The import gate (`versions.py`) accepts any patch release of a supported minor; a patch release that
 changes one of these functions would pass it unnoticed. `tests/test_hf_compat.py` compares the
 running release's fingerprints with the ones recorded here, so such a change fails the suite until
-someone reads it and records the new fingerprint (the porting checklist in patches/README.md).
+someone reads it and records the new fingerprint (the porting checklist in patches/README.md), and
+the first `apply_hybrid` of a process warns, naming them (`warn_if_changed`, about half a second).
 
     python -m hybrid_vlm.hf_compat.mirrored    # the running release's fingerprints, as a table entry
 """
@@ -12,9 +13,11 @@ someone reads it and records the new fingerprint (the porting checklist in patch
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
+import warnings
 
 import transformers
 
@@ -227,6 +230,26 @@ def changed_sources(release: str | None = None) -> list[str]:
     running one's minor release); every spec when none is recorded for it."""
     recorded = FINGERPRINTS.get(release or running_release(), {})
     return [spec for spec in MIRRORED if recorded.get(spec) != fingerprint(spec)]
+
+
+@functools.cache
+def warn_if_changed() -> list[str]:
+    """Once per process: warn, naming them, when the running release's sources differ from the ones
+    read (a patch release of a supported minor passes the import gate unread). Returns them."""
+    try:
+        changed = changed_sources()
+    except (OSError, TypeError) as error:  # no source files to read (a frozen or bytecode-only install)
+        warnings.warn(f"hybrid_vlm could not read transformers' sources to check them ({error}); "
+                      "the engine is tested against 5.23-5.25 as released", stacklevel=3)
+        return []
+    if changed:
+        warnings.warn(
+            f"transformers {transformers.__version__} changed {len(changed)} upstream function(s) the engine mirrors or "
+            f"overrides since {running_release()} was read: {', '.join(changed)}. Its results may no longer match stock "
+            "transformers: see the porting checklist in patches/README.md (python -m hybrid_vlm.hf_compat.mirrored)",
+            stacklevel=3,
+        )
+    return changed
 
 
 def main() -> int:
