@@ -134,6 +134,19 @@ CSV_COLUMNS = (
     "decode_ratio", "decode_theory_ratio", "ratios_divide_by", "llm_prefill_gmacs_per_s", "sync_debug", "sdpa_prefill", "sdpa_decode",
     "note",
 )
+# bench.csv names each column's statistic, as the report's headers do; bench.json keeps the row keys
+# (its meta says the same in `statistics`), which every reader of committed runs uses.
+MEDIAN_COLUMNS = ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token", "prefill_host_ms",
+                  "decode_host_ms_per_token", "generate_tokens_per_s")
+MEAN_COLUMNS = ("visual_in", "visual_kept", "llm_tokens_in", "llm_tokens_kept")
+CSV_HEADER = tuple(
+    f"{column}_median" if column in MEDIAN_COLUMNS else f"{column}_mean" if column in MEAN_COLUMNS else column
+    for column in CSV_COLUMNS
+)
+STATISTICS = {
+    **{column: "median over the timed rounds" for column in MEDIAN_COLUMNS},
+    **{column: "mean over the batch's samples" for column in MEAN_COLUMNS},
+}
 SYNC_CHECK_DECODE_STEPS = 8
 KERNEL_TRACE_DECODE_STEPS = 2
 
@@ -541,9 +554,9 @@ def print_table(rows, file=None):
 def write_outputs(out_dir: Path, rows, meta) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        writer.writerows([row.get(column) for column in CSV_COLUMNS] for row in rows)
 
     def clean(value):
         return None if isinstance(value, float) and math.isnan(value) else value
@@ -1021,6 +1034,7 @@ def bench_meta(bench: BenchRun) -> dict:
         batch_size=args.batch_size, text_tokens=bench.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
         warmup=args.warmup, baseline=args.baseline, shape=asdict(bench_shape(bench.model.config)), stopped=bench.stopped,
         conventions="MACs per batch; causal attention (n(n+1)/2 pairs); lm_head on the last prompt token; see hybrid_vlm.flops",
+        statistics=STATISTICS,
     )
     return meta
 
