@@ -74,7 +74,7 @@ def text_prior_accuracy(num_scenes: int, num_questions: int = tiny_data.MCQ_QUES
     right: dict[str, list[bool]] = defaultdict(list)
     guessed = []  # per question, the chance that random letters are right on all its circular copies
     for base_index in range(num_questions):
-        _, question = tiny_data.held_out_question(base_index)
+        _, question = tiny_data.held_out_scene_question(base_index)
         chosen = prior_choice(question.options, counts[question.question])
         right[question.kind].append(chosen == question.options[question.answer])
         guessed.append((1 / len(question.options)) ** len(question.options))

@@ -52,12 +52,18 @@ def image_to_base64(image) -> str:
 
 def held_out_question(base_index: int):
     """(image, question) of TinyMMBench's base question `base_index`: kinds in turn."""
+    scene, question = held_out_scene_question(base_index)
+    return scenes.render(scene), question
+
+
+def held_out_scene_question(base_index: int):
+    """(scene, question) of TinyMMBench's base question `base_index`, unrendered."""
     kind = scenes.QUESTION_KINDS[base_index % len(scenes.QUESTION_KINDS)]
     for attempt in range(ATTEMPTS_PER_QUESTION):
         scene, rng = scenes.scene_for(scenes.MCQ_STREAM, base_index * ATTEMPTS_PER_QUESTION + attempt)
         question = scenes.ask(scene, kind, rng)
         if question is not None:
-            return scenes.render(scene), question
+            return scene, question
     raise RuntimeError(f"no scene with a {kind} question in {ATTEMPTS_PER_QUESTION} attempts")
 
 

@@ -3,7 +3,8 @@
 - checkpoint/train_summary.json and train_log.jsonl (what `python -m hybrid_vlm.testbed train` wrote),
 - checkpoint/dymu-thresholds/testbed-*.json (`python -m hybrid_vlm.testbed calibrate`),
 - reports/testbed/report.json and shuffled_captions.json (`bash reports/testbed/regenerate.sh`),
-- reports/testbed/blind_baselines.json (`python -m hybrid_tools.blind_baselines`).
+- reports/testbed/blind_baselines.json (`python -m hybrid_tools.blind_baselines`),
+- reports/testbed/text_overlap.json (`python -m hybrid_tools.text_overlap`).
 
     python -m hybrid_vlm.testbed card        # rewrites hybrid_vlm/testbed/checkpoint/README.md
 """
@@ -114,9 +115,10 @@ def card_text(checkpoint: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR) 
     report = json.loads((report_dir / "report.json").read_text())
     shuffled = json.loads((report_dir / "shuffled_captions.json").read_text())
     blind = json.loads((report_dir / "blind_baselines.json").read_text())
+    overlap = json.loads((report_dir / "text_overlap.json").read_text())
     mcq, coco = _vanilla(report, "TinyMMBench"), _vanilla(report, "TinyCOCO")
     vocab_size = json.loads((checkpoint / "config.json").read_text())["text_config"]["vocab_size"]
-    lines = _architecture(summary, vocab_size) + _how_it_was_made(summary, log) + _scores(mcq, coco, shuffled, blind) + _limits(log, mcq)
+    lines = _architecture(summary, vocab_size) + _how_it_was_made(summary, log) + _scores(mcq, coco, shuffled, blind, overlap) + _limits(log, mcq)
     lines += _thresholds(sorted((checkpoint / THRESHOLDS_DIR.name).glob("testbed-*.json")))
     lines += ["", "This card is written by `python -m hybrid_vlm.testbed card` from the files above.", ""]
     return "\n".join(lines)
@@ -176,13 +178,25 @@ def _how_it_was_made(summary: dict, log: list[dict]) -> list[str]:
     ]
 
 
-def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict) -> list[str]:
+def overlap_sentence(overlap: dict) -> str:
+    """How much of the held-out sets' text training fed word for word (`hybrid_tools.text_overlap`)."""
+    mcq, coco = overlap["TinyMMBench"], overlap["TinyCOCO"]
+    return (
+        f"The question and caption texts come from the templates training uses: over the {overlap['training_images']:,} "
+        f"images its language phase trained on, {mcq['prompt_seen']} of the {mcq['questions']} TinyMMBench prompts (question and options in "
+        f"order) occur word for word in training, {mcq['prompt_seen_only_with_its_right_letter']} of them always with the "
+        f"right letter, and {coco['references_seen']} of TinyCOCO's {coco['references']} reference captions were training "
+        f"caption targets ({coco['images_with_a_reference_seen']} of its {coco['images']} images have one; "
+        "`reports/testbed/text_overlap.json`)"
+    )
+
+
+def _scores(mcq: dict, coco: dict, shuffled: dict, blind: dict, overlap: dict) -> list[str]:
     prior, constant = blind["TinyMMBench"], blind["TinyCOCO"]
     return [
         "## What it scores (held-out images, never drawn in training)",
         "",
-        "The question and caption texts come from the templates training uses, so many prompts and reference captions "
-        "occur word for word in training; these sets also chose among the training runs "
+        overlap_sentence(overlap) + ". These sets also chose among the training runs "
         "([`reports/testbed-attempts/`](../../../reports/testbed-attempts/README.md)), so they are not an untouched test set.",
         "",
         f"- TinyMMBench, {mcq['rows']} rows (every question with its circular copies), circular accuracy (Overall): "

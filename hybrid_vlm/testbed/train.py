@@ -142,6 +142,13 @@ class PackedImage:
 
 def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTargets]:
     """The image of training scene `index`, its segments, and the probe's targets."""
+    scene, segments = training_texts(index)
+    return scenes.render(scene), segments, probe_targets(scene)
+
+
+def training_texts(index: int) -> tuple[scenes.Scene, list[Segment]]:
+    """Training scene `index` (unrendered) and its segments: every kind of MCQ, more drawn at random,
+    direct questions, and one of its reference captions."""
     scene, rng = scenes.scene_for(scenes.TRAIN_STREAM, index)
     kinds = list(scenes.QUESTION_KINDS) + [str(k) for k in rng.choice(scenes.QUESTION_KINDS, EXTRA_QUESTIONS)]
     segments = []
@@ -155,7 +162,7 @@ def training_segments(index: int) -> tuple[Image.Image, list[Segment], ProbeTarg
             segments.append(Segment(question.question + "\n" + DIRECT_INSTRUCTION, question.options[question.answer], 1.0, question.about))
     references = scenes.captions(scene)
     segments.append(Segment(CAPTION_PROMPT, references[int(rng.integers(len(references)))], CAPTION_WEIGHT))
-    return scenes.render(scene), segments, probe_targets(scene)
+    return scene, segments
 
 
 COLOUR_CLASSES = {name: number for number, name in enumerate(scenes.COLOURS)}
