@@ -202,6 +202,22 @@ def test_random_selection_matches_the_reference(tiny_next, fastv_k, seed):
     assert not torch.equal(reference_kept, attention_kept)  # the draw is not FastV's choice
 
 
+def test_random_selection_keys_each_draw_on_its_own_base_crop_when_crop_counts_differ(tiny_next):
+    """The random draw hashes each image's base crop. Every NEXT_SIZES image tiles into three crops,
+    so a draw keyed on the wrong pixel_values row went unseen; here 5 and 3 crops."""
+    from hybrid_vlm.tiny import synthetic_image
+
+    model, processor = tiny_next
+    images = [synthetic_image(0).resize((700, 700)), synthetic_image(1).resize((336, 200))]
+    prompts = [chat_prompt(processor, q) for q in QUESTIONS[:2]]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    crops = [layout.num_crops for layout in anyres_layouts(model, inputs["image_sizes"])]
+    assert len(set(crops)) == 2, crops
+    reference_logits, reference_kept = masked_reference(model, inputs, 64, 2, select="random", select_seed=0)
+    out, real = engine_prefill(next_copy(model, fastv_k=64, fastv_select="random"), inputs)
+    assert_matches_reference(out, real, reference_logits, reference_kept)
+
+
 def test_random_selection_batched_equals_alone(tiny_next):
     model, processor = tiny_next
     assert_batch_equals_each_alone(next_copy(model, fastv_k=64, fastv_select="random"), processor)

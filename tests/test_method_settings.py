@@ -59,6 +59,7 @@ def test_names_decide_the_method(name, env, expected):
         ("llava_v1.5_7b_random", {"FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "144", "FASTV_K": "600"}, "FASTV_K=600 would keep more than"),
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "144", "FASTV_K": "200"}, "FASTV_K=200 would keep all of the at most 144 visual tokens"),
+        ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "144", "FASTV_K": "144"}, "FASTV_K=144 would keep all of the at most 144 visual tokens"),
     ],
 )
 def test_conflicting_or_malformed_settings_are_refused(name, env, message):

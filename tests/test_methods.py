@@ -255,3 +255,25 @@ def test_a_registered_method_without_a_plan_is_refused_by_name_not_run_as_anothe
         flops.method_prefill_macs(flops.LLAVA_15_7B, config, 60)
     with pytest.raises(ValueError, match="featurestride is not available for Qwen2.5-VL: it reads CLIP features of the read layer"):
         check_qwen_settings(HybridConfig(visual_method="featurestride", visual_budget=16))
+
+
+def test_each_budget_split_and_stage_schedule_is_the_published_rule_worked_by_hand():
+    """The splits and schedules the method tests take from the code, pinned here by hand:
+    - VisPruner: int(b x 0.75) important tokens at 64 or fewer (its README's operating point), else
+      int(b x 0.5) (its code's default);
+    - VisionZip: contextual = the integer nearest b x 10 / 64 (the official 54 : 10), so 56 -> 8.75 -> 9;
+    - stage layers scaled to the LLM's depth rounded to nearest: PyramidDrop's (2, 8, 16) of 32 on
+      Qwen2.5-VL's 28 layers is (1.75, 7, 14) -> (2, 7, 14); SparseVLM's stages from (3, 7, 16) are
+      (2.625, 6.125, 14) -> (3, 6, 14) on 28 and (1.5, 3.5, 8) -> (2, 4, 8) on 16 (halves to even, as
+      Python rounds);
+    - SparseVLM's 192 schedule on 200 visual tokens: its first two stages would keep 300, capped at
+      V - 1 = 199 with the one cluster that int(1/10) + 1 makes of the single token left."""
+    from hybrid_vlm.methods import pdrop, sparsevlm
+    from hybrid_vlm.methods.visionzip import visionzip_split
+    from hybrid_vlm.methods.vispruner import vispruner_split
+
+    assert [vispruner_split(b) for b in (64, 65, 128, 192)] == [48, 32, 64, 96]
+    assert [visionzip_split(b) for b in (64, 128, 192, 56, 165)] == [(54, 10), (108, 20), (162, 30), (47, 9), (139, 26)]
+    assert pdrop.stage_layers(32) == (2, 8, 16) and pdrop.stage_layers(28) == (2, 7, 14)
+    assert sparsevlm.stage_layers(28) == (3, 6, 14) and sparsevlm.stage_layers(16) == (2, 4, 8)
+    assert sparsevlm.stage_counts(192, 200) == ((199, 1), (199, 1), (110, 3))

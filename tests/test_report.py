@@ -394,6 +394,8 @@ def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
         ("FastV K=64 prefill vs stock", "≤ 0.300 (prefill theory + 0.05)", "met"),  # the whole prefill within its theory's slack
         ("FastV K=64 LLM prefill vs stock", "≤ 0.250 (LLM theory + 0.05)", "missed")]  # the LLM alone not
     assert bench_targets(synthetic_bench_rows(0.96, 0.2, 0.2, "pass"))[0][-1] == "missed (faster)"  # 3% either way
+    at_the_limits = bench_targets(synthetic_bench_rows(1.03, 0.30, 1 / 3.5, "pass"))  # each exactly its limit: "at least", "at most"
+    assert [verdict for *_, verdict in at_the_limits[:2]] + [at_the_limits[3][-1]] == ["met", "met", "met"]
     assert bench_targets(synthetic_bench_rows(0.98, 0.2, 0.2, "pass"))[0][-1] == "met"
     absent = bench_targets(synthetic_bench_rows(1.0, 0.2, None, ""))
     assert absent[3][0].startswith("hybrid") and absent[3][-1] == "not measured"
@@ -664,3 +666,14 @@ def test_data_keeps_only_the_named_sets_and_names_an_absent_one(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         run_report(work, "--name", "two", "--out", tmp_path / "reports", "--data", "NoSuchSet")
     assert exit_info.value.code == 2 and "--data NoSuchSet: no model folder holds results of it" in capsys.readouterr().err
+
+
+def test_a_score_equal_to_a_floor_counts_as_at_or_below_it():
+    from types import SimpleNamespace
+
+    from hybrid_tools.report.floors import Floor, floor_lines
+
+    entries = [SimpleNamespace(main_value=value, config=SimpleNamespace(label=label)) for label, value in (("a", 25.0), ("b", 30.0))]
+    linker = SimpleNamespace(link=lambda name, path: name)
+    lines = floor_lines([Floor("chance", 25.0, Path("f.json"))], entries, linker)
+    assert lines[2].endswith("at or below it: `a` (25.0)")

@@ -99,6 +99,16 @@ def test_a_rerun_with_another_generation_length_is_refused_naming_both(tmp_path,
     assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=8)) is None
 
 
+def test_the_last_generating_record_is_what_a_rerun_is_held_to(tmp_path, checkpoints):
+    """A folder generated at 8 tokens, then continued at 16: its outputs now hold 16-token rows, so a
+    run at 16 continues and a run at 8 is refused (the first record is history)."""
+    item = plugin_model(checkpoints / "seed0")
+    run = {"checkpoint": "seed0", "checkpoint_signature": item.signature, "mode": "all"}
+    folder = results_folder(tmp_path, [{**run, "max_new_tokens": 8}, {**run, "max_new_tokens": 16}])
+    assert reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=16)) is None
+    assert "--max-new-tokens 16; this run asks for 8" in reuse_conflict(folder, item, SimpleNamespace(max_new_tokens=8))
+
+
 def test_a_rerun_on_another_checkpoint_of_the_same_shape_is_refused_a_moved_one_is_not(tmp_path, checkpoints):
     earlier = plugin_model(checkpoints / "seed0")
     folder = results_folder(tmp_path, [{"checkpoint": "seed0", "checkpoint_signature": earlier.signature, "max_new_tokens": 8}])

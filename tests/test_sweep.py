@@ -427,3 +427,20 @@ def test_the_sweep_table_and_report_show_only_the_swept_sets(tmp_path, capsys):
     assert set(table["dataset"]) == {MMB}
     report = (tmp_path / "reports" / "swept" / "report.md").read_text()
     assert f"### {MMB}" in report and f"### {COCO}" not in report
+
+
+def test_a_run_recorded_in_the_second_it_started_counts_as_recorded(tmp_path):
+    """Both times are whole seconds: a run recorded in the second the sweep started it made its
+    outputs then, and must not be left out of the table as a run that made nothing."""
+    (tmp_path / "run_info.json").write_text(json.dumps({"runs": [{"time": "2026-01-01T00:00:00+00:00"}]}))
+    assert sweep.recorded_since(tmp_path, "2026-01-01T00:00:00+00:00")
+    assert not sweep.recorded_since(tmp_path, "2026-01-01T00:00:01+00:00")
+
+
+def test_an_exported_budget_reaches_only_the_names_that_read_it(clean_env):
+    """VISUAL_BUDGET=32 exported for a sweep of visionzip beside vanilla: visionzip takes it, and the
+    vanilla run, which reads no budget, runs without it (the plugin would refuse it there)."""
+    args = sweep.build_parser().parse_args(["--data", "X", "--family", "tiny", "--methods", "visionzip", "--vanilla"])
+    runs, _ = sweep.plan_runs(args, {"VISUAL_BUDGET": "32"}, ["llava_tiny", "llava_tiny_visionzip"])
+    assert [run.folder for run in runs] == ["llava_tiny", "llava_tiny_visionzip__visionzip-b32"]
+    assert "VISUAL_BUDGET" not in runs[0].env and runs[1].env["VISUAL_BUDGET"] == "32"
