@@ -65,11 +65,25 @@ def run_identity(folder: str) -> dict:
         method = variant.method or ("dymu" if variant.dymu else "pool" if variant.pool else "fastv")
         if method == "fastv" and tag.startswith("random-"):  # a FastV name run with FASTV_SELECT=random
             method = "random"
-    budget = re.search(r"-[bk](\d+)(?:-|_|$)", tag)
     seed = re.search(r"-s(\d+)(?:_|$)", tag)
-    return dict(method=method, budget=int(budget.group(1)) if budget else None,
+    return dict(method=method, budget=tag_budget(tag, method),
                 positions="renumbered" if "renumbered" in tag else "logical",
                 seed=int(seed.group(1)) if seed else 0 if method == "random" else None)
+
+
+def tag_budget(tag: str, method: str) -> int | float | None:
+    """The visual tokens a run keeps per image, from its tag: a count (`-k64`, `-b64`), or a fraction
+    of each image's tokens (`-b0.098` kept; FastV's and random's `-r0.902` pruned, so 0.098 kept),
+    as the NeXT and Qwen2.5-VL names take them. A hybrid's fraction is of DyMU's merged count, which
+    varies: no budget."""
+    count = re.search(r"-[bk](\d+)(?:-|_|$)", tag)
+    if count:
+        return int(count.group(1))
+    kept = re.search(r"-b(0\.\d+)(?:-|_|$)", tag)
+    pruned = re.search(r"-r(0(?:\.\d+)?)(?:-|_|$)", tag)
+    if method == "hybrid" or not (kept or pruned):
+        return None
+    return float(kept.group(1)) if kept else round(1 - float(pruned.group(1)), 6)
 
 
 def rotation_correct(row: pd.Series) -> bool:
@@ -260,7 +274,10 @@ def number(value, spec: str = ".1f") -> str:
 
 
 def budget_text(run: pd.Series) -> str:
-    return "" if pd.isna(run["budget"]) else str(int(run["budget"]))
+    """A count as itself, a fraction of each image's tokens as such."""
+    if pd.isna(run["budget"]):
+        return ""
+    return f"{run['budget']:g} of each image" if run["budget"] < 1 else str(int(run["budget"]))
 
 
 def tag_text(run: pd.Series) -> str:

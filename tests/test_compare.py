@@ -78,9 +78,24 @@ def test_a_circular_question_counts_only_when_every_rotation_is_right():
     ("llava_tiny_hybrid__dymu-tiny-mid_fastv-r0.5-l2", dict(method="hybrid", budget=None, positions="logical", seed=None)),
     ("llava_tiny_dymu__dymu-tiny-mid", dict(method="dymu", budget=None, positions="logical", seed=None)),
     ("llava_tiny_sparsevlm__sparsevlm-b64_renumbered", dict(method="sparsevlm", budget=64, positions="renumbered", seed=None)),
+    # fractions of each image's tokens, as the NeXT and Qwen names take them: kept (-b), or pruned by FASTV_K (-r)
+    ("Qwen2.5-VL-7B-Instruct_divprune__divprune-b0.098", dict(method="divprune", budget=0.098, positions="logical", seed=None)),
+    ("Qwen2.5-VL-7B-Instruct_fastv__fastv-r0.902-l2", dict(method="fastv", budget=0.098, positions="logical", seed=None)),
+    ("llava_next_vicuna_7b_random__random-r0.5-l2-s1", dict(method="random", budget=0.5, positions="logical", seed=1)),
 ])
 def test_run_identity_reads_the_folder_name(folder, expected):
     assert compare.run_identity(folder) == expected
+
+
+def test_a_fractional_budget_is_compared_with_fastv_keeping_the_same_fraction():
+    """DivPrune at 0.098 of each image (Qwen's default) beside FastV pruning 0.902 of it: one budget,
+    so the paired FastV column is filled (it stayed empty when only counts were read)."""
+    names = ["Qwen2.5-VL-7B-Instruct_fastv__fastv-r0.902-l2", "Qwen2.5-VL-7B-Instruct_divprune__divprune-b0.098"]
+    runs = pd.DataFrame([dict(run=name, status="ok", **compare.run_identity(name)) for name in names])
+    vectors = {name: np.full(3, float(index)) for index, name in enumerate(names)}
+    found = compare.references(runs, vectors, runs.loc[1, "budget"], "logical", compare.pruning_layer(names[1]))
+    assert found["fastv"].tolist() == [0.0] * 3
+    assert compare.budget_text(runs.loc[1]) == "0.098 of each image"
 
 
 def test_each_run_is_compared_with_fastv_and_random_at_its_own_pruning_layer():
