@@ -943,7 +943,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
         )
     if hybrid is not None and hybrid.dymu and isinstance(hybrid.fastv_k, int) and hybrid.fastv_k >= max(config.counts["visual"]):
-        row["note"] = "; ".join(filter(None, [row["note"], f"FASTV_K={hybrid.fastv_k} keeps every token DyMU left "
+        row["note"] = "; ".join(filter(None, [row["note"], f"K={hybrid.fastv_k} (--fastv-k) keeps every token DyMU left "
                                               f"(at most {max(config.counts['visual'])}): nothing is pruned after DyMU here"]))
     if len(config.runs) < args.repeats:
         row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C"]))
@@ -1002,7 +1002,8 @@ def prunes_nothing(config: BenchConfig) -> str | None:
     input ran). Not with DyMU, whose merged count follows the image: a K above it is a setting too."""
     k, visual = getattr(config.hybrid, "fastv_k", None), max(config.counts["visual"])
     if getattr(config.hybrid, "dymu", None) is None and isinstance(k, int) and not isinstance(k, bool) and k > visual:
-        return f"FASTV_K={k} is more than the {visual} visual tokens of this input, so nothing is pruned: use 0 to {visual}, or a ratio in [0, 1)"
+        return (f"K={k} (--fastv-k, or --budgets with --methods) is more than the {visual} visual tokens of this input, so nothing "
+                f"is pruned: use 0 to {visual}, or a fraction pruned in [0, 1)")
     return None
 
 

@@ -608,7 +608,7 @@ def test_a_fastv_k_above_the_visual_tokens_is_a_refused_row_not_a_timing_of_noth
                        "--no-memory", "--no-progress", "--out", str(tmp_path)])
     by_config = {row["config"]: row for row in rows}
     assert by_config["fastv-k1000-l2"]["status"] == "refused"
-    assert "FASTV_K=1000 is more than the 576 visual tokens" in by_config["fastv-k1000-l2"]["note"]
+    assert "K=1000 (--fastv-k, or --budgets with --methods) is more than the 576 visual tokens" in by_config["fastv-k1000-l2"]["note"]
     assert by_config["fastv-k576-l2"]["status"] == "ok" and by_config["fastv-k576-l2"]["visual_kept"] == 576
 
 
@@ -620,5 +620,5 @@ def test_a_hybrid_row_whose_k_keeps_every_merged_token_says_nothing_was_pruned(t
     hybrids = {row["fastv_k"]: row for row in rows if row["dymu"] and row["fastv_k"] is not None}
     assert set(hybrids) == {500, 16} and all(row["status"] == "ok" for row in hybrids.values())
     assert hybrids[500]["visual_kept"] == hybrids[500]["visual_in"] < 500
-    assert "FASTV_K=500 keeps every token DyMU left" in hybrids[500]["note"]
+    assert "K=500 (--fastv-k) keeps every token DyMU left" in hybrids[500]["note"]
     assert "keeps every token DyMU left" not in (hybrids[16]["note"] or "")
