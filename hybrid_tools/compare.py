@@ -80,7 +80,7 @@ def tag_budget(tag: str, method: str) -> int | float | None:
     if count:
         return int(count.group(1))
     kept = re.search(r"-b(0\.\d+)(?:-|_|$)", tag)
-    pruned = re.search(r"-r(0(?:\.\d+)?)(?:-|_|$)", tag)
+    pruned = re.search(r"-r(0\.\d+)(?:-|_|$)", tag)  # -r0 prunes nothing: no budget
     if method == "hybrid" or not (kept or pruned):
         return None
     return float(kept.group(1)) if kept else round(1 - float(pruned.group(1)), 6)
@@ -275,9 +275,10 @@ def number(value, spec: str = ".1f") -> str:
 
 def budget_text(run: pd.Series) -> str:
     """A count as itself, a fraction of each image's tokens as such."""
-    if pd.isna(run["budget"]):
+    budget = run["budget"]
+    if pd.isna(budget):
         return ""
-    return f"{run['budget']:g} of each image" if run["budget"] < 1 else str(int(run["budget"]))
+    return str(int(budget)) if float(budget).is_integer() else f"{budget:g} of each image"
 
 
 def tag_text(run: pd.Series) -> str:

@@ -82,6 +82,8 @@ def test_a_circular_question_counts_only_when_every_rotation_is_right():
     ("Qwen2.5-VL-7B-Instruct_divprune__divprune-b0.098", dict(method="divprune", budget=0.098, positions="logical", seed=None)),
     ("Qwen2.5-VL-7B-Instruct_fastv__fastv-r0.902-l2", dict(method="fastv", budget=0.098, positions="logical", seed=None)),
     ("llava_next_vicuna_7b_random__random-r0.5-l2-s1", dict(method="random", budget=0.5, positions="logical", seed=1)),
+    ("llava_tiny_fastv__fastv-r0-l2", dict(method="fastv", budget=None, positions="logical", seed=None)),  # prunes nothing
+    ("llava_tiny_fastv__fastv-k0-l2", dict(method="fastv", budget=0, positions="logical", seed=None)),  # keeps none
 ])
 def test_run_identity_reads_the_folder_name(folder, expected):
     assert compare.run_identity(folder) == expected
@@ -96,6 +98,7 @@ def test_a_fractional_budget_is_compared_with_fastv_keeping_the_same_fraction():
     found = compare.references(runs, vectors, runs.loc[1, "budget"], "logical", compare.pruning_layer(names[1]))
     assert found["fastv"].tolist() == [0.0] * 3
     assert compare.budget_text(runs.loc[1]) == "0.098 of each image"
+    assert compare.budget_text(pd.Series(dict(budget=0))) == "0" and compare.budget_text(pd.Series(dict(budget=64))) == "64"
 
 
 def test_each_run_is_compared_with_fastv_and_random_at_its_own_pruning_layer():

@@ -173,6 +173,10 @@ def test_a_model_dispatched_over_devices_is_refused_unpatched(tmp_path):
     add_hook_to_module(hooked, AlignDevicesHook(io_same_device=True))
     with pytest.raises(ValueError, match="an accelerate hook on its forward"):
         apply_hybrid(hooked, HybridConfig(fastv_k=8))
+    for one_device in ("auto", {"": "cpu"}):  # what users on one GPU pass: no dispatch, no hook, accepted
+        model = LlavaForConditionalGeneration.from_pretrained(str(ensure_tiny_llava()), use_kernels=False, device_map=one_device)
+        assert "forward" not in vars(model)
+        assert type(apply_hybrid(model, HybridConfig(fastv_k=8))).__name__ == "HybridLlavaForConditionalGeneration"
 
 
 def test_a_refused_apply_leaves_the_settings_and_thresholds_it_found(tmp_path):
@@ -232,6 +236,33 @@ def test_the_first_apply_warns_naming_a_changed_upstream_source(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert mirrored.warn_if_changed() == []
+
+
+def test_the_source_check_stays_quiet_on_an_untested_release_and_says_when_sources_cannot_be_read(monkeypatch):
+    """An untested release (let in by the import gate's bypass, which warns itself) has nothing
+    recorded to compare with: no second warning listing every function. Sources that cannot be read
+    (a bytecode-only install) are said to be unchecked, not reported as changed."""
+    import warnings
+
+    from hybrid_vlm.hf_compat import mirrored
+
+    monkeypatch.setattr(mirrored, "running_release", lambda: "5.22")
+    mirrored.warn_if_changed.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mirrored.warn_if_changed() == []
+    monkeypatch.undo()
+
+    def unreadable(module):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(mirrored.inspect, "getsource", unreadable)
+    mirrored.warn_if_changed.cache_clear()
+    with pytest.warns(UserWarning, match="could not read transformers' sources"):
+        assert mirrored.warn_if_changed() == []
+    monkeypatch.undo()
+    mirrored.warn_if_changed.cache_clear()
+    assert mirrored.fingerprint("transformers.models.no_such_model.modeling:Thing.forward") == "absent"
 
 
 def test_a_fingerprint_reads_the_definition_not_a_runtime_wrapper(tmp_path, monkeypatch):

@@ -30,12 +30,21 @@ def test_a_question_training_asked_counts_as_seen_with_its_letter_and_an_unseen_
     options = tuple(line[3:] for line in lines[1:] if line[:3] in ("A. ", "B. ", "C. ", "D. "))
     asked = scenes.Question("planted", lines[0], options, "ABCD".index(segments[0].target))
     unseen = scenes.Question("planted", lines[0], options[:-1] + ("a purple hexagon",), asked.answer)
-    planted = [asked, unseen]
+    other_letter = scenes.Question("planted", lines[0], options, (asked.answer + 1) % len(options))
+    planted = [asked, unseen, other_letter]
     monkeypatch.setattr(tiny_data, "held_out_scene_question", lambda index: (None, planted[index]))
     prompts, questions, _ = text_overlap.training_text_sets(1)
-    result = text_overlap.mcq_overlap(prompts, questions, 2)
-    assert result["question_line_seen"] == 2 and result["prompt_seen"] == 1
-    assert result["circular_rows"] == 2 * len(options) and result["circular_rows_prompt_seen"] >= 1
+    result = text_overlap.mcq_overlap(prompts, questions, 3)
+    assert result["question_line_seen"] == 3 and result["prompt_seen"] == 2
+    assert result["prompt_seen_only_with_its_right_letter"] == 1  # the asked one; the same words with another answer are not
+    assert result["circular_rows"] == 3 * len(options) and result["circular_rows_prompt_seen"] >= 2
+
+
+def test_a_reference_caption_training_fed_is_counted_once_per_reference_and_image():
+    first = scenes.captions(scenes.scene_for(scenes.CAPTION_STREAM, 0)[0])
+    result = text_overlap.caption_overlap({first[1], "a caption nobody wrote"}, 3)
+    assert result["images"] == 3 and result["references_seen"] == 1 and result["images_with_a_reference_seen"] == 1
+    assert result["references"] == sum(len(scenes.captions(scenes.scene_for(scenes.CAPTION_STREAM, i)[0])) for i in range(3))
 
 
 def test_the_readme_quotes_the_committed_counts():

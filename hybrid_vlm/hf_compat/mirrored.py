@@ -5,7 +5,7 @@ The import gate (`versions.py`) accepts any patch release of a supported minor; 
 changes one of these functions would pass it unnoticed. `tests/test_hf_compat.py` compares the
 running release's fingerprints with the ones recorded here, so such a change fails the suite until
 someone reads it and records the new fingerprint (the porting checklist in patches/README.md), and
-the first `apply_hybrid` of a process warns, naming them (`warn_if_changed`, about half a second).
+the first `apply_hybrid` of a process warns, naming them (`warn_if_changed`, about a second).
 
     python -m hybrid_vlm.hf_compat.mirrored    # the running release's fingerprints, as a table entry
 """
@@ -67,6 +67,10 @@ MIRRORED = (
     f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.prepare_inputs_for_generation",
     f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.prepare_inputs_for_generation",
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation",
+    # GenerationHooks reaches the stock expansion through super(): GenerationMixin's, while no stock class overrides it
+    f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration._expand_inputs_for_generation",
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration._expand_inputs_for_generation",
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._expand_inputs_for_generation",
     "transformers.generation.utils:GenerationMixin._prefill",  # slices a call over a filled cache (`continuation_length`)
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation",
     # the cache the engine fills layer by layer
@@ -138,6 +142,9 @@ FINGERPRINTS_5_25 = {
     f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration.prepare_inputs_for_generation": 'absent',
     f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration.prepare_inputs_for_generation": 'absent',
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.prepare_inputs_for_generation": 'absent',
+    f"{MODELS}.llava.modeling_llava:LlavaForConditionalGeneration._expand_inputs_for_generation": 'absent',
+    f"{MODELS}.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration._expand_inputs_for_generation": 'absent',
+    f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._expand_inputs_for_generation": 'absent',
     'transformers.generation.utils:GenerationMixin._prefill': '1471a8976760f37a',
     f"{MODELS}.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation": '34a391da8544ccb4',
     'transformers.cache_utils:DynamicLayer.update': 'c9d4538ca6392290',
@@ -217,7 +224,7 @@ def fingerprint(spec: str) -> str:
     release does not define it there (a class that inherits the method), which is recorded too."""
     try:
         return hashlib.sha256(source_of(spec).encode()).hexdigest()[:16]
-    except LookupError:
+    except (LookupError, ImportError):  # not defined there, or its module moved: either way not what was read
         return "absent"
 
 
@@ -236,6 +243,8 @@ def changed_sources(release: str | None = None) -> list[str]:
 def warn_if_changed() -> list[str]:
     """Once per process: warn, naming them, when the running release's sources differ from the ones
     read (a patch release of a supported minor passes the import gate unread). Returns them."""
+    if running_release() not in FINGERPRINTS:  # an untested release, let in by the import gate's bypass, which warned
+        return []
     try:
         changed = changed_sources()
     except (OSError, TypeError) as error:  # no source files to read (a frozen or bytecode-only install)
