@@ -572,7 +572,6 @@ class HybridQwen2_5_VLForConditionalGeneration(NoGenerationPositionIds, HybridDe
         )
 
 
-
 # stock class -> its patched class
 HYBRID_CLASSES = {
     LlavaForConditionalGeneration: HybridLlavaForConditionalGeneration,
