@@ -22,10 +22,10 @@ sweep --model pool --pool 2 3 4
 python -m hybrid_tools.caption_baseline "$work/outputs" llava_testbed --out reports/testbed/shuffled_captions.json
 # What needs no image: a text-only prior on TinyMMBench (and its accuracy on 20,000 fresh questions) and one constant caption on TinyCOCO (about two minutes).
 python -m hybrid_tools.blind_baselines --out reports/testbed/blind_baselines.json
-# How much of the held-out sets' text training fed word for word (seconds; the card quotes it).
-python -m hybrid_tools.text_overlap --out reports/testbed/text_overlap.json
 # The report, with the two files above as each set's floors; --snapshot copies the raw files it reads into reports/testbed/raw/.
 python -m hybrid_tools.report "$work/outputs" --name testbed --snapshot --recipe reports/testbed/regenerate.sh \
     --floors reports/testbed/blind_baselines.json reports/testbed/shuffled_captions.json \
     --title "testbed: accuracy and CIDEr against tokens kept, every method at matched budgets"
+# How much of the held-out sets' text training fed word for word (seconds; the card quotes it).
+python -m hybrid_tools.text_overlap --out reports/testbed/text_overlap.json
 rm -rf "$work"
