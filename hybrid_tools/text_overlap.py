@@ -50,19 +50,13 @@ def training_text_sets(num_images: int) -> tuple[dict[str, set[str]], set[str], 
     return prompts, questions, captions
 
 
-def rotations(options: tuple[str, ...], right: int) -> list[tuple[tuple[str, ...], str]]:
-    """(options, right letter) of each circular copy, as TinyMMBench rotates them."""
-    turned = [options[shift:] + options[:shift] for shift in range(len(options))]
-    return [(order, LETTERS[order.index(options[right])]) for order in turned]
-
-
 def mcq_overlap(prompts: dict[str, set[str]], questions: set[str], num_questions: int) -> dict:
     base = dict(question=0, prompt=0, prompt_and_answer=0)
     rows = dict(rows=0, prompt=0, prompt_and_answer=0)
     for base_index in range(num_questions):
         _, question = tiny_data.held_out_scene_question(base_index)
         base["question"] += question.question in questions
-        for shift, (order, letter) in enumerate(rotations(question.options, question.answer)):
+        for shift, (order, letter) in enumerate(tiny_data.circular_copies(question.options, question.answer)):
             targets = prompts.get(mcq_text(question.question, order))
             seen, answered = targets is not None, targets == {letter}
             rows["rows"] += 1

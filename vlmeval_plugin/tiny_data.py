@@ -73,15 +73,13 @@ def build_mcq_table(num_questions: int = MCQ_QUESTIONS) -> pd.DataFrame:
     rows = []
     for base_index in range(num_questions):
         image, item = held_out_question(base_index)
-        options = list(item.options)
         category, l2_category = scenes.CATEGORIES[item.kind]
-        for shift in range(len(options)):
-            rotated = options[shift:] + options[:shift]
+        for shift, (rotated, letter) in enumerate(circular_copies(item.options, item.answer)):
             row = {
                 "index": base_index + shift * CIRCULAR_OFFSET,
                 "question": item.question,
                 "hint": None,
-                "answer": "ABCD"[rotated.index(options[item.answer])],
+                "answer": letter,
                 "category": category,
                 "image": image_to_base64(image) if shift == 0 else str(base_index),
                 "source": "testbed-scenes",
@@ -93,6 +91,12 @@ def build_mcq_table(num_questions: int = MCQ_QUESTIONS) -> pd.DataFrame:
                 row[letter] = rotated[letter_index] if letter_index < len(rotated) else None
             rows.append(row)
     return pd.DataFrame(rows, columns=MMBENCH_COLUMNS)
+
+
+def circular_copies(options: tuple[str, ...], answer: int) -> list[tuple[tuple[str, ...], str]]:
+    """(options, right letter) of each circular copy of a question: copy k rotates the options by k."""
+    rotations = [options[shift:] + options[:shift] for shift in range(len(options))]
+    return [(rotated, "ABCD"[rotated.index(options[answer])]) for rotated in rotations]
 
 
 def build_caption_table(num_images: int = CAPTION_IMAGES) -> pd.DataFrame:
