@@ -943,21 +943,26 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
             else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
         )
     if hybrid is not None and hybrid.dymu and isinstance(hybrid.fastv_k, int) and hybrid.fastv_k >= max(config.counts["visual"]):
-        row["note"] = "; ".join(filter(None, [row["note"], f"K={hybrid.fastv_k} (--fastv-k) keeps every token DyMU left "
-                                              f"(at most {max(config.counts['visual'])}): nothing is pruned after DyMU here"]))
+        row["note"] = with_note(row["note"], f"K={hybrid.fastv_k} (--fastv-k) keeps every token DyMU left "
+                                f"(at most {max(config.counts['visual'])}): nothing is pruned after DyMU here")
     if len(config.runs) < args.repeats:
-        row["note"] = "; ".join(filter(None, [row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C"]))
+        row["note"] = with_note(row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C")
     if bench.stopped is None:
         try:
             row.update(row_passes(bench))
         except BenchStopped:
             bench.stopped = f"in the memory, sync and kernel passes of `{config.name}`"
         except Exception as error:  # noqa: BLE001 - its timings stand; the row is failed and says where
-            row.update(status="failed", note="; ".join(filter(None, [row["note"], f"memory or sync pass: {type(error).__name__}: {error}"])))
+            row.update(status="failed", note=with_note(row["note"], f"memory or sync pass: {type(error).__name__}: {error}"))
     if bench.stopped is not None:
         for key in ("mem_kind", "sync_debug"):
             row.setdefault(key, "not run: stopped by SIGTERM or Ctrl-C")
     return row
+
+
+def with_note(note: str | None, more: str) -> str:
+    """A row's note with one more remark after it."""
+    return "; ".join(filter(None, [note, more]))
 
 
 def row_passes(bench: BenchRun) -> dict:
