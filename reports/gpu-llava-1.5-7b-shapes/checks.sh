@@ -14,9 +14,10 @@
 set -u
 OUT=${OUT:-runs/gpu-checks-out}; mkdir -p "$OUT"
 LIMIT_SCALE=${LIMIT_SCALE:-1}
-case $LIMIT_SCALE in ''|*[!0-9]*) echo "LIMIT_SCALE=$LIMIT_SCALE: use a whole number from 1 (it multiplies every step's limit)"; exit 2;; esac
+if [[ ! $LIMIT_SCALE =~ ^[0-9]+$ ]] || (( 10#$LIMIT_SCALE < 1 )); then
+  echo "LIMIT_SCALE=$LIMIT_SCALE: use a whole number from 1 (it multiplies every step's limit)"; exit 2
+fi
 LIMIT_SCALE=$((10#$LIMIT_SCALE))  # base 10: bash reads a leading 0 as octal
-[ "$LIMIT_SCALE" -ge 1 ] || { echo "LIMIT_SCALE=0: use a whole number from 1 (it multiplies every step's limit)"; exit 2; }
 root=$PWD
 site=$root/.gpu/site  # the carried wheels, installed
 # the log names no machine's folders: the output is "$OUT", the checkout "."
