@@ -346,56 +346,22 @@ def _short(model: str, family: str = "llava_v1.5_7b") -> str:
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     passthrough = [item for item in passthrough if item != "--"]
-    # checked before any run: hybrid_tools.report refuses a bad NAME only after the whole sweep, whose
-    # record sweep_NAME.json then lies where no reader looks for it
-    if args.report is not None and not re.fullmatch(REPORT_NAME, args.report):
-        return fail(f"--report {args.report!r}: use letters, digits, '.', '_' and '-' (it names reports/NAME/ and sweep_NAME.json)")
-    if any(item == "--work-dir" or item.startswith("--work-dir=") for item in passthrough):
-        # every run would get two --work-dir flags, and the table would read the sweep's own one
-        return fail("--work-dir after '--': pass the sweep's own --work-dir DIR (before '--'); the sweep gives it to every run")
+    problem = argument_problem(args, passthrough)
+    if problem:
+        return fail(problem)
     if args.ablation == "scoring":
         print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
-    models = args.model
-    families = {settings.VARIANTS[m].family for m in models or [] if m in settings.VARIANTS}
-    if args.family is None:  # --model llava_tiny_fastv, or llava_tiny --methods ...: that family's names
-        args.family = families.pop() if len(families) == 1 else "llava_v1.5_7b"
-    short = settings.short_names(args.family)
-    vanilla_name = settings.FAMILY_VANILLA[args.family]
-    try:
-        args.model = models = swept_models(args, models, short, vanilla_name)
-    except (ValueError, settings.PluginError) as error:
-        return fail(str(error))
-
     work_dir = os.environ.get("MMEVAL_ROOT", args.work_dir)
-    base_env = dict(os.environ)
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
-        planned = checked_models(args)  # before a DyMU target's calibration, which takes minutes
-        data_note = data_problem(args.data, planned)
-        if data_note and not args.dry_run:
-            return fail(data_note)
-        if args.dymu:
-            args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
-        runs, notes = plan_runs(args, base_env, planned)
-        check_depths(runs, passthrough_value(passthrough, "--model-path"), build=not args.dry_run)
+        tag = resolve_models(args)
+        runs, notes = planned_runs(args, passthrough, work_dir)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
-    if data_note:
-        notes.append(data_note)
-    swept = [short.get(m, m) for m in models if short.get(m, m) != vanilla_name] or [vanilla_name]
-    # sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept (as before), else the models
-    tag = args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m, args.family) for m in swept))
-
     for note in notes:
         print(f"hybrid_tools.sweep: note: {note}", flush=True)
-    print(f"hybrid_tools.sweep: {len(runs)} run(s) into {work_dir}:", flush=True)
-    commands = []
-    for run in runs:
-        command = run_command(args.launcher, ["--data", *args.data, "--model", run.model, "--work-dir", work_dir, *passthrough])
-        commands.append(command)
-        setting = " ".join(f"{k}={shell_join([v])}" for k, v in run.settings.items())
-        print(f"  {run.folder}\n      {setting + ' ' if setting else ''}{shlex.join(command)}", flush=True)
+    commands = announced_commands(runs, args, passthrough, work_dir)
     if args.dry_run:
         return 0
 
@@ -408,6 +374,57 @@ def main(argv: list[str] | None = None) -> int:
               "rerun the same command to resume without redoing them", file=sys.stderr, flush=True)
         return 130
     return summarize(runs, records, work_dir, tag, manifest_path, args.report, args.report_out, args.data)
+
+
+def argument_problem(args, passthrough: list[str]) -> str | None:
+    """Flags refused before anything is planned, else None."""
+    # checked before any run: hybrid_tools.report refuses a bad NAME only after the whole sweep, whose
+    # record sweep_NAME.json then lies where no reader looks for it
+    if args.report is not None and not re.fullmatch(REPORT_NAME, args.report):
+        return f"--report {args.report!r}: use letters, digits, '.', '_' and '-' (it names reports/NAME/ and sweep_NAME.json)"
+    if any(item == "--work-dir" or item.startswith("--work-dir=") for item in passthrough):
+        # every run would get two --work-dir flags, and the table would read the sweep's own one
+        return "--work-dir after '--': pass the sweep's own --work-dir DIR (before '--'); the sweep gives it to every run"
+    return None
+
+
+def resolve_models(args) -> str:
+    """Sets `args.family` and `args.model` (the names to run); the sweep's tag, which names
+    sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept, else the models."""
+    families = {settings.VARIANTS[m].family for m in args.model or [] if m in settings.VARIANTS}
+    if args.family is None:  # --model llava_tiny_fastv, or llava_tiny --methods ...: that family's names
+        args.family = families.pop() if len(families) == 1 else "llava_v1.5_7b"
+    short = settings.short_names(args.family)
+    vanilla_name = settings.FAMILY_VANILLA[args.family]
+    args.model = swept_models(args, args.model, short, vanilla_name)
+    swept = [short.get(m, m) for m in args.model if short.get(m, m) != vanilla_name] or [vanilla_name]
+    return args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m, args.family) for m in swept))
+
+
+def planned_runs(args, passthrough: list[str], work_dir: str) -> tuple[list, list[str]]:
+    """Every run, checked, with DyMU targets calibrated (after the cheap checks: calibration takes
+    minutes), and the notes to print."""
+    planned = checked_models(args)
+    data_note = data_problem(args.data, planned)
+    if data_note and not args.dry_run:
+        raise settings.PluginError(data_note)
+    if args.dymu:
+        args.dymu = calibrate_targets(args.dymu, args.calibrate_images, work_dir, passthrough, args.dry_run, args.family)
+    runs, notes = plan_runs(args, dict(os.environ), planned)
+    check_depths(runs, passthrough_value(passthrough, "--model-path"), build=not args.dry_run)
+    return runs, notes + ([data_note] if data_note else [])
+
+
+def announced_commands(runs: list, args, passthrough: list[str], work_dir: str) -> list[list[str]]:
+    """Each run's run.py command, printed with its folder and settings."""
+    print(f"hybrid_tools.sweep: {len(runs)} run(s) into {work_dir}:", flush=True)
+    commands = []
+    for run in runs:
+        command = run_command(args.launcher, ["--data", *args.data, "--model", run.model, "--work-dir", work_dir, *passthrough])
+        commands.append(command)
+        setting = " ".join(f"{k}={shell_join([v])}" for k, v in run.settings.items())
+        print(f"  {run.folder}\n      {setting + ' ' if setting else ''}{shlex.join(command)}", flush=True)
+    return commands
 
 
 def data_problem(names: list[str], models: list[str]) -> str | None:

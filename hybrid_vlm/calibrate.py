@@ -538,15 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
     from .model import load_supported_model
 
     check_model_kind(args)
-    if args.sign:  # in float32 on the CPU whatever --device/--dtype say: the weights as a float32 file holds them
-        try:
-            read_threshold_payload(args.out)
-        except (OSError, ValueError) as error:
-            args.error(f"--sign --out {args.out}: {error}")
-        try:
-            return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
-        except ValueError as error:  # the file was made for another model
-            args.error(f"--sign --out {args.out}: {error}")
+    if args.sign:
+        return sign_only(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files, unreadable = check_before_loading(args)
@@ -571,11 +564,34 @@ def main(argv: list[str] | None = None) -> dict:
     # or an interrupt there keeps the calibration, whose pass is the long one.
     payload["achieved"] = None
     write_threshold_file(args.out, payload)
+    record_achieved(payload, model, batches(), total, anyres, args)
+    print(calibration_summary(payload, len(files), anyres, args.out), file=sys.stderr)
+    if total == 1:
+        print(ONE_BATCH_NOTE.format(images=len(files), batch_size=args.batch_size), file=sys.stderr)
+    return payload
+
+
+def sign_only(args) -> dict:
+    """--sign: adds the model's vision signature to an existing threshold file. In float32 on the
+    CPU whatever --device/--dtype say: the weights as a float32 file holds them."""
+    from .model import load_supported_model
+
+    try:
+        read_threshold_payload(args.out)
+    except (OSError, ValueError) as error:
+        args.error(f"--sign --out {args.out}: {error}")
+    try:
+        return add_signature(args.out, load_supported_model(args.model, dtype=torch.float32).eval())
+    except ValueError as error:  # the file was made for another model
+        args.error(f"--sign --out {args.out}: {error}")
+
+
+def record_achieved(payload: dict, model, batches: Iterator[torch.Tensor], total: int, anyres: bool, args) -> None:
+    """Re-runs the written thresholds on the calibration images and writes the token counts they
+    achieve into the file; a failure here says the thresholds themselves are kept."""
     thresholds = torch.tensor(payload["thresholds"], dtype=torch.float32)
     try:
-        counts = measure_token_counts(
-            model, batches(), thresholds, progress=not args.no_progress, total_batches=total, split=args.split
-        )
+        counts = measure_token_counts(model, batches, thresholds, progress=not args.no_progress, total_batches=total, split=args.split)
     except (Exception, KeyboardInterrupt) as error:
         print(f"calibrate: the thresholds are written to {args.out}, but measuring the token counts they achieve failed "
               f"({type(error).__name__}: {error}); its \"achieved\" stays null", file=sys.stderr)
@@ -583,10 +599,6 @@ def main(argv: list[str] | None = None) -> dict:
     unit = "tower inputs (crops)" if anyres else "images"
     payload["achieved"] = {**count_summary(counts), "note": f"re-run of the thresholds on the calibration {unit}, preprocessed as calibrated"}
     write_threshold_file(args.out, payload)
-    print(calibration_summary(payload, len(files), anyres, args.out), file=sys.stderr)
-    if total == 1:
-        print(ONE_BATCH_NOTE.format(images=len(files), batch_size=args.batch_size), file=sys.stderr)
-    return payload
 
 
 ONE_BATCH_NOTE = (

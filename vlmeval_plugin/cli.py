@@ -429,23 +429,55 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print_plugin_help()
     options, rest = plugin_parser().parse_known_args(argv)
-    if options.batch_size < 1:
-        return fail(f"--batch-size must be >= 1, got {options.batch_size}")
-    if options.max_new_tokens is not None and options.max_new_tokens < 1:
-        return fail(f"--max-new-tokens must be >= 1, got {options.max_new_tokens} (leave it out for each model's default)")
-
-    # Fail fast on our own names: settings and checkpoints, before vlmeval is imported.
-    peeked, _ = peek_parser().parse_known_args(rest)
-    if peeked.model and not peeked.data and peeked.config is None:  # VLMEvalKit would fail on an assert
-        return fail("--data names the datasets to evaluate --model on, and is missing (the demo's are --data TinyMMBench TinyCOCO)")
     plugin_models: dict[str, PluginModel] = {}
-    problem = resolve_plugin_models(peeked.model, plugin_models, options.model_path)
+    problem = problem_before_vlmeval(options, rest, plugin_models)
     if problem:
         return fail(problem)
+    vargs = vlmeval_args(rest)
+    rank = int(os.environ.get("RANK", 0))
+    work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
+    data_names = list(vargs.data or [])
+    problem = prepare_run(vargs, plugin_models, options, work_dir, data_names)
+    if problem:
+        return fail(problem)
+    if rank == 0 and vargs.model is not None and not vargs.api_mode:
+        write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options, launch_env)
+        for model in vargs.model:  # before any rank's VLMEvalKit reads them (its first barrier is later)
+            robust.set_aside_unreadable_predictions(os.path.join(work_dir, model), model, data_names)
 
-    # Importing vlmeval.run narrows CUDA_VISIBLE_DEVICES per torchrun rank: it must come before
-    # anything queries CUDA in this process (importing hybrid_vlm/transformers and resolving the
-    # checkpoints above do not: checked by counting torch's device-count calls).
+    import vlmeval.run as vlmeval_run  # already imported by vlmeval_args, in its order
+
+    started = datetime.datetime.now().astimezone()
+    try:
+        vlmeval_run.run_task(vargs)
+    except KeyboardInterrupt:
+        print("\nrun.py: interrupted. Every row written so far is kept: rerun the same command to resume without "
+              "redoing them", file=sys.stderr, flush=True)
+        return 130
+    if rank != 0 or vargs.model is None or vargs.api_mode:
+        return 0
+    return report_outcome(work_dir, vargs.model, data_names, vargs.mode, started)
+
+
+def problem_before_vlmeval(options, rest: list[str], plugin_models: dict[str, PluginModel]) -> str | None:
+    """Our own options, names, settings and checkpoints, checked before vlmeval is imported (so a
+    typo fails in a second); resolves `plugin_models` on the way. The first problem, else None."""
+    if options.batch_size < 1:
+        return f"--batch-size must be >= 1, got {options.batch_size}"
+    if options.max_new_tokens is not None and options.max_new_tokens < 1:
+        return f"--max-new-tokens must be >= 1, got {options.max_new_tokens} (leave it out for each model's default)"
+    peeked, _ = peek_parser().parse_known_args(rest)
+    if peeked.model and not peeked.data and peeked.config is None:  # VLMEvalKit would fail on an assert
+        return "--data names the datasets to evaluate --model on, and is missing (the demo's are --data TinyMMBench TinyCOCO)"
+    return resolve_plugin_models(peeked.model, plugin_models, options.model_path)
+
+
+def vlmeval_args(rest: list[str]):
+    """VLMEvalKit's parsed arguments, after installing our fixes into it.
+
+    Importing vlmeval.run narrows CUDA_VISIBLE_DEVICES per torchrun rank: it must come before
+    anything queries CUDA in this process (importing hybrid_vlm/transformers and resolving the
+    checkpoints do not: checked by counting torch's device-count calls)."""
     # VLMEvalKit copies sys.argv into status.json: no machine's absolute path in it.
     sys.argv = [portable_path(sys.argv[0]) if sys.argv else "run.py"] + rest
     robust.install()  # quiet import, bad rows fail alone (must precede building any dataset)
@@ -458,33 +490,22 @@ def main(argv: list[str] | None = None) -> int:
         # run.py names it (VLMEvalKit's eval skipped the set as an incomplete inference). Not for other
         # VLMEvalKit names in the run: their failed rows are named nowhere, so VLMEvalKit's rule stands.
         vargs.keep_failed = True
-    rank = int(os.environ.get("RANK", 0))
-    work_dir = os.environ.get("MMEVAL_ROOT", vargs.work_dir)  # as vlmeval.run.run_local_mode
-    data_names = list(vargs.data or [])
+    return vargs
+
+
+def prepare_run(vargs, plugin_models: dict[str, PluginModel], options, work_dir: str, data_names: list[str]) -> str | None:
+    """Registers the models, writes or checks the datasets, picks a judge and the process group
+    backend; the first problem, else None."""
     problem = (register_run_models(vargs, plugin_models, options, work_dir) or video_problem([item.requested for item in plugin_models.values()], data_names)
                or prepare_data(data_names, scored=vargs.mode != "infer"))
     if problem:
-        return fail(problem)
+        return problem
     if vargs.judge is None and not judge_key_configured(vargs):
         vargs.judge = "exact_matching"
         print("run.py: no judge API key configured (OPENAI_API_KEY, --judge-key, ...): using --judge exact_matching", flush=True)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         use_gloo_without_cuda()
-    if rank == 0 and vargs.model is not None and not vargs.api_mode:
-        write_run_info(work_dir, vargs.model, plugin_models, command, demo, vargs, options, launch_env)
-        for model in vargs.model:  # before any rank's VLMEvalKit reads them (its first barrier is later)
-            robust.set_aside_unreadable_predictions(os.path.join(work_dir, model), model, data_names)
-
-    started = datetime.datetime.now().astimezone()
-    try:
-        vlmeval_run.run_task(vargs)
-    except KeyboardInterrupt:
-        print("\nrun.py: interrupted. Every row written so far is kept: rerun the same command to resume without "
-              "redoing them", file=sys.stderr, flush=True)
-        return 130
-    if rank != 0 or vargs.model is None or vargs.api_mode:
-        return 0
-    return report_outcome(work_dir, vargs.model, data_names, vargs.mode, started)
+    return None
 
 
 def announce_demo() -> list[str]:
