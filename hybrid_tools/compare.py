@@ -40,7 +40,8 @@ from hybrid_vlm.methods import methods_at_a_layer
 from vlmeval_plugin import settings
 from vlmeval_plugin.results import load_table, prediction_file, read_sweep_runs, read_work_dir
 
-from .report.markdown import display_path
+from .report.bench import bench_baseline
+from .report.markdown import display_path, fmt
 
 DRAWS = 2000
 SEED = 0
@@ -118,32 +119,20 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path, recipe: str | Non
     planned = {run.get("folder"): run for _, run in read_sweep_runs(work_dir)}
     for name in sorted(set(folders) | set(planned)):
         identity = run_identity(name)
-        folder = folders.get(name)
-        results = folder.results if folder is not None else {}
-        if not results:
-            code = planned.get(name, {}).get("returncode")
-            runs.append(dict(run=name, **identity, dataset="", status=f"did not run (exit status {code})"))
-            continue
+        results = folders[name].results if name in folders else {}
         scored = [(dataset, result) for dataset, result in results.items() if result.kind in METRICS]
         if not scored:
-            code = planned.get(name, {}).get("returncode")
-            runs.append(dict(run=name, **identity, dataset="", status=f"no MCQ or caption result (exit status {code})"))
+            what = "no MCQ or caption result" if results else "did not run"
+            runs.append(dict(run=name, **identity, dataset="", status=f"{what} (exit status {planned.get(name, {}).get('returncode')})"))
         for dataset, result in scored:
-            metric = METRICS[result.kind]
             path = prediction_file(work_dir / name, name, dataset)
-            if path is None:
-                runs.append(dict(run=name, **identity, dataset=dataset, metric=metric, status="no prediction file"))
-                continue
-            if result.kind == "mcq":
-                items = question_hits(load_table(path))
+            run, items = scored_run(name, dataset, result, path)
+            runs.append(dict(run=name, **identity, **run))
+            if result.kind == "mcq" and items is not None:
                 hits += [dict(run=name, dataset=dataset, question=int(q), hit=int(h)) for q, h in items.items()]
-            else:
-                items = image_ciders(load_table(path))
+            elif items is not None:
                 captions += [dict(run=name, dataset=dataset, image=int(i), cider=float(c)) for i, c in items.items()]
-            runs.append(dict(run=name, **identity, dataset=dataset, metric=metric, status="ok", items=len(items),
-                             vlmeval_score=result.main_value, visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean,
-                             visual_layer_mean=result.visual_layer_mean, prefill_gmacs=result.prefill_gmacs_mean,
-                             setting=";".join(result.settings), failed_rows=len(result.failed_rows)))
+    runs += unscored_sets(runs, planned)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs, columns=list(RUN_COLUMNS)).to_csv(raw / "runs.csv", index=False)
@@ -157,6 +146,32 @@ def collect(work_dir: Path, bench_dir: Path | None, out: Path, recipe: str | Non
     command = ["python", "-m", "hybrid_tools.compare", display_path(work_dir), *(["--bench", display_path(bench_dir)] if bench_dir else []),
                "--out", display_path(out)]
     (raw / "collect.json").write_text(json.dumps({"command": shlex.join(command), "recipe": recipe}, indent=1) + "\n")
+
+
+def scored_run(name: str, dataset: str, result, path: Path | None) -> tuple[dict, pd.Series | None]:
+    """runs.csv's columns for one scored (run, dataset), and its per-item scores (None without a
+    prediction file)."""
+    metric = METRICS[result.kind]
+    if path is None:
+        return dict(dataset=dataset, metric=metric, status="no prediction file"), None
+    items = question_hits(load_table(path)) if result.kind == "mcq" else image_ciders(load_table(path))
+    return dict(dataset=dataset, metric=metric, status="ok", items=len(items), vlmeval_score=result.main_value,
+                visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean, visual_layer_mean=result.visual_layer_mean,
+                prefill_gmacs=result.prefill_gmacs_mean, setting=";".join(result.settings),
+                failed_rows=len(result.failed_rows)), items
+
+
+def unscored_sets(runs: list[dict], planned: dict) -> list[dict]:
+    """A line for every dataset some run scored and another run, which scored others, did not (it
+    failed there): without it that run would be missing from the dataset's table, unnamed."""
+    metrics = {run["dataset"]: run["metric"] for run in runs if run.get("dataset")}
+    seen: dict[str, set] = {}
+    for run in runs:
+        if run.get("dataset"):
+            seen.setdefault(run["run"], set()).add(run["dataset"])
+    return [dict(run=name, **run_identity(name), dataset=dataset, metric=metrics[dataset],
+                 status=f"no result on {dataset} (exit status {planned.get(name, {}).get('returncode')})")
+            for name, datasets in seen.items() for dataset in sorted(set(metrics) - datasets)]
 
 
 # ------------------------------------------------------------------------------- intervals
@@ -326,13 +341,14 @@ SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill r
 
 def speed_table(bench: dict) -> str:
     """The speed table of a bench (raw/bench.json's content)."""
-    lines = [SPEED_HEADER.format(baseline=bench_baseline(bench))]
+    lines = [SPEED_HEADER.format(baseline=baseline_of(bench) or "a baseline not recorded")]
     for row in bench["rows"]:
         if row.get("status") != "ok":
             lines.append(f"| {row.get('config')} | | {row.get('status')} | | | | |")
             continue
-        lines.append(f"| {row['config']} | {row['visual_in']:.0f} → {row['visual_kept']:.0f} | {row['prefill_ms']:.1f} | {row['prefill_ratio']:.3f} "
-                     f"| {row['prefill_theory_ratio']:.3f} | {row['decode_ms_per_token']:.2f} | {row['kv_cache_mb_theory']:.1f} |")
+        lines.append(f"| {row['config']} | {fmt(row.get('visual_in'), '.0f')} → {fmt(row.get('visual_kept'), '.0f')} | {fmt(row.get('prefill_ms'))} "
+                     f"| {fmt(row.get('prefill_ratio'), '.3f')} | {fmt(row.get('prefill_theory_ratio'), '.3f')} "
+                     f"| {fmt(row.get('decode_ms_per_token'), '.2f')} | {fmt(row.get('kv_cache_mb_theory'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -469,16 +485,16 @@ def bench_setting(bench: dict) -> str:
     shape = (f"the {meta['preset']} shape" if meta.get("preset") else f"checkpoint `{meta['model']}`" if meta.get("model")
              else "an unrecorded model")
     device = "CPU" if meta.get("device") == "cpu" else str(meta.get("device", "an unrecorded device"))
-    budgets = sorted({float(found.group(1)) for row in bench.get("rows", []) if row.get("status") == "ok"
-                      if (found := re.search(r"-[bkr](\d+(?:\.\d+)?)(?:-|_|$)", str(row.get("config", ""))))})
-    budgets = [f"{budget:g}" for budget in budgets]
+    configs = [str(row.get("config", "")) for row in bench.get("rows", []) if row.get("status") == "ok"]
+    budgets = sorted({budget for config in configs if (budget := tag_budget(config, config.split("-")[0])) is not None})
+    budgets = [str(budget) if isinstance(budget, int) else f"{budget:g} of each image" for budget in budgets]
     methods = f"every method at {budgets[0]}" if len(budgets) == 1 else f"budgets {_and(budgets)}" if budgets else "no budgets"
     return f"at {shape} on {device}, {methods}"
 
 
-def bench_baseline(bench: dict) -> str:
-    """The row a bench's ratios divide by (`hybrid_tools.bench --baseline`; stock by default)."""
-    return bench.get("meta", {}).get("baseline", "stock")
+def baseline_of(bench: dict) -> str | None:
+    """The row a bench's ratios divide by, as the report reads it (None: not recorded)."""
+    return bench_baseline(bench.get("meta", {}), bench.get("rows", []))
 
 
 def render(out: Path) -> list[Path]:
@@ -492,8 +508,9 @@ def render(out: Path) -> list[Path]:
         speed = speed_table(bench)
         (out / "speed.md").write_text(speed)
         written.append(out / "speed.md")
-        baseline = bench_baseline(bench)
-        against = "stock transformers" if baseline == "stock" else f"the `{baseline}` row"
+        baseline = baseline_of(bench)
+        against = ("stock transformers" if baseline == "stock" else f"the `{baseline}` row" if baseline
+                   else "a baseline the bench does not record")
         speed_section = (f"## Speed {bench_setting(bench)} (median prefill; ratios against {against})"
                          f"\n\nThe \"kept\" of PyramidDrop and SparseVLM is their last stage's count.\n\n{speed}")
     else:

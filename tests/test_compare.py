@@ -278,3 +278,29 @@ def test_runs_with_failed_rows_are_named_under_their_table(tmp_path):
     write_raw(tmp_path / "raw", runs, [], captions)
     table = compare.main_table(tmp_path / "raw")
     assert table.rstrip().endswith("Failed rows (the plugin's failure marker, scored as wrong): `m_fastv__fastv-k64-l2` (1).")
+
+
+def test_a_bench_with_missing_columns_prints_dashes_and_a_pruned_ratio_reads_as_what_it_keeps():
+    """The speed table raised TypeError on the committed CPU bench (recorded with --decode-tokens 0:
+    no decode time), and `fastv-r0.75` (0.75 pruned) was read as 'every method at 0.75'."""
+    import json
+
+    committed = json.loads((REPORT.parent / "cpu-mid-bench" / "raw" / "bench" / "bench.json").read_text())
+    assert any(row.get("status") == "ok" and row.get("decode_ms_per_token") is None for row in committed["rows"])
+    table = compare.speed_table(committed)
+    assert len(table.splitlines()) == 2 + len(committed["rows"]) and " | – |" in table
+    rows = [dict(config="fastv-r0.75-l2", status="ok"), dict(config="stock", status="ok")]
+    assert compare.bench_setting({"meta": {"preset": "mid", "device": "cpu"}, "rows": rows}).endswith("every method at 0.25 of each image")
+
+
+def test_a_run_missing_on_one_dataset_is_named_in_that_dataset_s_table(tmp_path):
+    """A run scored on one set and failed on the other had no line at all in the other's table: only
+    runs with no dataset scored were named. collect now writes a 'no result on SET' line for it."""
+    sets = {"SetA": "circular accuracy", "SetB": "CIDEr"}
+    scored = {"llava_tiny": ["SetA", "SetB"], "llava_tiny_fastv__fastv-k64-l2": ["SetA"]}
+    runs = [dict(run=run, dataset=dataset, metric=sets[dataset], status="ok") for run, names in scored.items() for dataset in names]
+    planned = {"llava_tiny_fastv__fastv-k64-l2": {"returncode": 1}}
+    missing = compare.unscored_sets(runs, planned)
+    assert [(row["run"], row["dataset"], row["metric"], row["status"]) for row in missing] == [
+        ("llava_tiny_fastv__fastv-k64-l2", "SetB", "CIDEr", "no result on SetB (exit status 1)")]
+    assert missing[0]["method"] == "fastv"

@@ -407,6 +407,24 @@ def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
     assert "divide by `vanilla`" in engine_based[0][2] and engine_based[-1][-1] == "met"  # the sync checks still count
 
 
+
+def test_a_bench_that_does_not_record_its_baseline_is_judged_by_no_guessed_one(tmp_path):
+    """A bench.json without meta.baseline was described as dividing by `vanilla` (the speed note's
+    default) while its targets judged the same ratios as ratios vs stock (the targets' default).
+    The rows' own `ratios_divide_by` now decides, and without either nothing is guessed."""
+    from hybrid_tools.report.bench import Bench
+    from hybrid_tools.report.render import speed_note
+    from hybrid_tools.report.targets import targets_table
+
+    rows = synthetic_bench_rows(1.0, 0.2, 0.2, "pass")
+    unrecorded = Bench(path=tmp_path / "bench.json", meta={"preset": "mid"}, rows=rows)
+    assert "not recorded" in speed_note(unrecorded.meta, rows) and "Ratios divide by" not in speed_note(unrecorded.meta, rows)
+    verdicts = [line.rstrip(" |").rsplit("| ", 1)[-1] for line in targets_table([unrecorded]).splitlines()[2:]]
+    assert verdicts[:4] == ["not measured"] * 4
+    from_rows = [dict(row, ratios_divide_by="stock") for row in rows]
+    assert "Ratios divide by the `stock` row" in speed_note({}, from_rows)
+    assert targets_table([Bench(path=tmp_path / "bench.json", meta={}, rows=from_rows)]).count("| met |") >= 4
+
 def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():
     from hybrid_tools.report.targets import bench_targets
 

@@ -33,6 +33,14 @@ def read_bench(path: Path) -> Bench:
     return Bench(path=path, meta=data.get("meta") or {}, rows=data["rows"], csv_path=csv_path if csv_path.exists() else None)
 
 
+def bench_baseline(meta: dict, rows: list[dict]) -> str | None:
+    """The row a bench's ratios divide by: its meta's record, else its rows' (`ratios_divide_by`),
+    else None (not recorded: no default is guessed, the report says so)."""
+    if meta.get("baseline"):
+        return meta["baseline"]
+    return next((row["ratios_divide_by"] for row in rows if row.get("ratios_divide_by")), None)
+
+
 IDEAL_THEORY_NOTE = "vision MACs at the merged per-layer CLIP counts (ideal: a static-shape tower computes every slot)"
 IDEAL_THEORY_FOOTNOTE = (
     "A prefill theory marked * (DyMU, alone or with FastV) is an ideal: it counts the CLIP layers at their merged "

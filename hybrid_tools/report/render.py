@@ -10,7 +10,7 @@ from hybrid_vlm import __version__
 from vlmeval_plugin.results import rows_text
 
 from ..configs import Configuration, Entry, comparison_reference, delta, prefill_ratio, ratio
-from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
+from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_baseline, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
 from .markdown import Linker, display_path, fmt, md_table
 from .device_checks import device_check_lines
 from .floors import floor_lines
@@ -36,11 +36,17 @@ METRICS_INTRO = (
 )
 BASELINE_MEANINGS = {"vanilla": "the hybrid engine with no reduction", "stock": "unpatched transformers, SDPA"}
 SPEED_NOTE = (
-    "Ratios divide by the `{baseline}` row ({baseline_meaning}), measured in one "
-    "process; `theory` is the same ratio of theoretical MACs (`hybrid_vlm/flops.py`: {conventions}); "
+    "{ratios}; `theory` is the same ratio of theoretical MACs (`hybrid_vlm/flops.py`: {conventions}); "
     "`ratio − theory` > 0 means less speed-up than the MACs promise. Peak memory: activations + KV cache "
     "above the weights (CUDA), or the sampled RSS increase (CPU: approximate)."
 )
+
+
+def speed_note(meta: dict, rows: list[dict]) -> str:
+    baseline = bench_baseline(meta, rows)
+    ratios = (f"Ratios divide by the `{baseline}` row ({BASELINE_MEANINGS.get(baseline, 'a configuration of this bench')}), measured in one process"
+              if baseline else "What the ratios divide by is not recorded in this bench")
+    return SPEED_NOTE.format(ratios=ratios, conventions=meta.get("conventions", "see hybrid_vlm.flops"))
 
 
 @dataclass
@@ -230,10 +236,7 @@ def speed_section(report: ReportInput) -> tuple[list[str], list]:
         resources = resources_table(bench)
         if resources:
             lines += ["Memory, KV cache, throughput, host syncs and the SDPA backend each layer ran:", "", resources, "", RESOURCES_NOTE, ""]
-        baseline = meta.get("baseline", "vanilla")
-        meaning = BASELINE_MEANINGS.get(baseline, "a configuration of this bench")
-        note = SPEED_NOTE.format(baseline=baseline, baseline_meaning=meaning, conventions=meta.get("conventions", "see hybrid_vlm.flops"))
-        lines += [note, ""]
+        lines += [speed_note(meta, bench.rows), ""]
         if any(prefill_theory_text(row).endswith("*") for row in bench.rows if row.get("status") == "ok"):
             lines += [IDEAL_THEORY_FOOTNOTE, ""]
         rows = [{k: v for k, v in row.items() if k not in ("runs", "per_sample_counts")} for row in bench.rows]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from hybrid_vlm.syncs import allowed_per_prompt
 
-from .bench import Bench
+from .bench import Bench, bench_baseline
 from .markdown import fmt, md_table
 
 ENGINE_BAND = 0.03  # the engine with nothing cut vs stock, either way
@@ -38,19 +38,20 @@ def targets_table(benches: list[Bench]) -> str:
     for bench in benches:
         device = bench.meta.get("gpu")  # the verdicts depend on the card (memory bandwidth at batch 1)
         where = f"{bench.meta.get('preset') or bench.meta.get('model') or '?'}, batch {bench.meta.get('batch_size', '?')}" + (f", {device}" if device else "")
-        rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows, bench.meta.get("baseline", "stock"))]
+        rows += [[name, where, *rest] for name, *rest in bench_targets(bench.rows, bench_baseline(bench.meta, bench.rows))]
     return md_table(HEADER, rows, align="llllll")
 
 
-def bench_targets(rows: list[dict], baseline: str = "stock") -> list[tuple[str, str, str, str, str]]:
+def bench_targets(rows: list[dict], baseline: str | None = "stock") -> list[tuple[str, str, str, str, str]]:
     """(target, row, measured, needed, verdict) for each target this bench's rows can speak to. The
     ratio targets are against stock transformers: a bench whose ratios divide by another row
-    (`--baseline vanilla`) leaves them not measured, saying so."""
+    (`--baseline vanilla`), or does not record what they divide by, leaves them not measured, saying so."""
     by_config = {r.get("config"): r for r in rows if r.get("status") == "ok"}
     if baseline == "stock":
         out = _ratio_targets(by_config)
     else:
-        out = [(name, "–", f"its ratios divide by `{baseline}`", "vs stock", "not measured") for name in RATIO_TARGETS]
+        divide_by = f"its ratios divide by `{baseline}`" if baseline else "what its ratios divide by is not recorded"
+        out = [(name, "–", divide_by, "vs stock", "not measured") for name in RATIO_TARGETS]
     checked = [r for r in by_config.values() if r.get("method") != "stock" and r.get("sync_debug") not in (None, "not run")]
     return out + [_sync_target(r) for r in checked]
 
