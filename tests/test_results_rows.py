@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pandas as pd
+import pytest
 
 from vlmeval_plugin.results import read_dataset
 
@@ -181,11 +182,28 @@ def test_the_summary_counts_failed_rows_beside_the_rows(tmp_path):
 
 def test_an_mcq_table_of_several_splits_reports_the_dev_row(tmp_path):
     """report_acc writes a row per split; MMBench_DEV_EN's scores are its dev row, wherever it lies."""
-    from vlmeval_plugin.results import read_mcq_metrics
+    from vlmeval_plugin.results import read_acc_metrics
 
     path = tmp_path / "acc.csv"
     path.write_text("split,Overall,counting\ntest,0.2,0.1\ndev,0.7,0.45\n")
-    metrics, split = read_mcq_metrics(path)
-    assert split == "dev" and metrics == {"Overall": 70.0, "counting": 45.0}
+    metrics, split, kind = read_acc_metrics(path)
+    assert split == "dev" and metrics == {"Overall": 70.0, "counting": 45.0} and kind == "mcq"
     path.write_text("split,Overall\ntest,0.2\n")  # no dev row: the only one there is
-    assert read_mcq_metrics(path) == ({"Overall": 20.0}, "test")
+    assert read_acc_metrics(path) == ({"Overall": 20.0}, "test", "mcq")
+
+
+def test_a_vqa_set_s_accuracy_is_read_as_vlmevalkit_wrote_it(tmp_path):
+    """VLMEvalKit's VQA sets (GQA, TextVQA, ChartQA, ...) write their `_acc` table already in percent,
+    without report_acc's split column: it was multiplied by 100 again (3 of 4 right read as 7500)."""
+    pytest.importorskip("vlmeval")
+    from types import SimpleNamespace
+
+    from vlmeval.dataset.image_vqa import ImageVQADataset
+
+    model, name = "m", "GQA_TestDev_Balanced"
+    eval_file = tmp_path / f"{model}_{name}.xlsx"
+    pd.DataFrame({"index": [0, 1, 2, 3], "question": ["q"] * 4, "answer": ["cat", "dog", "red", "two"],
+                  "prediction": ["cat", "dog", "red", "three"]}).to_excel(eval_file, index=False)
+    ImageVQADataset.evaluate_heuristic(SimpleNamespace(dataset_name=name), str(eval_file))  # VLMEvalKit's own scoring
+    found = read_dataset(tmp_path, model, name)
+    assert found.main_value == pytest.approx(75.0) and found.kind == "other"

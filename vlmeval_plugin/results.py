@@ -149,19 +149,24 @@ def is_number(value) -> bool:
 # ---------------------------------------------------------------------------------- metrics
 
 
-def read_mcq_metrics(path: Path) -> tuple[dict, str | None]:
-    """report_acc's table (a row per split; Overall, then categories; fractions) -> ({name: %}, split)."""
+def read_acc_metrics(path: Path) -> tuple[dict, str | None, str]:
+    """An `_acc` table -> ({name: value}, split, kind). report_acc's MCQ table (a `split` column, a
+    row per split; Overall, then categories; fractions) gives percentages and kind "mcq". Other
+    datasets write `_acc` tables of their own (VLMEvalKit's VQA sets: one row, already in percent):
+    their numbers are kept as written, kind "other"."""
     table = load_table(path)
     if len(table) == 0:
-        return {}, None
+        return {}, None, "other"
     row, split = table.iloc[0], None
     if "split" in table.columns:
         splits = [str(value) for value in table["split"]]
         if PREFERRED_SPLIT in splits:
             row = table.iloc[splits.index(PREFERRED_SPLIT)]
         split = str(row["split"])
-    metrics = {str(c): 100.0 * float(row[c]) for c in table.columns if c != "split" and is_number(row[c])}
-    return metrics, split
+    values = {str(c): float(row[c]) for c in table.columns if c != "split" and is_number(row[c])}
+    if "split" in table.columns and all(0.0 <= value <= 1.0 for value in values.values()):
+        return {name: 100.0 * value for name, value in values.items()}, split, "mcq"
+    return values, split, "other"
 
 
 def read_score_metrics(path: Path) -> tuple[dict, str]:
@@ -199,8 +204,8 @@ def _read_metric_file(result: DatasetResult, folder: Path) -> None:
     for suffix in TABLE_SUFFIXES:
         path = folder / f"{stem}_acc.{suffix}"
         if path.exists():
-            result.metrics, result.split = read_mcq_metrics(path)
-            result.kind, result.metric_files = "mcq", [path]
+            result.metrics, result.split, result.kind = read_acc_metrics(path)
+            result.metric_files = [path]
             result.main_metric = MCQ_MAIN_METRIC if MCQ_MAIN_METRIC in result.metrics else next(iter(result.metrics), None)
             return
     for suffix in ("json", *TABLE_SUFFIXES):
