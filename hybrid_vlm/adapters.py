@@ -22,7 +22,7 @@ import torch
 from .baselines import image_keys, pool_grid, pooled_token_count, random_slot_scores, slot_hash
 from .dymu import place_on_cropped_grid
 from .hf_compat import dymu_image_features, stock_image_features
-from .hf_compat.clip import project_features, vision_reads
+from .hf_compat.clip import project_features, vision_parts, vision_reads
 from .hf_compat.llava_next import (
     NEWLINE,
     AnyresLayout,
@@ -305,6 +305,8 @@ def check_supported(model, config) -> None:
                              "drop LLaVA-NeXT's newline tokens (they carry no CLIP signal), so none are left to keep")
     elif config.pre_llm_method is not None:
         check_budget(get_method(config.pre_llm_method), config.visual_budget, grid_patches(model))
+    if config.pre_llm_method is not None and any(read in VIT_READS for read in get_method(config.pre_llm_method).reads):
+        vision_parts(model, user=f"VISUAL_METHOD={config.pre_llm_method}")  # a tower layout it cannot read: refused now, not at the forward
 
 
 def check_sliding_window(model, sequence_length: int) -> None:

@@ -310,8 +310,10 @@ class HybridConfig:
         return self.llm_method is not None
 
     def check_depth(self, num_layers: int) -> None:
-        """A ValueError where the pruning layer is not inside an LLM of `num_layers` layers."""
-        if self.prunes and self.fastv_layer >= num_layers:
+        """A ValueError where the pruning layer of a method that prunes at one (fastv, random, dart)
+        is not inside an LLM of `num_layers` layers; pdrop's and sparsevlm's stage layers are checked
+        by `check_stage_plan`, and they never read FASTV_LAYER."""
+        if self.prunes and get_method(self.llm_method).prunes_at_layer and self.fastv_layer >= num_layers:
             raise ValueError(f"FASTV_LAYER={self.fastv_layer} is not valid: use 1..{num_layers - 1} for this {num_layers}-layer LLM")
 
     @property

@@ -39,6 +39,7 @@ from .hf_compat import (
     llama_layer_forward,
     llava_parts,
     new_cache,
+    without_window_layers,
 )
 from .hf_compat.generation import IMAGE_LAYOUTS, GenerationHooks, check_generate_options
 from .hf_compat.llava_next import LlavaNextForConditionalGeneration
@@ -429,6 +430,8 @@ class HybridDecoder(GenerationHooks):
         state: PruneState | None = getattr(cache, "hybrid_state", None) if cache is not None else None
         if state is None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("this cache was filled outside hybrid_vlm; start generation with an empty cache")
+        if state is None and cache is not None:
+            without_window_layers(cache)
         if state is not None and state.groups[0].key_valid.shape[1] != cache.get_seq_length():  # shapes: no host sync
             raise ValueError(
                 f"this cache holds {cache.get_seq_length()} tokens but its hybrid_vlm state {state.groups[0].key_valid.shape[1]}: "

@@ -341,6 +341,20 @@ def test_sliding_window_shorter_than_the_sequence_is_refused():
         next_copy(model, fastv_k=64)(**next_inputs(processor, QUESTIONS[:1]))
 
 
+
+def test_a_batch_whose_filler_slots_outgrow_the_window_decodes_as_stock():
+    """Two prompts of 1,795 tokens fit a window of 1,900, but their images pack to 1,776 and 1,176
+    tokens, so the smaller one gets 600 filler slots (2,396 in all). generate's default cache keeps
+    only the last window - 1 slots of each layer: the first decode step raised a shape error."""
+    from hybrid_vlm.tiny import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=2, text_model="mistral", sliding_window=1900)
+    inputs = next_inputs(processor, QUESTIONS[:2], indices=[1, 2])
+    assert inputs["input_ids"].shape[1] <= 1900 < inputs["input_ids"].shape[1] + 600
+    greedy = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(next_copy(model).generate(**inputs, **greedy), model.generate(**inputs, **greedy))
+
 def test_calibrate_cli_splits_images_into_crops(tmp_path):
     from transformers import LlavaNextForConditionalGeneration
 

@@ -6,6 +6,7 @@ alone, cached generation against recomputation, no host syncs, and the per-row t
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def test_kept_set_and_logits_match_the_references(reads, method, budget):
     assert torch.equal(kept_mask, reference_kept)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
 def test_methods_choose_differently(reads, method):
     """Else the kept-set test could not tell the methods apart (or from FastV's first tokens)."""
     model, _, vision = reads
@@ -128,7 +129,7 @@ def test_methods_choose_differently(reads, method):
     assert chosen[method] != set(range(64))
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
 def test_renumbered_positions_match_the_reference_at_contiguous_positions(tiny, reads, method):
     """HYBRID_POSITIONS=renumbered gives the official contiguous positions: the same logits as
     stock transformers fed only the kept tokens (the sequence physically shortened)."""
@@ -158,7 +159,7 @@ def test_batched_generation_equals_each_sample_alone(tiny, settings):
     assert_batched_generation_equals_each_alone(hybrid_copy(model, **settings), processor, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
 def test_cached_generation_equals_recomputation(tiny, method):
     model, processor = tiny
     hybrid = hybrid_copy(model, visual_method=method, visual_budget=64)
@@ -208,6 +209,19 @@ def test_unreachable_budgets_and_bad_methods_are_refused(tiny, settings, message
     with pytest.raises(ValueError, match=message):
         apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
 
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
+@pytest.mark.parametrize("layout, message", [(dict(vision_feature_select_strategy="full"), "vision_feature_select_strategy='default'"),
+                                             (dict(vision_feature_layer=[-2, -1]), "a single vision_feature_layer")])
+def test_a_tower_layout_a_method_cannot_read_is_refused_at_apply_naming_the_method(tiny, method, layout, message):
+    """It was accepted, then the first forward raised a message about DyMU merging, which was not set."""
+    model = copy.deepcopy(tiny[0])
+    for name, value in layout.items():
+        setattr(model.config, name, value)
+    with pytest.raises(NotImplementedError, match=rf"VISUAL_METHOD={method} .*{re.escape(message)}"):
+        apply_hybrid(model, HybridConfig(visual_method=method, visual_budget=32))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"  # refused before anything changed
 
 def test_state_records_the_per_layer_kv_lengths_the_cache_holds(tiny):
     """A method before the LLM and FastV after it: the state's groups (layer 0 on: the method's

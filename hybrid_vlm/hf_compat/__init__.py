@@ -54,6 +54,7 @@ from .llava import (  # noqa: E402
     llama_layer_forward,
     llava_parts,
     new_cache,
+    without_window_layers,
     output_cache,
     stock_image_features,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
+    "without_window_layers",
     "output_cache",
     "stock_image_features",
     "vision_fingerprint",

@@ -79,16 +79,17 @@ def read_blocks(vision_feature_layer: int, blocks: int) -> int:
     return vision_feature_layer if vision_feature_layer >= 0 else blocks + 1 + vision_feature_layer
 
 
-def vision_parts(model: LlavaForConditionalGeneration) -> VisionParts:
+def vision_parts(model: LlavaForConditionalGeneration, user: str = "DyMU merging") -> VisionParts:
+    """The CLIP tower's parts; refuses, naming `user` (what needs them), a layout it cannot read."""
     tower = model.model.vision_tower
     if not isinstance(tower, CLIPVisionModel):
-        raise TypeError(f"DyMU merging supports a CLIPVisionModel vision tower, found {type(tower).__name__}")
+        raise TypeError(f"{user} supports a CLIPVisionModel vision tower, found {type(tower).__name__}")
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
-        raise NotImplementedError(f"DyMU merging needs a single vision_feature_layer, found {layer!r}")
+        raise NotImplementedError(f"{user} needs a single vision_feature_layer, found {layer!r}")
     if model.config.vision_feature_select_strategy != "default":
         raise NotImplementedError(
-            f"DyMU merging supports vision_feature_select_strategy='default' (CLS dropped), "
+            f"{user} supports vision_feature_select_strategy='default' (CLS dropped), "
             f"found {model.config.vision_feature_select_strategy!r}"
         )
     all_layers = list(tower.encoder.layers)

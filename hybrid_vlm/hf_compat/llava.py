@@ -33,6 +33,7 @@ __all__ = [
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
+    "without_window_layers",
     "packed_decoder_states",
     "packed_head_attention",
     "output_cache",
@@ -152,6 +153,17 @@ def output_cache(output) -> Cache | None:
 
 def new_cache(model: LlavaForConditionalGeneration) -> DynamicCache:
     return DynamicCache(config=model.config)
+
+
+def without_window_layers(cache: Cache) -> Cache:
+    """An empty cache with its sliding-window layers (Mistral's, in generate's default cache) made
+    plain dynamic ones. A window layer keeps only the last window - 1 slots, but the engine's caches
+    hold filler and pruned slots beside the real tokens: a sequence that fits the window can need
+    more slots than that. Keeping every slot changes nothing within the window, and the engine
+    refuses sequences longer than it (`check_sliding_window`)."""
+    if any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    return cache
 
 
 def llama_layer_forward(
