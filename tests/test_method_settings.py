@@ -148,6 +148,24 @@ def test_a_setting_reported_ignored_changes_nothing_and_a_read_one_does(name, tm
             assert outcome(name, env) != unchanged, f"{name} reads {key}={value} but it changes nothing"
 
 
+
+@pytest.mark.parametrize("name, env, read_with", [
+    ("llava_v1.5_7b_fastv", {"SELECT_SEED": "5"}, {"FASTV_SELECT": "random"}),  # attention selection draws nothing
+    ("llava_v1.5_7b_pool", {"FASTV_LAYER": "3"}, {"FASTV_K": "32"}),  # no FASTV_K: nothing prunes at a layer
+    ("llava_v1.5_7b_pool", {"SELECT_SEED": "5", "FASTV_SELECT": "random"}, {"FASTV_K": "32"}),
+])
+def test_a_read_setting_that_does_nothing_beside_the_others_is_named(name, env, read_with):
+    """A seed sweep over the attention FastV name ran the same setting under one folder, with no word
+    that the seed did nothing; the same for a pooling name's FastV settings without FASTV_K."""
+    plain = settings.hybrid_config_for(name, {})
+    assert settings.hybrid_config_for(name, env) == plain
+    effective = settings.effective_name(name, plain)
+    note = settings.ignored_note(name, effective, env)
+    assert note is not None and all(f"{key}={value}" in note for key, value in env.items()) and note.startswith(f"{name} ignores ")
+    with_it, without_it = {**read_with, **env}, dict(read_with)
+    assert settings.hybrid_config_for(name, with_it) != settings.hybrid_config_for(name, without_it)  # read once it acts
+    assert settings.ignored_note(name, effective, with_it) is None
+
 def test_run_py_names_what_a_name_ignores():
     env = {"FASTV_K": "32", "VISUAL_BUDGET": "128", "DYMU_THRESHOLDS": "x.json"}
     effective = settings.effective_name("llava_v1.5_7b_visionzip", settings.hybrid_config_for("llava_v1.5_7b_visionzip", env))

@@ -292,22 +292,46 @@ def settings_read(variant: Variant) -> list[str]:
     return reads
 
 
+def inert_settings(variant: Variant, env) -> list[str]:
+    """The settings set in `env` that the name reads but that do nothing beside the others set:
+    SELECT_SEED without random selection, and a pooling name's FastV settings without FASTV_K."""
+    def given(key: str) -> str:
+        return (env.get(key) or "").strip()
+
+    if variant.pool and not variant.fastv and not given("FASTV_K"):
+        inert = ["FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
+    elif variant.method != "random" and "random" not in (given("FASTV_SELECT"), given("VISUAL_METHOD")):
+        inert = ["SELECT_SEED"]
+    else:
+        inert = []
+    return [key for key in inert if key in settings_read(variant) and given(key)]
+
+
 def ignored_settings(name: str, environ=None) -> list[str]:
-    """The NAME_SETTINGS set in the environment that the registered name `name` does not read.
-    (VISUAL_BUDGET where a name reads none is refused instead, by `check_method_setting`.)"""
+    """The NAME_SETTINGS set in the environment that the registered name `name` does not read, or
+    reads to no effect (`inert_settings`). (VISUAL_BUDGET where a name reads none is refused
+    instead, by `check_method_setting`.)"""
     env = os.environ if environ is None else environ
-    read = set(settings_read(VARIANTS[name])) | {"VISUAL_BUDGET"}
+    variant = VARIANTS[name]
+    read = set(settings_read(variant)) - set(inert_settings(variant, env)) | {"VISUAL_BUDGET"}
     return [key for key in NAME_SETTINGS if key not in read and (env.get(key) or "").strip()]
 
 
 def ignored_note(requested: str, effective: str, environ=None) -> str | None:
-    """What run.py prints when the environment sets what the name `requested` does not read."""
+    """What run.py prints when the environment sets what the name `requested` does not read, or
+    reads to no effect."""
     env = os.environ if environ is None else environ
     ignored = ignored_settings(base_name(requested), env)
     if not ignored:
         return None
+    inert = set(inert_settings(VARIANTS[base_name(requested)], env))
+    unread = [f"{key}={env[key]}" for key in ignored if key not in inert]
+    idle = [f"{key}={env[key]}" for key in ignored if key in inert]
+    parts = ([f"does not read {', '.join(unread)} (each name reads its own settings)"] if unread else []) + (
+        [f"ignores {', '.join(idle)} (a seed acts only with random selection; a pooling name's FastV settings only with FASTV_K)"]
+        if idle else [])
     setting = effective.partition(NAME_SEPARATOR)[2] or "stock"
-    return f"{requested} does not read {', '.join(f'{key}={env[key]}' for key in ignored)} (each name reads its own settings): it runs {setting}"
+    return f"{requested} {' and '.join(parts)}: it runs {setting}"
 
 
 def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
@@ -328,11 +352,13 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     if variant.method is not None:
         return method_config(name, variant, env)
     dymu = dymu_file(name, variant, env) if variant.dymu else None
-    # Every name ignores the settings it does not read (`settings_read`; run.py names them): the
+    # Every name ignores the settings it does not read (`settings_read`) or reads to no effect
+    # (`inert_settings`; run.py names both): the
     # fastv name never turns DyMU or pooling on, the dymu name never prunes. VISUAL_METHOD naming
     # another method, or VISUAL_BUDGET on a name without a budget, is refused instead
     # (`check_method_setting`): the name decides the method.
-    read_env = {key: env[key] for key in settings_read(variant) if key in env and key != "DYMU_THRESHOLDS"}
+    inert = inert_settings(variant, env)
+    read_env = {key: env[key] for key in settings_read(variant) if key in env and key != "DYMU_THRESHOLDS" and key not in inert}
     explicit = (env.get("VISUAL_METHOD") or "").strip()
     if read_env.get("VISUAL_BUDGET", "").strip() and explicit:
         read_env["VISUAL_METHOD"] = explicit  # a conflicting FASTV_SELECT is then refused
