@@ -153,6 +153,27 @@ def test_bad_rows_fail_alone_and_a_fixed_rerun_regenerates_only_them(sandbox):  
     assert not any(value.startswith(FAIL_PREFIX) for value in again_by_index.values())
 
 
+
+def test_an_unreadable_image_file_ahead_stays_out_of_the_batch(sandbox, tmp_path):  # noqa: F811
+    """A truncated file in an image_path row ahead was pulled into the batch (only base64 rows were
+    checked there): the batch failed, was retried at half size twice, and the row was recorded as
+    failed twice, with two reasons. It now fails once, on its own turn, and the others batch."""
+    table = build_mcq_table(num_questions=6)
+    table = table[table["index"] < 6].reset_index(drop=True)
+    paths = [str(tmp_path / f"{index}.png") for index in table["index"]]
+    for path, cell in zip(paths, table["image"]):
+        robust.decode_base64_to_image_file(cell, path)
+    whole = Path(paths[2]).read_bytes()
+    Path(paths[2]).write_bytes(whole[: len(whole) // 2])
+    write_set(sandbox, "TruncatedPathMCQ", table.drop(columns=["image"]).assign(image_path=paths))
+    work_dir = sandbox["root"] / "truncated_path"
+    result = run_py(sandbox, ["--data", "TruncatedPathMCQ", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir), "--batch-size", "4"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "generate failed for a batch" not in output, output[-3000:]
+    records = [json.loads(line) for line in stats.stats_path(work_dir / MODEL, MODEL, "TruncatedPathMCQ").read_text().splitlines()]
+    assert [r["index"] for r in records if "error" in r] == ["2"] and "cannot be read" in output
+    assert {r["batch_size"] for r in records if r["index"] in ("0", "1", "3", "4")} == {4}
+
 FAULTY_RUN = r"""
 import sys
 import transformers

@@ -187,7 +187,7 @@ class HybridLLaVA(BaseModel):
         self.model.register_forward_hook(weak_hook(self, "_after_forward"))
 
         self._records: dict[str, dict[str, dict]] = {}  # dataset -> row index (str) -> stats record
-        self._pending = None  # (row index, message) from build_prompt, consumed by generate_inner
+        self._pending = None  # (row index, message, failure or None) from build_prompt, consumed by generate_inner
         self.rows_generated = 0
         self.rows_from_records = 0
 
@@ -236,16 +236,22 @@ class HybridLLaVA(BaseModel):
         owner = self._dataset_object(dataset)
         return owner.build_prompt(line)  # exactly what infer_data would have done without us
 
+    def _checked_message(self, line, dataset):
+        """The row's message, once its text fields and every image file it names are usable; else
+        the error naming what is not."""
+        check_text_fields(line, self._dataset_type(dataset))
+        message = self._message_for(line, dataset)
+        for item in message:  # an image_path set names its files: upstream asserts on a missing one, ending the set
+            problem = image_file_problem(str(item["value"])) if item["type"] == "image" else None
+            if problem is not None:
+                raise RowError(problem)
+        return message
+
     def build_prompt(self, line, dataset=None):
         """The row's message; a row whose prompt cannot be built becomes a failed row (a text-only
         stand-in message, answered by generate_inner with the failure marker), never a failed set."""
         try:
-            check_text_fields(line, self._dataset_type(dataset))
-            message = self._message_for(line, dataset)
-            for item in message:  # an image_path set names its files: upstream asserts on a missing one, ending the set
-                problem = image_file_problem(str(item["value"])) if item["type"] == "image" else None
-                if problem is not None:
-                    raise RowError(problem)
+            message = self._checked_message(line, dataset)
         except Exception as error:
             message = [dict(type="text", value=FAILED_ROW_TEXT)]
             self._pending = (line["index"], message, row_error_text(error))
@@ -321,8 +327,7 @@ class HybridLLaVA(BaseModel):
                 continue
             line = share.iloc[position]
             try:
-                check_text_fields(line, self._dataset_type(dataset))
-                candidate = self.preproc_content(self._message_for(line, dataset))
+                candidate = self.preproc_content(self._checked_message(line, dataset))
             except Exception:
                 continue  # a bad row fails on its own turn, with its reason
             if sum(item["type"] == "image" for item in candidate) != images_wanted:
