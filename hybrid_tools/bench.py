@@ -185,7 +185,8 @@ def build_configs(args) -> list[BenchConfig]:
             for reads in method_read_settings(method, args):
                 settings.append((method, dict(method_settings(method, budget, mode), **reads, mask_read=mask_read)))
     for dymu in args.dymu:
-        settings += [("dymu", dict(dymu=dymu))] + [("hybrid", dict(f, dymu=dymu)) for f in fastv]
+        settings += [("dymu", dict(dymu=dymu, position_mode=mode)) for mode in args.position_mode]
+        settings += [("hybrid", dict(f, dymu=dymu)) for f in fastv]
     configs = [BenchConfig("stock", "stock")]
     seen = {c.name for c in configs}
     for method, kwargs in settings:
@@ -607,7 +608,8 @@ def parse_args(argv=None):
                         help="layers K to sweep for the --fastv-k rows and the --methods fastv, random and dart rows (default 2)")
     parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=None,
                         help="FastV scorers to compare, for the --fastv-k rows and --methods fastv (default row)")
-    parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=["logical"])
+    parser.add_argument("--position-mode", nargs="+", choices=("logical", "renumbered"), default=None,
+                        help="position rules for the --fastv-k, --methods, DyMU and hybrid rows (default logical)")
     parser.add_argument("--mask-read", nargs="+", choices=MASK_READS, default=["never"],
                         help="HybridConfig.mask_read for the vanilla, FastV and --methods rows, each one given (default never; "
                         "once reads a batch's attention_mask on the host so an unpadded batch runs SDPA without it). DyMU and "
@@ -650,6 +652,7 @@ def parse_args(argv=None):
     if unread:
         parser.error(unread)
     args.fastv_layer, args.scoring, args.budgets = args.fastv_layer or [2], args.scoring or ["row"], args.budgets or [64]
+    args.position_mode = args.position_mode or ["logical"]
     args.dymu_images = 32 if args.dymu_images is None else args.dymu_images
     problem = bad_value(args)
     if problem:
@@ -666,6 +669,8 @@ def unread_settings(args) -> str | None:
         return "--scoring applies to the --fastv-k rows and to --methods fastv; none is asked for"
     if args.budgets is not None and not args.methods:
         return "--budgets applies to the --methods rows; give --methods (FastV budgets are --fastv-k)"
+    if args.position_mode is not None and not (args.fastv_k or args.methods or args.dymu or args.dymu_target):
+        return "--position-mode applies to the --fastv-k, --methods, DyMU and hybrid rows; none is asked for"
     if args.dymu_images is not None and not args.dymu_target:
         return "--dymu-images is the number of calibration images for --dymu-target, which is not given"
     return None
@@ -689,22 +694,46 @@ def bad_value(args) -> str | None:
         return f"--threads {args.threads}: use 1 or more"
     if args.out and (problem := out_dir_problem(Path(args.out))):
         return f"--out {args.out}: {problem}"
-    missing = [path for path in args.dymu if not Path(path).is_file()]
+    return dymu_file_problem(args.dymu, args.dymu_target) or model_dir_problem(args.model)
+
+
+def dymu_file_problem(paths: list[str], targets: list[str]) -> str | None:
+    """--dymu files that are missing or malformed, or that would share a row name (the file's stem)
+    with different thresholds: the later one's rows were dropped as repeats."""
+    missing = [path for path in paths if not Path(path).is_file()]
     if missing:
         return f"--dymu: no threshold file at {', '.join(missing)}"
-    for path in args.dymu:
+    for path in paths:
         try:
             read_threshold_payload(path)
         except ValueError as error:
             return f"--dymu {path}: {error}"
-    local = Path(args.model).expanduser() if args.model else None
-    if local is not None and not looks_like_hub_id(args.model):
-        if not (local / "config.json").is_file():
-            return f"--model {args.model}: not a checkpoint directory (no config.json there)"
+    by_name: dict[str, str] = {}
+    for path in paths:
+        name = HybridConfig(dymu=path).describe()
+        first = by_name.setdefault(name, path)
+        if Path(first).read_bytes() != Path(path).read_bytes():
+            return f"--dymu {first} {path}: different thresholds under one row name ({name}); rename one"
+    clashes = [target for target in targets if HybridConfig(dymu=f"{target}.json").describe() in by_name]
+    if clashes:
+        return f"--dymu-target {clashes[0]}: its calibrated {clashes[0]}.json would share a row name with a --dymu file; rename that file"
+    return None
+
+
+def model_dir_problem(model: str | None) -> str | None:
+    """A --model directory that holds no checkpoint this bench runs."""
+    local = Path(model).expanduser() if model else None
+    if local is None or looks_like_hub_id(model):
+        return None
+    if not (local / "config.json").is_file():
+        return f"--model {model}: not a checkpoint directory (no config.json there)"
+    try:
         model_type = json.loads((local / "config.json").read_text()).get("model_type")
-        if model_type not in BENCH_MODEL_TYPES:
-            return (f"--model {args.model}: a llava-hf LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL checkpoint is needed (model_type "
-                    f"{', '.join(BENCH_MODEL_TYPES)}), this one is {model_type!r}")
+    except (ValueError, AttributeError) as error:
+        return f"--model {model}: its config.json is not a JSON object ({type(error).__name__}: {error})"
+    if model_type not in BENCH_MODEL_TYPES:
+        return (f"--model {model}: a llava-hf LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL checkpoint is needed (model_type "
+                f"{', '.join(BENCH_MODEL_TYPES)}), this one is {model_type!r}")
     return None
 
 

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default="./outputs", help="VLMEvalKit --work-dir (default ./outputs; $MMEVAL_ROOT, when set, "
                         "overrides it, as VLMEvalKit does)")
     parser.add_argument("--report", default=None, metavar="NAME", help="then write reports/NAME/report.md from this sweep's folders")
-    parser.add_argument("--report-out", default="reports", metavar="DIR", help="parent folder for --report (default reports)")
+    parser.add_argument("--report-out", default=None, metavar="DIR", help="parent folder for --report (default reports)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
     return parser
 
@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = argument_problem(args, passthrough)
     if problem:
         return fail(problem)
+    args.report_out = args.report_out or "reports"
     if args.ablation == "scoring":
         print(f"hybrid_tools.sweep: {SCORING_HINT}", file=sys.stderr)
         return 2
@@ -382,6 +383,10 @@ def argument_problem(args, passthrough: list[str]) -> str | None:
     # record sweep_NAME.json then lies where no reader looks for it
     if args.report is not None and not re.fullmatch(REPORT_NAME, args.report):
         return f"--report {args.report!r}: use letters, digits, '.', '_' and '-' (it names reports/NAME/ and sweep_NAME.json)"
+    if args.report_out is not None and args.report is None:
+        return f"--report-out {args.report_out} is the parent folder of --report NAME, which is not given"
+    if args.calibrate_images is not None and not args.dymu:
+        return f"--calibrate-images {args.calibrate_images} calibrates the --dymu targets, and no --dymu is given"
     if any(item == "--work-dir" or item.startswith("--work-dir=") for item in passthrough):
         # every run would get two --work-dir flags, and the table would read the sweep's own one
         return "--work-dir after '--': pass the sweep's own --work-dir DIR (before '--'); the sweep gives it to every run"

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -537,6 +538,7 @@ def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
     (["--out", "tests/conftest.py"], "--out tests/conftest.py: tests/conftest.py is a file: name a folder"),
     (["--out", "tests/conftest.py/sub"], "tests/conftest.py is a file: name a folder"),
     (["--fastv-k", "64.0"], "--fastv-k 64.0:"),
+    (["--fastv-k", "--position-mode", "renumbered"], "--position-mode applies to the --fastv-k, --methods, DyMU and hybrid rows"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypatch, capsys):
     """Each was a traceback after the model loaded, a silent "skipped" row, or ignored without a word."""
@@ -548,6 +550,38 @@ def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypat
         bench.main(["--preset", "tiny", "--no-progress", *argv])
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
 
+
+
+def test_threshold_files_sharing_a_row_name_and_a_malformed_config_are_refused(tmp_path, monkeypatch, capsys):
+    """Two different threshold files named alike gave one DyMU row (the second's rows were dropped as
+    repeats of the first's name); a config.json that is not JSON was a traceback."""
+    from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+    monkeypatch.setattr(bench, "build_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    payload = json.loads(Path(ensure_tiny_thresholds()).read_text())
+    for folder, scale in (("a", 1.0), ("b", 0.5), ("c", 1.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mid.json").write_text(json.dumps(dict(payload, thresholds=[t * scale for t in payload["thresholds"]])))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    cases = [(["--dymu", str(tmp_path / "a" / "mid.json"), str(tmp_path / "b" / "mid.json")], "different thresholds under one row name (dymu-mid)"),
+             (["--dymu", str(tmp_path / "a" / "mid.json"), "--dymu-target", "mid"], "--dymu-target mid: its calibrated mid.json would share"),
+             (["--model", str(tmp_path / "broken")], "its config.json is not a JSON object")]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--no-progress", *argv])
+        assert exit_.value.code == 2 and needle in capsys.readouterr().err, argv
+    same = bench.parse_args(["--fastv-k", "--dymu", str(tmp_path / "a" / "mid.json"), str(tmp_path / "c" / "mid.json")])[0]
+    assert [config.name for config in bench.build_configs(same)] == ["stock", "vanilla", "dymu-mid"]  # one file's content, one row
+
+
+def test_dymu_rows_take_every_position_mode():
+    """The plugin's DyMU names read HYBRID_POSITIONS; the bench's DyMU row ran logical whatever was asked."""
+    from hybrid_vlm.tiny import ensure_tiny_thresholds
+
+    args, _ = bench.parse_args(["--fastv-k", "--dymu", str(ensure_tiny_thresholds()), "--position-mode", "logical", "renumbered"])
+    dymu_rows = [config.hybrid for config in bench.build_configs(args) if config.method == "dymu"]
+    assert sorted(row.position_mode for row in dymu_rows) == ["logical", "renumbered"]
 
 def test_method_rows_take_every_position_mode_and_the_layer_and_scorer_they_read():
     """--position-mode, --fastv-layer and --scoring reached only the --fastv-k rows: a --methods row

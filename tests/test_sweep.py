@@ -255,6 +255,11 @@ def test_report_name_and_work_dir_are_checked_before_any_run(capsys, clean_env, 
     for passthrough in (["--work-dir", "elsewhere"], ["--work-dir=elsewhere"]):
         assert sweep.main(["--data", "X", "--fastv-k", "64", "--dry-run", "--", *passthrough, "--batch-size", "8"]) == 2
         assert "pass the sweep's own --work-dir" in capsys.readouterr().err
+    # flags that only act with another were accepted and ignored without a word (exit 0)
+    for flags, needle in ((["--report-out", "elsewhere"], "--report-out elsewhere is the parent folder of --report NAME"),
+                          (["--calibrate-images", "nowhere"], "--calibrate-images nowhere calibrates the --dymu targets")):
+        assert sweep.main(["--data", "X", "--fastv-k", "64", "--dry-run", *flags]) == 2
+        assert needle in capsys.readouterr().err
 
 
 def test_a_run_refused_before_it_ran_leaves_its_folders_old_outputs_out_and_the_report_is_skipped(capsys, clean_env, tmp_path, monkeypatch):
