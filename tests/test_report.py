@@ -602,7 +602,8 @@ def test_a_device_runs_step_statuses_and_failed_tests_are_in_its_report(tmp_path
     from hybrid_tools.report.cli import main as report_main
 
     (tmp_path / "checks.log").write_text("== pytest (limit 70s): python3 -m pytest ...\n== pytest: rc=1 after 41s\n"
-                                         "== parity: rc=0 after 12s\n== bench-bs16: rc=124 after 150s\n")
+                                         "== parity: rc=0 after 12s\n== bench-bs16: rc=124 after 150s\n"
+                                         "== bench-kernels (limit 90s): python3 -m hybrid_tools.bench ...\n")  # the run stopped during it
     (tmp_path / "pytest.xml").write_text(
         '<testsuites><testsuite name="pytest" tests="3">'
         '<testcase classname="tests.test_engine" name="test_a"/>'
@@ -614,6 +615,7 @@ def test_a_device_runs_step_statuses_and_failed_tests_are_in_its_report(tmp_path
                         "--name", "device", "--out", str(tmp_path / "reports")]) == 0
     markdown = (tmp_path / "reports" / "device" / "report.md").read_text()
     assert "| pytest | 1 | failed | 41 |" in markdown and "| bench-bs16 | 124 | stopped at its time limit | 150 |" in markdown
+    assert "| bench-kernels | – | not finished: the run was stopped during it | – |" in markdown
     assert "3 tests ran, 1 failed, 0 errors, 1 skipped:" in markdown
     assert "- tests.test_dymu::test_b: assert 1 == 2" in markdown
     assert "--steps" in markdown and "--pytest" in markdown  # in the command that regenerates it

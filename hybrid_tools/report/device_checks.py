@@ -12,6 +12,8 @@ from pathlib import Path
 from .markdown import md_table
 
 STEP_LINE = re.compile(r"^== (?P<name>\S+): rc=(?P<rc>\d+) after (?P<seconds>\d+)s$")
+START_LINE = re.compile(r"^== (?P<name>\S+) \(limit (?P<limit>\d+)s\): ")
+NOT_FINISHED = "not finished: the run was stopped during it"
 EXIT_MEANINGS = {0: "done", 124: "stopped at its time limit", 130: "interrupted at its time limit", 137: "killed after its time limit"}
 
 
@@ -24,10 +26,16 @@ class TestResults:
     failed: list = field(default_factory=list)  # "file::test: first line of the message"
 
 
-def read_steps(path: Path) -> list[tuple[str, int, int]]:
-    """(step, exit status, seconds) for every step the log ended."""
-    found = [STEP_LINE.match(line.strip()) for line in path.read_text(errors="replace").splitlines()]
-    return [(m["name"], int(m["rc"]), int(m["seconds"])) for m in found if m]
+def read_steps(path: Path) -> list[tuple[str, int | None, int | None]]:
+    """(step, exit status, seconds) for every step the log started, in order; (step, None, None) for
+    one it started and never ended (the whole run was stopped during it)."""
+    steps: dict[str, tuple[int | None, int | None]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if ended := STEP_LINE.match(line.strip()):
+            steps[ended["name"]] = (int(ended["rc"]), int(ended["seconds"]))
+        elif started := START_LINE.match(line.strip()):
+            steps.setdefault(started["name"], (None, None))
+    return [(name, rc, seconds) for name, (rc, seconds) in steps.items()]
 
 
 def read_pytest(path: Path) -> TestResults:
@@ -53,7 +61,8 @@ def read_pytest(path: Path) -> TestResults:
 def device_check_lines(steps: list | None, tests: TestResults | None, sources: dict[str, str]) -> list[str]:
     lines = ["## The device run's steps and tests", ""]
     if steps is not None:
-        rows = [[name, str(rc), EXIT_MEANINGS.get(rc, "failed"), str(seconds)] for name, rc, seconds in steps]
+        rows = [[name, "–", NOT_FINISHED, "–"] if rc is None else [name, str(rc), EXIT_MEANINGS.get(rc, "failed"), str(seconds)]
+                for name, rc, seconds in steps]
         lines += [f"From `{sources['steps']}`:", "", md_table(["step", "exit status", "meaning", "seconds"], rows, align="lrlr"), ""]
     if tests is not None:
         lines += [f"From `{sources['tests']}`: {tests.tests} tests ran, {tests.failures} failed, {tests.errors} errors, "
