@@ -24,7 +24,8 @@ For every configuration it measures, on one synthetic image plus a prompt padded
 - peak memory, in a separate untimed pass: on CUDA torch.cuda.max_memory_allocated() minus the
   allocation before the pass (activations + KV cache; the weights are excluded; peak_mem_abs_mb
   has the absolute peak); on CPU the peak resident set size (sampled from /proc/self/statm every
-  ~1 ms by a thread, after malloc_trim) minus the RSS before the pass: an approximation.
+  ~1 ms by a thread, after malloc_trim) minus the RSS before the pass: an approximation. Every
+  *_mb column (memory and KV cache) is in MiB (2**20 bytes), as the tables label it.
 - tokens entering the LLM and kept after FastV (from the cache's hybrid_state), and the
   theoretical MACs of each stage from hybrid_vlm.flops for those very counts (per batch).
 - ratios vs the baseline ("stock": unpatched transformers with attn_implementation="sdpa", timed in
@@ -523,7 +524,7 @@ def summarize(configs, baseline_name: str) -> list[dict]:
 
 TABLE_HEADER = (
     "config", "vis in→kept", "vision ms", "LLM ms", "prefill ms", "ratio", "theory", "ratio−th", "LLM ratio", "LLM th",
-    "decode ms/tok", "peak MB",
+    "decode ms/tok", "peak MiB",
 )
 
 

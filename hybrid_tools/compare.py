@@ -336,7 +336,7 @@ def failed_rows_lines(runs: pd.DataFrame) -> list[str]:
 
 
 SPEED_HEADER = ("| config | visual in → kept | prefill ms (median) | prefill ratio vs {baseline} | theory ratio | decode ms/token (median) "
-                "| KV cache MB (theory) |\n|---|---|---|---|---|---|---|")
+                "| KV cache MiB (theory) |\n|---|---|---|---|---|---|---|")
 
 
 def speed_table(bench: dict) -> str:

@@ -59,7 +59,7 @@ def prefill_theory_text(row: dict) -> str:
 BENCH_HEADER = [
     "config", "method", "visual in→kept (mean)", "vision ms (median)", "LLM prefill ms (median)", "prefill ms (median)", "prefill GMACs",
     "prefill ratio", "theory", "ratio − theory", "LLM prefill ratio", "theory", "decode ms/token (median)",
-    "decode ratio", "theory", "peak MB",
+    "decode ratio", "theory", "peak MiB",
 ]
 
 
@@ -108,13 +108,13 @@ def bench_setup(meta: dict) -> str:
 
 
 RESOURCES_HEADER = [
-    "config", "peak MB", "KV MB after prompt", "theory", "decode ms/token (median)", "host ms: prefill / decode step (median)",
+    "config", "peak MiB", "KV MiB after prompt", "theory", "decode ms/token (median)", "host ms: prefill / decode step (median)",
     "generate tokens/s (median)", "host syncs", "SDPA in the prefill", "SDPA per decode step",
 ]
 
 
 RESOURCES_NOTE = (
-    "\"KV MB after prompt\" is read off the cache: it includes the slots a batch pads (unequal prompt lengths; "
+    "\"KV MiB after prompt\" is read off the cache: it includes the slots a batch pads (unequal prompt lengths; "
     "with DyMU, the images' unequal merged counts), while its theory counts each sample's own tokens, so the two "
     "agree only where nothing is padded. \"host ms\" (CUDA only) is the host's median time until the prefill and a "
     "decode step returned, their kernels queued: well below the GPU's time, the GPU sets the pace; close to it, the "
