@@ -504,16 +504,21 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def timed(row: dict) -> bool:
+    """Its timed rounds stand: an ok row, or one failed only in the untimed memory or sync pass."""
+    return row["status"] == "ok" or (row["status"] == "failed" and PASS_FAILED in str(row.get("note") or "") and bool(row.get("runs")))
+
+
 def summarize(configs, baseline_name: str) -> list[dict]:
     rows = [config.row for config in configs]
-    base = next((r for r in rows if r["config"] == baseline_name and r["status"] == "ok"), None)
+    base = next((r for r in rows if r["config"] == baseline_name and timed(r)), None)
     for row in rows:
         for measured, theoretical, key in (
             ("prefill_ms", "prefill_gmacs", "prefill"),
             ("llm_prefill_ms", "llm_prefill_gmacs", "llm_prefill"),
             ("decode_ms_per_token", "decode_gmacs_per_token", "decode"),
         ):
-            ok = base is not None and row["status"] == "ok"
+            ok = base is not None and timed(row)
             r = row.get(measured, math.nan) / base[measured] if ok and base.get(measured) else math.nan
             t = row.get(theoretical, math.nan) / base[theoretical] if ok and base.get(theoretical) else math.nan
             row[f"{key}_ratio"], row[f"{key}_theory_ratio"] = r, t
@@ -857,7 +862,7 @@ def run(argv=None) -> tuple[list[dict], str | None]:
     )
     print_table(rows)
     base = next(row for row in rows if row["config"] == args.baseline)
-    if base["status"] != "ok":
+    if not timed(base):
         print(f"# no ratios: the baseline row {args.baseline} is {base['status']}", file=sys.stderr)
     if args.out:
         write_outputs(Path(args.out), rows, meta)
@@ -983,11 +988,14 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         except BenchStopped:
             bench.stopped = f"in the memory, sync and kernel passes of `{config.name}`"
         except Exception as error:  # noqa: BLE001 - its timings stand; the row is failed and says where
-            row.update(status="failed", note=with_note(row["note"], f"memory or sync pass: {type(error).__name__}: {error}"))
+            row.update(status="failed", note=with_note(row["note"], f"{PASS_FAILED}: {type(error).__name__}: {error}"))
     if bench.stopped is not None:
         for key in ("mem_kind", "sync_debug"):
             row.setdefault(key, "not run: stopped by SIGTERM or Ctrl-C")
     return row
+
+
+PASS_FAILED = "memory or sync pass"  # a failed row's note when only its untimed passes failed (`timed`)
 
 
 def with_note(note: str | None, more: str) -> str:
