@@ -647,7 +647,7 @@ def parse_args(argv=None):
         help=f"profile each config's prefill + {KERNEL_TRACE_DECODE_STEPS} decode steps (torch.profiler) and record which SDPA "
         "backend (flash, efficient, cudnn, math) each layer ran, with or without a mask (hybrid_tools.sdpa_kernels)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="seed of a --preset's random weights (default 0)")
     parser.add_argument("--image-seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for bench.csv and bench.json")
     parser.add_argument("--no-progress", action="store_true")
@@ -659,6 +659,7 @@ def parse_args(argv=None):
         parser.error(unread)
     args.fastv_layer, args.scoring, args.budgets = args.fastv_layer or [2], args.scoring or ["row"], args.budgets or [64]
     args.position_mode = args.position_mode or ["logical"]
+    args.seed = 0 if args.seed is None else args.seed
     args.dymu_images = 32 if args.dymu_images is None else args.dymu_images
     problem = bad_value(args)
     if problem:
@@ -677,6 +678,8 @@ def unread_settings(args) -> str | None:
         return "--budgets applies to the --methods rows; give --methods (FastV budgets are --fastv-k)"
     if args.position_mode is not None and not (args.fastv_k or args.methods or args.dymu or args.dymu_target):
         return "--position-mode applies to the --fastv-k, --methods, DyMU and hybrid rows; none is asked for"
+    if args.seed is not None and args.model:
+        return "--seed seeds a --preset's random weights; a --model checkpoint has its own (--image-seed picks the image)"
     if args.dymu_images is not None and not args.dymu_target:
         return "--dymu-images is the number of calibration images for --dymu-target, which is not given"
     return None

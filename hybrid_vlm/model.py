@@ -149,7 +149,9 @@ class HybridLlavaOutput(LlavaCausalLMOutputWithPast):
         merged DyMU token is its representative patch's placeholder). Rows of a sample with fewer
         merged tokens than the batch's largest count end in slots that are padding; the filler slots
         of a LLaVA-NeXT batch with unequal visual counts show as -1 (`placement.FILLER`).
-    visual_positions: [B, V] prompt positions of the image tokens (without DyMU).
+    visual_positions: [B, V] prompt positions of the image tokens, where every image token entered
+        the LLM at its own position; None where slots no longer map one to one onto prompt positions
+        (DyMU's merged tokens, a method before the LLM, a LLaVA-NeXT batch with filler slots).
     """
 
     kept_positions: torch.Tensor | None = None

@@ -561,6 +561,7 @@ def test_a_baseline_whose_memory_pass_fails_still_divides_the_others(tmp_path, m
     (["--out", "tests/conftest.py/sub"], "tests/conftest.py is a file: name a folder"),
     (["--fastv-k", "64.0"], "--fastv-k 64.0:"),
     (["--fastv-k", "--position-mode", "renumbered"], "--position-mode applies to the --fastv-k, --methods, DyMU and hybrid rows"),
+    (["--model", "tests", "--seed", "3"], "--seed seeds a --preset's random weights"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypatch, capsys):
     """Each was a traceback after the model loaded, a silent "skipped" row, or ignored without a word."""
