@@ -216,7 +216,7 @@ def test_each_time_column_is_the_median_of_its_rounds(monkeypatch):
                      decode_ms_per_token=decode_rounds[at])
         return times, output
 
-    monkeypatch.setattr(bench, "timed_run", scripted)
+    monkeypatch.setattr(bench.session, "timed_run", scripted)
     rows = bench.main(["--preset", "tiny", "--fastv-k", "16", "--repeats", "3", "--warmup", "0", "--decode-tokens", "2", "--no-memory", "--no-progress"])
     assert [row["config"] for row in rows] == ["stock", "vanilla", "fastv-k16-l2"] and len(calls) == 3 * configs
     for row in rows:
@@ -264,7 +264,7 @@ def test_ctrl_c_in_the_timed_rounds_writes_what_was_measured_as_a_sigterm_does(t
             os.kill(os.getpid(), getattr(signal, stop))
         return timed_run(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "timed_run", run_then_signal)
+    monkeypatch.setattr(bench.session, "timed_run", run_then_signal)
     before = signal.getsignal(signal.SIGINT)
     rows, stopped = bench.run(["--preset", "tiny", "--repeats", "50", "--warmup", "1", "--decode-tokens", "1", "--no-progress",
                                "--fastv-k", "16", "--no-memory", "--out", str(tmp_path)])
@@ -314,7 +314,7 @@ def test_a_sigterm_during_the_timed_rounds_writes_what_was_measured(tmp_path, mo
             os.kill(os.getpid(), signal.SIGTERM)
         return timed_run(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "timed_run", run_then_signal)
+    monkeypatch.setattr(bench.session, "timed_run", run_then_signal)
     before = signal.getsignal(signal.SIGTERM)
     rows, stopped = bench.run(["--preset", "tiny", "--repeats", "50", "--warmup", str(warmup), "--decode-tokens", "1", "--no-progress",
                                "--fastv-k", "16", "--sync-debug", "--out", str(tmp_path)])
@@ -384,13 +384,13 @@ def test_a_configuration_that_raises_is_a_failed_row_and_the_exit_status_says_so
 
     argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-memory",
             "--no-progress", "--out", str(tmp_path)]
-    monkeypatch.setattr(bench, "prefill", prefill)
+    monkeypatch.setattr(bench.session, "prefill", prefill)
     assert bench.cli(argv) == 1
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     failed = [row for row in rows if row["status"] == "failed"]
     assert len(failed) == 1 and "CUDA out of memory (simulated)" in failed[0]["note"]
     assert all(row["status"] == "ok" and row["prefill_ms"] > 0 for row in rows if row is not failed[0])
-    monkeypatch.setattr(bench, "prefill", real_prefill)
+    monkeypatch.setattr(bench.session, "prefill", real_prefill)
     assert bench.cli(argv) == 0
 
 
@@ -472,7 +472,7 @@ def test_a_failed_dymu_count_rerun_keeps_the_row_and_names_the_error(monkeypatch
     def moved(*args, **kwargs):
         raise RuntimeError("merging loop moved")
 
-    monkeypatch.setattr(bench, "merging_vision_forward", moved)
+    monkeypatch.setattr(bench.counts, "merging_vision_forward", moved)
     rows = bench.main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress",
                        "--fastv-k", "--dymu", str(ensure_tiny_thresholds())])
     dymu = [row for row in rows if row["method"] == "dymu"]
@@ -492,7 +492,7 @@ def test_an_error_in_a_timed_round_fails_its_row_and_the_others_are_written(tmp_
             raise RuntimeError("engine error in a decode step (simulated)")
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "decode", decode)
+    monkeypatch.setattr(bench.timing, "decode", decode)
     argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "2", "--warmup", "0", "--decode-tokens", "1", "--no-memory",
             "--no-progress", "--out", str(tmp_path)]
     assert bench.cli(argv) == 1
@@ -511,7 +511,7 @@ def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
             raise RuntimeError("allocator error (simulated)")
         return real_memory(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "measure_memory", measure_memory)
+    monkeypatch.setattr(bench.session, "measure_memory", measure_memory)
     argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-progress", "--out", str(tmp_path)]
     assert bench.cli(argv) == 1
     by_name = {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -533,7 +533,7 @@ def test_a_baseline_whose_memory_pass_fails_still_divides_the_others(tmp_path, m
             raise RuntimeError("out of memory (simulated)")
         return real_memory(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "measure_memory", measure_memory)
+    monkeypatch.setattr(bench.session, "measure_memory", measure_memory)
     argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-progress", "--out", str(tmp_path)]
     assert bench.cli(argv) == 1
     by_name = {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -568,7 +568,7 @@ def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypat
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(bench, "build_model", no_load)
+    monkeypatch.setattr(bench.session, "build_model", no_load)
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--preset", "tiny", "--no-progress", *argv])
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
@@ -580,7 +580,7 @@ def test_threshold_files_sharing_a_row_name_and_a_malformed_config_are_refused(t
     repeats of the first's name); a config.json that is not JSON was a traceback."""
     from hybrid_vlm.tiny import ensure_tiny_thresholds
 
-    monkeypatch.setattr(bench, "build_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(bench.session, "build_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     payload = json.loads(Path(ensure_tiny_thresholds()).read_text())
     for folder, scale in (("a", 1.0), ("b", 0.5), ("c", 1.0)):
         (tmp_path / folder).mkdir()

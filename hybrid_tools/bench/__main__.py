@@ -1,0 +1,3 @@
+from .session import cli
+
+raise SystemExit(cli())
