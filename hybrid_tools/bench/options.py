@@ -103,9 +103,36 @@ KERNEL_TRACE_DECODE_STEPS = 2
 
 
 def parse_args(argv=None):
+    """(the checked arguments, with each default filled in; the parser, for later usage errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.decode_tokens < 0 or args.text_tokens < 0:
+        parser.error("--repeats and --batch-size must be >= 1, --warmup, --decode-tokens and --text-tokens >= 0")
+    unread = unread_settings(args)
+    if unread:
+        parser.error(unread)
+    args.fastv_layer, args.scoring, args.budgets = args.fastv_layer or [2], args.scoring or ["row"], args.budgets or [64]
+    args.position_mode = args.position_mode or ["logical"]
+    args.seed = 0 if args.seed is None else args.seed
+    args.dymu_images = 32 if args.dymu_images is None else args.dymu_images
+    problem = bad_value(args)
+    if problem:
+        parser.error(problem)
+    return args, parser
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hybrid_tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_model_options(parser)
+    add_row_options(parser)
+    add_measurement_options(parser)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """What runs where: a preset or a checkpoint, the device, dtype and threads."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=PRESETS, default="tiny", help="random-weight model shape (default tiny)")
     source.add_argument("--model", default=None, help="a llava-hf checkpoint directory instead of a preset")
@@ -113,6 +140,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="auto: on CUDA float16, bfloat16 for Qwen2.5-VL; float32 on CPU (hybrid_vlm.runtime)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+
+
+def add_row_options(parser: argparse.ArgumentParser) -> None:
+    """Which configurations become rows (FastV, methods, DyMU, their position rules and mask reads)."""
     parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction; none given = no FastV rows")
     parser.add_argument("--fastv-layer", nargs="+", type=int, default=None,
                         help="layers K to sweep for the --fastv-k rows and the --methods fastv, random and dart rows (default 2)")
@@ -133,6 +164,10 @@ def parse_args(argv=None):
     parser.add_argument("--dymu-images", type=int, default=None, help="synthetic images for --dymu-target (default 32)")
     parser.add_argument("--methods", nargs="*", default=[], choices=BENCH_METHODS, help="registered methods to time at each --budgets (their own budget rules)")
     parser.add_argument("--budgets", nargs="+", type=int, default=None, help="visual tokens per image for --methods (default 64)")
+
+
+def add_measurement_options(parser: argparse.ArgumentParser) -> None:
+    """How each row is measured: the baseline, the prompt and batch, rounds, passes and outputs."""
     parser.add_argument("--stock", action="store_true", help="accepted for old command lines: the unpatched forward is always timed")
     parser.add_argument("--baseline", default="stock", help="row the ratios divide by (default stock = unpatched transformers; vanilla = the engine, nothing cut)")
     parser.add_argument("--text-tokens", type=int, default=60, help="non-image prompt tokens (default 60: LLaVA's 5 + 55)")
@@ -155,20 +190,6 @@ def parse_args(argv=None):
     parser.add_argument("--image-seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for bench.csv and bench.json")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.decode_tokens < 0 or args.text_tokens < 0:
-        parser.error("--repeats and --batch-size must be >= 1, --warmup, --decode-tokens and --text-tokens >= 0")
-    unread = unread_settings(args)
-    if unread:
-        parser.error(unread)
-    args.fastv_layer, args.scoring, args.budgets = args.fastv_layer or [2], args.scoring or ["row"], args.budgets or [64]
-    args.position_mode = args.position_mode or ["logical"]
-    args.seed = 0 if args.seed is None else args.seed
-    args.dymu_images = 32 if args.dymu_images is None else args.dymu_images
-    problem = bad_value(args)
-    if problem:
-        parser.error(problem)
-    return args, parser
 
 
 def unread_settings(args) -> str | None:

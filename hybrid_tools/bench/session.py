@@ -137,31 +137,14 @@ def run(argv=None) -> tuple[list[dict], str | None]:
             parser.error(f"--dymu {path}: {problem}")
     host_inputs, text_tokens = build_inputs(processor, args.text_tokens, args.batch_size, args.image_seed)
     if args.dymu_target:
-        if not args.out:  # removed when the bench ends (the rows name files nobody keeps without --out)
-            args.scratch = tempfile.TemporaryDirectory(prefix="bench-dymu-")
-        threshold_dir = Path(args.out) if args.out else Path(args.scratch.name)
-        try:
-            args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
-        except ValueError as error:  # a token count this tower cannot reach, known once it is loaded
-            parser.error(str(error).replace("--target ", "--dymu-target ", 1))
-        configs = build_configs(args)
-        check_baseline(args.baseline, configs, parser)
+        configs = with_calibrated_rows(args, parser, model, processor, device, dtype)
     clock = Clock(device)
     bench = BenchRun(args, model, host_inputs, text_tokens, device, dtype, clock, LlmStartMark(model, clock))
     measure(bench, configs)
     bench.mark.remove()
-    rows = summarize(configs, args.baseline)
-    for row in rows:
-        row["ratios_divide_by"] = args.baseline  # the CSV stands alone: what its ratios divide by
-        for column in CSV_COLUMNS:
-            row.setdefault(column, math.nan if column.endswith(("_ms", "_mb", "_ratio", "_theory", "_gmacs")) else None)
+    rows = complete_rows(summarize(configs, args.baseline), args.baseline)
     meta = bench_meta(bench)
-    print(
-        f"# {meta['device']} {meta.get('gpu') or meta['cpu']} | torch {meta['torch']} transformers {meta['transformers']} "
-        f"| threads {meta['torch_threads']} | {meta['preset'] or meta['model']} {meta['dtype']} batch {args.batch_size} "
-        f"| text {text_tokens} tokens | times: median of {args.repeats} after {args.warmup} warm-up | ratios: ÷ {args.baseline}"
-        + (f" | stopped by SIGTERM or Ctrl-C {bench.stopped}: each row's `repeats` says how many rounds it has" if bench.stopped else "")
-    )
+    print(header_line(meta, args, text_tokens, bench.stopped))
     print_table(rows)
     base = next(row for row in rows if row["config"] == args.baseline)
     if not timed(base):
@@ -170,6 +153,40 @@ def run(argv=None) -> tuple[list[dict], str | None]:
         write_outputs(Path(args.out), rows, meta)
         print(f"# wrote {Path(args.out) / 'bench.csv'} and bench.json")
     return rows, bench.stopped
+
+
+def with_calibrated_rows(args, parser, model, processor, device, dtype) -> list[BenchConfig]:
+    """The configurations again, with the rows of the --dymu-target thresholds calibrated on the
+    loaded model (into --out, else a scratch folder removed when the bench ends)."""
+    if not args.out:  # the rows name files nobody keeps without --out
+        args.scratch = tempfile.TemporaryDirectory(prefix="bench-dymu-")
+    threshold_dir = Path(args.out) if args.out else Path(args.scratch.name)
+    try:
+        args.dymu = list(args.dymu) + calibrate_for_bench(model, processor, args.dymu_target, threshold_dir, device, dtype, args.dymu_images)
+    except ValueError as error:  # a token count this tower cannot reach, known once it is loaded
+        parser.error(str(error).replace("--target ", "--dymu-target ", 1))
+    configs = build_configs(args)
+    check_baseline(args.baseline, configs, parser)
+    return configs
+
+
+def complete_rows(rows: list[dict], baseline: str) -> list[dict]:
+    """Every row with every CSV column (NaN or None where not measured) and what its ratios divide by."""
+    for row in rows:
+        row["ratios_divide_by"] = baseline  # the CSV stands alone: what its ratios divide by
+        for column in CSV_COLUMNS:
+            row.setdefault(column, math.nan if column.endswith(("_ms", "_mb", "_ratio", "_theory", "_gmacs")) else None)
+    return rows
+
+
+def header_line(meta: dict, args, text_tokens: int, stopped: str | None) -> str:
+    """The terminal table's first line: machine, versions, shape, statistic, baseline, and a stop."""
+    return (
+        f"# {meta['device']} {meta.get('gpu') or meta['cpu']} | torch {meta['torch']} transformers {meta['transformers']} "
+        f"| threads {meta['torch_threads']} | {meta['preset'] or meta['model']} {meta['dtype']} batch {args.batch_size} "
+        f"| text {text_tokens} tokens | times: median of {args.repeats} after {args.warmup} warm-up | ratios: ÷ {args.baseline}"
+        + (f" | stopped by SIGTERM or Ctrl-C {stopped}: each row's `repeats` says how many rounds it has" if stopped else "")
+    )
 
 
 def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
@@ -220,46 +237,20 @@ def time_configs(bench: BenchRun, configs: list[BenchConfig]) -> None:
 
 def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
     """One configuration's row: setting, median times, token counts, theory, memory and syncs."""
-    args, hybrid = bench.args, config.hybrid
-    prunes = getattr(hybrid, "prunes", False)
-    at_a_layer = prunes and hybrid.llm_method in methods_at_a_layer()  # pdrop's and sparsevlm's stages have their own layers
-    row = dict(
-        config=config.name, status=config.status, method=config.method, note=config.note,
-        fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if at_a_layer else None,
-        scoring=hybrid.scoring if at_a_layer and hybrid.staged_method is None and hybrid.fastv_select == "attention" else None,
-        position_mode=getattr(hybrid, "position_mode", None),
-        dymu=portable(getattr(hybrid, "dymu", None)), mask_read=getattr(hybrid, "mask_read", None),
-        batch_size=args.batch_size, text_tokens=bench.text_tokens,
-        repeats=len(config.runs),
-    )
+    row = setting_columns(bench, config)
     if config.status != "ok":
         return row
     if not config.runs:
         row.update(status="stopped", note=f"not timed: the bench was stopped by SIGTERM or Ctrl-C {bench.stopped}")
         return row
     activate(bench.model, config)
-    for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token"):
-        row[key] = _median([run[key] for run in config.runs if key in run])
-    for key in ("prefill_host_ms", "decode_host_ms_per_token"):
-        if any(key in run for run in config.runs):
-            row[key] = _median([run[key] for run in config.runs if key in run])
-    prefill_times = [run["prefill_ms"] for run in config.runs]
-    row.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=config.runs)
-    row["generate_tokens_per_s"] = generate_tokens_per_s(config.runs, args.batch_size, args.decode_tokens)
+    row.update(timing_columns(config.runs, bench.args))
     row["kv_cache_mb_prompt"] = config.kv_bytes_prompt / 2**20
     row.update(count_columns(config.counts))
     row.update(theory_columns(bench, config, row))
-    if hybrid is not None and hybrid.dymu:
-        row["note"] = (
-            IDEAL_THEORY_NOTE
-            if config.counts["vit_counts"] is not None
-            else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})"
-        )
-    if hybrid is not None and hybrid.dymu and isinstance(hybrid.fastv_k, int) and hybrid.fastv_k >= max(config.counts["visual"]):
-        row["note"] = with_note(row["note"], f"K={hybrid.fastv_k} (--fastv-k) keeps every token DyMU left "
-                                f"(at most {max(config.counts['visual'])}): nothing is pruned after DyMU here")
-    if len(config.runs) < args.repeats:
-        row["note"] = with_note(row["note"], f"{len(config.runs)} of {args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C")
+    row["note"] = dymu_note(config, row["note"])
+    if len(config.runs) < bench.args.repeats:
+        row["note"] = with_note(row["note"], f"{len(config.runs)} of {bench.args.repeats} timed rounds: stopped by SIGTERM or Ctrl-C")
     if bench.stopped is None:
         try:
             row.update(row_passes(bench))
@@ -271,6 +262,46 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         for key in ("mem_kind", "sync_debug"):
             row.setdefault(key, "not run: stopped by SIGTERM or Ctrl-C")
     return row
+
+
+def setting_columns(bench: BenchRun, config: BenchConfig) -> dict:
+    """The row's identity: its configuration's settings, batch and prompt, and its status so far."""
+    hybrid = config.hybrid
+    at_a_layer = getattr(hybrid, "prunes", False) and hybrid.llm_method in methods_at_a_layer()  # pdrop's and sparsevlm's stages have their own layers
+    return dict(
+        config=config.name, status=config.status, method=config.method, note=config.note,
+        fastv_k=getattr(hybrid, "fastv_k", None), fastv_layer=hybrid.fastv_layer if at_a_layer else None,
+        scoring=hybrid.scoring if at_a_layer and hybrid.staged_method is None and hybrid.fastv_select == "attention" else None,
+        position_mode=getattr(hybrid, "position_mode", None),
+        dymu=portable(getattr(hybrid, "dymu", None)), mask_read=getattr(hybrid, "mask_read", None),
+        batch_size=bench.args.batch_size, text_tokens=bench.text_tokens,
+        repeats=len(config.runs),
+    )
+
+
+def timing_columns(runs: list[dict], args) -> dict:
+    """Medians over the timed rounds (host times where recorded), the prefill's range, tokens/s."""
+    columns = {key: _median([run[key] for run in runs if key in run]) for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token")}
+    for key in ("prefill_host_ms", "decode_host_ms_per_token"):
+        if any(key in run for run in runs):
+            columns[key] = _median([run[key] for run in runs if key in run])
+    prefill_times = [run["prefill_ms"] for run in runs]
+    columns.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=runs)
+    columns["generate_tokens_per_s"] = generate_tokens_per_s(runs, args.batch_size, args.decode_tokens)
+    return columns
+
+
+def dymu_note(config: BenchConfig, note: str) -> str:
+    """A DyMU row's note: how its vision MACs were counted, and a K that prunes nothing after DyMU."""
+    hybrid = config.hybrid
+    if hybrid is None or not hybrid.dymu:
+        return note
+    note = (IDEAL_THEORY_NOTE if config.counts["vit_counts"] is not None
+            else f"vision MACs counted unmerged: the per-layer CLIP counts could not be taken ({config.counts['vit_counts_error']})")
+    most = max(config.counts["visual"])
+    if isinstance(hybrid.fastv_k, int) and hybrid.fastv_k >= most:
+        note = with_note(note, f"K={hybrid.fastv_k} (--fastv-k) keeps every token DyMU left (at most {most}): nothing is pruned after DyMU here")
+    return note
 
 
 def with_note(note: str | None, more: str) -> str:
