@@ -502,45 +502,39 @@ def test_an_error_in_a_timed_round_fails_its_row_and_the_others_are_written(tmp_
     assert by_name["vanilla"]["status"] == "ok" and by_name["vanilla"]["prefill_ratio"] > 0
 
 
-def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
+def rows_with_a_failing_memory_pass(monkeypatch, tmp_path, failing_call: int, message: str) -> dict[str, dict]:
+    """The tiny bench's rows by name, its `failing_call`-th memory pass raising `message` (1 = stock's)."""
     real_memory, calls = bench.measure_memory, []
 
     def measure_memory(*args, **kwargs):
         calls.append(None)
-        if len(calls) == 2:  # vanilla's
-            raise RuntimeError("allocator error (simulated)")
+        if len(calls) == failing_call:
+            raise RuntimeError(message)
         return real_memory(*args, **kwargs)
 
     monkeypatch.setattr(bench.session, "measure_memory", measure_memory)
     argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-progress", "--out", str(tmp_path)]
     assert bench.cli(argv) == 1
-    by_name = {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    return {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+
+
+def test_an_error_in_the_memory_pass_fails_that_row_only(tmp_path, monkeypatch):
+    by_name = rows_with_a_failing_memory_pass(monkeypatch, tmp_path, 2, "allocator error (simulated)")  # vanilla's
     assert by_name["vanilla"]["status"] == "failed" and "memory or sync pass: RuntimeError: allocator error" in by_name["vanilla"]["note"]
     assert by_name["vanilla"]["prefill_ms"] > 0  # its timings stand
     assert by_name["fastv-k64-l2"]["status"] == "ok" and by_name["fastv-k64-l2"]["peak_mem_mb"] > 0
-
 
 
 def test_a_baseline_whose_memory_pass_fails_still_divides_the_others(tmp_path, monkeypatch):
     """Out of memory in the baseline's untimed memory pass (batch 16 on a GPU, say) made it a failed
     row and every ratio NaN, though its timings stand. The row stays failed (exit 1), the ratios are
     made from its timings, as from a row whose passes ran."""
-    real_memory, calls = bench.measure_memory, []
-
-    def measure_memory(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 1:  # stock's
-            raise RuntimeError("out of memory (simulated)")
-        return real_memory(*args, **kwargs)
-
-    monkeypatch.setattr(bench.session, "measure_memory", measure_memory)
-    argv = ["--preset", "tiny", "--fastv-k", "64", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-progress", "--out", str(tmp_path)]
-    assert bench.cli(argv) == 1
-    by_name = {row["config"]: row for row in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    by_name = rows_with_a_failing_memory_pass(monkeypatch, tmp_path, 1, "out of memory (simulated)")  # stock's
     assert by_name["stock"]["status"] == "failed" and "memory or sync pass: RuntimeError: out of memory" in by_name["stock"]["note"]
     fastv = by_name["fastv-k64-l2"]
     assert fastv["prefill_ratio"] == pytest.approx(fastv["prefill_ms"] / by_name["stock"]["prefill_ms"])
     assert by_name["stock"]["prefill_ratio"] == 1.0
+
 
 @pytest.mark.parametrize("argv,needle", [
     (["--fastv-k", "64", "--baseline", "vanila"], "--baseline 'vanila' is not a row of this bench: use one of stock, vanilla, fastv-k64-l2"),
