@@ -30,6 +30,8 @@ import torch
 
 from hybrid_vlm import HybridConfig, apply_hybrid, inputs_for, remove_hybrid
 from hybrid_vlm.hf_compat import cache_kwarg, new_cache
+from hybrid_vlm.hf_compat.qwen2_5_vl import reset_stock_rope_deltas
+from hybrid_vlm.model import HybridDecoder
 from hybrid_vlm.provenance import replace_file
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 
@@ -57,6 +59,8 @@ def greedy_run(model, inputs: dict, steps: int) -> dict:
     the greedy tokens [B, steps + 1] of the prefill and `steps` decode steps over one cache, from
     the processor's batch on the CPU."""
     inputs = inputs_for(model, inputs)
+    if not isinstance(model, HybridDecoder):
+        reset_stock_rope_deltas(model, inputs)  # what bench.decode's stock positions add
     output = model(**inputs, **cache_kwarg(new_cache(model)), use_cache=True)
     logits = output.logits[:, -1].float()
     tokens = bench.decode(model, output, inputs.get("attention_mask"), steps)

@@ -123,8 +123,10 @@ def qwen_prompt_positions(model, input_ids: torch.Tensor, new_valid: torch.Tenso
     is_image = input_ids == model.config.image_token_id
     expected = host_to_device(torch.tensor(counts), is_image.device)
     require((is_image.sum(dim=1) == expected).all(), lambda: (
-        f"each prompt must hold the image placeholders of its images (t*h*w/4 per image from image_grid_thw: {counts}); "
-        f"found {is_image.sum(dim=1).tolist()}. Build prompts with the model's processor and one image entry per image."))
+        f"each prompt must hold the image placeholders of its images (t*h*w/4 per image from image_grid_thw: {counts}; "
+        f"the images are split evenly over the prompts: every prompt of a batch must hold the same number of images); "
+        f"found {is_image.sum(dim=1).tolist()}. Build prompts with the model's processor and one image entry per image, "
+        "and batch only prompts with as many images (not text-only and image prompts together)."))
     device = input_ids.device
     return mrope_positions(is_image, new_valid, host_to_device(offsets, device), host_to_device(steps, device))
 

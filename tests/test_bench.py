@@ -673,3 +673,19 @@ def test_a_hybrid_row_whose_k_keeps_every_merged_token_says_nothing_was_pruned(t
     assert hybrids[500]["visual_kept"] == hybrids[500]["visual_in"] < 500
     assert "K=500 (--fastv-k) keeps every token DyMU left" in hybrids[500]["note"]
     assert "keeps every token DyMU left" not in (hybrids[16]["note"] or "")
+
+
+def test_stock_qwen_decode_steps_after_a_text_prompt_follow_generate(tiny_qwen):
+    """A stock Qwen2.5-VL forward keeps the last image prompt's rope_deltas through a text-only one
+    (only generate resets them), and the decode steps run by hand added them: every position was
+    off by the image's delta. The bench's prefill resets them as generate does."""
+    from conftest import QUESTIONS, qwen_inputs
+
+    model, processor = tiny_qwen
+    # one unpadded prompt: a stock prefill without position ids numbers pad slots too, unlike generate
+    text = processor(text=["a question about colours here"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**text, max_new_tokens=5, min_new_tokens=5, do_sample=False)[:, -5:]
+        bench.prefill(model, qwen_inputs(processor, QUESTIONS[:1]))  # an image prompt before it sets the deltas
+        tokens = bench.decode(model, bench.prefill(model, text), text["attention_mask"], 4)
+    assert torch.equal(tokens, expected)

@@ -14,7 +14,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid, inputs_for
 from hybrid_vlm.qwen import qwen_image_slots, qwen_prompt_positions
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, QWEN_SIZES, qwen_inputs, qwen_two_image_inputs
+from conftest import QUESTIONS, QWEN_SIZES, qwen_inputs, qwen_two_image_inputs, synthetic_image
 from qwen_reference import qwen_masked_reference, stock_positions
 from reference import greedy_without_cache
 from test_engine import NEW_TOKENS
@@ -211,6 +211,19 @@ def test_pixel_rows_that_do_not_match_the_grid_are_refused_naming_both(tiny_qwen
     with torch.no_grad(), pytest.raises(ValueError, match=f"pixel_values holds {t * h * w - 4} patch rows but image_grid_thw"):
         qwen_copy(model)(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
 
+
+
+def test_a_batch_of_an_image_prompt_and_a_text_only_one_is_refused_naming_the_rule(tiny_qwen):
+    """Stock runs a two-image prompt beside a text-only one; the engine splits the images evenly over
+    the prompts. The refusal said only 'each prompt must hold the image placeholders of its images',
+    which reads as a malformed prompt."""
+    model, processor = tiny_qwen
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]
+    two_images = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [synthetic_image(i).resize(QWEN_SIZES[i]) for i in range(2)]  # two images for two prompts: one each, evenly
+    inputs = processor(images=images, text=[two_images, "a question without an image"], return_tensors="pt", padding=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="every prompt of a batch must hold the same number of images"):
+        qwen_copy(model)(**inputs)
 
 # --- theoretical MACs ------------------------------------------------------------------------------
 

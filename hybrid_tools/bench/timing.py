@@ -11,7 +11,7 @@ import time
 import torch
 
 from hybrid_vlm.hf_compat import cache_kwarg, first_llm_module, output_cache
-from hybrid_vlm.hf_compat.qwen2_5_vl import stock_decode_positions
+from hybrid_vlm.hf_compat.qwen2_5_vl import reset_stock_rope_deltas, stock_decode_positions
 from hybrid_vlm.model import HybridDecoder
 
 
@@ -59,6 +59,8 @@ class LlmStartMark:
 
 
 def prefill(model, inputs):
+    if not isinstance(model, HybridDecoder):
+        reset_stock_rope_deltas(model, inputs)  # what its decode steps' positions add (`decode`)
     return model(**inputs, use_cache=True, logits_to_keep=1)
 
 

@@ -21,7 +21,7 @@ from .llava import LlavaParts
 
 __all__ = [
     "Qwen2_5_VLForConditionalGeneration", "AxesLastRotary", "host_grid", "qwen_image_features", "qwen_parts",
-    "stock_decode_positions", "NoGenerationPositionIds",
+    "stock_decode_positions", "reset_stock_rope_deltas", "NoGenerationPositionIds",
 ]
 
 
@@ -104,6 +104,17 @@ def qwen_image_features(model: Qwen2_5_VLForConditionalGeneration, pixel_values:
     grid_tensor = torch.tensor(grid, dtype=torch.long)
     inputs = vision_inputs(model, grid_tensor, pixel_values.device)
     return visual(pixel_values.type(visual.dtype), grid_thw=grid_tensor, **inputs).pooler_output
+
+
+def reset_stock_rope_deltas(model, inputs: dict) -> None:
+    """Before a stock model's prefill run by hand. A stock Qwen2.5-VL forward keeps the last image
+    prompt's `rope_deltas` through a text-only prompt (only generate resets them, to zeros), and
+    `stock_decode_positions` adds them: zeros for a prompt without images, as generate sets; None
+    for one with images, which its forward then computes. Other models keep no such state."""
+    if model.config.model_type != "qwen2_5_vl":
+        return
+    images = inputs.get("image_grid_thw") is not None
+    model.model.rope_deltas = None if images else torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long, device=inputs["input_ids"].device)
 
 
 def stock_decode_positions(model, attention_mask: torch.Tensor) -> dict:
