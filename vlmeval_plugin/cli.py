@@ -182,16 +182,32 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
     run's. None when nothing there would be reused, or an input is the same or not recorded."""
     holds_outputs = folder.is_dir() and any(p.is_file() and p.name not in RECORD_FILES and not is_run_info_scratch(p.name)
                                             for p in folder.rglob("*"))
-    record, set_aside = folder / "run_info.json", folder / UNREADABLE_RUN_INFO
-    unreadable = set_aside if set_aside.exists() else record if record.exists() and results.read_json(record) is None else None
-    if holds_outputs and unreadable is not None:
+    if not holds_outputs:
+        return None
+    unreadable = unreadable_record(folder)
+    if unreadable is not None:
         return (f"{portable_path(unreadable)}: a run record that cannot be read (torn by a kill?), so which checkpoint and settings made "
                 "this folder's outputs cannot be checked. Give this run another --work-dir, or delete that file "
                 "if you know the outputs are this run's.")
-    records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"] if holds_outputs else []
-    if not records:
+    records = [r for r in results.read_run_info(folder / "run_info.json") if r.get("mode") != "eval"]
+    changed = changed_inputs(records[-1], now or prediction_inputs(item, options), item) if records else []
+    if not changed:
         return None
-    earlier, now = records[-1], now or prediction_inputs(item, options)
+    return (f"{portable_path(folder)} holds outputs of an earlier run made " + ", and ".join(changed)
+            + ". Its folder name does not say this, so VLMEvalKit would reuse those predictions as this run's. "
+            "Give this run another --work-dir, or delete that folder to start it over.")
+
+
+def unreadable_record(folder: Path) -> Path | None:
+    """The folder's run record set aside as unreadable, or its run_info.json if that cannot be read."""
+    record, set_aside = folder / "run_info.json", folder / UNREADABLE_RUN_INFO
+    if set_aside.exists():
+        return set_aside
+    return record if record.exists() and results.read_json(record) is None else None
+
+
+def changed_inputs(earlier: dict, now: dict, item: PluginModel) -> list[str]:
+    """Each prediction input the earlier run recorded and this run changes, as a phrase."""
     # records older than the "max_new_tokens" key hold the option as typed: None was the default
     earlier_tokens = next((value for value in (earlier.get("max_new_tokens"), (earlier.get("options") or {}).get("max_new_tokens"))
                            if value is not None), settings.max_new_tokens_for(item.variant))
@@ -206,11 +222,7 @@ def reuse_conflict(folder: Path, item: PluginModel, options, now: dict | None = 
     if "dymu_thresholds_sha256" in earlier and earlier["dymu_thresholds_sha256"] != now["dymu_thresholds_sha256"]:
         changed.append(f"with DyMU thresholds of content {earlier['dymu_thresholds_sha256']}; "
                        f"this run's {portable_path(item.config.dymu)} holds {now['dymu_thresholds_sha256']}")
-    if not changed:
-        return None
-    return (f"{portable_path(folder)} holds outputs of an earlier run made " + ", and ".join(changed)
-            + ". Its folder name does not say this, so VLMEvalKit would reuse those predictions as this run's. "
-            "Give this run another --work-dir, or delete that folder to start it over.")
+    return changed
 
 
 def is_registered_set(name: str) -> bool:
