@@ -485,8 +485,8 @@ def bench_setting(bench: dict) -> str:
     shape = (f"the {meta['preset']} shape" if meta.get("preset") else f"checkpoint `{meta['model']}`" if meta.get("model")
              else "an unrecorded model")
     device = "CPU" if meta.get("device") == "cpu" else str(meta.get("device", "an unrecorded device"))
-    configs = [str(row.get("config", "")) for row in bench.get("rows", []) if row.get("status") == "ok"]
-    budgets = sorted({budget for config in configs if (budget := tag_budget(config, config.split("-")[0])) is not None})
+    rows = [row for row in bench.get("rows", []) if row.get("status") == "ok"]
+    budgets = sorted({budget for row in rows if (budget := tag_budget(str(row.get("config", "")), str(row.get("method")))) is not None})
     budgets = [str(budget) if isinstance(budget, int) else f"{budget:g} of each image" for budget in budgets]
     methods = f"every method at {budgets[0]}" if len(budgets) == 1 else f"budgets {_and(budgets)}" if budgets else "no budgets"
     return f"at {shape} on {device}, {methods}"

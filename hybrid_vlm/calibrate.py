@@ -60,13 +60,13 @@ from .dymu import (
     top_r_merge_mask,
 )
 from .hf_compat.clip import (
+    MERGING_KEYS,
+    READ_LAYERS,
+    WEIGHT_COVERAGES,
     LlavaForConditionalGeneration,
     dymu_image_features,
     merging_vision_forward,
     read_blocks,
-    MERGING_KEYS,
-    READ_LAYERS,
-    WEIGHT_COVERAGES,
     signatures_match,
     tower_shape_tag,
     vision_fingerprint,

@@ -24,7 +24,6 @@ DART_QUOTAS = ("official", "matched")
 MASK_READS = ("never", "once")
 
 
-
 def parse_fastv_k(text: str | None) -> int | float | None:
     """Parse a FASTV_K setting. Integers keep top-n; decimals in [0, 1) prune that fraction."""
     if text is None or text.strip() == "":

@@ -11,6 +11,7 @@ import torch
 from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
 
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

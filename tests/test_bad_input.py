@@ -153,7 +153,6 @@ def test_bad_rows_fail_alone_and_a_fixed_rerun_regenerates_only_them(sandbox):  
     assert not any(value.startswith(FAIL_PREFIX) for value in again_by_index.values())
 
 
-
 def test_an_unreadable_image_file_ahead_stays_out_of_the_batch(sandbox, tmp_path):  # noqa: F811
     """A truncated file in an image_path row ahead was pulled into the batch (only base64 rows were
     checked there): the batch failed, was retried at half size twice, and the row was recorded as

@@ -398,10 +398,11 @@ def test_a_configuration_that_raises_is_a_failed_row_and_the_exit_status_says_so
 def test_dymu_layer_counts_follow_the_split_that_ran(split, tmp_path):
     """The bench's vision MACs come from an untimed re-run of the merging loop: its count at the
     layer LLaVA reads (less CLS) must be what entered the LLM, under either DYMU_SPLIT."""
-    from conftest import QUESTIONS, image_inputs
     from hybrid_vlm import HybridConfig, apply_hybrid
     from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
     from hybrid_vlm.tiny import synthetic_image
+
+    from conftest import QUESTIONS, image_inputs
 
     torch.manual_seed(0)
     model, processor = build_tiny_llava(vision_layers=8)
@@ -568,7 +569,6 @@ def test_bad_settings_are_refused_before_the_model_loads(argv, needle, monkeypat
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
 
 
-
 def test_threshold_files_sharing_a_row_name_and_a_malformed_config_are_refused(tmp_path, monkeypatch, capsys):
     """Two different threshold files named alike gave one DyMU row (the second's rows were dropped as
     repeats of the first's name); a config.json that is not JSON was a traceback."""
@@ -581,7 +581,7 @@ def test_threshold_files_sharing_a_row_name_and_a_malformed_config_are_refused(t
         (tmp_path / folder / "mid.json").write_text(json.dumps(dict(payload, thresholds=[t * scale for t in payload["thresholds"]])))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    cases = [(["--dymu", str(tmp_path / "a" / "mid.json"), str(tmp_path / "b" / "mid.json")], "different thresholds under one row name (dymu-mid)"),
+    cases = [(["--dymu", str(tmp_path / "a" / "mid.json"), str(tmp_path / "b" / "mid.json")], "different contents under one row name (dymu-mid)"),
              (["--dymu", str(tmp_path / "a" / "mid.json"), "--dymu-target", "mid"], "--dymu-target mid: its calibrated mid.json would share"),
              (["--model", str(tmp_path / "broken")], "its config.json is not a JSON object")]
     for argv, needle in cases:
@@ -599,6 +599,7 @@ def test_dymu_rows_take_every_position_mode():
     args, _ = bench.parse_args(["--fastv-k", "--dymu", str(ensure_tiny_thresholds()), "--position-mode", "logical", "renumbered"])
     dymu_rows = [config.hybrid for config in bench.build_configs(args) if config.method == "dymu"]
     assert sorted(row.position_mode for row in dymu_rows) == ["logical", "renumbered"]
+
 
 def test_method_rows_take_every_position_mode_and_the_layer_and_scorer_they_read():
     """--position-mode, --fastv-layer and --scoring reached only the --fastv-k rows: a --methods row

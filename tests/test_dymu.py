@@ -759,9 +759,10 @@ def test_calibration_pads_llava_15_images_as_inference_does(tmp_path, tiny):
     pixels, so other counts (the shipped testbed on 336 x 224 scenes: 235 tokens calibrated, 361 at
     inference). By default the CLI's batches are the padded images, pixel for pixel; --preprocess crop
     keeps the crop, and the file says which it used."""
+    from PIL import Image
+
     from hybrid_vlm.calibrate import pixel_batches
     from hybrid_vlm.tiny import ensure_tiny_llava
-    from PIL import Image
 
     model, processor = tiny
     folder = _image_dir(tmp_path)

@@ -21,7 +21,6 @@ from hybrid_vlm.config import visual_keep_count
 from hybrid_vlm.dymu import SPLITS
 from hybrid_vlm.fastv import visual_keep_counts
 from hybrid_vlm.hf_compat import dymu_image_features, new_cache, output_cache
-
 from hybrid_vlm.tiny import synthetic_image
 
 from conftest import QUESTIONS, generation_positions, image_inputs

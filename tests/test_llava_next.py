@@ -341,7 +341,6 @@ def test_sliding_window_shorter_than_the_sequence_is_refused():
         next_copy(model, fastv_k=64)(**next_inputs(processor, QUESTIONS[:1]))
 
 
-
 def test_a_batch_whose_filler_slots_outgrow_the_window_decodes_as_stock():
     """Two prompts of 1,795 tokens fit a window of 1,900, but their images pack to 1,776 and 1,176
     tokens, so the smaller one gets 600 filler slots (2,396 in all). generate's default cache keeps
@@ -354,6 +353,7 @@ def test_a_batch_whose_filler_slots_outgrow_the_window_decodes_as_stock():
     greedy = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     with torch.no_grad():
         assert torch.equal(next_copy(model).generate(**inputs, **greedy), model.generate(**inputs, **greedy))
+
 
 def test_calibrate_cli_splits_images_into_crops(tmp_path):
     from transformers import LlavaNextForConditionalGeneration

@@ -284,7 +284,6 @@ def test_settings_that_cannot_run_are_refused(deep, tiny_next):
     assert HybridConfig.from_env(environment).describe() == "dart-matched-b64-l2-pivots-official"
 
 
-
 def test_a_fastv_layer_beyond_the_llm_refuses_only_methods_that_read_it(deep):
     """pdrop and sparsevlm prune at their own stage layers: a FASTV_LAYER left over from another run
     (16 of a 16-layer LLM) refused them, though they never read it (15 gives the default's logits)."""
@@ -298,6 +297,7 @@ def test_a_fastv_layer_beyond_the_llm_refuses_only_methods_that_read_it(deep):
     for settings in (dict(fastv_k=8), dict(visual_method="dart", visual_budget=64)):
         with pytest.raises(ValueError, match=f"FASTV_LAYER={LAYERS} is not valid: use 1..{LAYERS - 1}"):
             patched(model, fastv_layer=LAYERS, **settings)
+
 
 @pytest.mark.parametrize("settings", [dict(fastv_k=8), dict(fastv_k=8, fastv_select="random"), dict(visual_method="pdrop", visual_budget=64),
                                       dict(visual_method="dart", visual_budget=64)])

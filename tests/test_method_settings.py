@@ -148,7 +148,6 @@ def test_a_setting_reported_ignored_changes_nothing_and_a_read_one_does(name, tm
             assert outcome(name, env) != unchanged, f"{name} reads {key}={value} but it changes nothing"
 
 
-
 @pytest.mark.parametrize("name, env, read_with", [
     ("llava_v1.5_7b_fastv", {"SELECT_SEED": "5"}, {"FASTV_SELECT": "random"}),  # attention selection draws nothing
     ("llava_v1.5_7b_pool", {"FASTV_LAYER": "3"}, {"FASTV_K": "32"}),  # no FASTV_K: nothing prunes at a layer
@@ -165,6 +164,10 @@ def test_a_read_setting_that_does_nothing_beside_the_others_is_named(name, env, 
     with_it, without_it = {**read_with, **env}, dict(read_with)
     assert settings.hybrid_config_for(name, with_it) != settings.hybrid_config_for(name, without_it)  # read once it acts
     assert settings.ignored_note(name, effective, with_it) is None
+    for key in env:  # doing nothing is no licence for a malformed value
+        with pytest.raises(settings.PluginError, match=f"{name}: {key}='abc' is not valid"):
+            settings.hybrid_config_for(name, {**env, key: "abc"})
+
 
 def test_run_py_names_what_a_name_ignores():
     env = {"FASTV_K": "32", "VISUAL_BUDGET": "128", "DYMU_THRESHOLDS": "x.json"}

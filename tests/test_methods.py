@@ -19,7 +19,7 @@ from hybrid_vlm.methods.visionzip import visionzip_split
 from hybrid_vlm.methods.vispruner import vispruner_split
 from hybrid_vlm.syncs import check_no_host_syncs
 
-from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, hybrid_copy, image_inputs, qwen_inputs
+from conftest import QUESTIONS, assert_batched_generation_equals_each_alone, hybrid_copy, image_inputs
 from method_reference import divprune_reference, visionzip_reference, vispruner_reference
 from reference import greedy_without_cache, masked_reference, numpy_adaptive_pool, stock_vision_reads
 
@@ -118,7 +118,7 @@ def test_kept_set_and_logits_match_the_references(reads, method, budget):
     assert torch.equal(kept_mask, reference_kept)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
 def test_methods_choose_differently(reads, method):
     """Else the kept-set test could not tell the methods apart (or from FastV's first tokens)."""
     model, _, vision = reads
@@ -129,7 +129,7 @@ def test_methods_choose_differently(reads, method):
     assert chosen[method] != set(range(64))
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
 def test_renumbered_positions_match_the_reference_at_contiguous_positions(tiny, reads, method):
     """HYBRID_POSITIONS=renumbered gives the official contiguous positions: the same logits as
     stock transformers fed only the kept tokens (the sequence physically shortened)."""
@@ -159,7 +159,7 @@ def test_batched_generation_equals_each_sample_alone(tiny, settings):
     assert_batched_generation_equals_each_alone(hybrid_copy(model, **settings), processor, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "divprune"])
 def test_cached_generation_equals_recomputation(tiny, method):
     model, processor = tiny
     hybrid = hybrid_copy(model, visual_method=method, visual_budget=64)
@@ -210,7 +210,6 @@ def test_unreachable_budgets_and_bad_methods_are_refused(tiny, settings, message
         apply_hybrid(copy.deepcopy(model), HybridConfig(**settings))
 
 
-
 @pytest.mark.parametrize("method", ["visionzip", "vispruner"])  # divprune reads the projected features, whatever the layout
 @pytest.mark.parametrize("layout, message", [(dict(vision_feature_select_strategy="full"), "vision_feature_select_strategy='default'"),
                                              (dict(vision_feature_layer=[-2, -1]), "a single vision_feature_layer")])
@@ -222,6 +221,7 @@ def test_a_tower_layout_a_method_cannot_read_is_refused_at_apply_naming_the_meth
     with pytest.raises(NotImplementedError, match=rf"VISUAL_METHOD={method} .*{re.escape(message)}"):
         apply_hybrid(model, HybridConfig(visual_method=method, visual_budget=32))
     assert type(model).__name__ == "LlavaForConditionalGeneration"  # refused before anything changed
+
 
 def test_state_records_the_per_layer_kv_lengths_the_cache_holds(tiny):
     """A method before the LLM and FastV after it: the state's groups (layer 0 on: the method's

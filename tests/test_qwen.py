@@ -212,7 +212,6 @@ def test_pixel_rows_that_do_not_match_the_grid_are_refused_naming_both(tiny_qwen
         qwen_copy(model)(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
 
 
-
 def test_a_batch_of_an_image_prompt_and_a_text_only_one_is_refused_naming_the_rule(tiny_qwen):
     """Stock runs a two-image prompt beside a text-only one; the engine splits the images evenly over
     the prompts. The refusal said only 'each prompt must hold the image placeholders of its images',

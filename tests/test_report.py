@@ -407,7 +407,6 @@ def test_targets_are_met_missed_or_not_measured_by_their_thresholds():
     assert "divide by `vanilla`" in engine_based[0][2] and engine_based[-1][-1] == "met"  # the sync checks still count
 
 
-
 def test_a_bench_that_does_not_record_its_baseline_is_judged_by_no_guessed_one(tmp_path):
     """A bench.json without meta.baseline was described as dividing by `vanilla` (the speed note's
     default) while its targets judged the same ratios as ratios vs stock (the targets' default).
@@ -424,6 +423,7 @@ def test_a_bench_that_does_not_record_its_baseline_is_judged_by_no_guessed_one(t
     from_rows = [dict(row, ratios_divide_by="stock") for row in rows]
     assert "Ratios divide by the `stock` row" in speed_note({}, from_rows)
     assert targets_table([Bench(path=tmp_path / "bench.json", meta={}, rows=from_rows)]).count("| met |") >= 4
+
 
 def test_each_mask_read_row_gets_its_own_overhead_target_and_sync_allowance():
     from hybrid_tools.report.targets import bench_targets
@@ -603,6 +603,8 @@ def test_a_device_runs_step_statuses_and_failed_tests_are_in_its_report(tmp_path
 
     (tmp_path / "checks.log").write_text("== pytest (limit 70s): python3 -m pytest ...\n== pytest: rc=1 after 41s\n"
                                          "== parity: rc=0 after 12s\n== bench-bs16: rc=124 after 150s\n"
+                                         "== bench-kernels (limit 90s): python3 -m hybrid_tools.bench ...\n"
+                                         "== bench-kernels: rc=0 after 80s\n"  # a step run twice: both rows
                                          "== bench-kernels (limit 90s): python3 -m hybrid_tools.bench ...\n")  # the run stopped during it
     (tmp_path / "pytest.xml").write_text(
         '<testsuites><testsuite name="pytest" tests="3">'
@@ -615,7 +617,7 @@ def test_a_device_runs_step_statuses_and_failed_tests_are_in_its_report(tmp_path
                         "--name", "device", "--out", str(tmp_path / "reports")]) == 0
     markdown = (tmp_path / "reports" / "device" / "report.md").read_text()
     assert "| pytest | 1 | failed | 41 |" in markdown and "| bench-bs16 | 124 | stopped at its time limit | 150 |" in markdown
-    assert "| bench-kernels | – | not finished: the run was stopped during it | – |" in markdown
+    assert "| bench-kernels | 0 | done | 80 |\n| bench-kernels | – | not finished: the run was stopped during it | – |" in markdown
     assert "3 tests ran, 1 failed, 0 errors, 1 skipped:" in markdown
     assert "- tests.test_dymu::test_b: assert 1 == 2" in markdown
     assert "--steps" in markdown and "--pytest" in markdown  # in the command that regenerates it

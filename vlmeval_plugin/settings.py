@@ -48,7 +48,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_vlm.config import HybridConfig
+from hybrid_vlm.config import HybridConfig, parse_fastv_layer, parse_fastv_select, parse_select_seed
 from hybrid_vlm.hf_compat.loading import looks_like_hub_id
 from hybrid_vlm.methods import check_budget, get_method, list_methods, methods_with_defaults
 from hybrid_vlm.provenance import portable_path
@@ -292,19 +292,25 @@ def settings_read(variant: Variant) -> list[str]:
     return reads
 
 
-def inert_settings(variant: Variant, env) -> list[str]:
-    """The settings set in `env` that the name reads but that do nothing beside the others set:
-    SELECT_SEED without random selection, and a pooling name's FastV settings without FASTV_K."""
+# What each setting that can be read to no effect must parse as: a malformed one is refused even then
+INERT_PARSERS = {"FASTV_LAYER": parse_fastv_layer, "FASTV_SELECT": parse_fastv_select, "SELECT_SEED": parse_select_seed}
+POOL_WITHOUT_K = "a pooling name's FastV settings act only with FASTV_K"
+SEED_WITHOUT_RANDOM = "a seed acts only with random selection (FASTV_SELECT=random)"
+
+
+def inert_settings(variant: Variant, env) -> tuple[list[str], str]:
+    """(the settings set in `env` that the name reads but that do nothing beside the others set,
+    why): SELECT_SEED without random selection, and a pooling name's FastV settings without FASTV_K."""
     def given(key: str) -> str:
         return (env.get(key) or "").strip()
 
     if variant.pool and not variant.fastv and not given("FASTV_K"):
-        inert = ["FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES"]
+        inert, why = ["FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED"], POOL_WITHOUT_K
     elif variant.method != "random" and "random" not in (given("FASTV_SELECT"), given("VISUAL_METHOD")):
-        inert = ["SELECT_SEED"]
+        inert, why = ["SELECT_SEED"], SEED_WITHOUT_RANDOM
     else:
-        inert = []
-    return [key for key in inert if key in settings_read(variant) and given(key)]
+        inert, why = [], ""
+    return [key for key in inert if key in settings_read(variant) and given(key)], why
 
 
 def ignored_settings(name: str, environ=None) -> list[str]:
@@ -313,7 +319,7 @@ def ignored_settings(name: str, environ=None) -> list[str]:
     instead, by `check_method_setting`.)"""
     env = os.environ if environ is None else environ
     variant = VARIANTS[name]
-    read = set(settings_read(variant)) - set(inert_settings(variant, env)) | {"VISUAL_BUDGET"}
+    read = set(settings_read(variant)) - set(inert_settings(variant, env)[0]) | {"VISUAL_BUDGET"}
     return [key for key in NAME_SETTINGS if key not in read and (env.get(key) or "").strip()]
 
 
@@ -324,12 +330,11 @@ def ignored_note(requested: str, effective: str, environ=None) -> str | None:
     ignored = ignored_settings(base_name(requested), env)
     if not ignored:
         return None
-    inert = set(inert_settings(VARIANTS[base_name(requested)], env))
+    inert, why = inert_settings(VARIANTS[base_name(requested)], env)
     unread = [f"{key}={env[key]}" for key in ignored if key not in inert]
     idle = [f"{key}={env[key]}" for key in ignored if key in inert]
     parts = ([f"does not read {', '.join(unread)} (each name reads its own settings)"] if unread else []) + (
-        [f"ignores {', '.join(idle)} (a seed acts only with random selection; a pooling name's FastV settings only with FASTV_K)"]
-        if idle else [])
+        [f"ignores {', '.join(idle)} ({why})"] if idle else [])
     setting = effective.partition(NAME_SEPARATOR)[2] or "stock"
     return f"{requested} {' and '.join(parts)}: it runs {setting}"
 
@@ -357,7 +362,12 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     # fastv name never turns DyMU or pooling on, the dymu name never prunes. VISUAL_METHOD naming
     # another method, or VISUAL_BUDGET on a name without a budget, is refused instead
     # (`check_method_setting`): the name decides the method.
-    inert = inert_settings(variant, env)
+    inert = inert_settings(variant, env)[0]
+    try:
+        for key in inert:  # doing nothing here, but a malformed value is still refused
+            INERT_PARSERS[key](env[key])
+    except ValueError as error:
+        raise PluginError(f"{name}: {error}") from None
     read_env = {key: env[key] for key in settings_read(variant) if key in env and key != "DYMU_THRESHOLDS" and key not in inert}
     explicit = (env.get("VISUAL_METHOD") or "").strip()
     if read_env.get("VISUAL_BUDGET", "").strip() and explicit:

@@ -18,7 +18,7 @@ from hybrid_vlm.qwen_flops import QwenShape, qwen_method_prefill_macs
 
 from ..presets import bench_shape
 from .configs import BenchConfig
-from .output import _median
+from .output import median
 
 if TYPE_CHECKING:
     from .session import BenchRun
@@ -130,7 +130,7 @@ def generate_tokens_per_s(runs: list[dict], batch: int, decode_tokens: int) -> f
     if not decode_tokens:
         return math.nan
     rates = [batch * (decode_tokens + 1) / ((run["prefill_ms"] + run["decode_ms_per_token"] * decode_tokens) / 1e3) for run in runs]
-    return _median(rates)
+    return median(rates)
 
 
 def count_columns(counts: dict) -> dict:

@@ -95,7 +95,6 @@ from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
 from ..presets import GPU_PRESETS, PRESETS, model_type_of
 from .configs import BENCH_METHODS, LAYER_METHODS, BenchConfig
 
-
 SYNC_CHECK_DECODE_STEPS = 8
 
 
@@ -233,7 +232,7 @@ def bad_value(args) -> str | None:
 
 def dymu_file_problem(paths: list[str], targets: list[str]) -> str | None:
     """--dymu files that are missing or malformed, or that would share a row name (the file's stem)
-    with different thresholds: the later one's rows were dropped as repeats."""
+    with different contents (as the sweep compares them): the later one's rows were dropped as repeats."""
     missing = [path for path in paths if not Path(path).is_file()]
     if missing:
         return f"--dymu: no threshold file at {', '.join(missing)}"
@@ -247,7 +246,7 @@ def dymu_file_problem(paths: list[str], targets: list[str]) -> str | None:
         name = HybridConfig(dymu=path).describe()
         first = by_name.setdefault(name, path)
         if Path(first).read_bytes() != Path(path).read_bytes():
-            return f"--dymu {first} {path}: different thresholds under one row name ({name}); rename one"
+            return f"--dymu {first} {path}: different contents under one row name ({name}); rename one"
     clashes = [target for target in targets if HybridConfig(dymu=f"{target}.json").describe() in by_name]
     if clashes:
         return f"--dymu-target {clashes[0]}: its calibrated {clashes[0]}.json would share a row name with a --dymu file; rename that file"

@@ -85,13 +85,13 @@ def environment(device, args) -> dict:
     return env
 
 
-def _median(values):
+def median(values):
     return statistics.median(values) if values else float("nan")
 
 
 def timed(row: dict) -> bool:
     """Its timed rounds stand: an ok row, or one failed only in the untimed memory or sync pass."""
-    return row["status"] == "ok" or (row["status"] == "failed" and PASS_FAILED in str(row.get("note") or "") and bool(row.get("runs")))
+    return row["status"] == "ok" or (row["status"] == "failed" and row.get("failed_in") == PASS_FAILED and bool(row.get("runs")))
 
 
 def summarize(configs, baseline_name: str) -> list[dict]:
@@ -157,7 +157,7 @@ def write_outputs(out_dir: Path, rows, meta) -> None:
         json.dump({"meta": meta, "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}, f, indent=2)
 
 
-PASS_FAILED = "memory or sync pass"  # a failed row's note when only its untimed passes failed (`timed`)
+PASS_FAILED = "memory or sync pass"  # a failed row's `failed_in` (and note) when only its untimed passes failed (`timed`)
 
 
 def bench_meta(bench: BenchRun) -> dict:

@@ -17,7 +17,12 @@ from tqdm import tqdm
 
 from hybrid_vlm import inputs_for
 from hybrid_vlm.calibrate import (
-    calibrate_thresholds, count_summary, measure_token_counts, read_threshold_payload, shape_mismatch, write_threshold_file,
+    calibrate_thresholds,
+    count_summary,
+    measure_token_counts,
+    read_threshold_payload,
+    shape_mismatch,
+    write_threshold_file,
 )
 from hybrid_vlm.hf_compat import cache_tensor_bytes, output_cache
 from hybrid_vlm.hf_compat.llava_next import tower_pixels
@@ -32,7 +37,7 @@ from ..sdpa_kernels import PHASES, kernel_summary, profile_sdpa
 from .configs import BenchConfig, activate, build_configs, prunes_nothing
 from .counts import count_columns, generate_tokens_per_s, theory_columns, token_counts
 from .options import KERNEL_TRACE_DECODE_STEPS, SYNC_CHECK_DECODE_STEPS, check_baseline, checked_device_dtype, parse_args
-from .output import CSV_COLUMNS, PASS_FAILED, _median, bench_meta, print_table, summarize, timed, write_outputs
+from .output import CSV_COLUMNS, PASS_FAILED, bench_meta, median, print_table, summarize, timed, write_outputs
 from .timing import Clock, LlmStartMark, decode, measure_memory, prefill, timed_run
 
 
@@ -257,7 +262,7 @@ def measured_row(bench: BenchRun, config: BenchConfig) -> dict:
         except BenchStopped:
             bench.stopped = f"in the memory, sync and kernel passes of `{config.name}`"
         except Exception as error:  # noqa: BLE001 - its timings stand; the row is failed and says where
-            row.update(status="failed", note=with_note(row["note"], f"{PASS_FAILED}: {type(error).__name__}: {error}"))
+            row.update(status="failed", failed_in=PASS_FAILED, note=with_note(row["note"], f"{PASS_FAILED}: {type(error).__name__}: {error}"))
     if bench.stopped is not None:
         for key in ("mem_kind", "sync_debug"):
             row.setdefault(key, "not run: stopped by SIGTERM or Ctrl-C")
@@ -281,10 +286,10 @@ def setting_columns(bench: BenchRun, config: BenchConfig) -> dict:
 
 def timing_columns(runs: list[dict], args) -> dict:
     """Medians over the timed rounds (host times where recorded), the prefill's range, tokens/s."""
-    columns = {key: _median([run[key] for run in runs if key in run]) for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token")}
+    columns = {key: median([run[key] for run in runs if key in run]) for key in ("vision_ms", "llm_prefill_ms", "prefill_ms", "decode_ms_per_token")}
     for key in ("prefill_host_ms", "decode_host_ms_per_token"):
         if any(key in run for run in runs):
-            columns[key] = _median([run[key] for run in runs if key in run])
+            columns[key] = median([run[key] for run in runs if key in run])
     prefill_times = [run["prefill_ms"] for run in runs]
     columns.update(prefill_ms_min=min(prefill_times), prefill_ms_max=max(prefill_times), runs=runs)
     columns["generate_tokens_per_s"] = generate_tokens_per_s(runs, args.batch_size, args.decode_tokens)

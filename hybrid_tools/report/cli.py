@@ -14,9 +14,9 @@ from pathlib import Path
 from .. import report as report_package
 from ..configs import assign_references, configurations, is_vanilla, keep_datasets, label_configurations, order_configurations
 from .bench import read_bench, resolve_bench
-from .markdown import REPORT_NAME, Linker, display_path
 from .device_checks import read_pytest, read_steps
 from .floors import read_floors
+from .markdown import REPORT_NAME, Linker, display_path
 from .parity import read_parity
 from .render import ReportInput, render
 from .snapshot import snapshot

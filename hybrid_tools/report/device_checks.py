@@ -27,15 +27,19 @@ class TestResults:
 
 
 def read_steps(path: Path) -> list[tuple[str, int | None, int | None]]:
-    """(step, exit status, seconds) for every step the log started, in order; (step, None, None) for
-    one it started and never ended (the whole run was stopped during it)."""
-    steps: dict[str, tuple[int | None, int | None]] = {}
+    """(step, exit status, seconds) for every step the log started, in order, a step run twice
+    twice; (step, None, None) for one it started and never ended (the run was stopped during it)."""
+    steps: list[list] = []
     for line in path.read_text(errors="replace").splitlines():
         if ended := STEP_LINE.match(line.strip()):
-            steps[ended["name"]] = (int(ended["rc"]), int(ended["seconds"]))
+            running = next((step for step in reversed(steps) if step[0] == ended["name"] and step[1] is None), None)
+            if running is None:  # an end without its start line (a log cut at its head)
+                running = [ended["name"], None, None]
+                steps.append(running)
+            running[1:] = [int(ended["rc"]), int(ended["seconds"])]
         elif started := START_LINE.match(line.strip()):
-            steps.setdefault(started["name"], (None, None))
-    return [(name, rc, seconds) for name, (rc, seconds) in steps.items()]
+            steps.append([started["name"], None, None])
+    return [tuple(step) for step in steps]
 
 
 def read_pytest(path: Path) -> TestResults:

@@ -8,7 +8,6 @@ from pathlib import Path
 from hybrid_vlm.provenance import portable_path
 from vlmeval_plugin.results import number_text
 
-
 # a report's name: its folder under --out, and in a sweep the record sweep_<name>.json
 REPORT_NAME = r"[A-Za-z0-9._-]+"
 

@@ -8,6 +8,7 @@ from vlmeval_plugin.results import read_json
 from ..configs import Configuration
 from .markdown import Linker, display_path
 
+
 def versions_text(versions: dict | None) -> str:
     if not isinstance(versions, dict) or not versions:
         return "not recorded"

@@ -11,9 +11,9 @@ from vlmeval_plugin.results import rows_text
 
 from ..configs import Configuration, Entry, comparison_reference, delta, prefill_ratio, ratio
 from .bench import IDEAL_THEORY_FOOTNOTE, RESOURCES_NOTE, bench_baseline, bench_command, bench_setup, bench_table, prefill_theory_text, resources_table
-from .markdown import Linker, display_path, fmt, md_table
 from .device_checks import device_check_lines
 from .floors import floor_lines
+from .markdown import Linker, display_path, fmt, md_table
 from .parity import parity_lines
 from .plots import plot_dataset
 from .provenance import provenance_block, run_commands, status_argv

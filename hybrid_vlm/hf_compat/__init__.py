@@ -54,9 +54,9 @@ from .llava import (  # noqa: E402
     llama_layer_forward,
     llava_parts,
     new_cache,
-    without_window_layers,
     output_cache,
     stock_image_features,
+    without_window_layers,
 )
 from .loading import NO_HUB_KERNELS, check_not_kernelized, check_on_one_device  # noqa: E402
 
@@ -86,8 +86,8 @@ __all__ = [
     "llama_layer_forward",
     "llava_parts",
     "new_cache",
-    "without_window_layers",
     "output_cache",
     "stock_image_features",
     "vision_fingerprint",
+    "without_window_layers",
 ]
