@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = os.environ.get("MMEVAL_ROOT", args.work_dir)
     # Every setting is checked (and DyMU targets calibrated) before the first long run starts.
     try:
-        tag = resolve_models(args)
+        resolve_models(args)
         runs, notes = planned_runs(args, passthrough, work_dir)
     except (ValueError, settings.PluginError) as error:
         return fail(str(error))
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    tag = unused_tag(work_dir, tag)
+    tag = unused_tag(work_dir, sweep_tag(args))
     manifest_path = Path(work_dir) / f"sweep_{tag}.json"
     try:
         records = run_all(runs, commands, args, argv, work_dir, manifest_path)
@@ -393,15 +393,17 @@ def argument_problem(args, passthrough: list[str]) -> str | None:
     return None
 
 
-def resolve_models(args) -> str:
-    """Sets `args.family` and `args.model` (the names to run); the sweep's tag, which names
-    sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept, else the models."""
+def resolve_models(args) -> None:
+    """Sets `args.family` and `args.model`: the names to run."""
     families = {settings.VARIANTS[m].family for m in args.model or [] if m in settings.VARIANTS}
     if args.family is None:  # --model llava_tiny_fastv, or llava_tiny --methods ...: that family's names
         args.family = families.pop() if len(families) == 1 else "llava_v1.5_7b"
-    short = settings.short_names(args.family)
-    vanilla_name = settings.FAMILY_VANILLA[args.family]
-    args.model = swept_models(args, args.model, short, vanilla_name)
+    args.model = swept_models(args, args.model, settings.short_names(args.family), settings.FAMILY_VANILLA[args.family])
+
+
+def sweep_tag(args) -> str:
+    """What names sweep_<tag>.csv / .json: the report name, else the ablation, else the model swept, else the models."""
+    short, vanilla_name = settings.short_names(args.family), settings.FAMILY_VANILLA[args.family]
     swept = [short.get(m, m) for m in args.model if short.get(m, m) != vanilla_name] or [vanilla_name]
     return args.report or args.ablation or (swept[0] if len(swept) == 1 else "-".join(_short(m, args.family) for m in swept))
 

@@ -43,6 +43,8 @@ SPEED_NOTE = (
 
 
 def speed_note(meta: dict, rows: list[dict]) -> str:
+    """What a bench's ratios divide by (`bench_baseline`; said to be unrecorded, not guessed) and how
+    its theory and memory columns read."""
     baseline = bench_baseline(meta, rows)
     ratios = (f"Ratios divide by the `{baseline}` row ({BASELINE_MEANINGS.get(baseline, 'a configuration of this bench')}), measured in one process"
               if baseline else "What the ratios divide by is not recorded in this bench")
