@@ -158,6 +158,17 @@ class HybridLlavaOutput(LlavaCausalLMOutputWithPast):
     visual_positions: torch.Tensor | None = None
 
 
+def opened_groups(state: PruneState | None, new_valid, position_ids, next_position, position_mode: str):
+    """(cache groups, each group's next position, each group's positions for this forward) as a
+    forward starts: one group for a prompt; for a later step the cache's groups, each extended by
+    the new tokens, under renumbered positions each at its own positions."""
+    if state is None:
+        return [CacheGroup(0, new_valid)], [next_position], [position_ids]
+    groups = [CacheGroup(group.first_layer, torch.cat([group.key_valid, new_valid], dim=1)) for group in state.groups]
+    group_positions = decode_positions(state, new_valid, position_ids, position_mode)
+    return groups, [positions[:, -1] + 1 for positions in group_positions], group_positions
+
+
 def attention_mask_4d(key_valid: torch.Tensor, query_length: int) -> torch.Tensor:
     """Causal boolean mask [B, 1, Q, K] for the last Q of K keys, hiding invalid keys.
 
@@ -476,12 +487,7 @@ class HybridDecoder(GenerationHooks):
         def layer_mask(key_valid: torch.Tensor, query_length: int) -> torch.Tensor | None:
             return None if unmasked else attention_mask_4d(key_valid, query_length)
 
-        if state is None:
-            groups, next_positions, group_positions = [CacheGroup(0, new_valid)], [next_position], [position_ids]
-        else:
-            groups = [CacheGroup(group.first_layer, torch.cat([group.key_valid, new_valid], dim=1)) for group in state.groups]
-            group_positions = decode_positions(state, new_valid, position_ids, config.position_mode)
-            next_positions = [positions[:, -1] + 1 for positions in group_positions]
+        groups, next_positions, group_positions = opened_groups(state, new_valid, position_ids, next_position, config.position_mode)
         group_at = {group.first_layer: index for index, group in enumerate(groups)}
         cos_sin = parts.rotary_emb(hidden_states, position_ids)
         inputs = first_inputs(stages[min(stages)], placed) if stages else None
