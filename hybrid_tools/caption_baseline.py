@@ -43,6 +43,8 @@ def caption_baseline(work_dir: Path, model: str, dataset: str) -> dict:
     table = load_table(path)
     predictions = [str(text) for text in table["prediction"]]
     references = [list(ast.literal_eval(text)) for text in table["answer"]]
+    if len(references) < 2:  # one image shifted onto itself would score its own references
+        raise ValueError(f"{dataset}: {len(references)} image(s) in {portable(str(path))}: the shuffled floor needs at least 2")
     shifted = references[1:] + references[:1]
     return {
         "model": model, "dataset": dataset, "predictions": portable(str(path)), "images": len(predictions),
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = caption_baseline(Path(args.work_dir), args.model, args.dataset)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"hybrid_tools.caption_baseline: error: {error}", file=sys.stderr)
         return 2
     show_and_write(result, args.out)

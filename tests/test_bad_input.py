@@ -240,7 +240,7 @@ def test_an_unknown_dataset_name_fails_before_any_model_loads_naming_the_close_o
 
 @pytest.mark.parametrize("indices,needle", [
     (["0", "1", "2", "2"], "index 2 repeated: every row needs its own index"),
-    (["0", "", "2", "3"], "empty index on line(s) 3: every row needs its own index"),
+    (["0", "", "2", "3"], "empty index in data row(s) 2 (1 = the first row after the header): every row needs its own index"),
     (["0", "1", "01", "3"], "index 1 and 01 are the same number, as VLMEvalKit reads the column"),  # pandas reads 1, 1
     (["a", "1", "01", "3"], None),  # not all numbers: read as text, where 1 and 01 differ
     (["0", "1", "2", "3"], None),
@@ -259,14 +259,14 @@ def test_a_custom_set_needs_one_index_per_row(tmp_path, indices, needle):
 
 
 @pytest.mark.parametrize("answers,needle", [
-    (["A", "", "C", "B"], "empty answer on line(s) 3: every row of a MCQ (MMBench layout) set is scored against its answer"),
-    (["A", " ", "C", None], "empty answer on line(s) 3, 5"),
-    (["A", "NA", "C", "B"], "empty answer on line(s) 3"),  # VLMEvalKit reads "NA" as missing
+    (["A", "", "C", "B"], "empty answer in the row(s) of index 1000000: every row of a MCQ (MMBench layout) set is scored against its answer"),
+    (["A", " ", "C", None], "empty answer in the row(s) of index 1000000, 3000000"),
+    (["A", "NA", "C", "B"], "empty answer in the row(s) of index 1000000"),  # VLMEvalKit reads "NA" as missing
     (["A", "B", "C", "D"], None),
 ])
 def test_a_custom_set_needs_an_answer_in_every_row(tmp_path, answers, needle):
     """An empty answer was scored as a miss with no word (in a circular set, its whole group): a
-    custom set with one is refused before any model loads, naming the lines."""
+    custom set with one is refused before any model loads, naming the rows."""
     from vlmeval_plugin.layouts import check_tsv
 
     table = build_mcq_table(num_questions=1).head(4).assign(answer=answers)
@@ -278,6 +278,42 @@ def test_a_custom_set_needs_an_answer_in_every_row(tmp_path, answers, needle):
     table.drop(columns=["A", "B", "C", "D"]).to_csv(path, sep="\t", index=False)  # a VQA set: no scorer, answers unread
     assert check_tsv(path) is None
 
+
+
+def test_a_row_is_named_by_its_index_even_after_a_field_of_several_lines(tmp_path):
+    """The message named a file line as row + 2, one line a row: after a quoted field spanning lines
+    (an MMBench-style hint) it named the wrong line."""
+    from vlmeval_plugin.layouts import check_tsv
+
+    table = build_mcq_table(num_questions=1).head(3).assign(index=["7", "8", "9"], answer=["A", "B", ""])
+    table.loc[0, "question"] = "first line\nsecond line"
+    path = tmp_path / "Custom.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    assert len(path.read_text().splitlines()) == 5  # the header, three rows, one of them on two lines
+    assert "empty answer in the row(s) of index 9:" in check_tsv(path)
+
+
+@pytest.mark.parametrize("answer", ["a red circle at the top", "('a cat')", "[]", "['a cat', 3]"])
+def test_a_caption_answer_vlmevalkits_scorer_cannot_read_is_refused_before_any_row_runs(tmp_path, answer):
+    """VLMEvalKit's caption scorer evals each answer into a list of captions: a bare string, a string
+    in parentheses or an empty list raised only after every row had been generated."""
+    from vlmeval_plugin.layouts import check_tsv
+
+    image = build_mcq_table(num_questions=1)["image"][0]
+    good = "['a red circle at the top', 'a circle']"
+    table = pd.DataFrame({"index": [0, 1], "image": [image, image], "answer": [good, answer]})
+    path = tmp_path / "Captions.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    assert "the answer of the row(s) of index 1 is not a non-empty list of captions" in check_tsv(path)
+    table.assign(answer=[good, good]).to_csv(path, sep="\t", index=False)
+    assert check_tsv(path) is None
+    pytest.importorskip("vlmeval")
+    from vlmeval.dataset.image_caption import ImageCaptionDataset
+
+    predictions = tmp_path / "m_Captions.xlsx"  # the reference: VLMEvalKit's scorer on that answer
+    pd.DataFrame({"index": [0, 1], "answer": [good, answer], "prediction": ["a red circle", "a cat"]}).to_excel(predictions, index=False)
+    with pytest.raises((SyntaxError, AssertionError, AttributeError)):
+        ImageCaptionDataset.evaluate(str(predictions))
 
 def test_a_custom_vqa_set_is_prompted_and_its_missing_scorer_is_a_failure(sandbox):  # noqa: F811
     """A custom TSV with a question and no options is a VQA set to VLMEvalKit (CustomVQADataset),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hybrid_tools.caption_baseline import caption_baseline
 from vlmeval_plugin.tiny_data import build_caption_table
 
@@ -18,6 +20,9 @@ def test_captions_of_the_right_image_beat_the_shuffled_ones(tmp_path):
     result = caption_baseline(tmp_path / "work", "m", "TinyCOCO")
     assert result["images"] == 12
     assert result["cider_matched"] > 2 * result["cider_shuffled"] >= 0
+    table.head(1).to_excel(folder / "m_TinyCOCO.xlsx", index=False)  # one image shifted onto itself: no floor at all
+    with pytest.raises(ValueError, match="1 image"):
+        caption_baseline(tmp_path / "work", "m", "TinyCOCO")
 
 
 def test_the_matched_score_is_vlmevalkits_and_the_committed_floor_is_reproduced():

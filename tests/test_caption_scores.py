@@ -111,5 +111,51 @@ def test_a_failing_extra_metric_becomes_a_note_and_costs_nothing_else(monkeypatc
 
     monkeypatch.setattr(caption_scores, "meteor", broken)
     scores = caption_scores.extra_scores({"0": ["a red circle"]}, {"0": ["a red circle"]})
-    assert "METEOR" not in scores
-    assert scores["notes"] == ["METEOR and the PTB-tokenized scores: not computed (ValueError: the jar answered out of step)"]
+    assert "METEOR" not in scores and "PTB_METEOR" not in scores
+    assert scores["notes"][:2] == ["METEOR: not computed (ValueError: the jar answered out of step)",
+                                   "PTB_METEOR: not computed (ValueError: the jar answered out of step)"]
+    assert scores["PTB_CIDEr"] >= 0 and len(scores["PTB_Bleu"]) == 4  # the other metrics stand (a failure cost them all)
+
+
+@needs_java
+def test_a_jar_that_dies_mid_score_becomes_a_note_not_a_hang(monkeypatch):
+    """pycocoevalcap's Meteor keeps its lock when compute_score raises, and its __del__ waits for
+    that lock: a jar that died (out of memory on a degenerate caption, say) hung the evaluation."""
+    import threading
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from vlmeval_plugin.caption_scores import extra_scores
+
+    start = Meteor.__init__
+
+    def dead_on_arrival(self):
+        start(self)
+        self.meteor_p.kill()
+        self.meteor_p.wait()
+
+    monkeypatch.setattr(Meteor, "__init__", dead_on_arrival)
+    found = {}
+    worker = threading.Thread(target=lambda: found.update(extra_scores({"0": ["a red circle"]}, {"0": ["a red circle"]})), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "extra_scores hung on the dead jar's lock"
+    assert [note.split(":")[0] for note in found["notes"]][:2] == ["METEOR", "PTB_METEOR"] and "PTB_CIDEr" in found
+
+
+@needs_java
+def test_a_line_break_of_any_kind_keeps_each_ptb_tokenized_caption_on_its_image():
+    """The Java tokenizer splits lines on \\r, form feeds and U+2028, which PTBTokenizer does not
+    replace: a \\r in one caption moved every later caption onto the wrong image."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from vlmeval_plugin.caption_scores import extra_scores
+
+    gts = {"0": ["a small red circle at the top left", "a red\rcircle"], "1": ["a blue square in the center"]}
+    res = {"0": ["a red\ncircle at the\r\ntop"], "1": ["a blue\u2028square"]}
+    one_line = {key: [" ".join(text.split()) for text in texts] for key, texts in gts.items()}
+    tokens = PTBTokenizer().tokenize({("g", k): [{"caption": c} for c in v] for k, v in one_line.items()}
+                                     | {("r", "0"): [{"caption": "a red circle at the top"}], ("r", "1"): [{"caption": "a blue square"}]})
+    direct = Cider().compute_score({k: tokens[("g", k)] for k in gts}, {k: tokens[("r", k)] for k in res})[0] * 100
+    assert direct > 1.0 and extra_scores(gts, res)["PTB_CIDEr"] == pytest.approx(direct, abs=1e-9)

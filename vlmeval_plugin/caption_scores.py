@@ -14,6 +14,7 @@ All scores x100, VLMEvalKit's unit. METEOR, the tokenizer and SPICE are Java pro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -32,15 +33,25 @@ def meteor_line_safe(text: str) -> str:
     """`text` as one line the METEOR jar can read. pycocoevalcap talks to the jar one line per
     caption, fields split by " ||| ": a newline (or a carriage return) in a caption ends the line
     early, the jar answers out of step, and the read fails. METEOR splits words on whitespace
-    anyway, so collapsing every run of it to one space and dropping "|||" changes no word."""
-    return " ".join(text.replace("|||", " ").split())
+    anyway, so collapsing every run of it to one space changes no word; "|||" is dropped, as
+    pycocoevalcap drops it from a prediction."""
+    return one_line(text.replace("|||", ""))
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace (line breaks of any kind included) one space."""
+    return " ".join(text.split())
 
 
 def meteor(scorer, gts: dict, res: dict) -> float:
     """METEOR 1.5 x100 from a pycocoevalcap Meteor (one jar process, reused: it takes seconds to start)."""
     safe_gts = {key: [meteor_line_safe(text) for text in texts] for key, texts in gts.items()}
     safe_res = {key: [meteor_line_safe(text) for text in texts] for key, texts in res.items()}
-    score, _ = scorer.compute_score(safe_gts, safe_res)
+    try:
+        score, _ = scorer.compute_score(safe_gts, safe_res)
+    finally:  # compute_score keeps its lock when it raises (the jar out of memory, say): every later use would wait forever
+        if scorer.lock.locked():
+            scorer.lock.release()
     return 100.0 * float(score)
 
 
@@ -48,8 +59,10 @@ def ptb_tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
     """pycocoevalcap's PTBTokenizer on references and predictions in one Java run."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    joined = {("g", key): [{"caption": text} for text in texts] for key, texts in gts.items()}
-    joined.update({("r", key): [{"caption": text} for text in texts] for key, texts in res.items()})
+    # one line each: the Java tokenizer splits on \r, form feeds and U+2028 too, which PTBTokenizer
+    # does not replace (only \n), and every later caption would be read onto the wrong image
+    joined = {("g", key): [{"caption": one_line(text)} for text in texts] for key, texts in gts.items()}
+    joined.update({("r", key): [{"caption": one_line(text)} for text in texts] for key, texts in res.items()})
     tokens = PTBTokenizer().tokenize(joined)
     return {key: tokens[("g", key)] for key in gts}, {key: tokens[("r", key)] for key in res}
 
@@ -72,12 +85,11 @@ def ptb_scores(meteor_scorer, gts: dict, res: dict) -> tuple[dict, list[str]]:
     gts_tok, res_tok = ptb_tokenize(gts, res)
     bleu, _ = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
     cider, _ = Cider().compute_score(gts_tok, res_tok)
-    scores = {
-        "PTB_Bleu": [100.0 * float(value) for value in bleu],
-        "PTB_CIDEr": 100.0 * float(cider),
-        "PTB_METEOR": meteor(meteor_scorer, gts_tok, res_tok),
-    }
-    notes = []
+    scores, notes = {"PTB_Bleu": [100.0 * float(value) for value in bleu], "PTB_CIDEr": 100.0 * float(cider)}, []
+    try:
+        scores["PTB_METEOR"] = meteor(meteor_scorer, gts_tok, res_tok)
+    except Exception as error:
+        notes.append(f"PTB_METEOR: not computed ({type(error).__name__}: {error})")
     missing = spice_missing()
     if missing:
         notes.append(
@@ -102,14 +114,30 @@ def extra_scores(gts: dict, res: dict) -> dict:
     from pycocoevalcap.meteor.meteor import Meteor
 
     scorer = Meteor()
-    try:
-        scores = {"METEOR": meteor(scorer, gts, res)}
-        ptb, notes = ptb_scores(scorer, gts, res)
-    except Exception as error:  # our extra metrics never cost the dataset VLMEvalKit's own scores
-        return {"notes": [f"METEOR and the PTB-tokenized scores: not computed ({type(error).__name__}: {error})"]}
+    scores, notes = {}, []
+    try:  # our extra metrics never cost the dataset VLMEvalKit's own scores, nor one another
+        try:
+            scores["METEOR"] = meteor(scorer, gts, res)
+        except Exception as error:
+            notes.append(f"METEOR: not computed ({type(error).__name__}: {error})")
+        try:
+            ptb, ptb_notes = ptb_scores(scorer, gts, res)
+            scores.update(ptb)
+            notes += ptb_notes
+        except Exception as error:
+            notes.append(f"PTB-tokenized BLEU/CIDEr/METEOR and SPICE: not computed ({type(error).__name__}: {error})")
     finally:
-        del scorer  # its __del__ closes the jar process
-    return {**scores, **ptb, "notes": notes}
+        close_meteor(scorer)
+    return {**scores, "notes": notes}
+
+
+def close_meteor(scorer) -> None:
+    """Ends the jar process now: Meteor.__del__ would, but only once the scorer is collected, which
+    a traceback holding this frame delays."""
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+    with contextlib.suppress(OSError):  # a write the dead jar never read may be left in the pipe's buffer
+        scorer.meteor_p.stdin.close()
 
 
 def captions_of(eval_file: str) -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ CustomMCQDataset), a question without options a VQA set (CustomVQADataset), neit
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pandas as pd
@@ -62,13 +63,28 @@ def answer_problem(path: Path, layout: str) -> str | None:
     """Every row of a scored MCQ or caption set is scored against its answer: an empty one was scored
     as a miss with no word (and, in a circular set, took its whole group with it). Read as VLMEvalKit
     reads it, where "NA" or "None" is missing too. (A VQA set has no scorer: its answers are unread.)"""
-    answer = pd.read_csv(path, sep="\t", usecols=["answer"], dtype=str)["answer"].fillna("").str.strip()
-    empty = [str(row + 2) for row in answer.index[answer == ""]]  # file line numbers: the header is line 1
+    table = pd.read_csv(path, sep="\t", usecols=["index", "answer"], dtype=str)
+    answer = table["answer"].fillna("").str.strip()
+    empty = list(table["index"][answer == ""])  # index values, not line numbers: a quoted field may span lines
     if empty:
         more = f" (and {len(empty) - 10} more)" if len(empty) > 10 else ""
-        return (f"{path}: empty answer on line(s) {', '.join(empty[:10])}{more}: every row of a {layout} set is scored "
+        return (f"{path}: empty answer in the row(s) of index {', '.join(empty[:10])}{more}: every row of a {layout} set is scored "
                 "against its answer; fill it in or remove the row")
+    if layout.startswith("caption"):
+        unreadable = [index for index, text in zip(table["index"], answer) if not is_caption_list(text)]
+        if unreadable:
+            return (f"{path}: the answer of the row(s) of index {', '.join(unreadable[:10])} is not a non-empty list of captions "
+                    "as VLMEvalKit's caption scorer reads it (a Python list of strings, e.g. ['a cat', 'a small cat'])")
     return None
+
+
+def is_caption_list(text: str) -> bool:
+    """What VLMEvalKit's caption scorer needs of an answer cell: a literal list or tuple of strings, not empty."""
+    try:
+        captions = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return isinstance(captions, (list, tuple)) and len(captions) > 0 and all(isinstance(caption, str) for caption in captions)
 
 
 def index_problem(path: Path) -> str | None:
@@ -76,9 +92,9 @@ def index_problem(path: Path) -> str | None:
     gave two rows one answer, and an empty one turned the column into floats that evaluation then
     refused for the whole set."""
     index = pd.read_csv(path, sep="\t", usecols=["index"], dtype=str, keep_default_na=False)["index"].str.strip()
-    empty = [str(row + 2) for row in index.index[index == ""]]  # file line numbers: the header is line 1
+    empty = [str(row + 1) for row in index.index[index == ""]]  # rows, not lines: a quoted field may span lines
     if empty:
-        return f"{path}: empty index on line(s) {', '.join(empty[:10])}: every row needs its own index"
+        return f"{path}: empty index in data row(s) {', '.join(empty[:10])} (1 = the first row after the header): every row needs its own index"
     repeated = sorted(set(index[index.duplicated()]))
     if repeated:
         return f"{path}: index {', '.join(repeated[:10])} repeated: every row needs its own index (each keys its prediction and stats)"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -110,7 +111,7 @@ def build_caption_table(num_images: int = CAPTION_IMAGES) -> pd.DataFrame:
 
 def write_tsv(table: pd.DataFrame, path: Path) -> None:
     # Write to a temporary name first: two ranks of a torchrun may both find the file missing.
-    temporary = path.with_name(f".{path.name}.{id(table)}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     table.to_csv(temporary, sep="\t", index=False)
     temporary.replace(path)
 
