@@ -339,6 +339,18 @@ def ignored_note(requested: str, effective: str, environ=None) -> str | None:
     return f"{requested} {' and '.join(parts)}: it runs {setting}"
 
 
+def checked_inert_settings(name: str, variant: Variant, env) -> list[str]:
+    """`inert_settings`, each value parsed all the same: one that does nothing here is no licence
+    for a malformed value."""
+    inert = inert_settings(variant, env)[0]
+    try:
+        for key in inert:
+            INERT_PARSERS[key](env[key])
+    except ValueError as error:
+        raise PluginError(f"{name}: {error}") from None
+    return inert
+
+
 def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
     """The engine setting of a registered name, read from the environment; None = nothing patched.
 
@@ -358,16 +370,10 @@ def hybrid_config_for(name: str, environ=None) -> HybridConfig | None:
         return method_config(name, variant, env)
     dymu = dymu_file(name, variant, env) if variant.dymu else None
     # Every name ignores the settings it does not read (`settings_read`) or reads to no effect
-    # (`inert_settings`; run.py names both): the
-    # fastv name never turns DyMU or pooling on, the dymu name never prunes. VISUAL_METHOD naming
-    # another method, or VISUAL_BUDGET on a name without a budget, is refused instead
-    # (`check_method_setting`): the name decides the method.
-    inert = inert_settings(variant, env)[0]
-    try:
-        for key in inert:  # doing nothing here, but a malformed value is still refused
-            INERT_PARSERS[key](env[key])
-    except ValueError as error:
-        raise PluginError(f"{name}: {error}") from None
+    # (`inert_settings`; run.py names both): the fastv name never turns DyMU or pooling on, the
+    # dymu name never prunes. VISUAL_METHOD naming another method, or VISUAL_BUDGET on a name
+    # without a budget, is refused instead (`check_method_setting`): the name decides the method.
+    inert = checked_inert_settings(name, variant, env)
     read_env = {key: env[key] for key in settings_read(variant) if key in env and key != "DYMU_THRESHOLDS" and key not in inert}
     explicit = (env.get("VISUAL_METHOD") or "").strip()
     if read_env.get("VISUAL_BUDGET", "").strip() and explicit:
