@@ -109,7 +109,6 @@ def select(configs, patterns: list[str] | None, vanilla: str | None):
     return references + chosen
 
 
-
 def device_checks(args, linker: Linker) -> tuple | None:
     """(steps, test results, their sources) from --steps and --pytest; None without either."""
     if not (args.steps or args.pytest):
@@ -122,6 +121,7 @@ def device_checks(args, linker: Linker) -> tuple | None:
     sources = {"steps": linker.rel(args.steps)} if args.steps else {}
     return steps, tests, sources | ({"tests": linker.rel(args.pytest)} if args.pytest else {})
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -130,21 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not re.fullmatch(REPORT_NAME, args.name):
         parser.error(f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
     report_dir = Path(args.out) / args.name
-    recipe = None
-    if args.recipe:
-        try:
-            recipe = Path(args.recipe).read_text(encoding="utf-8")
-        except OSError as error:
-            parser.error(f"--recipe: {error}")
-    configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
-    absent = [name for name in args.data or [] if not any(name in c.entries for c in configs)]
-    if absent and configs:
-        parser.error(f"--data {' '.join(absent)}: no model folder holds results of it")
-    configs = keep_datasets(configs, args.data)
-    unmatched = [p for p in args.models or [] if work_dirs and not any(fnmatch.fnmatchcase(c.name, p) for c in configs)]
-    if unmatched:
-        parser.error(f"--models {' '.join(unmatched)}: no model folder matches (a pattern matches whole folder names, "
-                     f"e.g. 'llava_v1.5_7b_fastv*')")
+    recipe = read_recipe(parser, args.recipe)
+    configs = chosen_configurations(parser, args, work_dirs)
     if args.snapshot:
         try:
             work_dirs, benches = snapshot(work_dirs, configs, benches, report_dir / "raw")
@@ -174,6 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     write(report, report_dir)
     print(f"hybrid_tools.report: wrote {report_dir / 'report.md'}")
     return 0
+
+
+def read_recipe(parser, path: str | None) -> str | None:
+    """The --recipe script's text (the report quotes the command that made its inputs), or None."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        parser.error(f"--recipe: {error}")
+
+
+def chosen_configurations(parser, args, work_dirs: list[Path]) -> list:
+    """The configurations --models and --data choose (with their references); a usage error for a
+    --data no folder holds or a --models pattern no folder matches."""
+    configs = [c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)]
+    absent = [name for name in args.data or [] if not any(name in c.entries for c in configs)]
+    if absent and configs:
+        parser.error(f"--data {' '.join(absent)}: no model folder holds results of it")
+    configs = keep_datasets(configs, args.data)
+    unmatched = [p for p in args.models or [] if work_dirs and not any(fnmatch.fnmatchcase(c.name, p) for c in configs)]
+    if unmatched:
+        parser.error(f"--models {' '.join(unmatched)}: no model folder matches (a pattern matches whole folder names, "
+                     f"e.g. 'llava_v1.5_7b_fastv*')")
+    return configs
 
 
 def fail(message: str) -> int:
