@@ -44,6 +44,11 @@ def grid_patches(model) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
+# The batching rule every adapter shares, as refusals state it
+EVEN_IMAGES = "the images are split evenly over the prompts: every prompt of a batch must hold the same number of images"
+BATCH_ALIKE = "batch only prompts with as many images (not text-only and image prompts together)"
+
+
 def images_per_sample(num_images: int, batch: int) -> int:
     if num_images % batch:
         raise ValueError(f"{num_images} images for {batch} prompts: every prompt needs the same number of images")

@@ -28,7 +28,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .adapters import check_sliding_window, check_supported, grid_patches, llava_image_layout, llava_image_slots, llava_next_image_slots
+from .adapters import (
+    BATCH_ALIKE,
+    EVEN_IMAGES,
+    check_sliding_window,
+    check_supported,
+    grid_patches,
+    llava_image_layout,
+    llava_image_slots,
+    llava_next_image_slots,
+)
 from .config import HybridConfig
 from .hf_compat import (
     Cache,
@@ -224,9 +233,8 @@ def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
     require(
         (counts == expected).all(),
         lambda: f"each prompt must contain {expected} image placeholder tokens for the images passed "
-        f"(the images are split evenly over the prompts: every prompt of a batch must hold the same number "
-        f"of images); found {counts.tolist()}. Build prompts with the model's processor and one '<image>' per "
-        "image, and batch only prompts with as many images (not text-only and image prompts together).",
+        f"({EVEN_IMAGES}); found {counts.tolist()}. Build prompts with the model's processor and one '<image>' per "
+        f"image, and {BATCH_ALIKE}.",
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import images_per_sample, left_padded, reads_pixel_hash
+from .adapters import BATCH_ALIKE, EVEN_IMAGES, images_per_sample, left_padded, reads_pixel_hash
 from .baselines import image_keys, slot_hash
 from .hf_compat.qwen2_5_vl import host_grid, qwen_image_features
 from .methods import Read, VisualReads, budget_tokens, get_method
@@ -124,9 +124,8 @@ def qwen_prompt_positions(model, input_ids: torch.Tensor, new_valid: torch.Tenso
     expected = host_to_device(torch.tensor(counts), is_image.device)
     require((is_image.sum(dim=1) == expected).all(), lambda: (
         f"each prompt must hold the image placeholders of its images (t*h*w/4 per image from image_grid_thw: {counts}; "
-        f"the images are split evenly over the prompts: every prompt of a batch must hold the same number of images); "
-        f"found {is_image.sum(dim=1).tolist()}. Build prompts with the model's processor and one image entry per image, "
-        "and batch only prompts with as many images (not text-only and image prompts together)."))
+        f"{EVEN_IMAGES}); found {is_image.sum(dim=1).tolist()}. Build prompts with the model's processor and one image "
+        f"entry per image, and {BATCH_ALIKE}."))
     device = input_ids.device
     return mrope_positions(is_image, new_valid, host_to_device(offsets, device), host_to_device(steps, device))
 
