@@ -47,8 +47,6 @@ def calibrate_for_bench(model, processor, targets, out_dir: Path, device, dtype,
     On random weights the merge scores say nothing about real images; what matters for timing is
     that the thresholds reach the requested token counts (recorded in each file's "achieved").
     """
-
-
     images = [bench_image(processor, seed) for seed in range(2000, 2000 + num_images)]  # the timed image's size (NeXT: its crops)
     processed = processor.image_processor(images, return_tensors="pt")
     # LLaVA-NeXT: thresholds are calibrated on the crops the tower sees
