@@ -76,7 +76,10 @@ def tag_budget(tag: str, method: str) -> int | float | None:
     """The visual tokens a run keeps per image, from its tag: a count (`-k64`, `-b64`), or a fraction
     of each image's tokens (`-b0.098` kept; FastV's and random's `-r0.902` pruned, so 0.098 kept),
     as the NeXT and Qwen2.5-VL names take them. A hybrid's fraction is of DyMU's merged count, which
-    varies: no budget."""
+    varies: no budget; so is a per-crop budget (`-per-crop`), which counts tokens in each LLaVA-NeXT
+    crop and so matches no per-image budget."""
+    if "-per-crop" in tag:
+        return None
     count = re.search(r"-[bk](\d+)(?:-|_|$)", tag)
     if count:
         return int(count.group(1))

@@ -154,27 +154,56 @@ def packed_reads(reads: VisualReads, at: torch.Tensor) -> VisualReads:
     return VisualReads(gather(reads.vit_features), gather(reads.cls_attention), gather(reads.vit_keys), gather(reads.projected))
 
 
+def selection_groups(layout: AnyresLayout, patches: int, per_crop: bool) -> list[torch.Tensor]:
+    """The packed positions (host) each selection of one image runs over: its patch tokens (no
+    newline: they carry no CLIP signal), all together or one group per crop with any left after
+    unpadding (an image of about 50:1 unpads a crop to nothing)."""
+    is_patch = layout.source != NEWLINE
+    if not per_crop:
+        return [torch.nonzero(is_patch).flatten()]
+    crop_of = torch.where(is_patch, layout.source // patches, -1)
+    groups = [torch.nonzero(crop_of == crop).flatten() for crop in range(layout.num_crops)]
+    return [group for group in groups if len(group)]
+
+
+def group_count(budget: int | float, available: int, per_crop: bool, method: Method, index: int) -> int:
+    """Tokens one selection keeps out of `available`. Per image, a count above them is refused; per
+    crop, a crop that unpadding left with fewer patches keeps them all (the official code would
+    also pick among the padding patches, which have no slot here)."""
+    count = budget_tokens(budget, available)
+    if per_crop:
+        return min(count, available)
+    if count > available:
+        raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for the batch's image {index} (0-based, prompt by prompt): it packs "
+                         f"{available} patch tokens (use a budget <= {available}, a fraction, or a larger image)")
+    return count
+
+
 def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayout], method: Method, budget: int):
     """A method before the LLM on LLaVA-NeXT: per image, the crops' reads mapped to its packed
     patch tokens (the base image, then the unpadded grid; newlines carry no CLIP signal and are
-    dropped), one selection of `budget` tokens over them (a count, or a fraction of its patch tokens),
-    placed back on the packed layout. Returns ([V_i, hidden] features, [V_i] valid, tokens kept) per image."""
+    dropped), one selection of `budget` tokens over them (a count, or a fraction of its patch tokens;
+    with VISUAL_BUDGET_SCOPE=crop, one per crop over that crop's tokens), placed back on the packed
+    layout. Returns ([V_i, hidden] features, [V_i] valid, tokens kept) per image."""
     reads = method_reads(model, crops, method, lambda: crop_features(model, crops))
     patches = (reads.projected if reads.projected is not None else reads.vit_features).shape[1]
+    per_crop = model.hybrid_config.budget_scope == "crop"
     packed, valid, counts, start = [], [], [], 0
     for index, layout in enumerate(layouts):
-        is_patch = layout.source != NEWLINE  # host
-        available = int(is_patch.sum())
-        count = budget_tokens(budget, available)
-        if count > available:
-            raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for the batch's image {index} (0-based, prompt by prompt): it packs "
-                             f"{available} patch tokens (use a budget <= {available}, a fraction, or a larger image)")
-        at = host_to_device(layout.source[is_patch] + start * patches, crops.device)
-        tokens, kept = select_and_place(model, packed_reads(reads, at), method, count)  # [1, available, hidden]
-        positions = host_to_device(torch.nonzero(is_patch).flatten(), crops.device)
-        packed.append(tokens.new_zeros(layout.num_tokens, tokens.shape[-1]).index_copy(0, positions, tokens[0]))
-        valid.append(torch.zeros(layout.num_tokens, dtype=torch.bool, device=crops.device).index_copy(0, positions, kept[0]))
-        counts.append(count)
+        image_tokens, image_valid, image_count = None, None, 0
+        for group in selection_groups(layout, patches, per_crop):
+            count = group_count(budget, len(group), per_crop, method, index)
+            at = host_to_device(layout.source[group] + start * patches, crops.device)
+            tokens, kept = select_and_place(model, packed_reads(reads, at), method, count)  # [1, len(group), hidden]
+            if image_tokens is None:
+                image_tokens = tokens.new_zeros(layout.num_tokens, tokens.shape[-1])
+                image_valid = torch.zeros(layout.num_tokens, dtype=torch.bool, device=crops.device)
+            positions = host_to_device(group, crops.device)
+            image_tokens, image_valid = image_tokens.index_copy(0, positions, tokens[0]), image_valid.index_copy(0, positions, kept[0])
+            image_count += count
+        packed.append(image_tokens)
+        valid.append(image_valid)
+        counts.append(image_count)
         start += layout.num_crops
     return packed, valid, counts
 
@@ -293,25 +322,38 @@ def check_supported(model, config) -> None:
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
     if isinstance(model, LlavaNextForConditionalGeneration):
-        # PyramidDrop and DART run on the whole packed span, newlines among the candidates, as both
-        # official codes do on NeXT; SparseVLM's official code is LLaVA-1.5's only.
-        if config.staged_method == "sparsevlm":
-            raise NotImplementedError("VISUAL_METHOD=sparsevlm is not implemented for LLaVA-NeXT: the official code runs "
-                                      "LLaVA-1.5's 576-token span only")
-        if config.staged_method is not None and config.fastv_newlines == "keep":
-            raise ValueError(f"FASTV_NEWLINES=keep is FastV's: VISUAL_METHOD={config.staged_method} ranks LLaVA-NeXT's "
-                             "newline tokens with the image tokens, as its official code does")
-        if config.visual_pool is not None:
-            raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
-        if config.visual_method == "pool":
-            raise ValueError("VISUAL_METHOD=pool is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
-        if config.pre_llm_method is not None and config.fastv_newlines == "keep":
-            raise ValueError(f"FASTV_NEWLINES=keep cannot follow VISUAL_METHOD={config.visual_method}: the methods before the LLM "
-                             "drop LLaVA-NeXT's newline tokens (they carry no CLIP signal), so none are left to keep")
+        check_next_settings(model, config)
+    elif config.budget_scope == "crop":
+        raise ValueError("VISUAL_BUDGET_SCOPE=crop counts VISUAL_BUDGET in each LLaVA-NeXT anyres crop; this model sees one grid "
+                         "per image, where it is the same as the default: unset it")
     elif config.pre_llm_method is not None:
         check_budget(get_method(config.pre_llm_method), config.visual_budget, grid_patches(model))
     if config.pre_llm_method is not None and any(read in VIT_READS for read in get_method(config.pre_llm_method).reads):
         vision_parts(model, user=f"VISUAL_METHOD={config.pre_llm_method}")  # a tower layout it cannot read: refused now, not at the forward
+
+
+def check_next_settings(model, config) -> None:
+    """What LLaVA-NeXT cannot run: SparseVLM, pooling, kept newlines after a method that drops or
+    ranks them; a per-crop count above one crop's patches."""
+    # PyramidDrop and DART run on the whole packed span, newlines among the candidates, as both
+    # official codes do on NeXT; SparseVLM's official code is LLaVA-1.5's only.
+    if config.staged_method == "sparsevlm":
+        raise NotImplementedError("VISUAL_METHOD=sparsevlm is not implemented for LLaVA-NeXT: the official code runs "
+                                  "LLaVA-1.5's 576-token span only")
+    if config.staged_method is not None and config.fastv_newlines == "keep":
+        raise ValueError(f"FASTV_NEWLINES=keep is FastV's: VISUAL_METHOD={config.staged_method} ranks LLaVA-NeXT's "
+                         "newline tokens with the image tokens, as its official code does")
+    if config.visual_pool is not None:
+        raise ValueError("VISUAL_POOL is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
+    if config.visual_method == "pool":
+        raise ValueError("VISUAL_METHOD=pool is not implemented for LLaVA-NeXT yet (its crop grid is not 24 x 24 after unpadding)")
+    if config.pre_llm_method is not None and config.fastv_newlines == "keep":
+        raise ValueError(f"FASTV_NEWLINES=keep cannot follow VISUAL_METHOD={config.visual_method}: the methods before the LLM "
+                         "drop LLaVA-NeXT's newline tokens (they carry no CLIP signal), so none are left to keep")
+    patches = grid_patches(model)
+    if config.budget_scope == "crop" and isinstance(config.visual_budget, int) and config.visual_budget > patches:
+        raise ValueError(f"VISUAL_BUDGET={config.visual_budget} with VISUAL_BUDGET_SCOPE=crop asks for more than a crop's {patches} "
+                         f"patches: use 1..{patches} tokens per crop, or a fraction in (0, 1)")
 
 
 def check_sliding_window(model, sequence_length: int) -> None:

@@ -22,6 +22,10 @@ NEWLINE_RULES = ("prune", "keep")
 SCORING_MODES = ("row", "eager")
 DART_QUOTAS = ("official", "matched")
 MASK_READS = ("never", "once")
+BUDGET_SCOPES = ("image", "crop")
+# the methods whose official LLaVA-NeXT code selects within each anyres crop (VisionZip@3151f6d,
+# VisPruner@aefa01a: `llava_arch.py`); DivPrune's selects over the whole packed image
+PER_CROP_METHODS = ("visionzip", "vispruner")
 
 
 def parse_fastv_k(text: str | None) -> int | float | None:
@@ -201,6 +205,11 @@ class HybridConfig:
         rule C). FastV and random selection are `fastv_k` / `fastv_select`; DyMU is `dymu`.
     dart_quota: "official" (4 + 8 * (budget // 8) kept, as published) or "matched" (exactly the budget).
     dart_pivots: "sorted" (pivots visited by position, no host sync) or "official" (CPython set order).
+    budget_scope: what VISUAL_BUDGET counts on LLaVA-NeXT for visionzip and vispruner: "image" (one
+        selection over each image's patch tokens, base image and unpadded grid together: the
+        default, the rule of every other method) or "crop" (one selection per crop the tower sees,
+        over that crop's patches the unpadded layout keeps, `budget` tokens each, as their
+        official NeXT code counts it). Only those two methods, only on LLaVA-NeXT.
     mask_read: whether a batch of several prompts passed with an attention_mask may run SDPA without
         a mask. "never" (the default: no host sync) keeps the mask in every layer; "once" reads the
         mask on the host in a forward over an empty cache (one sync per prompt; stock transformers reads it in every forward)
@@ -223,6 +232,7 @@ class HybridConfig:
     dart_quota: str = "official"
     dart_pivots: str = "sorted"
     mask_read: str = "never"
+    budget_scope: str = "image"
 
     def __post_init__(self) -> None:
         k = self.fastv_k
@@ -259,6 +269,11 @@ class HybridConfig:
             raise ValueError(f"DART_PIVOTS={self.dart_pivots!r} is not valid: use one of {', '.join(DART_PIVOT_ORDERS)}.")
         if self.mask_read not in MASK_READS:
             raise ValueError(f"MASK_READ={self.mask_read!r} is not valid: use one of {', '.join(MASK_READS)}.")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"VISUAL_BUDGET_SCOPE={self.budget_scope!r} is not valid: use one of {', '.join(BUDGET_SCOPES)}.")
+        if self.budget_scope == "crop" and self.visual_method not in PER_CROP_METHODS:
+            raise ValueError(f"VISUAL_BUDGET_SCOPE=crop is the official LLaVA-NeXT budget rule of {' and '.join(PER_CROP_METHODS)} "
+                             f"only (VISUAL_METHOD={self.visual_method or 'unset'}): unset it, or use one of them")
         budgeted = [name for name in list_methods() if get_method(name).budget_setting == "VISUAL_BUDGET"]
         if self.visual_method is not None:
             self._check_visual_method(budgeted)
@@ -328,8 +343,8 @@ class HybridConfig:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> HybridConfig:
         """Read VISUAL_METHOD and VISUAL_BUDGET (`method_settings`), FASTV_K, FASTV_LAYER (default 2), FASTV_SELECT (attention | random), SELECT_SEED, FASTV_NEWLINES,
         VISUAL_POOL (a block side), DYMU_THRESHOLDS (a path), DYMU_SPLIT (official | slot, default
-        official), HYBRID_POSITIONS (logical | renumbered, default logical) and MASK_READ (never | once,
-        default never); keyword overrides win."""
+        official), HYBRID_POSITIONS (logical | renumbered, default logical), VISUAL_BUDGET_SCOPE (image |
+        crop, default image) and MASK_READ (never | once, default never); keyword overrides win."""
         env = os.environ if environ is None else environ
         positions = (env.get("HYBRID_POSITIONS") or "logical").strip()
         if positions not in POSITION_MODES:
@@ -349,6 +364,9 @@ class HybridConfig:
                                     "official (4 + 8 * (budget // 8) kept, as published: the default) or matched (exactly the budget)"),
             dart_pivots=parse_choice("DART_PIVOTS", env.get("DART_PIVOTS"), DART_PIVOT_ORDERS,
                                      "sorted (pivots visited by position, no host sync: the default) or official (CPython set order, one host read)"),
+            budget_scope=parse_choice("VISUAL_BUDGET_SCOPE", env.get("VISUAL_BUDGET_SCOPE"), BUDGET_SCOPES,
+                                      "image (one selection over each image's patch tokens: the default) or crop (VISUAL_BUDGET "
+                                      "tokens in each LLaVA-NeXT crop, visionzip and vispruner only, as their official code counts)"),
             mask_read=parse_choice("MASK_READ", env.get("MASK_READ"), MASK_READS,
                                    "never (a batch passed with an attention_mask keeps it in every layer, no host sync: the default) "
                                    "or once (the mask is read on the host once per prompt; an unpadded batch then runs SDPA without it)"),
@@ -372,7 +390,8 @@ class HybridConfig:
             parts.append(f"{self.visual_method}-b{self.visual_budget}-l{layers}")
         elif self.visual_method is not None:
             layer = f"-l{self.fastv_layer}" if get_method(self.visual_method).prunes_at_layer else ""
-            parts.append(f"{self.visual_method}-b{self.visual_budget}{layer}")
+            scope = "-per-crop" if self.budget_scope == "crop" else ""
+            parts.append(f"{self.visual_method}-b{self.visual_budget}{layer}{scope}")
         if self.visual_pool is not None:
             parts.append(f"pool-{self.visual_pool}x{self.visual_pool}")
         if self.dymu is not None:

@@ -82,6 +82,8 @@ def test_a_circular_question_counts_only_when_every_rotation_is_right():
     ("Qwen2.5-VL-7B-Instruct_divprune__divprune-b0.098", dict(method="divprune", budget=0.098, positions="logical", seed=None)),
     ("Qwen2.5-VL-7B-Instruct_fastv__fastv-r0.902-l2", dict(method="fastv", budget=0.098, positions="logical", seed=None)),
     ("llava_next_vicuna_7b_random__random-r0.5-l2-s1", dict(method="random", budget=0.5, positions="logical", seed=1)),
+    # a budget in each anyres crop matches no per-image budget
+    ("llava_next_vicuna_7b_visionzip__visionzip-b64-per-crop", dict(method="visionzip", budget=None, positions="logical", seed=None)),
     ("llava_tiny_fastv__fastv-r0-l2", dict(method="fastv", budget=None, positions="logical", seed=None)),  # prunes nothing
     ("llava_tiny_fastv__fastv-k0-l2", dict(method="fastv", budget=0, positions="logical", seed=None)),  # keeps none
 ])

@@ -27,6 +27,9 @@ from vlmeval_plugin import settings
         ("llava_v1.5_7b_fastv", {"VISUAL_BUDGET": "64", "FASTV_SELECT": "random"}, dict(fastv_k=64, fastv_select="random")),
         ("llava_next_vicuna_7b_random", {"VISUAL_BUDGET": "64", "FASTV_NEWLINES": "keep"}, dict(fastv_k=64, fastv_newlines="keep")),
         ("llava_next_vicuna_7b_visionzip", {"VISUAL_BUDGET": "640"}, dict(visual_method="visionzip", visual_budget=640)),
+        ("llava_next_vicuna_7b_vispruner", {"VISUAL_BUDGET": "32", "VISUAL_BUDGET_SCOPE": "crop"}, dict(visual_budget=32, budget_scope="crop")),
+        ("llava_next_vicuna_7b_divprune", {"VISUAL_BUDGET_SCOPE": "crop"}, dict(budget_scope="image")),  # not read: official DivPrune is per image
+        ("llava_v1.5_7b_visionzip", {"VISUAL_BUDGET_SCOPE": "crop"}, dict(budget_scope="image")),  # one grid per image: not read
         ("llava_v1.5_7b_pool", {"VISUAL_BUDGET": "192"}, dict(visual_method="pool", visual_budget=192, visual_pool=None)),
         ("llava_v1.5_7b_pool", {}, dict(visual_pool=2, visual_method=None)),
         ("llava_tiny_visionzip", {"VISUAL_BUDGET": "128", "HYBRID_POSITIONS": "renumbered"}, dict(visual_budget=128, position_mode="renumbered")),
@@ -120,7 +123,7 @@ def test_sweep_refuses_an_unreachable_budget_before_running(capsys):
 SETTING_VALUES = {
     "FASTV_K": "32", "FASTV_LAYER": "3", "FASTV_SELECT": "random", "SELECT_SEED": "5", "FASTV_NEWLINES": "keep",
     "VISUAL_POOL": "3", "DYMU_SPLIT": "slot", "HYBRID_POSITIONS": "renumbered", "MASK_READ": "once",
-    "DART_QUOTA": "matched", "DART_PIVOTS": "official",
+    "DART_QUOTA": "matched", "DART_PIVOTS": "official", "VISUAL_BUDGET_SCOPE": "crop",
 }
 
 

@@ -23,7 +23,9 @@ Names and their fixed meaning:
     llava_next_vicuna_7b{,_fastv,_dymu,_hybrid,_random,_visionzip,_vispruner,_divprune,_pdrop,_dart}
     llava_next_mistral_7b{...}
                            the same (no _pool, no _sparsevlm) on llava-hf LLaVA-NeXT (v1.6, anyres) checkpoints;
-                           pdrop's default VISUAL_BUDGET 0.11 of each packed span, dart's 320 (its official NeXT one)
+                           pdrop's default VISUAL_BUDGET 0.11 of each packed span, dart's 320 (its official NeXT one);
+                           _visionzip and _vispruner also read VISUAL_BUDGET_SCOPE (image, default; crop: the
+                           budget in each anyres crop, as their official NeXT code counts it)
     Qwen2.5-VL-7B-Instruct{,_fastv,_random,_divprune,_pool,_pdrop,_dart}
                            Qwen/Qwen2.5-VL-7B-Instruct (VLMEvalKit's name): stock; FastV or random selection
                            (FASTV_K as a count per prompt or a fraction, FASTV_LAYER); DivPrune or pooling on
@@ -48,7 +50,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_vlm.config import HybridConfig, parse_fastv_layer, parse_fastv_select, parse_select_seed
+from hybrid_vlm.config import PER_CROP_METHODS, HybridConfig, parse_fastv_layer, parse_fastv_select, parse_select_seed
 from hybrid_vlm.hf_compat.loading import looks_like_hub_id
 from hybrid_vlm.methods import check_budget, get_method, list_methods, methods_with_defaults
 from hybrid_vlm.provenance import portable_path
@@ -263,7 +265,7 @@ def dymu_file(name: str, variant: Variant, env) -> str:
 # the others, so that one environment can drive a run of several names
 NAME_SETTINGS = (
     "FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED", "FASTV_NEWLINES", "VISUAL_POOL", "VISUAL_BUDGET",
-    "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "MASK_READ", "DART_QUOTA", "DART_PIVOTS",
+    "DYMU_THRESHOLDS", "DYMU_SPLIT", "HYBRID_POSITIONS", "MASK_READ", "DART_QUOTA", "DART_PIVOTS", "VISUAL_BUDGET_SCOPE",
 )
 
 
@@ -280,6 +282,8 @@ def settings_read(variant: Variant) -> list[str]:
             reads += ["FASTV_LAYER"]
         if variant.method == "dart":
             reads += ["DART_QUOTA", "DART_PIVOTS"]
+        if variant.method in PER_CROP_METHODS and variant.next:
+            reads += ["VISUAL_BUDGET_SCOPE"]
         return reads
     if variant.fastv or variant.pool:
         reads += ["FASTV_K", "FASTV_LAYER", "FASTV_SELECT", "SELECT_SEED"] + (["FASTV_NEWLINES"] if variant.next else [])
