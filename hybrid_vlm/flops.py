@@ -422,7 +422,7 @@ def method_prefill_macs(
     kept = visual_kept if visual_kept is not None and kept is not None else kept
     return prefill_macs(
         shape, text_tokens, visual, kept, fastv_layer=config.fastv_layer, attention=attention,
-        scoring="row" if config.fastv_k is not None and config.fastv_select == "attention" else None,
+        scoring=config.scoring if config.fastv_k is not None and config.fastv_select == "attention" else None,
         lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, crops=images, projector_tokens=projector, selection=selection,
     )
 

@@ -64,9 +64,10 @@ def qwen_shape_from_config(config) -> QwenShape:
 
 def window_lengths(grid: tuple[int, int, int], shape: QwenVitShape) -> list[int]:
     """Patches in each attention window of an image of `grid` (t, h, w) patches: windows of
-    `window / patch_size` patches a side, cut at the right and bottom edges, one set per frame."""
+    `window // merge // patch_size` merge units a side (as transformers sizes them: 4 units, 8
+    patches, at 112 px), cut at the right and bottom edges, one set per frame."""
     t, h, w = grid
-    side = shape.window // shape.patch_size
+    side = shape.merge * (shape.window // shape.merge // shape.patch_size)
     rows = [min(side, h - start) for start in range(0, h, side)]
     columns = [min(side, w - start) for start in range(0, w, side)]
     return [r * c for _ in range(t) for r in rows for c in columns]

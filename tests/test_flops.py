@@ -219,6 +219,23 @@ def test_method_prefill_matches_flop_counter_with_its_scoring(method, budget):
         assert expected.selection > 0
 
 
+@pytest.mark.parametrize("config", [
+    HybridConfig(fastv_k=64, scoring="eager"), HybridConfig(visual_method="divprune", visual_budget=192, fastv_k=64, scoring="eager"),
+], ids=["fastv-eager", "divprune-fastv-eager"])
+def test_method_prefill_with_eager_scoring_counts_no_extra_row(config):
+    """Eager scoring reads the scoring layer's own attention matrix and runs no extra row: the
+    count the plugin's per-row prefill_gmacs take must equal FlopCounterMode's."""
+    model, inputs, text, shape = tiny_model(**GQA)
+    apply_hybrid(model, config)
+    try:
+        counted, output = counted_macs(model, **inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        remove_hybrid(model)
+    counts = output_cache(output).hybrid_state.visual_counts()
+    expected = flops.method_prefill_macs(shape, config, text, attention="dense", visual_entered=counts.entered[0], visual_kept=counts.kept[0])
+    assert sum(counted.values()) == expected.total
+
+
 @pytest.mark.parametrize("config, tolerance", [
     (HybridConfig(), 0), (HybridConfig(fastv_k=128), 0), (HybridConfig(visual_method="divprune", visual_budget=64), 0),
     (HybridConfig(visual_method="visionzip", visual_budget=64), 0), (HybridConfig(visual_pool=3), 0),

@@ -227,16 +227,20 @@ def test_a_batch_of_an_image_prompt_and_a_text_only_one_is_refused_naming_the_ru
 # --- theoretical MACs ------------------------------------------------------------------------------
 
 
-def test_window_lengths_equal_stock_window_segments(tiny_qwen):
+@pytest.mark.parametrize("window", [112, 70, 42])  # 70 and 42 px: an odd number of patches a side, not a whole number of merge units
+def test_window_lengths_equal_stock_window_segments(tiny_qwen, window):
+    import dataclasses
+
     from transformers.vision_utils import get_vision_window_index
 
     from hybrid_vlm.qwen_flops import qwen_shape_from_config, window_lengths
 
     model, _ = tiny_qwen
-    shape = qwen_shape_from_config(model.config).vit
+    shape = dataclasses.replace(qwen_shape_from_config(model.config).vit, window=window)
     for grid in [(1, 22, 36), (1, 16, 16), (1, 18, 12), (2, 10, 26)]:
-        _, bounds = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=2, window_size=112, patch_size=14)
-        assert window_lengths(grid, shape) == (bounds[1:] - bounds[:-1]).tolist()
+        _, bounds = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=2, window_size=window, patch_size=14)
+        lengths = (bounds[1:] - bounds[:-1]).tolist()
+        assert window_lengths(grid, shape) == [n for n in lengths if n]  # stock repeats a bound for an empty window
 
 
 def test_vision_macs_equal_the_flop_counter_on_the_stock_tower(tiny_qwen):
