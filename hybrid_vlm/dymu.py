@@ -124,7 +124,8 @@ class MergeState:
 def attention_bias(state: MergeState, dtype: torch.dtype) -> torch.Tensor:
     """Proportional attention as an additive SDPA mask [B, 1, 1, N]: log(size) for every key slot,
     -inf for slots merged away (every query keeps CLS, so no row is fully masked)."""
-    bias = torch.where(state.valid, state.size.clamp_min(1.0).log(), torch.full_like(state.size, NEG_INF))
+    size = state.size.to(torch.promote_types(dtype, torch.float32))  # a float64 tower's bias as exact as its scores
+    bias = torch.where(state.valid, size.clamp_min(1.0).log(), torch.full_like(size, NEG_INF))
     return bias.to(dtype)[:, None, None, :]
 
 

@@ -898,3 +898,15 @@ def test_the_first_layer_threshold_is_dymus_cutoff_rule_computed_independently(t
 
 def image_inputs_for(processor, seeds: list[int]) -> torch.Tensor:
     return processor.image_processor([synthetic_image(seed) for seed in seeds], return_tensors="pt").pixel_values
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_proportional_attention_bias_is_log_size_in_the_model_precision(dtype):
+    """The float64 references run the tower in float64 so that no score sits within rounding of a
+    threshold; the bias log(size) must be that exact too (math.log), and -inf where merged away."""
+    state = MergeState.initial(1, 5, "cpu")
+    state.size = torch.tensor([[1.0, 3.0, 7.0, 0.0, 11.0]])
+    state.valid = torch.tensor([[True, True, True, False, True]])
+    bias = attention_bias(state, dtype)[0, 0, 0]
+    expected = torch.tensor([math.log(1.0), math.log(3.0), math.log(7.0), float("-inf"), math.log(11.0)], dtype=dtype)
+    assert bias.dtype == dtype and torch.equal(bias, expected)

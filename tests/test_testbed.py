@@ -294,6 +294,9 @@ def test_a_training_run_records_what_a_bitwise_rerun_must_match(tmp_path):
     (["train", "--out", "X", "--threads", "0"], "--threads 0"),
     (["calibrate", "--out", "X", "--images", "0"], "--images 0"),
     (["calibrate", "--out", "X", "--targets", "mid", "bogus"], "--targets bogus"),
+    (["calibrate", "--out", "X", "--model", "missing", "--targets", "bogus"], "--model missing"),  # was a traceback in from_pretrained
+    (["calibrate", "--out", "X", "--remeasure"], "--remeasure"),  # no file to re-measure there
+    (["train", "--out", "a-file"], "--out a-file"),  # was a FileExistsError traceback
 ])
 def test_testbed_cli_refuses_bad_settings_before_any_work(tmp_path, monkeypatch, capsys, argv, named):
     """Each is a usage error (exit 2) naming the setting, before training or calibrating starts:
@@ -302,14 +305,46 @@ def test_testbed_cli_refuses_bad_settings_before_any_work(tmp_path, monkeypatch,
     from hybrid_vlm.testbed import cli
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
     monkeypatch.setattr(cli, "train", lambda *a, **k: pytest.fail("training started"))
     import hybrid_vlm.testbed.calibration as calibration
 
     monkeypatch.setattr(calibration, "calibrate_testbed", lambda *a, **k: pytest.fail("calibration started"))
+    monkeypatch.setattr(calibration, "remeasure_testbed", lambda *a, **k: pytest.fail("measuring started"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
     assert not (tmp_path / "X").exists()
+
+
+def test_calibrating_another_checkpoint_writes_beside_it_not_into_the_shipped_one(tmp_path, monkeypatch):
+    """--out defaulted to the shipped checkpoint's thresholds whatever --model was: calibrating a
+    retrained testbed replaced the shipped files with ones the shipped model then refuses."""
+    import shutil
+
+    import hybrid_vlm.testbed.calibration as calibration
+    from hybrid_vlm.testbed import CHECKPOINT_DIR, THRESHOLDS_DIR, cli
+
+    other = tmp_path / "retrained"
+    other.mkdir()
+    shutil.copy(CHECKPOINT_DIR / "config.json", other / "config.json")
+    written_to = []
+    monkeypatch.setattr(calibration, "calibrate_testbed", lambda model, out, targets, images: written_to.append(Path(out)) or [])
+    cli.main(["calibrate", "--model", str(other)])
+    cli.main(["calibrate"])
+    assert written_to == [other / "dymu-thresholds", THRESHOLDS_DIR]
+
+
+@pytest.mark.parametrize("total,warmup", [(50, 100), (10, 20), (1, 20), (1800, 100)])
+def test_every_phase_reaches_its_peak_rate(total, warmup):
+    """The card says every phase warms up to its peak; a phase shorter than its warm-up (--steps 50
+    against 100 warm-up steps) stopped at half the peak. A long one still ends at a tenth of it."""
+    from hybrid_vlm.testbed.train import learning_rate
+
+    rates = [learning_rate(step, 2e-3, warmup, total) for step in range(total)]
+    assert max(rates) == pytest.approx(2e-3)
+    if total > warmup:
+        assert learning_rate(total, 2e-3, warmup, total) == pytest.approx(2e-4)
 
 
 # ---- the named-object attention loss ------------------------------------------------------------

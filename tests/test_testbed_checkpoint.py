@@ -115,3 +115,24 @@ def test_the_committed_card_is_what_card_text_writes_from_the_checkpoints_files(
     text = card_text(copy_dir)
     assert "Calibrated on 2 training-distribution scenes (the calibration stream), DyMU's batch-level method, batches of 2:" in text
     assert "256" not in text.split("## DyMU thresholds", 1)[1]
+
+
+def test_recorded_token_counts_are_what_inference_merges_to(shipped):
+    """measure_token_counts (a threshold file's "achieved") counts each image as the engine's forward
+    does. The testbed's thresholds sit at about 0.9999, where float32 rounding decides merges, so a
+    count taken on another path (the compact one) differed for 103 of 256 calibration images."""
+    from hybrid_vlm.calibrate import load_thresholds, measure_token_counts
+    from hybrid_vlm.testbed import THRESHOLDS_DIR
+    from hybrid_vlm.testbed.train import jpeg_roundtrip
+
+    model, processor = shipped
+    path = THRESHOLDS_DIR / "testbed-high.json"
+    hybrid = apply_hybrid(copy.deepcopy(model), HybridConfig(dymu=str(path)))
+    images = [jpeg_roundtrip(scenes.render(scenes.scene_for(scenes.CALIBRATION_STREAM, index)[0])) for index in range(48)]
+    measured, entered = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), BATCH):
+            inputs = processor(images=images[start : start + BATCH], text=[conversation(CAPTION_PROMPT)] * BATCH, return_tensors="pt")
+            measured += measure_token_counts(model, [inputs["pixel_values"]], load_thresholds(path, model), progress=False)
+            entered += hybrid(**inputs, use_cache=True, logits_to_keep=1).past_key_values.hybrid_state.visual_counts().entered
+    assert measured == entered

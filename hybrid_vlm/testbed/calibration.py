@@ -8,12 +8,21 @@ over the ViT's 6 blocks, of which LLaVA reads the first 5).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..calibrate import calibrate_thresholds, count_summary, measure_token_counts, write_threshold_file
+from ..calibrate import (
+    calibrate_thresholds,
+    count_summary,
+    load_thresholds,
+    measure_token_counts,
+    read_threshold_payload,
+    write_threshold_file,
+)
+from ..provenance import replace_file
 from . import scenes
 from .train import jpeg_roundtrip
 
@@ -28,15 +37,38 @@ def calibration_pixels(image_processor, count: int, dtype=torch.float32) -> list
     ]
 
 
-@torch.no_grad()
-def calibrate_testbed(model_dir: Path, out_dir: Path, targets: list[str], num_images: int = 256) -> list[Path]:
-    """Write testbed-<target>.json per target into out_dir; return the paths."""
+def load_testbed(model_dir: Path):
+    """(model, image processor) of a testbed checkpoint folder."""
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
     from ..hf_compat.loading import NO_HUB_KERNELS
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS).eval()
-    batches = calibration_pixels(AutoImageProcessor.from_pretrained(model_dir), num_images)
+    return LlavaForConditionalGeneration.from_pretrained(model_dir, **NO_HUB_KERNELS).eval(), AutoImageProcessor.from_pretrained(model_dir)
+
+
+@torch.no_grad()
+def remeasure_testbed(model_dir: Path, out_dir: Path, targets: list[str]) -> list[Path]:
+    """Measure the "achieved" counts of each testbed-<target>.json in out_dir again, with its own
+    thresholds on the scenes it was calibrated on, and rewrite that field only: the thresholds, which
+    the committed reports ran, stay as calibrated."""
+    model, image_processor = load_testbed(model_dir)
+    written = []
+    for target in targets:
+        path = out_dir / f"testbed-{target}.json"
+        payload = read_threshold_payload(path)
+        batches = calibration_pixels(image_processor, payload["calibration"]["images"])
+        counts = measure_token_counts(model, batches, load_thresholds(path, model), progress=False)
+        payload["achieved"] = count_summary(counts)
+        replace_file(path, json.dumps(payload, indent=2) + "\n")
+        written.append(path)
+    return written
+
+
+@torch.no_grad()
+def calibrate_testbed(model_dir: Path, out_dir: Path, targets: list[str], num_images: int = 256) -> list[Path]:
+    """Write testbed-<target>.json per target into out_dir; return the paths."""
+    model, image_processor = load_testbed(model_dir)
+    batches = calibration_pixels(image_processor, num_images)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for target in targets:

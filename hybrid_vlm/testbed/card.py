@@ -266,7 +266,11 @@ def _thresholds(paths: list[Path]) -> list[str]:
     for path, payload in payloads.items():
         achieved = payload["achieved"]
         lines.append(f"| `{path.name}` | {payload['target']['preset']} | {achieved['tokens_mean']:.1f} ± {achieved['tokens_std']:.1f} |")
-    return lines
+    return lines + [
+        "",
+        "The counts are the engine's own (`python -m hybrid_vlm.testbed calibrate --remeasure` measures them again with each "
+        "file's thresholds, which it leaves as they are).",
+    ]
 
 
 def write_card() -> Path:

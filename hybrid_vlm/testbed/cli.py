@@ -32,6 +32,8 @@ def train_command(args: argparse.Namespace) -> None:
     except ValueError as error:
         args.parser.error(str(error))
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        args.parser.error(f"--out {args.out}: a file is there, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_untrained(settings.seed, settings.option_tokens)
     code = git_state()  # before the hour of training, in which the checkout may change
@@ -90,17 +92,23 @@ def _cpuinfo() -> list[str]:
 def calibrate_command(args: argparse.Namespace) -> None:
     from ..calibrate import tower_shape
     from ..dymu import plan_merging
-    from .calibration import calibrate_testbed
+    from .calibration import calibrate_testbed, remeasure_testbed
 
     if args.images < 1:
         args.parser.error(f"--images {args.images}: use at least 1 calibration scene")
     tower = tower_shape(args.model)
-    for target in args.targets if tower is not None else []:  # every target, before the first one is calibrated
+    if tower is None:
+        args.parser.error(f"--model {args.model}: no checkpoint config.json can be read there")
+    out = Path(args.out) if args.out is not None else Path(args.model) / THRESHOLDS_DIR.name  # the thresholds of --model
+    for target in args.targets:  # every target, before the first one is calibrated
         try:
             plan_merging(target, None, *tower)
         except ValueError as error:
             args.parser.error(f"--targets {target}: {error}")
-    for path in calibrate_testbed(Path(args.model), Path(args.out), args.targets, args.images):
+        if args.remeasure and not (out / f"testbed-{target}.json").is_file():
+            args.parser.error(f"--remeasure: {out / f'testbed-{target}.json'} does not exist (calibrate it first)")
+    paths = remeasure_testbed(Path(args.model), out, args.targets) if args.remeasure else calibrate_testbed(Path(args.model), out, args.targets, args.images)
+    for path in paths:
         print(path)
 
 
@@ -143,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer.set_defaults(run=train_command, parser=trainer)
     calibrator = commands.add_parser("calibrate", help="DyMU thresholds for the testbed (training-distribution images)")
     calibrator.add_argument("--model", default=str(CHECKPOINT_DIR))
-    calibrator.add_argument("--out", default=str(THRESHOLDS_DIR))
+    calibrator.add_argument("--out", default=None, help="default: the --model folder's dymu-thresholds/ (for the shipped model, the shipped files)")
     calibrator.add_argument("--targets", nargs="+", default=["low", "mid", "high"])
     calibrator.add_argument("--images", type=int, default=256, help="calibration scenes (default 256)")
+    calibrator.add_argument("--remeasure", action="store_true",
+                            help="keep each file's thresholds and measure its \"achieved\" counts again, on the scenes it was calibrated on")
     calibrator.set_defaults(run=calibrate_command, parser=calibrator)
     carder = commands.add_parser("card", help="rewrite checkpoint/README.md from the committed training log, thresholds and report")
     carder.set_defaults(run=card_command)

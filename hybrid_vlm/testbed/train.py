@@ -427,7 +427,9 @@ def packed_logits(model, pixel_values: torch.Tensor, batch: dict[str, torch.Tens
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
-    """Linear warm-up to `peak`, then cosine to 10% of it at `total` steps."""
+    """Linear warm-up to `peak`, then cosine to 10% of it at `total` steps. A phase shorter than its
+    warm-up warms up over the whole phase, so it still reaches `peak` (the card says it does)."""
+    warmup = min(warmup, total)
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
