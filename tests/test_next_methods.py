@@ -123,10 +123,10 @@ def test_cached_generation_equals_recomputation(tiny_next):
     assert torch.equal(cached, greedy_without_cache(hybrid, inputs, NEW_TOKENS))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_forward_has_no_host_syncs(tiny_next, method):
+@pytest.mark.parametrize("method,scope", [(method, "image") for method in METHODS] + [("visionzip", "crop")])
+def test_forward_has_no_host_syncs(tiny_next, method, scope):
     model, processor = tiny_next
-    hybrid = next_copy(model, visual_method=method, visual_budget=64, fastv_k=16)
+    hybrid = next_copy(model, visual_method=method, visual_budget=64, fastv_k=16, budget_scope=scope)
     assert check_no_host_syncs(hybrid, dict(next_inputs(processor, QUESTIONS)), decode_steps=2) == "pass"
 
 
