@@ -244,33 +244,16 @@ class HybridConfig:
             raise ValueError(f"FASTV_K={k!r} is not valid: use {FASTV_K_FORMS}.")
         if isinstance(self.fastv_layer, bool) or not isinstance(self.fastv_layer, int) or self.fastv_layer < 1:
             raise ValueError(f"FASTV_LAYER={self.fastv_layer!r} is not valid: use an integer >= 1.")
-        if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode={self.position_mode!r} is not valid: use one of {POSITION_MODES}.")
-        if self.scoring not in SCORING_MODES:
-            raise ValueError(f"scoring={self.scoring!r} is not valid: use one of {SCORING_MODES}.")
-        if self.dymu_split not in DYMU_SPLITS:
-            raise ValueError(f"DYMU_SPLIT={self.dymu_split!r} is not valid: use one of {', '.join(DYMU_SPLITS)}.")
-        if self.fastv_select not in SELECTIONS:
-            raise ValueError(f"FASTV_SELECT={self.fastv_select!r} is not valid: use one of {', '.join(SELECTIONS)}.")
-        if self.fastv_select == "random" and self.fastv_k is None:
-            raise ValueError("FASTV_SELECT=random needs FASTV_K (how many visual tokens to keep at random).")
         if isinstance(self.select_seed, bool) or not isinstance(self.select_seed, int) or self.select_seed < 0:
             raise ValueError(f"SELECT_SEED={self.select_seed!r} is not valid: use an integer >= 0.")
-        if self.fastv_newlines not in NEWLINE_RULES:
-            raise ValueError(f"FASTV_NEWLINES={self.fastv_newlines!r} is not valid: use one of {', '.join(NEWLINE_RULES)}.")
+        self._check_choices()
+        if self.fastv_select == "random" and self.fastv_k is None:
+            raise ValueError("FASTV_SELECT=random needs FASTV_K (how many visual tokens to keep at random).")
         if self.visual_pool is not None:
             if isinstance(self.visual_pool, bool) or self.visual_pool not in pool_sides():
                 raise ValueError(f"VISUAL_POOL={self.visual_pool!r} is not valid: use one of {', '.join(map(str, pool_sides()))}.")
             if self.dymu is not None:
                 raise ValueError("VISUAL_POOL and DYMU_THRESHOLDS cannot be combined: both decide the tokens entering layer 0.")
-        if self.dart_quota not in DART_QUOTAS:
-            raise ValueError(f"DART_QUOTA={self.dart_quota!r} is not valid: use one of {', '.join(DART_QUOTAS)}.")
-        if self.dart_pivots not in DART_PIVOT_ORDERS:
-            raise ValueError(f"DART_PIVOTS={self.dart_pivots!r} is not valid: use one of {', '.join(DART_PIVOT_ORDERS)}.")
-        if self.mask_read not in MASK_READS:
-            raise ValueError(f"MASK_READ={self.mask_read!r} is not valid: use one of {', '.join(MASK_READS)}.")
-        if self.budget_scope not in BUDGET_SCOPES:
-            raise ValueError(f"VISUAL_BUDGET_SCOPE={self.budget_scope!r} is not valid: use one of {', '.join(BUDGET_SCOPES)}.")
         if self.budget_scope == "crop" and self.visual_method not in PER_CROP_METHODS:
             raise ValueError(f"VISUAL_BUDGET_SCOPE=crop is the official LLaVA-NeXT budget rule of {' and '.join(PER_CROP_METHODS)} "
                              f"only (VISUAL_METHOD={self.visual_method or 'unset'}): unset it, or use one of them")
@@ -279,6 +262,19 @@ class HybridConfig:
             self._check_visual_method(budgeted)
         elif self.visual_budget is not None:
             raise ValueError(f"visual_budget={self.visual_budget!r} needs visual_method (one of {', '.join(budgeted)}).")
+
+    def _check_choices(self) -> None:
+        """Every setting that takes one of a few names, named as the environment spells it."""
+        choices = dict(
+            position_mode=("position_mode", POSITION_MODES), scoring=("scoring", SCORING_MODES),
+            dymu_split=("DYMU_SPLIT", DYMU_SPLITS), fastv_select=("FASTV_SELECT", SELECTIONS),
+            fastv_newlines=("FASTV_NEWLINES", NEWLINE_RULES), dart_quota=("DART_QUOTA", DART_QUOTAS),
+            dart_pivots=("DART_PIVOTS", DART_PIVOT_ORDERS), mask_read=("MASK_READ", MASK_READS),
+            budget_scope=("VISUAL_BUDGET_SCOPE", BUDGET_SCOPES),
+        )
+        for field, (setting, accepted) in choices.items():
+            if getattr(self, field) not in accepted:
+                raise ValueError(f"{setting}={getattr(self, field)!r} is not valid: use one of {', '.join(accepted)}.")
 
     def _check_visual_method(self, budgeted: list[str]) -> None:
         if self.visual_method not in budgeted:
