@@ -53,6 +53,9 @@ def test_pdrop_schedule_reproduces_the_table_solved_from_the_maintainers_recipe(
 def test_pdrop_stage_layers_scale_to_shallow_llms_and_budgets_below_the_floor_are_refused():
     assert pdrop.stage_layers(LAYERS) == STAGE_LAYERS
     assert pdrop.stage_layers(4) == (1, 2, 3)
+    # on LLaVA-1.5-13B's 40 layers the official scripts pass the 7B layer_list ([8, 16, 24] in all
+    # of Cooperx521/PyramidDrop's scripts/v1_5/pdrop_eval/*.sh, which run llava-v1.5-13b): not scaled
+    assert pdrop.stage_layers(40) == pdrop.stage_layers(32) == (2, 8, 16)
     with pytest.raises(ValueError, match="at least 4 layers"):
         pdrop.stage_layers(3)
     with pytest.raises(ValueError, match=r"not reachable by pdrop .* \(36, 576\)"):

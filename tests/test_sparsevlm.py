@@ -43,6 +43,7 @@ def test_schedule_reproduces_the_official_counts():
     held = [kept + clusters for kept, clusters in sparsevlm.stage_counts(192, 576)]
     assert (2 * 576 + 4 * held[0] + 9 * held[1] + 17 * held[2]) / 32 == 192.03125
     assert sparsevlm.stage_layers(32) == (3, 7, 16)
+    assert sparsevlm.stage_layers(40) == (3, 7, 16)  # official pruning_loc=[2, 6, 15] whatever the depth (13B: 40 layers)
     assert sparsevlm.stage_layers(LAYERS) == STAGE_LAYERS
     assert sparsevlm.stage_layers(4) == (1, 2, 3)
     assert all(sparsevlm.recycled_counts(p) == recycled_by_hand(p) for p in range(1, 600))
