@@ -15,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openpyxl
 import pandas as pd
 import pytest
 from PIL import Image
 
 from tests.test_vlmeval_plugin import RUN_PY, needs_vlmeval, run_py, sandbox  # noqa: F401 (sandbox is a fixture)
-from vlmeval_plugin import layouts, robust, stats
-from vlmeval_plugin.tiny_data import build_mcq_table, image_to_base64
+from vlmeval_plugin import layouts, results, robust, stats
+from vlmeval_plugin.tiny_data import build_caption_table, build_mcq_table, image_to_base64
 
 FAIL_PREFIX = "Failed to obtain answer"  # VLMEvalKit's INFER_FAIL_MSG, written out as the reference
 MODEL = "llava_tiny"
@@ -749,3 +750,104 @@ def test_a_missing_file_in_an_image_path_set_fails_its_rows_alone(sandbox, tmp_p
     assert failed == {1} and len(predicted) == len(table)
     assert "gone.png does not exist" in output
     assert (work_dir / MODEL / f"{MODEL}_PathMCQ_acc.csv").exists(), output[-3000:]
+
+
+# ---- faults found by fault injection: torn files, reruns, resumes -------------------------------------
+
+FORCED_FIRST_ANSWER = r"""
+import os, sys
+from vlmeval_plugin import model as m
+original, calls = m.HybridLLaVA.answer, []
+def answer(self, message, text):
+    calls.append(1)
+    return os.environ["FORCED"] if len(calls) == 1 else original(self, message, text)
+m.HybridLLaVA.answer = answer
+from vlmeval_plugin.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stats_line_torn_inside_a_character_is_skipped_not_fatal(tmp_path):
+    """A kill inside a multi-byte character (a caption with an accent, an MMBench_CN answer) raised
+    UnicodeDecodeError at every later run: the set's predictions could not be rebuilt."""
+    path = stats.stats_path(tmp_path, "m", "Set")
+    stats.append_record(path, {"index": "0", "prediction": "ok"})
+    torn = json.dumps({"index": "1", "prediction": "一只猫"}, ensure_ascii=False).encode()
+    with open(path, "ab") as handle:
+        handle.write(torn[: torn.index("一".encode()) + 1])  # a kill after one byte of a 3-byte character
+    stats.append_record(path, {"index": "2", "prediction": "B"})
+    assert sorted(stats.read_records(path)) == ["0", "2"]
+    assert results.read_dataset(tmp_path, "m", "Set").stats_rows == 2
+
+
+@needs_vlmeval
+@pytest.mark.parametrize("forced", ["None", ""])
+def test_a_rerun_keeps_a_finished_answer_pandas_reads_as_missing(sandbox, forced):  # noqa: F811
+    """VLMEvalKit reloads the prediction file on a rerun: "None", "NA", "" came back NaN and were written as "nan"."""
+    write_set(sandbox, f"NanCap{len(forced)}", build_caption_table(3))
+    work_dir = sandbox["root"] / f"nan_rerun{len(forced)}"
+    args = ["--data", f"NanCap{len(forced)}", "--model", MODEL, "--max-new-tokens", "3", "--work-dir", str(work_dir), "--mode", "infer"]
+    first = subprocess.run([sys.executable, "-c", FORCED_FIRST_ANSWER, *args], env=dict(sandbox["env"], FORCED=forced),
+                           cwd=sandbox["root"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_py(sandbox, args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    cell = openpyxl.load_workbook(work_dir / MODEL / f"{MODEL}_NanCap{len(forced)}.xlsx").active["D2"].value
+    assert (cell or "") == forced
+
+
+@needs_vlmeval
+def test_an_image_file_whose_extension_vlmevalkit_refuses_fails_its_row_alone(sandbox, tmp_path):  # noqa: F811
+    """VLMEvalKit goes by the extension: one .jfif file ended the whole set with a bare AssertionError."""
+    table = build_mcq_table(num_questions=4)
+    table = table[table["index"] < 4].reset_index(drop=True)
+    paths = []
+    for index, cell in zip(table["index"], table["image"]):
+        path = tmp_path / f"{index}.png"
+        robust.decode_base64_to_image_file(cell, str(path))
+        if index == 2:
+            os.replace(path, tmp_path / "2.jfif")
+            path = tmp_path / "2.jfif"
+        paths.append(str(path))
+    write_set(sandbox, "JfifPathMCQ", table.drop(columns=["image"]).assign(image_path=paths))
+    work_dir = sandbox["root"] / "jfif"
+    result = run_py(sandbox, ["--data", "JfifPathMCQ", "--model", MODEL, "--max-new-tokens", "2", "--work-dir", str(work_dir), "--batch-size", "4"])
+    assert result.returncode == 1 and "combination failed" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    assert f"{MODEL} x JfifPathMCQ: row 2 failed: the image file" in result.stderr and ".jfif" in result.stderr
+    predicted = pd.read_excel(work_dir / MODEL / f"{MODEL}_JfifPathMCQ.xlsx")
+    assert [str(p).startswith("Failed to obtain answer") for p in predicted["prediction"]] == [False, False, True, False]
+
+
+@needs_vlmeval
+def test_a_failed_row_is_a_miss_whatever_its_reason_mentions(installed):  # noqa: F811
+    """The failure marker went through VLMEvalKit's option matching like an answer: a reason naming an
+    option's text chose that option."""
+    multiple_choice = installed
+    item = pd.Series(dict(question="What is in the picture?", A="empty", B="a red square on a striped background", answer="A",
+                          prediction="Failed to obtain answer: the image cell is empty"))
+    assert multiple_choice.extract_answer_from_item(None, item, "Custom")["opt"] == "Z"
+
+
+@needs_vlmeval
+def test_a_finished_row_is_answered_from_the_stats_even_if_its_input_is_unreachable_now(sandbox, tmp_path):  # noqa: F811
+    """A resume on a node without the image share turned finished rows into failed ones, which the
+    next run generated again."""
+    table = build_mcq_table(num_questions=3)
+    table = table[table["index"] < 3].reset_index(drop=True)
+    (tmp_path / "images").mkdir()
+    paths = []
+    for index, cell in zip(table["index"], table["image"]):
+        paths.append(str(tmp_path / "images" / f"{index}.png"))
+        robust.decode_base64_to_image_file(cell, paths[-1])
+    write_set(sandbox, "AwayPathMCQ", table.drop(columns=["image"]).assign(image_path=paths))
+    work_dir = sandbox["root"] / "away"
+    args = ["--data", "AwayPathMCQ", "--model", MODEL, "--max-new-tokens", "2", "--work-dir", str(work_dir), "--mode", "infer"]
+    assert run_py(sandbox, args).returncode == 0
+    folder = work_dir / MODEL
+    written = pd.read_excel(folder / f"{MODEL}_AwayPathMCQ.xlsx")["prediction"].tolist()
+    (folder / f"{MODEL}_AwayPathMCQ.xlsx").unlink()  # a kill before VLMEvalKit's final write
+    shutil.move(tmp_path / "images", tmp_path / "away")  # the images are not reachable from the resuming node
+    resumed = run_py(sandbox, args)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert len(stats.stats_path(folder, MODEL, "AwayPathMCQ").read_text().splitlines()) == 3  # nothing failed, nothing generated
+    assert pd.read_excel(folder / f"{MODEL}_AwayPathMCQ.xlsx")["prediction"].tolist() == written

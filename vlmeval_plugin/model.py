@@ -46,7 +46,7 @@ from hybrid_vlm.model import IMAGE_LAYOUTS, VisualCounts
 from hybrid_vlm.runtime import resolve_device, resolve_dtype
 
 from . import stats
-from .robust import RowError, image_file_problem, is_blank, storable_prediction
+from .robust import RowError, image_file_problem, image_type_problem, is_blank, storable_prediction
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -243,6 +243,8 @@ class HybridLLaVA(BaseModel):
         message = self._message_for(line, dataset)
         for item in message:  # an image_path set names its files: upstream asserts on a missing one, ending the set
             problem = image_file_problem(str(item["value"])) if item["type"] == "image" else None
+            if problem is None and item["type"] == "image":
+                problem = image_type_problem(str(item["value"]))
             if problem is not None:
                 raise RowError(problem)
         return message
@@ -453,16 +455,15 @@ class HybridLLaVA(BaseModel):
         if index is None:  # not from infer_data's loop (e.g. a direct call): no row, no records
             self.rows_generated += 1
             return self.generate_batch([message])[0]["prediction"]
+        records = self._records_for(dataset)
+        if str(index) in records:  # finished earlier (its answer needs no prompt now), or generated (or failed) in this run's batches
+            self.rows_from_records += 1
+            return records[str(index)]["prediction"]
         if failure is not None:
             record = dict(index=str(index), **self._failed_record(failure))
             self._keep(dataset, record)
             print(f"[hybrid-vlm] {dataset} row {index} failed: {failure}", flush=True)
             return record["prediction"]
-
-        records = self._records_for(dataset)
-        if str(index) in records:  # finished earlier, or generated (or failed) in this run's batches
-            self.rows_from_records += 1
-            return records[str(index)]["prediction"]
         batch = [(index, message)] + self._lookahead(index, dataset, message)
         outcomes = self._generate_or_split(batch)
         for row_index, result in outcomes:

@@ -182,6 +182,20 @@ def scratch_beside(path) -> str:
     return f"{root}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{extension}"
 
 
+def image_type_problem(path: str) -> str | None:
+    """Why VLMEvalKit's BaseModel.generate would refuse an image file that decodes: it asserts that the
+    file's extension names an image type (mimetypes), which ended the whole set with a bare
+    AssertionError for one `.jfif` or extension-less file. None when it takes the file."""
+    from vlmeval.smp.file import parse_file
+
+    mime, _ = parse_file(path)
+    if mime is not None and mime.split("/")[0] == "image":
+        return None
+    suffix = os.path.splitext(path)[1]
+    return (f"the image file {shortened(path)} has the extension {suffix or '(none)'}, which VLMEvalKit does not take for an "
+            "image (it goes by the extension: .jpg, .jpeg, .png, .bmp, .gif, .webp, .tif ...): rename or convert the file")
+
+
 def image_file_problem(path: str) -> str | None:
     """Why an image file cannot be used (missing, or not decodable to its end), else None."""
     from PIL import Image
@@ -268,6 +282,10 @@ def _resume_checkpoints_cleanly() -> None:
         out_file = call.arguments["out_file"]
         if os.path.exists(out_file):
             clean_checkpoint(out_file, inference.FAIL_MSG if call.arguments["retry_failed"] else None)
+        dataset = call.arguments["dataset"]
+        previous = f"{call.arguments['work_dir']}/{call.arguments['model_name']}_{getattr(dataset, 'dataset_name', None)}_PREV.pkl"
+        if os.path.exists(previous):
+            drop_reread_predictions(previous)
         return infer_data(*args, **kwargs)
 
     checked_infer_data._hybrid_vlm = True
@@ -289,6 +307,27 @@ def clean_checkpoint(path: str, fail_message: str | None) -> None:
     if fail_message is None:
         return
     kept = {index: prediction for index, prediction in results.items() if fail_message not in str(prediction)}
+    if len(kept) < len(results):
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "wb") as file:
+            pickle.dump(kept, file)
+        os.replace(partial, path)
+
+
+def drop_reread_predictions(path: str) -> None:
+    """Drop the entries of infer_data_job's `<model>_<dataset>_PREV.pkl` (the finished rows it read back
+    from the prediction file) that did not come back as text: pandas reads an empty prediction, "None",
+    "NA", "N/A", "null" ... as NaN (and a .tsv's "7" as 7), which VLMEvalKit wrote out again as "nan" (or
+    "7.0"), changing a finished row at every rerun. Those rows are then answered from the stats file as
+    generated."""
+    try:
+        with open(path, "rb") as file:
+            results = pickle.load(file)
+    except Exception:  # infer_data reads it, and says so, as upstream
+        return
+    if not isinstance(results, dict):
+        return
+    kept = {index: prediction for index, prediction in results.items() if isinstance(prediction, str)}
     if len(kept) < len(results):
         partial = f"{path}.{os.getpid()}.partial"
         with open(partial, "wb") as file:
@@ -521,12 +560,15 @@ def _blank_missing_questions() -> None:
     extraction asks `cn_string(question)`, which raises on a float: the whole set went unscored
     ("expected string or bytes-like object"). Such a question is read as the empty string."""
     import vlmeval.dataset.utils.multiple_choice as multiple_choice
+    from vlmeval.smp.file import INFER_FAIL_MSG
 
     extract = multiple_choice.extract_answer_from_item
     if getattr(extract, "_hybrid_vlm", False):
         return
 
     def extract_answer_from_item(model, item, *args, **kwargs):
+        if str(item.get("prediction")).startswith(INFER_FAIL_MSG):  # a failed row is a miss, whatever its reason mentions
+            return dict(opt="Z", log="the row failed: no answer was generated")
         if not isinstance(item.get("question"), str):
             item = item.copy()
             item["question"] = ""

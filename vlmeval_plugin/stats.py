@@ -44,11 +44,11 @@ def read_records(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.exists():
         return records
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # bytes: a line torn inside a multi-byte character must not end the read
         for line in handle:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict) and "index" in record and "prediction" in record:
                 records[str(record["index"])] = record
