@@ -105,13 +105,16 @@ def question_hits(predictions: pd.DataFrame) -> pd.Series:
     return correct.groupby(base).all().astype(int)
 
 
-def image_ciders(predictions: pd.DataFrame) -> pd.Series:
-    """Per image (the `index` column), its CIDEr x 100 within the whole run's Cider."""
+def image_ciders(predictions: pd.DataFrame, failed: set[int] = frozenset()) -> pd.Series:
+    """Per image (the `index` column), its CIDEr x 100 within the whole run's Cider; a failed row
+    (`failed`: its index) 0, as an empty caption scores, not its failure text (CIDEr's document
+    frequencies come from the references alone, so the other images' scores do not move)."""
     from hybrid_tools.caption_baseline import cider_per_image
 
     references = [list(ast.literal_eval(str(text))) for text in predictions["answer"]]
-    scores = cider_per_image([str(text) for text in predictions["prediction"]], references)
-    return pd.Series(scores, index=predictions["index"].astype(int).to_numpy())
+    scores = pd.Series(cider_per_image([str(text) for text in predictions["prediction"]], references),
+                       index=predictions["index"].astype(int).to_numpy())
+    return scores.where(~scores.index.isin(list(failed)), 0.0)
 
 
 def collect(work_dir: Path, bench_dir: Path | None, out: Path, recipe: str | None = None) -> None:
@@ -157,7 +160,8 @@ def scored_run(name: str, dataset: str, result, path: Path | None) -> tuple[dict
     metric = METRICS[result.kind]
     if path is None:
         return dict(dataset=dataset, metric=metric, status="no prediction file"), None
-    items = question_hits(load_table(path)) if result.kind == "mcq" else image_ciders(load_table(path))
+    failed = {int(index) for index, _ in result.failed_rows}
+    items = question_hits(load_table(path)) if result.kind == "mcq" else image_ciders(load_table(path), failed)
     return dict(dataset=dataset, metric=metric, status="ok", items=len(items), vlmeval_score=result.main_value,
                 visual_in=result.visual_in_mean, visual_kept=result.visual_kept_mean, visual_layer_mean=result.visual_layer_mean,
                 prefill_gmacs=result.prefill_gmacs_mean, setting=";".join(result.settings),
@@ -330,8 +334,8 @@ def main_table(raw: Path) -> str:
 
 
 def failed_rows_lines(runs: pd.DataFrame) -> list[str]:
-    """A line naming the runs with failed rows, which are scored as wrong (runs.csv written before
-    the column existed has none to name)."""
+    """A line naming the runs with failed rows, which are scored as wrong: a miss, or a caption's
+    CIDEr 0 (runs.csv written before the column existed has none to name)."""
     if "failed_rows" not in runs.columns:
         return []
     failed = [f"`{run['run']}` ({int(run['failed_rows'])})" for _, run in runs.iterrows() if run["failed_rows"] > 0]

@@ -164,6 +164,22 @@ def test_per_image_cider_averages_to_pycocoevalcaps_corpus_score():
     assert per_image[9] < per_image[3]  # the wrong object scores lower than the right one
 
 
+def test_a_failed_caption_row_scores_as_an_empty_caption_not_its_failure_text():
+    """The failure marker was scored as the row's caption, so a run with failed rows got CIDEr for
+    words such as "the image"; the comparison says failed rows are scored as wrong. pycocoevalcap
+    on the same set with the failed row's caption empty is the reference."""
+    from pycocoevalcap.cider.cider import Cider
+
+    failed = CAPTIONS.assign(prediction=["a red circle at the top left", "Failed to obtain answer: the image of the row is a "
+                                         "plain background with two shapes", "a blue square"])
+    assert compare.image_ciders(failed)[5] > 0  # its failure text shares words with the references
+    per_image = compare.image_ciders(failed, failed={5})
+    gts = {str(i): eval(a) for i, a in enumerate(CAPTIONS["answer"])}
+    res = {str(i): [p] for i, p in enumerate(["a red circle at the top left", "", "a blue square"])}
+    _, reference = Cider().compute_score(gts, res)
+    assert per_image.tolist() == pytest.approx([100 * score for score in reference], rel=1e-12)
+
+
 def write_raw(raw: Path, runs: list[dict], hits: list[dict], captions: list[dict]) -> None:
     raw.mkdir(parents=True)
     pd.DataFrame(runs, columns=list(compare.RUN_COLUMNS)).to_csv(raw / "runs.csv", index=False)
