@@ -851,3 +851,24 @@ def test_a_finished_row_is_answered_from_the_stats_even_if_its_input_is_unreacha
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert len(stats.stats_path(folder, MODEL, "AwayPathMCQ").read_text().splitlines()) == 3  # nothing failed, nothing generated
     assert pd.read_excel(folder / f"{MODEL}_AwayPathMCQ.xlsx")["prediction"].tolist() == written
+
+
+@needs_vlmeval
+def test_a_prompt_longer_than_the_llm_fails_its_row_alone(sandbox):  # noqa: F811
+    """A row whose prompt is above the LLM's max_position_embeddings (4096 on LLaVA-1.5 and the tiny
+    model) was generated silently with positions the model never saw. It fails, with its length and
+    the limit; the rows batched with it are answered as they are alone."""
+    table = build_mcq_table(num_questions=3)
+    table = table[table["index"] < 3].reset_index(drop=True)
+    table.loc[1, "question"] = "Which colour is it? " + "very " * 4200
+    write_set(sandbox, "LongMCQ", table)
+    runs = {}
+    for batch in (3, 1):
+        work_dir = sandbox["root"] / f"long{batch}"
+        result = run_py(sandbox, ["--data", "LongMCQ", "--model", MODEL, *TOKENS, "--work-dir", str(work_dir), "--batch-size", str(batch)])
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output[-4000:]
+        assert "row 1 failed: generate failed: the prompt is " in output and "above the 4096 positions of this LLM" in output, output[-4000:]
+        runs[batch] = pd.read_excel(work_dir / MODEL / f"{MODEL}_LongMCQ.xlsx").set_index("index")["prediction"].astype(str)
+    assert runs[3].str.startswith(FAIL_PREFIX).tolist() == [False, True, False]
+    assert runs[3].tolist() == runs[1].tolist()

@@ -350,6 +350,7 @@ class HybridLLaVA(BaseModel):
     def generate_batch(self, messages: list[list[dict]]) -> list[dict]:
         """One left-padded generate over several messages; a stats dict (with prediction) per message."""
         inputs, host_layouts = self._device_inputs(messages)
+        self._check_context(host_layouts["prompt_tokens"])
         self._forward_calls = 0
         self._prefill_seconds = None
         self._synchronize()
@@ -397,7 +398,19 @@ class HybridLLaVA(BaseModel):
         inputs = self.processor_inputs(messages)
         host_layouts = {key: inputs[key] for key in IMAGE_LAYOUTS if key in inputs}
         host_layouts["images"] = inputs["pixel_values"].shape[0] if inputs.get("pixel_values") is not None else 0
+        mask = inputs.get("attention_mask")
+        host_layouts["prompt_tokens"] = mask.sum(dim=1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(messages)
         return inputs_for(self.model, inputs), host_layouts
+
+    def _check_context(self, prompt_tokens: list[int]) -> None:
+        """A prompt longer than the LLM's positions (its image tokens included) is refused: generated
+        past them, it ran silently with positions the model never saw. In a batch the refusal
+        splits it (`_generate_or_split`) until that row fails alone."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(prompt_tokens)
+        if limit is not None and longest > limit:
+            raise RowError(f"the prompt is {longest} tokens, images included, above the {limit} positions of this LLM "
+                           "(max_position_embeddings): shorten the row's text or use fewer or smaller images")
 
     def _token_counts(self, output, inputs) -> tuple[list[int], list[int], VisualCounts]:
         """(prompt tokens in, prompt tokens kept, visual counts) per row: the engine's, from its
