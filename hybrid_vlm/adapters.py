@@ -190,20 +190,18 @@ def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayou
     per_crop = model.hybrid_config.budget_scope == "crop"
     packed, valid, counts, start = [], [], [], 0
     for index, layout in enumerate(layouts):
-        image_tokens, image_valid, image_count = None, None, 0
-        for group in selection_groups(layout, patches, per_crop):
-            count = group_count(budget, len(group), per_crop, method, index)
+        groups = selection_groups(layout, patches, per_crop)
+        group_counts = [group_count(budget, len(group), per_crop, method, index) for group in groups]
+        tokens, kept = [], []
+        for group, count in zip(groups, group_counts):
             at = host_to_device(layout.source[group] + start * patches, crops.device)
-            tokens, kept = select_and_place(model, packed_reads(reads, at), method, count)  # [1, len(group), hidden]
-            if image_tokens is None:
-                image_tokens = tokens.new_zeros(layout.num_tokens, tokens.shape[-1])
-                image_valid = torch.zeros(layout.num_tokens, dtype=torch.bool, device=crops.device)
-            positions = host_to_device(group, crops.device)
-            image_tokens, image_valid = image_tokens.index_copy(0, positions, tokens[0]), image_valid.index_copy(0, positions, kept[0])
-            image_count += count
-        packed.append(image_tokens)
-        valid.append(image_valid)
-        counts.append(image_count)
+            group_tokens, group_kept = select_and_place(model, packed_reads(reads, at), method, count)  # [1, len(group), hidden], [1, len(group)]
+            tokens.append(group_tokens[0])
+            kept.append(group_kept[0])
+        tokens, positions = torch.cat(tokens), host_to_device(torch.cat(groups), crops.device)
+        packed.append(tokens.new_zeros(layout.num_tokens, tokens.shape[-1]).index_copy(0, positions, tokens))
+        valid.append(torch.zeros(layout.num_tokens, dtype=torch.bool, device=crops.device).index_copy(0, positions, torch.cat(kept)))
+        counts.append(sum(group_counts))
         start += layout.num_crops
     return packed, valid, counts
 

@@ -242,11 +242,10 @@ class HybridLLaVA(BaseModel):
         check_text_fields(line, self._dataset_type(dataset))
         message = self._message_for(line, dataset)
         for item in message:  # an image_path set names its files: upstream asserts on a missing one, ending the set
-            problem = image_file_problem(str(item["value"])) if item["type"] == "image" else None
-            if problem is None and item["type"] == "image":
-                problem = image_type_problem(str(item["value"]))
-            if problem is not None:
-                raise RowError(problem)
+            if item["type"] == "image":
+                problem = image_file_problem(str(item["value"])) or image_type_problem(str(item["value"]))
+                if problem is not None:
+                    raise RowError(problem)
         return message
 
     def build_prompt(self, line, dataset=None):

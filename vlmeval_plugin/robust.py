@@ -304,14 +304,8 @@ def clean_checkpoint(path: str, fail_message: str | None) -> None:
     except Exception as error:  # a torn pickle raises any of several types
         set_aside("checkpoint", path, f"{type(error).__name__}: {error}")
         return
-    if fail_message is None:
-        return
-    kept = {index: prediction for index, prediction in results.items() if fail_message not in str(prediction)}
-    if len(kept) < len(results):
-        partial = f"{path}.{os.getpid()}.partial"
-        with open(partial, "wb") as file:
-            pickle.dump(kept, file)
-        os.replace(partial, path)
+    if fail_message is not None:
+        keep_predictions(path, results, lambda prediction: fail_message not in str(prediction))
 
 
 def drop_reread_predictions(path: str) -> None:
@@ -325,9 +319,14 @@ def drop_reread_predictions(path: str) -> None:
             results = pickle.load(file)
     except Exception:  # infer_data reads it, and says so, as upstream
         return
-    if not isinstance(results, dict):
-        return
-    kept = {index: prediction for index, prediction in results.items() if isinstance(prediction, str)}
+    if isinstance(results, dict):
+        keep_predictions(path, results, lambda prediction: isinstance(prediction, str))
+
+
+def keep_predictions(path: str, results: dict, keep) -> None:
+    """Rewrite the pickled predictions `results` read from `path` with only those `keep` accepts,
+    through a scratch file renamed into place; the file is left as it is when `keep` takes them all."""
+    kept = {index: prediction for index, prediction in results.items() if keep(prediction)}
     if len(kept) < len(results):
         partial = f"{path}.{os.getpid()}.partial"
         with open(partial, "wb") as file:
