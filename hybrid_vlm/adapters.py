@@ -21,6 +21,7 @@ import torch
 
 from .baselines import image_keys, pool_grid, pooled_token_count, random_slot_scores, slot_hash
 from .dymu import place_on_cropped_grid
+from .flops import AnyresImage
 from .hf_compat import dymu_image_features, stock_image_features
 from .hf_compat.clip import project_features, vision_parts, vision_reads
 from .hf_compat.llava_next import (
@@ -32,7 +33,7 @@ from .hf_compat.llava_next import (
     crop_pixels,
     image_newline,
 )
-from .methods import Method, Read, Selection, VisualReads, budget_tokens, check_budget, get_method
+from .methods import Method, Read, Selection, VisualReads, check_budget, get_method, group_count
 from .methods.selection import place_selection
 from .placement import ImageSlots
 from .runtime import host_to_device
@@ -166,17 +167,16 @@ def selection_groups(layout: AnyresLayout, patches: int, per_crop: bool) -> list
     return [group for group in groups if len(group)]
 
 
-def group_count(budget: int | float, available: int, per_crop: bool, method: Method, index: int) -> int:
-    """Tokens one selection keeps out of `available`. Per image, a count above them is refused; per
-    crop, a crop that unpadding left with fewer patches keeps them all (the official code would
-    also pick among the padding patches, which have no slot here)."""
-    count = budget_tokens(budget, available)
-    if per_crop:
-        return min(count, available)
-    if count > available:
-        raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for the batch's image {index} (0-based, prompt by prompt): it packs "
-                         f"{available} patch tokens (use a budget <= {available}, a fraction, or a larger image)")
-    return count
+def anyres_images(model, image_sizes) -> list[AnyresImage]:
+    """What the MACs model (`flops.next_method_prefill_macs`) needs of each LLaVA-NeXT image: the
+    patch tokens unpadding leaves in each crop (the groups `selection_groups` forms) and its packed
+    count, from the host's image sizes."""
+    images = []
+    for layout in anyres_layouts(model, image_sizes):
+        patches = grid_patches(model)
+        crop_of = layout.source[layout.source != NEWLINE] // patches
+        images.append(AnyresImage(tuple(torch.bincount(crop_of, minlength=layout.num_crops).tolist()), layout.num_tokens))
+    return images
 
 
 def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayout], method: Method, budget: int):

@@ -35,6 +35,11 @@ a Vicuna/Llama decoder. So a Llama layer costs ~ 4nd^2 + 3ndm + n^2 d MACs:
   mark DyMU rows' prefill theory with * and say so below them).
 - Projector (LLaVA-1.5 mlp2x_gelu): n_visual (D d + d^2); with DyMU on LLaVA-1.5 n_visual is the
   merged count (the ideal again), on LLaVA-NeXT every crop's 576 patches.
+- LLaVA-NeXT (`next_method_prefill_macs`, from each image's `AnyresImage`): every crop (the base
+  image and the anyres grid) through the tower and, unless a method selects in CLIP space first, the
+  projector, whatever unpadding leaves of the crop; the packed span (patches + newlines) enters the
+  LLM. A method before the LLM reads per crop ([CLS] row: `methods.read_macs`) and scores per
+  selection (`Method.scoring_macs` over the selection's candidates).
 - lm_head: on the last prompt token only, as generate() does (logits_to_keep=1), per sample.
 - FastV: layers < fastv_layer run at all n prompt tokens, layers >= fastv_layer at the kept n'.
   The "row" scorer adds one attention row at layer fastv_layer - 1 (n d_q MACs; Q K^T only);
@@ -336,6 +341,26 @@ class PrefillMacs:
         return dict(vision=self.vision, projector=self.projector, selection=self.selection, llm=self.llm, lm_head=self.lm_head, total=self.total)
 
 
+@dataclass(frozen=True)
+class AnyresImage:
+    """One LLaVA-NeXT image as its MACs depend on it (`adapters.anyres_images` reads it off the
+    processor's image size): the patch tokens unpadding leaves in each crop the tower sees (the base
+    image first, whole; a crop may keep none), and its packed tokens (those patches plus a newline
+    per grid row), which enter the LLM when no method acts before it."""
+
+    crop_patches: tuple[int, ...]
+    tokens: int
+
+    @property
+    def crops(self) -> int:
+        return len(self.crop_patches)
+
+    def selection_groups(self, per_crop: bool) -> list[int]:
+        """Candidates of each selection a method before the LLM runs (`adapters.selection_groups`):
+        all the patch tokens, or each crop's that has any."""
+        return [patches for patches in self.crop_patches if patches] if per_crop else [sum(self.crop_patches)]
+
+
 def prefill_macs(
     shape: LlavaShape,
     text_tokens: int,
@@ -397,7 +422,7 @@ def method_prefill_macs(
     visual_entered / visual_kept: the counts a run recorded (else the ones the config implies).
     images: the sample's images, each through the tower, the projector and a method before the LLM."""
     from .config import visual_keep_count
-    from .methods import VitDims, check_budget, get_method
+    from .methods import VitDims, check_budget, get_method, read_macs
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-layer counts")
@@ -411,7 +436,8 @@ def method_prefill_macs(
     if config.visual_method is not None:
         method = get_method(config.visual_method)
         per_image = check_budget(method, config.visual_budget, patches)
-        selection = images * method.scoring_macs(per_image, VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden))
+        dims = VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden)
+        selection = images * (read_macs(method, dims) + method.scoring_macs(per_image, dims))
         visual = per_image * images
         if not method.selects_projected:  # it selects before the projector, in its own CLIP loop, which skips the unread last layer
             projector, vit_layers = visual, shape.vit_layers_read
@@ -427,15 +453,77 @@ def method_prefill_macs(
     )
 
 
-def stage_visual_counts(shape: LlavaShape, config, images: int = 1) -> dict[int, int]:
+def next_method_prefill_macs(
+    shape: LlavaShape, config, images: Sequence[AnyresImage], text_tokens: int, lm_head_tokens: int = 1,
+    attention: str = "causal", visual_entered: int | None = None, visual_kept: int | None = None,
+) -> PrefillMacs:
+    """Prefill MACs of one LLaVA-NeXT sample under a HybridConfig. Every crop runs through the tower
+    (the layers up to the read one for a method that reads CLIP), then:
+
+    - nothing cut, FastV or random selection: the projector on every crop's patches, the packed
+      spans (newlines included) into the LLM;
+    - a method before the LLM: its reads per crop, its scoring per selection (one per image over its
+      patch tokens, or one per crop under VISUAL_BUDGET_SCOPE=crop), the projector on what it projects,
+      the kept tokens into the LLM (no newline);
+    - pdrop or dart: their stages over the packed spans (`staged_prefill_macs`).
+
+    DyMU's counts are data: count it with prefill_macs and one per-layer list per crop.
+    visual_entered / visual_kept: the counts a run recorded (else the ones the config implies)."""
+    from .config import visual_keep_count
+
+    if config.dymu is not None:
+        raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-crop, per-layer counts")
+    if not images or visual_entered == 0:  # a text-only row
+        return method_prefill_macs(shape, config, text_tokens, lm_head_tokens, attention, visual_entered=0, visual_kept=0)
+    if config.staged_method is not None:
+        return staged_prefill_macs(shape, config, text_tokens, lm_head_tokens, attention, anyres=images)
+    crops = sum(image.crops for image in images)
+    visual, projector, vit_layers, selection = sum(image.tokens for image in images), crops * shape.vit.patches, None, 0
+    if config.pre_llm_method is not None:
+        visual, selection, selects_projected = next_selection_macs(shape, config, images)
+        if not selects_projected:
+            projector, vit_layers = visual, shape.vit_layers_read
+    visual = visual_entered if visual_entered is not None else visual
+    kept = visual_keep_count(visual, config.fastv_k) if config.fastv_k is not None else None
+    kept = visual_kept if visual_kept is not None and kept is not None else kept
+    return prefill_macs(
+        shape, text_tokens, visual, kept, fastv_layer=config.fastv_layer, attention=attention,
+        scoring=config.scoring if config.fastv_k is not None and config.fastv_select == "attention" else None,
+        lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, crops=crops, projector_tokens=projector, selection=selection,
+    )
+
+
+def next_selection_macs(shape: LlavaShape, config, images: Sequence[AnyresImage]) -> tuple[int, int, bool]:
+    """(visual tokens the method keeps, MACs of its reads and selections, whether it selects
+    projected features) of a method before the LLM over a LLaVA-NeXT sample's images."""
+    from .methods import VitDims, get_method, group_count, read_macs
+
+    method, per_crop = get_method(config.pre_llm_method), config.budget_scope == "crop"
+
+    def dims(patches: int) -> VitDims:
+        return VitDims(patches, shape.vit.hidden, shape.vit.heads, shape.llm.hidden)
+
+    kept, macs = 0, 0
+    for index, image in enumerate(images):
+        macs += image.crops * read_macs(method, dims(shape.vit.patches))  # every crop's [CLS] row, padding included
+        for available in image.selection_groups(per_crop):
+            count = group_count(config.visual_budget, available, per_crop, method, index)
+            macs += method.scoring_macs(count, dims(available))
+            kept += count
+    return kept, macs, method.selects_projected
+
+
+def stage_visual_counts(shape: LlavaShape, config, images: int = 1, image_tokens: Sequence[int] | None = None) -> dict[int, int]:
     """{first layer: visual tokens from it on} of a pdrop, sparsevlm or dart run (layer 0: every
-    patch of the sample's images, which pdrop and dart rank as one pool: `stages.prompt_budget`)."""
+    visual token of the sample's images, which pdrop and dart rank as one pool: `stages.prompt_budget`).
+    image_tokens: each image's tokens where they are not `images` x 576 (LLaVA-NeXT's packed spans)."""
     from .methods import sparsevlm
     from .methods.dart import image_quotas, kept_count
     from .stages import pdrop_schedule_capped, prompt_budget
 
-    patches, layers = shape.visual_tokens * images, shape.llm.layers
-    budget = prompt_budget(config.visual_budget, [shape.visual_tokens] * images)
+    image_tokens = [shape.visual_tokens] * images if image_tokens is None else list(image_tokens)
+    patches, layers, images = sum(image_tokens), shape.llm.layers, len(image_tokens)
+    budget = prompt_budget(config.visual_budget, image_tokens)
     if config.llm_method == "pdrop":
         return {0: patches, **pdrop_schedule_capped(budget, patches, layers)}
     if config.llm_method == "sparsevlm":
@@ -449,15 +537,16 @@ def stage_visual_counts(shape: LlavaShape, config, images: int = 1) -> dict[int,
 
 
 def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tokens: int = 1, attention: str = "causal",
-                        images: int = 1) -> PrefillMacs:
+                        images: int = 1, anyres: Sequence[AnyresImage] | None = None) -> PrefillMacs:
     """Prefill of one sample under pdrop, sparsevlm (several stages) or dart (one), their scoring
     included in `llm`: pdrop projects every pre-drop token's key and one query per stage and takes
     one row; sparsevlm chooses its raters once (visual x text dot products), then per stage takes
     every text row's logits against the keys and DPC-kNN's distance matrix over the recycled
-    candidates; dart takes its keys' L1 norms and 8 pivots' cosines against the image tokens."""
+    candidates; dart takes its keys' L1 norms and 8 pivots' cosines against the image tokens. anyres: a
+    LLaVA-NeXT sample's images, whose packed spans (newlines included) the methods rank."""
     from .methods import sparsevlm
 
-    llm_shape, counts = shape.llm, stage_visual_counts(shape, config, images)
+    llm_shape, counts = shape.llm, stage_visual_counts(shape, config, images, anyres_tokens(anyres))
     starts = sorted(counts)
     spans = [end - start for start, end in zip(starts, [*starts[1:], llm_shape.layers])]
     llm = sum(span * llama_layer_macs(text_tokens + counts[start], llm_shape, attention=attention) for start, span in zip(starts, spans))
@@ -473,26 +562,34 @@ def staged_prefill_macs(shape: LlavaShape, config, text_tokens: int, lm_head_tok
             llm += text_tokens * tokens * llm_shape.d_q + candidates * candidates * llm_shape.hidden
         else:  # dart (stage_visual_counts refuses any other method)
             llm += tokens * llm_shape.d_kv + 8 * counts[before] * llm_shape.hidden
-    stock = prefill_macs(shape, text_tokens, counts[0], attention=attention, lm_head_tokens=lm_head_tokens, crops=images)
+    crops = images if anyres is None else sum(image.crops for image in anyres)
+    stock = prefill_macs(shape, text_tokens, counts[0], attention=attention, lm_head_tokens=lm_head_tokens, crops=crops,
+                         projector_tokens=crops * shape.vit.patches)
     return PrefillMacs(vision=stock.vision, projector=stock.projector, llm=llm, lm_head=stock.lm_head)
 
 
-def staged_layer_tokens(shape: LlavaShape, config, text_tokens: int) -> list[int]:
+def anyres_tokens(anyres: Sequence[AnyresImage] | None) -> list[int] | None:
+    return None if anyres is None else [image.tokens for image in anyres]
+
+
+def staged_layer_tokens(shape: LlavaShape, config, text_tokens: int, anyres: Sequence[AnyresImage] | None = None) -> list[int]:
     """Prompt tokens each LLM layer caches under pdrop or dart."""
-    counts = stage_visual_counts(shape, config)
+    counts = stage_visual_counts(shape, config, image_tokens=anyres_tokens(anyres))
     starts = sorted(counts)
     return [text_tokens + counts[max(start for start in starts if start <= layer)] for layer in range(shape.llm.layers)]
 
 
-def staged_decode_macs_mean(shape: LlavaShape, config, text_tokens: int, steps: int) -> float:
+def staged_decode_macs_mean(shape: LlavaShape, config, text_tokens: int, steps: int, anyres: Sequence[AnyresImage] | None = None) -> float:
     """Mean MACs per decode step over `steps` steps, each layer over its own cache."""
-    layers = staged_layer_tokens(shape, config, text_tokens)
+    layers = staged_layer_tokens(shape, config, text_tokens, anyres)
     total = sum(llama_layer_macs(1, shape.llm, cached=cached + t) for t in range(steps) for cached in layers)
     return total / steps + lm_head_macs(shape.llm, 1)
 
 
-def staged_kv_cache_bytes(shape: LlavaShape, config, text_tokens: int, decode_tokens: int, bytes_per_element: int = 2) -> int:
-    return 2 * sum(tokens + decode_tokens for tokens in staged_layer_tokens(shape, config, text_tokens)) * shape.llm.d_kv * bytes_per_element
+def staged_kv_cache_bytes(shape: LlavaShape, config, text_tokens: int, decode_tokens: int, bytes_per_element: int = 2,
+                          anyres: Sequence[AnyresImage] | None = None) -> int:
+    layers = staged_layer_tokens(shape, config, text_tokens, anyres)
+    return 2 * sum(tokens + decode_tokens for tokens in layers) * shape.llm.d_kv * bytes_per_element
 
 
 def stage_layer_mean(shape: LlavaShape, config) -> float:

@@ -617,18 +617,26 @@ def test_method_rows_take_every_position_mode_and_the_layer_and_scorer_they_read
     assert ran == expected
 
 
-def test_next_rows_of_a_method_before_the_llm_leave_the_theory_empty():
-    """flops.method_prefill_macs models one 576-patch crop; on LLaVA-NeXT's five crops the bench fell
-    back to the plain count, which ignores what the method projects, the CLIP layers it skips and its
-    scoring (VisionZip 17% high, DivPrune 8% low at 64 tokens on next-mid)."""
+def test_next_rows_count_every_crop_and_a_method_s_reads_per_crop():
+    """On LLaVA-NeXT the bench's theory is the MACs model of the sample's crops and packed span
+    (`flops.next_method_prefill_macs`, checked against FlopCounterMode in test_next_flops), from the
+    counts it ran: it fell back to one 576-patch crop (VisionZip 17% high, DivPrune 8% low at 64
+    tokens on next-mid), then left these rows empty; PyramidDrop's decode and cache follow the span."""
     from hybrid_vlm import HybridConfig
 
-    counts = dict(text=[60], visual=[64], visual_kept=[64], vit_counts=None, crops=[5])
-    for method in ("visionzip", "divprune"):
-        config = bench.BenchConfig(method, method, HybridConfig(visual_method=method, visual_budget=64))
-        assert all(math.isnan(value) for value in bench.theory(flops.LLAVA_15_7B, counts, config, 16, 1, 2).values())
-    fastv = bench.BenchConfig("fastv", "fastv", HybridConfig(fastv_k=64))  # FastV on the packed span is modelled
-    assert bench.theory(flops.LLAVA_15_7B, dict(counts, visual=[2340]), fastv, 16, 1, 2)["prefill"] > 0
+    shape, image = flops.LLAVA_15_7B, flops.AnyresImage((576, 48, 48), 674)  # a 30:1 strip
+    counts = dict(text=[60], visual=[64], visual_kept=[64], vit_counts=None, crops=[3], crop_patches=[[576, 48, 48]], packed=[674])
+    for config in (HybridConfig(visual_method="visionzip", visual_budget=64), HybridConfig(visual_method="divprune", visual_budget=64),
+                   HybridConfig(fastv_k=64)):
+        visual = 674 if config.fastv_k is not None else 64
+        theory = bench.theory(shape, dict(counts, visual=[visual]), bench.BenchConfig("m", "m", config), 16, 1, 2)
+        expected = flops.next_method_prefill_macs(shape, config, [image], 60, visual_entered=visual, visual_kept=64)
+        assert theory["prefill"] == expected.total and theory["vision"] == expected.vision_total
+        assert expected.vision > 2 * flops.vit_macs(shape.vit)  # three crops through the tower
+    pdrop = HybridConfig(visual_method="pdrop", visual_budget=0.11)
+    theory = bench.theory(shape, dict(counts, visual=[674]), bench.BenchConfig("p", "p", pdrop), 16, 1, 2)
+    assert theory["kv_prompt"] == flops.staged_kv_cache_bytes(shape, pdrop, 60, 0, 2, [image])
+    assert theory["kv_prompt"] != flops.staged_kv_cache_bytes(shape, pdrop, 60, 0, 2)  # not one 576-token image
 
 
 def test_a_budget_a_staged_method_cannot_reach_on_this_model_is_a_refused_row(tmp_path):

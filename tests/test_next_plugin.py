@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,50 @@ def test_a_next_template_without_role_markers_keeps_the_answer_alone():
     wrapper.processor = processor
     message = [dict(type="image", value="unused.png"), dict(type="text", value="What is it?")]
     assert wrapper.answer(message, " A cat. ") == "A cat."
+
+
+NEXT_GMACS_SCRIPT = """
+import json, sys
+import torch
+from vlmeval_plugin import robust
+robust.install()
+from hybrid_vlm import HybridConfig, flops
+from hybrid_vlm.adapters import anyres_images
+from hybrid_vlm.tiny import synthetic_image
+from vlmeval_plugin.model import HybridLLaVANext
+sizes = [(336, 200), (672, 22)]  # (width, height): a wide image, and a strip whose grid crops unpad to 48 patches
+paths = []
+for i, size in enumerate(sizes):
+    paths.append(f"{sys.argv[2]}/image{i}.png")
+    synthetic_image(i).resize(size).save(paths[-1])
+configs = (None, HybridConfig(fastv_k=64), HybridConfig(visual_method="visionzip", visual_budget=60, budget_scope="crop"),
+           HybridConfig(visual_method="divprune", visual_budget=0.1), HybridConfig(visual_method="dart", visual_budget=64))
+rows = []
+for hybrid in configs:
+    wrapper = HybridLLaVANext(sys.argv[1], hybrid=hybrid, max_new_tokens=2)
+    records = wrapper.generate_batch([[dict(type="image", value=p), dict(type="text", value="describe it")] for p in paths])
+    shape, config = flops.shape_from_config(wrapper.model.config), hybrid or HybridConfig()
+    for record, size in zip(records, sizes):
+        image = anyres_images(wrapper.model, torch.tensor([[size[1], size[0]]]))
+        text = record["tokens_in"] - record["visual_in"]
+        expected = flops.next_method_prefill_macs(shape, config, image, text, visual_entered=record["visual_in"], visual_kept=record["visual_kept"])
+        rows.append([record["prefill_gmacs"], round(expected.total / 1e9, 4)])
+print(json.dumps(rows))
+"""
+
+
+@needs_vlmeval
+def test_next_rows_record_the_macs_of_their_own_images(sandbox, next_checkpoint, tmp_path):  # noqa: F811
+    """A LLaVA-NeXT batch of a wide image and a strip: each row's prefill_gmacs is the MACs model of
+    its own image's crops and packed span (`flops.next_method_prefill_macs`, checked against
+    FlopCounterMode in test_next_flops), under stock, FastV, a per-crop VisionZip, DivPrune and DART."""
+    path, _ = next_checkpoint
+    result = subprocess.run([sys.executable, "-c", NEXT_GMACS_SCRIPT, str(path), str(tmp_path)], env=sandbox["env"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 10
+    for recorded, expected in rows:
+        assert recorded == expected
+    recorded = [row[0] for row in rows]
+    assert all(recorded[i] != recorded[i + 1] for i in range(0, 10, 2))  # the two images cost differently

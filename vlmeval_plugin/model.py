@@ -39,6 +39,7 @@ from vlmeval.smp import cn_string, get_rank_and_world_size
 from vlmeval.vlm.base import BaseModel
 
 from hybrid_vlm import HybridConfig, apply_hybrid, flops, inputs_for
+from hybrid_vlm.adapters import anyres_images
 from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.images import expand_to_square, mean_colour
@@ -428,8 +429,8 @@ class HybridLLaVA(BaseModel):
 
     def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int, images=None) -> float | None:
         """Theoretical prefill GMACs of one row (`flops.method_prefill_macs`, the method's scoring
-        included); None where the counts are data-dependent (DyMU) or the model is not LLaVA-1.5."""
-        if self.MODEL_CLASS != "LlavaForConditionalGeneration" or (self.hybrid is not None and self.hybrid.dymu is not None):
+        included); None where the counts are data-dependent (DyMU)."""
+        if self.hybrid is not None and self.hybrid.dymu is not None:
             return None
         shape = flops.shape_from_config(self.model.config)
         macs = flops.method_prefill_macs(shape, self.hybrid or HybridConfig(), text_tokens, visual_entered=entered, visual_kept=kept,
@@ -523,3 +524,22 @@ class HybridLLaVANext(HybridLLaVA):
         if not any(marker in prompt for marker in NEXT_ROLE_MARKERS):  # upstream would store prompt and answer together
             return text.strip()
         return LLaVA_Next.output_process(self, prompt + text).replace("<unk>", "")
+
+    def _row_images(self, host_layouts: dict, batch: int) -> list:
+        """Per row, its images' crops and packed spans (`adapters.anyres_images`, from the host's image sizes)."""
+        sizes = host_layouts.get("image_sizes")
+        if sizes is None:
+            return [[] for _ in range(batch)]
+        images, per_row = anyres_images(self.model, sizes), len(sizes) // batch
+        return [images[row * per_row : (row + 1) * per_row] for row in range(batch)]
+
+    def _prefill_gmacs(self, text_tokens: int, entered: int, kept: int, images=None) -> float | None:
+        """Theoretical prefill GMACs of one row (`flops.next_method_prefill_macs`: every crop through
+        the tower, the method's reads per crop and scoring per selection); None for DyMU, whose tower
+        counts are not recorded."""
+        config = self.hybrid or HybridConfig()
+        if config.dymu is not None:
+            return None
+        macs = flops.next_method_prefill_macs(flops.shape_from_config(self.model.config), config, images, text_tokens,
+                                              visual_entered=int(entered), visual_kept=int(kept))
+        return round(macs.total / 1e9, 4)

@@ -12,8 +12,9 @@ padding); tokens_kept: of those, the ones that reach the layers after pruning (=
 nothing prunes); visual_in / visual_kept / visual_layer_mean: the visual tokens entering LLM
 layer 0, after the last reduction, and averaged over the LLM's layers (the three budget rules A, B
 and C), read from the engine's cache state; prefill_gmacs: theoretical prefill MACs of the row
-(`hybrid_vlm.flops.method_prefill_macs`, the method's own scoring included; null for DyMU, whose
-tower counts are not recorded, for LLaVA-NeXT, and for PyramidDrop and DART on Qwen2.5-VL, whose per-layer counts follow each image); prefill_s: wall time of generate's first forward (vision tower + LLM prefill) for
+(`hybrid_vlm.flops.method_prefill_macs`, on LLaVA-NeXT `next_method_prefill_macs`, on Qwen2.5-VL
+`qwen_flops.qwen_method_prefill_macs`, the method's own scoring included; null for DyMU, whose
+tower counts are not recorded, and for PyramidDrop and DART on Qwen2.5-VL, whose per-layer counts follow each image); prefill_s: wall time of generate's first forward (vision tower + LLM prefill) for
 the batch this row was in; generate_s: wall time of the whole generate call of that batch;
 new_tokens: generated tokens including </s>; batch_size: rows in that generate call; batch_requested: the run's --batch-size (a call may hold fewer rows:
 a rank's last batch, a split after running out of memory), which reports compare runs by.

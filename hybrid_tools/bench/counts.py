@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hybrid_vlm import HybridConfig, flops
+from hybrid_vlm.adapters import anyres_images
 from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
@@ -37,12 +38,14 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
         visual_kept = [k - t for k, t in zip(state.prompt_tokens_kept.tolist(), text)]
     else:
         visual_kept = list(visual)
-    crops = [1] * len(text)
+    crops, crop_patches, packed = [1] * len(text), None, None
     pixel_values = inputs["pixel_values"]
-    if "image_sizes" in inputs:  # LLaVA-NeXT: the tower sees every crop
+    if "image_sizes" in inputs:  # LLaVA-NeXT: the tower sees every crop; one image per sample
         layouts = anyres_layouts(model, inputs["image_sizes"])
         crops = [layout.num_crops for layout in layouts]
         pixel_values = crop_pixels(pixel_values, layouts)
+        images = anyres_images(model, inputs["image_sizes"])
+        crop_patches, packed = [list(image.crop_patches) for image in images], [image.tokens for image in images]
     grids = None
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: each sample's image grids
         per_sample = len(inputs["image_grid_thw"]) // len(text)
@@ -56,7 +59,8 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
         if vit_counts is not None and "image_sizes" in inputs:  # one per-layer list per crop, grouped per sample
             starts = [sum(crops[:i]) for i in range(len(crops))]
             vit_counts = [vit_counts[start : start + n] for start, n in zip(starts, crops)]
-    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, vit_counts_error=vit_counts_error, crops=crops, grids=grids)
+    return dict(text=text, visual=visual, visual_kept=visual_kept, vit_counts=vit_counts, vit_counts_error=vit_counts_error, crops=crops,
+                crop_patches=crop_patches, packed=packed, grids=grids)
 
 
 def dymu_layer_counts(model, pixel_values) -> list[list[int]]:
@@ -83,19 +87,19 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
     # random selection reads no attention: no scoring counted, as the plugin's per-row GMACs
     scoring = hybrid.scoring if hybrid is not None and hybrid.fastv_select == "attention" else None
     totals = dict(vision=0, llm=0, prefill=0, decode=0.0, kv=0, kv_prompt=0)
-    anyres = any(crops > 1 for crops in counts["crops"])  # LLaVA-NeXT: the span follows the aspect ratio
     # Not modelled, as the plugin leaves them: a staged method's per-layer counts on Qwen2.5-VL (they
-    # follow each image), and on LLaVA-NeXT any VISUAL_METHOD or pooling (flops.method_prefill_macs
-    # counts one 576-patch crop, not per-crop reads, projection and scoring over a packed span)
-    if hybrid is not None and ((isinstance(shape, QwenShape) and hybrid.staged_method is not None)
-                               or (anyres and (hybrid.visual_method is not None or hybrid.visual_pool is not None))):
+    # follow each image)
+    if hybrid is not None and isinstance(shape, QwenShape) and hybrid.staged_method is not None:
         return {key: math.nan for key in totals}
     dymu = hybrid is not None and hybrid.dymu is not None
     for i in range(len(counts["text"])):
         text, visual, kept = counts["text"][i], counts["visual"][i], counts["visual_kept"][i]
         vit_counts = counts["vit_counts"][i] if counts["vit_counts"] is not None else None
+        anyres = None if counts.get("crop_patches") is None else [flops.AnyresImage(tuple(counts["crop_patches"][i]), counts["packed"][i])]
         if isinstance(shape, QwenShape):  # the counts that ran: entering the LLM, and kept after FASTV_LAYER
             macs = qwen_method_prefill_macs(shape, hybrid or HybridConfig(), counts["grids"][i], text, visual_entered=visual, visual_kept=kept)
+        elif anyres is not None and not dymu:  # LLaVA-NeXT: every crop, a method's reads per crop, the packed span
+            macs = flops.next_method_prefill_macs(shape, hybrid or HybridConfig(), anyres, text, visual_entered=visual, visual_kept=kept)
         elif hybrid is not None and (hybrid.visual_method is not None or hybrid.visual_pool is not None):
             # a method before the LLM: its own CLIP loop, what it projects and its scoring
             macs = flops.method_prefill_macs(shape, hybrid, text, visual_entered=visual, visual_kept=kept)
@@ -109,9 +113,9 @@ def theory(shape, counts: dict, config: BenchConfig, decode_tokens: int, batch: 
         totals["llm"] += macs.llm_total
         totals["prefill"] += macs.total
         if hybrid is not None and hybrid.staged_method is not None:  # one cache length per stage
-            totals["decode"] += flops.staged_decode_macs_mean(shape, hybrid, text, decode_tokens) if decode_tokens else 0.0
-            totals["kv"] += flops.staged_kv_cache_bytes(shape, hybrid, text, decode_tokens, bytes_per_element)
-            totals["kv_prompt"] += flops.staged_kv_cache_bytes(shape, hybrid, text, 0, bytes_per_element)
+            totals["decode"] += flops.staged_decode_macs_mean(shape, hybrid, text, decode_tokens, anyres) if decode_tokens else 0.0
+            totals["kv"] += flops.staged_kv_cache_bytes(shape, hybrid, text, decode_tokens, bytes_per_element, anyres)
+            totals["kv_prompt"] += flops.staged_kv_cache_bytes(shape, hybrid, text, 0, bytes_per_element, anyres)
             continue
         if decode_tokens:
             totals["decode"] += flops.llm_decode_macs_mean(

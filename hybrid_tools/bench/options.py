@@ -52,9 +52,10 @@ Qwen2.5-VL presets (qwen-mid: LLM 1024 x 16 layers, 16 query / 2 KV heads, ViT 3
 full attention at 3 and 7; qwen2.5-vl-7b: Qwen2.5-VL-7B-Instruct's shape) bench one 1120 x 896
 image: 80 x 64 patches, 1,280 tokens; their MACs come from `hybrid_vlm.qwen_flops`, for the counts
 that ran (a method before the LLM: the units that entered it), except PyramidDrop's and DART's,
-whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows
-(on LLaVA-NeXT too, whose packed span follows the aspect ratio; there every method before the LLM
-leaves them empty as well: its per-crop reads, projection and scoring are not modelled).
+whose per-layer counts follow the image: their theory columns stay empty, as in the plugin's rows.
+On LLaVA-NeXT every method is modelled (`flops.next_method_prefill_macs`): every crop through the
+tower, a method before the LLM reading per crop and selecting per image (or per crop), PyramidDrop
+and DART over the packed span.
 
 A configuration the engine refuses for this model or these inputs, by a ValueError naming the
 setting (a method not available on this model, a budget a staged method cannot reach), is a

@@ -88,7 +88,7 @@ class Method:
     positions: str
     deviations: str
     select: Callable[[VisualReads, int], Selection] | None = None  # methods before the LLM
-    scoring_macs: Callable[[int, VitDims], int] = lambda budget, dims: 0  # per image
+    scoring_macs: Callable[[int, VitDims], int] = lambda budget, dims: 0  # per selection, of dims.patches candidates (reads: read_macs)
     selects_projected: bool = False  # its Selection's tokens are in the LLM's space (else CLIP's)
     budget_setting: str = "VISUAL_BUDGET"  # what sets its budget: VISUAL_BUDGET, FASTV_K or DYMU_THRESHOLDS
     stage_layers: Callable[[int], tuple[int, ...]] | None = None  # a multi-stage method: its stage layers for an LLM depth
@@ -157,6 +157,19 @@ def budget_tokens(budget: int | float, available: int) -> int:
     return budget
 
 
+def group_count(budget: int | float, available: int, per_crop: bool, method: Method, index: int) -> int:
+    """Tokens one LLaVA-NeXT selection keeps out of its `available` patch tokens. Per image, a count
+    above them is refused; per crop, a crop that unpadding left with fewer patches keeps them all
+    (the official code would also pick among the padding patches, which have no slot here)."""
+    count = budget_tokens(budget, available)
+    if per_crop:
+        return min(count, available)
+    if count > available:
+        raise ValueError(f"VISUAL_BUDGET={budget} is not reachable by {method.name} for the batch's image {index} (0-based, prompt by prompt): it packs "
+                         f"{available} patch tokens (use a budget <= {available}, a fraction, or a larger image)")
+    return count
+
+
 def check_budget(method: Method, budget: int | float, patches: int) -> int:
     """The tokens per image of `patches` that `budget` asks of a method before the LLM; a budget it
     cannot reach is an error, never a silent rounding."""
@@ -182,19 +195,22 @@ def check_budget(method: Method, budget: int | float, patches: int) -> int:
 # ----------------------------------------------------------------------------- scoring costs
 
 
-def cls_row_macs(dims: VitDims) -> int:
-    return (dims.patches + 1) * dims.vit_hidden  # one query row against every key, all heads
+def read_macs(method: Method, dims: VitDims) -> int:
+    """MACs of a method's reads beyond the layers that run, per image the tower sees (a LLaVA-NeXT
+    crop, whatever unpadding leaves of it): the read layer's [CLS] row, one query against every
+    key, all heads. The scoring of a selection over the reads is `Method.scoring_macs`."""
+    return (dims.patches + 1) * dims.vit_hidden if Read.VIT_CLS_ATTENTION in method.reads else 0
 
 
 def visionzip_macs(budget: int, dims: VitDims) -> int:
     dominant, contextual = visionzip_split(budget)
     remaining = dims.patches - dominant
     head_dim = dims.vit_hidden // dims.vit_heads
-    return cls_row_macs(dims) + remaining * contextual * (head_dim + dims.vit_hidden)  # similarities + member sums
+    return remaining * contextual * (head_dim + dims.vit_hidden)  # similarities + member sums
 
 
 def vispruner_macs(budget: int, dims: VitDims) -> int:
-    total, residual, diverse = cls_row_macs(dims), dims.patches - vispruner_split(budget), budget - vispruner_split(budget)
+    total, residual, diverse = 0, dims.patches - vispruner_split(budget), budget - vispruner_split(budget)
     while diverse > 0 and (drop := min(8, residual - diverse)) > 0:
         total += ((residual + 1) // 2) * (residual // 2) * dims.vit_hidden
         residual -= min(drop, (residual + 1) // 2)
@@ -309,6 +325,7 @@ def _pool(reads: VisualReads, budget: int) -> Selection:
 
 __all__ = [
     "Method", "Read", "Selection", "Stage", "VisualReads", "VitDims", "budget_tokens", "check_budget", "contextual_targets",
+    "group_count",
     "is_budget",
-    "get_method", "list_methods", "methods_at_a_layer", "methods_with_defaults", "register",
+    "get_method", "list_methods", "methods_at_a_layer", "methods_with_defaults", "read_macs", "register",
 ]
