@@ -192,8 +192,33 @@ def test_a_chunked_second_turn_is_exact_without_fillers_and_refused_with_them(ti
     expected = cache_free_logits(hybrid, inputs, second.sequences, torch.arange(2))[:, -4:]
     torch.testing.assert_close(torch.stack(second.logits, dim=1), expected, rtol=1e-4, atol=1e-4)
     model, processor = tiny_next
-    with pytest.raises(ValueError, match="attention_mask must cover .* no prefill_chunk_size"):
+    with pytest.raises(ValueError, match="prefill_chunk_size=4 over this cache would misplace"):
         second_turn(hybrid_copy(model, fastv_k=0.5), processor, next_inputs(processor, QUESTIONS[:2]), prefill_chunk_size=4)
+
+
+@pytest.mark.parametrize("passed", ["conversation", "new tokens"])
+def test_a_chunked_second_turn_over_a_compacted_unpadded_cache_is_refused(tiny, passed):
+    """One unpadded prompt under DyMU: its cache holds the caller's tokens in fewer slots, and generate
+    drops the all-ones mask, so the mask check cannot see a chunked prefill cut by slots (the turn
+    re-fed 248 cached tokens, or shifted positions by as many, and its logits were off by 11). It is
+    refused by name; the same turn without chunks equals cache-free recomputation."""
+    model, processor = tiny
+    hybrid = hybrid_copy(model, **with_thresholds(dict(dymu="tiny-mid")))
+    inputs = image_inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        first = hybrid.generate(**inputs, **GREEDY)
+    assert output_cache(first).hybrid_state.written_offset > 0  # DyMU compacted the cache
+    follow_up = processor.tokenizer([" and which shape is it?"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    conversation = torch.cat([first.sequences, follow_up], dim=1)
+    given = conversation[:, -(follow_up.shape[1] + 1):] if passed == "new tokens" else conversation
+    turn = dict(input_ids=given, attention_mask=torch.ones_like(conversation), **cache_kwarg(output_cache(first)), **GREEDY)
+    with pytest.raises(ValueError, match="prefill_chunk_size=4 over this cache"):
+        hybrid.generate(**turn, prefill_chunk_size=4)
+    with torch.no_grad():
+        second = hybrid.generate(**turn)
+    sequences = torch.cat([conversation[:, : conversation.shape[1] - given.shape[1]], second.sequences], dim=1)
+    expected = cache_free_logits(hybrid, inputs, sequences, torch.arange(1))[:, -4:]
+    torch.testing.assert_close(torch.stack(second.logits, dim=1), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(assistant_early_exit=1)])

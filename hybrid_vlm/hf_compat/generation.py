@@ -105,3 +105,21 @@ def check_generate_options(model, args: tuple, kwargs: dict) -> None:
             f"hybrid_vlm does not support assisted generation ({', '.join(given)}): it crops the KV cache to one length, "
             "which pruned layers do not share. Generate without it (greedy, sampling and beam search are supported)."
         )
+    check_chunked_continuation(kwargs, config)
+
+
+def check_chunked_continuation(kwargs: dict, config) -> None:
+    """generate's chunked prefill slices a second turn by layer 0's slots, not through
+    `prepare_inputs_for_generation`: over a cache whose slots are not the caller's tokens (filler
+    slots, DyMU's or a method's compaction: `written_offset`), it would re-feed or skip that many
+    tokens. A padded batch's mask length catches it (`model.check_chunk_mask`); an unpadded prompt's
+    mask, which generate drops, does not, so the offset (a host int) is checked here."""
+    chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+    state = getattr(cache, "hybrid_state", None)
+    if chunk is not None and state is not None and state.written_offset != 0:
+        raise ValueError(
+            f"prefill_chunk_size={chunk} over this cache would misplace the new tokens: the caller's tokens it holds and its "
+            f"layer-0 slots differ by {state.written_offset} (filler or compacted slots), and generate's chunked prefill "
+            "counts slots. Generate the turn without prefill_chunk_size."
+        )
