@@ -282,3 +282,25 @@ def test_outputs_it_cannot_give_are_refused_not_silently_changed(tiny, tiny_next
     torch.testing.assert_close(unpruned, stock, rtol=1e-4, atol=1e-4)
     assert next_all.shape[1] == batch["input_ids"].shape[1]
     torch.testing.assert_close(next_picked, next_all[:, next_last_two], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["llava", "next", "qwen"])
+def test_generate_asks_the_prefill_for_the_logits_stock_asks_for(request, case):
+    """generate passes `logits_to_keep=1` to a forward whose signature names it: the patched NeXT
+    forward hid it in **kwargs, so the lm_head ran over every kept prompt row. The rows the lm_head
+    sees at the prefill equal stock's."""
+    fixture, make_inputs, settings = SECOND_TURNS[case]
+    model, processor = request.getfixturevalue(fixture)
+    inputs = make_inputs(processor)
+
+    def prefill_rows(candidate) -> int:
+        rows = []
+        hook = candidate.lm_head.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[1]))
+        try:
+            with torch.no_grad():
+                candidate.generate(**inputs, max_new_tokens=2, do_sample=False)
+        finally:
+            hook.remove()
+        return rows[0]
+
+    assert prefill_rows(hybrid_copy(model, **settings)) == prefill_rows(model) == 1
