@@ -8,6 +8,7 @@ import only the vlmeval-free modules (settings, stats, tiny_data, hybrid_tools.s
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from hybrid_vlm import HybridConfig
 from hybrid_vlm.testbed import CHECKPOINT_DIR as TESTBED_CHECKPOINT
@@ -30,9 +32,11 @@ from vlmeval_plugin.tiny_data import (
     CAPTION_IMAGES,
     CIRCULAR_OFFSET,
     MCQ_QUESTIONS,
+    TINY_MCQ_NAME,
     build_caption_table,
     build_mcq_table,
     ensure_tiny_sets,
+    image_to_base64,
     write_tsv,
 )
 
@@ -171,6 +175,33 @@ def test_tiny_sets_follow_mmbench_and_coco_layouts(tmp_path):
     ensure_tiny_sets(tmp_path)
     assert len(pd.read_csv(written[0], sep="\t")) == len(build_mcq_table(2))
     assert len(pd.read_csv(written[1], sep="\t")) == len(captions) and pd.read_csv(written[1], sep="\t")["answer"][0] == captions["answer"][0]
+
+
+@needs_vlmeval
+@pytest.mark.parametrize("change", ["image", "question"])
+def test_a_stale_bundled_set_is_rewritten_and_its_cached_images_cleared(tmp_path, change):
+    """A bundled set on disk whose later row differs from this generator's (an older renderer's
+    image, another question) is rewritten: only row 0 was compared. The rewrite clears VLMEvalKit's
+    cache of the set's images, which it reuses by index whenever a file there decodes, so the new
+    questions were asked about the old scenes; a current set keeps its cache."""
+    folder = subprocess.run([sys.executable, "-c", f"from vlmeval.dataset.image_base import img_root_map; print(img_root_map({TINY_MCQ_NAME!r}))"],
+                            capture_output=True, text=True, timeout=300).stdout.split()[-1]  # vlmeval imported in a subprocess
+    mcq = build_mcq_table()
+    cache = tmp_path / "images" / folder  # where VLMEvalKit dumps the set's images
+    ensure_tiny_sets(tmp_path, names=[TINY_MCQ_NAME])
+    cache.mkdir(parents=True)
+    (cache / "5.png").write_bytes(b"an image VLMEvalKit dumped")
+    ensure_tiny_sets(tmp_path, names=[TINY_MCQ_NAME])
+    assert (cache / "5.png").exists()  # current: nothing rewritten, nothing cleared
+    stale = mcq.copy()
+    if change == "image":
+        stale.loc[5, "image"] = image_to_base64(Image.new("RGB", (336, 336), "white"))
+    else:
+        stale.loc[5, "question"] = "What is the old question?"
+    write_tsv(stale, tmp_path / f"{TINY_MCQ_NAME}.tsv")
+    ensure_tiny_sets(tmp_path, names=[TINY_MCQ_NAME])
+    assert pd.read_csv(tmp_path / f"{TINY_MCQ_NAME}.tsv", sep="\t").equals(pd.read_csv(io.StringIO(mcq.to_csv(sep="\t", index=False)), sep="\t"))
+    assert not cache.exists()
 
 
 def test_sweep_rejects_a_malformed_setting_before_running_anything(capsys):

@@ -24,6 +24,7 @@ import argparse
 import base64
 import io
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -109,37 +110,50 @@ def build_caption_table(num_images: int = CAPTION_IMAGES) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["index", "image", "answer"])
 
 
-def write_tsv(table: pd.DataFrame, path: Path) -> None:
-    # Write to a temporary name first: two ranks of a torchrun may both find the file missing.
+def write_tsv(table: pd.DataFrame | str, path: Path) -> None:
+    """A table (or its TSV text) to `path`, through a temporary name: two ranks of a torchrun may both
+    find the file missing."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(temporary, sep="\t", index=False)
+    temporary.write_text(table if isinstance(table, str) else table.to_csv(sep="\t", index=False))
     temporary.replace(path)
 
 
 BUILDERS = {TINY_MCQ_NAME: build_mcq_table, TINY_CAPTION_NAME: build_caption_table}
 
 
-def is_current(name: str, path: Path) -> bool:
-    """Whether a bundled set on disk was written by this generator (its first row matches): a file
-    left by an earlier version of the project (same name, other scenes) is rewritten, not reused."""
-    expected = BUILDERS[name](1).iloc[0]
+def tsv_text(name: str) -> str:
+    """The bundled set as this generator writes it (under a second for both sets)."""
+    return BUILDERS[name]().to_csv(sep="\t", index=False)
+
+
+def is_current(path: Path, text: str) -> bool:
+    """Whether every row of the set on disk is this generator's row of the same index, image and all
+    (the whole set, or a shortened copy such as the tests' sandbox writes): a file left by an earlier
+    version of the project (other scenes, another renderer) is rewritten, not reused."""
     try:
-        found = pd.read_csv(path, sep="\t", nrows=1).iloc[0]
-    except Exception:  # unreadable or empty: not ours
+        found = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception:  # noqa: BLE001 - missing, unreadable or not a table: not ours
         return False
-    columns = ("question", "answer", "source") if name == TINY_MCQ_NAME else ("answer",)
-    return all(column in found and str(found[column]) == str(expected[column]) for column in columns)
+    expected = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
+    if found.empty or list(found.columns) != list(expected.columns) or found["index"].duplicated().any():
+        return False
+    same_rows = expected.set_index("index").reindex(found["index"])
+    return bool(same_rows.notna().all(axis=None) and (same_rows.to_numpy() == found.set_index("index").to_numpy()).all())
 
 
 def ensure_tiny_sets(lmu_data: str | Path, names=BUNDLED_SETS, force: bool = False) -> list[Path]:
-    """Write the bundled sets that are missing from `lmu_data` (or stale: see `is_current`); return their paths."""
+    """Write the bundled sets that are missing from `lmu_data` or stale (see `is_current`); return
+    their paths. Rewriting a set also clears VLMEvalKit's cache of its images (`images/<name>`, its
+    `img_root_map` of these names), which it reuses by row index whenever a file there decodes: the
+    new questions were asked about the old scenes."""
     root = Path(lmu_data)
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
-        path = root / f"{name}.tsv"
-        if force or not path.exists() or not is_current(name, path):
-            write_tsv(BUILDERS[name](), path)
+        path, text = root / f"{name}.tsv", tsv_text(name)
+        if force or not is_current(path, text):
+            write_tsv(text, path)
+            shutil.rmtree(root / "images" / name, ignore_errors=True)
         written.append(path)
     return written
 
