@@ -88,6 +88,16 @@ def test_cmyk_is_converted_and_truncated_data_is_a_row_error(tmp_path):
     assert not (tmp_path / "cut.png").exists()  # no broken file left for VLMEvalKit's read_ok to accept
 
 
+@pytest.mark.parametrize("stray", ["A", "B"])
+def test_one_option_column_is_a_vqa_set_as_vlmevalkit_reads_it(tmp_path, stray):
+    """VLMEvalKit's build_dataset makes a custom set MCQ only with both A and B columns; with one it is
+    a VQA set. check_tsv refused such a set, asking for the other option column."""
+    path = tmp_path / "Mine.tsv"
+    row = {"index": [1], "question": ["what is it?"], "answer": ["a cat"], "image_path": ["a.png"], stray: ["x"]}
+    pd.DataFrame(row).to_csv(path, sep="\t", index=False)
+    assert layouts.layout_of(set(row)) == "VQA" and layouts.check_tsv(path) is None
+
+
 def test_malformed_headers_name_file_column_and_layout(tmp_path):
     path = tmp_path / "Mine.tsv"
     pd.DataFrame({"index": [1], "A": ["x"], "B": ["y"], "answer": ["A"], "image": ["..."]}).to_csv(path, sep="\t", index=False)
@@ -872,3 +882,22 @@ def test_a_prompt_longer_than_the_llm_fails_its_row_alone(sandbox):  # noqa: F81
         runs[batch] = pd.read_excel(work_dir / MODEL / f"{MODEL}_LongMCQ.xlsx").set_index("index")["prediction"].astype(str)
     assert runs[3].str.startswith(FAIL_PREFIX).tolist() == [False, True, False]
     assert runs[3].tolist() == runs[1].tolist()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "I", "I;16", "F", "P", "RGBA", "CMYK"])
+def test_every_image_mode_is_saved_as_the_pixels_llava_reads(tmp_path, mode):
+    """A TIFF cell of any mode is saved as a PNG whose RGB is what LLaVA's own
+    `Image.open(...).convert("RGB")` makes of the original: mode I (32-bit integers) was kept as it
+    was, which Pillow cannot write as PNG, and the readable row failed."""
+    import base64
+    import io
+
+    gradient = Image.linear_gradient("L").resize((16, 16))
+    picture = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
+    original = picture.convert(mode) if mode not in ("I", "I;16", "F") else gradient.convert("I").point(lambda v: v * 3).convert(mode)
+    buffer = io.BytesIO()
+    original.save(buffer, format="TIFF")
+    target = tmp_path / "cell.png"
+    robust.decode_base64_to_image_file(base64.b64encode(buffer.getvalue()).decode(), str(target))
+    expected = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    assert Image.open(target).convert("RGB").tobytes() == expected.tobytes()

@@ -23,7 +23,7 @@ LAYOUTS = {
 
 
 def layout_of(columns: set[str]) -> str:
-    if {"A", "B"} & columns:
+    if {"A", "B"} <= columns:  # as VLMEvalKit's build_dataset: both, or it is a VQA set
         return "MCQ (MMBench layout)"
     if "question" in columns:
         return "VQA"

@@ -58,7 +58,7 @@ from hybrid_vlm.provenance import replace_file
 BAD_CELL_PREFIX = "hybrid-vlm unusable image cell: "
 PLACEHOLDER_WIDTH = 80
 ENV_FILE_MESSAGE = "Did not detect the .env file"
-PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+PNG_MODES = {"1", "L", "LA", "I;16", "P", "RGB", "RGBA"}  # modes Pillow writes as PNG as they are ("I" it cannot)
 UPSTREAM_SCRATCH = "/tmp"  # hard-coded in vlmeval.dataset.utils.multiple_choice.mcq_circular_eval
 
 
