@@ -57,7 +57,8 @@ threshold files with one name are refused (rename one). Flags this command does 
 sweep's own (after `--` it is refused).
 
 At the end: one table (metric, Δ vs vanilla when the vanilla folder exists, mean tokens in / kept,
-median prefill ms per row), the same as CSV in <work-dir>/sweep_<tag>.csv, and the record of what
+median prefill ms per row; a setting x dataset without a result keeps an empty row saying why),
+the same as CSV in <work-dir>/sweep_<tag>.csv, and the record of what
 ran (commands, environments, exit statuses, versions, git commit) in <work-dir>/sweep_<tag>.json
 (<tag>-2, -3, ... where an earlier sweep's record has that name: no record is overwritten),
 which `python -m hybrid_tools.report` reads for provenance. --report NAME (letters, digits, '.',
@@ -500,7 +501,8 @@ def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, man
     A failed run that left no run.py record in its folder since it started (run.py refused it before
     any work, or it stopped before that) made nothing: the folder's earlier outputs are not this
     sweep's, and are left out of the table and the report. (Read off the folder, not the exit
-    status, which a launcher such as torchrun replaces.)"""
+    status, which a launcher such as torchrun replaces.) Every planned run x dataset without a
+    result keeps an empty row saying why; the report covers the runs that left results."""
     failed = {record["folder"]: record["returncode"] for record in records if record["returncode"] != 0}
     started = {record["folder"]: record["started"] for record in records}
     refused = {folder for folder in failed if not recorded_since(Path(work_dir) / folder, started[folder])}
@@ -509,25 +511,50 @@ def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, man
     order = {run.folder: index for index, run in enumerate(runs)}
     configs = sorted(configs, key=lambda c: order.get(c.name, -1))  # any vanilla found first, then the runs in order
     labels = {run.folder: run.label for run in runs}
-    print("\n" + sweep_table(configs, labels), flush=True)
-    write_csv(Path(work_dir) / f"sweep_{tag}.csv", configs, labels)
+    statuses = run_statuses(runs, records, refused)
+    missing = missing_results(runs, configs, datasets, statuses)
+    print("\n" + sweep_table(configs, labels, missing), flush=True)
+    write_csv(Path(work_dir) / f"sweep_{tag}.csv", configs, labels, statuses, missing)
     print(f"\nSweep table: {Path(work_dir) / f'sweep_{tag}.csv'}\nSweep record: {manifest_path}", flush=True)
     status = 0
     if failed:
-        labels_failed = [f"{run.label} (exit status {failed[run.folder]}{', made nothing: left out of the table' if run.folder in refused else ''})"
+        labels_failed = [f"{run.label} (exit status {failed[run.folder]}{', made nothing' if run.folder in refused else ''})"
                          for run in runs if run.folder in failed]
         print("hybrid_tools.sweep: these runs failed: " + ", ".join(labels_failed), file=sys.stderr)
         status = 1
-    reported = [run.folder for run in runs_shown if (Path(work_dir) / run.folder).is_dir()]
+    reported = [config.name for config in configs if config.name in labels]  # the runs that left results
     if report and not reported:
-        print(f"hybrid_tools.sweep: no report {report}: no run of this sweep left a model folder", file=sys.stderr)
+        print(f"hybrid_tools.sweep: no report {report}: no run of this sweep left results", file=sys.stderr)
         return 1
     if report:
         from .report.cli import main as report_main
 
-        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *reported, "--data", *datasets])
+        if missing:
+            print(f"hybrid_tools.sweep: report {report} leaves out what has no results: "
+                  + ", ".join(f"{label} on {dataset} ({why})" for label, _, dataset, why in missing), file=sys.stderr)
+        held = [dataset for dataset in datasets if any(dataset in config.entries for config in configs if config.name in reported)]
+        code = report_main([work_dir, "--name", report, "--out", report_out, "--models", *reported, "--data", *held])
         status = status or code
     return status
+
+
+def run_statuses(runs: list[Run], records: list[dict], refused: set[str]) -> dict[str, str]:
+    """Each run's outcome, for its table rows: ok, its exit status, or why it made nothing."""
+    codes = {record["folder"]: record["returncode"] for record in records}
+    statuses = {}
+    for run in runs:
+        code = codes.get(run.folder)
+        statuses[run.folder] = ("not run (the sweep stopped first)" if code is None else "ok" if code == 0
+                                else f"refused before any work (exit status {code})" if run.folder in refused else f"exit status {code}")
+    return statuses
+
+
+def missing_results(runs: list[Run], configs: list, datasets: list[str], statuses: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """(label, folder, dataset, why) for every planned run x dataset with no result: a failed or
+    refused setting keeps its row, empty, rather than vanishing from the table."""
+    held = {(config.name, dataset) for config in configs for dataset in config.entries}
+    return [(run.label, run.folder, dataset, f"no result: {statuses[run.folder]}")
+            for run in runs for dataset in datasets if (run.folder, dataset) not in held]
 
 
 def recorded_since(folder: Path, started: str) -> bool:
@@ -581,8 +608,9 @@ SWEEP_HEADER = (
 )
 
 
-def sweep_table(configs: list, labels: dict[str, str]) -> str:
-    """The plain-text table at the end of a sweep: one line per setting x dataset."""
+def sweep_table(configs: list, labels: dict[str, str], missing: list[tuple[str, str, str, str]] = ()) -> str:
+    """The plain-text table at the end of a sweep: one line per setting x dataset, those without a
+    result last, saying why."""
     rows = []
     for config in configs:
         for dataset, entry in config.entries.items():
@@ -593,13 +621,17 @@ def sweep_table(configs: list, labels: dict[str, str]) -> str:
                 number_text(entry.visual_in_mean), number_text(entry.visual_kept_mean), number_text(entry.visual_layer_mean),
                 number_text(entry.prefill_gmacs_mean, ".2f"), number_text(entry.prefill_ms_median, ".2f"),
             ))
+    rows += [(label, folder, dataset, why, *["-"] * (len(SWEEP_HEADER) - 4)) for label, folder, dataset, why in missing]
     return text_table(SWEEP_HEADER, rows)
 
 
-def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
-    """The sweep table as CSV: every metric and its delta, tokens (means) and prefill ms (the median only)."""
+def write_csv(path: Path, configs: list, labels: dict[str, str], statuses: dict[str, str] | None = None,
+              missing: list[tuple[str, str, str, str]] = ()) -> None:
+    """The sweep table as CSV: every metric and its delta, tokens (means) and prefill ms (the median
+    only), and each row's `status` (a run x dataset without a result keeps a row saying why)."""
     import pandas as pd
 
+    statuses = statuses or {}
     rows = []
     for config in configs:
         for dataset, entry in config.entries.items():
@@ -607,15 +639,16 @@ def write_csv(path: Path, configs: list, labels: dict[str, str]) -> None:
             deltas = {f"delta_{k}": comparison.delta(entry, k) for k in entry.metrics} if reference is not None else {}
             rows.append({
                 "setting": labels.get(config.name, config.tag), "model": config.name, "dataset": dataset,
-                "rows": entry.rows, "failed_rows": len(entry.failed_rows), **entry.metrics, **deltas,
+                "status": statuses.get(config.name, "ok"), "rows": entry.rows, "failed_rows": len(entry.failed_rows), **entry.metrics, **deltas,
                 "tokens_in_mean": entry.tokens_in_mean, "tokens_kept_mean": entry.tokens_kept_mean,
                 "visual_in_mean": entry.visual_in_mean, "visual_kept_mean": entry.visual_kept_mean,
                 "visual_layer_mean": entry.visual_layer_mean, "prefill_gmacs_mean": entry.prefill_gmacs_mean,
                 "prefill_ms_median": entry.prefill_ms_median,
                 "folder": portable(str(config.folder.resolve())),
             })
+    rows += [{"setting": label, "model": folder, "dataset": dataset, "status": why, "rows": 0} for label, folder, dataset, why in missing]
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = None if rows else ["setting", "model", "dataset", "rows", "failed_rows", "prefill_ms_median", "folder"]  # a header, readable
+    columns = None if rows else ["setting", "model", "dataset", "status", "rows", "failed_rows", "prefill_ms_median", "folder"]  # a header, readable
     pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
 
 

@@ -275,8 +275,11 @@ def test_a_run_refused_before_it_ran_leaves_its_folders_old_outputs_out_and_the_
                          "--work-dir", str(work), "--report", "r"])
     err = capsys.readouterr().err
     assert status == 1
-    assert "vanilla (exit status 2, made nothing: left out of the table)" in err and "no report r: no run of this sweep left a model folder" in err
-    assert pd.read_csv(work / "sweep_r.csv").empty
+    assert "vanilla (exit status 2, made nothing)" in err and "no report r: no run of this sweep left results" in err
+    table = pd.read_csv(work / "sweep_r.csv")  # one empty row saying why, no number of the folder's old outputs
+    assert table[["setting", "dataset", "status", "rows"]].values.tolist() == [
+        [label, "TinyCOCO", "no result: refused before any work (exit status 2)", 0] for label in ("vanilla", "fastv: fastv-k72-l2")]
+    assert set(table.columns) == {"setting", "model", "dataset", "status", "rows"}
     assert not (tmp_path / "reports" / "r").exists()
 
     status = sweep.main(["--family", "tiny", "--data", "TinyCOCO", "--fastv-k", "72", "--launcher", "no-such-launcher",
@@ -449,3 +452,37 @@ def test_an_exported_budget_reaches_only_the_names_that_read_it(clean_env):
     runs, _ = sweep.plan_runs(args, {"VISUAL_BUDGET": "32"}, ["llava_tiny", "llava_tiny_visionzip"])
     assert [run.folder for run in runs] == ["llava_tiny", "llava_tiny_visionzip__visionzip-b32"]
     assert "VISUAL_BUDGET" not in runs[0].env and runs[1].env["VISUAL_BUDGET"] == "32"
+
+
+@pytest.mark.parametrize("left", ["a folder", "a status file only", "another dataset's results"])
+def test_a_recorded_run_that_failed_keeps_an_empty_row_and_the_others_their_report(capsys, tmp_path, left):
+    """One setting of a sweep fails after run.py recorded it (the model did not load: a folder with
+    run_info.json, maybe VLMEvalKit's status.json or an earlier set's results, and no result on
+    this sweep's set). It had no row in the table or CSV, and passing its folder to the report made
+    the report exit in argparse, so the finished settings got no report either."""
+    from test_report import MMB, SYNTHETIC_7B, make_work_dir
+
+    ok, bad = "llava_v1.5_7b_fastv__fastv-k72-l2", "llava_v1.5_7b_fastv__fastv-k36-l2"
+    configs = {k: v for k, v in SYNTHETIC_7B.items() if "hybrid" not in k}
+    if left == "another dataset's results":  # an earlier run's COCO_VAL, none of this sweep's MMBench
+        configs[bad] = SYNTHETIC_7B[ok]
+    work = make_work_dir(tmp_path / "outputs", configs)
+    (work / bad).mkdir(exist_ok=True)
+    for path in (work / bad).iterdir():
+        if MMB in path.name or path.name == "status.json":
+            path.unlink()
+    if left == "a status file only":
+        (work / bad / "status.json").write_text(json.dumps({"eval_id": "T1", "mode": "all", "model_name": bad}))
+    (work / bad / "run_info.json").write_text(json.dumps({"runs": [{"time": "2026-01-01T00:00:05+00:00"}]}))
+    runs = [sweep.Run("k72", "llava_v1.5_7b_fastv", ok, {}, {}), sweep.Run("k36", "llava_v1.5_7b_fastv", bad, {}, {})]
+    records = [dict(folder=ok, returncode=0, started="2026-01-01T00:00:00+00:00"),
+               dict(folder=bad, returncode=1, started="2026-01-01T00:00:01+00:00")]
+    status = sweep.summarize(runs, records, str(work), "t", work / "sweep_t.json", "partly", str(tmp_path / "reports"), [MMB])
+    err = capsys.readouterr().err
+    assert status == 1 and "k36 (exit status 1)" in err
+    table = pd.read_csv(work / "sweep_t.csv")
+    failed = table[table["model"] == bad]
+    assert failed[["dataset", "status", "rows"]].values.tolist() == [[MMB, "no result: exit status 1", 0]]
+    assert table[table["model"] == ok]["status"].tolist() == ["ok"] and table[table["model"] == ok]["rows"].iloc[0] > 0
+    report = (tmp_path / "reports" / "partly" / "report.md").read_text()
+    assert ok in report and "k36 on " + MMB + " (no result: exit status 1)" in err
