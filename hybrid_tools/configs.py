@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmeval_plugin.results import DatasetResult, ModelFolder, read_sweep_runs, read_work_dir
+from vlmeval_plugin.results import DatasetResult, ModelFolder, read_sweep_runs, read_work_dir, rows_text
 from vlmeval_plugin.settings import VANILLA_NAMES, base_name, setting_tag
 
 TINY_PREFIX = "llava_tiny"
@@ -133,7 +133,7 @@ def assign_references(configs: list[Configuration], forced: str | None = None) -
             if entry.reference is not None and mismatch:
                 entry.unpaired, entry.reference = mismatch, None
             elif entry.reference is not None and entry.reference.row_indices != entry.row_indices:  # not the same questions
-                entry.unpaired = (f"{entry.rows} rows, vanilla {entry.reference.rows}" if entry.rows != entry.reference.rows
+                entry.unpaired = (f"{rows_text(entry)} rows, vanilla {rows_text(entry.reference)}" if entry.rows != entry.reference.rows
                                   else f"{entry.rows} rows, other ones than vanilla's")
                 entry.reference = None
 

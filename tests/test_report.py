@@ -699,3 +699,35 @@ def test_a_score_equal_to_a_floor_counts_as_at_or_below_it():
     linker = SimpleNamespace(link=lambda name, path: name)
     lines = floor_lines([Floor("chance", 25.0, Path("f.json"))], entries, linker)
     assert lines[2].endswith("at or below it: `a` (25.0)")
+
+
+def test_what_the_reader_noted_reaches_an_mcq_section(tmp_path):
+    """A metric file torn by a kill and stats records of rows the prediction file lacks: the reader
+    notes both, and only a caption section printed notes, so an MCQ table showed a bare '–'."""
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    model = "llava_v1.5_7b_fastv__fastv-k72-l2"
+    (work / model / f"{model}_{MMB}_acc.csv").write_bytes(b'"split","Overall"\n"dev",0.4\n"dev","x\xff\n')
+    stats = work / model / f"{model}_{MMB}_stats.jsonl"
+    stats.write_text(stats.read_text() + json.dumps({"index": "99", "prediction": "A", "tokens_in": 9999, "tokens_kept": 9999, "prefill_s": 9.0}) + "\n")
+    assert report.main([str(work), "--name", "r", "--out", str(tmp_path / "reports"), "--data", MMB]) == 0
+    section = (tmp_path / "reports" / "r" / "report.md").read_text().split(f"### {MMB}", 1)[1]
+    assert f"- `{model}`: metric file unreadable" in section
+    assert f"- `{model}`: 1 stats records of rows the prediction file does not hold" in section
+
+
+def test_missing_counts_show_no_ratio_and_no_none(tmp_path):
+    """Vanilla without a stats file has no tokens kept: its 'kept vs vanilla' was '1×' beside '–'. A
+    setting stopped before VLMEvalKit wrote its predictions was 'None rows' in the unpaired note."""
+    work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B)
+    (work / "llava_v1.5_7b" / f"llava_v1.5_7b_{COCO}_stats.jsonl").unlink()
+    model = "llava_v1.5_7b_fastv__fastv-k72-l2"
+    for suffix in (".xlsx", "_acc.csv"):
+        (work / model / f"{model}_{MMB}{suffix}").unlink()
+    stats = work / model / f"{model}_{MMB}_stats.jsonl"
+    stats.write_text("".join(stats.read_text().splitlines(True)[:5]))
+    assert report.main([str(work), "--name", "r", "--out", str(tmp_path / "reports")]) == 0
+    markdown = (tmp_path / "reports" / "r" / "report.md").read_text()
+    header = next(line for line in markdown.split(f"### {COCO}", 1)[1].splitlines() if line.startswith("| configuration"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split(" | ")], table_row(markdown, f"### {COCO}", "llava_v1.5_7b")))
+    assert (cells["tokens kept"], cells["kept vs vanilla"]) == ("–", "–")
+    assert "None" not in markdown and f"`{model}` (5 (stats only) rows, vanilla 12)" in markdown

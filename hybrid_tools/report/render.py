@@ -189,8 +189,7 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
     lines = [f"### {dataset}" + (f" ({label})" if label else ""), ""]
     lines += [f"Metric: {', '.join(keys) or 'none (no metric file: run with --mode all or eval)'} — {unit}.", "", table, ""]
     lines += floor_lines((report.floors or {}).get(dataset, []), entries, report.linker)
-    if kind == "caption":
-        lines += caption_notes(entries)
+    lines += caption_notes(entries) if kind == "caption" else entry_notes(entries)
     batched = sorted({b for e in entries for b in e.batch_sizes if b > 1})
     if batched:
         lines += [f"Rows were generated in batches ({', '.join(map(str, batched))}): prefill times are per batch.", ""]
@@ -287,6 +286,13 @@ def caption_notes(entries: list[Entry]) -> list[str]:
     return lines + ([""] if notes else [])
 
 
+def entry_notes(entries: list[Entry]) -> list[str]:
+    """What the reader noted of each configuration's files (a metric file it could not read, stats
+    rows it left out of the means), named by configuration."""
+    notes = [f"- `{entry.config.label}`: {note}" for entry in entries for note in entry.notes]
+    return notes + [""] if notes else []
+
+
 def sources_cell(entry: Entry, linker: Linker) -> str:
     parts = [linker.link("metric", path) for path in entry.metric_files]
     if entry.stats_file:
@@ -319,7 +325,8 @@ def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[s
         row += [
             fmt(entry.tokens_in_mean),
             fmt(entry.tokens_kept_mean),
-            fmt(ratio(entry.tokens_kept_mean, ref.tokens_kept_mean if ref else None), ".3f", "×") if not config.vanilla else "1×",
+            fmt(ratio(entry.tokens_kept_mean, ref.tokens_kept_mean if ref else None), ".3f", "×") if not config.vanilla
+            else ("1×" if entry.tokens_kept_mean is not None else "–"),
             fmt(entry.prefill_ms_median, ".2f"),
             fmt(prefill_ratio(entry, ref), ".3f", "×") if not config.vanilla else ("1×" if entry.prefill_ms_median is not None else "–"),
             rows_text(entry),
