@@ -134,7 +134,8 @@ def run_report(*args) -> int:
 
 
 # ---- tests ------------------------------------------------------------------------------------------
-def test_7b_report_deltas_equal_raw_differences_and_no_bench(tmp_path):
+def test_7b_report_deltas_equal_raw_differences_and_no_bench(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the checkout: raw files under it are linked
     work = make_work_dir(tmp_path / "outputs", SYNTHETIC_7B, infer_only="llava_v1.5_7b_fastv__fastv-k36-l2")
     assert run_report(work, "--name", "seven", "--out", tmp_path / "reports") == 0
     out = tmp_path / "reports" / "seven"
@@ -731,3 +732,22 @@ def test_missing_counts_show_no_ratio_and_no_none(tmp_path):
     cells = dict(zip([c.strip() for c in header.strip("|").split(" | ")], table_row(markdown, f"### {COCO}", "llava_v1.5_7b")))
     assert (cells["tokens kept"], cells["kept vs vanilla"]) == ("–", "–")
     assert "None" not in markdown and f"`{model}` (5 (stats only) rows, vanilla 12)" in markdown
+
+
+def test_nothing_of_the_machine_reaches_a_report_of_files_outside_the_checkout(tmp_path, monkeypatch):
+    """A work dir and --out outside the checkout: the links to raw files spelled out the machine's
+    folders (../../../<scratch>/outputs/...), the Regenerate command held the absolute --out, and
+    --snapshot committed VLMEvalKit's status.json with its absolute prediction paths."""
+    checkout, scratch = tmp_path / "checkout", tmp_path / "machine-scratch-7f3a"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    work = make_work_dir(scratch / "outputs", SYNTHETIC_7B)
+    status = work / "llava_v1.5_7b" / "status.json"
+    status.write_text(json.dumps({**json.loads(status.read_text()), "prediction_file": str(work / "llava_v1.5_7b" / "p.xlsx")}))
+    assert report.main([str(work), "--name", "r", "--out", str(scratch / "reports"), "--data", MMB]) == 0
+    markdown = (scratch / "reports" / "r" / "report.md").read_text()
+    assert "machine-scratch-7f3a" not in markdown and "machine-scratch-7f3a" not in (scratch / "reports" / "r" / "report.json").read_text()
+    assert report.main([str(work), "--name", "s", "--snapshot", "--data", MMB]) == 0
+    committed = [path.read_text(errors="replace") for path in (checkout / "reports" / "s").rglob("*") if path.is_file() and path.suffix != ".png"]
+    assert committed and not any(str(tmp_path) in text for text in committed)
+    assert "[metric](raw/" in (checkout / "reports" / "s" / "report.md").read_text()  # snapshotted files are linked

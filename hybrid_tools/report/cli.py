@@ -56,7 +56,7 @@ def canonical_command(args, work_dirs: list[Path], benches: list[Path]) -> str:
         parts += ["--bench", *[display_path(p.parent if p.name == "bench.json" else p) for p in benches]]
     parts += ["--name", args.name]
     if args.out != DEFAULT_OUT:
-        parts += ["--out", args.out]
+        parts += ["--out", display_path(Path(args.out))]
     if args.models:
         parts += ["--models", *args.models]
     if args.data:

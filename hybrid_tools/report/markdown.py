@@ -39,7 +39,16 @@ class Linker:
         return Path(os.path.relpath(Path(path).resolve(), self.report_dir)).as_posix()
 
     def link(self, text: str, path: Path | str | None) -> str:
-        return f"[{text}]({self.rel(path)})" if path else "–"
+        """A link to a file in the checkout; outside it (a work dir elsewhere, not snapshotted) the
+        text alone, since a relative link would spell out the machine's folders and lead nowhere
+        from a commit."""
+        if not path:
+            return "–"
+        try:
+            inside = Path(path).resolve().is_relative_to(Path.cwd().resolve())
+        except (OSError, ValueError):
+            inside = False
+        return f"[{text}]({self.rel(path)})" if inside else text
 
 
 def display_path(path: Path | str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
+
+from hybrid_vlm.provenance import portable
 
 from ..configs import Configuration
 
@@ -16,6 +19,20 @@ def _unique_label(path: Path, taken: set[str]) -> str:
         label, number = f"{base}-{number}", number + 1
     taken.add(label)
     return label
+
+
+def copy_portable(path: Path, target: Path) -> None:
+    """Copy a raw file to be committed; a JSON record's absolute paths made portable (VLMEvalKit's
+    status.json names its prediction files under the --work-dir as given, often absolute)."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if data is not None and portable(data) != data:
+            target.write_text(json.dumps(portable(data), indent=2) + "\n", encoding="utf-8")
+            return
+    shutil.copy2(path, target)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -46,10 +63,10 @@ def snapshot(work_dirs: list[Path], configs: list[Configuration], benches: list[
             (target / config.name).mkdir()
             for path in files:
                 if path is not None:
-                    shutil.copy2(path, target / config.name / path.name)
+                    copy_portable(path, target / config.name / path.name)
         manifests = {m for c in configs if c.work_dir == work_dir for m, _ in c.sweep_runs}
         for manifest in manifests:
-            shutil.copy2(manifest, target / manifest.name)
+            copy_portable(manifest, target / manifest.name)
             csv_path = manifest.with_suffix(".csv")
             if csv_path.exists():
                 shutil.copy2(csv_path, target / csv_path.name)
