@@ -59,8 +59,9 @@ class Configuration(ModelFolder):
 
     @property
     def method(self) -> str:
-        """What a plot draws one line for: the setting without its budget ('FastV L2', 'random L2',
-        'DyMU', 'DyMU + FastV L2', 'pooling', 'vanilla'), so each line varies only the budget."""
+        """What a plot draws one line for: the setting without its budget ('FastV L2', 'random L2 seed 1',
+        'DyMU', 'DyMU + FastV L2', 'pooling', 'visionzip-per-crop', 'vanilla'), so each line varies only
+        the budget."""
         if self.vanilla:
             return "vanilla"
         names = []
@@ -70,10 +71,11 @@ class Configuration(ModelFolder):
             elif part.startswith("dymu-"):
                 names.append("DyMU")
             elif part.startswith(("fastv-", "random-")):
-                layer = re.search(r"-l(\d+)", part)
-                names.append(("FastV" if part.startswith("fastv-") else "random") + (f" L{layer.group(1)}" if layer else ""))
-            else:  # renumbered, split-slot, scoring-eager, a seed: part of the method, not the budget
-                names.append(part)
+                layer, seed = re.search(r"-l(\d+)", part), re.search(r"-s(\d+)$", part)
+                names.append(("FastV" if part.startswith("fastv-") else "random") + (f" L{layer.group(1)}" if layer else "")
+                             + (f" seed {seed.group(1)}" if seed else ""))
+            else:  # a method's part without its budget (visionzip-b64 -> visionzip); renumbered, split-slot, scoring-eager
+                names.append(re.sub(r"-b\d+(\.\d+)?(?=-|$)", "", part))
         return " + ".join(names) or self.tag
 
     @property

@@ -751,3 +751,24 @@ def test_nothing_of_the_machine_reaches_a_report_of_files_outside_the_checkout(t
     committed = [path.read_text(errors="replace") for path in (checkout / "reports" / "s").rglob("*") if path.is_file() and path.suffix != ".png"]
     assert committed and not any(str(tmp_path) in text for text in committed)
     assert "[metric](raw/" in (checkout / "reports" / "s" / "report.md").read_text()  # snapshotted files are linked
+
+
+def test_plot_lines_vary_only_the_budget_and_the_prefill_axis_names_its_batches():
+    """A method's budgets are one line (visionzip-b192 and -b64 were a legend entry each), two seeds
+    of random selection are two lines (they were drawn as one zig-zag), and prefill times of batched
+    rows are per batch, as the axis now says (it said per row)."""
+    from hybrid_tools.configs import Configuration
+    from hybrid_tools.report.plots import prefill_axis_label
+
+    def method(tag):
+        config = Configuration.__new__(Configuration)
+        config.name, config.vanilla = f"llava_v1.5_7b_x__{tag}", False
+        return config.method
+
+    assert method("visionzip-b192") == method("visionzip-b64") == "visionzip"
+    assert method("visionzip-b0.11-per-crop") == "visionzip-per-crop" and method("pdrop-b64_renumbered") == "pdrop + renumbered"
+    assert method("dart-b128-l2") == "dart-l2" and method("divprune-b64_fastv-k16-l2") == "divprune + FastV L2"
+    assert method("random-k64-l2-s1") == "random L2 seed 1" != method("random-k64-l2-s2")
+    assert method("fastv-k64-l2") == method("fastv-r0.5-l2") == "FastV L2"
+    assert prefill_axis_label([1]) == "median prefill ms per row (vision + LLM)"
+    assert prefill_axis_label([1, 8]) == "median prefill ms per batch (vision + LLM; batch sizes 1, 8)"

@@ -8,6 +8,13 @@ from pathlib import Path
 from ..configs import Entry
 
 
+def prefill_axis_label(batch_sizes: list[int]) -> str:
+    """A row records its batch's prefill time: per row only where every row ran alone."""
+    if batch_sizes in ([], [1]):
+        return "median prefill ms per row (vision + LLM)"
+    return f"median prefill ms per batch (vision + LLM; batch sizes {', '.join(map(str, batch_sizes))})"
+
+
 def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> bool:
     """main metric vs mean tokens kept (left) and vs median prefill ms (right). False: nothing to plot."""
     import matplotlib
@@ -20,12 +27,13 @@ def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> 
         return False
     metric = points[0].main_metric
     unit = " (%)" if points[0].kind == "mcq" else ""
+    batches = sorted({b for e in points for b in e.batch_sizes})
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
     methods = sorted({e.config.method for e in points}, key=lambda m: (m != "vanilla", m))
     colours = {method: plt.cm.tab10(i % 10) for i, method in enumerate(methods)}
     for ax, attribute, xlabel in (
         (axes[0], "tokens_kept_mean", "mean tokens kept after pruning (text + visual)"),
-        (axes[1], "prefill_ms_median", "median prefill ms per row (vision + LLM)"),
+        (axes[1], "prefill_ms_median", prefill_axis_label(batches)),
     ):
         for method in methods:
             series = sorted(
@@ -39,7 +47,8 @@ def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> 
             ax.plot(xs, ys, marker="*" if vanilla else "o", markersize=11 if vanilla else 6, linestyle="-" if len(xs) > 1 else "",
                     color=colours[method], label=method, alpha=0.85)
             for x, y, entry in series:
-                ax.annotate(entry.config.tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                batch = f" (batch {'/'.join(map(str, entry.batch_sizes))})" if len(batches) > 1 else ""
+                ax.annotate(entry.config.tag + batch, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for entry in points:
             if entry.config.vanilla:
                 ax.axhline(entry.main_value, color=colours[entry.config.method], linestyle="--", linewidth=0.8, alpha=0.6)
