@@ -422,7 +422,8 @@ class HybridDecoder(GenerationHooks):
         cache, state = self._open_cache(cache, use_cache)
         cached = cache.get_seq_length() if cache is not None else 0  # a shape: no host sync
         check_chunk_mask(attention_mask, state, cached, length)
-        check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else cached + length)
+        written = state.written_tokens(cached) if state is not None else cached  # the caller's tokens: positions, not slots
+        check_sliding_window(self, attention_mask.shape[1] if attention_mask is not None else written + length)
         new_valid, position_ids, next_position = chunk_positions(attention_mask, position_ids, state, config, batch, length, inputs_embeds.device)
         slots = placed = None
         if pixel_values is not None:

@@ -16,7 +16,7 @@ from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.adapters import llava_next_image_slots
 from hybrid_vlm.calibrate import calibrate_thresholds, write_threshold_file
 from hybrid_vlm.dymu import place_on_cropped_grid
-from hybrid_vlm.hf_compat import dymu_image_features, new_cache
+from hybrid_vlm.hf_compat import cache_kwarg, dymu_image_features, new_cache, output_cache
 from hybrid_vlm.hf_compat.llava_next import anyres_layouts, crop_pixels, stock_next_image_features
 from hybrid_vlm.hf_compat.loading import NO_HUB_KERNELS
 from hybrid_vlm.syncs import check_no_host_syncs
@@ -339,6 +339,27 @@ def test_sliding_window_shorter_than_the_sequence_is_refused():
     model, processor = build_tiny_llava_next(seed=2, text_model="mistral", sliding_window=512)
     with pytest.raises(NotImplementedError, match="sliding window of 512 tokens"):
         next_copy(model, fastv_k=64)(**next_inputs(processor, QUESTIONS[:1]))
+
+
+def test_the_window_counts_the_tokens_as_written_over_a_compacted_cache_without_a_mask():
+    """VisionZip keeps 0.11 of the packed span, so the cache holds far fewer slots than the caller's
+    tokens; without a mask (generate drops an unpadded prompt's) the window check counted slots, and
+    decoding past the window ran on silently with attention to every earlier key."""
+    from hybrid_vlm.tiny import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=2, text_model="mistral")
+    inputs = next_inputs(processor, QUESTIONS[:1])
+    prompt = inputs["input_ids"].shape[1]
+    model.config.text_config.sliding_window = prompt + 1  # the prompt and one decode step fit
+    hybrid = next_copy(model, visual_method="visionzip", visual_budget=0.11)
+    with torch.no_grad():
+        out = hybrid(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], use_cache=True)
+        cache = output_cache(out)
+        assert cache.get_seq_length() < prompt - 1000  # compacted
+        token = out.logits[:, -1:].argmax(-1)
+        out = hybrid(input_ids=token, use_cache=True, **cache_kwarg(cache))
+        with pytest.raises(NotImplementedError, match=f"sliding window of {prompt + 1} tokens and the sequence is {prompt + 2} tokens"):
+            hybrid(input_ids=token, use_cache=True, **cache_kwarg(output_cache(out)))
 
 
 def test_a_batch_whose_filler_slots_outgrow_the_window_decodes_as_stock():
