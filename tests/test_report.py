@@ -772,3 +772,16 @@ def test_plot_lines_vary_only_the_budget_and_the_prefill_axis_names_its_batches(
     assert method("fastv-k64-l2") == method("fastv-r0.5-l2") == "FastV L2"
     assert prefill_axis_label([1]) == "median prefill ms per row (vision + LLM)"
     assert prefill_axis_label([1, 8]) == "median prefill ms per batch (vision + LLM; batch sizes 1, 8)"
+
+
+def test_a_ratio_beside_its_verdict_shows_the_side_of_the_bound_it_is_on():
+    """1.0304 against a band ending at 1.030 was shown as '1.030' beside 'missed (slower)'; a ratio of
+    0 (a row timed at nothing) raised ZeroDivisionError in its speed-up."""
+    from hybrid_tools.report.targets import bench_targets
+
+    just_over = bench_targets(synthetic_bench_rows(1.0304, 0.2, 0.2, "pass"))[0]
+    assert just_over[2].startswith("1.0304 ") and just_over[-1] == "missed (slower)"
+    assert bench_targets(synthetic_bench_rows(1.02, 0.2, 0.2, "pass"))[0][2].startswith("1.020 ")  # clear of the bound: 3 decimals
+    assert bench_targets(synthetic_bench_rows(1.03, 0.2, 0.2, "pass"))[0][2].startswith("1.030 ")  # on it exactly
+    zero = bench_targets(synthetic_bench_rows(0.0, 0.2, 0.2, "pass"))[0]
+    assert zero[2] == "0.000 (–)" and zero[-1] == "missed (faster)"

@@ -60,7 +60,8 @@ def _ratio_targets(by_config: dict[str, dict]) -> list[tuple[str, str, str, str,
     """The RATIO_TARGETS of a bench whose ratios divide by stock, one per row each speaks to."""
     band = f"{1 - ENGINE_BAND:.3f} to {1 + ENGINE_BAND:.3f}"
     vanillas = [r for r in by_config.values() if r.get("method") == "vanilla"] or [None]  # each MASK_READ row
-    out = [_ratio_target("engine overhead: prefill vs stock", row, band, _within_band) for row in vanillas]
+    out = [_ratio_target("engine overhead: prefill vs stock", row, band, _within_band, bounds=(1 - ENGINE_BAND, 1 + ENGINE_BAND))
+           for row in vanillas]
     fastvs = [r for r in by_config.values() if r.get("method") == "fastv" and r.get("fastv_k") == 64] or [None]  # each MASK_READ row
     for fastv in fastvs:
         for part, measured, theory_key in (("prefill", "prefill_ratio", "prefill_theory_ratio"),
@@ -68,20 +69,31 @@ def _ratio_targets(by_config: dict[str, dict]) -> list[tuple[str, str, str, str,
             theory = fastv.get(theory_key) if fastv else None
             limit = None if theory is None else theory + FASTV_SLACK
             out.append(_ratio_target(f"FastV K=64 {part} vs stock", fastv if limit is not None else None,
-                                     _at_most_text(limit, f"{part.split()[0]} theory + 0.05"), _at_most(limit), measured))
+                                     _at_most_text(limit, f"{part.split()[0]} theory + 0.05"), _at_most(limit), measured, (limit,)))
     hybrids = [r for r in by_config.values() if r.get("method") == "hybrid" and r.get("fastv_k") == 64] or [None]
     limit = 1 / HYBRID_SPEEDUP
-    return out + [_ratio_target("hybrid (DyMU + FastV K=64) prefill vs stock", hybrid, _at_most_text(limit, "3.5x faster"), _at_most(limit))
-                  for hybrid in hybrids]
+    return out + [_ratio_target("hybrid (DyMU + FastV K=64) prefill vs stock", hybrid, _at_most_text(limit, "3.5x faster"), _at_most(limit),
+                                bounds=(limit,)) for hybrid in hybrids]
 
 
-def _ratio_target(name: str, row: dict | None, needed: str, verdict_of, key: str = "prefill_ratio") -> tuple[str, str, str, str, str]:
+def _ratio_target(name: str, row: dict | None, needed: str, verdict_of, key: str = "prefill_ratio",
+                  bounds: tuple[float | None, ...] = ()) -> tuple[str, str, str, str, str]:
     """A target on a row's ratio vs stock (`key`, its prefill's by default): `verdict_of(ratio)` judges
     it; "not measured" when the row (or its ratio) is missing."""
     if row is None or row.get(key) is None:
         return name, "–", "–", needed, "not measured"
     ratio = float(row[key])
-    return name, f"`{row['config']}`", f"{ratio:.3f} ({fmt(1 / ratio, '.2f', 'x')})", needed, verdict_of(ratio)
+    speedup = fmt(1 / ratio, ".2f", "x") if ratio > 0 else "–"
+    return name, f"`{row['config']}`", f"{ratio_text(ratio, bounds)} ({speedup})", needed, verdict_of(ratio)
+
+
+def ratio_text(ratio: float, bounds: tuple[float | None, ...]) -> str:
+    """The ratio to 3 decimals, or to as many more (up to 6) as show which side of a bound it lies
+    on: 1.0304 against a band ending at 1.030 read "1.030" beside "missed (slower)"."""
+    digits = 3
+    while digits < 6 and any(b is not None and ratio != b and round(ratio, digits) == round(b, digits) for b in bounds):
+        digits += 1
+    return f"{ratio:.{digits}f}"
 
 
 def _at_most_text(limit: float | None, how: str) -> str:
