@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import re
 import statistics
 from pathlib import Path
@@ -187,6 +188,27 @@ def test_an_interrupted_sweep_says_how_to_resume(capsys, clean_env, monkeypatch,
     monkeypatch.setattr(sweep, "run_all", interrupted)
     assert sweep.main(["--data", "TinyCOCO", "--model", "llava_tiny_fastv", "--fastv-k", "64", "--work-dir", str(tmp_path)]) == 130
     assert "interrupted. Finished runs and the rows written so far are kept" in capsys.readouterr().err
+
+
+def test_the_run_in_flight_at_an_interrupt_is_in_the_sweep_record(capsys, clean_env, monkeypatch, tmp_path):
+    """Ctrl-C during the second run: the plugin keeps that run's rows, but the record listed only the
+    first run, so the second folder had no sweep provenance until it ran again."""
+    calls, real_run = [], subprocess.run
+
+    def fake_run(command, **kwargs):
+        if "env" not in kwargs:  # git and the like
+            return real_run(command, **kwargs)
+        calls.append(command)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    status = sweep.main(["--data", "TinyCOCO", "--model", "llava_tiny_fastv", "--fastv-k", "64", "32", "--work-dir", str(tmp_path)])
+    assert status == 130
+    runs = json.loads(next(tmp_path.glob("sweep_*.json")).read_text())["runs"]
+    assert [(run["folder"], run["returncode"], run.get("interrupted")) for run in runs] == [
+        ("llava_tiny_fastv__fastv-k64-l2", 0, None), ("llava_tiny_fastv__fastv-k32-l2", 130, True)]
 
 
 def test_every_setting_a_name_reads_is_swept(capsys, clean_env, monkeypatch):
