@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import re
 import statistics
+import subprocess
 from pathlib import Path
 
 import pandas as pd
