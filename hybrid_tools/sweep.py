@@ -583,25 +583,25 @@ def run_all(runs: list[Run], commands: list[list[str]], args, argv, work_dir: st
     for run, command in zip(runs, commands):
         print(f"\n=== {run.label}: {run.folder} ===\n$ {shlex.join(command)}", flush=True)
         started, clock = datetime.datetime.now().astimezone().isoformat(timespec="seconds"), time.monotonic()
-
-        def record(returncode: int, **extra) -> None:
-            shown = command if args.launcher else ["python", *command[1:]]
-            manifest["runs"].append(portable({
-                "label": run.label, "model": run.model, "folder": run.folder, "command": shown, "env": run.settings,
-                "started": started, "seconds": round(time.monotonic() - clock, 1), "returncode": returncode, **extra,
-            }))
-            write_record(manifest_path, manifest)  # after every run: an interrupted sweep keeps its record
-
+        entry = {"label": run.label, "model": run.model, "folder": run.folder, "command": command if args.launcher else ["python", *command[1:]],
+                 "env": run.settings, "started": started}
         try:
             returncode = subprocess.run(command, env=run.env).returncode
         except OSError as error:  # a --launcher that is not a program: 127, as a shell says
             print(f"hybrid_tools.sweep: cannot start {command[0]!r}: {error}", file=sys.stderr, flush=True)
             returncode = 127
         except KeyboardInterrupt:  # the run in flight made rows too (the plugin keeps them): its folder's provenance
-            record(130, interrupted=True)
+            record_run(manifest, manifest_path, entry, clock, 130, interrupted=True)
             raise
-        record(returncode)
+        record_run(manifest, manifest_path, entry, clock, returncode)
     return manifest["runs"]
+
+
+def record_run(manifest: dict, manifest_path: Path, entry: dict, clock: float, returncode: int, **extra) -> None:
+    """Add a finished (or interrupted) run to the sweep record and write it: after every run, so an
+    interrupted sweep keeps its record."""
+    manifest["runs"].append(portable({**entry, "seconds": round(time.monotonic() - clock, 1), "returncode": returncode, **extra}))
+    write_record(manifest_path, manifest)
 
 
 def write_record(path: Path, manifest: dict) -> None:
