@@ -395,7 +395,7 @@ class HybridConfig:
             if self.dymu_split != "official":
                 parts.append(f"split-{self.dymu_split}")
         if self.fastv_k is not None:
-            k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k:g}"
+            k = f"k{self.fastv_k}" if isinstance(self.fastv_k, int) else f"r{self.fastv_k}"  # every digit: no two settings share a folder
             method = "fastv" if self.fastv_select == "attention" else "random"
             seed = f"-s{self.select_seed}" if self.fastv_select == "random" and self.select_seed else ""
             parts.append(f"{method}-{k}-l{self.fastv_layer}{seed}")

@@ -95,6 +95,9 @@ def test_tags_carry_method_budget_positions_and_seed():
     assert HybridConfig(visual_method="visionzip", visual_budget=64).describe() == "visionzip-b64"
     assert HybridConfig(fastv_k=64, fastv_select="random", select_seed=2).describe() == "random-k64-l2-s2"
     assert HybridConfig(fastv_k=64, mask_read="once").describe() == "fastv-k64-l2_mask-read-once"
+    # a FASTV_K fraction keeps every digit (6 significant digits gave 0.1234567 and 0.1234568 one folder)
+    assert HybridConfig(fastv_k=0.5).describe() == "fastv-r0.5-l2"
+    assert HybridConfig(fastv_k=0.1234567).describe() == "fastv-r0.1234567-l2" != HybridConfig(fastv_k=0.1234568).describe()
     assert HybridConfig(mask_read="once").describe() == "vanilla_mask-read-once"
     assert method_settings({}, None) == {}
 
