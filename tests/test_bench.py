@@ -698,3 +698,14 @@ def test_stock_qwen_decode_steps_after_a_text_prompt_follow_generate(tiny_qwen):
         bench.prefill(model, qwen_inputs(processor, QUESTIONS[:1]))  # an image prompt before it sets the deltas
         tokens = bench.decode(model, bench.prefill(model, text), text["attention_mask"], 4)
     assert torch.equal(tokens, expected)
+
+
+def test_budgets_take_a_kept_share_as_visual_budget_does():
+    """LLaVA-NeXT's method defaults are shares (0.11 of each image); --budgets took only counts. A share
+    reaches fastv and random as FASTV_K = 1 - share, as the plugin converts VISUAL_BUDGET."""
+    args, _ = bench.parse_args(["--preset", "next-mid", "--fastv-k", "--methods", "fastv", "visionzip", "--budgets", "0.11", "256"])
+    assert [config.name for config in bench.build_configs(args)] == [
+        "stock", "vanilla", "fastv-r0.89-l2", "fastv-k256-l2", "visionzip-b0.11", "visionzip-b256"]
+    for bad in ("1.5", "0", "x"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--fastv-k", "--methods", "visionzip", "--budgets", bad])

@@ -64,11 +64,13 @@ def method_read_settings(method: str, args) -> list[dict]:
     return [dict(**layer, **scorer) for layer, scorer in product(layers, scorers)]
 
 
-def method_settings(method: str, budget: int, position_mode: str) -> dict:
+def method_settings(method: str, budget: int | float, position_mode: str) -> dict:
     """A registered method at a budget, by its own rule: fastv and random keep `budget` after
-    FASTV_LAYER (B); the methods before the LLM let `budget` in (A)."""
+    FASTV_LAYER (B; a kept share f is FASTV_K = 1 - f, as `hybrid_vlm.config.method_settings` has
+    it); the methods before the LLM let `budget` in (A)."""
     if method in ("fastv", "random"):
-        return dict(fastv_k=budget, fastv_select="attention" if method == "fastv" else "random", position_mode=position_mode)
+        fastv_k = budget if isinstance(budget, int) else round(1.0 - budget, 9)
+        return dict(fastv_k=fastv_k, fastv_select="attention" if method == "fastv" else "random", position_mode=position_mode)
     return dict(visual_method=method, visual_budget=budget, position_mode=position_mode)
 
 

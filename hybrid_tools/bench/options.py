@@ -88,7 +88,7 @@ import torch
 
 from hybrid_vlm import HybridConfig, parse_fastv_k
 from hybrid_vlm.calibrate import read_threshold_payload
-from hybrid_vlm.config import MASK_READS
+from hybrid_vlm.config import MASK_READS, parse_visual_budget
 from hybrid_vlm.dymu import check_target_name
 from hybrid_vlm.hf_compat.loading import looks_like_hub_id
 from hybrid_vlm.runtime import DTYPE_CHOICES, resolve_device, resolve_dtype
@@ -163,7 +163,9 @@ def add_row_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dymu-images", type=int, default=None, help="synthetic images for --dymu-target (default 32)")
     parser.add_argument("--methods", nargs="*", default=[], choices=BENCH_METHODS, help="registered methods to time at each --budgets (their own budget rules)")
-    parser.add_argument("--budgets", nargs="+", type=int, default=None, help="visual tokens per image for --methods (default 64)")
+    parser.add_argument("--budgets", nargs="+", type=budget_argument, default=None,
+                        help="visual tokens per image for --methods (default 64), or a kept share in (0, 1) of each image's, "
+                             "as VISUAL_BUDGET takes it (fastv and random: FASTV_K = 1 - share, as the plugin converts it)")
 
 
 def add_measurement_options(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +210,13 @@ def unread_settings(args) -> str | None:
     if args.dymu_images is not None and not args.dymu_target:
         return "--dymu-images is the number of calibration images for --dymu-target, which is not given"
     return None
+
+
+def budget_argument(text: str) -> int | float:
+    try:
+        return parse_visual_budget(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("VISUAL_BUDGET=", "")) from None
 
 
 def bad_value(args) -> str | None:
