@@ -93,7 +93,7 @@ from hybrid_vlm.methods import methods_with_defaults
 from hybrid_vlm.provenance import git_state, package_versions, portable, replace_file, shell_join
 from vlmeval_plugin import settings
 from vlmeval_plugin.cli import variant_checkpoint
-from vlmeval_plugin.results import metric_text, number_text, read_json, read_run_info, record_time, text_table
+from vlmeval_plugin.results import metric_text, number_text, read_json, read_run_info, record_time, rows_text, text_table
 
 from . import configs as comparison
 
@@ -610,7 +610,7 @@ def write_record(path: Path, manifest: dict) -> None:
 
 
 SWEEP_HEADER = (
-    "setting", "model folder", "dataset", "metric", "Δ vs vanilla", "visual in (A)", "visual kept (B)", "visual layer-avg (C)",
+    "setting", "model folder", "dataset", "rows", "metric", "Δ vs vanilla", "visual in (A)", "visual kept (B)", "visual layer-avg (C)",
     "prefill GMACs", "prefill ms (median)",
 )
 
@@ -624,11 +624,11 @@ def sweep_table(configs: list, labels: dict[str, str], missing: list[tuple[str, 
             main = entry.main_metric
             change = "ref" if config.vanilla else number_text(comparison.delta(entry, main), "+.1f") if main else "-"
             rows.append((
-                labels.get(config.name, config.tag), config.name, dataset, metric_text(entry), change,
+                labels.get(config.name, config.tag), config.name, dataset, rows_text(entry), metric_text(entry), change,
                 number_text(entry.visual_in_mean), number_text(entry.visual_kept_mean), number_text(entry.visual_layer_mean),
                 number_text(entry.prefill_gmacs_mean, ".2f"), number_text(entry.prefill_ms_median, ".2f"),
             ))
-    rows += [(label, folder, dataset, why, *["-"] * (len(SWEEP_HEADER) - 4)) for label, folder, dataset, why in missing]
+    rows += [(label, folder, dataset, "0", why, *["-"] * (len(SWEEP_HEADER) - 5)) for label, folder, dataset, why in missing]
     return text_table(SWEEP_HEADER, rows)
 
 

@@ -234,6 +234,19 @@ def test_assisted_generation_is_refused_by_name(tiny, option):
             hybrid_copy(model, fastv_k=64).generate(inputs.pop("input_ids"), GenerationConfig(max_new_tokens=2, **option), **inputs)
 
 
+def test_a_keyword_that_turns_assisted_generation_off_is_not_refused(tiny):
+    """A generation config asking for prompt lookup, overridden by `prompt_lookup_num_tokens=None`, as
+    stock generate lets a keyword do: it was refused for the config's value. It generates greedily."""
+    model, processor = tiny
+    inputs = image_inputs(processor)
+    hybrid = hybrid_copy(model, fastv_k=64)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=3)
+    with torch.no_grad():
+        switched_off = hybrid.generate(**inputs, generation_config=config, prompt_lookup_num_tokens=None)
+        greedy = hybrid.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(switched_off, greedy)
+
+
 @pytest.mark.parametrize("settings", [{}, dict(fastv_k=64)], ids=["nothing-cut", "fastv-k64"])
 def test_a_cache_cropped_outside_the_engine_is_refused(tiny, settings):
     """`cache.crop` (rewinding an answer, as users do on stock models) left the engine's state at

@@ -500,8 +500,10 @@ def test_a_recorded_run_that_failed_keeps_an_empty_row_and_the_others_their_repo
     records = [dict(folder=ok, returncode=0, started="2026-01-01T00:00:00+00:00"),
                dict(folder=bad, returncode=1, started="2026-01-01T00:00:01+00:00")]
     status = sweep.summarize(runs, records, str(work), "t", work / "sweep_t.json", "partly", str(tmp_path / "reports"), [MMB])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert status == 1 and "k36 (exit status 1)" in err
+    printed = {line.split()[0]: line for line in out.splitlines() if line.startswith(("k36 ", "k72 "))}
+    assert " 12 " in printed["k72"] and "no result: exit status 1" in printed["k36"]  # the table's rows column, and why none
     table = pd.read_csv(work / "sweep_t.csv")
     failed = table[table["model"] == bad]
     assert failed[["dataset", "status", "rows"]].values.tolist() == [[MMB, "no result: exit status 1", 0]]

@@ -99,7 +99,8 @@ def check_generate_options(model, args: tuple, kwargs: dict) -> None:
     generation config may come by keyword or second positionally, as stock `generate` takes it."""
     positional = args[1] if len(args) > 1 else None
     config = kwargs.get("generation_config") or positional or model.generation_config
-    given = [name for name in ASSISTED_OPTIONS if kwargs.get(name) is not None or getattr(config, name, None) is not None]
+    # a keyword overrides the generation config, as in stock generate: None there turns the option off
+    given = [name for name in ASSISTED_OPTIONS if (kwargs[name] if name in kwargs else getattr(config, name, None)) is not None]
     if given:
         raise NotImplementedError(
             f"hybrid_vlm does not support assisted generation ({', '.join(given)}): it crops the KV cache to one length, "
