@@ -245,7 +245,7 @@ def test_selection_snapshot_and_bad_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny-demo", "testbed-demo", "testbed", "cpu-mid-bench", "cpu-mid-methods", "cpu-next-bench",
-                                  "cpu-next-overhead", "cpu-qwen-bench"])
+                                  "cpu-next-overhead", "cpu-qwen-bench", "cpu-next-methods"])
 def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, name):
     """reports/<name>/report.md and report.json are exactly what its printed command makes from
     reports/<name>/raw/."""
@@ -270,7 +270,7 @@ def test_committed_report_regenerates_from_its_raw_files(tmp_path, monkeypatch, 
     assert (copy / "report.json").read_text() == (folder / "report.json").read_text()
 
 
-@pytest.mark.parametrize("name", ["cpu-mid-bench", "cpu-next-bench", "cpu-next-overhead"])
+@pytest.mark.parametrize("name", ["cpu-mid-bench", "cpu-next-bench", "cpu-next-overhead", "cpu-next-methods"])
 def test_readme_speed_table_quotes_the_committed_cpu_bench(name):
     """Every number of the README's CPU speed tables is in reports/<name>/raw/bench/bench.json."""
     readme = (REPO / "README.md").read_text()
@@ -785,3 +785,17 @@ def test_a_ratio_beside_its_verdict_shows_the_side_of_the_bound_it_is_on():
     assert bench_targets(synthetic_bench_rows(1.03, 0.2, 0.2, "pass"))[0][2].startswith("1.030 ")  # on it exactly
     zero = bench_targets(synthetic_bench_rows(0.0, 0.2, 0.2, "pass"))[0]
     assert zero[2] == "0.000 (–)" and zero[-1] == "missed (faster)"
+
+
+def test_readme_next_methods_prose_quotes_the_committed_bench():
+    """The range of ratio − theory over the NeXT method rows, and VisPruner's cost before the LLM
+    beside stock's, as reports/cpu-next-methods/raw holds them."""
+    readme = (REPO / "README.md").read_text()
+    rows = {row["config"]: row for row in json.loads((REPO / "reports/cpu-next-methods/raw/bench/bench.json").read_text())["rows"]}
+    prose = readme.split("<!-- cpu-next-methods-prose:begin -->", 1)[1].split("<!-- cpu-next-methods-prose:end -->", 1)[0]
+    gaps = [row["prefill_ratio_minus_theory"] for row in rows.values() if row["method"] not in ("stock", "vanilla")]
+    vispruner, stock = rows["vispruner-b0.11"], rows["stock"]
+    assert max(gaps) == vispruner["prefill_ratio_minus_theory"]
+    assert re.findall(r"[+-]?\d[\d,]*\.?\d*", prose) == [
+        f"{min(gaps):+.3f}", f"{max(gaps):+.3f}", "2,304", f"{vispruner['vision_gmacs']:.1f}", f"{stock['vision_gmacs']:.1f}",
+        f"{vispruner['vision_ms']:.0f}", f"{stock['vision_ms']:.0f}"]
