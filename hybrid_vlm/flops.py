@@ -421,7 +421,6 @@ def method_prefill_macs(
     nothing. The method's scoring is counted (`selection`); DyMU's counts are data: use prefill_macs.
     visual_entered / visual_kept: the counts a run recorded (else the ones the config implies).
     images: the sample's images, each through the tower, the projector and a method before the LLM."""
-    from .config import visual_keep_count
     from .methods import VitDims, check_budget, get_method, read_macs
 
     if config.dymu is not None:
@@ -443,14 +442,8 @@ def method_prefill_macs(
             projector, vit_layers = visual, shape.vit_layers_read
     elif config.visual_pool is not None:
         visual = (math.isqrt(patches) // config.visual_pool) ** 2 * images
-    visual = visual_entered if visual_entered is not None else visual
-    kept = visual_keep_count(visual, config.fastv_k) if config.fastv_k is not None else None
-    kept = visual_kept if visual_kept is not None and kept is not None else kept
-    return prefill_macs(
-        shape, text_tokens, visual, kept, fastv_layer=config.fastv_layer, attention=attention,
-        scoring=config.scoring if config.fastv_k is not None and config.fastv_select == "attention" else None,
-        lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, crops=images, projector_tokens=projector, selection=selection,
-    )
+    return prefill_after_selection(shape, config, text_tokens, RanBeforeLlm(visual, images, projector, vit_layers, selection),
+                                   lm_head_tokens, attention, visual_entered, visual_kept)
 
 
 def next_method_prefill_macs(
@@ -469,7 +462,6 @@ def next_method_prefill_macs(
 
     DyMU's counts are data: count it with prefill_macs and one per-layer list per crop.
     visual_entered / visual_kept: the counts a run recorded (else the ones the config implies)."""
-    from .config import visual_keep_count
 
     if config.dymu is not None:
         raise ValueError("DyMU's token counts depend on the image: count it with prefill_macs and its per-crop, per-layer counts")
@@ -483,13 +475,35 @@ def next_method_prefill_macs(
         visual, selection, selects_projected = next_selection_macs(shape, config, images)
         if not selects_projected:
             projector, vit_layers = visual, shape.vit_layers_read
-    visual = visual_entered if visual_entered is not None else visual
+    return prefill_after_selection(shape, config, text_tokens, RanBeforeLlm(visual, crops, projector, vit_layers, selection),
+                                   lm_head_tokens, attention, visual_entered, visual_kept)
+
+
+@dataclass(frozen=True)
+class RanBeforeLlm:
+    """What a sample ran before the LLM, as the MACs model needs it."""
+
+    visual: int  # visual tokens entering the LLM
+    crops: int  # images the tower saw (LLaVA-NeXT: every crop)
+    projector: int  # tokens the projector ran on
+    vit_layers: int | None  # CLIP layers that ran (None: all)
+    selection: int  # a method's reads and scoring
+
+
+def prefill_after_selection(shape: LlavaShape, config, text_tokens: int, ran: RanBeforeLlm, lm_head_tokens: int, attention: str,
+                            visual_entered: int | None, visual_kept: int | None) -> PrefillMacs:
+    """The prefill of a sample from what ran before the LLM, FastV or random selection after it;
+    the counts a run recorded take the place of the ones the config implies."""
+    from .config import visual_keep_count
+
+    visual = visual_entered if visual_entered is not None else ran.visual
     kept = visual_keep_count(visual, config.fastv_k) if config.fastv_k is not None else None
     kept = visual_kept if visual_kept is not None and kept is not None else kept
     return prefill_macs(
         shape, text_tokens, visual, kept, fastv_layer=config.fastv_layer, attention=attention,
         scoring=config.scoring if config.fastv_k is not None and config.fastv_select == "attention" else None,
-        lm_head_tokens=lm_head_tokens, vit_layers_run=vit_layers, crops=crops, projector_tokens=projector, selection=selection,
+        lm_head_tokens=lm_head_tokens, vit_layers_run=ran.vit_layers, crops=ran.crops, projector_tokens=ran.projector,
+        selection=ran.selection,
     )
 
 
