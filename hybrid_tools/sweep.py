@@ -522,6 +522,8 @@ def summarize(runs: list[Run], records: list[dict], work_dir: str, tag: str, man
                          for run in runs if run.folder in failed]
         print("hybrid_tools.sweep: these runs failed: " + ", ".join(labels_failed), file=sys.stderr)
         status = 1
+    if missing:  # a run that exited 0 without a set's result is a miss too
+        status = 1
     reported = [config.name for config in configs if config.name in labels]  # the runs that left results
     if report and not reported:
         print(f"hybrid_tools.sweep: no report {report}: no run of this sweep left results", file=sys.stderr)
@@ -553,7 +555,8 @@ def missing_results(runs: list[Run], configs: list, datasets: list[str], statuse
     """(label, folder, dataset, why) for every planned run x dataset with no result: a failed or
     refused setting keeps its row, empty, rather than vanishing from the table."""
     held = {(config.name, dataset) for config in configs for dataset in config.entries}
-    return [(run.label, run.folder, dataset, f"no result: {statuses[run.folder]}")
+    why = {folder: "the run exited 0 without it" if status == "ok" else status for folder, status in statuses.items()}
+    return [(run.label, run.folder, dataset, f"no result: {why[run.folder]}")
             for run in runs for dataset in datasets if (run.folder, dataset) not in held]
 
 

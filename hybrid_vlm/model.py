@@ -554,11 +554,13 @@ class HybridLlavaNextForConditionalGeneration(HybridDecoder, LlavaNextForConditi
     image_slots = staticmethod(llava_next_image_slots)
     fixed_visual_count = staticmethod(lambda model: None)  # the packed span follows the aspect ratio
 
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, *, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, logits_to_keep=0, labels=None, **kwargs) -> HybridLlavaOutput:
         """Stock LLaVA-NeXT's positional order (image_sizes third), then the shared loop. The keywords
         are named because generate reads the signature: without `logits_to_keep` in it, it asked for
-        the logits of every prompt row (a 2,000-token span x 32k vocabulary per prompt)."""
+        the logits of every prompt row (a 2,000-token span x 32k vocabulary per prompt). They are
+        keyword-only: stock's later positions differ across releases (`cache` or `past_key_values`,
+        `vision_feature_layer`), and a value bound to the wrong name would pass silently."""
         return HybridDecoder.forward(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                                      logits_to_keep, labels, image_sizes=image_sizes, **kwargs)
 

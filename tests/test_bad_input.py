@@ -901,3 +901,17 @@ def test_every_image_mode_is_saved_as_the_pixels_llava_reads(tmp_path, mode):
     robust.decode_base64_to_image_file(base64.b64encode(buffer.getvalue()).decode(), str(target))
     expected = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     assert Image.open(target).convert("RGB").tobytes() == expected.tobytes()
+
+
+@needs_vlmeval
+def test_a_caption_set_with_one_option_column_is_registered_as_it_is_checked(tmp_path):
+    """index, image, answer and a stray A: check_tsv reads a caption set (one option column is no MCQ,
+    as VLMEvalKit has it), and the caption registration refused any A column, so the set passed the
+    check and was never built."""
+    path = tmp_path / "MyCaps.tsv"
+    pd.DataFrame({"index": [0], "image": ["x" * 80], "answer": ["['a cat']"], "A": ["stray"]}).to_csv(path, sep="\t", index=False)
+    assert layouts.check_tsv(path) is None
+    script = "from vlmeval_plugin.cli import register_caption_sets; print(register_caption_sets(['MyCaps']))"
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LMUData": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['MyCaps']"

@@ -137,3 +137,21 @@ def test_next_per_crop_reads_charge_every_crop():
     assert kept == 80
     assert read_macs(method, dims(576)) == 577 * 1024
     assert macs == 3 * 577 * 1024 + method.scoring_macs(40, dims(576)) + method.scoring_macs(40, dims(100))
+
+
+@pytest.mark.parametrize("name", ["stock", "visionzip-40-per-crop", "divprune-0.1-fastv-k16", "pdrop-0.3"])
+def test_a_next_prompt_of_two_images_counts_each_image(next_model, name):
+    """Two images of different aspect ratios in one prompt: each image's crops, reads and selections
+    (the NeXT plugin passes a row its images), pdrop ranking both spans as one pool."""
+    model, processor = next_model
+    config, tolerance = CONFIGS[name]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare the two pictures briefly"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [synthetic_image(0).resize(SIZES["wide"]), synthetic_image(1).resize(SIZES["strip"])]
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    counted, _ = counted_run(model, inputs, config)
+    text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+    anyres = anyres_images(model, inputs["image_sizes"])
+    assert len(anyres) == 2 and anyres[0] != anyres[1]
+    expected = flops.next_method_prefill_macs(flops.shape_from_config(model.config), config or HybridConfig(), anyres, text, attention="dense")
+    assert sum(counted.values()) == pytest.approx(expected.total, rel=tolerance, abs=0)

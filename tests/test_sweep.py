@@ -349,14 +349,14 @@ def test_sweep_runs_each_setting_and_writes_table_record_and_report(tmp_path, mo
         summary = re.search(rf"^{re.escape(model)} +TinyCOCO +3 +CIDEr (\S+) +\S+ +\S+ +(\S+)$", output, flags=re.M)
         assert summary, output[-3000:]  # run.py's own end-of-run table
         assert (summary.group(1), summary.group(2)) == (f"{cider:.1f}", f"{prefill_ms:.2f}")
-        # setting, folder, dataset, metric, delta, visual in / kept / layer-avg, GMACs, prefill ms
-        sweep_line = re.search(rf"^.+ +{re.escape(model)} +TinyCOCO +CIDEr (\S+) +\S+ +\S+ +\S+ +\S+ +\S+ +(\S+)$", final_table, flags=re.M)
+        # setting, folder, dataset, rows, metric, delta, visual in / kept / layer-avg, GMACs, prefill ms
+        sweep_line = re.search(rf"^.+ +{re.escape(model)} +TinyCOCO +3 +CIDEr (\S+) +\S+ +\S+ +\S+ +\S+ +\S+ +(\S+)$", final_table, flags=re.M)
         assert sweep_line, final_table
         assert (sweep_line.group(1), sweep_line.group(2)) == (f"{cider:.1f}", f"{prefill_ms:.2f}")
         assert csv_rows[model].CIDEr == pytest.approx(cider) and csv_rows[model].prefill_ms_median == pytest.approx(prefill_ms)
         assert report_rows[model]["metrics"]["CIDEr"] == pytest.approx(cider)
         assert report_rows[model]["prefill_ms_median"] == pytest.approx(prefill_ms)
-    assert re.search(rf"^fastv: fastv-k72-l2 +{fastv} +TinyCOCO +CIDEr", final_table, flags=re.M), final_table
+    assert re.search(rf"^fastv: fastv-k72-l2 +{fastv} +TinyCOCO +3 +CIDEr", final_table, flags=re.M), final_table
     assert csv_rows[VANILLA].tokens_in_mean == csv_rows[VANILLA].tokens_kept_mean
     assert csv_rows[fastv].tokens_in_mean - csv_rows[fastv].tokens_kept_mean == pytest.approx(576 - 72)  # FastV kept 72 visual tokens
     # the three budget rules from the cache state: 576 in, 72 kept after layer 2, (2 * 576 + L' * 72) / L averaged
@@ -510,3 +510,18 @@ def test_a_recorded_run_that_failed_keeps_an_empty_row_and_the_others_their_repo
     assert table[table["model"] == ok]["status"].tolist() == ["ok"] and table[table["model"] == ok]["rows"].iloc[0] > 0
     report = (tmp_path / "reports" / "partly" / "report.md").read_text()
     assert ok in report and "k36 on " + MMB + " (no result: exit status 1)" in err
+
+
+def test_a_run_that_exited_0_without_a_result_is_a_miss(capsys, tmp_path):
+    """A run that exits 0 but writes nothing for a set (VLMEvalKit skipped it): its row read
+    'no result: ok' and the sweep exited 0."""
+    from test_report import MMB, SYNTHETIC_7B, make_work_dir
+
+    ok = "llava_v1.5_7b_fastv__fastv-k72-l2"
+    work = make_work_dir(tmp_path / "outputs", {k: v for k, v in SYNTHETIC_7B.items() if "hybrid" not in k})
+    runs = [sweep.Run("k72", "llava_v1.5_7b_fastv", ok, {}, {})]
+    records = [dict(folder=ok, returncode=0, started="2026-01-01T00:00:00+00:00")]
+    assert sweep.summarize(runs, records, str(work), "t", work / "sweep_t.json", None, None, [MMB, "MyCaps"]) == 1
+    table = pd.read_csv(work / "sweep_t.csv")
+    assert table[table["dataset"] == "MyCaps"]["status"].tolist() == ["no result: the run exited 0 without it"]
+    assert table[(table["dataset"] == MMB) & (table["model"] == ok)]["status"].tolist() == ["ok"]

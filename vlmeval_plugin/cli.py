@@ -281,7 +281,7 @@ def unknown_set_problem(data_names: list[str], lmu_root: str | Path) -> str | No
 
 def register_caption_sets(data_names: list[str]) -> list[str]:
     """Unknown dataset names whose LMUData TSV looks like COCO_VAL (index, image, answer; no question,
-    no options) become ImageCaptionDataset sets. VLMEvalKit would otherwise reject them (its custom-set
+    not both A and B: `layouts.layout_of`, as check_tsv reads it) become ImageCaptionDataset sets. VLMEvalKit would otherwise reject them (its custom-set
     fallback needs a question column). No md5 is registered, so the local file is used as it is."""
     import pandas as pd
     from vlmeval.dataset import ImageCaptionDataset
@@ -295,7 +295,7 @@ def register_caption_sets(data_names: list[str]) -> list[str]:
         if not path.exists():
             continue
         columns = set(pd.read_csv(path, sep="\t", nrows=0).columns)
-        if "answer" in columns and not {"question", "A"} & columns and {"image", "image_path"} & columns:
+        if "answer" in columns and layouts.layout_of(columns) == layouts.CAPTION_LAYOUT and {"image", "image_path"} & columns:  # as check_tsv reads it
             ImageCaptionDataset.DATASET_URL[name] = f"{name}.tsv"
             registered.append(name)
     return registered

@@ -15,10 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 IMAGE_COLUMNS = ("image", "image_path")
+CAPTION_LAYOUT = "caption (COCO_VAL layout)"
 LAYOUTS = {
     "MCQ (MMBench layout)": ("index", "question", "A", "B", "answer"),
     "VQA": ("index", "question", "answer"),
-    "caption (COCO_VAL layout)": ("index", "answer"),
+    CAPTION_LAYOUT: ("index", "answer"),
 }
 
 
@@ -27,7 +28,7 @@ def layout_of(columns: set[str]) -> str:
         return "MCQ (MMBench layout)"
     if "question" in columns:
         return "VQA"
-    return "caption (COCO_VAL layout)"
+    return CAPTION_LAYOUT
 
 
 def missing_columns(columns: set[str]) -> tuple[str, list[str]]:

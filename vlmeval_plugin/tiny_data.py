@@ -114,7 +114,7 @@ def write_tsv(table: pd.DataFrame | str, path: Path) -> None:
     """A table (or its TSV text) to `path`, through a temporary name: two ranks of a torchrun may both
     find the file missing."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(table if isinstance(table, str) else table.to_csv(sep="\t", index=False))
+    temporary.write_text(table if isinstance(table, str) else table.to_csv(sep="\t", index=False), encoding="utf-8")
     temporary.replace(path)
 
 
