@@ -4,7 +4,7 @@
 # backends against stock transformers, and last (if time is left) the LLaVA-NeXT-7B shape.
 # Every step has its own time limit and a failed step does not stop the next; everything lands in $OUT.
 #
-#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
+#   here:        bash ../shared/gpu/prepare.sh huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 tokenizers==0.23.3 safetensors==0.8.0 && cp reports/gpu-llava-1.5-7b-shapes/checks.sh .gpu/checks.sh
 #   rehearsal:   GPU_CHECKS_DRY=1 OUT=runs/gpu-rehearsal bash .gpu/checks.sh      (tiny models on CPU, no figures)
 #   device:      run: command "bash .gpu/checks.sh", carry [".gpu"], timeout_s 540
 #   afterwards:  bash reports/gpu-llava-1.5-7b-shapes/ingest.sh FILES_AT           (raw files + report)
@@ -42,11 +42,13 @@ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 if ls .gpu/whl/*.whl >/dev/null 2>&1 && [ "${GPU_CHECKS_DRY:-0}" != 1 ]; then
   # The carried huggingface_hub, tokenizers and safetensors are spares: the carried transformers (5.25)
   # checks their versions at import (hub >= 2.4, tokenizers >= 0.23.1, safetensors >= 0.8), and the
-  # machine's own, made for 5.17, may be older ("tokenizers 0.23" is all we know of it). They are put in
-  # front only if the machine's own fail that import, whose error is printed either way.
+  # machine's own, made for 5.17, may be older (its hub is 1.33). They are put in front only if the
+  # machine's own fail that import, whose error is printed either way. Hub 2.4 imports httpx2, which
+  # imports httpcore2 and truststore: the machine has none of them (its hub 1.x uses httpx), so they
+  # travel as spares with it.
   wheels=(); spare=()
   for wheel in .gpu/whl/*.whl; do
-    case ${wheel##*/} in huggingface_hub-*|tokenizers-*|safetensors-*) spare+=("$wheel");; *) wheels+=("$wheel");; esac
+    case ${wheel##*/} in huggingface_hub-*|httpx2-*|httpcore2-*|truststore-*|tokenizers-*|safetensors-*) spare+=("$wheel");; *) wheels+=("$wheel");; esac
   done
   install_to() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
   install_to "$site" "${wheels[@]}" || exit 1
@@ -65,8 +67,9 @@ fi
 python3 -c 'import torch, transformers, huggingface_hub, hybrid_vlm; print("torch", torch.__version__, "| transformers", transformers.__version__, "| huggingface_hub", huggingface_hub.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))' || exit 1
 # 1. Correctness on CUDA: the engine tests, where the CUDA-only sync tests run instead of skipping.
 #    SIGINT at the limit: pytest then still writes its junit file for the tests that ran (SIGTERM: none).
-STEP_SIGNAL=INT step 70 pytest python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_conditional_sdpa.py \
-  tests/test_sdpa_kernels.py tests/test_hybrid.py tests/test_dymu.py --junitxml="$OUT/pytest.xml"
+#    The files holding the CUDA-only tests (the trace's device side, the sync counts) go first, before the limit can cut.
+STEP_SIGNAL=INT step 70 pytest python3 -m pytest -q -p no:cacheprovider tests/test_sdpa_kernels.py tests/test_engine.py \
+  tests/test_conditional_sdpa.py tests/test_hybrid.py tests/test_dymu.py --junitxml="$OUT/pytest.xml"
 # 2. Parity in bf16: the engine vs stock, and FastV K=64 without vs with a mask (logits, kept sets, greedy tokens);
 #    each comparison is written as it completes.
 step 50 parity python3 -m hybrid_tools.parity "${dev[@]}" --new-tokens 32 --out "$OUT/parity.json"
@@ -74,6 +77,10 @@ step 50 parity python3 -m hybrid_tools.parity "${dev[@]}" --new-tokens 32 --out 
 step 130 bench-bs1 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 288 144 64 --dymu-target mid --sync-debug --kernels \
   "${reps[@]}" --decode-tokens 16 --no-progress --out "$OUT/bench-bs1"
 rm -f "$OUT/bench-bs1/bench.csv"  # at most 8 files come back: bench.json holds every column of bench.csv
+thresholds_to_log() {  # the DyMU thresholds a bench calibrated, into the log rather than a file of their own (the 8-file limit)
+  [ -f "$1" ] && { echo "== DyMU thresholds the bench calibrated ($1):"; cat "$1"; echo; rm -f "$1"; }
+}
+thresholds_to_log "$OUT/bench-bs1/mid.json"
 # 4. Batch 16: prefill, decode per token and tokens per second of a 64-token generation. The batch is
 #    unpadded and passed with its all-ones mask, as generate passes one: vanilla and FastV run both
 #    with the default (the mask kept in every layer, no host read) and with MASK_READ=once (read once,
@@ -82,6 +89,7 @@ rm -f "$OUT/bench-bs1/bench.csv"  # at most 8 files come back: bench.json holds 
 step 150 bench-bs16 python3 -m hybrid_tools.bench "${dev[@]}" --fastv-k 64 --dymu-target mid --batch-size 16 \
   --mask-read never once --sync-debug --kernels "${reps16[@]}" --decode-tokens 64 --no-progress --out "$OUT/bench-bs16"
 rm -f "$OUT/bench-bs16/bench.csv"
+thresholds_to_log "$OUT/bench-bs16/mid.json"
 # 5. LLaVA-NeXT-7B shapes (one 640 x 480 image: 2,340 visual tokens), batch 1, where pruning pays most.
 # Its limit is the time left before 515 s (at least 20 s), so that with the 10 s grace to SIGKILL it ends
 # inside the device call's 540 s and still writes its bench.json.
