@@ -35,15 +35,25 @@ def test_the_prepare_command_carries_the_spares_that_checks_falls_back_on():
     >= 2.4, tokenizers >= 0.23.1, safetensors >= 0.8), and the GPU machine's, made for 5.17, may be
     older: the prepare command must carry versions the transformers it carries (the one installed
     here) accepts, and the script must put each in front when the import fails."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
     from transformers.dependency_versions_table import deps
 
     script, readme = ((FOLDER / name).read_text() for name in ("checks.sh", "README.md"))
     command = re.search(r"bash \.\./shared/gpu/prepare\.sh ([^&]+)&&", readme).group(1).split()
     carried = dict(argument.split("==") for argument in command)
-    assert set(carried) == {"huggingface_hub", "tokenizers", "safetensors"}
-    for package, version in carried.items():
+    assert set(carried) == {"huggingface_hub", "httpx2", "httpcore2", "truststore", "tokenizers", "safetensors"}
+    for package in ("huggingface_hub", "tokenizers", "safetensors"):
         requirement = deps[package.replace("_", "-")]
-        assert version in SpecifierSet(requirement.removeprefix(package.replace("_", "-"))), (package, version, requirement)
+        assert carried[package] in SpecifierSet(requirement.removeprefix(package.replace("_", "-"))), (package, carried[package], requirement)
+    # hub 2.x imports httpx2, which imports httpcore2 and truststore; the device has none of them (its hub
+    # 1.33 uses httpx): each travels in a version the one importing it accepts
+    importers = {"httpx2": "huggingface_hub", "httpcore2": "httpx2", "truststore": "httpx2"}
+    for package, importer in importers.items():
+        specs = [Requirement(r) for r in requires(importer) if "extra ==" not in r and Requirement(r).name == package]
+        assert specs and carried[package] in specs[0].specifier, (package, carried[package], specs)
+    for package in carried:
         assert f"{package}-*" in script
     assert f"bash ../shared/gpu/prepare.sh {' '.join(command)} &&" in script
