@@ -171,9 +171,8 @@ def anyres_images(model, image_sizes) -> list[AnyresImage]:
     """What the MACs model (`flops.next_method_prefill_macs`) needs of each LLaVA-NeXT image: the
     patch tokens unpadding leaves in each crop (the groups `selection_groups` forms) and its packed
     count, from the host's image sizes."""
-    images = []
+    images, patches = [], grid_patches(model)
     for layout in anyres_layouts(model, image_sizes):
-        patches = grid_patches(model)
         crop_of = layout.source[layout.source != NEWLINE] // patches
         images.append(AnyresImage(tuple(torch.bincount(crop_of, minlength=layout.num_crops).tolist()), layout.num_tokens))
     return images
