@@ -167,15 +167,17 @@ def selection_groups(layout: AnyresLayout, patches: int, per_crop: bool) -> list
     return [group for group in groups if len(group)]
 
 
+def anyres_image(layout: AnyresLayout, patches: int) -> AnyresImage:
+    """What the MACs model (`flops.next_method_prefill_macs`) needs of one LLaVA-NeXT image: the patch
+    tokens unpadding leaves in each crop (the groups `selection_groups` forms) and its packed count."""
+    crop_of = layout.source[layout.source != NEWLINE] // patches
+    return AnyresImage(tuple(torch.bincount(crop_of, minlength=layout.num_crops).tolist()), layout.num_tokens)
+
+
 def anyres_images(model, image_sizes) -> list[AnyresImage]:
-    """What the MACs model (`flops.next_method_prefill_macs`) needs of each LLaVA-NeXT image: the
-    patch tokens unpadding leaves in each crop (the groups `selection_groups` forms) and its packed
-    count, from the host's image sizes."""
-    images, patches = [], grid_patches(model)
-    for layout in anyres_layouts(model, image_sizes):
-        crop_of = layout.source[layout.source != NEWLINE] // patches
-        images.append(AnyresImage(tuple(torch.bincount(crop_of, minlength=layout.num_crops).tolist()), layout.num_tokens))
-    return images
+    """`anyres_image` of each image, from the host's image sizes."""
+    patches = grid_patches(model)
+    return [anyres_image(layout, patches) for layout in anyres_layouts(model, image_sizes)]
 
 
 def next_reduce_before_llm(model, crops: torch.Tensor, layouts: list[AnyresLayout], method: Method, budget: int):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hybrid_vlm import HybridConfig, flops
-from hybrid_vlm.adapters import anyres_images
+from hybrid_vlm.adapters import anyres_image, grid_patches
 from hybrid_vlm.dymu import threshold_merge_mask
 from hybrid_vlm.hf_compat import output_cache
 from hybrid_vlm.hf_compat.clip import merging_vision_forward
@@ -44,7 +44,7 @@ def token_counts(model, inputs, output, config: BenchConfig) -> dict:
         layouts = anyres_layouts(model, inputs["image_sizes"])
         crops = [layout.num_crops for layout in layouts]
         pixel_values = crop_pixels(pixel_values, layouts)
-        images = anyres_images(model, inputs["image_sizes"])
+        images = [anyres_image(layout, grid_patches(model)) for layout in layouts]  # the layouts computed once
         crop_patches, packed = [list(image.crop_patches) for image in images], [image.tokens for image in images]
     grids = None
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: each sample's image grids
