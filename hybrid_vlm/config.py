@@ -127,6 +127,12 @@ def parse_visual_budget(text: str | None) -> int | float | None:
     raise ValueError(f"VISUAL_BUDGET={text!r} is not valid: use {VISUAL_BUDGET_FORMS}.")
 
 
+def fastv_k_for_budget(budget: int | float) -> int | float:
+    """FASTV_K for a VISUAL_BUDGET of fastv or random: a count as it is, a kept share f as the pruned
+    share 1 - f (FASTV_K's fraction is the share pruned)."""
+    return budget if isinstance(budget, int) else round(1.0 - budget, 9)
+
+
 def method_settings(env, fastv_k: int | float | None) -> dict:
     """VISUAL_METHOD / VISUAL_BUDGET as engine settings: fastv and random set FastV's K (rule B: kept
     after FASTV_LAYER), the methods before the LLM their own budget (rule A: entering the LLM), dymu
@@ -142,7 +148,7 @@ def method_settings(env, fastv_k: int | float | None) -> dict:
     if name in ("fastv", "random"):
         if select and select != ("attention" if name == "fastv" else "random"):
             raise ValueError(f"VISUAL_METHOD={name} conflicts with FASTV_SELECT={select}: unset FASTV_SELECT.")
-        from_budget = budget if budget is None or isinstance(budget, int) else round(1.0 - budget, 9)  # kept fraction -> pruned
+        from_budget = None if budget is None else fastv_k_for_budget(budget)
         if from_budget is not None and fastv_k is not None and fastv_k != from_budget:
             raise ValueError(f"VISUAL_METHOD={name} VISUAL_BUDGET={budget} conflicts with FASTV_K={fastv_k}: set one of them.")
         k = from_budget if from_budget is not None else fastv_k

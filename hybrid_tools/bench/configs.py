@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from itertools import product
 
 from hybrid_vlm import HybridConfig, apply_hybrid, parse_fastv_k, remove_hybrid
+from hybrid_vlm.config import fastv_k_for_budget
 from hybrid_vlm.methods import get_method, list_methods, methods_at_a_layer
 
 
@@ -66,11 +67,11 @@ def method_read_settings(method: str, args) -> list[dict]:
 
 def method_settings(method: str, budget: int | float, position_mode: str) -> dict:
     """A registered method at a budget, by its own rule: fastv and random keep `budget` after
-    FASTV_LAYER (B; a kept share f is FASTV_K = 1 - f, as `hybrid_vlm.config.method_settings` has
-    it); the methods before the LLM let `budget` in (A)."""
+    FASTV_LAYER (B; a kept share f is FASTV_K = 1 - f, as the plugin converts it); the methods before
+    the LLM let `budget` in (A)."""
     if method in ("fastv", "random"):
-        fastv_k = budget if isinstance(budget, int) else round(1.0 - budget, 9)
-        return dict(fastv_k=fastv_k, fastv_select="attention" if method == "fastv" else "random", position_mode=position_mode)
+        return dict(fastv_k=fastv_k_for_budget(budget), fastv_select="attention" if method == "fastv" else "random",
+                    position_mode=position_mode)
     return dict(visual_method=method, visual_budget=budget, position_mode=position_mode)
 
 
