@@ -7,7 +7,8 @@ transformers computes, and does its mask-free SDPA path compute what its masked 
    all-ones `attention_mask` (by default, MASK_READ=never, the engine keeps that mask: it does not read it).
 
 Each pair is compared on the last prompt token's logits (the largest difference, and that over the
-largest logit of the reference), the prompt positions FastV kept, and the greedy tokens of a
+largest logit of the reference), the prompt positions FastV kept (equal, and if not how many of a sample's reference positions the
+other run dropped), and the greedy tokens of a
 prefill plus --new-tokens decode steps (how many are shared before the two first part: after
 that each continues its own history, so later agreement means little). In bf16 the
 SDPA kernels differ between the pairs (flash against efficient or math), so small logit
@@ -75,15 +76,23 @@ def compare(reference: dict, candidate: dict) -> dict:
     same = (candidate["tokens"] == reference["tokens"]).all(dim=0)  # per step, over the batch
     parted = (~same).nonzero()
     shared = int(parted[0].item()) if len(parted) else int(same.numel())  # after a parting the histories differ
-    kept_equal = None
+    kept_equal = kept_differing = None
     if reference["kept"] is not None and candidate["kept"] is not None:
         kept_equal = bool(torch.equal(reference["kept"], candidate["kept"]))
+        kept_differing = positions_not_kept_by(candidate["kept"], reference["kept"])
     return dict(
         max_abs_logit_diff=difference, max_abs_logit=scale, relative_logit_diff=difference / scale if scale else float("nan"),
         top1_margin=(top2[:, 0] - top2[:, 1]).min().item(), greedy_tokens=int(same.numel()),
         greedy_tokens_shared=shared, first_parting_step=shared if len(parted) else None,
-        kept_positions_equal=kept_equal,
+        kept_positions_equal=kept_equal, kept_positions_differing=kept_differing,
     )
+
+
+def positions_not_kept_by(candidate: torch.Tensor, reference: torch.Tensor) -> int:
+    """The most positions of one sample's reference kept set [B, L] missing from the candidate's:
+    1 or 2 at FastV's cut is a near-tie in the scores, many is a different selection."""
+    missing = ~(reference.unsqueeze(-1) == candidate.unsqueeze(-2)).any(-1)  # [B, L_reference]
+    return int(missing.sum(-1).max().item())
 
 
 def engine_vs_stock(model, inputs: dict, steps: int) -> dict:

@@ -47,7 +47,14 @@ def test_compare_reports_a_planted_difference():
     assert result["max_abs_logit_diff"] == 0.5 and result["max_abs_logit"] == 4.0 and result["relative_logit_diff"] == 0.125
     assert result["top1_margin"] == 0.5  # 3.0 - 2.5
     assert result["greedy_tokens_shared"] == 3 and result["first_parting_step"] == 3  # step 4 agrees again: not counted
-    assert result["kept_positions_equal"] is False
+    assert result["kept_positions_equal"] is False and result["kept_positions_differing"] == 1  # 2 dropped for 1
+
+
+def test_compare_counts_the_kept_positions_a_sample_lost():
+    reference = torch.tensor([[0, 4, 5, 9], [1, 2, 3, 9]])
+    candidate = torch.tensor([[0, 4, 5, 9], [0, 1, 7, 9]])  # sample 1 lost 2 and 3, in other slots of the row
+    assert parity.positions_not_kept_by(candidate, reference) == 2
+    assert parity.positions_not_kept_by(reference, reference) == 0
 
 
 def test_report_renders_a_parity_file_as_written(tmp_path, monkeypatch):
@@ -81,3 +88,13 @@ def test_a_parity_run_stopped_after_its_first_comparison_keeps_it(tmp_path, monk
     assert report.main(["bench", "--parity", "parity.json", "--name", "p"]) == 0
     table = (tmp_path / "reports" / "p" / "report.md").read_text().split("## Parity", 1)[1]
     assert "**Stopped early**" in table and "| engine (nothing cut) vs stock transformers |" in table and "FastV K=" not in table
+
+
+def test_report_shows_how_many_kept_positions_differ():
+    from hybrid_tools.report.parity import parity_lines
+
+    numbers = dict(max_abs_logit_diff=0.1, relative_logit_diff=0.01, top1_margin=0.5, greedy_tokens=3, greedy_tokens_shared=3, first_parting_step=None)
+    data = dict(meta={}, comparisons={"new": dict(numbers, kept_positions_equal=False, kept_positions_differing=2),
+                                      "old file": dict(numbers, kept_positions_equal=False)})
+    rows = [line for line in "\n".join(parity_lines(data, "p.json")).splitlines() if line.startswith("| new |") or line.startswith("| old file |")]
+    assert rows[0].endswith("| no (2 at most in a sample) |") and rows[1].endswith("| no |")

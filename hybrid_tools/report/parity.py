@@ -37,6 +37,10 @@ def parity_lines(data: dict, source: str) -> list[str]:
         rows.append([
             name, fmt(c.get("max_abs_logit_diff"), ".3g"), fmt(c.get("relative_logit_diff"), ".2e"), fmt(c.get("top1_margin"), ".3g"),
             f"{c.get('greedy_tokens_shared')} / {c.get('greedy_tokens')}", "none" if c.get("first_parting_step") is None else str(c["first_parting_step"]),
-            "–" if kept is None else ("yes" if kept else "no"),
+            "–" if kept is None else ("yes" if kept else kept_difference(c.get("kept_positions_differing"))),
         ])
     return lines + [md_table(HEADER, rows, align="lrrrrrr"), ""]
+
+
+def kept_difference(differing) -> str:
+    return "no" if differing is None else f"no ({differing} at most in a sample)"  # None: a file from before the count
