@@ -753,6 +753,30 @@ def test_nothing_of_the_machine_reaches_a_report_of_files_outside_the_checkout(t
     assert "[metric](raw/" in (checkout / "reports" / "s" / "report.md").read_text()  # snapshotted files are linked
 
 
+def test_snapshot_carries_the_single_file_inputs_and_regenerates_without_them(tmp_path, monkeypatch):
+    """--parity and --recipe files outside the report were read but not copied: the committed
+    report's Regenerate command named files only the author's machine had."""
+    checkout, scratch = tmp_path / "checkout", tmp_path / "scratch"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    work = make_work_dir(scratch / "outputs", SYNTHETIC_7B)
+    numbers = dict(max_abs_logit_diff=0.25, relative_logit_diff=0.01, top1_margin=0.5, greedy_tokens=3, greedy_tokens_shared=3,
+                   first_parting_step=None, kept_positions_equal=True)
+    (scratch / "parity.json").write_text(json.dumps(dict(meta={"preset": "tiny"}, comparisons={"pair": numbers}, complete=True)))
+    (scratch / "make.sh").write_text("echo the recipe\n")
+    assert report.main([str(work), "--name", "s", "--snapshot", "--data", MMB, "--parity", str(scratch / "parity.json"),
+                        "--recipe", str(scratch / "make.sh")]) == 0
+    folder = checkout / "reports" / "s"
+    assert sorted(p.name for p in (folder / "raw" / "inputs").iterdir()) == ["make.sh", "parity.json"]
+    first = (folder / "report.md").read_text()
+    assert "scratch" not in first and "| pair | 0.25 |" in first and "echo the recipe" in first
+
+    shutil.rmtree(scratch)  # regenerating needs nothing outside the report
+    block = first.split("This report, from the raw files it read:", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert report.main(shlex.split(block)[3:]) == 0
+    assert (folder / "report.md").read_text() == first
+
+
 def test_plot_lines_vary_only_the_budget_and_the_prefill_axis_names_its_batches():
     """A method's budgets are one line (visionzip-b192 and -b64 were a legend entry each), two seeds
     of random selection are two lines (they were drawn as one zig-zag), and prefill times of batched

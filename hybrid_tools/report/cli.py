@@ -19,7 +19,7 @@ from .floors import read_floors
 from .markdown import REPORT_NAME, Linker, display_path
 from .parity import read_parity
 from .render import ReportInput, render
-from .snapshot import snapshot
+from .snapshot import read_file_inputs, snapshot, snapshot_file_inputs
 
 DEFAULT_OUT = "reports"
 report_doc = report_package.__doc__
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=None, metavar="PATTERN", help="only model folders matching these glob patterns (vanilla references are kept)")
     parser.add_argument("--data", nargs="+", default=None, metavar="NAME", help="only these datasets (default: every one the folders hold)")
     parser.add_argument("--vanilla", default=None, metavar="NAME", help="the reference folder name (default: detected)")
-    parser.add_argument("--snapshot", action="store_true", help="copy the raw files read into reports/<name>/raw/ and read them from there")
+    parser.add_argument("--snapshot", action="store_true", help="copy the raw files read into reports/<name>/raw/ and read them from there "
+                        "(the single-file inputs below into raw/inputs/, unless already in reports/<name>/)")
     parser.add_argument("--recipe", default=None, metavar="FILE", help="shell script that made the raw outputs: shown verbatim at the top")
     parser.add_argument("--title", default=None, help="report title (default: Report: <name>)")
     parser.add_argument("--parity", default=None, metavar="JSON", help="a `python -m hybrid_tools.parity --out` file: adds its table")
@@ -133,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe = read_recipe(parser, args.recipe)
     configs = chosen_configurations(parser, args, work_dirs)
     if args.snapshot:
+        file_inputs = read_file_inputs(args, report_dir)
         try:
             work_dirs, benches = snapshot(work_dirs, configs, benches, report_dir / "raw")
         except ValueError as error:
             parser.error(str(error))
+        snapshot_file_inputs(args, file_inputs, report_dir / "raw")
         configs = keep_datasets([c for w in work_dirs for c in select(configurations(w), args.models, args.vanilla)], args.data)
     if not configs and not benches:
         return fail(f"no results in {', '.join(args.work_dirs)} (expected <work_dir>/<model>/<model>_<dataset>_*)")
