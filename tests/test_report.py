@@ -776,6 +776,12 @@ def test_snapshot_carries_the_single_file_inputs_and_regenerates_without_them(tm
     assert report.main(shlex.split(block)[3:]) == 0
     assert (folder / "report.md").read_text() == first
 
+    kept = folder / "raw" / "parity.json"  # an input in raw/, and sources from outside: raw/ starts afresh
+    shutil.copy(folder / "raw" / "inputs" / "parity.json", kept)
+    work = make_work_dir(scratch / "outputs", SYNTHETIC_7B)
+    assert report.main([str(work), "--name", "s", "--snapshot", "--data", MMB, "--parity", str(kept)]) == 0
+    assert not kept.exists() and "| pair | 0.25 |" in (folder / "report.md").read_text()
+
 
 def test_plot_lines_vary_only_the_budget_and_the_prefill_axis_names_its_batches():
     """A method's budgets are one line (visionzip-b192 and -b64 were a legend entry each), two seeds
