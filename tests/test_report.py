@@ -783,6 +783,34 @@ def test_snapshot_carries_the_single_file_inputs_and_regenerates_without_them(tm
     assert not kept.exists() and "| pair | 0.25 |" in (folder / "report.md").read_text()
 
 
+def test_plot_draws_only_the_tables_metric(tmp_path, monkeypatch):
+    """An entry whose metric file lacks the table's main metric ("Overall") was drawn with its own
+    first metric on the same axis, under the first entry's label."""
+    import matplotlib.axes
+
+    from hybrid_tools.configs import Configuration, Entry
+    from hybrid_tools.report.plots import plot_dataset
+
+    def entry(name, metrics, main):
+        config = Configuration.__new__(Configuration)
+        config.name, config.vanilla, config.label = f"llava_v1.5_7b{name}", not name, name or "vanilla"
+        return Entry(model=config.name, dataset=MMB, kind="mcq", metrics=metrics, main_metric=main, tokens_kept_mean=600.0,
+                     prefill_ms_median=10.0, config=config)
+
+    entries = [entry("", {"Overall": 40.0}, "Overall"), entry("_fastv__fastv-k64-l2", {"Overall": 30.0}, "Overall"),
+               entry("_dymu__dymu-mid", {"scene": 90.0}, "scene")]
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def spy(self, xs, ys, **kwargs):
+        drawn.extend(ys)
+        return plot(self, xs, ys, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    assert plot_dataset(MMB, entries, "Overall", tmp_path / "p.png", tiny=False)
+    assert sorted(drawn) == [30.0, 30.0, 40.0, 40.0]  # each axis: vanilla and fastv, never dymu's 90
+    assert not plot_dataset(MMB, entries[2:], "Overall", tmp_path / "q.png", tiny=False)
+
+
 def test_plot_lines_vary_only_the_budget_and_the_prefill_axis_names_its_batches():
     """A method's budgets are one line (visionzip-b192 and -b64 were a legend entry each), two seeds
     of random selection are two lines (they were drawn as one zig-zag), and prefill times of batched

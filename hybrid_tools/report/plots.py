@@ -15,17 +15,18 @@ def prefill_axis_label(batch_sizes: list[int]) -> str:
     return f"median prefill ms per batch (vision + LLM; batch sizes {', '.join(map(str, batch_sizes))})"
 
 
-def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> bool:
-    """main metric vs mean tokens kept (left) and vs median prefill ms (right). False: nothing to plot."""
+def plot_dataset(dataset: str, entries: list[Entry], metric: str | None, path: Path, tiny: bool) -> bool:
+    """`metric` (the table's) vs mean tokens kept (left) and vs median prefill ms (right), for the
+    entries that have it: an entry whose own main metric is another is not drawn on its scale.
+    False: nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [e for e in entries if e.main_value is not None]
+    points = [e for e in entries if metric is not None and e.metrics.get(metric) is not None]
     if not points:
         return False
-    metric = points[0].main_metric
     unit = " (%)" if points[0].kind == "mcq" else ""
     batches = sorted({b for e in points for b in e.batch_sizes})
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
@@ -37,7 +38,7 @@ def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> 
     ):
         for method in methods:
             series = sorted(
-                ((getattr(e, attribute), e.main_value, e) for e in points if e.config.method == method and getattr(e, attribute) is not None),
+                ((getattr(e, attribute), e.metrics[metric], e) for e in points if e.config.method == method and getattr(e, attribute) is not None),
                 key=lambda item: item[0],
             )
             if not series:
@@ -51,7 +52,7 @@ def plot_dataset(dataset: str, entries: list[Entry], path: Path, tiny: bool) -> 
                 ax.annotate(entry.config.tag + batch, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for entry in points:
             if entry.config.vanilla:
-                ax.axhline(entry.main_value, color=colours[entry.config.method], linestyle="--", linewidth=0.8, alpha=0.6)
+                ax.axhline(entry.metrics[metric], color=colours[entry.config.method], linestyle="--", linewidth=0.8, alpha=0.6)
         ax.margins(x=0.18, y=0.12)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(f"{metric}{unit}", fontsize=8)

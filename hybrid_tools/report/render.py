@@ -214,8 +214,8 @@ def dataset_section(report: ReportInput, dataset: str, entries: list[Entry]) -> 
                   "credit its common words)" if kind == "caption" else "scored as wrong")
         lines += [f"Failed rows, {scored}, and left out of the token and time means: {'; '.join(failed)}.", ""]
     figure = report.figures / (re.sub(r"[^A-Za-z0-9._-]+", "_", dataset) + ".png")
-    if plot_dataset(dataset, entries, figure, tiny=report.eval_tiny):
-        main = entries[0].main_metric if entries else ""
+    main = main_metric_of(entries)
+    if plot_dataset(dataset, entries, main, figure, tiny=report.eval_tiny):
         lines += [f"![{dataset}: {main} vs tokens kept and prefill time]({report.linker.rel(figure)})", ""]
     details = details_table(entries)
     if details:
@@ -302,6 +302,11 @@ def sources_cell(entry: Entry, linker: Linker) -> str:
     return " · ".join(parts) or "–"
 
 
+def main_metric_of(entries: list[Entry]) -> str | None:
+    """The one metric a dataset's table and plot show: the first entry's main metric that has one."""
+    return next((e.main_metric for e in entries if e.main_metric), None)
+
+
 def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[str, list[str]]:
     """(markdown, metric keys shown) for one dataset."""
     kinds = {e.kind for e in entries if e.kind != "none"}
@@ -309,8 +314,7 @@ def dataset_table(dataset: str, entries: list[Entry], linker: Linker) -> tuple[s
     if kind == "caption":
         keys = [k for k in CAPTION_KEYS if any(k in e.metrics for e in entries)]
     else:
-        mains = [e.main_metric for e in entries if e.main_metric]
-        keys = [mains[0]] if mains else []
+        keys = [main_metric_of(entries)] if main_metric_of(entries) else []
     header = ["configuration"]
     for key in keys:
         header += [key, "Δ"]
