@@ -15,6 +15,7 @@ before layer 0 (pooling) run here, because their output is laid out the model's 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,7 @@ from .dymu import place_on_cropped_grid
 from .flops import AnyresImage
 from .hf_compat import dymu_image_features, stock_image_features
 from .hf_compat.clip import project_features, vision_parts, vision_reads
+from .hf_compat.llava import rope_reads_positions_on_host
 from .hf_compat.llava_next import (
     NEWLINE,
     AnyresLayout,
@@ -320,6 +322,9 @@ def check_supported(model, config) -> None:
         raise TypeError(
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
+    if rope_reads_positions_on_host(model):
+        warnings.warn("this LLM's RoPE is transformers' dynamic scaling, which reads the largest position id on the host "
+                      "at every rotary call: the forward is exact but not free of host syncs", stacklevel=3)
     if isinstance(model, LlavaNextForConditionalGeneration):
         check_next_settings(model, config)
     elif config.budget_scope == "crop":

@@ -243,6 +243,15 @@ UNSUPPORTED_INPUTS = ("mm_encoder_outputs", "vision_feature_layer", "vision_feat
 UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 
 
+def check_no_dropout(model) -> None:
+    """The engine's layers call SDPA without dropout: in train mode with attention dropout stock would
+    drop, and the two would differ without a word."""
+    dropout = getattr(model.config.text_config, "attention_dropout", 0.0)
+    if model.training and dropout:
+        raise NotImplementedError(f"hybrid_vlm is inference-only and applies no attention dropout; this model is in train mode "
+                                  f"with attention_dropout={dropout}: call model.eval()")
+
+
 def check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, extra: dict) -> None:
     given = [name for name in UNSUPPORTED_INPUTS if extra.get(name) not in (None, False)]
     if given:
@@ -414,6 +423,7 @@ class HybridDecoder(GenerationHooks):
         `image_sizes` (LLaVA-NeXT) is read on the host: pass it on the CPU, as the processor makes it."""
         cache = cache_argument(past_key_values, cache)  # first: a static cache also makes generate pass a 4-D mask
         check_forward_inputs(input_ids, inputs_embeds, pixel_values, attention_mask, labels, kwargs)
+        check_no_dropout(self)
         config, parts = self.hybrid_config, self.parts_of(self)
         if inputs_embeds is None:
             inputs_embeds = parts.embed_tokens(input_ids)

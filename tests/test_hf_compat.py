@@ -298,3 +298,91 @@ def test_the_engine_output_reads_like_stock_without_image_features():
         out = model(**inputs, use_cache=True)
     assert out.image_hidden_states is None
     assert getattr(out, CACHE_NAME) is output_cache(out) and output_cache(out).get_seq_length() > 0
+
+
+def test_window_features_in_train_mode_drop_attention_as_stock():
+    """The testbed's window phase runs the CLIP tower through its own loop in train mode: that loop
+    called SDPA without dropout, where stock drops with the config's attention_dropout."""
+    import torch
+
+    from hybrid_vlm.hf_compat.clip import window_image_features
+    from hybrid_vlm.hf_compat.llava import stock_image_features
+    from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+    model, processor = build_tiny_llava()
+    for module in model.model.vision_tower.modules():
+        if type(module).__name__ == "CLIPAttention":
+            module.dropout = 0.5  # what attention_dropout=0.5 in the vision config sets
+    pixels = processor(images=[synthetic_image(0)], text=["USER: <image>\nx ASSISTANT:"], return_tensors="pt")["pixel_values"]
+    whole_image = torch.zeros(1, 2, dtype=torch.long)  # one window: the full grid
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(3)
+        stock = stock_image_features(model, pixels)
+        torch.manual_seed(3)
+        ours = window_image_features(model, pixels, whole_image)
+        model.eval()
+        undropped = window_image_features(model, pixels, whole_image)
+    assert torch.allclose(ours, stock, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, undropped, rtol=1e-2, atol=1e-2)  # the draws really dropped
+
+
+def test_the_engine_refuses_train_mode_with_attention_dropout():
+    import torch
+
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.tiny import build_tiny_llava, synthetic_image
+
+    model, processor = build_tiny_llava()
+    apply_hybrid(model, HybridConfig(fastv_k=8))
+    inputs = processor(images=[synthetic_image(0)], text=["USER: <image>\nwhat is it? ASSISTANT:"], return_tensors="pt")
+    model.train()  # no dropout configured: train mode changes nothing, so it runs
+    with torch.no_grad():
+        model(**inputs)
+        model.config.text_config.attention_dropout = 0.1
+        with pytest.raises(NotImplementedError, match=r"attention_dropout=0.1: call model.eval\(\)"):
+            model(**inputs)
+        model.eval()
+        model(**inputs)
+
+
+def test_packed_decoder_states_refuse_an_llm_that_adds_the_mask():
+    """Eager attention adds a 4-D mask to the scores: a bool mask (True = may attend) masked nothing."""
+    import torch
+
+    from hybrid_vlm.hf_compat.llava import packed_decoder_states
+    from hybrid_vlm.tiny import build_tiny_llava
+
+    model, _ = build_tiny_llava(attn_implementation="eager")
+    embeds = torch.randn(1, 5, model.config.text_config.hidden_size)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'.*'eager'"):
+        packed_decoder_states(model, embeds, causal, torch.arange(5)[None])
+
+
+def test_dynamic_rope_is_named_as_a_host_read():
+    """transformers' dynamic RoPE compares the largest position id with its cache on the host at each
+    rotary call: the engine warns that such a model is not sync-free, and the sync check agrees."""
+    import warnings
+
+    from transformers import LlavaForConditionalGeneration
+
+    from hybrid_vlm import HybridConfig, apply_hybrid
+    from hybrid_vlm.syncs import check_no_host_syncs
+    from hybrid_vlm.tiny import build_processor, build_tiny_llava, synthetic_image, tiny_llava_config
+
+    processor = build_processor()
+    config = tiny_llava_config(processor.tokenizer)
+    config.text_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    dynamic = LlavaForConditionalGeneration(config).eval()
+    inputs = processor(images=[synthetic_image(0)], text=["USER: <image>\nwhat is it? ASSISTANT:"], return_tensors="pt")
+    with pytest.warns(UserWarning, match="dynamic scaling.*not free of host syncs"):
+        apply_hybrid(dynamic, HybridConfig(fastv_k=8))
+    with pytest.warns(UserWarning, match="dynamic scaling"):  # the check runs a patched copy
+        assert check_no_host_syncs(dynamic, dict(inputs)).startswith("fail")
+
+    plain, _ = build_tiny_llava()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_hybrid(plain, HybridConfig(fastv_k=8))
+    assert check_no_host_syncs(plain, dict(inputs)) == "pass"

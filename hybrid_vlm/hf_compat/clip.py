@@ -135,7 +135,7 @@ def clip_layer_attention_qk(
     keys = attention.k_proj(normed).view(head_shape).transpose(1, 2)
     values = attention.v_proj(normed).view(head_shape).transpose(1, 2)
     output = torch.nn.functional.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=bias, scale=attention.scale
+        queries, keys, values, attn_mask=bias, scale=attention.scale, dropout_p=attention.dropout if layer.training else 0.0
     )
     output = attention.out_proj(output.transpose(1, 2).reshape(batch, length, -1))
     return hidden_states + output, queries, keys

@@ -38,6 +38,7 @@ __all__ = [
     "packed_head_attention",
     "output_cache",
     "repeat_kv",
+    "rope_reads_positions_on_host",
     "stock_image_features",
 ]
 
@@ -55,6 +56,13 @@ class LlavaParts:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+
+
+def rope_reads_positions_on_host(model) -> bool:
+    """transformers' dynamic RoPE (`dynamic_rope_update`) compares the largest position with its
+    cached length in Python at every rotary call: a host read per call on a GPU (longrope's choice
+    is a torch.where, no read)."""
+    return "dynamic" in str(getattr(model.model.language_model.rotary_emb, "rope_type", "default"))
 
 
 def llava_parts(model: LlavaForConditionalGeneration) -> LlavaParts:
@@ -354,6 +362,10 @@ def packed_decoder_states(
 ) -> torch.Tensor:
     """The LLM's final hidden states [B, T, D] under a custom 4-D mask (testbed training packs several
     questions after one image). masking_utils in 5.23, 5.24 and 5.25 passes a 4-D mask through as-is."""
+    implementation = model.config.text_config._attn_implementation
+    if implementation != "sdpa":  # eager and flex add a 4-D mask to the scores: a bool one would mask nothing
+        raise ValueError(f"packed_decoder_states needs the LLM loaded with attn_implementation='sdpa', which reads the bool "
+                         f"mask as a mask; this one uses {implementation!r}")
     return model.model.language_model(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
