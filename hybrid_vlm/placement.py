@@ -163,16 +163,19 @@ def compacted(placed: PlacedPrompt, is_visual: torch.Tensor, valid_counts: list[
     # Sizing the compacted sequence needs the batch's largest token count: the engine's one host
     # read, with DyMU only (its count is data-dependent by design; the others' are host-known).
     count = max(valid_counts) if valid_counts is not None else int(slot_valid.sum(dim=1).max())
-    valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, placed.visual_positions, slot_valid.float())
+    slots = slot_valid.shape[1]
+    earliest_first = 1 - torch.arange(slots, device=is_visual.device) / slots  # (0, 1]: a sample short of `count` keeps its first empty slots
+    slot_scores = torch.where(slot_valid, 2.0, earliest_first)  # every token above every empty slot
+    valid_scores = torch.zeros(batch, length, device=is_visual.device).scatter(1, placed.visual_positions, slot_scores)
     kept, _ = select_kept_positions(valid_scores, placed.visual_positions, count)  # [B, L0]
     inputs_embeds, new_valid, position_ids, is_visual = (
         gather_tokens(t, kept) for t in (placed.inputs_embeds, placed.new_valid, placed.position_ids, is_visual))
     occupied = new_valid | is_visual  # not padding: a real token or an image slot, merged away or not
     last = (occupied.long() * torch.arange(occupied.shape[1], device=occupied.device)).amax(dim=1)
     require(new_valid.gather(1, last[:, None]).all(), lambda: (
-        "a prompt of this batch ends with an image token, and DyMU merged its image to fewer tokens than another "
-        "image of the batch: the slots that pad it would be its last token, from which the next token is predicted. "
-        "Put text after the image (chat templates do), or run such prompts one at a time"))
+        "a prompt of this batch ends with an image token, and its image keeps fewer tokens than another image of the "
+        "batch (DyMU merging, or a per-image budget on LLaVA-NeXT): the slots that pad it would be its last token, from "
+        "which the next token is predicted. Put text after the image (chat templates do), or run such prompts one at a time"))
     return replace(
         placed, inputs_embeds=inputs_embeds, new_valid=new_valid, position_ids=position_ids,
         visual_positions=true_positions(is_visual, count),

@@ -183,10 +183,10 @@ def test_fastv_ratio_on_merged_counts_rounds_half_to_even(tiny, tiny_thresholds)
     assert (state.prompt_tokens_kept - text_tokens).tolist() == [official_keep_count(v, 0.5) for v in merged]
 
 
-def test_a_batch_whose_prompts_end_with_an_image_of_unequal_merged_counts_is_refused(tiny, tiny_thresholds):
-    """Raw prompts ending with <image>: the shorter images' padding slots would be their prompts' last
-    token, the one the next token is predicted from, so the batch is refused by name; each prompt
-    alone runs, its last row a merged token of its image."""
+def test_a_batch_whose_prompts_end_with_an_image_of_unequal_merged_counts_equals_each_alone(tiny, tiny_thresholds):
+    """Raw prompts ending with <image>, merged to unequal counts: a shorter image keeps its earliest
+    empty slots, so its prompt still ends with a token of its image. Which empty slots it kept was
+    topk's order among ties, and the batch was refused when that order took the last one."""
     model, processor = tiny
     hybrid = dymu_copy(model, tiny_thresholds)
     prompts = ["USER: <image>", "USER: what is it? <image>", "USER: describe <image>"]
@@ -194,9 +194,31 @@ def test_a_batch_whose_prompts_end_with_an_image_of_unequal_merged_counts_is_ref
     batch = processor(images=[synthetic_image(seed) for seed in range(3)], text=prompts, return_tensors="pt", padding=True)
     counts = dymu_image_features(hybrid, torch.cat(images), hybrid.hybrid_thresholds).num_tokens.tolist()
     assert len(set(counts)) > 1
-    with torch.no_grad(), pytest.raises(ValueError, match="ends with an image token, and DyMU merged its image to fewer tokens"):
-        hybrid(**batch)
-    for seed, prompt in enumerate(prompts):
-        alone = processor(images=[synthetic_image(seed)], text=[prompt], return_tensors="pt")
-        with torch.no_grad():
-            assert torch.isfinite(hybrid(**alone).logits[:, -1]).all()
+    with torch.no_grad():
+        batched = hybrid(**batch).logits[:, -1]
+        for seed, prompt in enumerate(prompts):
+            alone = hybrid(**processor(images=[synthetic_image(seed)], text=[prompt], return_tensors="pt")).logits[:, -1]
+            torch.testing.assert_close(batched[seed : seed + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_compaction_refuses_a_prompt_whose_last_token_would_be_an_empty_slot():
+    """Sample 1's image keeps 1 token; padding it to the batch's 4 takes its 3 earliest empty slots.
+    With its token last ([F, F, F, T]) the prompt ends with it; with the token first, only empty slots
+    can fill the tail, and the batch is refused by name."""
+    from hybrid_vlm.placement import PlacedPrompt, compacted
+
+    is_visual = torch.tensor([[False, True, True, True, True]] * 2)
+
+    def compact(sample_1_valid):
+        new_valid = torch.tensor([[True, True, True, True, True], [True, *sample_1_valid]])
+        placed = PlacedPrompt(inputs_embeds=torch.arange(10.0).view(2, 5, 1), new_valid=new_valid,
+                              position_ids=torch.arange(5).expand(2, 5), visual_positions=torch.tensor([[1, 2, 3, 4]] * 2),
+                              entered_positions=None, slot_scores=None)
+        return compacted(placed, is_visual, [4, 1])
+
+    last_kept = compact([False, False, False, True])
+    assert last_kept.new_valid[1].tolist() == [True, False, False, False, True]
+    assert last_kept.inputs_embeds[1, -1].item() == 9.0  # the image's token, last
+    for valid in ([True, False, False, False], [False, True, False, False]):
+        with pytest.raises(ValueError, match="ends with an image token, and its image keeps fewer tokens than another"):
+            compact(valid)
