@@ -58,7 +58,7 @@ from .hf_compat.qwen2_5_vl import NoGenerationPositionIds, Qwen2_5_VLForConditio
 from .mrope import next_position_ids
 from .placement import PlacedPrompt, place_images
 from .qwen import check_qwen_supported, qwen_image_layout, qwen_image_slots, qwen_prompt_positions
-from .runtime import read_on_host, require
+from .runtime import host_to_device, read_on_host, require
 from .stages import (
     after_stage,
     check_per_image_budget,
@@ -227,12 +227,14 @@ def chunk_is_dense(prompt_dense: bool, attention_mask: torch.Tensor | None, batc
     return True
 
 
-def check_visual_counts(is_visual: torch.Tensor, expected: int) -> None:
-    """Every sample must hold `expected` image placeholders (`require`)."""
+def check_visual_counts(is_visual: torch.Tensor, expected: int | list[int]) -> None:
+    """Every sample must hold `expected` image placeholders, or its own count of a list (`require`)."""
     counts = is_visual.sum(dim=1)
+    wanted = expected if isinstance(expected, int) else host_to_device(torch.tensor(expected), is_visual.device)
+    each = f"each prompt must contain {expected}" if isinstance(expected, int) else f"the prompts must contain {expected} (in order)"
     require(
-        (counts == expected).all(),
-        lambda: f"each prompt must contain {expected} image placeholder tokens for the images passed "
+        (counts == wanted).all(),
+        lambda: f"{each} image placeholder tokens for the images passed "
         f"({EVEN_IMAGES}); found {counts.tolist()}. Build prompts with the model's processor and one '<image>' per "
         f"image, and {BATCH_ALIKE}.",
     )

@@ -124,15 +124,15 @@ def place_images(
     inputs_embeds: torch.Tensor,  # [B, L, hidden]
     new_valid: torch.Tensor,  # [B, L] bool: real tokens (not padding)
     position_ids: torch.Tensor,  # [B, L] long: logical positions
-    check_counts,  # (is_visual [B, L0], count) -> None: refuses prompts whose placeholders do not match
+    check_counts,  # (is_visual [B, L], count or per-sample counts) -> None: refuses prompts whose placeholders do not match
 ) -> PlacedPrompt:
     batch, num_slots, hidden = slots.features.shape
+    check_counts(is_visual, slots.placeholders or num_slots)  # the prompts as written, before fillers
     entered = None
     if slots.fillers:
         entered, is_filler = prepend_fillers(slots.placeholders, is_visual.shape[1], is_visual.device)
         is_visual = gather_or_zero(is_visual, entered) | is_filler
         inputs_embeds, new_valid, position_ids = (gather_or_zero(t, entered) for t in (inputs_embeds, new_valid, position_ids))
-    check_counts(is_visual, num_slots)
     visual_positions = true_positions(is_visual, num_slots)  # [B, S]
     inputs_embeds = inputs_embeds.scatter(
         1, visual_positions[..., None].expand(batch, num_slots, hidden), slots.features.to(inputs_embeds.dtype)

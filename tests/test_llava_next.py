@@ -185,6 +185,23 @@ def test_forward_has_no_host_syncs(tiny_next, settings):
     assert check_no_host_syncs(next_copy(model, **settings), dict(next_inputs(processor, QUESTIONS)), decode_steps=2) == "pass"
 
 
+def test_a_stray_placeholder_in_a_batch_of_unequal_counts_is_named_with_the_prompts_counts(tiny_next):
+    """The count check ran after the filler slots were added: it counted them as placeholders and
+    told every prompt it needed the batch's largest count."""
+    model, processor = tiny_next
+    inputs = next_inputs(processor, QUESTIONS[:2], indices=[0, 2])
+    image_id = model.config.image_token_id
+    written = (inputs["input_ids"] == image_id).sum(dim=1).tolist()
+    assert written[0] != written[1]
+    ids = inputs["input_ids"].clone()
+    after_image = int((ids[1] == image_id).nonzero().max()) + 1
+    ids[1, after_image] = image_id  # one text token of prompt 1 turned into a stray placeholder
+    hybrid = apply_hybrid(copy.deepcopy(model), HybridConfig(fastv_k=64))
+    expected = rf"must contain \[{written[0]}, {written[1]}\] \(in order\) .* found \[{written[0]}, {written[1] + 1}\]"
+    with pytest.raises(ValueError, match=expected), torch.no_grad():
+        hybrid(**{**inputs, "input_ids": ids})
+
+
 def test_pooling_is_refused(tiny_next):
     model, _ = tiny_next
     with pytest.raises(ValueError, match="VISUAL_POOL is not implemented for LLaVA-NeXT"):
