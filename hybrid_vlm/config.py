@@ -101,12 +101,15 @@ def parse_fastv_newlines(text: str | None) -> str:
     )
 
 
+SEED_LIMIT = 2**31  # baselines.slot_hash works modulo 2^31: seeds s and s + 2^31 draw alike, and larger ones overflow int64
+
+
 def parse_select_seed(text: str | None) -> int:
     if text is None or text.strip() == "":
         return 0
     if re.fullmatch(r"\s*\d+\s*", text):
-        return int(text)
-    raise ValueError(f"SELECT_SEED={text!r} is not valid: use an integer >= 0 (the seed of FASTV_SELECT=random). Default 0.")
+        return int(text)  # its range is checked with the other settings
+    raise ValueError(f"SELECT_SEED={text!r} is not valid: use an integer in 0..{SEED_LIMIT - 1} (the seed of FASTV_SELECT=random). Default 0.")
 
 
 VISUAL_BUDGET_FORMS = (
@@ -250,8 +253,8 @@ class HybridConfig:
             raise ValueError(f"FASTV_K={k!r} is not valid: use {FASTV_K_FORMS}.")
         if isinstance(self.fastv_layer, bool) or not isinstance(self.fastv_layer, int) or self.fastv_layer < 1:
             raise ValueError(f"FASTV_LAYER={self.fastv_layer!r} is not valid: use an integer >= 1.")
-        if isinstance(self.select_seed, bool) or not isinstance(self.select_seed, int) or self.select_seed < 0:
-            raise ValueError(f"SELECT_SEED={self.select_seed!r} is not valid: use an integer >= 0.")
+        if isinstance(self.select_seed, bool) or not isinstance(self.select_seed, int) or not 0 <= self.select_seed < SEED_LIMIT:
+            raise ValueError(f"SELECT_SEED={self.select_seed!r} is not valid: use an integer in 0..{SEED_LIMIT - 1}.")
         self._check_choices()
         if self.fastv_select == "random" and self.fastv_k is None:
             raise ValueError("FASTV_SELECT=random needs FASTV_K (how many visual tokens to keep at random).")

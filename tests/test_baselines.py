@@ -112,11 +112,21 @@ def test_baselines_have_no_host_syncs(tiny, settings):
         ({"VISUAL_POOL": "2x3"}, "VISUAL_POOL='2x3' is not valid"),
         ({"VISUAL_POOL": "2", "DYMU_THRESHOLDS": "mid.json"}, "cannot be combined"),
         ({"SELECT_SEED": "-1", "FASTV_SELECT": "random", "FASTV_K": "8"}, "SELECT_SEED='-1' is not valid"),
+        # the hash works modulo 2^31: 2^31 drew as seed 0 under another tag, and 2^60 overflowed in the forward
+        ({"SELECT_SEED": "2147483648", "FASTV_SELECT": "random", "FASTV_K": "8"}, r"SELECT_SEED=2147483648 is not valid: use an integer in 0..2147483647"),
     ],
 )
 def test_bad_baseline_settings_are_clear_errors(environ, message):
     with pytest.raises(ValueError, match=message):
         HybridConfig.from_env(environ)
+
+
+def test_the_largest_seed_draws_without_overflow():
+    from hybrid_vlm.baselines import slot_hash
+
+    seed = HybridConfig.from_env({"SELECT_SEED": "2147483647", "FASTV_SELECT": "random", "FASTV_K": "8"}).select_seed
+    scores = slot_hash(torch.tensor([2**31 - 1]), 576, seed)
+    assert ((scores >= 0) & (scores < 1)).all() and scores.unique().numel() == 576
 
 
 def test_baseline_tags():
