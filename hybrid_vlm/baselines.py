@@ -98,12 +98,20 @@ def grid_pool_shape(budget: int, grid_rows: int, grid_cols: int) -> tuple[int, i
     return min(shapes, key=lambda shape: (skew(shape), -shape[0] * shape[1], -shape[0]))
 
 
+def check_square_grid(tokens: int) -> None:
+    if math.isqrt(tokens) ** 2 != tokens:
+        raise ValueError(f"pooling needs a square patch grid, and an image brings {tokens} features (vision_feature_select_strategy="
+                         "'full' keeps the CLS token beside the patches): use a model with the 'default' strategy")
+
+
 def pool_selection(features: torch.Tensor, budget: int, grid: tuple[int, int] | None = None) -> Selection:
     """[N, R*C, D] patch features -> the window means (torch's adaptive average pooling over rows x
     cols windows), each at its window's central patch, the patch at offset (h // 2, w // 2) in an
     h x w window. A square grid (`grid` None) takes `pool_shape(budget)`, exactly `budget` tokens;
     a given (R, C) grid `grid_pool_shape`, at most `budget`."""
     images, tokens, hidden = features.shape
+    if grid is None:
+        check_square_grid(tokens)
     grid_rows, grid_cols = (math.isqrt(tokens),) * 2 if grid is None else grid
     rows, cols = pool_shape(budget, grid_rows) if grid is None else grid_pool_shape(budget, grid_rows, grid_cols)
     spatial = features.reshape(images, grid_rows, grid_cols, hidden).permute(0, 3, 1, 2)
@@ -123,7 +131,8 @@ def pool_selection(features: torch.Tensor, budget: int, grid: tuple[int, int] | 
 def pool_grid(features: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, G*G, D] patch features -> ([N, G*G, D], [N, G*G] bool): the s x s block means placed at
     each block's central slot, and which slots hold a pooled token ((G / s)^2 per image)."""
+    check_square_grid(features.shape[1])
     grid = math.isqrt(features.shape[1])
-    if grid * grid != features.shape[1] or grid % side:
+    if grid % side:
         raise ValueError(f"VISUAL_POOL={side} does not tile a {grid} x {grid} grid: use one of {pool_sides(grid)}")
     return place_selection(pool_selection(features, (grid // side) ** 2), features.shape[1], (grid // side) ** 2)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from hybrid_vlm import HybridConfig
+from hybrid_vlm import HybridConfig, apply_hybrid
 from hybrid_vlm.baselines import random_slot_scores
 from hybrid_vlm.syncs import check_no_host_syncs
 
@@ -134,3 +136,14 @@ def test_baseline_tags():
     assert HybridConfig.from_env({"FASTV_SELECT": "random", "FASTV_K": "64", "SELECT_SEED": "2"}).describe() == "random-k64-l2-s2"
     assert HybridConfig.from_env({"VISUAL_POOL": "3x3"}).describe() == "pool-3x3"
     assert HybridConfig.from_env({"VISUAL_POOL": "2", "FASTV_K": "32"}).describe() == "pool-2x2_fastv-k32-l2"
+
+
+@pytest.mark.parametrize("settings", [dict(visual_pool=2), dict(visual_method="pool", visual_budget=64)])
+def test_pooling_names_a_tower_that_keeps_its_cls_token(tiny, settings):
+    """vision_feature_select_strategy='full' brings 577 features: pooling said '2 does not tile a 24 x 24
+    grid' (VISUAL_POOL) or raised a bare reshape error (VISUAL_METHOD=pool)."""
+    model, processor = tiny
+    full = copy.deepcopy(model)
+    full.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="square patch grid, and an image brings 577 features"), torch.no_grad():
+        apply_hybrid(full, HybridConfig(**settings))(**image_inputs(processor))
