@@ -475,8 +475,18 @@ def next_method_prefill_macs(
         visual, selection, selects_projected = next_selection_macs(shape, config, images)
         if not selects_projected:
             projector, vit_layers = visual, shape.vit_layers_read
+    elif config.fastv_k is not None and config.fastv_newlines == "keep" and visual_kept is None:
+        visual_kept = kept_with_newlines(config, images, visual if visual_entered is None else visual_entered)
     return prefill_after_selection(shape, config, text_tokens, RanBeforeLlm(visual, crops, projector, vit_layers, selection),
                                    lm_head_tokens, attention, visual_entered, visual_kept)
+
+
+def kept_with_newlines(config, images: Sequence[AnyresImage], visual: int) -> int:
+    """FASTV_NEWLINES=keep (`stages.visual_quotas`): the budget counts the patches, and every newline stays."""
+    from .config import visual_keep_count
+
+    newlines = sum(image.tokens - sum(image.crop_patches) for image in images)
+    return visual_keep_count(visual - newlines, config.fastv_k) + newlines
 
 
 @dataclass(frozen=True)

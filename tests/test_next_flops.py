@@ -48,6 +48,8 @@ def counted_run(model, inputs, config: HybridConfig | None):
 CONFIGS = {
     "stock": (None, 0),
     "fastv-k64": (HybridConfig(fastv_k=64), 0),
+    "fastv-k64-newlines-keep": (HybridConfig(fastv_k=64, fastv_newlines="keep"), 0),  # 64 of the patches, and every newline
+    "random-r0.5-newlines-keep": (HybridConfig(fastv_k=0.5, fastv_select="random", fastv_newlines="keep"), 0),
     "random-r0.25": (HybridConfig(fastv_k=0.25, fastv_select="random"), 0),
     "visionzip-0.11": (HybridConfig(visual_method="visionzip", visual_budget=0.11), 0),
     "visionzip-40-per-crop": (HybridConfig(visual_method="visionzip", visual_budget=40, budget_scope="crop"), 0),
