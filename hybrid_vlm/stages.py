@@ -246,8 +246,9 @@ def check_whole_image_budget(config: HybridConfig, num_visual: int, num_layers: 
         quotas = image_quotas(config.visual_budget, config.dart_quota, num_visual)
         check_dart_quotas(config, quotas)
         if kept_count(quotas) > num_visual:
+            largest = next(b for b in range(num_visual, 3, -1) if kept_count(image_quotas(b, config.dart_quota, num_visual)) <= num_visual)
             raise ValueError(f"VISUAL_BUDGET={config.visual_budget} is not reachable by dart (DART_QUOTA={config.dart_quota}): "
-                             f"it keeps {kept_count(quotas)} of {num_visual} visual tokens; use 4..{num_visual}")
+                             f"it keeps {kept_count(quotas)} of {num_visual} visual tokens; use 4..{largest}")
         if config.fastv_layer >= num_layers:
             raise ValueError(f"FASTV_LAYER={config.fastv_layer} is not valid for dart: use 1..{num_layers - 1}")
 

@@ -281,6 +281,12 @@ def test_settings_that_cannot_run_are_refused(deep, tiny_next):
         HybridConfig(visual_method="dart", visual_budget=64, dart_quota="even")
     with pytest.raises(ValueError, match="is not reachable by dart"):
         patched(model, visual_method="dart", visual_budget=600)
+    # official quotas keep 4 + 8 * (budget // 8): 576 keeps 580, and 575 (572) is the largest that fits
+    with pytest.raises(ValueError, match=r"keeps 580 of 576 visual tokens; use 4\.\.575$"):
+        patched(model, visual_method="dart", visual_budget=576)
+    patched(model, visual_method="dart", visual_budget=575)
+    with pytest.raises(ValueError, match=r"use 4\.\.576$"):
+        patched(model, visual_method="dart", visual_budget=600, dart_quota="matched")
     with pytest.raises(ValueError, match="FASTV_NEWLINES=keep is FastV's"):  # dart runs on NeXT: tests/test_next_stages.py
         patched(tiny_next[0], visual_method="dart", visual_budget=64, fastv_newlines="keep")
     environment = dict(VISUAL_METHOD="dart", VISUAL_BUDGET="64", DART_QUOTA="matched", DART_PIVOTS="official")
