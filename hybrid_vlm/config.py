@@ -115,7 +115,8 @@ def parse_select_seed(text: str | None) -> int:
 VISUAL_BUDGET_FORMS = (
     "an integer n >= 1 (visual tokens per image, by the method's own budget rule; fastv and random: per "
     "prompt, as FASTV_K=n) or a decimal in (0, 1) (that fraction kept of each image's visual tokens, "
-    "rounded half to even; fastv and random: of each prompt's, as FASTV_K=1-f)"
+    "round(V * f); fastv and random: of each prompt's, as FASTV_K=1-f, FastV's round(V * (1 - R)), which "
+    "can keep one token fewer or more where V * f is a half)"
 )
 
 
@@ -133,7 +134,13 @@ def parse_visual_budget(text: str | None) -> int | float | None:
 def fastv_k_for_budget(budget: int | float) -> int | float:
     """FASTV_K for a VISUAL_BUDGET of fastv or random: a count as it is, a kept share f as the pruned
     share 1 - f (FASTV_K's fraction is the share pruned)."""
-    return budget if isinstance(budget, int) else round(1.0 - budget, 9)
+    if isinstance(budget, int):
+        return budget
+    pruned = round(1.0 - budget, 9)
+    if pruned >= 1.0:
+        raise ValueError(f"VISUAL_BUDGET={budget} is too small a share for fastv and random: FASTV_K = 1 - {budget} rounds "
+                         "to 1.0 at FastV's 9 decimals, pruning every visual token; use a share of at least 1e-9")
+    return pruned
 
 
 def method_settings(env, fastv_k: int | float | None) -> dict:

@@ -79,6 +79,8 @@ def test_conflicting_or_malformed_settings_are_refused(name, env, message):
         ({"VISUAL_METHOD": "dymu", "VISUAL_BUDGET": "64"}, "VISUAL_BUDGET does not apply to VISUAL_METHOD=dymu"),
         ({"VISUAL_METHOD": "visionzip", "VISUAL_BUDGET": "64", "DYMU_THRESHOLDS": "x.json"}, "cannot follow DyMU"),
         ({"VISUAL_METHOD": "visionzip", "VISUAL_BUDGET": "64", "VISUAL_POOL": "2"}, "cannot be combined"),
+        # a valid share whose FASTV_K rounds to 1.0: the refusal named FASTV_K, which the user never set
+        ({"VISUAL_METHOD": "random", "VISUAL_BUDGET": "0.0000000001"}, r"VISUAL_BUDGET=1e-10 is too small a share for fastv and random"),
     ],
 )
 def test_engine_settings_name_what_is_accepted(env, message):
