@@ -171,6 +171,16 @@ def test_packed_segments_equal_each_prompt_alone(untrained):
             start += len(answer)
 
 
+def test_only_a_one_letter_answer_is_packed_as_an_option_choice(untrained):
+    """`target in LETTERS` was a substring test: a caption "AB" or an empty answer counted as a letter."""
+    model, processor = untrained
+    image, segments, _ = training_segments(5)
+    mcq = next(segment for segment in segments if len(segment.target) == 1)
+    for target, letters in ((mcq.target, 1), ("AB", 0), ("", 0)):
+        packed = pack(processor.tokenizer, model.config.image_token_id, model.config.image_seq_length, [mcq._replace(target=target)])
+        assert len(packed.letter_positions) == letters
+
+
 def test_window_features_are_the_stock_tower_on_that_window(untrained):
     """A window's features equal stock CLIP run on the window alone with the full grid's position
     embeddings at the window's patches (a stock CLIPVisionModel at 112 px given those rows)."""

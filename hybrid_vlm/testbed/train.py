@@ -284,7 +284,7 @@ def pack(tokenizer, image_token_id: int, image_tokens: int, segments: list[Segme
         packed.target_positions += list(range(first_target - 1, first_target - 1 + len(answer)))
         packed.target_ids += answer
         packed.target_weights += [weight / len(answer)] * len(answer)
-        if target in LETTERS:
+        if target in tuple(LETTERS):  # one letter: "AB" or "" is in the string LETTERS, not an option
             packed.letter_positions.append(first_target - 1)
             line = option_line_tokens(text, encoding["offset_mapping"], target)
             packed.choosing_positions.append(first_target - 1)
