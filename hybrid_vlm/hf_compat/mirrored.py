@@ -35,6 +35,7 @@ MIRRORED = (
     f"{MODELS}.llama.modeling_llama:LlamaAttention.forward",
     f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward",
     f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward",
+    "transformers.modeling_rope_utils:dynamic_rope_update",  # its host read is what `rope_reads_positions_on_host` warns of
     f"{MODELS}.mistral.modeling_mistral:MistralAttention.forward",  # LLaVA-NeXT-Mistral's layers, driven the same way
     f"{MODELS}.mistral.modeling_mistral:MistralDecoderLayer.forward",
     "transformers.integrations.sdpa_attention:use_gqa_in_sdpa",
@@ -113,6 +114,7 @@ FINGERPRINTS_5_25 = {
     f"{MODELS}.llama.modeling_llama:LlamaAttention.forward": '1489739e7577f988',
     f"{MODELS}.llama.modeling_llama:LlamaDecoderLayer.forward": '578dd0f2c50f1d12',
     f"{MODELS}.llama.modeling_llama:LlamaRotaryEmbedding.forward": '13fd3a77f964628e',
+    'transformers.modeling_rope_utils:dynamic_rope_update': '08325dbe8de5e5f0',
     f"{MODELS}.mistral.modeling_mistral:MistralAttention.forward": 'ae2307bb04a6e0f0',
     f"{MODELS}.mistral.modeling_mistral:MistralDecoderLayer.forward": '578dd0f2c50f1d12',
     'transformers.integrations.sdpa_attention:use_gqa_in_sdpa': '5cb5b787e76f8e73',
