@@ -269,7 +269,8 @@ register(Method(
     name="divprune", stage=Stage.PRE_LLM, reads=(Read.PROJECTED_FEATURES,), budget_rule="A",
     signal="max-min diversity greedy on cosine distances of the projected features",
     positions="own patch",
-    deviations="diagonal excluded explicitly and no token picked twice; fp32; lowest index wins ties",
+    deviations="diagonal excluded explicitly and no token picked twice; fp32; lowest index wins ties; "
+               "on LLaVA-NeXT the newlines are not candidates",
     select=lambda reads, budget: divprune_select(reads.projected, budget), scoring_macs=divprune_macs,
     selects_projected=True,
     # its published ratio 0.098 kept: 56 of LLaVA-1.5's 576, a share of each image elsewhere

@@ -10,6 +10,8 @@ Deviations from the official code, on purpose:
   tokens are excluded from later picks (official can pick a duplicate twice when features repeat).
 - float32 distances (official: the model dtype); ties go to the lowest index (torch.argmax).
 - Logical positions; the official code renumbers (`HYBRID_POSITIONS=renumbered`).
+- On LLaVA-NeXT the candidates are an image's patch tokens (`adapters`): the official code selects
+  over the whole packed span, its newline tokens included.
 """
 
 from __future__ import annotations
