@@ -322,6 +322,10 @@ def check_supported(model, config) -> None:
         raise TypeError(
             f"hybrid_vlm drives {' and '.join(SUPPORTED_TEXT_MODELS)} decoder layers; this model's LLM is {text_type!r}"
         )
+    layers = getattr(model.config, "vision_feature_layer", -2)
+    if not isinstance(layers, int):  # stock concatenates the listed layers; the engine and the MACs model read one
+        raise NotImplementedError(f"hybrid_vlm reads one CLIP layer (vision_feature_layer=-2 in the llava-hf checkpoints); "
+                                  f"this model's config lists {layers!r}")
     if rope_reads_positions_on_host(model):
         warnings.warn("this LLM's RoPE is transformers' dynamic scaling, which reads the largest position id on the host "
                       "at every rotary call: the forward is exact but not free of host syncs", stacklevel=3)

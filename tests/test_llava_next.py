@@ -202,6 +202,17 @@ def test_a_stray_placeholder_in_a_batch_of_unequal_counts_is_named_with_the_prom
         hybrid(**{**inputs, "input_ids": ids})
 
 
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_next"])
+def test_a_listed_vision_feature_layer_is_refused_by_name(request, fixture):
+    """Stock concatenates the hidden states of a listed vision_feature_layer; the NeXT engine indexed
+    the tuple with the list (a bare TypeError at the first forward) and the MACs model reads one layer."""
+    model, _ = request.getfixturevalue(fixture)
+    listed = copy.deepcopy(model)
+    listed.config.vision_feature_layer = [-2, -3]
+    with pytest.raises(NotImplementedError, match=r"reads one CLIP layer .* lists \[-2, -3\]"):
+        apply_hybrid(listed, HybridConfig(fastv_k=0.5))
+
+
 def test_pooling_is_refused(tiny_next):
     model, _ = tiny_next
     with pytest.raises(ValueError, match="VISUAL_POOL is not implemented for LLaVA-NeXT"):
