@@ -9,7 +9,7 @@ Two steps, the second a pure function of the first's files, so a test can regene
    run's MCQ predictions into OUT/raw/hits.csv, per-image CIDEr of its caption predictions into
    OUT/raw/captions.csv, and per-run token counts into OUT/raw/runs.csv; the bench's bench.json is
    copied to OUT/raw/bench.json.
-2. `render`: OUT/table.md (the main table), OUT/speed.md, OUT/figures/*.png, from OUT/raw only.
+2. `render`: OUT/report.md, OUT/table.md (the main table), OUT/speed.md, OUT/figures/*.png, from OUT/raw only.
    `python -m hybrid_tools.compare --render --out OUT` reruns this step alone.
 
 Hits: a circular MMBench question counts as answered when every rotation of it is (VLMEvalKit's

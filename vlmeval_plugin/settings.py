@@ -35,7 +35,7 @@ Names and their fixed meaning:
                            each sample's span; kept tokens keep their original (t, h, w) ids
     llava_tiny_{fastv,dymu,pool,random,visionzip,vispruner,divprune,pdrop,sparsevlm,dart}
                            the methods on the tiny random LLaVA (the CPU methods sweep)
-    llava_tiny             the bundled tiny random LLaVA, nothing patched (the demo and exactness tests)
+    llava_tiny             the bundled tiny random LLaVA, nothing patched (the exactness tests)
     llava_tiny_hybrid      the tiny LLaVA with a fixed hybrid setting (see tiny_hybrid_config)
     llava_tiny_dymu        the tiny LLaVA with DyMU alone (its mid thresholds unless DYMU_THRESHOLDS)
 

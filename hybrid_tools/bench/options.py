@@ -144,7 +144,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_row_options(parser: argparse.ArgumentParser) -> None:
     """Which configurations become rows (FastV, methods, DyMU, their position rules and mask reads)."""
-    parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction; none given = no FastV rows")
+    parser.add_argument("--fastv-k", nargs="*", default=["288", "144", "64"], help="FastV budgets: ints keep n visual tokens, decimals in [0,1) prune a fraction (default 288 144 64; the flag with no values: no FastV rows)")
     parser.add_argument("--fastv-layer", nargs="+", type=int, default=None,
                         help="layers K to sweep for the --fastv-k rows and the --methods fastv, random and dart rows (default 2)")
     parser.add_argument("--scoring", nargs="+", choices=("row", "eager"), default=None,

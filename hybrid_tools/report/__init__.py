@@ -40,7 +40,8 @@ sources and regenerated exactly from them. --recipe FILE puts a shell script (ho
 were made) verbatim at the top of the report.
 
 Files: `cli` (this command), `render` (one function per report section), `markdown`, `plots`,
-`bench` (bench.json), `floors`, `provenance`, `snapshot`; the raw files are read by `vlmeval_plugin.results`
+`bench` (bench.json), `floors`, `parity` (hybrid_tools.parity files), `device_checks` (a GPU run's log and test results),
+`targets` (the GPU speed targets), `provenance`, `snapshot`; the raw files are read by `vlmeval_plugin.results`
 and compared by `hybrid_tools.configs`. Nothing here imports vlmeval (the VLMEvalKit runs are long
 finished); plots need matplotlib (the `report` extra: pip install -e .[report]).
 """

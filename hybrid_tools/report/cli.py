@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hybrid_tools.report", description=report_doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("work_dirs", nargs="*", metavar="WORK_DIR", help="VLMEvalKit work dirs (run.py --work-dir; default ./outputs), or bench output dirs")
+    parser.add_argument("work_dirs", nargs="*", metavar="WORK_DIR", help="VLMEvalKit work dirs (run.py --work-dir, whose own default is ./outputs), or bench output dirs; one of these or --bench is needed")
     parser.add_argument("--bench", nargs="+", default=[], metavar="DIR_OR_JSON", help="hybrid_tools.bench --out dirs or bench.json files")
     parser.add_argument("--name", default=None, help="report name: reports/<name>/ (default: the first work dir's name)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"parent folder of the report (default {DEFAULT_OUT})")
