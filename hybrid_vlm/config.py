@@ -192,6 +192,12 @@ def visual_keep_count(num_visual: int, fastv_k: int | float | None) -> int:
     return min(num_visual, round(num_visual * (1.0 - fastv_k)))
 
 
+def visual_keep_count_protecting(num_visual: int, protected: int, fastv_k: int | float | None) -> int:
+    """`visual_keep_count` of a sample whose `protected` visual tokens (LLaVA-NeXT's newlines under
+    FASTV_NEWLINES=keep) are always kept and not counted by the budget."""
+    return visual_keep_count(num_visual - protected, fastv_k) + protected
+
+
 @dataclass(frozen=True)
 class HybridConfig:
     """Settings of the hybrid engine.

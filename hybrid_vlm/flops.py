@@ -483,10 +483,10 @@ def next_method_prefill_macs(
 
 def kept_with_newlines(config, images: Sequence[AnyresImage], visual: int) -> int:
     """FASTV_NEWLINES=keep (`stages.visual_quotas`): the budget counts the patches, and every newline stays."""
-    from .config import visual_keep_count
+    from .config import visual_keep_count_protecting
 
     newlines = sum(image.tokens - sum(image.crop_patches) for image in images)
-    return visual_keep_count(visual - newlines, config.fastv_k) + newlines
+    return visual_keep_count_protecting(visual, newlines, config.fastv_k)
 
 
 @dataclass(frozen=True)

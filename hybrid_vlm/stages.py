@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import HybridConfig, visual_keep_count
+from .config import HybridConfig, visual_keep_count, visual_keep_count_protecting
 from .fastv import gather_tokens, select_kept_positions, surviving_positions, true_positions, visual_keep_counts
 from .hf_compat import layer_attention_row
 from .methods import Read, get_method, pdrop, sparsevlm
@@ -73,7 +73,7 @@ def visual_quotas(config: HybridConfig, placed: PlacedPrompt) -> tuple[int, bool
         # with its unprotected count, which is at most num_visual - min(protected).
         most_unprotected = num_visual - min(protected)
         return keep, False, visual_keep_count(most_unprotected, config.fastv_k) < most_unprotected
-    quotas = [visual_keep_count(v - p, config.fastv_k) + p for v, p in zip(placed.visual_counts, protected)]
+    quotas = [visual_keep_count_protecting(v, p, config.fastv_k) for v, p in zip(placed.visual_counts, protected)]
     return max(quotas), len(set(quotas)) == 1, any(q < v for q, v in zip(quotas, placed.visual_counts))
 
 
